@@ -1,0 +1,77 @@
+"""One settings class for the API, the worker and the CLI.
+
+Why one class with an env prefix: every process of a deployment (API, workers, migration job)
+reads the same variables (``SHARP_DATABASE_URL``, ``SHARP_REDIS_URL``...), and tests override
+them by replacing ``get_settings`` instead of patching ``os.environ`` all over the code.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SHARP_", env_file=None, extra="ignore")
+
+    database_url: str = Field(
+        default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
+        description="SQLAlchemy URL. The embedded default (`sharp up`) uses a SQLite file.",
+    )
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Broker and live feed.")
+    artifact_root: Path = Field(default=Path("var/artifacts"), description="Checkpoint store.")
+    upload_root: Path = Field(default=Path("var/uploads"), description="Uploaded corpora.")
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1, description="JSON bodies.")
+    model_allowlist: list[str] = Field(
+        default_factory=list,
+        description="If non-empty, model sources must start with one of these prefixes.",
+    )
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    heartbeat_timeout_s: float = Field(default=60.0, gt=0)
+    cancel_grace_s: float = Field(default=30.0, gt=0)
+    visibility_timeout_s: int = Field(default=7 * 24 * 3600, gt=0)
+    worker_queues: list[str] = Field(default_factory=lambda: ["default"])
+    worker_gpus: str | None = Field(default=None, description="CUDA_VISIBLE_DEVICES for a worker.")
+    sse_heartbeat_s: float = Field(default=10.0, gt=0)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_prefix: str = Field(
+        default="sharp:",
+        description="Prefix of every Redis key (Celery queues via kombu's global_keyprefix, the "
+        "live event streams), so several deployments or test runs can share one Redis.",
+    )
+    reaper_interval_s: float = Field(
+        default=30.0, gt=0, description="How often a worker looks for jobs whose heartbeat stopped."
+    )
+    requeue_queued_after_s: float = Field(
+        default=900.0, gt=0,
+        description="A job still queued after this long gets its Celery message sent again "
+        "(covers a lost message; a duplicate is harmless because the claim is idempotent).",
+    )
+    metrics_flush_s: float = Field(
+        default=1.0, gt=0, description="The training process writes metric batches this often."
+    )
+    cancel_poll_s: float = Field(
+        default=1.0, gt=0, description="How often the training process reads the cancel flag."
+    )
+    kill_grace_s: float = Field(
+        default=10.0, gt=0, description="After SIGTERM, how long before SIGKILL."
+    )
+    dataset_file_roots: list[Path] = Field(
+        default_factory=list,
+        description="If non-empty, dataset.source='files' paths must lie under one of these. "
+        "Empty (the embedded default) allows any path the worker can read; a shared "
+        "deployment should set it.",
+    )
+    worker_name: str | None = Field(
+        default=None, description="Recorded on claimed jobs; default: host name and pid."
+    )
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

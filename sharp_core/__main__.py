@@ -1,0 +1,4 @@
+from sharp_core.cli import main
+
+if __name__ == "__main__":
+    main()

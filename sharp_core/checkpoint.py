@@ -1,0 +1,142 @@
+"""Checkpoints written atomically with a sha256 manifest.
+
+Why: a job may be killed at any instant (preemption, OOM, a full disk). A checkpoint folder
+therefore appears under its final name only once every file in it is fsynced and listed in
+`manifest.json` with its sha256; readers (resume, the API's listing and downloads) trust
+only folders whose manifest verifies. Layout of `out_dir`:
+
+    step_000500/
+        config.json, model.safetensors, tokenizer files   (save_pretrained layout)
+        training_state.pt   (optimizer, scheduler, RNG, data position; loaded weights_only)
+        spec.json           (the fully resolved spec that trained it)
+        manifest.json       ({"step", "files": {name: {"sha256", "size"}}, "metrics"})
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sharp_core.errors import ArtifactWriteError, CheckpointError
+
+MANIFEST = "manifest.json"
+STEP_RE = re.compile(r"^step_(\d{6,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(
+    out_dir: Path,
+    step: int,
+    write_files: Callable[[Path], None],
+    metrics: dict[str, float] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Write a checkpoint: `write_files(tmp)` fills a temporary folder, then manifest, fsync, rename.
+
+    Raises ArtifactWriteError (and leaves nothing behind under a step_ name) on any OSError.
+    """
+    final = out_dir / step_dir_name(step)
+    tmp = out_dir / f".tmp-{step_dir_name(step)}-{uuid.uuid4().hex[:8]}"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        write_files(tmp)
+        files: dict[str, dict[str, Any]] = {}
+        for p in sorted(tmp.rglob("*")):
+            if p.is_file():
+                with open(p, "rb+") as f:
+                    os.fsync(f.fileno())
+                files[p.relative_to(tmp).as_posix()] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+        manifest = {"step": step, "files": files, "metrics": metrics or {}}
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # a rewrite of the same step (e.g. a retried final save): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactWriteError(f"cannot write checkpoint {final}: {e}") from e
+    return final, manifest
+
+
+def verify_manifest(ckpt_dir: Path) -> dict[str, Any]:
+    """The manifest, if every listed file exists with its size and sha256; else CheckpointError."""
+    mpath = ckpt_dir / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt_dir}: unreadable manifest: {e}") from None
+    for name, info in manifest.get("files", {}).items():
+        p = ckpt_dir / name
+        if not p.is_file() or p.stat().st_size != info["size"] or sha256_file(p) != info["sha256"]:
+            raise CheckpointError(f"{ckpt_dir}: {name} does not match its manifest")
+    return manifest
+
+
+def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Complete-looking step folders (temporary ones excluded), oldest first. Not verified."""
+    if not out_dir.is_dir():
+        return []
+    out = []
+    for p in out_dir.iterdir():
+        m = STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / MANIFEST).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest checkpoint whose manifest verifies (a corrupt newer one is skipped)."""
+    for _, p in reversed(list_checkpoints(out_dir)):
+        try:
+            verify_manifest(p)
+            return p
+        except CheckpointError:
+            continue
+    return None
+
+
+def prune_checkpoints(out_dir: Path, keep: int) -> list[int]:
+    """Delete all but the newest `keep` checkpoints; returns the deleted steps."""
+    cps = list_checkpoints(out_dir)
+    removed = []
+    for step, p in cps[: max(0, len(cps) - keep)]:
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(step)
+    return removed
+
+
+def clean_temporaries(out_dir: Path) -> None:
+    """Remove leftovers of checkpoints interrupted mid-write."""
+    if out_dir.is_dir():
+        for p in out_dir.glob(".tmp-step_*"):
+            shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,112 @@
+"""`python -m sharp_core train SPEC --out DIR` and `python -m sharp_core eval --model DIR --data FILE`.
+
+Exit codes scripts can rely on: 0 success, 1 an internal error, 2 bad input (spec, model,
+data, tokenizer: the message names the field or the cause), 3 stopped before the end.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from sharp_core.errors import SharpError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="SHARP distillation library.")
+err = Console(stderr=True)
+
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 3
+
+
+def _fail(e: SharpError) -> None:
+    err.print(f"[bold red]error[/] {escape(str(e))}")
+    raise typer.Exit(EXIT_BAD_INPUT if not e.retryable or e.status < 500 else 1)
+
+
+@app.command()
+def train(
+    spec: Annotated[Path, typer.Argument(help="Job spec, YAML or JSON.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder (checkpoints; resumes if present).")],
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: cuda if any).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Train or distil a student from SPEC; resumes from the newest checkpoint in --out."""
+    from sharp_core.spec import load_spec
+    from sharp_core.trainer import TrainCallbacks
+    from sharp_core.trainer import train as run
+
+    try:
+        job = load_spec(spec)
+    except SharpError as e:
+        _fail(e)
+        return
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=quiet,
+    )
+
+    class Bar(TrainCallbacks):
+        def __init__(self) -> None:
+            self.task = progress.add_task(job.name, total=job.training.max_steps, info="loading…")
+            self.eval = ""
+
+        def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+            if "eval_ppl" in metrics:
+                self.eval = f" eval ppl {metrics['eval_ppl']:.2f}"
+            info = self.eval
+            if "loss" in metrics:
+                info = f"loss {metrics['loss']:.4f} {metrics['tokens_per_s']:.0f} tok/s" + self.eval
+            progress.update(self.task, completed=step, info=info)
+
+    try:
+        with progress:
+            result = run(job, out, callbacks=Bar(), device=device)
+    except SharpError as e:
+        _fail(e)
+        return
+    err.print(
+        f"{result.status} at step {result.step}; checkpoint: {result.checkpoint}"
+        + (f"; eval ppl {result.metrics['eval_ppl']:.3f}" if "eval_ppl" in result.metrics else "")
+    )
+    if result.status != "completed":
+        raise typer.Exit(EXIT_STOPPED)
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[Path, typer.Option("--model", help="A save_pretrained folder (a checkpoint).")],
+    data: Annotated[Path, typer.Option("--data", help="Text file (txt, jsonl with 'text', parquet).")],
+    seq_len: Annotated[int, typer.Option(min=8)] = 256,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    device: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Print the perplexity of MODEL on DATA (packed into SEQ_LEN blocks)."""
+    from sharp_core.evaluate import perplexity
+
+    try:
+        loss, n = perplexity(model, data, seq_len=seq_len, batch_size=batch_size, device=device)
+    except SharpError as e:
+        _fail(e)
+        return
+    typer.echo(f"loss {loss:.4f}  perplexity {math.exp(loss):.3f}  tokens {n}")
+
+
+def main() -> None:
+    app(prog_name="python -m sharp_core")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""One error type for the library and the service.
+
+Every failure a user can cause or must act on is a `SharpError` with a stable `code`
+(machine readable, used by the service's error shape and by the worker to decide whether
+a job may be retried), a human `message`, and `param`: the dotted path of the spec field
+at fault when there is one (for example ``spec.training.lr``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SharpError(Exception):
+    """Base class. `retryable` tells the worker whether another attempt could succeed."""
+
+    code: str = "internal_error"
+    status: int = 500
+    retryable: bool = True
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "param": self.param}
+
+    def __str__(self) -> str:
+        where = f" [{self.param}]" if self.param else ""
+        return f"{self.code}{where}: {self.message}"
+
+
+class SpecError(SharpError):
+    """The spec itself is invalid (unknown field, out-of-range number, wrong type)."""
+
+    code = "invalid_spec"
+    status = 422
+    retryable = False
+
+
+class ModelNotFoundError(SharpError):
+    code = "model_not_found"
+    status = 422
+    retryable = False
+
+
+class TokenizerMismatchError(SharpError):
+    code = "tokenizer_mismatch"
+    status = 422
+    retryable = False
+
+
+class DataError(SharpError):
+    code = "data_error"
+    status = 422
+    retryable = False
+
+
+class UnsafeModelError(SharpError):
+    """Refused for safety: remote code, pickled weights from an untrusted source."""
+
+    code = "unsafe_model"
+    status = 422
+    retryable = False
+
+
+class CheckpointError(SharpError):
+    code = "checkpoint_error"
+    status = 500
+    retryable = True
+
+
+class ArtifactWriteError(SharpError):
+    code = "artifact_write_failed"
+    status = 500
+    retryable = False
+
+
+class OutOfMemoryError(SharpError):
+    code = "out_of_memory"
+    status = 500
+    retryable = False

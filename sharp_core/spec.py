@@ -1,0 +1,321 @@
+"""The job spec: one versioned pydantic model shared by the CLI, the library and the service.
+
+Why pydantic with ``extra="forbid"`` and a bound on every number: a typo in a field name or an
+absurd learning rate must fail at submission time with the field's path, not after an hour on
+a GPU. The same model validates ``POST /v1/jobs`` bodies, so the service and the library can
+never disagree about what a valid job is.
+
+Every model is frozen: the resolved spec saved beside a checkpoint is the one that trained it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from sharp_core.errors import SpecError, UnsafeModelError
+
+SPEC_VERSION = 1
+
+METHODS = ("sft", "kd", "rkl", "skl", "srkl", "jsd", "tinybert", "minilm", "sharp")
+DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd")
+
+#: The logit divergence each method uses unless the spec names another one.
+DEFAULT_DIVERGENCE: dict[str, str] = {
+    "sft": "forward_kl",  # unused: kd_weight is forced to 0
+    "kd": "forward_kl",
+    "rkl": "reverse_kl",
+    "skl": "skew_forward_kl",
+    "srkl": "skew_reverse_kl",
+    "jsd": "jsd",
+    "tinybert": "forward_kl",
+    "minilm": "forward_kl",
+    "sharp": "forward_kl",
+}
+
+#: Methods that need attention maps from both models.
+ATTENTION_METHODS = ("tinybert", "minilm", "sharp")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class JobRef(_Strict):
+    """A finished job of this service used as a model source (its last checkpoint)."""
+
+    job: str = Field(min_length=1, max_length=64, description="Id of a succeeded job.")
+
+
+class ModelSpec(_Strict):
+    """Where a model comes from and how it is initialised."""
+
+    model: str | JobRef | None = Field(
+        default=None,
+        description="Hugging Face hub id, local folder, or {'job': id}. May be omitted only "
+        "with init='config' and a `config` that names its model_type.",
+        max_length=512,
+    )
+    revision: str = Field(default="main", max_length=128, description="Hub revision.")
+    init: Literal["pretrained", "config"] = Field(
+        default="pretrained",
+        description="'pretrained' loads weights; 'config' builds a randomly initialised model "
+        "from the model's config (or `config`) with `config_overrides` applied.",
+    )
+    config: dict[str, Any] | None = Field(
+        default=None,
+        description="A full config dict with 'model_type' (init='config' without `model`).",
+    )
+    config_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Config fields replaced before building."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="Weights dtype. 'auto': the student trains in float32 (autocast does "
+        "bf16); the teacher runs in bf16 on CUDA and float32 on CPU.",
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Never honoured: must be false (remote code is refused)."
+    )
+
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _no_remote_code(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("trust_remote_code is refused: this service never runs model code "
+                             "downloaded with the weights")
+        return v
+
+    @model_validator(mode="after")
+    def _source(self) -> ModelSpec:
+        if self.model is None and not (self.init == "config" and self.config):
+            raise ValueError("give `model`, or init='config' with a `config` that has model_type")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("`config` must contain 'model_type'")
+        for d in (self.config or {}, self.config_overrides):
+            if d.get("trust_remote_code") or "auto_map" in d:
+                raise ValueError("trust_remote_code / auto_map is refused")
+        return self
+
+
+class TokenizerTrainSpec(_Strict):
+    """Train a small byte-level BPE tokenizer on the training corpus (for from-scratch models)."""
+
+    vocab_size: int = Field(default=512, ge=260, le=262_144)
+
+
+class TokenizerSpec(_Strict):
+    name: str | None = Field(
+        default=None,
+        max_length=512,
+        description="Hub id or folder. Default: the teacher's tokenizer, else the student's.",
+    )
+    train: TokenizerTrainSpec | None = Field(
+        default=None, description="Train a byte-level BPE tokenizer instead of loading one."
+    )
+
+
+class DatasetSpec(_Strict):
+    source: Literal["hub", "files", "upload"] = "files"
+    name: str | None = Field(default=None, max_length=256, description="Hub data set name.")
+    config_name: str | None = Field(default=None, max_length=128)
+    split: str = Field(default="train", max_length=64)
+    files: list[str] = Field(default_factory=list, max_length=1024)
+    upload_id: str | None = Field(default=None, max_length=128)
+    text_field: str = Field(default="text", min_length=1, max_length=128)
+    eval_fraction: float = Field(
+        default=0.05, gt=0.0, le=0.5,
+        description="Tail fraction of the packed blocks held out for evaluation "
+        "(a contiguous tail, so no document straddles train and eval).",
+    )
+    max_eval_blocks: int = Field(default=64, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> DatasetSpec:
+        if self.source == "hub" and not self.name:
+            raise ValueError("source='hub' needs `name`")
+        if self.source == "files" and not self.files:
+            raise ValueError("source='files' needs at least one entry in `files`")
+        if self.source == "upload" and not self.upload_id:
+            raise ValueError("source='upload' needs `upload_id`")
+        return self
+
+
+class Granularities(_Strict):
+    """Weights w_g of the SHARP terms; 0 drops a granularity (the ablation)."""
+
+    layer: float = Field(default=1.0, ge=0.0, le=1000.0)
+    head: float = Field(default=1.0, ge=0.0, le=1000.0)
+    token: float = Field(default=1.0, ge=0.0, le=1000.0)
+    residual: float = Field(default=0.0, ge=0.0, le=1000.0)
+
+
+class MethodSpec(_Strict):
+    """The distillation objective: L = (1-a)·CE + a·D(p_T‖q_S; τ) + attention terms."""
+
+    name: Literal["sft", "kd", "rkl", "skl", "srkl", "jsd", "tinybert", "minilm", "sharp"] = "sharp"
+    logit_divergence: (
+        Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd"] | None
+    ) = Field(default=None, description="Default: the method's own (kd→forward_kl, rkl→reverse_kl…).")
+    kd_weight: float = Field(default=0.5, ge=0.0, le=1.0, description="a in the objective.")
+    temperature: float = Field(default=1.0, gt=0.0, le=100.0)
+    skew_alpha: float = Field(default=0.1, ge=0.0, le=1.0, description="DistiLLM's α.")
+    jsd_beta: float = Field(default=0.5, ge=0.0, le=1.0, description="GKD's β.")
+    granularities: Granularities = Field(default_factory=Granularities)
+    rank: int = Field(default=32, ge=1, le=8192, description="r: size of the key-axis basis.")
+    basis: Literal["dct", "learned"] = "dct"
+    decomposition: Literal["hierarchical", "direct"] = Field(
+        default="hierarchical",
+        description="'direct' is the ablation: one per-head MSE on whole (projected) maps.",
+    )
+    normalization: Literal["relative", "count"] = "relative"
+    layer_map: list[int] | None = Field(
+        default=None, max_length=1024,
+        description="Teacher layer for each student layer; default: uniform, last with last.",
+    )
+    attention_weight: float = Field(
+        default=1.0, ge=0.0, le=1000.0, description="Weight of the TinyBERT / MiniLM term."
+    )
+    attention_schedule: Literal["constant", "linear_decay", "cosine_decay"] = Field(
+        default="constant", description="Multiplier on the attention terms over training."
+    )
+    attention_anneal_fraction: float = Field(
+        default=1.0, gt=0.0, le=1.0,
+        description="Fraction of max_steps over which a decaying schedule reaches 0.",
+    )
+    conflict: Literal["none", "pcgrad"] = "none"
+    interference_every: int = Field(
+        default=0, ge=0, le=1_000_000,
+        description="Record per-term gradient cosines on the student every N steps (0: off).",
+    )
+    query_chunk: int = Field(default=128, ge=1, le=65536)
+    logit_chunk: int = Field(default=4096, ge=1, le=1 << 20, description="Tokens per chunk.")
+
+    @property
+    def divergence(self) -> str:
+        return self.logit_divergence or DEFAULT_DIVERGENCE[self.name]
+
+    @property
+    def effective_kd_weight(self) -> float:
+        return 0.0 if self.name == "sft" else self.kd_weight
+
+    @property
+    def uses_attention(self) -> bool:
+        return self.name in ATTENTION_METHODS
+
+
+class TrainingSpec(_Strict):
+    max_steps: int = Field(default=2000, ge=1, le=10_000_000)
+    batch_size: int = Field(default=8, ge=1, le=4096)
+    grad_accum: int = Field(default=1, ge=1, le=1024)
+    seq_len: int = Field(default=512, ge=8, le=131_072)
+    lr: float = Field(default=5e-4, gt=0.0, le=1.0)
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(default=100, ge=0, le=10_000_000)
+    weight_decay: float = Field(default=0.01, ge=0.0, le=10.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(default=1.0, ge=0.0, le=1e6, description="0 disables clipping.")
+    eval_every: int = Field(default=200, ge=0, le=10_000_000, description="0: only at the end.")
+    checkpoint_every: int = Field(default=500, ge=0, le=10_000_000, description="0: only at the end.")
+    keep_checkpoints: int = Field(default=3, ge=1, le=1000)
+    log_every: int = Field(default=1, ge=1, le=100_000)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        default="bf16", description="Autocast dtype on CUDA; CPU always trains in fp32."
+    )
+    compile: bool = Field(default=False, description="torch.compile student and teacher.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("betas must be in [0, 1)")
+        return v
+
+
+class ResourcesSpec(_Strict):
+    queue: str = Field(default="default", pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+    gpus: int = Field(default=1, ge=0, le=64)
+    max_attempts: int = Field(default=3, ge=1, le=20)
+
+
+class JobSpec(_Strict):
+    """A distillation (or fine-tuning, method 'sft' without teacher) job."""
+
+    version: Literal[1] = SPEC_VERSION
+    name: str = Field(default="job", min_length=1, max_length=200)
+    task: Literal["causal_lm"] = "causal_lm"
+    teacher: ModelSpec | None = None
+    student: ModelSpec
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    dataset: DatasetSpec
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @model_validator(mode="after")
+    def _teacher_needed(self) -> JobSpec:
+        if self.method.name != "sft" and self.teacher is None:
+            raise ValueError(f"method '{self.method.name}' needs a `teacher` (only 'sft' runs without one)")
+        if self.method.basis == "learned" and self.method.rank > self.training.seq_len:
+            raise ValueError("method.rank must not exceed training.seq_len")
+        return self
+
+
+def _loc_to_param(loc: tuple[Any, ...], prefix: str) -> str:
+    parts = [prefix] if prefix else []
+    for p in loc:
+        # pydantic puts the union member's class name in loc ('str', 'JobRef', 'function-after[...]');
+        # users think in field names only.
+        if isinstance(p, str) and (p[:1].isupper() or "[" in p or p in ("str", "int", "float")):
+            continue
+        parts.append(str(p))
+    return ".".join(parts)
+
+
+def parse_spec(data: dict[str, Any], *, prefix: str = "spec") -> JobSpec:
+    """Validate a dict; raise SpecError naming the first offending field (``spec.training.lr``)."""
+    if not isinstance(data, dict):
+        raise SpecError("the spec must be a mapping", param=prefix)
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = _loc_to_param(tuple(err["loc"]), prefix)
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown field '{err['loc'][-1]}'"
+        if "trust_remote_code" in msg or "auto_map" in msg:
+            raise UnsafeModelError(f"{param}: {msg}", param=param) from None
+        raise SpecError(f"{param}: {msg}", param=param) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Load a spec from a YAML or JSON file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file not found: {p}", param="spec")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise SpecError(f"cannot parse {p}: {e}", param="spec") from None
+    return parse_spec(data)
+
+
+def spec_json_schema() -> dict[str, Any]:
+    return JobSpec.model_json_schema()
+
+
+SpecDict = Annotated[dict[str, Any], "a JobSpec as JSON"]

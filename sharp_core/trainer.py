@@ -1,0 +1,564 @@
+"""The one training loop for every method (SFT, the logit baselines, TinyBERT, MiniLM, SHARP).
+
+Read it top to bottom, nanoGPT style:  set LR → maybe eval / checkpoint → micro-steps →
+clip → step → zero_grad → log.  Methods differ only in the loss they add
+(`_micro_step`); there are no per-method copies of the loop.
+
+Objective (sharp-method.md):  L = (1-a)·CE + a·D(p_T‖q_S; τ) + s(t)·Σ_g w_g·L_g
+All terms are normalised by *global* counts of the optimizer step (valid tokens for CE and D,
+sequences for the attention terms), so grad_accum=8 × batch 1 equals grad_accum=1 × batch 8.
+
+Everything is loaded and validated *before* anything is written to `out_dir`, so a bad spec
+leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import logging as hf_logging
+
+from sharp_core import losses
+from sharp_core.checkpoint import (
+    clean_temporaries,
+    latest_checkpoint,
+    prune_checkpoints,
+    verify_manifest,
+    write_checkpoint,
+)
+from sharp_core.data import BatchStream, PackedData, build_data, eval_batches, load_texts
+from sharp_core.errors import CheckpointError, OutOfMemoryError
+from sharp_core.models import (
+    LocalResolver,
+    Resolver,
+    check_vocab,
+    load_model,
+    model_shape,
+    resolve_tokenizer,
+)
+from sharp_core.spec import JobSpec
+
+__all__ = [
+    "TrainCallbacks",
+    "TrainResult",
+    "Resolver",
+    "LocalResolver",
+    "train",
+    "latest_checkpoint",
+    "verify_manifest",
+    "Setup",
+    "setup",
+]
+
+STATE_FILE = "training_state.pt"
+SPEC_FILE = "spec.json"
+
+#: Dense bf16 peak of cards we know, for MFU (FLOP/s).
+_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+class TrainCallbacks:
+    """Hooks the service (or the CLI) overrides. Defaults do nothing."""
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Called every `log_every` steps and after each evaluation."""
+
+    def on_checkpoint(self, step: int, path: Path, manifest: dict[str, Any]) -> None:
+        """Called once a checkpoint folder is atomically in place."""
+
+    def on_checkpoint_removed(self, step: int) -> None:
+        """Called when an old checkpoint is pruned (keep_checkpoints)."""
+
+    def should_stop(self) -> bool:
+        """Polled every step; True → the loop checkpoints and returns status 'stopped'."""
+        return False
+
+
+@dataclass
+class TrainResult:
+    status: str  # "completed" | "stopped"
+    step: int
+    checkpoint: Path | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Setup:
+    """Everything the loop needs, built and validated before any file is written."""
+
+    spec: JobSpec
+    device: torch.device
+    tokenizer: Any
+    vocab: int
+    teacher: torch.nn.Module | None
+    student: torch.nn.Module
+    data: PackedData
+    objective: torch.nn.Module | None
+    student_capture: Any
+    teacher_capture: Any
+
+
+def _pick_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None = None) -> Setup:
+    """Load tokenizer, models and data; build the attention objective and captures."""
+    resolver = resolver or LocalResolver()
+    dev = _pick_device(device)
+    hf_logging.disable_progress_bar()
+    texts = load_texts(spec.dataset, resolver)
+    toks = resolve_tokenizer(spec, resolver, iter(texts) if spec.tokenizer.train else None)
+    tok = toks.tokenizer
+    vocab = toks.vocab_size
+    teacher = None
+    if spec.teacher is not None and spec.method.name != "sft":
+        teacher = load_model(spec.teacher, role="teacher", resolver=resolver, device=dev, tokenizer=tok)
+        check_vocab(teacher, vocab, "teacher")
+        teacher.eval()
+        teacher.requires_grad_(False)
+    student = load_model(spec.student, role="student", resolver=resolver, device=dev, tokenizer=tok)
+    check_vocab(student, vocab, "student")
+    data = build_data(spec.dataset, texts, tok, spec.training.seq_len)
+
+    objective = s_cap = t_cap = None
+    if spec.method.uses_attention:
+        from sharp_core.capture import AttentionCapture
+        from sharp_core.sharp import AttentionObjective
+
+        assert teacher is not None
+        objective = AttentionObjective(
+            spec.method,
+            student_shape=model_shape(student),
+            teacher_shape=model_shape(teacher),
+            seq_len=spec.training.seq_len,
+        ).to(dev)
+        s_cap = AttentionCapture(student, objective.student_layers)
+        t_cap = AttentionCapture(teacher, objective.teacher_layers)
+    if spec.training.compile:
+        student = torch.compile(student)  # type: ignore[assignment]
+        if teacher is not None:
+            teacher = torch.compile(teacher)  # type: ignore[assignment]
+    return Setup(spec, dev, tok, vocab, teacher, student, data, objective, s_cap, t_cap)
+
+
+# ---------------------------------------------------------------------------- schedules
+
+
+def lr_at(step: int, spec: JobSpec) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio·lr at max_steps."""
+    t = spec.training
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    span = max(1, t.max_steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def attention_scale_at(step: int, spec: JobSpec) -> float:
+    """s(t): multiplier on the attention terms (constant, or annealed to 0)."""
+    m = spec.method
+    if m.attention_schedule == "constant":
+        return 1.0
+    horizon = max(1, round(m.attention_anneal_fraction * spec.training.max_steps))
+    x = min(1.0, step / horizon)
+    if m.attention_schedule == "linear_decay":
+        return 1.0 - x
+    return 0.5 * (1 + math.cos(math.pi * x))
+
+
+# ---------------------------------------------------------------------------- state
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    st: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(st: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def _unwrap(m: torch.nn.Module) -> Any:
+    return getattr(m, "_orig_mod", m)
+
+
+def _warn_spec_diff(saved: dict[str, Any], now: dict[str, Any], prefix: str = "spec") -> list[str]:
+    """Fields that differ between the checkpoint's spec and this run's (torchtune-style warning)."""
+    diffs = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _warn_spec_diff(a, b, f"{prefix}.{k}")
+        elif a != b:
+            diffs.append(f"{prefix}.{k}: {a!r} -> {b!r}")
+    return diffs
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def train(
+    spec: JobSpec,
+    out_dir: Path | str,
+    *,
+    callbacks: TrainCallbacks | None = None,
+    resolver: Resolver | None = None,
+    device: str | None = None,
+    prepared: Setup | None = None,
+) -> TrainResult:
+    """Train (or resume) the job described by `spec`, writing checkpoints under `out_dir`."""
+    out_dir = Path(out_dir)
+    cb = callbacks or TrainCallbacks()
+    t = spec.training
+    m = spec.method
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    S = prepared or setup(spec, resolver=resolver, device=device)
+    dev, student, teacher = S.device, S.student, S.teacher
+    a = m.effective_kd_weight
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": t.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    extra = [p for p in (S.objective.parameters() if S.objective is not None else []) if p.requires_grad]
+    if extra:
+        groups.append({"params": extra, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=dev.type == "cuda")
+    stream = BatchStream(S.data.train, t.seed)
+    step = 0
+
+    use_amp = dev.type == "cuda" and t.precision != "fp32"
+    amp_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and t.precision == "fp16")
+
+    # ---- resume from the newest checkpoint whose manifest verifies
+    clean_temporaries(out_dir)
+    resume_from = latest_checkpoint(out_dir)
+    if resume_from is not None:
+        state = torch.load(resume_from / STATE_FILE, map_location="cpu", weights_only=True)
+        from safetensors.torch import load_file
+
+        weights = load_file(str(resume_from / "model.safetensors"), device=str(dev))
+        missing, unexpected = _unwrap(student).load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if not _tied(student, k)]:
+            raise CheckpointError(f"{resume_from}: weights do not match the student "
+                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        opt.load_state_dict(state["optimizer"])
+        if S.objective is not None and state.get("objective") is not None:
+            S.objective.load_state_dict(state["objective"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        stream.load_state_dict(state["data"])
+        _set_rng_state(state["rng"], dev)
+        step = int(state["step"])
+        import json
+
+        saved_spec = json.loads((resume_from / SPEC_FILE).read_text())
+        for d in _warn_spec_diff(saved_spec, spec.model_dump(mode="json")):
+            print(f"warning: resuming {resume_from.name} with a different spec: {d}")
+    resumed_step = step if resume_from is not None else None
+
+    def save(step: int, metrics: dict[str, float]) -> Path:
+        def write(tmp: Path) -> None:
+            _unwrap(student).save_pretrained(tmp, safe_serialization=True)
+            S.tokenizer.save_pretrained(tmp)
+            (tmp / SPEC_FILE).write_text(spec.model_dump_json(indent=1))
+            torch.save(
+                {
+                    "step": step,
+                    "optimizer": opt.state_dict(),
+                    "objective": S.objective.state_dict() if S.objective is not None else None,
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                    "data": stream.state_dict(),
+                    "rng": _rng_state(dev),
+                },
+                tmp / STATE_FILE,
+            )
+
+        path, manifest = write_checkpoint(out_dir, step, write, metrics)
+        cb.on_checkpoint(step, path, manifest)
+        for removed in prune_checkpoints(out_dir, t.keep_checkpoints):
+            cb.on_checkpoint_removed(removed)
+        return path
+
+    def evaluate() -> dict[str, float]:
+        student.eval()
+        total, count = 0.0, 0
+        with torch.no_grad(), torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
+            for x in eval_batches(S.data.eval, t.batch_size):
+                x = x.to(dev)
+                logits = student(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, :-1, : S.vocab]
+                labels = x[:, 1:]
+                n = labels.numel()
+                total += losses.cross_entropy(logits, labels, num_valid=n).item() * n
+                count += n
+        student.train()
+        loss = total / max(count, 1)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    flops_per_token = _flops_per_token(student, teacher)
+    peak_flops = _peak_flops(dev)
+    last_metrics: dict[str, float] = {}
+    last_ckpt: Path | None = resume_from
+    student.train()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+
+    while True:
+        # ---- set LR
+        lr = lr_at(step, spec)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        done = step >= t.max_steps
+        stop = not done and cb.should_stop()
+
+        # ---- maybe eval / checkpoint (state after `step` optimizer steps)
+        if t.eval_every and step % t.eval_every == 0 or done:
+            if step != resumed_step or done:
+                ev = evaluate()
+                last_metrics.update(ev)
+                cb.on_metrics(step, ev)
+        periodic = t.checkpoint_every and step % t.checkpoint_every == 0 and step > 0
+        if (periodic or done or stop) and step != resumed_step:
+            last_ckpt = save(step, dict(last_metrics))
+        elif (done or stop) and last_ckpt is None:
+            last_ckpt = save(step, dict(last_metrics))
+        if done or stop:
+            return TrainResult("completed" if done else "stopped", step, last_ckpt, last_metrics)
+
+        # ---- micro-steps
+        batches = [stream.next(t.batch_size).to(dev, non_blocking=True) for _ in range(t.grad_accum)]
+        n_tokens = sum(b[:, 1:].numel() for b in batches)  # packed blocks: every target is valid
+        n_seqs = sum(b.shape[0] for b in batches)
+        want_diag = m.interference_every > 0 and step % m.interference_every == 0
+        per_term = want_diag or m.conflict == "pcgrad"
+        logs: dict[str, torch.Tensor] = {}
+        cosines: dict[str, float] = {}
+        try:
+            for x in batches:
+                terms, parts = _micro_step(S, x, n_tokens, n_seqs, a, attention_scale_at(step, spec),
+                                           use_amp, amp_dtype)
+                for k, v in terms.items():
+                    logs[k] = logs.get(k, 0) + v.detach()
+                if per_term:
+                    cos = _backward_per_term(parts, terms.get("basis_loss"), params,
+                                             m.conflict == "pcgrad", scaler)
+                    for k, v in cos.items():
+                        cosines[k] = cosines.get(k, 0.0) + v / len(batches)
+                else:
+                    scaler.scale(terms["loss"]).backward()
+        except torch.OutOfMemoryError as e:
+            raise OutOfMemoryError(f"out of memory at step {step}: {e}") from None
+
+        # ---- clip, step, zero_grad
+        scaler.unscale_(opt)
+        all_params = params + extra
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(all_params, t.grad_clip)
+            if t.grad_clip > 0
+            else torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in all_params if p.grad is not None])
+            )
+        )
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+
+        # ---- log (the only host sync of the step)
+        if step % t.log_every == 0 or step == t.max_steps:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            dt = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            tokens_s = n_tokens * t.log_every / max(dt, 1e-9) if step % t.log_every == 0 else 0.0
+            metrics = {k: float(v) for k, v in logs.items()}
+            metrics.update(
+                lr=lr,
+                grad_norm=float(grad_norm),
+                tokens_per_s=tokens_s,
+                peak_mem_mb=_peak_mem_mb(dev),
+            )
+            metrics.update(cosines)
+            if peak_flops:
+                metrics["mfu"] = tokens_s * flops_per_token / peak_flops
+            last_metrics.update(metrics)
+            cb.on_metrics(step, metrics)
+
+
+def _tied(model: torch.nn.Module, key: str) -> bool:
+    """save_pretrained drops tied weights (lm_head = embeddings); they are not missing."""
+    return "lm_head" in key or "embed_out" in key
+
+
+def _micro_step(
+    S: Setup,
+    x: torch.Tensor,
+    n_tokens: int,
+    n_seqs: int,
+    a: float,
+    attn_scale: float,
+    use_amp: bool,
+    amp_dtype: torch.dtype,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Forward both models on one micro-batch.
+
+    Returns (terms, parts): every term already normalised by the step's global counts, with
+    their weighted sum under 'loss'; and the weighted pieces of that sum, by name, which
+    the per-term backward (diagnostics, PCGrad) differentiates one at a time."""
+    m = S.spec.method
+    V = S.vocab
+    labels = x[:, 1:]  # (B, N-1); packed blocks have no padding
+    query_mask = torch.ones_like(x, dtype=torch.bool)  # (B, N)
+    ones = torch.ones_like(x)  # packed blocks: every position attends (causally)
+    terms: dict[str, torch.Tensor] = {}
+    with torch.autocast(S.device.type, dtype=amp_dtype, enabled=use_amp):
+        t_logits = None
+        if S.teacher is not None:
+            with torch.no_grad():
+                if S.teacher_capture is not None:
+                    with S.teacher_capture:
+                        t_logits = S.teacher(input_ids=x, attention_mask=ones).logits
+                else:
+                    t_logits = S.teacher(input_ids=x, attention_mask=ones).logits
+            t_logits = t_logits[:, :-1, :V]  # (B, N-1, V): teacher rows beyond the tokenizer dropped
+        if S.student_capture is not None:
+            with S.student_capture:
+                s_logits = S.student(input_ids=x, attention_mask=ones).logits
+        else:
+            s_logits = S.student(input_ids=x, attention_mask=ones).logits
+        s_logits = s_logits[:, :-1, :V]  # (B, N-1, V)
+
+    ce = losses.cross_entropy(s_logits, labels, num_valid=n_tokens, chunk_size=m.logit_chunk)
+    terms["ce"] = ce
+    logit_term = (1 - a) * ce
+    if t_logits is not None and a > 0:
+        kd = losses.divergence(
+            m.divergence, s_logits, t_logits, labels,
+            temperature=m.temperature, alpha=m.skew_alpha, beta=m.jsd_beta,
+            num_valid=n_tokens, chunk_size=m.logit_chunk,
+        )
+        terms["kd"] = kd
+        logit_term = logit_term + a * kd
+    terms["logit"] = logit_term
+    parts = {"logit": logit_term}  # the weighted pieces whose sum is the loss
+    if S.objective is not None:
+        att = S.objective(S.student_capture.layers, S.teacher_capture.layers, query_mask)
+        S.student_capture.clear()
+        S.teacher_capture.clear()
+        for name, v in att.items():
+            v = v / n_seqs
+            terms[name] = v
+            if name != "basis_loss":
+                parts[name] = attn_scale * S.objective.weights[name] * v
+    terms["loss"] = sum(parts.values()) + terms.get("basis_loss", 0.0)
+    return terms, parts
+
+
+def _backward_per_term(
+    parts: dict[str, torch.Tensor],
+    basis_loss: torch.Tensor | None,
+    params: list[torch.nn.Parameter],
+    pcgrad: bool,
+    scaler: Any,
+) -> dict[str, float]:
+    """One backward pass per term: gradient cosines between terms, optionally PCGrad.
+
+    Why per term and not from the attention-level gradients: orthogonality of the SHARP
+    terms w.r.t. the attention probabilities does not imply orthogonality on the shared
+    student weights; this measures the latter (sharp-method.md, "interference").
+    Terms: 'logit' ((1-a)CE + a·D) and each weighted attention term. Gradients are taken
+    of the scaler-scaled terms (fp16), which changes no cosine.
+    """
+    names = list(parts)
+    grads = []
+    for n in names:
+        g = torch.autograd.grad(scaler.scale(parts[n]), params, retain_graph=True, allow_unused=True)
+        grads.append(torch.cat([
+            (gi if gi is not None else torch.zeros_like(p)).reshape(-1).float()
+            for gi, p in zip(g, params, strict=True)
+        ]))
+        del g
+    cos: dict[str, float] = {}
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            c = F.cosine_similarity(grads[i], grads[j], dim=0, eps=1e-20)
+            cos[f"cos_{names[i]}_{names[j]}"] = float(c)
+    if pcgrad:
+        grads = _pcgrad(grads)
+    total = torch.stack(grads).sum(0)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        g = total[offset : offset + n].view_as(p).to(p.dtype)
+        p.grad = g if p.grad is None else p.grad + g
+        offset += n
+    if basis_loss is not None and basis_loss.requires_grad:
+        scaler.scale(basis_loss).backward()
+    return cos
+
+
+def _pcgrad(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """PCGrad (Yu et al. 2020): project each gradient off every other one it conflicts with.
+
+    Deterministic order (the terms' order) rather than the paper's random shuffle, so runs
+    are reproducible; the projections use the original gradients, as in the paper.
+    """
+    out = []
+    for i, gi in enumerate(grads):
+        g = gi.clone()
+        for j, gj in enumerate(grads):
+            if i == j:
+                continue
+            dot = torch.dot(g, gj)
+            if dot < 0:
+                g = g - dot / (gj.dot(gj) + 1e-20) * gj
+        out.append(g)
+    return out
+
+
+def _flops_per_token(student: torch.nn.Module, teacher: torch.nn.Module | None) -> float:
+    """6·N_student (forward + backward) + 2·N_teacher (forward only), embeddings excluded."""
+
+    def n(mod: torch.nn.Module) -> int:
+        emb = sum(p.numel() for name, p in mod.named_parameters() if "embed" in name or "wte" in name or "wpe" in name)
+        return sum(p.numel() for p in mod.parameters()) - emb
+
+    return 6 * n(student) + (2 * n(teacher) if teacher is not None else 0)
+
+
+def _peak_flops(dev: torch.device) -> float | None:
+    if dev.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(dev)
+    for k, v in _PEAK_FLOPS.items():
+        if k in name:
+            return v
+    return None
+
+
+def _peak_mem_mb(dev: torch.device) -> float:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
