@@ -30,23 +30,10 @@ def _fail(e: SharpError) -> None:
     raise typer.Exit(EXIT_BAD_INPUT if not e.retryable or e.status < 500 else 1)
 
 
-@app.command()
-def train(
-    spec: Annotated[Path, typer.Argument(help="Job spec, YAML or JSON.")],
-    out: Annotated[Path, typer.Option("--out", help="Run folder (checkpoints; resumes if present).")],
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: cuda if any).")] = None,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
-) -> None:
-    """Train or distil a student from SPEC; resumes from the newest checkpoint in --out."""
-    from sharp_core.spec import load_spec
+def _run_with_bar(job, out: Path, *, device: str | None = None, quiet: bool = False):
+    """Run `train` with a rich progress bar: step, loss, tokens/s, eval perplexity, ETA."""
     from sharp_core.trainer import TrainCallbacks
     from sharp_core.trainer import train as run
-
-    try:
-        job = load_spec(spec)
-    except SharpError as e:
-        _fail(e)
-        return
 
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -71,9 +58,28 @@ def train(
                 info = f"loss {metrics['loss']:.4f} {metrics['tokens_per_s']:.0f} tok/s" + self.eval
             progress.update(self.task, completed=step, info=info)
 
+    with progress:
+        return run(job, out, callbacks=Bar(), device=device)
+
+
+@app.command()
+def train(
+    spec: Annotated[Path, typer.Argument(help="Job spec, YAML or JSON.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder (checkpoints; resumes if present).")],
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: cuda if any).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Train or distil a student from SPEC; resumes from the newest checkpoint in --out."""
+    from sharp_core.spec import load_spec
+
     try:
-        with progress:
-            result = run(job, out, callbacks=Bar(), device=device)
+        job = load_spec(spec)
+    except SharpError as e:
+        _fail(e)
+        return
+
+    try:
+        result = _run_with_bar(job, out, device=device, quiet=quiet)
     except SharpError as e:
         _fail(e)
         return
@@ -102,6 +108,25 @@ def evaluate(
         _fail(e)
         return
     typer.echo(f"loss {loss:.4f}  perplexity {math.exp(loss):.3f}  tokens {n}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Where the demo writes its runs.")] = Path("var/demo"),
+    teacher_steps: Annotated[int, typer.Option(min=1)] = 300,
+    student_steps: Annotated[int, typer.Option(min=1)] = 200,
+) -> None:
+    """Standalone demo: a small teacher on Python's docs text, then a SHARP student."""
+    from sharp_core.demo import student_spec, teacher_spec, write_demo_corpus
+    from sharp_core.spec import parse_spec
+
+    corpus = write_demo_corpus(out / "corpus.txt")
+    t = _run_with_bar(parse_spec(teacher_spec(str(corpus), teacher_steps)), out / "teacher")
+    s = _run_with_bar(parse_spec(student_spec(str(t.checkpoint), str(corpus), student_steps)),
+                      out / "student")
+    typer.echo(f"teacher eval perplexity {t.metrics['eval_ppl']:.2f}  ({t.checkpoint})")
+    typer.echo(f"student eval perplexity {s.metrics['eval_ppl']:.2f}  ({s.checkpoint})")
+    typer.echo(f"the distilled student is at {s.checkpoint.resolve()}")
 
 
 def main() -> None:

@@ -1,0 +1,777 @@
+"""Tests of sharp_core.sharp: the decomposition, its orthogonality, the objective and baselines.
+
+Tolerances: float64 checks are held to 1e-10 (relative), float32 ones to 1e-5 relative (a
+few hundred ulps of the accumulated sums), as the design page asks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sharp_core.sharp import (
+    COMPONENTS,
+    RELATIVE_EPS,
+    AttentionObjective,
+    AttentionProbs,
+    DenseProbs,
+    LearnedBasis,
+    dct_basis,
+    decompose,
+    head_map,
+    layer_map,
+    project,
+    projected_components,
+    sharp_distances,
+)
+from sharp_core.spec import MethodSpec
+
+# ------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------
+
+
+def random_probs(b, h, n, *, dtype=torch.float64, gen=None, causal=False, key_mask=None):
+    """Row-stochastic (B, H, N, N); rows with no allowed key are zeros."""
+    logits = torch.randn(b, h, n, n, generator=gen, dtype=torch.float64) * 2.0
+    allowed = torch.ones(b, 1, n, n, dtype=torch.bool)
+    if causal:
+        allowed = allowed & torch.ones(n, n, dtype=torch.bool).tril()
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :]
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return p.to(dtype)
+
+
+def make_mask(b, n, kinds, gen=None):
+    """(B, N) bool masks: 'all', 'left', 'right', 'one', 'none', 'random'."""
+    m = torch.ones(b, n, dtype=torch.bool)
+    for i in range(b):
+        kind = kinds[i % len(kinds)]
+        pad = int(torch.randint(0, n, (1,), generator=gen))
+        if kind == "left":
+            m[i, :pad] = False
+        elif kind == "right":
+            m[i, n - pad :] = False
+        elif kind == "one":
+            m[i] = False
+            m[i, int(torch.randint(0, n, (1,), generator=gen))] = True
+        elif kind == "none":
+            m[i] = False
+        elif kind == "random":
+            m[i] = torch.rand(n, generator=gen) < 0.6
+    return m
+
+
+def rows(mask):
+    return mask[:, None, :, None]  # (B, 1, N, 1)
+
+
+def vinner(a, b, mask, shape):
+    """Frobenius inner product over valid query rows, both broadcast to (B, H, N, N)."""
+    a, b = a.expand(shape), b.expand(shape)
+    r = rows(mask).expand(shape)
+    return (a * b * r).sum()
+
+
+def vnorm(a, mask, shape):
+    a = a.expand(shape)
+    return torch.sqrt((a * a * rows(mask).expand(shape)).sum())
+
+
+def assert_pairwise_orthogonal(vectors: dict[str, torch.Tensor], rel: float):
+    for (ka, a), (kb, b) in itertools.combinations(vectors.items(), 2):
+        na, nb = a.norm(), b.norm()
+        assert na > 0 and nb > 0, f"zero gradient for {ka} or {kb}"
+        cos = (a * b).sum() / (na * nb)
+        assert abs(float(cos)) <= rel, f"<{ka},{kb}> cosine {float(cos):.3e} > {rel}"
+
+
+def spec(**kw) -> MethodSpec:
+    return MethodSpec(**kw)
+
+
+class QKProbs:
+    """A capture-like AttentionProbs: softmax rows recomputed from q, k per query chunk."""
+
+    def __init__(self, q, k, key_mask):
+        self.q, self.k, self.key_mask = q, k, key_mask  # (B,H,N,D), (B,H,N,D), (B,N)
+
+    @property
+    def num_heads(self):
+        return self.q.shape[1]
+
+    @property
+    def seq_len(self):
+        return self.q.shape[2]
+
+    def probs(self, start=0, end=None):
+        end = self.seq_len if end is None else end
+        s = self.q[:, :, start:end] @ self.k.transpose(-1, -2) / math.sqrt(self.q.shape[-1])
+        i = torch.arange(start, end)[:, None]
+        j = torch.arange(self.seq_len)[None, :]
+        allowed = (j <= i)[None, None] & self.key_mask[:, None, None, :]
+        s = s.masked_fill(~allowed, float("-inf"))
+        return torch.softmax(s.float(), dim=-1).nan_to_num(0.0)
+
+
+# ------------------------------------------------------------------------------------------
+# decomposition
+# ------------------------------------------------------------------------------------------
+
+mask_kinds = st.lists(
+    st.sampled_from(["all", "left", "right", "one", "none", "random"]), min_size=1, max_size=4
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    b=st.integers(1, 4),
+    h=st.integers(1, 5),
+    n=st.integers(1, 9),
+    kinds=mask_kinds,
+    seed=st.integers(0, 2**31 - 1),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    causal=st.booleans(),
+)
+def test_decompose_sums_orthogonal_idempotent(b, h, n, kinds, seed, dtype, causal):
+    gen = torch.Generator().manual_seed(seed)
+    p = random_probs(b, h, n, dtype=dtype, gen=gen, causal=causal)
+    m = make_mask(b, n, kinds, gen)
+    c = decompose(p, m)
+    assert c["layer"].shape == (b, 1, 1, n)
+    assert c["head"].shape == (b, h, 1, n)
+    assert c["token"].shape == (b, 1, n, n)
+    assert c["residual"].shape == (b, h, n, n)
+    for v in c.values():
+        assert torch.isfinite(v).all()
+
+    # sums to P on valid rows; token and residual vanish on invalid rows
+    total = c["layer"] + c["head"] + c["token"] + c["residual"]
+    r = rows(m).expand_as(p)
+    torch.testing.assert_close(total[r], p[r], atol=1e-5, rtol=0)
+    assert (c["token"].expand_as(p)[~r] == 0).all()
+    assert (c["residual"][~r] == 0).all()
+
+    # mutually orthogonal over valid rows
+    # (1e-5 relative to the norms, plus rounding level 50·eps·‖P‖²: a component that is 0 in
+    # exact arithmetic, e.g. the residual of a single valid query, is pure rounding noise)
+    shape = p.shape
+    rounding = 50 * torch.finfo(dtype).eps * float(vnorm(p, m, shape)) ** 2
+    for ga, gb in itertools.combinations(COMPONENTS, 2):
+        ip = vinner(c[ga], c[gb], m, shape)
+        bound = 1e-5 * vnorm(c[ga], m, shape) * vnorm(c[gb], m, shape) + rounding
+        assert abs(float(ip)) <= float(bound), (ga, gb, float(ip), float(bound))
+
+    # idempotent: a component is its own decomposition
+    for g in COMPONENTS:
+        again = decompose(c[g].expand(shape).contiguous(), m)
+        for g2 in COMPONENTS:
+            want = c[g] if g2 == g else torch.zeros_like(c[g2])
+            torch.testing.assert_close(again[g2], want.expand_as(again[g2]), atol=1e-5, rtol=0)
+
+
+def test_decompose_without_valid_queries_is_zero():
+    p = random_probs(2, 3, 5)
+    m = torch.zeros(2, 5, dtype=torch.bool)
+    for v in decompose(p, m).values():
+        assert torch.isfinite(v).all() and (v == 0).all()
+    # None means every query is valid
+    c_all = decompose(p)
+    c_mask = decompose(p, torch.ones(2, 5, dtype=torch.bool))
+    for g in COMPONENTS:
+        torch.testing.assert_close(c_all[g], c_mask[g])
+
+
+def test_decompose_matches_definition():
+    p = random_probs(1, 3, 4)
+    m = torch.tensor([[False, True, True, True]])
+    v = p[:, :, 1:]  # valid rows
+    mu = v.mean(dim=(1, 2), keepdim=True)
+    alpha = v.mean(dim=2, keepdim=True) - mu
+    beta = v.mean(dim=1, keepdim=True) - mu
+    c = decompose(p, m)
+    torch.testing.assert_close(c["layer"], mu)
+    torch.testing.assert_close(c["head"], alpha)
+    torch.testing.assert_close(c["token"][:, :, 1:], beta)
+    torch.testing.assert_close(c["residual"][:, :, 1:], v - mu - alpha - beta)
+
+
+# ------------------------------------------------------------------------------------------
+# THE property: gradients of the SHARP terms on P_s are pairwise orthogonal
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gradients_orthogonal_directly_float64(seed):
+    gen = torch.Generator().manual_seed(seed)
+    b, h, n = 3, 4, 7
+    m = make_mask(b, n, ["left", "right", "one"], gen)
+    p_s = random_probs(b, h, n, gen=gen).requires_grad_()
+    target = random_probs(b, h, n, gen=gen)
+    cs, ct = decompose(p_s, m), decompose(target, m)
+    grads = {}
+    for g in COMPONENTS:
+        loss = ((cs[g] - ct[g]).expand(p_s.shape) * rows(m)).square().sum()
+        (grad,) = torch.autograd.grad(loss, p_s, retain_graph=True)
+        # ∇ L_g = 2·Π_g(P_s − target), zero on invalid rows
+        want = 2 * decompose(p_s.detach() - target, m)[g].expand(p_s.shape) * rows(m)
+        torch.testing.assert_close(grad, want, atol=1e-12, rtol=1e-10)
+        grads[g] = grad
+    assert_pairwise_orthogonal(grads, 1e-10)
+
+    # the same on projected maps, both normalisations, through sharp_distances
+    q = dct_basis(n, 3, dtype=torch.float64)
+    for norm in ("relative", "count"):
+        d = sharp_distances(p_s @ q, target @ q, m, COMPONENTS, norm)
+        grads = {g: torch.autograd.grad(d[g].sum(), p_s, retain_graph=True)[0] for g in COMPONENTS}
+        assert_pairwise_orthogonal(grads, 1e-10)
+
+
+@pytest.mark.parametrize("normalization", ["relative", "count"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_gradients_orthogonal_through_objective(normalization, dtype, tol):
+    gen = torch.Generator().manual_seed(7)
+    b, n, (l_s, h_s), (l_t, h_t) = 3, 12, (2, 3), (4, 6)
+    method = spec(
+        name="sharp",
+        rank=5,
+        normalization=normalization,
+        query_chunk=5,
+        granularities={"layer": 1.0, "head": 1.0, "token": 1.0, "residual": 1.0},
+    )
+    obj = AttentionObjective(method, student_shape=(l_s, h_s), teacher_shape=(l_t, h_t), seq_len=n)
+    m = make_mask(b, n, ["left", "right", "all"], gen)
+    leaves = [
+        random_probs(b, h_s, n, dtype=dtype, gen=gen, causal=True).requires_grad_()
+        for _ in range(l_s)
+    ]
+    student = {j: DenseProbs(p) for j, p in enumerate(leaves)}
+    teacher = {
+        j: DenseProbs(random_probs(b, h_t, n, dtype=dtype, gen=gen, causal=True))
+        for j in range(l_t)
+    }
+    out = obj(student, teacher, m)
+    assert set(out) == {"sharp_layer", "sharp_head", "sharp_token", "sharp_residual"}
+    grads = {}
+    for k, v in out.items():
+        gs = torch.autograd.grad(v, leaves, retain_graph=True)
+        grads[k] = torch.cat([g.reshape(-1) for g in gs]).double()
+    assert_pairwise_orthogonal(grads, tol)
+
+
+# ------------------------------------------------------------------------------------------
+# alignment
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "h_s,h_t", [(1, 1), (4, 4), (2, 6), (4, 12), (5, 12), (12, 5), (3, 8), (8, 3), (7, 2)]
+)
+def test_head_map_row_stochastic_and_overlaps(h_s, h_t):
+    w = head_map(h_s, h_t, dtype=torch.float64)
+    assert w.shape == (h_s, h_t)
+    assert (w >= 0).all()
+    torch.testing.assert_close(w.sum(1), torch.ones(h_s, dtype=torch.float64))
+    # every teacher head carries the same total mass H_s/H_t (uniform intervals)
+    torch.testing.assert_close(w.sum(0), torch.full((h_t,), h_s / h_t, dtype=torch.float64))
+    for i, j in itertools.product(range(h_s), range(h_t)):
+        lo, hi = Fraction(i * h_t, h_s), Fraction((i + 1) * h_t, h_s)
+        ov = max(Fraction(0), min(hi, Fraction(j + 1)) - max(lo, Fraction(j)))
+        assert math.isclose(float(w[i, j]), float(ov / (hi - lo)), abs_tol=1e-12)
+
+
+def test_head_map_examples():
+    w = head_map(2, 6)  # k = 3: exact means
+    torch.testing.assert_close(w, torch.tensor([[1 / 3] * 3 + [0.0] * 3, [0.0] * 3 + [1 / 3] * 3]))
+    w = head_map(5, 12)  # 12 teacher heads → 5 student heads: intervals of 2.4
+    torch.testing.assert_close(w[0, :3], torch.tensor([5 / 12, 5 / 12, 1 / 6]))
+    torch.testing.assert_close(
+        w[2], torch.tensor([0, 0, 0, 0, 1 / 12, 5 / 12, 5 / 12, 1 / 12, 0, 0, 0, 0])
+    )
+    w = head_map(8, 3)  # 3 teacher heads → 8 student heads: intervals of 3/8
+    torch.testing.assert_close(w[0], torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(w[2], torch.tensor([2 / 3, 1 / 3, 0.0]))
+    torch.testing.assert_close(w[7], torch.tensor([0.0, 0.0, 1.0]))
+    w = head_map(3, 8)  # 8 teacher heads → 3 student heads: intervals of 8/3
+    torch.testing.assert_close(w[1], torch.tensor([0, 0, 1 / 8, 3 / 8, 3 / 8, 1 / 8, 0, 0]))
+    with pytest.raises(ValueError):
+        head_map(0, 4)
+
+
+def test_layer_map():
+    assert layer_map(2, 6) == [2, 5]
+    assert layer_map(5, 5) == [0, 1, 2, 3, 4]
+    assert layer_map(3, 12) == [3, 7, 11]
+    assert layer_map(4, 2) == [0, 0, 1, 1]
+    assert layer_map(1, 7) == [6]
+    assert layer_map(2, 6, explicit=[1, 4]) == [1, 4]
+    with pytest.raises(ValueError, match="2 layers"):
+        layer_map(2, 6, explicit=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"layer_map\[1\]"):
+        layer_map(2, 6, explicit=[1, 6])
+    with pytest.raises(ValueError, match=r"layer_map\[0\]"):
+        layer_map(2, 6, explicit=[-1, 2])
+    with pytest.raises(ValueError, match="layer_map"):
+        AttentionObjective(
+            spec(name="sharp", layer_map=[0, 9]),
+            student_shape=(2, 2),
+            teacher_shape=(6, 2),
+            seq_len=8,
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# bases
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,r", [(1, 1), (8, 3), (16, 16), (37, 5), (256, 32)])
+def test_dct_basis_orthonormal(n, r):
+    q = dct_basis(n, r)
+    assert q.shape == (n, r) and q.dtype == torch.float32
+    torch.testing.assert_close(q.T @ q, torch.eye(r), atol=1e-5, rtol=0)
+    torch.testing.assert_close(q[:, 0], torch.full((n,), 1 / math.sqrt(n)))
+    if r == n:  # complete: QQᵀ = I
+        torch.testing.assert_close(q @ q.T, torch.eye(n), atol=1e-5, rtol=0)
+    assert dct_basis(n, r) is q  # cached
+    assert dct_basis(n, r, dtype=torch.float64).dtype == torch.float64
+
+
+def test_dct_basis_rejects_bad_rank():
+    with pytest.raises(ValueError):
+        dct_basis(4, 5)
+    with pytest.raises(ValueError):
+        dct_basis(4, 0)
+
+
+def test_learned_basis_stays_orthonormal():
+    torch.manual_seed(0)
+    n, r = 16, 4
+    lb = LearnedBasis(n, r)
+    torch.testing.assert_close(lb(), dct_basis(n, r), atol=1e-5, rtol=0)
+    opt = torch.optim.Adam(lb.parameters(), lr=0.05)
+    target = torch.randn(n, r)
+    for _ in range(20):
+        loss = (lb() - target).square().sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    q = lb()
+    torch.testing.assert_close(q.T @ q, torch.eye(r), atol=1e-5, rtol=0)
+    assert (q - dct_basis(n, r)).abs().max() > 1e-2  # it did move
+
+
+def test_learned_basis_trained_by_teacher_energy_only():
+    torch.manual_seed(1)
+    b, n, h = 2, 10, 2
+    obj = AttentionObjective(
+        spec(name="sharp", basis="learned", rank=3),
+        student_shape=(1, h),
+        teacher_shape=(2, h),
+        seq_len=n,
+    )
+    assert obj.basis is not None and "basis_loss" not in obj.weights
+    p_s = random_probs(b, h, n, dtype=torch.float32, causal=True).requires_grad_()
+    teacher = {
+        j: DenseProbs(random_probs(b, h, n, dtype=torch.float32, causal=True)) for j in range(2)
+    }
+    m = torch.ones(b, n, dtype=torch.bool)
+    params = list(obj.parameters())
+    out = obj({0: DenseProbs(p_s)}, teacher, m)
+    assert set(out) == {"sharp_layer", "sharp_head", "sharp_token", "basis_loss"}
+    distill = out["sharp_layer"] + out["sharp_head"] + out["sharp_token"]
+    # the distillation terms do not reach the basis; basis_loss does not reach the student
+    assert all(
+        g is None
+        for g in torch.autograd.grad(distill, params, retain_graph=True, allow_unused=True)
+    )
+    assert (
+        torch.autograd.grad(out["basis_loss"], p_s, retain_graph=True, allow_unused=True)[0] is None
+    )
+    # value: Σ over sequences of 1 − ‖P_t Q‖²/‖P_t‖² (teacher layer 1 is the only mapped one)
+    q = obj.basis().detach()
+    pt = teacher[1].probs()
+    want = (1 - (pt @ q).square().sum((1, 2, 3)) / pt.square().sum((1, 2, 3))).sum()
+    torch.testing.assert_close(out["basis_loss"].detach(), want, atol=1e-5, rtol=1e-5)
+    # and its gradient is exact: the captured energy grows under plain gradient steps
+    opt = torch.optim.SGD(params, lr=0.5)
+    first = None
+    for _ in range(15):
+        loss = obj({0: DenseProbs(p_s)}, teacher, m)["basis_loss"]
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    last = float(obj({0: DenseProbs(p_s)}, teacher, m)["basis_loss"].detach())
+    assert last < first - 1e-3
+    q = obj.basis()
+    torch.testing.assert_close(q.T @ q, torch.eye(3), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# projection
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 16, 100])
+def test_project_chunked_equals_dense(chunk):
+    gen = torch.Generator().manual_seed(chunk)
+    b, h, n, r = 2, 3, 16, 5
+    p = random_probs(b, h, n, dtype=torch.float32, gen=gen, causal=True).requires_grad_()
+    q = dct_basis(n, r)
+    up = torch.randn(b, h, n, r, generator=gen)
+    got = project(DenseProbs(p), q, chunk)
+    torch.testing.assert_close(got, p @ q, atol=1e-6, rtol=1e-5)
+    (g_got,) = torch.autograd.grad((got * up).sum(), p)
+    (g_ref,) = torch.autograd.grad(((p @ q) * up).sum(), p)
+    torch.testing.assert_close(g_got, g_ref, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(project(DenseProbs(p), q, chunk), p @ q, atol=1e-6, rtol=1e-5)
+
+
+def test_project_through_recomputed_softmax_and_saves_no_maps():
+    """A capture-like source (softmax rebuilt from q, k): same values and gradients as dense,
+    and no (·, ·, c, N) probability chunk is kept for backward outside the checkpoints."""
+    gen = torch.Generator().manual_seed(3)
+    b, h, n, d, r = 2, 2, 12, 4, 4
+    q_ = torch.randn(b, h, n, d, generator=gen, requires_grad=True)
+    k_ = torch.randn(b, h, n, d, generator=gen, requires_grad=True)
+    km = torch.ones(b, n, dtype=torch.bool)
+    km[1, :3] = False
+    src = QKProbs(q_, k_, km)
+    basis = dct_basis(n, r)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        got = project(src, basis, 5)
+    assert not any(len(s) == 4 and s[-1] == n for s in saved), saved
+    up = torch.randn(b, h, n, r, generator=gen)
+    g_got = torch.autograd.grad((got * up).sum(), (q_, k_))
+    dense = src.probs() @ basis
+    torch.testing.assert_close(got, dense, atol=1e-6, rtol=1e-5)
+    g_ref = torch.autograd.grad((dense * up).sum(), (q_, k_))
+    for a, bb in zip(g_got, g_ref, strict=True):
+        torch.testing.assert_close(a, bb, atol=1e-6, rtol=1e-5)
+
+
+def test_projected_components_equal_decompose_times_basis():
+    gen = torch.Generator().manual_seed(11)
+    b, h, n, r = 3, 4, 9, 4
+    p = random_probs(b, h, n, gen=gen)
+    m = make_mask(b, n, ["left", "one", "none"], gen)
+    q = dct_basis(n, r, dtype=torch.float64)
+    pc = projected_components(p @ q, m)
+    c = decompose(p, m)
+    torch.testing.assert_close(pc["layer"], (c["layer"] @ q)[:, 0, 0])
+    torch.testing.assert_close(pc["head"], (c["head"] @ q)[:, :, 0])
+    torch.testing.assert_close(pc["token"], (c["token"] @ q)[:, 0])
+    torch.testing.assert_close(pc["residual"], c["residual"] @ q)
+
+
+# ------------------------------------------------------------------------------------------
+# the objective: references, invariants
+# ------------------------------------------------------------------------------------------
+
+
+def _setup(gen, b=3, n=10, s_shape=(2, 2), t_shape=(4, 4), dtype=torch.float32):
+    m = make_mask(b, n, ["left", "right", "all"], gen)
+    ps = [
+        random_probs(b, s_shape[1], n, dtype=dtype, gen=gen, causal=True) for _ in range(s_shape[0])
+    ]
+    pt = [
+        random_probs(b, t_shape[1], n, dtype=dtype, gen=gen, causal=True) for _ in range(t_shape[0])
+    ]
+    return m, ps, pt
+
+
+def _dense(maps):
+    return {j: DenseProbs(p) for j, p in enumerate(maps)}
+
+
+@pytest.mark.parametrize("normalization", ["relative", "count"])
+def test_sharp_terms_against_dense_reference(normalization):
+    gen = torch.Generator().manual_seed(5)
+    b, n, r = 3, 10, 4
+    m, ps, pt = _setup(gen, b, n, (2, 2), (4, 6), dtype=torch.float64)
+    method = spec(
+        name="sharp",
+        rank=r,
+        normalization=normalization,
+        query_chunk=3,
+        granularities={"layer": 1.0, "head": 2.0, "token": 0.5, "residual": 1.0},
+    )
+    obj = AttentionObjective(method, student_shape=(2, 2), teacher_shape=(4, 6), seq_len=n)
+    assert obj.weights == {
+        "sharp_layer": 1.0,
+        "sharp_head": 2.0,
+        "sharp_token": 0.5,
+        "sharp_residual": 1.0,
+    }
+    out = obj(_dense(ps), _dense(pt), m)
+    q = dct_basis(n, r, dtype=torch.float64)
+    w = head_map(2, 6, dtype=torch.float64)
+    nv = m.sum(1).double()
+    want = {g: torch.zeros(b, dtype=torch.float64) for g in COMPONENTS}
+    for js, jt in zip(range(2), layer_map(2, 4), strict=True):
+        tgt = torch.einsum("st,btij->bsij", w, pt[jt])  # dense W_H·P_t
+        cs, ct = decompose(ps[js], m), decompose(tgt, m)
+        e_tot = ((tgt @ q).square() * rows(m)).sum((1, 2, 3))
+        mult = {
+            "layer": 2 * nv,
+            "head": nv,
+            "token": torch.full_like(nv, 2.0),
+            "residual": torch.ones_like(nv),
+        }
+        count = {
+            "layer": torch.full_like(nv, r),
+            "head": torch.full_like(nv, 2 * r),
+            "token": nv * r,
+            "residual": nv * 2 * r,
+        }
+        for g in COMPONENTS:
+            zs, zt = cs[g] @ q, ct[g] @ q  # compact shapes
+            d = (zs - zt).square().sum((1, 2, 3))
+            if normalization == "relative":
+                den = zt.square().sum((1, 2, 3)) + RELATIVE_EPS * e_tot / mult[g]
+            else:
+                den = count[g]
+            want[g] += d / den
+    for g in COMPONENTS:
+        torch.testing.assert_close(out[f"sharp_{g}"], want[g].sum() / 2, rtol=1e-6, atol=1e-9)
+
+
+def test_sharp_direct_is_sum_of_component_distances():
+    gen = torch.Generator().manual_seed(6)
+    m, ps, pt = _setup(gen, 3, 10, (2, 2), (2, 4), dtype=torch.float64)
+    kw = dict(student_shape=(2, 2), teacher_shape=(2, 4), seq_len=10)
+    direct = AttentionObjective(
+        spec(
+            name="sharp",
+            decomposition="direct",
+            rank=6,
+            normalization="count",
+            attention_weight=0.3,
+        ),
+        **kw,
+    )
+    assert direct.weights == {"sharp_direct": 0.3}
+    out = direct(_dense(ps), _dense(pt), m)
+    assert set(out) == {"sharp_direct"}
+    # broadcast distances of the four components add up to the whole map's distance
+    q = dct_basis(10, 6, dtype=torch.float64)
+    w = head_map(2, 4, dtype=torch.float64)
+    want = torch.zeros(3, dtype=torch.float64)
+    for j in range(2):
+        tgt = torch.einsum("st,btij->bsij", w, pt[j])
+        cs, ct = decompose(ps[j], m), decompose(tgt, m)
+        whole = sum(
+            ((cs[g] - ct[g]) @ q).expand(3, 2, 10, 6).square().mul(rows(m)).sum((1, 2, 3))
+            for g in COMPONENTS
+        )
+        direct_d = (((ps[j] - tgt) @ q).square() * rows(m)).sum((1, 2, 3))
+        torch.testing.assert_close(whole, direct_d)
+        want += direct_d / (2 * m.sum(1) * 6).clamp_min(1)
+    torch.testing.assert_close(out["sharp_direct"], want.sum() / 2)
+
+
+def test_tinybert_against_dense_reference():
+    gen = torch.Generator().manual_seed(8)
+    b, n = 3, 9
+    m, ps, pt = _setup(gen, b, n, (2, 3), (6, 6))
+    obj = AttentionObjective(
+        spec(name="tinybert", query_chunk=4, attention_weight=2.0),
+        student_shape=(2, 3),
+        teacher_shape=(6, 6),
+        seq_len=n,
+    )
+    assert obj.weights == {"tinybert_attn": 2.0}
+    assert obj.student_layers == [0, 1] and obj.teacher_layers == [2, 5]
+    out = obj(_dense(ps), _dense(pt), m)
+    w = head_map(3, 6)
+    want = torch.zeros(b)
+    for js, jt in [(0, 2), (1, 5)]:
+        tgt = torch.einsum("st,btij->bsij", w, pt[jt])
+        se = ((ps[js] - tgt).square() * rows(m)).sum((1, 2, 3))
+        want += se / (3 * m.sum(1).float().square()).clamp_min(1)
+    torch.testing.assert_close(out["tinybert_attn"], want.sum() / 2, rtol=1e-5, atol=1e-7)
+
+
+def test_minilm_against_dense_reference():
+    gen = torch.Generator().manual_seed(9)
+    b, n = 3, 9
+    m, ps, pt = _setup(gen, b, n, (3, 2), (4, 4))
+    obj = AttentionObjective(
+        spec(name="minilm", query_chunk=2), student_shape=(3, 2), teacher_shape=(4, 4), seq_len=n
+    )
+    assert obj.student_layers == [2] and obj.teacher_layers == [3]
+    out = obj(_dense(ps), _dense(pt), m)
+    tgt = torch.einsum("st,btij->bsij", head_map(2, 4), pt[3])
+    s = ps[2]
+    kl_terms = torch.where(tgt > 0, tgt * (tgt.log() - s.log()), torch.zeros_like(tgt))
+    kl = kl_terms.sum(-1)  # (B, H, N)
+    want = (kl * m[:, None, :]).sum((1, 2)) / (2 * m.sum(1)).clamp_min(1)
+    torch.testing.assert_close(out["minilm_attn"], want.sum(), rtol=1e-5, atol=1e-6)
+    # explicit layer map: the last student layer goes with its mapped teacher layer
+    obj = AttentionObjective(
+        spec(name="minilm", layer_map=[0, 1, 1]),
+        student_shape=(3, 2),
+        teacher_shape=(4, 4),
+        seq_len=n,
+    )
+    assert obj.teacher_layers == [1]
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 8), kinds=mask_kinds)
+def test_minilm_nonnegative(seed, n, kinds):
+    gen = torch.Generator().manual_seed(seed)
+    m, ps, pt = _setup(gen, 3, n, (1, 2), (1, 3))
+    m = make_mask(3, n, kinds, gen)
+    obj = AttentionObjective(
+        spec(name="minilm"), student_shape=(1, 2), teacher_shape=(1, 3), seq_len=n
+    )
+    v = obj(_dense(ps), _dense(pt), m)["minilm_attn"]
+    assert torch.isfinite(v) and float(v) >= 0.0
+
+
+def test_baselines_ignore_padding():
+    """A right-padded sequence costs what the unpadded one does (padded keys carry no mass)."""
+    gen = torch.Generator().manual_seed(10)
+    b, h, n, pad = 2, 2, 6, 3
+    p6s, p6t = (
+        random_probs(b, h, n, dtype=torch.float32, gen=gen, causal=True),
+        random_probs(b, h, n, dtype=torch.float32, gen=gen, causal=True),
+    )
+
+    def padded(p):
+        out = torch.zeros(b, h, n + pad, n + pad)
+        out[:, :, :n, :n] = p
+        junk = torch.randn(b, h, pad, n + pad, generator=gen)
+        out[:, :, n:] = torch.softmax(junk, -1)  # padding rows: anything
+        return out
+
+    m = torch.zeros(b, n + pad, dtype=torch.bool)
+    m[:, :n] = True
+    for name in ("tinybert", "minilm"):
+        kw = dict(student_shape=(1, h), teacher_shape=(1, h))
+        short = AttentionObjective(spec(name=name), seq_len=n, **kw)(
+            {0: DenseProbs(p6s)}, {0: DenseProbs(p6t)}
+        )
+        long = AttentionObjective(spec(name=name), seq_len=n + pad, **kw)(
+            {0: DenseProbs(padded(p6s))}, {0: DenseProbs(padded(p6t))}, m
+        )
+        torch.testing.assert_close(short, long, rtol=1e-5, atol=1e-7)
+
+
+ALL_METHODS = [
+    spec(name="sharp", rank=4, granularities={"residual": 1.0}),
+    spec(name="sharp", rank=4, normalization="count", granularities={"residual": 1.0}),
+    spec(name="sharp", rank=4, decomposition="direct"),
+    spec(name="sharp", rank=4, basis="learned"),
+    spec(name="tinybert"),
+    spec(name="minilm"),
+]
+
+
+@pytest.mark.parametrize(
+    "method", ALL_METHODS, ids=lambda s: f"{s.name}-{s.decomposition}-{s.normalization}-{s.basis}"
+)
+@pytest.mark.parametrize("h_s,h_t", [(2, 2), (2, 4)])
+def test_identical_maps_give_zero_and_moving_towards_teacher_decreases(method, h_s, h_t):
+    gen = torch.Generator().manual_seed(12)
+    b, n = 3, 8
+    m, ps, pt = _setup(gen, b, n, (2, h_s), (2, h_t))
+    obj = AttentionObjective(method, student_shape=(2, h_s), teacher_shape=(2, h_t), seq_len=n)
+    w = head_map(h_s, h_t)
+    mapped = [torch.einsum("st,btij->bsij", w, p) for p in pt]  # what the student should match
+    same = obj(_dense(mapped), _dense(pt), m)
+    for k, v in same.items():
+        if k != "basis_loss":
+            assert abs(float(v)) < 1e-6, (k, float(v))
+    previous = None
+    for t in (0.0, 0.3, 0.6, 0.9):
+        moved = [(1 - t) * s + t * g for s, g in zip(ps, mapped, strict=True)]
+        with torch.no_grad():
+            out = {
+                k: float(v)
+                for k, v in obj(_dense(moved), _dense(pt), m).items()
+                if k != "basis_loss"
+            }
+        assert out and all(v >= 0 for v in out.values())
+        if previous is not None:
+            for k in out:
+                assert out[k] < previous[k], (k, t, out[k], previous[k])
+        previous = out
+
+
+def test_zero_weight_terms_are_absent_and_layers_to_capture():
+    kw = dict(student_shape=(2, 2), teacher_shape=(6, 4), seq_len=8)
+    obj = AttentionObjective(spec(name="sharp", granularities={"head": 0.0}), **kw)
+    assert obj.weights == {"sharp_layer": 1.0, "sharp_token": 1.0}  # residual 0 by default
+    assert obj.student_layers == [0, 1] and obj.teacher_layers == [2, 5]
+    gen = torch.Generator().manual_seed(13)
+    m, ps, pt = _setup(gen, 2, 8, (2, 2), (6, 4))
+    out = obj(_dense(ps), _dense(pt), m)
+    assert set(out) == {"sharp_layer", "sharp_token"}
+    for name in ("tinybert", "minilm"):
+        off = AttentionObjective(spec(name=name, attention_weight=0.0), **kw)
+        assert off.weights == {} and off.student_layers == [] and off.teacher_layers == []
+        assert off({}, {}, m) == {}
+    none = AttentionObjective(
+        spec(name="sharp", granularities={"layer": 0, "head": 0, "token": 0}), **kw
+    )
+    assert none.weights == {} and none.student_layers == []
+
+
+def test_terms_are_sums_over_sequences():
+    """Accumulation is exact: the terms of a batch are the sums of the terms of its halves."""
+    gen = torch.Generator().manual_seed(14)
+    m, ps, pt = _setup(gen, 4, 8, (2, 2), (2, 4))
+    for method in ALL_METHODS:
+        obj = AttentionObjective(method, student_shape=(2, 2), teacher_shape=(2, 4), seq_len=8)
+        full = obj(_dense(ps), _dense(pt), m)
+        halves = [
+            obj(_dense([p[sl] for p in ps]), _dense([p[sl] for p in pt]), m[sl])
+            for sl in (slice(0, 1), slice(1, 4))
+        ]
+        for k in full:
+            torch.testing.assert_close(full[k], halves[0][k] + halves[1][k], rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_gets_no_gradient_and_errors_are_clear():
+    gen = torch.Generator().manual_seed(15)
+    m, ps, pt = _setup(gen, 2, 8, (1, 2), (1, 2))
+    pt_leaf = pt[0].clone().requires_grad_()
+    ps_leaf = ps[0].clone().requires_grad_()
+    for method in ALL_METHODS:
+        obj = AttentionObjective(method, student_shape=(1, 2), teacher_shape=(1, 2), seq_len=8)
+        out = obj({0: DenseProbs(ps_leaf)}, {0: DenseProbs(pt_leaf)}, m)
+        terms = [v for k, v in out.items() if k != "basis_loss"]
+        assert torch.autograd.grad(sum(terms), pt_leaf, allow_unused=True)[0] is None
+        with pytest.raises(ValueError, match="not captured"):
+            obj({}, {0: DenseProbs(pt_leaf)}, m)
+        with pytest.raises(ValueError, match="heads"):
+            obj({0: DenseProbs(ps_leaf[:, :1])}, {0: DenseProbs(pt_leaf)}, m)
+    with pytest.raises(ValueError, match="sharp"):
+        AttentionObjective(spec(name="kd"), student_shape=(1, 2), teacher_shape=(1, 2), seq_len=8)
+
+
+def test_dense_probs_is_attention_probs():
+    p = random_probs(1, 2, 5, dtype=torch.float32)
+    d = DenseProbs(p)
+    assert isinstance(d, AttentionProbs)
+    assert d.num_heads == 2 and d.seq_len == 5
+    assert d.probs(1, 3).shape == (1, 2, 2, 5)
+    torch.testing.assert_close(d.probs(), p)
