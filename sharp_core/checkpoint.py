@@ -71,7 +71,10 @@ def write_checkpoint(
             if p.is_file():
                 with open(p, "rb+") as f:
                     os.fsync(f.fileno())
-                files[p.relative_to(tmp).as_posix()] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+                files[p.relative_to(tmp).as_posix()] = {
+                    "sha256": sha256_file(p),
+                    "size": p.stat().st_size,
+                }
         manifest = {"step": step, "files": files, "metrics": metrics or {}}
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)

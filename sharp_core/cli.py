@@ -7,7 +7,6 @@ data, tokenizer: the message names the field or the cause), 3 stopped before the
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -65,8 +64,12 @@ def _run_with_bar(job, out: Path, *, device: str | None = None, quiet: bool = Fa
 @app.command()
 def train(
     spec: Annotated[Path, typer.Argument(help="Job spec, YAML or JSON.")],
-    out: Annotated[Path, typer.Option("--out", help="Run folder (checkpoints; resumes if present).")],
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: cuda if any).")] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Run folder (checkpoints; resumes if present).")
+    ],
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: cuda if any).")
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train or distil a student from SPEC; resumes from the newest checkpoint in --out."""
@@ -93,8 +96,12 @@ def train(
 
 @app.command("eval")
 def evaluate(
-    model: Annotated[Path, typer.Option("--model", help="A save_pretrained folder (a checkpoint).")],
-    data: Annotated[Path, typer.Option("--data", help="Text file (txt, jsonl with 'text', parquet).")],
+    model: Annotated[
+        Path, typer.Option("--model", help="A save_pretrained folder (a checkpoint).")
+    ],
+    data: Annotated[
+        Path, typer.Option("--data", help="Text file (txt, jsonl with 'text', parquet).")
+    ],
     seq_len: Annotated[int, typer.Option(min=8)] = 256,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     device: Annotated[str | None, typer.Option()] = None,
@@ -112,7 +119,9 @@ def evaluate(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Where the demo writes its runs.")] = Path("var/demo"),
+    out: Annotated[Path, typer.Option("--out", help="Where the demo writes its runs.")] = Path(
+        "var/demo"
+    ),
     teacher_steps: Annotated[int, typer.Option(min=1)] = 300,
     student_steps: Annotated[int, typer.Option(min=1)] = 200,
 ) -> None:
@@ -122,8 +131,9 @@ def demo(
 
     corpus = write_demo_corpus(out / "corpus.txt")
     t = _run_with_bar(parse_spec(teacher_spec(str(corpus), teacher_steps)), out / "teacher")
-    s = _run_with_bar(parse_spec(student_spec(str(t.checkpoint), str(corpus), student_steps)),
-                      out / "student")
+    s = _run_with_bar(
+        parse_spec(student_spec(str(t.checkpoint), str(corpus), student_steps)), out / "student"
+    )
     typer.echo(f"teacher eval perplexity {t.metrics['eval_ppl']:.2f}  ({t.checkpoint})")
     typer.echo(f"student eval perplexity {s.metrics['eval_ppl']:.2f}  ({s.checkpoint})")
     typer.echo(f"the distilled student is at {s.checkpoint.resolve()}")
@@ -134,4 +144,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

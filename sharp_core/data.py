@@ -19,8 +19,14 @@ import torch
 from sharp_core.errors import DataError
 from sharp_core.spec import DatasetSpec
 
-_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
-             ".parquet": "parquet"}
+_BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+}
 
 
 def _files(ds: DatasetSpec, resolver: Any) -> list[str]:
@@ -59,13 +65,17 @@ def load_texts(ds: DatasetSpec, resolver: Any = None) -> list[str]:
                 )
             builder = _BUILDERS[next(iter(exts))]
             kw: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
-            d = datasets.load_dataset(builder, data_files=files, split="train", keep_in_memory=True, **kw)
+            d = datasets.load_dataset(
+                builder, data_files=files, split="train", keep_in_memory=True, **kw
+            )
     except DataError:
         raise
     except FileNotFoundError as e:
         raise DataError(f"data not found: {e}", param="spec.dataset") from None
     except Exception as e:  # datasets raises many types for unreadable input
-        raise DataError(f"cannot read the data set: {type(e).__name__}: {e}", param="spec.dataset") from None
+        raise DataError(
+            f"cannot read the data set: {type(e).__name__}: {e}", param="spec.dataset"
+        ) from None
     field = "text" if builder == "text" else ds.text_field
     if field not in d.column_names:
         raise DataError(
@@ -97,7 +107,9 @@ class PackedData:
 def build_data(ds: DatasetSpec, texts: list[str], tokenizer: Any, seq_len: int) -> PackedData:
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise DataError("the tokenizer has no EOS token to separate documents", param="spec.tokenizer")
+        raise DataError(
+            "the tokenizer has no EOS token to separate documents", param="spec.tokenizer"
+        )
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     blocks = pack(ids, eos, seq_len)
     n = blocks.shape[0]
@@ -130,7 +142,7 @@ class BatchStream:
         return torch.randperm(self.blocks.shape[0], generator=g)
 
     def next(self, batch_size: int) -> torch.Tensor:
-        rows = []
+        rows: list[torch.Tensor] = []
         while len(rows) < batch_size:
             if self.pos >= len(self._perm):
                 self.epoch += 1

@@ -14,14 +14,23 @@ from sharp_core.spec import DatasetSpec, parse_spec
 
 
 def perplexity(
-    model_dir: Path, data: Path, *, seq_len: int = 256, batch_size: int = 8, device: str | None = None
+    model_dir: Path,
+    data: Path,
+    *,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    device: str | None = None,
 ) -> tuple[float, int]:
     """(mean token cross-entropy, tokens) over every full `seq_len` block of `data`."""
     if not data.is_file():
         raise DataError(f"data file not found: {data}", param="data")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     spec = parse_spec(
-        {"student": {"model": str(model_dir)}, "dataset": {"files": [str(data)]}, "method": {"name": "sft"}},
+        {
+            "student": {"model": str(model_dir)},
+            "dataset": {"files": [str(data)]},
+            "method": {"name": "sft"},
+        },
         prefix="",
     )
     tok = resolve_tokenizer(spec, resolver=None, corpus=None).tokenizer  # type: ignore[arg-type]

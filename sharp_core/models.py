@@ -24,7 +24,12 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from sharp_core.errors import ModelNotFoundError, SharpError, TokenizerMismatchError, UnsafeModelError
+from sharp_core.errors import (
+    ModelNotFoundError,
+    SharpError,
+    TokenizerMismatchError,
+    UnsafeModelError,
+)
 from sharp_core.spec import JobRef, JobSpec, ModelSpec
 
 if TYPE_CHECKING:
@@ -53,9 +58,7 @@ class LocalResolver:
     def upload_path(self, upload_id: str) -> Path:
         from sharp_core.errors import DataError
 
-        raise DataError(
-            f"upload '{upload_id}' needs the service", param="spec.dataset.upload_id"
-        )
+        raise DataError(f"upload '{upload_id}' needs the service", param="spec.dataset.upload_id")
 
 
 def model_source(ms: ModelSpec, resolver: Resolver, param: str) -> str | None:
@@ -96,14 +99,23 @@ def _load_config(ms: ModelSpec, src: str | None, param: str, revision: str):
             config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     except (OSError, ValueError) as e:
         if isinstance(e, ValueError) and "trust_remote_code" in str(e):
-            raise UnsafeModelError(f"{src} needs remote code, which is refused", param=param) from None
-        raise ModelNotFoundError(f"cannot load a config from '{src or ms.config}': {e}", param=param) from None
+            raise UnsafeModelError(
+                f"{src} needs remote code, which is refused", param=param
+            ) from None
+        raise ModelNotFoundError(
+            f"cannot load a config from '{src or ms.config}': {e}", param=param
+        ) from None
     if getattr(config, "auto_map", None):
-        raise UnsafeModelError(f"{src} declares custom code (auto_map), which is refused", param=param)
+        raise UnsafeModelError(
+            f"{src} declares custom code (auto_map), which is refused", param=param
+        )
     for k, v in ms.config_overrides.items():
         if not hasattr(config, k) and k not in config.to_dict():
-            raise SharpError(f"unknown config field '{k}' for {config.model_type}",
-                             param=f"{param.rsplit('.', 1)[0]}.config_overrides.{k}", code="invalid_spec")
+            raise SharpError(
+                f"unknown config field '{k}' for {config.model_type}",
+                param=f"{param.rsplit('.', 1)[0]}.config_overrides.{k}",
+                code="invalid_spec",
+            )
         setattr(config, k, v)
     return config
 
@@ -174,7 +186,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
         unk_token=None,
     )
 
@@ -182,9 +197,13 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
 def _load_tokenizer(src: str, param: str, revision: str | None) -> PreTrainedTokenizerBase:
     _check_source(src, param)
     try:
-        tok = AutoTokenizer.from_pretrained(src, revision=revision or "main", trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(
+            src, revision=revision or "main", trust_remote_code=False
+        )
     except (OSError, ValueError) as e:
-        raise ModelNotFoundError(f"cannot load a tokenizer from '{src}': {e}", param=param) from None
+        raise ModelNotFoundError(
+            f"cannot load a tokenizer from '{src}': {e}", param=param
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -231,7 +250,8 @@ def resolve_tokenizer(
     if tok is None:
         raise SharpError(
             "no tokenizer: give tokenizer.name, tokenizer.train, or a model that has one",
-            param="spec.tokenizer", code="invalid_spec",
+            param="spec.tokenizer",
+            code="invalid_spec",
         )
     return Tokenizers(tok, t_src or s_src or "?")
 
@@ -255,8 +275,8 @@ def check_vocab(model: PreTrainedModel, vocab: int, role: str) -> None:
 def model_shape(model: PreTrainedModel) -> tuple[int, int]:
     """(layers, attention heads) from the config, whatever the family calls them."""
     c = model.config
-    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer")
-    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
+    layers = getattr(c, "num_hidden_layers", None) or c.n_layer
+    heads = getattr(c, "num_attention_heads", None) or c.n_head
     return int(layers), int(heads)
 
 

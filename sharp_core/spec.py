@@ -93,8 +93,10 @@ class ModelSpec(_Strict):
     @classmethod
     def _no_remote_code(cls, v: bool) -> bool:
         if v:
-            raise ValueError("trust_remote_code is refused: this service never runs model code "
-                             "downloaded with the weights")
+            raise ValueError(
+                "trust_remote_code is refused: this service never runs model code "
+                "downloaded with the weights"
+            )
         return v
 
     @model_validator(mode="after")
@@ -135,7 +137,9 @@ class DatasetSpec(_Strict):
     upload_id: str | None = Field(default=None, max_length=128)
     text_field: str = Field(default="text", min_length=1, max_length=128)
     eval_fraction: float = Field(
-        default=0.05, gt=0.0, le=0.5,
+        default=0.05,
+        gt=0.0,
+        le=0.5,
         description="Tail fraction of the packed blocks held out for evaluation "
         "(a contiguous tail, so no document straddles train and eval).",
     )
@@ -167,7 +171,9 @@ class MethodSpec(_Strict):
     name: Literal["sft", "kd", "rkl", "skl", "srkl", "jsd", "tinybert", "minilm", "sharp"] = "sharp"
     logit_divergence: (
         Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd"] | None
-    ) = Field(default=None, description="Default: the method's own (kd→forward_kl, rkl→reverse_kl…).")
+    ) = Field(
+        default=None, description="Default: the method's own (kd→forward_kl, rkl→reverse_kl…)."
+    )
     kd_weight: float = Field(default=0.5, ge=0.0, le=1.0, description="a in the objective.")
     temperature: float = Field(default=1.0, gt=0.0, le=100.0)
     skew_alpha: float = Field(default=0.1, ge=0.0, le=1.0, description="DistiLLM's α.")
@@ -181,7 +187,8 @@ class MethodSpec(_Strict):
     )
     normalization: Literal["relative", "count"] = "relative"
     layer_map: list[int] | None = Field(
-        default=None, max_length=1024,
+        default=None,
+        max_length=1024,
         description="Teacher layer for each student layer; default: uniform, last with last.",
     )
     attention_weight: float = Field(
@@ -191,12 +198,16 @@ class MethodSpec(_Strict):
         default="constant", description="Multiplier on the attention terms over training."
     )
     attention_anneal_fraction: float = Field(
-        default=1.0, gt=0.0, le=1.0,
+        default=1.0,
+        gt=0.0,
+        le=1.0,
         description="Fraction of max_steps over which a decaying schedule reaches 0.",
     )
     conflict: Literal["none", "pcgrad"] = "none"
     interference_every: int = Field(
-        default=0, ge=0, le=1_000_000,
+        default=0,
+        ge=0,
+        le=1_000_000,
         description="Record per-term gradient cosines on the student every N steps (0: off).",
     )
     query_chunk: int = Field(default=128, ge=1, le=65536)
@@ -227,7 +238,9 @@ class TrainingSpec(_Strict):
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(default=1.0, ge=0.0, le=1e6, description="0 disables clipping.")
     eval_every: int = Field(default=200, ge=0, le=10_000_000, description="0: only at the end.")
-    checkpoint_every: int = Field(default=500, ge=0, le=10_000_000, description="0: only at the end.")
+    checkpoint_every: int = Field(
+        default=500, ge=0, le=10_000_000, description="0: only at the end."
+    )
     keep_checkpoints: int = Field(default=3, ge=1, le=1000)
     log_every: int = Field(default=1, ge=1, le=100_000)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
@@ -253,7 +266,7 @@ class ResourcesSpec(_Strict):
 class JobSpec(_Strict):
     """A distillation (or fine-tuning, method 'sft' without teacher) job."""
 
-    version: Literal[1] = SPEC_VERSION
+    version: Literal[1] = 1
     name: str = Field(default="job", min_length=1, max_length=200)
     task: Literal["causal_lm"] = "causal_lm"
     teacher: ModelSpec | None = None
@@ -267,7 +280,9 @@ class JobSpec(_Strict):
     @model_validator(mode="after")
     def _teacher_needed(self) -> JobSpec:
         if self.method.name != "sft" and self.teacher is None:
-            raise ValueError(f"method '{self.method.name}' needs a `teacher` (only 'sft' runs without one)")
+            raise ValueError(
+                f"method '{self.method.name}' needs a `teacher` (only 'sft' runs without one)"
+            )
         if self.method.basis == "learned" and self.method.rank > self.training.seq_len:
             raise ValueError("method.rank must not exceed training.seq_len")
         return self

@@ -123,7 +123,9 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
     vocab = toks.vocab_size
     teacher = None
     if spec.teacher is not None and spec.method.name != "sft":
-        teacher = load_model(spec.teacher, role="teacher", resolver=resolver, device=dev, tokenizer=tok)
+        teacher = load_model(
+            spec.teacher, role="teacher", resolver=resolver, device=dev, tokenizer=tok
+        )
         check_vocab(teacher, vocab, "teacher")
         teacher.eval()
         teacher.requires_grad_(False)
@@ -240,7 +242,9 @@ def train(
         {"params": decay, "weight_decay": t.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    extra = [p for p in (S.objective.parameters() if S.objective is not None else []) if p.requires_grad]
+    extra = [
+        p for p in (S.objective.parameters() if S.objective is not None else []) if p.requires_grad
+    ]
     if extra:
         groups.append({"params": extra, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=dev.type == "cuda")
@@ -261,8 +265,10 @@ def train(
         weights = load_file(str(resume_from / "model.safetensors"), device=str(dev))
         missing, unexpected = _unwrap(student).load_state_dict(weights, strict=False)
         if unexpected or [k for k in missing if not _tied(student, k)]:
-            raise CheckpointError(f"{resume_from}: weights do not match the student "
-                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise CheckpointError(
+                f"{resume_from}: weights do not match the student "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         opt.load_state_dict(state["optimizer"])
         if S.objective is not None and state.get("objective") is not None:
             S.objective.load_state_dict(state["objective"])
@@ -307,7 +313,9 @@ def train(
         with torch.no_grad(), torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
             for x in eval_batches(S.data.eval, t.batch_size):
                 x = x.to(dev)
-                logits = student(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, :-1, : S.vocab]
+                logits = student(input_ids=x, attention_mask=torch.ones_like(x)).logits[
+                    :, :-1, : S.vocab
+                ]
                 labels = x[:, 1:]
                 n = labels.numel()
                 total += losses.cross_entropy(logits, labels, num_valid=n).item() * n
@@ -334,21 +342,22 @@ def train(
         stop = not done and cb.should_stop()
 
         # ---- maybe eval / checkpoint (state after `step` optimizer steps)
-        if t.eval_every and step % t.eval_every == 0 or done:
-            if step != resumed_step or done:
-                ev = evaluate()
-                last_metrics.update(ev)
-                cb.on_metrics(step, ev)
-        periodic = t.checkpoint_every and step % t.checkpoint_every == 0 and step > 0
-        if (periodic or done or stop) and step != resumed_step:
-            last_ckpt = save(step, dict(last_metrics))
-        elif (done or stop) and last_ckpt is None:
+        eval_due = bool(t.eval_every) and step % t.eval_every == 0
+        if done or (eval_due and step != resumed_step):
+            ev = evaluate()
+            last_metrics.update(ev)
+            cb.on_metrics(step, ev)
+        periodic = bool(t.checkpoint_every) and step % t.checkpoint_every == 0 and step > 0
+        # a resumed step already has its checkpoint on disk; everything else that is due gets one
+        if (periodic or done or stop) and (step != resumed_step or last_ckpt is None):
             last_ckpt = save(step, dict(last_metrics))
         if done or stop:
             return TrainResult("completed" if done else "stopped", step, last_ckpt, last_metrics)
 
         # ---- micro-steps
-        batches = [stream.next(t.batch_size).to(dev, non_blocking=True) for _ in range(t.grad_accum)]
+        batches = [
+            stream.next(t.batch_size).to(dev, non_blocking=True) for _ in range(t.grad_accum)
+        ]
         n_tokens = sum(b[:, 1:].numel() for b in batches)  # packed blocks: every target is valid
         n_seqs = sum(b.shape[0] for b in batches)
         want_diag = m.interference_every > 0 and step % m.interference_every == 0
@@ -357,15 +366,17 @@ def train(
         cosines: dict[str, float] = {}
         try:
             for x in batches:
-                terms, parts = _micro_step(S, x, n_tokens, n_seqs, a, attention_scale_at(step, spec),
-                                           use_amp, amp_dtype)
+                terms, parts = _micro_step(
+                    S, x, n_tokens, n_seqs, a, attention_scale_at(step, spec), use_amp, amp_dtype
+                )
                 for k, v in terms.items():
                     logs[k] = logs.get(k, 0) + v.detach()
                 if per_term:
-                    cos = _backward_per_term(parts, terms.get("basis_loss"), params,
-                                             m.conflict == "pcgrad", scaler)
-                    for k, v in cos.items():
-                        cosines[k] = cosines.get(k, 0.0) + v / len(batches)
+                    cos = _backward_per_term(
+                        parts, terms.get("basis_loss"), params, m.conflict == "pcgrad", scaler
+                    )
+                    for k, c in cos.items():
+                        cosines[k] = cosines.get(k, 0.0) + c / len(batches)
                 else:
                     scaler.scale(terms["loss"]).backward()
         except torch.OutOfMemoryError as e:
@@ -442,7 +453,9 @@ def _micro_step(
                         t_logits = S.teacher(input_ids=x, attention_mask=ones).logits
                 else:
                     t_logits = S.teacher(input_ids=x, attention_mask=ones).logits
-            t_logits = t_logits[:, :-1, :V]  # (B, N-1, V): teacher rows beyond the tokenizer dropped
+            t_logits = t_logits[
+                :, :-1, :V
+            ]  # (B, N-1, V): teacher rows beyond the tokenizer dropped
         if S.student_capture is not None:
             with S.student_capture:
                 s_logits = S.student(input_ids=x, attention_mask=ones).logits
@@ -455,9 +468,15 @@ def _micro_step(
     logit_term = (1 - a) * ce
     if t_logits is not None and a > 0:
         kd = losses.divergence(
-            m.divergence, s_logits, t_logits, labels,
-            temperature=m.temperature, alpha=m.skew_alpha, beta=m.jsd_beta,
-            num_valid=n_tokens, chunk_size=m.logit_chunk,
+            m.divergence,
+            s_logits,
+            t_logits,
+            labels,
+            temperature=m.temperature,
+            alpha=m.skew_alpha,
+            beta=m.jsd_beta,
+            num_valid=n_tokens,
+            chunk_size=m.logit_chunk,
         )
         terms["kd"] = kd
         logit_term = logit_term + a * kd
@@ -467,12 +486,16 @@ def _micro_step(
         att = S.objective(S.student_capture.layers, S.teacher_capture.layers, query_mask)
         S.student_capture.clear()
         S.teacher_capture.clear()
-        for name, v in att.items():
-            v = v / n_seqs
-            terms[name] = v
+        weights: dict[str, float] = S.objective.weights  # type: ignore[assignment]
+        for name, term in att.items():
+            term = term / n_seqs
+            terms[name] = term
             if name != "basis_loss":
-                parts[name] = attn_scale * S.objective.weights[name] * v
-    terms["loss"] = sum(parts.values()) + terms.get("basis_loss", 0.0)
+                parts[name] = attn_scale * weights[name] * term
+    total = torch.stack(list(parts.values())).sum()
+    if "basis_loss" in terms:
+        total = total + terms["basis_loss"]
+    terms["loss"] = total
     return terms, parts
 
 
@@ -494,11 +517,17 @@ def _backward_per_term(
     names = list(parts)
     grads = []
     for n in names:
-        g = torch.autograd.grad(scaler.scale(parts[n]), params, retain_graph=True, allow_unused=True)
-        grads.append(torch.cat([
-            (gi if gi is not None else torch.zeros_like(p)).reshape(-1).float()
-            for gi, p in zip(g, params, strict=True)
-        ]))
+        g = torch.autograd.grad(
+            scaler.scale(parts[n]), params, retain_graph=True, allow_unused=True
+        )
+        grads.append(
+            torch.cat(
+                [
+                    (gi if gi is not None else torch.zeros_like(p)).reshape(-1).float()
+                    for gi, p in zip(g, params, strict=True)
+                ]
+            )
+        )
         del g
     cos: dict[str, float] = {}
     for i in range(len(names)):
@@ -510,10 +539,10 @@ def _backward_per_term(
     total = torch.stack(grads).sum(0)
     offset = 0
     for p in params:
-        n = p.numel()
-        g = total[offset : offset + n].view_as(p).to(p.dtype)
-        p.grad = g if p.grad is None else p.grad + g
-        offset += n
+        size = p.numel()
+        piece = total[offset : offset + size].view_as(p).to(p.dtype)
+        p.grad = piece if p.grad is None else p.grad + piece
+        offset += size
     if basis_loss is not None and basis_loss.requires_grad:
         scaler.scale(basis_loss).backward()
     return cos
@@ -542,7 +571,11 @@ def _flops_per_token(student: torch.nn.Module, teacher: torch.nn.Module | None) 
     """6·N_student (forward + backward) + 2·N_teacher (forward only), embeddings excluded."""
 
     def n(mod: torch.nn.Module) -> int:
-        emb = sum(p.numel() for name, p in mod.named_parameters() if "embed" in name or "wte" in name or "wpe" in name)
+        emb = sum(
+            p.numel()
+            for name, p in mod.named_parameters()
+            if "embed" in name or "wte" in name or "wpe" in name
+        )
         return sum(p.numel() for p in mod.parameters()) - emb
 
     return 6 * n(student) + (2 * n(teacher) if teacher is not None else 0)

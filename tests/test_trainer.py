@@ -49,8 +49,11 @@ def teacher_dir(corpus, tmp_path_factory) -> Path:
     """A tiny teacher trained briefly from config (its tokenizer is trained too)."""
     out = tmp_path_factory.mktemp("teacher")
     spec = parse_spec(
-        spec_dict(corpus, student={"init": "config", "config": dict(GPT2_TEACHER)},
-                  training={"max_steps": 4, "eval_every": 0, "checkpoint_every": 0})
+        spec_dict(
+            corpus,
+            student={"init": "config", "config": dict(GPT2_TEACHER)},
+            training={"max_steps": 4, "eval_every": 0, "checkpoint_every": 0},
+        )
     )
     res = train(spec, out)
     assert res.status == "completed" and res.checkpoint is not None
@@ -84,7 +87,9 @@ ALL_METHODS = [
 @pytest.mark.parametrize("method", ALL_METHODS, ids=lambda m: "-".join(f"{v}" for v in m.values()))
 def test_every_method_trains(corpus, teacher_dir, tmp_path, method):
     """Every method runs through the one loop, logs its terms, and changes the student."""
-    spec = parse_spec(_distil(corpus, teacher_dir, method, training={"max_steps": 3, "checkpoint_every": 0}))
+    spec = parse_spec(
+        _distil(corpus, teacher_dir, method, training={"max_steps": 3, "checkpoint_every": 0})
+    )
     rec = Recorder()
     res = train(spec, tmp_path / "run", callbacks=rec)
     assert res.status == "completed" and res.step == 3
@@ -154,8 +159,12 @@ def test_accumulation_8x1_equals_1x8(corpus, teacher_dir):
 
 def test_resume_gives_same_trajectory(corpus, teacher_dir, tmp_path):
     """Stop at step 4, resume to 8: the same per-step losses as an uninterrupted run (dropout on)."""
-    d = _distil(corpus, teacher_dir, {"name": "sharp"},
-                training={"max_steps": 8, "checkpoint_every": 4, "eval_every": 4})
+    d = _distil(
+        corpus,
+        teacher_dir,
+        {"name": "sharp"},
+        training={"max_steps": 8, "checkpoint_every": 4, "eval_every": 4},
+    )
     full = Recorder()
     train(parse_spec(d), tmp_path / "full", callbacks=full)
     part = Recorder(stop_at=4)
@@ -178,8 +187,16 @@ def test_checkpoint_layout_and_manifest(corpus, tmp_path):
     steps = [s for s, _ in list_checkpoints(tmp_path / "run")]
     assert rec.checkpoints == [3, 6] and steps == [3, 6]
     m = verify_manifest(res.checkpoint)
-    assert {"config.json", "model.safetensors", "tokenizer.json", "training_state.pt", "spec.json"} <= set(m["files"])
-    assert json.loads((res.checkpoint / "spec.json").read_text())["training"]["keep_checkpoints"] == 2
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "training_state.pt",
+        "spec.json",
+    } <= set(m["files"])
+    assert (
+        json.loads((res.checkpoint / "spec.json").read_text())["training"]["keep_checkpoints"] == 2
+    )
     # corrupt the newest: it no longer verifies and resume falls back to the previous one
     (res.checkpoint / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError):
@@ -243,12 +260,24 @@ def test_mismatched_tokenizers_named(corpus, teacher_dir, tmp_path):
 def test_other_families_distil(corpus, teacher_dir, tmp_path, family):
     """OPT and Llama (GQA, RoPE) students from config, with SHARP against the GPT-2 teacher."""
     cfg = {
-        "opt": {"model_type": "opt", "num_hidden_layers": 2, "num_attention_heads": 2,
-                "hidden_size": 32, "ffn_dim": 64, "word_embed_proj_dim": 32,
-                "max_position_embeddings": 64},
-        "llama": {"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4,
-                  "num_key_value_heads": 2, "hidden_size": 32, "intermediate_size": 64,
-                  "max_position_embeddings": 64},
+        "opt": {
+            "model_type": "opt",
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "hidden_size": 32,
+            "ffn_dim": 64,
+            "word_embed_proj_dim": 32,
+            "max_position_embeddings": 64,
+        },
+        "llama": {
+            "model_type": "llama",
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "max_position_embeddings": 64,
+        },
     }[family]
     d = _distil(corpus, teacher_dir, {"name": "sharp"}, training={"max_steps": 2})
     d["student"] = {"init": "config", "config": cfg}
@@ -266,7 +295,11 @@ def test_local_folder_pretrained_and_config_overrides(corpus, teacher_dir, tmp_p
 
     S = setup(parse_spec(d))
     assert S.student.config.n_layer == 1 and S.teacher.config.n_layer == 4
-    d["student"] = {"model": str(teacher_dir), "config_overrides": {"no_such_field": 1}, "init": "config"}
+    d["student"] = {
+        "model": str(teacher_dir),
+        "config_overrides": {"no_such_field": 1},
+        "init": "config",
+    }
     from sharp_core.errors import SharpError
 
     with pytest.raises(SharpError) as e:
@@ -332,8 +365,13 @@ def test_eval_split_is_held_out_tail(corpus):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sharp_core", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "sharp_core", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize(
@@ -343,7 +381,10 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
         (lambda d: d["training"].update(lr=-0.1), "spec.training.lr"),
         (lambda d: d["student"].update(trust_remote_code=True), "spec.student.trust_remote_code"),
         (lambda d: d["dataset"].update(files=["/no/such/file.txt"]), "spec.dataset.files.0"),
-        (lambda d: d.update(teacher={"model": "/no/such/model"}, method={"name": "kd"}), "spec.teacher.model"),
+        (
+            lambda d: d.update(teacher={"model": "/no/such/model"}, method={"name": "kd"}),
+            "spec.teacher.model",
+        ),
     ],
     ids=["unknown-field", "negative-lr", "remote-code", "missing-data", "missing-model"],
 )
@@ -367,7 +408,23 @@ def test_cli_train_and_eval(corpus, tmp_path):
     r = _cli("train", str(spec), "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     assert "completed at step 6" in r.stderr
-    r = _cli("eval", "--model", str(tmp_path / "out" / "step_000006"), "--data", str(corpus), "--seq-len", "32")
+    r = _cli(
+        "eval",
+        "--model",
+        str(tmp_path / "out" / "step_000006"),
+        "--data",
+        str(corpus),
+        "--seq-len",
+        "32",
+    )
     assert r.returncode == 0, r.stderr
     ppl = float(r.stdout.split("perplexity")[1].split()[0])
     assert 1.0 < ppl < 300  # the tokenizer has 300 tokens; 6 steps beat uniform
+
+
+def test_example_specs_parse():
+    from sharp_core.spec import load_spec
+
+    for p in sorted((ROOT / "examples").glob("*.yaml")):
+        spec = load_spec(p)
+        assert spec.training.max_steps > 0, p
