@@ -42,32 +42,33 @@ def _files(ds: DatasetSpec, resolver: Any) -> list[str]:
     return out
 
 
-def load_texts(ds: DatasetSpec, resolver: Any = None) -> list[str]:
-    """The documents of the corpus, in file order, through the `datasets` library.
+def load_table(ds: DatasetSpec, resolver: Any = None, *, by_paragraph: bool = True) -> Any:
+    """The data set as a `datasets.Dataset`, from the hub or local txt/jsonl/parquet files.
 
-    txt files are split into paragraphs (blank-line separated), which keeps documents
-    reasonably sized without cutting sentences.
+    txt files become one row per paragraph (blank-line separated) for language modelling,
+    which keeps documents reasonably sized without cutting sentences, or one row per line
+    for classification (`by_paragraph=False`).
     """
     import datasets
 
     datasets.disable_progress_bars()
-    builder = None
     try:
         if ds.source == "hub":
-            d = datasets.load_dataset(ds.name, ds.config_name, split=ds.split)
-        else:
-            files = _files(ds, resolver)
-            exts = {Path(f).suffix.lower() for f in files}
-            if len(exts) != 1 or next(iter(exts)) not in _BUILDERS:
-                raise DataError(
-                    f"data files must all be one of {sorted(_BUILDERS)}; got {sorted(exts)}",
-                    param="spec.dataset.files",
-                )
-            builder = _BUILDERS[next(iter(exts))]
-            kw: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
-            d = datasets.load_dataset(
-                builder, data_files=files, split="train", keep_in_memory=True, **kw
+            return datasets.load_dataset(ds.name, ds.config_name, split=ds.split)
+        files = _files(ds, resolver)
+        exts = {Path(f).suffix.lower() for f in files}
+        if len(exts) != 1 or next(iter(exts)) not in _BUILDERS:
+            raise DataError(
+                f"data files must all be one of {sorted(_BUILDERS)}; got {sorted(exts)}",
+                param="spec.dataset.files",
             )
+        builder = _BUILDERS[next(iter(exts))]
+        kw: dict[str, Any] = (
+            {"sample_by": "paragraph" if by_paragraph else "line"} if builder == "text" else {}
+        )
+        return datasets.load_dataset(
+            builder, data_files=files, split="train", keep_in_memory=True, **kw
+        )
     except DataError:
         raise
     except FileNotFoundError as e:
@@ -76,16 +77,118 @@ def load_texts(ds: DatasetSpec, resolver: Any = None) -> list[str]:
         raise DataError(
             f"cannot read the data set: {type(e).__name__}: {e}", param="spec.dataset"
         ) from None
-    field = "text" if builder == "text" else ds.text_field
-    if field not in d.column_names:
+
+
+def _column(d: Any, name: str, param: str) -> list[Any]:
+    if name not in d.column_names:
         raise DataError(
-            f"text field '{ds.text_field}' not in the data set (columns: {d.column_names})",
-            param="spec.dataset.text_field",
+            f"field '{name}' not in the data set (columns: {d.column_names})", param=param
         )
-    texts = [t for t in d[field] if isinstance(t, str) and t.strip()]
+    return list(d[name])
+
+
+def load_texts(ds: DatasetSpec, resolver: Any = None) -> list[str]:
+    """The documents of a language-modelling corpus, in file order."""
+    d = load_table(ds, resolver)
+    field = "text" if d.column_names == ["text"] and ds.source != "hub" else ds.text_field
+    texts = [
+        t for t in _column(d, field, "spec.dataset.text_field") if isinstance(t, str) and t.strip()
+    ]
     if not texts:
         raise DataError("the data set has no text", param="spec.dataset")
     return texts
+
+
+@dataclass
+class ClassificationData:
+    """Tokenised examples padded to `seq_len`: input_ids/attention_mask (n, N), labels (n,)."""
+
+    train: dict[str, torch.Tensor]
+    eval: dict[str, torch.Tensor]
+    num_labels: int
+    label_names: list[str]
+
+
+def load_classification(
+    ds: DatasetSpec, resolver: Any = None
+) -> tuple[list[Any], list[Any] | None, list[Any]]:
+    """(texts, text pairs or None, raw labels) from the table; errors name the spec field."""
+    d = load_table(ds, resolver, by_paragraph=False)
+    texts = _column(d, ds.text_field, "spec.dataset.text_field")
+    pairs = (
+        _column(d, ds.text_pair_field, "spec.dataset.text_pair_field")
+        if ds.text_pair_field
+        else None
+    )
+    labels = _column(d, ds.label_field, "spec.dataset.label_field")
+    return texts, pairs, labels
+
+
+def encode_labels(raw: list[Any], num_labels: int | None) -> tuple[torch.Tensor, list[str], int]:
+    """Integer labels are used as they are (checked against num_labels); strings are mapped
+    to ids in sorted order, so the mapping is the same on every run."""
+    if all(isinstance(v, int) for v in raw):  # bool is an int
+        ids = torch.tensor([int(v) for v in raw], dtype=torch.long)
+        n = num_labels if num_labels is not None else int(ids.max()) + 1
+        bad = ((ids < 0) | (ids >= n)).nonzero()
+        if len(bad):
+            v = int(ids[bad[0, 0]])
+            raise DataError(
+                f"label {v} (row {int(bad[0, 0])}) is outside the {n} classes [0, {n - 1}]",
+                param="spec.dataset.num_labels",
+            )
+        return ids, [str(i) for i in range(n)], n
+    if all(isinstance(v, str) for v in raw):
+        names = sorted(set(raw))
+        if num_labels is not None and len(names) > num_labels:
+            raise DataError(
+                f"{len(names)} distinct labels but num_labels is {num_labels}",
+                param="spec.dataset.num_labels",
+            )
+        index = {n: i for i, n in enumerate(names)}
+        return torch.tensor([index[v] for v in raw]), names, num_labels or len(names)
+    raise DataError("labels must be all integers or all strings", param="spec.dataset.label_field")
+
+
+def build_classification_data(
+    ds: DatasetSpec,
+    rows: tuple[list[Any], list[Any] | None, list[Any]],
+    tokenizer: Any,
+    seq_len: int,
+    seed: int,
+) -> ClassificationData:
+    """Tokenise (truncate, pad to seq_len) and split off a seeded random eval set.
+
+    Random rather than a tail: classification examples are independent, and files are often
+    sorted by label, where a tail would hold one class only.
+    """
+    texts, pairs, raw = rows
+    labels, names, n_labels = encode_labels(raw, ds.num_labels)
+    enc = tokenizer(
+        [str(t) for t in texts],
+        [str(t) for t in pairs] if pairs is not None else None,
+        truncation=True,
+        max_length=seq_len,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    n = len(texts)
+    n_eval = max(1, round(n * ds.eval_fraction))
+    if n - n_eval < 1:
+        raise DataError(f"only {n} examples: too few to train and evaluate", param="spec.dataset")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    ev, tr = perm[:n_eval], perm[n_eval:]
+    cols = {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "labels": labels,
+    }
+    return ClassificationData(
+        train={k: v[tr] for k, v in cols.items()},
+        eval={k: v[ev] for k, v in cols.items()},
+        num_labels=n_labels,
+        label_names=names,
+    )
 
 
 def pack(token_lists: list[list[int]], eos_id: int, seq_len: int) -> torch.Tensor:
@@ -142,6 +245,9 @@ class BatchStream:
         return torch.randperm(self.blocks.shape[0], generator=g)
 
     def next(self, batch_size: int) -> torch.Tensor:
+        return self.blocks[self.next_indices(batch_size)]  # (batch_size, N)
+
+    def next_indices(self, batch_size: int) -> torch.Tensor:
         rows: list[torch.Tensor] = []
         while len(rows) < batch_size:
             if self.pos >= len(self._perm):
@@ -150,7 +256,7 @@ class BatchStream:
                 self._perm = self._permutation(self.epoch)
             rows.append(self._perm[self.pos])
             self.pos += 1
-        return self.blocks[torch.stack(rows)]  # (batch_size, N)
+        return torch.stack(rows)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed}

@@ -12,12 +12,13 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -127,9 +128,12 @@ def load_model(
     resolver: Resolver,
     device: torch.device,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    task: str = "causal_lm",
+    num_labels: int | None = None,
 ) -> PreTrainedModel:
     """Load or build one model in SDPA attention (the capture wraps SDPA, never eager)."""
     param = f"spec.{role}.model"
+    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
     src = model_source(ms, resolver, param)
     if src is not None:
         _check_source(src, param)
@@ -144,14 +148,16 @@ def load_model(
                 tid = getattr(tokenizer, name, None)
                 if tid is not None:
                     setattr(config, name, tid)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+        _check_task(config, task, param, num_labels)
+        model = auto.from_config(config, attn_implementation="sdpa", dtype=dtype)
     else:
         if src is None:
             raise ModelNotFoundError("init='pretrained' needs `model`", param=param)
         config = _load_config(ms, src, param, ms.revision)
+        _check_task(config, task, param, num_labels)
         kwargs = {"use_safetensors": True} if not _looks_local(src) else {}
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model = auto.from_pretrained(
                 src,
                 config=config,
                 revision=revision or "main",
@@ -163,6 +169,46 @@ def load_model(
         except OSError as e:
             raise ModelNotFoundError(f"cannot load model '{src}': {e}", param=param) from None
     return model.to(device)
+
+
+_CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel")
+
+
+def _check_task(config: Any, task: str, param: str, num_labels: int | None) -> None:
+    """Refuse a causal LM for classification (and a classifier for language modelling).
+
+    Why: transformers would happily put a fresh classification head on GPT-2 and train it,
+    which is not what someone who named a causal LM for an encoder task meant.
+    """
+    archs = list(getattr(config, "architectures", None) or [])
+    if task == "sequence_classification":
+        if getattr(config, "is_decoder", False) or (
+            archs and all(a.endswith(_CAUSAL_HEADS) for a in archs)
+        ):
+            raise SharpError(
+                f"{config.model_type} ({', '.join(archs) or 'decoder'}) is a causal language model; "
+                "task sequence_classification needs an encoder classifier (BERT family)",
+                param=param,
+                code="invalid_spec",
+            )
+        if num_labels is not None:
+            if (
+                archs
+                and any(a.endswith("ForSequenceClassification") for a in archs)
+                and getattr(config, "num_labels", num_labels) != num_labels
+            ):
+                raise SharpError(
+                    f"the model has {config.num_labels} classes but the data has {num_labels}",
+                    param=param,
+                    code="invalid_spec",
+                )
+            config.num_labels = num_labels
+    elif archs and all(a.endswith("ForSequenceClassification") for a in archs):
+        raise SharpError(
+            f"{config.model_type} ({', '.join(archs)}) is a classifier; task causal_lm needs a language model",
+            param=param,
+            code="invalid_spec",
+        )
 
 
 # ---------------------------------------------------------------------------- tokenizers

@@ -61,11 +61,12 @@ class JobRef(_Strict):
 class ModelSpec(_Strict):
     """Where a model comes from and how it is initialised."""
 
-    model: str | JobRef | None = Field(
+    # max_length on the str member only: on the whole union pydantic applies it to a JobRef
+    # too and raises TypeError (a 500 in the API) instead of validating {'job': id}.
+    model: Annotated[str, Field(max_length=512)] | JobRef | None = Field(
         default=None,
         description="Hugging Face hub id, local folder, or {'job': id}. May be omitted only "
         "with init='config' and a `config` that names its model_type.",
-        max_length=512,
     )
     revision: str = Field(default="main", max_length=128, description="Hub revision.")
     init: Literal["pretrained", "config"] = Field(
@@ -136,6 +137,19 @@ class DatasetSpec(_Strict):
     files: list[str] = Field(default_factory=list, max_length=1024)
     upload_id: str | None = Field(default=None, max_length=128)
     text_field: str = Field(default="text", min_length=1, max_length=128)
+    text_pair_field: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="Second text of a pair (sequence_classification, e.g. MRPC).",
+    )
+    label_field: str = Field(default="label", min_length=1, max_length=128)
+    num_labels: int | None = Field(
+        default=None,
+        ge=2,
+        le=100_000,
+        description="Number of classes (sequence_classification); default: from the labels.",
+    )
     eval_fraction: float = Field(
         default=0.05,
         gt=0.0,
@@ -157,11 +171,17 @@ class DatasetSpec(_Strict):
 
 
 class Granularities(_Strict):
-    """Weights w_g of the SHARP terms; 0 drops a granularity (the ablation)."""
+    """Weights w_g of the SHARP terms; 0 drops a granularity (the ablation).
 
-    layer: float = Field(default=1.0, ge=0.0, le=1000.0)
-    head: float = Field(default=1.0, ge=0.0, le=1000.0)
-    token: float = Field(default=1.0, ge=0.0, le=1000.0)
+    Default 0.1 each: each relative-normalised term starts near 1, and at weight 1 the three
+    together outweigh the logit term several times over, so with gradient clipping the
+    student's classifier / LM head barely learns (seen in the first NLU and LM runs; see
+    docs/results.md for the comparison that will settle the defaults).
+    """
+
+    layer: float = Field(default=0.1, ge=0.0, le=1000.0)
+    head: float = Field(default=0.1, ge=0.0, le=1000.0)
+    token: float = Field(default=0.1, ge=0.0, le=1000.0)
     residual: float = Field(default=0.0, ge=0.0, le=1000.0)
 
 
@@ -268,7 +288,11 @@ class JobSpec(_Strict):
 
     version: Literal[1] = 1
     name: str = Field(default="job", min_length=1, max_length=200)
-    task: Literal["causal_lm"] = "causal_lm"
+    task: Literal["causal_lm", "sequence_classification"] = Field(
+        default="causal_lm",
+        description="causal_lm: next-token prediction on packed text; sequence_classification: "
+        "encoder classifiers (BERT family), accuracy and macro-F1.",
+    )
     teacher: ModelSpec | None = None
     student: ModelSpec
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
@@ -282,6 +306,10 @@ class JobSpec(_Strict):
         if self.method.name != "sft" and self.teacher is None:
             raise ValueError(
                 f"method '{self.method.name}' needs a `teacher` (only 'sft' runs without one)"
+            )
+        if self.task == "sequence_classification" and self.tokenizer.train is not None:
+            raise ValueError(
+                "sequence_classification uses the models' tokenizer (no tokenizer.train)"
             )
         if self.method.basis == "learned" and self.method.rank > self.training.seq_len:
             raise ValueError("method.rank must not exceed training.seq_len")

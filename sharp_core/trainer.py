@@ -34,7 +34,16 @@ from sharp_core.checkpoint import (
     verify_manifest,
     write_checkpoint,
 )
-from sharp_core.data import BatchStream, PackedData, build_data, eval_batches, load_texts
+from sharp_core.data import (
+    BatchStream,
+    ClassificationData,
+    PackedData,
+    build_classification_data,
+    build_data,
+    eval_batches,
+    load_classification,
+    load_texts,
+)
 from sharp_core.errors import CheckpointError, OutOfMemoryError
 from sharp_core.models import (
     LocalResolver,
@@ -100,7 +109,7 @@ class Setup:
     vocab: int
     teacher: torch.nn.Module | None
     student: torch.nn.Module
-    data: PackedData
+    data: PackedData | ClassificationData
     objective: torch.nn.Module | None
     student_capture: Any
     teacher_capture: Any
@@ -117,21 +126,47 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
     resolver = resolver or LocalResolver()
     dev = _pick_device(device)
     hf_logging.disable_progress_bar()
-    texts = load_texts(spec.dataset, resolver)
-    toks = resolve_tokenizer(spec, resolver, iter(texts) if spec.tokenizer.train else None)
+    classify = spec.task == "sequence_classification"
+    data: PackedData | ClassificationData
+    if classify:
+        rows = load_classification(spec.dataset, resolver)
+        toks = resolve_tokenizer(spec, resolver, None)
+        data = build_classification_data(
+            spec.dataset, rows, toks.tokenizer, spec.training.seq_len, spec.training.seed
+        )
+        vocab = data.num_labels  # logits are over classes
+        n_labels: int | None = data.num_labels
+    else:
+        texts = load_texts(spec.dataset, resolver)
+        toks = resolve_tokenizer(spec, resolver, iter(texts) if spec.tokenizer.train else None)
+        vocab = toks.vocab_size
+        n_labels = None
     tok = toks.tokenizer
-    vocab = toks.vocab_size
+    kw = {
+        "resolver": resolver,
+        "device": dev,
+        "tokenizer": tok,
+        "task": spec.task,
+        "num_labels": n_labels,
+    }
     teacher = None
     if spec.teacher is not None and spec.method.name != "sft":
-        teacher = load_model(
-            spec.teacher, role="teacher", resolver=resolver, device=dev, tokenizer=tok
-        )
-        check_vocab(teacher, vocab, "teacher")
+        teacher = load_model(spec.teacher, role="teacher", **kw)  # type: ignore[arg-type]
+        if not classify:
+            check_vocab(teacher, vocab, "teacher")
         teacher.eval()
         teacher.requires_grad_(False)
-    student = load_model(spec.student, role="student", resolver=resolver, device=dev, tokenizer=tok)
-    check_vocab(student, vocab, "student")
-    data = build_data(spec.dataset, texts, tok, spec.training.seq_len)
+    student = load_model(spec.student, role="student", **kw)  # type: ignore[arg-type]
+    if classify:
+        if isinstance(data, ClassificationData):
+            names = data.label_names
+            for m in (student, teacher):
+                if m is not None:
+                    m.config.id2label = dict(enumerate(names))
+                    m.config.label2id = {n: i for i, n in enumerate(names)}
+    else:
+        check_vocab(student, vocab, "student")
+        data = build_data(spec.dataset, texts, tok, spec.training.seq_len)
 
     objective = s_cap = t_cap = None
     if spec.method.uses_attention:
@@ -248,7 +283,10 @@ def train(
     if extra:
         groups.append({"params": extra, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=dev.type == "cuda")
-    stream = BatchStream(S.data.train, t.seed)
+    classify = spec.task == "sequence_classification"
+    stream = BatchStream(
+        S.data.train["labels"] if isinstance(S.data, ClassificationData) else S.data.train, t.seed
+    )
     step = 0
 
     use_amp = dev.type == "cuda" and t.precision != "fp32"
@@ -309,20 +347,13 @@ def train(
 
     def evaluate() -> dict[str, float]:
         student.eval()
-        total, count = 0.0, 0
-        with torch.no_grad(), torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-            for x in eval_batches(S.data.eval, t.batch_size):
-                x = x.to(dev)
-                logits = student(input_ids=x, attention_mask=torch.ones_like(x)).logits[
-                    :, :-1, : S.vocab
-                ]
-                labels = x[:, 1:]
-                n = labels.numel()
-                total += losses.cross_entropy(logits, labels, num_valid=n).item() * n
-                count += n
-        student.train()
-        loss = total / max(count, 1)
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        try:
+            with torch.no_grad(), torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
+                if isinstance(S.data, ClassificationData):
+                    return _evaluate_classifier(student, S.data, t.batch_size, dev)
+                return _evaluate_lm(student, S.data.eval, S.vocab, t.batch_size, dev)
+        finally:
+            student.train()
 
     flops_per_token = _flops_per_token(student, teacher)
     peak_flops = _peak_flops(dev)
@@ -355,11 +386,10 @@ def train(
             return TrainResult("completed" if done else "stopped", step, last_ckpt, last_metrics)
 
         # ---- micro-steps
-        batches = [
-            stream.next(t.batch_size).to(dev, non_blocking=True) for _ in range(t.grad_accum)
-        ]
-        n_tokens = sum(b[:, 1:].numel() for b in batches)  # packed blocks: every target is valid
-        n_seqs = sum(b.shape[0] for b in batches)
+        batches = [_next_batch(S, stream, t.batch_size) for _ in range(t.grad_accum)]
+        n_seqs = sum(b["input_ids"].shape[0] for b in batches)
+        # targets: every next token of a packed block (no padding), or one label per example
+        n_tokens = n_seqs if classify else sum(b["input_ids"][:, 1:].numel() for b in batches)
         want_diag = m.interference_every > 0 and step % m.interference_every == 0
         per_term = want_diag or m.conflict == "pcgrad"
         logs: dict[str, torch.Tensor] = {}
@@ -403,7 +433,9 @@ def train(
                 torch.cuda.synchronize(dev)
             dt = time.perf_counter() - t0
             t0 = time.perf_counter()
-            tokens_s = n_tokens * t.log_every / max(dt, 1e-9) if step % t.log_every == 0 else 0.0
+            # input tokens processed per second (for classification: padded example tokens)
+            n_in = sum(b["input_ids"].numel() for b in batches)
+            tokens_s = n_in * t.log_every / max(dt, 1e-9) if step % t.log_every == 0 else 0.0
             metrics = {k: float(v) for k, v in logs.items()}
             metrics.update(
                 lr=lr,
@@ -418,6 +450,56 @@ def train(
             cb.on_metrics(step, metrics)
 
 
+def _next_batch(S: Setup, stream: BatchStream, batch_size: int) -> dict[str, torch.Tensor]:
+    """input_ids (B, N), and for classification attention_mask (B, N) and labels (B,)."""
+    if isinstance(S.data, ClassificationData):
+        idx = stream.next_indices(batch_size)
+        return {k: v[idx].to(S.device, non_blocking=True) for k, v in S.data.train.items()}
+    return {"input_ids": stream.next(batch_size).to(S.device, non_blocking=True)}
+
+
+def _evaluate_lm(
+    model: torch.nn.Module, blocks: torch.Tensor, vocab: int, batch_size: int, dev: torch.device
+) -> dict[str, float]:
+    total, count = 0.0, 0
+    for x in eval_batches(blocks, batch_size):
+        x = x.to(dev)
+        logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, :-1, :vocab]
+        n = x[:, 1:].numel()
+        total += losses.cross_entropy(logits, x[:, 1:], num_valid=n).item() * n
+        count += n
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+def _evaluate_classifier(
+    model: torch.nn.Module, data: ClassificationData, batch_size: int, dev: torch.device
+) -> dict[str, float]:
+    """Accuracy, macro-F1 (unweighted mean of per-class F1, classes absent from both
+    predictions and labels skipped) and the cross-entropy."""
+    preds, golds, total = [], [], 0.0
+    n = data.eval["labels"].shape[0]
+    for i in range(0, n, batch_size):
+        b = {k: v[i : i + batch_size].to(dev) for k, v in data.eval.items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+        total += torch.nn.functional.cross_entropy(logits, b["labels"], reduction="sum").item()
+        preds.append(logits.argmax(-1).cpu())
+        golds.append(b["labels"].cpu())
+    p, g = torch.cat(preds), torch.cat(golds)
+    f1s = []
+    for c in range(data.num_labels):
+        tp = int(((p == c) & (g == c)).sum())
+        fp = int(((p == c) & (g != c)).sum())
+        fn = int(((p != c) & (g == c)).sum())
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {
+        "eval_loss": total / n,
+        "eval_accuracy": float((p == g).float().mean()),
+        "eval_macro_f1": sum(f1s) / max(len(f1s), 1),
+    }
+
+
 def _tied(model: torch.nn.Module, key: str) -> bool:
     """save_pretrained drops tied weights (lm_head = embeddings); they are not missing."""
     return "lm_head" in key or "embed_out" in key
@@ -425,7 +507,7 @@ def _tied(model: torch.nn.Module, key: str) -> bool:
 
 def _micro_step(
     S: Setup,
-    x: torch.Tensor,
+    x: torch.Tensor | dict[str, torch.Tensor],
     n_tokens: int,
     n_seqs: int,
     a: float,
@@ -440,9 +522,14 @@ def _micro_step(
     the per-term backward (diagnostics, PCGrad) differentiates one at a time."""
     m = S.spec.method
     V = S.vocab
-    labels = x[:, 1:]  # (B, N-1); packed blocks have no padding
-    query_mask = torch.ones_like(x, dtype=torch.bool)  # (B, N)
-    ones = torch.ones_like(x)  # packed blocks: every position attends (causally)
+    batch = x if isinstance(x, dict) else {"input_ids": x}
+    classify = S.spec.task == "sequence_classification"
+    x = batch["input_ids"]  # (B, N)
+    # packed LM blocks: every position attends (causally); classification: padding masked
+    ones = batch.get("attention_mask", torch.ones_like(x))  # (B, N)
+    query_mask = ones.bool()  # (B, N)
+    # labels aligned with logits rows: next tokens (B, N-1), or one class per example (B, 1)
+    labels = batch["labels"][:, None] if classify else x[:, 1:]
     terms: dict[str, torch.Tensor] = {}
     with torch.autocast(S.device.type, dtype=amp_dtype, enabled=use_amp):
         t_logits = None
@@ -453,15 +540,14 @@ def _micro_step(
                         t_logits = S.teacher(input_ids=x, attention_mask=ones).logits
                 else:
                     t_logits = S.teacher(input_ids=x, attention_mask=ones).logits
-            t_logits = t_logits[
-                :, :-1, :V
-            ]  # (B, N-1, V): teacher rows beyond the tokenizer dropped
+            # (B, N-1, V): teacher rows beyond the tokenizer dropped; classes: (B, 1, C)
+            t_logits = t_logits[:, None, :] if classify else t_logits[:, :-1, :V]
         if S.student_capture is not None:
             with S.student_capture:
                 s_logits = S.student(input_ids=x, attention_mask=ones).logits
         else:
             s_logits = S.student(input_ids=x, attention_mask=ones).logits
-        s_logits = s_logits[:, :-1, :V]  # (B, N-1, V)
+        s_logits = s_logits[:, None, :] if classify else s_logits[:, :-1, :V]
 
     ce = losses.cross_entropy(s_logits, labels, num_valid=n_tokens, chunk_size=m.logit_chunk)
     terms["ce"] = ce
