@@ -464,7 +464,7 @@ def _evaluate_lm(
     total, count = 0.0, 0
     for x in eval_batches(blocks, batch_size):
         x = x.to(dev)
-        logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, :-1, :vocab]
+        logits = model(input_ids=x).logits[:, :-1, :vocab]
         n = x[:, 1:].numel()
         total += losses.cross_entropy(logits, x[:, 1:], num_valid=n).item() * n
         count += n
@@ -526,8 +526,10 @@ def _micro_step(
     classify = S.spec.task == "sequence_classification"
     x = batch["input_ids"]  # (B, N)
     # packed LM blocks: every position attends (causally); classification: padding masked
-    ones = batch.get("attention_mask", torch.ones_like(x))  # (B, N)
-    query_mask = ones.bool()  # (B, N)
+    # None for packed blocks: an all-ones mask would cost transformers a device-to-host
+    # sync per forward to discover it can use SDPA's is_causal path
+    mask = batch.get("attention_mask")  # (B, N) or None
+    query_mask = mask.bool() if mask is not None else torch.ones_like(x, dtype=torch.bool)
     # labels aligned with logits rows: next tokens (B, N-1), or one class per example (B, 1)
     labels = batch["labels"][:, None] if classify else x[:, 1:]
     terms: dict[str, torch.Tensor] = {}
@@ -537,16 +539,16 @@ def _micro_step(
             with torch.no_grad():
                 if S.teacher_capture is not None:
                     with S.teacher_capture:
-                        t_logits = S.teacher(input_ids=x, attention_mask=ones).logits
+                        t_logits = S.teacher(input_ids=x, attention_mask=mask).logits
                 else:
-                    t_logits = S.teacher(input_ids=x, attention_mask=ones).logits
+                    t_logits = S.teacher(input_ids=x, attention_mask=mask).logits
             # (B, N-1, V): teacher rows beyond the tokenizer dropped; classes: (B, 1, C)
             t_logits = t_logits[:, None, :] if classify else t_logits[:, :-1, :V]
         if S.student_capture is not None:
             with S.student_capture:
-                s_logits = S.student(input_ids=x, attention_mask=ones).logits
+                s_logits = S.student(input_ids=x, attention_mask=mask).logits
         else:
-            s_logits = S.student(input_ids=x, attention_mask=ones).logits
+            s_logits = S.student(input_ids=x, attention_mask=mask).logits
         s_logits = s_logits[:, None, :] if classify else s_logits[:, :-1, :V]
 
     ce = losses.cross_entropy(s_logits, labels, num_valid=n_tokens, chunk_size=m.logit_chunk)
