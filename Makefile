@@ -33,7 +33,7 @@ format: $(STAMP)
 
 ## make demo: the main job on the embedded default; prints where the student is
 demo: $(STAMP)
-	$(PY) -m sharp_core demo
+	$(VENV)/bin/sharp demo
 
 ## make up: the embedded service (SQLite, embedded Redis, one worker, the API)
 up: $(STAMP)

@@ -1,0 +1,80 @@
+"""Operator functions: teams and API keys (exposed as ``sharp admin …`` in `api.cli`).
+
+Keys are ``sharp_`` + 32 random bytes (base64url). Only the sha256 is stored; the first
+characters (``prefix``) are kept in clear so a human can tell keys apart in a list and revoke
+one without ever seeing it again. The full key is returned once, at creation.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from api.errors import InvalidRequestError, NotFoundError
+from api.ids import new_id
+from api.models import ApiKey, Team, utcnow
+from api.repositories import ApiKeyRepository, TeamRepository
+from api.security import hash_key
+
+KEY_PREFIX = "sharp_"
+VISIBLE_CHARS = 14  # "sharp_" + 8 characters of the random part
+
+
+@dataclass
+class NewKey:
+    key: str  # shown once
+    prefix: str
+    team: str
+
+
+def create_team(session: Session, name: str) -> Team:
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise InvalidRequestError("a team name has 1 to 100 characters", param="name")
+    repo = TeamRepository(session)
+    if repo.get_by_name(name) is not None:
+        raise InvalidRequestError(f"team '{name}' exists", param="name", code="team_exists")
+    return repo.add(Team(id=new_id("team"), name=name, created_at=utcnow()))
+
+
+def _team(session: Session, team: str) -> Team:
+    repo = TeamRepository(session)
+    found = repo.get_by_name(team) or repo.get(team)
+    if found is None:
+        raise NotFoundError(f"no team '{team}'", param="team")
+    return found
+
+
+def create_key(session: Session, team: str, name: str | None = None) -> NewKey:
+    """A new key for `team` (name or id). The returned `NewKey.key` is not stored anywhere."""
+    t = _team(session, team)
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    prefix = key[:VISIBLE_CHARS]
+    ApiKeyRepository(session).add(
+        ApiKey(team_id=t.id, prefix=prefix, key_hash=hash_key(key), name=name, created_at=utcnow())
+    )
+    return NewKey(key=key, prefix=prefix, team=t.name)
+
+
+def revoke_key(session: Session, prefix: str) -> ApiKey:
+    """Idempotent: revoking a revoked key keeps its first revocation time."""
+    key = ApiKeyRepository(session).get_by_prefix(prefix)
+    if key is None:
+        raise NotFoundError(f"no key with prefix '{prefix}'", param="prefix")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.flush()
+    return key
+
+
+def list_teams(session: Session) -> Sequence[Team]:
+    return TeamRepository(session).list()
+
+
+def list_keys(session: Session, team: str | None = None) -> list[tuple[ApiKey, Team]]:
+    teams = {t.id: t for t in TeamRepository(session).list()}
+    team_id = _team(session, team).id if team else None
+    return [(k, teams[k.team_id]) for k in ApiKeyRepository(session).list(team_id)]

@@ -1,0 +1,218 @@
+"""The FastAPI application: `create_app(settings)` builds one from any settings.
+
+Why a factory: tests, the embedded launcher (`sharp up`) and production (``uvicorn
+api.app:app`` / ``--factory api.app:create_app``) each need an app bound to *their* database,
+Redis and artifact root. Process-wide objects live on ``app.state`` and are closed by the
+lifespan, so several apps can coexist in one process (as the tests do).
+
+Errors: one handler renders every `SharpError` — the library's and the API's — and FastAPI's
+own validation errors as ``{"error": {"code", "message", "param"}}``, with ``param`` naming
+the offending field the way a client wrote it (``spec.training.lr``, ``limit``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import Counter, make_asgi_app
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.db import Database
+from api.errors import SharpError
+from api.live import LivePublisher
+from api.routes import health, jobs, uploads
+from api.services import Dispatch
+from api.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+RUN_JOB_TASK = "worker.tasks.run_job"
+
+JOBS_DISPATCHED = Counter("sharp_jobs_dispatched_total", "Celery messages sent for jobs", ["queue"])
+
+
+def error_response(status: int, code: str, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(
+        status_code=status, content={"error": {"code": code, "message": message, "param": param}}
+    )
+
+
+def make_dispatch(settings: Settings) -> tuple[Dispatch, Callable[[], None]]:
+    """A function that sends the Celery message for a job, and one that closes the connection.
+
+    The API only sends by task *name*, so it never imports the worker's task code (or torch).
+    """
+    from worker.celery_app import make_celery
+
+    celery = make_celery(settings)
+
+    def dispatch(job_id: str, queue: str) -> None:
+        celery.send_task(
+            RUN_JOB_TASK,
+            args=[job_id],
+            queue=queue,
+            retry=True,
+            retry_policy={
+                "max_retries": 3,
+                "interval_start": 0,
+                "interval_step": 0.5,
+                "interval_max": 2,
+            },
+        )
+        JOBS_DISPATCHED.labels(queue=queue).inc()
+
+    def close() -> None:
+        celery.close()
+
+    return dispatch, close
+
+
+def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+async def _validation_handler(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {"type": "invalid", "loc": ("body",), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        ctx: dict[str, Any] = dict(first.get("ctx") or {})  # type: ignore[arg-type]
+        detail = ctx.get("error") or first.get("msg")
+        return error_response(
+            400, "malformed_json", f"the body is not valid JSON: {detail}", "body"
+        )
+    loc = tuple(first.get("loc", ()))
+    param = _param_from_loc(loc)
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "extra_forbidden":
+        message = f"unknown field '{loc[-1]}'"
+    return error_response(422, "invalid_request", f"{param}: {message}", param)
+
+
+async def _sharp_handler(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, SharpError)
+    if exc.status >= 500:
+        log.error("request failed: %s", exc)
+    return JSONResponse(status_code=exc.status, content={"error": exc.to_dict()})
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+async def _http_handler(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    resp = error_response(exc.status_code, code, str(exc.detail))
+    for k, v in (exc.headers or {}).items():
+        resp.headers[k] = v
+    return resp
+
+
+async def _unhandled_handler(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal_error", "internal error")
+
+
+class BodySizeLimit:
+    """Refuse JSON bodies over ``max_request_bytes`` before reading them (uploads have their own
+    limit, enforced while streaming)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt_prefixes: tuple[str, ...]):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.exempt = exempt_prefixes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith(self.exempt):
+            for name, value in scope.get("headers", []):
+                if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                    resp = error_response(
+                        413,
+                        "payload_too_large",
+                        f"request bodies are limited to {self.max_bytes} bytes",
+                        "body",
+                    )
+                    await resp(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = None) -> FastAPI:
+    """Build the API for `settings` (default: `get_settings()`, i.e. the environment).
+
+    `dispatch` replaces the Celery sender (for embedding in a process that already has one).
+    """
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.aredis = aioredis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=5, health_check_interval=30
+        )
+        try:
+            yield
+        finally:
+            await app.state.aredis.aclose()
+            app.state.live.close()
+            app.state.close_dispatch()
+            app.state.db.dispose()
+
+    app = FastAPI(
+        title="SHARP distillation service",
+        version="1",
+        summary="Submit knowledge-distillation jobs, follow them live, download the student.",
+        description=(
+            "Authenticate with `Authorization: Bearer <key>` (keys come from "
+            "`sharp admin keys create TEAM`). Errors are always "
+            '`{"error": {"code", "message", "param"}}`; another team\'s job is a 404.'
+        ),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.db = Database(settings)
+    app.state.live = LivePublisher(settings)
+    app.state.aredis = None
+    if dispatch is None:
+        app.state.dispatch, app.state.close_dispatch = make_dispatch(settings)
+    else:
+        app.state.dispatch, app.state.close_dispatch = dispatch, lambda: None
+
+    app.add_exception_handler(RequestValidationError, _validation_handler)
+    app.add_exception_handler(SharpError, _sharp_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_handler)
+    app.add_exception_handler(Exception, _unhandled_handler)
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.max_request_bytes, exempt_prefixes=("/v1/uploads",)
+    )
+
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(uploads.router)
+    app.mount("/metrics", make_asgi_app())
+    return app
+
+
+def _lazy_app() -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """``uvicorn api.app:app`` for production: built from the environment on first request."""
+    holder: dict[str, FastAPI] = {}
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if "app" not in holder:
+            holder["app"] = create_app()
+        await holder["app"](scope, receive, send)
+
+    return asgi
+
+
+app = _lazy_app()

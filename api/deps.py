@@ -1,0 +1,80 @@
+"""Request dependencies as ``Annotated`` aliases (full-stack-fastapi-template style).
+
+Everything process-wide (settings, the database, the Redis publisher, the Celery dispatcher)
+hangs off ``app.state``, set by `api.app.create_app`, so tests and the embedded launcher can
+build an app from any `Settings` without touching module globals.
+
+The session dependency is the request's one transaction. It uses ``scope="function"``: the
+commit happens when the route returns, *before* the response is sent, so a client that gets a
+201 can immediately read the job back, and a failing commit is a 500 instead of a lie.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from api.db import Database
+from api.errors import UnauthorizedError
+from api.models import Team
+from api.repositories import ApiKeyRepository
+from api.security import hash_key as hash_key  # re-exported (api.embedded uses it)
+from api.services import JobService
+from api.settings import Settings
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_database(request: Request) -> Database:
+    return request.app.state.db
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    db: Database = request.app.state.db
+    with db.sessionmaker() as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def get_current_team(request: Request, session: SessionDep) -> Team:
+    header = request.headers.get("authorization")
+    if not header:
+        raise UnauthorizedError(
+            "missing 'Authorization: Bearer <key>' header", param="Authorization"
+        )
+    scheme, _, key = header.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key or " " in key:
+        raise UnauthorizedError(
+            "malformed Authorization header; use 'Bearer <key>'", param="Authorization"
+        )
+    team = ApiKeyRepository(session).active_team_for_hash(hash_key(key))
+    if team is None:
+        raise UnauthorizedError("unknown or revoked API key", param="Authorization")
+    return team
+
+
+TeamDep = Annotated[Team, Depends(get_current_team)]
+
+
+def get_job_service(request: Request, session: SessionDep) -> JobService:
+    state = request.app.state
+    return JobService(
+        session=session, settings=state.settings, live=state.live, dispatch=state.dispatch
+    )
+
+
+JobServiceDep = Annotated[JobService, Depends(get_job_service)]

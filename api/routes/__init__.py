@@ -1,0 +1,1 @@
+"""HTTP routes. Thin: parse the request, call a service, shape the response."""

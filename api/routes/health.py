@@ -1,0 +1,56 @@
+"""Liveness and readiness.
+
+``/healthz`` says the process serves requests (restart it if not); ``/readyz`` says its
+dependencies answer (take it out of the load balancer if not): the database and Redis,
+without which no job can be created or followed.
+"""
+
+from __future__ import annotations
+
+import anyio
+import anyio.to_thread
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from api.schemas import ErrorResponse, Health
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+def healthz() -> Health:
+    return Health(status="ok")
+
+
+def _check_db(request: Request) -> None:
+    with request.app.state.db.engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": ErrorResponse}})
+async def readyz(request: Request) -> JSONResponse:
+    checks: dict[str, str] = {}
+    try:
+        with anyio.fail_after(5):
+            await anyio.to_thread.run_sync(_check_db, request)
+        checks["database"] = "ok"
+    except Exception as e:  # noqa: BLE001 - any failure means "not ready"
+        checks["database"] = f"error: {type(e).__name__}: {e}"[:300]
+    try:
+        with anyio.fail_after(5):
+            await request.app.state.aredis.ping()
+        checks["redis"] = "ok"
+    except Exception as e:  # noqa: BLE001
+        checks["redis"] = f"error: {type(e).__name__}: {e}"[:300]
+    bad = {k: v for k, v in checks.items() if v != "ok"}
+    if bad:
+        message = "; ".join(f"{k}: {v}" for k, v in bad.items())
+        return JSONResponse(
+            status_code=503,
+            content={
+                "error": {"code": "not_ready", "message": message, "param": None},
+                "checks": checks,
+            },
+        )
+    return JSONResponse(Health(status="ready", checks=checks).model_dump())

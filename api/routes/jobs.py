@@ -1,0 +1,230 @@
+"""``/v1/jobs``: create, list, get, cancel, retry, metrics, events, checkpoints, downloads."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, get_args
+
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from sse_starlette import EventSourceResponse
+from starlette.responses import StreamingResponse
+
+from api.artifacts import (
+    archive_members,
+    checkpoint_dir_name,
+    file_response,
+    resolve_file,
+    tar_stream,
+)
+from api.deps import JobServiceDep, SettingsDep, TeamDep
+from api.errors import InvalidRequestError
+from api.events import job_events
+from api.schemas import (
+    CheckpointsPublic,
+    ErrorResponse,
+    JobCreate,
+    JobPublic,
+    JobsPublic,
+    JobStatus,
+    MetricsPublic,
+)
+from api.services import job_public
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing, malformed or revoked API key."},
+    404: {"model": ErrorResponse, "description": "No such job for this team."},
+}
+JobId = Annotated[str, Path(max_length=64, description="A job id, `job_…`.")]
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobPublic,
+    responses={
+        200: {
+            "model": JobPublic,
+            "description": "Replay of an earlier request with this "
+            "Idempotency-Key and the same body.",
+        },
+        400: {"model": ErrorResponse, "description": "Malformed JSON."},
+        409: {"model": ErrorResponse, "description": "Idempotency-Key reused with another body."},
+        422: {"model": ErrorResponse, "description": "Invalid spec; `param` names the field."},
+        **_ERRORS,
+    },
+)
+def create_job(
+    body: JobCreate,
+    team: TeamDep,
+    service: JobServiceDep,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=255,
+            description="Same key and body → the same job; same key, other body → 409.",
+        ),
+    ] = None,
+) -> JobPublic:
+    """Validate a spec and queue the job. The Celery message is sent after the commit."""
+    job, created = service.create(team, body.model_dump(), idempotency_key)
+    response.status_code = 201 if created else 200
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_public(job)
+
+
+_STATUSES = set(get_args(JobStatus))
+
+
+@router.get("", response_model=JobsPublic, responses=_ERRORS)
+def list_jobs(
+    team: TeamDep,
+    service: JobServiceDep,
+    status: Annotated[
+        str | None, Query(description="Comma-separated statuses, e.g. `queued,running`.")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[
+        str | None, Query(max_length=256, description="`next_cursor` of the previous page.")
+    ] = None,
+) -> JobsPublic:
+    """This team's jobs, newest first."""
+    statuses = [s.strip() for s in status.split(",") if s.strip()] if status else None
+    for s in statuses or ():
+        if s not in _STATUSES:
+            raise InvalidRequestError(f"unknown status '{s}'", param="status")
+    jobs, cursor = service.list_jobs(team, statuses=statuses, limit=limit, after=after)
+    return JobsPublic(data=[job_public(j) for j in jobs], next_cursor=cursor)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS)
+def get_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPublic:
+    return job_public(service.get(team, job_id))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    response_model=JobPublic,
+    responses={
+        409: {"model": ErrorResponse, "description": "Already succeeded or failed."},
+        **_ERRORS,
+    },
+)
+def cancel_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPublic:
+    """Idempotent. A queued job is cancelled at once; a running one saves a checkpoint first."""
+    return job_public(service.cancel(team, job_id))
+
+
+@router.post(
+    "/{job_id}/retry",
+    status_code=202,
+    response_model=JobPublic,
+    responses={409: {"model": ErrorResponse, "description": "Not failed or cancelled."}, **_ERRORS},
+)
+def retry_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPublic:
+    """Queue a failed or cancelled job again; it resumes from its newest checkpoint."""
+    return job_public(service.retry(team, job_id))
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsPublic, responses=_ERRORS)
+def job_metrics(
+    job_id: JobId,
+    team: TeamDep,
+    service: JobServiceDep,
+    after: Annotated[int | None, Query(ge=-1, description="Return steps after this one.")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="At most this many steps.")] = 1000,
+    name: Annotated[list[str] | None, Query(description="Only these metrics (repeatable).")] = None,
+) -> MetricsPublic:
+    """Replay from the database, grouped by step, in step order."""
+    return service.metrics(team, job_id, after=after, limit=limit, names=name or [])
+
+
+@router.get(
+    "/{job_id}/events",
+    responses={
+        200: {
+            "content": {
+                "text/event-stream": {
+                    "example": 'id: 3\nevent: status\ndata: {"seq":3,'
+                    '"status":"running","attempt":1}\n\n'
+                }
+            },
+            "description": "Events `status`, `metrics`, `checkpoint`; `id:` is the event seq.",
+        },
+        **_ERRORS,
+    },
+)
+async def job_events_stream(
+    request: Request,
+    job_id: JobId,
+    team: TeamDep,
+    service: JobServiceDep,
+    settings: SettingsDep,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=32)] = None,
+    after: Annotated[
+        int | None,
+        Query(ge=0, description="Like Last-Event-ID, for clients that cannot set headers."),
+    ] = None,
+    follow: Annotated[
+        bool, Query(description="false: send what is logged so far, then end.")
+    ] = True,
+) -> EventSourceResponse:
+    """Status changes and metrics, live; resumes after ``Last-Event-ID``; ends at a terminal state."""
+    await run_in_threadpool(service.get, team, job_id)
+    start = after or 0
+    if last_event_id is not None:
+        if not last_event_id.strip().isdigit():
+            raise InvalidRequestError("Last-Event-ID must be an event seq", param="Last-Event-ID")
+        start = int(last_event_id)
+    state = request.app.state
+    return EventSourceResponse(
+        job_events(settings, state.db, state.aredis, job_id, start, follow),
+        ping=settings.sse_heartbeat_s,
+    )
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointsPublic, responses=_ERRORS)
+def list_checkpoints(job_id: JobId, team: TeamDep, service: JobServiceDep) -> CheckpointsPublic:
+    return CheckpointsPublic(data=service.checkpoints(team, job_id))
+
+
+@router.get(
+    "/{job_id}/checkpoints/{step}/files/{name:path}",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        206: {"description": "Partial content (Range)."},
+        304: {"description": "If-None-Match matched the ETag (the file's sha256)."},
+        416: {"description": "Range not satisfiable."},
+        **_ERRORS,
+    },
+)
+def download_file(
+    request: Request, job_id: JobId, step: int, name: str, team: TeamDep, service: JobServiceDep
+) -> Response:
+    """One file of a checkpoint; names are those of the manifest. ETag is the sha256."""
+    ckpt = service.checkpoint(team, job_id, step)
+    path, meta = resolve_file(ckpt, name)
+    return file_response(request, path, meta)
+
+
+@router.get(
+    "/{job_id}/checkpoints/{step}/archive",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-tar": {}}}, **_ERRORS},
+)
+def download_archive(job_id: JobId, step: int, team: TeamDep, service: JobServiceDep) -> Response:
+    """The whole checkpoint folder (``save_pretrained`` layout + manifest) as a tar stream."""
+    ckpt = service.checkpoint(team, job_id, step)
+    members = archive_members(ckpt)
+    filename = f"{job_id}-{checkpoint_dir_name(step)}.tar"
+    return StreamingResponse(
+        tar_stream(members),
+        media_type="application/x-tar",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )

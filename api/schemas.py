@@ -1,0 +1,177 @@
+"""Request and response bodies, one schema per entity (`JobCreate`, `JobPublic`, `JobsPublic`…).
+
+Why the spec is a plain dict in `JobCreate`: `sharp_core.spec.parse_spec` is the one
+validator of job specs, shared with the CLI and the library, and it names the offending
+field as ``spec.training.lr``. The OpenAPI document still shows a full example body.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+
+EXAMPLE_SPEC: dict[str, Any] = {
+    "name": "opt-1.3b-to-125m",
+    "teacher": {"model": "facebook/opt-1.3b"},
+    "student": {"model": "facebook/opt-125m", "init": "pretrained"},
+    "dataset": {"source": "upload", "upload_id": "upl_01J8Z3Q4W5E6R7T8Y9U0I1O2P3"},
+    "method": {"name": "sharp", "kd_weight": 0.5, "rank": 32},
+    "training": {"max_steps": 2000, "batch_size": 8, "seq_len": 512, "lr": 5e-4},
+    "resources": {"queue": "default"},
+}
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(examples=["invalid_spec"])
+    message: str = Field(examples=["spec.training.lr: Input should be less than or equal to 1"])
+    param: str | None = Field(default=None, examples=["spec.training.lr"])
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class JobCreate(BaseModel):
+    """Body of ``POST /v1/jobs``."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"spec": EXAMPLE_SPEC}]},
+    )
+
+    spec: dict[str, Any] = Field(description="A job spec (see sharp_core.spec.JobSpec).")
+
+
+class Progress(BaseModel):
+    step: int
+    max_steps: int
+    tokens_per_s: float | None = None
+    eta_s: float | None = Field(default=None, description="Seconds left at the current speed.")
+
+
+class JobPublic(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "job_01J8Z3Q4W5E6R7T8Y9U0I1O2P3",
+                    "name": "opt-1.3b-to-125m",
+                    "status": "running",
+                    "spec": EXAMPLE_SPEC,
+                    "queue": "default",
+                    "attempt": 1,
+                    "max_attempts": 3,
+                    "cancel_requested": False,
+                    "progress": {
+                        "step": 120,
+                        "max_steps": 2000,
+                        "tokens_per_s": 51200.0,
+                        "eta_s": 150.4,
+                    },
+                    "metrics": {"loss": 3.21, "lr": 0.0005},
+                    "error": None,
+                    "created_at": "2026-05-20T10:00:00Z",
+                    "started_at": "2026-05-20T10:00:02Z",
+                    "finished_at": None,
+                }
+            ]
+        }
+    )
+
+    id: str
+    name: str
+    status: JobStatus
+    spec: dict[str, Any]
+    queue: str
+    attempt: int
+    max_attempts: int
+    cancel_requested: bool
+    progress: Progress
+    metrics: dict[str, float] = Field(description="Latest value of each metric.")
+    error: ErrorBody | None = None
+    created_at: dt.datetime
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    next_cursor: str | None = Field(
+        default=None, description="Pass as `after` for the next page; null on the last page."
+    )
+
+
+class MetricPoint(BaseModel):
+    step: int
+    values: dict[str, float]
+
+
+class MetricsPublic(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "data": [
+                        {"step": 1, "values": {"loss": 5.6, "lr": 0.0001}},
+                        {"step": 2, "values": {"loss": 5.4, "lr": 0.0002}},
+                    ],
+                    "next_after": 2,
+                }
+            ]
+        }
+    )
+
+    data: list[MetricPoint]
+    next_after: int | None = Field(
+        default=None, description="Pass as `after` for the next page; null when caught up."
+    )
+
+
+class CheckpointFile(BaseModel):
+    name: str
+    size: int
+    sha256: str
+
+
+class CheckpointPublic(BaseModel):
+    step: int
+    metrics: dict[str, Any]
+    files: list[CheckpointFile]
+    created_at: dt.datetime
+
+
+class CheckpointsPublic(BaseModel):
+    data: list[CheckpointPublic]
+
+
+class UploadPublic(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "upl_01J8Z3Q4W5E6R7T8Y9U0I1O2P3",
+                    "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                    "size": 1048576,
+                    "filename": "corpus.jsonl",
+                    "format": "jsonl",
+                    "created_at": "2026-05-20T10:00:00Z",
+                }
+            ]
+        }
+    )
+
+    id: str
+    sha256: str
+    size: int
+    filename: str
+    format: Literal["txt", "jsonl", "parquet"]
+    created_at: dt.datetime
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,386 @@
+"""The training process: ``python -m worker.child JOB_ID ATTEMPT``.
+
+Why a separate process, started fresh (never forked from the worker): CUDA cannot be used
+in a forked child of a process that touched it, GPU memory is only reliably returned when
+the process that allocated it exits, and a process group can be killed whole (data-loader
+workers included) when a cancel is not honoured in time.
+
+What it does: load the job, run `sharp_core.trainer.train` with callbacks that write
+metric batches and checkpoints to the database (and the live Redis Stream), poll the cancel
+flag, and leave a result file (``logs/attempt_N.result.json``) for the supervising task,
+which alone decides the job's final status.
+
+Fencing: every write is ``UPDATE jobs … WHERE attempt = :mine AND status IN
+('running','cancelling')``; when it matches nothing, another attempt owns the job (the
+reaper re-queued it after our heartbeat went stale) and this process stops writing and
+stops training. It also stops if its supervisor died (our parent pid changes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.pool import NullPool
+
+from api.db import Database
+from api.live import LivePublisher
+from api.models import ACTIVE_STATUSES, Job
+from api.repositories import CheckpointRepository, JobRepository, MetricRepository, UploadRepository
+from api.settings import Settings, get_settings
+from sharp_core.errors import DataError, ModelNotFoundError, SharpError
+from sharp_core.spec import parse_spec
+
+log = logging.getLogger("worker.child")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_FENCED = 3
+
+
+def job_dir(settings: Settings, team_id: str, job_id: str) -> Path:
+    return Path(settings.artifact_root) / team_id / job_id
+
+
+def log_path(settings: Settings, team_id: str, job_id: str, attempt: int) -> Path:
+    return job_dir(settings, team_id, job_id) / "logs" / f"attempt_{attempt}.log"
+
+
+def result_path(settings: Settings, team_id: str, job_id: str, attempt: int) -> Path:
+    return job_dir(settings, team_id, job_id) / "logs" / f"attempt_{attempt}.result.json"
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    """Atomically: the supervisor must never read half a result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[str(k)[:64]] = float(v)
+    return out
+
+
+class Reporter:
+    """Everything the training loop tells the service, batched and fenced by attempt."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        live: LivePublisher | None,
+        job: Job,
+        attempt: int,
+    ):
+        self.settings = settings
+        self.db = db
+        self.live = live
+        self.job_id = job.id
+        self.team_id = job.team_id
+        self.attempt = attempt
+        self.latest: dict[str, float] = dict(_finite(job.latest_metrics or {}))
+        self.buffer: dict[int, dict[str, float]] = {}
+        self.last_flush = time.monotonic()
+        self.last_poll = 0.0
+        self.fenced = False
+        self.cancel = False
+        self.stop_signal = False
+        self.ppid = os.getppid()
+        self.checkpoints: set[int] = set()
+
+    # -- metrics ---------------------------------------------------------------------------
+    def add_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.buffer.setdefault(int(step), {}).update(_finite(metrics))
+        if time.monotonic() - self.last_flush >= self.settings.metrics_flush_s:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Write buffered metrics as one event; False if fenced off (nothing written)."""
+        self.last_flush = time.monotonic()
+        if not self.buffer or self.fenced:
+            return not self.fenced
+        batch = sorted(self.buffer.items())
+        for _, step_values in batch:
+            self.latest.update(step_values)
+        values: dict[str, Any] = {"step": batch[-1][0], "latest_metrics": dict(self.latest)}
+        if "tokens_per_s" in self.latest:
+            values["tokens_per_s"] = self.latest["tokens_per_s"]
+        with self.db.session() as s:
+            repo = JobRepository(s, self.live)
+            seq = repo.update_fenced(
+                self.job_id,
+                statuses=ACTIVE_STATUSES,
+                attempt=self.attempt,
+                values=values,
+                events=1,
+            )
+            if seq is None:
+                self.fenced = True
+                return False
+            MetricRepository(s).insert_ignore(
+                [
+                    {
+                        "job_id": self.job_id,
+                        "step": step,
+                        "name": name,
+                        "value": value,
+                        "attempt": self.attempt,
+                    }
+                    for step, vals in batch
+                    for name, value in vals.items()
+                ]
+            )
+            repo.add_event(
+                self.job_id,
+                seq,
+                "metrics",
+                {
+                    "attempt": self.attempt,
+                    "metrics": [{"step": step, "values": vals} for step, vals in batch],
+                },
+            )
+        self.buffer.clear()
+        return True
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def add_checkpoint(self, step: int, path: Path, manifest: dict[str, Any]) -> bool:
+        self.flush()  # the metrics up to this step come before the checkpoint event
+        if self.fenced:
+            return False
+        metrics = _finite(manifest.get("metrics") or {})
+        with self.db.session() as s:
+            repo = JobRepository(s, self.live)
+            seq = repo.update_fenced(
+                self.job_id, statuses=ACTIVE_STATUSES, attempt=self.attempt, events=1
+            )
+            if seq is None:
+                self.fenced = True
+                return False
+            CheckpointRepository(s).upsert(
+                job_id=self.job_id,
+                step=int(step),
+                path=str(Path(path).resolve()),
+                manifest=manifest,
+                metrics=metrics,
+                attempt=self.attempt,
+            )
+            repo.add_event(
+                self.job_id,
+                seq,
+                "checkpoint",
+                {
+                    "attempt": self.attempt,
+                    "step": int(step),
+                    "metrics": metrics,
+                    "files": len(manifest.get("files", {})),
+                },
+            )
+        self.checkpoints.add(int(step))
+        return True
+
+    def remove_checkpoint(self, step: int) -> None:
+        """The trainer pruned an old checkpoint (keep_checkpoints): forget it, if still ours."""
+        if self.fenced:
+            return
+        with self.db.session() as s:
+            if (
+                JobRepository(s).update_fenced(
+                    self.job_id, statuses=ACTIVE_STATUSES, attempt=self.attempt
+                )
+                is None
+            ):
+                self.fenced = True
+                return
+            CheckpointRepository(s).delete(self.job_id, int(step))
+        self.checkpoints.discard(int(step))
+
+    # -- stopping --------------------------------------------------------------------------
+    def should_stop(self) -> bool:
+        if self.stop_signal or self.fenced or self.cancel:
+            return True
+        if os.getppid() != self.ppid:
+            log.warning("supervisor is gone; stopping at the next checkpoint")
+            self.stop_signal = True
+            return True
+        now = time.monotonic()
+        if now - self.last_flush >= self.settings.metrics_flush_s:
+            self.flush()
+        if now - self.last_poll >= self.settings.cancel_poll_s:
+            self.last_poll = now
+            with self.db.session() as s:
+                row = s.execute(
+                    select(Job.attempt, Job.status, Job.cancel_requested).where(
+                        Job.id == self.job_id
+                    )
+                ).one_or_none()
+            if row is None or row.attempt != self.attempt or row.status not in ACTIVE_STATUSES:
+                self.fenced = True
+            elif row.cancel_requested:
+                self.cancel = True
+        return self.fenced or self.cancel
+
+
+def make_callbacks(base: type, reporter: Reporter) -> Any:
+    """A `TrainCallbacks` subclass bound to `reporter` (the base is imported lazily)."""
+
+    class ServiceCallbacks(base):  # type: ignore[misc, valid-type]
+        def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+            reporter.add_metrics(step, metrics)
+
+        def on_checkpoint(self, step: int, path: Path, manifest: dict) -> None:
+            reporter.add_checkpoint(step, path, manifest)
+
+        def on_checkpoint_removed(self, step: int) -> None:
+            reporter.remove_checkpoint(step)
+
+        def should_stop(self) -> bool:
+            return reporter.should_stop()
+
+    return ServiceCallbacks()
+
+
+def make_resolver(base: type, db: Database, team_id: str) -> Any:
+    """A `Resolver` that finds this team's finished jobs and uploads in the database."""
+
+    class ServiceResolver(base):  # type: ignore[misc, valid-type]
+        def job_checkpoint(self, job_id: str) -> Path:
+            return resolve_job_checkpoint(db, team_id, job_id)
+
+        def upload_path(self, upload_id: str) -> Path:
+            with db.session() as s:
+                upload = UploadRepository(s).get_for_team(team_id, upload_id)
+            if upload is None or not Path(upload.path).is_file():
+                raise DataError(f"upload '{upload_id}' not found", param="spec.dataset.upload_id")
+            return Path(upload.path)
+
+    return ServiceResolver()
+
+
+def resolve_job_checkpoint(db: Database, team_id: str, job_id: str) -> Path:
+    """The final checkpoint of a succeeded job of this team (its highest step still on disk)."""
+    with db.session() as s:
+        job = JobRepository(s).get_for_team(team_id, job_id)
+        if job is None or job.status != "succeeded":
+            raise ModelNotFoundError(f"job '{job_id}' is not a succeeded job of this team")
+        ckpts = CheckpointRepository(s).list(job_id)
+    for ck in sorted(ckpts, key=lambda c: c.step, reverse=True):
+        if (Path(ck.path) / "manifest.json").is_file():
+            return Path(ck.path)
+    raise ModelNotFoundError(f"job '{job_id}' has no checkpoint left on disk")
+
+
+def _error_result(e: BaseException) -> dict[str, Any]:
+    if isinstance(e, SharpError):
+        return {"status": "error", **e.to_dict(), "retryable": e.retryable}
+    if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError: another try won't fit
+        return {
+            "status": "error",
+            "code": "out_of_memory",
+            "message": str(e)[:2000],
+            "param": None,
+            "retryable": False,
+        }
+    return {
+        "status": "error",
+        "code": "internal_error",
+        "message": f"{type(e).__name__}: {e}"[:2000],
+        "param": None,
+        "retryable": True,
+    }
+
+
+def run(job_id: str, attempt: int, settings: Settings | None = None) -> int:
+    settings = settings or get_settings()
+    db = Database(settings, poolclass=NullPool)
+    live = LivePublisher(settings)
+    try:
+        with db.session() as s:
+            job = s.get(Job, job_id)
+        if job is None or job.attempt != attempt or job.status not in ACTIVE_STATUSES:
+            log.warning("job %s attempt %s is not ours to run; exiting", job_id, attempt)
+            return EXIT_FENCED
+        out_dir = job_dir(settings, job.team_id, job_id)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result_file = result_path(settings, job.team_id, job_id, attempt)
+        reporter = Reporter(settings, db, live, job, attempt)
+
+        def _on_sigterm(_sig: int, _frame: Any) -> None:
+            # Graceful: the loop sees should_stop(), saves a checkpoint and returns "stopped".
+            reporter.stop_signal = True
+
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            spec = parse_spec(job.spec)
+            from sharp_core.trainer import Resolver, TrainCallbacks, train  # torch: import late
+
+            result = train(
+                spec,
+                out_dir,
+                callbacks=make_callbacks(TrainCallbacks, reporter),
+                resolver=make_resolver(Resolver, db, job.team_id),
+                device=None,
+            )
+            if result.metrics:
+                reporter.add_metrics(result.step, result.metrics)
+            reporter.flush()
+            ckpt = getattr(result, "checkpoint", None)
+            if ckpt is not None and int(result.step) not in reporter.checkpoints:
+                manifest_file = Path(ckpt) / "manifest.json"
+                if manifest_file.is_file():
+                    reporter.add_checkpoint(
+                        result.step, Path(ckpt), json.loads(manifest_file.read_text())
+                    )
+            if reporter.fenced:
+                return EXIT_FENCED
+            write_result(
+                result_file,
+                {
+                    "status": result.status,
+                    "step": int(result.step),
+                    "checkpoint": str(ckpt) if ckpt else None,
+                    "metrics": _finite(result.metrics or {}),
+                    "cancel": reporter.cancel,
+                },
+            )
+            return EXIT_OK
+        except Exception as e:  # noqa: BLE001 - every failure becomes a result for the supervisor
+            log.exception("training failed")
+            try:
+                reporter.flush()
+            except Exception:  # noqa: BLE001
+                log.exception("could not flush metrics after the failure")
+            write_result(result_file, _error_result(e))
+            return EXIT_ERROR
+    finally:
+        live.close()
+        db.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or not args[1].isdigit():
+        print("usage: python -m worker.child JOB_ID ATTEMPT", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return run(args[0], int(args[1]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

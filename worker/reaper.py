@@ -1,0 +1,139 @@
+"""Find jobs nobody is running any more, and give them back to the queue.
+
+Why it exists: Celery can lose a job (a worker killed with SIGKILL acks nothing, but its
+message may already be redelivered to a worker that, seeing the job ``running``, rightly does
+nothing). The job row's heartbeat is the truth: a ``running``/``cancelling`` job whose
+heartbeat is older than ``heartbeat_timeout_s`` has no supervisor. It goes back to
+``queued`` (attempt budget permitting) and resumes from its last checkpoint, or becomes
+``cancelled`` if a cancel was pending, or ``failed`` with ``worker_lost``.
+
+Jobs queued for longer than ``requeue_queued_after_s`` get their message sent again (the API
+may have died between the commit and the send); duplicates are harmless.
+
+Every update re-checks the stale condition in its WHERE clause, so several reapers (one per
+worker) and a heartbeat arriving at the same moment cannot double-handle a job.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from api.db import Database
+from api.live import LivePublisher
+from api.models import ACTIVE_STATUSES, Job, utcnow
+from api.repositories import JobRepository
+from api.settings import Settings
+from api.txn import after_commit
+
+log = logging.getLogger(__name__)
+
+Dispatch = Callable[[str, str], None]
+
+
+@dataclass
+class ReapReport:
+    requeued: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    redispatched: list[str] = field(default_factory=list)
+
+
+def reap(
+    settings: Settings,
+    db: Database,
+    live: LivePublisher | None,
+    dispatch: Dispatch,
+    *,
+    dead_worker: str | None = None,
+) -> ReapReport:
+    """One pass. `dead_worker`: a worker name known to be dead (this worker restarting under
+    a stable name); its jobs are taken back without waiting for the heartbeat timeout."""
+    report = ReapReport()
+    now = utcnow()
+    cutoff = now - dt.timedelta(seconds=settings.heartbeat_timeout_s)
+    with db.session() as s:
+        repo = JobRepository(s, live)
+        stale = list(repo.stale_active(cutoff))
+        if dead_worker:
+            from sqlalchemy import select
+
+            stale += [
+                j
+                for j in s.scalars(
+                    select(Job).where(Job.status.in_(ACTIVE_STATUSES), Job.worker == dead_worker)
+                )
+                if j.id not in {x.id for x in stale}
+            ]
+        for job in stale:
+            still_stale = (
+                [Job.worker == dead_worker]
+                if dead_worker and job.worker == dead_worker
+                else [(Job.heartbeat_at.is_(None)) | (Job.heartbeat_at < cutoff)]
+            )
+            common = {"heartbeat_at": None, "worker": None}
+            lost = {
+                "code": "worker_lost",
+                "message": f"no heartbeat from worker {job.worker!r} for "
+                f"{settings.heartbeat_timeout_s:.0f}s",
+                "param": None,
+            }
+            if job.cancel_requested:
+                seq = repo.transition(
+                    job.id,
+                    "cancelled",
+                    from_statuses=ACTIVE_STATUSES,
+                    attempt=job.attempt,
+                    values={**common, "finished_at": now},
+                    data={"reason": "worker_lost"},
+                    where=still_stale,
+                )
+                if seq is not None:
+                    report.cancelled.append(job.id)
+            elif job.attempt < job.max_attempts:
+                seq = repo.transition(
+                    job.id,
+                    "queued",
+                    from_statuses=ACTIVE_STATUSES,
+                    attempt=job.attempt,
+                    values={**common, "enqueued_at": now},
+                    data={"reason": "worker_lost", "error": lost},
+                    where=still_stale,
+                )
+                if seq is not None:
+                    report.requeued.append(job.id)
+                    _dispatch_later(s, dispatch, job)
+            else:
+                seq = repo.transition(
+                    job.id,
+                    "failed",
+                    from_statuses=ACTIVE_STATUSES,
+                    attempt=job.attempt,
+                    values={**common, "finished_at": now, "error": lost},
+                    data={"reason": "worker_lost"},
+                    where=still_stale,
+                )
+                if seq is not None:
+                    report.failed.append(job.id)
+
+        queued_cutoff = now - dt.timedelta(seconds=settings.requeue_queued_after_s)
+        for job in repo.stale_queued(queued_cutoff):
+            n = repo.update_fenced(
+                job.id,
+                statuses=("queued",),
+                values={"enqueued_at": now},
+                where=[Job.enqueued_at < queued_cutoff],
+            )
+            if n is not None:
+                report.redispatched.append(job.id)
+                _dispatch_later(s, dispatch, job)
+    if any((report.requeued, report.cancelled, report.failed, report.redispatched)):
+        log.warning("reaper: %s", report)
+    return report
+
+
+def _dispatch_later(session, dispatch: Dispatch, job: Job) -> None:  # noqa: ANN001
+    job_id, queue = job.id, job.queue
+    after_commit(session, lambda: dispatch(job_id, queue))

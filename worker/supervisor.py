@@ -1,0 +1,338 @@
+"""The Celery task's body: claim a job, run its training process, decide how it ended.
+
+Why a supervisor and a child instead of training inside the task: the task process keeps a
+database connection, heartbeats and a Celery connection, which must survive the training
+process running out of memory, hanging in a CUDA call or being killed. The child runs in its
+own session (process group) with ``CUDA_VISIBLE_DEVICES`` set, so the supervisor can stop it
+whole and the GPU is free when it exits.
+
+Outcomes (the child's result file, else its exit status):
+
+- completed → ``succeeded``
+- stopped after a cancel request → ``cancelled`` (the trainer saved a checkpoint first)
+- stopped otherwise (worker shutting down, preemption) → back to ``queued``
+- a non-retryable `SharpError` (``model_not_found``, bad data…) → ``failed`` at once
+- a retryable error or a crash → ``queued`` while ``attempt < max_attempts``, else ``failed``
+
+Every write is fenced by attempt: if the reaper gave the job to someone else, we write
+nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func
+
+from api.db import Database
+from api.live import LivePublisher
+from api.models import ACTIVE_STATUSES, Job, utcnow
+from api.repositories import JobRepository
+from api.settings import Settings
+from api.txn import after_commit
+from worker.child import log_path, result_path
+from worker.launcher import settings_env
+
+log = logging.getLogger(__name__)
+
+#: (job id, queue) -> send the Celery message again.
+Dispatch = Callable[[str, str], None]
+
+#: Set when the Celery worker starts a warm shutdown: the running job is checkpointed and
+#: re-queued instead of holding the shutdown for hours.
+PREEMPT = threading.Event()
+
+POLL_S = 0.2
+
+
+def default_worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class Claim:
+    job_id: str
+    team_id: str
+    queue: str
+    attempt: int
+
+
+@dataclass
+class Watch:
+    exit_code: int | None
+    fenced: bool = False
+    cancel_seen: bool = False
+    terminated: bool = False
+    killed: bool = False
+    preempted: bool = False
+
+
+class Supervisor:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        live: LivePublisher | None,
+        dispatch: Dispatch,
+        worker_name: str | None = None,
+    ):
+        self.settings = settings
+        self.db = db
+        self.live = live
+        self.dispatch = dispatch
+        self.name = worker_name or settings.worker_name or default_worker_name()
+
+    # -- claim -----------------------------------------------------------------------------
+    def claim(self, job_id: str) -> Claim | None:
+        """queued → running with attempt+1, atomically. None: not queued (duplicate delivery,
+        cancelled meanwhile, or another worker was faster) — then there is nothing to do."""
+        now = utcnow()
+        with self.db.session() as s:
+            repo = JobRepository(s, self.live)
+            seq = repo.transition(
+                job_id,
+                "running",
+                from_statuses=("queued",),
+                cancel_requested=False,
+                values={
+                    "attempt": Job.attempt + 1,
+                    "worker": self.name,
+                    "heartbeat_at": now,
+                    "started_at": func.coalesce(Job.started_at, now),
+                    "error": None,
+                },
+                data={"worker": self.name},
+            )
+            if seq is None:
+                return None
+            job = repo.get(job_id)
+            assert job is not None
+            return Claim(job_id=job.id, team_id=job.team_id, queue=job.queue, attempt=job.attempt)
+
+    # -- run -------------------------------------------------------------------------------
+    def run(self, job_id: str) -> str:
+        claim = self.claim(job_id)
+        if claim is None:
+            log.info("job %s is not queued; duplicate or stale delivery ignored", job_id)
+            return "not_claimed"
+        log.info("job %s attempt %d claimed by %s", job_id, claim.attempt, self.name)
+        try:
+            proc = self._spawn(claim)
+        except OSError as e:
+            return self._finish(
+                claim,
+                Watch(exit_code=None),
+                None,
+                spawn_error=f"cannot start the training process: {e}",
+            )
+        watch = self._watch(proc, claim)
+        result = self._read_result(claim)
+        return self._finish(claim, watch, result)
+
+    def _spawn(self, claim: Claim) -> subprocess.Popen[bytes]:
+        logfile = log_path(self.settings, claim.team_id, claim.job_id, claim.attempt)
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        result_path(self.settings, claim.team_id, claim.job_id, claim.attempt).unlink(
+            missing_ok=True
+        )
+        env = {**os.environ, **settings_env(self.settings), "PYTHONUNBUFFERED": "1"}
+        if self.settings.worker_gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.settings.worker_gpus
+        with logfile.open("ab") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "worker.child", claim.job_id, str(claim.attempt)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own process group: killpg reaches data loaders too
+                env=env,
+            )
+
+    def _signal_group(self, proc: subprocess.Popen[bytes], sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+
+    def _watch(self, proc: subprocess.Popen[bytes], claim: Claim) -> Watch:
+        """Heartbeat while the child runs; escalate a cancel the child did not honour."""
+        w = Watch(exit_code=None)
+        next_beat = 0.0
+        cancel_at: float | None = None  # when we first saw the cancel flag
+        stop_at: float | None = None  # when we asked the child to stop (SIGTERM)
+        while True:
+            code = proc.poll()
+            if code is not None:
+                w.exit_code = code
+                break
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + self.settings.heartbeat_interval_s
+                try:
+                    with self.db.session() as s:
+                        cancel = JobRepository(s).heartbeat(claim.job_id, claim.attempt)
+                except Exception:  # noqa: BLE001 - a database blip must not orphan the child
+                    log.exception("heartbeat failed for %s", claim.job_id)
+                    cancel = False
+                if cancel is None and not w.fenced:
+                    log.warning(
+                        "job %s attempt %d was taken over; stopping", claim.job_id, claim.attempt
+                    )
+                    w.fenced = True
+                    stop_at = now
+                    self._signal_group(proc, signal.SIGTERM)
+                elif cancel and cancel_at is None:
+                    w.cancel_seen = True
+                    cancel_at = now
+            if PREEMPT.is_set() and stop_at is None:
+                w.preempted = True
+                stop_at = now
+                self._signal_group(proc, signal.SIGTERM)
+            if (
+                cancel_at is not None
+                and stop_at is None
+                and now - cancel_at >= self.settings.cancel_grace_s
+            ):
+                log.warning(
+                    "job %s ignored the cancel for %.0fs; SIGTERM", claim.job_id, now - cancel_at
+                )
+                w.terminated = True
+                stop_at = now
+                self._signal_group(proc, signal.SIGTERM)
+            if stop_at is not None and not w.killed and now - stop_at >= self.settings.kill_grace_s:
+                log.warning(
+                    "job %s still running %.0fs after SIGTERM; SIGKILL", claim.job_id, now - stop_at
+                )
+                w.killed = True
+                self._signal_group(proc, signal.SIGKILL)
+            time.sleep(POLL_S)
+        # The child is gone; make sure nothing it started survives (GPU memory, data loaders).
+        self._signal_group(proc, signal.SIGKILL)
+        return w
+
+    def _read_result(self, claim: Claim) -> dict[str, Any] | None:
+        path = result_path(self.settings, claim.team_id, claim.job_id, claim.attempt)
+        try:
+            return json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return None
+
+    # -- finish ----------------------------------------------------------------------------
+    def _finish(
+        self, claim: Claim, w: Watch, result: dict[str, Any] | None, spawn_error: str | None = None
+    ) -> str:
+        if w.fenced:
+            return "fenced"
+        with self.db.session() as s:
+            repo = JobRepository(s, self.live)
+            job = repo.get(claim.job_id)
+            if job is None or job.attempt != claim.attempt or job.status not in ACTIVE_STATUSES:
+                return "fenced"
+            cancel = job.cancel_requested
+            status = (result or {}).get("status")
+            common: dict[str, Any] = {"heartbeat_at": None}
+            if result and "step" in result:
+                common["step"] = int(result["step"])
+
+            def to(
+                final: str, error: dict[str, Any] | None = None, data: dict[str, Any] | None = None
+            ) -> str:
+                vals = {**common, "finished_at": utcnow(), "error": error}
+                extra = {**(data or {}), **({"step": common["step"]} if "step" in common else {})}
+                seq = repo.transition(
+                    claim.job_id,
+                    final,
+                    from_statuses=ACTIVE_STATUSES,
+                    attempt=claim.attempt,
+                    values=vals,
+                    data=extra,
+                )
+                return final if seq is not None else "fenced"
+
+            if status == "completed":
+                return to("succeeded")
+            if cancel:
+                # Stopped as asked (with a checkpoint), or killed after the grace period.
+                return to("cancelled", data={"killed": True} if w.killed else None)
+            if status == "stopped":
+                return self._requeue_or_fail(
+                    repo,
+                    job,
+                    common,
+                    reason="preempted",
+                    error={
+                        "code": "preempted",
+                        "message": "the worker stopped the job",
+                        "param": None,
+                    },
+                )
+            if status == "error":
+                error = {k: (result or {}).get(k) for k in ("code", "message", "param")}
+                if not (result or {}).get("retryable", True):
+                    return to("failed", error=error)
+                return self._requeue_or_fail(repo, job, common, reason="error", error=error)
+            if spawn_error is not None:
+                error = {"code": "spawn_failed", "message": spawn_error, "param": None}
+            else:
+                error = {
+                    "code": "training_process_died",
+                    "message": f"the training process exited with {_describe(w.exit_code)}"
+                    " and left no result",
+                    "param": None,
+                }
+            return self._requeue_or_fail(repo, job, common, reason="crash", error=error)
+
+    def _requeue_or_fail(
+        self,
+        repo: JobRepository,
+        job: Job,
+        common: dict[str, Any],
+        *,
+        reason: str,
+        error: dict[str, Any],
+    ) -> str:
+        if job.attempt < job.max_attempts:
+            seq = repo.transition(
+                job.id,
+                "queued",
+                from_statuses=ACTIVE_STATUSES,
+                attempt=job.attempt,
+                values={**common, "worker": None, "enqueued_at": utcnow()},
+                data={"reason": reason, "error": error},
+            )
+            if seq is None:
+                return "fenced"
+            dispatch, job_id, queue = self.dispatch, job.id, job.queue
+            after_commit(repo.session, lambda: dispatch(job_id, queue))
+            return "queued"
+        seq = repo.transition(
+            job.id,
+            "failed",
+            from_statuses=ACTIVE_STATUSES,
+            attempt=job.attempt,
+            values={**common, "finished_at": utcnow(), "error": error},
+            data={"reason": reason},
+        )
+        return "failed" if seq is not None else "fenced"
+
+
+def _describe(code: int | None) -> str:
+    if code is None:
+        return "no exit status"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
