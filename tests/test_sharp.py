@@ -719,7 +719,12 @@ def test_identical_maps_give_zero_and_moving_towards_teacher_decreases(method, h
 def test_zero_weight_terms_are_absent_and_layers_to_capture():
     kw = dict(student_shape=(2, 2), teacher_shape=(6, 4), seq_len=8)
     obj = AttentionObjective(spec(name="sharp", granularities={"head": 0.0}), **kw)
-    assert obj.weights == {"sharp_layer": 1.0, "sharp_token": 1.0}  # residual 0 by default
+    from sharp_core.spec import Granularities
+
+    d = Granularities()
+    # head dropped, residual 0 by default; the others keep their spec defaults
+    assert d.residual == 0.0
+    assert obj.weights == {"sharp_layer": d.layer, "sharp_token": d.token}
     assert obj.student_layers == [0, 1] and obj.teacher_layers == [2, 5]
     gen = torch.Generator().manual_seed(13)
     m, ps, pt = _setup(gen, 2, 8, (2, 2), (6, 4))
