@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from api import admin as admin_fns
+from api.client_cli import jobs_app
 from api.db import Database
 from api.demo import demo_command
 from api.embedded import up_command
@@ -24,6 +25,7 @@ admin_app = typer.Typer(
 teams_app = typer.Typer(help="Teams.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(admin_app, name="admin")
+app.add_typer(jobs_app, name="jobs")  # the HTTP client (api/client_cli.py)
 admin_app.add_typer(teams_app, name="teams")
 admin_app.add_typer(keys_app, name="keys")
 app.command("up")(up_command)  # the embedded service (api/embedded.py)

@@ -91,9 +91,9 @@ def test_minilm_teacher_then_sharp_and_kd_students(data, tmp_path):
     mp = str(minilm.get_model_path())
     ev = Last()
     t = train(
-        parse_spec(_spec(data, {"model": mp}, "sft", 30, lr=5e-5)), tmp_path / "t", callbacks=ev
+        parse_spec(_spec(data, {"model": mp}, "sft", 60, lr=1e-4)), tmp_path / "t", callbacks=ev
     )
-    t_acc = ev.evals[30]["eval_accuracy"]
+    t_acc = ev.evals[60]["eval_accuracy"]
     assert t_acc > 0.85, ev.evals  # chance is 0.5
     student = {
         "model": mp,
