@@ -1,0 +1,722 @@
+"""``sharp jobs …``: the HTTP client of the job service (submit, list, show, watch, cancel,
+retry, download), and the generator of ``docs/spec.md``.
+
+Where the server and the key come from (first found wins):
+
+1. ``--url`` / ``--key`` flags;
+2. environment ``SHARP_URL`` / ``SHARP_API_KEY``;
+3. a profile file with ``url`` and ``key``: ``$SHARP_CONFIG`` if set, else
+   ``$XDG_CONFIG_HOME/sharp/config.toml`` (``~/.config/sharp/config.toml``) or, if that does not
+   exist, ``config.json`` beside it.
+
+Exit codes (stable; scripts may rely on them):
+
+====  =========================================================================================
+0     ok (``watch`` / ``submit --watch``: the job succeeded)
+1     the job failed, or the server answered 5xx / something unexpected happened
+2     bad input: the spec is invalid (checked locally, nothing is sent), a 4xx from the API
+      (``error.code``, message and ``param`` are printed on stderr), bad flags, no key
+3     the job was cancelled (``watch`` / ``submit --watch``)
+4     cannot reach the server (connection refused, DNS, timeout, stream lost for good)
+====  =========================================================================================
+
+Results go to stdout (``submit`` prints only the job id, so ``ID=$(sharp jobs submit s.yaml)``
+works); progress bars and errors go to stderr.
+
+``docs/spec.md`` is generated from `sharp_core.spec.JobSpec`::
+
+    python -m api.client_cli gen-spec-docs > docs/spec.md
+
+and ``tests/test_cli_jobs.py`` fails when the committed file is not current.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx
+import typer
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+# Reused from the demo, which follows jobs and verifies downloads the same way.
+from api.demo import SSE_RETRIES, TERMINAL, Follow, _fmt_eta, _sha256
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_CANCELLED = 3
+EXIT_UNREACHABLE = 4
+
+OUTCOME_EXIT = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
+
+jobs_app = typer.Typer(help="Jobs on a SHARP service (over its HTTP API).", no_args_is_help=True)
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+class CliExit(Exception):
+    def __init__(self, code: int, message: str | None = None):
+        super().__init__(message or "")
+        self.code = code
+        self.message = message
+
+
+def _die(code: int, message: str) -> NoReturn:
+    raise CliExit(code, message)
+
+
+def profile_path() -> Path:
+    explicit = os.environ.get("SHARP_CONFIG")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "sharp"
+    toml = base / "config.toml"
+    return toml if toml.exists() or not (base / "config.json").exists() else base / "config.json"
+
+
+def read_profile(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover
+                import tomli as tomllib  # type: ignore[import-not-found,no-redef]
+            data = tomllib.loads(text)
+    except ValueError as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        _die(EXIT_BAD_INPUT, f"cannot read the profile {path}: {e}")
+    if not isinstance(data, dict):
+        _die(EXIT_BAD_INPUT, f"the profile {path} must be a table / object")
+    return data
+
+
+@dataclass
+class Conn:
+    url: str
+    key: str
+
+
+def resolve_conn(url: str | None, key: str | None) -> Conn:
+    """Flags > environment > profile file."""
+    profile: dict[str, Any] | None = None
+
+    def from_profile(name: str) -> str | None:
+        nonlocal profile
+        if profile is None:
+            profile = read_profile(profile_path())
+        value = profile.get(name)
+        return str(value) if value else None
+
+    url = url or os.environ.get("SHARP_URL") or from_profile("url")
+    key = key or os.environ.get("SHARP_API_KEY") or from_profile("key")
+    if not url:
+        _die(EXIT_BAD_INPUT, "no server URL: pass --url, set SHARP_URL or write a profile "
+             f"({profile_path()})")
+    if not key:
+        _die(EXIT_BAD_INPUT, "no API key: pass --key, set SHARP_API_KEY or write a profile "
+             f"({profile_path()})")
+    return Conn(url.rstrip("/"), key)
+
+
+# -- HTTP ------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, param: str | None):
+        super().__init__(f"{code}: {message}")
+        self.status, self.code, self.message, self.param = status, code, message, param
+
+
+def check(r: httpx.Response) -> Any:
+    """The JSON body, or ApiError with the service's ``{"error": {code, message, param}}``."""
+    if r.status_code >= 400:
+        try:
+            body = r.json()["error"]
+            raise ApiError(r.status_code, str(body.get("code")), str(body.get("message")),
+                           body.get("param"))
+        except (ValueError, KeyError, TypeError):
+            raise ApiError(r.status_code, f"http_{r.status_code}", r.text[:500], None) from None
+    return r.json()
+
+
+def _report_api_error(e: ApiError) -> int:
+    param = f" (param {e.param})" if e.param else ""
+    err.print(f"[red]error[/red] {e.status} {escape(e.code)}: {escape(e.message)}{escape(param)}")
+    return EXIT_BAD_INPUT if 400 <= e.status < 500 else EXIT_FAILED
+
+
+@contextmanager
+def client(url: str | None, key: str | None) -> Iterator[httpx.Client]:
+    conn = resolve_conn(url, key)
+    with httpx.Client(
+        base_url=conn.url,
+        headers={"Authorization": f"Bearer {conn.key}", "User-Agent": "sharp-cli"},
+        timeout=httpx.Timeout(30.0, connect=10.0),
+    ) as c:
+        yield c
+
+
+def run(fn: Any) -> NoReturn:
+    """Run a command body and turn what it raises into the documented exit codes."""
+    try:
+        code = fn()
+    except CliExit as e:
+        if e.message:
+            err.print(f"[red]error[/red] {escape(e.message)}")
+        code = e.code
+    except ApiError as e:
+        code = _report_api_error(e)
+    except httpx.TransportError as e:
+        err.print(f"[red]error[/red] cannot reach the server: {escape(type(e).__name__)}: "
+                  f"{escape(str(e))}")
+        code = EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]")
+        code = 130
+    raise typer.Exit(code or 0)
+
+
+UrlOpt = typer.Option(None, "--url", help="Server URL (else SHARP_URL, else the profile).")
+KeyOpt = typer.Option(None, "--key", help="API key (else SHARP_API_KEY, else the profile).")
+
+
+# -- watching --------------------------------------------------------------------------------
+
+
+@dataclass
+class Watch(Follow):
+    """`api.demo.Follow` plus the SHARP terms (``sharp_layer``, ``sharp_head`` …)."""
+
+    terms: dict[str, float] = field(default_factory=dict)
+
+    def apply(self, event: str, data: dict[str, Any]) -> None:
+        super().apply(event, data)
+        if event == "metrics":
+            for point in data.get("metrics", []):
+                for name, value in point.get("values", {}).items():
+                    if name.startswith("sharp_"):
+                        self.terms[name] = value
+
+
+def watch_job(c: httpx.Client, job_id: str) -> dict[str, Any]:
+    """Follow a job's SSE stream with a progress bar on stderr; return the terminal job.
+
+    Reconnects with ``Last-Event-ID`` after a dropped connection (``SSE_RETRIES`` times in a
+    row at most, then exit 4).
+    """
+    from httpx_sse import SSEError, connect_sse
+
+    job = check(c.get(f"/v1/jobs/{job_id}"))
+    training = job["spec"].get("training", {})
+    max_steps = int(job["progress"]["max_steps"])
+    tokens_per_step = (
+        training.get("batch_size", 8) * training.get("grad_accum", 1) * training.get("seq_len", 512)
+    )
+    state = Watch(status=job["status"], step=int(job["progress"]["step"]))
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[terms]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TextColumn("ETA {task.fields[eta]}"),
+        TimeElapsedColumn(),
+        console=err,
+    )
+
+    def refresh() -> None:
+        eta = None
+        if state.tokens_per_s and tokens_per_step:
+            eta = max(0, max_steps - state.step) * tokens_per_step / state.tokens_per_s
+        terms = " ".join(f"{k[6:]} {v:.3g}" for k, v in sorted(state.terms.items()))
+        progress.update(
+            task,
+            completed=min(state.step, max_steps),
+            description=f"{job_id} [{state.status}]",
+            loss="-" if state.loss is None else f"{state.loss:.3f}",
+            terms=terms,
+            tps="-" if state.tokens_per_s is None else f"{state.tokens_per_s:,.0f}",
+            eta=_fmt_eta(eta if state.status == "running" else None),
+        )
+
+    failures = 0
+    with progress:
+        task = progress.add_task(job_id, total=max_steps, loss="-", terms="", tps="-", eta="-:--")
+        refresh()
+        while state.status not in TERMINAL:
+            headers = {"Last-Event-ID": state.last_id} if state.last_id else {}
+            try:
+                with connect_sse(
+                    c, "GET", f"/v1/jobs/{job_id}/events", headers=headers,
+                    timeout=httpx.Timeout(10.0, read=60.0),
+                ) as source:
+                    if source.response.status_code >= 400:
+                        source.response.read()
+                        check(source.response)
+                    for sse in source.iter_sse():
+                        if sse.id:
+                            state.last_id = sse.id
+                        if sse.data:
+                            state.apply(sse.event, json.loads(sse.data))
+                            refresh()
+                        failures = 0
+                # A stream that ends before the terminal status: reconnect from last_id.
+                if state.status not in TERMINAL:
+                    failures += 1
+            except (httpx.TransportError, SSEError) as e:
+                failures += 1
+                if failures > SSE_RETRIES:
+                    raise httpx.TransportError(f"lost the event stream of {job_id}: {e}") from e
+            if state.status not in TERMINAL:
+                if failures > SSE_RETRIES:
+                    raise httpx.TransportError(f"the event stream of {job_id} keeps ending")
+                time.sleep(min(5.0, 0.5 * failures))
+        if state.status == "succeeded":
+            progress.update(task, completed=max_steps)
+        refresh()
+    return dict(check(c.get(f"/v1/jobs/{job_id}")))
+
+
+def outcome(job: dict[str, Any]) -> int:
+    status = job["status"]
+    if status == "failed":
+        e = job.get("error") or {}
+        err.print(f"[red]job {job['id']} failed[/red]: {escape(str(e.get('code')))}: "
+                  f"{escape(str(e.get('message')))}")
+    elif status == "cancelled":
+        err.print(f"[yellow]job {job['id']} cancelled[/yellow]")
+    else:
+        err.print(f"[green]job {job['id']} {status}[/green]")
+    return OUTCOME_EXIT.get(status, EXIT_FAILED)
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def read_spec_file(path: Path) -> dict[str, Any]:
+    """Validate with `sharp_core.spec.load_spec`, then return the file's own mapping."""
+    from sharp_core.errors import SharpError
+    from sharp_core.spec import load_spec
+
+    try:
+        load_spec(path)
+    except SharpError as e:
+        param = f" (param {e.param})" if e.param else ""
+        err.print(f"[red]invalid spec[/red] {escape(str(path))}: {e.code}: "
+                  f"{escape(e.message)}{escape(param)}")
+        raise CliExit(EXIT_BAD_INPUT) from None
+    text = path.read_text(encoding="utf-8")
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    return dict(data)
+
+
+@jobs_app.command("submit")
+def submit_cmd(
+    spec: Path = typer.Argument(..., help="A job spec, YAML or JSON (see docs/spec.md)."),
+    idempotency_key: str | None = typer.Option(
+        None, "--idempotency-key", help="Same key and spec → the same job (safe to rerun)."
+    ),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Follow the job until it ends."),
+    url: str | None = UrlOpt,
+    key: str | None = KeyOpt,
+) -> None:
+    """Validate SPEC locally, submit it, print the job id (with --watch: follow it)."""
+
+    def body() -> int:
+        data = read_spec_file(spec)
+        with client(url, key) as c:
+            headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+            job = check(c.post("/v1/jobs", json={"spec": data}, headers=headers))
+            out.print(job["id"])
+            if not watch:
+                return EXIT_OK
+            return outcome(watch_job(c, job["id"]))
+
+    run(body)
+
+
+def _fmt_time(value: str | None) -> str:
+    return value.replace("T", " ")[:19] if value else ""
+
+
+@jobs_app.command("list")
+def list_cmd(
+    status: str | None = typer.Option(
+        None, "--status", "-s", help="Comma-separated statuses, e.g. queued,running."
+    ),
+    limit: int = typer.Option(20, "--limit", "-n", min=1, max=100, help="At most this many."),
+    as_json: bool = typer.Option(False, "--json", help="The API's JSON instead of a table."),
+    url: str | None = UrlOpt,
+    key: str | None = KeyOpt,
+) -> None:
+    """This team's jobs, newest first."""
+
+    def body() -> int:
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        with client(url, key) as c:
+            page = check(c.get("/v1/jobs", params=params))
+        if as_json:
+            out.print_json(data=page)
+            return EXIT_OK
+        table = Table("id", "name", "status", "step", "loss", "created")
+        for j in page["data"]:
+            loss = j["metrics"].get("loss")
+            table.add_row(
+                j["id"], j["name"], j["status"],
+                f"{j['progress']['step']}/{j['progress']['max_steps']}",
+                "" if loss is None else f"{loss:.4f}", _fmt_time(j["created_at"]),
+            )
+        out.print(table)
+        return EXIT_OK
+
+    run(body)
+
+
+@jobs_app.command("show")
+def show_cmd(
+    job_id: str = typer.Argument(..., metavar="ID"),
+    as_json: bool = typer.Option(False, "--json", help="The API's JSON."),
+    url: str | None = UrlOpt,
+    key: str | None = KeyOpt,
+) -> None:
+    """Status, progress, latest metrics and error of one job."""
+
+    def body() -> int:
+        with client(url, key) as c:
+            job = check(c.get(f"/v1/jobs/{job_id}"))
+        if as_json:
+            out.print_json(data=job)
+            return EXIT_OK
+        p = job["progress"]
+        out.print(f"[bold]{job['id']}[/bold]  {escape(job['name'])}")
+        out.print(f"status    {job['status']}" + ("  (cancel requested)"
+                                                   if job.get("cancel_requested") else ""))
+        out.print(f"progress  {p['step']}/{p['max_steps']}"
+                  + (f"  {p['tokens_per_s']:,.0f} tok/s" if p.get("tokens_per_s") else "")
+                  + (f"  ETA {_fmt_eta(p['eta_s'])}" if p.get("eta_s") is not None else ""))
+        out.print(f"queue     {job['queue']}  attempt {job['attempt']}/{job['max_attempts']}")
+        out.print(f"created   {_fmt_time(job['created_at'])}  started "
+                  f"{_fmt_time(job.get('started_at')) or '-'}  finished "
+                  f"{_fmt_time(job.get('finished_at')) or '-'}")
+        if job["metrics"]:
+            table = Table("metric", "latest", title=None)
+            for name, value in sorted(job["metrics"].items()):
+                table.add_row(name, f"{value:.6g}")
+            out.print(table)
+        if job.get("error"):
+            e = job["error"]
+            param = f" (param {e['param']})" if e.get("param") else ""
+            out.print(f"[red]error[/red]     {escape(str(e['code']))}: "
+                      f"{escape(str(e['message']))}{escape(param)}")
+        return EXIT_OK
+
+    run(body)
+
+
+@jobs_app.command("watch")
+def watch_cmd(
+    job_id: str = typer.Argument(..., metavar="ID"),
+    url: str | None = UrlOpt,
+    key: str | None = KeyOpt,
+) -> None:
+    """Live progress until the job ends; exit 0 succeeded, 1 failed, 3 cancelled."""
+
+    def body() -> int:
+        with client(url, key) as c:
+            return outcome(watch_job(c, job_id))
+
+    run(body)
+
+
+@jobs_app.command("cancel")
+def cancel_cmd(
+    job_id: str = typer.Argument(..., metavar="ID"),
+    url: str | None = UrlOpt,
+    key: str | None = KeyOpt,
+) -> None:
+    """Cancel a job (idempotent; a running job saves a checkpoint first)."""
+
+    def body() -> int:
+        with client(url, key) as c:
+            job = check(c.post(f"/v1/jobs/{job_id}/cancel"))
+        out.print(f"{job['id']} {job['status']}")
+        return EXIT_OK
+
+    run(body)
+
+
+@jobs_app.command("retry")
+def retry_cmd(
+    job_id: str = typer.Argument(..., metavar="ID"),
+    url: str | None = UrlOpt,
+    key: str | None = KeyOpt,
+) -> None:
+    """Queue a failed or cancelled job again (it resumes from its newest checkpoint)."""
+
+    def body() -> int:
+        with client(url, key) as c:
+            job = check(c.post(f"/v1/jobs/{job_id}/retry"))
+        out.print(f"{job['id']} {job['status']}")
+        return EXIT_OK
+
+    run(body)
+
+
+def _target(root: Path, name: str) -> Path:
+    """Where a listed file goes; names are remote input, so never outside `root`."""
+    target = (root / name).resolve()
+    if not target.is_relative_to(root.resolve()) or target == root.resolve():
+        _die(EXIT_FAILED, f"unsafe file name in the checkpoint listing: {name!r}")
+    return target
+
+
+def download_files(
+    c: httpx.Client, job_id: str, step: int | None, dest: Path | None
+) -> tuple[Path, list[dict[str, Any]], list[str]]:
+    """Download one checkpoint file by file; return (folder, files, names resumed).
+
+    A file is written to ``NAME.part`` and renamed once its sha256 matches the listing; an
+    existing ``.part`` is resumed with ``Range`` + ``If-Range`` (the ETag is the sha256, so a
+    changed file restarts from zero); a complete file whose sha256 matches is skipped.
+    """
+    from api.artifacts import checkpoint_dir_name
+
+    ckpts = check(c.get(f"/v1/jobs/{job_id}/checkpoints"))["data"]
+    if not ckpts:
+        _die(EXIT_BAD_INPUT, f"job {job_id} has no checkpoint yet")
+    if step is None:
+        ckpt = max(ckpts, key=lambda k: k["step"])
+    else:
+        found = [k for k in ckpts if k["step"] == step]
+        if not found:
+            steps = ", ".join(str(k["step"]) for k in sorted(ckpts, key=lambda k: k["step"]))
+            _die(EXIT_BAD_INPUT, f"job {job_id} has no checkpoint at step {step} (has {steps})")
+        ckpt = found[0]
+    folder = dest if dest is not None else Path(job_id) / checkpoint_dir_name(ckpt["step"])
+    folder.mkdir(parents=True, exist_ok=True)
+    files: list[dict[str, Any]] = ckpt["files"]
+    resumed: list[str] = []
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+        TransferSpeedColumn(), TimeElapsedColumn(), console=err,
+    )
+    with progress:
+        task = progress.add_task(f"step {ckpt['step']}", total=sum(f["size"] for f in files))
+        for meta in files:
+            name, size, sha = meta["name"], int(meta["size"]), meta["sha256"]
+            target = _target(folder, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.is_file() and target.stat().st_size == size and _sha256(target) == sha:
+                progress.advance(task, size)
+                continue
+            part = target.with_name(target.name + ".part")
+            have = part.stat().st_size if part.is_file() else 0
+            if have > size:
+                part.unlink()
+                have = 0
+            headers: dict[str, str] = {}
+            if 0 < have < size:
+                headers = {"Range": f"bytes={have}-", "If-Range": f'"{sha}"'}
+            url = f"/v1/jobs/{job_id}/checkpoints/{ckpt['step']}/files/{name}"
+            if have < size:
+                with c.stream("GET", url, headers=headers,
+                              timeout=httpx.Timeout(10.0, read=120.0)) as r:
+                    if r.status_code >= 400:
+                        r.read()
+                        check(r)
+                    mode = "ab" if r.status_code == 206 else "wb"
+                    if r.status_code == 206:
+                        resumed.append(name)
+                        progress.advance(task, have)
+                    with part.open(mode) as f:
+                        for chunk in r.iter_bytes(1 << 20):
+                            f.write(chunk)
+                            progress.advance(task, len(chunk))
+            else:
+                progress.advance(task, size)
+            got = _sha256(part)
+            if got != sha:
+                part.unlink()
+                _die(EXIT_FAILED, f"{name}: sha256 {got} does not match the listing ({sha}); "
+                     "the partial file was removed, run the command again")
+            part.replace(target)
+    return folder, files, resumed
+
+
+@jobs_app.command("download")
+def download_cmd(
+    job_id: str = typer.Argument(..., metavar="ID"),
+    step: int | None = typer.Option(None, "--step", help="Checkpoint step (default: the last)."),
+    dest: Path | None = typer.Option(
+        None, "--out", "-o", help="Folder for the files (default: ./ID/step_NNNNNN)."
+    ),
+    url: str | None = UrlOpt,
+    key: str | None = KeyOpt,
+) -> None:
+    """Download a checkpoint (resumable, sha256-verified); print the folder."""
+
+    def body() -> int:
+        with client(url, key) as c:
+            folder, files, resumed = download_files(c, job_id, step, dest)
+        for name in resumed:
+            err.print(f"resumed {escape(name)}")
+        err.print(f"{len(files)} files, sha256 verified")
+        out.print(str(folder))
+        return EXIT_OK
+
+    run(body)
+
+
+# -- docs/spec.md ----------------------------------------------------------------------------
+
+
+def _type_name(ann: Any) -> str:
+    import typing
+
+    origin = typing.get_origin(ann)
+    args = typing.get_args(ann)
+    if origin is typing.Literal:
+        return " | ".join(f"`{a!r}`" for a in args)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        inner = ", ".join(_type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    if ann is type(None):
+        return "null"
+    return getattr(ann, "__name__", str(ann))
+
+
+def _bounds(info: Any) -> str:
+    names = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤", "min_length": "min length",
+             "max_length": "max length", "pattern": "pattern"}
+    parts = []
+    for m in info.metadata:
+        for attr, label in names.items():
+            value = getattr(m, attr, None)
+            if value is not None:
+                parts.append(f"{label} `{value}`")
+    return ", ".join(parts)
+
+
+def _default(info: Any) -> str:
+    from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
+
+    if info.is_required():
+        return "**required**"
+    if info.default_factory is not None:
+        value = info.default_factory()
+        if isinstance(value, dict | list) and not value:
+            return f"`{value!r}`"
+        return "see below" if isinstance(value, BaseModel) else f"`{value!r}`"
+    if info.default is PydanticUndefined:  # pragma: no cover
+        return ""
+    return f"`{json.dumps(info.default)}`" if info.default is not None else "`null`"
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def spec_docs_markdown() -> str:
+    """The text of ``docs/spec.md``, from the pydantic fields of `JobSpec` and its parts."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from sharp_core.spec import SPEC_VERSION, JobSpec
+
+    lines = [
+        "# Job spec reference",
+        "",
+        "<!-- Generated by `python -m api.client_cli gen-spec-docs > docs/spec.md` from",
+        "     sharp_core.spec.JobSpec; do not edit by hand (tests/test_cli_jobs.py checks it). -->",
+        "",
+        f"Spec version {SPEC_VERSION}. A spec is YAML or JSON; unknown fields are rejected, and "
+        "an invalid value is reported with its path (e.g. `spec.training.lr`) by "
+        "`sharp jobs submit` before anything is sent, and by `POST /v1/jobs`.",
+        "",
+    ]
+    def models_in(ann: Any) -> list[type[BaseModel]]:
+        found: list[type[BaseModel]] = []
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            found.append(ann)
+        for a in typing.get_args(ann):
+            found += models_in(a)
+        return found
+
+    # Every path where each model appears (ModelSpec is both spec.teacher and spec.student).
+    paths: dict[type[BaseModel], list[str]] = {}
+
+    def walk(model: type[BaseModel], path: str) -> None:
+        paths.setdefault(model, []).append(path)
+        if path.count(".") > 8:  # pragma: no cover - no recursive model in the spec today
+            return
+        for name, info in model.model_fields.items():
+            for sub in models_in(info.annotation):
+                walk(sub, f"{path}.{name}")
+
+    walk(JobSpec, "spec")
+    for model, where in paths.items():
+        lines.append("## " + ", ".join(f"`{p}`" for p in where))
+        lines.append("")
+        doc = (model.__doc__ or "").strip()
+        if doc and model.__doc__ != BaseModel.__doc__:
+            lines.append(" ".join(doc.split()))
+            lines.append("")
+        lines.append("| field | type | default | bounds | description |")
+        lines.append("|---|---|---|---|---|")
+        for name, info in model.model_fields.items():
+            lines.append(
+                f"| `{name}` | {_cell(_type_name(info.annotation))} | {_cell(_default(info))} | "
+                f"{_cell(_bounds(info))} | {_cell(info.description or '')} |"
+            )
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> None:
+    """``python -m api.client_cli gen-spec-docs``."""
+    if sys.argv[1:] == ["gen-spec-docs"]:
+        sys.stdout.write(spec_docs_markdown())
+        return
+    sys.stderr.write("usage: python -m api.client_cli gen-spec-docs > docs/spec.md\n")
+    raise SystemExit(EXIT_BAD_INPUT)
+
+
+if __name__ == "__main__":
+    main()

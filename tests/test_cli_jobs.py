@@ -1,0 +1,284 @@
+"""``sharp jobs …`` run as real subprocesses against a real uvicorn, Celery worker, Postgres
+and Redis (the fixtures of conftest.py); plus the check that ``docs/spec.md`` is current.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from api.client_cli import spec_docs_markdown
+from tests.conftest import ROOT, TeamKey, free_port, tiny_spec
+
+CLI_TIMEOUT = 240
+
+
+def sharp(*args: str, url: str, key: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "SHARP_URL": url,
+        "SHARP_API_KEY": key,
+        # No profile file of the machine running the tests may leak in.
+        "SHARP_CONFIG": str(Path(cwd or ROOT) / "no-such-profile.toml"),
+        "COLUMNS": "200",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "api.cli", "jobs", *args],
+        cwd=ROOT if cwd is None else cwd,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+    )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- docs ------------------------------------------------------------------------------------
+
+
+def test_spec_docs_are_current() -> None:
+    committed = (ROOT / "docs" / "spec.md").read_text(encoding="utf-8")
+    assert committed == spec_docs_markdown(), (
+        "docs/spec.md is stale: run `python -m api.client_cli gen-spec-docs > docs/spec.md`"
+    )
+
+
+def test_spec_docs_cover_every_field() -> None:
+    from pydantic import BaseModel
+
+    from sharp_core.spec import JobSpec
+
+    text = spec_docs_markdown()
+    seen: set[type] = set()
+
+    def check(model: type[BaseModel]) -> None:
+        if model in seen:
+            return
+        seen.add(model)
+        for name, info in model.model_fields.items():
+            assert f"| `{name}` |" in text, name
+            ann = info.annotation
+            for sub in [ann, *getattr(ann, "__args__", ())]:
+                if isinstance(sub, type) and issubclass(sub, BaseModel):
+                    check(sub)
+
+    check(JobSpec)
+    assert "| `lr` | float | `0.0005` | > `0.0`, ≤ `1.0` |" in text
+
+
+# -- no server needed ------------------------------------------------------------------------
+
+
+def test_unreachable_server_exits_4(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    done = sharp("list", url=url, key="sk_whatever", cwd=tmp_path)
+    assert done.returncode == 4, done.stderr
+    assert "cannot reach the server" in done.stderr
+
+
+def test_no_key_exits_2(tmp_path: Path) -> None:
+    done = sharp("list", url="http://127.0.0.1:1", key="", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "no API key" in done.stderr
+
+
+def test_profile_file_is_read_and_flags_win(tmp_path: Path) -> None:
+    from api.client_cli import resolve_conn
+
+    profile = tmp_path / "config.json"
+    profile.write_text(json.dumps({"url": "http://profile:1/", "key": "sk_profile"}))
+    env = dict(os.environ)
+    try:
+        os.environ["SHARP_CONFIG"] = str(profile)
+        os.environ.pop("SHARP_URL", None)
+        os.environ.pop("SHARP_API_KEY", None)
+        conn = resolve_conn(None, None)
+        assert (conn.url, conn.key) == ("http://profile:1", "sk_profile")
+        os.environ["SHARP_API_KEY"] = "sk_env"
+        assert resolve_conn(None, None).key == "sk_env"
+        assert resolve_conn("http://flag:2", "sk_flag").key == "sk_flag"
+        toml = tmp_path / "config.toml"
+        toml.write_text('url = "http://toml:3"\nkey = "sk_toml"\n')
+        os.environ["SHARP_CONFIG"] = str(toml)
+        os.environ.pop("SHARP_API_KEY")
+        assert resolve_conn(None, None).url == "http://toml:3"
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+
+
+# -- against the live service -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def team(make_team) -> TeamKey:
+    return make_team("cli")
+
+
+def _job_count(url: str, team: TeamKey) -> int:
+    r = httpx.get(f"{url}/v1/jobs", params={"limit": 100}, headers=team.headers, timeout=10)
+    r.raise_for_status()
+    return len(r.json()["data"])
+
+
+@pytest.mark.service
+def test_invalid_spec_exits_2_and_sends_nothing(
+    live_server: str, team: TeamKey, corpus: Path, tmp_path: Path
+) -> None:
+    spec = tiny_spec(corpus, lr=5.0)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    before = _job_count(live_server, team)
+    done = sharp("submit", str(path), url=live_server, key=team.key, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "spec.training.lr" in done.stderr
+    assert done.stdout.strip() == ""
+    assert _job_count(live_server, team) == before
+
+
+@pytest.mark.service
+def test_wrong_key_exits_2(live_server: str, tmp_path: Path) -> None:
+    done = sharp("list", url=live_server, key="sk_live_not_a_real_key", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "401" in done.stderr and "unauthorized" in done.stderr
+
+
+@pytest.mark.service
+def test_unknown_job_exits_2(live_server: str, team: TeamKey, tmp_path: Path) -> None:
+    done = sharp("show", "job_does_not_exist", url=live_server, key=team.key, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "not_found" in done.stderr
+
+
+@pytest.mark.service
+@pytest.mark.slow
+def test_submit_watch_show_list_download(
+    live_server: str, worker: Path, team: TeamKey, corpus: Path, tmp_path: Path
+) -> None:
+    spec_path = tmp_path / "tiny.yaml"
+    spec_path.write_text(yaml.safe_dump(tiny_spec(corpus, name="cli-tiny")))
+
+    done = sharp("submit", str(spec_path), "--watch", "--idempotency-key", "cli-1",
+                 url=live_server, key=team.key, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr + "\n" + worker.read_text(errors="replace")[-3000:]
+    job_id = done.stdout.strip()
+    assert job_id.startswith("job_"), done.stdout
+    assert "succeeded" in done.stderr
+
+    # The same idempotency key and spec: the same job, nothing new queued.
+    again = sharp("submit", str(spec_path), "--idempotency-key", "cli-1",
+                  url=live_server, key=team.key, cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.strip() == job_id, again.stderr
+
+    shown = sharp("show", job_id, url=live_server, key=team.key, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert job_id in shown.stdout and "succeeded" in shown.stdout and "loss" in shown.stdout
+
+    listed = sharp("list", "--status", "succeeded", url=live_server, key=team.key, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert job_id in listed.stdout
+
+    # watch on a finished job returns its outcome at once.
+    watched = sharp("watch", job_id, url=live_server, key=team.key, cwd=tmp_path)
+    assert watched.returncode == 0, watched.stderr
+
+    # A job that already succeeded cannot be retried: 409 → exit 2.
+    retried = sharp("retry", job_id, url=live_server, key=team.key, cwd=tmp_path)
+    assert retried.returncode == 2 and "invalid_state" in retried.stderr, retried.stderr
+
+    api = httpx.Client(base_url=live_server, headers=team.headers, timeout=30)
+    ckpts = api.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
+    last = max(ckpts, key=lambda c: c["step"])
+    out = tmp_path / "student"
+    dl = sharp("download", job_id, "--out", str(out), url=live_server, key=team.key, cwd=tmp_path)
+    assert dl.returncode == 0, dl.stderr
+    assert Path(dl.stdout.strip()) == out
+    for meta in last["files"]:
+        assert _sha256(out / meta["name"]) == meta["sha256"], meta["name"]
+
+    # Resume: a partial file is completed with a Range request and verified.
+    big = max(last["files"], key=lambda f: f["size"])
+    target = out / big["name"]
+    data = target.read_bytes()
+    target.unlink()
+    target.with_name(target.name + ".part").write_bytes(data[: len(data) // 2])
+    dl2 = sharp("download", job_id, "--out", str(out), url=live_server, key=team.key, cwd=tmp_path)
+    assert dl2.returncode == 0, dl2.stderr
+    assert f"resumed {big['name']}" in dl2.stderr
+    assert _sha256(target) == big["sha256"]
+    assert not target.with_name(target.name + ".part").exists()
+
+    # An earlier step by --step; an unknown step is bad input.
+    first = min(ckpts, key=lambda c: c["step"])
+    dl3 = sharp("download", job_id, "--step", str(first["step"]),
+                url=live_server, key=team.key, cwd=tmp_path)
+    assert dl3.returncode == 0, dl3.stderr
+    assert (tmp_path / job_id / f"step_{first['step']:06d}").is_dir()
+    bad = sharp("download", job_id, "--step", "999999", url=live_server, key=team.key,
+                cwd=tmp_path)
+    assert bad.returncode == 2, bad.stderr
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.n_layer == 1
+    api.close()
+
+
+@pytest.mark.service
+@pytest.mark.slow
+def test_cancel_then_watch_exits_3(
+    live_server: str, worker: Path, team: TeamKey, corpus: Path, tmp_path: Path
+) -> None:
+    spec_path = tmp_path / "long.yaml"
+    spec_path.write_text(yaml.safe_dump(tiny_spec(corpus, max_steps=100_000, name="cli-cancel")))
+    done = sharp("submit", str(spec_path), url=live_server, key=team.key, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip()
+    cancelled = sharp("cancel", job_id, url=live_server, key=team.key, cwd=tmp_path)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert job_id in cancelled.stdout
+    watched = sharp("watch", job_id, url=live_server, key=team.key, cwd=tmp_path)
+    assert watched.returncode == 3, watched.stderr
+    assert "cancelled" in watched.stderr
+
+
+@pytest.mark.service
+@pytest.mark.slow
+def test_failed_job_watch_exits_1(
+    live_server: str, worker: Path, team: TeamKey, corpus: Path, tmp_path: Path
+) -> None:
+    spec = tiny_spec(corpus, name="cli-fail")
+    spec["dataset"]["files"] = [str(tmp_path / "no-such-corpus.txt")]
+    spec["resources"] = {"max_attempts": 1}
+    spec_path = tmp_path / "fail.json"
+    spec_path.write_text(json.dumps(spec))
+    done = sharp("submit", str(spec_path), "--watch", url=live_server, key=team.key, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "failed" in done.stderr
+
+
+def test_watch_state_keeps_sharp_terms() -> None:
+    from api.client_cli import Watch
+
+    state = Watch()
+    state.apply("metrics", {"metrics": [
+        {"step": 3, "values": {"loss": 2.5, "sharp_layer": 0.9, "sharp_head": 0.4,
+                               "tokens_per_s": 1000.0}},
+        {"step": 4, "values": {"loss": 2.4, "sharp_token": 0.2, "tokens_per_s": 0.0}},
+    ]})
+    state.apply("status", {"status": "running"})
+    assert state.step == 4 and state.loss == 2.4 and state.tokens_per_s == 1000.0
+    assert state.terms == {"sharp_layer": 0.9, "sharp_head": 0.4, "sharp_token": 0.2}
+    assert state.status == "running"
