@@ -307,13 +307,15 @@ def build_models(preset: Preset, device: torch.device) -> tuple[nn.Module, nn.Mo
     hf_logging.set_verbosity_error()  # config sanity warnings about random-init models
     resolver = LocalResolver()
     torch.manual_seed(0)
-    teacher = load_model(_model_spec(preset.teacher), role="teacher", resolver=resolver,
-                         device=device)
+    teacher = load_model(
+        _model_spec(preset.teacher), role="teacher", resolver=resolver, device=device
+    )
     teacher.eval()
     teacher.requires_grad_(False)
     torch.manual_seed(1)
-    student = load_model(_model_spec(preset.student), role="student", resolver=resolver,
-                         device=device)
+    student = load_model(
+        _model_spec(preset.student), role="student", resolver=resolver, device=device
+    )
     student.train()
     return teacher, student
 
@@ -376,8 +378,14 @@ class Runner:
     #: attention implementation both models must use for this step
     impl = "sdpa"
 
-    def __init__(self, name: str, teacher: nn.Module, student: nn.Module,
-                 opt: torch.optim.Optimizer, device: torch.device) -> None:
+    def __init__(
+        self,
+        name: str,
+        teacher: nn.Module,
+        student: nn.Module,
+        opt: torch.optim.Optimizer,
+        device: torch.device,
+    ) -> None:
         self.name = name
         self.device = device
         self.models = (teacher, student)
@@ -447,8 +455,18 @@ class MicroStepRunner(Runner):
             self.impl = ATTN_IMPLEMENTATION
         t_run = None if method == "sft" else _maybe_compile(teacher, compile_)
         s_run = _maybe_compile(student, compile_)
-        self.S = Setup(spec, device, None, int(preset.student["vocab_size"]), t_run, s_run,
-                       None, objective, s_cap, t_cap)  # type: ignore[arg-type]
+        self.S = Setup(
+            spec,
+            device,
+            None,
+            int(preset.student["vocab_size"]),
+            t_run,
+            s_run,
+            None,
+            objective,
+            s_cap,
+            t_cap,
+        )  # type: ignore[arg-type]
         self.x = x
         self.a = spec.method.effective_kd_weight
         self.use_amp = device.type == "cuda" and preset.amp
@@ -461,8 +479,9 @@ class MicroStepRunner(Runner):
         n_tokens = x[:, 1:].numel()
         ctx = self.patches() if self.patches is not None else contextlib.nullcontext()
         with ctx:
-            terms, _parts = _micro_step(self.S, x, n_tokens, x.shape[0], self.a, 1.0,
-                                        self.use_amp, torch.bfloat16)
+            terms, _parts = _micro_step(
+                self.S, x, n_tokens, x.shape[0], self.a, 1.0, self.use_amp, torch.bfloat16
+            )
         return terms["loss"]
 
     def close(self) -> None:
@@ -521,9 +540,15 @@ class EagerRunner(Runner):
         s_logits = s_out.logits[:, :-1, :V]
         t_logits = t_out.logits[:, :-1, :V]
         ce = losses.cross_entropy(s_logits, labels, num_valid=n_tokens, chunk_size=m.logit_chunk)
-        kd = losses.divergence(m.divergence, s_logits, t_logits, labels,
-                               temperature=m.temperature, num_valid=n_tokens,
-                               chunk_size=m.logit_chunk)
+        kd = losses.divergence(
+            m.divergence,
+            s_logits,
+            t_logits,
+            labels,
+            temperature=m.temperature,
+            num_valid=n_tokens,
+            chunk_size=m.logit_chunk,
+        )
         attn = torch.zeros((), device=x.device)
         for js, jt in self.pairs:
             s_avg = s_out.attentions[js].float().mean(dim=1)  # (B, N, N)
@@ -571,8 +596,16 @@ class _FusedCEForwardKL(torch.autograd.Function):
         return grad * grad_out.to(grad.dtype), None, None, None, None, None, None
 
 
-def fused_ce_forward_kl(s_logits: Tensor, t_logits: Tensor, labels: Tensor, *, a: float,
-                        temperature: float, num_valid: int, chunk_rows: int) -> Tensor:
+def fused_ce_forward_kl(
+    s_logits: Tensor,
+    t_logits: Tensor,
+    labels: Tensor,
+    *,
+    a: float,
+    temperature: float,
+    num_valid: int,
+    chunk_rows: int,
+) -> Tensor:
     """(1−a)·CE + a·forward KL of the trainer's kd objective in one pass (bench-local).
 
     Why: `sharp_core.trainer._micro_step` calls `losses.cross_entropy` and
@@ -584,16 +617,30 @@ def fused_ce_forward_kl(s_logits: Tensor, t_logits: Tensor, labels: Tensor, *, a
     v = s_logits.shape[-1]
     s2 = s_logits.reshape(-1, v)
     t2 = t_logits.detach().reshape(-1, v)
-    return _FusedCEForwardKL.apply(s2, t2, labels.reshape(-1), float(a), float(temperature),
-                                   float(max(num_valid, 1)), int(chunk_rows))
+    return _FusedCEForwardKL.apply(
+        s2,
+        t2,
+        labels.reshape(-1),
+        float(a),
+        float(temperature),
+        float(max(num_valid, 1)),
+        int(chunk_rows),
+    )
 
 
 class FusedKDRunner(Runner):
     """The ``kd`` step of `_micro_step` (same forwards and slicing) with the fused loss."""
 
-    def __init__(self, preset: Preset, teacher: nn.Module, student: nn.Module,
-                 opt: torch.optim.Optimizer, x: Tensor, device: torch.device,
-                 compile_: bool) -> None:
+    def __init__(
+        self,
+        preset: Preset,
+        teacher: nn.Module,
+        student: nn.Module,
+        opt: torch.optim.Optimizer,
+        x: Tensor,
+        device: torch.device,
+        compile_: bool,
+    ) -> None:
         from sharp_core.spec import MethodSpec
 
         super().__init__("kd_fused", teacher, student, opt, device)
@@ -612,9 +659,15 @@ class FusedKDRunner(Runner):
             with torch.no_grad():
                 t_logits = self.teacher(input_ids=x, attention_mask=ones).logits
             s_logits = self.student(input_ids=x, attention_mask=ones).logits
-        return fused_ce_forward_kl(s_logits[:, :-1, :V], t_logits[:, :-1, :V], labels,
-                                   a=m.effective_kd_weight, temperature=m.temperature,
-                                   num_valid=labels.numel(), chunk_rows=m.logit_chunk)
+        return fused_ce_forward_kl(
+            s_logits[:, :-1, :V],
+            t_logits[:, :-1, :V],
+            labels,
+            a=m.effective_kd_weight,
+            temperature=m.temperature,
+            num_valid=labels.numel(),
+            chunk_rows=m.logit_chunk,
+        )
 
 
 def _set_attention(model: nn.Module, impl: str) -> None:
@@ -667,7 +720,9 @@ def project_sdpa(attn: Any, basis: Tensor, query_chunk: int = 0) -> Tensor:
             mask = torch.where(valid, mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
         mask = mask.to(q.device)
     out = F.scaled_dot_product_attention(
-        q, k, v,
+        q,
+        k,
+        v,
         attn_mask=mask,
         is_causal=bool(attn.is_causal and mask is None),
         scale=attn.scaling,
@@ -746,8 +801,10 @@ def compare_sdpa_terms(runner: MicroStepRunner) -> dict[str, float]:
 
         basis = sharp.dct_basis(x.shape[1], S.objective.rank, device=x.device)
         pq_err = {"student": 0.0, "teacher": 0.0}
-        for side, layers in (("student", S.student_capture.layers),
-                             ("teacher", S.teacher_capture.layers)):
+        for side, layers in (
+            ("student", S.student_capture.layers),
+            ("teacher", S.teacher_capture.layers),
+        ):
             for layer in layers.values():
                 a = sharp.project(layer, basis, S.objective.query_chunk)
                 b = project_sdpa(layer, basis)
@@ -777,17 +834,20 @@ def time_objective(runner: MicroStepRunner, repeats: int) -> dict[str, float]:
     assert S.objective is not None and S.teacher is not None
     ones = torch.ones_like(x)
     runner.activate()
-    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16,
-                                         enabled=runner.use_amp):
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=runner.use_amp):
         with S.teacher_capture:
             S.teacher(input_ids=x, attention_mask=ones)
         with S.student_capture:
             S.student(input_ids=x, attention_mask=ones)
     teacher = dict(S.teacher_capture.layers)
     student = {
-        i: CapturedLayer(query=c.query.detach().requires_grad_(True),
-                         key=c.key.detach().requires_grad_(True),
-                         scaling=c.scaling, mask=c.mask, is_causal=c.is_causal)
+        i: CapturedLayer(
+            query=c.query.detach().requires_grad_(True),
+            key=c.key.detach().requires_grad_(True),
+            scaling=c.scaling,
+            mask=c.mask,
+            is_causal=c.is_causal,
+        )
         for i, c in S.student_capture.layers.items()
     }
     S.student_capture.clear()
@@ -811,8 +871,11 @@ def time_objective(runner: MicroStepRunner, repeats: int) -> dict[str, float]:
     for _ in range(repeats):
         ref.append(once(False))
         fix.append(once(True))
-    return {"sharp_core_ms": statistics.median(ref), "sdpa_ms": statistics.median(fix),
-            "repeats": repeats}
+    return {
+        "sharp_core_ms": statistics.median(ref),
+        "sdpa_ms": statistics.median(fix),
+        "repeats": repeats,
+    }
 
 
 # --------------------------------------------------------------------------------- measuring
@@ -994,6 +1057,7 @@ def _instrumented(runner: Runner, teacher: nn.Module, student: nn.Module) -> Ite
     stack: list[Any] = []
     handles = []
     for who, model in (("teacher", teacher), ("student", student)):
+
         def pre(_m: nn.Module, _a: Any, who: str = who) -> None:
             rf = record_function(f"{phase[0]}:{who}.forward")
             rf.__enter__()
@@ -1011,6 +1075,7 @@ def _instrumented(runner: Runner, teacher: nn.Module, student: nn.Module) -> Ite
             phase[0] = name
             with record_function(f"{name}:total"):
                 return fn(*args)
+
         return run
 
     runner.forward = phased("fwd", orig_fwd)  # type: ignore[method-assign]
@@ -1076,14 +1141,22 @@ class StepResult:
     error: str | None = None
 
 
-def _make_runner(name: str, preset: Preset, teacher: nn.Module, student: nn.Module,
-                 opt: torch.optim.Optimizer, x: Tensor, device: torch.device,
-                 compile_: bool) -> Runner:
+def _make_runner(
+    name: str,
+    preset: Preset,
+    teacher: nn.Module,
+    student: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: Tensor,
+    device: torch.device,
+    compile_: bool,
+) -> Runner:
     methods = {"ce": "sft", "kd": "kd", "sharp": "sharp", "sharp_sdpa": "sharp"}
     if name in methods:
         patches = sdpa_projection_patch if name == "sharp_sdpa" else None
-        return MicroStepRunner(name, methods[name], preset, teacher, student, opt, x, device,
-                               compile_, patches=patches)
+        return MicroStepRunner(
+            name, methods[name], preset, teacher, student, opt, x, device, compile_, patches=patches
+        )
     if name == "eager":
         return EagerRunner(preset, teacher, student, opt, x, device, compile_)
     if name == "kd_fused":
@@ -1105,8 +1178,16 @@ def _targets(preset: Preset, results: dict[str, StepResult]) -> list[dict[str, A
                 value = r.mfu_table if r.mfu_table is not None else r.mfu_measured
         paired = r.ratio_to_kd_paired if r is not None and metric == "time_ratio" else None
         met = None if value is None else (value >= limit if metric == "mfu_min" else value <= limit)
-        out.append({"metric": metric, "step": step, "limit": limit, "value": value,
-                    "value_paired": paired, "met": met})
+        out.append(
+            {
+                "metric": metric,
+                "step": step,
+                "limit": limit,
+                "value": value,
+                "value_paired": paired,
+                "met": met,
+            }
+        )
     return out
 
 
@@ -1128,8 +1209,10 @@ def run_benchmark(
     preset = PRESETS[preset_name]
     dev = torch.device(device or preset.device)
     if preset.requires_cuda and dev.type != "cuda":
-        raise RuntimeError(f"preset {preset.name!r} needs a CUDA GPU (bf16 autocast, "
-                           f"its shapes); --device {dev} is not one")
+        raise RuntimeError(
+            f"preset {preset.name!r} needs a CUDA GPU (bf16 autocast, "
+            f"its shapes); --device {dev} is not one"
+        )
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(
             f"preset {preset.name!r} needs a CUDA GPU and none is available "
@@ -1147,15 +1230,18 @@ def run_benchmark(
     teacher, student = build_models(preset, dev)
     opt = make_optimizer(student, dev)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, int(preset.student["vocab_size"]), (preset.batch, preset.seq_len),
-                      generator=gen).to(dev)
+    x = torch.randint(
+        0, int(preset.student["vocab_size"]), (preset.batch, preset.seq_len), generator=gen
+    ).to(dev)
     tokens = preset.batch * preset.seq_len
 
     from sharp_core.trainer import _flops_per_token
 
     flops_per_token = _flops_per_token(student, teacher)
-    lm_head = (6 * student.get_output_embeddings().weight.numel()
-               + 2 * teacher.get_output_embeddings().weight.numel())
+    lm_head = (
+        6 * student.get_output_embeddings().weight.numel()
+        + 2 * teacher.get_output_embeddings().weight.numel()
+    )
     peak_table = _table_peak_flops(dev)
     peak_measured = matmul_rate_bf16(dev) if dev.type == "cuda" else None
 
@@ -1187,8 +1273,10 @@ def run_benchmark(
     # matters for the ratios on a shared CPU. Warm-up rounds first (AdamW state, compile).
     for rnd in range(warmup + repeats):
         timed = rnd >= warmup
-        log(f"{'round' if timed else 'warm-up'} {rnd - warmup + 1 if timed else rnd + 1}"
-            f"/{repeats if timed else warmup}")
+        log(
+            f"{'round' if timed else 'warm-up'} {rnd - warmup + 1 if timed else rnd + 1}"
+            f"/{repeats if timed else warmup}"
+        )
         for name in list(runners):
             runner = runners[name]
             try:
@@ -1310,7 +1398,9 @@ def render_table(doc: dict[str, Any], file: Any = None) -> None:
 
     console = Console(file=file or sys.stdout, width=160)
     p, m = doc["preset"], doc["machine"]
-    where = m["gpu"] or f"{m['cpu']} ({m['cpus_usable']} usable cores, {m['torch_threads']} threads)"
+    where = (
+        m["gpu"] or f"{m['cpu']} ({m['cpus_usable']} usable cores, {m['torch_threads']} threads)"
+    )
     t = p["teacher"]
     s = p["student"]
     title = (
@@ -1320,10 +1410,22 @@ def render_table(doc: dict[str, Any], file: Any = None) -> None:
         f"{', compiled' if p['compile'] else ''}; median of {p['repeats']} "
         f"after {p['warmup']} warm-up"
     )
-    table = Table(title=title, caption=f"{where}; torch {m['torch']}, "
-                  f"transformers {m['transformers']}")
-    cols = ["step", "ms/step", "tokens/s", "peak MiB", "step MiB", "MFU table",
-            "MFU meas.", "x kd time", "x kd paired", "x kd mem", "syncs"]
+    table = Table(
+        title=title, caption=f"{where}; torch {m['torch']}, transformers {m['transformers']}"
+    )
+    cols = [
+        "step",
+        "ms/step",
+        "tokens/s",
+        "peak MiB",
+        "step MiB",
+        "MFU table",
+        "MFU meas.",
+        "x kd time",
+        "x kd paired",
+        "x kd mem",
+        "syncs",
+    ]
     for c in cols:
         table.add_column(c, justify="left" if c == "step" else "right")
     for r in doc["steps"]:
@@ -1354,11 +1456,16 @@ def render_table(doc: dict[str, Any], file: Any = None) -> None:
         )
     for tg in doc["targets"]:
         verdict = {True: "met", False: "NOT met", None: "not measured"}[tg["met"]]
-        paired = (f" (paired per round: {_fmt(tg['value_paired'], '.3f')})"
-                  if tg.get("value_paired") is not None else "")
-        console.print(f"target {tg['metric']} of {tg['step']} "
-                      f"{'>=' if tg['metric'] == 'mfu_min' else '<='} {tg['limit']}: "
-                      f"{_fmt(tg['value'], '.3f')}{paired} -> {verdict}")
+        paired = (
+            f" (paired per round: {_fmt(tg['value_paired'], '.3f')})"
+            if tg.get("value_paired") is not None
+            else ""
+        )
+        console.print(
+            f"target {tg['metric']} of {tg['step']} "
+            f"{'>=' if tg['metric'] == 'mfu_min' else '<='} {tg['limit']}: "
+            f"{_fmt(tg['value'], '.3f')}{paired} -> {verdict}"
+        )
     for name, check in doc.get("checks", {}).items():
         console.print(f"check {name}: {check}")
     for r in doc["steps"]:
@@ -1390,22 +1497,37 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.step",
         description="Time ce / kd / sharp / eager distillation steps side by side.",
     )
-    ap.add_argument("--preset", required=True, choices=list(PRESETS),
-                    metavar="{" + ",".join(visible) + "}")
-    ap.add_argument("--json", action="store_true",
-                    help="print the JSON document on stdout (the table goes to stderr)")
+    ap.add_argument(
+        "--preset", required=True, choices=list(PRESETS), metavar="{" + ",".join(visible) + "}"
+    )
+    ap.add_argument(
+        "--json",
+        action="store_true",
+        help="print the JSON document on stdout (the table goes to stderr)",
+    )
     ap.add_argument("--repeats", type=int, default=None, help="timed steps (median)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first")
-    ap.add_argument("--steps", type=_parse_steps, default=STEP_NAMES,
-                    help=f"comma list of {','.join(ALL_STEPS)} (default {','.join(STEP_NAMES)})")
+    ap.add_argument(
+        "--steps",
+        type=_parse_steps,
+        default=STEP_NAMES,
+        help=f"comma list of {','.join(ALL_STEPS)} (default {','.join(STEP_NAMES)})",
+    )
     ap.add_argument("--compile", action="store_true", help="torch.compile teacher and student")
-    ap.add_argument("--profile", action="store_true",
-                    help="after timing, a torch.profiler breakdown of each step by range")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, a torch.profiler breakdown of each step by range",
+    )
     ap.add_argument("--device", default=None, help="override the preset's device")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: torch's). On a CPU shared with other "
-                    "jobs use 1: OpenMP barriers spin on descheduled threads and a 2-thread "
-                    "step can run 50x slower than a 1-thread one")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's). On a CPU shared with other "
+        "jobs use 1: OpenMP barriers spin on descheduled threads and a 2-thread "
+        "step can run 50x slower than a 1-thread one",
+    )
     args = ap.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -1424,7 +1546,9 @@ def main(argv: list[str] | None = None) -> int:
             compile_=args.compile,
             profile=args.profile,
             device=args.device,
-            command=" ".join(["python -m bench.step", *(argv if argv is not None else sys.argv[1:])]),
+            command=" ".join(
+                ["python -m bench.step", *(argv if argv is not None else sys.argv[1:])]
+            ),
             log=log,
         )
     except (RuntimeError, ValueError) as e:
