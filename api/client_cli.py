@@ -138,11 +138,15 @@ def resolve_conn(url: str | None, key: str | None) -> Conn:
     url = url or os.environ.get("SHARP_URL") or from_profile("url")
     key = key or os.environ.get("SHARP_API_KEY") or from_profile("key")
     if not url:
-        _die(EXIT_BAD_INPUT, "no server URL: pass --url, set SHARP_URL or write a profile "
-             f"({profile_path()})")
+        _die(
+            EXIT_BAD_INPUT,
+            f"no server URL: pass --url, set SHARP_URL or write a profile ({profile_path()})",
+        )
     if not key:
-        _die(EXIT_BAD_INPUT, "no API key: pass --key, set SHARP_API_KEY or write a profile "
-             f"({profile_path()})")
+        _die(
+            EXIT_BAD_INPUT,
+            f"no API key: pass --key, set SHARP_API_KEY or write a profile ({profile_path()})",
+        )
     return Conn(url.rstrip("/"), key)
 
 
@@ -160,8 +164,9 @@ def check(r: httpx.Response) -> Any:
     if r.status_code >= 400:
         try:
             body = r.json()["error"]
-            raise ApiError(r.status_code, str(body.get("code")), str(body.get("message")),
-                           body.get("param"))
+            raise ApiError(
+                r.status_code, str(body.get("code")), str(body.get("message")), body.get("param")
+            )
         except (ValueError, KeyError, TypeError):
             raise ApiError(r.status_code, f"http_{r.status_code}", r.text[:500], None) from None
     return r.json()
@@ -195,8 +200,10 @@ def run(fn: Any) -> NoReturn:
     except ApiError as e:
         code = _report_api_error(e)
     except httpx.TransportError as e:
-        err.print(f"[red]error[/red] cannot reach the server: {escape(type(e).__name__)}: "
-                  f"{escape(str(e))}")
+        err.print(
+            f"[red]error[/red] cannot reach the server: {escape(type(e).__name__)}: "
+            f"{escape(str(e))}"
+        )
         code = EXIT_UNREACHABLE
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]")
@@ -276,7 +283,10 @@ def watch_job(c: httpx.Client, job_id: str) -> dict[str, Any]:
             headers = {"Last-Event-ID": state.last_id} if state.last_id else {}
             try:
                 with connect_sse(
-                    c, "GET", f"/v1/jobs/{job_id}/events", headers=headers,
+                    c,
+                    "GET",
+                    f"/v1/jobs/{job_id}/events",
+                    headers=headers,
                     timeout=httpx.Timeout(10.0, read=60.0),
                 ) as source:
                     if source.response.status_code >= 400:
@@ -310,8 +320,10 @@ def outcome(job: dict[str, Any]) -> int:
     status = job["status"]
     if status == "failed":
         e = job.get("error") or {}
-        err.print(f"[red]job {job['id']} failed[/red]: {escape(str(e.get('code')))}: "
-                  f"{escape(str(e.get('message')))}")
+        err.print(
+            f"[red]job {job['id']} failed[/red]: {escape(str(e.get('code')))}: "
+            f"{escape(str(e.get('message')))}"
+        )
     elif status == "cancelled":
         err.print(f"[yellow]job {job['id']} cancelled[/yellow]")
     else:
@@ -331,8 +343,10 @@ def read_spec_file(path: Path) -> dict[str, Any]:
         load_spec(path)
     except SharpError as e:
         param = f" (param {e.param})" if e.param else ""
-        err.print(f"[red]invalid spec[/red] {escape(str(path))}: {e.code}: "
-                  f"{escape(e.message)}{escape(param)}")
+        err.print(
+            f"[red]invalid spec[/red] {escape(str(path))}: {e.code}: "
+            f"{escape(e.message)}{escape(param)}"
+        )
         raise CliExit(EXIT_BAD_INPUT) from None
     text = path.read_text(encoding="utf-8")
     data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
@@ -393,9 +407,12 @@ def list_cmd(
         for j in page["data"]:
             loss = j["metrics"].get("loss")
             table.add_row(
-                j["id"], j["name"], j["status"],
+                j["id"],
+                j["name"],
+                j["status"],
                 f"{j['progress']['step']}/{j['progress']['max_steps']}",
-                "" if loss is None else f"{loss:.4f}", _fmt_time(j["created_at"]),
+                "" if loss is None else f"{loss:.4f}",
+                _fmt_time(j["created_at"]),
             )
         out.print(table)
         return EXIT_OK
@@ -420,15 +437,21 @@ def show_cmd(
             return EXIT_OK
         p = job["progress"]
         out.print(f"[bold]{job['id']}[/bold]  {escape(job['name'])}")
-        out.print(f"status    {job['status']}" + ("  (cancel requested)"
-                                                   if job.get("cancel_requested") else ""))
-        out.print(f"progress  {p['step']}/{p['max_steps']}"
-                  + (f"  {p['tokens_per_s']:,.0f} tok/s" if p.get("tokens_per_s") else "")
-                  + (f"  ETA {_fmt_eta(p['eta_s'])}" if p.get("eta_s") is not None else ""))
+        out.print(
+            f"status    {job['status']}"
+            + ("  (cancel requested)" if job.get("cancel_requested") else "")
+        )
+        out.print(
+            f"progress  {p['step']}/{p['max_steps']}"
+            + (f"  {p['tokens_per_s']:,.0f} tok/s" if p.get("tokens_per_s") else "")
+            + (f"  ETA {_fmt_eta(p['eta_s'])}" if p.get("eta_s") is not None else "")
+        )
         out.print(f"queue     {job['queue']}  attempt {job['attempt']}/{job['max_attempts']}")
-        out.print(f"created   {_fmt_time(job['created_at'])}  started "
-                  f"{_fmt_time(job.get('started_at')) or '-'}  finished "
-                  f"{_fmt_time(job.get('finished_at')) or '-'}")
+        out.print(
+            f"created   {_fmt_time(job['created_at'])}  started "
+            f"{_fmt_time(job.get('started_at')) or '-'}  finished "
+            f"{_fmt_time(job.get('finished_at')) or '-'}"
+        )
         if job["metrics"]:
             table = Table("metric", "latest", title=None)
             for name, value in sorted(job["metrics"].items()):
@@ -437,8 +460,10 @@ def show_cmd(
         if job.get("error"):
             e = job["error"]
             param = f" (param {e['param']})" if e.get("param") else ""
-            out.print(f"[red]error[/red]     {escape(str(e['code']))}: "
-                      f"{escape(str(e['message']))}{escape(param)}")
+            out.print(
+                f"[red]error[/red]     {escape(str(e['code']))}: "
+                f"{escape(str(e['message']))}{escape(param)}"
+            )
         return EXIT_OK
 
     run(body)
@@ -528,8 +553,12 @@ def download_files(
     files: list[dict[str, Any]] = ckpt["files"]
     resumed: list[str] = []
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-        TransferSpeedColumn(), TimeElapsedColumn(), console=err,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+        console=err,
     )
     with progress:
         task = progress.add_task(f"step {ckpt['step']}", total=sum(f["size"] for f in files))
@@ -550,8 +579,9 @@ def download_files(
                 headers = {"Range": f"bytes={have}-", "If-Range": f'"{sha}"'}
             url = f"/v1/jobs/{job_id}/checkpoints/{ckpt['step']}/files/{name}"
             if have < size:
-                with c.stream("GET", url, headers=headers,
-                              timeout=httpx.Timeout(10.0, read=120.0)) as r:
+                with c.stream(
+                    "GET", url, headers=headers, timeout=httpx.Timeout(10.0, read=120.0)
+                ) as r:
                     if r.status_code >= 400:
                         r.read()
                         check(r)
@@ -568,8 +598,11 @@ def download_files(
             got = _sha256(part)
             if got != sha:
                 part.unlink()
-                _die(EXIT_FAILED, f"{name}: sha256 {got} does not match the listing ({sha}); "
-                     "the partial file was removed, run the command again")
+                _die(
+                    EXIT_FAILED,
+                    f"{name}: sha256 {got} does not match the listing ({sha}); "
+                    "the partial file was removed, run the command again",
+                )
             part.replace(target)
     return folder, files, resumed
 
@@ -621,8 +654,15 @@ def _type_name(ann: Any) -> str:
 
 
 def _bounds(info: Any) -> str:
-    names = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤", "min_length": "min length",
-             "max_length": "max length", "pattern": "pattern"}
+    names = {
+        "gt": ">",
+        "ge": "≥",
+        "lt": "<",
+        "le": "≤",
+        "min_length": "min length",
+        "max_length": "max length",
+        "pattern": "pattern",
+    }
     parts = []
     for m in info.metadata:
         for attr, label in names.items():
@@ -671,6 +711,7 @@ def spec_docs_markdown() -> str:
         "`sharp jobs submit` before anything is sent, and by `POST /v1/jobs`.",
         "",
     ]
+
     def models_in(ann: Any) -> list[type[BaseModel]]:
         found: list[type[BaseModel]] = []
         if isinstance(ann, type) and issubclass(ann, BaseModel):

@@ -161,7 +161,10 @@ def follow(
             headers = {"Last-Event-ID": state.last_id} if state.last_id else {}
             try:
                 with connect_sse(
-                    client, "GET", f"/v1/jobs/{job_id}/events", headers=headers,
+                    client,
+                    "GET",
+                    f"/v1/jobs/{job_id}/events",
+                    headers=headers,
                     timeout=httpx.Timeout(10.0, read=60.0),
                 ) as source:
                     if source.response.status_code >= 400:
@@ -231,8 +234,11 @@ def download_checkpoint(client: httpx.Client, job_id: str, dest_root: Path) -> t
     step = ckpt["step"]
     dest_root.mkdir(parents=True, exist_ok=True)
     archive = dest_root / f"{job_id}-step_{step:06d}.tar"
-    with client.stream("GET", f"/v1/jobs/{job_id}/checkpoints/{step}/archive",
-                       timeout=httpx.Timeout(10.0, read=120.0)) as r:
+    with client.stream(
+        "GET",
+        f"/v1/jobs/{job_id}/checkpoints/{step}/archive",
+        timeout=httpx.Timeout(10.0, read=120.0),
+    ) as r:
         if r.status_code >= 400:
             r.read()
             _check(r, "downloading the archive")
@@ -272,8 +278,13 @@ def sample(folder: Path, prompt: str = "The for statement", tokens: int = 24) ->
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
         ids = tok(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=tokens, do_sample=False,
-                                 no_repeat_ngram_size=3, pad_token_id=tok.eos_token_id or 0)
+            out = model.generate(
+                ids,
+                max_new_tokens=tokens,
+                do_sample=False,
+                no_repeat_ngram_size=3,
+                pad_token_id=tok.eos_token_id or 0,
+            )
         return str(tok.decode(out[0], skip_special_tokens=True))
     except Exception as e:  # noqa: BLE001 - the sample is a courtesy, the checks are above
         return f"(could not sample: {type(e).__name__}: {e})"
@@ -319,16 +330,21 @@ def run_pipeline(
 
     student = submit(client, student_spec({"job": teacher["id"]}, dataset, student_steps))
     submitted.append(student["id"])
-    console.print(f"student job {student['id']} (2-layer GPT-2, method sharp, "
-                  f"teacher {{'job': '{teacher['id']}'}})")
+    console.print(
+        f"student job {student['id']} (2-layer GPT-2, method sharp, "
+        f"teacher {{'job': '{teacher['id']}'}})"
+    )
     student = follow(client, student, "student", console)
     t2 = time.monotonic()
 
     folder, n_files = download_checkpoint(client, student["id"], work / "student")
     console.print(f"downloaded the student: {n_files} files, sha256 verified against the manifest")
     return {
-        "teacher": teacher, "student": student, "folder": folder,
-        "teacher_s": t1 - t0, "student_s": t2 - t1,
+        "teacher": teacher,
+        "student": student,
+        "folder": folder,
+        "teacher_s": t1 - t0,
+        "student_s": t2 - t1,
     }
 
 
@@ -353,8 +369,11 @@ def run_demo(
                     console.print(line, soft_wrap=True)
                 url, key = stack.url, stack.api_key
             submitted: list[str] = []
-            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"},
-                              timeout=httpx.Timeout(30.0)) as client:
+            with httpx.Client(
+                base_url=url,
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=httpx.Timeout(30.0),
+            ) as client:
                 try:
                     result = run_pipeline(
                         client, var_dir, console, teacher_steps, student_steps, submitted
@@ -382,10 +401,16 @@ def run_demo(
     t_ppl = result["teacher"]["metrics"].get("eval_ppl")
     s_ppl = result["student"]["metrics"].get("eval_ppl")
     console.print()
-    console.print(f"teacher eval perplexity: {t_ppl:.2f}" if t_ppl else "teacher eval perplexity: ?")
-    console.print(f"student eval perplexity: {s_ppl:.2f}" if s_ppl else "student eval perplexity: ?")
-    console.print(f"teacher {result['teacher_s']:.0f}s, student {result['student_s']:.0f}s, "
-                  f"demo total {time.monotonic() - start:.0f}s")
+    console.print(
+        f"teacher eval perplexity: {t_ppl:.2f}" if t_ppl else "teacher eval perplexity: ?"
+    )
+    console.print(
+        f"student eval perplexity: {s_ppl:.2f}" if s_ppl else "student eval perplexity: ?"
+    )
+    console.print(
+        f"teacher {result['teacher_s']:.0f}s, student {result['student_s']:.0f}s, "
+        f"demo total {time.monotonic() - start:.0f}s"
+    )
     if text:
         console.print(f"student sample: {text!r}", soft_wrap=True)
     console.print(f"student: {result['folder']}", soft_wrap=True)
@@ -394,15 +419,19 @@ def run_demo(
 
 def demo_command(
     var_dir: Path = typer.Option(
-        Path("var"), "--var-dir", envvar="SHARP_VAR_DIR",
+        Path("var"),
+        "--var-dir",
+        envvar="SHARP_VAR_DIR",
         help="The embedded service's directory (as for `sharp up`).",
     ),
-    port: int = typer.Option(0, "--port", "-p", help="API port if the demo starts the service "
-                             "(0: any free port)."),
+    port: int = typer.Option(
+        0, "--port", "-p", help="API port if the demo starts the service (0: any free port)."
+    ),
     teacher_steps: int = typer.Option(300, help="Teacher training steps."),
     student_steps: int = typer.Option(200, help="Student distillation steps."),
-    do_sample: bool = typer.Option(True, "--sample/--no-sample",
-                                   help="Load the student and print a short greedy sample."),
+    do_sample: bool = typer.Option(
+        True, "--sample/--no-sample", help="Load the student and print a short greedy sample."
+    ),
 ) -> None:
     """Train a teacher and distil a SHARP student through the service; print where it is."""
     raise typer.Exit(run_demo(var_dir, port, teacher_steps, student_steps, do_sample))

@@ -437,9 +437,16 @@ class EmbeddedStack:
         """A private (0600) config file, so the password never shows in ``ps``."""
         conf = self.var_dir / "redis" / "redis.conf"
         lines = [
-            f"port {port}", "bind 127.0.0.1", "protected-mode yes", "daemonize no",
-            'save ""', "appendonly yes", f'dir "{self.var_dir / "redis"}"',
-            "loglevel warning", 'logfile ""', f"requirepass {password}",
+            f"port {port}",
+            "bind 127.0.0.1",
+            "protected-mode yes",
+            "daemonize no",
+            'save ""',
+            "appendonly yes",
+            f'dir "{self.var_dir / "redis"}"',
+            "loglevel warning",
+            'logfile ""',
+            f"requirepass {password}",
             "maxmemory-policy noeviction",  # a broker must never drop a queued message
         ]
         _write_private(conf, "\n".join(lines) + "\n")
@@ -457,8 +464,9 @@ class EmbeddedStack:
             port = self.redis_port or free_port("127.0.0.1")
             cmd = [exe, str(self._redis_config(port, password))]
             child = self._spawn("redis", cmd, dict(os.environ), stop_timeout_s=15)
-            client = redis.Redis(host="127.0.0.1", port=port, password=password,
-                                 socket_connect_timeout=1)
+            client = redis.Redis(
+                host="127.0.0.1", port=port, password=password, socket_connect_timeout=1
+            )
             deadline = time.monotonic() + REDIS_READY_TIMEOUT_S
             try:
                 while time.monotonic() < deadline and child.proc.poll() is None:
@@ -467,8 +475,12 @@ class EmbeddedStack:
                         if client.ping():
                             self.redis_port = port
                             self.settings = embedded_settings(
-                                self.base, self.var_dir, redis_port=port,
-                                redis_password=password, host=self.host, port=self.port,
+                                self.base,
+                                self.var_dir,
+                                redis_port=port,
+                                redis_password=password,
+                                host=self.host,
+                                port=self.port,
                             )
                             self.log(f"redis on 127.0.0.1:{port} (pid {child.proc.pid})")
                             return
@@ -534,9 +546,19 @@ class EmbeddedStack:
 
     def _start_api(self) -> None:
         cmd = [
-            sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app",
-            "--host", self.host, "--port", str(self.port),
-            "--log-level", "info", "--timeout-graceful-shutdown", "5",
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "api.app:create_app",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--log-level",
+            "info",
+            "--timeout-graceful-shutdown",
+            "5",
         ]
         child = self._spawn("api", cmd, self._env(), stop_timeout_s=15)
         self.log(f"api (pid {child.proc.pid}) on {self.url}")
@@ -719,7 +741,9 @@ def up_command(
     port: int = typer.Option(8000, "--port", "-p", help="API port (0: any free port)."),
     host: str = typer.Option("127.0.0.1", "--host", help="API address."),
     var_dir: Path = typer.Option(
-        Path("var"), "--var-dir", envvar="SHARP_VAR_DIR",
+        Path("var"),
+        "--var-dir",
+        envvar="SHARP_VAR_DIR",
         help="Where the database, Redis files, artifacts, uploads, logs and the key live.",
     ),
     redis_port: int = typer.Option(0, "--redis-port", help="Embedded Redis port (0: free)."),

@@ -48,7 +48,8 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="How often a worker looks for jobs whose heartbeat stopped."
     )
     requeue_queued_after_s: float = Field(
-        default=900.0, gt=0,
+        default=900.0,
+        gt=0,
         description="A job still queued after this long gets its Celery message sent again "
         "(covers a lost message; a duplicate is harmless because the claim is idempotent).",
     )

@@ -37,10 +37,22 @@ def one_thread():
 @pytest.mark.timeout(120)
 def test_micro_preset_json_document(capsys, one_thread) -> None:
     steps = ["ce", "kd", "sharp", "eager", "sharp_sdpa", "kd_fused"]
-    rc = bench_step.main([
-        "--preset", "micro", "--json", "--threads", "1", "--repeats", "2", "--warmup", "1",
-        "--steps", ",".join(steps), "--profile",
-    ])
+    rc = bench_step.main(
+        [
+            "--preset",
+            "micro",
+            "--json",
+            "--threads",
+            "1",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--steps",
+            ",".join(steps),
+            "--profile",
+        ]
+    )
     out = capsys.readouterr().out
     doc = json.loads(out)  # stdout is the JSON document only (the table goes to stderr)
     assert rc == 0
@@ -90,7 +102,10 @@ def test_micro_preset_json_document(capsys, one_thread) -> None:
 def test_gpu_preset_refuses_cpu_with_a_clear_message() -> None:
     r = subprocess.run(
         [sys.executable, "-m", "bench.step", "--preset", "opt-1.3b-125m"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 2
     assert "needs a CUDA GPU" in r.stderr
@@ -182,8 +197,9 @@ def test_fused_ce_forward_kl_matches_sharp_core_losses(a: float, tau: float) -> 
         losses.forward_kl(s, t, y, temperature=tau, num_valid=n_valid, chunk_size=4)
     )
     (ref_grad,) = torch.autograd.grad(ref, s)
-    got = bench_step.fused_ce_forward_kl(s, t, y, a=a, temperature=tau, num_valid=n_valid,
-                                         chunk_rows=4)
+    got = bench_step.fused_ce_forward_kl(
+        s, t, y, a=a, temperature=tau, num_valid=n_valid, chunk_rows=4
+    )
     (grad,) = torch.autograd.grad(got, s)
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grad, ref_grad, atol=1e-7, rtol=1e-5)

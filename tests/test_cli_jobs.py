@@ -169,16 +169,31 @@ def test_submit_watch_show_list_download(
     spec_path = tmp_path / "tiny.yaml"
     spec_path.write_text(yaml.safe_dump(tiny_spec(corpus, name="cli-tiny")))
 
-    done = sharp("submit", str(spec_path), "--watch", "--idempotency-key", "cli-1",
-                 url=live_server, key=team.key, cwd=tmp_path)
+    done = sharp(
+        "submit",
+        str(spec_path),
+        "--watch",
+        "--idempotency-key",
+        "cli-1",
+        url=live_server,
+        key=team.key,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr + "\n" + worker.read_text(errors="replace")[-3000:]
     job_id = done.stdout.strip()
     assert job_id.startswith("job_"), done.stdout
     assert "succeeded" in done.stderr
 
     # The same idempotency key and spec: the same job, nothing new queued.
-    again = sharp("submit", str(spec_path), "--idempotency-key", "cli-1",
-                  url=live_server, key=team.key, cwd=tmp_path)
+    again = sharp(
+        "submit",
+        str(spec_path),
+        "--idempotency-key",
+        "cli-1",
+        url=live_server,
+        key=team.key,
+        cwd=tmp_path,
+    )
     assert again.returncode == 0 and again.stdout.strip() == job_id, again.stderr
 
     shown = sharp("show", job_id, url=live_server, key=team.key, cwd=tmp_path)
@@ -221,12 +236,18 @@ def test_submit_watch_show_list_download(
 
     # An earlier step by --step; an unknown step is bad input.
     first = min(ckpts, key=lambda c: c["step"])
-    dl3 = sharp("download", job_id, "--step", str(first["step"]),
-                url=live_server, key=team.key, cwd=tmp_path)
+    dl3 = sharp(
+        "download",
+        job_id,
+        "--step",
+        str(first["step"]),
+        url=live_server,
+        key=team.key,
+        cwd=tmp_path,
+    )
     assert dl3.returncode == 0, dl3.stderr
     assert (tmp_path / job_id / f"step_{first['step']:06d}").is_dir()
-    bad = sharp("download", job_id, "--step", "999999", url=live_server, key=team.key,
-                cwd=tmp_path)
+    bad = sharp("download", job_id, "--step", "999999", url=live_server, key=team.key, cwd=tmp_path)
     assert bad.returncode == 2, bad.stderr
 
     from transformers import AutoModelForCausalLM
@@ -273,11 +294,23 @@ def test_watch_state_keeps_sharp_terms() -> None:
     from api.client_cli import Watch
 
     state = Watch()
-    state.apply("metrics", {"metrics": [
-        {"step": 3, "values": {"loss": 2.5, "sharp_layer": 0.9, "sharp_head": 0.4,
-                               "tokens_per_s": 1000.0}},
-        {"step": 4, "values": {"loss": 2.4, "sharp_token": 0.2, "tokens_per_s": 0.0}},
-    ]})
+    state.apply(
+        "metrics",
+        {
+            "metrics": [
+                {
+                    "step": 3,
+                    "values": {
+                        "loss": 2.5,
+                        "sharp_layer": 0.9,
+                        "sharp_head": 0.4,
+                        "tokens_per_s": 1000.0,
+                    },
+                },
+                {"step": 4, "values": {"loss": 2.4, "sharp_token": 0.2, "tokens_per_s": 0.0}},
+            ]
+        },
+    )
     state.apply("status", {"status": "running"})
     assert state.step == 4 and state.loss == 2.4 and state.tokens_per_s == 1000.0
     assert state.terms == {"sharp_layer": 0.9, "sharp_head": 0.4, "sharp_token": 0.2}

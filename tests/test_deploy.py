@@ -46,7 +46,10 @@ def _compose_command() -> list[str] | None:
         r = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
         if r.returncode == 0:
             return ["docker", "compose"]
-    for exe in (shutil.which("docker-compose"), str(Path(sys.executable).parent / "docker-compose")):
+    for exe in (
+        shutil.which("docker-compose"),
+        str(Path(sys.executable).parent / "docker-compose"),
+    ):
         if exe and Path(exe).is_file():
             r = subprocess.run([exe, "version"], capture_output=True, text=True)
             if r.returncode == 0 and re.search(r"\bv?2\.", r.stdout):
@@ -105,7 +108,11 @@ def test_compose_config() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SHARP_", "POSTGRES_"))}
     r = subprocess.run(
         [*cmd, "-f", str(COMPOSE_FILE), "config", "--format", "json"],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
     )
     assert r.returncode == 0, r.stderr
     config = json.loads(r.stdout)
@@ -142,7 +149,11 @@ def _processes_mentioning(needle: str, exclude: set[int]) -> list[int]:
     """Live processes whose command line or environment contains `needle` (Linux /proc)."""
     out = []
     for name in os.listdir("/proc"):
-        if name.isdigit() and int(name) not in exclude and _proc_mentions(int(name), needle.encode()):
+        if (
+            name.isdigit()
+            and int(name) not in exclude
+            and _proc_mentions(int(name), needle.encode())
+        ):
             try:
                 state = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[0]
             except (OSError, IndexError):
@@ -209,8 +220,13 @@ def test_sharp_up_serves_a_job_and_stops_cleanly(tmp_path: Path, corpus: Path) -
     env.pop("SHARP_UPLOAD_ROOT", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "api.cli", "up", "--var-dir", str(var), "--port", "0"],
-        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     lines = Lines(proc.stdout)
     try:
@@ -231,8 +247,9 @@ def test_sharp_up_serves_a_job_and_stops_cleanly(tmp_path: Path, corpus: Path) -
             assert ready.status_code == 200, ready.text
             assert ready.json()["checks"] == {"database": "ok", "redis": "ok"}
 
-            r = client.post("/v1/jobs", json={"spec": tiny_spec(corpus, max_steps=10)},
-                            headers=headers)
+            r = client.post(
+                "/v1/jobs", json={"spec": tiny_spec(corpus, max_steps=10)}, headers=headers
+            )
             assert r.status_code == 201, r.text
             job_id = r.json()["id"]
             deadline = time.monotonic() + 90
@@ -267,13 +284,21 @@ def test_sharp_up_serves_a_job_and_stops_cleanly(tmp_path: Path, corpus: Path) -
     # restart prints the same key (the key file is reused, not replaced).
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = {**state, "pid": dead.pid, "children": [{"name": "api", "pid": dead.pid,
-                                                     "cmdline": ["true"]}]}
+    stale = {
+        **state,
+        "pid": dead.pid,
+        "children": [{"name": "api", "pid": dead.pid, "cmdline": ["true"]}],
+    }
     (var / "sharp-up.json").write_text(json.dumps(stale))
     again = subprocess.Popen(
         [sys.executable, "-m", "api.cli", "up", "--var-dir", str(var), "--port", "0"],
-        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     lines = Lines(again.stdout)
     try:

@@ -37,8 +37,11 @@ def _lines_two_works(n_per_class: int) -> list[dict]:
         import os
         import subprocess
 
-        other = [ln for m in (os, argparse, logging, subprocess, inspect)
-                 for ln in inspect.getsource(m).splitlines()]
+        other = [
+            ln
+            for m in (os, argparse, logging, subprocess, inspect)
+            for ln in inspect.getsource(m).splitlines()
+        ]
     other = [ln.strip() for ln in other if len(ln.strip()) > 30]
     rng = random.Random(0)
     rows = [{"text": t, "label": 0} for t in rng.sample(other, n_per_class)]
