@@ -484,6 +484,16 @@ def watch_cmd(
     run(body)
 
 
+def _post_action(job_id: str, action: str, url: str | None, key: str | None) -> None:
+    def body() -> int:
+        with client(url, key) as c:
+            job = check(c.post(f"/v1/jobs/{job_id}/{action}"))
+        out.print(f"{job['id']} {job['status']}")
+        return EXIT_OK
+
+    run(body)
+
+
 @jobs_app.command("cancel")
 def cancel_cmd(
     job_id: str = typer.Argument(..., metavar="ID"),
@@ -491,14 +501,7 @@ def cancel_cmd(
     key: str | None = KeyOpt,
 ) -> None:
     """Cancel a job (idempotent; a running job saves a checkpoint first)."""
-
-    def body() -> int:
-        with client(url, key) as c:
-            job = check(c.post(f"/v1/jobs/{job_id}/cancel"))
-        out.print(f"{job['id']} {job['status']}")
-        return EXIT_OK
-
-    run(body)
+    _post_action(job_id, "cancel", url, key)
 
 
 @jobs_app.command("retry")
@@ -508,14 +511,7 @@ def retry_cmd(
     key: str | None = KeyOpt,
 ) -> None:
     """Queue a failed or cancelled job again (it resumes from its newest checkpoint)."""
-
-    def body() -> int:
-        with client(url, key) as c:
-            job = check(c.post(f"/v1/jobs/{job_id}/retry"))
-        out.print(f"{job['id']} {job['status']}")
-        return EXIT_OK
-
-    run(body)
+    _post_action(job_id, "retry", url, key)
 
 
 def _target(root: Path, name: str) -> Path:
