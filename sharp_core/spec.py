@@ -278,8 +278,28 @@ class TrainingSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
-    queue: str = Field(default="default", pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-    gpus: int = Field(default=1, ge=0, le=64)
+    """Where and how the job runs: the scheduler reads these, the trainer reads `gpus` and
+    `teacher_parallel`."""
+
+    queue: str = Field(
+        default="default",
+        pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$",
+        description="GPU pool (each pool is its own queue), e.g. 'h100', 'a100-40g', 'cpu'.",
+    )
+    gpus: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="GPUs on one host; more than 1 runs the training under torchrun.",
+    )
+    priority: int = Field(
+        default=0, ge=-100, le=100, description="Order within the team's queued jobs; higher first."
+    )
+    teacher_parallel: Literal["auto", "replicate", "fsdp"] = Field(
+        default="auto",
+        description="Multi-GPU: replicate the teacher on every rank or shard it with FSDP; "
+        "'auto' shards when a replica would not fit beside the student.",
+    )
     max_attempts: int = Field(default=3, ge=1, le=20)
 
 
