@@ -230,6 +230,11 @@ class MethodSpec(_Strict):
         le=1_000_000,
         description="Record per-term gradient cosines on the student every N steps (0: off).",
     )
+    projection: Literal["sdpa", "chunked"] = Field(
+        default="sdpa",
+        description="How SHARP computes P·Q: one fused attention call with the basis as values "
+        "(fast), or query chunks of the float32 maps (the reference).",
+    )
     query_chunk: int = Field(default=128, ge=1, le=65536)
     logit_chunk: int = Field(default=4096, ge=1, le=1 << 20, description="Tokens per chunk.")
 

@@ -536,7 +536,9 @@ def _micro_step(
     with torch.autocast(S.device.type, dtype=amp_dtype, enabled=use_amp):
         t_logits = None
         if S.teacher is not None:
-            with torch.no_grad():
+            # inference mode, not just no_grad: no version counters or view tracking on the
+            # teacher's activations; its outputs (logits, captured q/k) are only ever read
+            with torch.inference_mode():
                 if S.teacher_capture is not None:
                     with S.teacher_capture:
                         t_logits = S.teacher(input_ids=x, attention_mask=mask).logits
@@ -551,23 +553,24 @@ def _micro_step(
             s_logits = S.student(input_ids=x, attention_mask=mask).logits
         s_logits = s_logits[:, None, :] if classify else s_logits[:, :-1, :V]
 
-    ce = losses.cross_entropy(s_logits, labels, num_valid=n_tokens, chunk_size=m.logit_chunk)
-    terms["ce"] = ce
-    logit_term = (1 - a) * ce
     if t_logits is not None and a > 0:
-        kd = losses.divergence(
+        # (1-a)·CE + a·D in one fused pass over the logits (same value and gradient)
+        logit_term, terms["ce"], terms["kd"] = losses.logit_objective(
             m.divergence,
             s_logits,
             t_logits,
             labels,
+            kd_weight=a,
             temperature=m.temperature,
             alpha=m.skew_alpha,
             beta=m.jsd_beta,
             num_valid=n_tokens,
             chunk_size=m.logit_chunk,
         )
-        terms["kd"] = kd
-        logit_term = logit_term + a * kd
+    else:
+        ce = losses.cross_entropy(s_logits, labels, num_valid=n_tokens, chunk_size=m.logit_chunk)
+        terms["ce"] = ce
+        logit_term = (1 - a) * ce
     terms["logit"] = logit_term
     parts = {"logit": logit_term}  # the weighted pieces whose sum is the loss
     if S.objective is not None:

@@ -356,3 +356,72 @@ def test_layer_discovery_and_attention_shape() -> None:
         model = factory()
         assert attention_shape(model) == (LAYERS, HEADS), arch
         assert attention_shape(model.config) == (LAYERS, HEADS), arch
+
+
+# --------------------------------------------------------------- P·Q through one SDPA call
+
+
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+@pytest.mark.parametrize("arch", list(FACTORIES))
+def test_project_sdpa_equals_chunked_projection_and_its_gradient(arch: str, padding: str) -> None:
+    """`sharp.project_sdpa` (fused attention with the basis as values) is the chunked
+    float32 reference `sharp.project`, in value and in the q/k gradient, on every family and
+    padding (left padding under a causal mask has rows with no key: both give zeros)."""
+    from sharp_core.sharp import dct_basis, project, project_sdpa
+
+    model, _, _ = _models(arch)
+    inputs = _inputs(arch, padding)
+    layer = 1
+    basis = dct_basis(N, 5)
+    weight = torch.randn(B, HEADS, N, 5, generator=torch.Generator().manual_seed(3))
+
+    def run(fn: Callable[[CapturedLayer], Tensor]) -> tuple[Tensor, list[Tensor]]:
+        model.zero_grad(set_to_none=True)
+        with AttentionCapture(model, [layer]) as cap:
+            model(**inputs)
+        pq = fn(cap.layers[layer])
+        (pq * weight).sum().backward()
+        return pq.detach(), [w.grad.clone() for w in _qk_weights(arch, model, layer)]
+
+    ref, ref_grads = run(lambda rec: project(rec, basis, 4))
+    got, grads = run(lambda rec: project_sdpa(rec, basis))
+    assert got.shape == (B, HEADS, N, 5) and got.dtype == torch.float32
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert r.abs().sum() > 0
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
+    if padding == "left" and CAUSAL[arch]:
+        assert torch.equal(got[1, :, :4], torch.zeros_like(got[1, :, :4]))
+
+
+def test_project_sdpa_additive_mask_rank_above_head_dim_and_bf16() -> None:
+    """An additive float mask; r > head dim (no fused kernel: the pad logic must still hold);
+    and bf16 q/k under autocast, where the fused path must upcast like the reference does."""
+    from sharp_core.sharp import dct_basis, project, project_sdpa
+
+    model, _, _ = _models("llama")
+    inputs = _inputs("llama", "left")
+    keep = (
+        torch.tril(torch.ones(N, N, dtype=torch.bool))[None, None]
+        & inputs["attention_mask"].bool()[:, None, None, :]
+    )
+    additive = torch.zeros(B, 1, N, N).masked_fill(~keep, torch.finfo(torch.float32).min)
+    with torch.no_grad(), AttentionCapture(model, [0]) as cap:
+        model(**{**inputs, "attention_mask": additive})
+    rec = cap.layers[0]
+    assert rec.mask is not None and rec.mask.dtype == torch.float32
+    head_dim = rec.query.shape[-1]
+    basis = dct_basis(N, N)  # r = 12 > head dim 8
+    assert basis.shape[1] > head_dim
+    torch.testing.assert_close(
+        project_sdpa(rec, basis), project(rec, basis, 5), atol=1e-6, rtol=1e-5
+    )
+
+    half = CapturedLayer(
+        rec.query.bfloat16(), rec.key.bfloat16(), rec.scaling, rec.mask, rec.is_causal
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = project_sdpa(half, basis)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, project(half, basis, 5), atol=1e-5, rtol=1e-4)

@@ -157,6 +157,38 @@ def test_accumulation_8x1_equals_1x8(corpus, teacher_dir):
         torch.testing.assert_close(g8[n], g1[n], rtol=1e-4, atol=1e-7)
 
 
+def test_sdpa_projection_step_equals_chunked_reference(corpus, teacher_dir):
+    """The fast path (P·Q from one SDPA call, the default) and the float32 chunked reference
+    give the same SHARP terms and the same student gradient on one real micro-step."""
+    from sharp_core.trainer import _micro_step, setup
+
+    results = []
+    for projection in ("chunked", "sdpa"):
+        d = _distil(
+            corpus,
+            teacher_dir,
+            {"name": "sharp", "projection": projection, "granularities": {"residual": 0.5}},
+        )
+        d["student"]["config_overrides"] = {
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+        }
+        torch.manual_seed(0)  # the same random student both times
+        S = setup(parse_spec(d))
+        x = S.data.train[:4]
+        terms, _ = _micro_step(S, x, x[:, 1:].numel(), 4, 0.5, 1.0, False, torch.float32)
+        terms["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in S.student.named_parameters() if p.grad is not None}
+        results.append(({k: float(v) for k, v in terms.items()}, grads))
+    (ref, g_ref), (got, g_got) = results
+    assert set(got) == set(ref) and ref["sharp_token"] > 0
+    for k in ref:
+        assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-9), k
+    for n in g_ref:
+        torch.testing.assert_close(g_got[n], g_ref[n], rtol=1e-4, atol=1e-7)
+
+
 def test_resume_gives_same_trajectory(corpus, teacher_dir, tmp_path):
     """Stop at step 4, resume to 8: the same per-step losses as an uninterrupted run (dropout on)."""
     d = _distil(
