@@ -503,6 +503,57 @@ def _project_teacher(
 # --------------------------------------------------------------------------------------------
 
 
+def _profile_chunk(attn: AttentionProbs, valid: Tensor, head_w: Tensor, a: int, b: int) -> Tensor:
+    p = attn.probs(a, b)  # (B, H, c, N)
+    dt = _work_dtype(p.dtype)
+    rows = valid[:, None, a:b, None].to(dt)  # (B, 1, c, 1)
+    return torch.einsum("h,bhcn->bn", head_w.to(dt), p.to(dt) * rows)  # (B, N)
+
+
+def layer_profile(
+    attn: AttentionProbs, valid: Tensor, query_chunk: int, head_weights: Tensor | None = None
+) -> Tensor:
+    """μ (B, N) = Σ_h w_h · mean over valid queries of P[h, i, :]: the layer component
+    *before* projection, a distribution over keys (each valid row of P sums to one).
+
+    ``head_weights`` (H,) default to 1/H (the plain head mean); the teacher's side passes
+    the column means of the head map, so that μ of W_H·P_t is formed without mixing maps.
+    Query chunks run under a non-reentrant checkpoint when grad is enabled (the same memory
+    contract as `project`: no (B, H, N, N) map is ever held).
+    """
+    h = attn.num_heads
+    w = head_weights if head_weights is not None else torch.full((h,), 1.0 / h, dtype=torch.float64)
+    w = w.to(valid.device)
+    total = None
+    for a, b in _chunks(attn.seq_len, query_chunk):
+        if torch.is_grad_enabled():
+            part = checkpoint(_profile_chunk, attn, valid, w, a, b, use_reentrant=False)
+        else:
+            part = _profile_chunk(attn, valid, w, a, b)
+        total = part if total is None else total + part
+    assert total is not None
+    return total / valid.sum(dim=1, keepdim=True).clamp_min(1).to(total.dtype)
+
+
+def layer_profile_kl(mu_s: Tensor, mu_t: Tensor) -> Tensor:
+    """KL(μ_t ‖ μ_s) per sequence (B,), the distribution-aware layer distance.
+
+    Why a divergence here: the layer component is a distribution over keys, and squared
+    error on it (projected or not) weighs a key that gets 0.30 instead of 0.31 of the mass
+    like one that gets 0.01 instead of 0.02; KL weighs them by the teacher's mass, as the
+    logit term does for tokens. Written as the generalised KL Σ t·log(t/s) − t + s so that
+    sequences without valid rows (μ = 0) give 0, and with s floored at a tiny value so that
+    a key the student ignores entirely gives a large but finite loss. Its gradient with
+    respect to the student's maps is the same vector on every valid (head, query) row, i.e.
+    it lies in the range of the layer projector Π_layer: orthogonal to the other terms'.
+    """
+    mu_t = mu_t.detach()
+    s = mu_s.clamp_min(_TINY)
+    t = mu_t.clamp_min(0.0)
+    log_ratio = torch.where(t > 0, torch.log(t.clamp_min(_TINY)) - torch.log(s), 0.0)
+    return (t * log_ratio - t + mu_s).sum(dim=-1)
+
+
 def sharp_distances(
     pq_s: Tensor,
     pq_t: Tensor,
@@ -761,6 +812,7 @@ class AttentionObjective(nn.Module):
         self.normalization = method.normalization
         self.query_chunk = int(method.query_chunk)
         self.projection = method.projection
+        self.layer_distance = method.layer_distance
         self.seq_len = int(seq_len)
         self.student_shape = (l_s, h_s)
         self.teacher_shape = (l_t, h_t)
@@ -872,12 +924,26 @@ class AttentionObjective(nn.Module):
         sums: dict[str, Tensor] = {}
         basis_sum = None
         has_valid = valid.any(dim=1)  # (B,)
+        kl_layer = self.layer_distance == "kl" and "layer" in terms
+        if kl_layer:
+            terms = tuple(t for t in terms if t != "layer")
+            teacher_head_w = w_h.mean(dim=0)  # (H_t,): mean over student heads of W_H·P_t
         for js, jt in self.pairs:
+            if kl_layer:
+                mu_s = layer_profile(student[js], valid, self.query_chunk)
+                with torch.no_grad():
+                    mu_t = layer_profile(teacher[jt], valid, self.query_chunk, teacher_head_w)
+                kl = layer_profile_kl(mu_s, mu_t)
+                sums["layer"] = kl if "layer" not in sums else sums["layer"] + kl
+            if not terms and not learned:
+                continue  # the KL layer term alone needs no projection
             pq_s = _project_any(student[js], q_d, self.query_chunk, self.projection)
             pq_t, g, e = _project_teacher(
                 teacher[jt], q_d, self.query_chunk, w_h, valid, learned, self.projection
             )  # (B, H_s, N, r) each
-            dists = sharp_distances(pq_s, pq_t, valid, terms, self.normalization)  # each (B,)
+            dists = (
+                sharp_distances(pq_s, pq_t, valid, terms, self.normalization) if terms else {}
+            )  # each (B,)
             for k, v in dists.items():
                 sums[k] = v if k not in sums else sums[k] + v
             if learned:

@@ -230,6 +230,12 @@ class MethodSpec(_Strict):
         le=1_000_000,
         description="Record per-term gradient cosines on the student every N steps (0: off).",
     )
+    layer_distance: Literal["mse", "kl"] = Field(
+        default="mse",
+        description="Distance of the layer component: squared error of its projection (as the "
+        "other granularities), or KL(teacher ‖ student) of the unprojected key distribution "
+        "(distribution-aware; still orthogonal to the other terms).",
+    )
     projection: Literal["sdpa", "chunked"] = Field(
         default="sdpa",
         description="How SHARP computes P·Q: one fused attention call with the basis as values "

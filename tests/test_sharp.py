@@ -780,3 +780,79 @@ def test_dense_probs_is_attention_probs():
     assert d.num_heads == 2 and d.seq_len == 5
     assert d.probs(1, 3).shape == (1, 2, 2, 5)
     torch.testing.assert_close(d.probs(), p)
+
+
+# ------------------------------------------------------------------------------------------
+# the distribution-aware layer distance (layer_distance = "kl")
+# ------------------------------------------------------------------------------------------
+
+
+def test_layer_kl_against_dense_reference_and_zero_at_teacher():
+    """KL(μ_t ‖ μ_s) of the unprojected key profiles, μ = head mean (teacher: of W_H·P_t) of
+    the mean over valid queries, averaged over layer pairs; 0 when the student is the target."""
+    gen = torch.Generator().manual_seed(11)
+    b, n = 3, 10
+    m, ps, pt = _setup(gen, b, n, (2, 2), (4, 6), dtype=torch.float64)
+    method = spec(
+        name="sharp",
+        rank=4,
+        query_chunk=3,
+        layer_distance="kl",
+        granularities={"layer": 1.0, "head": 1.0, "token": 0.0},
+    )
+    obj = AttentionObjective(method, student_shape=(2, 2), teacher_shape=(4, 6), seq_len=n)
+    out = obj(_dense(ps), _dense(pt), m)
+    assert set(out) == {"sharp_layer", "sharp_head"}
+    w = head_map(2, 6, dtype=torch.float64)
+    rows_ = m[:, None, :, None].double()
+    nv = m.sum(1).double().clamp_min(1)[:, None]
+    want = torch.zeros(b, dtype=torch.float64)
+    targets = {}
+    for js, jt in zip(range(2), layer_map(2, 4), strict=True):
+        tgt = torch.einsum("st,btij->bsij", w, pt[jt])
+        targets[js] = tgt
+        mu_s = (ps[js] * rows_).sum((1, 2)) / (2 * nv)
+        mu_t = (tgt * rows_).sum((1, 2)) / (2 * nv)
+        assert torch.allclose(
+            mu_t.sum(-1)[m.any(1)], torch.ones(int(m.any(1).sum()), dtype=torch.float64)
+        )
+        want += torch.where(mu_t > 0, mu_t * (mu_t / mu_s).log(), 0.0).sum(-1)
+    # rtol as the other dense references: the objective keeps its head map in float32
+    torch.testing.assert_close(out["sharp_layer"], want.sum() / 2, rtol=1e-6, atol=1e-9)
+    # the student equal to the (head-mapped) target: zero, and a non-negative value else
+    same = obj(_dense([targets[0], targets[1]]), _dense(pt), m)
+    assert abs(float(same["sharp_layer"])) < 1e-7 and float(out["sharp_layer"]) > 0
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_layer_kl_gradient_orthogonal_to_other_terms(dtype, tol):
+    """The property that makes the variant admissible: its gradient on the student's maps is
+    orthogonal to each of the other (projected, squared-error) terms' gradients."""
+    gen = torch.Generator().manual_seed(12)
+    b, n, (l_s, h_s), (l_t, h_t) = 3, 12, (2, 3), (4, 6)
+    method = spec(
+        name="sharp",
+        rank=5,
+        query_chunk=5,
+        layer_distance="kl",
+        granularities={"layer": 1.0, "head": 1.0, "token": 1.0, "residual": 1.0},
+    )
+    obj = AttentionObjective(method, student_shape=(l_s, h_s), teacher_shape=(l_t, h_t), seq_len=n)
+    m = make_mask(b, n, ["left", "right", "all"], gen)
+    leaves = [
+        random_probs(b, h_s, n, dtype=dtype, gen=gen, causal=True).requires_grad_()
+        for _ in range(l_s)
+    ]
+    student = {j: DenseProbs(p) for j, p in enumerate(leaves)}
+    teacher = {
+        j: DenseProbs(random_probs(b, h_t, n, dtype=dtype, gen=gen, causal=True))
+        for j in range(l_t)
+    }
+    out = obj(student, teacher, m)
+    assert set(out) == {"sharp_layer", "sharp_head", "sharp_token", "sharp_residual"}
+    grads = {}
+    for k, v in out.items():
+        gs = torch.autograd.grad(v, leaves, retain_graph=True)
+        grads[k] = torch.cat([g.reshape(-1) for g in gs]).double()
+    assert grads["sharp_layer"].norm() > 0
+    assert_pairwise_orthogonal(grads, tol)

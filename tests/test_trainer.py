@@ -81,6 +81,7 @@ ALL_METHODS = [
     {"name": "sharp", "granularities": {"token": 0, "residual": 1}},
     {"name": "sharp", "conflict": "pcgrad", "interference_every": 1},
     {"name": "sharp", "normalization": "count", "attention_schedule": "cosine_decay"},
+    {"name": "sharp", "layer_distance": "kl", "granularities": {"layer": 1.0}},
 ]
 
 
