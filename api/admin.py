@@ -1,4 +1,5 @@
-"""Operator functions: teams and API keys (exposed as ``sharp admin …`` in `api.cli`).
+"""Operator functions: teams, their scheduler quotas, API keys, registered workers (exposed
+as ``sharp admin …`` in `api.cli`).
 
 Keys are ``sharp_`` + 32 random bytes (base64url). Only the sha256 is stored; the first
 characters (``prefix``) are kept in clear so a human can tell keys apart in a list and revoke
@@ -11,11 +12,12 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import InvalidRequestError, NotFoundError
 from api.ids import new_id
-from api.models import ApiKey, Team, utcnow
+from api.models import ApiKey, Team, Worker, utcnow
 from api.repositories import ApiKeyRepository, TeamRepository
 from api.security import hash_key
 
@@ -72,6 +74,45 @@ def revoke_key(session: Session, prefix: str) -> ApiKey:
 
 def list_teams(session: Session) -> Sequence[Team]:
     return TeamRepository(session).list()
+
+
+#: "Leave this quota as it is" (None means "no limit").
+UNCHANGED = object()
+
+
+def set_quota(
+    session: Session,
+    team: str,
+    *,
+    max_running_gpus: int | None | object = UNCHANGED,
+    max_queued_jobs: int | None | object = UNCHANGED,
+    weight: float | None = None,
+) -> Team:
+    """Change a team's scheduler limits (None: no limit) or fair-share weight.
+
+    Takes effect at the next scheduling pass: lowering a GPU quota never stops running jobs,
+    it only holds back admissions until the team is under it again.
+    """
+    t = _team(session, team)
+    for field, value in (
+        ("max_running_gpus", max_running_gpus),
+        ("max_queued_jobs", max_queued_jobs),
+    ):
+        if value is UNCHANGED:
+            continue
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise InvalidRequestError(f"{field} must be a whole number >= 0", param=field)
+        setattr(t, field, value)
+    if weight is not None:
+        if not weight > 0 or weight > 1e6:
+            raise InvalidRequestError("weight must be > 0 (1 is an equal share)", param="weight")
+        t.weight = float(weight)
+    session.flush()
+    return t
+
+
+def list_workers(session: Session) -> Sequence[Worker]:
+    return session.scalars(select(Worker).order_by(Worker.pool, Worker.name)).all()
 
 
 def list_keys(session: Session, team: str | None = None) -> list[tuple[ApiKey, Team]]:

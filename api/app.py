@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api.db import Database
 from api.errors import SharpError
 from api.live import LivePublisher
-from api.routes import health, jobs, uploads
+from api.routes import health, jobs, teams, uploads
 from api.services import Dispatch
 from api.settings import Settings, get_settings
 
@@ -50,7 +50,7 @@ def make_dispatch(settings: Settings) -> tuple[Dispatch, Callable[[], None]]:
 
     The API only sends by task *name*, so it never imports the worker's task code (or torch).
     """
-    from worker.celery_app import make_celery
+    from worker.celery_app import make_celery, pool_queue
 
     celery = make_celery(settings)
 
@@ -58,7 +58,7 @@ def make_dispatch(settings: Settings) -> tuple[Dispatch, Callable[[], None]]:
         celery.send_task(
             RUN_JOB_TASK,
             args=[job_id],
-            queue=queue,
+            queue=pool_queue(queue),
             retry=True,
             retry_policy={
                 "max_retries": 3,
@@ -199,6 +199,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(uploads.router)
+    app.include_router(teams.router)
     app.mount("/metrics", make_asgi_app())
     return app
 

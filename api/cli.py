@@ -1,7 +1,8 @@
 """The ``sharp`` command. A Typer app others extend (``up``, ``demo``, ``jobs …``).
 
 Add a command group with ``app.add_typer(group, name="jobs")`` from your own module and
-import that module in `main` (or here); ``admin`` is the operator group for teams and keys.
+import that module in `main` (or here); ``admin`` is the operator group for teams, their
+quotas, keys and the registered workers.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from api.db import Database
 from api.demo import demo_command
 from api.embedded import up_command
 from api.errors import SharpError
+from api.models import utcnow
 from api.settings import get_settings
 
 app = typer.Typer(help="SHARP distillation service.", no_args_is_help=True)
@@ -24,10 +26,12 @@ admin_app = typer.Typer(
 )
 teams_app = typer.Typer(help="Teams.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+workers_app = typer.Typer(help="Registered workers (GPU pools).", no_args_is_help=True)
 app.add_typer(admin_app, name="admin")
 app.add_typer(jobs_app, name="jobs")  # the HTTP client (api/client_cli.py)
 admin_app.add_typer(teams_app, name="teams")
 admin_app.add_typer(keys_app, name="keys")
+admin_app.add_typer(workers_app, name="workers")
 app.command("up")(up_command)  # the embedded service (api/embedded.py)
 app.command("demo")(demo_command)  # the demo pipeline through the API (api/demo.py)
 
@@ -60,13 +64,97 @@ def teams_create(name: str) -> None:
 
 @teams_app.command("list")
 def teams_list() -> None:
+    """Teams with their fair-share weight and quotas."""
     db = _db()
     try:
         with db.session() as s:
             teams = admin_fns.list_teams(s)
-        table = Table("id", "name", "created")
+        table = Table("id", "name", "weight", "max running GPUs", "max queued jobs", "created")
         for t in teams:
-            table.add_row(t.id, t.name, t.created_at.isoformat(timespec="seconds"))
+            table.add_row(
+                t.id,
+                t.name,
+                f"{t.weight:g}",
+                _limit(t.max_running_gpus),
+                _limit(t.max_queued_jobs),
+                t.created_at.isoformat(timespec="seconds"),
+            )
+        console.print(table)
+    finally:
+        db.dispose()
+
+
+def _limit(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _parse_limit(value: str | None, option: str) -> object:
+    if value is None:
+        return admin_fns.UNCHANGED
+    if value.strip().lower() in ("none", "unlimited"):
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        err.print(f"[red]error[/red] {option}: a whole number >= 0, or 'none', not {value!r}")
+        raise typer.Exit(2)
+    return n
+
+
+@teams_app.command("quota")
+def teams_quota(
+    team: str,
+    max_running_gpus: str | None = typer.Option(
+        None, help="GPUs the team's jobs may hold at once (admitted or running); 'none' lifts it."
+    ),
+    max_queued_jobs: str | None = typer.Option(
+        None, help="Queued jobs the team may have; more are refused (429). 'none' lifts it."
+    ),
+    weight: float | None = typer.Option(
+        None, help="Fair-share weight (default 1): a team with 2 gets twice the share of 1."
+    ),
+) -> None:
+    """Set TEAM's (name or id) scheduler quotas and fair-share weight; omitted ones stay."""
+    gpus = _parse_limit(max_running_gpus, "--max-running-gpus")
+    queued = _parse_limit(max_queued_jobs, "--max-queued-jobs")
+    db = _db()
+    try:
+        with db.session() as s:
+            t = admin_fns.set_quota(
+                s, team, max_running_gpus=gpus, max_queued_jobs=queued, weight=weight
+            )
+            console.print(
+                f"team {t.name}: weight {t.weight:g}, max running GPUs "
+                f"{_limit(t.max_running_gpus)}, max queued jobs {_limit(t.max_queued_jobs)}"
+            )
+    except SharpError as e:
+        _fail(e)
+    finally:
+        db.dispose()
+
+
+@workers_app.command("list")
+def workers_list() -> None:
+    """Registered workers; a worker is live while its heartbeat is recent."""
+    settings = get_settings()
+    db = _db()
+    try:
+        with db.session() as s:
+            workers = admin_fns.list_workers(s)
+        now = utcnow()
+        table = Table("name", "pool", "GPUs", "host", "last heartbeat", "live")
+        for w in workers:
+            age = (now - w.heartbeat_at).total_seconds()
+            table.add_row(
+                w.name,
+                w.pool,
+                str(w.gpus),
+                w.hostname,
+                f"{age:.0f}s ago",
+                "yes" if age <= settings.heartbeat_timeout_s else "no",
+            )
         console.print(table)
     finally:
         db.dispose()

@@ -21,6 +21,7 @@ __all__ = [
     "PayloadTooLargeError",
     "RangeNotSatisfiableError",
     "NotReadyError",
+    "QuotaExceededError",
 ]
 
 
@@ -81,4 +82,12 @@ class RangeNotSatisfiableError(SharpError):
 class NotReadyError(SharpError):
     code = "not_ready"
     status = 503
+    retryable = True
+
+
+class QuotaExceededError(SharpError):
+    """A team limit set by an operator (``sharp admin teams quota``); ``param`` names it."""
+
+    code = "quota_exceeded"
+    status = 429
     retryable = True

@@ -84,11 +84,25 @@ class Base(DeclarativeBase):
 
 
 class Team(Base):
+    """A team, with the scheduler's limits for it (`api.scheduler`).
+
+    ``weight`` is the team's share of each pool relative to other teams (equal by default);
+    the quotas are None for "no limit".
+    """
+
     __tablename__ = "teams"
+    __table_args__ = (
+        CheckConstraint("weight > 0", name="weight_positive"),
+        CheckConstraint("max_running_gpus >= 0", name="max_running_gpus_nonnegative"),
+        CheckConstraint("max_queued_jobs >= 0", name="max_queued_jobs_nonnegative"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    weight: Mapped[float] = mapped_column(Double, default=1.0, server_default="1")
+    max_running_gpus: Mapped[int | None] = mapped_column(Integer)
+    max_queued_jobs: Mapped[int | None] = mapped_column(Integer)
 
 
 class ApiKey(Base):
@@ -115,6 +129,8 @@ class Job(Base):
         UniqueConstraint("team_id", "idempotency_key"),
         Index("ix_jobs_team_id_id", "team_id", "id"),
         Index("ix_jobs_status_heartbeat_at", "status", "heartbeat_at"),
+        Index("ix_jobs_status_queue", "status", "queue"),
+        CheckConstraint("gpus >= 0", name="gpus_nonnegative"),
     )
 
     # "job_" + a ULID: sortable by creation time, so "newest first" is ORDER BY id DESC.
@@ -122,7 +138,13 @@ class Job(Base):
     team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(200))
     spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    # The GPU pool (spec.resources.queue); each pool is its own Celery queue.
     queue: Mapped[str] = mapped_column(String(64))
+    gpus: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Set when the scheduler admits the job (its Celery message is sent after that commit);
+    # NULL while it waits for capacity or its team's quota. Only admitted jobs can be claimed.
+    admitted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     status: Mapped[str] = mapped_column(String(16), default="queued", server_default="queued")
     attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     max_attempts: Mapped[int] = mapped_column(Integer, default=3, server_default="3")
@@ -140,6 +162,7 @@ class Job(Base):
     # Last JobEvent.seq handed out; bumped by an UPDATE so appends are serialised per job.
     event_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # When the job's Celery message was last sent (the reaper re-sends lost ones).
     enqueued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
@@ -205,3 +228,24 @@ class Upload(Base):
     format: Mapped[str] = mapped_column(String(16))
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Worker(Base):
+    """A registered Celery worker: one slot that runs one job at a time on ``gpus`` GPUs.
+
+    The scheduler counts a pool's capacity from the workers whose heartbeat is fresh, so a
+    host that disappears stops receiving jobs after ``heartbeat_timeout_s``.
+    """
+
+    __tablename__ = "workers"
+    __table_args__ = (
+        CheckConstraint("gpus >= 0", name="gpus_nonnegative"),
+        Index("ix_workers_pool_heartbeat_at", "pool", "heartbeat_at"),
+    )
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    pool: Mapped[str] = mapped_column(String(64))
+    gpus: Mapped[int] = mapped_column(Integer)
+    hostname: Mapped[str] = mapped_column(String(255))
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

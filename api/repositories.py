@@ -138,7 +138,7 @@ class JobRepository:
     def stale_queued(self, cutoff: dt.datetime, limit: int = 100) -> Sequence[Job]:
         return self.session.scalars(
             select(Job)
-            .where(Job.status == "queued", Job.enqueued_at < cutoff)
+            .where(Job.status == "queued", Job.admitted_at.is_not(None), Job.enqueued_at < cutoff)
             .order_by(Job.id)
             .limit(limit)
         ).all()

@@ -77,6 +77,8 @@ class JobPublic(BaseModel):
                     "created_at": "2026-05-20T10:00:00Z",
                     "started_at": "2026-05-20T10:00:02Z",
                     "finished_at": None,
+                    "queue_position": None,
+                    "queue_reason": None,
                 }
             ]
         }
@@ -96,6 +98,39 @@ class JobPublic(BaseModel):
     created_at: dt.datetime
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
+    queue_position: int | None = Field(
+        default=None,
+        description="Queued jobs: 1 = the next its pool admits (in the scheduler's fair-share "
+        "order), 0 = admitted and waiting for a worker to start it, null when it cannot run "
+        "as things stand (see queue_reason). Null for jobs that are not queued.",
+        examples=[3],
+    )
+    queue_reason: str | None = Field(
+        default=None,
+        description="Why a queued job is not running yet.",
+        examples=[
+            "waiting for a free h100",
+            "team quota: 4 of 4 GPUs in use",
+            "no worker serves pool 'h100'",
+        ],
+    )
+
+
+class TeamPublic(BaseModel):
+    """``GET /v1/teams/me``: the caller's team, its scheduler limits and what it uses now."""
+
+    id: str
+    name: str
+    weight: float = Field(description="Share of each pool relative to other teams (default 1).")
+    max_running_gpus: int | None = Field(
+        description="GPUs the team's admitted and running jobs may hold at once; null: no limit."
+    )
+    max_queued_jobs: int | None = Field(
+        description="Queued jobs the team may have; a submission beyond it is a 429 "
+        "quota_exceeded. Null: no limit."
+    )
+    running_gpus: int = Field(description="GPUs held now by admitted and running jobs.")
+    queued_jobs: int
 
 
 class JobsPublic(BaseModel):

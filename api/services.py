@@ -1,9 +1,11 @@
 """What the API does with jobs: validate, create, list, cancel, retry, replay.
 
 Services only ``flush()``; the request's session dependency commits (one transaction per
-request). Side effects that must not happen for a rolled-back request — the Celery message,
-the live notification — are registered with `api.txn.after_commit`, so a job is queued only
-once its row is durable and nothing is queued when validation fails.
+request). Side effects that must not happen for a rolled-back request — the scheduling pass
+that may send the Celery message, the live notification — are registered with
+`api.txn.after_commit`, so a job is queued only once its row is durable and nothing is queued
+when validation fails. The API never sends a job's message itself: `api.scheduler` admits it
+when its pool has a free worker and its team's quota allows.
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
+from api import scheduler
 from api.errors import (
     IdempotencyConflictError,
     InvalidRequestError,
     InvalidStateError,
     NotFoundError,
+    QuotaExceededError,
 )
 from api.ids import new_id
 from api.live import LivePublisher
@@ -43,12 +48,13 @@ from api.schemas import (
     MetricPoint,
     MetricsPublic,
     Progress,
+    TeamPublic,
 )
 from api.settings import Settings
 from api.txn import after_commit
 from sharp_core.spec import JobRef, JobSpec, ModelSpec, parse_spec
 
-#: Sends the Celery message for a job (job id, queue). Injected so the API holds no worker code.
+#: Sends the Celery message for a job (job id, pool). Injected so the API holds no worker code.
 Dispatch = Callable[[str, str], None]
 
 
@@ -75,7 +81,7 @@ def decode_cursor(cursor: str) -> str:
         ) from None
 
 
-def job_public(job: Job) -> JobPublic:
+def job_public(job: Job, queue: scheduler.QueueInfo | None = None) -> JobPublic:
     training = (job.spec or {}).get("training", {})
     tokens_per_step = (
         training.get("batch_size", 0) * training.get("grad_accum", 1) * training.get("seq_len", 0)
@@ -101,6 +107,8 @@ def job_public(job: Job) -> JobPublic:
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
+        queue_position=queue.position if queue else None,
+        queue_reason=queue.reason if queue else None,
     )
 
 
@@ -136,6 +144,7 @@ class JobService:
 
         spec = parse_spec(body.get("spec"), prefix="spec")  # type: ignore[arg-type]
         self._check_references(team, spec)
+        self._check_queued_quota(team)
 
         now = utcnow()
         job = Job(
@@ -144,6 +153,8 @@ class JobService:
             name=spec.name,
             spec=spec.model_dump(mode="json"),
             queue=spec.resources.queue,
+            gpus=spec.resources.gpus,
+            priority=spec.resources.priority,
             status="queued",
             attempt=0,
             max_attempts=spec.resources.max_attempts,
@@ -174,7 +185,7 @@ class JobService:
             return self._replay(existing, digest), False
         if self.live is not None:
             after_commit(self.session, lambda: self.live.publish(job.id, 1, "status", event))  # type: ignore[union-attr]
-        self._dispatch_after_commit(job)
+        self._schedule_after_commit()
         return job, True
 
     @staticmethod
@@ -187,14 +198,10 @@ class JobService:
         return existing
 
     def _check_references(self, team: Team, spec: JobSpec) -> None:
-        """What only the service can check: ids that must exist for this team, operator limits."""
-        if spec.resources.queue not in self.settings.worker_queues:
-            raise InvalidRequestError(
-                f"unknown queue '{spec.resources.queue}'; this deployment serves "
-                f"{sorted(self.settings.worker_queues)}",
-                param="spec.resources.queue",
-                code="unknown_queue",
-            )
+        """What only the service can check: ids that must exist for this team, operator limits.
+
+        A pool no worker serves is not an error: the job waits, and its ``queue_reason`` says
+        why (workers may join later)."""
         roles: list[tuple[str, ModelSpec | None]] = [
             ("teacher", spec.teacher),
             ("student", spec.student),
@@ -243,10 +250,65 @@ class JobService:
                 code="model_not_allowed",
             )
 
-    def _dispatch_after_commit(self, job: Job) -> None:
-        if self.dispatch is not None:
-            dispatch, job_id, queue = self.dispatch, job.id, job.queue
-            after_commit(self.session, lambda: dispatch(job_id, queue))
+    def _check_queued_quota(self, team: Team) -> None:
+        """Refuse a job over the team's ``max_queued_jobs``. The team row is locked first, so
+        concurrent submissions count one after the other (SQLite serialises them anyway)."""
+        limit = self.session.scalar(
+            select(Team.max_queued_jobs).where(Team.id == team.id).with_for_update()
+        )
+        if limit is None:
+            return
+        queued = self.session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.team_id == team.id, Job.status == "queued")
+        )
+        if (queued or 0) >= limit:
+            raise QuotaExceededError(
+                f"team quota: {queued} of {limit} queued jobs; wait for some to start or cancel "
+                "some (an operator sets the quota with `sharp admin teams quota`)",
+                param="team.max_queued_jobs",
+            )
+
+    def _schedule_after_commit(self) -> None:
+        """A scheduling pass once this request's changes are visible to other processes."""
+        factory = sessionmaker(bind=self.session.get_bind(), expire_on_commit=False)
+        dispatch, timeout = self.dispatch, self.settings.heartbeat_timeout_s
+        after_commit(
+            self.session,
+            lambda: scheduler.run_pass(factory, dispatch, heartbeat_timeout_s=timeout),
+        )
+
+    # -- responses -------------------------------------------------------------------------
+    def public(self, job: Job) -> JobPublic:
+        """`job_public` with the queue position and reason of a queued job."""
+        info = scheduler.queue_info(
+            self.session, job, heartbeat_timeout_s=self.settings.heartbeat_timeout_s
+        )
+        return job_public(job, info)
+
+    def team_public(self, team: Team) -> TeamPublic:
+        row = self.session.get(Team, team.id, populate_existing=True)
+        assert row is not None
+        in_use = self.session.scalar(
+            select(func.coalesce(func.sum(Job.gpus), 0)).where(
+                Job.team_id == team.id, scheduler.busy_condition()
+            )
+        )
+        queued = self.session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.team_id == team.id, Job.status == "queued")
+        )
+        return TeamPublic(
+            id=row.id,
+            name=row.name,
+            weight=row.weight,
+            max_running_gpus=row.max_running_gpus,
+            max_queued_jobs=row.max_queued_jobs,
+            running_gpus=int(in_use or 0),
+            queued_jobs=int(queued or 0),
+        )
 
     # -- read ------------------------------------------------------------------------------
     def get(self, team: Team, job_id: str) -> Job:
@@ -282,6 +344,8 @@ class JobService:
                     from_statuses=("queued",),
                     values={"cancel_requested": True, "finished_at": utcnow()},
                 )
+                if seq is not None and job.admitted_at is not None:
+                    self._schedule_after_commit()  # its slot is free again
             else:  # running
                 seq = self.jobs.transition(
                     job.id,
@@ -304,6 +368,7 @@ class JobService:
                 param="job_id",
             )
         budget = int((job.spec.get("resources") or {}).get("max_attempts", 3))
+        self._check_queued_quota(team)
         seq = self.jobs.transition(
             job.id,
             "queued",
@@ -313,6 +378,7 @@ class JobService:
                 "error": None,
                 "finished_at": None,
                 "enqueued_at": utcnow(),
+                "admitted_at": None,
                 "max_attempts": job.attempt + budget,
             },
             data={"reason": "retry"},
@@ -323,7 +389,7 @@ class JobService:
                 return job  # a concurrent retry won; same outcome
             raise InvalidStateError(f"job is {job.status}", param="job_id")
         job = self.jobs.get(job.id)  # type: ignore[assignment]
-        self._dispatch_after_commit(job)
+        self._schedule_after_commit()
         return job
 
     # -- metrics and checkpoints -----------------------------------------------------------

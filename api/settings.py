@@ -34,8 +34,32 @@ class Settings(BaseSettings):
     heartbeat_timeout_s: float = Field(default=60.0, gt=0)
     cancel_grace_s: float = Field(default=30.0, gt=0)
     visibility_timeout_s: int = Field(default=7 * 24 * 3600, gt=0)
-    worker_queues: list[str] = Field(default_factory=lambda: ["default"])
+    worker_queues: list[str] = Field(
+        default_factory=lambda: ["default"],
+        description="Legacy name for the worker's pool: its first entry is the pool when "
+        "`worker_pool` is unset.",
+    )
+    worker_pool: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$",
+        description="The GPU pool this worker serves (jobs ask for it in "
+        "spec.resources.queue), e.g. 'h100', 'a100-40g', 'cpu'. Its Celery queue has the same "
+        "name.",
+    )
     worker_gpus: str | None = Field(default=None, description="CUDA_VISIBLE_DEVICES for a worker.")
+    worker_gpu_count: int | None = Field(
+        default=None,
+        ge=0,
+        le=64,
+        description="GPUs this worker gives one job (it runs one job at a time). Default: the "
+        "number of devices in `worker_gpus`, else 1.",
+    )
+    scheduler_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often each worker re-registers itself (its heartbeat) and runs a "
+        "scheduling pass, besides the passes that submissions and finished jobs trigger.",
+    )
     sse_heartbeat_s: float = Field(default=10.0, gt=0)
     host: str = "127.0.0.1"
     port: int = 8000
@@ -71,6 +95,19 @@ class Settings(BaseSettings):
     worker_name: str | None = Field(
         default=None, description="Recorded on claimed jobs; default: host name and pid."
     )
+
+    @property
+    def pool(self) -> str:
+        """The pool this process serves as a worker."""
+        return self.worker_pool or self.worker_queues[0]
+
+    @property
+    def gpu_count(self) -> int:
+        if self.worker_gpu_count is not None:
+            return self.worker_gpu_count
+        if self.worker_gpus:
+            return len([d for d in self.worker_gpus.split(",") if d.strip()])
+        return 1
 
 
 @lru_cache

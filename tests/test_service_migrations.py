@@ -24,7 +24,16 @@ from tests.conftest import ROOT, tiny_spec
 
 pytestmark = pytest.mark.service
 
-TABLES = {"teams", "api_keys", "jobs", "job_events", "metrics", "checkpoints", "uploads"}
+TABLES = {
+    "teams",
+    "api_keys",
+    "jobs",
+    "job_events",
+    "metrics",
+    "checkpoints",
+    "uploads",
+    "workers",
+}
 
 
 def _tables(url: str) -> set[str]:
@@ -95,11 +104,13 @@ def test_sqlite_migrate_check_smoke_and_downgrade(
         assert [j["id"] for j in listed["data"]] == [job["id"]]
         got = client.get(f"/v1/jobs/{job['id']}", headers=h).json()
         assert got["status"] == "queued" and got["created_at"].endswith(("Z", "+00:00"))
+        # No worker registered in this database: the job waits, and says why.
+        assert got["queue_reason"] == "no worker serves pool 'default'"
         assert (
             client.post(f"/v1/jobs/{job['id']}/cancel", headers=h).json()["status"] == "cancelled"
         )
         assert client.get("/readyz").status_code == 200
-    assert queue_length() == before + 1
+    assert queue_length() == before  # nothing admitted, so no message
 
     downgrade(url, "base")
     assert _tables(url) == set()

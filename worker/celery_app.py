@@ -8,8 +8,10 @@ Configured as the design asks, and why:
 - ``worker_prefetch_multiplier = 1`` and one process per GPU (``--pool=solo``): a worker never
   holds a job it cannot start, so other GPUs' workers can take it.
 - JSON only: messages carry a job id, never pickles.
-- Explicit queues with ``task_create_missing_queues = False``: a job for a pool no worker
-  serves fails at submission (the API checks ``spec.resources.queue``), not silently.
+- One queue per GPU pool (named like the pool), declared explicitly with
+  ``task_create_missing_queues = False``. A worker consumes its own pool's queue only;
+  senders name the queue with `pool_queue`. Messages are sent by the scheduler
+  (`api.scheduler`) only for jobs it admitted to a pool that has live workers.
 - ``visibility_timeout`` longer than the longest job, or Redis would re-deliver running jobs.
 - ``global_keyprefix``: every Redis key Celery makes starts with ``settings.redis_prefix``, so
   deployments (and parallel test runs) can share one Redis without sharing queues.
@@ -21,6 +23,11 @@ from celery import Celery
 from kombu import Queue
 
 from api.settings import Settings, get_settings
+
+
+def pool_queue(pool: str) -> Queue:
+    """The Celery queue of a GPU pool (senders pass it so any pool can be named)."""
+    return Queue(pool, routing_key=pool)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -35,8 +42,8 @@ def make_celery(settings: Settings) -> Celery:
         accept_content=["json"],
         task_ignore_result=True,
         result_backend=None,
-        task_queues=[Queue(q, routing_key=q) for q in settings.worker_queues],
-        task_default_queue=settings.worker_queues[0],
+        task_queues=[pool_queue(settings.pool)],
+        task_default_queue=settings.pool,
         task_create_missing_queues=False,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,
@@ -50,7 +57,7 @@ def make_celery(settings: Settings) -> Celery:
                 "task": "worker.tasks.reap",
                 "schedule": settings.reaper_interval_s,
                 "options": {
-                    "queue": settings.worker_queues[0],
+                    "queue": settings.pool,
                     "expires": settings.reaper_interval_s,
                 },
             }

@@ -39,7 +39,7 @@ def worker_command(
     loglevel: str = "INFO",
     extra_args: Sequence[str] = (),
 ) -> list[str]:
-    queues = list(queues or settings.worker_queues)
+    queues = list(queues or [settings.pool])
     name = hostname or f"sharp-{'-'.join(queues)}-{os.getpid()}@{socket.gethostname()}"
     return [
         sys.executable,
@@ -67,6 +67,8 @@ def start_worker(
     *,
     queues: Sequence[str] | None = None,
     gpu: str | None = None,
+    pool: str | None = None,
+    gpu_count: int | None = None,
     hostname: str | None = None,
     log_file: Path | None = None,
     cwd: Path | None = None,
@@ -75,11 +77,18 @@ def start_worker(
 ) -> subprocess.Popen[bytes]:
     """Start one worker (one GPU: ``gpu="0"``) as a subprocess in its own process group.
 
+    `pool` and `gpu_count` are what the worker registers for the scheduler (default: the
+    settings' `Settings.pool` and `Settings.gpu_count`).
+
     Stop it with ``proc.terminate()`` (warm shutdown: the running job is checkpointed and
     re-queued) and ``os.killpg(proc.pid, SIGKILL)`` if it does not exit.
     """
     if gpu is not None:
         settings = settings.model_copy(update={"worker_gpus": gpu})
+    if pool is not None:
+        settings = settings.model_copy(update={"worker_pool": pool})
+    if gpu_count is not None:
+        settings = settings.model_copy(update={"worker_gpu_count": gpu_count})
     env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     out = log_file.open("ab") if log_file is not None else None
     try:

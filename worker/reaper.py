@@ -4,11 +4,14 @@ Why it exists: Celery can lose a job (a worker killed with SIGKILL acks nothing,
 message may already be redelivered to a worker that, seeing the job ``running``, rightly does
 nothing). The job row's heartbeat is the truth: a ``running``/``cancelling`` job whose
 heartbeat is older than ``heartbeat_timeout_s`` has no supervisor. It goes back to
-``queued`` (attempt budget permitting) and resumes from its last checkpoint, or becomes
-``cancelled`` if a cancel was pending, or ``failed`` with ``worker_lost``.
+``queued`` (attempt budget permitting) without its admission, so it goes back through the
+scheduler (`api.scheduler`) and resumes from its last checkpoint; or it becomes
+``cancelled`` if a cancel was pending, or ``failed`` with ``worker_lost``. A pass that
+changed anything ends with a scheduling pass: slots were freed.
 
-Jobs queued for longer than ``requeue_queued_after_s`` get their message sent again (the API
-may have died between the commit and the send); duplicates are harmless.
+Admitted jobs whose message was sent more than ``requeue_queued_after_s`` ago and that no
+worker claimed get their message sent again (the process may have died between the commit
+and the send); duplicates are harmless. Jobs waiting for admission need no message.
 
 Every update re-checks the stale condition in its WHERE clause, so several reapers (one per
 worker) and a heartbeat arriving at the same moment cannot double-handle a job.
@@ -21,6 +24,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from api import scheduler
 from api.db import Database
 from api.live import LivePublisher
 from api.models import ACTIVE_STATUSES, Job, utcnow
@@ -98,13 +102,12 @@ def reap(
                     "queued",
                     from_statuses=ACTIVE_STATUSES,
                     attempt=job.attempt,
-                    values={**common, "enqueued_at": now},
+                    values={**common, "enqueued_at": now, "admitted_at": None},
                     data={"reason": "worker_lost", "error": lost},
                     where=still_stale,
                 )
                 if seq is not None:
                     report.requeued.append(job.id)
-                    _dispatch_later(s, dispatch, job)
             else:
                 seq = repo.transition(
                     job.id,
@@ -124,13 +127,17 @@ def reap(
                 job.id,
                 statuses=("queued",),
                 values={"enqueued_at": now},
-                where=[Job.enqueued_at < queued_cutoff],
+                where=[Job.enqueued_at < queued_cutoff, Job.admitted_at.is_not(None)],
             )
             if n is not None:
                 report.redispatched.append(job.id)
                 _dispatch_later(s, dispatch, job)
     if any((report.requeued, report.cancelled, report.failed, report.redispatched)):
         log.warning("reaper: %s", report)
+    if any((report.requeued, report.cancelled, report.failed)):
+        scheduler.run_pass(
+            db.sessionmaker, dispatch, heartbeat_timeout_s=settings.heartbeat_timeout_s
+        )
     return report
 
 

@@ -16,6 +16,11 @@ Outcomes (the child's result file, else its exit status):
 
 Every write is fenced by attempt: if the reaper gave the job to someone else, we write
 nothing.
+
+Only a job the scheduler admitted (`api.scheduler`) can be claimed, so a stray or duplicate
+message cannot start a job past its pool's capacity or its team's quota. A job going back to
+``queued`` loses its admission and waits for the scheduler again; every way a job ends here
+is followed by a scheduling pass, since its slot is free.
 """
 
 from __future__ import annotations
@@ -37,18 +42,18 @@ from typing import Any
 
 from sqlalchemy import func
 
+from api import scheduler
 from api.db import Database
 from api.live import LivePublisher
 from api.models import ACTIVE_STATUSES, Job, utcnow
 from api.repositories import JobRepository
 from api.settings import Settings
-from api.txn import after_commit
 from worker.child import log_path, result_path
 from worker.launcher import settings_env
 
 log = logging.getLogger(__name__)
 
-#: (job id, queue) -> send the Celery message again.
+#: (job id, pool) -> send a Celery message (used by the scheduling passes we run).
 Dispatch = Callable[[str, str], None]
 
 #: Set when the Celery worker starts a warm shutdown: the running job is checkpointed and
@@ -97,8 +102,9 @@ class Supervisor:
 
     # -- claim -----------------------------------------------------------------------------
     def claim(self, job_id: str) -> Claim | None:
-        """queued → running with attempt+1, atomically. None: not queued (duplicate delivery,
-        cancelled meanwhile, or another worker was faster) — then there is nothing to do."""
+        """admitted queued → running with attempt+1, atomically. None: not queued and
+        admitted (duplicate or stale delivery, cancelled meanwhile, another worker was
+        faster) — then there is nothing to do."""
         now = utcnow()
         with self.db.session() as s:
             repo = JobRepository(s, self.live)
@@ -115,6 +121,7 @@ class Supervisor:
                     "error": None,
                 },
                 data={"worker": self.name},
+                where=[Job.admitted_at.is_not(None)],
             )
             if seq is None:
                 return None
@@ -132,15 +139,27 @@ class Supervisor:
         try:
             proc = self._spawn(claim)
         except OSError as e:
-            return self._finish(
+            outcome = self._finish(
                 claim,
                 Watch(exit_code=None),
                 None,
                 spawn_error=f"cannot start the training process: {e}",
             )
+            self.schedule()
+            return outcome
         watch = self._watch(proc, claim)
         result = self._read_result(claim)
-        return self._finish(claim, watch, result)
+        outcome = self._finish(claim, watch, result)
+        self.schedule()
+        return outcome
+
+    def schedule(self) -> None:
+        """A scheduling pass: the slot this job held is free (or it is queued again)."""
+        scheduler.run_pass(
+            self.db.sessionmaker,
+            self.dispatch,
+            heartbeat_timeout_s=self.settings.heartbeat_timeout_s,
+        )
 
     def _spawn(self, claim: Claim) -> subprocess.Popen[bytes]:
         logfile = log_path(self.settings, claim.team_id, claim.job_id, claim.attempt)
@@ -308,14 +327,12 @@ class Supervisor:
                 "queued",
                 from_statuses=ACTIVE_STATUSES,
                 attempt=job.attempt,
-                values={**common, "worker": None, "enqueued_at": utcnow()},
+                values={**common, "worker": None, "enqueued_at": utcnow(), "admitted_at": None},
                 data={"reason": reason, "error": error},
             )
             if seq is None:
                 return "fenced"
-            dispatch, job_id, queue = self.dispatch, job.id, job.queue
-            after_commit(repo.session, lambda: dispatch(job_id, queue))
-            return "queued"
+            return "queued"  # the scheduling pass after this commit admits it again
         seq = repo.transition(
             job.id,
             "failed",

@@ -3,23 +3,31 @@
 ``run_job`` is the supervisor (`worker.supervisor.Supervisor`); ``reap`` is the periodic
 stale-job sweep (`worker.reaper`), also run by every worker at start-up and on a timer, so a
 deployment without ``celery beat`` still recovers lost jobs.
+
+Each worker also registers itself (pool, GPU count) in the ``workers`` table when it is
+ready, refreshes that row every ``scheduler_interval_s`` and runs a scheduling pass with it
+(`api.scheduler`): the pool's capacity is its live workers. On a warm shutdown the row is
+deleted first, so no new job is admitted for a worker that is going away.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
+import time
 from dataclasses import asdict
 from typing import Any
 
 from celery import signals
 
+from api import scheduler
 from api.db import Database
 from api.live import LivePublisher
 from api.settings import Settings
-from worker.celery_app import app
+from worker.celery_app import app, pool_queue
 from worker.reaper import reap as reap_once
-from worker.supervisor import PREEMPT, Supervisor
+from worker.supervisor import PREEMPT, Supervisor, default_worker_name
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +50,13 @@ def runtime() -> tuple[Database, LivePublisher]:
         return _runtime["db"], _runtime["live"]
 
 
-def dispatch(job_id: str, queue: str) -> None:
-    app.send_task(RUN_JOB, args=[job_id], queue=queue)
+def dispatch(job_id: str, pool: str) -> None:
+    app.send_task(RUN_JOB, args=[job_id], queue=pool_queue(pool))
+
+
+def worker_name() -> str:
+    """The name on the ``workers`` row, the same one the supervisor writes on claimed jobs."""
+    return _settings().worker_name or default_worker_name()
 
 
 @app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -58,33 +71,67 @@ def reap() -> dict[str, list[str]]:
     return asdict(reap_once(_settings(), db, live, dispatch))
 
 
-def _reaper_loop(stop: threading.Event) -> None:
+def _heartbeat(settings: Settings, db: Database) -> None:
+    with db.session() as s:
+        scheduler.register_worker(
+            s,
+            name=worker_name(),
+            pool=settings.pool,
+            gpus=settings.gpu_count,
+            hostname=socket.gethostname(),
+        )
+
+
+def _background_loop(stop: threading.Event) -> None:
+    """Register and heartbeat, schedule, and reap, until the worker shuts down."""
     settings = _settings()
     first = True
+    next_reap = 0.0
     while not stop.is_set():
         try:
             db, live = runtime()
-            reap_once(
-                settings, db, live, dispatch, dead_worker=settings.worker_name if first else None
+            _heartbeat(settings, db)
+            if time.monotonic() >= next_reap:
+                reap_once(
+                    settings,
+                    db,
+                    live,
+                    dispatch,
+                    dead_worker=settings.worker_name if first else None,
+                )
+                first = False
+                next_reap = time.monotonic() + settings.reaper_interval_s
+            scheduler.run_pass(
+                db.sessionmaker, dispatch, heartbeat_timeout_s=settings.heartbeat_timeout_s
             )
-            first = False
-        except Exception:  # noqa: BLE001 - keep sweeping; the next pass may succeed
-            log.exception("reaper pass failed")
-        stop.wait(settings.reaper_interval_s)
+        except Exception:  # noqa: BLE001 - keep going; the next tick may succeed
+            log.exception("worker background pass failed")
+        stop.wait(settings.scheduler_interval_s)
+
+
+def _deregister() -> None:
+    try:
+        db, _ = runtime()
+        with db.session() as s:
+            scheduler.deregister_worker(s, worker_name())
+    except Exception:  # noqa: BLE001 - the row expires after heartbeat_timeout_s anyway
+        log.exception("could not deregister worker %s", worker_name())
 
 
 _reaper_stop = threading.Event()
 
 
 @signals.worker_ready.connect
-def _start_reaper(**_: Any) -> None:
+def _start_background(**_: Any) -> None:
     threading.Thread(
-        target=_reaper_loop, args=(_reaper_stop,), name="sharp-reaper", daemon=True
+        target=_background_loop, args=(_reaper_stop,), name="sharp-background", daemon=True
     ).start()
 
 
 @signals.worker_shutting_down.connect
 def _on_shutdown(**_: Any) -> None:
-    # Warm shutdown: checkpoint and re-queue the running job instead of finishing it here.
+    # Warm shutdown: leave the pool, then checkpoint and re-queue the running job instead of
+    # finishing it here.
     _reaper_stop.set()
+    _deregister()
     PREEMPT.set()

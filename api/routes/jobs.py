@@ -28,7 +28,6 @@ from api.schemas import (
     JobStatus,
     MetricsPublic,
 )
-from api.services import job_public
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -52,6 +51,10 @@ JobId = Annotated[str, Path(max_length=64, description="A job id, `job_…`.")]
         400: {"model": ErrorResponse, "description": "Malformed JSON."},
         409: {"model": ErrorResponse, "description": "Idempotency-Key reused with another body."},
         422: {"model": ErrorResponse, "description": "Invalid spec; `param` names the field."},
+        429: {
+            "model": ErrorResponse,
+            "description": "The team's queued-jobs quota is full (`quota_exceeded`).",
+        },
         **_ERRORS,
     },
 )
@@ -70,11 +73,12 @@ def create_job(
         ),
     ] = None,
 ) -> JobPublic:
-    """Validate a spec and queue the job. The Celery message is sent after the commit."""
+    """Validate a spec and queue the job. The scheduler admits it (and sends its Celery
+    message) once its pool has a free worker and its team's quota allows."""
     job, created = service.create(team, body.model_dump(), idempotency_key)
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return job_public(job)
+    return service.public(job)
 
 
 _STATUSES = set(get_args(JobStatus))
@@ -98,12 +102,12 @@ def list_jobs(
         if s not in _STATUSES:
             raise InvalidRequestError(f"unknown status '{s}'", param="status")
     jobs, cursor = service.list_jobs(team, statuses=statuses, limit=limit, after=after)
-    return JobsPublic(data=[job_public(j) for j in jobs], next_cursor=cursor)
+    return JobsPublic(data=[service.public(j) for j in jobs], next_cursor=cursor)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS)
 def get_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPublic:
-    return job_public(service.get(team, job_id))
+    return service.public(service.get(team, job_id))
 
 
 @router.post(
@@ -117,7 +121,7 @@ def get_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPublic:
 )
 def cancel_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPublic:
     """Idempotent. A queued job is cancelled at once; a running one saves a checkpoint first."""
-    return job_public(service.cancel(team, job_id))
+    return service.public(service.cancel(team, job_id))
 
 
 @router.post(
@@ -128,7 +132,7 @@ def cancel_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPubli
 )
 def retry_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPublic:
     """Queue a failed or cancelled job again; it resumes from its newest checkpoint."""
-    return job_public(service.retry(team, job_id))
+    return service.public(service.retry(team, job_id))
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsPublic, responses=_ERRORS)

@@ -1,0 +1,430 @@
+"""Which queued job runs next: pools, team quotas and fair share, decided from the database.
+
+Why the service schedules instead of Celery: a broker delivers messages in the order they
+were sent, so a team that queues fifty runs would fill every GPU for days. Here a job is
+``queued`` in the database on submission, and its Celery message is sent only once a
+scheduling pass *admits* it (``jobs.admitted_at``); the claim in `worker.supervisor` refuses
+a job that was not admitted, so no other path can start one.
+
+The model:
+
+- A **worker** (a row in ``workers``, kept fresh by its heartbeat) is one slot: it runs one
+  job at a time on its ``gpus`` GPUs. A **pool**'s capacity is its live workers. A job takes a
+  slot from admission until it leaves ``running``/``cancelling``.
+- A team's **GPUs in use** is the sum of ``gpus`` over its admitted and running jobs (all
+  pools). Its ``max_running_gpus`` quota blocks admissions beyond it.
+- **Fair share**: when a slot is free, the next job comes from the team furthest below its
+  share of that pool, i.e. with the lowest ``gpus in use in the pool / weight`` (a job asking
+  for 0 GPUs counts as one, so CPU pools are shared too). Ties go to the team admitted least
+  recently in that pool (round robin), then to the team whose next job is oldest. Within a
+  team: higher ``priority`` first, then older first. A team's next job is never skipped for a
+  smaller one of the same team (that would starve big jobs).
+
+`decide` and `explain` are pure functions of a `ClusterState` snapshot, which `load_state`
+reads from the database; tests build the state in Postgres and assert the exact order.
+
+Concurrency: `run_pass` holds a Postgres transaction-level advisory lock while it reads the
+state and writes admissions, so passes from several API processes and workers run one at a
+time and never admit more than the capacity. On SQLite every transaction is ``BEGIN
+IMMEDIATE`` (`api.db`), which serialises them the same way.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from sqlalchemy import case, func, or_, select, text, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.models import ACTIVE_STATUSES, Job, Team, Worker, utcnow
+from api.txn import after_commit
+
+log = logging.getLogger(__name__)
+
+#: (job id, pool) -> send the job's Celery message to the pool's queue.
+Dispatch = Callable[[str, str], None]
+
+#: Key of the Postgres advisory lock that serialises scheduling passes ("sharpsch" in hex).
+LOCK_KEY = 0x7368617270736368
+
+
+# --------------------------------------------------------------------------- the snapshot
+@dataclass(frozen=True)
+class Waiting:
+    """A queued job the scheduler has not admitted yet."""
+
+    job_id: str
+    team_id: str
+    pool: str
+    gpus: int
+    priority: int
+    created_at: dt.datetime
+
+
+@dataclass
+class TeamState:
+    team_id: str
+    name: str = ""
+    weight: float = 1.0
+    max_running_gpus: int | None = None
+    gpus_in_use: int = 0  # admitted or running, all pools
+
+
+@dataclass
+class PoolState:
+    pool: str
+    slots: int = 0  # live workers
+    max_gpus: int = 0  # the largest live worker
+    busy: int = 0  # admitted or running jobs
+    usage: dict[str, int] = field(default_factory=dict)  # team -> share units in use
+    last_admitted: dict[str, dt.datetime] = field(default_factory=dict)  # team -> time
+
+
+@dataclass
+class ClusterState:
+    now: dt.datetime
+    pools: dict[str, PoolState]
+    teams: dict[str, TeamState]
+    waiting: list[Waiting]
+    admitted: list[tuple[str, str]] = field(default_factory=list)  # (job, pool), not started
+
+
+@dataclass(frozen=True)
+class Admission:
+    job_id: str
+    team_id: str
+    pool: str
+    gpus: int
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    """What GET /v1/jobs/{id} shows for a queued job."""
+
+    position: int | None  # 0: admitted; 1: next in its pool; None: cannot run as things are
+    reason: str
+
+
+def share_units(gpus: int) -> int:
+    """What a job counts for in fair share: its GPUs, and a CPU-only job counts as one."""
+    return max(gpus, 1)
+
+
+def _team_order(jobs: Iterable[Waiting]) -> list[Waiting]:
+    return sorted(jobs, key=lambda w: (-w.priority, w.created_at, w.job_id))
+
+
+def _fits_pool(w: Waiting, pool: PoolState) -> bool:
+    return w.gpus <= pool.max_gpus
+
+
+def _pick_team(
+    heads: dict[str, Waiting], pool: PoolState, teams: dict[str, TeamState]
+) -> str | None:
+    """The team furthest below its share of `pool`, among those with a next job."""
+    if not heads:
+        return None
+    epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+
+    def key(team_id: str) -> tuple[Any, ...]:
+        t = teams.get(team_id) or TeamState(team_id)
+        return (
+            pool.usage.get(team_id, 0) / t.weight,
+            pool.last_admitted.get(team_id, epoch),
+            heads[team_id].created_at,
+            team_id,
+        )
+
+    return min(heads, key=key)
+
+
+def _by_pool_and_team(waiting: Iterable[Waiting]) -> dict[str, dict[str, list[Waiting]]]:
+    grouped: dict[str, dict[str, list[Waiting]]] = defaultdict(lambda: defaultdict(list))
+    for w in waiting:
+        grouped[w.pool][w.team_id].append(w)
+    return {
+        pool: {team: _team_order(jobs) for team, jobs in teams.items()}
+        for pool, teams in grouped.items()
+    }
+
+
+def _over_quota(team: TeamState | None, gpus: int) -> bool:
+    return (
+        team is not None
+        and team.max_running_gpus is not None
+        and team.gpus_in_use + gpus > team.max_running_gpus
+    )
+
+
+def decide(state: ClusterState) -> list[Admission]:
+    """The jobs to admit now, in admission order. Does not modify `state`."""
+    teams = {k: TeamState(**vars(v)) for k, v in state.teams.items()}
+    out: list[Admission] = []
+    for pool_name, by_team in sorted(_by_pool_and_team(state.waiting).items()):
+        base = state.pools.get(pool_name) or PoolState(pool_name)
+        pool = PoolState(
+            pool_name,
+            base.slots,
+            base.max_gpus,
+            base.busy,
+            dict(base.usage),
+            dict(base.last_admitted),
+        )
+        queues = {t: [w for w in jobs if _fits_pool(w, pool)] for t, jobs in by_team.items()}
+        tick = 0
+        while pool.busy < pool.slots:
+            heads = {
+                t: jobs[0]
+                for t, jobs in queues.items()
+                if jobs and not _over_quota(teams.get(t), jobs[0].gpus)
+            }
+            team_id = _pick_team(heads, pool, teams)
+            if team_id is None:
+                break
+            w = queues[team_id].pop(0)
+            out.append(Admission(w.job_id, w.team_id, pool_name, w.gpus))
+            pool.busy += 1
+            pool.usage[team_id] = pool.usage.get(team_id, 0) + share_units(w.gpus)
+            # Later in this pass than any earlier admission: the round robin moves on.
+            tick += 1
+            pool.last_admitted[team_id] = state.now + dt.timedelta(microseconds=tick)
+            if team_id in teams:
+                teams[team_id].gpus_in_use += w.gpus
+    return out
+
+
+def explain(state: ClusterState) -> dict[str, QueueInfo]:
+    """Position and reason for every queued job.
+
+    The position is the order in which the pool would admit its waiting jobs if slots freed
+    up one by one with today's usage (quotas aside: a team over its quota waits, and its
+    reason says so).
+    """
+    info: dict[str, QueueInfo] = {}
+    for job_id, pool_name in state.admitted:
+        info[job_id] = QueueInfo(0, f"admitted; waiting for a worker in pool '{pool_name}'")
+    for pool_name, by_team in sorted(_by_pool_and_team(state.waiting).items()):
+        base = state.pools.get(pool_name) or PoolState(pool_name)
+        pool = PoolState(pool_name, usage=dict(base.usage), last_admitted=dict(base.last_admitted))
+        queues: dict[str, list[Waiting]] = {}
+        for t, jobs in by_team.items():
+            for w in jobs:
+                if base.slots == 0:
+                    continue
+                if not _fits_pool(w, base):
+                    info[w.job_id] = QueueInfo(
+                        None,
+                        f"no worker in pool '{pool_name}' has {w.gpus} GPUs "
+                        f"(the largest has {base.max_gpus})",
+                    )
+                    continue
+                queues.setdefault(t, []).append(w)
+        position = 0
+        tick = 0
+        while True:
+            heads = {t: jobs[0] for t, jobs in queues.items() if jobs}
+            team_id = _pick_team(heads, pool, state.teams)
+            if team_id is None:
+                break
+            w = queues[team_id].pop(0)
+            position += 1
+            tick += 1
+            pool.usage[team_id] = pool.usage.get(team_id, 0) + share_units(w.gpus)
+            pool.last_admitted[team_id] = state.now + dt.timedelta(microseconds=tick)
+            team = state.teams.get(team_id)
+            if _over_quota(team, w.gpus):
+                assert team is not None and team.max_running_gpus is not None
+                reason = f"team quota: {team.gpus_in_use} of {team.max_running_gpus} GPUs in use"
+            else:
+                reason = f"waiting for a free {pool_name}"
+            info[w.job_id] = QueueInfo(position, reason)
+        if base.slots == 0:
+            for jobs in by_team.values():
+                for w in jobs:
+                    info[w.job_id] = QueueInfo(None, f"no worker serves pool '{pool_name}'")
+    return info
+
+
+# --------------------------------------------------------------------------- the database
+def busy_condition() -> Any:
+    """Jobs that hold a slot: admitted (message sent, not claimed yet) or running."""
+    return or_(
+        Job.status.in_(ACTIVE_STATUSES),
+        (Job.status == "queued") & Job.admitted_at.is_not(None),
+    )
+
+
+def live_cutoff(now: dt.datetime, heartbeat_timeout_s: float) -> dt.datetime:
+    return now - dt.timedelta(seconds=heartbeat_timeout_s)
+
+
+def load_state(
+    session: Session, *, heartbeat_timeout_s: float, now: dt.datetime | None = None
+) -> ClusterState:
+    """Read what `decide` and `explain` need, in a handful of grouped queries."""
+    now = now or utcnow()
+    pools: dict[str, PoolState] = {}
+
+    def pool(name: str) -> PoolState:
+        return pools.setdefault(name, PoolState(name))
+
+    cutoff = live_cutoff(now, heartbeat_timeout_s)
+    for name, n, max_gpus in session.execute(
+        select(Worker.pool, func.count(), func.max(Worker.gpus))
+        .where(Worker.heartbeat_at >= cutoff)
+        .group_by(Worker.pool)
+    ):
+        p = pool(name)
+        p.slots, p.max_gpus = int(n), int(max_gpus or 0)
+
+    teams = {
+        t.id: TeamState(t.id, t.name, float(t.weight), t.max_running_gpus)
+        for t in session.scalars(select(Team))
+    }
+    units = case((Job.gpus > 1, Job.gpus), else_=1)
+    for name, team_id, n, gpus, share in session.execute(
+        select(Job.queue, Job.team_id, func.count(), func.sum(Job.gpus), func.sum(units))
+        .where(busy_condition())
+        .group_by(Job.queue, Job.team_id)
+    ):
+        p = pool(name)
+        p.busy += int(n)
+        p.usage[team_id] = int(share or 0)
+        if team_id in teams:
+            teams[team_id].gpus_in_use += int(gpus or 0)
+    for name, team_id, last in session.execute(
+        select(Job.queue, Job.team_id, func.max(Job.admitted_at))
+        .where(Job.admitted_at.is_not(None))
+        .group_by(Job.queue, Job.team_id)
+    ):
+        if last is not None:
+            if last.tzinfo is None:  # SQLite's max() returns the stored text's naive value
+                last = last.replace(tzinfo=dt.timezone.utc)
+            pool(name).last_admitted[team_id] = last
+
+    waiting = [
+        Waiting(r.id, r.team_id, r.queue, int(r.gpus), int(r.priority), _aware(r.created_at))
+        for r in session.execute(
+            select(Job.id, Job.team_id, Job.queue, Job.gpus, Job.priority, Job.created_at).where(
+                Job.status == "queued", Job.admitted_at.is_(None)
+            )
+        )
+    ]
+    admitted = [
+        (r.id, r.queue)
+        for r in session.execute(
+            select(Job.id, Job.queue).where(Job.status == "queued", Job.admitted_at.is_not(None))
+        )
+    ]
+    return ClusterState(now=now, pools=pools, teams=teams, waiting=waiting, admitted=admitted)
+
+
+def _aware(value: Any) -> dt.datetime:
+    if isinstance(value, str):  # SQLite without the column type's result processing
+        value = dt.datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value
+
+
+def plan(session: Session, *, heartbeat_timeout_s: float, now: dt.datetime | None = None):  # noqa: ANN201
+    """`decide` on the database's current state: the admissions a pass would make now."""
+    return decide(load_state(session, heartbeat_timeout_s=heartbeat_timeout_s, now=now))
+
+
+def lock(session: Session) -> None:
+    """Serialise scheduling passes until this transaction ends (see the module docstring)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": LOCK_KEY})
+
+
+def admit(
+    session: Session,
+    dispatch: Dispatch | None,
+    *,
+    heartbeat_timeout_s: float,
+    now: dt.datetime | None = None,
+) -> list[Admission]:
+    """One pass inside the caller's transaction: lock, decide, mark admitted, and send the
+    messages after the commit. Returns the admissions that were written."""
+    lock(session)
+    now = now or utcnow()
+    done: list[Admission] = []
+    for a in plan(session, heartbeat_timeout_s=heartbeat_timeout_s, now=now):
+        row = session.execute(
+            update(Job)
+            .where(
+                Job.id == a.job_id,
+                Job.status == "queued",
+                Job.admitted_at.is_(None),
+                Job.cancel_requested.is_(False),
+            )
+            .values(admitted_at=now, enqueued_at=now, updated_at=now)
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        ).scalar_one_or_none()
+        if row is None:
+            continue
+        done.append(a)
+        if dispatch is not None:
+            after_commit(session, partial(dispatch, a.job_id, a.pool))
+    if done:
+        log.info("scheduler admitted %s", [(a.job_id, a.pool) for a in done])
+    return done
+
+
+def run_pass(
+    factory: sessionmaker[Session], dispatch: Dispatch | None, *, heartbeat_timeout_s: float
+) -> list[Admission]:
+    """A pass in its own transaction (what triggers call). Never raises: a failed pass is
+    logged and the next trigger or the periodic tick tries again."""
+    try:
+        with factory() as session:
+            try:
+                done = admit(session, dispatch, heartbeat_timeout_s=heartbeat_timeout_s)
+                session.commit()
+                return done
+            except BaseException:
+                session.rollback()
+                raise
+    except Exception:  # noqa: BLE001 - see docstring
+        log.exception("scheduling pass failed")
+        return []
+
+
+def queue_info(session: Session, job: Job, *, heartbeat_timeout_s: float) -> QueueInfo | None:
+    """Position and reason for `job` if it is queued; the snapshot is cached on the session,
+    so a page of jobs costs one snapshot."""
+    if job.status != "queued":
+        return None
+    cached = session.info.get("sharp_queue_info")
+    if cached is None or job.id not in cached:
+        cached = explain(load_state(session, heartbeat_timeout_s=heartbeat_timeout_s))
+        session.info["sharp_queue_info"] = cached
+    return cached.get(job.id)
+
+
+# --------------------------------------------------------------------------- workers
+def register_worker(session: Session, *, name: str, pool: str, gpus: int, hostname: str) -> None:
+    """Insert or refresh a worker's row (its heartbeat)."""
+    from api.repositories import _insert
+
+    now = utcnow()
+    stmt = _insert(session, Worker).values(
+        name=name, pool=pool, gpus=gpus, hostname=hostname, started_at=now, heartbeat_at=now
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["name"],
+        set_={"pool": pool, "gpus": gpus, "hostname": hostname, "heartbeat_at": now},
+    )
+    session.execute(stmt)
+
+
+def deregister_worker(session: Session, name: str) -> None:
+    session.query(Worker).filter(Worker.name == name).delete(synchronize_session=False)
