@@ -7,8 +7,11 @@ quotas, keys and the registered workers.
 
 from __future__ import annotations
 
+import os
+
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from api import admin as admin_fns
@@ -18,7 +21,7 @@ from api.demo import demo_command
 from api.embedded import up_command
 from api.errors import SharpError
 from api.models import utcnow
-from api.settings import get_settings
+from api.settings import Settings, get_settings
 
 app = typer.Typer(help="SHARP distillation service.", no_args_is_help=True)
 admin_app = typer.Typer(
@@ -213,6 +216,41 @@ def keys_list(team: str | None = typer.Option(None, help="Only this team's keys.
         _fail(e)
     finally:
         db.dispose()
+
+
+@app.command("worker")
+def worker_command_cli(
+    pool: str | None = typer.Option(
+        None, help="GPU pool to serve, e.g. h100 (default: SHARP_WORKER_POOL, else 'default')."
+    ),
+    gpus: int | None = typer.Option(
+        None, help="GPUs this worker gives one job (default: the devices in --devices, else 1)."
+    ),
+    devices: str | None = typer.Option(
+        None, help="CUDA_VISIBLE_DEVICES for its jobs, e.g. '0' or '0,1,2,3'."
+    ),
+) -> None:
+    """Run a Celery worker that registers in POOL with GPUS GPUs (one job at a time)."""
+    from pydantic import ValidationError
+
+    from worker.launcher import settings_env, worker_command
+
+    update = {"worker_pool": pool, "worker_gpu_count": gpus, "worker_gpus": devices}
+    try:
+        settings = Settings.model_validate(
+            {
+                **get_settings().model_dump(),
+                **{k: v for k, v in update.items() if v is not None},
+            }
+        )
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        option = {"worker_pool": "--pool", "worker_gpu_count": "--gpus"}.get(field, field)
+        err.print(f"[red]error[/red] {option}: {escape(first['msg'])}")
+        raise typer.Exit(2) from None
+    cmd = worker_command(settings)
+    os.execve(cmd[0], cmd, {**os.environ, **settings_env(settings)})
 
 
 @admin_app.command("migrate")

@@ -542,7 +542,7 @@ class EmbeddedStack:
         cmd = worker_command(self.settings, hostname=f"sharp-up-{os.getpid()}@%h")
         grace = self.settings.kill_grace_s + self.settings.cancel_poll_s + 30
         child = self._spawn("worker", cmd, self._env(), stop_timeout_s=grace)
-        self.log(f"worker (pid {child.proc.pid}, queues {','.join(self.settings.worker_queues)})")
+        self.log(f"worker (pid {child.proc.pid}, pool {self.settings.pool})")
 
     def _start_api(self) -> None:
         cmd = [

@@ -426,5 +426,11 @@ def register_worker(session: Session, *, name: str, pool: str, gpus: int, hostna
     session.execute(stmt)
 
 
+def prune_workers(session: Session, *, older_than_s: float) -> None:
+    """Forget workers silent for long (each restart under a new name leaves a row behind)."""
+    cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
+    session.query(Worker).filter(Worker.heartbeat_at < cutoff).delete(synchronize_session=False)
+
+
 def deregister_worker(session: Session, name: str) -> None:
     session.query(Worker).filter(Worker.name == name).delete(synchronize_session=False)

@@ -6,8 +6,9 @@ deployment without ``celery beat`` still recovers lost jobs.
 
 Each worker also registers itself (pool, GPU count) in the ``workers`` table when it is
 ready, refreshes that row every ``scheduler_interval_s`` and runs a scheduling pass with it
-(`api.scheduler`): the pool's capacity is its live workers. On a warm shutdown the row is
-deleted first, so no new job is admitted for a worker that is going away.
+(`api.scheduler`): the pool's capacity is its live workers. On a warm shutdown the background
+thread deletes the row, so no new job is admitted for a worker that is going away (done
+there, not in the signal handler, which may have interrupted a database call).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def reap() -> dict[str, list[str]]:
 
 def _heartbeat(settings: Settings, db: Database) -> None:
     with db.session() as s:
+        scheduler.prune_workers(s, older_than_s=max(24 * 3600, 10 * settings.heartbeat_timeout_s))
         scheduler.register_worker(
             s,
             name=worker_name(),
@@ -107,6 +109,7 @@ def _background_loop(stop: threading.Event) -> None:
         except Exception:  # noqa: BLE001 - keep going; the next tick may succeed
             log.exception("worker background pass failed")
         stop.wait(settings.scheduler_interval_s)
+    _deregister()
 
 
 def _deregister() -> None:
@@ -133,5 +136,4 @@ def _on_shutdown(**_: Any) -> None:
     # Warm shutdown: leave the pool, then checkpoint and re-queue the running job instead of
     # finishing it here.
     _reaper_stop.set()
-    _deregister()
     PREEMPT.set()
