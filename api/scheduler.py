@@ -211,12 +211,15 @@ def explain(state: ClusterState) -> dict[str, QueueInfo]:
         info[job_id] = QueueInfo(0, f"admitted; waiting for a worker in pool '{pool_name}'")
     for pool_name, by_team in sorted(_by_pool_and_team(state.waiting).items()):
         base = state.pools.get(pool_name) or PoolState(pool_name)
+        if base.slots == 0:
+            for jobs in by_team.values():
+                for w in jobs:
+                    info[w.job_id] = QueueInfo(None, f"no worker serves pool '{pool_name}'")
+            continue
         pool = PoolState(pool_name, usage=dict(base.usage), last_admitted=dict(base.last_admitted))
         queues: dict[str, list[Waiting]] = {}
         for t, jobs in by_team.items():
             for w in jobs:
-                if base.slots == 0:
-                    continue
                 if not _fits_pool(w, base):
                     info[w.job_id] = QueueInfo(
                         None,
@@ -244,10 +247,6 @@ def explain(state: ClusterState) -> dict[str, QueueInfo]:
             else:
                 reason = f"waiting for a free {pool_name}"
             info[w.job_id] = QueueInfo(position, reason)
-        if base.slots == 0:
-            for jobs in by_team.values():
-                for w in jobs:
-                    info[w.job_id] = QueueInfo(None, f"no worker serves pool '{pool_name}'")
     return info
 
 
@@ -333,7 +332,9 @@ def _aware(value: Any) -> dt.datetime:
     return value
 
 
-def plan(session: Session, *, heartbeat_timeout_s: float, now: dt.datetime | None = None):  # noqa: ANN201
+def plan(
+    session: Session, *, heartbeat_timeout_s: float, now: dt.datetime | None = None
+) -> list[Admission]:
     """`decide` on the database's current state: the admissions a pass would make now."""
     return decide(load_state(session, heartbeat_timeout_s=heartbeat_timeout_s, now=now))
 
