@@ -241,6 +241,31 @@ def test_claim_requires_admission(db: Database, settings: Settings) -> None:
     assert _admit(db) == []  # the running job holds the pool's only slot
 
 
+def test_reaper_requeue_goes_back_through_the_scheduler(db: Database, settings: Settings) -> None:
+    """A job whose worker went silent is re-queued without its admission; the pass the reaper
+    runs admits it again (a live worker of its pool is free), and only then is it sent."""
+    from worker.reaper import reap
+
+    pool = _pool()
+    team = _team(db, "reaped")
+    job_id = _job(db, team, pool, label="lost", age=0, status="running", admitted_at=T0)
+    with db.session() as s:
+        s.execute(
+            text("UPDATE jobs SET heartbeat_at = :t, worker = 'gone' WHERE id = :i"),
+            {"t": utcnow() - dt.timedelta(seconds=settings.heartbeat_timeout_s + 5), "i": job_id},
+        )
+    _workers(db, pool, 1)
+    sent: list[tuple[str, str]] = []
+    report = reap(settings, db, None, lambda j, p: sent.append((j, p)))
+    # (Other tests' running rows may be stale too by now; only this pool is asserted.)
+    assert job_id in report.requeued
+    assert [x for x in sent if x[1] == pool] == [(job_id, pool)]
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.status == "queued" and job.attempt == 1
+        assert job.admitted_at is not None and job.admitted_at > T0  # admitted anew
+
+
 # --------------------------------------------------------------------------- concurrency
 def _admitted(db: Database, pool: str) -> int:
     with db.session() as s:
@@ -395,6 +420,14 @@ def test_queued_jobs_quota_and_teams_me(
     assert newest["queue_reason"] == f"waiting for a free {pool}"
     me = client.get("/v1/teams/me", headers=team.headers).json()
     assert (me["running_gpus"], me["queued_jobs"]) == (1, 2)
+
+    # Cancelling the admitted job frees the slot: the pass after the cancel admits the next.
+    r = client.post(f"/v1/jobs/{ids[0]}/cancel", headers=team.headers)
+    assert r.status_code == 202 and r.json()["status"] == "cancelled"
+    assert r.json()["queue_position"] is None and r.json()["queue_reason"] is None
+    assert queue_length(pool) == before + 2
+    newest = client.get(f"/v1/jobs/{newest['id']}", headers=team.headers).json()
+    assert newest["queue_position"] == 0
 
 
 def test_admin_cli_sets_and_lists_quotas(db_url: str, db: Database) -> None:
