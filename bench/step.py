@@ -9,26 +9,38 @@ does, AdamW, ``zero_grad(set_to_none=True)``), all on the same random-initialise
 the same random batch:
 
 * ``ce``    student cross-entropy only (the trainer's ``sft`` path).
-* ``kd``    teacher forward under no_grad + student forward/backward, (1−a)·CE + a·forward KL
-            (the trainer's ``kd`` path, a = 0.5). Every ratio is relative to this step.
+* ``kd``    teacher forward under inference mode + student forward/backward,
+            (1−a)·CE + a·forward KL in one fused pass (`losses.logit_objective`; the trainer's
+            ``kd`` path, a = 0.5). Every ratio is relative to this step.
 * ``sharp`` the full SHARP step with the default ``MethodSpec`` (q/k captured inside SDPA by
-            ``AttentionCapture``, ``AttentionObjective`` with chunked, checkpointed projection).
+            ``AttentionCapture``; ``AttentionObjective`` with P·Q from one SDPA call per layer,
+            ``method.projection="sdpa"``).
 * ``eager`` the baseline SHARP replaces: both models in eager attention with
             ``output_attentions=True``, MSE on the head-averaged maps of the mapped layer pairs,
-            plus the same logit KD.
-* ``sharp_sdpa`` (opt-in) the SHARP step with P·Q computed by SDPA with the key basis as the
-            values (`project_sdpa`), a proposed fix measured here with bench-local copies of
-            the two projection functions, patched in for this step only.
-* ``kd_fused`` (opt-in) the ``kd`` step with (1−a)·CE + a·KL computed by one chunked pass
-            with a closed-form gradient (`fused_ce_forward_kl`), a proposed fix for
-            ``sharp_core.losses`` measured with a bench-local function.
+            plus the same logit loss as ``kd``.
 
-Why the ``ce``, ``kd`` and ``sharp`` steps go through ``sharp_core.trainer._micro_step`` with a
-hand-built `Setup` instead of re-implementing the losses: the benchmark must time the code
-that trains, not a look-alike. Only data loading and tokenisation (not part of a step) are
-left out: the batch is random token ids, the models are built from configs (no downloads)
-with ``sharp_core.models.load_model``, so they get the trainer's dtypes (teacher bf16 on
-CUDA, student float32 with bf16 autocast).
+Opt-in steps, the "before" of each fast path next to its "after" in the same run:
+
+* ``sharp_chunked`` the ``sharp`` step with ``method.projection="chunked"`` set in the spec:
+            sharp_core's float32 reference (query chunks of softmax rows, checkpointed).
+            Selecting it also fills ``checks`` (below).
+* ``kd_separate`` the ``kd`` step with CE and D computed by two separate calls,
+            `losses.cross_entropy` then `losses.divergence`, as the trainer did before the
+            fused loss: `_micro_step` runs with `losses.logit_objective` temporarily replaced
+            by `separate_logit_objective` (see `separate_logit_losses` for why a substitution).
+* ``kd_liger`` (CUDA, optional ``liger-kernel``) the ``kd`` loss from Liger Kernel's fused
+            linear cross-entropy and fused linear forward KL, which never build the logits;
+            skipped, with the reason, on CPU or when the package is missing (``pip install
+            'sharp[gpu]'``). ``checks.liger_vs_logit_objective`` compares its value and
+            gradient with sharp_core's.
+
+Why the steps go through ``sharp_core.trainer._micro_step`` with a hand-built `Setup` (all but
+``eager`` and ``kd_liger``, which have no trainer path) instead of re-implementing the losses:
+the benchmark must time the code that trains, not a look-alike; the variants change only what
+a spec setting (``projection``) or one substituted loss function changes. Data loading and
+tokenisation (not part of a step) are left out: the batch is random token ids, the models are
+built from configs (no downloads) with ``sharp_core.models.load_model``, so they get the
+trainer's dtypes (teacher bf16 on CUDA, student float32 with bf16 autocast).
 
 Timing: the steps are interleaved — round 1 runs ce, kd, sharp, eager once each, round 2
 again, and so on — ``--warmup`` untimed rounds first (AdamW state, ``--compile``), then
@@ -60,9 +72,13 @@ Host synchronisations inside a step (CUDA only) are counted with
 ``--profile`` adds, per step, a torch.profiler breakdown by labelled ranges (the models'
 forwards, sharp_core's capture / projection / loss functions, each prefixed by the phase
 fwd/bwd/opt so the checkpoint's recompute in backward is told apart); sharp_core is wrapped
-at run time only, never edited. With ``sharp_sdpa`` selected, ``checks`` in the JSON holds
-the relative difference of each SHARP term between the two projection paths and the
-objective's own forward+backward time on both paths, measured alone.
+at run time only, never edited.
+
+``checks`` in the JSON (with ``sharp_chunked`` selected), on the same captured q/k with the
+objective switched between its two paths: the relative difference of each SHARP term, the
+relative error of the projected maps P·Q, and the objective's own forward+backward time on
+each path, measured alone and interleaved (SHARP's share of a step is below what whole-step
+timings resolve on a loaded machine).
 """
 
 from __future__ import annotations
@@ -88,27 +104,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "ALL_STEPS",
     "PRESETS",
     "STEP_NAMES",
     "Preset",
     "main",
-    "project_sdpa",
-    "project_teacher_sdpa",
     "run_benchmark",
+    "separate_logit_objective",
 ]
 
 #: Steps run when ``--steps`` is not given, in this order.
 STEP_NAMES: tuple[str, ...] = ("ce", "kd", "sharp", "eager")
 #: Steps one may ask for with ``--steps``.
-ALL_STEPS: tuple[str, ...] = (*STEP_NAMES, "sharp_sdpa", "kd_fused")
+ALL_STEPS: tuple[str, ...] = (*STEP_NAMES, "sharp_chunked", "kd_separate", "kd_liger")
 
 STEP_DESCRIPTIONS = {
     "ce": "student cross-entropy only",
-    "kd": "teacher fwd (no_grad) + student fwd/bwd, (1-a)CE + a*forward KL",
-    "sharp": "kd + SHARP attention terms (default MethodSpec, SDPA capture)",
+    "kd": "teacher fwd (inference mode) + student fwd/bwd, (1-a)CE + a*forward KL fused",
+    "sharp": "kd + SHARP attention terms (default MethodSpec: SDPA capture, SDPA projection)",
     "eager": "kd + MSE on head-averaged maps, eager output_attentions",
-    "sharp_sdpa": "sharp with P*Q from SDPA (bench-local proposed fix)",
-    "kd_fused": "kd with CE+KL fused, closed-form gradient (bench-local proposed fix)",
+    "sharp_chunked": "sharp with method.projection='chunked' (float32 reference)",
+    "kd_separate": "kd with CE and D as two separate sharp_core.losses calls (before)",
+    "kd_liger": "kd with Liger Kernel's fused linear CE + forward KL (CUDA)",
 }
 
 #: Weight a of the logit divergence in every step with a teacher (MethodSpec's default).
@@ -277,8 +294,11 @@ def _model_spec(config: dict[str, Any]) -> Any:
     return ModelSpec(init="config", config=dict(config))
 
 
-def _job_spec(preset: Preset, method: str, compile_: bool) -> Any:
-    """A real JobSpec so `_micro_step` reads the same MethodSpec defaults as a job would."""
+def _job_spec(preset: Preset, method: str, compile_: bool, projection: str = "sdpa") -> Any:
+    """A real JobSpec so `_micro_step` reads the same MethodSpec defaults as a job would.
+
+    ``projection`` is the one setting a step changes (``sharp_chunked``), through the spec,
+    as a job would; every other field is the default."""
     from sharp_core.spec import DatasetSpec, JobSpec, MethodSpec, TrainingSpec
 
     return JobSpec(
@@ -287,7 +307,7 @@ def _job_spec(preset: Preset, method: str, compile_: bool) -> Any:
         student=_model_spec(preset.student),
         # Never read: the benchmark feeds random token ids. A spec needs a source.
         dataset=DatasetSpec(source="files", files=["<random token ids: bench.step>"]),
-        method=MethodSpec(name=method),
+        method=MethodSpec(name=method, projection=projection),
         training=TrainingSpec(
             batch_size=preset.batch,
             seq_len=preset.seq_len,
@@ -418,7 +438,12 @@ class Runner:
 
 
 class MicroStepRunner(Runner):
-    """ce / kd / sharp: the trainer's own `_micro_step` on a hand-built `Setup`."""
+    """ce / kd / sharp (and their variants): the trainer's own `_micro_step` on a `Setup`.
+
+    ``projection`` goes into the `MethodSpec` exactly as a job would set it. ``patches``
+    (a context-manager factory) is entered around `_micro_step` only: the ``kd_separate``
+    step uses it to swap the fused logit loss for the two separate calls.
+    """
 
     def __init__(
         self,
@@ -431,12 +456,13 @@ class MicroStepRunner(Runner):
         x: Tensor,
         device: torch.device,
         compile_: bool,
+        projection: str = "sdpa",
         patches: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     ) -> None:
         from sharp_core.trainer import Setup
 
         super().__init__(name, teacher, student, opt, device)
-        spec = _job_spec(preset, method, compile_)
+        spec = _job_spec(preset, method, compile_, projection)
         objective = s_cap = t_cap = None
         if spec.method.uses_attention:
             from sharp_core.capture import ATTN_IMPLEMENTATION, AttentionCapture
@@ -494,9 +520,11 @@ class MicroStepRunner(Runner):
 class EagerRunner(Runner):
     """The baseline: eager attention, ``output_attentions=True``, MSE on head-averaged maps.
 
-    The logit part is the same as `kd` (sharp_core.losses, same chunking); the attention part
-    uses the same layer pairs as SHARP (uniform map, every student layer). Both models return
-    *all* their layers' maps: that is what ``output_attentions`` does, and its cost.
+    The logit part is the `kd` step's (`losses.logit_objective`, same chunking, teacher under
+    inference mode, no attention mask for the packed block), so the difference to `kd` is the
+    attention part alone; it uses the same layer pairs as SHARP (uniform map, every student
+    layer). Both models return *all* their layers' maps: that is what ``output_attentions``
+    does, and its cost.
     """
 
     impl = "eager"
@@ -530,106 +558,118 @@ class EagerRunner(Runner):
         from sharp_core import losses
 
         x, V, m = self.x, self.vocab, self.method
-        ones = torch.ones_like(x)  # as `_micro_step` passes it
         labels = x[:, 1:]
-        n_tokens = labels.numel()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-            with torch.no_grad():
-                t_out = self.teacher(input_ids=x, attention_mask=ones, output_attentions=True)
-            s_out = self.student(input_ids=x, attention_mask=ones, output_attentions=True)
-        s_logits = s_out.logits[:, :-1, :V]
-        t_logits = t_out.logits[:, :-1, :V]
-        ce = losses.cross_entropy(s_logits, labels, num_valid=n_tokens, chunk_size=m.logit_chunk)
-        kd = losses.divergence(
+            with torch.inference_mode():
+                t_out = self.teacher(input_ids=x, output_attentions=True)
+            s_out = self.student(input_ids=x, output_attentions=True)
+        loss, _ce, _d = losses.logit_objective(
             m.divergence,
-            s_logits,
-            t_logits,
+            s_out.logits[:, :-1, :V],
+            t_out.logits[:, :-1, :V],
             labels,
+            kd_weight=m.effective_kd_weight,
             temperature=m.temperature,
-            num_valid=n_tokens,
+            alpha=m.skew_alpha,
+            beta=m.jsd_beta,
+            num_valid=labels.numel(),
             chunk_size=m.logit_chunk,
         )
         attn = torch.zeros((), device=x.device)
         for js, jt in self.pairs:
             s_avg = s_out.attentions[js].float().mean(dim=1)  # (B, N, N)
-            t_avg = t_out.attentions[jt].float().mean(dim=1)  # (B, N, N)
+            t_avg = t_out.attentions[jt].float().mean(dim=1)  # (B, N, N), an inference tensor
             attn = attn + F.mse_loss(s_avg, t_avg)
-        return (1 - KD_WEIGHT) * ce + KD_WEIGHT * kd + attn / len(self.pairs)
+        return loss + attn / len(self.pairs)
 
 
-class _FusedCEForwardKL(torch.autograd.Function):
-    """Value and student-logit gradient of (1−a)·CE + a·τ²·KL(p_T‖q_S), chunk by chunk.
-
-    The gradient is written in closed form, (1−a)·(softmax(s) − onehot(y)) +
-    a·τ·(softmax(s/τ) − softmax(t/τ)), per valid row, divided by the token count, so each
-    chunk costs a few fp32 passes and holds no autograd graph.
-    """
-
-    @staticmethod
-    def forward(ctx, s2, t2, y, a, tau, denom, chunk):  # type: ignore[override]
-        grad = torch.empty_like(s2)
-        total = torch.zeros((), dtype=torch.float32, device=s2.device)
-        for i in range(0, s2.shape[0], chunk):
-            s = s2[i : i + chunk].float()
-            t = t2[i : i + chunk].float()
-            yc = y[i : i + chunk]
-            valid = (yc != -100)[:, None]  # (R, 1)
-            log_q1 = torch.log_softmax(s, dim=-1)
-            ce = -log_q1.gather(1, yc.clamp_min(0)[:, None])  # (R, 1)
-            log_q = log_q1 if tau == 1.0 else torch.log_softmax(s / tau, dim=-1)
-            log_p = torch.log_softmax(t / tau if tau != 1.0 else t, dim=-1)
-            p = log_p.exp()
-            kl = (p * (log_p - log_q).masked_fill(p == 0, 0.0)).sum(-1, keepdim=True)
-            total = total + ((1 - a) * ce + a * tau * tau * kl).masked_fill(~valid, 0.0).sum()
-            if tau == 1.0:  # (1−a)(q − e_y) + a(q − p) = q − a·p − (1−a)·e_y
-                g = log_q1.exp().sub_(p, alpha=a)
-            else:
-                g = log_q1.exp().mul_(1 - a).add_(log_q.exp().sub_(p), alpha=a * tau)
-            g.scatter_add_(1, yc.clamp_min(0)[:, None], torch.full_like(ce, -(1 - a)))
-            grad[i : i + chunk] = g.masked_fill_(~valid, 0.0).div_(denom).to(grad.dtype)
-        ctx.save_for_backward(grad)
-        return total / denom
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None
-
-
-def fused_ce_forward_kl(
-    s_logits: Tensor,
-    t_logits: Tensor,
+def separate_logit_objective(
+    name: str,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
     labels: Tensor,
     *,
-    a: float,
-    temperature: float,
-    num_valid: int,
-    chunk_rows: int,
-) -> Tensor:
-    """(1−a)·CE + a·forward KL of the trainer's kd objective in one pass (bench-local).
+    kd_weight: float,
+    temperature: float = 1.0,
+    alpha: float = 0.1,
+    beta: float = 0.5,
+    num_valid: int | Tensor,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`losses.logit_objective`'s contract from two separate calls, as the trainer did before.
 
-    Why: `sharp_core.trainer._micro_step` calls `losses.cross_entropy` and
-    `losses.divergence` separately; each gathers the valid rows (``nonzero``: a host sync on
-    CUDA), builds a float32 autograd graph per chunk and differentiates it, so the student's
-    log-softmax and its intermediates are computed twice. Same value and gradient, one pass,
-    no ``nonzero``.
+    `losses.cross_entropy` then `losses.divergence`: each gathers the valid rows, builds a
+    float32 graph per chunk and differentiates it, so the student's log-softmax is computed
+    twice. Returns (loss, ce, d) with ce and d detached, like the fused function.
     """
-    v = s_logits.shape[-1]
-    s2 = s_logits.reshape(-1, v)
-    t2 = t_logits.detach().reshape(-1, v)
-    return _FusedCEForwardKL.apply(
-        s2,
-        t2,
-        labels.reshape(-1),
-        float(a),
-        float(temperature),
-        float(max(num_valid, 1)),
-        int(chunk_rows),
+    from sharp_core import losses
+
+    ce = losses.cross_entropy(student_logits, labels, num_valid=num_valid, chunk_size=chunk_size)
+    d = losses.divergence(
+        name,
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature=temperature,
+        alpha=alpha,
+        beta=beta,
+        num_valid=num_valid,
+        chunk_size=chunk_size,
     )
+    return (1 - kd_weight) * ce + kd_weight * d, ce.detach(), d.detach()
 
 
-class FusedKDRunner(Runner):
-    """The ``kd`` step of `_micro_step` (same forwards and slicing) with the fused loss."""
+@contextlib.contextmanager
+def separate_logit_losses() -> Iterator[None]:
+    """`sharp_core.losses.logit_objective` replaced by `separate_logit_objective` (one step).
+
+    Why a substitution rather than a copy of the old step: `_micro_step` looks the function
+    up on the `losses` module at every call, so swapping that one attribute for the duration
+    of the call times the trainer's very step — same forwards, slicing, capture, teacher
+    under inference mode — with only the logit loss computed the old way, and nothing to
+    drift out of date. The attribute is restored on exit, also on error.
+    """
+    from sharp_core import losses
+
+    fused = losses.logit_objective
+    # looked up here, at entry, so that `--profile`'s wrapper of this function is the one used
+    losses.logit_objective = sys.modules[__name__].separate_logit_objective  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        losses.logit_objective = fused  # type: ignore[assignment]
+
+
+class StepSkipped(Exception):
+    """A step that cannot run on this machine (not an error: the run's exit status stays 0)."""
+
+
+def liger_unavailable(device: torch.device) -> str | None:
+    """Why the ``kd_liger`` step cannot run here, or None when it can."""
+    if device.type != "cuda":
+        return (
+            f"needs CUDA: Liger Kernel's fused linear losses are Triton kernels (device is "
+            f"{device.type})"
+        )
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError as e:
+        return f"liger-kernel is not importable ({e}); pip install 'sharp[gpu]'"
+    return None
+
+
+class LigerKDRunner(Runner):
+    """The ``kd`` step's loss from Liger Kernel: lm_head fused with CE and with forward KL.
+
+    Why: issue 5 asks to compare a well-kept fused library against sharp_core's
+    `logit_objective` before adopting anything on CUDA. Liger never materialises the
+    (B·N, V) logits: `LigerFusedLinearCrossEntropyLoss` and `LigerFusedLinearJSD` take the
+    final hidden states and the LM heads' weights and compute value and gradient chunk by
+    chunk. ``jsd_beta=0`` is Liger's forward KL(p_T‖q_S); Liger does not multiply by τ², so
+    this step does (sharp_core's divergence includes it). Liger normalises by the count of
+    non-ignored labels, which is sharp_core's ``num_valid`` for one micro-batch. The student
+    head is applied twice (once per loss): that is Liger's API, and part of what is measured.
+    """
 
     def __init__(
         self,
@@ -641,33 +681,117 @@ class FusedKDRunner(Runner):
         device: torch.device,
         compile_: bool,
     ) -> None:
+        why = liger_unavailable(device)
+        if why is not None:
+            raise StepSkipped(why)
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD
+
         from sharp_core.spec import MethodSpec
 
-        super().__init__("kd_fused", teacher, student, opt, device)
-        self.teacher = _maybe_compile(teacher, compile_)
-        self.student = _maybe_compile(student, compile_)
-        self.method = MethodSpec(name="kd")
+        super().__init__("kd_liger", teacher, student, opt, device)
+        m = MethodSpec(name="kd")
+        if m.divergence != "forward_kl":
+            raise StepSkipped(f"compares forward KL only, the default is {m.divergence!r}")
+        # the decoders without their LM heads: final hidden states (B, N, H), norm included
+        self.t_body = _maybe_compile(teacher.base_model, compile_)
+        self.s_body = _maybe_compile(student.base_model, compile_)
+        self.t_head = teacher.get_output_embeddings()
+        self.s_head = student.get_output_embeddings()
+        for head in (self.t_head, self.s_head):
+            if getattr(head, "bias", None) is not None:
+                raise StepSkipped("an LM head with a bias; the step passes weights only")
+        self.a = m.effective_kd_weight
+        self.tau = m.temperature
+        self.ce = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="mean")
+        self.kl = LigerFusedLinearJSD(jsd_beta=0.0, ignore_index=-100, temperature=m.temperature)
         self.vocab = int(preset.student["vocab_size"])
         self.x = x
         self.use_amp = device.type == "cuda" and preset.amp
 
-    def forward(self) -> Tensor:
-        x, V, m = self.x, self.vocab, self.method
-        ones = torch.ones_like(x)
-        labels = x[:, 1:]
+    def hidden(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(student hidden (T, H_s), teacher hidden (T, H_t), labels (T,)), T = B·(N−1)."""
+        x = self.x
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-            with torch.no_grad():
-                t_logits = self.teacher(input_ids=x, attention_mask=ones).logits
-            s_logits = self.student(input_ids=x, attention_mask=ones).logits
-        return fused_ce_forward_kl(
-            s_logits[:, :-1, :V],
-            t_logits[:, :-1, :V],
-            labels,
-            a=m.effective_kd_weight,
-            temperature=m.temperature,
-            num_valid=labels.numel(),
-            chunk_rows=m.logit_chunk,
+            with torch.inference_mode():
+                t_h = self.t_body(input_ids=x).last_hidden_state[:, :-1]
+            s_h = self.s_body(input_ids=x).last_hidden_state[:, :-1]
+        # out of inference mode: Liger's autograd functions may save the teacher's input
+        t_h = t_h.clone()
+        return (
+            s_h.reshape(-1, s_h.shape[-1]),
+            t_h.reshape(-1, t_h.shape[-1]),
+            x[:, 1:].reshape(-1),
         )
+
+    def loss(self, s_h: Tensor, t_h: Tensor, y: Tensor) -> Tensor:
+        V = self.vocab
+        w_s, w_t = self.s_head.weight[:V], self.t_head.weight[:V]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            ce = self.ce(w_s, s_h, y)
+            kl = self.kl(s_h, w_s, t_h, w_t, y)
+        return (1 - self.a) * ce + self.a * self.tau**2 * kl
+
+    def forward(self) -> Tensor:
+        return self.loss(*self.hidden())
+
+
+def compare_liger(runner: LigerKDRunner) -> dict[str, float]:
+    """Liger's loss and student gradient against `losses.logit_objective` on the same rows.
+
+    Relative difference of the value and of the gradient w.r.t. the student's final hidden
+    states (the gradient sharp_core's path reaches through the LM head's matmul).
+    """
+    from sharp_core import losses
+    from sharp_core.spec import MethodSpec
+
+    m = MethodSpec(name="kd")
+    s_h, t_h, y = runner.hidden()
+    s_h = s_h.detach().requires_grad_(True)
+    got = runner.loss(s_h, t_h, y)
+    (g_got,) = torch.autograd.grad(got, s_h)
+    V = runner.vocab
+    with torch.autocast(runner.device.type, dtype=torch.bfloat16, enabled=runner.use_amp):
+        s_logits = F.linear(s_h, runner.s_head.weight[:V])
+        t_logits = F.linear(t_h, runner.t_head.weight[:V])
+    ref, _, _ = losses.logit_objective(
+        m.divergence,
+        s_logits,
+        t_logits,
+        y,
+        kd_weight=m.effective_kd_weight,
+        temperature=m.temperature,
+        num_valid=int((y != -100).sum()),
+        chunk_size=m.logit_chunk,
+    )
+    (g_ref,) = torch.autograd.grad(ref, s_h)
+    runner.opt.zero_grad(set_to_none=True)
+    return {
+        "loss_liger": float(got),
+        "loss_sharp_core": float(ref),
+        "loss_rel_diff": float((got - ref).abs() / ref.abs().clamp_min(1e-30)),
+        "grad_rel_err": float(
+            (g_got - g_ref).float().norm() / g_ref.float().norm().clamp_min(1e-30)
+        ),
+    }
+
+
+def compare_losses(before: Runner, after: Runner) -> dict[str, float]:
+    """The two steps' losses on the same batch and weights: a variant must change the cost only.
+
+    With autograd on, as in a step (with it off `logit_objective` takes its no-grad path, not
+    the fused one); the graphs are dropped without a backward.
+    """
+    values = {}
+    for r in (before, after):
+        r.activate()
+        values[r.name] = float(r.forward().detach())
+        r.close()
+    a, b = values[before.name], values[after.name]
+    return {
+        f"loss_{before.name}": a,
+        f"loss_{after.name}": b,
+        "rel_diff": abs(b - a) / max(abs(a), 1e-30),
+    }
 
 
 def _set_attention(model: nn.Module, impl: str) -> None:
@@ -679,139 +803,73 @@ def _maybe_compile(model: nn.Module, compile_: bool) -> nn.Module:
     return torch.compile(model) if compile_ else model  # type: ignore[return-value]
 
 
-# ------------------------------------------------- the proposed fix, measured (bench-local)
-
-
-def project_sdpa(attn: Any, basis: Tensor, query_chunk: int = 0) -> Tensor:
-    """P·Q (B, H, N, r) as one SDPA call with the key basis as the values.
-
-    Why: P·Q = softmax(q·kᵀ·scale + mask)·Q *is* an attention whose values are the basis, so
-    a fused kernel (flash / memory-efficient on CUDA, the flash CPU kernel here) computes it
-    without materialising any (B, H, N, N) block, in the model's compute dtype, and its
-    backward gives dq, dk without the checkpoint's recompute of a float32 softmax. Drop-in for
-    `sharp_core.sharp.project` on a `CapturedLayer` (same masks, scale, causal flag and GQA;
-    ``query_chunk`` is unused). The basis is zero-padded to the head dim so that kernels that
-    need equal q/k/v head dims (flash) still apply; the pad columns are sliced off.
-
-    Rows with no attendable key (left padding under a causal mask): `CapturedLayer.probs`
-    returns zeros. SDPA would return NaN there and its backward would turn the NaN into
-    gradients, so such rows attend everywhere instead (finite) and are zeroed afterwards
-    (their gradient is then exactly 0).
-    """
-    q, k = attn.query, attn.key  # (B, H, N, D), (B, H_kv, Nk, D)
-    b, h, _n, d = q.shape
-    h_kv, n_k = k.shape[1], k.shape[2]
-    r = basis.shape[1]
-    if basis.shape[0] != n_k:
-        raise ValueError(f"basis must have shape (N={n_k}, r), got {tuple(basis.shape)}")
-    cols = d if r <= d else r
-    v = torch.zeros(n_k, cols, dtype=q.dtype, device=q.device)
-    v[:, :r] = basis.to(q.dtype)
-    # Materialised (B·H_kv·N·D elements, like one key tensor): a stride-0 broadcast can push
-    # SDPA off its fused kernels.
-    v = v.expand(b, h_kv, n_k, cols).contiguous()
-    mask, valid = attn.mask, None
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            valid = mask.any(dim=-1, keepdim=True)
-            mask = mask | ~valid
-        else:
-            valid = (mask > torch.finfo(mask.dtype).min).any(dim=-1, keepdim=True)
-            mask = torch.where(valid, mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
-        mask = mask.to(q.device)
-    out = F.scaled_dot_product_attention(
-        q,
-        k,
-        v,
-        attn_mask=mask,
-        is_causal=bool(attn.is_causal and mask is None),
-        scale=attn.scaling,
-        enable_gqa=h != h_kv,
-    )[..., :r]  # (B, H, N, r)
-    if valid is not None:
-        out = out * valid.to(out.dtype)
-    return out.to(torch.promote_types(out.dtype, torch.float32))
-
-
-def project_teacher_sdpa(
-    attn: Any, basis: Tensor, query_chunk: int, w_h: Tensor, valid: Tensor, with_stats: bool
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Drop-in for `sharp_core.sharp._project_teacher` through `project_sdpa`, under no_grad.
-
-    The learned basis' statistics need P_t itself, so with ``with_stats`` this defers to the
-    original (chunked) function.
-    """
-    if with_stats:
-        from sharp_core import sharp
-
-        original = _ORIGINALS.get("_project_teacher", sharp._project_teacher)
-        return original(attn, basis, query_chunk, w_h, valid, with_stats)
-    with torch.no_grad():
-        pq = project_sdpa(attn, basis)  # (B, H_t, N, r)
-        return torch.einsum("st,btnr->bsnr", w_h.to(pq.dtype), pq), None, None
-
-
-#: sharp_core functions replaced while `sdpa_projection_patch` is active.
-_ORIGINALS: dict[str, Callable[..., Any]] = {}
+# --------------------------------------------------- the two projection paths, side by side
 
 
 @contextlib.contextmanager
-def sdpa_projection_patch() -> Iterator[None]:
-    """Patch `sharp.project` / `sharp._project_teacher` with the SDPA versions (one step)."""
-    from sharp_core import sharp
+def _projection(runner: MicroStepRunner, how: str) -> Iterator[None]:
+    """The runner's objective switched to ``how`` ("sdpa" / "chunked") for a while.
 
-    _ORIGINALS.update(project=sharp.project, _project_teacher=sharp._project_teacher)
-    sharp.project = project_sdpa  # type: ignore[assignment]
-    sharp._project_teacher = project_teacher_sdpa  # type: ignore[assignment]
+    `AttentionObjective.forward` reads ``self.projection`` at every call: the same switch a
+    spec's ``method.projection`` makes, with no patching of sharp_core.
+    """
+    obj = runner.S.objective
+    assert obj is not None
+    before = obj.projection
+    obj.projection = how
     try:
         yield
     finally:
-        sharp.project = _ORIGINALS.pop("project")  # type: ignore[assignment]
-        sharp._project_teacher = _ORIGINALS.pop("_project_teacher")  # type: ignore[assignment]
+        obj.projection = before
 
 
-def compare_sdpa_terms(runner: MicroStepRunner) -> dict[str, float]:
-    """Relative difference of each SHARP term, SDPA projection vs sharp_core's, same batch.
+def _captured(runner: MicroStepRunner) -> tuple[dict[int, Any], dict[int, Any]]:
+    """Both models' captured q/k on the runner's batch (forwards as in `_micro_step`)."""
+    S, x, dev = runner.S, runner.x, runner.device
+    assert S.teacher is not None and S.student_capture is not None
+    runner.activate()
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=runner.use_amp):
+        with S.teacher_capture:
+            S.teacher(input_ids=x)
+        with S.student_capture:
+            S.student(input_ids=x)
+    student, teacher = dict(S.student_capture.layers), dict(S.teacher_capture.layers)
+    S.student_capture.clear()
+    S.teacher_capture.clear()
+    return student, teacher
+
+
+def compare_projection_terms(runner: MicroStepRunner) -> dict[str, float]:
+    """Relative difference of each SHARP term, SDPA projection vs chunked, same captured q/k.
 
     Also the terms' values (``<term>_value``: random-init models attend almost uniformly, so
     the terms can be tiny and their relative difference mostly cancellation) and the relative
-    error of the projected maps themselves (``pq_student`` / ``pq_teacher``).
+    error of the projected maps themselves (``pq_student`` / ``pq_teacher``: max over the
+    mapped layers of ‖PQ_sdpa − PQ_chunked‖ / ‖PQ_chunked‖), which do not cancel.
 
-    Why: on CUDA the SDPA path runs in the models' compute dtype (bf16 q/k, fp32
-    accumulation, bf16 output) where sharp_core recomputes the softmax in float32; this
-    measures what that costs in the loss itself, on the benchmark's own captured tensors.
+    Why: the default (SDPA) path goes through a fused attention kernel where the reference
+    rebuilds float32 softmax rows; this measures what that costs in the loss itself, on the
+    benchmark's own captured tensors (float32 on CPU; on CUDA the models' bf16 q/k).
     """
-    S, x = runner.S, runner.x
-    assert S.objective is not None and S.teacher is not None
-    ones = torch.ones_like(x)
-    runner.activate()
-    with torch.no_grad():
-        with torch.autocast(runner.device.type, dtype=torch.bfloat16, enabled=runner.use_amp):
-            with S.teacher_capture:
-                S.teacher(input_ids=x, attention_mask=ones)
-            with S.student_capture:
-                S.student(input_ids=x, attention_mask=ones)
-        valid = torch.ones_like(x, dtype=torch.bool)
-        ref = S.objective(S.student_capture.layers, S.teacher_capture.layers, valid)
-        with sdpa_projection_patch():
-            got = S.objective(S.student_capture.layers, S.teacher_capture.layers, valid)
-        # The projected maps themselves, which do not cancel the way near-equal terms do:
-        # max over mapped layers of ‖PQ_sdpa − PQ‖ / ‖PQ‖, student and teacher side.
-        from sharp_core import sharp
+    from sharp_core import sharp
 
-        basis = sharp.dct_basis(x.shape[1], S.objective.rank, device=x.device)
+    obj, x = runner.S.objective, runner.x
+    assert obj is not None
+    student, teacher = _captured(runner)
+    valid = torch.ones_like(x, dtype=torch.bool)
+    with torch.no_grad():
+        with _projection(runner, "chunked"):
+            ref = obj(student, teacher, valid)
+        with _projection(runner, "sdpa"):
+            got = obj(student, teacher, valid)
+        basis = sharp.dct_basis(x.shape[1], obj.rank, device=x.device)
         pq_err = {"student": 0.0, "teacher": 0.0}
-        for side, layers in (
-            ("student", S.student_capture.layers),
-            ("teacher", S.teacher_capture.layers),
-        ):
+        for side, layers in (("student", student), ("teacher", teacher)):
             for layer in layers.values():
-                a = sharp.project(layer, basis, S.objective.query_chunk)
-                b = project_sdpa(layer, basis)
+                a = sharp.project(layer, basis, obj.query_chunk)
+                b = sharp.project_sdpa(layer, basis)
                 err = float((b - a).norm() / a.norm().clamp_min(1e-30))
                 pq_err[side] = max(pq_err[side], err)
-    S.student_capture.clear()
-    S.teacher_capture.clear()
     out: dict[str, float] = {
         k: float((got[k] - ref[k]).abs() / ref[k].abs().clamp_min(1e-30)) for k in ref
     }
@@ -821,25 +879,18 @@ def compare_sdpa_terms(runner: MicroStepRunner) -> dict[str, float]:
 
 
 def time_objective(runner: MicroStepRunner, repeats: int) -> dict[str, float]:
-    """Median ms of the attention objective alone, forward + backward, both projection paths.
+    """Median ms of the attention objective alone, forward + backward, on both paths.
 
     Why: SHARP's own cost is a few percent of a step, below what whole-step timings resolve
-    on a loaded machine; timed alone (interleaved, same captured tensors) it is not.
-    The student's captured q/k are detached into leaves that require grad, so backward
-    stops at q/k (the model's projections' backward exists in every step anyway).
+    on a loaded machine; timed alone (interleaved, same captured tensors) it is not. The
+    student's captured q/k are detached into leaves that require grad, so backward stops at
+    q/k (the model's projections' backward exists in every step anyway).
     """
     from sharp_core.capture import CapturedLayer
 
-    S, x, dev = runner.S, runner.x, runner.device
-    assert S.objective is not None and S.teacher is not None
-    ones = torch.ones_like(x)
-    runner.activate()
-    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=runner.use_amp):
-        with S.teacher_capture:
-            S.teacher(input_ids=x, attention_mask=ones)
-        with S.student_capture:
-            S.student(input_ids=x, attention_mask=ones)
-    teacher = dict(S.teacher_capture.layers)
+    obj, x, dev = runner.S.objective, runner.x, runner.device
+    assert obj is not None
+    student0, teacher = _captured(runner)
     student = {
         i: CapturedLayer(
             query=c.query.detach().requires_grad_(True),
@@ -848,32 +899,32 @@ def time_objective(runner: MicroStepRunner, repeats: int) -> dict[str, float]:
             mask=c.mask,
             is_causal=c.is_causal,
         )
-        for i, c in S.student_capture.layers.items()
+        for i, c in student0.items()
     }
-    S.student_capture.clear()
-    S.teacher_capture.clear()
     valid = torch.ones_like(x, dtype=torch.bool)
 
-    def once(patched: bool) -> float:
-        ctx = sdpa_projection_patch() if patched else contextlib.nullcontext()
+    def once(how: str) -> float:
         _sync(dev)
         t0 = time.perf_counter()
-        with ctx:
-            terms = S.objective(student, teacher, valid)
+        with _projection(runner, how):
+            terms = obj(student, teacher, valid)
         sum(terms.values()).backward()
         _sync(dev)
         for c in student.values():
             c.query.grad = c.key.grad = None
         return (time.perf_counter() - t0) * 1e3
 
-    once(False), once(True)  # warm-up
-    ref, fix = [], []
+    once("chunked"), once("sdpa")  # warm-up
+    chunked, sdpa = [], []
     for _ in range(repeats):
-        ref.append(once(False))
-        fix.append(once(True))
+        chunked.append(once("chunked"))
+        sdpa.append(once("sdpa"))
     return {
-        "sharp_core_ms": statistics.median(ref),
-        "sdpa_ms": statistics.median(fix),
+        "chunked_ms": statistics.median(chunked),
+        "sdpa_ms": statistics.median(sdpa),
+        "chunked_over_sdpa_paired": statistics.median(
+            c / s for c, s in zip(chunked, sdpa, strict=True)
+        ),
         "repeats": repeats,
     }
 
@@ -1004,10 +1055,12 @@ def _table_peak_flops(device: torch.device) -> float | None:
 #: (module path, attribute, label) of the sharp_core functions the profile wraps in ranges.
 _PROFILED: tuple[tuple[str, str, str], ...] = (
     ("sharp_core.capture", "_record", "capture.record (q/k kept)"),
-    ("sharp_core.sharp", "project", "sharp.project (student P*Q)"),
+    ("sharp_core.sharp", "project_sdpa", "sharp.project_sdpa (P*Q by SDPA)"),
+    ("sharp_core.sharp", "project", "sharp.project (chunked P*Q)"),
     ("sharp_core.sharp", "_project_chunk", "sharp._project_chunk (student chunk)"),
     ("sharp_core.sharp", "_project_teacher", "sharp._project_teacher (teacher P*Q)"),
     ("sharp_core.sharp", "sharp_distances", "sharp.sharp_distances"),
+    ("sharp_core.losses", "logit_objective", "losses.logit_objective (fused CE+D)"),
     ("sharp_core.losses", "cross_entropy", "losses.cross_entropy"),
     ("sharp_core.losses", "divergence", "losses.divergence"),
 )
@@ -1043,11 +1096,9 @@ def _instrumented(runner: Runner, teacher: nn.Module, student: nn.Module) -> Ite
 
     for mod, attr, label in _PROFILED:
         wrap(importlib.import_module(mod), attr, label)
-    # The bench-local fixes, in this very module (``__main__`` under ``python -m``).
+    # The kd_separate stand-in, in this very module (``__main__`` under ``python -m``).
     this = sys.modules[__name__]
-    wrap(this, "project_sdpa", "bench.project_sdpa (P*Q by SDPA)")
-    wrap(this, "project_teacher_sdpa", "bench.project_teacher_sdpa")
-    wrap(this, "fused_ce_forward_kl", "bench.fused_ce_forward_kl")
+    wrap(this, "separate_logit_objective", "bench.separate_logit_objective (CE, then D)")
     wrap(CapturedLayer, "probs", "CapturedLayer.probs (softmax rows)")
     objective = runner.S.objective if isinstance(runner, MicroStepRunner) else None
     if objective is not None:
@@ -1139,6 +1190,7 @@ class StepResult:
     mem_ratio_to_kd: float | None = None
     profile: dict[str, float] | None = None
     error: str | None = None
+    skipped: str | None = None  # why the step cannot run on this machine (not an error)
 
 
 def _make_runner(
@@ -1151,16 +1203,31 @@ def _make_runner(
     device: torch.device,
     compile_: bool,
 ) -> Runner:
-    methods = {"ce": "sft", "kd": "kd", "sharp": "sharp", "sharp_sdpa": "sharp"}
+    methods = {
+        "ce": "sft",
+        "kd": "kd",
+        "sharp": "sharp",
+        "sharp_chunked": "sharp",
+        "kd_separate": "kd",
+    }
     if name in methods:
-        patches = sdpa_projection_patch if name == "sharp_sdpa" else None
         return MicroStepRunner(
-            name, methods[name], preset, teacher, student, opt, x, device, compile_, patches=patches
+            name,
+            methods[name],
+            preset,
+            teacher,
+            student,
+            opt,
+            x,
+            device,
+            compile_,
+            projection="chunked" if name == "sharp_chunked" else "sdpa",
+            patches=separate_logit_losses if name == "kd_separate" else None,
         )
     if name == "eager":
         return EagerRunner(preset, teacher, student, opt, x, device, compile_)
-    if name == "kd_fused":
-        return FusedKDRunner(preset, teacher, student, opt, x, device, compile_)
+    if name == "kd_liger":
+        return LigerKDRunner(preset, teacher, student, opt, x, device, compile_)
     raise ValueError(f"unknown step {name!r}; choose from {', '.join(ALL_STEPS)}")
 
 
@@ -1265,6 +1332,9 @@ def run_benchmark(
     for name in steps:
         try:
             runners[name] = _make_runner(name, preset, teacher, student, opt, x, dev, compile_)
+        except StepSkipped as e:
+            results[name].skipped = str(e)
+            log(f"skipping {name}: {e}")
         except Exception as e:  # noqa: BLE001 - one failing step must not hide the others
             fail(name, e)
 
@@ -1323,13 +1393,27 @@ def run_benchmark(
             fail(name, e)
 
     checks: dict[str, Any] = {}
-    fix = runners.get("sharp_sdpa")
-    if isinstance(fix, MicroStepRunner):
+    chunked = runners.get("sharp_chunked")
+    if isinstance(chunked, MicroStepRunner):
+        # on the chunked step's own objective, switched between the two paths and restored
         try:
-            checks["sharp_sdpa_term_rel_diff"] = compare_sdpa_terms(fix)
-            checks["objective_fwd_bwd"] = time_objective(fix, max(5, repeats))
+            checks["projection_term_rel_diff"] = compare_projection_terms(chunked)
+            checks["objective_fwd_bwd"] = time_objective(chunked, max(5, repeats))
         except Exception as e:  # noqa: BLE001
-            checks["error"] = f"{type(e).__name__}: {e}"
+            checks["projection_error"] = f"{type(e).__name__}: {e}"
+        chunked.close()
+    separate, kd_runner = runners.get("kd_separate"), runners.get("kd")
+    if isinstance(separate, MicroStepRunner) and isinstance(kd_runner, MicroStepRunner):
+        try:
+            checks["kd_separate_vs_kd"] = compare_losses(kd_runner, separate)
+        except Exception as e:  # noqa: BLE001
+            checks["kd_separate_error"] = f"{type(e).__name__}: {e}"
+    liger = runners.get("kd_liger")
+    if isinstance(liger, LigerKDRunner):
+        try:
+            checks["liger_vs_logit_objective"] = compare_liger(liger)
+        except Exception as e:  # noqa: BLE001
+            checks["liger_error"] = f"{type(e).__name__}: {e}"
 
     kd = results.get("kd")
     if kd is not None and kd.ms_median:
@@ -1348,7 +1432,7 @@ def run_benchmark(
 
     return {
         "benchmark": "bench.step",
-        "schema": 1,
+        "schema": 2,
         "command": command,
         "preset": {
             "name": preset.name,
@@ -1431,6 +1515,9 @@ def render_table(doc: dict[str, Any], file: Any = None) -> None:
     for r in doc["steps"]:
         if r["error"]:
             table.add_row(r["name"], f"[red]{r['error'][:80]}[/red]", *[""] * (len(cols) - 2))
+            continue
+        if r.get("skipped"):
+            table.add_row(r["name"], f"skipped: {r['skipped'][:100]}", *[""] * (len(cols) - 2))
             continue
         table.add_row(
             r["name"],

@@ -4,9 +4,12 @@ Why no timing thresholds: a benchmark's numbers depend on the machine and its lo
 asserting them would be flaky on a shared CPU and meaningless across cards. The figures are
 measured and recorded in docs/performance.md instead. What is checked here: the CLI runs
 every step kind on the hidden ``micro`` preset and emits a well-formed JSON document (kd is
-the reference, so its ratios are exactly 1.0), the GPU preset refuses a CPU-only machine with
-a clear message, and the bench-local SDPA projection (the proposed fix the benchmark measures)
-computes what ``sharp_core.sharp.project`` computes, values and gradients.
+the reference, so its ratios are exactly 1.0); each "before" variant really runs the other
+code path (the profile's labelled ranges show which sharp_core functions a step called) and
+computes the same loss as its "after"; ``checks`` holds the projection comparison; the
+CUDA-only Liger step is skipped with its reason on a CPU; and the GPU preset refuses a
+CPU-only machine. sharp_core's fast paths themselves (`project_sdpa`, `logit_objective`) are
+tested in tests/test_capture.py, tests/test_losses.py and tests/test_trainer.py.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ import pytest
 import torch
 
 from bench import step as bench_step
-from sharp_core import sharp
-from sharp_core.capture import CapturedLayer
+from sharp_core import losses
 
 ROOT = Path(__file__).resolve().parents[1]
+CPU_ONLY = not torch.cuda.is_available()
 
 
 @pytest.fixture
@@ -34,9 +37,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.timeout(120)
-def test_micro_preset_json_document(capsys, one_thread) -> None:
-    steps = ["ce", "kd", "sharp", "eager", "sharp_sdpa", "kd_fused"]
+@pytest.mark.timeout(180)
+def test_micro_preset_runs_every_step_and_reports_checks(capsys, one_thread) -> None:
+    steps = list(bench_step.ALL_STEPS)
+    fused = losses.logit_objective
     rc = bench_step.main(
         [
             "--preset",
@@ -53,18 +57,20 @@ def test_micro_preset_json_document(capsys, one_thread) -> None:
             "--profile",
         ]
     )
-    out = capsys.readouterr().out
-    doc = json.loads(out)  # stdout is the JSON document only (the table goes to stderr)
-    assert rc == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)  # stdout is the JSON document only (the table: stderr)
+    assert rc == 0, captured.err
+    # the kd_separate substitution is undone
+    assert losses.logit_objective is fused
 
-    assert doc["benchmark"] == "bench.step"
+    assert doc["benchmark"] == "bench.step" and doc["schema"] == 2
     assert doc["command"].startswith("python -m bench.step --preset micro")
     p = doc["preset"]
     assert p["name"] == "micro" and p["repeats"] == 2 and p["warmup"] == 1
     assert p["tokens_per_step"] == p["batch"] * p["seq_len"]
     for who in ("teacher", "student"):
         assert {"layers", "heads", "hidden", "vocab", "params", "dtype"} <= set(p[who])
-    assert p["method"]["name"] == "sharp"
+    assert p["method"]["name"] == "sharp" and p["method"]["projection"] == "sdpa"
     m = doc["machine"]
     assert m["cpu"] and m["torch"] == torch.__version__ and m["transformers"]
     assert m["torch_threads"] == 1
@@ -72,33 +78,66 @@ def test_micro_preset_json_document(capsys, one_thread) -> None:
 
     by_name = {s["name"]: s for s in doc["steps"]}
     assert list(by_name) == steps
-    for s in by_name.values():
-        assert s["error"] is None, s["error"]
+    ran = [n for n in steps if n != "kd_liger"] if CPU_ONLY else steps
+    for name in ran:
+        s = by_name[name]
+        assert s["error"] is None and s["skipped"] is None, (name, s["error"], s["skipped"])
         assert len(s["ms"]) == 2 and all(t > 0 for t in s["ms"])
         assert s["ms_median"] > 0 and s["tokens_per_s"] > 0
         assert s["peak_mem_mib"] > 0 and s["step_mem_mib"] >= 0
         assert s["ratio_to_kd"] > 0 and s["ratio_to_kd_paired"] > 0 and s["mem_ratio_to_kd"] > 0
         # --profile: per-phase ranges of the step
         assert {"fwd:total", "bwd:total", "opt:total"} <= set(s["profile"])
-        # CPU run: no MFU, no CUDA sync count
-        assert s["mfu_table"] is None and s["mfu_measured"] is None and s["host_syncs"] is None
+        if CPU_ONLY:  # a CPU run: no MFU, no CUDA sync count
+            assert s["mfu_table"] is None and s["host_syncs"] is None
     assert by_name["kd"]["ratio_to_kd"] == 1.0
     assert by_name["kd"]["ratio_to_kd_paired"] == 1.0
-    assert "fwd:sharp._project_teacher (teacher P*Q)" in by_name["sharp"]["profile"]
-    assert "fwd:bench.project_sdpa (P*Q by SDPA)" in by_name["sharp_sdpa"]["profile"]
     assert by_name["kd"]["mem_ratio_to_kd"] == 1.0
     assert doc["targets"] == []  # micro has none
-    # the SDPA projection gives the same SHARP terms (float32 on the CPU)
-    diffs = doc["checks"]["sharp_sdpa_term_rel_diff"]
+
+    # Each step runs the code path it names: the profile's ranges are sharp_core's functions.
+    prof = {n: set(by_name[n]["profile"]) for n in ran}
+    sdpa, chunked = "fwd:sharp.project_sdpa (P*Q by SDPA)", "fwd:sharp.project (chunked P*Q)"
+    assert sdpa in prof["sharp"] and chunked not in prof["sharp"]
+    assert chunked in prof["sharp_chunked"] and sdpa not in prof["sharp_chunked"]
+    assert "bwd:sharp._project_chunk (student chunk)" in prof["sharp_chunked"]  # recompute
+    fused_range = "fwd:losses.logit_objective (fused CE+D)"
+    for name in ("kd", "sharp", "sharp_chunked", "eager"):
+        assert fused_range in prof[name] and "fwd:losses.divergence" not in prof[name], name
+    assert fused_range not in prof["kd_separate"]
+    assert {
+        "fwd:bench.separate_logit_objective (CE, then D)",
+        "fwd:losses.cross_entropy",
+        "fwd:losses.divergence",
+    } <= prof["kd_separate"]
+    assert "fwd:losses.cross_entropy" in prof["ce"] and fused_range not in prof["ce"]
+
+    checks = doc["checks"]
+    # the two projection paths give the same SHARP terms and maps (float32 on the CPU)
+    diffs = checks["projection_term_rel_diff"]
     terms = ("sharp_layer", "sharp_head", "sharp_token")
     assert set(diffs) == {*terms, *(f"{t}_value" for t in terms), "pq_student", "pq_teacher"}
     assert all(0 <= diffs[t] < 1e-4 for t in terms), diffs
-    assert diffs["pq_student"] < 1e-5 and diffs["pq_teacher"] < 1e-5, diffs
-    obj = doc["checks"]["objective_fwd_bwd"]
-    assert obj["sharp_core_ms"] > 0 and obj["sdpa_ms"] > 0
+    assert all(diffs[f"{t}_value"] > 0 for t in terms), diffs
+    assert 0 <= diffs["pq_student"] < 1e-5 and 0 <= diffs["pq_teacher"] < 1e-5, diffs
+    obj = checks["objective_fwd_bwd"]
+    assert obj["chunked_ms"] > 0 and obj["sdpa_ms"] > 0 and obj["repeats"] == 5
+    assert obj["chunked_over_sdpa_paired"] > 0
+    # before and after of the logit loss: the same loss on the same batch
+    kd_pair = checks["kd_separate_vs_kd"]
+    assert kd_pair["loss_kd"] > 0 and kd_pair["rel_diff"] < 1e-5, kd_pair
+    assert "projection_error" not in checks and "kd_separate_error" not in checks
+
+    liger = by_name["kd_liger"]
+    if CPU_ONLY:
+        assert liger["error"] is None and liger["ms"] == [] and liger["ms_median"] is None
+        assert liger["skipped"].startswith("needs CUDA: Liger Kernel")
+        assert liger["ratio_to_kd"] is None
+        assert "kd_liger" in captured.err and "skipped" in captured.err  # said in the table
+        assert "liger_vs_logit_objective" not in checks
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
+@pytest.mark.skipif(not CPU_ONLY, reason="checks the refusal on a CPU-only machine")
 def test_gpu_preset_refuses_cpu_with_a_clear_message() -> None:
     r = subprocess.run(
         [sys.executable, "-m", "bench.step", "--preset", "opt-1.3b-125m"],
@@ -116,90 +155,13 @@ def test_unknown_step_is_a_usage_error(capsys) -> None:
     with pytest.raises(SystemExit) as e:
         bench_step.main(["--preset", "micro", "--steps", "kd,nope"])
     assert e.value.code == 2
-    assert "nope" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nope" in err and "sharp_chunked" in err  # names the choices
 
 
-def _layer(b, h, h_kv, n, d, *, mask=None, causal=True, gen=None) -> CapturedLayer:
-    q = torch.randn(b, h, n, d, generator=gen).requires_grad_(True)
-    k = torch.randn(b, h_kv, n, d, generator=gen).requires_grad_(True)
-    return CapturedLayer(query=q, key=k, scaling=d**-0.5, mask=mask, is_causal=causal)
-
-
-@pytest.mark.parametrize("case", ["causal", "left_padding", "gqa", "rank_above_head_dim"])
-def test_project_sdpa_matches_chunked_projection(case: str) -> None:
-    """The proposed fix must compute P·Q and its q/k gradients exactly as sharp.project."""
-    gen = torch.Generator().manual_seed(0)
-    b, h, n, d, r = 2, 4, 24, 8, 6
-    h_kv, mask, causal = h, None, True
-    if case == "left_padding":
-        pad = torch.ones(b, n, dtype=torch.bool)
-        pad[1, :5] = False  # sequence 1: five left pads -> query rows 0..4 attend to nothing
-        tril = torch.ones(n, n, dtype=torch.bool).tril()
-        mask, causal = (tril[None, None] & pad[:, None, None, :]), False  # (B, 1, N, N)
-    elif case == "gqa":
-        h_kv = 2
-    elif case == "rank_above_head_dim":
-        r = 12
-    attn = _layer(b, h, h_kv, n, d, mask=mask, causal=causal, gen=gen)
-    basis = sharp.dct_basis(n, r)
-    weight = torch.randn(b, h, n, r, generator=gen)
-
-    ref = sharp.project(attn, basis, query_chunk=5)
-    (ref * weight).sum().backward()
-    ref_grads = attn.query.grad.clone(), attn.key.grad.clone()
-    attn.query.grad = attn.key.grad = None
-
-    got = bench_step.project_sdpa(attn, basis)
-    assert got.shape == ref.shape and got.dtype == torch.float32
-    torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
-    (got * weight).sum().backward()
-    for g, rg in zip((attn.query.grad, attn.key.grad), ref_grads, strict=True):
-        assert torch.isfinite(g).all()
-        torch.testing.assert_close(g, rg, atol=2e-6, rtol=1e-5)
-    if case == "left_padding":
-        assert torch.equal(got[1, :, :5], torch.zeros_like(got[1, :, :5]))
-
-
-def test_project_teacher_sdpa_matches_and_patch_restores() -> None:
-    gen = torch.Generator().manual_seed(1)
-    b, h_t, h_s, n, d = 2, 6, 4, 16, 8
-    attn = _layer(b, h_t, h_t, n, d, gen=gen)
-    basis = sharp.dct_basis(n, 5)
-    w_h = sharp.head_map(h_s, h_t)
-    valid = torch.ones(b, n, dtype=torch.bool)
-    ref, _, _ = sharp._project_teacher(attn, basis, 4, w_h, valid, False)
-    originals = sharp.project, sharp._project_teacher
-    with bench_step.sdpa_projection_patch():
-        assert sharp.project is bench_step.project_sdpa
-        got, g, e = sharp._project_teacher(attn, basis, 4, w_h, valid, False)
-        # the learned basis' statistics need P_t: deferred to the original function
-        _, g2, e2 = sharp._project_teacher(attn, basis, 4, w_h, valid, True)
-    assert (sharp.project, sharp._project_teacher) == originals
-    assert g is None and e is None and g2 is not None and e2 is not None
-    assert not got.requires_grad
-    torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize(("a", "tau"), [(0.5, 1.0), (0.3, 2.0), (1.0, 1.0)])
-def test_fused_ce_forward_kl_matches_sharp_core_losses(a: float, tau: float) -> None:
-    """The fused logit loss (the other proposed fix) equals (1−a)·CE + a·KD of sharp_core."""
-    from sharp_core import losses
-
-    gen = torch.Generator().manual_seed(3)
-    b, n, v = 3, 7, 11
-    s = (torch.randn(b, n, v, generator=gen) * 3).requires_grad_(True)
-    t = torch.randn(b, n, v, generator=gen) * 3
-    y = torch.randint(0, v, (b, n), generator=gen)
-    y[0, :2] = -100  # ignored positions
-    n_valid = 40  # a global count larger than this call's (gradient accumulation)
-
-    ref = (1 - a) * losses.cross_entropy(s, y, num_valid=n_valid, chunk_size=4) + a * (
-        losses.forward_kl(s, t, y, temperature=tau, num_valid=n_valid, chunk_size=4)
-    )
-    (ref_grad,) = torch.autograd.grad(ref, s)
-    got = bench_step.fused_ce_forward_kl(
-        s, t, y, a=a, temperature=tau, num_valid=n_valid, chunk_rows=4
-    )
-    (grad,) = torch.autograd.grad(got, s)
-    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(grad, ref_grad, atol=1e-7, rtol=1e-5)
+def test_separate_logit_losses_restores_the_fused_function_on_error() -> None:
+    fused = losses.logit_objective
+    with pytest.raises(RuntimeError, match="boom"), bench_step.separate_logit_losses():
+        assert losses.logit_objective is bench_step.separate_logit_objective
+        raise RuntimeError("boom")
+    assert losses.logit_objective is fused
