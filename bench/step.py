@@ -74,11 +74,13 @@ forwards, sharp_core's capture / projection / loss functions, each prefixed by t
 fwd/bwd/opt so the checkpoint's recompute in backward is told apart); sharp_core is wrapped
 at run time only, never edited.
 
-``checks`` in the JSON (with ``sharp_chunked`` selected), on the same captured q/k with the
+``checks`` in the JSON. With ``sharp_chunked`` selected, on the same captured q/k with the
 objective switched between its two paths: the relative difference of each SHARP term, the
 relative error of the projected maps P·Q, and the objective's own forward+backward time on
 each path, measured alone and interleaved (SHARP's share of a step is below what whole-step
-timings resolve on a loaded machine).
+timings resolve on a loaded machine). With ``kd_separate`` and ``kd``: both steps' losses on
+the same batch (a variant must change the cost, not the value) and the logit loss's own
+forward+backward time, fused vs separate, measured alone the same way.
 """
 
 from __future__ import annotations
@@ -794,6 +796,59 @@ def compare_losses(before: Runner, after: Runner) -> dict[str, float]:
     }
 
 
+def time_logit_losses(runner: MicroStepRunner, repeats: int) -> dict[str, float]:
+    """Median ms of the logit loss alone, forward + backward: fused vs two separate calls.
+
+    Why: as for the attention objective, the loss is a part of the step whose difference a
+    loaded machine's whole-step timings blur; timed alone, interleaved, on the same logits
+    (the runner's models, sliced as `_micro_step` slices them), it is resolved. The student's
+    logits are a leaf, so backward stops there.
+    """
+    from sharp_core import losses
+
+    S, x, dev, m = runner.S, runner.x, runner.device, runner.S.spec.method
+    assert S.teacher is not None
+    V = S.vocab
+    runner.activate()
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=runner.use_amp):
+        t_logits = S.teacher(input_ids=x).logits[:, :-1, :V]
+        s_logits = S.student(input_ids=x).logits[:, :-1, :V]
+    s_logits = s_logits.detach().requires_grad_(True)
+    labels = x[:, 1:]
+    kw: dict[str, Any] = {
+        "kd_weight": runner.a,
+        "temperature": m.temperature,
+        "alpha": m.skew_alpha,
+        "beta": m.jsd_beta,
+        "num_valid": labels.numel(),
+        "chunk_size": m.logit_chunk,
+    }
+
+    def once(fn: Callable[..., tuple[Tensor, Tensor, Tensor]]) -> float:
+        _sync(dev)
+        t0 = time.perf_counter()
+        loss, _ce, _d = fn(m.divergence, s_logits, t_logits, labels, **kw)
+        loss.backward()
+        _sync(dev)
+        s_logits.grad = None
+        return (time.perf_counter() - t0) * 1e3
+
+    fused_fn, separate_fn = losses.logit_objective, separate_logit_objective
+    once(fused_fn), once(separate_fn)  # warm-up
+    fused, separate = [], []
+    for _ in range(repeats):
+        fused.append(once(fused_fn))
+        separate.append(once(separate_fn))
+    return {
+        "fused_ms": statistics.median(fused),
+        "separate_ms": statistics.median(separate),
+        "separate_over_fused_paired": statistics.median(
+            s / f for s, f in zip(separate, fused, strict=True)
+        ),
+        "repeats": repeats,
+    }
+
+
 def _set_attention(model: nn.Module, impl: str) -> None:
     if model.config._attn_implementation != impl:
         model.set_attn_implementation(impl)
@@ -1406,6 +1461,7 @@ def run_benchmark(
     if isinstance(separate, MicroStepRunner) and isinstance(kd_runner, MicroStepRunner):
         try:
             checks["kd_separate_vs_kd"] = compare_losses(kd_runner, separate)
+            checks["logit_fwd_bwd"] = time_logit_losses(kd_runner, max(5, repeats))
         except Exception as e:  # noqa: BLE001
             checks["kd_separate_error"] = f"{type(e).__name__}: {e}"
     liger = runners.get("kd_liger")

@@ -120,6 +120,9 @@ def test_micro_preset_runs_every_step_and_reports_checks(capsys, one_thread) -> 
     assert all(0 <= diffs[t] < 1e-4 for t in terms), diffs
     assert all(diffs[f"{t}_value"] > 0 for t in terms), diffs
     assert 0 <= diffs["pq_student"] < 1e-5 and 0 <= diffs["pq_teacher"] < 1e-5, diffs
+    logit = checks["logit_fwd_bwd"]
+    assert logit["fused_ms"] > 0 and logit["separate_ms"] > 0 and logit["repeats"] == 5
+    assert logit["separate_over_fused_paired"] > 0
     obj = checks["objective_fwd_bwd"]
     assert obj["chunked_ms"] > 0 and obj["sdpa_ms"] > 0 and obj["repeats"] == 5
     assert obj["chunked_over_sdpa_paired"] > 0
