@@ -33,6 +33,11 @@ Opt-in steps, the "before" of each fast path next to its "after" in the same run
             skipped, with the reason, on CPU or when the package is missing (``pip install
             'sharp[gpu]'``). ``checks.liger_vs_logit_objective`` compares its value and
             gradient with sharp_core's.
+* ``kd_compiled``, ``sharp_compiled`` ``kd`` / ``sharp`` with teacher and student wrapped in
+            ``torch.compile`` as the trainer does with ``training.compile``, interleaved with
+            the eager steps so that the paired ratio compares them in the same rounds
+            (``--compile`` instead compiles every step, which leaves nothing uncompiled to
+            compare with in that run). Compilation happens in the warm-up rounds.
 
 Why the steps go through ``sharp_core.trainer._micro_step`` with a hand-built `Setup` (all but
 ``eager`` and ``kd_liger``, which have no trainer path) instead of re-implementing the losses:
@@ -118,7 +123,14 @@ __all__ = [
 #: Steps run when ``--steps`` is not given, in this order.
 STEP_NAMES: tuple[str, ...] = ("ce", "kd", "sharp", "eager")
 #: Steps one may ask for with ``--steps``.
-ALL_STEPS: tuple[str, ...] = (*STEP_NAMES, "sharp_chunked", "kd_separate", "kd_liger")
+ALL_STEPS: tuple[str, ...] = (
+    *STEP_NAMES,
+    "sharp_chunked",
+    "kd_separate",
+    "kd_liger",
+    "kd_compiled",
+    "sharp_compiled",
+)
 
 STEP_DESCRIPTIONS = {
     "ce": "student cross-entropy only",
@@ -128,6 +140,8 @@ STEP_DESCRIPTIONS = {
     "sharp_chunked": "sharp with method.projection='chunked' (float32 reference)",
     "kd_separate": "kd with CE and D as two separate sharp_core.losses calls (before)",
     "kd_liger": "kd with Liger Kernel's fused linear CE + forward KL (CUDA)",
+    "kd_compiled": "kd with torch.compile'd teacher and student",
+    "sharp_compiled": "sharp with torch.compile'd teacher and student",
 }
 
 #: Weight a of the logit divergence in every step with a teacher (MethodSpec's default).
@@ -1264,6 +1278,8 @@ def _make_runner(
         "sharp": "sharp",
         "sharp_chunked": "sharp",
         "kd_separate": "kd",
+        "kd_compiled": "kd",
+        "sharp_compiled": "sharp",
     }
     if name in methods:
         return MicroStepRunner(
@@ -1275,7 +1291,7 @@ def _make_runner(
             opt,
             x,
             device,
-            compile_,
+            compile_ or name.endswith("_compiled"),
             projection="chunked" if name == "sharp_chunked" else "sdpa",
             patches=separate_logit_losses if name == "kd_separate" else None,
         )

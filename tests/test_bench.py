@@ -39,7 +39,9 @@ def one_thread():
 
 @pytest.mark.timeout(180)
 def test_micro_preset_runs_every_step_and_reports_checks(capsys, one_thread) -> None:
-    steps = list(bench_step.ALL_STEPS)
+    # all but the compiled steps, whose compilation takes minutes on a loaded CPU (their
+    # runners are checked without running them below)
+    steps = [s for s in bench_step.ALL_STEPS if not s.endswith("_compiled")]
     fused = losses.logit_objective
     rc = bench_step.main(
         [
@@ -168,3 +170,30 @@ def test_separate_logit_losses_restores_the_fused_function_on_error() -> None:
         assert losses.logit_objective is bench_step.separate_logit_objective
         raise RuntimeError("boom")
     assert losses.logit_objective is fused
+
+
+def test_compiled_steps_compile_both_models_and_nothing_else() -> None:
+    """``kd_compiled``/``sharp_compiled`` wrap the models the trainer's way, for that step only.
+
+    Built, not run: the uncompiled steps of the same run keep calling the plain modules.
+    """
+    preset = bench_step.PRESETS["micro"]
+    dev = torch.device("cpu")
+    teacher, student = bench_step.build_models(preset, dev)
+    opt = bench_step.make_optimizer(student, dev)
+    x = torch.zeros(preset.batch, preset.seq_len, dtype=torch.long)
+
+    def make(name: str) -> bench_step.MicroStepRunner:
+        r = bench_step._make_runner(name, preset, teacher, student, opt, x, dev, False)
+        assert isinstance(r, bench_step.MicroStepRunner)
+        return r
+
+    for name, method in (("kd_compiled", "kd"), ("sharp_compiled", "sharp")):
+        r = make(name)
+        assert r.S.spec.method.name == method and r.S.spec.training.compile
+        for model, plain in ((r.S.student, student), (r.S.teacher, teacher)):
+            assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+            assert model._orig_mod is plain
+    plain_kd = make("kd")
+    assert plain_kd.S.student is student and plain_kd.S.teacher is teacher
+    assert not plain_kd.S.spec.training.compile
