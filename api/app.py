@@ -21,16 +21,20 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from prometheus_client import Counter, make_asgi_app
+from prometheus_client import Counter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.db import Database
 from api.errors import SharpError
 from api.live import LivePublisher
+from api.metrics import RequestMetrics
+from api.metrics import router as metrics_router
 from api.routes import health, jobs, teams, uploads
 from api.services import Dispatch
 from api.settings import Settings, get_settings
+from api.ui import router as ui_router
+from api.ui import static_files as ui_static
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +204,11 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     app.include_router(jobs.router)
     app.include_router(uploads.router)
     app.include_router(teams.router)
-    app.mount("/metrics", make_asgi_app())
+    app.include_router(metrics_router)
+    app.include_router(ui_router)
+    app.mount("/ui/static", ui_static, name="ui-static")
+    # Outermost, so the latency covers every handler (and 413s from BodySizeLimit).
+    app.add_middleware(RequestMetrics)
     return app
 
 

@@ -35,10 +35,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -58,8 +57,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-# Reused from the demo, which follows jobs and verifies downloads the same way.
-from api.demo import SSE_RETRIES, TERMINAL, Follow, _fmt_eta, _sha256
+# Reused from the demo, which verifies downloads the same way.
+from api.demo import _sha256
+from api.follow import JobState, fmt_eta, follow_events, tokens_per_step
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -218,41 +218,23 @@ KeyOpt = typer.Option(None, "--key", help="API key (else SHARP_API_KEY, else the
 # -- watching --------------------------------------------------------------------------------
 
 
-@dataclass
-class Watch(Follow):
-    """`api.demo.Follow` plus the SHARP terms (``sharp_layer``, ``sharp_head`` …)."""
-
-    terms: dict[str, float] = field(default_factory=dict)
-
-    def apply(self, event: str, data: dict[str, Any]) -> None:
-        super().apply(event, data)
-        if event == "metrics":
-            for point in data.get("metrics", []):
-                for name, value in point.get("values", {}).items():
-                    if name.startswith("sharp_"):
-                        self.terms[name] = value
-
-
 def watch_job(c: httpx.Client, job_id: str) -> dict[str, Any]:
     """Follow a job's SSE stream with a progress bar on stderr; return the terminal job.
 
-    Reconnects with ``Last-Event-ID`` after a dropped connection (``SSE_RETRIES`` times in a
-    row at most, then exit 4).
+    The loop is `api.follow.follow_events` (shared with the demo): reconnects with
+    ``Last-Event-ID``, ``SSE_RETRIES`` failures in a row at most, then exit 4. Shows loss, the
+    evaluation (perplexity, or accuracy and macro-F1 for a classifier) and each SHARP term.
     """
-    from httpx_sse import SSEError, connect_sse
-
     job = check(c.get(f"/v1/jobs/{job_id}"))
-    training = job["spec"].get("training", {})
     max_steps = int(job["progress"]["max_steps"])
-    tokens_per_step = (
-        training.get("batch_size", 8) * training.get("grad_accum", 1) * training.get("seq_len", 512)
-    )
-    state = Watch(status=job["status"], step=int(job["progress"]["step"]))
+    per_step = tokens_per_step(job["spec"])
+    state = JobState(status=job["status"], step=int(job["progress"]["step"]))
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[eval]}"),
         TextColumn("{task.fields[terms]}"),
         TextColumn("{task.fields[tps]} tok/s"),
         TextColumn("ETA {task.fields[eta]}"),
@@ -261,55 +243,24 @@ def watch_job(c: httpx.Client, job_id: str) -> dict[str, Any]:
     )
 
     def refresh() -> None:
-        eta = None
-        if state.tokens_per_s and tokens_per_step:
-            eta = max(0, max_steps - state.step) * tokens_per_step / state.tokens_per_s
         terms = " ".join(f"{k[6:]} {v:.3g}" for k, v in sorted(state.terms.items()))
         progress.update(
             task,
             completed=min(state.step, max_steps),
             description=f"{job_id} [{state.status}]",
             loss="-" if state.loss is None else f"{state.loss:.3f}",
+            eval=state.eval_summary(),
             terms=terms,
             tps="-" if state.tokens_per_s is None else f"{state.tokens_per_s:,.0f}",
-            eta=_fmt_eta(eta if state.status == "running" else None),
+            eta=fmt_eta(state.eta_s(max_steps, per_step)),
         )
 
-    failures = 0
     with progress:
-        task = progress.add_task(job_id, total=max_steps, loss="-", terms="", tps="-", eta="-:--")
+        task = progress.add_task(
+            job_id, total=max_steps, loss="-", eval="", terms="", tps="-", eta="-:--"
+        )
         refresh()
-        while state.status not in TERMINAL:
-            headers = {"Last-Event-ID": state.last_id} if state.last_id else {}
-            try:
-                with connect_sse(
-                    c,
-                    "GET",
-                    f"/v1/jobs/{job_id}/events",
-                    headers=headers,
-                    timeout=httpx.Timeout(10.0, read=60.0),
-                ) as source:
-                    if source.response.status_code >= 400:
-                        source.response.read()
-                        check(source.response)
-                    for sse in source.iter_sse():
-                        if sse.id:
-                            state.last_id = sse.id
-                        if sse.data:
-                            state.apply(sse.event, json.loads(sse.data))
-                            refresh()
-                        failures = 0
-                # A stream that ends before the terminal status: reconnect from last_id.
-                if state.status not in TERMINAL:
-                    failures += 1
-            except (httpx.TransportError, SSEError) as e:
-                failures += 1
-                if failures > SSE_RETRIES:
-                    raise httpx.TransportError(f"lost the event stream of {job_id}: {e}") from e
-            if state.status not in TERMINAL:
-                if failures > SSE_RETRIES:
-                    raise httpx.TransportError(f"the event stream of {job_id} keeps ending")
-                time.sleep(min(5.0, 0.5 * failures))
+        follow_events(c, job_id, state, refresh, check)
         if state.status == "succeeded":
             progress.update(task, completed=max_steps)
         refresh()
@@ -444,7 +395,7 @@ def show_cmd(
         out.print(
             f"progress  {p['step']}/{p['max_steps']}"
             + (f"  {p['tokens_per_s']:,.0f} tok/s" if p.get("tokens_per_s") else "")
-            + (f"  ETA {_fmt_eta(p['eta_s'])}" if p.get("eta_s") is not None else "")
+            + (f"  ETA {fmt_eta(p['eta_s'])}" if p.get("eta_s") is not None else "")
         )
         out.print(f"queue     {job['queue']}  attempt {job['attempt']}/{job['max_attempts']}")
         out.print(

@@ -18,7 +18,6 @@ import hashlib
 import json
 import tarfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +35,7 @@ from api.embedded import (
     interrupt_on_sigterm,
     read_running,
 )
-
-TERMINAL = {"succeeded", "failed", "cancelled"}
-SSE_RETRIES = 20
+from api.follow import JobState, StreamLost, fmt_eta, follow_events, tokens_per_step
 
 
 class DemoError(RuntimeError):
@@ -72,67 +69,21 @@ def submit(client: httpx.Client, spec: dict[str, Any]) -> dict[str, Any]:
 # -- following a job -------------------------------------------------------------------------
 
 
-@dataclass
-class Follow:
-    """What the SSE stream told us so far about one job."""
-
-    status: str = "queued"
-    step: int = 0
-    loss: float | None = None
-    tokens_per_s: float | None = None
-    eval_ppl: float | None = None
-    error: dict[str, Any] | None = None
-    last_id: str | None = None
-    checkpoints: list[int] = field(default_factory=list)
-
-    def apply(self, event: str, data: dict[str, Any]) -> None:
-        if event == "status":
-            self.status = data.get("status", self.status)
-            if data.get("error"):
-                self.error = data["error"]
-        elif event == "metrics":
-            for point in data.get("metrics", []):
-                self.step = max(self.step, int(point.get("step", 0)))
-                values = point.get("values", {})
-                if "loss" in values:
-                    self.loss = values["loss"]
-                if values.get("tokens_per_s"):  # 0.0 on steps between two speed readings
-                    self.tokens_per_s = values["tokens_per_s"]
-                if "eval_ppl" in values:
-                    self.eval_ppl = values["eval_ppl"]
-        elif event == "checkpoint":
-            self.checkpoints.append(int(data.get("step", 0)))
-
-
-def _fmt_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "-:--"
-    seconds = int(seconds)
-    return f"{seconds // 60}:{seconds % 60:02d}"
-
-
 def follow(
     client: httpx.Client, job: dict[str, Any], label: str, console: Console
 ) -> dict[str, Any]:
-    """Show a progress bar fed by the job's SSE stream; return the job once it is terminal.
-
-    A dropped connection resumes with ``Last-Event-ID``, so no event is lost or repeated.
-    """
-    from httpx_sse import SSEError, connect_sse
-
+    """Show a progress bar fed by the job's SSE stream (`api.follow`); return the job once it
+    has succeeded, raise `DemoError` otherwise."""
     job_id = job["id"]
-    training = job["spec"].get("training", {})
     max_steps = int(job["progress"]["max_steps"])
-    tokens_per_step = (
-        training.get("batch_size", 0) * training.get("grad_accum", 1) * training.get("seq_len", 0)
-    )
-    state = Follow()
+    per_step = tokens_per_step(job["spec"])
+    state = JobState()
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"),
-        TextColumn("ppl {task.fields[ppl]}"),
+        TextColumn("{task.fields[eval]}"),
         TextColumn("{task.fields[tps]} tok/s"),
         TextColumn("ETA {task.fields[eta]}"),
         TimeElapsedColumn(),
@@ -140,50 +91,25 @@ def follow(
     )
 
     def refresh() -> None:
-        eta = None
-        if state.tokens_per_s and tokens_per_step:
-            eta = max(0, max_steps - state.step) * tokens_per_step / state.tokens_per_s
         progress.update(
             task,
-            completed=state.step,
+            completed=min(state.step, max_steps),
             description=f"{label} [{state.status}]",
             loss="-" if state.loss is None else f"{state.loss:.3f}",
-            ppl="-" if state.eval_ppl is None else f"{state.eval_ppl:.1f}",
+            eval=state.eval_summary(),
             tps="-" if state.tokens_per_s is None else f"{state.tokens_per_s:,.0f}",
-            eta=_fmt_eta(eta if state.status == "running" else None),
+            eta=fmt_eta(state.eta_s(max_steps, per_step)),
         )
 
-    failures = 0
     with progress:
-        task = progress.add_task(label, total=max_steps, loss="-", ppl="-", tps="-", eta="-:--")
+        task = progress.add_task(label, total=max_steps, loss="-", eval="", tps="-", eta="-:--")
         refresh()
-        while state.status not in TERMINAL:
-            headers = {"Last-Event-ID": state.last_id} if state.last_id else {}
-            try:
-                with connect_sse(
-                    client,
-                    "GET",
-                    f"/v1/jobs/{job_id}/events",
-                    headers=headers,
-                    timeout=httpx.Timeout(10.0, read=60.0),
-                ) as source:
-                    if source.response.status_code >= 400:
-                        source.response.read()
-                        _check(source.response, f"following {job_id}")
-                    for sse in source.iter_sse():
-                        if sse.id:
-                            state.last_id = sse.id
-                        if sse.data:
-                            state.apply(sse.event, json.loads(sse.data))
-                            refresh()
-                        failures = 0
-                # The server ends the stream after the terminal status; if we lost it just
-                # before, the loop reconnects and gets only what is left.
-            except (httpx.TransportError, SSEError) as e:
-                failures += 1
-                if failures > SSE_RETRIES:
-                    raise DemoError(f"lost the event stream of {job_id}: {e}") from e
-                time.sleep(min(5.0, 0.5 * failures))
+        try:
+            follow_events(
+                client, job_id, state, refresh, lambda r: _check(r, f"following {job_id}")
+            )
+        except StreamLost as e:
+            raise DemoError(str(e)) from e
         if state.status == "succeeded":
             progress.update(task, completed=max_steps)
         refresh()

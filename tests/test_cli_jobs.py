@@ -291,9 +291,9 @@ def test_failed_job_watch_exits_1(
 
 
 def test_watch_state_keeps_sharp_terms() -> None:
-    from api.client_cli import Watch
+    from api.follow import JobState
 
-    state = Watch()
+    state = JobState()
     state.apply(
         "metrics",
         {
@@ -315,3 +315,18 @@ def test_watch_state_keeps_sharp_terms() -> None:
     assert state.step == 4 and state.loss == 2.4 and state.tokens_per_s == 1000.0
     assert state.terms == {"sharp_layer": 0.9, "sharp_head": 0.4, "sharp_token": 0.2}
     assert state.status == "running"
+    assert state.eval_summary() == "eval -"
+    state.apply("metrics", {"metrics": [{"step": 5, "values": {"eval_ppl": 12.34}}]})
+    assert state.eval_summary() == "ppl 12.3"
+
+
+def test_watch_shows_accuracy_and_macro_f1_for_classifiers() -> None:
+    from api.follow import JobState
+
+    state = JobState()
+    state.apply(
+        "metrics",
+        {"metrics": [{"step": 10, "values": {"eval_accuracy": 0.875, "eval_macro_f1": 0.8612}}]},
+    )
+    assert (state.eval_accuracy, state.eval_macro_f1) == (0.875, 0.8612)
+    assert state.eval_summary() == "acc 0.875 f1 0.861"

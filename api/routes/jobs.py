@@ -19,6 +19,7 @@ from api.artifacts import (
 from api.deps import JobServiceDep, SettingsDep, TeamDep
 from api.errors import InvalidRequestError
 from api.events import job_events
+from api.metrics import counted_stream
 from api.schemas import (
     CheckpointsPublic,
     ErrorResponse,
@@ -187,7 +188,7 @@ async def job_events_stream(
         start = int(last_event_id)
     state = request.app.state
     return EventSourceResponse(
-        job_events(settings, state.db, state.aredis, job_id, start, follow),
+        counted_stream(job_events(settings, state.db, state.aredis, job_id, start, follow)),
         ping=settings.sse_heartbeat_s,
     )
 

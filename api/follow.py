@@ -1,0 +1,146 @@
+"""Following one job's Server-Sent Events from Python: the loop behind ``sharp jobs watch`` and
+``sharp demo``.
+
+Why one place: the reconnect rules are the subtle part and must not differ between the two —
+a dropped connection or a stream that ends before the terminal status resumes with
+``Last-Event-ID`` (so no event is lost or repeated), with a growing pause, and gives up after
+`SSE_RETRIES` failures in a row. Callers only decide how to *show* the state.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+SSE_RETRIES = 20
+
+
+class StreamLost(httpx.TransportError):
+    """The event stream kept failing; a `httpx.TransportError` so callers that map "cannot
+    reach the server" keep doing so."""
+
+
+@dataclass
+class JobState:
+    """What the SSE stream told us so far about one job."""
+
+    status: str = "queued"
+    step: int = 0
+    loss: float | None = None
+    tokens_per_s: float | None = None
+    eval_ppl: float | None = None
+    eval_accuracy: float | None = None
+    eval_macro_f1: float | None = None
+    terms: dict[str, float] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+    last_id: str | None = None
+    checkpoints: list[int] = field(default_factory=list)
+
+    def apply(self, event: str, data: dict[str, Any]) -> None:
+        if event == "status":
+            self.status = data.get("status", self.status)
+            if data.get("error"):
+                self.error = data["error"]
+        elif event == "metrics":
+            for point in data.get("metrics", []):
+                self.step = max(self.step, int(point.get("step", 0)))
+                values = point.get("values", {})
+                if "loss" in values:
+                    self.loss = values["loss"]
+                if values.get("tokens_per_s"):  # 0.0 on steps between two speed readings
+                    self.tokens_per_s = values["tokens_per_s"]
+                for name in ("eval_ppl", "eval_accuracy", "eval_macro_f1"):
+                    if name in values:
+                        setattr(self, name, values[name])
+                for name, value in values.items():
+                    if name.startswith("sharp_"):
+                        self.terms[name] = value
+        elif event == "checkpoint":
+            self.checkpoints.append(int(data.get("step", 0)))
+
+    def eval_summary(self) -> str:
+        """Accuracy and macro-F1 for classifiers (task ``sequence_classification``),
+        perplexity for language models; ``-`` before the first evaluation."""
+        if self.eval_accuracy is not None:
+            f1 = "-" if self.eval_macro_f1 is None else f"{self.eval_macro_f1:.3f}"
+            return f"acc {self.eval_accuracy:.3f} f1 {f1}"
+        if self.eval_ppl is not None:
+            return f"ppl {self.eval_ppl:.1f}"
+        return "eval -"
+
+    def eta_s(self, max_steps: int, tokens_per_step: int) -> float | None:
+        if self.status != "running" or not self.tokens_per_s or not tokens_per_step:
+            return None
+        return max(0, max_steps - self.step) * tokens_per_step / self.tokens_per_s
+
+
+def fmt_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-:--"
+    seconds = int(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def tokens_per_step(spec: dict[str, Any]) -> int:
+    training = spec.get("training", {})
+    return int(
+        training.get("batch_size", 8) * training.get("grad_accum", 1) * training.get("seq_len", 512)
+    )
+
+
+def follow_events(
+    client: httpx.Client,
+    job_id: str,
+    state: JobState,
+    on_update: Callable[[], None],
+    check: Callable[[httpx.Response], Any],
+    *,
+    retries: int = SSE_RETRIES,
+) -> JobState:
+    """Apply the job's events to `state` (calling `on_update` after each) until the job is
+    terminal. `check` turns an error response into the caller's exception.
+
+    Raises `StreamLost` after `retries` failed connections in a row.
+    """
+    from httpx_sse import SSEError, connect_sse
+
+    failures = 0
+    while state.status not in TERMINAL:
+        headers = {"Last-Event-ID": state.last_id} if state.last_id else {}
+        try:
+            with connect_sse(
+                client,
+                "GET",
+                f"/v1/jobs/{job_id}/events",
+                headers=headers,
+                timeout=httpx.Timeout(10.0, read=60.0),
+            ) as source:
+                if source.response.status_code >= 400:
+                    source.response.read()
+                    check(source.response)
+                for sse in source.iter_sse():
+                    if sse.id:
+                        state.last_id = sse.id
+                    if sse.data:
+                        state.apply(sse.event, json.loads(sse.data))
+                        on_update()
+                    failures = 0
+            # The server ends the stream after the terminal status; one that ends earlier
+            # (a restarted API) counts as a failure and is resumed from last_id.
+            if state.status not in TERMINAL:
+                failures += 1
+        except (httpx.TransportError, SSEError) as e:
+            failures += 1
+            if failures > retries:
+                raise StreamLost(f"lost the event stream of {job_id}: {e}") from e
+        if state.status not in TERMINAL:
+            if failures > retries:
+                raise StreamLost(f"the event stream of {job_id} keeps ending")
+            time.sleep(min(5.0, 0.5 * failures))
+    return state

@@ -1,0 +1,594 @@
+// The SHARP dashboard's one script: every page calls the JSON API (/v1/...) with the API key
+// kept in sessionStorage as its bearer token. No framework, no build step.
+// Everything shown is set through textContent (never innerHTML), so data cannot inject markup.
+(function () {
+  'use strict';
+
+  const KEY = 'sharp.apiKey';
+  const TERMINAL = new Set(['succeeded', 'failed', 'cancelled']);
+  const COLORS = ['#2563eb', '#dc2626', '#059669', '#d97706', '#7c3aed', '#0891b2', '#db2777', '#4b5563'];
+
+  // -- helpers ---------------------------------------------------------------------------------
+
+  function $(id) { return document.getElementById(id); }
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === null || v === undefined) continue;
+      if (k === 'class') node.className = v;
+      else if (k.startsWith('data-')) node.setAttribute(k, v);
+      else node[k] = v;
+    }
+    for (const c of children) {
+      if (c === null || c === undefined) continue;
+      node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    }
+    return node;
+  }
+
+  function sleep(ms) { return new Promise((r) => setTimeout(r, ms)); }
+
+  function fmt(v) {
+    if (typeof v !== 'number') return String(v);
+    if (Number.isInteger(v)) return String(v);
+    const a = Math.abs(v);
+    return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(3) : v.toPrecision(4);
+  }
+
+  function fmtTime(iso) { return iso ? new Date(iso).toLocaleString() : '–'; }
+
+  function fmtEta(s) {
+    if (s === null || s === undefined) return '–';
+    s = Math.round(s);
+    return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, '0')}`;
+  }
+
+  function showPageError(message) {
+    const p = $('page-error');
+    if (!p) return;
+    p.textContent = message;
+    p.hidden = !message;
+  }
+
+  class ApiError extends Error {
+    constructor(status, body) {
+      const e = (body && body.error) || {};
+      super(e.message || `HTTP ${status}`);
+      this.status = status;
+      this.code = e.code || `http_${status}`;
+      this.param = e.param || null;
+    }
+  }
+
+  function apiKey() { return sessionStorage.getItem(KEY); }
+
+  function toLogin() {
+    sessionStorage.removeItem(KEY);
+    const next = location.pathname + location.search;
+    location.assign('/ui/login?next=' + encodeURIComponent(next));
+  }
+
+  function authHeaders(extra) {
+    return Object.assign({ Authorization: 'Bearer ' + apiKey() }, extra || {});
+  }
+
+  async function api(path, opts) {
+    opts = opts || {};
+    const init = { method: opts.method || 'GET', headers: authHeaders(), cache: 'no-store' };
+    if (opts.body !== undefined) {
+      init.body = JSON.stringify(opts.body);
+      init.headers['Content-Type'] = 'application/json';
+    }
+    const r = await fetch(path, init);
+    let body = null;
+    try { body = await r.json(); } catch (_) { body = null; }
+    if (r.status === 401 && !opts.noRedirect) { toLogin(); throw new ApiError(401, body); }
+    if (!r.ok) throw new ApiError(r.status, body);
+    return body;
+  }
+
+  // A download needs the Authorization header, which a plain link cannot send: fetch the file,
+  // then hand the browser a blob URL to save.
+  async function download(url, filename) {
+    const r = await fetch(url, { headers: authHeaders(), cache: 'no-store' });
+    if (!r.ok) {
+      let body = null;
+      try { body = await r.json(); } catch (_) { body = null; }
+      throw new ApiError(r.status, body);
+    }
+    const blob = await r.blob();
+    const a = el('a', { href: URL.createObjectURL(blob), download: filename });
+    document.body.append(a);
+    a.click();
+    setTimeout(() => { URL.revokeObjectURL(a.href); a.remove(); }, 60000);
+  }
+
+  // -- Server-Sent Events over fetch ----------------------------------------------------------
+  // EventSource cannot send an Authorization header, so the stream is read with fetch. A lost
+  // connection resumes with Last-Event-ID (the server replays exactly what came after it).
+
+  async function followEvents(jobId, onEvent, onState) {
+    let lastId = null;
+    let failures = 0;
+    let done = false;
+    while (!done) {
+      const headers = authHeaders({ Accept: 'text/event-stream' });
+      if (lastId !== null) headers['Last-Event-ID'] = lastId;
+      try {
+        onState(failures ? `reconnecting (try ${failures})` : 'connecting');
+        const r = await fetch(`/v1/jobs/${encodeURIComponent(jobId)}/events`, { headers, cache: 'no-store' });
+        if (r.status === 401) { toLogin(); return; }
+        if (!r.ok) throw new ApiError(r.status, await r.json().catch(() => null));
+        onState('live');
+        const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+        let buf = '';
+        for (;;) {
+          const { value, done: end } = await reader.read();
+          if (end) break;
+          // sse-starlette separates lines with CRLF; a chunk may end between CR and LF.
+          buf = (buf + value).replace(/\r\n/g, '\n').replace(/\r(?!$)/g, '\n');
+          let cut;
+          while ((cut = buf.indexOf('\n\n')) >= 0) {
+            const block = buf.slice(0, cut);
+            buf = buf.slice(cut + 2);
+            let event = 'message';
+            const data = [];
+            let id = null;
+            for (const line of block.split('\n')) {
+              if (!line || line.startsWith(':')) continue;
+              const i = line.indexOf(':');
+              const field = i < 0 ? line : line.slice(0, i);
+              const val = i < 0 ? '' : line.slice(i + 1).replace(/^ /, '');
+              if (field === 'event') event = val;
+              else if (field === 'data') data.push(val);
+              else if (field === 'id') id = val;
+            }
+            if (id !== null) lastId = id;
+            if (data.length) {
+              const payload = JSON.parse(data.join('\n'));
+              onEvent(event, payload);
+              if (event === 'status' && TERMINAL.has(payload.status)) done = true;
+            }
+            failures = 0;
+          }
+        }
+      } catch (e) {
+        if (e instanceof ApiError && e.status === 404) { onState('job not found'); return; }
+      }
+      if (!done) {
+        failures += 1;
+        onState(`reconnecting in ${Math.min(5, 0.5 * failures)} s`);
+        await sleep(Math.min(5000, 500 * failures));
+      }
+    }
+    onState('ended');
+  }
+
+  // -- a line chart on <canvas> ---------------------------------------------------------------
+
+  class Chart {
+    constructor(canvas, opts) {
+      this.canvas = canvas;
+      this.series = new Map();
+      this.logY = !!(opts && opts.logY);
+      this.pending = false;
+    }
+
+    add(name, x, y) {
+      if (typeof y !== 'number' || !Number.isFinite(y)) return;
+      if (!this.series.has(name)) this.series.set(name, []);
+      const pts = this.series.get(name);
+      if (pts.length && pts[pts.length - 1][0] === x) pts[pts.length - 1][1] = y;
+      else pts.push([x, y]);
+      this.schedule();
+    }
+
+    count() {
+      let n = 0;
+      for (const pts of this.series.values()) n += pts.length;
+      return n;
+    }
+
+    schedule() {
+      if (this.pending) return;
+      this.pending = true;
+      requestAnimationFrame(() => { this.pending = false; this.draw(); });
+    }
+
+    draw() {
+      const c = this.canvas;
+      const dpr = window.devicePixelRatio || 1;
+      const w = c.clientWidth || 400;
+      const h = c.clientHeight || 240;
+      c.width = Math.round(w * dpr);
+      c.height = Math.round(h * dpr);
+      const g = c.getContext('2d');
+      g.setTransform(dpr, 0, 0, dpr, 0, 0);
+      g.clearRect(0, 0, w, h);
+      c.dataset.points = String(this.count());
+      c.dataset.series = [...this.series.keys()].join(',');
+      g.font = '11px system-ui, sans-serif';
+      g.fillStyle = '#6b7280';
+      if (!this.series.size) {
+        g.fillText('no data yet', 12, h / 2);
+        return;
+      }
+      const ty = (y) => (this.logY ? Math.log10(Math.max(y, 1e-12)) : y);
+      let x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
+      for (const pts of this.series.values()) {
+        for (const [x, y] of pts) {
+          x0 = Math.min(x0, x); x1 = Math.max(x1, x);
+          y0 = Math.min(y0, ty(y)); y1 = Math.max(y1, ty(y));
+        }
+      }
+      if (x1 === x0) { x0 -= 1; x1 += 1; }
+      if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
+      const pad = (y1 - y0) * 0.05; y0 -= pad; y1 += pad;
+      const L = 52, R = 10, T = 24, B = 22;
+      const sx = (x) => L + ((x - x0) / (x1 - x0)) * (w - L - R);
+      const sy = (y) => T + (1 - (ty(y) - y0) / (y1 - y0)) * (h - T - B);
+      const label = (v) => fmt(this.logY ? Math.pow(10, v) : v);
+      g.strokeStyle = '#e5e7eb';
+      g.lineWidth = 1;
+      for (let i = 0; i <= 4; i++) {
+        const v = y0 + ((y1 - y0) * i) / 4;
+        const py = T + (1 - i / 4) * (h - T - B);
+        g.beginPath(); g.moveTo(L, py); g.lineTo(w - R, py); g.stroke();
+        g.fillText(label(v), 4, py + 4);
+      }
+      g.fillText(`step ${fmt(x0)}`, L, h - 6);
+      const right = `${fmt(x1)}`;
+      g.fillText(right, w - R - g.measureText(right).width, h - 6);
+      let lx = L;
+      [...this.series.entries()].forEach(([name, pts], i) => {
+        const color = COLORS[i % COLORS.length];
+        g.strokeStyle = color;
+        g.lineWidth = 1.5;
+        g.beginPath();
+        pts.forEach(([x, y], j) => (j ? g.lineTo(sx(x), sy(y)) : g.moveTo(sx(x), sy(y))));
+        g.stroke();
+        if (pts.length === 1) {
+          g.fillStyle = color;
+          g.fillRect(sx(pts[0][0]) - 2, sy(pts[0][1]) - 2, 4, 4);
+        }
+        g.fillStyle = color;
+        const text = `${name} ${fmt(pts[pts.length - 1][1])}`;
+        g.fillText(text, lx, 14);
+        lx += g.measureText(text).width + 14;
+      });
+    }
+  }
+
+  // -- pages ----------------------------------------------------------------------------------
+
+  function loginPage() {
+    const form = $('login-form');
+    form.addEventListener('submit', async (ev) => {
+      ev.preventDefault();
+      const key = $('api-key').value.trim();
+      const out = $('login-error');
+      out.hidden = true;
+      try {
+        const r = await fetch('/v1/jobs?limit=1', { headers: { Authorization: 'Bearer ' + key } });
+        if (!r.ok) {
+          const body = await r.json().catch(() => null);
+          throw new ApiError(r.status, body);
+        }
+        sessionStorage.setItem(KEY, key);
+        const next = new URLSearchParams(location.search).get('next');
+        // Only a path on this site: never an absolute URL that would carry the user away.
+        location.assign(next && next.startsWith('/ui/') ? next : '/ui/jobs');
+      } catch (e) {
+        out.textContent = e.message;
+        out.hidden = false;
+      }
+    });
+  }
+
+  function jobRow(job) {
+    const p = job.progress || {};
+    return el('tr', { 'data-job-id': job.id },
+      el('td', {}, el('a', { href: '/ui/jobs/' + encodeURIComponent(job.id) }, job.id)),
+      el('td', {}, job.name),
+      el('td', {}, el('span', { class: `badge status-${job.status}` }, job.status)),
+      el('td', {}, `${p.step || 0} / ${p.max_steps || '?'}`),
+      el('td', {}, job.queue),
+      el('td', {}, fmtTime(job.created_at)));
+  }
+
+  async function jobsPage() {
+    const params = new URLSearchParams(location.search);
+    const statuses = params.getAll('status').flatMap((s) => s.split(',')).filter(Boolean);
+    for (const box of document.querySelectorAll('#status-filter input[name=status]')) {
+      box.checked = statuses.includes(box.value);
+    }
+    const query = new URLSearchParams({ limit: '20' });
+    if (statuses.length) query.set('status', statuses.join(','));
+    if (params.get('after')) query.set('after', params.get('after'));
+    $('first-page').hidden = !params.get('after');
+    const load = async () => {
+      const page = await api('/v1/jobs?' + query.toString());
+      const body = $('jobs-body');
+      body.replaceChildren(...page.data.map(jobRow));
+      if (!page.data.length) body.append(el('tr', {}, el('td', { colSpan: 6, class: 'muted' }, 'No jobs.')));
+      const next = $('next-page');
+      if (page.next_cursor) {
+        const np = new URLSearchParams();
+        if (statuses.length) np.set('status', statuses.join(','));
+        np.set('after', page.next_cursor);
+        next.href = '/ui/jobs?' + np.toString();
+        next.hidden = false;
+      } else {
+        next.hidden = true;
+      }
+      return page.data.some((j) => !TERMINAL.has(j.status));
+    };
+    // Refresh while something on the page can still change.
+    for (;;) {
+      let active = false;
+      try { active = await load(); showPageError(''); } catch (e) { showPageError(e.message); active = true; }
+      if (!active) return;
+      await sleep(5000);
+    }
+  }
+
+  function metricGroup(name, classification) {
+    if (name.startsWith('sharp_')) return 'sharp';
+    if (name.startsWith('cos_')) return 'cos';
+    if (classification ? (name === 'eval_accuracy' || name === 'eval_macro_f1') : name === 'eval_ppl') return 'eval';
+    if (name.startsWith('eval_')) return null;
+    if (name === 'loss' || name.endsWith('_loss')) return 'loss';
+    return null;
+  }
+
+  async function jobPage() {
+    const jobId = document.body.dataset.jobId;
+    let job;
+    try {
+      job = await api('/v1/jobs/' + encodeURIComponent(jobId));
+    } catch (e) {
+      showPageError(e.status === 404 ? `No job ${jobId} for this team.` : e.message);
+      return;
+    }
+    const classification = (job.spec || {}).task === 'sequence_classification';
+    $('chart-eval-title').textContent = classification
+      ? 'Evaluation: accuracy and macro-F1' : 'Evaluation perplexity';
+    const charts = {
+      loss: new Chart($('chart-loss')),
+      eval: new Chart($('chart-eval'), { logY: !classification }),
+      sharp: new Chart($('chart-sharp')),
+      cos: new Chart($('chart-cos')),
+    };
+    Object.values(charts).forEach((c) => c.draw());
+    $('job-spec').textContent = JSON.stringify(job.spec, null, 2);
+    const latest = Object.assign({}, job.metrics || {});
+    let step = job.progress.step || 0;
+
+    function renderJob() {
+      $('job-name').textContent = job.name;
+      const badge = $('job-status');
+      badge.textContent = job.status;
+      badge.className = `badge status-${job.status}`;
+      badge.dataset.status = job.status;
+      const max = job.progress.max_steps || 1;
+      $('job-progress').max = max;
+      $('job-progress').value = Math.min(step, max);
+      $('job-step').textContent = `${step} / ${max}`;
+      $('job-summary').textContent = `queue ${job.queue} · attempt ${job.attempt}/${job.max_attempts} · created ${fmtTime(job.created_at)}`
+        + (job.finished_at ? ` · finished ${fmtTime(job.finished_at)}` : '');
+      const facts = [];
+      if (job.queue_position !== undefined && job.queue_position !== null) facts.push(['queue position', job.queue_position]);
+      if (job.queue_reason) facts.push(['waiting because', job.queue_reason]);
+      if (job.progress.tokens_per_s) facts.push(['tokens/s', Math.round(job.progress.tokens_per_s)]);
+      if (job.status === 'running') facts.push(['ETA', fmtEta(job.progress.eta_s)]);
+      const shown = classification
+        ? ['loss', 'eval_accuracy', 'eval_macro_f1', 'lr']
+        : ['loss', 'eval_ppl', 'lr'];
+      for (const name of shown) if (name in latest) facts.push([name.replace(/^eval_/, 'eval '), fmt(latest[name])]);
+      for (const name of Object.keys(latest).sort()) if (name.startsWith('sharp_')) facts.push([name, fmt(latest[name])]);
+      $('job-facts').replaceChildren(...facts.flatMap(([k, v]) => [el('dt', {}, k), el('dd', { 'data-fact': k }, v)]));
+      const err = $('job-error');
+      err.hidden = !job.error;
+      if (job.error) err.textContent = `${job.error.code}: ${job.error.message}` + (job.error.param ? ` (${job.error.param})` : '');
+      $('cancel-job').hidden = TERMINAL.has(job.status) || job.status === 'cancelling';
+      $('retry-job').hidden = !(job.status === 'failed' || job.status === 'cancelled');
+    }
+
+    async function refreshJob() {
+      try { job = await api('/v1/jobs/' + encodeURIComponent(jobId)); renderJob(); } catch (e) { showPageError(e.message); }
+    }
+
+    async function loadCheckpoints() {
+      const res = await api(`/v1/jobs/${encodeURIComponent(jobId)}/checkpoints`);
+      const body = $('checkpoints-body');
+      if (!res.data.length) return;
+      body.replaceChildren(...res.data.map((ck) => {
+        const base = `/v1/jobs/${encodeURIComponent(jobId)}/checkpoints/${ck.step}`;
+        const links = el('div', {});
+        const archive = el('a', { href: '#', class: 'download archive', 'data-url': `${base}/archive`, 'data-filename': `${jobId}-step_${ck.step}.tar` }, 'whole checkpoint (.tar)');
+        links.append(archive);
+        for (const f of ck.files) {
+          links.append(' · ', el('a', {
+            href: '#', class: 'download file', title: `${f.size} bytes, sha256 ${f.sha256}`,
+            'data-url': `${base}/files/${f.name.split('/').map(encodeURIComponent).join('/')}`,
+            'data-filename': f.name.split('/').pop(),
+          }, f.name));
+        }
+        const m = Object.entries(ck.metrics || {}).filter(([k, v]) => typeof v === 'number' && (k.startsWith('eval_') || k === 'loss'));
+        return el('tr', { 'data-step': ck.step },
+          el('td', {}, ck.step),
+          el('td', {}, m.map(([k, v]) => `${k} ${fmt(v)}`).join(', ')),
+          el('td', {}, links));
+      }));
+    }
+
+    document.addEventListener('click', async (ev) => {
+      const a = ev.target.closest && ev.target.closest('a.download');
+      if (!a) return;
+      ev.preventDefault();
+      try { await download(a.dataset.url, a.dataset.filename); } catch (e) { showPageError(`download failed: ${e.message}`); }
+    });
+    $('cancel-job').addEventListener('click', async () => {
+      try { job = await api(`/v1/jobs/${encodeURIComponent(jobId)}/cancel`, { method: 'POST' }); renderJob(); } catch (e) { showPageError(e.message); }
+    });
+    $('retry-job').addEventListener('click', async () => {
+      try { await api(`/v1/jobs/${encodeURIComponent(jobId)}/retry`, { method: 'POST' }); location.reload(); } catch (e) { showPageError(e.message); }
+    });
+
+    const log = $('event-log');
+    function logEvent(kind, data) {
+      const when = data.created_at ? new Date(data.created_at).toLocaleTimeString() : '';
+      if (kind === 'metrics') {
+        const steps = (data.metrics || []).map((p) => p.step);
+        if (!steps.length) return;
+        const last = log.lastElementChild;
+        if (last && last.dataset.kind === 'metrics') {
+          last.dataset.to = Math.max(+last.dataset.to, ...steps);
+          last.textContent = `${last.dataset.when}  metrics, steps ${last.dataset.from}–${last.dataset.to}`;
+          last.value = data.seq;
+          return;
+        }
+        const li = el('li', { 'data-kind': 'metrics', 'data-from': Math.min(...steps), 'data-to': Math.max(...steps), 'data-when': when });
+        li.value = data.seq;
+        li.textContent = `${when}  metrics, steps ${li.dataset.from}–${li.dataset.to}`;
+        log.append(li);
+        return;
+      }
+      let text = kind;
+      if (kind === 'status') {
+        text = `status ${data.status}` + (data.attempt ? ` (attempt ${data.attempt})` : '')
+          + (data.worker ? ` on ${data.worker}` : '')
+          + (data.error ? ` — ${data.error.code}: ${data.error.message}` : '');
+      } else if (kind === 'checkpoint') {
+        text = `checkpoint at step ${data.step}`;
+      }
+      const li = el('li', { 'data-kind': kind }, `${when}  ${text}`);
+      li.value = data.seq;
+      log.append(li);
+    }
+
+    renderJob();
+    loadCheckpoints().catch((e) => showPageError(e.message));
+    await followEvents(jobId, (kind, data) => {
+      logEvent(kind, data);
+      if (kind === 'metrics') {
+        for (const point of data.metrics || []) {
+          step = Math.max(step, point.step);
+          for (const [name, value] of Object.entries(point.values || {})) {
+            latest[name] = value;
+            const group = metricGroup(name, classification);
+            if (group) charts[group].add(name, point.step, value);
+          }
+        }
+        renderJob();
+      } else if (kind === 'status') {
+        job.status = data.status;
+        if (data.attempt) job.attempt = data.attempt;
+        renderJob();
+        refreshJob();
+        if (TERMINAL.has(data.status)) loadCheckpoints().catch((e) => showPageError(e.message));
+      } else if (kind === 'checkpoint') {
+        loadCheckpoints().catch((e) => showPageError(e.message));
+      }
+    }, (s) => { $('stream-state').textContent = s; });
+    await refreshJob();
+    await loadCheckpoints().catch((e) => showPageError(e.message));
+  }
+
+  // The submit form: text → /ui/api/parse-spec (spec + line of each field) → POST /v1/jobs;
+  // the API's `param` (spec.training.lr) is shown beside the line that holds that field.
+  function submitPage() {
+    const text = $('spec-text');
+    const gutter = $('spec-gutter');
+    const errors = $('spec-errors');
+    const formError = $('form-error');
+    let marks = [];
+
+    function lineHeight() { return parseFloat(getComputedStyle(text).lineHeight) || 20; }
+    function padTop() { return parseFloat(getComputedStyle(text).paddingTop) || 0; }
+
+    function renderGutter() {
+      const n = text.value.split('\n').length;
+      const bad = new Set(marks.map((m) => m.line));
+      gutter.replaceChildren(...Array.from({ length: n }, (_, i) =>
+        el('span', { class: bad.has(i + 1) ? 'bad' : '' }, String(i + 1) + '\n')));
+      gutter.scrollTop = text.scrollTop;
+    }
+
+    function place() {
+      const lh = lineHeight();
+      for (const box of errors.children) {
+        const line = +box.dataset.line;
+        box.style.top = `${padTop() + (line - 1) * lh - text.scrollTop}px`;
+      }
+      gutter.scrollTop = text.scrollTop;
+    }
+
+    function clearErrors() {
+      marks = [];
+      errors.replaceChildren();
+      formError.hidden = true;
+      renderGutter();
+    }
+
+    function showError(param, message, line) {
+      marks.push({ line });
+      errors.append(el('div', { class: 'field-error', 'data-param': param || 'spec', 'data-line': line, title: message }, message));
+      renderGutter();
+      place();
+      formError.textContent = (param ? `${param}: ` : '') + message;
+      formError.hidden = false;
+    }
+
+    // The deepest field of `param` that the text contains (a missing field is reported where
+    // its parent is).
+    function lineOf(param, lines) {
+      let p = param || 'spec';
+      if (!p.startsWith('spec')) p = 'spec.' + p;
+      for (;;) {
+        if (lines && p in lines) return lines[p];
+        const cut = p.lastIndexOf('.');
+        if (cut < 0) return 1;
+        p = p.slice(0, cut);
+      }
+    }
+
+    text.addEventListener('input', () => { renderGutter(); });
+    text.addEventListener('scroll', place);
+    renderGutter();
+
+    $('submit-form').addEventListener('submit', async (ev) => {
+      ev.preventDefault();
+      clearErrors();
+      const button = $('submit-button');
+      button.disabled = true;
+      let parsed = null;
+      try {
+        parsed = await api('/ui/api/parse-spec', { method: 'POST', body: { text: text.value } });
+        const job = await api('/v1/jobs', { method: 'POST', body: { spec: parsed.spec } });
+        location.assign('/ui/jobs/' + encodeURIComponent(job.id));
+      } catch (e) {
+        if (!(e instanceof ApiError)) { showError('spec', e.message, 1); return; }
+        let line = lineOf(e.param, parsed && parsed.lines);
+        const m = !parsed && /line (\d+)/.exec(e.message);
+        if (m) line = +m[1];
+        showError(e.param, e.message, line);
+      } finally {
+        button.disabled = false;
+      }
+    });
+  }
+
+  // -- start ----------------------------------------------------------------------------------
+
+  document.addEventListener('DOMContentLoaded', () => {
+    const page = document.body.dataset.page;
+    if (page === 'login') { loginPage(); return; }
+    if (!apiKey()) { toLogin(); return; }
+    const out = $('sign-out');
+    if (out) out.addEventListener('click', () => { sessionStorage.removeItem(KEY); location.assign('/ui/login'); });
+    const run = { jobs: jobsPage, job: jobPage, submit: submitPage }[page];
+    if (run) Promise.resolve(run()).catch((e) => showPageError(e.message));
+  });
+})();
