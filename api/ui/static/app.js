@@ -173,6 +173,7 @@
       this.series = new Map();
       this.logY = !!(opts && opts.logY);
       this.pending = false;
+      this.empty = 'no data yet';
     }
 
     add(name, x, y) {
@@ -211,7 +212,7 @@
       g.font = '11px system-ui, sans-serif';
       g.fillStyle = '#6b7280';
       if (!this.series.size) {
-        g.fillText('no data yet', 12, h / 2);
+        g.fillText(this.empty, 12, h / 2);
         return;
       }
       const ty = (y) => (this.logY ? Math.log10(Math.max(y, 1e-12)) : y);
@@ -494,6 +495,10 @@
     }, (s) => { $('stream-state').textContent = s; });
     await refreshJob();
     await loadCheckpoints().catch((e) => showPageError(e.message));
+    const method = ((job.spec || {}).method || {}).name || '?';
+    for (const c of Object.values(charts)) {
+      if (!c.count()) { c.empty = `none recorded (method ${method})`; c.draw(); }
+    }
   }
 
   // The submit form: text → /ui/api/parse-spec (spec + line of each field) → POST /v1/jobs;
@@ -533,6 +538,13 @@
     }
 
     function showError(param, message, line) {
+      if (!marks.length) {
+        // Bring the (first) offending line into view, a few lines below the top.
+        const top = padTop() + (line - 1) * lineHeight();
+        if (top < text.scrollTop || top > text.scrollTop + text.clientHeight - 2 * lineHeight()) {
+          text.scrollTop = Math.max(0, top - 3 * lineHeight());
+        }
+      }
       marks.push({ line });
       errors.append(el('div', { class: 'field-error', 'data-param': param || 'spec', 'data-line': line, title: message }, message));
       renderGutter();

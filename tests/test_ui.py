@@ -1,0 +1,307 @@
+"""The dashboard (/ui) in a real browser: Debian's Chromium driven by Playwright, against the
+real service (uvicorn, Postgres, Redis, a Celery worker training a tiny model).
+
+Chromium comes from Debian's package (``/usr/bin/chromium``), installed by the fixture with
+apt-get when missing and we are root; Playwright is only the driver (its own browser
+downloads cannot work here and are never attempted). The job page's screenshot is written to
+``test-artifacts/`` at the repository root (gitignored), for CI to keep.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import ROOT, TeamKey, tiny_spec
+
+pytestmark = pytest.mark.service
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = ROOT / "test-artifacts"
+# What works on these machines (closed network: no background or component traffic).
+CHROMIUM_ARGS = [
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def _install_chromium() -> str | None:
+    """apt-get install chromium once (a file lock keeps parallel runs from racing apt);
+    returns why it could not, or None."""
+    if shutil.which("apt-get") is None:
+        return "no apt-get on this machine"
+    if os.geteuid() != 0:
+        return "not root, so apt-get install chromium is not possible"
+    lock_path = Path(tempfile.gettempdir()) / "sharp-test-chromium.lock"
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if CHROMIUM.exists():
+            return None
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in (
+            ["apt-get", "update", "-qq"],
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"],
+        ):
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+            if done.returncode != 0:
+                return f"{' '.join(cmd)} failed: {(done.stderr or done.stdout)[-1500:]}"
+    return None if CHROMIUM.exists() else "apt-get install chromium did not provide it"
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    if not CHROMIUM.exists():
+        why = _install_chromium()
+        if why:
+            pytest.skip(f"Debian's Chromium is not installed and cannot be: {why}")
+    return str(CHROMIUM)
+
+
+@pytest.fixture(scope="module")
+def browser_context(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]'")
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(profile),  # a fresh --user-data-dir
+            executable_path=chromium,
+            headless=True,  # Playwright passes --headless (and --no-sandbox, as we are root)
+            chromium_sandbox=False,
+            args=CHROMIUM_ARGS,
+            accept_downloads=True,
+            viewport={"width": 1400, "height": 1100},
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@pytest.fixture
+def page(browser_context: Any) -> Iterator[Any]:
+    p = browser_context.new_page()
+    p.set_default_timeout(30_000)
+    errors: list[str] = []
+    p.on("pageerror", lambda e: errors.append(str(e)))
+    yield p
+    p.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture(scope="module")
+def team(make_team: Callable[[str], TeamKey]) -> TeamKey:
+    return make_team("ui")
+
+
+def sign_in(page: Any, base: str, team: TeamKey, then: str) -> None:
+    """Through the login form, as a person would (the page redirects there without a key)."""
+    page.goto(f"{base}{then}")
+    page.wait_for_url("**/ui/login**")
+    page.fill("#api-key", team.key)
+    page.click("#login-form button[type=submit]")
+    page.wait_for_url(f"**{then}")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+# Records every value the charts' data-points attribute takes, from before the page's script runs.
+RECORD_POINTS = """
+window.__points = {};
+new MutationObserver((records) => {
+  for (const r of records) {
+    const id = r.target.id;
+    (window.__points[id] = window.__points[id] || []).push(+r.target.dataset.points);
+  }
+}).observe(document, {subtree: true, attributes: true, attributeFilter: ['data-points']});
+"""
+
+
+@pytest.mark.slow
+def test_submit_watch_and_download_in_a_real_browser(
+    live_server: str, worker: Path, team: TeamKey, page: Any, corpus: Path, tmp_path: Path
+) -> None:
+    base = live_server
+    sign_in(page, base, team, "/ui/submit")
+    page.add_init_script(RECORD_POINTS)
+
+    # -- submit through the form (YAML), land on the job's page
+    spec = tiny_spec(corpus, name="ui-e2e", max_steps=120, eval_every=30, checkpoint_every=60)
+    page.fill("#spec-text", yaml.safe_dump(spec, sort_keys=False))
+    page.click("#submit-button")
+    page.wait_for_url("**/ui/jobs/job_*")
+    job_id = page.url.rsplit("/", 1)[-1]
+    job = httpx.get(f"{base}/v1/jobs/{job_id}", headers=team.headers).json()
+    assert job["name"] == "ui-e2e" and job["spec"]["training"]["max_steps"] == 120
+
+    # -- live: the status reaches succeeded, fed by the event stream
+    page.wait_for_selector("#job-status[data-status=succeeded]", timeout=240_000)
+    assert page.text_content("#job-step") == "120 / 120"
+    seen: dict[str, list[int]] = page.evaluate("window.__points")
+    loss = [n for n in seen.get("chart-loss", []) if n > 0]
+    # the curve gained points over several stream events, not all at once
+    assert len(set(loss)) >= 2 and loss == sorted(loss), seen.get("chart-loss")
+    assert loss[-1] == 120, loss  # one point per step (log_every 1)
+    assert int(page.get_attribute("#chart-eval", "data-points") or 0) >= 4  # steps 30..120
+    assert "eval_ppl" in (page.get_attribute("#chart-eval", "data-series") or "")
+    log_text = page.text_content("#event-log") or ""
+    assert "status running" in log_text and "status succeeded" in log_text
+    assert "checkpoint at step 120" in log_text
+    page.wait_for_selector("#checkpoints-body tr[data-step='120']")
+
+    # -- the jobs list, filtered
+    page.goto(f"{base}/ui/jobs?status=succeeded")
+    page.wait_for_selector(f"#jobs-body tr[data-job-id='{job_id}']")
+    page.goto(f"{base}/ui/jobs?status=queued,running")
+    page.wait_for_selector("#jobs-body tr")
+    assert page.query_selector(f"#jobs-body tr[data-job-id='{job_id}']") is None
+
+    # -- back on the job page (a replay from the start this time): screenshot, download
+    page.goto(f"{base}/ui/jobs/{job_id}")
+    page.wait_for_selector("#job-status[data-status=succeeded]")
+    page.wait_for_selector("#checkpoints-body tr[data-step='120'] a.archive")
+    page.wait_for_function("+document.getElementById('chart-loss').dataset.points === 120")
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "ui-job-page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    width, height = _png_size(shot)
+    assert width >= 1000 and height >= 800 and shot.stat().st_size > 20_000
+
+    with page.expect_download() as info:
+        page.click("#checkpoints-body tr[data-step='120'] a.archive")
+    archive = tmp_path / info.value.suggested_filename
+    info.value.save_as(str(archive))
+    assert archive.name == f"{job_id}-step_120.tar"
+    listed = {
+        f["name"]: f["sha256"]
+        for f in httpx.get(f"{base}/v1/jobs/{job_id}/checkpoints", headers=team.headers).json()[
+            "data"
+        ][-1]["files"]
+    }
+    out = tmp_path / "student"
+    with tarfile.open(archive) as tar:
+        tar.extractall(out, filter="data")
+    (manifest_path,) = out.glob("*/manifest.json")
+    manifest = json.loads(manifest_path.read_text())["files"]
+    assert set(manifest) == set(listed) and "model.safetensors" in manifest
+    for name, meta in manifest.items():
+        assert _sha256(manifest_path.parent / name) == meta["sha256"] == listed[name], name
+
+
+def _lines(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if line.strip() == needle)
+
+
+def _error_beside_line(page: Any, param: str, line: int) -> str:
+    """The error box for `param` sits to the right of the textarea, at `line`'s height."""
+    box = page.wait_for_selector(f".field-error[data-param='{param}']")
+    assert box.get_attribute("data-line") == str(line)
+    area = page.query_selector("#spec-text").bounding_box()
+    eb = box.bounding_box()
+    lh, pad, scrolled = page.evaluate(
+        "(() => { const t = document.getElementById('spec-text'); const s = getComputedStyle(t);"
+        " return [parseFloat(s.lineHeight), parseFloat(s.paddingTop), t.scrollTop]; })()"
+    )
+    line_top = area["y"] + pad + (line - 1) * lh - scrolled
+    assert area["y"] <= line_top <= area["y"] + area["height"] - lh  # the line is in view
+    assert abs(eb["y"] - line_top) < lh / 2, (eb, line_top)
+    assert eb["x"] >= area["x"] + area["width"] - 1, (eb, area)
+    gutter_bad = page.eval_on_selector_all(
+        "#spec-gutter .bad", "els => els.map(e => e.textContent.trim())"
+    )
+    assert gutter_bad == [str(line)]
+    return box.text_content() or ""
+
+
+def test_bad_spec_shows_the_error_beside_the_named_field(
+    live_server: str, team: TeamKey, page: Any, corpus: Path
+) -> None:
+    base = live_server
+    sign_in(page, base, team, "/ui/submit")
+    before = len(httpx.get(f"{base}/v1/jobs?limit=100", headers=team.headers).json()["data"])
+
+    spec = tiny_spec(corpus, name="ui-bad", lr=50.0)  # bounds: lr <= 1
+    text = yaml.safe_dump(spec, sort_keys=False)
+    page.fill("#spec-text", text)
+    page.click("#submit-button")
+    message = _error_beside_line(page, "spec.training.lr", _lines(text, "lr: 50.0"))
+    assert "lr" in message and "1" in message, message
+    assert "spec.training.lr" in (page.text_content("#form-error") or "")
+    assert page.url.endswith("/ui/submit")  # stayed on the form
+
+    # an unknown field is shown on its own line
+    spec = tiny_spec(corpus, name="ui-bad")
+    spec["training"]["learning_rate"] = 0.1
+    text = yaml.safe_dump(spec, sort_keys=False)
+    page.fill("#spec-text", text)
+    page.click("#submit-button")
+    page.wait_for_selector(".field-error[data-param='spec.training.learning_rate']")
+    _error_beside_line(page, "spec.training.learning_rate", _lines(text, "learning_rate: 0.1"))
+
+    # a YAML syntax error: shown at the line the parser names
+    page.fill("#spec-text", "name: x\ntraining:\n  lr: [0.1\nmethod: {name: sft}\n")
+    page.click("#submit-button")
+    box = page.wait_for_selector(".field-error[data-param='spec']")
+    assert "YAML" in (box.text_content() or "")
+    assert box.get_attribute("data-line") in ("3", "4")
+
+    after = len(httpx.get(f"{base}/v1/jobs?limit=100", headers=team.headers).json()["data"])
+    assert after == before  # nothing was created
+
+
+def test_pages_send_a_strict_content_security_policy(live_server: str) -> None:
+    r = httpx.get(f"{live_server}/ui/jobs")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    csp = r.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert 'src="/ui/static/app.js"' in r.text or "/ui/static/app.js" in r.text
+    assert httpx.get(f"{live_server}/ui/static/app.js").status_code == 200
+    # the dashboard's own endpoint needs a key like the rest of the API
+    r = httpx.post(f"{live_server}/ui/api/parse-spec", json={"text": "a: 1"})
+    assert r.status_code == 401 and r.json()["error"]["param"] == "Authorization"
+
+
+def test_parse_spec_maps_fields_to_lines(live_server: str, team: TeamKey) -> None:
+    text = "name: x\ntraining:\n  lr: 0.1\n  max_steps: 5\ndataset:\n  files:\n  - a.txt\n"
+    r = httpx.post(f"{live_server}/ui/api/parse-spec", json={"text": text}, headers=team.headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["spec"]["training"] == {"lr": 0.1, "max_steps": 5}
+    assert body["lines"]["spec.training.lr"] == 3
+    assert body["lines"]["spec.training.max_steps"] == 4
+    assert body["lines"]["spec.dataset.files.0"] == 7
+    wrapped = json.dumps({"spec": {"name": "x", "training": {"lr": 0.1}}}, indent=1)
+    r = httpx.post(f"{live_server}/ui/api/parse-spec", json={"text": wrapped}, headers=team.headers)
+    assert r.json()["spec"] == {"name": "x", "training": {"lr": 0.1}}
+    assert r.json()["lines"]["spec.training.lr"] == 5
+    r = httpx.post(
+        f"{live_server}/ui/api/parse-spec", json={"text": "- 1\n- 2\n"}, headers=team.headers
+    )
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_spec_text"
