@@ -183,11 +183,34 @@ def test_submit_watch_and_download_in_a_real_browser(
     page.wait_for_selector("#jobs-body tr")
     assert page.query_selector(f"#jobs-body tr[data-job-id='{job_id}']") is None
 
-    # -- back on the job page (a replay from the start this time): screenshot, download
+    # -- back on the job page, a replay from the start whose first connection is cut after
+    # two events: the page must reconnect with Last-Event-ID and show every event once.
+    full = httpx.get(
+        f"{base}/v1/jobs/{job_id}/events", params={"follow": "false"}, headers=team.headers
+    ).text
+    blocks = [b for b in full.replace("\r\n", "\n").split("\n\n") if b.strip()]
+    cut_id = next(ln[4:] for ln in blocks[1].splitlines() if ln.startswith("id: "))
+    asked: list[str | None] = []
+
+    def cut_first_stream(route: Any, request: Any) -> None:
+        asked.append(request.headers.get("last-event-id"))
+        if len(asked) == 1:
+            body = "\n\n".join(blocks[:2]) + "\n\n"
+            route.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=body)
+        else:
+            route.continue_()
+
+    page.route("**/v1/jobs/*/events", cut_first_stream)
     page.goto(f"{base}/ui/jobs/{job_id}")
     page.wait_for_selector("#job-status[data-status=succeeded]")
+    page.wait_for_selector("#stream-state:text-is('ended')")
+    assert asked[:2] == [None, cut_id], asked
+    log_text = page.text_content("#event-log") or ""
+    for line in ("status queued", "status running", "status succeeded", "checkpoint at step 60"):
+        assert log_text.count(line) == 1, (line, log_text)
+    page.unroute("**/v1/jobs/*/events")
     page.wait_for_selector("#checkpoints-body tr[data-step='120'] a.archive")
-    page.wait_for_function("+document.getElementById('chart-loss').dataset.points === 120")
+    page.wait_for_selector("#chart-loss[data-points='120']")
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "ui-job-page.png"
     page.screenshot(path=str(shot), full_page=True)
