@@ -314,9 +314,15 @@
     for (const box of document.querySelectorAll('#status-filter input[name=status]')) {
       box.checked = statuses.includes(box.value);
     }
-    const query = new URLSearchParams({ limit: '20' });
+    const limit = Math.min(100, Math.max(1, parseInt(params.get('limit') || '20', 10) || 20));
+    const query = new URLSearchParams({ limit: String(limit) });
     if (statuses.length) query.set('status', statuses.join(','));
     if (params.get('after')) query.set('after', params.get('after'));
+    $('page-limit').value = String(limit);
+    const first = new URLSearchParams();
+    if (statuses.length) first.set('status', statuses.join(','));
+    first.set('limit', String(limit));
+    $('first-page').href = '/ui/jobs?' + first.toString();
     $('first-page').hidden = !params.get('after');
     const load = async () => {
       const page = await api('/v1/jobs?' + query.toString());
@@ -327,6 +333,7 @@
       if (page.next_cursor) {
         const np = new URLSearchParams();
         if (statuses.length) np.set('status', statuses.join(','));
+        if (params.get('limit')) np.set('limit', String(limit));
         np.set('after', page.next_cursor);
         next.href = '/ui/jobs?' + np.toString();
         next.hidden = false;
