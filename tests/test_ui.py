@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
@@ -177,6 +178,18 @@ def test_submit_watch_and_download_in_a_real_browser(
     assert "status running" in log_text and "status succeeded" in log_text
     assert "checkpoint at step 120" in log_text
     page.wait_for_selector("#checkpoints-body tr[data-step='120']")
+
+    # -- the demo's progress bar follows the same stream through the shared loop
+    # (api.follow): a replay from the start ends with the job, its steps and checkpoints
+    from rich.console import Console
+
+    from api.demo import follow
+
+    shown = io.StringIO()
+    with httpx.Client(base_url=base, headers=team.headers) as c:
+        final = follow(c, job, "ui-e2e", Console(file=shown, width=200))
+    assert final["status"] == "succeeded" and final["progress"]["step"] == 120
+    assert "120/120" in shown.getvalue() and "ppl" in shown.getvalue()
 
     # -- the jobs list, filtered
     page.goto(f"{base}/ui/jobs?status=succeeded")
@@ -448,3 +461,12 @@ def test_jobs_list_filters_by_status_and_pages(
     assert rows() == [ids[1], ids[0]]
     assert page.is_checked("#status-filter input[value=cancelled]")
     assert not page.is_checked("#status-filter input[value=queued]")
+
+    # the job page's Cancel button (the newest job is still queued, or running)
+    page.goto(f"{live_server}/ui/jobs/{ids[2]}")
+    page.wait_for_selector("#job-status[data-status=queued], #job-status[data-status=running]")
+    page.click("#cancel-job")
+    page.wait_for_selector("#job-status[data-status=cancelled]", timeout=60_000)
+    assert page.is_hidden("#cancel-job") and page.is_visible("#retry-job")
+    job = httpx.get(f"{live_server}/v1/jobs/{ids[2]}", headers=team.headers).json()
+    assert job["status"] == "cancelled"
