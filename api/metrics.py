@@ -215,6 +215,9 @@ def route_template(scope: Scope) -> str:
     return "unmatched"
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class RequestMetrics:
     """ASGI middleware observing `REQUEST_LATENCY` (pure ASGI so streaming is untouched)."""
 
@@ -233,8 +236,9 @@ class RequestMetrics:
             if observed:
                 return
             observed = True
+            method = scope["method"]
             REQUEST_LATENCY.labels(
-                method=scope["method"],
+                method=method if method in _METHODS else "other",
                 route=route_template(scope),
                 status=str(status),
             ).observe(time.perf_counter() - start)
