@@ -61,7 +61,7 @@ def _install_chromium() -> str | None:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         for cmd in (
             ["apt-get", "update", "-qq"],
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"],
+            ["apt-get", "install", "-y", "-qq", "chromium"],
         ):
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
             if done.returncode != 0:
