@@ -5,6 +5,9 @@ Chromium comes from Debian's package (``/usr/bin/chromium``), installed by the f
 apt-get when missing and we are root; Playwright is only the driver (its own browser
 downloads cannot work here and are never attempted). The job page's screenshot is written to
 ``test-artifacts/`` at the repository root (gitignored), for CI to keep.
+
+The tests that need no worker come first, so in a full run they finish before the slow ones
+start the module's worker (pytest runs a file's tests in order).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ROOT, TeamKey, tiny_spec
+from tests.conftest import ROOT, TeamKey, tiny_spec, wait_for
 
 pytestmark = pytest.mark.service
 
@@ -147,6 +150,163 @@ new MutationObserver((records) => {
 """
 
 
+def _lines(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if line.strip() == needle)
+
+
+def _error_beside_line(page: Any, param: str, line: int) -> str:
+    """The error box for `param` sits to the right of the textarea, at `line`'s height."""
+    box = page.wait_for_selector(f".field-error[data-param='{param}']")
+    assert box.get_attribute("data-line") == str(line)
+    area = page.query_selector("#spec-text").bounding_box()
+    eb = box.bounding_box()
+    lh, pad, scrolled = page.evaluate(
+        "(() => { const t = document.getElementById('spec-text'); const s = getComputedStyle(t);"
+        " return [parseFloat(s.lineHeight), parseFloat(s.paddingTop), t.scrollTop]; })()"
+    )
+    line_top = area["y"] + pad + (line - 1) * lh - scrolled
+    assert area["y"] <= line_top <= area["y"] + area["height"] - lh  # the line is in view
+    assert abs(eb["y"] - line_top) < lh / 2, (eb, line_top)
+    assert eb["x"] >= area["x"] + area["width"] - 1, (eb, area)
+    gutter_bad = page.eval_on_selector_all(
+        "#spec-gutter .bad", "els => els.map(e => e.textContent.trim())"
+    )
+    assert gutter_bad == [str(line)]
+    return box.text_content() or ""
+
+
+def test_bad_spec_shows_the_error_beside_the_named_field(
+    live_server: str, team: TeamKey, page: Any, corpus: Path
+) -> None:
+    base = live_server
+    sign_in(page, base, team, "/ui/submit")
+    before = len(httpx.get(f"{base}/v1/jobs?limit=100", headers=team.headers).json()["data"])
+
+    spec = tiny_spec(corpus, name="ui-bad", lr=50.0)  # bounds: lr <= 1
+    text = yaml.safe_dump(spec, sort_keys=False)
+    page.fill("#spec-text", text)
+    page.click("#submit-button")
+    message = _error_beside_line(page, "spec.training.lr", _lines(text, "lr: 50.0"))
+    assert "lr" in message and "1" in message, message
+    assert "spec.training.lr" in (page.text_content("#form-error") or "")
+    assert page.url.endswith("/ui/submit")  # stayed on the form
+
+    # an unknown field is shown on its own line
+    spec = tiny_spec(corpus, name="ui-bad")
+    spec["training"]["learning_rate"] = 0.1
+    text = yaml.safe_dump(spec, sort_keys=False)
+    page.fill("#spec-text", text)
+    page.click("#submit-button")
+    page.wait_for_selector(".field-error[data-param='spec.training.learning_rate']")
+    _error_beside_line(page, "spec.training.learning_rate", _lines(text, "learning_rate: 0.1"))
+
+    # a YAML syntax error: shown at the line the parser names
+    page.fill("#spec-text", "name: x\ntraining:\n  lr: [0.1\nmethod: {name: sft}\n")
+    page.click("#submit-button")
+    box = page.wait_for_selector(".field-error[data-param='spec']")
+    assert "YAML" in (box.text_content() or "")
+    assert box.get_attribute("data-line") in ("3", "4")
+
+    after = len(httpx.get(f"{base}/v1/jobs?limit=100", headers=team.headers).json()["data"])
+    assert after == before  # nothing was created
+
+
+def test_pages_send_a_strict_content_security_policy(live_server: str) -> None:
+    r = httpx.get(f"{live_server}/ui/jobs")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    csp = r.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert 'src="/ui/static/app.js"' in r.text or "/ui/static/app.js" in r.text
+    assert httpx.get(f"{live_server}/ui/static/app.js").status_code == 200
+    # the dashboard's own endpoint needs a key like the rest of the API
+    r = httpx.post(f"{live_server}/ui/api/parse-spec", json={"text": "a: 1"})
+    assert r.status_code == 401 and r.json()["error"]["param"] == "Authorization"
+
+
+def test_parse_spec_maps_fields_to_lines(live_server: str, team: TeamKey) -> None:
+    text = "name: x\ntraining:\n  lr: 0.1\n  max_steps: 5\ndataset:\n  files:\n  - a.txt\n"
+    r = httpx.post(f"{live_server}/ui/api/parse-spec", json={"text": text}, headers=team.headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["spec"]["training"] == {"lr": 0.1, "max_steps": 5}
+    assert body["lines"]["spec.training.lr"] == 3
+    assert body["lines"]["spec.training.max_steps"] == 4
+    assert body["lines"]["spec.dataset.files.0"] == 7
+    wrapped = json.dumps({"spec": {"name": "x", "training": {"lr": 0.1}}}, indent=1)
+    r = httpx.post(f"{live_server}/ui/api/parse-spec", json={"text": wrapped}, headers=team.headers)
+    assert r.json()["spec"] == {"name": "x", "training": {"lr": 0.1}}
+    assert r.json()["lines"]["spec.training.lr"] == 5
+    r = httpx.post(
+        f"{live_server}/ui/api/parse-spec", json={"text": "- 1\n- 2\n"}, headers=team.headers
+    )
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_spec_text"
+
+
+def test_jobs_list_filters_by_status_and_pages(
+    live_server: str, make_team: Callable[[str], TeamKey], page: Any, corpus: Path
+) -> None:
+    team = make_team("ui-paging")  # a team of its own: exactly the jobs made here
+    ids = []
+    for i in range(3):
+        r = httpx.post(
+            f"{live_server}/v1/jobs",
+            # the newest is long, so it is still queued or running when cancelled below
+            json={"spec": tiny_spec(corpus, name=f"page-{i}", max_steps=20 if i < 2 else 20_000)},
+            headers=team.headers,
+        )
+        ids.append(r.json()["id"])
+    # the newest stays queued (no worker listens in the fast tests; if one does, it may run:
+    # the Cancel button below works on either)
+    for job_id in ids[:2]:
+        assert httpx.post(f"{live_server}/v1/jobs/{job_id}/cancel", headers=team.headers).is_success
+    # a worker (if the slow tests started one) may have claimed one: then it is 'cancelling'
+    # until its training process stops
+    wait_for(
+        lambda: all(
+            httpx.get(f"{live_server}/v1/jobs/{j}", headers=team.headers).json()["status"]
+            == "cancelled"
+            for j in ids[:2]
+        ),
+        90,
+        interval=0.5,
+        what="both cancels to complete",
+    )
+
+    def rows() -> list[str]:
+        page.wait_for_selector("#jobs-body tr[data-job-id]")
+        return page.eval_on_selector_all(
+            "#jobs-body tr[data-job-id]", "trs => trs.map(t => t.dataset.jobId)"
+        )
+
+    sign_in(page, live_server, team, "/ui/jobs?limit=2")
+    assert rows() == [ids[2], ids[1]]  # newest first
+    assert page.is_hidden("#first-page")
+    page.click("#next-page")
+    page.wait_for_url("**after=**")
+    page.wait_for_selector(f"#jobs-body tr[data-job-id='{ids[0]}']")
+    assert rows() == [ids[0]]
+    assert page.is_hidden("#next-page") and page.is_visible("#first-page")
+
+    # the status filter form: cancelled only
+    page.goto(f"{live_server}/ui/jobs")
+    page.check("#status-filter input[value=cancelled]")
+    page.click("#status-filter button[type=submit]")
+    page.wait_for_url("**status=cancelled**")
+    page.wait_for_selector(f"#jobs-body tr[data-job-id='{ids[1]}']")
+    assert rows() == [ids[1], ids[0]]
+    assert page.is_checked("#status-filter input[value=cancelled]")
+    assert not page.is_checked("#status-filter input[value=queued]")
+
+    # the job page's Cancel button (the newest job is still queued, or running)
+    page.goto(f"{live_server}/ui/jobs/{ids[2]}")
+    page.wait_for_selector("#job-status[data-status=queued], #job-status[data-status=running]")
+    page.click("#cancel-job")
+    page.wait_for_selector("#job-status[data-status=cancelled]", timeout=60_000)
+    assert page.is_hidden("#cancel-job") and page.is_visible("#retry-job")
+    job = httpx.get(f"{live_server}/v1/jobs/{ids[2]}", headers=team.headers).json()
+    assert job["status"] == "cancelled"
+
+
 @pytest.mark.slow
 def test_submit_watch_and_download_in_a_real_browser(
     live_server: str, worker: Path, team: TeamKey, page: Any, corpus: Path, tmp_path: Path
@@ -253,98 +413,6 @@ def test_submit_watch_and_download_in_a_real_browser(
         assert _sha256(manifest_path.parent / name) == meta["sha256"] == listed[name], name
 
 
-def _lines(text: str, needle: str) -> int:
-    return next(i for i, line in enumerate(text.splitlines(), 1) if line.strip() == needle)
-
-
-def _error_beside_line(page: Any, param: str, line: int) -> str:
-    """The error box for `param` sits to the right of the textarea, at `line`'s height."""
-    box = page.wait_for_selector(f".field-error[data-param='{param}']")
-    assert box.get_attribute("data-line") == str(line)
-    area = page.query_selector("#spec-text").bounding_box()
-    eb = box.bounding_box()
-    lh, pad, scrolled = page.evaluate(
-        "(() => { const t = document.getElementById('spec-text'); const s = getComputedStyle(t);"
-        " return [parseFloat(s.lineHeight), parseFloat(s.paddingTop), t.scrollTop]; })()"
-    )
-    line_top = area["y"] + pad + (line - 1) * lh - scrolled
-    assert area["y"] <= line_top <= area["y"] + area["height"] - lh  # the line is in view
-    assert abs(eb["y"] - line_top) < lh / 2, (eb, line_top)
-    assert eb["x"] >= area["x"] + area["width"] - 1, (eb, area)
-    gutter_bad = page.eval_on_selector_all(
-        "#spec-gutter .bad", "els => els.map(e => e.textContent.trim())"
-    )
-    assert gutter_bad == [str(line)]
-    return box.text_content() or ""
-
-
-def test_bad_spec_shows_the_error_beside_the_named_field(
-    live_server: str, team: TeamKey, page: Any, corpus: Path
-) -> None:
-    base = live_server
-    sign_in(page, base, team, "/ui/submit")
-    before = len(httpx.get(f"{base}/v1/jobs?limit=100", headers=team.headers).json()["data"])
-
-    spec = tiny_spec(corpus, name="ui-bad", lr=50.0)  # bounds: lr <= 1
-    text = yaml.safe_dump(spec, sort_keys=False)
-    page.fill("#spec-text", text)
-    page.click("#submit-button")
-    message = _error_beside_line(page, "spec.training.lr", _lines(text, "lr: 50.0"))
-    assert "lr" in message and "1" in message, message
-    assert "spec.training.lr" in (page.text_content("#form-error") or "")
-    assert page.url.endswith("/ui/submit")  # stayed on the form
-
-    # an unknown field is shown on its own line
-    spec = tiny_spec(corpus, name="ui-bad")
-    spec["training"]["learning_rate"] = 0.1
-    text = yaml.safe_dump(spec, sort_keys=False)
-    page.fill("#spec-text", text)
-    page.click("#submit-button")
-    page.wait_for_selector(".field-error[data-param='spec.training.learning_rate']")
-    _error_beside_line(page, "spec.training.learning_rate", _lines(text, "learning_rate: 0.1"))
-
-    # a YAML syntax error: shown at the line the parser names
-    page.fill("#spec-text", "name: x\ntraining:\n  lr: [0.1\nmethod: {name: sft}\n")
-    page.click("#submit-button")
-    box = page.wait_for_selector(".field-error[data-param='spec']")
-    assert "YAML" in (box.text_content() or "")
-    assert box.get_attribute("data-line") in ("3", "4")
-
-    after = len(httpx.get(f"{base}/v1/jobs?limit=100", headers=team.headers).json()["data"])
-    assert after == before  # nothing was created
-
-
-def test_pages_send_a_strict_content_security_policy(live_server: str) -> None:
-    r = httpx.get(f"{live_server}/ui/jobs")
-    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
-    csp = r.headers["content-security-policy"]
-    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
-    assert 'src="/ui/static/app.js"' in r.text or "/ui/static/app.js" in r.text
-    assert httpx.get(f"{live_server}/ui/static/app.js").status_code == 200
-    # the dashboard's own endpoint needs a key like the rest of the API
-    r = httpx.post(f"{live_server}/ui/api/parse-spec", json={"text": "a: 1"})
-    assert r.status_code == 401 and r.json()["error"]["param"] == "Authorization"
-
-
-def test_parse_spec_maps_fields_to_lines(live_server: str, team: TeamKey) -> None:
-    text = "name: x\ntraining:\n  lr: 0.1\n  max_steps: 5\ndataset:\n  files:\n  - a.txt\n"
-    r = httpx.post(f"{live_server}/ui/api/parse-spec", json={"text": text}, headers=team.headers)
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["spec"]["training"] == {"lr": 0.1, "max_steps": 5}
-    assert body["lines"]["spec.training.lr"] == 3
-    assert body["lines"]["spec.training.max_steps"] == 4
-    assert body["lines"]["spec.dataset.files.0"] == 7
-    wrapped = json.dumps({"spec": {"name": "x", "training": {"lr": 0.1}}}, indent=1)
-    r = httpx.post(f"{live_server}/ui/api/parse-spec", json={"text": wrapped}, headers=team.headers)
-    assert r.json()["spec"] == {"name": "x", "training": {"lr": 0.1}}
-    assert r.json()["lines"]["spec.training.lr"] == 5
-    r = httpx.post(
-        f"{live_server}/ui/api/parse-spec", json={"text": "- 1\n- 2\n"}, headers=team.headers
-    )
-    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_spec_text"
-
-
 @pytest.mark.slow
 def test_classification_job_shows_accuracy_sharp_terms_and_cosines(
     live_server: str, worker: Path, team: TeamKey, page: Any, tmp_path: Path
@@ -419,54 +487,3 @@ def test_classification_job_shows_accuracy_sharp_terms_and_cosines(
     assert done.returncode == 0, done.stderr
     assert re.search(r"acc \d\.\d{3} f1 \d\.\d{3}", done.stderr), done.stderr
     assert "ppl" not in done.stderr
-
-
-def test_jobs_list_filters_by_status_and_pages(
-    live_server: str, make_team: Callable[[str], TeamKey], page: Any, corpus: Path
-) -> None:
-    team = make_team("ui-paging")  # a team of its own: exactly the jobs made here
-    ids = []
-    for i in range(3):
-        r = httpx.post(
-            f"{live_server}/v1/jobs",
-            json={"spec": tiny_spec(corpus, name=f"page-{i}")},
-            headers=team.headers,
-        )
-        ids.append(r.json()["id"])
-    # the newest stays queued (no worker listens in the fast tests; if one does, it may run)
-    for job_id in ids[:2]:
-        assert httpx.post(f"{live_server}/v1/jobs/{job_id}/cancel", headers=team.headers).is_success
-
-    def rows() -> list[str]:
-        page.wait_for_selector("#jobs-body tr[data-job-id]")
-        return page.eval_on_selector_all(
-            "#jobs-body tr[data-job-id]", "trs => trs.map(t => t.dataset.jobId)"
-        )
-
-    sign_in(page, live_server, team, "/ui/jobs?limit=2")
-    assert rows() == [ids[2], ids[1]]  # newest first
-    assert page.is_hidden("#first-page")
-    page.click("#next-page")
-    page.wait_for_url("**after=**")
-    page.wait_for_selector(f"#jobs-body tr[data-job-id='{ids[0]}']")
-    assert rows() == [ids[0]]
-    assert page.is_hidden("#next-page") and page.is_visible("#first-page")
-
-    # the status filter form: cancelled only
-    page.goto(f"{live_server}/ui/jobs")
-    page.check("#status-filter input[value=cancelled]")
-    page.click("#status-filter button[type=submit]")
-    page.wait_for_url("**status=cancelled**")
-    page.wait_for_selector(f"#jobs-body tr[data-job-id='{ids[1]}']")
-    assert rows() == [ids[1], ids[0]]
-    assert page.is_checked("#status-filter input[value=cancelled]")
-    assert not page.is_checked("#status-filter input[value=queued]")
-
-    # the job page's Cancel button (the newest job is still queued, or running)
-    page.goto(f"{live_server}/ui/jobs/{ids[2]}")
-    page.wait_for_selector("#job-status[data-status=queued], #job-status[data-status=running]")
-    page.click("#cancel-job")
-    page.wait_for_selector("#job-status[data-status=cancelled]", timeout=60_000)
-    assert page.is_hidden("#cancel-job") and page.is_visible("#retry-job")
-    job = httpx.get(f"{live_server}/v1/jobs/{ids[2]}", headers=team.headers).json()
-    assert job["status"] == "cancelled"
