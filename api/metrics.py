@@ -6,7 +6,9 @@ serve the API:
 - **From the database at scrape time** (a custom collector, `DatabaseCollector`): jobs by
   state, queue depth per queue (jobs ``queued`` on it), and training steps per second per
   worker. Whichever API process answers the scrape reads the same rows, so these are
-  correct with any number of processes and survive restarts. Steps per second come from the
+  correct with any number of processes and survive restarts. Queue depth counts every
+  ``queued`` job of a pool, admitted by the scheduler or not (``GET /v1/jobs/{id}`` tells
+  which, with ``queue_position``). Steps per second come from the
   ``metrics`` table, which every training process already writes: the distinct steps a
   running job recorded over the last `RATE_WINDOW_S` seconds (or since it started, if later),
   divided by that span, labelled with the worker that holds the job (``jobs.worker``, set at

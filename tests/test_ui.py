@@ -300,6 +300,10 @@ def test_jobs_list_filters_by_status_and_pages(
     # the job page's Cancel button (the newest job is still queued, or running)
     page.goto(f"{live_server}/ui/jobs/{ids[2]}")
     page.wait_for_selector("#job-status[data-status=queued], #job-status[data-status=running]")
+    job = httpx.get(f"{live_server}/v1/jobs/{ids[2]}", headers=team.headers).json()
+    if job["status"] == "queued" and job.get("queue_reason"):  # the scheduler says why
+        shown = page.text_content("[data-fact='waiting because']")
+        assert shown == job["queue_reason"], (shown, job)
     page.click("#cancel-job")
     page.wait_for_selector("#job-status[data-status=cancelled]", timeout=60_000)
     assert page.is_hidden("#cancel-job") and page.is_visible("#retry-job")
