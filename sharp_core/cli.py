@@ -1,12 +1,21 @@
 """`python -m sharp_core train SPEC --out DIR` and `python -m sharp_core eval --model DIR --data FILE`.
 
 Exit codes scripts can rely on: 0 success, 1 an internal error, 2 bad input (spec, model,
-data, tokenizer: the message names the field or the cause), 3 stopped before the end.
+data, tokenizer: the message names the field or the cause), 3 stopped before the end
+(``--stop-at``, or SIGTERM: the loop checkpoints first, and the same command resumes).
+
+A spec with ``resources.gpus: N > 1`` re-executes itself under torchrun with N processes
+(`sharp_core.distributed.torchrun_command`, as the worker does); rank 0 shows the progress
+and writes the checkpoints.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -29,7 +38,15 @@ def _fail(e: SharpError) -> None:
     raise typer.Exit(EXIT_BAD_INPUT if not e.retryable or e.status < 500 else 1)
 
 
-def _run_with_bar(job, out: Path, *, device: str | None = None, quiet: bool = False):
+def _run_with_bar(
+    job,
+    out: Path,
+    *,
+    device: str | None = None,
+    quiet: bool = False,
+    stop_at: int | None = None,
+    metrics_jsonl: Path | None = None,
+):
     """Run `train` with a rich progress bar: step, loss, tokens/s, eval perplexity, ETA."""
     from sharp_core.trainer import TrainCallbacks
     from sharp_core.trainer import train as run
@@ -48,8 +65,17 @@ def _run_with_bar(job, out: Path, *, device: str | None = None, quiet: bool = Fa
         def __init__(self) -> None:
             self.task = progress.add_task(job.name, total=job.training.max_steps, info="loading…")
             self.eval = ""
+            self.step = 0
+            self.signalled = False
+
+        def should_stop(self) -> bool:
+            return self.signalled or (stop_at is not None and self.step >= stop_at)
 
         def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+            self.step = step
+            if metrics_jsonl is not None:
+                with metrics_jsonl.open("a") as f:
+                    f.write(json.dumps({"step": step, **metrics}) + "\n")
             if "eval_ppl" in metrics:
                 self.eval = f" eval ppl {metrics['eval_ppl']:.2f}"
             info = self.eval
@@ -57,8 +83,17 @@ def _run_with_bar(job, out: Path, *, device: str | None = None, quiet: bool = Fa
                 info = f"loss {metrics['loss']:.4f} {metrics['tokens_per_s']:.0f} tok/s" + self.eval
             progress.update(self.task, completed=step, info=info)
 
-    with progress:
-        return run(job, out, callbacks=Bar(), device=device)
+    bar = Bar()
+
+    def _on_sigterm(_sig: int, _frame: object) -> None:
+        bar.signalled = True  # checkpoint at the next step, then exit 3
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        with progress:
+            return run(job, out, callbacks=bar, device=device)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()
@@ -71,8 +106,16 @@ def train(
         str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: cuda if any).")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    stop_at: Annotated[
+        int | None,
+        typer.Option(min=1, help="Checkpoint and stop (exit 3) once this step is done."),
+    ] = None,
+    metrics_jsonl: Annotated[
+        Path | None, typer.Option(help="Append every metrics record to this JSON-lines file.")
+    ] = None,
 ) -> None:
     """Train or distil a student from SPEC; resumes from the newest checkpoint in --out."""
+    from sharp_core import distributed
     from sharp_core.spec import load_spec
 
     try:
@@ -80,11 +123,30 @@ def train(
     except SharpError as e:
         _fail(e)
         return
+    if job.resources.gpus > 1 and not distributed.under_torchrun():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        cmd = distributed.torchrun_command(
+            job.resources.gpus, ["sharp_core", *sys.argv[1:]], shutdown_timeout_s=600
+        )
+        os.execv(cmd[0], cmd)  # torchrun, then N ranks running this same command
 
+    main_rank = distributed.env_rank() == 0
     try:
-        result = _run_with_bar(job, out, device=device, quiet=quiet)
+        result = _run_with_bar(
+            job,
+            out,
+            device=device,
+            quiet=quiet or not main_rank,
+            stop_at=stop_at,
+            metrics_jsonl=metrics_jsonl if main_rank else None,
+        )
     except SharpError as e:
         _fail(e)
+        return
+    if not main_rank:
+        if result.status != "completed":
+            raise typer.Exit(EXIT_STOPPED)
         return
     err.print(
         f"{result.status} at step {result.step}; checkpoint: {result.checkpoint}"

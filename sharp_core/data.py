@@ -231,6 +231,11 @@ class BatchStream:
 
     Each epoch is a fresh permutation drawn from a generator seeded by (seed, epoch), so the
     state is just two integers and resuming reproduces the exact same batches.
+
+    Under torchrun every rank walks the same permutation and keeps its own contiguous slice
+    of each global batch (`shard`): the ranks' slices are disjoint, together they are the
+    single-process batch, and the state (the global position) is the same on every rank and
+    means the same for any number of processes.
     """
 
     def __init__(self, blocks: torch.Tensor, seed: int):
@@ -238,7 +243,17 @@ class BatchStream:
         self.seed = seed
         self.epoch = 0
         self.pos = 0
+        self.rank = 0
+        self.world_size = 1
         self._perm = self._permutation(0)
+
+    def shard(self, rank: int, world_size: int) -> BatchStream:
+        """From now on return rank `rank`'s 1/world_size of every batch (batch sizes must be
+        multiples of world_size)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, {world_size})")
+        self.rank, self.world_size = rank, world_size
+        return self
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -256,7 +271,15 @@ class BatchStream:
                 self._perm = self._permutation(self.epoch)
             rows.append(self._perm[self.pos])
             self.pos += 1
-        return torch.stack(rows)
+        idx = torch.stack(rows)
+        if self.world_size > 1:
+            if batch_size % self.world_size:
+                raise ValueError(
+                    f"batch of {batch_size} cannot be split evenly over {self.world_size} ranks"
+                )
+            per = batch_size // self.world_size
+            idx = idx[self.rank * per : (self.rank + 1) * per]
+        return idx
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed}

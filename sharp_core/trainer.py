@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging as hf_logging
 
-from sharp_core import losses
+from sharp_core import distributed, losses
 from sharp_core.checkpoint import (
     clean_temporaries,
     latest_checkpoint,
     prune_checkpoints,
+    step_dir_name,
     verify_manifest,
     write_checkpoint,
 )
@@ -118,7 +119,7 @@ class Setup:
 def _pick_device(device: str | None) -> torch.device:
     if device:
         return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return distributed.context().default_device()  # under torchrun: cuda:LOCAL_RANK
 
 
 def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None = None) -> Setup:
@@ -151,7 +152,8 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
     }
     teacher = None
     if spec.teacher is not None and spec.method.name != "sft":
-        teacher = load_model(spec.teacher, role="teacher", **kw)  # type: ignore[arg-type]
+        t_dev = distributed.context().teacher_load_device(spec, dev)
+        teacher = load_model(spec.teacher, role="teacher", **{**kw, "device": t_dev})  # type: ignore[arg-type]
         if not classify:
             check_vocab(teacher, vocab, "teacher")
         teacher.eval()
@@ -232,6 +234,8 @@ def _set_rng_state(st: dict[str, Any], device: torch.device) -> None:
 
 
 def _unwrap(m: torch.nn.Module) -> Any:
+    if isinstance(m, torch.nn.parallel.DistributedDataParallel):
+        m = m.module
     return getattr(m, "_orig_mod", m)
 
 
@@ -261,13 +265,19 @@ def train(
 ) -> TrainResult:
     """Train (or resume) the job described by `spec`, writing checkpoints under `out_dir`."""
     out_dir = Path(out_dir)
-    cb = callbacks or TrainCallbacks()
+    ctx = distributed.context()  # single process unless started by torchrun
+    ctx.check(spec)
+    cb: Any = callbacks or TrainCallbacks()
+    if ctx.enabled:
+        cb = distributed.RankCallbacks(cb, ctx)
     t = spec.training
     m = spec.method
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     S = prepared or setup(spec, resolver=resolver, device=device)
     dev, student, teacher = S.device, S.student, S.teacher
+    # from here S.student may be the DDP wrapper (the micro-steps); `student` is the model
+    S = ctx.prepare(S)
     a = m.effective_kd_weight
 
     params = [p for p in student.parameters() if p.requires_grad]
@@ -286,7 +296,7 @@ def train(
     classify = spec.task == "sequence_classification"
     stream = BatchStream(
         S.data.train["labels"] if isinstance(S.data, ClassificationData) else S.data.train, t.seed
-    )
+    ).shard(ctx.rank, ctx.world_size)
     step = 0
 
     use_amp = dev.type == "cuda" and t.precision != "fp32"
@@ -294,8 +304,11 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and t.precision == "fp16")
 
     # ---- resume from the newest checkpoint whose manifest verifies
-    clean_temporaries(out_dir)
-    resume_from = latest_checkpoint(out_dir)
+    resume_from = None
+    if ctx.is_main:  # rank 0 picks the checkpoint; every rank loads the same one
+        clean_temporaries(out_dir)
+        resume_from = latest_checkpoint(out_dir)
+    resume_from = ctx.broadcast_object(resume_from)
     if resume_from is not None:
         state = torch.load(resume_from / STATE_FILE, map_location="cpu", weights_only=True)
         from safetensors.torch import load_file
@@ -313,16 +326,21 @@ def train(
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         stream.load_state_dict(state["data"])
-        _set_rng_state(state["rng"], dev)
+        _set_rng_state(ctx.own_rng(state), dev)
         step = int(state["step"])
         import json
 
         saved_spec = json.loads((resume_from / SPEC_FILE).read_text())
-        for d in _warn_spec_diff(saved_spec, spec.model_dump(mode="json")):
+        for d in _warn_spec_diff(saved_spec, spec.model_dump(mode="json")) if ctx.is_main else []:
             print(f"warning: resuming {resume_from.name} with a different spec: {d}")
     resumed_step = step if resume_from is not None else None
 
     def save(step: int, metrics: dict[str, float]) -> Path:
+        rngs = ctx.gather_objects(_rng_state(dev))  # every rank's; only rank 0 writes
+        if not ctx.is_main:
+            ctx.barrier()
+            return out_dir / step_dir_name(step)
+
         def write(tmp: Path) -> None:
             _unwrap(student).save_pretrained(tmp, safe_serialization=True)
             S.tokenizer.save_pretrained(tmp)
@@ -334,7 +352,8 @@ def train(
                     "objective": S.objective.state_dict() if S.objective is not None else None,
                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "data": stream.state_dict(),
-                    "rng": _rng_state(dev),
+                    "rng": rngs[0],
+                    **({"rng_ranks": rngs} if ctx.enabled else {}),
                 },
                 tmp / STATE_FILE,
             )
@@ -343,6 +362,7 @@ def train(
         cb.on_checkpoint(step, path, manifest)
         for removed in prune_checkpoints(out_dir, t.keep_checkpoints):
             cb.on_checkpoint_removed(removed)
+        ctx.barrier()
         return path
 
     def evaluate() -> dict[str, float]:
@@ -395,22 +415,25 @@ def train(
         logs: dict[str, torch.Tensor] = {}
         cosines: dict[str, float] = {}
         try:
-            for x in batches:
-                terms, parts = _micro_step(
-                    S, x, n_tokens, n_seqs, a, attention_scale_at(step, spec), use_amp, amp_dtype
-                )
-                for k, v in terms.items():
-                    logs[k] = logs.get(k, 0) + v.detach()
-                if per_term:
-                    cos = _backward_per_term(
-                        parts, terms.get("basis_loss"), params, m.conflict == "pcgrad", scaler
+            for i, x in enumerate(batches):
+                # multi-GPU: DDP all-reduces in the last micro-step's backward only
+                with ctx.no_sync(S.student, sync=not per_term and i == len(batches) - 1):
+                    terms, parts = _micro_step(
+                        S, x, n_tokens, n_seqs, a, attention_scale_at(step, spec), use_amp, amp_dtype
                     )
-                    for k, c in cos.items():
-                        cosines[k] = cosines.get(k, 0.0) + c / len(batches)
-                else:
-                    scaler.scale(terms["loss"]).backward()
+                    for k, v in terms.items():
+                        logs[k] = logs.get(k, 0) + v.detach()
+                    if per_term:
+                        cos = _backward_per_term(
+                            parts, terms.get("basis_loss"), params, m.conflict == "pcgrad", scaler
+                        )
+                        for k, c in cos.items():
+                            cosines[k] = cosines.get(k, 0.0) + c / len(batches)
+                    else:
+                        scaler.scale(terms["loss"]).backward()
         except torch.OutOfMemoryError as e:
             raise OutOfMemoryError(f"out of memory at step {step}: {e}") from None
+        ctx.average_grads(params + extra if per_term else extra)  # what DDP did not reduce
 
         # ---- clip, step, zero_grad
         scaler.unscale_(opt)
@@ -436,14 +459,15 @@ def train(
             # input tokens processed per second (for classification: padded example tokens)
             n_in = sum(b["input_ids"].numel() for b in batches)
             tokens_s = n_in * t.log_every / max(dt, 1e-9) if step % t.log_every == 0 else 0.0
-            metrics = {k: float(v) for k, v in logs.items()}
+            tokens_s *= ctx.world_size  # every rank processes as many
+            metrics = ctx.mean_metrics(logs, dev)
             metrics.update(
                 lr=lr,
                 grad_norm=float(grad_norm),
                 tokens_per_s=tokens_s,
                 peak_mem_mb=_peak_mem_mb(dev),
             )
-            metrics.update(cosines)
+            metrics.update(ctx.mean_metrics(cosines, dev))
             if peak_flops:
                 metrics["mfu"] = tokens_s * flops_per_token / peak_flops
             last_metrics.update(metrics)
