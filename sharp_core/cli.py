@@ -31,11 +31,52 @@ err = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
+#: Under torchrun, where rank 0 leaves its exit code for the launching command: torchrun
+#: itself only says 0 or 1 (and calls any non-zero rank a failure, a stop included).
+EXIT_CODE_ENV = "SHARP_EXIT_CODE_FILE"
+
+
+def _exit(code: int) -> None:
+    from sharp_core.distributed import env_rank
+
+    path = os.environ.get(EXIT_CODE_ENV)
+    if path:
+        if env_rank() == 0:
+            Path(path).write_text(str(code))
+        if code == EXIT_STOPPED:
+            code = 0  # a stop is not a failure; the launching command exits 3
+    raise typer.Exit(code)
 
 
 def _fail(e: SharpError) -> None:
     err.print(f"[bold red]error[/] {escape(str(e))}")
-    raise typer.Exit(EXIT_BAD_INPUT if not e.retryable or e.status < 500 else 1)
+    _exit(EXIT_BAD_INPUT if not e.retryable or e.status < 500 else 1)
+
+
+def _torchrun(nproc: int) -> int:
+    """Run this same command as `nproc` ranks under torchrun; rank 0's exit code."""
+    import subprocess
+    import tempfile
+
+    from sharp_core.distributed import torchrun_command
+
+    cmd = torchrun_command(nproc, ["sharp_core", *sys.argv[1:]], shutdown_timeout_s=600)
+    with tempfile.TemporaryDirectory(prefix="sharp-") as d:
+        code_file = Path(d) / "exit_code"
+        proc = subprocess.Popen(cmd, env={**os.environ, EXIT_CODE_ENV: str(code_file)})
+        # SIGTERM to this process reaches torchrun, which forwards it to every rank (they
+        # checkpoint and stop); Ctrl-C reaches torchrun directly (same process group).
+        prev_term = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+        prev_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            rc = proc.wait()
+        finally:
+            signal.signal(signal.SIGTERM, prev_term)
+            signal.signal(signal.SIGINT, prev_int)
+        try:
+            return int(code_file.read_text())
+        except (OSError, ValueError):
+            return rc or 1
 
 
 def _run_with_bar(
@@ -124,12 +165,12 @@ def train(
         _fail(e)
         return
     if job.resources.gpus > 1 and not distributed.under_torchrun():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        cmd = distributed.torchrun_command(
-            job.resources.gpus, ["sharp_core", *sys.argv[1:]], shutdown_timeout_s=600
-        )
-        os.execv(cmd[0], cmd)  # torchrun, then N ranks running this same command
+        try:
+            distributed.check_world(job, job.resources.gpus)
+        except SharpError as e:
+            _fail(e)
+            return
+        raise typer.Exit(_torchrun(job.resources.gpus))
 
     main_rank = distributed.env_rank() == 0
     try:
@@ -144,16 +185,16 @@ def train(
     except SharpError as e:
         _fail(e)
         return
-    if not main_rank:
-        if result.status != "completed":
-            raise typer.Exit(EXIT_STOPPED)
-        return
-    err.print(
-        f"{result.status} at step {result.step}; checkpoint: {result.checkpoint}"
-        + (f"; eval ppl {result.metrics['eval_ppl']:.3f}" if "eval_ppl" in result.metrics else "")
-    )
-    if result.status != "completed":
-        raise typer.Exit(EXIT_STOPPED)
+    if main_rank:
+        err.print(
+            f"{result.status} at step {result.step}; checkpoint: {result.checkpoint}"
+            + (
+                f"; eval ppl {result.metrics['eval_ppl']:.3f}"
+                if "eval_ppl" in result.metrics
+                else ""
+            )
+        )
+    _exit(0 if result.status == "completed" else EXIT_STOPPED)
 
 
 @app.command("eval")

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "Context",
     "RankCallbacks",
+    "check_world",
     "choose_teacher_parallel",
     "context",
     "under_torchrun",
@@ -108,6 +109,16 @@ def choose_teacher_parallel(
 
 
 # ---------------------------------------------------------------------------- launching
+
+
+def check_world(spec: JobSpec, world_size: int) -> None:
+    """What a spec must satisfy to run on `world_size` processes (checked before launching)."""
+    if world_size > 1 and spec.training.batch_size % world_size:
+        raise SpecError(
+            f"training.batch_size {spec.training.batch_size} must be a multiple of the "
+            f"{world_size} processes (each takes an equal slice of every batch)",
+            param="spec.training.batch_size",
+        )
 
 
 def under_torchrun() -> bool:
@@ -194,18 +205,17 @@ class Context:
     def teacher_load_device(self, spec: JobSpec, device: torch.device) -> torch.device:
         """Where `setup` loads the teacher: on CPU when it may be sharded, so a teacher that
         does not fit one GPU is never materialised whole on one (`prepare` moves it)."""
-        if self.enabled and device.type == "cuda" and spec.resources.teacher_parallel != "replicate":
+        if (
+            self.enabled
+            and device.type == "cuda"
+            and spec.resources.teacher_parallel != "replicate"
+        ):
             return torch.device("cpu")
         return device
 
     # -- wrapping --------------------------------------------------------------------------
     def check(self, spec: JobSpec) -> None:
-        if self.enabled and spec.training.batch_size % self.world_size:
-            raise SpecError(
-                f"training.batch_size {spec.training.batch_size} must be a multiple of the "
-                f"{self.world_size} processes (each takes an equal slice of every batch)",
-                param="spec.training.batch_size",
-            )
+        check_world(spec, self.world_size)
 
     def prepare(self, S: Setup) -> Setup:
         """Place the teacher (replicated or sharded) and wrap the student in DDP."""
@@ -267,7 +277,10 @@ class Context:
             return {k: float(v) for k, v in values.items()}
         keys = sorted(values)
         t = torch.stack(
-            [torch.as_tensor(values[k], dtype=torch.float32, device=device).reshape(()) for k in keys]
+            [
+                torch.as_tensor(values[k], dtype=torch.float32, device=device).reshape(())
+                for k in keys
+            ]
         )
         dist.all_reduce(t)
         return dict(zip(keys, (t / self.world_size).tolist(), strict=True))

@@ -419,7 +419,14 @@ def train(
                 # multi-GPU: DDP all-reduces in the last micro-step's backward only
                 with ctx.no_sync(S.student, sync=not per_term and i == len(batches) - 1):
                     terms, parts = _micro_step(
-                        S, x, n_tokens, n_seqs, a, attention_scale_at(step, spec), use_amp, amp_dtype
+                        S,
+                        x,
+                        n_tokens,
+                        n_seqs,
+                        a,
+                        attention_scale_at(step, spec),
+                        use_amp,
+                        amp_dtype,
                     )
                     for k, v in terms.items():
                         logs[k] = logs.get(k, 0) + v.detach()

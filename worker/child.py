@@ -14,6 +14,14 @@ Fencing: every write is ``UPDATE jobs … WHERE attempt = :mine AND status IN
 ('running','cancelling')``; when it matches nothing, another attempt owns the job (the
 reaper re-queued it after our heartbeat went stale) and this process stops writing and
 stops training. It also stops if its supervisor died (our parent pid changes).
+
+Multi-GPU (``resources.gpus: N > 1``): this process execs
+``python -m torch.distributed.run --standalone --nproc-per-node N -m worker.child JOB ATTEMPT``
+(same pid, so the supervisor's process-group signals reach torchrun, which forwards SIGTERM
+to every rank and SIGKILLs them after ``kill_grace_s``; a SIGKILLed torchrun takes its ranks
+with it, `sharp_core.distributed`). Each rank then runs `run`: rank 0 is the one described
+above (metrics, checkpoints, cancel polling, the result file); the other ranks write nothing
+and only vote on stopping (SIGTERM, a dead parent), which the trainer OR-s over ranks.
 """
 
 from __future__ import annotations
@@ -302,8 +310,41 @@ def _error_result(e: BaseException) -> dict[str, Any]:
     }
 
 
+def make_follower_callbacks(base: type, reporter: Reporter) -> Any:
+    """Callbacks of a rank other than 0: nothing to report, only its own reasons to stop."""
+
+    class FollowerCallbacks(base):  # type: ignore[misc, valid-type]
+        def should_stop(self) -> bool:
+            if not reporter.stop_signal and os.getppid() != reporter.ppid:
+                reporter.stop_signal = True  # torchrun is gone
+            return reporter.stop_signal
+
+    return FollowerCallbacks()
+
+
+def ranks_needed(job_id: str, attempt: int, settings: Settings) -> int:
+    """How many training processes the job asks for (1 when it is not ours to run or its
+    spec is invalid: `run` then reports that as for any job)."""
+    db = Database(settings, poolclass=NullPool)
+    try:
+        with db.session() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.attempt != attempt or job.status not in ACTIVE_STATUSES:
+                return 1
+            raw = job.spec
+        try:
+            return max(1, parse_spec(raw).resources.gpus)
+        except SharpError:
+            return 1
+    finally:
+        db.dispose()
+
+
 def run(job_id: str, attempt: int, settings: Settings | None = None) -> int:
     settings = settings or get_settings()
+    from sharp_core.distributed import env_rank  # torch: import late
+
+    main_rank = env_rank() == 0
     db = Database(settings, poolclass=NullPool)
     live = LivePublisher(settings)
     try:
@@ -329,10 +370,14 @@ def run(job_id: str, attempt: int, settings: Settings | None = None) -> int:
             result = train(
                 spec,
                 out_dir,
-                callbacks=make_callbacks(TrainCallbacks, reporter),
+                callbacks=make_callbacks(TrainCallbacks, reporter)
+                if main_rank
+                else make_follower_callbacks(TrainCallbacks, reporter),
                 resolver=make_resolver(Resolver, db, job.team_id),
                 device=None,
             )
+            if not main_rank:
+                return EXIT_OK
             if result.metrics:
                 reporter.add_metrics(result.step, result.metrics)
             reporter.flush()
@@ -358,6 +403,8 @@ def run(job_id: str, attempt: int, settings: Settings | None = None) -> int:
             return EXIT_OK
         except Exception as e:  # noqa: BLE001 - every failure becomes a result for the supervisor
             log.exception("training failed")
+            if not main_rank:
+                return EXIT_ERROR  # rank 0 writes the result (torchrun stops it if it hangs)
             try:
                 reporter.flush()
             except Exception:  # noqa: BLE001
@@ -379,7 +426,26 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not _under_torchrun():
+        settings = get_settings()
+        n = ranks_needed(args[0], int(args[1]), settings)
+        if n > 1:
+            from sharp_core.distributed import torchrun_command
+
+            cmd = torchrun_command(
+                n,
+                ["worker.child", args[0], args[1]],
+                shutdown_timeout_s=math.ceil(settings.kill_grace_s),
+            )
+            log.info("job %s: %d processes under torchrun", args[0], n)
+            sys.stderr.flush()
+            os.execv(cmd[0], cmd)  # same pid: the supervisor keeps watching it
     return run(args[0], int(args[1]))
+
+
+def _under_torchrun() -> bool:
+    # the same test as sharp_core.distributed.under_torchrun, without importing torch here
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
 if __name__ == "__main__":
