@@ -5,7 +5,7 @@ data, tokenizer: the message names the field or the cause), 3 stopped before the
 (``--stop-at``, or SIGTERM: the loop checkpoints first, and the same command resumes).
 
 A spec with ``resources.gpus: N > 1`` re-executes itself under torchrun with N processes
-(`sharp_core.distributed.torchrun_command`, as the worker does); rank 0 shows the progress
+(`sharp_core.launch.torchrun_command`, as the worker does); rank 0 shows the progress
 and writes the checkpoints.
 """
 
@@ -37,7 +37,7 @@ EXIT_CODE_ENV = "SHARP_EXIT_CODE_FILE"
 
 
 def _exit(code: int) -> None:
-    from sharp_core.distributed import env_rank
+    from sharp_core.launch import env_rank
 
     path = os.environ.get(EXIT_CODE_ENV)
     if path:
@@ -58,7 +58,7 @@ def _torchrun(nproc: int) -> int:
     import subprocess
     import tempfile
 
-    from sharp_core.distributed import torchrun_command
+    from sharp_core.launch import torchrun_command
 
     cmd = torchrun_command(nproc, ["sharp_core", *sys.argv[1:]], shutdown_timeout_s=600)
     with tempfile.TemporaryDirectory(prefix="sharp-") as d:
@@ -156,7 +156,7 @@ def train(
     ] = None,
 ) -> None:
     """Train or distil a student from SPEC; resumes from the newest checkpoint in --out."""
-    from sharp_core import distributed
+    from sharp_core import launch
     from sharp_core.spec import load_spec
 
     try:
@@ -164,15 +164,15 @@ def train(
     except SharpError as e:
         _fail(e)
         return
-    if job.resources.gpus > 1 and not distributed.under_torchrun():
+    if job.resources.gpus > 1 and not launch.under_torchrun():
         try:
-            distributed.check_world(job, job.resources.gpus)
+            launch.check_world(job, job.resources.gpus)
         except SharpError as e:
             _fail(e)
             return
         raise typer.Exit(_torchrun(job.resources.gpus))
 
-    main_rank = distributed.env_rank() == 0
+    main_rank = launch.env_rank() == 0
     try:
         result = _run_with_bar(
             job,

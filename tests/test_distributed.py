@@ -191,7 +191,7 @@ def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("method", "teacher_parallel"), [("sharp", "fsdp"), ("kd", "replicate")])
+@pytest.mark.parametrize(("method", "teacher_parallel"), [("sharp", "fsdp")])  # kd: worker test
 def test_two_processes_match_one_and_resume(
     corpus, teacher_dir, tmp_path, method, teacher_parallel
 ) -> None:
@@ -248,3 +248,43 @@ def test_batch_must_split_evenly_over_the_ranks(corpus, tmp_path) -> None:
     assert r.returncode == 2, r.stderr[-3000:]
     assert "spec.training.batch_size" in r.stderr and "multiple of the 2" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rank_dies_with_its_launcher(tmp_path) -> None:
+    """torchrun starts ranks in their own sessions, so a SIGKILL to the job's process group
+    stops at torchrun; each rank therefore asks the kernel to kill it when its parent dies."""
+    import signal
+    import time
+
+    launcher = (
+        "import subprocess, sys, time\n"
+        "c = subprocess.Popen([sys.executable, '-c', 'from sharp_core.distributed import "
+        "_die_with_parent; import time; _die_with_parent(); print(1, flush=True); "
+        "time.sleep(300)'], stdout=subprocess.PIPE, start_new_session=True)\n"
+        "print(c.pid, flush=True)\n"
+        "c.stdout.readline()\n"
+        "print('armed', flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", launcher], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        rank_pid = int(parent.stdout.readline())
+        assert parent.stdout.readline().strip() == "armed"
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(30)
+
+    def gone() -> bool:
+        try:
+            state = Path(f"/proc/{rank_pid}/stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            return True
+        return state in ("Z", "X")  # a zombie waiting for init to reap it is dead too
+
+    deadline = time.monotonic() + 30
+    while not gone():
+        assert time.monotonic() < deadline, "the rank outlived its launcher"
+        time.sleep(0.1)

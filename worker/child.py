@@ -45,6 +45,7 @@ from api.models import ACTIVE_STATUSES, Job
 from api.repositories import CheckpointRepository, JobRepository, MetricRepository, UploadRepository
 from api.settings import Settings, get_settings
 from sharp_core.errors import DataError, ModelNotFoundError, SharpError
+from sharp_core.launch import env_rank, torchrun_command, under_torchrun  # no torch
 from sharp_core.spec import parse_spec
 
 log = logging.getLogger("worker.child")
@@ -342,8 +343,6 @@ def ranks_needed(job_id: str, attempt: int, settings: Settings) -> int:
 
 def run(job_id: str, attempt: int, settings: Settings | None = None) -> int:
     settings = settings or get_settings()
-    from sharp_core.distributed import env_rank  # torch: import late
-
     main_rank = env_rank() == 0
     db = Database(settings, poolclass=NullPool)
     live = LivePublisher(settings)
@@ -426,12 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if not _under_torchrun():
+    if not under_torchrun():
         settings = get_settings()
         n = ranks_needed(args[0], int(args[1]), settings)
         if n > 1:
-            from sharp_core.distributed import torchrun_command
-
             cmd = torchrun_command(
                 n,
                 ["worker.child", args[0], args[1]],
@@ -441,11 +438,6 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os.execv(cmd[0], cmd)  # same pid: the supervisor keeps watching it
     return run(args[0], int(args[1]))
-
-
-def _under_torchrun() -> bool:
-    # the same test as sharp_core.distributed.under_torchrun, without importing torch here
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
 if __name__ == "__main__":
