@@ -24,17 +24,13 @@ from sharp_core.trainer import train
 from tests.conftest import wait_for
 from tests.helpers import GPT2_TEACHER, GPT2_TINY, spec_dict
 from tests.test_distributed import NO_DROPOUT, RTOL, Recorder
+from tests.test_service_worker import Sent
 from worker.child import log_path
 from worker.supervisor import Supervisor
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
 MAX_STEPS = 40
-
-
-class Sent(list):
-    def __call__(self, job_id: str, queue: str) -> None:
-        self.append((job_id, queue))
 
 
 def _processes_running(job_id: str) -> list[int]:
