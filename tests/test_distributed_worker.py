@@ -17,7 +17,8 @@ from sqlalchemy import select
 
 from api.app import create_app
 from api.live import LivePublisher
-from api.models import Checkpoint, Job, Metric
+from api.models import Checkpoint, Job, Metric, utcnow
+from api.repositories import JobRepository
 from api.settings import Settings
 from sharp_core.spec import parse_spec
 from sharp_core.trainer import train
@@ -80,6 +81,12 @@ def test_two_rank_job_cancels_everywhere_and_resumes_on_one_process_trajectory(
         assert r.status_code == 201, r.text
         job_id = r.json()["id"]
 
+        def admit() -> None:  # as a scheduling pass would, were a worker registered
+            with db.session() as s:
+                JobRepository(s).update_fenced(job_id, values={"admitted_at": utcnow()})
+
+        admit()
+
         def job() -> Job:
             with db.session() as s:
                 j = s.get(Job, job_id)
@@ -106,6 +113,7 @@ def test_two_rank_job_cancels_everywhere_and_resumes_on_one_process_trajectory(
 
         r = client.post(f"/v1/jobs/{job_id}/retry", headers=team.headers)
         assert r.status_code == 202, r.text
+        admit()
         assert sup.run(job_id) == "succeeded"
     live.close()
 
