@@ -363,7 +363,7 @@ def parse_spec(data: dict[str, Any], *, prefix: str = "spec") -> JobSpec:
     if not isinstance(data, dict):
         raise SpecError("the spec must be a mapping", param=prefix)
     try:
-        return JobSpec.model_validate(data)
+        spec = JobSpec.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         param = _loc_to_param(tuple(err["loc"]), prefix)
@@ -373,6 +373,17 @@ def parse_spec(data: dict[str, Any], *, prefix: str = "spec") -> JobSpec:
         if "trust_remote_code" in msg or "auto_map" in msg:
             raise UnsafeModelError(f"{param}: {msg}", param=param) from None
         raise SpecError(f"{param}: {msg}", param=param) from None
+    gpus = spec.resources.gpus
+    if gpus > 1 and spec.training.batch_size % gpus:
+        # checked here rather than in a model validator so that the error names the field
+        # (a model validator's errors carry no location); the trainer checks it again
+        param = f"{prefix}.training.batch_size" if prefix else "training.batch_size"
+        raise SpecError(
+            f"{param}: {spec.training.batch_size} must be a multiple of resources.gpus "
+            f"({gpus}): each GPU takes an equal slice of every batch",
+            param=param,
+        )
+    return spec
 
 
 def load_spec(path: str | Path) -> JobSpec:

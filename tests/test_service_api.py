@@ -232,6 +232,8 @@ BAD_SPECS = [
     # A pool no worker serves is not an error (the job waits, see test_scheduler); a name
     # that cannot be a pool is.
     (("resources.queue", "GPU A100"), 422, "invalid_spec", "spec.resources.queue"),
+    # each GPU of a multi-GPU job takes an equal slice of every batch
+    (("resources.gpus", 3), 422, "invalid_spec", "spec.training.batch_size"),
 ]
 
 
