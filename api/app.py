@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.db import Database
 from api.errors import SharpError
@@ -117,6 +117,11 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_la
 async def _http_handler(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
+    if exc.status_code == 400:
+        # FastAPI's own "error parsing the body" (bytes that are not UTF-8 JSON at all).
+        return error_response(
+            400, "malformed_json", f"the body is not valid JSON: {exc.detail}", "body"
+        )
     resp = error_response(exc.status_code, code, str(exc.detail))
     for k, v in (exc.headers or {}).items():
         resp.headers[k] = v
@@ -129,27 +134,67 @@ async def _unhandled_handler(_: Request, exc: Exception) -> JSONResponse:
 
 
 class BodySizeLimit:
-    """Refuse JSON bodies over ``max_request_bytes`` before reading them (uploads have their own
-    limit, enforced while streaming)."""
+    """Refuse JSON bodies over ``max_request_bytes`` without reading more than that (uploads
+    have their own limit, enforced while streaming).
+
+    A declared ``Content-Length`` over the limit is refused before a byte is read. A body
+    without one (``Transfer-Encoding: chunked``) is read here up to the limit and handed on
+    from memory; the first chunk past the limit gets the 413, so a client cannot make the
+    app buffer an unbounded body by simply not declaring its size.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int, exempt_prefixes: tuple[str, ...]):
         self.app = app
         self.max_bytes = max_bytes
         self.exempt = exempt_prefixes
 
+    def _too_large(self) -> JSONResponse:
+        return error_response(
+            413,
+            "payload_too_large",
+            f"request bodies are limited to {self.max_bytes} bytes",
+            "body",
+        )
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope["path"].startswith(self.exempt):
-            for name, value in scope.get("headers", []):
-                if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                    resp = error_response(
-                        413,
-                        "payload_too_large",
-                        f"request bodies are limited to {self.max_bytes} bytes",
-                        "body",
-                    )
-                    await resp(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["path"].startswith(self.exempt):
+            await self.app(scope, receive, send)
+            return
+        length = None
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                length = value
+        if length is not None:
+            if length.isdigit() and int(length) > self.max_bytes:
+                await self._too_large()(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        # No declared length: read (at most the limit) before the app sees anything.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                await self._too_large()(scope, receive, send)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = None) -> FastAPI:

@@ -37,6 +37,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "No such job for this team."},
 }
 JobId = Annotated[str, Path(max_length=64, description="A job id, `job_…`.")]
+#: Steps and event seqs are 32-bit integer columns: a larger value is a 422, not a 500.
+MAX_INT = 2**31 - 1
+Step = Annotated[int, Path(ge=0, le=MAX_INT, description="A checkpoint's step.")]
 
 
 @router.post(
@@ -141,7 +144,9 @@ def job_metrics(
     job_id: JobId,
     team: TeamDep,
     service: JobServiceDep,
-    after: Annotated[int | None, Query(ge=-1, description="Return steps after this one.")] = None,
+    after: Annotated[
+        int | None, Query(ge=-1, le=MAX_INT, description="Return steps after this one.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=10_000, description="At most this many steps.")] = 1000,
     name: Annotated[list[str] | None, Query(description="Only these metrics (repeatable).")] = None,
 ) -> MetricsPublic:
@@ -173,7 +178,9 @@ async def job_events_stream(
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=32)] = None,
     after: Annotated[
         int | None,
-        Query(ge=0, description="Like Last-Event-ID, for clients that cannot set headers."),
+        Query(
+            ge=0, le=MAX_INT, description="Like Last-Event-ID, for clients that cannot set headers."
+        ),
     ] = None,
     follow: Annotated[
         bool, Query(description="false: send what is logged so far, then end.")
@@ -183,7 +190,7 @@ async def job_events_stream(
     await run_in_threadpool(service.get, team, job_id)
     start = after or 0
     if last_event_id is not None:
-        if not last_event_id.strip().isdigit():
+        if not last_event_id.strip().isdigit() or int(last_event_id) > MAX_INT:
             raise InvalidRequestError("Last-Event-ID must be an event seq", param="Last-Event-ID")
         start = int(last_event_id)
     state = request.app.state
@@ -210,7 +217,7 @@ def list_checkpoints(job_id: JobId, team: TeamDep, service: JobServiceDep) -> Ch
     },
 )
 def download_file(
-    request: Request, job_id: JobId, step: int, name: str, team: TeamDep, service: JobServiceDep
+    request: Request, job_id: JobId, step: Step, name: str, team: TeamDep, service: JobServiceDep
 ) -> Response:
     """One file of a checkpoint; names are those of the manifest. ETag is the sha256."""
     ckpt = service.checkpoint(team, job_id, step)
@@ -223,7 +230,7 @@ def download_file(
     response_class=StreamingResponse,
     responses={200: {"content": {"application/x-tar": {}}}, **_ERRORS},
 )
-def download_archive(job_id: JobId, step: int, team: TeamDep, service: JobServiceDep) -> Response:
+def download_archive(job_id: JobId, step: Step, team: TeamDep, service: JobServiceDep) -> Response:
     """The whole checkpoint folder (``save_pretrained`` layout + manifest) as a tar stream."""
     ckpt = service.checkpoint(team, job_id, step)
     members = archive_members(ckpt)
