@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -165,13 +166,16 @@ async def receive(request: Request, settings: Settings) -> ReceivedFile:
     parser = MultipartParser(boundary, receiver.callbacks())
     try:
         with os.fdopen(fd, "wb") as out:
-            async for chunk in request.stream():
-                parser.write(chunk)
-                if receiver.pending:
-                    data = b"".join(receiver.pending)
-                    receiver.pending.clear()
-                    await anyio.to_thread.run_sync(out.write, data)
-            parser.finalize()
+            try:
+                async for chunk in request.stream():
+                    parser.write(chunk)
+                    if receiver.pending:
+                        data = b"".join(receiver.pending)
+                        receiver.pending.clear()
+                        await anyio.to_thread.run_sync(out.write, data)
+                parser.finalize()
+            except MultipartParseError as e:
+                raise _invalid(f"malformed multipart/form-data body: {e}") from None
             await anyio.to_thread.run_sync(out.flush)
             await anyio.to_thread.run_sync(os.fsync, out.fileno())
         if not receiver.seen_file:
