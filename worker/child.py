@@ -53,6 +53,9 @@ log = logging.getLogger("worker.child")
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_FENCED = 3
+#: The run failed and even its result file could not be written: the artifact store (where
+#: the logs and result live) is full or read-only. The exit status is the only channel left.
+EXIT_ARTIFACT_WRITE_FAILED = 4
 
 
 def job_dir(settings: Settings, team_id: str, job_id: str) -> Path:
@@ -408,7 +411,11 @@ def run(job_id: str, attempt: int, settings: Settings | None = None) -> int:
                 reporter.flush()
             except Exception:  # noqa: BLE001
                 log.exception("could not flush metrics after the failure")
-            write_result(result_file, _error_result(e))
+            try:
+                write_result(result_file, _error_result(e))
+            except OSError:
+                log.exception("cannot write the result file either")
+                return EXIT_ARTIFACT_WRITE_FAILED
             return EXIT_ERROR
     finally:
         live.close()

@@ -48,7 +48,7 @@ from api.live import LivePublisher
 from api.models import ACTIVE_STATUSES, Job, utcnow
 from api.repositories import JobRepository
 from api.settings import Settings
-from worker.child import log_path, result_path
+from worker.child import EXIT_ARTIFACT_WRITE_FAILED, log_path, result_path
 from worker.launcher import settings_env
 
 log = logging.getLogger(__name__)
@@ -301,6 +301,17 @@ class Supervisor:
                 if not (result or {}).get("retryable", True):
                     return to("failed", error=error)
                 return self._requeue_or_fail(repo, job, common, reason="error", error=error)
+            if result is None and w.exit_code == EXIT_ARTIFACT_WRITE_FAILED:
+                # Another attempt would write to the same store: fail now, keep what is there.
+                return to(
+                    "failed",
+                    error={
+                        "code": "artifact_write_failed",
+                        "message": "the artifact store refused a write (full or read-only); "
+                        "the training process could not even leave its result there",
+                        "param": None,
+                    },
+                )
             if spawn_error is not None:
                 error = {"code": "spawn_failed", "message": spawn_error, "param": None}
             else:

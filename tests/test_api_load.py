@@ -1,0 +1,56 @@
+"""The load script runs end to end and reports numbers that make sense (not how fast they are:
+figures come from full-size runs recorded in docs/reliability.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.service
+
+
+def test_api_load_script_reports_sane_numbers(pg_admin_url: str, redis_url: str) -> None:
+    env = {
+        **os.environ,
+        "SHARP_BENCH_DATABASE_URL": pg_admin_url,
+        "SHARP_BENCH_REDIS_URL": redis_url,
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.api_load",
+            "--clients",
+            "4",
+            "--duration",
+            "3",
+            "--uvicorn-workers",
+            "2",
+            "--json",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["errors"] == 0, out["error_samples"]
+    assert out["clients"] == 4 and out["duration_s"] >= 3
+    for op in ("create", "get", "list"):
+        assert out[op]["count"] > 0, out
+        assert 0 < out[op]["p50_ms"] <= out[op]["p99_ms"], out
+    # every created job was read back: the loop is create → get → list
+    assert out["create"]["count"] - out["get"]["count"] in range(0, 5)
+    assert out["requests"] == sum(out[op]["count"] for op in ("create", "get", "list"))
+    assert out["requests_per_s"] > 0
+    sse = out["sse"]
+    assert sse["batches"] > 0 and sse["lost"] == 0, sse
+    assert 0 < sse["median_ms"] <= sse["p99_ms"], sse
