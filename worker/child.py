@@ -33,11 +33,14 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.pool import NullPool
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from api.db import Database
 from api.live import LivePublisher
@@ -49,6 +52,8 @@ from sharp_core.launch import env_rank, torchrun_command, under_torchrun  # no t
 from sharp_core.spec import parse_spec
 
 log = logging.getLogger("worker.child")
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -76,6 +81,12 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, path)
+
+
+def _is_disconnect(e: BaseException) -> bool:
+    return isinstance(e, OperationalError | InterfaceError) or (
+        isinstance(e, DBAPIError) and e.connection_invalidated
+    )
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:
@@ -113,6 +124,20 @@ class Reporter:
         self.ppid = os.getppid()
         self.checkpoints: set[int] = set()
 
+    def _retrying(self, transaction: Callable[[], T]) -> T:
+        """Run one transaction, again while the database is unreachable (a Postgres restart
+        or failover takes seconds), for up to the heartbeat timeout: by then the reaper
+        would have given the job away and the fenced write is refused anyway. Without this,
+        a database blip kills the training process and costs the job an attempt."""
+        retrying = Retrying(
+            retry=retry_if_exception(_is_disconnect),
+            stop=stop_after_delay(self.settings.heartbeat_timeout_s),
+            wait=wait_exponential(multiplier=0.2, max=2.0),
+            before_sleep=lambda rs: log.warning("database unreachable, retrying: %s", rs.outcome),
+            reraise=True,
+        )
+        return retrying(transaction)
+
     # -- metrics ---------------------------------------------------------------------------
     def add_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self.buffer.setdefault(int(step), {}).update(_finite(metrics))
@@ -130,6 +155,13 @@ class Reporter:
         values: dict[str, Any] = {"step": batch[-1][0], "latest_metrics": dict(self.latest)}
         if "tokens_per_s" in self.latest:
             values["tokens_per_s"] = self.latest["tokens_per_s"]
+        if not self._retrying(lambda: self._write_batch(batch, values)):
+            self.fenced = True
+            return False
+        self.buffer.clear()
+        return True
+
+    def _write_batch(self, batch: list[tuple[int, dict[str, float]]], values: dict) -> bool:
         with self.db.session() as s:
             repo = JobRepository(s, self.live)
             seq = repo.update_fenced(
@@ -140,7 +172,6 @@ class Reporter:
                 events=1,
             )
             if seq is None:
-                self.fenced = True
                 return False
             MetricRepository(s).insert_ignore(
                 [
@@ -164,7 +195,6 @@ class Reporter:
                     "metrics": [{"step": step, "values": vals} for step, vals in batch],
                 },
             )
-        self.buffer.clear()
         return True
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -173,13 +203,21 @@ class Reporter:
         if self.fenced:
             return False
         metrics = _finite(manifest.get("metrics") or {})
+        if not self._retrying(lambda: self._write_checkpoint(step, path, manifest, metrics)):
+            self.fenced = True
+            return False
+        self.checkpoints.add(int(step))
+        return True
+
+    def _write_checkpoint(
+        self, step: int, path: Path, manifest: dict[str, Any], metrics: dict[str, float]
+    ) -> bool:
         with self.db.session() as s:
             repo = JobRepository(s, self.live)
             seq = repo.update_fenced(
                 self.job_id, statuses=ACTIVE_STATUSES, attempt=self.attempt, events=1
             )
             if seq is None:
-                self.fenced = True
                 return False
             CheckpointRepository(s).upsert(
                 job_id=self.job_id,
@@ -200,7 +238,6 @@ class Reporter:
                     "files": len(manifest.get("files", {})),
                 },
             )
-        self.checkpoints.add(int(step))
         return True
 
     def remove_checkpoint(self, step: int) -> None:
@@ -232,12 +269,16 @@ class Reporter:
             self.flush()
         if now - self.last_poll >= self.settings.cancel_poll_s:
             self.last_poll = now
-            with self.db.session() as s:
-                row = s.execute(
-                    select(Job.attempt, Job.status, Job.cancel_requested).where(
-                        Job.id == self.job_id
-                    )
-                ).one_or_none()
+
+            def poll() -> Any:
+                with self.db.session() as s:
+                    return s.execute(
+                        select(Job.attempt, Job.status, Job.cancel_requested).where(
+                            Job.id == self.job_id
+                        )
+                    ).one_or_none()
+
+            row = self._retrying(poll)
             if row is None or row.attempt != self.attempt or row.status not in ACTIVE_STATUSES:
                 self.fenced = True
             elif row.cancel_requested:
