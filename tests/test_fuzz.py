@@ -28,7 +28,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 
 from tests.conftest import TeamKey  # noqa: E402
 
-pytestmark = pytest.mark.service
+pytestmark = [pytest.mark.service, pytest.mark.slow]
 
 MAX_EXAMPLES = 15
 CHECKS = [
