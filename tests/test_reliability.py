@@ -24,6 +24,7 @@ from sqlalchemy import select
 from api.db import Database
 from api.models import Metric
 from api.settings import Settings
+from sharp_core.checkpoint import verify_manifest
 from tests.conftest import TeamKey, tiny_spec, wait_for
 from tests.test_service_recovery import Workers, _events, _job
 from worker.celery_app import make_celery
@@ -88,6 +89,21 @@ def metric_rows(db: Database, job_id: str) -> list[tuple[str, int, int]]:
 def attempt_logs(settings: Settings, team: TeamKey, job_id: str) -> list[str]:
     logs = job_dir(settings, team.team_id, job_id) / "logs"
     return sorted(p.name for p in logs.glob("attempt_*.log"))
+
+
+def assert_listed_checkpoints_verify(
+    api: httpx.Client, team: TeamKey, job_id: str, settings: Settings
+) -> list[int]:
+    """Item 10: every checkpoint the API lists verifies against its manifest on disk, and
+    the API's file list is the manifest's."""
+    listed = api.get(f"/v1/jobs/{job_id}/checkpoints", headers=team.headers).json()["data"]
+    out = job_dir(settings, team.team_id, job_id)
+    for ck in listed:
+        manifest = verify_manifest(out / f"step_{ck['step']:06d}")
+        assert {f["name"]: f["sha256"] for f in ck["files"]} == {
+            n: m["sha256"] for n, m in manifest["files"].items()
+        }
+    return [ck["step"] for ck in listed]
 
 
 def _wait_terminal(api: httpx.Client, team: TeamKey, job_id: str, workers: Workers) -> dict:
@@ -155,6 +171,12 @@ def test_sigkill_between_checkpoints_resumes_from_the_last_one(
         for m in d["metrics"]
     ]
     assert min(resumed) == every + 1, "attempt 2 did not resume from the step-20 checkpoint"
+
+    assert assert_listed_checkpoints_verify(api, team, job_id, settings) == [
+        every,
+        2 * every,
+        max_steps,
+    ]
 
     rows = metric_rows(db, job_id)
     keys = [(name, step) for name, step, _ in rows]

@@ -36,6 +36,7 @@ from tests.conftest import (
     tiny_spec,
     wait_for,
 )
+from tests.test_reliability import assert_listed_checkpoints_verify
 from worker.launcher import settings_env
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
@@ -298,5 +299,8 @@ def test_job_and_sse_client_survive_redis_postgres_and_api_restarts(
     seqs = [seq for seq, _, _ in follower.events]
     assert follower.connections >= 2, "the API restart should have broken the stream"
     assert seqs == log == list(range(1, len(log) + 1)), (seqs, log)
+    with httpx.Client(base_url=api_server.base, timeout=30) as http:
+        listed = assert_listed_checkpoints_verify(http, team, job_id, settings)
+    assert listed == [200, 300, 400]  # every 100 steps, the newest keep_checkpoints=3
     steps = [m["step"] for _, k, d in follower.events if k == "metrics" for m in d["metrics"]]
     assert sorted(set(steps)) == list(range(5, 401, 5)), steps
