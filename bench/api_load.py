@@ -124,6 +124,11 @@ def live_latency(base: str, key: str, settings: Any, corpus: str, stop: threadin
     written: dict[int, float] = {}
     arrived: dict[int, float] = {}
     try:
+        from api.models import utcnow
+        from api.repositories import JobRepository
+
+        with db.session() as s:  # admitted, as a scheduling pass would admit it for a worker
+            JobRepository(s).update_fenced(job_id, values={"admitted_at": utcnow()})
         claim = Supervisor(settings, db, live, lambda *_: None, worker_name="bench").claim(job_id)
         assert claim is not None
         with db.session() as s:
@@ -293,12 +298,17 @@ def measure(base: str, key: str, settings: Any, clients: int, duration: float) -
     corpus.write_text("hello world\n" * 100)
     stop = threading.Event()
     feed: list[float] = []
+    feed_errors: list[str] = []
     feeder = None
     if settings is not None:
-        feeder = threading.Thread(
-            target=lambda: feed.extend(live_latency(base, key, settings, str(corpus), stop)),
-            daemon=True,
-        )
+
+        def feed_loop() -> None:
+            try:
+                feed.extend(live_latency(base, key, settings, str(corpus), stop))
+            except Exception as e:  # noqa: BLE001 - reported as an error of the run
+                feed_errors.append(f"live feed: {type(e).__name__}: {e}")
+
+        feeder = threading.Thread(target=feed_loop, daemon=True)
         feeder.start()
     t0 = time.perf_counter()
     stats = asyncio.run(run_load(base, key, str(corpus), clients, duration))
@@ -306,6 +316,7 @@ def measure(base: str, key: str, settings: Any, clients: int, duration: float) -
     stop.set()
     if feeder is not None:
         feeder.join(60)
+    stats.errors += feed_errors
     n = sum(len(v) for v in stats.latencies.values())
     out: dict[str, Any] = {
         "clients": clients,

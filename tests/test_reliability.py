@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import select
 
 from api.db import Database
-from api.models import Metric
+from api.models import Checkpoint, Job, Metric
 from api.settings import Settings
 from sharp_core.checkpoint import verify_manifest
 from tests.conftest import TeamKey, tiny_spec, wait_for
@@ -135,21 +135,26 @@ def test_sigkill_between_checkpoints_resumes_from_the_last_one(
     )
     doomed = workers.start()
     job_id = api.post("/v1/jobs", json={"spec": spec}, headers=team.headers).json()["id"]
-    kill_at = random.Random().randint(every + 1, 2 * every - 3)
-    wait_for(
-        lambda: _job(api, team, job_id)["progress"]["step"] >= kill_at,
-        TIMEOUT,
-        interval=0.05,
-        what=f"step {kill_at}",
-    )
+    kill_at = random.Random().randint(every + 1, every + every // 2)
+
+    def step() -> int:
+        with db.session() as s:
+            return s.scalar(select(Job.step).where(Job.id == job_id)) or 0
+
+    wait_for(lambda: step() >= kill_at, TIMEOUT, interval=0.01, what=f"step {kill_at}")
     children = training_pids(job_id)
     assert len(children) == 1, children
+    # Freeze it first (the reported step lags the real one by a metrics flush), check that
+    # no second checkpoint exists yet, then kill everything.
+    os.kill(children[0], signal.SIGSTOP)
+    with db.session() as s:
+        saved = list(s.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job_id)))
+    killed_at = step()
     for pid in (*children, doomed.pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     doomed.wait(10)
-    killed_at = _job(api, team, job_id)["progress"]["step"]
-    assert every < killed_at < 2 * every, f"killed at step {killed_at}, not between checkpoints"
+    assert saved == [every] and every < killed_at < 2 * every, (saved, killed_at)
 
     workers.start()  # its reaper finds the stale heartbeat; it then runs attempt 2
     job = _wait_terminal(api, team, job_id, workers)
