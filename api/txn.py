@@ -14,11 +14,12 @@ import logging
 from collections.abc import Callable
 
 from sqlalchemy import event
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 log = logging.getLogger(__name__)
 
 _KEY = "sharp_after_commit"
+_READY = "sharp_after_commit_ready"
 
 
 def after_commit(session: Session, fn: Callable[[], object]) -> None:
@@ -26,8 +27,20 @@ def after_commit(session: Session, fn: Callable[[], object]) -> None:
 
 
 @event.listens_for(Session, "after_commit")
-def _run_after_commit(session: Session) -> None:
-    for fn in session.info.pop(_KEY, []):
+def _on_commit(session: Session) -> None:
+    # Committed, but the session still holds its connection here; run the callables once it
+    # is back in the pool (below). A callable that opens a session of its own (a scheduling
+    # pass) would otherwise need a second connection per request, and with as many requests
+    # as the pool has connections every one of them waits for a second that never comes
+    # (until pool_timeout): issue 4's load test hung POST /v1/jobs for 30 s that way.
+    session.info.setdefault(_READY, []).extend(session.info.pop(_KEY, []))
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _run_after_commit(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is not None:  # a savepoint, not the request's transaction
+        return
+    for fn in session.info.pop(_READY, []):
         try:
             fn()
         except Exception:  # noqa: BLE001 - see module docstring

@@ -365,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with production_stack(args.uvicorn_workers) as (base, key, settings):
             result = measure(base, key, settings, args.clients, args.duration)
+            if result["errors"]:  # the server's side of the story, before its folder goes
+                server_log = Path(settings.artifact_root).parent / "uvicorn.log"
+                result["server_log_tail"] = server_log.read_text(errors="replace")[-3000:]
         result["stack"] = {
             "uvicorn_workers": args.uvicorn_workers,
             "database": "postgres",
@@ -390,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         for e in result["error_samples"]:
             print(f"  error: {e}")
+        if result.get("server_log_tail"):
+            print("  server log (tail):\n" + result["server_log_tail"])
     return 0 if result["errors"] == 0 else 1
 
 
