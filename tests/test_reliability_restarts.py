@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 from httpx_sse import connect_sse
 
@@ -32,6 +33,7 @@ from tests.conftest import (
     _pg_bindir,
     _redis_reachable,
     free_port,
+    libpq_url,
     stop_process,
     tiny_spec,
     wait_for,
@@ -42,6 +44,8 @@ from worker.launcher import settings_env
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
 TIMEOUT = 300
+#: Long enough to outlast three restarts on an idle machine (a tiny model trains ~30 steps/s).
+MAX_STEPS = 800
 
 
 # ------------------------------------------------------------------------------ servers
@@ -239,7 +243,12 @@ def test_job_and_sse_client_survive_redis_postgres_and_api_restarts(
     api_server: Api, private_redis: PrivateRedis, private_pg, team, corpus, worker, settings
 ) -> None:
     spec = tiny_spec(
-        corpus, max_steps=400, name="restarts", log_every=5, eval_every=0, checkpoint_every=100
+        corpus,
+        max_steps=MAX_STEPS,
+        name="restarts",
+        log_every=5,
+        eval_every=0,
+        checkpoint_every=200,
     )
     with httpx.Client(base_url=api_server.base, headers=team.headers, timeout=30) as http:
         created = http.post("/v1/jobs", json={"spec": spec})
@@ -257,13 +266,25 @@ def test_job_and_sse_client_survive_redis_postgres_and_api_restarts(
 
     def advance(by: int) -> int:
         start = job()["progress"]["step"]
-        wait_for(
-            lambda: job()["progress"]["step"] >= start + by,
-            TIMEOUT,
-            interval=0.1,
-            what=f"training past step {start + by}",
-        )
+        try:
+            wait_for(
+                lambda: job()["progress"]["step"] >= start + by,
+                TIMEOUT,
+                interval=0.1,
+                what=f"training past step {start + by}",
+            )
+        except TimeoutError:
+            raise AssertionError(f"training stalled at step {start}:\n{diagnose()}") from None
         return job()["progress"]["step"]
+
+    def diagnose() -> str:
+        """What each database session is doing or waiting for, and the worker's log."""
+        with psycopg.connect(libpq_url(private_pg.url)) as conn:
+            rows = conn.execute(
+                "SELECT pid, datname, state, wait_event_type, wait_event, xact_start, left(query, 120) "
+                "FROM pg_stat_activity WHERE backend_type = 'client backend'"
+            ).fetchall()
+        return "\n".join(map(str, rows)) + "\n" + worker.read_text(errors="replace")[-3000:]
 
     follower = Follower(api_server.base, team, job_id)
     follower.start()
@@ -301,6 +322,6 @@ def test_job_and_sse_client_survive_redis_postgres_and_api_restarts(
     assert seqs == log == list(range(1, len(log) + 1)), (seqs, log)
     with httpx.Client(base_url=api_server.base, timeout=30) as http:
         listed = assert_listed_checkpoints_verify(http, team, job_id, settings)
-    assert listed == [200, 300, 400]  # every 100 steps, the newest keep_checkpoints=3
+    assert listed == [400, 600, 800]  # every 200 steps, the newest keep_checkpoints=3
     steps = [m["step"] for _, k, d in follower.events if k == "metrics" for m in d["metrics"]]
-    assert sorted(set(steps)) == list(range(5, 401, 5)), steps
+    assert sorted(set(steps)) == list(range(5, MAX_STEPS + 1, 5)), steps
