@@ -271,12 +271,13 @@ class JobService:
             )
 
     def _schedule_after_commit(self) -> None:
-        """A scheduling pass once this request's changes are visible to other processes."""
+        """A scheduling pass once this request's changes are visible to other processes;
+        skipped if another pass is running (see `scheduler.admit`)."""
         factory = sessionmaker(bind=self.session.get_bind(), expire_on_commit=False)
         dispatch, timeout = self.dispatch, self.settings.heartbeat_timeout_s
         after_commit(
             self.session,
-            lambda: scheduler.run_pass(factory, dispatch, heartbeat_timeout_s=timeout),
+            lambda: scheduler.run_pass(factory, dispatch, heartbeat_timeout_s=timeout, wait=False),
         )
 
     # -- responses -------------------------------------------------------------------------

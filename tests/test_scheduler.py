@@ -317,6 +317,28 @@ def test_a_second_pass_waits_for_the_first_and_sees_its_admissions(db: Database)
     assert _info(db)["urgent"].position == 1  # it goes first once a slot frees
 
 
+def test_a_submission_pass_skips_while_another_pass_runs(db: Database) -> None:
+    """`wait=False` (what a submission triggers) returns at once, admitting nothing, while
+    another pass holds the lock — a burst of POSTs must not queue up behind it — and the
+    next pass, once the lock is free, admits as usual."""
+    pool = _pool()
+    team = _team(db, "skip")
+    _workers(db, pool, 2)
+    for i in range(3):
+        _job(db, team, pool, label=f"s{i}", age=i)
+    holder = db.sessionmaker()
+    try:
+        assert scheduler.lock(holder)  # a pass in progress
+        factory = db.sessionmaker
+        assert scheduler.run_pass(factory, None, heartbeat_timeout_s=TIMEOUT, wait=False) == []
+        assert _admitted(db, pool) == 0
+    finally:
+        holder.rollback()
+        holder.close()
+    done = scheduler.run_pass(db.sessionmaker, None, heartbeat_timeout_s=TIMEOUT, wait=False)
+    assert len(done) == 2 and _admitted(db, pool) == 2
+
+
 def test_many_concurrent_passes_never_over_admit(db: Database) -> None:
     pool = _pool()
     teams = [_team(db, f"t{i}") for i in range(3)]
