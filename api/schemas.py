@@ -19,7 +19,7 @@ EXAMPLE_SPEC: dict[str, Any] = {
     "teacher": {"model": "facebook/opt-1.3b"},
     "student": {"model": "facebook/opt-125m", "init": "pretrained"},
     "dataset": {"source": "upload", "upload_id": "upl_01J8Z3Q4W5E6R7T8Y9U0I1O2P3"},
-    "method": {"name": "sharp", "kd_weight": 0.5, "rank": 32},
+    "method": {"name": "sharp", "kd_weight": 0.9, "rank": 32},
     "training": {"max_steps": 2000, "batch_size": 8, "seq_len": 512, "lr": 5e-4},
     "resources": {"queue": "default"},
 }

@@ -11,7 +11,7 @@ the same random batch:
 * ``ce``    student cross-entropy only (the trainer's ``sft`` path).
 * ``kd``    teacher forward under inference mode + student forward/backward,
             (1−a)·CE + a·forward KL in one fused pass (`losses.logit_objective`; the trainer's
-            ``kd`` path, a = 0.5). Every ratio is relative to this step.
+            ``kd`` path, a = 0.9). Every ratio is relative to this step.
 * ``sharp`` the full SHARP step with the default ``MethodSpec`` (q/k captured inside SDPA by
             ``AttentionCapture``; ``AttentionObjective`` with P·Q from one SDPA call per layer,
             ``method.projection="sdpa"``).
@@ -145,7 +145,7 @@ STEP_DESCRIPTIONS = {
 }
 
 #: Weight a of the logit divergence in every step with a teacher (MethodSpec's default).
-KD_WEIGHT = 0.5
+KD_WEIGHT = 0.9
 #: The trainer's default gradient clipping (TrainingSpec.grad_clip).
 GRAD_CLIP = 1.0
 

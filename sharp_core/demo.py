@@ -73,7 +73,7 @@ def student_spec(
         "dataset": _dataset(corpus),
         "method": {
             "name": "sharp",
-            "kd_weight": 0.5,
+            "kd_weight": 0.9,
             "rank": 32,
             "granularities": {"layer": 0.1, "head": 0.1, "token": 0.1},
         },

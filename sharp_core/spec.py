@@ -194,7 +194,12 @@ class MethodSpec(_Strict):
     ) = Field(
         default=None, description="Default: the method's own (kd→forward_kl, rkl→reverse_kl…)."
     )
-    kd_weight: float = Field(default=0.5, ge=0.0, le=1.0, description="a in the objective.")
+    kd_weight: float = Field(
+        default=0.9,
+        ge=0.0,
+        le=1.0,
+        description="a in the objective; 0.9 from the variant search (docs/results.md).",
+    )
     temperature: float = Field(default=1.0, gt=0.0, le=100.0)
     skew_alpha: float = Field(default=0.1, ge=0.0, le=1.0, description="DistiLLM's α.")
     jsd_beta: float = Field(default=0.5, ge=0.0, le=1.0, description="GKD's β.")
