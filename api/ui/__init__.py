@@ -146,6 +146,7 @@ def parse_spec_text(text: str) -> ParsedSpec:
     response_model=ParsedSpec,
     tags=["dashboard"],
     responses={
+        400: {"model": ErrorResponse, "description": "The request body is not valid JSON."},
         401: {"model": ErrorResponse, "description": "Missing, malformed or revoked API key."},
         422: {"model": ErrorResponse, "description": "Not YAML/JSON, or not a mapping."},
     },
