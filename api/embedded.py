@@ -545,21 +545,11 @@ class EmbeddedStack:
         self.log(f"worker (pid {child.proc.pid}, pool {self.settings.pool})")
 
     def _start_api(self) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "api.app:create_app",
-            "--host",
-            self.host,
-            "--port",
-            str(self.port),
-            "--log-level",
-            "info",
-            "--timeout-graceful-shutdown",
-            "5",
-        ]
+        from worker.launcher import api_command
+
+        cmd = api_command(
+            self.host, self.port, loglevel="info", extra_args=["--timeout-graceful-shutdown", "5"]
+        )
         child = self._spawn("api", cmd, self._env(), stop_timeout_s=15)
         self.log(f"api (pid {child.proc.pid}) on {self.url}")
 

@@ -195,7 +195,7 @@ def production_stack(uvicorn_workers: int) -> Iterator[tuple[str, str, Any]]:
     from api.db import Database
     from api.migrate import upgrade
     from api.settings import Settings
-    from worker.launcher import settings_env
+    from worker.launcher import api_command, settings_env
 
     admin_url = os.environ.get("SHARP_BENCH_DATABASE_URL", PG_DEFAULT)
     redis_url = os.environ.get("SHARP_BENCH_REDIS_URL", REDIS_DEFAULT)
@@ -224,22 +224,7 @@ def production_stack(uvicorn_workers: int) -> Iterator[tuple[str, str, Any]]:
         port = free_port()
         log = (tmp / "uvicorn.log").open("wb")
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "api.app:create_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                str(uvicorn_workers),
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
+            api_command("127.0.0.1", port, workers=uvicorn_workers, extra_args=["--no-access-log"]),
             cwd=ROOT,
             env={**os.environ, **settings_env(settings)},
             stdout=log,

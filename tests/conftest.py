@@ -26,7 +26,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -43,7 +42,7 @@ from api.admin import create_key, create_team
 from api.db import Database
 from api.migrate import upgrade
 from api.settings import Settings
-from worker.launcher import settings_env, start_worker
+from worker.launcher import api_command, settings_env, start_worker
 
 PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REDIS_DEFAULT = "redis://127.0.0.1:6379/0"
@@ -406,19 +405,7 @@ def live_server(settings: Settings, tmp_path_factory: pytest.TempPathFactory) ->
     env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"}
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "api.app:create_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-            ],
+            api_command("127.0.0.1", port),
             cwd=ROOT,
             env=env,
             stdout=out,

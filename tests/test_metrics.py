@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +27,7 @@ from api.metrics import StatsQueries
 from api.models import Job, Metric
 from api.settings import Settings
 from tests.conftest import ROOT, TeamKey, free_port, stop_process, tiny_spec, wait_for
-from worker.launcher import settings_env
+from worker.launcher import api_command, settings_env
 
 pytestmark = pytest.mark.service
 
@@ -213,21 +212,7 @@ def two_process_server(settings: Settings, tmp_path: Path) -> Iterator[str]:
     }
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "api.app:create_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "2",
-                "--log-level",
-                "warning",
-            ],
+            api_command("127.0.0.1", port, workers=2),
             cwd=ROOT,
             env=env,
             stdout=out,

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -39,7 +38,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.test_reliability import assert_listed_checkpoints_verify
-from worker.launcher import settings_env
+from worker.launcher import api_command, settings_env
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -145,19 +144,7 @@ class Api:
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "--factory",
-                    "api.app:create_app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--log-level",
-                    "warning",
-                ],
+                api_command("127.0.0.1", self.port),
                 cwd=ROOT,
                 env=self.env,
                 stdout=out,

@@ -62,6 +62,32 @@ def worker_command(
     ]
 
 
+def api_command(
+    host: str,
+    port: int,
+    *,
+    workers: int = 1,
+    loglevel: str = "warning",
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """The API under uvicorn (`sharp up`, tests, the load benchmark): one command line, so
+    every place that starts the API runs the same app factory the same way."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "api.app:create_app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    if workers != 1:
+        cmd += ["--workers", str(workers)]
+    return [*cmd, "--log-level", loglevel, *extra_args]
+
+
 def start_worker(
     settings: Settings,
     *,
