@@ -1,4 +1,4 @@
-"""Tests of the step benchmark's machinery (bench/step.py), not of its timings.
+"""Tests of the step benchmark's machinery (bench/step/), not of its timings.
 
 Why no timing thresholds: a benchmark's numbers depend on the machine and its load; a test
 asserting them would be flaky on a shared CPU and meaningless across cards. The figures are
@@ -22,7 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import core_api
 from bench import step as bench_step
+from bench.step.models import Workload
+from bench.step.runners import MicroStepRunner, make_runner
 from sharp_core import losses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,10 +167,11 @@ def test_unknown_step_is_a_usage_error(capsys) -> None:
     assert "nope" in err and "sharp_chunked" in err  # names the choices
 
 
-def test_separate_logit_losses_restores_the_fused_function_on_error() -> None:
+def test_substituted_logit_loss_restores_the_fused_function_on_error() -> None:
     fused = losses.logit_objective
-    with pytest.raises(RuntimeError, match="boom"), bench_step.separate_logit_losses():
-        assert losses.logit_objective is bench_step.separate_logit_objective
+    separate = bench_step.separate_logit_objective
+    with pytest.raises(RuntimeError, match="boom"), core_api.substituted_logit_loss(separate):
+        assert losses.logit_objective is separate
         raise RuntimeError("boom")
     assert losses.logit_objective is fused
 
@@ -177,15 +181,12 @@ def test_compiled_steps_compile_both_models_and_nothing_else() -> None:
 
     Built, not run: the uncompiled steps of the same run keep calling the plain modules.
     """
-    preset = bench_step.PRESETS["micro"]
-    dev = torch.device("cpu")
-    teacher, student = bench_step.build_models(preset, dev)
-    opt = bench_step.make_optimizer(student, dev)
-    x = torch.zeros(preset.batch, preset.seq_len, dtype=torch.long)
+    w = Workload.build(bench_step.PRESETS["micro"], torch.device("cpu"), compile_=False)
+    teacher, student = w.teacher, w.student
 
-    def make(name: str) -> bench_step.MicroStepRunner:
-        r = bench_step._make_runner(name, preset, teacher, student, opt, x, dev, False)
-        assert isinstance(r, bench_step.MicroStepRunner)
+    def make(name: str) -> MicroStepRunner:
+        r = make_runner(name, w)
+        assert isinstance(r, MicroStepRunner)
         return r
 
     for name, method in (("kd_compiled", "kd"), ("sharp_compiled", "sharp")):
