@@ -99,8 +99,7 @@ def micro_step(
         )
 
 
-@contextlib.contextmanager
-def substituted_logit_loss(fn: LogitLoss) -> Iterator[None]:
+def substituted_logit_loss(fn: LogitLoss) -> contextlib.AbstractContextManager[None]:
     """`losses.logit_objective` replaced by ``fn`` for the duration of one step.
 
     Why a substitution rather than a copy of the old step: `_micro_step` looks the function
@@ -108,12 +107,18 @@ def substituted_logit_loss(fn: LogitLoss) -> Iterator[None]:
     trainer's very step (same forwards, slicing, capture, teacher under inference mode) with
     only the logit loss changed. The attribute is restored on exit, also on error.
     """
-    fused = losses.logit_objective
-    losses.logit_objective = fn  # type: ignore[assignment]
+    return _swapped(losses, "logit_objective", fn)
+
+
+@contextlib.contextmanager
+def _swapped(owner: Any, attr: str, value: Any) -> Iterator[None]:
+    """``owner.attr`` set to ``value`` while the block runs, restored on exit (also on error)."""
+    before = getattr(owner, attr)
+    setattr(owner, attr, value)
     try:
         yield
     finally:
-        losses.logit_objective = fused  # type: ignore[assignment]
+        setattr(owner, attr, before)
 
 
 def flops_per_token(student: nn.Module, teacher: nn.Module | None) -> float:
@@ -169,18 +174,12 @@ def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
     return _sharp.layer_map(student_layers, teacher_layers)
 
 
-@contextlib.contextmanager
-def set_projection(objective: nn.Module, how: str) -> Iterator[None]:
+def set_projection(objective: nn.Module, how: str) -> contextlib.AbstractContextManager[None]:
     """The objective's P·Q path switched to ``how`` ("sdpa" / "chunked") for a while.
 
     The objective reads ``projection`` at every call: the same switch a spec's
     ``method.projection`` makes, with no patching of sharp_core."""
-    before = objective.projection
-    objective.projection = how  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        objective.projection = before  # type: ignore[assignment]
+    return _swapped(objective, "projection", how)
 
 
 def project_both(objective: nn.Module, layer: CapturedLayer, n: int) -> tuple[Tensor, Tensor]:
