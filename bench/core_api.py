@@ -16,7 +16,8 @@ What switches once the sharp_core refactor (issue 13) lands:
   the refactor gives `trainer._peak_flops`.
 * `make_setup` → `Setup(...)` with its new ``logit_loss`` field.
 * `attention_objective`, `set_projection`, `project_both`, `layer_map` → the attention
-  objectives' factory and classes in `sharp_core.sharp`.
+  objectives' factory and classes in `sharp_core.sharp` (bench/ otherwise only calls an
+  objective as the trainer does: ``objective(student_layers, teacher_layers, valid)``).
 * `logit_objective`, `cross_entropy`, `divergence` → the losses registry (``{name: loss}``).
 * `PROFILED` → the functions' new names (the labels, which tests/test_bench.py reads, stay).
 
@@ -39,7 +40,8 @@ from torch import Tensor, nn
 from sharp_core import losses
 from sharp_core import sharp as _sharp
 from sharp_core import trainer as _trainer
-from sharp_core.capture import CapturedLayer
+from sharp_core.capture import AttentionCapture, CapturedLayer
+from sharp_core.models import model_shape
 from sharp_core.spec import JobSpec, MethodSpec
 
 #: The signature of `losses.logit_objective`: (name, student_logits, teacher_logits, labels,
@@ -157,16 +159,20 @@ def attention_objective(
     teacher: nn.Module,
     seq_len: int,
     device: torch.device,
-) -> nn.Module:
-    """The trainer's attention objective for ``method`` on these two models."""
-    from sharp_core.models import model_shape
-
-    return _sharp.AttentionObjective(
+) -> tuple[nn.Module, AttentionCapture, AttentionCapture]:
+    """The trainer's attention objective for ``method`` on these two models, and the two
+    captures of the layers it reads (which switch both models to the capturing attention)."""
+    objective = _sharp.AttentionObjective(
         method,
         student_shape=model_shape(student),
         teacher_shape=model_shape(teacher),
         seq_len=seq_len,
     ).to(device)
+    return (
+        objective,
+        AttentionCapture(student, objective.student_layers),
+        AttentionCapture(teacher, objective.teacher_layers),
+    )
 
 
 def layer_map(student_layers: int, teacher_layers: int) -> list[int]:

@@ -15,7 +15,7 @@ from torch import Tensor
 from bench import core_api
 from bench.step.models import Workload, job_spec, maybe_compile
 from bench.step.runners.base import Runner
-from sharp_core.capture import ATTN_IMPLEMENTATION, AttentionCapture
+from sharp_core.capture import ATTN_IMPLEMENTATION
 
 
 def separate_logit_objective(
@@ -91,12 +91,10 @@ class MicroStepRunner(Runner):
         spec = job_spec(w.preset, variant.method, compile_, variant.projection)
         objective = s_cap = t_cap = None
         if spec.method.uses_attention:
-            objective = core_api.attention_objective(
+            # the captures switch both models to the "sharp_capture" attention (SDPA + record)
+            objective, s_cap, t_cap = core_api.attention_objective(
                 spec.method, w.student, w.teacher, w.preset.seq_len, w.device
             )
-            # Switches both models to the "sharp_capture" attention (SDPA + record).
-            s_cap = AttentionCapture(w.student, objective.student_layers)
-            t_cap = AttentionCapture(w.teacher, objective.teacher_layers)
             self.impl = ATTN_IMPLEMENTATION
         self.S = core_api.make_setup(
             spec,
