@@ -38,7 +38,6 @@ def _cpu_seconds() -> float:
 
 
 def _make_callbacks(log_path: Path, patience: int | None = None) -> Any:
-
     class MetricsLog(TrainCallbacks):
         """Appends every metrics record to a JSONL file (survives an interrupted cell).
 
@@ -138,12 +137,6 @@ def _rel(path: Path, run_dir: Path) -> str:
         return str(p)
 
 
-def _ppl(model_dir: Path, data: Path, seq_len: int, device: str | None) -> dict[str, float]:
-
-    loss, tokens = perplexity(model_dir, data, seq_len=seq_len, device=device)
-    return {"loss": loss, "ppl": math.exp(loss), "tokens": tokens}
-
-
 @dataclass
 class RunContext:
     preset: Preset
@@ -152,15 +145,34 @@ class RunContext:
     device: str | None
     log: Any = print
 
+    def ppl(self, model_dir: Path, split: str) -> dict[str, float]:
+        """The model's loss, perplexity and token count on ``split``.txt of the run."""
+        loss, tokens = perplexity(
+            model_dir,
+            self.run_dir / f"{split}.txt",
+            seq_len=self.preset.seq_len,
+            device=self.device,
+        )
+        return {"loss": loss, "ppl": math.exp(loss), "tokens": tokens}
+
+    def perplexities(self, model_dir: Path) -> dict[str, dict[str, float]]:
+        """val always; test only when the run reports it (tuning never sees the test file)."""
+        splits = ("val", "test") if self.split == "test" else ("val",)
+        return {s: self.ppl(model_dir, s) for s in splits}
+
+    def add_split(self, res: dict[str, Any], model_dir: Path, res_path: Path) -> None:
+        """A finished result measured on this run's split if it was not (test after tuning)."""
+        if self.split not in res["ppl"]:
+            res["ppl"][self.split] = self.ppl(model_dir, self.split)
+            atomic_write(res_path, json.dumps(res, indent=1))
+
 
 def run_cell(
     ctx: RunContext, name: str, seed: int, spec_dict: dict[str, Any]
 ) -> tuple[dict[str, Any], bool]:
     """Train (or resume, or skip) one cell; returns (result, skipped)."""
-
     cdir = ctx.run_dir / "cells" / name / f"seed{seed}"
     res_path = cdir / "result.json"
-    seq = ctx.preset.seq_len
     if res_path.is_file():
         res = json.loads(res_path.read_text())
         if _comparable(res["spec"]) != _comparable(spec_dict):
@@ -168,11 +180,7 @@ def run_cell(
                 f"{res_path} was trained from a different spec than this run would use "
                 "(changed preset, --sharp-set or defaults?): use another --out"
             )
-        if ctx.split not in res["ppl"]:  # e.g. test asked for after tuning
-            res["ppl"][ctx.split] = _ppl(
-                cdir / res["checkpoint"], ctx.run_dir / f"{ctx.split}.txt", seq, ctx.device
-            )
-            atomic_write(res_path, json.dumps(res, indent=1))
+        ctx.add_split(res, cdir / res["checkpoint"], res_path)
         return res, True
     cdir.mkdir(parents=True, exist_ok=True)
     (cdir / "spec.json").write_text(json.dumps(spec_dict, indent=1))
@@ -187,16 +195,13 @@ def run_cell(
     if result.status != "completed" or result.checkpoint is None:
         raise RuntimeError(f"cell {name}/seed{seed} did not complete ({result.status})")
     ckpt = result.checkpoint
-    ppl = {"val": _ppl(ckpt, ctx.run_dir / "val.txt", seq, ctx.device)}
-    if ctx.split == "test":
-        ppl["test"] = _ppl(ckpt, ctx.run_dir / "test.txt", seq, ctx.device)
     res = {
         "method": name,
         "seed": seed,
         "spec": spec_dict,
         "steps": result.step,
         "checkpoint": str(ckpt.relative_to(cdir)),
-        "ppl": ppl,
+        "ppl": ctx.perplexities(ckpt),
         **summarise_metrics(read_metrics(cdir / "metrics.jsonl"), result.step),
         "final_eval_loss": result.metrics.get("eval_loss"),
         "train_wall_s": train_s,  # this process only: a resumed cell counts its last part
@@ -209,7 +214,6 @@ def run_cell(
 
 
 def _best_checkpoint(run: Path, by_step: dict[int, dict[str, float]]) -> tuple[Path, int]:
-
     ckpts = dict(list_checkpoints(run))
     evals = {s: m["eval_loss"] for s, m in by_step.items() if "eval_loss" in m and s in ckpts}
     step = min(evals, key=lambda s: (evals[s], s)) if evals else max(ckpts)
@@ -220,17 +224,12 @@ def prepare_teacher(ctx: RunContext, teacher: str | None) -> dict[str, Any]:
     """Train the run's teacher (or take `teacher`), and its perplexities. Resumable."""
     tdir = ctx.run_dir / "teacher"
     res_path = tdir / "result.json"
-    seq = ctx.preset.seq_len
     res: dict[str, Any]
     if res_path.is_file():
         res = json.loads(res_path.read_text())
         if teacher is not None and res.get("source") != str(Path(teacher).resolve()):
             raise ValueError(f"{ctx.run_dir} was run with another teacher: use another --out")
-        if ctx.split not in res["ppl"]:
-            res["ppl"][ctx.split] = _ppl(
-                ctx.run_dir / res["path"], ctx.run_dir / f"{ctx.split}.txt", seq, ctx.device
-            )
-            atomic_write(res_path, json.dumps(res, indent=1))
+        ctx.add_split(res, ctx.run_dir / res["path"], res_path)
         return res
     tdir.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.perf_counter(), _cpu_seconds()
@@ -259,9 +258,7 @@ def prepare_teacher(ctx: RunContext, teacher: str | None) -> dict[str, Any]:
             ],
         }
     # res["path"]: relative to the run folder when inside it (a moved folder still works)
-    res["ppl"] = {"val": _ppl(path, ctx.run_dir / "val.txt", seq, ctx.device)}
-    if ctx.split == "test":
-        res["ppl"]["test"] = _ppl(path, ctx.run_dir / "test.txt", seq, ctx.device)
+    res["ppl"] = ctx.perplexities(path)
     res["wall_s"] = time.perf_counter() - t0
     res["cpu_s"] = _cpu_seconds() - c0
     atomic_write(res_path, json.dumps(res, indent=1))
