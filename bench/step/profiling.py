@@ -31,17 +31,18 @@ def _instrumented(runner: Runner) -> Iterator[None]:
     def label_range(label: str) -> Any:
         return record_function(f"{phase[0]}:{label}")
 
-    objective = runner.S.objective if isinstance(runner, MicroStepRunner) else None
-    logit_loss = runner.logit_loss if isinstance(runner, MicroStepRunner) else None
-    if logit_loss is not None:
-        label = runner.logit_loss_label  # type: ignore[union-attr]
+    micro = runner if isinstance(runner, MicroStepRunner) else None
+    objective = micro.S.objective if micro is not None else None
+    logit_loss = micro.logit_loss if micro is not None else None
+    if micro is not None and logit_loss is not None:
+        label = micro.logit_loss_label
 
         @functools.wraps(logit_loss)
         def labelled(*args: Any, **kwargs: Any) -> Any:
             with label_range(label):
                 return logit_loss(*args, **kwargs)
 
-        runner.logit_loss = labelled  # type: ignore[union-attr]
+        micro.logit_loss = labelled
 
     stack: list[Any] = []
     handles = []
@@ -75,8 +76,8 @@ def _instrumented(runner: Runner) -> Iterator[None]:
         del runner.forward, runner.backward, runner.optimizer_step
         for h in handles:
             h.remove()
-        if logit_loss is not None:
-            runner.logit_loss = logit_loss  # type: ignore[union-attr]
+        if micro is not None:
+            micro.logit_loss = logit_loss
 
 
 def profile_step(runner: Runner, steps: int = 3) -> dict[str, float]:
