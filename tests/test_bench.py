@@ -198,3 +198,62 @@ def test_compiled_steps_compile_both_models_and_nothing_else() -> None:
     plain_kd = make("kd")
     assert plain_kd.S.student is student and plain_kd.S.teacher is teacher
     assert not plain_kd.S.spec.training.compile
+
+
+#: sharp_core modules and names bench/ may import outside `bench.core_api` (issue 13): the
+#: stable public surface. Anything private, or about to change, goes through the adapter.
+_STABLE = {
+    "sharp_core.spec": None,  # any public name
+    "sharp_core.models": None,
+    "sharp_core.capture": None,
+    "sharp_core.data": None,
+    "sharp_core.evaluate": {"perplexity"},
+    "sharp_core.checkpoint": {"list_checkpoints"},
+    "sharp_core.trainer": {"train", "TrainCallbacks"},
+}
+
+
+def _bench_imports() -> dict[str, list[tuple[str, str]]]:
+    """bench module (dotted) → [(imported module, imported name or "")]."""
+    import ast
+
+    out: dict[str, list[tuple[str, str]]] = {}
+    for path in sorted((ROOT / "bench").rglob("*.py")):
+        mod = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        found: list[tuple[str, str]] = []
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found += [(node.module, a.name) for a in node.names]
+            elif isinstance(node, ast.Import):
+                found += [(a.name, "") for a in node.names]
+        out[mod] = found
+    return out
+
+
+def test_bench_reaches_sharp_core_through_public_names_or_core_api_only() -> None:
+    imports = _bench_imports()
+    assert ("sharp_core", "trainer") in imports["bench.core_api"]  # the adapter is seen
+    bad = []
+    for mod, found in imports.items():
+        if mod in ("bench.core_api", "bench.api_load"):  # api_load: the service, not sharp_core
+            continue
+        for module, name in found:
+            if not module.startswith("sharp_core"):
+                continue
+            allowed = _STABLE.get(module, set())
+            if module not in _STABLE or name.startswith("_") or (allowed and name not in allowed):
+                bad.append(f"{mod}: from {module} import {name}")
+    assert bad == []
+
+
+def test_bench_imports_run_downwards() -> None:
+    """The shared bottom (core_api, configs, machine) imports no benchmark, and the two
+    benchmarks do not import each other."""
+    imports = _bench_imports()
+    for mod, found in imports.items():
+        targets = {m for m, _ in found if m.startswith("bench")}
+        if mod in ("bench.core_api", "bench.configs", "bench.machine"):
+            assert targets <= {"bench.configs", "bench.machine", "bench.core_api"}, mod
+        for a, b in (("bench.step", "bench.quality"), ("bench.quality", "bench.step")):
+            if mod == a or mod.startswith(a + "."):
+                assert not any(t == b or t.startswith(b + ".") for t in targets), mod
