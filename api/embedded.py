@@ -502,9 +502,11 @@ class EmbeddedStack:
             self.log(f"{child.name} (pid {child.proc.pid}) {how}")
             self.log(self.tail(child, 15))
             # What it left behind: the rest of its process group, and (the worker) its
-            # training process, which stops at its next step and saves a checkpoint.
+            # training process, which stops at its next step and saves a checkpoint; it gets
+            # the grace the worker itself would give it.
             self._stop_child(child)
-            self._sweep_orphans()
+            grace = self.settings.kill_grace_s if self.settings is not None else 10.0
+            self._sweep_orphans(max(10.0, grace))
             if delay is None:
                 p = self.restart_policy
                 self.gave_up = (
@@ -523,7 +525,12 @@ class EmbeddedStack:
         for name, (dead, due) in list(self._pending.items()):
             if self.clock() >= due:
                 del self._pending[name]
-                new = self._restart(dead)
+                try:
+                    new = self._restart(dead)
+                except OSError as e:  # the executable or the working directory is gone
+                    self.gave_up = f"{name} could not be restarted ({e}); giving up"
+                    self.log(self.gave_up)
+                    return False
                 self.log(f"{name} restarted (pid {new.proc.pid})")
         return True
 
@@ -776,8 +783,9 @@ class EmbeddedStack:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
 
-    def _sweep_orphans(self) -> None:
-        """Stop descendants re-parented to us (we are subreaper) after their parent died."""
+    def _sweep_orphans(self, grace_s: float = 10.0) -> None:
+        """Stop descendants re-parented to us (we are subreaper) after their parent died:
+        SIGTERM, then SIGKILL after `grace_s`."""
         if not _subreaper:
             return
         known = {c.proc.pid for c in self.children}
@@ -787,7 +795,7 @@ class EmbeddedStack:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         for pid in orphans:
-            if not _wait_pid_gone_reaping(pid, 10):
+            if not _wait_pid_gone_reaping(pid, grace_s):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 _wait_pid_gone_reaping(pid, 5)

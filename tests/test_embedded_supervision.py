@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -151,8 +152,6 @@ def test_supervise_restarts_a_killed_child_in_place_and_gives_up_when_it_keeps_d
 
 def test_wait_returns_1_when_a_child_dies_too_often(tmp_path: Path) -> None:
     """With a policy of one death, `wait` behaves as before: the first death ends it."""
-    import threading
-
     stack = EmbeddedStack(
         tmp_path / "var",
         base_settings=Settings(),
@@ -316,3 +315,26 @@ def test_sharp_up_restarts_a_killed_worker_and_redis_and_the_jobs_finish(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+def test_a_child_that_cannot_be_started_again_stops_the_stack(tmp_path: Path) -> None:
+    """A restart that cannot even exec (the program is gone) is not retried forever."""
+    program = tmp_path / "my-sleep"
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", program)
+    stack = EmbeddedStack(
+        tmp_path / "var",
+        base_settings=Settings(),
+        log=lambda _: None,
+        restart_policy=RestartPolicy(backoff_initial_s=0, backoff_max_s=0),
+    )
+    stack.logs_dir.mkdir(parents=True)
+    try:
+        child = stack._spawn("gone", [str(program), "60"], dict(os.environ), stop_timeout_s=5)
+        program.unlink()
+        child.proc.kill()
+        child.proc.wait(5)
+        assert stack.wait(threading.Event()) == 1
+        assert stack.gave_up is not None
+        assert stack.gave_up.startswith("gone could not be restarted (")
+    finally:
+        stack.stop()
