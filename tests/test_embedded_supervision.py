@@ -26,7 +26,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.embedded import DeathRecord, EmbeddedStack, RestartPolicy, describe_exit
+from api.embedded import (
+    DeathRecord,
+    EmbeddedStack,
+    RestartPolicy,
+    describe_exit,
+    embedded_settings,
+)
 from api.settings import Settings
 from tests.conftest import ROOT, WORKER_ENV, tiny_spec
 from tests.test_deploy import Lines
@@ -73,6 +79,20 @@ def test_describe_exit() -> None:
     assert describe_exit(-signal.SIGKILL) == "was killed by SIGKILL"
     assert describe_exit(3) == "exited with code 3"
     assert describe_exit(0) == "exited with code 0"
+
+
+def test_the_embedded_worker_name_is_stable_per_var_dir(tmp_path: Path) -> None:
+    """So a restarted worker's first reaper pass reclaims its predecessor's job at once."""
+
+    def name(var: Path, base: Settings) -> str | None:
+        s = embedded_settings(base, var, redis_port=1, redis_password="p", host="h", port=2)
+        return s.worker_name
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert name(a, Settings()) == name(a, Settings())
+    assert name(a, Settings()) != name(b, Settings())
+    assert (name(a, Settings()) or "").startswith("sharp-up-")
+    assert name(a, Settings(worker_name="mine")) == "mine"
 
 
 # -- supervise() on plain processes -----------------------------------------------------------
