@@ -134,7 +134,12 @@ class DatasetSpec(_Strict):
     name: str | None = Field(default=None, max_length=256, description="Hub data set name.")
     config_name: str | None = Field(default=None, max_length=128)
     split: str = Field(default="train", max_length=64)
-    files: list[str] = Field(default_factory=list, max_length=1024)
+    files: list[str] = Field(
+        default_factory=list,
+        max_length=1024,
+        description="txt/jsonl/parquet paths (source 'files'). In the service they are paths "
+        "on the server, accepted only under its SHARP_DATASET_FILE_ROOTS (symlinks resolved).",
+    )
     upload_id: str | None = Field(default=None, max_length=128)
     text_field: str = Field(default="text", min_length=1, max_length=128)
     text_pair_field: str | None = Field(
