@@ -173,10 +173,10 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
     objective = s_cap = t_cap = None
     if spec.method.uses_attention:
         from sharp_core.capture import AttentionCapture
-        from sharp_core.sharp import AttentionObjective
+        from sharp_core.sharp import make_attention_objective
 
         assert teacher is not None
-        objective = AttentionObjective(
+        objective = make_attention_objective(
             spec.method,
             student_shape=model_shape(student),
             teacher_shape=model_shape(teacher),
