@@ -1,10 +1,10 @@
 """The names of the distillation methods and logit divergences: the one place they are listed.
 
-`sharp_core.spec` types its fields with these `Literal`s, `sharp_core.losses` keys its
-divergence registry on `DivergenceName` and `sharp_core.sharp` its attention objectives on
-`AttentionMethodName`; the tuples are derived from the `Literal`s, so a name added here is
-accepted by the spec and must be given an implementation (tests check the registries cover
-every name). No torch here: the service imports the spec.
+`sharp_core.spec` types its fields with these `Literal`s; `sharp_core.losses.DIVERGENCES`
+and `sharp_core.sharp.ATTENTION_OBJECTIVES` are keyed by the names in `DIVERGENCES` and
+`ATTENTION_METHODS`. The tuples are derived from the `Literal`s, so a name added here is
+accepted by the spec and must be given an implementation (tests check that the registries
+cover every name). No torch here: the service imports the spec.
 """
 
 from __future__ import annotations

@@ -64,7 +64,6 @@ from torch.nn.utils import parametrizations
 from torch.utils.checkpoint import checkpoint
 
 from sharp_core.capture import CapturedLayer
-from sharp_core.methods import AttentionMethodName
 from sharp_core.spec import MethodSpec
 
 #: The four granularities of the hierarchical decomposition, in order.
@@ -1044,7 +1043,7 @@ class SharpObjective(AttentionObjective):
 
 
 #: The attention objective of each attention method (`sharp_core.methods.ATTENTION_METHODS`).
-ATTENTION_OBJECTIVES: dict[AttentionMethodName, type[AttentionObjective]] = {
+ATTENTION_OBJECTIVES: dict[str, type[AttentionObjective]] = {
     "tinybert": TinyBertObjective,
     "minilm": MiniLMObjective,
     "sharp": SharpObjective,
@@ -1064,7 +1063,7 @@ def make_attention_objective(
     model_shape`), ``seq_len`` the training sequence length (a learned basis is tied to it).
     A method without attention terms ('kd', 'sft', …): ValueError.
     """
-    cls = ATTENTION_OBJECTIVES.get(method.name)  # type: ignore[call-overload]
+    cls = ATTENTION_OBJECTIVES.get(method.name)
     if cls is None:
         raise ValueError(
             f"attention objectives exist for methods {', '.join(ATTENTION_OBJECTIVES)}, "

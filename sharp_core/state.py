@@ -25,7 +25,7 @@ from sharp_core.checkpoint import (
     step_dir_name,
     write_checkpoint,
 )
-from sharp_core.data import BatchStream
+from sharp_core.data import BatchStream, ClassificationData
 from sharp_core.distributed import Context
 from sharp_core.errors import CheckpointMismatchError
 from sharp_core.setup import Setup
@@ -56,6 +56,28 @@ class TrainState:
     scaler: torch.amp.GradScaler
     stream: BatchStream
     objective: torch.nn.Module | None
+
+    @classmethod
+    def start(
+        cls,
+        S: Setup,
+        params: list[torch.nn.Parameter],
+        extra: list[torch.nn.Parameter],
+        ctx: Context,
+        amp_dtype: torch.dtype | None,
+    ) -> TrainState:
+        """Step 0: `adamw` over ``params`` (the student's) and ``extra`` (the objective's), a
+        grad scaler (active for fp16 only), this rank's shard of the shuffled training data."""
+        t = S.spec.training
+        data = S.data
+        rows = data.train["labels"] if isinstance(data, ClassificationData) else data.train
+        return cls(
+            step=0,
+            optimizer=adamw(params, extra, t, S.device),
+            scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
+            stream=BatchStream(rows, t.seed).shard(ctx.rank, ctx.world_size),
+            objective=S.objective,
+        )
 
     def state_dict(self, rngs: list[dict[str, Any]], per_rank: bool) -> dict[str, Any]:
         """``rngs``: every rank's RNG states (rank 0's first); kept per rank when ``per_rank``."""

@@ -26,7 +26,7 @@ import torch
 
 from sharp_core import distributed
 from sharp_core.checkpoint import latest_checkpoint, verify_manifest
-from sharp_core.data import BatchStream, ClassificationData
+from sharp_core.data import ClassificationData
 from sharp_core.errors import OutOfMemoryError
 from sharp_core.evaluate import evaluate
 from sharp_core.models import LocalResolver, Resolver
@@ -37,7 +37,6 @@ from sharp_core.state import (
     SPEC_FILE,
     STATE_FILE,
     TrainState,
-    adamw,
     resume,
     save_checkpoint,
 )
@@ -142,31 +141,19 @@ def train(
     S = prepared or setup(spec, resolver=resolver, device=device)
     model, teacher = S.student, S.teacher  # unwrapped: under torchrun S gets DDP / FSDP ones
     S = ctx.prepare(S)
-    dev, amp_dtype = S.device, autocast_dtype(spec, S.device)  # amp_dtype None: fp32
+    dev, amp = S.device, autocast_dtype(spec, S.device)  # amp: bf16 / fp16 on CUDA, or None
     classify = isinstance(S.data, ClassificationData)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]  # the student's
     extra = [p for p in (S.objective.parameters() if S.objective else []) if p.requires_grad]
-    rows = S.data.train["labels"] if classify else S.data.train  # what the stream shuffles
-    state = TrainState(
-        step=0,
-        optimizer=adamw(params, extra, t, dev),
-        scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
-        stream=BatchStream(rows, t.seed).shard(ctx.rank, ctx.world_size),
-        objective=S.objective,
-    )
+    state = TrainState.start(S, params, extra, ctx, amp)  # step 0: AdamW, scaler, data stream
     opt, scaler = state.optimizer, state.scaler
     last_ckpt = resume(out_dir, S, state, model, ctx)  # newest verified checkpoint, if any
     resumed_step = state.step if last_ckpt is not None else None
     run_eval = functools.partial(
-        evaluate,
-        model,
-        S.data,
-        vocab=S.vocab,
-        batch_size=t.batch_size,
-        device=dev,
-        amp_dtype=amp_dtype,
+        evaluate, model, S.data, vocab=S.vocab, batch_size=t.batch_size, device=dev, amp_dtype=amp
     )
     last_metrics: dict[str, float] = {}
+    pcgrad = m.conflict == "pcgrad"
     model.train()
     meter = Throughput(
         dev, flops_per_token(model, teacher), world_size=ctx.world_size, log_every=t.log_every
@@ -195,10 +182,10 @@ def train(
 
         # ---- micro-steps: forward, loss, backward; gradients accumulate over grad_accum
         batches = [next_batch(S, state.stream, t.batch_size) for _ in range(t.grad_accum)]  # (B, N)
-        n_seqs, n_tokens = step_counts(batches, classify)  # the global counts every term divides by
+        n_seq, n_tok = step_counts(batches, classify)  # the global counts every term divides by
         diagnose = m.interference_every > 0 and step % m.interference_every == 0
-        per_term = diagnose or m.conflict == "pcgrad"  # one backward pass per term
-        attn_scale = attention_scale_at(step, spec)
+        per_term = diagnose or pcgrad  # one backward pass per term
+        s_t = attention_scale_at(step, spec)
         logs: dict[str, torch.Tensor] = {}
         cosines: dict[str, float] = {}
         try:
@@ -206,20 +193,13 @@ def train(
                 # multi-GPU: DDP all-reduces in the last micro-step's backward only
                 with ctx.no_sync(S.student, sync=not per_term and i == len(batches) - 1):
                     terms, parts = micro_step(
-                        S,
-                        x,
-                        n_tokens=n_tokens,
-                        n_seqs=n_seqs,
-                        attn_scale=attn_scale,
-                        amp_dtype=amp_dtype,
+                        S, x, n_tokens=n_tok, n_seqs=n_seq, attn_scale=s_t, amp_dtype=amp
                     )
                     for k, v in terms.items():
                         logs[k] = logs.get(k, 0) + v.detach()
                     if per_term:  # gradient cosines between terms; PCGrad
-                        pcgrad = m.conflict == "pcgrad"
-                        cos = backward_per_term(
-                            parts, terms.get("basis_loss"), params, pcgrad, scaler
-                        )
+                        basis = terms.get("basis_loss")
+                        cos = backward_per_term(parts, basis, params, pcgrad, scaler)
                         for k, c in cos.items():
                             cosines[k] = cosines.get(k, 0.0) + c / len(batches)
                     else:
