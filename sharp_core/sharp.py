@@ -802,7 +802,9 @@ class AttentionObjective(nn.Module):
 
     def _select_terms(self, method: MethodSpec) -> tuple[dict[str, float], list[tuple[int, int]]]:
         """The method's terms with their weights, and the (student, teacher) layer pairs."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} chooses no terms; build objectives with make_attention_objective"
+        )
 
     @property
     def student_layers(self) -> list[int]:

@@ -192,6 +192,44 @@ def test_sdpa_projection_step_equals_chunked_reference(corpus, teacher_dir):
         torch.testing.assert_close(g_got[n], g_ref[n], rtol=1e-4, atol=1e-7)
 
 
+def test_micro_step_uses_the_logit_loss_it_is_given(corpus, teacher_dir):
+    """The logit term comes from `Setup.logit_loss`: a stand-in computing CE and D as two
+    separate calls is the one called, and gives the fused default's terms and gradients."""
+    from dataclasses import replace
+
+    from sharp_core import losses
+    from sharp_core.step import micro_step
+    from sharp_core.trainer import setup
+
+    d = _distil(corpus, teacher_dir, {"name": "skl"})
+    d["student"]["config_overrides"] = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    S = setup(parse_spec(d))
+    assert S.logit_loss is losses.logit_objective
+    calls = []
+
+    def separate(name, s, t, y, *, kd_weight, num_valid, chunk_size=None, **kw):
+        calls.append(name)
+        ce = losses.cross_entropy(s, y, num_valid=num_valid, chunk_size=chunk_size)
+        dv = losses.divergence(name, s, t, y, num_valid=num_valid, chunk_size=chunk_size, **kw)
+        return (1 - kd_weight) * ce + kd_weight * dv, ce.detach(), dv.detach()
+
+    x = S.data.train[:4]
+    results = []
+    for s_up in (S, replace(S, logit_loss=separate)):
+        s_up.student.zero_grad(set_to_none=True)
+        terms, _ = micro_step(s_up, x, n_tokens=x[:, 1:].numel(), n_seqs=4)
+        terms["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in S.student.named_parameters()}
+        results.append(({k: float(v) for k, v in terms.items()}, grads))
+    assert calls == ["skew_forward_kl"]
+    (ref, g_ref), (got, g_got) = results
+    assert set(got) == set(ref) and ref["kd"] > 0
+    for k in ref:
+        assert got[k] == pytest.approx(ref[k], rel=1e-5), k
+    for n in g_ref:
+        torch.testing.assert_close(g_got[n], g_ref[n], rtol=1e-4, atol=1e-7)
+
+
 def test_resume_gives_same_trajectory(corpus, teacher_dir, tmp_path):
     """Stop at step 4, resume to 8: the same per-step losses as an uninterrupted run (dropout on)."""
     d = _distil(
