@@ -20,7 +20,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# The project itself. Editable, so api/migrate.py finds alembic.ini and migrations/ beside
+# The project itself. Editable, so service/migrate.py finds alembic.ini and migrations/ beside
 # the code in /app, where `alembic upgrade head` (the migrate service) also runs.
 COPY . .
 RUN pip install --no-deps -e . \

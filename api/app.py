@@ -25,16 +25,16 @@ from prometheus_client import Counter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.db import Database
-from api.errors import SharpError
-from api.live import LivePublisher
 from api.metrics import RequestMetrics
 from api.metrics import router as metrics_router
 from api.routes import health, jobs, teams, uploads
-from api.services import Dispatch
-from api.settings import Settings, get_settings
 from api.ui import router as ui_router
 from api.ui import static_files as ui_static
+from service.db import Database
+from service.errors import SharpError
+from service.jobs import Dispatch
+from service.live import LivePublisher
+from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

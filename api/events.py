@@ -24,11 +24,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
 
-from api.db import Database
-from api.live import stream_key
-from api.models import TERMINAL_STATUSES, Job
-from api.repositories import EventRepository
-from api.settings import Settings
+from service.db import Database
+from service.live import stream_key
+from service.models import TERMINAL_STATUSES, Job
+from service.repositories import EventRepository
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -51,9 +51,9 @@ from sqlalchemy import func, select
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.db import Database
-from api.models import JOB_STATUSES, Job
-from api.models import Metric as MetricRow
+from service.db import Database
+from service.models import JOB_STATUSES, Job
+from service.models import Metric as MetricRow
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ T = TypeVar("T")
 
 
 class StatsQueries:
-    """The scrape's queries (kept beside their only user rather than in `api.repositories`)."""
+    """The scrape's queries (kept beside their only user rather than in `service.repositories`)."""
 
     def __init__(self, db: Database):
         self.db = db

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from api.settings import Settings
+from service.settings import Settings
 from tests.conftest import TeamKey, tiny_spec, wait_for
 from worker.celery_app import make_celery
 

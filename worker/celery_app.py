@@ -11,7 +11,7 @@ Configured as the design asks, and why:
 - One queue per GPU pool (named like the pool), declared explicitly with
   ``task_create_missing_queues = False``. A worker consumes its own pool's queue only;
   senders name the queue with `pool_queue`. Messages are sent by the scheduler
-  (`api.scheduler`) only for jobs it admitted to a pool that has live workers.
+  (`service.scheduler`) only for jobs it admitted to a pool that has live workers.
 - ``visibility_timeout`` longer than the longest job, or Redis would re-deliver running jobs.
 - ``global_keyprefix``: every Redis key Celery makes starts with ``settings.redis_prefix``, so
   deployments (and parallel test runs) can share one Redis without sharing queues.
@@ -22,7 +22,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from api.settings import Settings, get_settings
+from service.settings import Settings, get_settings
 
 
 def pool_queue(pool: str) -> Queue:

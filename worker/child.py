@@ -42,11 +42,16 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.pool import NullPool
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from api.db import Database
-from api.live import LivePublisher
-from api.models import ACTIVE_STATUSES, Job
-from api.repositories import CheckpointRepository, JobRepository, MetricRepository, UploadRepository
-from api.settings import Settings, get_settings
+from service.db import Database
+from service.live import LivePublisher
+from service.models import ACTIVE_STATUSES, Job
+from service.repositories import (
+    CheckpointRepository,
+    JobRepository,
+    MetricRepository,
+    UploadRepository,
+)
+from service.settings import Settings, get_settings
 from sharp_core.errors import DataError, ModelNotFoundError, SharpError
 from sharp_core.launch import env_rank, torchrun_command, under_torchrun  # no torch
 from sharp_core.spec import parse_spec

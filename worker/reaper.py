@@ -5,7 +5,7 @@ message may already be redelivered to a worker that, seeing the job ``running``,
 nothing). The job row's heartbeat is the truth: a ``running``/``cancelling`` job whose
 heartbeat is older than ``heartbeat_timeout_s`` has no supervisor. It goes back to
 ``queued`` (attempt budget permitting) without its admission, so it goes back through the
-scheduler (`api.scheduler`) and resumes from its last checkpoint; or it becomes
+scheduler (`service.scheduler`) and resumes from its last checkpoint; or it becomes
 ``cancelled`` if a cancel was pending, or ``failed`` with ``worker_lost``. A pass that
 changed anything ends with a scheduling pass: slots were freed.
 
@@ -24,13 +24,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from api import scheduler
-from api.db import Database
-from api.live import LivePublisher
-from api.models import ACTIVE_STATUSES, Job, utcnow
-from api.repositories import JobRepository
-from api.settings import Settings
-from api.txn import after_commit
+from service import scheduler
+from service.db import Database
+from service.live import LivePublisher
+from service.models import ACTIVE_STATUSES, Job, utcnow
+from service.repositories import JobRepository
+from service.settings import Settings
+from service.txn import after_commit
 
 log = logging.getLogger(__name__)
 

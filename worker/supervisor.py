@@ -17,7 +17,7 @@ Outcomes (the child's result file, else its exit status):
 Every write is fenced by attempt: if the reaper gave the job to someone else, we write
 nothing.
 
-Only a job the scheduler admitted (`api.scheduler`) can be claimed, so a stray or duplicate
+Only a job the scheduler admitted (`service.scheduler`) can be claimed, so a stray or duplicate
 message cannot start a job past its pool's capacity or its team's quota. A job going back to
 ``queued`` loses its admission and waits for the scheduler again; every way a job ends here
 is followed by a scheduling pass, since its slot is free.
@@ -42,14 +42,13 @@ from typing import Any
 
 from sqlalchemy import func
 
-from api import scheduler
-from api.db import Database
-from api.live import LivePublisher
-from api.models import ACTIVE_STATUSES, Job, utcnow
-from api.repositories import JobRepository
-from api.settings import Settings
+from service import scheduler
+from service.db import Database
+from service.live import LivePublisher
+from service.models import ACTIVE_STATUSES, Job, utcnow
+from service.repositories import JobRepository
+from service.settings import Settings, settings_env
 from worker.child import EXIT_ARTIFACT_WRITE_FAILED, log_path, result_path
-from worker.launcher import settings_env
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ deployment without ``celery beat`` still recovers lost jobs.
 
 Each worker also registers itself (pool, GPU count) in the ``workers`` table when it is
 ready, refreshes that row every ``scheduler_interval_s`` and runs a scheduling pass with it
-(`api.scheduler`): the pool's capacity is its live workers. On a warm shutdown the background
+(`service.scheduler`): the pool's capacity is its live workers. On a warm shutdown the background
 thread deletes the row, so no new job is admitted for a worker that is going away (done
 there, not in the signal handler, which may have interrupted a database call).
 """
@@ -22,10 +22,10 @@ from typing import Any
 
 from celery import signals
 
-from api import scheduler
-from api.db import Database
-from api.live import LivePublisher
-from api.settings import Settings
+from service import scheduler
+from service.db import Database
+from service.live import LivePublisher
+from service.settings import Settings
 from worker.celery_app import app, pool_queue
 from worker.reaper import reap as reap_once
 from worker.supervisor import PREEMPT, Supervisor, default_worker_name

@@ -9,15 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse
 from starlette.responses import StreamingResponse
 
-from api.artifacts import (
-    archive_members,
-    checkpoint_dir_name,
-    file_response,
-    resolve_file,
-    tar_stream,
-)
 from api.deps import JobServiceDep, SettingsDep, TeamDep
-from api.errors import InvalidRequestError
 from api.events import job_events
 from api.metrics import counted_stream
 from api.schemas import (
@@ -29,6 +21,14 @@ from api.schemas import (
     JobStatus,
     MetricsPublic,
 )
+from service.artifacts import (
+    archive_members,
+    checkpoint_dir_name,
+    file_response,
+    resolve_file,
+    tar_stream,
+)
+from service.errors import InvalidRequestError
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

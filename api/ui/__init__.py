@@ -27,8 +27,8 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import TeamDep
-from api.errors import SharpError
 from api.schemas import EXAMPLE_SPEC, ErrorResponse, JobStatus
+from service.errors import SharpError
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))

@@ -1,5 +1,5 @@
 """Operator functions: teams, their scheduler quotas, API keys, registered workers (exposed
-as ``sharp admin …`` in `api.cli`).
+as ``sharp admin …`` in `ops.cli`).
 
 Keys are ``sharp_`` + 32 random bytes (base64url). Only the sha256 is stored; the first
 characters (``prefix``) are kept in clear so a human can tell keys apart in a list and revoke
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.errors import InvalidRequestError, NotFoundError
-from api.ids import new_id
-from api.models import ApiKey, Team, Worker, utcnow
-from api.repositories import ApiKeyRepository, TeamRepository
-from api.security import hash_key
+from service.errors import InvalidRequestError, NotFoundError
+from service.ids import new_id
+from service.models import ApiKey, Team, Worker, utcnow
+from service.repositories import ApiKeyRepository, TeamRepository
+from service.security import hash_key
 
 KEY_PREFIX = "sharp_"
 VISIBLE_CHARS = 14  # "sharp_" + 8 characters of the random part

@@ -3,8 +3,8 @@
 Services only ``flush()``; the request's session dependency commits (one transaction per
 request). Side effects that must not happen for a rolled-back request — the scheduling pass
 that may send the Celery message, the live notification — are registered with
-`api.txn.after_commit`, so a job is queued only once its row is durable and nothing is queued
-when validation fails. The API never sends a job's message itself: `api.scheduler` admits it
+`service.txn.after_commit`, so a job is queued only once its row is durable and nothing is queued
+when validation fails. The API never sends a job's message itself: `service.scheduler` admits it
 when its pool has a free worker and its team's quota allows.
 """
 
@@ -23,23 +23,6 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import scheduler
-from api.errors import (
-    IdempotencyConflictError,
-    InvalidRequestError,
-    InvalidStateError,
-    NotFoundError,
-    QuotaExceededError,
-)
-from api.ids import new_id
-from api.live import LivePublisher
-from api.models import TERMINAL_STATUSES, Checkpoint, Job, Team, utcnow
-from api.repositories import (
-    CheckpointRepository,
-    JobRepository,
-    MetricRepository,
-    UploadRepository,
-)
 from api.schemas import (
     CheckpointFile,
     CheckpointPublic,
@@ -50,8 +33,25 @@ from api.schemas import (
     Progress,
     TeamPublic,
 )
-from api.settings import Settings
-from api.txn import after_commit
+from service import scheduler
+from service.errors import (
+    IdempotencyConflictError,
+    InvalidRequestError,
+    InvalidStateError,
+    NotFoundError,
+    QuotaExceededError,
+)
+from service.ids import new_id
+from service.live import LivePublisher
+from service.models import TERMINAL_STATUSES, Checkpoint, Job, Team, utcnow
+from service.repositories import (
+    CheckpointRepository,
+    JobRepository,
+    MetricRepository,
+    UploadRepository,
+)
+from service.settings import Settings
+from service.txn import after_commit
 from sharp_core.spec import JobRef, JobSpec, ModelSpec, parse_spec
 
 #: Sends the Celery message for a job (job id, pool). Injected so the API holds no worker code.

@@ -84,7 +84,7 @@ class Base(DeclarativeBase):
 
 
 class Team(Base):
-    """A team, with the scheduler's limits for it (`api.scheduler`).
+    """A team, with the scheduler's limits for it (`service.scheduler`).
 
     ``weight`` is the team's share of each pool relative to other teams (equal by default);
     the quotas are None for "no limit".

@@ -26,7 +26,7 @@ reads from the database; tests build the state in Postgres and assert the exact 
 Concurrency: `run_pass` holds a Postgres transaction-level advisory lock while it reads the
 state and writes admissions, so passes from several API processes and workers run one at a
 time and never admit more than the capacity. On SQLite every transaction is ``BEGIN
-IMMEDIATE`` (`api.db`), which serialises them the same way.
+IMMEDIATE`` (`service.db`), which serialises them the same way.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from typing import Any
 from sqlalchemy import case, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.models import ACTIVE_STATUSES, Job, Team, Worker, utcnow
-from api.txn import after_commit
+from service.models import ACTIVE_STATUSES, Job, Team, Worker, utcnow
+from service.txn import after_commit
 
 log = logging.getLogger(__name__)
 
@@ -435,7 +435,7 @@ def queue_info(session: Session, job: Job, *, heartbeat_timeout_s: float) -> Que
 # --------------------------------------------------------------------------- workers
 def register_worker(session: Session, *, name: str, pool: str, gpus: int, hostname: str) -> None:
     """Insert or refresh a worker's row (its heartbeat)."""
-    from api.repositories import _insert
+    from service.repositories import _insert
 
     now = utcnow()
     stmt = _insert(session, Worker).values(

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.settings import Settings
+from service.settings import Settings
 
 
 def is_sqlite(url: str) -> bool:

@@ -20,8 +20,8 @@ from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from api.live import LivePublisher
-from api.models import (
+from service.live import LivePublisher
+from service.models import (
     ACTIVE_STATUSES,
     ApiKey,
     Checkpoint,
@@ -32,7 +32,7 @@ from api.models import (
     Upload,
     utcnow,
 )
-from api.txn import after_commit
+from service.txn import after_commit
 
 
 def _insert(session: Session, model: Any) -> Any:
