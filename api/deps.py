@@ -30,10 +30,6 @@ def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_database(request: Request) -> Database:
-    return request.app.state.db
-
-
 def get_session(request: Request) -> Iterator[Session]:
     db: Database = request.app.state.db
     with db.sessionmaker() as session:

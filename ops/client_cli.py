@@ -53,7 +53,7 @@ from rich.table import Table
 
 # Reused from the demo, which verifies downloads the same way.
 from ops.demo import _sha256
-from ops.follow import JobState, fmt_eta, follow_events, tokens_per_step
+from ops.follow import JobState, fmt_eta, follow_events
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -221,8 +221,9 @@ def watch_job(c: httpx.Client, job_id: str) -> dict[str, Any]:
     """
     job = check(c.get(f"/v1/jobs/{job_id}"))
     max_steps = int(job["progress"]["max_steps"])
-    per_step = tokens_per_step(job["spec"])
-    state = JobState(status=job["status"], step=int(job["progress"]["step"]))
+    state = JobState(
+        status=job["status"], step=int(job["progress"]["step"]), eta_s=job["progress"]["eta_s"]
+    )
     # The latest value of each metric, so a finished job (no stream to follow) still shows
     # its final loss and evaluation.
     state.apply("metrics", {"metrics": [{"step": state.step, "values": job.get("metrics", {})}]})
@@ -249,7 +250,7 @@ def watch_job(c: httpx.Client, job_id: str) -> dict[str, Any]:
             eval=state.eval_summary(),
             terms=terms,
             tps="-" if state.tokens_per_s is None else f"{state.tokens_per_s:,.0f}",
-            eta=fmt_eta(state.eta_s(max_steps, per_step)),
+            eta=fmt_eta(state.eta_s),
         )
 
     with progress:

@@ -35,7 +35,7 @@ from ops.embedded import (
     interrupt_on_sigterm,
     read_running,
 )
-from ops.follow import JobState, StreamLost, fmt_eta, follow_events, tokens_per_step
+from ops.follow import JobState, StreamLost, fmt_eta, follow_events
 
 
 class DemoError(RuntimeError):
@@ -76,7 +76,6 @@ def follow(
     has succeeded, raise `DemoError` otherwise."""
     job_id = job["id"]
     max_steps = int(job["progress"]["max_steps"])
-    per_step = tokens_per_step(job["spec"])
     state = JobState()
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -98,7 +97,7 @@ def follow(
             loss="-" if state.loss is None else f"{state.loss:.3f}",
             eval=state.eval_summary(),
             tps="-" if state.tokens_per_s is None else f"{state.tokens_per_s:,.0f}",
-            eta=fmt_eta(state.eta_s(max_steps, per_step)),
+            eta=fmt_eta(state.eta_s),
         )
 
     with progress:

@@ -12,13 +12,12 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.errors import InvalidRequestError, NotFoundError
 from service.ids import new_id
 from service.models import ApiKey, Team, Worker, utcnow
-from service.repositories import ApiKeyRepository, TeamRepository
+from service.repositories import ApiKeyRepository, TeamRepository, WorkerRepository
 from service.security import hash_key
 
 KEY_PREFIX = "sharp_"
@@ -112,7 +111,7 @@ def set_quota(
 
 
 def list_workers(session: Session) -> Sequence[Worker]:
-    return session.scalars(select(Worker).order_by(Worker.pool, Worker.name)).all()
+    return WorkerRepository(session).list()
 
 
 def list_keys(session: Session, team: str | None = None) -> list[tuple[ApiKey, Team]]:

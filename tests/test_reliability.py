@@ -22,12 +22,12 @@ import pytest
 from sqlalchemy import select
 
 from service.db import Database
+from service.dispatch import make_celery
 from service.models import Checkpoint, Job, Metric
 from service.settings import Settings
 from sharp_core.checkpoint import verify_manifest
 from tests.conftest import TeamKey, tiny_spec, wait_for
 from tests.test_service_recovery import Workers, _events, _job
-from worker.celery_app import make_celery
 from worker.child import job_dir
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]

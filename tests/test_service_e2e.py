@@ -17,9 +17,9 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
+from service.dispatch import make_celery
 from service.settings import Settings
 from tests.conftest import TeamKey, tiny_spec, wait_for
-from worker.celery_app import make_celery
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 

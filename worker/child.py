@@ -37,14 +37,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.pool import NullPool
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from service.db import Database
+from service.lifecycle import ACTIVE_STATUSES, RUNNING
 from service.live import LivePublisher
-from service.models import ACTIVE_STATUSES, Job
+from service.models import Job
+from service.progress import progress
 from service.repositories import (
     CheckpointRepository,
     JobRepository,
@@ -119,6 +120,8 @@ class Reporter:
         self.job_id = job.id
         self.team_id = job.team_id
         self.attempt = attempt
+        self.spec = job.spec
+        self.max_steps = job.max_steps
         self.latest: dict[str, float] = dict(_finite(job.latest_metrics or {}))
         self.buffer: dict[int, dict[str, float]] = {}
         self.last_flush = time.monotonic()
@@ -198,6 +201,14 @@ class Reporter:
                 {
                     "attempt": self.attempt,
                     "metrics": [{"step": step, "values": vals} for step, vals in batch],
+                    # The server's ETA (`service.progress`), which clients show as is.
+                    "progress": progress(
+                        RUNNING.value,
+                        values["step"],
+                        self.max_steps,
+                        values.get("tokens_per_s"),
+                        self.spec,
+                    ),
                 },
             )
         return True
@@ -277,11 +288,7 @@ class Reporter:
 
             def poll() -> Any:
                 with self.db.session() as s:
-                    return s.execute(
-                        select(Job.attempt, Job.status, Job.cancel_requested).where(
-                            Job.id == self.job_id
-                        )
-                    ).one_or_none()
+                    return JobRepository(s).fence_state(self.job_id)
 
             row = self._retrying(poll)
             if row is None or row.attempt != self.attempt or row.status not in ACTIVE_STATUSES:
