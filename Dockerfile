@@ -37,4 +37,4 @@ ENV SHARP_ARTIFACT_ROOT=/data/artifacts \
 
 EXPOSE 8000
 
-CMD ["uvicorn", "api.app:app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["python", "-m", "uvicorn", "api.app:app", "--host", "0.0.0.0", "--port", "8000"]

@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import select
 
 from service.db import Database
-from service.dispatch import make_celery
+from service.dispatch import RUN_JOB_TASK, make_celery
 from service.models import Checkpoint, Job, Metric
 from service.settings import Settings
 from sharp_core.checkpoint import verify_manifest
@@ -33,7 +33,6 @@ from worker.child import job_dir
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
 TIMEOUT = 240
-RUN_JOB = "worker.tasks.run_job"
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +207,7 @@ def test_same_message_published_twice_runs_once(
     celery = make_celery(settings)
     try:
         for _ in range(2):
-            celery.send_task(RUN_JOB, args=[job_id], queue="default")
+            celery.send_task(RUN_JOB_TASK, args=[job_id], queue="default")
     finally:
         celery.close()
     wait_for(lambda: queue_length() >= 2, 30, what="the copies to be queued")
