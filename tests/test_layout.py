@@ -1,5 +1,5 @@
-"""The layers of docs/../design: imports run one way, SQL lives in the repositories, and job
-statuses are written only by the lifecycle.
+"""The layers of ../shared/design/layout.md: imports run one way, SQL lives in the repositories,
+and job statuses are written only by the lifecycle.
 
     ops  →  {api, worker}  →  service  →  sharp_core
 
