@@ -20,7 +20,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# The project itself. Editable, so api/migrate.py finds alembic.ini and migrations/ beside
+# The project itself. Editable, so service/migrate.py finds alembic.ini and migrations/ beside
 # the code in /app, where `alembic upgrade head` (the migrate service) also runs.
 COPY . .
 RUN pip install --no-deps -e . \
@@ -37,4 +37,4 @@ ENV SHARP_ARTIFACT_ROOT=/data/artifacts \
 
 EXPOSE 8000
 
-CMD ["uvicorn", "api.app:app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["python", "-m", "uvicorn", "api.app:app", "--host", "0.0.0.0", "--port", "8000"]

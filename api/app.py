@@ -25,58 +25,30 @@ from prometheus_client import Counter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.db import Database
-from api.errors import SharpError
-from api.live import LivePublisher
 from api.metrics import RequestMetrics
 from api.metrics import router as metrics_router
 from api.routes import health, jobs, teams, uploads
-from api.services import Dispatch
-from api.settings import Settings, get_settings
 from api.ui import router as ui_router
 from api.ui import static_files as ui_static
+from service.db import Database
+from service.dispatch import Dispatch, make_dispatch
+from service.errors import SharpError
+from service.live import LivePublisher
+from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-RUN_JOB_TASK = "worker.tasks.run_job"
-
 JOBS_DISPATCHED = Counter("sharp_jobs_dispatched_total", "Celery messages sent for jobs", ["queue"])
+
+
+def _count_dispatch(pool: str) -> None:
+    JOBS_DISPATCHED.labels(queue=pool).inc()
 
 
 def error_response(status: int, code: str, message: str, param: str | None = None) -> JSONResponse:
     return JSONResponse(
         status_code=status, content={"error": {"code": code, "message": message, "param": param}}
     )
-
-
-def make_dispatch(settings: Settings) -> tuple[Dispatch, Callable[[], None]]:
-    """A function that sends the Celery message for a job, and one that closes the connection.
-
-    The API only sends by task *name*, so it never imports the worker's task code (or torch).
-    """
-    from worker.celery_app import make_celery, pool_queue
-
-    celery = make_celery(settings)
-
-    def dispatch(job_id: str, queue: str) -> None:
-        celery.send_task(
-            RUN_JOB_TASK,
-            args=[job_id],
-            queue=pool_queue(queue),
-            retry=True,
-            retry_policy={
-                "max_retries": 3,
-                "interval_start": 0,
-                "interval_step": 0.5,
-                "interval_max": 2,
-            },
-        )
-        JOBS_DISPATCHED.labels(queue=queue).inc()
-
-    def close() -> None:
-        celery.close()
-
-    return dispatch, close
 
 
 def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
@@ -233,7 +205,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     app.state.live = LivePublisher(settings)
     app.state.aredis = None
     if dispatch is None:
-        app.state.dispatch, app.state.close_dispatch = make_dispatch(settings)
+        app.state.dispatch, app.state.close_dispatch = make_dispatch(settings, _count_dispatch)
     else:
         app.state.dispatch, app.state.close_dispatch = dispatch, lambda: None
 

@@ -17,21 +17,17 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from api.db import Database
-from api.errors import UnauthorizedError
-from api.models import Team
-from api.repositories import ApiKeyRepository
-from api.security import hash_key as hash_key  # re-exported (api.embedded uses it)
-from api.services import JobService
-from api.settings import Settings
+from service.db import Database
+from service.errors import UnauthorizedError
+from service.jobs import JobService
+from service.models import Team
+from service.repositories import ApiKeyRepository
+from service.security import hash_key
+from service.settings import Settings
 
 
 def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
-
-
-def get_database(request: Request) -> Database:
-    return request.app.state.db
 
 
 def get_session(request: Request) -> Iterator[Session]:

@@ -24,11 +24,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
 
-from api.db import Database
-from api.live import stream_key
-from api.models import TERMINAL_STATUSES, Job
-from api.repositories import EventRepository
-from api.settings import Settings
+from service.db import Database
+from service.lifecycle import TERMINAL_STATUSES
+from service.live import stream_key
+from service.repositories import EventRepository, JobRepository
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ POLL_S = 2.0  # database poll when no wake-up arrives (lost publish, Redis down)
 def _load(db: Database, job_id: str, after: int) -> tuple[list[dict[str, Any]], str, int]:
     with db.session() as s:
         events = EventRepository(s).list_after(job_id, after, BATCH)
-        job = s.get(Job, job_id)
+        job = JobRepository(s).get(job_id)
         assert job is not None
         rows = [
             {"seq": e.seq, "kind": e.kind, "data": e.data, "created_at": e.created_at.isoformat()}

@@ -47,13 +47,12 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.db import Database
-from api.models import JOB_STATUSES, Job
-from api.models import Metric as MetricRow
+from service.db import Database
+from service.lifecycle import JOB_STATUSES
+from service.repositories import StatsRepository
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +78,8 @@ T = TypeVar("T")
 
 
 class StatsQueries:
-    """The scrape's queries (kept beside their only user rather than in `api.repositories`)."""
+    """The scrape's reads, each in its own short transaction (the queries are
+    `service.repositories.StatsRepository`'s)."""
 
     def __init__(self, db: Database):
         self.db = db
@@ -87,18 +87,13 @@ class StatsQueries:
     def jobs_by_state(self) -> dict[str, int]:
         counts = dict.fromkeys(JOB_STATUSES, 0)
         with self.db.session() as s:
-            for status, n in s.execute(select(Job.status, func.count()).group_by(Job.status)):
-                counts[status] = int(n)
+            counts.update(StatsRepository(s).jobs_by_status())
         return counts
 
     def queue_depth(self, queues: Iterable[str]) -> dict[str, int]:
         depth = dict.fromkeys(queues, 0)
         with self.db.session() as s:
-            rows = s.execute(
-                select(Job.queue, func.count()).where(Job.status == "queued").group_by(Job.queue)
-            )
-            for queue, n in rows:
-                depth[queue] = int(n)
+            depth.update(StatsRepository(s).queued_by_queue())
         return depth
 
     def steps_per_second(self, now: dt.datetime | None = None) -> dict[str, float]:
@@ -107,20 +102,12 @@ class StatsQueries:
         window_start = now - dt.timedelta(seconds=RATE_WINDOW_S)
         rates: dict[str, float] = {}
         with self.db.session() as s:
-            jobs = s.execute(
-                select(Job.id, Job.worker, Job.started_at).where(
-                    Job.status.in_(("running", "cancelling")), Job.worker.is_not(None)
-                )
-            ).all()
-            for job_id, worker, started_at in jobs:
+            repo = StatsRepository(s)
+            for job_id, worker, started_at in repo.active_jobs():
                 since = max(window_start, started_at) if started_at else window_start
                 span = (now - since).total_seconds()
-                steps = s.scalar(
-                    select(func.count(func.distinct(MetricRow.step))).where(
-                        MetricRow.job_id == job_id, MetricRow.created_at >= since
-                    )
-                )
-                rate = (steps or 0) / span if span > 0 else 0.0
+                steps = repo.steps_since(job_id, since)
+                rate = steps / span if span > 0 else 0.0
                 name = worker or "unknown"
                 rates[name] = rates.get(name, 0.0) + rate
         return rates

@@ -8,11 +8,17 @@ field as ``spec.training.lr``. The OpenAPI document still shows a full example b
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+from service.lifecycle import JobStatus
+from service.progress import progress
+
+if TYPE_CHECKING:
+    from service.jobs import MetricsPage, TeamUsage
+    from service.models import Checkpoint, Job
+    from service.scheduler import QueueInfo
 
 EXAMPLE_SPEC: dict[str, Any] = {
     "name": "opt-1.3b-to-125m",
@@ -210,3 +216,61 @@ class UploadPublic(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+# -- shaping service results into responses --------------------------------------------------
+def job_public(job: Job, queue: QueueInfo | None = None) -> JobPublic:
+    """A job row as the API shows it; ``progress`` (the ETA) comes from `service.progress`."""
+    metrics = {k: v for k, v in (job.latest_metrics or {}).items() if isinstance(v, (int, float))}
+    return JobPublic(
+        id=job.id,
+        name=job.name,
+        status=JobStatus(job.status),
+        spec=job.spec,
+        queue=job.queue,
+        attempt=job.attempt,
+        max_attempts=job.max_attempts,
+        cancel_requested=job.cancel_requested,
+        progress=Progress(
+            **progress(job.status, job.step, job.max_steps, job.tokens_per_s, job.spec)
+        ),
+        metrics=metrics,
+        error=ErrorBody(**job.error) if job.error else None,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        queue_position=queue.position if queue else None,
+        queue_reason=queue.reason if queue else None,
+    )
+
+
+def team_public(usage: TeamUsage) -> TeamPublic:
+    t = usage.team
+    return TeamPublic(
+        id=t.id,
+        name=t.name,
+        weight=t.weight,
+        max_running_gpus=t.max_running_gpus,
+        max_queued_jobs=t.max_queued_jobs,
+        running_gpus=usage.running_gpus,
+        queued_jobs=usage.queued_jobs,
+    )
+
+
+def metrics_public(page: MetricsPage) -> MetricsPublic:
+    return MetricsPublic(
+        data=[MetricPoint(step=s, values=v) for s, v in page.steps], next_after=page.next_after
+    )
+
+
+def checkpoint_public(ckpt: Checkpoint) -> CheckpointPublic:
+    files = (ckpt.manifest or {}).get("files", {})
+    return CheckpointPublic(
+        step=ckpt.step,
+        metrics=ckpt.metrics or {},
+        files=[
+            CheckpointFile(name=name, size=int(meta.get("size", 0)), sha256=str(meta.get("sha256")))
+            for name, meta in sorted(files.items())
+        ],
+        created_at=ckpt.created_at,
+    )

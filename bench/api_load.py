@@ -111,8 +111,8 @@ def live_latency(base: str, key: str, settings: Any, corpus: str, stop: threadin
     """Write metric batches as a worker does and time their arrival over SSE (seconds)."""
     from httpx_sse import connect_sse
 
-    from api.db import Database
-    from api.live import LivePublisher
+    from service.db import Database
+    from service.live import LivePublisher
     from worker.child import Reporter
     from worker.supervisor import Supervisor
 
@@ -124,15 +124,15 @@ def live_latency(base: str, key: str, settings: Any, corpus: str, stop: threadin
     written: dict[int, float] = {}
     arrived: dict[int, float] = {}
     try:
-        from api.models import utcnow
-        from api.repositories import JobRepository
+        from service.models import utcnow
+        from service.repositories import JobRepository
 
         with db.session() as s:  # admitted, as a scheduling pass would admit it for a worker
             JobRepository(s).update_fenced(job_id, values={"admitted_at": utcnow()})
         claim = Supervisor(settings, db, live, lambda *_: None, worker_name="bench").claim(job_id)
         assert claim is not None
         with db.session() as s:
-            from api.models import Job
+            from service.models import Job
 
             job = s.get(Job, job_id)
         reporter = Reporter(settings, db, live, job, claim.attempt)
@@ -191,11 +191,11 @@ def production_stack(uvicorn_workers: int) -> Iterator[tuple[str, str, Any]]:
     import redis
     from sqlalchemy.engine import make_url
 
-    from api.admin import create_key, create_team
-    from api.db import Database
-    from api.migrate import upgrade
-    from api.settings import Settings
-    from worker.launcher import api_command, settings_env
+    from ops.launcher import api_command
+    from service.admin import create_key, create_team
+    from service.db import Database
+    from service.migrate import upgrade
+    from service.settings import Settings, settings_env
 
     admin_url = os.environ.get("SHARP_BENCH_DATABASE_URL", PG_DEFAULT)
     redis_url = os.environ.get("SHARP_BENCH_REDIS_URL", REDIS_DEFAULT)
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--url needs --key")
         settings = None
         if os.environ.get("SHARP_DATABASE_URL"):
-            from api.settings import Settings
+            from service.settings import Settings
 
             settings = Settings()
         result = measure(args.url, args.key, settings, args.clients, args.duration, args.corpus_dir)

@@ -1,10 +1,10 @@
 """Alembic environment.
 
 The URL comes from ``-x url=…`` (tests, one-off runs), else from the config's
-``sqlalchemy.url`` when a caller set it programmatically (`api.migrate`), else from the
+``sqlalchemy.url`` when a caller set it programmatically (`service.migrate`), else from the
 service settings (``SHARP_DATABASE_URL``), so the migration job in production reads the same
 variable as the API. ``render_as_batch`` lets ALTERs work on SQLite (it rebuilds the table);
-the engine comes from `api.db.make_engine`, so SQLite gets the same pragmas as at run time.
+the engine comes from `service.db.make_engine`, so SQLite gets the same pragmas as at run time.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy.pool import NullPool
 
-from api.db import make_engine
-from api.models import Base
+from service.db import make_engine
+from service.models import Base
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
@@ -31,7 +31,7 @@ def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from api.settings import get_settings
+    from service.settings import get_settings
 
     return get_settings().database_url
 

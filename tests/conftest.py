@@ -38,11 +38,11 @@ import pytest
 import redis
 from sqlalchemy.engine import make_url
 
-from api.admin import create_key, create_team
-from api.db import Database
-from api.migrate import upgrade
-from api.settings import Settings
-from worker.launcher import api_command, settings_env, start_worker
+from ops.launcher import api_command, start_worker
+from service.admin import create_key, create_team
+from service.db import Database
+from service.migrate import upgrade
+from service.settings import Settings, settings_env
 
 PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REDIS_DEFAULT = "redis://127.0.0.1:6379/0"

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from api.client_cli import spec_docs_markdown
+from ops.spec_docs import spec_docs_markdown
 from tests.conftest import ROOT, TeamKey, free_port, tiny_spec
 
 CLI_TIMEOUT = 240
@@ -31,7 +31,7 @@ def sharp(*args: str, url: str, key: str, cwd: Path | None = None) -> subprocess
         "COLUMNS": "200",
     }
     return subprocess.run(
-        [sys.executable, "-m", "api.cli", "jobs", *args],
+        [sys.executable, "-m", "ops.cli", "jobs", *args],
         cwd=ROOT if cwd is None else cwd,
         env={**env, "PYTHONPATH": str(ROOT)},
         capture_output=True,
@@ -50,7 +50,7 @@ def _sha256(path: Path) -> str:
 def test_spec_docs_are_current() -> None:
     committed = (ROOT / "docs" / "spec.md").read_text(encoding="utf-8")
     assert committed == spec_docs_markdown(), (
-        "docs/spec.md is stale: run `python -m api.client_cli gen-spec-docs > docs/spec.md`"
+        "docs/spec.md is stale: run `python -m ops.spec_docs > docs/spec.md`"
     )
 
 
@@ -94,7 +94,7 @@ def test_no_key_exits_2(tmp_path: Path) -> None:
 
 
 def test_profile_file_is_read_and_flags_win(tmp_path: Path) -> None:
-    from api.client_cli import resolve_conn
+    from ops.client_cli import resolve_conn
 
     profile = tmp_path / "config.json"
     profile.write_text(json.dumps({"url": "http://profile:1/", "key": "sk_profile"}))
@@ -291,7 +291,7 @@ def test_failed_job_watch_exits_1(
 
 
 def test_watch_state_keeps_sharp_terms() -> None:
-    from api.follow import JobState
+    from ops.follow import JobState
 
     state = JobState()
     state.apply(
@@ -321,7 +321,7 @@ def test_watch_state_keeps_sharp_terms() -> None:
 
 
 def test_watch_shows_accuracy_and_macro_f1_for_classifiers() -> None:
-    from api.follow import JobState
+    from ops.follow import JobState
 
     state = JobState()
     state.apply(

@@ -219,7 +219,7 @@ def test_sharp_up_serves_a_job_and_stops_cleanly(tmp_path: Path, corpus: Path) -
     env.pop("SHARP_ARTIFACT_ROOT", None)
     env.pop("SHARP_UPLOAD_ROOT", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "up", "--var-dir", str(var), "--port", "0"],
+        [sys.executable, "-m", "ops.cli", "up", "--var-dir", str(var), "--port", "0"],
         cwd=ROOT,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -295,7 +295,7 @@ def test_sharp_up_serves_a_job_and_stops_cleanly(tmp_path: Path, corpus: Path) -
     }
     (var / "sharp-up.json").write_text(json.dumps(stale))
     again = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "up", "--var-dir", str(var), "--port", "0"],
+        [sys.executable, "-m", "ops.cli", "up", "--var-dir", str(var), "--port", "0"],
         cwd=ROOT,
         env=env,
         stdin=subprocess.DEVNULL,

@@ -16,10 +16,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.app import create_app
-from api.live import LivePublisher
-from api.models import Checkpoint, Job, Metric, utcnow
-from api.repositories import JobRepository
-from api.settings import Settings
+from service.live import LivePublisher
+from service.models import Checkpoint, Job, Metric, utcnow
+from service.repositories import JobRepository
+from service.settings import Settings
 from sharp_core.spec import parse_spec
 from sharp_core.trainer import train
 from tests.conftest import wait_for

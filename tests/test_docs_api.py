@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from api.app import create_app
-from api.settings import Settings
+from service.settings import Settings
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 

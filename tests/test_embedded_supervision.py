@@ -26,14 +26,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.embedded import (
+from ops.embedded import (
     DeathRecord,
     EmbeddedStack,
     RestartPolicy,
     describe_exit,
     embedded_settings,
 )
-from api.settings import Settings
+from service.settings import Settings
 from tests.conftest import ROOT, WORKER_ENV, tiny_spec
 from tests.test_deploy import Lines
 
@@ -252,7 +252,7 @@ def test_sharp_up_restarts_a_killed_worker_and_redis_and_the_jobs_finish(
     for name in ("SHARP_ARTIFACT_ROOT", "SHARP_UPLOAD_ROOT", "SHARP_DATASET_FILE_ROOTS"):
         env.pop(name, None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "up", "--var-dir", str(var), "--port", "0"],
+        [sys.executable, "-m", "ops.cli", "up", "--var-dir", str(var), "--port", "0"],
         cwd=ROOT,
         env=env,
         stdin=subprocess.DEVNULL,

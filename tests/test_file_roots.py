@@ -19,10 +19,10 @@ import yaml
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api.embedded import embedded_settings
-from api.errors import InvalidRequestError
-from api.services import confine_dataset_files
-from api.settings import Settings
+from ops.embedded import embedded_settings
+from service.errors import InvalidRequestError
+from service.jobs import confine_dataset_files
+from service.settings import Settings
 from tests.conftest import ROOT, TeamKey, tiny_spec
 
 # -- the check itself (no service) -------------------------------------------------------------

@@ -22,12 +22,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.db import Database
 from api.metrics import StatsQueries
-from api.models import Job, Metric
-from api.settings import Settings
+from ops.launcher import api_command
+from service.db import Database
+from service.models import Job, Metric
+from service.settings import Settings, settings_env
 from tests.conftest import ROOT, TeamKey, free_port, stop_process, tiny_spec, wait_for
-from worker.launcher import api_command, settings_env
 
 pytestmark = pytest.mark.service
 

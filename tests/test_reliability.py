@@ -21,19 +21,18 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from api.db import Database
-from api.models import Checkpoint, Job, Metric
-from api.settings import Settings
+from service.db import Database
+from service.dispatch import RUN_JOB_TASK, make_celery
+from service.models import Checkpoint, Job, Metric
+from service.settings import Settings
 from sharp_core.checkpoint import verify_manifest
 from tests.conftest import TeamKey, tiny_spec, wait_for
 from tests.test_service_recovery import Workers, _events, _job
-from worker.celery_app import make_celery
 from worker.child import job_dir
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
 TIMEOUT = 240
-RUN_JOB = "worker.tasks.run_job"
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +207,7 @@ def test_same_message_published_twice_runs_once(
     celery = make_celery(settings)
     try:
         for _ in range(2):
-            celery.send_task(RUN_JOB, args=[job_id], queue="default")
+            celery.send_task(RUN_JOB_TASK, args=[job_id], queue="default")
     finally:
         celery.close()
     wait_for(lambda: queue_length() >= 2, 30, what="the copies to be queued")

@@ -27,9 +27,9 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from api.db import Database
-from api.models import Checkpoint
-from api.settings import Settings
+from service.db import Database
+from service.models import Checkpoint
+from service.settings import Settings
 from sharp_core.checkpoint import verify_manifest
 from tests.conftest import TeamKey, tiny_spec, wait_for
 from tests.test_reliability import training_pids

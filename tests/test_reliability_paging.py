@@ -19,9 +19,9 @@ import httpx
 import pytest
 from sqlalchemy import insert
 
-from api.db import Database
-from api.ids import new_id
-from api.models import Job, utcnow
+from service.db import Database
+from service.ids import new_id
+from service.models import Job, utcnow
 from tests.conftest import TeamKey, tiny_spec
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]

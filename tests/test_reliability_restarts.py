@@ -24,7 +24,8 @@ import psycopg
 import pytest
 from httpx_sse import connect_sse
 
-from api.settings import Settings
+from ops.launcher import api_command
+from service.settings import Settings, settings_env
 from tests.conftest import (
     ROOT,
     TeamKey,
@@ -38,7 +39,6 @@ from tests.conftest import (
     wait_for,
 )
 from tests.test_reliability import assert_listed_checkpoints_verify
-from worker.launcher import api_command, settings_env
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 

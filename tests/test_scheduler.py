@@ -1,5 +1,5 @@
 """Scheduling decisions on real Postgres: fair share, priorities, quotas, reasons, and two
-passes racing. The state is written as rows (teams, workers, jobs) and `api.scheduler`'s
+passes racing. The state is written as rows (teams, workers, jobs) and `service.scheduler`'s
 decisions are asserted exactly; no worker process and no sleeps.
 
 Each test uses its own pool names and teams, so tests sharing the module's database do not
@@ -21,14 +21,14 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, text
 
-from api import scheduler
-from api.admin import create_team, set_quota
 from api.app import create_app
-from api.db import Database
-from api.ids import new_id
-from api.migrate import upgrade
-from api.models import Job, Worker, utcnow
-from api.settings import Settings
+from service import scheduler
+from service.admin import create_team, set_quota
+from service.db import Database
+from service.ids import new_id
+from service.migrate import upgrade
+from service.models import Job, Worker, utcnow
+from service.settings import Settings
 from tests.conftest import ROOT, TeamKey, tiny_spec, wait_for
 from worker.supervisor import Supervisor
 
@@ -458,7 +458,7 @@ def test_admin_cli_sets_and_lists_quotas(db_url: str, db: Database) -> None:
 
     def sharp(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "api.cli", "admin", *args],
+            [sys.executable, "-m", "ops.cli", "admin", *args],
             env=env,
             cwd=ROOT,
             capture_output=True,

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.settings import Settings
+from service.settings import Settings
 from tests.conftest import TeamKey, tiny_spec, wait_for
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]

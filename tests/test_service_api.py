@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from api.admin import revoke_key
 from api.app import create_app
-from api.db import Database
-from api.repositories import CheckpointRepository
-from api.settings import Settings
+from service.admin import revoke_key
+from service.db import Database
+from service.repositories import CheckpointRepository
+from service.settings import Settings
 from sharp_core.checkpoint import write_checkpoint
 from tests.conftest import TeamKey, tiny_spec
 

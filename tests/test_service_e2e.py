@@ -17,9 +17,9 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from api.settings import Settings
+from service.dispatch import RUN_JOB_TASK, make_celery
+from service.settings import Settings
 from tests.conftest import TeamKey, tiny_spec, wait_for
-from worker.celery_app import make_celery
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -212,7 +212,7 @@ def test_duplicate_message_is_ignored(
     job_id = finished_job["job"]["id"]
     before = len(_parse_sse(api.get(f"/v1/jobs/{job_id}/events", headers=team.headers).text))
     celery = make_celery(settings)
-    celery.send_task("worker.tasks.run_job", args=[job_id], queue="default")
+    celery.send_task(RUN_JOB_TASK, args=[job_id], queue="default")
     celery.close()
     wait_for(lambda: queue_length() == 0, 60, what="worker to consume the duplicate")
     time.sleep(1.0)

@@ -15,11 +15,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, inspect
 
-from api.admin import create_key, create_team
 from api.app import create_app
-from api.db import Database
-from api.migrate import check, downgrade, upgrade
-from api.settings import Settings
+from service.admin import create_key, create_team
+from service.db import Database
+from service.migrate import check, downgrade, upgrade
+from service.settings import Settings
 from tests.conftest import ROOT, tiny_spec
 
 pytestmark = pytest.mark.service
@@ -122,7 +122,7 @@ def test_admin_cli_creates_lists_and_revokes_keys(tmp_path: Path) -> None:
 
     def sharp(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "api.cli", *args],
+            [sys.executable, "-m", "ops.cli", *args],
             env=env,
             cwd=ROOT,
             capture_output=True,

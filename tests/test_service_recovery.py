@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.settings import Settings
+from ops.launcher import start_worker
+from service.settings import Settings
 from tests.conftest import ROOT, WORKER_ENV, TeamKey, stop_process, tiny_spec, wait_for
-from worker.launcher import start_worker
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 

@@ -19,11 +19,11 @@ from fastapi.testclient import TestClient
 from httpx_sse import connect_sse
 
 from api.app import create_app
-from api.db import Database
-from api.live import LivePublisher
-from api.models import Job, Metric, utcnow
-from api.repositories import JobRepository, MetricRepository
-from api.settings import Settings
+from service.db import Database
+from service.live import LivePublisher
+from service.models import Job, Metric, utcnow
+from service.repositories import JobRepository, MetricRepository
+from service.settings import Settings
 from tests.conftest import TeamKey, tiny_spec, wait_for
 from worker.child import Reporter
 from worker.reaper import reap

@@ -344,10 +344,10 @@ def test_submit_watch_and_download_in_a_real_browser(
     page.wait_for_selector("#checkpoints-body tr[data-step='120']")
 
     # -- the demo's progress bar follows the same stream through the shared loop
-    # (api.follow): a replay from the start ends with the job, its steps and checkpoints
+    # (ops.follow): a replay from the start ends with the job, its steps and checkpoints
     from rich.console import Console
 
-    from api.demo import follow
+    from ops.demo import follow
 
     shown = io.StringIO()
     with httpx.Client(base_url=base, headers=team.headers) as c:
@@ -481,7 +481,7 @@ def test_classification_job_shows_accuracy_sharp_terms_and_cosines(
 
     # the CLI's watch on the finished job shows its final accuracy and F1
     done = subprocess.run(
-        [sys.executable, "-m", "api.cli", "jobs", "watch", job_id],
+        [sys.executable, "-m", "ops.cli", "jobs", "watch", job_id],
         env={**os.environ, "SHARP_URL": live_server, "SHARP_API_KEY": team.key, "COLUMNS": "250"},
         capture_output=True,
         text=True,

@@ -1,16 +1,46 @@
-"""``python -m worker [celery worker options]``: one worker for the queues in the settings."""
+"""``python -m worker [celery worker options]``: one Celery worker for the pool in the settings.
+
+The worker's Celery options live here, in the worker package, so the production command
+(``python -m worker``, docker-compose.yml) and `ops.launcher.worker_command` (which runs this
+module with its own ``-Q``/``-n``/``--loglevel``) start the same worker. Options given on the
+command line come last, so they override these defaults.
+"""
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
+from collections.abc import Sequence
 
-from api.settings import get_settings
-from worker.launcher import worker_command
+from service.settings import Settings, get_settings
+
+
+def celery_argv(settings: Settings, extra_args: Sequence[str] = ()) -> list[str]:
+    """``celery worker``: solo pool, one job at a time, consuming the settings' pool queue."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--pool=solo",
+        "--concurrency=1",
+        "-Q",
+        settings.pool,
+        "-n",
+        f"sharp-{settings.pool}-{os.getpid()}@{socket.gethostname()}",
+        "--loglevel",
+        "INFO",
+        "--without-mingle",
+        "--without-gossip",
+        *extra_args,
+    ]
 
 
 def main() -> None:
-    cmd = worker_command(get_settings(), extra_args=sys.argv[1:])
+    cmd = celery_argv(get_settings(), sys.argv[1:])
     os.execv(cmd[0], cmd)
 
 

@@ -37,17 +37,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.pool import NullPool
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from api.db import Database
-from api.live import LivePublisher
-from api.models import ACTIVE_STATUSES, Job
-from api.repositories import CheckpointRepository, JobRepository, MetricRepository, UploadRepository
-from api.services import confine_dataset_files
-from api.settings import Settings, get_settings
+from service.db import Database
+from service.jobs import confine_dataset_files
+from service.lifecycle import ACTIVE_STATUSES, RUNNING
+from service.live import LivePublisher
+from service.models import Job
+from service.progress import progress
+from service.repositories import (
+    CheckpointRepository,
+    JobRepository,
+    MetricRepository,
+    UploadRepository,
+)
+from service.settings import Settings, get_settings
 from sharp_core.errors import DataError, ModelNotFoundError, SharpError
 from sharp_core.launch import env_rank, torchrun_command, under_torchrun  # no torch
 from sharp_core.spec import parse_spec
@@ -115,6 +121,8 @@ class Reporter:
         self.job_id = job.id
         self.team_id = job.team_id
         self.attempt = attempt
+        self.spec = job.spec
+        self.max_steps = job.max_steps
         self.latest: dict[str, float] = dict(_finite(job.latest_metrics or {}))
         self.buffer: dict[int, dict[str, float]] = {}
         self.last_flush = time.monotonic()
@@ -194,6 +202,14 @@ class Reporter:
                 {
                     "attempt": self.attempt,
                     "metrics": [{"step": step, "values": vals} for step, vals in batch],
+                    # The server's ETA (`service.progress`), which clients show as is.
+                    "progress": progress(
+                        RUNNING.value,
+                        values["step"],
+                        self.max_steps,
+                        values.get("tokens_per_s"),
+                        self.spec,
+                    ),
                 },
             )
         return True
@@ -273,11 +289,7 @@ class Reporter:
 
             def poll() -> Any:
                 with self.db.session() as s:
-                    return s.execute(
-                        select(Job.attempt, Job.status, Job.cancel_requested).where(
-                            Job.id == self.job_id
-                        )
-                    ).one_or_none()
+                    return JobRepository(s).fence_state(self.job_id)
 
             row = self._retrying(poll)
             if row is None or row.attempt != self.attempt or row.status not in ACTIVE_STATUSES:

@@ -5,7 +5,7 @@ message may already be redelivered to a worker that, seeing the job ``running``,
 nothing). The job row's heartbeat is the truth: a ``running``/``cancelling`` job whose
 heartbeat is older than ``heartbeat_timeout_s`` has no supervisor. It goes back to
 ``queued`` (attempt budget permitting) without its admission, so it goes back through the
-scheduler (`api.scheduler`) and resumes from its last checkpoint; or it becomes
+scheduler (`service.scheduler`) and resumes from its last checkpoint; or it becomes
 ``cancelled`` if a cancel was pending, or ``failed`` with ``worker_lost``. A pass that
 changed anything ends with a scheduling pass: slots were freed.
 
@@ -21,20 +21,21 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from api import scheduler
-from api.db import Database
-from api.live import LivePublisher
-from api.models import ACTIVE_STATUSES, Job, utcnow
-from api.repositories import JobRepository
-from api.settings import Settings
-from api.txn import after_commit
+from sqlalchemy.orm import Session
+
+from service import lifecycle, scheduler
+from service.db import Database
+from service.dispatch import Dispatch
+from service.lifecycle import JobStatus
+from service.live import LivePublisher
+from service.models import Job, utcnow
+from service.repositories import JobRepository
+from service.settings import Settings
+from service.txn import after_commit
 
 log = logging.getLogger(__name__)
-
-Dispatch = Callable[[str, str], None]
 
 
 @dataclass
@@ -62,74 +63,36 @@ def reap(
         repo = JobRepository(s, live)
         stale = list(repo.stale_active(cutoff))
         if dead_worker:
-            from sqlalchemy import select
-
-            stale += [
-                j
-                for j in s.scalars(
-                    select(Job).where(Job.status.in_(ACTIVE_STATUSES), Job.worker == dead_worker)
-                )
-                if j.id not in {x.id for x in stale}
-            ]
+            seen = {x.id for x in stale}
+            stale += [j for j in repo.active_on_worker(dead_worker) if j.id not in seen]
         for job in stale:
-            still_stale = (
-                [Job.worker == dead_worker]
-                if dead_worker and job.worker == dead_worker
-                else [(Job.heartbeat_at.is_(None)) | (Job.heartbeat_at < cutoff)]
-            )
-            common = {"heartbeat_at": None, "worker": None}
+            # Only if still stale when written: a heartbeat may arrive meanwhile.
+            on_dead = dead_worker if dead_worker and job.worker == dead_worker else None
             lost = {
                 "code": "worker_lost",
                 "message": f"no heartbeat from worker {job.worker!r} for "
                 f"{settings.heartbeat_timeout_s:.0f}s",
                 "param": None,
             }
-            if job.cancel_requested:
-                seq = repo.transition(
-                    job.id,
-                    "cancelled",
-                    from_statuses=ACTIVE_STATUSES,
-                    attempt=job.attempt,
-                    values={**common, "finished_at": now},
-                    data={"reason": "worker_lost"},
-                    where=still_stale,
-                )
-                if seq is not None:
-                    report.cancelled.append(job.id)
-            elif job.attempt < job.max_attempts:
-                seq = repo.transition(
-                    job.id,
-                    "queued",
-                    from_statuses=ACTIVE_STATUSES,
-                    attempt=job.attempt,
-                    values={**common, "enqueued_at": now, "admitted_at": None},
-                    data={"reason": "worker_lost", "error": lost},
-                    where=still_stale,
-                )
-                if seq is not None:
-                    report.requeued.append(job.id)
-            else:
-                seq = repo.transition(
-                    job.id,
-                    "failed",
-                    from_statuses=ACTIVE_STATUSES,
-                    attempt=job.attempt,
-                    values={**common, "finished_at": now, "error": lost},
-                    data={"reason": "worker_lost"},
-                    where=still_stale,
-                )
-                if seq is not None:
-                    report.failed.append(job.id)
+            outcome = lifecycle.requeue_or_fail(
+                repo,
+                job,
+                reason="worker_lost",
+                error=lost,
+                values={"heartbeat_at": None, "worker": None},
+                stale_before=None if on_dead else cutoff,
+                on_worker=on_dead,
+            )
+            if outcome == JobStatus.QUEUED:
+                report.requeued.append(job.id)
+            elif outcome == JobStatus.CANCELLED:
+                report.cancelled.append(job.id)
+            elif outcome == JobStatus.FAILED:
+                report.failed.append(job.id)
 
         queued_cutoff = now - dt.timedelta(seconds=settings.requeue_queued_after_s)
         for job in repo.stale_queued(queued_cutoff):
-            n = repo.update_fenced(
-                job.id,
-                statuses=("queued",),
-                values={"enqueued_at": now},
-                where=[Job.enqueued_at < queued_cutoff, Job.admitted_at.is_not(None)],
-            )
-            if n is not None:
+            if repo.mark_redispatched(job.id, now, sent_before=queued_cutoff):
                 report.redispatched.append(job.id)
                 _dispatch_later(s, dispatch, job)
     if any((report.requeued, report.cancelled, report.failed, report.redispatched)):
@@ -141,6 +104,6 @@ def reap(
     return report
 
 
-def _dispatch_later(session, dispatch: Dispatch, job: Job) -> None:  # noqa: ANN001
+def _dispatch_later(session: Session, dispatch: Dispatch, job: Job) -> None:
     job_id, queue = job.id, job.queue
     after_commit(session, lambda: dispatch(job_id, queue))

@@ -17,7 +17,7 @@ Outcomes (the child's result file, else its exit status):
 Every write is fenced by attempt: if the reaper gave the job to someone else, we write
 nothing.
 
-Only a job the scheduler admitted (`api.scheduler`) can be claimed, so a stray or duplicate
+Only a job the scheduler admitted (`service.scheduler`) can be claimed, so a stray or duplicate
 message cannot start a job past its pool's capacity or its team's quota. A job going back to
 ``queued`` loses its admission and waits for the scheduler again; every way a job ends here
 is followed by a scheduling pass, since its slot is free.
@@ -35,26 +35,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func
-
-from api import scheduler
-from api.db import Database
-from api.live import LivePublisher
-from api.models import ACTIVE_STATUSES, Job, utcnow
-from api.repositories import JobRepository
-from api.settings import Settings
+from service import lifecycle, scheduler
+from service.db import Database
+from service.dispatch import Dispatch
+from service.lifecycle import ACTIVE_STATUSES, JobStatus
+from service.live import LivePublisher
+from service.repositories import JobRepository
+from service.settings import Settings, settings_env
 from worker.child import EXIT_ARTIFACT_WRITE_FAILED, log_path, result_path
-from worker.launcher import settings_env
 
 log = logging.getLogger(__name__)
-
-#: (job id, pool) -> send a Celery message (used by the scheduling passes we run).
-Dispatch = Callable[[str, str], None]
 
 #: Set when the Celery worker starts a warm shutdown: the running job is checkpointed and
 #: re-queued instead of holding the shutdown for hours.
@@ -105,28 +99,10 @@ class Supervisor:
         """admitted queued → running with attempt+1, atomically. None: not queued and
         admitted (duplicate or stale delivery, cancelled meanwhile, another worker was
         faster) — then there is nothing to do."""
-        now = utcnow()
         with self.db.session() as s:
-            repo = JobRepository(s, self.live)
-            seq = repo.transition(
-                job_id,
-                "running",
-                from_statuses=("queued",),
-                cancel_requested=False,
-                values={
-                    "attempt": Job.attempt + 1,
-                    "worker": self.name,
-                    "heartbeat_at": now,
-                    "started_at": func.coalesce(Job.started_at, now),
-                    "error": None,
-                },
-                data={"worker": self.name},
-                where=[Job.admitted_at.is_not(None)],
-            )
-            if seq is None:
+            job = lifecycle.claim(JobRepository(s, self.live), job_id, self.name)
+            if job is None:
                 return None
-            job = repo.get(job_id)
-            assert job is not None
             return Claim(job_id=job.id, team_id=job.team_id, queue=job.queue, attempt=job.attempt)
 
     # -- run -------------------------------------------------------------------------------
@@ -200,7 +176,7 @@ class Supervisor:
                 next_beat = now + self.settings.heartbeat_interval_s
                 try:
                     with self.db.session() as s:
-                        cancel = JobRepository(s).heartbeat(claim.job_id, claim.attempt)
+                        cancel = lifecycle.heartbeat(JobRepository(s), claim.job_id, claim.attempt)
                 except Exception:  # noqa: BLE001 - a database blip must not orphan the child
                     log.exception("heartbeat failed for %s", claim.job_id)
                     cancel = False
@@ -265,46 +241,41 @@ class Supervisor:
                 common["step"] = int(result["step"])
 
             def to(
-                final: str, error: dict[str, Any] | None = None, data: dict[str, Any] | None = None
+                final: JobStatus,
+                error: dict[str, Any] | None = None,
+                data: dict[str, Any] | None = None,
             ) -> str:
-                vals = {**common, "finished_at": utcnow(), "error": error}
                 extra = {**(data or {}), **({"step": common["step"]} if "step" in common else {})}
-                seq = repo.transition(
-                    claim.job_id,
-                    final,
-                    from_statuses=ACTIVE_STATUSES,
-                    attempt=claim.attempt,
-                    values=vals,
-                    data=extra,
+                done = lifecycle.finish(
+                    repo, claim.job_id, claim.attempt, final, error=error, values=common, data=extra
                 )
-                return final if seq is not None else "fenced"
+                return final.value if done else "fenced"
+
+            def requeue_or_fail(reason: str, error: dict[str, Any]) -> str:
+                outcome = lifecycle.requeue_or_fail(
+                    repo, job, reason=reason, error=error, values=common
+                )
+                return outcome.value if outcome is not None else "fenced"
 
             if status == "completed":
-                return to("succeeded")
+                return to(JobStatus.SUCCEEDED)
             if cancel:
                 # Stopped as asked (with a checkpoint), or killed after the grace period.
-                return to("cancelled", data={"killed": True} if w.killed else None)
+                return to(JobStatus.CANCELLED, data={"killed": True} if w.killed else None)
             if status == "stopped":
-                return self._requeue_or_fail(
-                    repo,
-                    job,
-                    common,
-                    reason="preempted",
-                    error={
-                        "code": "preempted",
-                        "message": "the worker stopped the job",
-                        "param": None,
-                    },
+                return requeue_or_fail(
+                    "preempted",
+                    {"code": "preempted", "message": "the worker stopped the job", "param": None},
                 )
             if status == "error":
                 error = {k: (result or {}).get(k) for k in ("code", "message", "param")}
                 if not (result or {}).get("retryable", True):
-                    return to("failed", error=error)
-                return self._requeue_or_fail(repo, job, common, reason="error", error=error)
+                    return to(JobStatus.FAILED, error=error)
+                return requeue_or_fail("error", error)
             if result is None and w.exit_code == EXIT_ARTIFACT_WRITE_FAILED:
                 # Another attempt would write to the same store: fail now, keep what is there.
                 return to(
-                    "failed",
+                    JobStatus.FAILED,
                     error={
                         "code": "artifact_write_failed",
                         "message": "the artifact store refused a write (full or read-only); "
@@ -321,38 +292,7 @@ class Supervisor:
                     " and left no result",
                     "param": None,
                 }
-            return self._requeue_or_fail(repo, job, common, reason="crash", error=error)
-
-    def _requeue_or_fail(
-        self,
-        repo: JobRepository,
-        job: Job,
-        common: dict[str, Any],
-        *,
-        reason: str,
-        error: dict[str, Any],
-    ) -> str:
-        if job.attempt < job.max_attempts:
-            seq = repo.transition(
-                job.id,
-                "queued",
-                from_statuses=ACTIVE_STATUSES,
-                attempt=job.attempt,
-                values={**common, "worker": None, "enqueued_at": utcnow(), "admitted_at": None},
-                data={"reason": reason, "error": error},
-            )
-            if seq is None:
-                return "fenced"
-            return "queued"  # the scheduling pass after this commit admits it again
-        seq = repo.transition(
-            job.id,
-            "failed",
-            from_statuses=ACTIVE_STATUSES,
-            attempt=job.attempt,
-            values={**common, "finished_at": utcnow(), "error": error},
-            data={"reason": reason},
-        )
-        return "failed" if seq is not None else "fenced"
+            return requeue_or_fail("crash", error)
 
 
 def _describe(code: int | None) -> str:

@@ -6,7 +6,7 @@ deployment without ``celery beat`` still recovers lost jobs.
 
 Each worker also registers itself (pool, GPU count) in the ``workers`` table when it is
 ready, refreshes that row every ``scheduler_interval_s`` and runs a scheduling pass with it
-(`api.scheduler`): the pool's capacity is its live workers. On a warm shutdown the background
+(`service.scheduler`): the pool's capacity is its live workers. On a warm shutdown the background
 thread deletes the row, so no new job is admitted for a worker that is going away (done
 there, not in the signal handler, which may have interrupted a database call).
 """
@@ -22,17 +22,16 @@ from typing import Any
 
 from celery import signals
 
-from api import scheduler
-from api.db import Database
-from api.live import LivePublisher
-from api.settings import Settings
-from worker.celery_app import app, pool_queue
+from service import scheduler
+from service.db import Database
+from service.dispatch import REAP_TASK, RUN_JOB_TASK, send_job
+from service.live import LivePublisher
+from service.settings import Settings
+from worker.celery_app import app
 from worker.reaper import reap as reap_once
 from worker.supervisor import PREEMPT, Supervisor, default_worker_name
 
 log = logging.getLogger(__name__)
-
-RUN_JOB = "worker.tasks.run_job"
 
 _runtime: dict[str, Any] = {}
 _runtime_lock = threading.Lock()
@@ -52,7 +51,8 @@ def runtime() -> tuple[Database, LivePublisher]:
 
 
 def dispatch(job_id: str, pool: str) -> None:
-    app.send_task(RUN_JOB, args=[job_id], queue=pool_queue(pool))
+    """`service.dispatch.Dispatch` over this worker's Celery connection."""
+    send_job(app, job_id, pool)
 
 
 def worker_name() -> str:
@@ -60,13 +60,13 @@ def worker_name() -> str:
     return _settings().worker_name or default_worker_name()
 
 
-@app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+@app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_job(job_id: str) -> str:
     db, live = runtime()
     return Supervisor(_settings(), db, live, dispatch).run(job_id)
 
 
-@app.task(name="worker.tasks.reap", ignore_result=True)
+@app.task(name=REAP_TASK, ignore_result=True)
 def reap() -> dict[str, list[str]]:
     db, live = runtime()
     return asdict(reap_once(_settings(), db, live, dispatch))

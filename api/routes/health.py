@@ -11,7 +11,6 @@ import anyio
 import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 
 from api.schemas import ErrorResponse, Health
 
@@ -24,8 +23,7 @@ def healthz() -> Health:
 
 
 def _check_db(request: Request) -> None:
-    with request.app.state.db.engine.connect() as conn:
-        conn.execute(text("SELECT 1"))
+    request.app.state.db.ping()
 
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": ErrorResponse}})

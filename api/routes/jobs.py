@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse
 from starlette.responses import StreamingResponse
 
-from api.artifacts import (
-    archive_members,
-    checkpoint_dir_name,
-    file_response,
-    resolve_file,
-    tar_stream,
-)
 from api.deps import JobServiceDep, SettingsDep, TeamDep
-from api.errors import InvalidRequestError
 from api.events import job_events
 from api.metrics import counted_stream
 from api.schemas import (
@@ -26,9 +18,20 @@ from api.schemas import (
     JobCreate,
     JobPublic,
     JobsPublic,
-    JobStatus,
     MetricsPublic,
+    checkpoint_public,
+    job_public,
+    metrics_public,
 )
+from service.artifacts import (
+    archive_members,
+    checkpoint_dir_name,
+    file_response,
+    resolve_file,
+    tar_stream,
+)
+from service.errors import InvalidRequestError
+from service.lifecycle import JOB_STATUSES
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -82,10 +85,10 @@ def create_job(
     job, created = service.create(team, body.model_dump(), idempotency_key)
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return service.public(job)
+    return job_public(job, service.queue_info(job))
 
 
-_STATUSES = set(get_args(JobStatus))
+_STATUSES = set(JOB_STATUSES)
 
 
 @router.get("", response_model=JobsPublic, responses=_ERRORS)
@@ -106,12 +109,13 @@ def list_jobs(
         if s not in _STATUSES:
             raise InvalidRequestError(f"unknown status '{s}'", param="status")
     jobs, cursor = service.list_jobs(team, statuses=statuses, limit=limit, after=after)
-    return JobsPublic(data=[service.public(j) for j in jobs], next_cursor=cursor)
+    return JobsPublic(data=[job_public(j, service.queue_info(j)) for j in jobs], next_cursor=cursor)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS)
 def get_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPublic:
-    return service.public(service.get(team, job_id))
+    job = service.get(team, job_id)
+    return job_public(job, service.queue_info(job))
 
 
 @router.post(
@@ -125,7 +129,8 @@ def get_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPublic:
 )
 def cancel_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPublic:
     """Idempotent. A queued job is cancelled at once; a running one saves a checkpoint first."""
-    return service.public(service.cancel(team, job_id))
+    job = service.cancel(team, job_id)
+    return job_public(job, service.queue_info(job))
 
 
 @router.post(
@@ -136,7 +141,8 @@ def cancel_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPubli
 )
 def retry_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPublic:
     """Queue a failed or cancelled job again; it resumes from its newest checkpoint."""
-    return service.public(service.retry(team, job_id))
+    job = service.retry(team, job_id)
+    return job_public(job, service.queue_info(job))
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsPublic, responses=_ERRORS)
@@ -151,7 +157,7 @@ def job_metrics(
     name: Annotated[list[str] | None, Query(description="Only these metrics (repeatable).")] = None,
 ) -> MetricsPublic:
     """Replay from the database, grouped by step, in step order."""
-    return service.metrics(team, job_id, after=after, limit=limit, names=name or [])
+    return metrics_public(service.metrics(team, job_id, after=after, limit=limit, names=name or []))
 
 
 @router.get(
@@ -202,7 +208,7 @@ async def job_events_stream(
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointsPublic, responses=_ERRORS)
 def list_checkpoints(job_id: JobId, team: TeamDep, service: JobServiceDep) -> CheckpointsPublic:
-    return CheckpointsPublic(data=service.checkpoints(team, job_id))
+    return CheckpointsPublic(data=[checkpoint_public(c) for c in service.checkpoints(team, job_id)])
 
 
 @router.get(

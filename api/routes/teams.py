@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.deps import JobServiceDep, TeamDep
-from api.schemas import ErrorResponse, TeamPublic
+from api.schemas import ErrorResponse, TeamPublic, team_public
 
 router = APIRouter(prefix="/v1/teams", tags=["teams"])
 
@@ -17,4 +17,4 @@ router = APIRouter(prefix="/v1/teams", tags=["teams"])
 )
 def my_team(team: TeamDep, service: JobServiceDep) -> TeamPublic:
     """Quotas (set by an operator) and the GPUs and queued jobs they are counted against."""
-    return service.team_public(team)
+    return team_public(service.team_usage(team))

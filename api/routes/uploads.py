@@ -7,16 +7,16 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from api import uploads
 from api.deps import SessionDep, SettingsDep, TeamDep
-from api.errors import NotFoundError
-from api.repositories import UploadRepository
 from api.schemas import ErrorResponse, UploadPublic
+from service import uploads
+from service.errors import NotFoundError
+from service.repositories import UploadRepository
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
 
 
-def _public(u) -> UploadPublic:  # noqa: ANN001 - an api.models.Upload
+def _public(u) -> UploadPublic:  # noqa: ANN001 - an service.models.Upload
     return UploadPublic(
         id=u.id,
         sha256=u.sha256,

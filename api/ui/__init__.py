@@ -27,14 +27,15 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import TeamDep
-from api.errors import SharpError
-from api.schemas import EXAMPLE_SPEC, ErrorResponse, JobStatus
+from api.schemas import EXAMPLE_SPEC, ErrorResponse
+from service.errors import SharpError
+from service.lifecycle import JOB_STATUSES
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 static_files = StaticFiles(directory=str(HERE / "static"))
 
-STATUSES: tuple[str, ...] = JobStatus.__args__  # type: ignore[attr-defined]
+STATUSES: tuple[str, ...] = JOB_STATUSES
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "

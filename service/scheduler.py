@@ -26,7 +26,7 @@ reads from the database; tests build the state in Postgres and assert the exact 
 Concurrency: `run_pass` holds a Postgres transaction-level advisory lock while it reads the
 state and writes admissions, so passes from several API processes and workers run one at a
 time and never admit more than the capacity. On SQLite every transaction is ``BEGIN
-IMMEDIATE`` (`api.db`), which serialises them the same way.
+IMMEDIATE`` (`service.db`), which serialises them the same way.
 """
 
 from __future__ import annotations
@@ -34,21 +34,25 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from sqlalchemy import case, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.models import ACTIVE_STATUSES, Job, Team, Worker, utcnow
-from api.txn import after_commit
+from service import lifecycle
+from service.dispatch import Dispatch
+from service.models import Job, utcnow
+from service.repositories import (
+    JobRepository,
+    SchedulerRepository,
+    TeamRepository,
+    WorkerRepository,
+)
+from service.txn import after_commit
 
 log = logging.getLogger(__name__)
-
-#: (job id, pool) -> send the job's Celery message to the pool's queue.
-Dispatch = Callable[[str, str], None]
 
 #: Key of the Postgres advisory lock that serialises scheduling passes ("sharpsch" in hex).
 LOCK_KEY = 0x7368617270736368
@@ -251,14 +255,6 @@ def explain(state: ClusterState) -> dict[str, QueueInfo]:
 
 
 # --------------------------------------------------------------------------- the database
-def busy_condition() -> Any:
-    """Jobs that hold a slot: admitted (message sent, not claimed yet) or running."""
-    return or_(
-        Job.status.in_(ACTIVE_STATUSES),
-        (Job.status == "queued") & Job.admitted_at.is_not(None),
-    )
-
-
 def live_cutoff(now: dt.datetime, heartbeat_timeout_s: float) -> dt.datetime:
     return now - dt.timedelta(seconds=heartbeat_timeout_s)
 
@@ -273,54 +269,30 @@ def load_state(
     def pool(name: str) -> PoolState:
         return pools.setdefault(name, PoolState(name))
 
-    cutoff = live_cutoff(now, heartbeat_timeout_s)
-    for name, n, max_gpus in session.execute(
-        select(Worker.pool, func.count(), func.max(Worker.gpus))
-        .where(Worker.heartbeat_at >= cutoff)
-        .group_by(Worker.pool)
-    ):
+    repo = SchedulerRepository(session)
+    for name, slots, max_gpus in repo.live_pools(live_cutoff(now, heartbeat_timeout_s)):
         p = pool(name)
-        p.slots, p.max_gpus = int(n), int(max_gpus or 0)
+        p.slots, p.max_gpus = slots, max_gpus
 
     teams = {
         t.id: TeamState(t.id, t.name, float(t.weight), t.max_running_gpus)
-        for t in session.scalars(select(Team))
+        for t in TeamRepository(session).list()
     }
-    units = case((Job.gpus > 1, Job.gpus), else_=1)
-    for name, team_id, n, gpus, share in session.execute(
-        select(Job.queue, Job.team_id, func.count(), func.sum(Job.gpus), func.sum(units))
-        .where(busy_condition())
-        .group_by(Job.queue, Job.team_id)
-    ):
+    for name, team_id, n, gpus, share in repo.busy():
         p = pool(name)
-        p.busy += int(n)
-        p.usage[team_id] = int(share or 0)
+        p.busy += n
+        p.usage[team_id] = share
         if team_id in teams:
-            teams[team_id].gpus_in_use += int(gpus or 0)
-    for name, team_id, last in session.execute(
-        select(Job.queue, Job.team_id, func.max(Job.admitted_at))
-        .where(Job.admitted_at.is_not(None))
-        .group_by(Job.queue, Job.team_id)
-    ):
+            teams[team_id].gpus_in_use += gpus
+    for name, team_id, last in repo.last_admitted():
         if last is not None:
-            if last.tzinfo is None:  # SQLite's max() returns the stored text's naive value
-                last = last.replace(tzinfo=dt.timezone.utc)
-            pool(name).last_admitted[team_id] = last
+            pool(name).last_admitted[team_id] = _aware(last)
 
     waiting = [
         Waiting(r.id, r.team_id, r.queue, int(r.gpus), int(r.priority), _aware(r.created_at))
-        for r in session.execute(
-            select(Job.id, Job.team_id, Job.queue, Job.gpus, Job.priority, Job.created_at).where(
-                Job.status == "queued", Job.admitted_at.is_(None)
-            )
-        )
+        for r in repo.waiting()
     ]
-    admitted = [
-        (r.id, r.queue)
-        for r in session.execute(
-            select(Job.id, Job.queue).where(Job.status == "queued", Job.admitted_at.is_not(None))
-        )
-    ]
+    admitted = [(r.id, r.queue) for r in repo.admitted()]
     return ClusterState(now=now, pools=pools, teams=teams, waiting=waiting, admitted=admitted)
 
 
@@ -344,13 +316,7 @@ def lock(session: Session, *, wait: bool = True) -> bool:
 
     With ``wait=False`` it only tries, and returns False if another pass holds the lock.
     """
-    if session.get_bind().dialect.name != "postgresql":
-        return True  # SQLite: the transaction's BEGIN IMMEDIATE already serialises
-    if wait:
-        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": LOCK_KEY})
-        return True
-    got = session.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": LOCK_KEY})
-    return bool(got.scalar_one())
+    return SchedulerRepository(session).lock(LOCK_KEY, wait=wait)
 
 
 def admit(
@@ -374,20 +340,9 @@ def admit(
         return []
     now = now or utcnow()
     done: list[Admission] = []
+    jobs = JobRepository(session)
     for a in plan(session, heartbeat_timeout_s=heartbeat_timeout_s, now=now):
-        row = session.execute(
-            update(Job)
-            .where(
-                Job.id == a.job_id,
-                Job.status == "queued",
-                Job.admitted_at.is_(None),
-                Job.cancel_requested.is_(False),
-            )
-            .values(admitted_at=now, enqueued_at=now, updated_at=now)
-            .returning(Job.id)
-            .execution_options(synchronize_session=False)
-        ).scalar_one_or_none()
-        if row is None:
+        if not lifecycle.admit(jobs, a.job_id, now):
             continue
         done.append(a)
         if dispatch is not None:
@@ -423,7 +378,7 @@ def run_pass(
 def queue_info(session: Session, job: Job, *, heartbeat_timeout_s: float) -> QueueInfo | None:
     """Position and reason for `job` if it is queued; the snapshot is cached on the session,
     so a page of jobs costs one snapshot."""
-    if job.status != "queued":
+    if job.status != lifecycle.QUEUED:
         return None
     cached = session.info.get("sharp_queue_info")
     if cached is None or job.id not in cached:
@@ -434,25 +389,14 @@ def queue_info(session: Session, job: Job, *, heartbeat_timeout_s: float) -> Que
 
 # --------------------------------------------------------------------------- workers
 def register_worker(session: Session, *, name: str, pool: str, gpus: int, hostname: str) -> None:
-    """Insert or refresh a worker's row (its heartbeat)."""
-    from api.repositories import _insert
-
-    now = utcnow()
-    stmt = _insert(session, Worker).values(
-        name=name, pool=pool, gpus=gpus, hostname=hostname, started_at=now, heartbeat_at=now
-    )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["name"],
-        set_={"pool": pool, "gpus": gpus, "hostname": hostname, "heartbeat_at": now},
-    )
-    session.execute(stmt)
+    """Insert or refresh a worker's row (its heartbeat): the pool has one more live slot."""
+    WorkerRepository(session).register(name=name, pool=pool, gpus=gpus, hostname=hostname)
 
 
 def prune_workers(session: Session, *, older_than_s: float) -> None:
     """Forget workers silent for long (each restart under a new name leaves a row behind)."""
-    cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
-    session.query(Worker).filter(Worker.heartbeat_at < cutoff).delete(synchronize_session=False)
+    WorkerRepository(session).prune(utcnow() - dt.timedelta(seconds=older_than_s))
 
 
 def deregister_worker(session: Session, name: str) -> None:
-    session.query(Worker).filter(Worker.name == name).delete(synchronize_session=False)
+    WorkerRepository(session).deregister(name)

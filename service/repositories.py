@@ -1,4 +1,8 @@
-"""All SQL lives here (routes call services, services call repositories).
+"""All SQL lives here (routes call services, services call repositories); ``tests/test_layout.py``
+fails on a query anywhere else outside migrations/.
+
+Job statuses are written only through `service.lifecycle`, which passes them to
+`JobRepository.transition`; this module decides nothing about them.
 
 Why the job writes are conditional UPDATEs with RETURNING instead of read-modify-write:
 the API (cancel), the worker supervisor (claim, heartbeat, final status), the training
@@ -16,13 +20,13 @@ from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any
 
-from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy import Connection, and_, case, delete, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from api.live import LivePublisher
-from api.models import (
-    ACTIVE_STATUSES,
+from service.lifecycle import ACTIVE_STATUSES, FAILED, QUEUED
+from service.live import LivePublisher
+from service.models import (
     ApiKey,
     Checkpoint,
     Job,
@@ -30,9 +34,35 @@ from api.models import (
     Metric,
     Team,
     Upload,
+    Worker,
     utcnow,
 )
-from api.txn import after_commit
+from service.txn import after_commit
+
+_QUEUED = QUEUED.value
+
+
+# --------------------------------------------------------------------------- connections
+def sqlite_on_connect(dbapi_conn: Any) -> None:
+    """What every SQLite connection runs first (`service.db`): WAL, foreign keys, a busy
+    timeout, and transaction control handed to SQLAlchemy instead of pysqlite."""
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def sqlite_begin(conn: Connection) -> None:
+    """Every SQLite transaction takes the write lock at once (serialises writers)."""
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def ping(conn: Connection) -> None:
+    """The readiness probe's round trip."""
+    conn.execute(text("SELECT 1"))
 
 
 def _insert(session: Session, model: Any) -> Any:
@@ -62,6 +92,16 @@ class TeamRepository:
 
     def list(self) -> Sequence[Team]:
         return self.session.scalars(select(Team).order_by(Team.name)).all()
+
+    def refresh(self, team_id: str) -> Team | None:
+        return self.session.get(Team, team_id, populate_existing=True)
+
+    def lock_queued_quota(self, team_id: str) -> int | None:
+        """The team's ``max_queued_jobs``, with its row locked until the transaction ends, so
+        concurrent submissions count one after the other (SQLite serialises them anyway)."""
+        return self.session.scalar(
+            select(Team.max_queued_jobs).where(Team.id == team_id).with_for_update()
+        )
 
 
 class ApiKeyRepository:
@@ -138,10 +178,44 @@ class JobRepository:
     def stale_queued(self, cutoff: dt.datetime, limit: int = 100) -> Sequence[Job]:
         return self.session.scalars(
             select(Job)
-            .where(Job.status == "queued", Job.admitted_at.is_not(None), Job.enqueued_at < cutoff)
+            .where(Job.status == _QUEUED, Job.admitted_at.is_not(None), Job.enqueued_at < cutoff)
             .order_by(Job.id)
             .limit(limit)
         ).all()
+
+    def active_on_worker(self, worker: str) -> Sequence[Job]:
+        """Active jobs a (dead) worker of this name holds."""
+        return self.session.scalars(
+            select(Job).where(Job.status.in_(ACTIVE_STATUSES), Job.worker == worker)
+        ).all()
+
+    def fence_state(self, job_id: str) -> Any:
+        """(attempt, status, cancel_requested) of a job, or None: what a training process
+        polls to learn that it was cancelled or fenced off."""
+        return self.session.execute(
+            select(Job.attempt, Job.status, Job.cancel_requested).where(Job.id == job_id)
+        ).one_or_none()
+
+    def count_queued(self, team_id: str) -> int:
+        return int(
+            self.session.scalar(
+                select(func.count())
+                .select_from(Job)
+                .where(Job.team_id == team_id, Job.status == _QUEUED)
+            )
+            or 0
+        )
+
+    def gpus_in_use(self, team_id: str) -> int:
+        """GPUs of the team's jobs that hold a slot (admitted or running)."""
+        return int(
+            self.session.scalar(
+                select(func.coalesce(func.sum(Job.gpus), 0)).where(
+                    Job.team_id == team_id, busy_condition()
+                )
+            )
+            or 0
+        )
 
     # -- writes ----------------------------------------------------------------------------
     def add(self, job: Job) -> Job:
@@ -156,23 +230,43 @@ class JobRepository:
         statuses: Iterable[str] | None = None,
         attempt: int | None = None,
         cancel_requested: bool | None = None,
+        admitted: bool | None = None,
+        heartbeat_before: dt.datetime | None = None,
+        on_worker: str | None = None,
+        enqueued_before: dt.datetime | None = None,
+        bump_attempt: bool = False,
+        started_at: dt.datetime | None = None,
         values: dict[str, Any] | None = None,
         events: int = 0,
-        where: Sequence[Any] = (),
     ) -> int | None:
         """Conditionally update a job; return its new ``event_seq`` or None if nothing matched.
 
+        Conditions: the job is in `statuses`, at `attempt`, has `cancel_requested`, is
+        (not) `admitted`, its heartbeat is older than `heartbeat_before` (or never came), it
+        is held by `on_worker`, its message was sent before `enqueued_before`.
+        `bump_attempt` writes ``attempt + 1``; `started_at` is written only if still unset.
         ``events`` sequence numbers are reserved (``event_seq - events + 1 … event_seq``).
         """
-        conds = [Job.id == job_id]
+        conds: list[Any] = [Job.id == job_id]
         if statuses is not None:
             conds.append(Job.status.in_(tuple(statuses)))
         if attempt is not None:
             conds.append(Job.attempt == attempt)
         if cancel_requested is not None:
             conds.append(Job.cancel_requested.is_(cancel_requested))
-        conds.extend(where)
+        if admitted is not None:
+            conds.append(Job.admitted_at.is_not(None) if admitted else Job.admitted_at.is_(None))
+        if on_worker is not None:
+            conds.append(Job.worker == on_worker)
+        elif heartbeat_before is not None:
+            conds.append(Job.heartbeat_at.is_(None) | (Job.heartbeat_at < heartbeat_before))
+        if enqueued_before is not None:
+            conds.append(Job.enqueued_at < enqueued_before)
         vals: dict[str, Any] = {"updated_at": utcnow(), **(values or {})}
+        if bump_attempt:
+            vals["attempt"] = Job.attempt + 1
+        if started_at is not None:
+            vals["started_at"] = func.coalesce(Job.started_at, started_at)
         if events:
             vals["event_seq"] = Job.event_seq + events
         stmt = (
@@ -185,11 +279,34 @@ class JobRepository:
         seq = self.session.execute(stmt).scalar_one_or_none()
         return seq
 
-    def heartbeat(self, job_id: str, attempt: int) -> bool | None:
+    def mark_admitted(self, job_id: str, now: dt.datetime, *, statuses: Iterable[str]) -> bool:
+        """Admission (`service.lifecycle.admit`): only an unadmitted, not cancelled job."""
+        seq = self.update_fenced(
+            job_id,
+            statuses=statuses,
+            admitted=False,
+            cancel_requested=False,
+            values={"admitted_at": now, "enqueued_at": now, "updated_at": now},
+        )
+        return seq is not None
+
+    def mark_redispatched(self, job_id: str, now: dt.datetime, *, sent_before: dt.datetime) -> bool:
+        """An admitted queued job whose message went out before `sent_before` gets a new
+        send time (the reaper sends the message again after the commit)."""
+        seq = self.update_fenced(
+            job_id,
+            statuses=(_QUEUED,),
+            admitted=True,
+            enqueued_before=sent_before,
+            values={"enqueued_at": now},
+        )
+        return seq is not None
+
+    def heartbeat(self, job_id: str, attempt: int, *, statuses: Iterable[str]) -> bool | None:
         """Touch the heartbeat of our attempt; returns cancel_requested, or None if fenced off."""
         stmt = (
             update(Job)
-            .where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(ACTIVE_STATUSES))
+            .where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(tuple(statuses)))
             .values(heartbeat_at=utcnow())
             .returning(Job.cancel_requested)
             .execution_options(synchronize_session=False)
@@ -229,32 +346,25 @@ class JobRepository:
         to_status: str,
         *,
         from_statuses: Iterable[str],
-        attempt: int | None = None,
-        cancel_requested: bool | None = None,
         values: dict[str, Any] | None = None,
         data: dict[str, Any] | None = None,
-        where: Sequence[Any] = (),
+        **conditions: Any,
     ) -> int | None:
-        """Move a job to `to_status` if it is in one of `from_statuses` (and at `attempt`).
+        """Move a job to `to_status` if it is in one of `from_statuses` and matches
+        `conditions` (those of `update_fenced`). Only `service.lifecycle` calls this.
 
         Writes the status event in the same transaction. Returns the event seq, or None when
         the job was not in an allowed state (someone else moved it first).
         """
         vals = {"status": to_status, **(values or {})}
         seq = self.update_fenced(
-            job_id,
-            statuses=from_statuses,
-            attempt=attempt,
-            cancel_requested=cancel_requested,
-            values=vals,
-            events=1,
-            where=where,
+            job_id, statuses=from_statuses, values=vals, events=1, **conditions
         )
         if seq is None:
             return None
         row = self.session.execute(select(Job.attempt, Job.error).where(Job.id == job_id)).one()
         event = {"status": to_status, "attempt": row.attempt, **(data or {})}
-        if to_status == "failed" and row.error is not None:
+        if to_status == FAILED.value and row.error is not None:
             event.setdefault("error", row.error)
         self.add_event(job_id, seq, "status", event)
         return seq
@@ -387,3 +497,146 @@ class UploadRepository:
         self.session.add(upload)
         self.session.flush()
         return upload
+
+
+# --------------------------------------------------------------------------- scheduling
+def busy_condition() -> Any:
+    """Jobs that hold a slot: admitted (message sent, not claimed yet) or running."""
+    return or_(
+        Job.status.in_(ACTIVE_STATUSES),
+        (Job.status == _QUEUED) & Job.admitted_at.is_not(None),
+    )
+
+
+class SchedulerRepository:
+    """The reads behind `service.scheduler.load_state`, grouped so a snapshot costs a handful
+    of queries, and the lock that serialises scheduling passes."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def lock(self, key: int, *, wait: bool = True) -> bool:
+        """A Postgres transaction-level advisory lock on `key` (``wait=False``: only try).
+        SQLite: the transaction's BEGIN IMMEDIATE already serialises, so always True."""
+        if self.session.get_bind().dialect.name != "postgresql":
+            return True
+        if wait:
+            self.session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+            return True
+        got = self.session.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key})
+        return bool(got.scalar_one())
+
+    def live_pools(self, cutoff: dt.datetime) -> list[tuple[str, int, int]]:
+        """(pool, live workers, largest worker's GPUs) over workers heard from since `cutoff`."""
+        rows = self.session.execute(
+            select(Worker.pool, func.count(), func.max(Worker.gpus))
+            .where(Worker.heartbeat_at >= cutoff)
+            .group_by(Worker.pool)
+        )
+        return [(name, int(n), int(max_gpus or 0)) for name, n, max_gpus in rows]
+
+    def busy(self) -> list[tuple[str, str, int, int, int]]:
+        """(pool, team, jobs, GPUs, share units) of the jobs holding a slot; a job counts as
+        ``max(gpus, 1)`` share units (`service.scheduler.share_units`)."""
+        units = case((Job.gpus > 1, Job.gpus), else_=1)
+        rows = self.session.execute(
+            select(Job.queue, Job.team_id, func.count(), func.sum(Job.gpus), func.sum(units))
+            .where(busy_condition())
+            .group_by(Job.queue, Job.team_id)
+        )
+        return [(q, t, int(n), int(g or 0), int(u or 0)) for q, t, n, g, u in rows]
+
+    def last_admitted(self) -> list[tuple[str, str, Any]]:
+        """(pool, team, the team's latest admission in that pool)."""
+        return [
+            (q, t, last)
+            for q, t, last in self.session.execute(
+                select(Job.queue, Job.team_id, func.max(Job.admitted_at))
+                .where(Job.admitted_at.is_not(None))
+                .group_by(Job.queue, Job.team_id)
+            )
+        ]
+
+    def waiting(self) -> Sequence[Any]:
+        """Queued jobs not admitted yet: (id, team_id, queue, gpus, priority, created_at)."""
+        return self.session.execute(
+            select(Job.id, Job.team_id, Job.queue, Job.gpus, Job.priority, Job.created_at).where(
+                Job.status == _QUEUED, Job.admitted_at.is_(None)
+            )
+        ).all()
+
+    def admitted(self) -> Sequence[Any]:
+        """Admitted jobs no worker claimed yet: (id, queue)."""
+        return self.session.execute(
+            select(Job.id, Job.queue).where(Job.status == _QUEUED, Job.admitted_at.is_not(None))
+        ).all()
+
+
+class WorkerRepository:
+    """The ``workers`` table: one row per live Celery worker (a scheduler slot)."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def register(self, *, name: str, pool: str, gpus: int, hostname: str) -> None:
+        """Insert or refresh a worker's row (its heartbeat)."""
+        now = utcnow()
+        stmt = _insert(self.session, Worker).values(
+            name=name, pool=pool, gpus=gpus, hostname=hostname, started_at=now, heartbeat_at=now
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["name"],
+            set_={"pool": pool, "gpus": gpus, "hostname": hostname, "heartbeat_at": now},
+        )
+        self.session.execute(stmt)
+
+    def prune(self, cutoff: dt.datetime) -> None:
+        """Forget workers silent since before `cutoff`."""
+        self.session.execute(delete(Worker).where(Worker.heartbeat_at < cutoff))
+
+    def deregister(self, name: str) -> None:
+        self.session.execute(delete(Worker).where(Worker.name == name))
+
+    def list(self) -> Sequence[Worker]:
+        return self.session.scalars(select(Worker).order_by(Worker.pool, Worker.name)).all()
+
+
+# --------------------------------------------------------------------------- /metrics
+class StatsRepository:
+    """What a Prometheus scrape reads (`api.metrics`)."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def jobs_by_status(self) -> dict[str, int]:
+        return {
+            status: int(n)
+            for status, n in self.session.execute(
+                select(Job.status, func.count()).group_by(Job.status)
+            )
+        }
+
+    def queued_by_queue(self) -> dict[str, int]:
+        rows = self.session.execute(
+            select(Job.queue, func.count()).where(Job.status == _QUEUED).group_by(Job.queue)
+        )
+        return {queue: int(n) for queue, n in rows}
+
+    def active_jobs(self) -> Sequence[Any]:
+        """(id, worker, started_at) of the jobs a worker is running."""
+        return self.session.execute(
+            select(Job.id, Job.worker, Job.started_at).where(
+                Job.status.in_(ACTIVE_STATUSES), Job.worker.is_not(None)
+            )
+        ).all()
+
+    def steps_since(self, job_id: str, since: dt.datetime) -> int:
+        """Distinct steps of `job_id` with metrics recorded since `since`."""
+        return int(
+            self.session.scalar(
+                select(func.count(func.distinct(Metric.step))).where(
+                    Metric.job_id == job_id, Metric.created_at >= since
+                )
+            )
+            or 0
+        )

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from api.settings import Settings
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ them by replacing ``get_settings`` instead of patching ``os.environ`` all over t
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -113,3 +114,15 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``SHARP_*`` variables that rebuild `settings` in another process."""
+    env: dict[str, str] = {}
+    prefix = Settings.model_config.get("env_prefix", "SHARP_")
+    for name, value in settings.model_dump(mode="json").items():
+        if value is None:
+            continue
+        key = f"{prefix}{name}".upper()
+        env[key] = value if isinstance(value, str) else json.dumps(value)
+    return env

@@ -5,6 +5,9 @@ Why one place: the reconnect rules are the subtle part and must not differ betwe
 a dropped connection or a stream that ends before the terminal status resumes with
 ``Last-Event-ID`` (so no event is lost or repeated), with a growing pause, and gives up after
 `SSE_RETRIES` failures in a row. Callers only decide how to *show* the state.
+
+The ETA shown is the server's (``progress.eta_s`` of the job and of each ``metrics`` event,
+`service.progress`); it is never recomputed here.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from typing import Any
 
 import httpx
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+from service.lifecycle import ACTIVE_STATUSES, TERMINAL_STATUSES
+
+TERMINAL = TERMINAL_STATUSES
 SSE_RETRIES = 20
 
 
@@ -39,15 +44,20 @@ class JobState:
     eval_macro_f1: float | None = None
     terms: dict[str, float] = field(default_factory=dict)
     error: dict[str, Any] | None = None
+    eta_s: float | None = None  # the server's estimate (`service.progress`)
     last_id: str | None = None
     checkpoints: list[int] = field(default_factory=list)
 
     def apply(self, event: str, data: dict[str, Any]) -> None:
         if event == "status":
             self.status = data.get("status", self.status)
+            if self.status not in ACTIVE_STATUSES:
+                self.eta_s = None
             if data.get("error"):
                 self.error = data["error"]
         elif event == "metrics":
+            if "progress" in data:
+                self.eta_s = data["progress"].get("eta_s")
             for point in data.get("metrics", []):
                 self.step = max(self.step, int(point.get("step", 0)))
                 values = point.get("values", {})
@@ -74,24 +84,12 @@ class JobState:
             return f"ppl {self.eval_ppl:.1f}"
         return "eval -"
 
-    def eta_s(self, max_steps: int, tokens_per_step: int) -> float | None:
-        if self.status != "running" or not self.tokens_per_s or not tokens_per_step:
-            return None
-        return max(0, max_steps - self.step) * tokens_per_step / self.tokens_per_s
-
 
 def fmt_eta(seconds: float | None) -> str:
     if seconds is None:
         return "-:--"
     seconds = int(seconds)
     return f"{seconds // 60}:{seconds % 60:02d}"
-
-
-def tokens_per_step(spec: dict[str, Any]) -> int:
-    training = spec.get("training", {})
-    return int(
-        training.get("batch_size", 8) * training.get("grad_accum", 1) * training.get("seq_len", 512)
-    )
 
 
 def follow_events(
