@@ -81,7 +81,7 @@ class PruneSpec(_Strict):
     together (give one, the other follows). docs/pruning.md has the details.
     """
 
-    layers: Annotated[int, Field(ge=1, le=100_000)] | list[int] | None = Field(
+    layers: int | list[int] | None = Field(
         default=None,
         description="How many layers to keep (the most important by Block Influence), or the "
         "teacher's layer indices to keep.",
@@ -106,6 +106,8 @@ class PruneSpec(_Strict):
     @field_validator("layers")
     @classmethod
     def _layers(cls, v: int | list[int] | None) -> int | list[int] | None:
+        if isinstance(v, int) and not 1 <= v <= 100_000:
+            raise ValueError(f"a layer count must be at least 1, got {v}")
         if isinstance(v, list) and (not v or len(set(v)) != len(v) or min(v) < 0):
             raise ValueError("layers must be a count or a non-empty list of distinct indices >= 0")
         return v

@@ -377,3 +377,69 @@ def test_unsupported_model_type_lists_the_supported_ones() -> None:
 def test_empty_calibration_set_is_an_error() -> None:
     with pytest.raises(PruneError, match="empty"):
         prune(_model("gpt2"), PruneTarget(layers=2), batches=[])
+
+
+# --------------------------------------------------------------------------- the spec
+def _spec(**student: object) -> dict:
+    return {
+        "teacher": {"model": "./teacher"},
+        "student": {"init": "prune", "prune": {"layers": 2, "heads": 2}, **student},
+        "dataset": {"source": "files", "files": ["a.txt"]},
+        "method": {"name": "kd"},
+    }
+
+
+def test_spec_accepts_a_prune_block() -> None:
+    from sharp_core.spec import parse_spec
+
+    spec = parse_spec(_spec())
+    assert spec.student.init == "prune" and spec.student.prune is not None
+    assert spec.student.prune.calibration.samples == 256
+    assert spec.student.prune.scoring == "activation"
+
+
+@pytest.mark.parametrize(
+    "change,param",
+    [
+        (lambda d: d.pop("teacher") and d["method"].update(name="sft"), "spec.student.init"),
+        (
+            lambda d: d["teacher"].update(init="prune", model=None, prune={"layers": 1}),
+            "spec.teacher.init",
+        ),
+        (lambda d: d.update(tokenizer={"name": "gpt2"}), "spec.tokenizer.name"),
+        (lambda d: d.update(tokenizer={"train": {"vocab_size": 300}}), "spec.tokenizer.train"),
+        (lambda d: d["student"]["prune"].update(layers=0), "spec.student.prune.layers"),
+        (lambda d: d["student"]["prune"].update(heads=0), "spec.student.prune.heads"),
+        (lambda d: d["student"]["prune"].update(layers=[1, 1]), "spec.student.prune.layers"),
+        (lambda d: d["student"].pop("prune"), "spec.student"),
+        (lambda d: d["student"].update(model="gpt2"), "spec.student"),
+        (lambda d: d["student"].update(init="config"), "spec.student"),
+    ],
+)
+def test_spec_refuses_bad_prune_input_naming_the_field(change, param: str) -> None:
+    from sharp_core.errors import SpecError
+    from sharp_core.spec import parse_spec
+
+    d = _spec()
+    change(d)
+    with pytest.raises(SpecError) as e:
+        parse_spec(d)
+    assert e.value.param == param, e.value.message
+
+
+def test_target_checked_against_a_plain_config_dict_with_hf_defaults() -> None:
+    from types import SimpleNamespace
+
+    from sharp_core.prune_shapes import check_prune_target
+
+    block = SimpleNamespace(layers=2, heads=None, kv_heads=None, ffn=None, hidden=None)
+    s = check_prune_target(block, {"model_type": "gpt2", "n_layer": 4, "n_embd": 128, "n_head": 4})
+    assert (s.layers, s.heads, s.hidden, s.ffn, s.head_dim) == (2, 4, 128, 512, 32)
+    big = SimpleNamespace(layers=13, heads=None, kv_heads=None, ffn=None, hidden=None)
+    with pytest.raises(PruneError) as e:
+        check_prune_target(big, {"model_type": "opt"})  # OPT's default: 12 layers
+    assert e.value.param == "spec.student.prune.layers" and "12" in e.value.message
+    gqa = SimpleNamespace(layers=None, heads=12, kv_heads=8, ffn=None, hidden=None)
+    with pytest.raises(PruneError) as e:
+        check_prune_target(gqa, {"model_type": "llama", "num_key_value_heads": 8})
+    assert e.value.param == "spec.student.prune.heads"
