@@ -23,6 +23,17 @@ re-queues a running job — then Redis, which flushes its AOF). The command-line
 also make this process a *child subreaper* (Linux), so a training process orphaned by a
 worker that had to be killed is re-parented to us and swept up instead of running on.
 
+While it serves, ``sharp up`` *supervises* its children: one that dies (a crash, an OOM kill,
+``kill -9``) is restarted with the same command line and environment after a backoff, and the
+restart is logged with the child's name, how it ended and the count (`RestartPolicy`). Only
+when a child dies ``max_deaths`` times within ``window_s`` does ``sharp up`` stop everything
+and exit non-zero. Redis comes back on the same port with the same password and its AOF, so
+the worker and the API reconnect through their own retries. The worker has a stable name per
+var dir (`embedded_settings`), so the new worker's first reaper pass takes back the job the
+dead one held at once instead of after the heartbeat timeout, and the job resumes from its
+last checkpoint; the dead worker's training process (re-parented to us) is first asked to
+stop, which makes it save a checkpoint.
+
 ``<var>/sharp-up.json`` records our pid and the children's pids with their command lines. A
 second start refuses while that pid is alive; if it is dead (a crash, ``kill -9``), any child
 still alive whose command line matches is stopped and the start goes on, so a stale file
@@ -37,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import os
 import secrets
@@ -46,7 +58,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +73,8 @@ STATE_FILE = "sharp-up.json"
 KEY_FILE = "demo-api-key"
 DEMO_TEAM = "demo"
 DB_FILE = "sharp.db"
+#: ``<var>/data``: the default root for ``dataset.source: files`` under ``sharp up``.
+DATA_DIR = "data"
 
 READY_TIMEOUT_S = 90.0
 REDIS_READY_TIMEOUT_S = 15.0
@@ -67,6 +82,70 @@ REDIS_READY_TIMEOUT_S = 15.0
 
 class EmbeddedError(RuntimeError):
     """A start that cannot go on (port taken, already running, a child died at start)."""
+
+
+# -- restart policy --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a dead child is restarted, and when we give up.
+
+    A child may die `max_deaths` - 1 times within any `window_s` seconds and be restarted;
+    the `max_deaths`-th death inside the window stops the stack (a child that cannot stay up
+    is broken, and restarting it forever would hide that). The wait before a restart doubles
+    with each death still inside the window, from `backoff_initial_s` up to `backoff_max_s`,
+    so a crash loop does not spin while a one-off kill is repaired at once.
+    """
+
+    max_deaths: int = 5
+    window_s: float = 60.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.max_deaths < 1 or self.window_s <= 0:
+            raise ValueError("max_deaths must be >= 1 and window_s > 0")
+        if not 0 <= self.backoff_initial_s <= self.backoff_max_s:
+            raise ValueError("need 0 <= backoff_initial_s <= backoff_max_s")
+
+
+class DeathRecord:
+    """The recent deaths of one child under a `RestartPolicy` (pure: the caller gives times)."""
+
+    def __init__(self, policy: RestartPolicy):
+        self.policy = policy
+        self.deaths: deque[float] = deque()
+        self.total = 0
+
+    def record(self, now: float) -> float | None:
+        """Note a death at `now` (monotonic seconds): the delay before restarting, or None if
+        this death is the `max_deaths`-th within the window (give up)."""
+        p = self.policy
+        self.total += 1
+        self.deaths.append(now)
+        while self.deaths and self.deaths[0] <= now - p.window_s:
+            self.deaths.popleft()
+        n = len(self.deaths)
+        if n >= p.max_deaths:
+            return None
+        return min(p.backoff_max_s, p.backoff_initial_s * 2 ** (n - 1))
+
+    @property
+    def recent(self) -> int:
+        """Deaths inside the window as of the last `record`."""
+        return len(self.deaths)
+
+
+def describe_exit(returncode: int) -> str:
+    """``exited with code 3`` or ``was killed by SIGKILL`` (Popen's negative codes)."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with code {returncode}"
 
 
 # -- small process utilities ------------------------------------------------------------------
@@ -197,6 +276,12 @@ def embedded_settings(
     Artifact and upload roots move under `var_dir` unless they were set explicitly
     (``SHARP_ARTIFACT_ROOT`` …). Every path is absolute because the worker and its training
     processes may run from another directory.
+
+    ``dataset.source: files`` may read only under ``<var>/data`` unless
+    ``SHARP_DATASET_FILE_ROOTS`` is set: not the whole var dir, which holds the demo key, the
+    database and the Redis password. The worker's name is stable for this var dir (unless
+    ``SHARP_WORKER_NAME`` is set), so a restarted worker reclaims its predecessor's job at
+    once (`worker.reaper.reap`'s ``dead_worker``).
     """
     var_dir = var_dir.resolve()
     update: dict[str, Any] = {
@@ -212,6 +297,13 @@ def embedded_settings(
     update["upload_root"] = (
         Path(base.upload_root).resolve() if "upload_root" in explicit else var_dir / "uploads"
     )
+    if "dataset_file_roots" in explicit:
+        update["dataset_file_roots"] = [Path(r).resolve() for r in base.dataset_file_roots]
+    else:
+        update["dataset_file_roots"] = [var_dir / DATA_DIR]
+    if "worker_name" not in explicit:
+        digest = hashlib.sha256(str(var_dir).encode()).hexdigest()[:10]
+        update["worker_name"] = f"sharp-up-{digest}@{socket.gethostname()}"
     return base.model_copy(update=update)
 
 
@@ -225,6 +317,8 @@ class Child:
     log: Path
     stop_timeout_s: float
     cmdline: list[str] = field(default_factory=list)
+    #: The environment it was started with, so a restart reproduces it exactly.
+    env: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -289,6 +383,8 @@ class EmbeddedStack:
         redis_port: int = 0,
         base_settings: Settings | None = None,
         log: Any = None,
+        restart_policy: RestartPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.var_dir = Path(var_dir).resolve()
         self.host = host
@@ -299,6 +395,14 @@ class EmbeddedStack:
         self.children: list[Child] = []
         self.settings: Settings | None = None
         self.api_key: str = ""
+        self.restart_policy = restart_policy or RestartPolicy()
+        self.clock = clock
+        #: Why `wait` gave up (a child died too often), for the caller's error line.
+        self.gave_up: str | None = None
+        self._deaths: dict[str, DeathRecord] = {}
+        #: Dead children waiting for their backoff: name -> (the dead child, restart time).
+        self._pending: dict[str, tuple[Child, float]] = {}
+        self._ready = False
         self._stopped = False
         self._lock = threading.Lock()
         #: Set (by a signal handler) to abandon a start that is still waiting for a child.
@@ -329,6 +433,7 @@ class EmbeddedStack:
             self.var_dir.mkdir(mode=0o700, parents=True)  # database, key hashes, the key file
         self.logs_dir.mkdir(exist_ok=True)
         (self.var_dir / "redis").mkdir(exist_ok=True)
+        (self.var_dir / DATA_DIR).mkdir(exist_ok=True)
         self._clear_stale_state()
         if self.port == 0:
             self.port = free_port(self.host)
@@ -348,6 +453,7 @@ class EmbeddedStack:
             self._start_worker()
             self._start_api()
             self._wait_ready()
+            self._ready = True
             self._write_state(ready=True)
         except BaseException:
             self.stop()
@@ -375,15 +481,58 @@ class EmbeddedStack:
                 (self.var_dir / STATE_FILE).unlink()
 
     def wait(self, stop: threading.Event) -> int:
-        """Block until `stop` is set (0) or a child dies by itself (1)."""
+        """Block until `stop` is set (0), restarting children that die, or until one died too
+        often (1; `gave_up` says which and how often)."""
         while not stop.wait(0.5):
             self._reap_adopted()
-            dead = self.check_children()
-            if dead is not None:
-                self.log(f"{dead.name} exited with code {dead.proc.returncode}; stopping")
-                self.log(self.tail(dead))
+            if not self.supervise():
                 return 1
         return 0
+
+    def supervise(self) -> bool:
+        """One supervision pass: note children that died, restart those whose backoff is
+        over. False once a child died `RestartPolicy.max_deaths` times within the window."""
+        now = self.clock()
+        for child in list(self.children):
+            if child.name in self._pending or child.proc.poll() is None:
+                continue
+            record = self._deaths.setdefault(child.name, DeathRecord(self.restart_policy))
+            delay = record.record(now)
+            how = describe_exit(child.proc.returncode)
+            self.log(f"{child.name} (pid {child.proc.pid}) {how}")
+            self.log(self.tail(child, 15))
+            # What it left behind: the rest of its process group, and (the worker) its
+            # training process, which stops at its next step and saves a checkpoint; it gets
+            # the grace the worker itself would give it.
+            self._stop_child(child)
+            grace = self.settings.kill_grace_s if self.settings is not None else 10.0
+            self._sweep_orphans(max(10.0, grace))
+            if delay is None:
+                p = self.restart_policy
+                self.gave_up = (
+                    f"{child.name} died {record.recent} times within {p.window_s:.0f}s "
+                    f"(last: {how}); giving up"
+                )
+                self.log(self.gave_up)
+                return False
+            p = self.restart_policy
+            self.log(
+                f"restarting {child.name} in {delay:.1f}s (restart {record.total}; "
+                f"{record.recent} death(s) within {p.window_s:.0f}s, {p.max_deaths} stop "
+                "the service)"
+            )
+            self._pending[child.name] = (child, now + delay)
+        for name, (dead, due) in list(self._pending.items()):
+            if self.clock() >= due:
+                del self._pending[name]
+                try:
+                    new = self._restart(dead)
+                except OSError as e:  # the executable or the working directory is gone
+                    self.gave_up = f"{name} could not be restarted ({e}); giving up"
+                    self.log(self.gave_up)
+                    return False
+                self.log(f"{name} restarted (pid {new.proc.pid})")
+        return True
 
     def tail(self, child: Child, lines: int = 30) -> str:
         try:
@@ -415,8 +564,16 @@ class EmbeddedStack:
             (self.var_dir / STATE_FILE).unlink()
 
     def _spawn(
-        self, name: str, cmd: list[str], env: dict[str, str], stop_timeout_s: float
+        self,
+        name: str,
+        cmd: list[str],
+        env: dict[str, str],
+        stop_timeout_s: float,
+        *,
+        replace: Child | None = None,
     ) -> Child:
+        """Start a child in its own session; `replace`: the dead child it takes the place of
+        (same position, so the stop order stays API → worker → Redis)."""
         log = self.logs_dir / f"{name}.log"
         with log.open("ab") as out:
             proc = subprocess.Popen(
@@ -428,10 +585,20 @@ class EmbeddedStack:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        child = Child(name, proc, log, stop_timeout_s, cmdline=cmd)
-        self.children.append(child)
-        self._write_state(ready=False)
+        child = Child(name, proc, log, stop_timeout_s, cmdline=cmd, env=env)
+        if replace is not None and replace in self.children:
+            self.children[self.children.index(replace)] = child
+        else:
+            self.children.append(child)
+        self._write_state(ready=self._ready)
         return child
+
+    def _restart(self, dead: Child) -> Child:
+        """The same command line and environment again: Redis comes back on its port with its
+        password and AOF (the config file is still there), the API on its port."""
+        with contextlib.suppress(OSError), dead.log.open("a") as f:
+            f.write(f"--- sharp up: restarting {dead.name} (was pid {dead.proc.pid}) ---\n")
+        return self._spawn(dead.name, dead.cmdline, dead.env, dead.stop_timeout_s, replace=dead)
 
     def _redis_config(self, port: int, password: str) -> Path:
         """A private (0600) config file, so the password never shows in ``ps``."""
@@ -616,8 +783,9 @@ class EmbeddedStack:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
 
-    def _sweep_orphans(self) -> None:
-        """Stop descendants re-parented to us (we are subreaper) after their parent died."""
+    def _sweep_orphans(self, grace_s: float = 10.0) -> None:
+        """Stop descendants re-parented to us (we are subreaper) after their parent died:
+        SIGTERM, then SIGKILL after `grace_s`."""
         if not _subreaper:
             return
         known = {c.proc.pid for c in self.children}
@@ -627,7 +795,7 @@ class EmbeddedStack:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         for pid in orphans:
-            if not _wait_pid_gone_reaping(pid, 10):
+            if not _wait_pid_gone_reaping(pid, grace_s):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 _wait_pid_gone_reaping(pid, 5)
@@ -693,6 +861,8 @@ def banner(stack: EmbeddedStack) -> list[str]:
         f"API key (team {DEMO_TEAM}): {stack.api_key}",
         f"  kept in {stack.key_file} (mode 0600); database {stack.var_dir / DB_FILE}; "
         f"redis 127.0.0.1:{stack.redis_port}; logs {stack.logs_dir}",
+        "  jobs with dataset.source 'files' read under "
+        + ", ".join(str(r) for r in (stack.settings.dataset_file_roots if stack.settings else [])),
         f'  try: curl -H "Authorization: Bearer {stack.api_key}" {stack.url}/v1/jobs',
     ]
 
@@ -723,6 +893,8 @@ def run_up(var_dir: Path, host: str, port: int, redis_port: int) -> int:
             print("stopping…", file=sys.stderr, flush=True)
             stack.stop()
             _reap_zombies()
+        if code != 0:
+            print(f"error: {stack.gave_up}; everything stopped", file=sys.stderr, flush=True)
         print("stopped.", file=sys.stderr, flush=True)
         return code
 

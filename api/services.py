@@ -58,6 +58,51 @@ from sharp_core.spec import JobRef, JobSpec, ModelSpec, parse_spec
 Dispatch = Callable[[str, str], None]
 
 
+def confine_dataset_files(files: Sequence[str], roots: Sequence[Path]) -> list[Path]:
+    """The real path of each ``spec.dataset.files`` entry, refusing any outside every root.
+
+    Why real paths: a symlink (or ``..``) inside a root may point anywhere, and what matters
+    is where the bytes are read from. Why no roots means no files: the server would otherwise
+    read, and train a downloadable model on, whatever its own user can read (``/etc/passwd``,
+    the deployment's secrets); ``sharp up`` and the compose file configure a root. Called at
+    submission (422) and again by the training process just before it reads, which also
+    catches a link swapped in after submission. A missing file is not refused here: the
+    training process reports it as a data error naming the entry.
+
+    Raises `InvalidRequestError` (422, ``file_not_allowed``, not retryable) naming
+    ``spec.dataset.files`` when nothing may be read, else the entry (``spec.dataset.files.N``).
+    """
+    if not roots:
+        raise InvalidRequestError(
+            "this deployment reads no dataset files from the server: SHARP_DATASET_FILE_ROOTS "
+            "is not set. Upload the data (POST /v1/uploads, then dataset.source 'upload') or "
+            "ask the operator for a root.",
+            param="spec.dataset.files",
+            code="file_not_allowed",
+        )
+    real_roots = [Path(r).expanduser().resolve() for r in roots]
+    out: list[Path] = []
+    for i, f in enumerate(files):
+        try:
+            # The loader expands "~" too, so the check must see the same path it reads.
+            real = Path(f).expanduser().resolve()
+        except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before 3.13)
+            raise InvalidRequestError(
+                f"'{f}' cannot be resolved: {e}",
+                param=f"spec.dataset.files.{i}",
+                code="file_not_allowed",
+            ) from None
+        if not any(real.is_relative_to(r) for r in real_roots):
+            shown = f"'{f}'" if str(real) == f else f"'{f}' (really '{real}')"
+            raise InvalidRequestError(
+                f"{shown} is outside the directories this deployment reads from",
+                param=f"spec.dataset.files.{i}",
+                code="file_not_allowed",
+            )
+        out.append(real)
+    return out
+
+
 def request_hash(body: dict[str, Any]) -> str:
     """Canonical JSON digest: the same body with keys in another order is the same request."""
     blob = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -230,16 +275,8 @@ class JobService:
                     param="spec.dataset.upload_id",
                     code="unknown_upload",
                 )
-        if ds.source == "files" and self.settings.dataset_file_roots:
-            roots = [Path(r).resolve() for r in self.settings.dataset_file_roots]
-            for i, f in enumerate(ds.files):
-                p = Path(f).resolve()
-                if not any(p.is_relative_to(r) for r in roots):
-                    raise InvalidRequestError(
-                        f"'{f}' is outside the directories this deployment reads from",
-                        param=f"spec.dataset.files.{i}",
-                        code="file_not_allowed",
-                    )
+        if ds.source == "files":
+            confine_dataset_files(ds.files, self.settings.dataset_file_roots)
 
     def _check_allowed(self, name: str, param: str) -> None:
         allow = self.settings.model_allowlist

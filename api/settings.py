@@ -88,9 +88,9 @@ class Settings(BaseSettings):
     )
     dataset_file_roots: list[Path] = Field(
         default_factory=list,
-        description="If non-empty, dataset.source='files' paths must lie under one of these. "
-        "Empty (the embedded default) allows any path the worker can read; a shared "
-        "deployment should set it.",
+        description="Directories dataset.source='files' may read from: each path, symlinks "
+        "resolved, must lie under one of these. Empty (the default) refuses 'files' jobs; "
+        "`sharp up` uses <var>/data and docker-compose.yml /data/datasets unless this is set.",
     )
     worker_name: str | None = Field(
         default=None, description="Recorded on claimed jobs; default: host name and pid."

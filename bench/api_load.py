@@ -215,6 +215,8 @@ def production_stack(uvicorn_workers: int) -> Iterator[tuple[str, str, Any]]:
             redis_prefix=prefix,
             artifact_root=tmp / "artifacts",
             upload_root=tmp / "uploads",
+            # `measure` writes its corpus under the system temp directory.
+            dataset_file_roots=[Path(tempfile.gettempdir())],
         )
         db = Database(settings)
         with db.session() as s:
@@ -278,8 +280,17 @@ async def run_load(base: str, key: str, corpus: str, clients: int, duration: flo
     return stats
 
 
-def measure(base: str, key: str, settings: Any, clients: int, duration: float) -> dict[str, Any]:
-    corpus = Path(tempfile.mkdtemp(prefix="sharp-bench-corpus-")) / "corpus.txt"
+def measure(
+    base: str,
+    key: str,
+    settings: Any,
+    clients: int,
+    duration: float,
+    corpus_dir: Path | None = None,
+) -> dict[str, Any]:
+    """`corpus_dir`: where the jobs' corpus is written; it must lie under one of the server's
+    ``SHARP_DATASET_FILE_ROOTS`` (default: a new folder in the system temp directory)."""
+    corpus = Path(tempfile.mkdtemp(prefix="sharp-bench-corpus-", dir=corpus_dir)) / "corpus.txt"
     corpus.write_text("hello world\n" * 100)
     stop = threading.Event()
     feed: list[float] = []
@@ -335,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--uvicorn-workers", type=int, default=4)
     ap.add_argument("--url", help="an API already running (needs --key)")
     ap.add_argument("--key", help="an API key for --url")
+    ap.add_argument(
+        "--corpus-dir",
+        type=Path,
+        help="with --url: a folder under the server's SHARP_DATASET_FILE_ROOTS for the "
+        "jobs' corpus (e.g. var/data for `sharp up`)",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     if args.url:
@@ -345,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             from api.settings import Settings
 
             settings = Settings()
-        result = measure(args.url, args.key, settings, args.clients, args.duration)
+        result = measure(args.url, args.key, settings, args.clients, args.duration, args.corpus_dir)
         result["stack"] = {"url": args.url}
     else:
         with production_stack(args.uvicorn_workers) as (base, key, settings):

@@ -50,8 +50,8 @@ from sharp_core.errors import SpecError
 from sharp_core.launch import check_world, env_rank, torchrun_command, under_torchrun
 
 if TYPE_CHECKING:
+    from sharp_core.setup import Setup
     from sharp_core.spec import JobSpec
-    from sharp_core.trainer import Setup
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +266,10 @@ class Context:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier(group=self.control)
+
+    def callbacks(self, inner: Any) -> Any:
+        """The loop's callbacks: as given in one process, `RankCallbacks` under torchrun."""
+        return RankCallbacks(inner, self) if self.enabled else inner
 
     def own_rng(self, state: dict[str, Any]) -> Any:
         """This rank's RNG state from a checkpoint: its own when the checkpoint was written by

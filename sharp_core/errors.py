@@ -73,6 +73,15 @@ class CheckpointError(SharpError):
     retryable = True
 
 
+class CheckpointMismatchError(CheckpointError):
+    """A verified checkpoint whose weights do not fit the model (a key missing or extra).
+
+    Not retryable: another attempt would resume from the same checkpoint."""
+
+    code = "checkpoint_mismatch"
+    retryable = False
+
+
 class ArtifactWriteError(SharpError):
     code = "artifact_write_failed"
     status = 500

@@ -1,7 +1,13 @@
 """Token-level losses on logits: cross-entropy and the distillation divergences.
 
-Every function here is pure: logits in, a float32 scalar out. ``p`` is the teacher's
-distribution and ``q`` the student's, both over the vocabulary, one per token position.
+``p`` is the teacher's distribution and ``q`` the student's, both over the vocabulary, one
+per token position. Two levels, both pure functions:
+
+* the divergences themselves, ``DIVERGENCES = {name: fn}``: ``fn(log_p, log_q)`` maps (R, V)
+  log-probability rows to (R,) per-token values, each with its paper's equation;
+* the reducers that turn logits into a float32 scalar loss: `cross_entropy`,
+  `divergence` (any registry entry by name) and `logit_objective` ((1 − a)·CE + a·D in one
+  fused pass, what the trainer calls). They own everything below.
 
 Normalisation contract
 ----------------------
@@ -52,6 +58,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +67,8 @@ from torch.autograd.function import once_differentiable
 __all__ = [
     "IGNORE_INDEX",
     "DIVERGENCES",
+    "Divergence",
+    "LogitLoss",
     "count_valid",
     "cross_entropy",
     "divergence",
@@ -261,84 +270,141 @@ def _reduce(
         return _run_chunks(row_loss, s2, t2, y, rows, chunk, denom, None)
 
 
-# ---------------------------------------------------------------- per-row divergences
+# ------------------------------------------------------ per-token divergences (registry)
+
+
+class Divergence(Protocol):
+    """A per-token divergence D(p ‖ q) on log-probabilities, one registry entry.
+
+    ``log_p`` is the teacher's and ``log_q`` the student's log-softmax, both (R, V) float32
+    (already softened by the temperature); returns (R,) float32, the divergence of each row.
+    Every entry takes both mixing weights so every entry is called the same way: ``alpha``
+    is DistiLLM's skew (read by the two skew divergences only), ``beta`` GKD's β (read by
+    ``jsd`` only). Masking, the τ² factor, chunking and normalisation are the reducer's
+    (`divergence`, `logit_objective`), not the entry's.
+    """
+
+    def __call__(
+        self, log_p: torch.Tensor, log_q: torch.Tensor, *, alpha: float, beta: float
+    ) -> torch.Tensor: ...
+
+
+def forward_kl(
+    log_p: torch.Tensor, log_q: torch.Tensor, *, alpha: float = 0.1, beta: float = 0.5
+) -> torch.Tensor:
+    """Forward KL, KL(p_T ‖ q_S) = Σ_v p_v (log p_v − log q_v), per row: (R, V), (R, V) → (R,).
+
+    Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network" (the ``kd``
+    baseline). Forward KL is mode-covering: the student is pushed to put mass wherever the
+    teacher does, which is the classic choice and the default divergence of the objective.
+    """
+    return _kl_rows(log_p, log_q)
+
+
+def reverse_kl(
+    log_p: torch.Tensor, log_q: torch.Tensor, *, alpha: float = 0.1, beta: float = 0.5
+) -> torch.Tensor:
+    """Reverse KL, KL(q_S ‖ p_T) = Σ_v q_v (log q_v − log p_v), per row: (R, V), (R, V) → (R,).
+
+    Gu et al. 2024, "MiniLLM: Knowledge Distillation of Large Language Models" (ICLR): the
+    ``rkl`` baseline is the single-step (per-token, teacher-forced) term of MiniLLM's
+    sequence-level reverse KL, without its policy-gradient part. Reverse KL is mode-seeking:
+    a small student concentrates on the teacher's main modes instead of spreading mass over
+    tokens the teacher gives low probability, which matters for generation.
+    """
+    return _kl_rows(log_q, log_p)
+
+
+def skew_forward_kl(
+    log_p: torch.Tensor, log_q: torch.Tensor, *, alpha: float = 0.1, beta: float = 0.5
+) -> torch.Tensor:
+    """Skew KL (SKL), KL(p ‖ α·p + (1 − α)·q), per row: (R, V), (R, V) → (R,).
+
+    Ko et al. 2024, "DistiLLM: Towards Streamlined Distillation for Large Language Models"
+    (ICML), α = 0.1 there. ``alpha`` in [0, 1]; α = 0 is exactly `forward_kl`, α = 1 is 0.
+    Mixing a little of p into the student's side bounds the divergence (by log 1/α) where
+    q ≪ p, so early, badly calibrated students get stable gradients instead of the huge ones
+    plain forward KL gives. The mixture is formed in log space with logsumexp, never as
+    log(α·p + (1 − α)·q).
+    """
+    return _kl_rows(log_p, _log_mix(log_p, alpha, log_q))
+
+
+def skew_reverse_kl(
+    log_p: torch.Tensor, log_q: torch.Tensor, *, alpha: float = 0.1, beta: float = 0.5
+) -> torch.Tensor:
+    """Skew reverse KL (SRKL), KL(q ‖ (1 − α)·p + α·q), per row: (R, V), (R, V) → (R,).
+
+    Ko et al. 2024, "DistiLLM" (ICML), α = 0.1 there. ``alpha`` in [0, 1]; α = 0 is exactly
+    `reverse_kl`, α = 1 is 0. The mode-seeking reverse KL with the same bounding trick as
+    SKL (mixing α of q into the target keeps log-ratios finite where p ≪ q), which DistiLLM
+    found the better of the two on generation tasks.
+    """
+    return _kl_rows(log_q, _log_mix(log_q, alpha, log_p))
+
+
+def generalized_jsd(
+    log_p: torch.Tensor, log_q: torch.Tensor, *, alpha: float = 0.1, beta: float = 0.5
+) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence per row, (R, V), (R, V) → (R,):
+
+        M = β·p + (1 − β)·q,   JSD_β = β·KL(p ‖ M) + (1 − β)·KL(q ‖ M)
+
+    Agarwal et al. 2024, "On-Policy Distillation of Language Models: Learning from
+    Self-Generated Mistakes" (GKD, ICLR), in the convention of TRL's ``generalized_jsd_loss``
+    (β weights the teacher). ``beta`` in [0, 1]. β interpolates between the mode-covering
+    and the mode-seeking behaviour while staying bounded (by log 2 at β = 0.5).
+
+    Endpoints: the formula above tends to 0 as β → 0 or β → 1 (M collapses onto q or p, and
+    the surviving term is KL(q‖q) or KL(p‖p)), which would make the endpoints useless. Like
+    TRL, β = 0 is special-cased to return exactly `forward_kl` (KL(p‖q)) and β = 1 exactly
+    `reverse_kl` (KL(q‖p)), the limits the GKD paper means by its endpoints. The function is
+    therefore discontinuous at 0 and 1 by design.
+    """
+    if beta == 0.0:
+        return _kl_rows(log_p, log_q)
+    if beta == 1.0:
+        return _kl_rows(log_q, log_p)
+    log_m = _log_mix(log_p, beta, log_q)
+    return beta * _kl_rows(log_p, log_m) + (1.0 - beta) * _kl_rows(log_q, log_m)
+
+
+DIVERGENCES: dict[str, Divergence] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "skew_forward_kl": skew_forward_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "jsd": generalized_jsd,
+}
+"""The spec's logit divergence D, by name (`sharp_core.methods.DIVERGENCES` lists the names)."""
+
+
+def _lookup(name: str) -> Divergence:
+    try:
+        return DIVERGENCES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown divergence {name!r}; expected one of {', '.join(DIVERGENCES)}"
+        ) from None
 
 
 def _cross_entropy_rows(s: torch.Tensor, _t: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(s, y, reduction="none")
 
 
-def _forward_kl_rows(tau: float) -> RowLoss:
-    def row_loss(s: torch.Tensor, t: torch.Tensor | None, _y: torch.Tensor) -> torch.Tensor:
-        assert t is not None
-        log_q = F.log_softmax(_soften(s, tau), dim=-1)
-        log_p = F.log_softmax(_soften(t, tau), dim=-1)
-        return _kl_rows(log_p, log_q) * (tau * tau)
-
-    return row_loss
-
-
-def _reverse_kl_rows(tau: float) -> RowLoss:
-    def row_loss(s: torch.Tensor, t: torch.Tensor | None, _y: torch.Tensor) -> torch.Tensor:
-        assert t is not None
-        log_q = F.log_softmax(_soften(s, tau), dim=-1)
-        log_p = F.log_softmax(_soften(t, tau), dim=-1)
-        return _kl_rows(log_q, log_p) * (tau * tau)
-
-    return row_loss
-
-
-def _skew_forward_kl_rows(tau: float, a: float) -> RowLoss:
-    def row_loss(s: torch.Tensor, t: torch.Tensor | None, _y: torch.Tensor) -> torch.Tensor:
-        assert t is not None
-        log_q = F.log_softmax(_soften(s, tau), dim=-1)
-        log_p = F.log_softmax(_soften(t, tau), dim=-1)
-        return _kl_rows(log_p, _log_mix(log_p, a, log_q)) * (tau * tau)
-
-    return row_loss
-
-
-def _skew_reverse_kl_rows(tau: float, a: float) -> RowLoss:
-    def row_loss(s: torch.Tensor, t: torch.Tensor | None, _y: torch.Tensor) -> torch.Tensor:
-        assert t is not None
-        log_q = F.log_softmax(_soften(s, tau), dim=-1)
-        log_p = F.log_softmax(_soften(t, tau), dim=-1)
-        return _kl_rows(log_q, _log_mix(log_q, a, log_p)) * (tau * tau)
-
-    return row_loss
-
-
-def _jsd_rows(tau: float, b: float) -> RowLoss:
-    """β = 0 and β = 1 are the endpoints forward and reverse KL (see `generalized_jsd`)."""
-    if b == 0.0:
-        return _forward_kl_rows(tau)
-    if b == 1.0:
-        return _reverse_kl_rows(tau)
-
-    def row_loss(s: torch.Tensor, t: torch.Tensor | None, _y: torch.Tensor) -> torch.Tensor:
-        assert t is not None
-        log_q = F.log_softmax(_soften(s, tau), dim=-1)
-        log_p = F.log_softmax(_soften(t, tau), dim=-1)
-        log_m = _log_mix(log_p, b, log_q)
-        jsd = b * _kl_rows(log_p, log_m) + (1.0 - b) * _kl_rows(log_q, log_m)
-        return jsd * (tau * tau)
-
-    return row_loss
-
-
-def _divergence_rows(name: str, temperature: float, alpha: float, beta: float) -> RowLoss:
+def _divergence_rows(fn: Divergence, temperature: float, alpha: float, beta: float) -> RowLoss:
+    """`fn` as a `RowLoss` on raw logit rows: softened by τ, log-softmax in float32, × τ²."""
     tau = _check_temperature(temperature)
-    if name == "forward_kl":
-        return _forward_kl_rows(tau)
-    if name == "reverse_kl":
-        return _reverse_kl_rows(tau)
-    if name == "skew_forward_kl":
-        return _skew_forward_kl_rows(tau, _check_unit("alpha", alpha))
-    if name == "skew_reverse_kl":
-        return _skew_reverse_kl_rows(tau, _check_unit("alpha", alpha))
-    if name == "jsd":
-        return _jsd_rows(tau, _check_unit("beta", beta))
-    raise ValueError(f"unknown divergence {name!r}; expected one of {', '.join(DIVERGENCES)}")
+    alpha = _check_unit("alpha", alpha)
+    beta = _check_unit("beta", beta)
+
+    def row_loss(s: torch.Tensor, t: torch.Tensor | None, _y: torch.Tensor) -> torch.Tensor:
+        assert t is not None
+        log_q = F.log_softmax(_soften(s, tau), dim=-1)
+        log_p = F.log_softmax(_soften(t, tau), dim=-1)
+        return fn(log_p, log_q, alpha=alpha, beta=beta) * (tau * tau)
+
+    return row_loss
 
 
 # ------------------------------------------------------------------------- public API
@@ -365,164 +431,6 @@ def cross_entropy(
     return _reduce(_cross_entropy_rows, student_logits, None, labels, num_valid, chunk_size)
 
 
-def forward_kl(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    num_valid: int | torch.Tensor | None = None,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Forward KL, τ² · KL(p_T ‖ q_S) = τ² Σ_v p_v (log p_v − log q_v), per token.
-
-    Shapes: logits (B, N, V), any float dtype; ``labels`` (B, N), -100 = ignored. Returns a
-    float32 scalar (sum over valid tokens / ``num_valid``, see the module docstring).
-
-    Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network" (the ``kd``
-    baseline). Forward KL is mode-covering: the student is pushed to put mass wherever the
-    teacher does, which is the classic choice and the default divergence of the objective.
-    """
-    tau = _check_temperature(temperature)
-
-    return _reduce(
-        _forward_kl_rows(tau), student_logits, teacher_logits, labels, num_valid, chunk_size
-    )
-
-
-def reverse_kl(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    num_valid: int | torch.Tensor | None = None,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Reverse KL, τ² · KL(q_S ‖ p_T) = τ² Σ_v q_v (log q_v − log p_v), per token.
-
-    Shapes: logits (B, N, V), any float dtype; ``labels`` (B, N), -100 = ignored. Returns a
-    float32 scalar (sum over valid tokens / ``num_valid``).
-
-    Gu et al. 2024, "MiniLLM: Knowledge Distillation of Large Language Models" (ICLR): the
-    ``rkl`` baseline is the single-step (per-token, teacher-forced) term of MiniLLM's
-    sequence-level reverse KL, without its policy-gradient part. Reverse KL is mode-seeking:
-    a small student concentrates on the teacher's main modes instead of spreading mass over
-    tokens the teacher gives low probability, which matters for generation.
-    """
-    tau = _check_temperature(temperature)
-
-    return _reduce(
-        _reverse_kl_rows(tau), student_logits, teacher_logits, labels, num_valid, chunk_size
-    )
-
-
-def skew_forward_kl(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    alpha: float = 0.1,
-    temperature: float = 1.0,
-    num_valid: int | torch.Tensor | None = None,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Skew KL (SKL), τ² · KL(p ‖ α·p + (1 − α)·q), per token.
-
-    Shapes: logits (B, N, V), any float dtype; ``labels`` (B, N), -100 = ignored. Returns a
-    float32 scalar (sum over valid tokens / ``num_valid``). ``alpha`` in [0, 1]; α = 0 is
-    exactly ``forward_kl``, α = 1 is 0.
-
-    Ko et al. 2024, "DistiLLM: Towards Streamlined Distillation for Large Language Models"
-    (ICML), α = 0.1 there. Mixing a little of p into the student's side bounds the divergence
-    (by log 1/α) where q ≪ p, so early, badly calibrated students get stable gradients
-    instead of the huge ones plain forward KL gives. The mixture is formed in log space with
-    logsumexp, never as log(α·p + (1 − α)·q).
-    """
-    tau = _check_temperature(temperature)
-    a = _check_unit("alpha", alpha)
-
-    return _reduce(
-        _skew_forward_kl_rows(tau, a), student_logits, teacher_logits, labels, num_valid, chunk_size
-    )
-
-
-def skew_reverse_kl(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    alpha: float = 0.1,
-    temperature: float = 1.0,
-    num_valid: int | torch.Tensor | None = None,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Skew reverse KL (SRKL), τ² · KL(q ‖ (1 − α)·p + α·q), per token.
-
-    Shapes: logits (B, N, V), any float dtype; ``labels`` (B, N), -100 = ignored. Returns a
-    float32 scalar (sum over valid tokens / ``num_valid``). ``alpha`` in [0, 1]; α = 0 is
-    exactly ``reverse_kl``, α = 1 is 0.
-
-    Ko et al. 2024, "DistiLLM" (ICML), α = 0.1 there: the mode-seeking reverse KL with the
-    same bounding trick as SKL (mixing α of q into the target keeps log-ratios finite where
-    p ≪ q), which DistiLLM found the better of the two on generation tasks.
-    """
-    tau = _check_temperature(temperature)
-    a = _check_unit("alpha", alpha)
-
-    return _reduce(
-        _skew_reverse_kl_rows(tau, a), student_logits, teacher_logits, labels, num_valid, chunk_size
-    )
-
-
-def generalized_jsd(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    num_valid: int | torch.Tensor | None = None,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Generalized Jensen-Shannon divergence, per token, times τ²:
-
-        M = β·p + (1 − β)·q,   JSD_β = β·KL(p ‖ M) + (1 − β)·KL(q ‖ M)
-
-    Shapes: logits (B, N, V), any float dtype; ``labels`` (B, N), -100 = ignored. Returns a
-    float32 scalar (sum over valid tokens / ``num_valid``). ``beta`` in [0, 1].
-
-    Agarwal et al. 2024, "On-Policy Distillation of Language Models: Learning from
-    Self-Generated Mistakes" (GKD, ICLR), in the convention of TRL's ``generalized_jsd_loss``
-    (β weights the teacher). β interpolates between the mode-covering and the mode-seeking
-    behaviour while staying bounded (by log 2 at β = 0.5).
-
-    Endpoints: the formula above tends to 0 as β → 0 or β → 1 (M collapses onto q or p, and
-    the surviving term is KL(q‖q) or KL(p‖p)), which would make the endpoints useless. Like
-    TRL, β = 0 is special-cased to return exactly ``forward_kl`` (KL(p‖q)) and β = 1 exactly
-    ``reverse_kl`` (KL(q‖p)), the limits the GKD paper means by its endpoints. The function is
-    therefore discontinuous at 0 and 1 by design.
-    """
-    b = _check_unit("beta", beta)
-    if b in (0.0, 1.0):
-        endpoint = forward_kl if b == 0.0 else reverse_kl
-        return endpoint(
-            student_logits,
-            teacher_logits,
-            labels,
-            temperature=temperature,
-            num_valid=num_valid,
-            chunk_size=chunk_size,
-        )
-    tau = _check_temperature(temperature)
-
-    return _reduce(_jsd_rows(tau, b), student_logits, teacher_logits, labels, num_valid, chunk_size)
-
-
-DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd")
-"""Names accepted by `divergence` (the spec's choice of logit divergence D)."""
-
-
 def divergence(
     name: str,
     student_logits: torch.Tensor,
@@ -535,25 +443,16 @@ def divergence(
     num_valid: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """The divergence D(p_T ‖ q_S; τ) chosen by ``name`` (one of ``DIVERGENCES``).
+    """τ² · D(p_T ‖ q_S) with D = ``DIVERGENCES[name]``, summed over valid tokens / ``num_valid``.
 
-    One entry point so the trainer reads the choice from the spec instead of branching on
-    it; ``alpha`` is used by the two skew divergences only, ``beta`` by ``"jsd"`` only.
-    Shapes and normalisation as in the individual functions. Unknown name: ValueError.
+    Shapes: logits (B, N, V), any float dtype; ``labels`` (B, N), -100 = ignored (the caller
+    shifts them for next-token prediction). Returns a float32 scalar (see the module
+    docstring for the normalisation, the temperature and the chunking). ``alpha`` is read by
+    the two skew divergences only, ``beta`` by ``"jsd"`` only; both must be in [0, 1].
+    Unknown name: ValueError.
     """
-    s, t, y = student_logits, teacher_logits, labels
-    tau, nv, cs = temperature, num_valid, chunk_size
-    if name == "forward_kl":
-        return forward_kl(s, t, y, temperature=tau, num_valid=nv, chunk_size=cs)
-    if name == "reverse_kl":
-        return reverse_kl(s, t, y, temperature=tau, num_valid=nv, chunk_size=cs)
-    if name == "skew_forward_kl":
-        return skew_forward_kl(s, t, y, alpha=alpha, temperature=tau, num_valid=nv, chunk_size=cs)
-    if name == "skew_reverse_kl":
-        return skew_reverse_kl(s, t, y, alpha=alpha, temperature=tau, num_valid=nv, chunk_size=cs)
-    if name == "jsd":
-        return generalized_jsd(s, t, y, beta=beta, temperature=tau, num_valid=nv, chunk_size=cs)
-    raise ValueError(f"unknown divergence {name!r}; expected one of {', '.join(DIVERGENCES)}")
+    rows = _divergence_rows(_lookup(name), temperature, alpha, beta)
+    return _reduce(rows, student_logits, teacher_logits, labels, num_valid, chunk_size)
 
 
 # ----------------------------------------------------------- CE and D in one fused pass
@@ -641,12 +540,14 @@ def logit_objective(
     """
     a = _check_unit("kd_weight", kd_weight)
     tau = _check_temperature(temperature)
-    rows = _divergence_rows(name, tau, alpha, beta)
+    fn = _lookup(name)
+    rows = _divergence_rows(fn, tau, alpha, beta)
     s2, t2, y, denom, chunk = _prepare(
         student_logits, teacher_logits, labels, num_valid, chunk_size
     )
     assert t2 is not None and denom is not None
-    closed_form = name == "forward_kl" or (name == "jsd" and beta == 0.0)
+    # forward KL, also as the β = 0 endpoint of the JSD: its row gradient is closed-form
+    closed_form = fn is forward_kl or (fn is generalized_jsd and beta == 0.0)
     if torch.is_grad_enabled() and student_logits.requires_grad:
         loss, ce, d = _FusedLogitLoss.apply(s2, t2, y, rows, closed_form, a, tau, denom, chunk)
         return loss, ce, d
@@ -654,3 +555,28 @@ def logit_objective(
         ce = _reduce(_cross_entropy_rows, student_logits, None, labels, num_valid, chunk_size)
         d = _reduce(rows, student_logits, teacher_logits, labels, num_valid, chunk_size)
     return (1 - a) * ce + a * d, ce, d
+
+
+class LogitLoss(Protocol):
+    """The logit part of the objective as the trainer calls it: `logit_objective`'s signature.
+
+    ``(loss, ce, d)`` with loss = (1 − a)·CE + a·D differentiable and ce, d detached values.
+    `sharp_core.trainer.Setup.logit_loss` holds one (default: `logit_objective`), so a
+    benchmark or a test can hand the training step another implementation (e.g. CE and
+    `divergence` as two separate calls) instead of patching this module.
+    """
+
+    def __call__(
+        self,
+        name: str,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        kd_weight: float,
+        temperature: float = ...,
+        alpha: float = ...,
+        beta: float = ...,
+        num_valid: int | torch.Tensor,
+        chunk_size: int | None = ...,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...

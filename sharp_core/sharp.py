@@ -76,8 +76,6 @@ RELATIVE_EPS = 1e-2
 #: sequence without valid queries, where the numerator is exactly 0 as well).
 _TINY = 1e-12
 
-ATTENTION_METHOD_NAMES = ("sharp", "tinybert", "minilm")
-
 
 # --------------------------------------------------------------------------------------------
 # Attention maps
@@ -347,7 +345,7 @@ class LearnedBasis(nn.Module):
     does — no soft penalty, which would not keep the projected components orthogonal. Starts
     at the DCT basis (the parametrization keeps an orthonormal initial value as is).
 
-    How it is trained (see `AttentionObjective`): by maximising the teacher energy it
+    How it is trained (see `SharpObjective`): by maximising the teacher energy it
     captures, i.e. ``basis_loss`` = 1 − ‖P_t·Q‖²/‖P_t‖² (online uncentred PCA of the teacher's
     attention rows), gradient into Q only. It must NOT be trained on the distillation terms:
     a basis free to minimise ‖(P_s − P_t)·Q‖² would rotate towards the directions where
@@ -745,12 +743,13 @@ def minilm_attention_loss(
 
 
 class AttentionObjective(nn.Module):
-    """The attention terms of 'sharp', 'tinybert' or 'minilm' for one optimizer micro-step.
+    """The attention terms of one method for one optimizer micro-step (base class).
 
-    Build once per run::
+    Build one per run with `make_attention_objective` (it picks `SharpObjective`,
+    `TinyBertObjective` or `MiniLMObjective` by the method's name)::
 
-        obj = AttentionObjective(spec.method, student_shape=(L_s, H_s),
-                                 teacher_shape=(L_t, H_t), seq_len=N)
+        obj = make_attention_objective(spec.method, student_shape=(L_s, H_s),
+                                       teacher_shape=(L_t, H_t), seq_len=N)
 
     capture ``obj.student_layers`` / ``obj.teacher_layers`` only, then per micro-batch::
 
@@ -758,33 +757,19 @@ class AttentionObjective(nn.Module):
         loss += sum(obj.weights[k] * v for k, v in terms.items() if k in obj.weights)
         loss += terms.get("basis_loss", 0)                      # learned basis only
 
-    With a learned basis the module has parameters: move it with ``.to(device)`` and give
-    ``obj.parameters()`` to the optimizer (without weight decay; the parametrization keeps
-    the basis orthonormal whatever the step).
-
     Every term is Σ over sequences of a per-sequence value averaged over layer pairs,
     unweighted: the trainer divides the whole loss by the global number of sequences in the
-    optimizer step, so accumulation over micro-batches equals one big batch.
+    optimizer step, so accumulation over micro-batches equals one big batch. Only terms whose
+    weight is > 0 are computed (weights in ``self.weights``); with none, nothing is captured.
 
-    Terms (only those whose weight is > 0 are computed; weights in ``self.weights``):
-
-    * 'sharp', decomposition 'hierarchical': 'sharp_layer', 'sharp_head', 'sharp_token',
-      'sharp_residual', weights ``method.granularities``; see `sharp_distances`.
-    * 'sharp', decomposition 'direct': 'sharp_direct' — per-head squared error of the whole
-      projected maps (the sum of the four components' distances), normalised as above. It has
-      no granularities, so like the other single attention terms its weight is
-      ``method.attention_weight``.
-    * 'tinybert': 'tinybert_attn' (`tinybert_attention_loss`), every layer pair.
-    * 'minilm': 'minilm_attn' (`minilm_attention_loss`), the last student layer with its
-      mapped teacher layer (the last one unless an explicit layer_map says otherwise).
-    * with ``method.basis == 'learned'`` (sharp only): 'basis_loss', not in ``weights``.
-
-    Head mapping is applied on the projected teacher maps: W_H·(P_t Q) = (W_H·P_t)·Q (linear),
-    so the (B, H_t, N, N) → (B, H_s, N, N) mix is never formed. The teacher side runs under
-    no_grad. The rank is min(method.rank, N): a DCT basis for length N has at most N vectors
-    (r = N is lossless). The DCT basis follows the actual sequence length of each batch; a
-    learned basis is tied to ``seq_len``.
+    This base holds what every method shares: the layer map λ and head map W_H (applied to
+    the teacher side, under no_grad), the layer pairs and the checks of the captured maps.
+    A subclass chooses its terms and layer pairs (`_select_terms`) and computes them
+    (`_terms`).
     """
+
+    weights: dict[str, float]
+    pairs: list[tuple[int, int]]
 
     def __init__(
         self,
@@ -795,10 +780,6 @@ class AttentionObjective(nn.Module):
         seq_len: int,
     ) -> None:
         super().__init__()
-        if method.name not in ATTENTION_METHOD_NAMES:
-            raise ValueError(
-                f"AttentionObjective is for methods {ATTENTION_METHOD_NAMES}, not {method.name!r}"
-            )
         l_s, h_s = (int(x) for x in student_shape)
         l_t, h_t = (int(x) for x in teacher_shape)
         if min(l_s, h_s, l_t, h_t) < 1:
@@ -807,54 +788,33 @@ class AttentionObjective(nn.Module):
             )
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        self.method_name = method.name
-        self.decomposition = method.decomposition
-        self.normalization = method.normalization
         self.query_chunk = int(method.query_chunk)
-        self.projection = method.projection
-        self.layer_distance = method.layer_distance
         self.seq_len = int(seq_len)
         self.student_shape = (l_s, h_s)
         self.teacher_shape = (l_t, h_t)
-        self.rank = min(int(method.rank), self.seq_len)
         self.layer_map = layer_map(l_s, l_t, method.layer_map)
         self.w_h: Tensor
         self.register_buffer("w_h", head_map(h_s, h_t), persistent=False)  # (H_s, H_t)
+        weights, pairs = self._select_terms(method)
+        # terms of weight 0 are not computed; with none left, no layer needs capturing
+        self.weights = {k: float(v) for k, v in weights.items() if v > 0}
+        self.pairs = pairs if self.weights else []
 
-        if method.name == "sharp" and method.decomposition == "hierarchical":
-            g = method.granularities
-            raw = {f"sharp_{c}": float(getattr(g, c)) for c in COMPONENTS}
-        elif method.name == "sharp":
-            raw = {"sharp_direct": float(method.attention_weight)}
-        else:
-            raw = {f"{method.name}_attn": float(method.attention_weight)}
-        self.weights: dict[str, float] = {k: v for k, v in raw.items() if v > 0}
+    def _select_terms(self, method: MethodSpec) -> tuple[dict[str, float], list[tuple[int, int]]]:
+        """The method's terms with their weights, and the (student, teacher) layer pairs."""
+        raise NotImplementedError(
+            f"{type(self).__name__} chooses no terms; build objectives with make_attention_objective"
+        )
 
-        if not self.weights:
-            pairs: list[tuple[int, int]] = []
-        elif method.name == "minilm":
-            pairs = [(l_s - 1, self.layer_map[-1])]
-        else:
-            pairs = list(enumerate(self.layer_map))
-        self.pairs = pairs
-        self.student_layers: list[int] = sorted({s for s, _ in pairs})
-        self.teacher_layers: list[int] = sorted({t for _, t in pairs})
+    @property
+    def student_layers(self) -> list[int]:
+        """Student layers whose attention must be captured."""
+        return sorted({s for s, _ in self.pairs})
 
-        self.basis: LearnedBasis | None = None
-        if method.name == "sharp" and method.basis == "learned":
-            self.basis = LearnedBasis(self.seq_len, self.rank)
-
-    # ---------------------------------------------------------------------------------------
-
-    def basis_matrix(self, n: int, device: torch.device) -> Tensor:
-        """Q (n, r) with live gradient for a learned basis, the cached DCT basis otherwise."""
-        if self.basis is not None:
-            if n != self.seq_len:
-                raise ValueError(
-                    f"the learned basis is for sequences of length {self.seq_len}, got {n}"
-                )
-            return self.basis()
-        return dct_basis(n, min(self.rank, n), device=device)
+    @property
+    def teacher_layers(self) -> list[int]:
+        """Teacher layers whose attention must be captured."""
+        return sorted({t for _, t in self.pairs})
 
     def _check(self, attn: AttentionProbs, heads: int, n: int, who: str, layer: int) -> None:
         if attn.num_heads != heads:
@@ -876,36 +836,157 @@ class AttentionObjective(nn.Module):
                 raise ValueError(f"student attention for layer {js} was not captured")
             if jt not in teacher:
                 raise ValueError(f"teacher attention for layer {jt} was not captured")
-        out: dict[str, Tensor] = {}
         if not self.pairs:
-            if self.basis is not None:
-                out["basis_loss"] = self.basis().sum() * 0.0
-            return out
+            return self._no_terms()
         first = student[self.pairs[0][0]]
         n = first.seq_len
         valid = _resolve_mask(first, query_mask)  # (B, N)
-        device = valid.device
-        w_h = self.w_h.to(device)
+        w_h = self.w_h.to(valid.device)  # (H_s, H_t)
         h_s, h_t = self.student_shape[1], self.teacher_shape[1]
         for js, jt in self.pairs:
             self._check(student[js], h_s, n, "student", js)
             self._check(teacher[jt], h_t, n, "teacher", jt)
+        return self._terms(student, teacher, valid, w_h, n)
 
-        if self.method_name == "sharp":
-            return self._sharp(student, teacher, valid, w_h, n)
-        loss_fn = (
-            tinybert_attention_loss if self.method_name == "tinybert" else minilm_attention_loss
-        )
-        name = next(iter(self.weights))
+    def _no_terms(self) -> dict[str, Tensor]:
+        """The result when every weight is 0 (nothing captured)."""
+        return {}
+
+    def _terms(
+        self,
+        student: Mapping[int, AttentionProbs],
+        teacher: Mapping[int, AttentionProbs],
+        valid: Tensor,
+        w_h: Tensor,
+        n: int,
+    ) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+class _MapMatchingObjective(AttentionObjective):
+    """One term matching whole maps row by row (the TinyBERT / MiniLM baselines).
+
+    ``term`` is its name, `per_sequence` its loss (B,) on one layer pair; the value is the
+    sum over sequences of the mean over layer pairs, weighted by ``method.attention_weight``.
+    """
+
+    term: str
+
+    def per_sequence(
+        self, student: AttentionProbs, teacher: AttentionProbs, w_h: Tensor, valid: Tensor
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def _terms(
+        self,
+        student: Mapping[int, AttentionProbs],
+        teacher: Mapping[int, AttentionProbs],
+        valid: Tensor,
+        w_h: Tensor,
+        n: int,
+    ) -> dict[str, Tensor]:
         total = None
         for js, jt in self.pairs:
-            per_seq = loss_fn(student[js], teacher[jt], w_h, valid, self.query_chunk)  # (B,)
+            per_seq = self.per_sequence(student[js], teacher[jt], w_h, valid)  # (B,)
             total = per_seq if total is None else total + per_seq
         assert total is not None
-        out[name] = total.sum() / len(self.pairs)
-        return out
+        return {self.term: total.sum() / len(self.pairs)}
 
-    def _sharp(
+
+class TinyBertObjective(_MapMatchingObjective):
+    """'tinybert': ``tinybert_attn`` (`tinybert_attention_loss`), every layer pair."""
+
+    term = "tinybert_attn"
+
+    def _select_terms(self, method: MethodSpec) -> tuple[dict[str, float], list[tuple[int, int]]]:
+        return {self.term: method.attention_weight}, list(enumerate(self.layer_map))
+
+    def per_sequence(
+        self, student: AttentionProbs, teacher: AttentionProbs, w_h: Tensor, valid: Tensor
+    ) -> Tensor:
+        return tinybert_attention_loss(student, teacher, w_h, valid, self.query_chunk)
+
+
+class MiniLMObjective(_MapMatchingObjective):
+    """'minilm': ``minilm_attn`` (`minilm_attention_loss`), the last student layer with its
+    mapped teacher layer (the last one unless an explicit layer_map says otherwise)."""
+
+    term = "minilm_attn"
+
+    def _select_terms(self, method: MethodSpec) -> tuple[dict[str, float], list[tuple[int, int]]]:
+        last = self.student_shape[0] - 1
+        return {self.term: method.attention_weight}, [(last, self.layer_map[-1])]
+
+    def per_sequence(
+        self, student: AttentionProbs, teacher: AttentionProbs, w_h: Tensor, valid: Tensor
+    ) -> Tensor:
+        return minilm_attention_loss(student, teacher, w_h, valid, self.query_chunk)
+
+
+class SharpObjective(AttentionObjective):
+    """'sharp': the hierarchical terms on rank-projected maps (see the module docstring).
+
+    * decomposition 'hierarchical': 'sharp_layer', 'sharp_head', 'sharp_token',
+      'sharp_residual', weights ``method.granularities``; see `sharp_distances`.
+    * decomposition 'direct': 'sharp_direct' — per-head squared error of the whole projected
+      maps (the sum of the four components' distances), normalised as above. It has no
+      granularities, so like the single baseline terms its weight is
+      ``method.attention_weight``.
+    * with ``method.basis == 'learned'``: 'basis_loss', not in ``weights``. The module then
+      has parameters: move it with ``.to(device)`` and give ``obj.parameters()`` to the
+      optimizer (without weight decay; the parametrization keeps the basis orthonormal
+      whatever the step).
+
+    Head mapping is applied on the projected teacher maps: W_H·(P_t Q) = (W_H·P_t)·Q (linear),
+    so the (B, H_t, N, N) → (B, H_s, N, N) mix is never formed. The rank is
+    min(method.rank, N): a DCT basis for length N has at most N vectors (r = N is lossless).
+    The DCT basis follows the actual sequence length of each batch; a learned basis is tied
+    to ``seq_len``.
+    """
+
+    def __init__(
+        self,
+        method: MethodSpec,
+        *,
+        student_shape: tuple[int, int],
+        teacher_shape: tuple[int, int],
+        seq_len: int,
+    ) -> None:
+        super().__init__(
+            method, student_shape=student_shape, teacher_shape=teacher_shape, seq_len=seq_len
+        )
+        self.decomposition = method.decomposition
+        self.normalization = method.normalization
+        self.projection = method.projection
+        self.layer_distance = method.layer_distance
+        self.rank = min(int(method.rank), self.seq_len)
+        self.basis: LearnedBasis | None = None
+        if method.basis == "learned":
+            self.basis = LearnedBasis(self.seq_len, self.rank)
+
+    def _select_terms(self, method: MethodSpec) -> tuple[dict[str, float], list[tuple[int, int]]]:
+        if method.decomposition == "hierarchical":
+            g = method.granularities
+            weights = {f"sharp_{c}": float(getattr(g, c)) for c in COMPONENTS}
+        else:
+            weights = {"sharp_direct": float(method.attention_weight)}
+        return weights, list(enumerate(self.layer_map))
+
+    def basis_matrix(self, n: int, device: torch.device) -> Tensor:
+        """Q (n, r) with live gradient for a learned basis, the cached DCT basis otherwise."""
+        if self.basis is not None:
+            if n != self.seq_len:
+                raise ValueError(
+                    f"the learned basis is for sequences of length {self.seq_len}, got {n}"
+                )
+            return self.basis()
+        return dct_basis(n, min(self.rank, n), device=device)
+
+    def _no_terms(self) -> dict[str, Tensor]:
+        # a zero that still reaches the basis' parameters, so the optimizer sees a gradient
+        return {"basis_loss": self.basis().sum() * 0.0} if self.basis is not None else {}
+
+    def _terms(
         self,
         student: Mapping[int, AttentionProbs],
         teacher: Mapping[int, AttentionProbs],
@@ -930,10 +1011,10 @@ class AttentionObjective(nn.Module):
             teacher_head_w = w_h.mean(dim=0)  # (H_t,): mean over student heads of W_H·P_t
         for js, jt in self.pairs:
             if kl_layer:
-                mu_s = layer_profile(student[js], valid, self.query_chunk)
+                mu_s = layer_profile(student[js], valid, self.query_chunk)  # (B, N)
                 with torch.no_grad():
                     mu_t = layer_profile(teacher[jt], valid, self.query_chunk, teacher_head_w)
-                kl = layer_profile_kl(mu_s, mu_t)
+                kl = layer_profile_kl(mu_s, mu_t)  # (B,)
                 sums["layer"] = kl if "layer" not in sums else sums["layer"] + kl
             if not terms and not learned:
                 continue  # the KL layer term alone needs no projection
@@ -961,3 +1042,33 @@ class AttentionObjective(nn.Module):
         if basis_sum is not None:
             out["basis_loss"] = basis_sum.sum() / n_pairs
         return out
+
+
+#: The attention objective of each attention method (`sharp_core.methods.ATTENTION_METHODS`).
+ATTENTION_OBJECTIVES: dict[str, type[AttentionObjective]] = {
+    "tinybert": TinyBertObjective,
+    "minilm": MiniLMObjective,
+    "sharp": SharpObjective,
+}
+
+
+def make_attention_objective(
+    method: MethodSpec,
+    *,
+    student_shape: tuple[int, int],
+    teacher_shape: tuple[int, int],
+    seq_len: int,
+) -> AttentionObjective:
+    """The attention objective of ``method`` (one of ``ATTENTION_OBJECTIVES``).
+
+    ``student_shape`` / ``teacher_shape`` are (layers, heads) (`sharp_core.models.
+    model_shape`), ``seq_len`` the training sequence length (a learned basis is tied to it).
+    A method without attention terms ('kd', 'sft', …): ValueError.
+    """
+    cls = ATTENTION_OBJECTIVES.get(method.name)
+    if cls is None:
+        raise ValueError(
+            f"attention objectives exist for methods {', '.join(ATTENTION_OBJECTIVES)}, "
+            f"not {method.name!r}"
+        )
+    return cls(method, student_shape=student_shape, teacher_shape=teacher_shape, seq_len=seq_len)

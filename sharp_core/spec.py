@@ -25,27 +25,14 @@ from pydantic import (
 )
 
 from sharp_core.errors import SpecError, UnsafeModelError
+from sharp_core.methods import (
+    ATTENTION_METHODS,
+    DEFAULT_DIVERGENCE,
+    DivergenceName,
+    MethodName,
+)
 
 SPEC_VERSION = 1
-
-METHODS = ("sft", "kd", "rkl", "skl", "srkl", "jsd", "tinybert", "minilm", "sharp")
-DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd")
-
-#: The logit divergence each method uses unless the spec names another one.
-DEFAULT_DIVERGENCE: dict[str, str] = {
-    "sft": "forward_kl",  # unused: kd_weight is forced to 0
-    "kd": "forward_kl",
-    "rkl": "reverse_kl",
-    "skl": "skew_forward_kl",
-    "srkl": "skew_reverse_kl",
-    "jsd": "jsd",
-    "tinybert": "forward_kl",
-    "minilm": "forward_kl",
-    "sharp": "forward_kl",
-}
-
-#: Methods that need attention maps from both models.
-ATTENTION_METHODS = ("tinybert", "minilm", "sharp")
 
 
 class _Strict(BaseModel):
@@ -204,7 +191,12 @@ class DatasetSpec(_Strict):
     name: str | None = Field(default=None, max_length=256, description="Hub data set name.")
     config_name: str | None = Field(default=None, max_length=128)
     split: str = Field(default="train", max_length=64)
-    files: list[str] = Field(default_factory=list, max_length=1024)
+    files: list[str] = Field(
+        default_factory=list,
+        max_length=1024,
+        description="txt/jsonl/parquet paths (source 'files'). In the service they are paths "
+        "on the server, accepted only under its SHARP_DATASET_FILE_ROOTS (symlinks resolved).",
+    )
     upload_id: str | None = Field(default=None, max_length=128)
     text_field: str = Field(default="text", min_length=1, max_length=128)
     text_pair_field: str | None = Field(
@@ -258,10 +250,8 @@ class Granularities(_Strict):
 class MethodSpec(_Strict):
     """The distillation objective: L = (1-a)·CE + a·D(p_T‖q_S; τ) + attention terms."""
 
-    name: Literal["sft", "kd", "rkl", "skl", "srkl", "jsd", "tinybert", "minilm", "sharp"] = "sharp"
-    logit_divergence: (
-        Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd"] | None
-    ) = Field(
+    name: MethodName = "sharp"
+    logit_divergence: DivergenceName | None = Field(
         default=None, description="Default: the method's own (kd→forward_kl, rkl→reverse_kl…)."
     )
     kd_weight: float = Field(
@@ -320,7 +310,7 @@ class MethodSpec(_Strict):
     logit_chunk: int = Field(default=4096, ge=1, le=1 << 20, description="Tokens per chunk.")
 
     @property
-    def divergence(self) -> str:
+    def divergence(self) -> DivergenceName:
         return self.logit_divergence or DEFAULT_DIVERGENCE[self.name]
 
     @property
@@ -501,10 +491,3 @@ def load_spec(path: str | Path) -> JobSpec:
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise SpecError(f"cannot parse {p}: {e}", param="spec") from None
     return parse_spec(data)
-
-
-def spec_json_schema() -> dict[str, Any]:
-    return JobSpec.model_json_schema()
-
-
-SpecDict = Annotated[dict[str, Any], "a JobSpec as JSON"]

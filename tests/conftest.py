@@ -305,6 +305,9 @@ def settings(
         redis_prefix=redis_prefix,
         artifact_root=root / "artifacts",
         upload_root=root / "uploads",
+        # Every test's corpus lies under pytest's temporary folder (tmp_path, the corpus
+        # fixture); with no root the API refuses dataset.source 'files'.
+        dataset_file_roots=[tmp_path_factory.getbasetemp()],
         max_upload_bytes=200_000,
         heartbeat_interval_s=0.5,
         heartbeat_timeout_s=30.0,

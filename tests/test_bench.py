@@ -1,4 +1,4 @@
-"""Tests of the step benchmark's machinery (bench/step.py), not of its timings.
+"""Tests of the step benchmark's machinery (bench/step/), not of its timings.
 
 Why no timing thresholds: a benchmark's numbers depend on the machine and its load; a test
 asserting them would be flaky on a shared CPU and meaningless across cards. The figures are
@@ -22,7 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import core_api
 from bench import step as bench_step
+from bench.step.models import Workload
+from bench.step.runners import MicroStepRunner, make_runner
 from sharp_core import losses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,10 +167,11 @@ def test_unknown_step_is_a_usage_error(capsys) -> None:
     assert "nope" in err and "sharp_chunked" in err  # names the choices
 
 
-def test_separate_logit_losses_restores_the_fused_function_on_error() -> None:
+def test_substituted_logit_loss_restores_the_fused_function_on_error() -> None:
     fused = losses.logit_objective
-    with pytest.raises(RuntimeError, match="boom"), bench_step.separate_logit_losses():
-        assert losses.logit_objective is bench_step.separate_logit_objective
+    separate = bench_step.separate_logit_objective
+    with pytest.raises(RuntimeError, match="boom"), core_api.substituted_logit_loss(separate):
+        assert losses.logit_objective is separate
         raise RuntimeError("boom")
     assert losses.logit_objective is fused
 
@@ -177,15 +181,12 @@ def test_compiled_steps_compile_both_models_and_nothing_else() -> None:
 
     Built, not run: the uncompiled steps of the same run keep calling the plain modules.
     """
-    preset = bench_step.PRESETS["micro"]
-    dev = torch.device("cpu")
-    teacher, student = bench_step.build_models(preset, dev)
-    opt = bench_step.make_optimizer(student, dev)
-    x = torch.zeros(preset.batch, preset.seq_len, dtype=torch.long)
+    w = Workload.build(bench_step.PRESETS["micro"], torch.device("cpu"), compile_=False)
+    teacher, student = w.teacher, w.student
 
-    def make(name: str) -> bench_step.MicroStepRunner:
-        r = bench_step._make_runner(name, preset, teacher, student, opt, x, dev, False)
-        assert isinstance(r, bench_step.MicroStepRunner)
+    def make(name: str) -> MicroStepRunner:
+        r = make_runner(name, w)
+        assert isinstance(r, MicroStepRunner)
         return r
 
     for name, method in (("kd_compiled", "kd"), ("sharp_compiled", "sharp")):
@@ -197,3 +198,62 @@ def test_compiled_steps_compile_both_models_and_nothing_else() -> None:
     plain_kd = make("kd")
     assert plain_kd.S.student is student and plain_kd.S.teacher is teacher
     assert not plain_kd.S.spec.training.compile
+
+
+#: sharp_core modules and names bench/ may import outside `bench.core_api` (issue 13): the
+#: stable public surface. Anything private, or about to change, goes through the adapter.
+_STABLE = {
+    "sharp_core.spec": None,  # any public name
+    "sharp_core.models": None,
+    "sharp_core.capture": None,
+    "sharp_core.data": None,
+    "sharp_core.evaluate": {"perplexity"},
+    "sharp_core.checkpoint": {"list_checkpoints"},
+    "sharp_core.trainer": {"train", "TrainCallbacks"},
+}
+
+
+def _bench_imports() -> dict[str, list[tuple[str, str]]]:
+    """bench module (dotted) → [(imported module, imported name or "")]."""
+    import ast
+
+    out: dict[str, list[tuple[str, str]]] = {}
+    for path in sorted((ROOT / "bench").rglob("*.py")):
+        mod = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        found: list[tuple[str, str]] = []
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found += [(node.module, a.name) for a in node.names]
+            elif isinstance(node, ast.Import):
+                found += [(a.name, "") for a in node.names]
+        out[mod] = found
+    return out
+
+
+def test_bench_reaches_sharp_core_through_public_names_or_core_api_only() -> None:
+    imports = _bench_imports()
+    assert ("sharp_core", "trainer") in imports["bench.core_api"]  # the adapter is seen
+    bad = []
+    for mod, found in imports.items():
+        if mod in ("bench.core_api", "bench.api_load"):  # api_load: the service, not sharp_core
+            continue
+        for module, name in found:
+            if not module.startswith("sharp_core"):
+                continue
+            allowed = _STABLE.get(module, set())
+            if module not in _STABLE or name.startswith("_") or (allowed and name not in allowed):
+                bad.append(f"{mod}: from {module} import {name}")
+    assert bad == []
+
+
+def test_bench_imports_run_downwards() -> None:
+    """The shared bottom (core_api, configs, machine) imports no benchmark, and the two
+    benchmarks do not import each other."""
+    imports = _bench_imports()
+    for mod, found in imports.items():
+        targets = {m for m, _ in found if m.startswith("bench")}
+        if mod in ("bench.core_api", "bench.configs", "bench.machine"):
+            assert targets <= {"bench.configs", "bench.machine", "bench.core_api"}, mod
+        for a, b in (("bench.step", "bench.quality"), ("bench.quality", "bench.step")):
+            if mod == a or mod.startswith(a + "."):
+                assert not any(t == b or t.startswith(b + ".") for t in targets), mod

@@ -241,6 +241,10 @@ def test_sharp_up_serves_a_job_and_stops_cleanly(tmp_path: Path, corpus: Path) -
         assert (var / "demo-api-key").stat().st_mode & 0o777 == 0o600
         assert (var / "demo-api-key").read_text().strip() == key
 
+        # `sharp up` reads dataset files only under <var>/data unless told otherwise.
+        assert (var / "data").is_dir()
+        data = Path(shutil.copy(corpus, var / "data" / "corpus.txt"))
+
         headers = {"Authorization": f"Bearer {key}"}
         with httpx.Client(base_url=url, timeout=30) as client:
             ready = client.get("/readyz")
@@ -248,7 +252,7 @@ def test_sharp_up_serves_a_job_and_stops_cleanly(tmp_path: Path, corpus: Path) -
             assert ready.json()["checks"] == {"database": "ok", "redis": "ok"}
 
             r = client.post(
-                "/v1/jobs", json={"spec": tiny_spec(corpus, max_steps=10)}, headers=headers
+                "/v1/jobs", json={"spec": tiny_spec(data, max_steps=10)}, headers=headers
             )
             assert r.status_code == 201, r.text
             job_id = r.json()["id"]

@@ -13,17 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharp_core import losses
+from sharp_core import losses, methods
 from sharp_core.losses import (
+    DIVERGENCES,
     count_valid,
     cross_entropy,
     divergence,
-    forward_kl,
-    generalized_jsd,
     logit_objective,
-    reverse_kl,
-    skew_forward_kl,
-    skew_reverse_kl,
 )
 
 REL = 1e-5  # closed-form references (float64) vs our float32 math
@@ -88,14 +84,28 @@ def ref_ce(s, y) -> torch.Tensor:
 
 
 def call(name, s, t, y, **kw):
-    fn = {
-        "forward_kl": forward_kl,
-        "reverse_kl": reverse_kl,
-        "skew_forward_kl": skew_forward_kl,
-        "skew_reverse_kl": skew_reverse_kl,
-        "jsd": generalized_jsd,
-    }[name]
-    return fn(s, t, y, **kw)
+    """The reduced loss of the registry entry `name` (what the trainer's objective uses)."""
+    return divergence(name, s, t, y, **kw)
+
+
+def forward_kl(s, t, y, **kw):
+    return divergence("forward_kl", s, t, y, **kw)
+
+
+def reverse_kl(s, t, y, **kw):
+    return divergence("reverse_kl", s, t, y, **kw)
+
+
+def skew_forward_kl(s, t, y, **kw):
+    return divergence("skew_forward_kl", s, t, y, **kw)
+
+
+def skew_reverse_kl(s, t, y, **kw):
+    return divergence("skew_reverse_kl", s, t, y, **kw)
+
+
+def generalized_jsd(s, t, y, **kw):
+    return divergence("jsd", s, t, y, **kw)
 
 
 NAMES = ["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd"]
@@ -391,13 +401,23 @@ def test_num_valid_smaller_than_local_count_is_an_error():
 # --------------------------------------------------------------------------- dispatch
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_divergence_dispatch(name):
-    s, t, y = make_inputs(15)
-    kw = {"temperature": 1.7, "num_valid": 40, "chunk_size": 4}
-    got = divergence(name, s, t, y, alpha=0.2, beta=0.3, **kw)
-    extra = {"alpha": 0.2} if name.startswith("skew") else {"beta": 0.3} if name == "jsd" else {}
-    assert torch.equal(got, call(name, s, t, y, **extra, **kw))
+def test_registry_covers_every_divergence_name():
+    """One list of names (sharp_core.methods), one implementation each."""
+    assert tuple(DIVERGENCES) == methods.DIVERGENCES == tuple(NAMES)
+    assert set(methods.DEFAULT_DIVERGENCE.values()) <= set(DIVERGENCES)
+
+
+@pytest.mark.parametrize(("name", "kw"), CASES)
+def test_registry_entries_are_the_per_token_equations(name, kw):
+    """Each entry on log-probabilities equals its closed form per token (no τ², no mask)."""
+    s, t, _ = make_inputs(15)
+    tau = kw.get("temperature", 1.0)
+    log_q = torch.log_softmax(s.detach() / tau, dim=-1).reshape(-1, V)
+    log_p = torch.log_softmax(t / tau, dim=-1).reshape(-1, V)
+    got = DIVERGENCES[name](log_p, log_q, alpha=kw.get("alpha", 0.1), beta=kw.get("beta", 0.5))
+    assert got.shape == (B * N,)
+    ref = ref_per_token(name, s.detach(), t, **kw).reshape(-1) / tau**2
+    _assert_close(got, ref, REL, atol=1e-6)
 
 
 def test_divergence_unknown_name():

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sharp_core.sharp import (
+    ATTENTION_OBJECTIVES,
     COMPONENTS,
     RELATIVE_EPS,
     AttentionObjective,
@@ -26,6 +27,7 @@ from sharp_core.sharp import (
     decompose,
     head_map,
     layer_map,
+    make_attention_objective,
     project,
     projected_components,
     sharp_distances,
@@ -251,7 +253,9 @@ def test_gradients_orthogonal_through_objective(normalization, dtype, tol, layer
         query_chunk=5,
         granularities={"layer": 1.0, "head": 1.0, "token": 1.0, "residual": 1.0},
     )
-    obj = AttentionObjective(method, student_shape=(l_s, h_s), teacher_shape=(l_t, h_t), seq_len=n)
+    obj = make_attention_objective(
+        method, student_shape=(l_s, h_s), teacher_shape=(l_t, h_t), seq_len=n
+    )
     m = make_mask(b, n, ["left", "right", "all"], gen)
     leaves = [
         random_probs(b, h_s, n, dtype=dtype, gen=gen, causal=True).requires_grad_()
@@ -325,7 +329,7 @@ def test_layer_map():
     with pytest.raises(ValueError, match=r"layer_map\[0\]"):
         layer_map(2, 6, explicit=[-1, 2])
     with pytest.raises(ValueError, match="layer_map"):
-        AttentionObjective(
+        make_attention_objective(
             spec(name="sharp", layer_map=[0, 9]),
             student_shape=(2, 2),
             teacher_shape=(6, 2),
@@ -377,7 +381,7 @@ def test_learned_basis_stays_orthonormal():
 def test_learned_basis_trained_by_teacher_energy_only():
     torch.manual_seed(1)
     b, n, h = 2, 10, 2
-    obj = AttentionObjective(
+    obj = make_attention_objective(
         spec(name="sharp", basis="learned", rank=3),
         student_shape=(1, h),
         teacher_shape=(2, h),
@@ -517,7 +521,7 @@ def test_sharp_terms_against_dense_reference(normalization):
         query_chunk=3,
         granularities={"layer": 1.0, "head": 2.0, "token": 0.5, "residual": 1.0},
     )
-    obj = AttentionObjective(method, student_shape=(2, 2), teacher_shape=(4, 6), seq_len=n)
+    obj = make_attention_objective(method, student_shape=(2, 2), teacher_shape=(4, 6), seq_len=n)
     assert obj.weights == {
         "sharp_layer": 1.0,
         "sharp_head": 2.0,
@@ -561,7 +565,7 @@ def test_sharp_direct_is_sum_of_component_distances():
     gen = torch.Generator().manual_seed(6)
     m, ps, pt = _setup(gen, 3, 10, (2, 2), (2, 4), dtype=torch.float64)
     kw = dict(student_shape=(2, 2), teacher_shape=(2, 4), seq_len=10)
-    direct = AttentionObjective(
+    direct = make_attention_objective(
         spec(
             name="sharp",
             decomposition="direct",
@@ -595,7 +599,7 @@ def test_tinybert_against_dense_reference():
     gen = torch.Generator().manual_seed(8)
     b, n = 3, 9
     m, ps, pt = _setup(gen, b, n, (2, 3), (6, 6))
-    obj = AttentionObjective(
+    obj = make_attention_objective(
         spec(name="tinybert", query_chunk=4, attention_weight=2.0),
         student_shape=(2, 3),
         teacher_shape=(6, 6),
@@ -617,7 +621,7 @@ def test_minilm_against_dense_reference():
     gen = torch.Generator().manual_seed(9)
     b, n = 3, 9
     m, ps, pt = _setup(gen, b, n, (3, 2), (4, 4))
-    obj = AttentionObjective(
+    obj = make_attention_objective(
         spec(name="minilm", query_chunk=2), student_shape=(3, 2), teacher_shape=(4, 4), seq_len=n
     )
     assert obj.student_layers == [2] and obj.teacher_layers == [3]
@@ -629,7 +633,7 @@ def test_minilm_against_dense_reference():
     want = (kl * m[:, None, :]).sum((1, 2)) / (2 * m.sum(1)).clamp_min(1)
     torch.testing.assert_close(out["minilm_attn"], want.sum(), rtol=1e-5, atol=1e-6)
     # explicit layer map: the last student layer goes with its mapped teacher layer
-    obj = AttentionObjective(
+    obj = make_attention_objective(
         spec(name="minilm", layer_map=[0, 1, 1]),
         student_shape=(3, 2),
         teacher_shape=(4, 4),
@@ -644,7 +648,7 @@ def test_minilm_nonnegative(seed, n, kinds):
     gen = torch.Generator().manual_seed(seed)
     m, ps, pt = _setup(gen, 3, n, (1, 2), (1, 3))
     m = make_mask(3, n, kinds, gen)
-    obj = AttentionObjective(
+    obj = make_attention_objective(
         spec(name="minilm"), student_shape=(1, 2), teacher_shape=(1, 3), seq_len=n
     )
     v = obj(_dense(ps), _dense(pt), m)["minilm_attn"]
@@ -671,10 +675,10 @@ def test_baselines_ignore_padding():
     m[:, :n] = True
     for name in ("tinybert", "minilm"):
         kw = dict(student_shape=(1, h), teacher_shape=(1, h))
-        short = AttentionObjective(spec(name=name), seq_len=n, **kw)(
+        short = make_attention_objective(spec(name=name), seq_len=n, **kw)(
             {0: DenseProbs(p6s)}, {0: DenseProbs(p6t)}
         )
-        long = AttentionObjective(spec(name=name), seq_len=n + pad, **kw)(
+        long = make_attention_objective(spec(name=name), seq_len=n + pad, **kw)(
             {0: DenseProbs(padded(p6s))}, {0: DenseProbs(padded(p6t))}, m
         )
         torch.testing.assert_close(short, long, rtol=1e-5, atol=1e-7)
@@ -698,7 +702,9 @@ def test_identical_maps_give_zero_and_moving_towards_teacher_decreases(method, h
     gen = torch.Generator().manual_seed(12)
     b, n = 3, 8
     m, ps, pt = _setup(gen, b, n, (2, h_s), (2, h_t))
-    obj = AttentionObjective(method, student_shape=(2, h_s), teacher_shape=(2, h_t), seq_len=n)
+    obj = make_attention_objective(
+        method, student_shape=(2, h_s), teacher_shape=(2, h_t), seq_len=n
+    )
     w = head_map(h_s, h_t)
     mapped = [torch.einsum("st,btij->bsij", w, p) for p in pt]  # what the student should match
     same = obj(_dense(mapped), _dense(pt), m)
@@ -723,7 +729,7 @@ def test_identical_maps_give_zero_and_moving_towards_teacher_decreases(method, h
 
 def test_zero_weight_terms_are_absent_and_layers_to_capture():
     kw = dict(student_shape=(2, 2), teacher_shape=(6, 4), seq_len=8)
-    obj = AttentionObjective(spec(name="sharp", granularities={"head": 0.0}), **kw)
+    obj = make_attention_objective(spec(name="sharp", granularities={"head": 0.0}), **kw)
     from sharp_core.spec import Granularities
 
     d = Granularities()
@@ -736,10 +742,10 @@ def test_zero_weight_terms_are_absent_and_layers_to_capture():
     out = obj(_dense(ps), _dense(pt), m)
     assert set(out) == {"sharp_layer", "sharp_token"}
     for name in ("tinybert", "minilm"):
-        off = AttentionObjective(spec(name=name, attention_weight=0.0), **kw)
+        off = make_attention_objective(spec(name=name, attention_weight=0.0), **kw)
         assert off.weights == {} and off.student_layers == [] and off.teacher_layers == []
         assert off({}, {}, m) == {}
-    none = AttentionObjective(
+    none = make_attention_objective(
         spec(name="sharp", granularities={"layer": 0, "head": 0, "token": 0}), **kw
     )
     assert none.weights == {} and none.student_layers == []
@@ -750,7 +756,9 @@ def test_terms_are_sums_over_sequences():
     gen = torch.Generator().manual_seed(14)
     m, ps, pt = _setup(gen, 4, 8, (2, 2), (2, 4))
     for method in ALL_METHODS:
-        obj = AttentionObjective(method, student_shape=(2, 2), teacher_shape=(2, 4), seq_len=8)
+        obj = make_attention_objective(
+            method, student_shape=(2, 2), teacher_shape=(2, 4), seq_len=8
+        )
         full = obj(_dense(ps), _dense(pt), m)
         halves = [
             obj(_dense([p[sl] for p in ps]), _dense([p[sl] for p in pt]), m[sl])
@@ -766,7 +774,9 @@ def test_teacher_gets_no_gradient_and_errors_are_clear():
     pt_leaf = pt[0].clone().requires_grad_()
     ps_leaf = ps[0].clone().requires_grad_()
     for method in ALL_METHODS:
-        obj = AttentionObjective(method, student_shape=(1, 2), teacher_shape=(1, 2), seq_len=8)
+        obj = make_attention_objective(
+            method, student_shape=(1, 2), teacher_shape=(1, 2), seq_len=8
+        )
         out = obj({0: DenseProbs(ps_leaf)}, {0: DenseProbs(pt_leaf)}, m)
         terms = [v for k, v in out.items() if k != "basis_loss"]
         assert torch.autograd.grad(sum(terms), pt_leaf, allow_unused=True)[0] is None
@@ -775,7 +785,21 @@ def test_teacher_gets_no_gradient_and_errors_are_clear():
         with pytest.raises(ValueError, match="heads"):
             obj({0: DenseProbs(ps_leaf[:, :1])}, {0: DenseProbs(pt_leaf)}, m)
     with pytest.raises(ValueError, match="sharp"):
-        AttentionObjective(spec(name="kd"), student_shape=(1, 2), teacher_shape=(1, 2), seq_len=8)
+        make_attention_objective(
+            spec(name="kd"), student_shape=(1, 2), teacher_shape=(1, 2), seq_len=8
+        )
+
+
+def test_factory_builds_one_class_per_attention_method():
+    """Method names come from sharp_core.methods; each attention method has its own class."""
+    from sharp_core import methods
+
+    assert set(ATTENTION_OBJECTIVES) == set(methods.ATTENTION_METHODS)
+    kw = dict(student_shape=(2, 2), teacher_shape=(4, 4), seq_len=8)
+    built = {name: make_attention_objective(spec(name=name), **kw) for name in ATTENTION_OBJECTIVES}
+    assert {n: type(o) for n, o in built.items()} == ATTENTION_OBJECTIVES
+    assert len(set(ATTENTION_OBJECTIVES.values())) == len(ATTENTION_OBJECTIVES)
+    assert all(isinstance(o, AttentionObjective) for o in built.values())
 
 
 def test_dense_probs_is_attention_probs():
@@ -805,7 +829,7 @@ def test_layer_kl_against_dense_reference_and_zero_at_teacher():
         layer_distance="kl",
         granularities={"layer": 1.0, "head": 1.0, "token": 0.0},
     )
-    obj = AttentionObjective(method, student_shape=(2, 2), teacher_shape=(4, 6), seq_len=n)
+    obj = make_attention_objective(method, student_shape=(2, 2), teacher_shape=(4, 6), seq_len=n)
     out = obj(_dense(ps), _dense(pt), m)
     assert set(out) == {"sharp_layer", "sharp_head"}
     w = head_map(2, 6, dtype=torch.float64)

@@ -16,7 +16,7 @@ from sharp_core.data import BatchStream, load_texts
 from sharp_core.errors import CheckpointError, DataError, TokenizerMismatchError
 from sharp_core.spec import DatasetSpec, parse_spec
 from sharp_core.trainer import TrainCallbacks, train
-from tests.helpers import GPT2_TEACHER, spec_dict, write_corpus
+from tests.helpers import GPT2_TEACHER, GPT2_TINY, spec_dict, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +133,8 @@ def test_accumulation_8x1_equals_1x8(corpus, teacher_dir):
     Compared on gradients, not on weights after an AdamW step: Adam's first update is
     ±lr per element, which turns float rounding in a near-zero gradient into a sign flip.
     """
-    from sharp_core.trainer import _micro_step, setup
+    from sharp_core.step import micro_step
+    from sharp_core.trainer import setup
 
     d = _distil(corpus, teacher_dir, {"name": "sharp", "granularities": {"residual": 0.5}})
     d["student"]["config_overrides"] = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
@@ -145,7 +146,7 @@ def test_accumulation_8x1_equals_1x8(corpus, teacher_dir):
         S.student.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for xb in x.chunk(chunks):
-            terms, _ = _micro_step(S, xb, n_tok, n_seq, 0.5, 1.0, False, torch.float32)
+            terms, _ = micro_step(S, xb, n_tokens=n_tok, n_seqs=n_seq, kd_weight=0.5)
             terms["loss"].backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
@@ -161,7 +162,8 @@ def test_accumulation_8x1_equals_1x8(corpus, teacher_dir):
 def test_sdpa_projection_step_equals_chunked_reference(corpus, teacher_dir):
     """The fast path (P·Q from one SDPA call, the default) and the float32 chunked reference
     give the same SHARP terms and the same student gradient on one real micro-step."""
-    from sharp_core.trainer import _micro_step, setup
+    from sharp_core.step import micro_step
+    from sharp_core.trainer import setup
 
     results = []
     for projection in ("chunked", "sdpa"):
@@ -178,7 +180,7 @@ def test_sdpa_projection_step_equals_chunked_reference(corpus, teacher_dir):
         torch.manual_seed(0)  # the same random student both times
         S = setup(parse_spec(d))
         x = S.data.train[:4]
-        terms, _ = _micro_step(S, x, x[:, 1:].numel(), 4, 0.5, 1.0, False, torch.float32)
+        terms, _ = micro_step(S, x, n_tokens=x[:, 1:].numel(), n_seqs=4, kd_weight=0.5)
         terms["loss"].backward()
         grads = {n: p.grad.clone() for n, p in S.student.named_parameters() if p.grad is not None}
         results.append(({k: float(v) for k, v in terms.items()}, grads))
@@ -186,6 +188,44 @@ def test_sdpa_projection_step_equals_chunked_reference(corpus, teacher_dir):
     assert set(got) == set(ref) and ref["sharp_token"] > 0
     for k in ref:
         assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-9), k
+    for n in g_ref:
+        torch.testing.assert_close(g_got[n], g_ref[n], rtol=1e-4, atol=1e-7)
+
+
+def test_micro_step_uses_the_logit_loss_it_is_given(corpus, teacher_dir):
+    """The logit term comes from `Setup.logit_loss`: a stand-in computing CE and D as two
+    separate calls is the one called, and gives the fused default's terms and gradients."""
+    from dataclasses import replace
+
+    from sharp_core import losses
+    from sharp_core.step import micro_step
+    from sharp_core.trainer import setup
+
+    d = _distil(corpus, teacher_dir, {"name": "skl"})
+    d["student"]["config_overrides"] = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    S = setup(parse_spec(d))
+    assert S.logit_loss is losses.logit_objective
+    calls = []
+
+    def separate(name, s, t, y, *, kd_weight, num_valid, chunk_size=None, **kw):
+        calls.append(name)
+        ce = losses.cross_entropy(s, y, num_valid=num_valid, chunk_size=chunk_size)
+        dv = losses.divergence(name, s, t, y, num_valid=num_valid, chunk_size=chunk_size, **kw)
+        return (1 - kd_weight) * ce + kd_weight * dv, ce.detach(), dv.detach()
+
+    x = S.data.train[:4]
+    results = []
+    for s_up in (S, replace(S, logit_loss=separate)):
+        s_up.student.zero_grad(set_to_none=True)
+        terms, _ = micro_step(s_up, x, n_tokens=x[:, 1:].numel(), n_seqs=4)
+        terms["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in S.student.named_parameters()}
+        results.append(({k: float(v) for k, v in terms.items()}, grads))
+    assert calls == ["skew_forward_kl"]
+    (ref, g_ref), (got, g_got) = results
+    assert set(got) == set(ref) and ref["kd"] > 0
+    for k in ref:
+        assert got[k] == pytest.approx(ref[k], rel=1e-5), k
     for n in g_ref:
         torch.testing.assert_close(g_got[n], g_ref[n], rtol=1e-4, atol=1e-7)
 
@@ -236,6 +276,86 @@ def test_checkpoint_layout_and_manifest(corpus, tmp_path):
         verify_manifest(res.checkpoint)
     assert latest_checkpoint(tmp_path / "run").name == "step_000003"
     assert not list((tmp_path / "run").glob(".tmp-*"))
+
+
+def _drop_from_checkpoint(ckpt: Path, key: str) -> None:
+    """Remove one tensor from a checkpoint's weights and re-sign its manifest (so it still
+    verifies: what a buggy writer, not a torn write, would leave)."""
+    from safetensors.torch import load_file, save_file
+
+    from sharp_core.checkpoint import sha256_file
+
+    path = ckpt / "model.safetensors"
+    weights = load_file(str(path))
+    assert key in weights
+    del weights[key]
+    save_file(weights, str(path), metadata={"format": "pt"})
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["model.safetensors"] = {
+        "sha256": sha256_file(path),
+        "size": path.stat().st_size,
+    }
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    verify_manifest(ckpt)
+
+
+def test_resume_refuses_a_missing_untied_head_and_accepts_a_tied_one(corpus, tmp_path):
+    """A missing key is acceptable only when its weight is tied to one the checkpoint holds.
+
+    An untied lm_head missing from the checkpoint would otherwise resume with random weights.
+    """
+    from sharp_core.errors import CheckpointMismatchError, SharpError
+
+    def run(out: Path, tie: bool, stop_at: int | None) -> TrainCallbacks:
+        config = {**GPT2_TINY, "tie_word_embeddings": tie}
+        d = spec_dict(
+            corpus,
+            student={"init": "config", "config": config},
+            training={"max_steps": 4, "checkpoint_every": 2, "eval_every": 0},
+        )
+        rec = Recorder(stop_at=stop_at)
+        train(parse_spec(d), out, callbacks=rec)
+        return rec
+
+    # tied (GPT-2's default): save_pretrained leaves lm_head out, and resuming works
+    run(tmp_path / "tied", True, stop_at=2)
+    ckpt = latest_checkpoint(tmp_path / "tied")
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
+    rec = run(tmp_path / "tied", True, stop_at=None)
+    assert min(rec.metrics) == 3 and 4 in rec.metrics
+
+    # untied: the head is saved; without it the checkpoint must be refused, naming the key
+    run(tmp_path / "untied", False, stop_at=2)
+    ckpt = latest_checkpoint(tmp_path / "untied")
+    _drop_from_checkpoint(ckpt, "lm_head.weight")
+    with pytest.raises(CheckpointMismatchError) as e:
+        run(tmp_path / "untied", False, stop_at=None)
+    assert isinstance(e.value, SharpError) and not e.value.retryable
+    assert "lm_head.weight" in e.value.message and ckpt.name in e.value.message
+
+
+def test_check_weights_follows_the_models_own_ties():
+    """The same missing key is accepted for a tied model and refused for an untied one, and
+    a tied key is refused when the weight it is tied to is missing too."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sharp_core.errors import CheckpointMismatchError
+    from sharp_core.state import check_weights
+
+    cfg = {k: v for k, v in GPT2_TINY.items() if k != "model_type"}
+    tied = GPT2LMHeadModel(GPT2Config(**cfg, vocab_size=50, tie_word_embeddings=True))
+    untied = GPT2LMHeadModel(GPT2Config(**cfg, vocab_size=50, tie_word_embeddings=False))
+    where = Path("step_000002")
+    check_weights(tied, ["lm_head.weight"], [], where)
+    with pytest.raises(CheckpointMismatchError, match="lm_head.weight"):
+        check_weights(untied, ["lm_head.weight"], [], where)
+    with pytest.raises(CheckpointMismatchError, match="lm_head.weight"):
+        check_weights(tied, ["lm_head.weight", "transformer.wte.weight"], [], where)
+    with pytest.raises(CheckpointMismatchError, match="unexpected"):
+        check_weights(tied, [], ["lm_head.bias"], where)
 
 
 def test_checkpoint_loads_and_matches_training_logits(corpus, teacher_dir, tmp_path):

@@ -46,6 +46,7 @@ from api.db import Database
 from api.live import LivePublisher
 from api.models import ACTIVE_STATUSES, Job
 from api.repositories import CheckpointRepository, JobRepository, MetricRepository, UploadRepository
+from api.services import confine_dataset_files
 from api.settings import Settings, get_settings
 from sharp_core.errors import DataError, ModelNotFoundError, SharpError
 from sharp_core.launch import env_rank, torchrun_command, under_torchrun  # no torch
@@ -408,6 +409,12 @@ def run(job_id: str, attempt: int, settings: Settings | None = None) -> int:
         signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             spec = parse_spec(job.spec)
+            if spec.dataset.source == "files":
+                # Checked at submission too; again here, where the files are read, with the
+                # real paths handed on (a link swapped in since then, another root list).
+                real = confine_dataset_files(spec.dataset.files, settings.dataset_file_roots)
+                dataset = spec.dataset.model_copy(update={"files": [str(p) for p in real]})
+                spec = spec.model_copy(update={"dataset": dataset})
             from sharp_core.trainer import Resolver, TrainCallbacks, train  # torch: import late
 
             result = train(

@@ -1,0 +1,5 @@
+"""``python -m bench.quality``."""
+
+from bench.quality.cli import main
+
+raise SystemExit(main())
