@@ -379,7 +379,10 @@ def trim(model: nn.Module, sel: Selection) -> nn.Module:
             j = new_index[old]
         rule = next((r for pat, r in rules if pat.match(key)), None)
         if rule is None:
-            raise PruneError(f"pruning does not know how to slice '{key}' of {cfg.model_type}")
+            raise PruneError(
+                f"pruning does not know how to slice '{key}' of {cfg.model_type}",
+                code="prune_failed",
+            )
         idx: dict[str, list[int]] = {_H: sel.hidden}
         if j is not None:
             q = _expand(sel.heads[j], s.head_dim)
@@ -395,7 +398,8 @@ def trim(model: nn.Module, sel: Selection) -> nn.Module:
     if set(missing) - tied or unexpected:
         raise PruneError(
             f"pruned weights do not fit the pruned config: missing {sorted(set(missing) - tied)}"
-            f", unexpected {sorted(unexpected)}"
+            f", unexpected {sorted(unexpected)}",
+            code="prune_failed",
         )
     if tied:
         student.tie_weights()

@@ -11,15 +11,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sharp_core.errors import SharpError
+from sharp_core.errors import SpecError
 
 
-class PruneError(SharpError):
-    """The pruning target does not fit the teacher, or pruning itself failed."""
-
-    code = "prune_failed"
-    status = 422
-    retryable = False
+class PruneError(SpecError):
+    """The pruning target does not fit the teacher (invalid_spec, 422), or pruning itself failed
+    (code prune_failed); neither is worth a retry."""
 
 
 # --------------------------------------------------------------------------- architectures

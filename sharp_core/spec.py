@@ -276,6 +276,12 @@ class MethodSpec(_Strict):
         max_length=1024,
         description="Teacher layer for each student layer; default: uniform, last with last.",
     )
+    head_map: list[list[int]] | None = Field(
+        default=None,
+        max_length=1024,
+        description="Teacher head of each student head, per student layer (one-hot rows); "
+        "default: exact when the student was pruned from the teacher, else uniform.",
+    )
     attention_weight: float = Field(
         default=1.0, ge=0.0, le=1000.0, description="Weight of the TinyBERT / MiniLM term."
     )
