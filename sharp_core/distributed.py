@@ -181,13 +181,13 @@ class Context:
         self.check(S.spec)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from sharp_core.models import _dtype
+        from sharp_core.models import weights_dtype
 
         dev = S.device
         teacher = S.teacher
         if teacher is not None:
             assert S.spec.teacher is not None
-            teacher = teacher.to(dtype=_dtype(S.spec.teacher.dtype, "teacher", dev))
+            teacher = teacher.to(dtype=weights_dtype(S.spec.teacher.dtype, "teacher", dev))
             mode = choose_teacher_parallel(
                 S.spec.resources.teacher_parallel,
                 teacher_bytes=sum(p.numel() * p.element_size() for p in teacher.parameters()),
@@ -298,6 +298,10 @@ class RankCallbacks:
     def on_checkpoint_removed(self, step: int) -> None:
         if self.ctx.is_main:
             self.inner.on_checkpoint_removed(step)
+
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
+        if self.ctx.is_main:
+            self.inner.on_event(kind, data)
 
     def should_stop(self) -> bool:
         return self.ctx.any_rank(bool(self.inner.should_stop()))

@@ -82,7 +82,9 @@ def _check_source(src: str, param: str) -> None:
             raise ModelNotFoundError(f"model folder not found: {src}", param=param)
 
 
-def _dtype(name: str, role: str, device: torch.device) -> torch.dtype:
+def weights_dtype(name: str, role: str, device: torch.device) -> torch.dtype:
+    """The dtype a model's weights are held in: the spec's, or for 'auto' bf16 for a teacher
+    on CUDA and float32 otherwise (the student trains in float32 under autocast)."""
     if name != "auto":
         return getattr(torch, name)
     if role == "teacher" and device.type == "cuda":
@@ -138,7 +140,7 @@ def load_model(
     if src is not None:
         _check_source(src, param)
     revision = ms.revision if src is not None and not _looks_local(src) else None
-    dtype = _dtype(ms.dtype, role, device)
+    dtype = weights_dtype(ms.dtype, role, device)
     if ms.init == "config":
         config = _load_config(ms, src, param, ms.revision)
         if tokenizer is not None and "vocab_size" not in ms.config_overrides:

@@ -60,6 +60,58 @@ class Setup:
     teacher_capture: AttentionCapture | None
     logit_loss: losses.LogitLoss = losses.logit_objective
     """(1 − a)·CE + a·D on the logits; another implementation can be passed in (benchmarks)."""
+    pruned: PruneReport | None = None
+    """What pruning kept, when the student was pruned from the teacher (init='prune')."""
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What a pruned job records: kept units, sizes, timings (events and step-0 metrics)."""
+
+    layers: list[int]
+    heads: list[list[int]]
+    kv_heads: list[list[int]]
+    ffn: int
+    hidden: int
+    params_before: int
+    params_after: int
+    calibration_samples: int
+    calibration_requested: int
+    calibration_seconds: float
+    seconds: float
+    scoring: str
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "prune_params_before": float(self.params_before),
+            "prune_params_after": float(self.params_after),
+            "prune_calibration_samples": float(self.calibration_samples),
+            "prune_calibration_s": self.calibration_seconds,
+            "prune_s": self.seconds,
+        }
+
+    def event(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "kept_layers": self.layers,
+            "heads_per_layer": {str(t): h for t, h in zip(self.layers, self.heads, strict=True)},
+            "ffn": self.ffn,
+            "hidden": self.hidden,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "scoring": self.scoring,
+            "calibration_samples": self.calibration_samples,
+            "calibration_s": round(self.calibration_seconds, 3),
+        }
+        if self.kv_heads != self.heads:
+            out["kv_heads_per_layer"] = {
+                str(t): h for t, h in zip(self.layers, self.kv_heads, strict=True)
+            }
+        if self.scoring == "activation" and self.calibration_samples < self.calibration_requested:
+            out["note"] = (
+                f"the training data has {self.calibration_samples} blocks: calibrated on those, "
+                f"not the {self.calibration_requested} asked for"
+            )
+        return out
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -106,14 +158,24 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
         "num_labels": n_labels,
     }
     teacher = None
-    if spec.teacher is not None and spec.method.name != "sft":
+    pruning = spec.student.init == "prune"
+    if spec.teacher is not None and (spec.method.name != "sft" or pruning):
         t_dev = distributed.context().teacher_load_device(spec, dev)
         teacher = load_model(spec.teacher, role="teacher", **{**kw, "device": t_dev})  # type: ignore[arg-type]
         if not classify:
             check_vocab(teacher, vocab, "teacher")
         teacher.eval()
         teacher.requires_grad_(False)
-    student = load_model(spec.student, role="student", **kw)  # type: ignore[arg-type]
+    report = None
+    if pruning:
+        assert teacher is not None  # the spec refuses init='prune' without a teacher
+        if not classify:
+            data = build_data(spec.dataset, texts, tok, spec.training.seq_len)
+        student, report = _prune_student(spec, teacher, data, dev)
+        if spec.method.name == "sft":
+            teacher = None  # loaded only to be pruned
+    else:
+        student = load_model(spec.student, role="student", **kw)  # type: ignore[arg-type]
     if classify:
         if isinstance(data, ClassificationData):
             names = data.label_names
@@ -123,12 +185,13 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
                     m.config.label2id = {n: i for i, n in enumerate(names)}
     else:
         check_vocab(student, vocab, "student")
-        data = build_data(spec.dataset, texts, tok, spec.training.seq_len)
+        if not pruning:
+            data = build_data(spec.dataset, texts, tok, spec.training.seq_len)
 
     objective = s_cap = t_cap = None
     if spec.method.uses_attention:
         from sharp_core.capture import AttentionCapture
-        from sharp_core.sharp import make_attention_objective
+        from sharp_core.sharp import AlignmentMaps, make_attention_objective
 
         assert teacher is not None
         objective = make_attention_objective(
@@ -136,6 +199,7 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
             student_shape=model_shape(student),
             teacher_shape=model_shape(teacher),
             seq_len=spec.training.seq_len,
+            maps=AlignmentMaps(report.layers, report.heads) if report is not None else None,
         ).to(dev)
         s_cap = AttentionCapture(student, objective.student_layers)
         t_cap = AttentionCapture(teacher, objective.teacher_layers)
@@ -143,4 +207,65 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
         student = torch.compile(student)  # type: ignore[assignment]
         if teacher is not None:
             teacher = torch.compile(teacher)  # type: ignore[assignment]
-    return Setup(spec, dev, tok, vocab, teacher, student, data, objective, s_cap, t_cap)
+    return Setup(
+        spec, dev, tok, vocab, teacher, student, data, objective, s_cap, t_cap, pruned=report
+    )
+
+
+def _calibration_batches(
+    spec: JobSpec, data: PackedData | ClassificationData, device: torch.device
+) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """The first `samples` training examples of a permutation seeded by the job's seed, in
+    batches: deterministic for a seed and a data set. Returns (batches, examples used)."""
+    cal = spec.student.prune.calibration  # type: ignore[union-attr]
+    rows = data.train if isinstance(data, ClassificationData) else {"input_ids": data.train}
+    n = rows["input_ids"].shape[0]
+    g = torch.Generator().manual_seed(spec.training.seed)
+    idx = torch.randperm(n, generator=g)[: cal.samples]
+    out = []
+    for start in range(0, len(idx), cal.batch_size):
+        sel = idx[start : start + cal.batch_size]
+        batch = {k: v[sel].to(device) for k, v in rows.items() if k != "labels"}
+        batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
+        out.append(batch)
+    return out, len(idx)
+
+
+def _prune_student(
+    spec: JobSpec,
+    teacher: torch.nn.Module,
+    data: PackedData | ClassificationData,
+    device: torch.device,
+) -> tuple[torch.nn.Module, PruneReport]:
+    """The student cut from the teacher, in the student's dtype on the training device."""
+    from sharp_core.models import weights_dtype
+    from sharp_core.prune import prune
+    from sharp_core.prune_shapes import target_of
+
+    ps = spec.student.prune
+    assert ps is not None
+    t_dev = next(teacher.parameters()).device
+    batches, used = (
+        _calibration_batches(spec, data, t_dev) if ps.scoring == "activation" else ([], 0)
+    )
+    res = prune(teacher, target_of(ps), scoring=ps.scoring, batches=batches)
+    student = res.model.to(
+        device=device, dtype=weights_dtype(spec.student.dtype, "student", device)
+    )
+    student.requires_grad_(True)
+    sel = res.selection
+    report = PruneReport(
+        layers=sel.layers,
+        heads=sel.heads,
+        kv_heads=sel.kv_heads,
+        ffn=len(sel.ffn[0]),
+        hidden=len(sel.hidden),
+        params_before=res.params_before,
+        params_after=res.params_after,
+        calibration_samples=used,
+        calibration_requested=ps.calibration.samples,
+        calibration_seconds=res.calibration_seconds,
+        seconds=res.seconds,
+        scoring=ps.scoring,
+    )
+    return student, report

@@ -54,6 +54,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Protocol, runtime_checkable
 
@@ -305,6 +306,47 @@ def head_map(
                 if overlap > 0:
                     w[i, j] = float(overlap / (hi - lo))
     return w.to(dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class AlignmentMaps:
+    """Layer and head maps known exactly, e.g. from pruning: student layer j *is* teacher layer
+    ``layers[j]`` and its head i *is* teacher head ``heads[j][i]``."""
+
+    layers: list[int] | None = None
+    heads: list[list[int]] | None = None
+
+
+def one_hot_head_maps(heads: Sequence[Sequence[int]], teacher_heads: int) -> Tensor:
+    """(L_s, H_s, H_t) one-hot rows: row i of layer j picks teacher head ``heads[j][i]``."""
+    rows = [len(h) for h in heads]
+    if not heads or len(set(rows)) != 1:
+        raise ValueError(f"every student layer needs the same number of heads, got {rows}")
+    w = torch.zeros(len(heads), rows[0], teacher_heads)
+    for j, hs in enumerate(heads):
+        for i, h in enumerate(hs):
+            if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < teacher_heads:
+                raise ValueError(
+                    f"head_map[{j}][{i}] = {h!r} is not a teacher head in [0, {teacher_heads - 1}]"
+                )
+            w[j, i, h] = 1.0
+    return w
+
+
+def _head_maps(
+    l_s: int, h_s: int, h_t: int, method: MethodSpec, maps: AlignmentMaps | None
+) -> Tensor:
+    """W_H for every student layer: the spec's explicit map, else a known one, else uniform."""
+    heads = method.head_map or (maps.heads if maps is not None else None)
+    if heads is None:
+        return head_map(h_s, h_t).expand(l_s, h_s, h_t).contiguous()
+    w = one_hot_head_maps(heads, h_t)
+    if tuple(w.shape[:2]) != (l_s, h_s):
+        raise ValueError(
+            f"head_map has {w.shape[0]} layers of {w.shape[1]} heads but the student has "
+            f"{l_s} layers of {h_s} heads"
+        )
+    return w
 
 
 # --------------------------------------------------------------------------------------------
@@ -778,6 +820,7 @@ class AttentionObjective(nn.Module):
         student_shape: tuple[int, int],
         teacher_shape: tuple[int, int],
         seq_len: int,
+        maps: AlignmentMaps | None = None,
     ) -> None:
         super().__init__()
         l_s, h_s = (int(x) for x in student_shape)
@@ -792,9 +835,11 @@ class AttentionObjective(nn.Module):
         self.seq_len = int(seq_len)
         self.student_shape = (l_s, h_s)
         self.teacher_shape = (l_t, h_t)
-        self.layer_map = layer_map(l_s, l_t, method.layer_map)
-        self.w_h: Tensor
-        self.register_buffer("w_h", head_map(h_s, h_t), persistent=False)  # (H_s, H_t)
+        # the spec's explicit layer map wins over one known from pruning, which wins over uniform
+        known = maps.layers if maps is not None else None
+        self.layer_map = layer_map(l_s, l_t, method.layer_map or known)
+        self.w_h: Tensor  # (L_s, H_s, H_t): one head map per student layer
+        self.register_buffer("w_h", _head_maps(l_s, h_s, h_t, method, maps), persistent=False)
         weights, pairs = self._select_terms(method)
         # terms of weight 0 are not computed; with none left, no layer needs capturing
         self.weights = {k: float(v) for k, v in weights.items() if v > 0}
@@ -841,7 +886,7 @@ class AttentionObjective(nn.Module):
         first = student[self.pairs[0][0]]
         n = first.seq_len
         valid = _resolve_mask(first, query_mask)  # (B, N)
-        w_h = self.w_h.to(valid.device)  # (H_s, H_t)
+        w_h = self.w_h.to(valid.device)  # (L_s, H_s, H_t)
         h_s, h_t = self.student_shape[1], self.teacher_shape[1]
         for js, jt in self.pairs:
             self._check(student[js], h_s, n, "student", js)
@@ -887,7 +932,7 @@ class _MapMatchingObjective(AttentionObjective):
     ) -> dict[str, Tensor]:
         total = None
         for js, jt in self.pairs:
-            per_seq = self.per_sequence(student[js], teacher[jt], w_h, valid)  # (B,)
+            per_seq = self.per_sequence(student[js], teacher[jt], w_h[js], valid)  # (B,)
             total = per_seq if total is None else total + per_seq
         assert total is not None
         return {self.term: total.sum() / len(self.pairs)}
@@ -951,9 +996,14 @@ class SharpObjective(AttentionObjective):
         student_shape: tuple[int, int],
         teacher_shape: tuple[int, int],
         seq_len: int,
+        maps: AlignmentMaps | None = None,
     ) -> None:
         super().__init__(
-            method, student_shape=student_shape, teacher_shape=teacher_shape, seq_len=seq_len
+            method,
+            student_shape=student_shape,
+            teacher_shape=teacher_shape,
+            seq_len=seq_len,
+            maps=maps,
         )
         self.decomposition = method.decomposition
         self.normalization = method.normalization
@@ -1008,10 +1058,10 @@ class SharpObjective(AttentionObjective):
         kl_layer = self.layer_distance == "kl" and "layer" in terms
         if kl_layer:
             terms = tuple(t for t in terms if t != "layer")
-            teacher_head_w = w_h.mean(dim=0)  # (H_t,): mean over student heads of W_H·P_t
         for js, jt in self.pairs:
             if kl_layer:
                 mu_s = layer_profile(student[js], valid, self.query_chunk)  # (B, N)
+                teacher_head_w = w_h[js].mean(dim=0)  # (H_t,): mean over student heads of W_H·P_t
                 with torch.no_grad():
                     mu_t = layer_profile(teacher[jt], valid, self.query_chunk, teacher_head_w)
                 kl = layer_profile_kl(mu_s, mu_t)  # (B,)
@@ -1020,7 +1070,7 @@ class SharpObjective(AttentionObjective):
                 continue  # the KL layer term alone needs no projection
             pq_s = _project_any(student[js], q_d, self.query_chunk, self.projection)
             pq_t, g, e = _project_teacher(
-                teacher[jt], q_d, self.query_chunk, w_h, valid, learned, self.projection
+                teacher[jt], q_d, self.query_chunk, w_h[js], valid, learned, self.projection
             )  # (B, H_s, N, r) each
             dists = (
                 sharp_distances(pq_s, pq_t, valid, terms, self.normalization) if terms else {}
@@ -1058,11 +1108,14 @@ def make_attention_objective(
     student_shape: tuple[int, int],
     teacher_shape: tuple[int, int],
     seq_len: int,
+    maps: AlignmentMaps | None = None,
 ) -> AttentionObjective:
     """The attention objective of ``method`` (one of ``ATTENTION_OBJECTIVES``).
 
     ``student_shape`` / ``teacher_shape`` are (layers, heads) (`sharp_core.models.
     model_shape`), ``seq_len`` the training sequence length (a learned basis is tied to it).
+    ``maps``: the layer and head maps when they are known exactly (a student pruned from this
+    teacher); the spec's ``layer_map`` / ``head_map`` still override them.
     A method without attention terms ('kd', 'sft', …): ValueError.
     """
     cls = ATTENTION_OBJECTIVES.get(method.name)
@@ -1071,4 +1124,10 @@ def make_attention_objective(
             f"attention objectives exist for methods {', '.join(ATTENTION_OBJECTIVES)}, "
             f"not {method.name!r}"
         )
-    return cls(method, student_shape=student_shape, teacher_shape=teacher_shape, seq_len=seq_len)
+    return cls(
+        method,
+        student_shape=student_shape,
+        teacher_shape=teacher_shape,
+        seq_len=seq_len,
+        maps=maps,
+    )

@@ -45,6 +45,61 @@ class JobRef(_Strict):
     job: str = Field(min_length=1, max_length=64, description="Id of a succeeded job.")
 
 
+class CalibrationSpec(_Strict):
+    """The data the importance scores are computed on."""
+
+    samples: int = Field(
+        default=256,
+        ge=1,
+        le=1_000_000,
+        description="Sequences (packed blocks of training.seq_len) in the calibration pass; "
+        "fewer are used, with an event saying so, when the training data has fewer.",
+    )
+    source: Literal["train"] = Field(
+        default="train", description="Where the blocks come from: the job's training data."
+    )
+    batch_size: int = Field(default=16, ge=1, le=4096, description="Blocks per forward pass.")
+
+
+class PruneSpec(_Strict):
+    """Target sizes of a student pruned from the teacher (Minitron); None keeps the teacher's.
+
+    GPT-2, OPT and BERT compute head_dim as hidden/heads, so for them `heads` and `hidden` go
+    together (give one, the other follows). docs/pruning.md has the details.
+    """
+
+    layers: int | list[int] | None = Field(
+        default=None,
+        description="How many layers to keep (the most important by Block Influence), or the "
+        "teacher's layer indices to keep.",
+    )
+    heads: int | None = Field(default=None, ge=1, le=100_000, description="Query heads per layer.")
+    kv_heads: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="Key/value heads per layer (GQA models); fewer than the teacher's drops "
+        "whole groups. Default: as many groups as the head count allows.",
+    )
+    ffn: int | None = Field(default=None, ge=1, le=10_000_000, description="MLP width.")
+    hidden: int | None = Field(default=None, ge=1, le=1_000_000, description="Hidden size.")
+    scoring: Literal["activation", "magnitude"] = Field(
+        default="activation",
+        description="'activation': Minitron's scores from a calibration pass; 'magnitude': "
+        "weight norms, no data (layers kept evenly spread).",
+    )
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: int | list[int] | None) -> int | list[int] | None:
+        if isinstance(v, int) and not 1 <= v <= 100_000:
+            raise ValueError(f"a layer count must be at least 1, got {v}")
+        if isinstance(v, list) and (not v or len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError("layers must be a count or a non-empty list of distinct indices >= 0")
+        return v
+
+
 class ModelSpec(_Strict):
     """Where a model comes from and how it is initialised."""
 
@@ -56,10 +111,11 @@ class ModelSpec(_Strict):
         "with init='config' and a `config` that names its model_type.",
     )
     revision: str = Field(default="main", max_length=128, description="Hub revision.")
-    init: Literal["pretrained", "config"] = Field(
+    init: Literal["pretrained", "config", "prune"] = Field(
         default="pretrained",
         description="'pretrained' loads weights; 'config' builds a randomly initialised model "
-        "from the model's config (or `config`) with `config_overrides` applied.",
+        "from the model's config (or `config`) with `config_overrides` applied; 'prune' "
+        "(student only) prunes the job's teacher to the sizes in `prune`.",
     )
     config: dict[str, Any] | None = Field(
         default=None,
@@ -76,6 +132,9 @@ class ModelSpec(_Strict):
     trust_remote_code: bool = Field(
         default=False, description="Never honoured: must be false (remote code is refused)."
     )
+    prune: PruneSpec | None = Field(
+        default=None, description="Target sizes when init='prune' (docs/pruning.md)."
+    )
 
     @field_validator("trust_remote_code")
     @classmethod
@@ -89,6 +148,17 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _source(self) -> ModelSpec:
+        if self.init == "prune" or self.prune is not None:
+            if self.init != "prune":
+                raise ValueError("`prune` is only read with init='prune'")
+            if self.prune is None:
+                raise ValueError("init='prune' needs a `prune` block with the target sizes")
+            if self.model is not None or self.config is not None or self.config_overrides:
+                raise ValueError(
+                    "a pruned student is cut from the teacher: leave out model, config and "
+                    "config_overrides"
+                )
+            return self
         if self.model is None and not (self.init == "config" and self.config):
             raise ValueError("give `model`, or init='config' with a `config` that has model_type")
         if self.config is not None and "model_type" not in self.config:
@@ -205,6 +275,12 @@ class MethodSpec(_Strict):
         default=None,
         max_length=1024,
         description="Teacher layer for each student layer; default: uniform, last with last.",
+    )
+    head_map: list[list[int]] | None = Field(
+        default=None,
+        max_length=1024,
+        description="Teacher head of each student head, per student layer (one-hot rows); "
+        "default: exact when the student was pruned from the teacher, else uniform.",
     )
     attention_weight: float = Field(
         default=1.0, ge=0.0, le=1000.0, description="Weight of the TinyBERT / MiniLM term."
@@ -368,6 +444,7 @@ def parse_spec(data: dict[str, Any], *, prefix: str = "spec") -> JobSpec:
         if "trust_remote_code" in msg or "auto_map" in msg:
             raise UnsafeModelError(f"{param}: {msg}", param=param) from None
         raise SpecError(f"{param}: {msg}", param=param) from None
+    _check_prune(spec, prefix)
     gpus = spec.resources.gpus
     if gpus > 1 and spec.training.batch_size % gpus:
         # checked here rather than in a model validator so that the error names the field
@@ -379,6 +456,34 @@ def parse_spec(data: dict[str, Any], *, prefix: str = "spec") -> JobSpec:
             param=param,
         )
     return spec
+
+
+def _check_prune(spec: JobSpec, prefix: str) -> None:
+    """Cross-field rules of a pruned student, checked here so that the error names its field."""
+
+    def fail(field: str, msg: str) -> None:
+        param = f"{prefix}.{field}" if prefix else field
+        raise SpecError(f"{param}: {msg}", param=param)
+
+    if spec.teacher is not None and spec.teacher.init == "prune":
+        fail("teacher.init", "only the student can be pruned (from the teacher)")
+    if spec.student.init != "prune":
+        return
+    if spec.teacher is None:
+        fail("student.init", "init='prune' cuts the student from the teacher: give a `teacher`")
+    assert spec.teacher is not None
+    if spec.tokenizer.train is not None:
+        fail(
+            "tokenizer.train",
+            "a pruned student keeps the teacher's embeddings, so it keeps the teacher's tokenizer",
+        )
+    teacher_src = spec.teacher.model if isinstance(spec.teacher.model, str) else None
+    if spec.tokenizer.name is not None and spec.tokenizer.name != teacher_src:
+        fail(
+            "tokenizer.name",
+            f"a pruned student keeps the teacher's tokenizer ({teacher_src or 'the teacher job'}"
+            f"'s), not '{spec.tokenizer.name}'",
+        )
 
 
 def load_spec(path: str | Path) -> JobSpec:

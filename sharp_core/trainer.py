@@ -71,6 +71,9 @@ class TrainCallbacks:
     def on_checkpoint_removed(self, step: int) -> None:
         """Called when an old checkpoint is pruned (keep_checkpoints)."""
 
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
+        """A one-off fact about the run for the job's event log (e.g. 'pruned')."""
+
     def should_stop(self) -> bool:
         """Polled every step; True → the loop checkpoints and returns status 'stopped'."""
         return False
@@ -153,6 +156,9 @@ def train(
         evaluate, model, S.data, vocab=S.vocab, batch_size=t.batch_size, device=dev, amp_dtype=amp
     )
     last_metrics: dict[str, float] = {}
+    if S.pruned is not None and resumed_step is None:  # what pruning kept, before any step
+        cb.on_event("pruned", S.pruned.event())
+        cb.on_metrics(0, S.pruned.metrics())
     pcgrad = m.conflict == "pcgrad"
     model.train()
     meter = Throughput(
@@ -169,7 +175,8 @@ def train(
         stop = not done and cb.should_stop()
 
         # ---- maybe eval / checkpoint (the state after `step` optimizer steps)
-        if done or (t.eval_every and step % t.eval_every == 0 and step != resumed_step):
+        due = bool(t.eval_every) and step % t.eval_every == 0
+        if done or ((due or (step == 0 and S.pruned)) and step != resumed_step):
             ev = run_eval()
             last_metrics.update(ev)
             cb.on_metrics(step, ev)
