@@ -47,6 +47,7 @@ from service.repositories import (
 )
 from service.settings import Settings
 from service.txn import after_commit
+from sharp_core.prune_shapes import check_prune_target
 from sharp_core.spec import JobRef, JobSpec, ModelSpec, ResourcesSpec, parse_spec
 
 
@@ -240,6 +241,38 @@ class JobService:
                 )
         if ds.source == "files":
             confine_dataset_files(ds.files, self.settings.dataset_file_roots)
+        if spec.student.init == "prune":
+            self._check_prune_target(team, spec)
+
+    def _check_prune_target(self, team: Team, spec: JobSpec) -> None:
+        """Refuse a pruning target that cannot fit the teacher, naming the field (422).
+
+        The teacher's config is read where it is at hand without a download: an inline
+        config, a local folder, or a finished job's checkpoint. A hub teacher is checked by
+        the worker when the job starts (same error, same field)."""
+        assert spec.teacher is not None and spec.student.prune is not None
+        config = self._teacher_config(team, spec.teacher)
+        if config is not None:
+            check_prune_target(spec.student.prune, config)
+
+    def _teacher_config(self, team: Team, teacher: ModelSpec) -> dict[str, Any] | None:
+        config: dict[str, Any] | None = None
+        folder: Path | None = None
+        if teacher.config is not None:
+            config = dict(teacher.config)
+        elif isinstance(teacher.model, JobRef):
+            ckpts = CheckpointRepository(self.session).list(teacher.model.job)  # by step
+            folder = Path(ckpts[-1].path) if ckpts else None
+        elif teacher.model is not None and teacher.model.startswith(("/", "./", "../", "~")):
+            folder = Path(teacher.model).expanduser()
+        if folder is not None:
+            try:
+                config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None  # the worker reports a missing or unreadable model with its own error
+        if config is None or not isinstance(config, dict):
+            return None
+        return {**config, **teacher.config_overrides}
 
     def _check_allowed(self, name: str, param: str) -> None:
         allow = self.settings.model_allowlist
