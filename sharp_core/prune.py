@@ -354,12 +354,26 @@ def _shape_from_selection(config: Any, sel: Selection) -> Shape:
     )
 
 
-def trim(model: nn.Module, sel: Selection) -> nn.Module:
-    """A fresh model of the same class holding the selected slice of `model`'s weights."""
+def trim(
+    model: nn.Module, sel: Selection, config_overrides: dict[str, Any] | None = None
+) -> nn.Module:
+    """A fresh model of the same class holding the selected slice of `model`'s weights.
+
+    ``config_overrides`` change fields that do not shape the weights (dropout, say); a
+    shape field there is refused, since the pruning target decides those."""
     a = arch_for(model.config)
     s = shape_of(model.config)
     new_shape = _shape_from_selection(model.config, sel)
     cfg = _new_config(model.config, a, new_shape)
+    shape_fields = {a.n_layers, a.n_heads, a.hidden, a.ffn, a.n_kv_heads, "head_dim", "vocab_size"}
+    shape_fields |= set(a.extra_hidden_fields)
+    for k, v in (config_overrides or {}).items():
+        if k in shape_fields:
+            raise PruneError(
+                f"'{k}' is set by the pruning target, not by config_overrides",
+                param=f"spec.student.config_overrides.{k}",
+            )
+        setattr(cfg, k, v)
     if hasattr(cfg, "layer_types") and isinstance(cfg.layer_types, list):
         cfg.layer_types = [cfg.layer_types[i] for i in sel.layers]
     rules = [
@@ -440,6 +454,7 @@ def prune(
     scoring: Scoring = "activation",
     batches: Iterable[dict[str, Tensor]] | None = None,
     max_samples: int | None = None,
+    config_overrides: dict[str, Any] | None = None,
 ) -> PruneResult:
     """Score `teacher`, choose what to keep and trim: the student before any training."""
     t0 = time.perf_counter()
@@ -453,7 +468,7 @@ def prune(
     else:
         imp = magnitude_importance(teacher)
     sel = select(teacher.config, imp, target)
-    student = trim(teacher, sel)
+    student = trim(teacher, sel, config_overrides)
     return PruneResult(
         model=student,
         selection=sel,

@@ -248,7 +248,13 @@ def _prune_student(
     batches, used = (
         _calibration_batches(spec, data, t_dev) if ps.scoring == "activation" else ([], 0)
     )
-    res = prune(teacher, target_of(ps), scoring=ps.scoring, batches=batches)
+    res = prune(
+        teacher,
+        target_of(ps),
+        scoring=ps.scoring,
+        batches=batches,
+        config_overrides=dict(spec.student.config_overrides),
+    )
     student = res.model.to(
         device=device, dtype=weights_dtype(spec.student.dtype, "student", device)
     )

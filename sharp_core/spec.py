@@ -153,10 +153,10 @@ class ModelSpec(_Strict):
                 raise ValueError("`prune` is only read with init='prune'")
             if self.prune is None:
                 raise ValueError("init='prune' needs a `prune` block with the target sizes")
-            if self.model is not None or self.config is not None or self.config_overrides:
+            if self.model is not None or self.config is not None:
                 raise ValueError(
-                    "a pruned student is cut from the teacher: leave out model, config and "
-                    "config_overrides"
+                    "a pruned student is cut from the teacher: leave out model and config "
+                    "(config_overrides may still set fields such as dropout)"
                 )
             return self
         if self.model is None and not (self.init == "config" and self.config):

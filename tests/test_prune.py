@@ -319,6 +319,18 @@ def test_magnitude_scoring_needs_no_data_and_spreads_layers() -> None:
     assert shape_of(res.model.config).ffn == 64
 
 
+def test_config_overrides_set_non_shape_fields_only() -> None:
+    teacher = _model("gpt2")
+    res = prune(
+        teacher, PruneTarget(layers=2), scoring="magnitude", config_overrides={"resid_pdrop": 0.3}
+    )
+    assert res.model.config.resid_pdrop == 0.3
+    assert res.model.transformer.h[0].mlp.dropout.p == 0.3
+    with pytest.raises(PruneError) as e:
+        prune(teacher, PruneTarget(layers=2), scoring="magnitude", config_overrides={"n_head": 2})
+    assert e.value.param == "spec.student.config_overrides.n_head"
+
+
 def test_max_samples_caps_the_calibration_pass() -> None:
     imp = activation_importance(_model("gpt2"), _batches(), max_samples=6)
     assert imp.samples == 6
@@ -414,6 +426,7 @@ def test_spec_accepts_a_prune_block() -> None:
         (lambda d: d["student"].pop("prune"), "spec.student"),
         (lambda d: d["student"].update(model="gpt2"), "spec.student"),
         (lambda d: d["student"].update(init="config"), "spec.student"),
+        (lambda d: d["student"].update(config={"model_type": "gpt2"}), "spec.student"),
     ],
 )
 def test_spec_refuses_bad_prune_input_naming_the_field(change, param: str) -> None:
