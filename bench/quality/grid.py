@@ -130,7 +130,8 @@ def _base_spec(preset: Preset, run_dir: Path, teacher: str) -> dict[str, Any]:
     return {
         "name": f"quality-{preset.name}",
         "teacher": {"model": teacher},
-        "student": {"init": "config", "config": dict(preset.student_config)},
+        "student": copy.deepcopy(preset.student)
+        or {"init": "config", "config": dict(preset.student_config)},
         "dataset": {
             "files": [str(run_dir / "train.txt")],
             "eval_fraction": preset.eval_fraction,

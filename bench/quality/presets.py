@@ -31,6 +31,9 @@ class Preset:
     other_ranks: tuple[int, ...] | None = None  # default: rank/4 and 2·rank (≤ seq_len)
     methods: tuple[str, ...] | None = None  # default: every method of `method_table`
     hidden: bool = False
+    # the student block of every cell when it is not built from `student_config` (a student
+    # pruned from the teacher: {"init": "prune", "prune": {...}})
+    student: dict[str, Any] | None = None
 
 
 def _budget(
@@ -44,6 +47,50 @@ def _budget(
         "warmup_steps": warmup_steps,
         "eval_every": eval_every,
         **extra,
+    }
+
+
+#: The methods of the init comparison (issue 14): logit-only, SHARP, its ablation and the
+#: attention baselines, with the same steps for both inits.
+INIT_METHODS = ("sft", "kd", "sharp", "sharp-direct", "tinybert", "minilm")
+
+
+def _init_pair(name: str, description: str, n_head: int) -> dict[str, Preset]:
+    """``<name>-random`` and ``<name>-prune``: one student shape (2 layers, ``n_head`` heads of
+    the teacher's size 32, MLP 4× hidden), from random weights or pruned from the tiny-cpu
+    teacher (Minitron activation scores on 256 training blocks). 5 seeds, paired by seed.
+
+    The pruned student inherits the teacher's config: its dropout is set to the random
+    student's (0) so that init is the only difference. The sanity ratio is 1: a pruned student
+    may come close to the teacher, which must still be better than every student."""
+    hidden = 32 * n_head
+    common: dict[str, Any] = {
+        "vocab_size": 512,
+        "seq_len": 128,
+        "teacher_config": gpt2(4, 4, 128, 128, dropout=0.1),
+        "teacher_training": _budget(1200, 16, 2e-3, 50, 100),
+        "student_config": gpt2(2, n_head, hidden, 128, n_inner=4 * hidden),
+        "training": _budget(200, 16, 3e-3, 20, 25),
+        "seeds": 5,
+        "methods": INIT_METHODS,
+        "sanity_ratio": 1.0,
+    }
+    no_dropout = {"resid_pdrop": 0.0, "attn_pdrop": 0.0, "embd_pdrop": 0.0}
+    pruned = {
+        "init": "prune",
+        "prune": {"layers": 2, "heads": n_head, "ffn": 4 * hidden},
+        "config_overrides": no_dropout,
+    }
+    return {
+        f"{name}-random": Preset(
+            name=f"{name}-random", description=f"{description}: random init", **common
+        ),
+        f"{name}-prune": Preset(
+            name=f"{name}-prune",
+            description=f"{description}: pruned from the teacher",
+            student=pruned,
+            **common,
+        ),
     }
 
 
@@ -76,6 +123,16 @@ PRESETS: dict[str, Preset] = {
         teacher_training=_budget(1200, 16, 2e-3, 50, 100),
         student_config=gpt2(2, 2, 64, 128),
         training=_budget(200, 16, 3e-3, 20, 25),
+    ),
+    **_init_pair(
+        "tiny-cpu-2x2",
+        "random vs pruned init (issue 14), the tiny-cpu student shape 2×2×64 (MLP 256)",
+        n_head=2,
+    ),
+    **_init_pair(
+        "tiny-cpu-2x3",
+        "random vs pruned init (issue 14), a wider student 2×3×96 (MLP 384)",
+        n_head=3,
     ),
     # The pilot's pair (issue 6), char level: one GPU, documented in docs/results.md.
     "gpu": Preset(
