@@ -22,11 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import core_api
 from bench import step as bench_step
+from bench.step import profiling
 from bench.step.models import Workload
 from bench.step.runners import MicroStepRunner, make_runner
 from sharp_core import losses
+from sharp_core.capture import CapturedLayer
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_ONLY = not torch.cuda.is_available()
@@ -65,7 +66,7 @@ def test_micro_preset_runs_every_step_and_reports_checks(capsys, one_thread) -> 
     captured = capsys.readouterr()
     doc = json.loads(captured.out)  # stdout is the JSON document only (the table: stderr)
     assert rc == 0, captured.err
-    # the kd_separate substitution is undone
+    # --profile's wrappers of sharp_core's functions are undone
     assert losses.logit_objective is fused
 
     assert doc["benchmark"] == "bench.step" and doc["schema"] == 2
@@ -105,7 +106,11 @@ def test_micro_preset_runs_every_step_and_reports_checks(capsys, one_thread) -> 
     sdpa, chunked = "fwd:sharp.project_sdpa (P*Q by SDPA)", "fwd:sharp.project (chunked P*Q)"
     assert sdpa in prof["sharp"] and chunked not in prof["sharp"]
     assert chunked in prof["sharp_chunked"] and sdpa not in prof["sharp_chunked"]
-    assert "bwd:sharp._project_chunk (student chunk)" in prof["sharp_chunked"]  # recompute
+    # the chunked path's checkpoint recomputes the softmax rows in backward; SDPA's does not
+    rows = "bwd:CapturedLayer.probs (softmax rows)"
+    assert rows in prof["sharp_chunked"] and not any(
+        "CapturedLayer.probs" in r for r in prof["sharp"]
+    )
     fused_range = "fwd:losses.logit_objective (fused CE+D)"
     for name in ("kd", "sharp", "sharp_chunked", "eager"):
         assert fused_range in prof[name] and "fwd:losses.divergence" not in prof[name], name
@@ -167,13 +172,23 @@ def test_unknown_step_is_a_usage_error(capsys) -> None:
     assert "nope" in err and "sharp_chunked" in err  # names the choices
 
 
-def test_substituted_logit_loss_restores_the_fused_function_on_error() -> None:
-    fused = losses.logit_objective
+def test_logit_loss_reaches_the_step_through_setup_and_profiling_restores_it() -> None:
+    """``kd_separate`` hands its loss to the step as ``Setup.logit_loss`` (sharp_core's module
+    is never patched); the profile's wrappers, of that field and of sharp_core's functions,
+    are undone on exit, also on error."""
+    w = Workload.build(bench_step.PRESETS["micro"], torch.device("cpu"), compile_=False)
+    fused, probs = losses.logit_objective, CapturedLayer.probs
     separate = bench_step.separate_logit_objective
-    with pytest.raises(RuntimeError, match="boom"), core_api.substituted_logit_loss(separate):
-        assert losses.logit_objective is separate
+    kd, kd_sep = make_runner("kd", w), make_runner("kd_separate", w)
+    assert isinstance(kd, MicroStepRunner) and isinstance(kd_sep, MicroStepRunner)
+    assert kd.S.logit_loss is fused and kd_sep.S.logit_loss is separate
+    with pytest.raises(RuntimeError, match="boom"), profiling._instrumented(kd_sep):
+        assert kd_sep.S.logit_loss is not separate  # the labelled wrapper
+        assert losses.logit_objective is not fused and CapturedLayer.probs is not probs
         raise RuntimeError("boom")
-    assert losses.logit_objective is fused
+    assert kd_sep.S.logit_loss is separate
+    assert losses.logit_objective is fused and CapturedLayer.probs is probs
+    assert "forward" not in vars(kd_sep)  # the phase wrappers are gone too
 
 
 def test_compiled_steps_compile_both_models_and_nothing_else() -> None:
@@ -200,17 +215,68 @@ def test_compiled_steps_compile_both_models_and_nothing_else() -> None:
     assert not plain_kd.S.spec.training.compile
 
 
-#: sharp_core modules and names bench/ may import outside `bench.core_api` (issue 13): the
-#: stable public surface. Anything private, or about to change, goes through the adapter.
-_STABLE = {
-    "sharp_core.spec": None,  # any public name
-    "sharp_core.models": None,
-    "sharp_core.capture": None,
-    "sharp_core.data": None,
-    "sharp_core.evaluate": {"perplexity"},
-    "sharp_core.checkpoint": {"list_checkpoints"},
-    "sharp_core.trainer": {"train", "TrainCallbacks"},
-}
+def _is_public(module: str, name: str) -> bool:
+    """``name`` is part of ``module``'s public surface: in its ``__all__`` when it declares
+    one, else any name without a leading underscore (and the module path has none either)."""
+    import importlib
+
+    if any(part.startswith("_") for part in module.split(".")):
+        return False
+    declared = getattr(importlib.import_module(module), "__all__", None)
+    return name in declared if declared is not None else not name.startswith("_")
+
+
+def _bench_sharp_core_uses() -> list[tuple[str, str, str]]:
+    """(bench module, sharp_core module, name) of every import from sharp_core in bench/ and
+    every attribute read on an imported sharp_core module (``losses.divergence``)."""
+    import ast
+
+    out: list[tuple[str, str, str]] = []
+    for path in sorted((ROOT / "bench").rglob("*.py")):
+        mod = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        aliases: dict[str, str] = {}  # local name -> sharp_core module it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sharp_core"):
+                for a in node.names:
+                    sub = f"{node.module}.{a.name}"
+                    if (ROOT / (sub.replace(".", "/") + ".py")).exists():
+                        aliases[a.asname or a.name] = sub  # a module: its reads are checked
+                    else:
+                        out.append((mod, node.module, a.name))  # type: ignore[arg-type]
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith("sharp_core"):
+                        out.append((mod, a.name, ""))
+                        if a.asname:
+                            aliases[a.asname] = a.name
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+            ):
+                out.append((mod, aliases[node.value.id], node.attr))
+    return out
+
+
+def test_bench_uses_only_public_sharp_core_names() -> None:
+    """Issue 13: bench/ (every module) reaches sharp_core through public names only, so a
+    refactor of sharp_core's internals cannot break a benchmark; no adapter module is left."""
+    uses = _bench_sharp_core_uses()
+    assert not (ROOT / "bench" / "core_api.py").exists()
+    seen = {(m, n) for _, m, n in uses}
+    # the checker sees both import forms the benchmarks use
+    assert ("sharp_core.step", "micro_step") in seen and ("sharp_core.perf", "peak_flops") in seen
+    assert ("sharp_core.losses", "divergence") in seen  # read as an attribute of the module
+    bad = [f"{b}: {m}.{n}" for b, m, n in uses if n and not _is_public(m, n)]
+    bad += [f"{b}: import {m}" for b, m, n in uses if not n and not _is_public(m, "x")]
+    assert bad == []
+    # the profile wraps public functions only (by name, at run time)
+    assert [(m, a) for m, a, _ in profiling.PROFILED if not _is_public(m, a)] == []
+    # the rule can fail: a private name, and a name a module imports but does not declare
+    assert not _is_public("sharp_core.sharp", "_project_chunk")
+    assert not _is_public("sharp_core.trainer", "flops_per_token")  # sharp_core.perf's
 
 
 def _bench_imports() -> dict[str, list[tuple[str, str]]]:
@@ -230,30 +296,14 @@ def _bench_imports() -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def test_bench_reaches_sharp_core_through_public_names_or_core_api_only() -> None:
-    imports = _bench_imports()
-    assert ("sharp_core", "trainer") in imports["bench.core_api"]  # the adapter is seen
-    bad = []
-    for mod, found in imports.items():
-        if mod in ("bench.core_api", "bench.api_load"):  # api_load: the service, not sharp_core
-            continue
-        for module, name in found:
-            if not module.startswith("sharp_core"):
-                continue
-            allowed = _STABLE.get(module, set())
-            if module not in _STABLE or name.startswith("_") or (allowed and name not in allowed):
-                bad.append(f"{mod}: from {module} import {name}")
-    assert bad == []
-
-
 def test_bench_imports_run_downwards() -> None:
-    """The shared bottom (core_api, configs, machine) imports no benchmark, and the two
-    benchmarks do not import each other."""
+    """The shared bottom (configs, machine) imports no benchmark, and the two benchmarks do
+    not import each other."""
     imports = _bench_imports()
     for mod, found in imports.items():
         targets = {m for m, _ in found if m.startswith("bench")}
-        if mod in ("bench.core_api", "bench.configs", "bench.machine"):
-            assert targets <= {"bench.configs", "bench.machine", "bench.core_api"}, mod
+        if mod in ("bench.configs", "bench.machine"):
+            assert targets <= {"bench.configs", "bench.machine"}, mod
         for a, b in (("bench.step", "bench.quality"), ("bench.quality", "bench.step")):
             if mod == a or mod.startswith(a + "."):
                 assert not any(t == b or t.startswith(b + ".") for t in targets), mod

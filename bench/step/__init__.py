@@ -27,7 +27,7 @@ Opt-in steps, the "before" of each fast path next to its "after" in the same run
 * ``kd_separate`` the ``kd`` step with CE and D computed by two separate calls,
             `losses.cross_entropy` then `losses.divergence`, as the trainer did before the
             fused loss: the trainer's micro-step runs with `separate_logit_objective` as its
-            logit loss (`bench.core_api.micro_step`'s ``logit_loss``).
+            logit loss (handed to `sharp_core.step.micro_step` as ``Setup.logit_loss``).
 * ``kd_liger`` (CUDA, optional ``liger-kernel``) the ``kd`` loss from Liger Kernel's fused
             linear cross-entropy and fused linear forward KL, which never build the logits;
             skipped, with the reason, on CPU or when the package is missing (``pip install
@@ -42,7 +42,7 @@ Opt-in steps, the "before" of each fast path next to its "after" in the same run
 Why the steps go through the trainer's micro-step with a hand-built `Setup` (all but
 ``eager`` and ``kd_liger``, which have no trainer path) instead of re-implementing the losses:
 the benchmark must time the code that trains, not a look-alike; the variants change only what
-a spec setting (``projection``) or one substituted loss function changes. Data loading and
+a spec setting (``projection``) or the logit loss handed to the step changes. Data loading and
 tokenisation (not part of a step) are left out: the batch is random token ids, the models are
 built from configs (no downloads) with ``sharp_core.models.load_model``, so they get the
 trainer's dtypes (teacher bf16 on CUDA, student float32 with bf16 autocast).
@@ -75,14 +75,15 @@ Host synchronisations inside a step (CUDA only) are counted with
 ``torch.cuda.set_sync_debug_mode("warn")`` over one extra step: the issue asks for none.
 
 ``--profile`` adds, per step, a torch.profiler breakdown by labelled ranges (the models'
-forwards, sharp_core's capture / projection / loss functions, each prefixed by the phase
-fwd/bwd/opt so the checkpoint's recompute in backward is told apart); sharp_core is wrapped
-at run time only, never edited (`bench.core_api.instrumented`).
+forwards, sharp_core's public projection / loss functions, the attention objective and the
+step's logit loss, each prefixed by the phase fwd/bwd/opt so the checkpoint's recompute in
+backward is told apart); sharp_core is wrapped at run time only, never edited
+(`bench.step.profiling.instrumented`).
 
-``checks`` in the JSON. With ``sharp_chunked`` selected, on the same captured q/k with the
-objective switched between its two paths: the relative difference of each SHARP term, the
-relative error of the projected maps P·Q, and the objective's own forward+backward time on
-each path, measured alone and interleaved (SHARP's share of a step is below what whole-step
+``checks`` in the JSON. With ``sharp_chunked`` selected, on the same captured q/k, with the
+objective built once per path (``method.projection``): the relative difference of each SHARP
+term, the relative error of the projected maps P·Q, and the objective's own forward+backward
+time on each path, measured alone and interleaved (SHARP's share of a step is below what whole-step
 timings resolve on a loaded machine). With ``kd_separate`` and ``kd``: both steps' losses on
 the same batch (a variant must change the cost, not the value) and the logit loss's own
 forward+backward time, fused vs separate, measured alone the same way.
@@ -90,8 +91,10 @@ forward+backward time, fused vs separate, measured alone the same way.
 Modules: `presets` (shapes), `models` (spec, models, optimizer, the shared `Workload`),
 `runners` (one module per family of step), `timing` and `memory` (the measurements),
 `checks` (before vs after on the same tensors), `profiling` (``--profile``), `run` (one run,
-the JSON document), `report` (the table), `cli` (the command line). sharp_core's private or
-changing names are reached only through `bench.core_api`.
+the JSON document), `report` (the table), `cli` (the command line). Only sharp_core's public
+names are used (`sharp_core.step.micro_step` on a `sharp_core.setup.Setup`,
+`sharp_core.perf`, `sharp_core.sharp.make_attention_objective`, `sharp_core.losses`), so a
+refactor of its internals cannot break the benchmark (issue 13).
 """
 
 from bench.step.cli import main

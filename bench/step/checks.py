@@ -12,13 +12,22 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from bench import core_api
 from bench.step.runners import LigerKDRunner, MicroStepRunner, Runner
 from bench.step.runners.base import logit_loss_kwargs
 from bench.step.runners.trainer import separate_logit_objective
 from bench.step.timing import paired_ratio, side_by_side
+from sharp_core import losses
 from sharp_core.capture import CapturedLayer
+from sharp_core.sharp import (
+    AttentionObjective,
+    SharpObjective,
+    dct_basis,
+    make_attention_objective,
+    project,
+    project_sdpa,
+)
 
 
 def _captured(runner: MicroStepRunner) -> tuple[dict[int, Any], dict[int, Any]]:
@@ -37,6 +46,30 @@ def _captured(runner: MicroStepRunner) -> tuple[dict[int, Any], dict[int, Any]]:
     return student, teacher
 
 
+def with_projection(runner: MicroStepRunner, how: str) -> AttentionObjective:
+    """The runner's attention objective as a job with ``method.projection = how`` builds it.
+
+    Why a second objective rather than a switch on the runner's: the two paths are then two
+    objectives built from specs, exactly as two jobs would get them (same shapes, layer map
+    and rank: the DCT basis is fixed, so nothing random differs between them).
+    """
+    obj = runner.S.objective
+    assert obj is not None
+    method = runner.S.spec.method.model_copy(update={"projection": how})
+    return make_attention_objective(
+        method,
+        student_shape=obj.student_shape,
+        teacher_shape=obj.teacher_shape,
+        seq_len=obj.seq_len,
+    ).to(runner.device)
+
+
+def project_both(obj: SharpObjective, layer: CapturedLayer, n: int) -> tuple[Tensor, Tensor]:
+    """(chunked float32 reference P·Q, SDPA P·Q) of one captured layer, the objective's rank."""
+    basis = dct_basis(n, min(obj.rank, n), device=layer.query.device)
+    return project(layer, basis, obj.query_chunk), project_sdpa(layer, basis)
+
+
 def compare_projection_terms(runner: MicroStepRunner) -> dict[str, float]:
     """Relative difference of each SHARP term, SDPA projection vs chunked, same captured q/k.
 
@@ -49,19 +82,18 @@ def compare_projection_terms(runner: MicroStepRunner) -> dict[str, float]:
     rebuilds float32 softmax rows; this measures what that costs in the loss itself, on the
     benchmark's own captured tensors (float32 on CPU; on CUDA the models' bf16 q/k).
     """
-    obj, x = runner.S.objective, runner.x
-    assert obj is not None
+    x = runner.x
+    chunked, sdpa = with_projection(runner, "chunked"), with_projection(runner, "sdpa")
+    assert isinstance(chunked, SharpObjective)
     student, teacher = _captured(runner)
     valid = torch.ones_like(x, dtype=torch.bool)
     with torch.no_grad():
-        with core_api.set_projection(obj, "chunked"):
-            ref = obj(student, teacher, valid)
-        with core_api.set_projection(obj, "sdpa"):
-            got = obj(student, teacher, valid)
+        ref = chunked(student, teacher, valid)
+        got = sdpa(student, teacher, valid)
         pq_err = {"student": 0.0, "teacher": 0.0}
         for side, layers in (("student", student), ("teacher", teacher)):
             for layer in layers.values():
-                a, b = core_api.project_both(obj, layer, x.shape[1])
+                a, b = project_both(chunked, layer, x.shape[1])
                 err = float((b - a).norm() / a.norm().clamp_min(1e-30))
                 pq_err[side] = max(pq_err[side], err)
     out: dict[str, float] = {
@@ -78,8 +110,8 @@ def time_objective(runner: MicroStepRunner, repeats: int) -> dict[str, float]:
     The student's captured q/k are detached into leaves that require grad, so backward stops
     at q/k (the model's projections' backward exists in every step anyway).
     """
-    obj, x, dev = runner.S.objective, runner.x, runner.device
-    assert obj is not None
+    x, dev = runner.x, runner.device
+    objectives = {how: with_projection(runner, how) for how in ("chunked", "sdpa")}
     student0, teacher = _captured(runner)
     student = {
         i: CapturedLayer(
@@ -94,8 +126,7 @@ def time_objective(runner: MicroStepRunner, repeats: int) -> dict[str, float]:
     valid = torch.ones_like(x, dtype=torch.bool)
 
     def fwd_bwd(how: str) -> None:
-        with core_api.set_projection(obj, how):
-            terms = obj(student, teacher, valid)
+        terms = objectives[how](student, teacher, valid)
         sum(terms.values()).backward()
         for c in student.values():
             c.query.grad = c.key.grad = None
@@ -145,13 +176,13 @@ def time_logit_losses(runner: MicroStepRunner, repeats: int) -> dict[str, float]
     labels = x[:, 1:]
     kw = logit_loss_kwargs(m, labels.numel(), kd_weight=runner.a)
 
-    def fwd_bwd(fn: core_api.LogitLoss) -> None:
+    def fwd_bwd(fn: losses.LogitLoss) -> None:
         loss, _ce, _d = fn(m.divergence, s_logits, t_logits, labels, **kw)
         loss.backward()
         s_logits.grad = None
 
     fused, separate = side_by_side(
-        lambda: fwd_bwd(core_api.logit_objective),
+        lambda: fwd_bwd(losses.logit_objective),
         lambda: fwd_bwd(separate_logit_objective),
         repeats,
         runner.device,
@@ -179,7 +210,7 @@ def compare_liger(runner: LigerKDRunner) -> dict[str, float]:
     with runner.autocast():
         s_logits = F.linear(s_h, runner.s_head.weight[:V])
         t_logits = F.linear(t_h, runner.t_head.weight[:V])
-    ref, _, _ = core_api.logit_objective(
+    ref, _, _ = losses.logit_objective(
         m.divergence, s_logits, t_logits, y, **logit_loss_kwargs(m, int((y != -100).sum()))
     )
     (g_ref,) = torch.autograd.grad(ref, s_h)

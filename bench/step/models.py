@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bench import core_api
 from bench.step.presets import Preset
+from sharp_core import perf
 from sharp_core.models import LocalResolver, load_model, model_shape
 from sharp_core.spec import DatasetSpec, JobSpec, MethodSpec, ModelSpec, TrainingSpec
 
@@ -138,6 +138,6 @@ def shape(model: nn.Module) -> dict[str, Any]:
         "ffn": int(ffn),
         "vocab": int(c.vocab_size),
         "params": sum(x.numel() for x in model.parameters()),
-        "non_embedding_params": int(core_api.flops_per_token(model, None) // 6),
+        "non_embedding_params": int(perf.flops_per_token(model, None) // 6),
         "dtype": str(p.dtype).removeprefix("torch."),
     }

@@ -1,24 +1,80 @@
 """``--profile``: a torch.profiler breakdown of one step by labelled ranges.
 
-The ranges are the models' forwards, sharp_core's capture / projection / loss functions
-(wrapped at run time by `core_api.instrumented`, never edited) and the step's own logit loss
-when it substitutes one; each label is prefixed by the phase fwd/bwd/opt at call time, so a
+The ranges are the models' forwards, sharp_core's public capture / projection / loss
+functions (`PROFILED`, wrapped at run time by `instrumented`, never edited), the attention
+objective's forward and the step's logit loss (the function the runner hands the step as
+``Setup.logit_loss``); each label is prefixed by the phase fwd/bwd/opt at call time, so a
 function run again inside backward (the checkpoint's recompute of a chunk) is told apart from
-its forward call.
+its forward call. Only public names are wrapped, so a refactor of sharp_core's internals
+cannot break the profile; private helpers show up inside the public range that calls them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import nn
 
-from bench import core_api
 from bench.step.runners import MicroStepRunner, Runner
+from bench.step.runners.trainer import FUSED_LABEL
 from bench.step.timing import sync
+from sharp_core.capture import CapturedLayer
+
+#: (module path, attribute, label) of the public sharp_core functions the profile wraps.
+#: Wrapped on their module: sharp_core calls them through its module's globals, and bench/
+#: through the module (``losses.divergence``), so both calls run inside the range.
+PROFILED: tuple[tuple[str, str, str], ...] = (
+    ("sharp_core.sharp", "project_sdpa", "sharp.project_sdpa (P*Q by SDPA)"),
+    ("sharp_core.sharp", "project", "sharp.project (chunked P*Q)"),
+    ("sharp_core.sharp", "sharp_distances", "sharp.sharp_distances"),
+    ("sharp_core.losses", "logit_objective", FUSED_LABEL),  # as called by eager, checks
+    ("sharp_core.losses", "cross_entropy", "losses.cross_entropy"),
+    ("sharp_core.losses", "divergence", "losses.divergence"),
+)
+
+
+@contextlib.contextmanager
+def instrumented(
+    label_range: Callable[[str], contextlib.AbstractContextManager[Any]],
+    objective: nn.Module | None = None,
+) -> Iterator[None]:
+    """Every `PROFILED` function, `CapturedLayer.probs` and ``objective``'s forward run inside
+    ``label_range(label)`` while the block runs; all restored on exit, also on error.
+
+    The objective's forward is wrapped on the instance (an attribute shadowing the class
+    method for that one module).
+    """
+    restore: list[tuple[Any, str, Any, bool]] = []
+
+    def wrap(owner: Any, attr: str, label: str) -> None:
+        own = attr in vars(owner)
+        orig = getattr(owner, attr)
+
+        @functools.wraps(orig)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with label_range(label):
+                return orig(*args, **kwargs)
+
+        setattr(owner, attr, wrapper)
+        restore.append((owner, attr, orig, own))
+
+    try:
+        for mod, attr, label in PROFILED:
+            wrap(importlib.import_module(mod), attr, label)
+        wrap(CapturedLayer, "probs", "CapturedLayer.probs (softmax rows)")
+        if objective is not None:
+            wrap(objective, "forward", "AttentionObjective.forward")
+        yield
+    finally:
+        for owner, attr, orig, own in reversed(restore):
+            if own:
+                setattr(owner, attr, orig)
+            else:
+                delattr(owner, attr)  # back to the class's method
 
 
 @contextlib.contextmanager
@@ -33,7 +89,9 @@ def _instrumented(runner: Runner) -> Iterator[None]:
 
     micro = runner if isinstance(runner, MicroStepRunner) else None
     objective = micro.S.objective if micro is not None else None
-    logit_loss = micro.logit_loss if micro is not None else None
+    # The step calls the logit loss it was handed (``Setup.logit_loss``), not the module's
+    # attribute, so that function is wrapped where the step finds it.
+    logit_loss = micro.S.logit_loss if micro is not None else None
     if micro is not None and logit_loss is not None:
         label = micro.logit_loss_label
 
@@ -42,7 +100,7 @@ def _instrumented(runner: Runner) -> Iterator[None]:
             with label_range(label):
                 return logit_loss(*args, **kwargs)
 
-        micro.logit_loss = labelled
+        micro.S.logit_loss = labelled
 
     stack: list[Any] = []
     handles = []
@@ -70,14 +128,14 @@ def _instrumented(runner: Runner) -> Iterator[None]:
     runner.backward = phased("bwd", runner.backward)  # type: ignore[method-assign]
     runner.optimizer_step = phased("opt", runner.optimizer_step)  # type: ignore[method-assign]
     try:
-        with core_api.instrumented(label_range, objective):
+        with instrumented(label_range, objective):
             yield
     finally:
         del runner.forward, runner.backward, runner.optimizer_step
         for h in handles:
             h.remove()
-        if micro is not None:
-            micro.logit_loss = logit_loss
+        if micro is not None and logit_loss is not None:
+            micro.S.logit_loss = logit_loss
 
 
 def profile_step(runner: Runner, steps: int = 3) -> dict[str, float]:

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from bench import core_api
 from bench.machine import machine_info
 from bench.step import checks
 from bench.step.memory import cpu_step_peak_bytes, resident_bytes
@@ -29,6 +28,7 @@ from bench.step.runners import (
     make_runner,
 )
 from bench.step.timing import count_host_syncs, matmul_rate_bf16, paired_ratio, timed_step
+from sharp_core import perf
 
 
 @dataclass
@@ -255,15 +255,15 @@ def run_benchmark(
     w = Workload.build(preset, dev, compile_)
     teacher, student = w.teacher, w.student
     flops = {
-        "distill": core_api.flops_per_token(student, teacher),
-        "ce": core_api.flops_per_token(student, None),
+        "distill": perf.flops_per_token(student, teacher),
+        "ce": perf.flops_per_token(student, None),
     }
     lm_head = (
         6 * student.get_output_embeddings().weight.numel()
         + 2 * teacher.get_output_embeddings().weight.numel()
     )
     peak_flops = {
-        "table": core_api.peak_flops(dev),
+        "table": perf.peak_flops(dev),
         "measured_bf16_matmul": matmul_rate_bf16(dev) if dev.type == "cuda" else None,
     }
 

@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench import core_api
 from bench.step.models import Workload, maybe_compile
 from bench.step.runners.base import Runner, logit_loss_kwargs
+from sharp_core import losses
 from sharp_core.models import model_shape
+from sharp_core.sharp import layer_map
 from sharp_core.spec import MethodSpec
 
 
@@ -31,7 +32,7 @@ class EagerRunner(Runner):
         self.student = maybe_compile(w.student, w.compile_)
         l_s, _ = model_shape(w.student)
         l_t, _ = model_shape(w.teacher)
-        self.pairs = list(enumerate(core_api.layer_map(l_s, l_t)))
+        self.pairs = list(enumerate(layer_map(l_s, l_t)))
         self.method = MethodSpec(name="kd")
 
     def forward(self) -> Tensor:
@@ -41,7 +42,7 @@ class EagerRunner(Runner):
             with torch.inference_mode():
                 t_out = self.teacher(input_ids=x, output_attentions=True)
             s_out = self.student(input_ids=x, output_attentions=True)
-        loss, _ce, _d = core_api.logit_objective(
+        loss, _ce, _d = losses.logit_objective(
             m.divergence,
             s_out.logits[:, :-1, :V],
             t_out.logits[:, :-1, :V],

@@ -2,7 +2,7 @@
 
 Why the trainer's step and not a re-implementation of the losses: the benchmark must time the
 code that trains, not a look-alike. A variant changes only what a spec setting
-(``projection``), the models' compilation or one substituted logit loss changes.
+(``projection``), the models' compilation or the logit loss handed to the step changes.
 """
 
 from __future__ import annotations
@@ -12,10 +12,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bench import core_api
 from bench.step.models import Workload, job_spec, maybe_compile
 from bench.step.runners.base import Runner
-from sharp_core.capture import ATTN_IMPLEMENTATION
+from sharp_core import losses
+from sharp_core.capture import ATTN_IMPLEMENTATION, AttentionCapture
+from sharp_core.models import model_shape
+from sharp_core.setup import Setup
+from sharp_core.sharp import make_attention_objective
+from sharp_core.step import micro_step
 
 
 def separate_logit_objective(
@@ -35,10 +39,11 @@ def separate_logit_objective(
 
     `losses.cross_entropy` then `losses.divergence`: each gathers the valid rows, builds a
     float32 graph per chunk and differentiates it, so the student's log-softmax is computed
-    twice. Returns (loss, ce, d) with ce and d detached, like the fused function.
+    twice. Returns (loss, ce, d) with ce and d detached, like the fused function. Both are
+    looked up on the module at each call, so ``--profile``'s labelled wrappers are the ones run.
     """
-    ce = core_api.cross_entropy(student_logits, labels, num_valid=num_valid, chunk_size=chunk_size)
-    d = core_api.divergence(
+    ce = losses.cross_entropy(student_logits, labels, num_valid=num_valid, chunk_size=chunk_size)
+    d = losses.divergence(
         name,
         student_logits,
         teacher_logits,
@@ -52,6 +57,10 @@ def separate_logit_objective(
     return (1 - kd_weight) * ce + kd_weight * d, ce.detach(), d.detach()
 
 
+#: ``--profile``'s range of the trainer's default logit loss (tests/test_bench.py reads it).
+FUSED_LABEL = "losses.logit_objective (fused CE+D)"
+
+
 @dataclass(frozen=True)
 class Variant:
     """One trainer step kind: the method, and what it changes against the default step."""
@@ -59,8 +68,9 @@ class Variant:
     method: str  # MethodSpec.name
     projection: str = "sdpa"  # MethodSpec.projection
     compiled: bool = False  # torch.compile teacher and student, as training.compile does
-    logit_loss: core_api.LogitLoss | None = None  # instead of the fused logit_objective
-    logit_loss_label: str = ""  # its profiler range
+    #: the step's logit loss, handed to it as ``Setup.logit_loss``
+    logit_loss: losses.LogitLoss = losses.logit_objective
+    logit_loss_label: str = FUSED_LABEL  # its profiler range
 
 
 VARIANTS: dict[str, Variant] = {
@@ -82,7 +92,8 @@ class MicroStepRunner(Runner):
     """The trainer's own micro-step on a `Setup` built from a real JobSpec.
 
     ``variant.projection`` goes into the `MethodSpec` exactly as a job would set it;
-    ``variant.logit_loss`` replaces the fused logit loss inside the step.
+    ``variant.logit_loss`` is the step's logit loss (``Setup.logit_loss``), as a caller of
+    `sharp_core.step.micro_step` hands it one.
     """
 
     def __init__(self, name: str, variant: Variant, w: Workload) -> None:
@@ -91,37 +102,42 @@ class MicroStepRunner(Runner):
         spec = job_spec(w.preset, variant.method, compile_, variant.projection)
         objective = s_cap = t_cap = None
         if spec.method.uses_attention:
-            # the captures switch both models to the "sharp_capture" attention (SDPA + record)
-            objective, s_cap, t_cap = core_api.attention_objective(
-                spec.method, w.student, w.teacher, w.preset.seq_len, w.device
-            )
+            # built as `sharp_core.setup.setup` builds it; the captures switch both models to
+            # the "sharp_capture" attention (SDPA + record)
+            objective = make_attention_objective(
+                spec.method,
+                student_shape=model_shape(w.student),
+                teacher_shape=model_shape(w.teacher),
+                seq_len=w.preset.seq_len,
+            ).to(w.device)
+            s_cap = AttentionCapture(w.student, objective.student_layers)
+            t_cap = AttentionCapture(w.teacher, objective.teacher_layers)
             self.impl = ATTN_IMPLEMENTATION
-        self.S = core_api.make_setup(
-            spec,
-            w.device,
-            w.vocab,
-            None if variant.method == "sft" else maybe_compile(w.teacher, compile_),
-            maybe_compile(w.student, compile_),
-            objective,
-            s_cap,
-            t_cap,
+        # no tokenizer or data: the benchmark feeds its own batch to `micro_step`
+        self.S = Setup(
+            spec=spec,
+            device=w.device,
+            tokenizer=None,
+            vocab=w.vocab,
+            teacher=None if variant.method == "sft" else maybe_compile(w.teacher, compile_),
+            student=maybe_compile(w.student, compile_),
+            data=None,  # type: ignore[arg-type]
+            objective=objective,
+            student_capture=s_cap,
+            teacher_capture=t_cap,
+            logit_loss=variant.logit_loss,
         )
         self.a = spec.method.effective_kd_weight
-        self.logit_loss = variant.logit_loss
         self.logit_loss_label = variant.logit_loss_label
 
     def forward(self) -> Tensor:
         x = self.x
-        terms, _parts = core_api.micro_step(
+        terms, _parts = micro_step(
             self.S,
             x,
-            x[:, 1:].numel(),
-            x.shape[0],
-            self.a,
-            1.0,
-            self.use_amp,
-            torch.bfloat16,
-            logit_loss=self.logit_loss,
+            n_tokens=x[:, 1:].numel(),
+            n_seqs=x.shape[0],
+            amp_dtype=torch.bfloat16 if self.use_amp else None,
         )
         return terms["loss"]
 
