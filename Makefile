@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-## make test: the whole suite (starts embedded Postgres/Redis when none is reachable)
+## make test: the whole suite (starts embedded Postgres/Redis when none is reachable), its
+## files spread over TEST_WORKERS processes (each module keeps its fixtures in one process)
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 ## make test-fast: skip the end-to-end runs marked slow
 test-fast: $(STAMP)

@@ -471,3 +471,26 @@ def tiny_spec(corpus: Path, *, max_steps: int = 20, name: str = "tiny", **traini
             **training,
         },
     }
+
+
+# --------------------------------------------------------------------------- ordering
+#: The longest modules, longest first (measured with `--durations`, docs/performance.md):
+#: under `make test` (xdist, --dist loadfile) files are handed out in collection order, so
+#: starting the long ones first keeps one process from finishing alone with a long tail.
+SLOW_FIRST = (
+    "test_reliability_restarts.py",
+    "test_ui.py",
+    "test_cli_jobs.py",
+    "test_service_e2e.py",
+    "test_embedded_supervision.py",
+    "test_distributed.py",
+    "test_fuzz.py",
+    "test_trainer.py",
+    "test_reliability.py",
+    "test_deploy.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda it: rank.get(it.path.name, len(SLOW_FIRST)))  # stable: order kept

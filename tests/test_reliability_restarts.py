@@ -43,8 +43,9 @@ from tests.test_reliability import assert_listed_checkpoints_verify
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
 TIMEOUT = 300
-#: Long enough to outlast three restarts on an idle machine (a tiny model trains ~30 steps/s).
-MAX_STEPS = 800
+#: Long enough to outlast three restarts on an idle machine (a tiny model trains ~30 steps/s):
+#: 800 steps were once done before a slow Postgres restart had finished.
+MAX_STEPS = 1600
 
 
 # ------------------------------------------------------------------------------ servers
@@ -235,7 +236,7 @@ def test_job_and_sse_client_survive_redis_postgres_and_api_restarts(
         name="restarts",
         log_every=5,
         eval_every=0,
-        checkpoint_every=200,
+        checkpoint_every=MAX_STEPS // 4,
     )
     with httpx.Client(base_url=api_server.base, headers=team.headers, timeout=30) as http:
         created = http.post("/v1/jobs", json={"spec": spec})
@@ -309,6 +310,7 @@ def test_job_and_sse_client_survive_redis_postgres_and_api_restarts(
     assert seqs == log == list(range(1, len(log) + 1)), (seqs, log)
     with httpx.Client(base_url=api_server.base, timeout=30) as http:
         listed = assert_listed_checkpoints_verify(http, team, job_id, settings)
-    assert listed == [400, 600, 800]  # every 200 steps, the newest keep_checkpoints=3
+    # every MAX_STEPS / 4 steps, the newest keep_checkpoints=3
+    assert listed == [MAX_STEPS // 2, 3 * MAX_STEPS // 4, MAX_STEPS]
     steps = [m["step"] for _, k, d in follower.events if k == "metrics" for m in d["metrics"]]
     assert sorted(set(steps)) == list(range(5, MAX_STEPS + 1, 5)), steps
