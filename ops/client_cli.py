@@ -418,7 +418,7 @@ def print_pruning(p: dict[str, Any]) -> None:
         rows.append(("note", str(p["note"])))
     out.print("[bold]pruned[/bold] from the teacher")
     for label, value in rows:
-        out.print(f"  {label:<12}{escape(value)}")
+        out.print(f"  {label:<13}{escape(value)}")
 
 
 @jobs_app.command("show")
