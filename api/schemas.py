@@ -59,6 +59,40 @@ class Progress(BaseModel):
     eta_s: float | None = Field(default=None, description="Seconds left at the current speed.")
 
 
+class Step0Eval(BaseModel):
+    """The student's evaluation at step 0, before any training (null: not recorded)."""
+
+    eval_ppl: float | None = Field(default=None, description="Language models: perplexity.")
+    eval_accuracy: float | None = Field(default=None, description="Classifiers: accuracy.")
+    eval_macro_f1: float | None = Field(default=None, description="Classifiers: macro-F1.")
+
+
+class PruningPublic(BaseModel):
+    """What pruning the student from the teacher kept and cost (docs/pruning.md): the
+    training process's 'pruned' event, plus the step-0 evaluation from the metrics."""
+
+    kept_layers: list[int] = Field(description="The teacher's layer indices the student kept.")
+    heads_per_layer: dict[str, list[int]] = Field(
+        description="Teacher layer index → the teacher's query heads kept in it."
+    )
+    kv_heads_per_layer: dict[str, list[int]] | None = Field(
+        default=None,
+        description="Grouped-query models whose key/value heads differ from the query heads.",
+    )
+    ffn: int | None = Field(default=None, description="MLP width of the student.")
+    hidden: int | None = Field(default=None, description="Hidden size of the student.")
+    params_before: int = Field(description="Parameters of the teacher.")
+    params_after: int = Field(description="Parameters of the pruned student.")
+    scoring: str = Field(description="'activation' (calibration pass) or 'magnitude'.")
+    calibration_samples: int = Field(description="Blocks of training data scored.")
+    calibration_s: float = Field(description="Seconds the calibration pass took.")
+    note: str | None = Field(
+        default=None, description="Set when the calibration set was smaller than asked for."
+    )
+    attempt: int | None = Field(default=None, description="The attempt that pruned.")
+    eval_at_step_0: Step0Eval
+
+
 class JobPublic(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -85,6 +119,7 @@ class JobPublic(BaseModel):
                     "finished_at": None,
                     "queue_position": None,
                     "queue_reason": None,
+                    "pruning": None,
                 }
             ]
         }
@@ -119,6 +154,13 @@ class JobPublic(BaseModel):
             "team quota: 4 of 4 GPUs in use",
             "no worker serves pool 'h100'",
         ],
+    )
+    pruning: PruningPublic | None = Field(
+        default=None,
+        description="Jobs whose student is pruned from the teacher (student.init 'prune'), once "
+        "the training process has reported it: the kept layers and heads, parameters before and "
+        "after, the calibration, and the evaluation at step 0. Filled in the answers about one "
+        "job (GET /v1/jobs/{job_id}, cancel, retry); null in lists and for every other job.",
     )
 
 
@@ -219,8 +261,11 @@ class Health(BaseModel):
 
 
 # -- shaping service results into responses --------------------------------------------------
-def job_public(job: Job, queue: QueueInfo | None = None) -> JobPublic:
-    """A job row as the API shows it; ``progress`` (the ETA) comes from `service.progress`."""
+def job_public(
+    job: Job, queue: QueueInfo | None = None, pruning: dict[str, Any] | None = None
+) -> JobPublic:
+    """A job row as the API shows it; ``progress`` (the ETA) comes from `service.progress`,
+    ``pruning`` from `service.jobs.JobService.pruning`."""
     metrics = {k: v for k, v in (job.latest_metrics or {}).items() if isinstance(v, (int, float))}
     return JobPublic(
         id=job.id,
@@ -241,6 +286,7 @@ def job_public(job: Job, queue: QueueInfo | None = None) -> JobPublic:
         finished_at=job.finished_at,
         queue_position=queue.position if queue else None,
         queue_reason=queue.reason if queue else None,
+        pruning=PruningPublic.model_validate(pruning) if pruning else None,
     )
 
 

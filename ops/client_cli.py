@@ -53,7 +53,7 @@ from rich.table import Table
 
 # Reused from the demo, which verifies downloads the same way.
 from ops.demo import _sha256
-from ops.follow import JobState, fmt_eta, follow_events
+from ops.follow import JobState, fmt_eta, fmt_params, follow_events, pruned_summary
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -240,7 +240,12 @@ def watch_job(c: httpx.Client, job_id: str) -> dict[str, Any]:
         console=err,
     )
 
+    shown: dict[str, Any] = {"pruned": None}  # the 'pruned' event last printed
+
     def refresh() -> None:
+        if state.pruned is not None and state.pruned is not shown["pruned"]:
+            shown["pruned"] = state.pruned  # a line of its own above the bar, once per event
+            progress.console.print(escape(pruned_summary(state.pruned)))
         terms = " ".join(f"{k[6:]} {v:.3g}" for k, v in sorted(state.terms.items()))
         progress.update(
             task,
@@ -369,6 +374,53 @@ def list_cmd(
     run(body)
 
 
+def _layer_map(per_layer: dict[str, list[int]]) -> str:
+    return "  ".join(
+        f"{layer}: [{', '.join(map(str, heads))}]" for layer, heads in per_layer.items()
+    )
+
+
+def print_pruning(p: dict[str, Any]) -> None:
+    """The "pruned" section of ``sharp jobs show``: what was kept, the parameters before and
+    after, the calibration, and the student's evaluation before any training."""
+    before, after = int(p["params_before"]), int(p["params_after"])
+    ratio = f", {after / before:.1%} of the teacher" if before else ""
+    step0 = p.get("eval_at_step_0") or {}
+    evals = []
+    if step0.get("eval_ppl") is not None:
+        evals.append(f"ppl {step0['eval_ppl']:.2f}")
+    if step0.get("eval_accuracy") is not None:
+        evals.append(f"accuracy {step0['eval_accuracy']:.3f}")
+    if step0.get("eval_macro_f1") is not None:
+        evals.append(f"macro-F1 {step0['eval_macro_f1']:.3f}")
+    rows = [
+        ("kept layers", f"[{', '.join(map(str, p['kept_layers']))}]"),
+        ("heads", _layer_map(p["heads_per_layer"]) + "  (teacher layer: its heads kept)"),
+    ]
+    if p.get("kv_heads_per_layer"):
+        rows.append(("kv heads", _layer_map(p["kv_heads_per_layer"])))
+    sizes = [f"{k} {p[k]}" for k in ("ffn", "hidden") if p.get(k) is not None]
+    if sizes:
+        rows.append(("sizes", ", ".join(sizes)))
+    rows += [
+        (
+            "params",
+            f"{before:,} → {after:,} ({fmt_params(before)} → {fmt_params(after)}{ratio})",
+        ),
+        (
+            "calibration",
+            f"{p['calibration_samples']} samples in {p['calibration_s']:.2f} s "
+            f"({p.get('scoring', '?')} scoring)",
+        ),
+        ("step 0", ("  ".join(evals) or "not evaluated yet") + "  (before any training)"),
+    ]
+    if p.get("note"):
+        rows.append(("note", str(p["note"])))
+    out.print("[bold]pruned[/bold] from the teacher")
+    for label, value in rows:
+        out.print(f"  {label:<13}{escape(value)}")
+
+
 @jobs_app.command("show")
 def show_cmd(
     job_id: str = typer.Argument(..., metavar="ID"),
@@ -376,7 +428,7 @@ def show_cmd(
     url: str | None = UrlOpt,
     key: str | None = KeyOpt,
 ) -> None:
-    """Status, progress, latest metrics and error of one job."""
+    """Status, progress, latest metrics, what pruning kept (a pruned student) and error."""
 
     def body() -> int:
         with client(url, key) as c:
@@ -406,6 +458,8 @@ def show_cmd(
             for name, value in sorted(job["metrics"].items()):
                 table.add_row(name, f"{value:.6g}")
             out.print(table)
+        if job.get("pruning"):
+            print_pruning(job["pruning"])
         if job.get("error"):
             e = job["error"]
             param = f" (param {e['param']})" if e.get("param") else ""

@@ -47,6 +47,7 @@ class JobState:
     eta_s: float | None = None  # the server's estimate (`service.progress`)
     last_id: str | None = None
     checkpoints: list[int] = field(default_factory=list)
+    pruned: dict[str, Any] | None = None  # the 'pruned' event of a pruned student
 
     def apply(self, event: str, data: dict[str, Any]) -> None:
         if event == "status":
@@ -73,6 +74,8 @@ class JobState:
                         self.terms[name] = value
         elif event == "checkpoint":
             self.checkpoints.append(int(data.get("step", 0)))
+        elif event == "pruned":
+            self.pruned = data
 
     def eval_summary(self) -> str:
         """Accuracy and macro-F1 for classifiers (task ``sequence_classification``),
@@ -83,6 +86,31 @@ class JobState:
         if self.eval_ppl is not None:
             return f"ppl {self.eval_ppl:.1f}"
         return "eval -"
+
+
+def fmt_params(n: float) -> str:
+    """A parameter count in millions (billions from 1e9 up): ``0.40M``, ``1.32B``."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def heads_summary(heads_per_layer: dict[str, list[int]]) -> str:
+    """``2 heads per layer`` (pruning keeps as many in every layer), else the range."""
+    counts = sorted({len(h) for h in heads_per_layer.values()})
+    if not counts:
+        return "no heads"
+    n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"{n} head{'' if n == '1' else 's'} per layer"
+
+
+def pruned_summary(data: dict[str, Any]) -> str:
+    """One line for a 'pruned' event: ``pruned: layers [1, 3], 2 heads per layer,
+    0.40M → 0.14M params`` (the dashboard's event log says the same)."""
+    layers = ", ".join(str(i) for i in data.get("kept_layers", []))
+    return (
+        f"pruned: layers [{layers}], {heads_summary(data.get('heads_per_layer') or {})}, "
+        f"{fmt_params(data.get('params_before', 0))} → "
+        f"{fmt_params(data.get('params_after', 0))} params"
+    )
 
 
 def fmt_eta(seconds: float | None) -> str:

@@ -40,6 +40,7 @@ from service.live import LivePublisher
 from service.models import Checkpoint, Job, Team, utcnow
 from service.repositories import (
     CheckpointRepository,
+    EventRepository,
     JobRepository,
     MetricRepository,
     TeamRepository,
@@ -126,6 +127,17 @@ class TeamUsage:
     team: Team
     running_gpus: int
     queued_jobs: int
+
+
+#: What the student scored before any training, as recorded at step 0 (perplexity for
+#: language models, accuracy and macro-F1 for classifiers).
+STEP0_EVAL_METRICS = ("eval_ppl", "eval_accuracy", "eval_macro_f1")
+
+
+def is_pruned(spec: dict[str, Any] | None) -> bool:
+    """Whether a stored spec cuts its student from the teacher (``student.init: prune``)."""
+    student = (spec or {}).get("student")
+    return isinstance(student, dict) and student.get("init") == "prune"
 
 
 @dataclass(frozen=True)
@@ -378,6 +390,19 @@ class JobService:
         job = self.jobs.get(job.id)  # type: ignore[assignment]
         self._schedule_after_commit()
         return job
+
+    def pruning(self, job: Job) -> dict[str, Any] | None:
+        """What pruning kept and what it cost, for a job whose student is pruned: the latest
+        'pruned' event's data (the trainer's report, `sharp_core.setup.PruneReport.event`)
+        plus ``eval_at_step_0``, the student's evaluation before any training. None for any
+        other job (asked nothing of the database) and before the report is written."""
+        if not is_pruned(job.spec):
+            return None
+        event = EventRepository(self.session).latest_of_kind(job.id, "pruned")
+        if event is None:
+            return None
+        step0 = MetricRepository(self.session).at_step(job.id, 0, STEP0_EVAL_METRICS)
+        return {**event.data, "eval_at_step_0": step0}
 
     # -- metrics and checkpoints -----------------------------------------------------------
     def metrics(

@@ -382,6 +382,19 @@ class EventRepository:
             .limit(limit)
         ).all()
 
+    def latest_of_kind(self, job_id: str, kind: str) -> JobEvent | None:
+        """The job's newest event of `kind` (a later attempt's report replaces an earlier one).
+
+        There is no index on kind: this walks the job's (job_id, seq) key from the newest event
+        back to the match, so a long job's early report costs a scan of its event log. Callers
+        ask only for the jobs that have such an event (`JobService.pruning`)."""
+        return self.session.scalar(
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.kind == kind)
+            .order_by(JobEvent.seq.desc())
+            .limit(1)
+        )
+
 
 class MetricRepository:
     def __init__(self, session: Session):
@@ -422,6 +435,15 @@ class MetricRepository:
         for step, name, value in self.session.execute(q.order_by(Metric.step, Metric.name)):
             grouped[step][name] = value
         return list(grouped.items())
+
+    def at_step(self, job_id: str, step: int, names: Sequence[str]) -> dict[str, float]:
+        """The values of `names` recorded at `step` (those recorded; one primary-key range)."""
+        rows = self.session.execute(
+            select(Metric.name, Metric.value).where(
+                Metric.job_id == job_id, Metric.step == step, Metric.name.in_(names)
+            )
+        )
+        return {name: value for name, value in rows}
 
     def count(self, job_id: str) -> int:
         return (

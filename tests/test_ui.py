@@ -491,3 +491,85 @@ def test_classification_job_shows_accuracy_sharp_terms_and_cosines(
     assert done.returncode == 0, done.stderr
     assert re.search(r"acc \d\.\d{3} f1 \d\.\d{3}", done.stderr), done.stderr
     assert "ppl" not in done.stderr
+
+
+@pytest.mark.slow
+def test_pruned_job_page_shows_what_pruning_kept(
+    live_server: str,
+    worker: Path,
+    team: TeamKey,
+    page: Any,
+    corpus: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Issue 14's "visible in the job": a student pruned from its teacher has a "Pruned from
+    the teacher" panel (kept layers, heads, parameters before → after, calibration, step-0
+    perplexity) filled from the job's JSON, and again from the live 'pruned' event alone."""
+    from ops.follow import pruned_summary
+    from tests.test_pruned_job_service import pruned_spec, train_teacher
+
+    base = live_server
+    teacher = train_teacher(corpus, tmp_path_factory.mktemp("teacher"))
+    r = httpx.post(
+        f"{base}/v1/jobs",
+        json={"spec": pruned_spec(corpus, teacher, name="ui-pruned")},
+        headers=team.headers,
+    )
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+
+    def finished() -> dict | None:
+        job = httpx.get(f"{base}/v1/jobs/{job_id}", headers=team.headers).json()
+        return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+    job = wait_for(finished, 300, interval=1.0, what="the pruned job to finish")
+    assert isinstance(job, dict) and job["status"] == "succeeded", job.get("error")
+    p = job["pruning"]
+    before, after = p["params_before"], p["params_after"]
+    want = {
+        "kept layers": "[" + ", ".join(map(str, p["kept_layers"])) + "]",
+        "heads per layer": " · ".join(
+            f"{layer}: [{', '.join(map(str, heads))}]"
+            for layer, heads in p["heads_per_layer"].items()
+        ),
+        "parameters": f"{before / 1e6:.2f}M → {after / 1e6:.2f}M "
+        f"({100 * after / before:.1f}% of the teacher)",
+        "calibration": f"{p['calibration_samples']} samples in {p['calibration_s']:.2f} s "
+        f"({p['scoring']})",
+    }
+
+    def check_panel() -> None:
+        page.wait_for_selector("#stream-state:text-is('ended')")
+        assert page.is_visible("#pruned-panel")
+        for fact, text in want.items():
+            assert page.text_content(f"[data-pruned='{fact}']") == text, fact
+        ppl = float(page.text_content("[data-pruned='step-0 perplexity']") or "nan")
+        assert ppl == pytest.approx(p["eval_at_step_0"]["eval_ppl"], rel=1e-3)
+        assert page.query_selector("[data-pruned='step-0 accuracy']") is None
+        log_text = page.text_content("#event-log") or ""
+        assert log_text.count(pruned_summary(p)) == 1, log_text
+
+    # -- from GET /v1/jobs/{id}'s `pruning`
+    sign_in(page, base, team, f"/ui/jobs/{job_id}")
+    page.wait_for_selector("#job-status[data-status=succeeded]")
+    check_panel()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui-pruned-job-page.png"), full_page=True)
+
+    # -- from the event stream alone (what a page open while the job starts sees): the job's
+    # JSON is served without `pruning`, so the panel can only come from the 'pruned' event and
+    # the step-0 metrics
+    stripped: list[str] = []
+
+    def without_pruning(route: Any, request: Any) -> None:
+        response = route.fetch()
+        body = response.json()
+        body["pruning"] = None
+        stripped.append(request.url)
+        route.fulfill(response=response, json=body)
+
+    page.route(f"{base}/v1/jobs/{job_id}", without_pruning)
+    page.goto(f"{base}/ui/jobs/{job_id}")
+    check_panel()
+    assert stripped  # the page's own GET was served without it
+    page.unroute(f"{base}/v1/jobs/{job_id}")

@@ -6,9 +6,10 @@ the process that allocated it exits, and a process group can be killed whole (da
 workers included) when a cancel is not honoured in time.
 
 What it does: load the job, run `sharp_core.trainer.train` with callbacks that write
-metric batches and checkpoints to the database (and the live Redis Stream), poll the cancel
-flag, and leave a result file (``logs/attempt_N.result.json``) for the supervising task,
-which alone decides the job's final status.
+metric batches, checkpoints and one-off events (the pruning report) to the database (and
+the live Redis Stream), poll the cancel flag, and leave a result file
+(``logs/attempt_N.result.json``) for the supervising task, which alone decides the job's
+final status.
 
 Fencing: every write is ``UPDATE jobs … WHERE attempt = :mine AND status IN
 ('running','cancelling')``; when it matches nothing, another attempt owns the job (the
@@ -257,6 +258,30 @@ class Reporter:
             )
         return True
 
+    # -- one-off events --------------------------------------------------------------------
+    def add_event(self, kind: str, data: dict[str, Any]) -> bool:
+        """A one-off fact about the run for the job's event log (the trainer's 'pruned' report),
+        fenced by attempt like every write; False if fenced off (nothing written)."""
+        self.flush()  # the metrics logged before it come first in the event log
+        if self.fenced:
+            return False
+        payload = {**data, "attempt": self.attempt}
+        if not self._retrying(lambda: self._write_event(kind, payload)):
+            self.fenced = True
+            return False
+        return True
+
+    def _write_event(self, kind: str, data: dict[str, Any]) -> bool:
+        with self.db.session() as s:
+            repo = JobRepository(s, self.live)
+            seq = repo.update_fenced(
+                self.job_id, statuses=ACTIVE_STATUSES, attempt=self.attempt, events=1
+            )
+            if seq is None:
+                return False
+            repo.add_event(self.job_id, seq, kind, data)
+        return True
+
     def remove_checkpoint(self, step: int) -> None:
         """The trainer pruned an old checkpoint (keep_checkpoints): forget it, if still ours."""
         if self.fenced:
@@ -311,6 +336,9 @@ def make_callbacks(base: type, reporter: Reporter) -> Any:
 
         def on_checkpoint_removed(self, step: int) -> None:
             reporter.remove_checkpoint(step)
+
+        def on_event(self, kind: str, data: dict[str, Any]) -> None:
+            reporter.add_event(kind, data)
 
         def should_stop(self) -> bool:
             return reporter.should_stop()

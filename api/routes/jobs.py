@@ -115,7 +115,7 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS)
 def get_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPublic:
     job = service.get(team, job_id)
-    return job_public(job, service.queue_info(job))
+    return job_public(job, service.queue_info(job), service.pruning(job))
 
 
 @router.post(
@@ -130,7 +130,7 @@ def get_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPublic:
 def cancel_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPublic:
     """Idempotent. A queued job is cancelled at once; a running one saves a checkpoint first."""
     job = service.cancel(team, job_id)
-    return job_public(job, service.queue_info(job))
+    return job_public(job, service.queue_info(job), service.pruning(job))
 
 
 @router.post(
@@ -142,7 +142,7 @@ def cancel_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPubli
 def retry_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPublic:
     """Queue a failed or cancelled job again; it resumes from its newest checkpoint."""
     job = service.retry(team, job_id)
-    return job_public(job, service.queue_info(job))
+    return job_public(job, service.queue_info(job), service.pruning(job))
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsPublic, responses=_ERRORS)
@@ -170,7 +170,8 @@ def job_metrics(
                     '"status":"running","attempt":1}\n\n'
                 }
             },
-            "description": "Events `status`, `metrics`, `checkpoint`; `id:` is the event seq.",
+            "description": "Events `status`, `metrics`, `checkpoint`, `pruned`; "
+            "`id:` is the event seq.",
         },
         **_ERRORS,
     },

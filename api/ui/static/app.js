@@ -36,6 +36,24 @@
     return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(3) : v.toPrecision(4);
   }
 
+  // A parameter count in millions (billions from 1e9): 0.40M, 1.32B (as `sharp jobs show`).
+  function fmtParams(n) {
+    return n >= 1e9 ? `${(n / 1e9).toFixed(2)}B` : `${(n / 1e6).toFixed(2)}M`;
+  }
+
+  function fmtHeads(perLayer) {
+    return Object.entries(perLayer || {}).map(([layer, heads]) => `${layer}: [${heads.join(', ')}]`).join(' · ');
+  }
+
+  // The event log's line for a 'pruned' event (ops.follow.pruned_summary says the same).
+  function prunedSummary(p) {
+    const counts = [...new Set(Object.values(p.heads_per_layer || {}).map((h) => h.length))].sort((a, b) => a - b);
+    const n = !counts.length ? 'no' : counts.length === 1 ? String(counts[0]) : `${counts[0]}-${counts[counts.length - 1]}`;
+    const heads = `${n} head${n === '1' ? '' : 's'} per layer`;
+    return `pruned: layers [${(p.kept_layers || []).join(', ')}], ${heads}, `
+      + `${fmtParams(p.params_before)} → ${fmtParams(p.params_after)} params`;
+  }
+
   function fmtTime(iso) { return iso ? new Date(iso).toLocaleString() : '–'; }
 
   function fmtEta(s) {
@@ -413,8 +431,50 @@
       $('retry-job').hidden = !(job.status === 'failed' || job.status === 'cancelled');
     }
 
+    // "Pruned from the teacher": the job's `pruning` (GET /v1/jobs/{id}), or the live 'pruned'
+    // event with the step-0 evaluation from the metrics stream.
+    let pruning = null;
+    const step0 = {};
+
+    function takePruning(p) {
+      if (!p) return;
+      pruning = p;
+      for (const [k, v] of Object.entries(p.eval_at_step_0 || {})) if (typeof v === 'number') step0[k] = v;
+    }
+    takePruning(job.pruning);
+
+    function renderPruning() {
+      if (!pruning) return;
+      const facts = [
+        ['kept layers', `[${pruning.kept_layers.join(', ')}]`],
+        ['heads per layer', fmtHeads(pruning.heads_per_layer)],
+      ];
+      if (pruning.kv_heads_per_layer) facts.push(['kv heads per layer', fmtHeads(pruning.kv_heads_per_layer)]);
+      if (pruning.ffn !== null && pruning.ffn !== undefined) facts.push(['ffn', pruning.ffn]);
+      if (pruning.hidden !== null && pruning.hidden !== undefined) facts.push(['hidden', pruning.hidden]);
+      const before = pruning.params_before, after = pruning.params_after;
+      facts.push(['parameters', `${fmtParams(before)} → ${fmtParams(after)}`
+        + (before ? ` (${(100 * after / before).toFixed(1)}% of the teacher)` : '')]);
+      facts.push(['calibration', `${pruning.calibration_samples} samples in ${Number(pruning.calibration_s).toFixed(2)} s (${pruning.scoring})`]);
+      const evals = [];
+      if (typeof step0.eval_ppl === 'number') evals.push(['step-0 perplexity', fmt(step0.eval_ppl)]);
+      if (typeof step0.eval_accuracy === 'number') evals.push(['step-0 accuracy', fmt(step0.eval_accuracy)]);
+      if (typeof step0.eval_macro_f1 === 'number') evals.push(['step-0 macro-F1', fmt(step0.eval_macro_f1)]);
+      facts.push(...(evals.length ? evals : [['step-0 evaluation', 'not yet']]));
+      $('pruned-facts').replaceChildren(...facts.flatMap(([k, v]) => [el('dt', {}, k), el('dd', { 'data-pruned': k }, v)]));
+      const note = $('pruned-note');
+      note.hidden = !pruning.note;
+      note.textContent = pruning.note || '';
+      $('pruned-panel').hidden = false;
+    }
+
     async function refreshJob() {
-      try { job = await api('/v1/jobs/' + encodeURIComponent(jobId)); renderJob(); } catch (e) { showPageError(e.message); }
+      try {
+        job = await api('/v1/jobs/' + encodeURIComponent(jobId));
+        renderJob();
+        takePruning(job.pruning);
+        renderPruning();
+      } catch (e) { showPageError(e.message); }
     }
 
     async function loadCheckpoints() {
@@ -480,6 +540,8 @@
           + (data.error ? ` — ${data.error.code}: ${data.error.message}` : '');
       } else if (kind === 'checkpoint') {
         text = `checkpoint at step ${data.step}`;
+      } else if (kind === 'pruned') {
+        text = prunedSummary(data);
       }
       const li = el('li', { 'data-kind': kind }, `${when}  ${text}`);
       li.value = data.seq;
@@ -487,12 +549,19 @@
     }
 
     renderJob();
+    renderPruning();
     loadCheckpoints().catch((e) => showPageError(e.message));
     await followEvents(jobId, (kind, data) => {
       logEvent(kind, data);
       if (kind === 'metrics') {
         for (const point of data.metrics || []) {
           step = Math.max(step, point.step);
+          if (point.step === 0) {
+            for (const name of ['eval_ppl', 'eval_accuracy', 'eval_macro_f1']) {
+              if (name in (point.values || {})) step0[name] = point.values[name];
+            }
+            renderPruning();
+          }
           for (const [name, value] of Object.entries(point.values || {})) {
             latest[name] = value;
             const group = metricGroup(name, classification);
@@ -508,6 +577,10 @@
         if (TERMINAL.has(data.status)) loadCheckpoints().catch((e) => showPageError(e.message));
       } else if (kind === 'checkpoint') {
         loadCheckpoints().catch((e) => showPageError(e.message));
+      } else if (kind === 'pruned') {
+        const { seq, created_at, ...report } = data;  // the event's envelope is not the report
+        pruning = Object.assign({}, pruning || {}, report);
+        renderPruning();
       }
     }, (s) => { $('stream-state').textContent = s; });
     await refreshJob();
