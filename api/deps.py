@@ -32,13 +32,8 @@ def get_app_settings(request: Request) -> Settings:
 
 def get_session(request: Request) -> Iterator[Session]:
     db: Database = request.app.state.db
-    with db.sessionmaker() as session:
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
+    with db.session() as session:  # commit on success, roll back on error
+        yield session
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]

@@ -43,7 +43,6 @@ from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
-    MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeElapsedColumn,
@@ -53,7 +52,15 @@ from rich.table import Table
 
 # Reused from the demo, which verifies downloads the same way.
 from ops.demo import _sha256
-from ops.follow import JobState, fmt_eta, fmt_params, follow_events, pruned_summary
+from ops.follow import (
+    JobState,
+    fmt_eta,
+    fmt_params,
+    follow_events,
+    job_progress,
+    progress_fields,
+    pruned_summary,
+)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -227,18 +234,7 @@ def watch_job(c: httpx.Client, job_id: str) -> dict[str, Any]:
     # The latest value of each metric, so a finished job (no stream to follow) still shows
     # its final loss and evaluation.
     state.apply("metrics", {"metrics": [{"step": state.step, "values": job.get("metrics", {})}]})
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[eval]}"),
-        TextColumn("{task.fields[terms]}"),
-        TextColumn("{task.fields[tps]} tok/s"),
-        TextColumn("ETA {task.fields[eta]}"),
-        TimeElapsedColumn(),
-        console=err,
-    )
+    progress = job_progress(err, terms=True)
 
     shown: dict[str, Any] = {"pruned": None}  # the 'pruned' event last printed
 
@@ -246,16 +242,11 @@ def watch_job(c: httpx.Client, job_id: str) -> dict[str, Any]:
         if state.pruned is not None and state.pruned is not shown["pruned"]:
             shown["pruned"] = state.pruned  # a line of its own above the bar, once per event
             progress.console.print(escape(pruned_summary(state.pruned)))
-        terms = " ".join(f"{k[6:]} {v:.3g}" for k, v in sorted(state.terms.items()))
         progress.update(
             task,
             completed=min(state.step, max_steps),
             description=f"{job_id} [{state.status}]",
-            loss="-" if state.loss is None else f"{state.loss:.3f}",
-            eval=state.eval_summary(),
-            terms=terms,
-            tps="-" if state.tokens_per_s is None else f"{state.tokens_per_s:,.0f}",
-            eta=fmt_eta(state.eta_s),
+            **progress_fields(state),
         )
 
     with progress:

@@ -24,7 +24,6 @@ from typing import Any
 import httpx
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ops.embedded import (
     EmbeddedError,
@@ -35,7 +34,7 @@ from ops.embedded import (
     interrupt_on_sigterm,
     read_running,
 )
-from ops.follow import JobState, StreamLost, fmt_eta, follow_events
+from ops.follow import JobState, StreamLost, follow_events, job_progress, progress_fields
 
 
 class DemoError(RuntimeError):
@@ -77,27 +76,14 @@ def follow(
     job_id = job["id"]
     max_steps = int(job["progress"]["max_steps"])
     state = JobState()
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[eval]}"),
-        TextColumn("{task.fields[tps]} tok/s"),
-        TextColumn("ETA {task.fields[eta]}"),
-        TimeElapsedColumn(),
-        console=console,
-    )
+    progress = job_progress(console)
 
     def refresh() -> None:
         progress.update(
             task,
             completed=min(state.step, max_steps),
             description=f"{label} [{state.status}]",
-            loss="-" if state.loss is None else f"{state.loss:.3f}",
-            eval=state.eval_summary(),
-            tps="-" if state.tokens_per_s is None else f"{state.tokens_per_s:,.0f}",
-            eta=fmt_eta(state.eta_s),
+            **progress_fields(state),
         )
 
     with progress:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from service.lifecycle import ACTIVE_STATUSES, TERMINAL_STATUSES
 
@@ -170,3 +172,31 @@ def follow_events(
                 raise StreamLost(f"the event stream of {job_id} keeps ending")
             time.sleep(min(5.0, 0.5 * failures))
     return state
+
+
+def job_progress(console: Console, *, terms: bool = False) -> Progress:
+    """The progress bar of a followed job (`sharp jobs watch`, the demo): step, loss, the
+    evaluation, optionally each SHARP term, tokens/s and the server's ETA."""
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[eval]}"),
+        *([TextColumn("{task.fields[terms]}")] if terms else []),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TextColumn("ETA {task.fields[eta]}"),
+        TimeElapsedColumn(),
+    ]
+    return Progress(*columns, console=console)
+
+
+def progress_fields(state: JobState) -> dict[str, str]:
+    """The text fields of `job_progress` for the job's current state."""
+    return {
+        "loss": "-" if state.loss is None else f"{state.loss:.3f}",
+        "eval": state.eval_summary(),
+        "terms": " ".join(f"{k[6:]} {v:.3g}" for k, v in sorted(state.terms.items())),
+        "tps": "-" if state.tokens_per_s is None else f"{state.tokens_per_s:,.0f}",
+        "eta": fmt_eta(state.eta_s),
+    }

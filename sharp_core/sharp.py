@@ -844,6 +844,10 @@ class AttentionObjective(nn.Module):
         # terms of weight 0 are not computed; with none left, no layer needs capturing
         self.weights = {k: float(v) for k, v in weights.items() if v > 0}
         self.pairs = pairs if self.weights else []
+        self._configure(method)
+
+    def _configure(self, method: MethodSpec) -> None:
+        """A subclass's own settings from the method (called last in __init__)."""
 
     def _select_terms(self, method: MethodSpec) -> tuple[dict[str, float], list[tuple[int, int]]]:
         """The method's terms with their weights, and the (student, teacher) layer pairs."""
@@ -989,22 +993,7 @@ class SharpObjective(AttentionObjective):
     to ``seq_len``.
     """
 
-    def __init__(
-        self,
-        method: MethodSpec,
-        *,
-        student_shape: tuple[int, int],
-        teacher_shape: tuple[int, int],
-        seq_len: int,
-        maps: AlignmentMaps | None = None,
-    ) -> None:
-        super().__init__(
-            method,
-            student_shape=student_shape,
-            teacher_shape=teacher_shape,
-            seq_len=seq_len,
-            maps=maps,
-        )
+    def _configure(self, method: MethodSpec) -> None:
         self.decomposition = method.decomposition
         self.normalization = method.normalization
         self.projection = method.projection

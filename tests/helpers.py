@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sharp_core.trainer import TrainCallbacks
+
 SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
@@ -53,3 +55,28 @@ def spec_dict(corpus: Path, **over: Any) -> dict[str, Any]:
         else:
             d[k] = v
     return d
+
+
+class Recorder(TrainCallbacks):
+    """Keeps what the training loop reports: metrics by step, checkpoint steps and events;
+    asks to stop once the reported step reaches ``stop_at``."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.metrics: dict[int, dict[str, float]] = {}
+        self.checkpoints: list[int] = []
+        self.events: list[tuple[str, dict]] = []
+        self.stop_at = stop_at
+        self.step = 0
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.metrics.setdefault(step, {}).update(metrics)
+        self.step = step
+
+    def on_checkpoint(self, step: int, path: Path, manifest: dict) -> None:
+        self.checkpoints.append(step)
+
+    def on_event(self, kind: str, data: dict) -> None:
+        self.events.append((kind, data))
+
+    def should_stop(self) -> bool:
+        return self.stop_at is not None and self.step >= self.stop_at

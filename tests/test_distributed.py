@@ -31,8 +31,8 @@ from sharp_core.distributed import (
 )
 from sharp_core.errors import SpecError
 from sharp_core.spec import parse_spec
-from sharp_core.trainer import STATE_FILE, TrainCallbacks, train
-from tests.helpers import GPT2_TEACHER, GPT2_TINY, spec_dict, write_corpus
+from sharp_core.trainer import STATE_FILE, train
+from tests.helpers import GPT2_TEACHER, GPT2_TINY, Recorder, spec_dict, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
@@ -104,20 +104,6 @@ def test_torchrun_command_is_torch_distributed_run() -> None:
 
 
 # ----------------------------------------------------------------------------- 2 processes
-
-
-class Recorder(TrainCallbacks):
-    def __init__(self, stop_at: int | None = None):
-        self.metrics: dict[int, dict[str, float]] = {}
-        self.stop_at = stop_at
-        self.step = 0
-
-    def on_metrics(self, step, metrics):
-        self.metrics.setdefault(step, {}).update(metrics)
-        self.step = step
-
-    def should_stop(self):
-        return self.stop_at is not None and self.step >= self.stop_at
 
 
 @pytest.fixture(scope="module")

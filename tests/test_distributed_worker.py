@@ -23,8 +23,8 @@ from service.settings import Settings
 from sharp_core.spec import parse_spec
 from sharp_core.trainer import train
 from tests.conftest import wait_for
-from tests.helpers import GPT2_TEACHER, GPT2_TINY, spec_dict
-from tests.test_distributed import NO_DROPOUT, RTOL, Recorder
+from tests.helpers import GPT2_TEACHER, GPT2_TINY, Recorder, spec_dict
+from tests.test_distributed import NO_DROPOUT, RTOL
 from tests.test_service_worker import Sent
 from worker.child import log_path
 from worker.supervisor import Supervisor

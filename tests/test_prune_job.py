@@ -10,26 +10,8 @@ import torch
 from sharp_core.prune_shapes import PruneError
 from sharp_core.setup import setup
 from sharp_core.spec import parse_spec
-from sharp_core.trainer import TrainCallbacks, train
-from tests.helpers import GPT2_TEACHER, spec_dict, write_corpus
-
-
-class Recorder(TrainCallbacks):
-    def __init__(self, stop_at: int | None = None):
-        self.metrics: dict[int, dict[str, float]] = {}
-        self.events: list[tuple[str, dict]] = []
-        self.stop_at = stop_at
-        self.step = 0
-
-    def on_metrics(self, step, metrics):
-        self.metrics.setdefault(step, {}).update(metrics)
-        self.step = step
-
-    def on_event(self, kind, data):
-        self.events.append((kind, data))
-
-    def should_stop(self):
-        return self.stop_at is not None and self.step >= self.stop_at
+from sharp_core.trainer import train
+from tests.helpers import GPT2_TEACHER, Recorder, spec_dict, write_corpus
 
 
 @pytest.fixture(scope="module")

@@ -16,27 +16,9 @@ from sharp_core.data import BatchStream, load_texts
 from sharp_core.errors import CheckpointError, DataError, TokenizerMismatchError
 from sharp_core.spec import DatasetSpec, parse_spec
 from sharp_core.trainer import TrainCallbacks, train
-from tests.helpers import GPT2_TEACHER, GPT2_TINY, spec_dict, write_corpus
+from tests.helpers import GPT2_TEACHER, GPT2_TINY, Recorder, spec_dict, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class Recorder(TrainCallbacks):
-    def __init__(self, stop_at: int | None = None):
-        self.metrics: dict[int, dict[str, float]] = {}
-        self.checkpoints: list[int] = []
-        self.stop_at = stop_at
-        self.step = 0
-
-    def on_metrics(self, step, metrics):
-        self.metrics.setdefault(step, {}).update(metrics)
-        self.step = step
-
-    def on_checkpoint(self, step, path, manifest):
-        self.checkpoints.append(step)
-
-    def should_stop(self):
-        return self.stop_at is not None and self.step >= self.stop_at
 
 
 @pytest.fixture(scope="module")
