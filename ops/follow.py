@@ -191,7 +191,7 @@ def job_progress(console: Console, *, terms: bool = False) -> Progress:
     return Progress(*columns, console=console)
 
 
-def progress_fields(state: JobState) -> dict[str, str]:
+def progress_fields(state: JobState) -> dict[str, Any]:
     """The text fields of `job_progress` for the job's current state."""
     return {
         "loss": "-" if state.loss is None else f"{state.loss:.3f}",

@@ -228,11 +228,11 @@ def activation_importance(
 
 def _weight_io(module: nn.Module) -> Tensor:
     """A projection's weight as (out, in) whatever its class (GPT-2's Conv1D is (in, out))."""
-    w = module.weight.detach().float()
+    w: Tensor = module.weight.detach().float()  # type: ignore[operator]
     return w.t() if type(module).__name__ == "Conv1D" else w
 
 
-def magnitude_importance(model: nn.Module) -> Importance:
+def magnitude_importance(model: Any) -> Importance:
     """Data-free scores: the norms of the weights that read each unit's output.
 
     Layers have no weight-only analogue of Block Influence, so every layer scores the same and
@@ -406,7 +406,7 @@ def trim(
             idx[_F] = sel.ffn[j]
         new_key = layer_key.sub(f"{a.layers}.{j}.", key, count=1) if j is not None else key
         out[new_key] = _slice(t, rule, idx).clone()
-    student = type(model)(cfg)
+    student: Any = type(model)(cfg)
     missing, unexpected = student.load_state_dict(out, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight") and cfg.tie_word_embeddings}
     if set(missing) - tied or unexpected:

@@ -236,7 +236,7 @@ def _prune_student(
     teacher: torch.nn.Module,
     data: PackedData | ClassificationData,
     device: torch.device,
-) -> tuple[torch.nn.Module, PruneReport]:
+) -> tuple[Any, PruneReport]:
     """The student cut from the teacher, in the student's dtype on the training device."""
     from sharp_core.models import weights_dtype
     from sharp_core.prune import prune
