@@ -307,3 +307,23 @@ def test_bench_imports_run_downwards() -> None:
         for a, b in (("bench.step", "bench.quality"), ("bench.quality", "bench.step")):
             if mod == a or mod.startswith(a + "."):
                 assert not any(t == b or t.startswith(b + ".") for t in targets), mod
+
+
+def test_prune_bench_reports_time_and_flat_memory_per_block_count(tmp_path: Path) -> None:
+    """`python -m bench.prune`: every block count is scored and pruned, the JSON holds the
+    timings the docs quote, and the calibration saw exactly the blocks asked for."""
+    from bench.prune import main as prune_main
+
+    out = tmp_path / "prune.json"
+    assert (
+        prune_main(
+            ["--blocks", "4", "8", "--batch-size", "4", "--device", "cpu", "--out", str(out)]
+        )
+        == 0
+    )
+    res = json.loads(out.read_text())
+    assert [r["blocks"] for r in res["rows"]] == [4, 8]
+    assert [r["samples"] for r in res["rows"]] == [4, 8]
+    for r in res["rows"]:
+        assert r["calibration_s"] > 0 and r["prune_s"] > 0 and r["params_after"] < res["params"]
+    assert "time_ratio_vs_first" in res["rows"][1]
