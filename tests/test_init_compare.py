@@ -52,5 +52,7 @@ def test_paired_statistics_and_json_round_trip() -> None:
     assert again["2x2"]["methods"]["kd"]["delta_pct"]["mean"] == pytest.approx(
         kd["delta_pct"]["mean"]
     )
+    # pruned mean eval loss at step 0 (log 36 + 1) is above random's final (log 52): step 10
+    assert kd["steps_to_random_final"] == 10
     text = render(data, analyse(data))
     assert "| kd | 52.00 ± 2.00 | 36.00 ± 1.00 |" in text

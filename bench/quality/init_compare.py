@@ -97,6 +97,25 @@ def _betainc(a: float, b: float, x: float) -> float:
     return front * (f - 1.0) / a
 
 
+def _mean_curve(cells: dict[Any, dict[str, Any]]) -> list[tuple[int, float]]:
+    """Mean eval loss over seeds at the steps every seed evaluated."""
+    curves = [{int(s): v for s, v in c["eval_curve"]} for c in cells.values()]
+    if not curves:
+        return []
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return [(s, sum(c[s] for c in curves) / len(curves)) for s in steps]
+
+
+def _steps_to_match(random: dict[Any, Any], pruned: dict[Any, Any]) -> int | None:
+    """The first eval step at which the pruned students' mean eval loss is at or below the
+    random students' final one (the trainer's eval tail; None if never)."""
+    rc, pc = _mean_curve(random), _mean_curve(pruned)
+    if not rc or not pc:
+        return None
+    final = rc[-1][1]
+    return next((s for s, v in pc if v <= final), None)
+
+
 def analyse(data: dict[str, Any]) -> dict[str, Any]:
     """The statistics of every pair (see the module docstring)."""
     out: dict[str, Any] = {}
@@ -118,6 +137,7 @@ def analyse(data: dict[str, Any]) -> dict[str, Any]:
                 "gap_closed": _interval(
                     [(a - b) / (a - t_ppl) for a, b in zip(rnd, prn, strict=True)]
                 ),
+                "steps_to_random_final": _steps_to_match(r, p),
             }
         # within the pruned init: each method against kd, paired, Holm over the comparisons
         vs_kd: dict[str, Any] = {}
@@ -153,15 +173,16 @@ def render(data: dict[str, Any], stats: dict[str, Any]) -> str:
             f"### Student {name} (teacher val ppl {st['teacher_ppl']:.2f})",
             "",
             "| method | random init | pruned init | Δ % (pruned vs random) [95% CI] "
-            "| gap to the teacher closed | n |",
-            "|---|---|---|---|---|---|",
+            "| gap to the teacher closed | pruned reaches random's final eval at step | n |",
+            "|---|---|---|---|---|---|---|",
         ]
         for m, r in st["methods"].items():
             d, g = r["delta_pct"], r["gap_closed"]
             lines.append(
                 f"| {m} | {_fmt_ms(r['random'])} | {_fmt_ms(r['prune'])} | "
                 f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] | "
-                f"{100 * g['mean']:.1f} ± {100 * g['std']:.1f} % | {r['n']} |"
+                f"{100 * g['mean']:.1f} ± {100 * g['std']:.1f} % | "
+                f"{r['steps_to_random_final']} of {_last_step(data, name, m)} | {r['n']} |"
             )
         if st["prune_vs_kd"]:
             lines += [
@@ -180,6 +201,11 @@ def render(data: dict[str, Any], stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _last_step(data: dict[str, Any], pair: str, method: str) -> int | None:
+    curve = _mean_curve(data["pairs"][pair]["random"].get(method, {}))
+    return curve[-1][0] if curve else None
+
+
 def plot(data: dict[str, Any], path: Path) -> None:
     """Eval perplexity (the trainer's eval tail) against steps, mean over seeds, both inits."""
     import matplotlib
@@ -194,11 +220,10 @@ def plot(data: dict[str, Any], path: Path) -> None:
         for i, method in enumerate(pair["prune"]):
             for init, style in (("random", "--"), ("prune", "-")):
                 cells = pair[init].get(method, {})
-                curves = [dict((int(s), v) for s, v in c["eval_curve"]) for c in cells.values()]
-                steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-                if not steps:
+                curve = _mean_curve(cells)
+                if not curve:
                     continue
-                ys = [math.exp(sum(c[s] for c in curves) / len(curves)) for s in steps]
+                steps, ys = [s for s, _ in curve], [math.exp(v) for _, v in curve]
                 ax.plot(steps, ys, style, color=colors[i % len(colors)], label=f"{method} {init}")
         ax.axhline(pair["teacher_ppl"], color="black", lw=0.8, label="teacher (val)")
         ax.set_yscale("log")
