@@ -156,7 +156,10 @@ def test_sigkill_between_checkpoints_resumes_from_the_last_one(
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     doomed.wait(10)
-    assert saved == [every] and every < killed_at < 2 * every, (saved, killed_at)
+    # between checkpoints: the first is saved, the second not yet. The process may have been
+    # frozen just after flushing step 2·every's metrics and before writing that checkpoint
+    # (seen once with two test processes sharing the cores), which is still between them.
+    assert saved == [every] and every < killed_at <= 2 * every, (saved, killed_at)
 
     workers.start()  # its reaper finds the stale heartbeat; it then runs attempt 2
     job = _wait_terminal(api, team, job_id, workers)
