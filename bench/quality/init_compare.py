@@ -44,8 +44,12 @@ def collect(pairs: list[tuple[str, Path, Path]]) -> dict[str, Any]:
     data: dict[str, Any] = {"split": "val", "pairs": {}}
     for name, random_dir, prune_dir in pairs:
         teacher = json.loads((random_dir / "teacher" / "result.json").read_text())
+        best = dict((int(st), v) for st, v in teacher.get("eval_curve", [])).get(
+            teacher.get("best_step")
+        )
         data["pairs"][name] = {
             "teacher_ppl": teacher["ppl"]["val"]["ppl"],
+            "teacher_eval_loss": best,  # on the trainer's eval tail, as the students' curves
             "runs": {"random": str(random_dir), "prune": str(prune_dir)},
             "random": _cells(random_dir),
             "prune": _cells(prune_dir),
@@ -225,9 +229,10 @@ def plot(data: dict[str, Any], path: Path) -> None:
                     continue
                 steps, ys = [s for s, _ in curve], [math.exp(v) for _, v in curve]
                 ax.plot(steps, ys, style, color=colors[i % len(colors)], label=f"{method} {init}")
-        ax.axhline(pair["teacher_ppl"], color="black", lw=0.8, label="teacher (val)")
+        if pair.get("teacher_eval_loss") is not None:
+            ax.axhline(math.exp(pair["teacher_eval_loss"]), color="black", lw=0.8, label="teacher")
         ax.set_yscale("log")
-        ax.set_title(f"student {name}: eval ppl (mean over seeds)")
+        ax.set_title(f"student {name}: eval-tail ppl, mean over seeds (dashed: random init)")
         ax.set_xlabel("step")
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
