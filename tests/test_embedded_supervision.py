@@ -269,9 +269,13 @@ def test_sharp_up_restarts_a_killed_worker_and_redis_and_the_jobs_finish(
         data = Path(shutil.copy(corpus, var / "data" / "corpus.txt"))
         headers = {"Authorization": f"Bearer {key}"}
         with httpx.Client(base_url=url, timeout=30, headers=headers) as client:
+            # long enough that the orphaned training process is told to stop mid-job: this
+            # tiny model trains ~150 steps/s on an idle core, and 300 steps were once all done
+            # before `sharp up` had noticed the worker's death
+            steps = 3000
             spec = tiny_spec(
                 data,
-                max_steps=300,
+                max_steps=steps,
                 name="supervised",
                 log_every=5,
                 eval_every=0,
@@ -294,7 +298,7 @@ def test_sharp_up_restarts_a_killed_worker_and_redis_and_the_jobs_finish(
                 client, job_id, lambda j: j["status"] in ("succeeded", "failed"), 240, "finish"
             )
             assert job["status"] == "succeeded" and job["attempt"] == 2, job
-            assert job["progress"]["step"] == 300
+            assert job["progress"]["step"] == steps
             events = _events(client, job_id)
             reasons = [d.get("reason") for kind, d in events if kind == "status"]
             assert "worker_lost" in reasons, reasons
@@ -306,6 +310,7 @@ def test_sharp_up_restarts_a_killed_worker_and_redis_and_the_jobs_finish(
                 if kind == "metrics" and d["attempt"] == 2
                 for m in d["metrics"]
             ]
+            assert saved[0] < steps, saved  # stopped mid-job, not at the end
             assert min(resumed) > saved[0]  # attempt 2 went on from that checkpoint
 
             # Redis next: back on its port with its password; the API and worker reconnect.
