@@ -36,11 +36,14 @@ import httpx
 import psycopg
 import pytest
 import redis
+from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
+from api.app import create_app
 from ops.launcher import api_command, start_worker
 from service.admin import create_key, create_team
 from service.db import Database
+from service.live import LivePublisher
 from service.migrate import upgrade
 from service.settings import Settings, settings_env
 
@@ -398,6 +401,21 @@ def worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
         yield log
     finally:
         stop_process(proc, 20)
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings) -> Iterator[TestClient]:
+    """The API in-process (TestClient) on this module's database and Redis prefix."""
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def live(settings: Settings) -> Iterator[LivePublisher]:
+    """A publisher on this module's Redis, as the worker's training process holds one."""
+    pub = LivePublisher(settings)
+    yield pub
+    pub.close()
 
 
 @pytest.fixture(scope="module")

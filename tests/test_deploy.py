@@ -204,21 +204,26 @@ class Lines:
         return "".join(self.seen)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks processes via /proc")
-def test_sharp_up_serves_a_job_and_stops_cleanly(tmp_path: Path, corpus: Path) -> None:
-    var = tmp_path / "var"
+def sharp_up_env(**extra: str) -> dict[str, str]:
+    """The environment of a `sharp up` under test: its own SQLite and embedded Redis (nothing
+    listens on port 9, so were the shared URLs used, readiness and jobs would fail), and its
+    own var dir for artifacts, uploads and dataset files."""
     env = {
         **os.environ,
-        # Nothing listens on port 9: were these used, readiness and the job would fail.
         "SHARP_DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:9/none",
         "SHARP_REDIS_URL": "redis://127.0.0.1:9/0",
         "SHARP_HEARTBEAT_INTERVAL_S": "1",
         "PYTHONUNBUFFERED": "1",
+        **extra,
     }
-    env.pop("SHARP_ARTIFACT_ROOT", None)
-    env.pop("SHARP_UPLOAD_ROOT", None)
-    proc = subprocess.Popen(
+    for name in ("SHARP_ARTIFACT_ROOT", "SHARP_UPLOAD_ROOT", "SHARP_DATASET_FILE_ROOTS"):
+        env.pop(name, None)
+    return env
+
+
+def start_sharp_up(var: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`sharp up` on a free port in its own session, stdout and stderr as one text pipe."""
+    return subprocess.Popen(
         [sys.executable, "-m", "ops.cli", "up", "--var-dir", str(var), "--port", "0"],
         cwd=ROOT,
         env=env,
@@ -228,6 +233,14 @@ def test_sharp_up_serves_a_job_and_stops_cleanly(tmp_path: Path, corpus: Path) -
         text=True,
         start_new_session=True,
     )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks processes via /proc")
+def test_sharp_up_serves_a_job_and_stops_cleanly(tmp_path: Path, corpus: Path) -> None:
+    var = tmp_path / "var"
+    env = sharp_up_env()
+    proc = start_sharp_up(var, env)
     lines = Lines(proc.stdout)
     try:
         url = lines.wait_for(r"SHARP is up at (http://127\.0\.0\.1:\d+)", 90).group(1)
@@ -294,16 +307,7 @@ def test_sharp_up_serves_a_job_and_stops_cleanly(tmp_path: Path, corpus: Path) -
         "children": [{"name": "api", "pid": dead.pid, "cmdline": ["true"]}],
     }
     (var / "sharp-up.json").write_text(json.dumps(stale))
-    again = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "up", "--var-dir", str(var), "--port", "0"],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    again = start_sharp_up(var, env)
     lines = Lines(again.stdout)
     try:
         assert lines.wait_for(r"API key \(team demo\): (sharp_\S+)", 90).group(1) == key

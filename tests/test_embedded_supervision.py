@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -34,8 +33,9 @@ from ops.embedded import (
     embedded_settings,
 )
 from service.settings import Settings
-from tests.conftest import ROOT, WORKER_ENV, tiny_spec
-from tests.test_deploy import Lines
+from tests.conftest import WORKER_ENV, tiny_spec
+from tests.test_deploy import Lines, sharp_up_env, start_sharp_up
+from tests.test_service_e2e import _parse_sse as parse_sse
 
 # -- the policy --------------------------------------------------------------------------------
 
@@ -210,16 +210,7 @@ def _wait_job(client: httpx.Client, job_id: str, pred, timeout: float, what: str
 
 def _events(client: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
     text = client.get(f"/v1/jobs/{job_id}/events", params={"follow": "false"}).text
-    out = []
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        fields = dict(
-            line.split(": ", 1)
-            for line in block.splitlines()
-            if ": " in line and not line.startswith(":")
-        )
-        if "data" in fields:
-            out.append((fields.get("event", "message"), json.loads(fields["data"])))
-    return out
+    return [(kind, data) for _, kind, data in parse_sse(text)]
 
 
 def _child_pid(var: Path, name: str) -> int:
@@ -240,27 +231,7 @@ def test_sharp_up_restarts_a_killed_worker_and_redis_and_the_jobs_finish(
     tmp_path: Path, corpus: Path
 ) -> None:
     var = tmp_path / "var"
-    env = {
-        **os.environ,
-        **WORKER_ENV,
-        # Nothing listens on port 9: the embedded SQLite and Redis must be the ones used.
-        "SHARP_DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:9/none",
-        "SHARP_REDIS_URL": "redis://127.0.0.1:9/0",
-        "SHARP_HEARTBEAT_INTERVAL_S": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    for name in ("SHARP_ARTIFACT_ROOT", "SHARP_UPLOAD_ROOT", "SHARP_DATASET_FILE_ROOTS"):
-        env.pop(name, None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "up", "--var-dir", str(var), "--port", "0"],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_sharp_up(var, sharp_up_env(**WORKER_ENV))
     lines = Lines(proc.stdout)
     try:
         url = lines.wait_for(r"SHARP is up at (http://127\.0\.0\.1:\d+)", 120).group(1)

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from api.app import create_app
 from service.db import Database
 from service.models import Checkpoint, Job, utcnow
 from service.settings import Settings
@@ -26,12 +25,6 @@ TEACHER = {"model_type": "gpt2", "n_layer": 4, "n_head": 4, "n_embd": 64, "n_pos
 @pytest.fixture(scope="module")
 def team(make_team) -> TeamKey:
     return make_team("prune-submit")
-
-
-@pytest.fixture(scope="module")
-def client(settings: Settings):
-    with TestClient(create_app(settings)) as c:
-        yield c
 
 
 def _spec(corpus: Path, teacher: dict, prune: dict) -> dict:

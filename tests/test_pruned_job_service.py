@@ -8,7 +8,6 @@ API in-process; the slow one runs a real pruned job end to end.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -22,19 +21,18 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event
 
-from api.app import create_app
 from ops.follow import JobState, fmt_params, pruned_summary
 from service import lifecycle
 from service.db import Database
 from service.jobs import JobService
 from service.lifecycle import ACTIVE_STATUSES, JobStatus
-from service.live import LivePublisher
 from service.models import Job, utcnow
 from service.repositories import EventRepository, JobRepository
 from service.settings import Settings
 from tests.conftest import ROOT, TeamKey, tiny_spec, wait_for
 from tests.helpers import GPT2_TEACHER, spec_dict
 from tests.test_cli_jobs import sharp
+from tests.test_service_e2e import _parse_sse
 from worker.child import Reporter
 from worker.supervisor import Supervisor
 
@@ -97,35 +95,12 @@ def pruned_spec(corpus: Path, teacher: Path, name: str = "pruned") -> dict[str, 
     return d
 
 
-def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
-    """(event, data) of an SSE body (sse-starlette separates lines with CRLF)."""
-    out = []
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
-        if "data" in fields:
-            out.append((fields.get("event", "message"), json.loads(fields["data"])))
-    return out
-
-
 # -- fixtures --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
 def team(make_team) -> TeamKey:
     return make_team("pruned")
-
-
-@pytest.fixture(scope="module")
-def live(settings: Settings) -> Iterator[LivePublisher]:
-    pub = LivePublisher(settings)
-    yield pub
-    pub.close()
 
 
 @pytest.fixture
@@ -327,7 +302,7 @@ def test_pruned_job_shows_what_it_kept_in_events_api_and_cli(
     body = httpx.get(
         f"{base}/v1/jobs/{job_id}/events", params={"follow": "false"}, headers=headers
     ).text
-    events = sse_events(body)
+    events = _events_of(body)
     pruned = [d for k, d in events if k == "pruned"]
     assert len(pruned) == 1, [k for k, _ in events]
     ev = pruned[0]
@@ -382,3 +357,8 @@ def test_pruned_job_shows_what_it_kept_in_events_api_and_cli(
     assert line.startswith(f"pruned: layers {layers}, 2 heads per layer, ")
     assert f"{fmt_params(before)} → {fmt_params(after)} params" in line
     assert watched.count(line) == 1, watched
+
+
+def _events_of(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(event, data) of an SSE body."""
+    return [(kind, data) for _, kind, data in _parse_sse(text)]

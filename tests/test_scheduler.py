@@ -14,14 +14,12 @@ import secrets
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, text
 
-from api.app import create_app
 from service import scheduler
 from service.admin import create_team, set_quota
 from service.db import Database
@@ -386,12 +384,6 @@ def test_sqlite_pass(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- API and CLI
-@pytest.fixture(scope="module")
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
-        yield c
-
-
 def test_queued_jobs_quota_and_teams_me(
     client: TestClient, make_team, db: Database, corpus: Path, queue_length
 ) -> None:

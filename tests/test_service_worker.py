@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,7 +17,6 @@ import pytest
 from fastapi.testclient import TestClient
 from httpx_sse import connect_sse
 
-from api.app import create_app
 from service.db import Database
 from service.live import LivePublisher
 from service.models import Job, Metric, utcnow
@@ -33,21 +31,8 @@ pytestmark = pytest.mark.service
 
 
 @pytest.fixture(scope="module")
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def team(make_team) -> TeamKey:
     return make_team("workers")
-
-
-@pytest.fixture(scope="module")
-def live(settings: Settings) -> Iterator[LivePublisher]:
-    pub = LivePublisher(settings)
-    yield pub
-    pub.close()
 
 
 class Sent(list):

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
@@ -215,28 +216,11 @@ class Reporter:
             )
         return True
 
-    # -- checkpoints -----------------------------------------------------------------------
+    # -- checkpoints and one-off events ----------------------------------------------------
     def add_checkpoint(self, step: int, path: Path, manifest: dict[str, Any]) -> bool:
-        self.flush()  # the metrics up to this step come before the checkpoint event
-        if self.fenced:
-            return False
         metrics = _finite(manifest.get("metrics") or {})
-        if not self._retrying(lambda: self._write_checkpoint(step, path, manifest, metrics)):
-            self.fenced = True
-            return False
-        self.checkpoints.add(int(step))
-        return True
 
-    def _write_checkpoint(
-        self, step: int, path: Path, manifest: dict[str, Any], metrics: dict[str, float]
-    ) -> bool:
-        with self.db.session() as s:
-            repo = JobRepository(s, self.live)
-            seq = repo.update_fenced(
-                self.job_id, statuses=ACTIVE_STATUSES, attempt=self.attempt, events=1
-            )
-            if seq is None:
-                return False
+        def upsert(s: Session) -> None:
             CheckpointRepository(s).upsert(
                 job_id=self.job_id,
                 step=int(step),
@@ -245,33 +229,39 @@ class Reporter:
                 metrics=metrics,
                 attempt=self.attempt,
             )
-            repo.add_event(
-                self.job_id,
-                seq,
-                "checkpoint",
-                {
-                    "attempt": self.attempt,
-                    "step": int(step),
-                    "metrics": metrics,
-                    "files": len(manifest.get("files", {})),
-                },
-            )
+
+        data = {
+            "attempt": self.attempt,
+            "step": int(step),
+            "metrics": metrics,
+            "files": len(manifest.get("files", {})),
+        }
+        if not self._record("checkpoint", data, upsert):
+            return False
+        self.checkpoints.add(int(step))
         return True
 
-    # -- one-off events --------------------------------------------------------------------
     def add_event(self, kind: str, data: dict[str, Any]) -> bool:
         """A one-off fact about the run for the job's event log (the trainer's 'pruned' report),
         fenced by attempt like every write; False if fenced off (nothing written)."""
-        self.flush()  # the metrics logged before it come first in the event log
+        return self._record(kind, {**data, "attempt": self.attempt})
+
+    def _record(
+        self, kind: str, data: dict[str, Any], write: Callable[[Session], None] | None = None
+    ) -> bool:
+        """An event (and the row `write` adds beside it), after the metrics logged before it,
+        fenced by attempt and retried through a database outage; False if fenced off."""
+        self.flush()  # the metrics up to this point come first in the event log
         if self.fenced:
             return False
-        payload = {**data, "attempt": self.attempt}
-        if not self._retrying(lambda: self._write_event(kind, payload)):
+        if not self._retrying(lambda: self._write_event(kind, data, write)):
             self.fenced = True
             return False
         return True
 
-    def _write_event(self, kind: str, data: dict[str, Any]) -> bool:
+    def _write_event(
+        self, kind: str, data: dict[str, Any], write: Callable[[Session], None] | None
+    ) -> bool:
         with self.db.session() as s:
             repo = JobRepository(s, self.live)
             seq = repo.update_fenced(
@@ -279,6 +269,8 @@ class Reporter:
             )
             if seq is None:
                 return False
+            if write is not None:
+                write(s)
             repo.add_event(self.job_id, seq, kind, data)
         return True
 
