@@ -27,6 +27,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.metrics import RequestMetrics
 from api.metrics import router as metrics_router
+from api.openapi import install as install_openapi
+from api.openapi import operation_id
 from api.routes import health, jobs, teams, uploads
 from api.ui import router as ui_router
 from api.ui import static_files as ui_static
@@ -199,6 +201,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
             '`{"error": {"code", "message", "param"}}`; another team\'s job is a 404.'
         ),
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
     )
     app.state.settings = settings
     app.state.db = Database(settings)
@@ -224,6 +227,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     app.include_router(metrics_router)
     app.include_router(ui_router)
     app.mount("/ui/static", ui_static, name="ui-static")
+    install_openapi(app)  # JobSpec, error bodies, links: api/openapi.py
     # Outermost, so the latency covers every handler (and 413s from BodySizeLimit).
     app.add_middleware(RequestMetrics)
     return app

@@ -1,19 +1,22 @@
 """Request and response bodies, one schema per entity (`JobCreate`, `JobPublic`, `JobsPublic`…).
 
-Why the spec is a plain dict in `JobCreate`: `sharp_core.spec.parse_spec` is the one
-validator of job specs, shared with the CLI and the library, and it names the offending
-field as ``spec.training.lr``. The OpenAPI document still shows a full example body.
+Why the spec is validated as a plain dict in `JobCreate`: `sharp_core.spec.parse_spec` is the
+one validator of job specs, shared with the CLI and the library, and it names the offending
+field as ``spec.training.lr``. The OpenAPI document still publishes the ``JobSpec`` schema
+itself (`SpecBody`), generated from the pydantic model, so clients and fuzzers see every
+field, bound and default.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.lifecycle import JobStatus
 from service.progress import progress
+from sharp_core.spec import JobSpec
 
 if TYPE_CHECKING:
     from service.jobs import MetricsPage, TeamUsage
@@ -41,6 +44,12 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+#: A spec as the request carries it: validated here only as a JSON object (`parse_spec` does
+#: the rest, with its error naming), documented as ``JobSpec`` (``json_schema_input_type``
+#: only changes the JSON schema, never what is accepted).
+SpecBody = Annotated[dict[str, Any], BeforeValidator(lambda v: v, json_schema_input_type=JobSpec)]
+
+
 class JobCreate(BaseModel):
     """Body of ``POST /v1/jobs``."""
 
@@ -49,7 +58,9 @@ class JobCreate(BaseModel):
         json_schema_extra={"examples": [{"spec": EXAMPLE_SPEC}]},
     )
 
-    spec: dict[str, Any] = Field(description="A job spec (see sharp_core.spec.JobSpec).")
+    spec: SpecBody = Field(
+        description="The job spec; every field, bound and default: docs/spec.md."
+    )
 
 
 class Progress(BaseModel):

@@ -145,7 +145,12 @@ def retry_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPublic
     return job_public(job, service.queue_info(job), service.pruning(job))
 
 
-@router.get("/{job_id}/metrics", response_model=MetricsPublic, responses=_ERRORS)
+@router.get(
+    "/{job_id}/metrics",
+    response_model=MetricsPublic,
+    responses=_ERRORS,
+    operation_id="getJobMetrics",
+)
 def job_metrics(
     job_id: JobId,
     team: TeamDep,
@@ -162,6 +167,7 @@ def job_metrics(
 
 @router.get(
     "/{job_id}/events",
+    operation_id="streamJobEvents",
     responses={
         200: {
             "content": {
@@ -214,6 +220,7 @@ def list_checkpoints(job_id: JobId, team: TeamDep, service: JobServiceDep) -> Ch
 
 @router.get(
     "/{job_id}/checkpoints/{step}/files/{name:path}",
+    operation_id="downloadCheckpointFile",
     response_class=StreamingResponse,
     responses={
         200: {"content": {"application/octet-stream": {}}},
@@ -234,6 +241,7 @@ def download_file(
 
 @router.get(
     "/{job_id}/checkpoints/{step}/archive",
+    operation_id="downloadCheckpointArchive",
     response_class=StreamingResponse,
     responses={200: {"content": {"application/x-tar": {}}}, **_ERRORS},
 )
