@@ -105,6 +105,18 @@ def _document_errors(doc: dict[str, Any]) -> None:
                 response["content"] = dict(error_json)
                 if code == "422":
                     response["description"] = "Invalid input; `param` names the field."
+        for response in responses.values():
+            content_types = response.get("content", {})
+            if len(content_types) > 1 and content_types.get("application/json") == {"schema": {}}:
+                del content_types["application/json"]  # FastAPI's default beside the real one
+            for media_type, content in content_types.items():
+                # Downloads and streams: a schema, so a generated client keeps the method.
+                if not content.get("schema") and media_type != "application/json":
+                    binary = not media_type.startswith("text/")
+                    content["schema"] = {
+                        "type": "string",
+                        **({"format": "binary"} if binary else {}),
+                    }
         body = op.get("requestBody", {}).get("content", {})
         if "application/json" in body:
             responses.setdefault(
