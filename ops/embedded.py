@@ -68,6 +68,7 @@ from urllib.parse import quote
 import typer
 
 from service.settings import Settings, get_settings
+from service.store import store_problem
 
 STATE_FILE = "sharp-up.json"
 KEY_FILE = "demo-api-key"
@@ -869,6 +870,10 @@ def banner(stack: EmbeddedStack) -> list[str]:
 
 def run_up(var_dir: Path, host: str, port: int, redis_port: int) -> int:
     """``sharp up``: start, print URL and key, serve until Ctrl-C / SIGTERM, stop cleanly."""
+    problem = store_problem(get_settings())
+    if problem is not None:  # refuse before starting anything: one line naming the setting
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        return 2
     stop = threading.Event()
     become_subreaper()
     with stop_on_signals(stop):

@@ -33,6 +33,7 @@ from service.errors import (
     InvalidStateError,
     NotFoundError,
     QuotaExceededError,
+    StoreUnavailableError,
 )
 from service.ids import new_id
 from service.lifecycle import JobStatus
@@ -47,6 +48,7 @@ from service.repositories import (
     UploadRepository,
 )
 from service.settings import Settings
+from service.store import get_store
 from service.txn import after_commit
 from sharp_core.prune_shapes import check_prune_target
 from sharp_core.spec import JobRef, JobSpec, ModelSpec, ResourcesSpec, parse_spec
@@ -274,7 +276,13 @@ class JobService:
             config = dict(teacher.config)
         elif isinstance(teacher.model, JobRef):
             ckpts = CheckpointRepository(self.session).list(teacher.model.job)  # by step
-            folder = Path(ckpts[-1].path) if ckpts else None
+            store = get_store(self.settings)
+            key = store.key_of(ckpts[-1].path) if ckpts else None
+            try:
+                raw = store.read_bytes(f"{key}/config.json") if key else None
+                config = json.loads(raw) if raw else None
+            except (OSError, ValueError):
+                return None  # the worker reports a missing or unreadable model
         elif teacher.model is not None and teacher.model.startswith(("/", "./", "../", "~")):
             folder = Path(teacher.model).expanduser()
         if folder is not None:
@@ -415,17 +423,23 @@ class JobService:
         return MetricsPage(steps=rows, next_after=rows[-1][0] if rows else after)
 
     def checkpoints(self, team: Team, job_id: str) -> list[Checkpoint]:
-        """Checkpoints whose folder still exists (the trainer prunes old ones)."""
+        """Checkpoints whose manifest is still in the store (retention deletes old ones)."""
         job = self.get(team, job_id)
-        return [
-            ck
-            for ck in CheckpointRepository(self.session).list(job.id)
-            if (Path(ck.path) / "manifest.json").is_file()
-        ]
+        return [ck for ck in CheckpointRepository(self.session).list(job.id) if self._stored(ck)]
 
     def checkpoint(self, team: Team, job_id: str, step: int) -> Checkpoint:
         job = self.get(team, job_id)
         ck = CheckpointRepository(self.session).get(job.id, step)
-        if ck is None or not (Path(ck.path) / "manifest.json").is_file():
+        if ck is None or not self._stored(ck):
             raise NotFoundError(f"no checkpoint at step {step}", param="step")
         return ck
+
+    def _stored(self, ck: Checkpoint) -> bool:
+        store = get_store(self.settings)
+        key = store.key_of(ck.path)
+        if key is None:
+            return False
+        try:
+            return store.exists(f"{key}/manifest.json")
+        except OSError as e:
+            raise StoreUnavailableError(f"the artifact store did not answer: {e}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,7 +24,34 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL. The embedded default (`sharp up`) uses a SQLite file.",
     )
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Broker and live feed.")
-    artifact_root: Path = Field(default=Path("var/artifacts"), description="Checkpoint store.")
+    artifact_root: Path = Field(
+        default=Path("var/artifacts"),
+        description="Checkpoint store when `artifact_url` is unset; with an S3 store, the "
+        "worker's local scratch (the training process writes here, logs, cached downloads).",
+    )
+    artifact_url: str | None = Field(
+        default=None,
+        description="`s3://bucket/prefix`: checkpoints and uploads go to this S3-compatible "
+        "bucket (credentials: the standard AWS variables). Unset: the local `artifact_root`.",
+    )
+    artifact_endpoint_url: str | None = Field(
+        default=None, description="The S3 API's URL for MinIO, Ceph RGW, GCS… (unset: AWS)."
+    )
+    artifact_region: str | None = Field(default=None, description="The bucket's region.")
+    artifact_download: Literal["stream", "redirect"] = Field(
+        default="stream",
+        description="Checkpoint file downloads: streamed through the API, or a 307 redirect "
+        "to a presigned URL of the S3 store (the local store always streams).",
+    )
+    artifact_presign_s: int = Field(
+        default=600, ge=1, le=7 * 24 * 3600, description="Lifetime of a presigned URL."
+    )
+    artifact_retry_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="How long the worker retries an upload to an unreachable store before "
+        "the job fails with artifact_write_failed.",
+    )
     upload_root: Path = Field(default=Path("var/uploads"), description="Uploaded corpora.")
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     max_request_bytes: int = Field(default=1024 * 1024, ge=1, description="JSON bodies.")

@@ -32,6 +32,7 @@ from service.artifacts import (
 )
 from service.errors import InvalidRequestError
 from service.lifecycle import JOB_STATUSES
+from service.store import get_store
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -231,12 +232,21 @@ def list_checkpoints(job_id: JobId, team: TeamDep, service: JobServiceDep) -> Ch
     },
 )
 def download_file(
-    request: Request, job_id: JobId, step: Step, name: str, team: TeamDep, service: JobServiceDep
+    request: Request,
+    job_id: JobId,
+    step: Step,
+    name: str,
+    team: TeamDep,
+    service: JobServiceDep,
+    settings: SettingsDep,
 ) -> Response:
-    """One file of a checkpoint; names are those of the manifest. ETag is the sha256."""
+    """One file of a checkpoint; names are those of the manifest. ETag is the sha256. With
+    ``artifact_download: redirect`` and an S3 store, a 307 to a presigned URL."""
     ckpt = service.checkpoint(team, job_id, step)
-    path, meta = resolve_file(ckpt, name)
-    return file_response(request, path, meta)
+    store = get_store(settings)
+    key, meta = resolve_file(store, ckpt, name)
+    redirect = settings.artifact_presign_s if settings.artifact_download == "redirect" else None
+    return file_response(request, store, key, meta, redirect_s=redirect)
 
 
 @router.get(
@@ -245,13 +255,16 @@ def download_file(
     response_class=StreamingResponse,
     responses={200: {"content": {"application/x-tar": {}}}, **_ERRORS},
 )
-def download_archive(job_id: JobId, step: Step, team: TeamDep, service: JobServiceDep) -> Response:
+def download_archive(
+    job_id: JobId, step: Step, team: TeamDep, service: JobServiceDep, settings: SettingsDep
+) -> Response:
     """The whole checkpoint folder (``save_pretrained`` layout + manifest) as a tar stream."""
     ckpt = service.checkpoint(team, job_id, step)
-    members = archive_members(ckpt)
+    store = get_store(settings)
+    members = archive_members(store, ckpt)
     filename = f"{job_id}-{checkpoint_dir_name(step)}.tar"
     return StreamingResponse(
-        tar_stream(members),
+        tar_stream(store, members, int(ckpt.created_at.timestamp())),
         media_type="application/x-tar",
         headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )
