@@ -448,7 +448,7 @@ def resolve_job_checkpoint(
             raise ModelNotFoundError(f"job '{job_id}' is not a succeeded job of this team")
         ckpts = CheckpointRepository(s).list(job_id)
     store = get_store(settings) if settings is not None else None
-    if store is not None and store.remote:
+    if settings is not None and store is not None and store.remote:
         jk = job_key(team_id, job_id)
         steps = with_retries(
             settings, f"list {jk}", lambda: complete_steps(store, jk), error=CheckpointError
