@@ -49,10 +49,10 @@ from service.store import (
     sync_for_resume,
     upload_checkpoint,
 )
-from sharp_core.checkpoint import retained_steps, write_checkpoint
+from sharp_core.checkpoint import retained_steps, verify_manifest, write_checkpoint
 from sharp_core.errors import CheckpointError
 from tests.conftest import ROOT, TeamKey, tiny_spec, wait_for
-from worker.child import job_dir
+from worker.child import job_dir, resolve_job_checkpoint
 
 pytestmark = pytest.mark.service
 
@@ -385,6 +385,7 @@ def _rows(db: Database, job_id: str) -> dict[int, int]:
         return {c.step: c.attempt for c in rows}
 
 
+@pytest.mark.slow
 def test_job_on_s3_upload_train_retain_download(
     client: TestClient, worker: Path, team: TeamKey, corpus: Path, settings: Settings, s3, db
 ) -> None:
@@ -452,13 +453,22 @@ def test_job_on_s3_upload_train_retain_download(
             == 304
         )
 
-    # The operator's view and prune: keep 1 per job (the best by eval stays too).
+    # A later job naming this one as its teacher gets the newest checkpoint, fetched and
+    # verified into the host's cache (what the worker's resolver does).
+    teacher = resolve_job_checkpoint(db, team.team_id, job_id, settings)
+    assert teacher.name == "step_000030" and teacher.is_relative_to(Path(settings.artifact_root))
+    assert verify_manifest(teacher)["files"] == {
+        f["name"]: {"sha256": f["sha256"], "size": f["size"]} for f in listed[-1]["files"]
+    }
+
+    # The operator's view: this job's checkpoints, nothing freeable.
     with db.session() as s:
         usage = {u.job_id: u for u in admin.storage_usage(s, store)}
     assert usage[job_id].checkpoints == steps and usage[job_id].orphan_bytes == 0
     assert usage[job_id].bytes == sum(_keys(s3, jk).values())
 
 
+@pytest.mark.slow
 def test_unreachable_store_fails_the_job_and_a_retry_resumes_from_the_store(
     client: TestClient,
     worker: Path,
