@@ -227,7 +227,9 @@ def list_checkpoints(job_id: JobId, team: TeamDep, service: JobServiceDep) -> Ch
         200: {"content": {"application/octet-stream": {}}},
         206: {"description": "Partial content (Range)."},
         304: {"description": "If-None-Match matched the ETag (the file's sha256)."},
+        307: {"description": "artifact_download=redirect: a presigned URL of the S3 store."},
         416: {"description": "Range not satisfiable."},
+        503: {"model": ErrorResponse, "description": "The artifact store did not answer."},
         **_ERRORS,
     },
 )
