@@ -192,7 +192,11 @@ class LocalStore(ArtifactStore):
         shutil.rmtree(self._path(prefix), ignore_errors=True)
 
     def ping(self) -> None:
-        if not os.access(self.root if self.root.exists() else self.root.parent, os.W_OK):
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create {self.root}: {e}") from e
+        if not os.access(self.root, os.W_OK):
             raise StoreError(f"{self.root} is not writable")
 
 
