@@ -12,7 +12,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import secrets
+import shutil
+import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from cryptography.fernet import Fernet
 from fastapi.testclient import TestClient
@@ -33,7 +38,7 @@ from service import lifecycle
 from service.models import WebhookDelivery
 from service.repositories import JobRepository
 from service.settings import Settings
-from service.webhooks import attempt_delivery, check_url, verify
+from service.webhooks import attempt_delivery, check_url, signature_header, verify
 from tests.conftest import ROOT, TeamKey, stop_process, tiny_spec, wait_for
 
 pytestmark = pytest.mark.service
@@ -529,3 +534,60 @@ def test_cli_add_list_deliveries_rm(live_server, team_a, receiver, monkeypatch) 
     assert refused.exit_code == 2 and "url" in refused.output
     assert runner.invoke(app, ["webhooks", "rm", hook_id]).exit_code == 0
     assert runner.invoke(app, ["webhooks", "rm", hook_id]).exit_code == 2  # 404
+
+
+def test_the_verification_snippet_in_docs_api_md_works() -> None:
+    """docs/api.md's Python receiver code accepts what the server signs, refuses the rest."""
+    doc = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    after = doc.split("Verification in Python", 1)[1]
+    code = after.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict[str, Any] = {}
+    exec(compile(code, "docs/api.md", "exec"), scope)  # noqa: S102 - our own documentation
+    doc_verify = scope["verify"]
+    body = b'{"id":"evt_1","type":"job.succeeded"}'
+    header = signature_header("whsec_doc", int(time.time()), body)
+    assert doc_verify("whsec_doc", header, body)
+    assert not doc_verify("whsec_other", header, body)
+    assert not doc_verify("whsec_doc", header, body + b"\n")
+    assert not doc_verify("whsec_doc", signature_header("whsec_doc", 1, body), body)
+
+
+# --------------------------------------------------------------------------- sharp up
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks processes via /proc")
+def test_sharp_up_runs_the_delivery_worker(tmp_path: Path, corpus: Path, receiver) -> None:
+    """The embedded stack starts the webhook worker and a key of its own: an event of a job
+    cancelled through its API reaches the receiver, signed."""
+    from tests.test_deploy import Lines, sharp_up_env, start_sharp_up
+
+    var = tmp_path / "var"
+    env = sharp_up_env(SHARP_WEBHOOK_ALLOW_HTTP="true", SHARP_WEBHOOK_ALLOW_PRIVATE="true")
+    env.pop("SHARP_WEBHOOK_SECRET_KEYS", None)
+    proc = start_sharp_up(var, env)
+    lines = Lines(proc.stdout)
+    try:
+        url = lines.wait_for(r"SHARP is up at (http://127\.0\.0\.1:\d+)", 120).group(1)
+        key = lines.wait_for(r"API key \(team demo\): (sharp_\S+)", 5).group(1)
+        lines.wait_for(r"Ctrl-C stops it", 5)
+        state = json.loads((var / "sharp-up.json").read_text())
+        assert [c["name"] for c in state["children"]] == ["redis", "worker", "webhooks", "api"]
+        assert (var / "webhook-key").stat().st_mode & 0o777 == 0o600
+        data = Path(shutil.copy(corpus, var / "data" / "corpus.txt"))
+        path = f"/ok/{secrets.token_hex(4)}"
+        with httpx.Client(
+            base_url=url, timeout=30, headers={"Authorization": f"Bearer {key}"}
+        ) as c:
+            hook = c.post("/v1/webhooks", json={"url": receiver.base + path})
+            assert hook.status_code == 201, hook.text
+            job = c.post("/v1/jobs", json={"spec": parked_spec(data)})
+            assert job.status_code == 201, job.text
+            assert c.post(f"/v1/jobs/{job.json()['id']}/cancel").status_code == 202
+            wait_for(lambda: receiver.at(path), 60, what="the delivery from sharp up")
+        event = assert_signed(receiver.at(path)[0], hook.json()["secret"])
+        assert event["type"] == "job.cancelled" and event["data"]["id"] == job.json()["id"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, lines.rest()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
