@@ -148,6 +148,7 @@ def deliveries_public(page: DeliveryPage) -> DeliveriesPublic:
     status_code=201,
     response_model=WebhookCreated,
     responses={
+        400: {"model": ErrorResponse, "description": "Malformed JSON."},
         422: {
             "model": ErrorResponse,
             "description": "A URL that is not https, too long, or whose host resolves to a "
