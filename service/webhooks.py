@@ -196,11 +196,12 @@ def check_url(url: str, settings: Settings, *, resolver: Resolver = resolve) -> 
     if parsed.userinfo:
         raise _bad_url("the URL must not carry credentials (user:password@)")
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    host = parsed.raw_host.decode("ascii")  # IDNA-encoded, as DNS and TLS see it
     try:
-        addresses = [str(ipaddress.ip_address(parsed.host))]
+        addresses = [str(ipaddress.ip_address(host))]
     except ValueError:
         try:
-            addresses = resolver(parsed.host, port)
+            addresses = resolver(host, port)
         except (OSError, UnicodeError) as e:
             raise _bad_url(f"the host '{parsed.host}' does not resolve: {e}") from None
     if not addresses:
@@ -283,11 +284,12 @@ def enqueue_job_event(repo: JobRepository, job_id: str, status: str) -> list[str
     ids = [r.id for r in rows]
     send = repo.deliver
     if send is not None:
-        after_commit(repo.session, lambda: _send_all(send, ids))
+        after_commit(repo.session, lambda: send_each(send, ids))
     return ids
 
 
-def _send_all(send: Callable[[str], None], ids: Sequence[str]) -> None:
+def send_each(send: Callable[[str], None], ids: Sequence[str]) -> None:
+    """Send each delivery's message; one failing send does not stop the others."""
     for delivery_id in ids:
         try:
             send(delivery_id)
@@ -417,7 +419,7 @@ def post(
         target = check_url(url, settings, resolver=resolver)
     except InvalidRequestError as e:
         return done(None, f"refused: {e.message}")
-    host = target.url.host
+    host = target.url.raw_host.decode("ascii")
     address = target.addresses[0]
     pinned = target.url.copy_with(host=address)
     extensions: dict[str, Any] = {}

@@ -36,6 +36,7 @@ from service.models import Job, utcnow
 from service.repositories import JobRepository, WebhookRepository
 from service.settings import Settings
 from service.txn import after_commit
+from service.webhooks import send_each
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def redispatch_deliveries(
             if repo.touch_overdue(delivery_id, now, cutoff=cutoff, give_up=give_up):
                 (report.given_up if give_up else report.redispatched).append(delivery_id)
         ids = list(report.redispatched)
-        after_commit(s, lambda: [deliver(i) for i in ids])
+        after_commit(s, lambda: send_each(deliver, ids))
     if report.redispatched or report.given_up:
         log.warning("webhook sweep: %s", report)
     return report
