@@ -35,6 +35,7 @@ import json
 import logging
 import secrets
 import socket
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -408,8 +409,10 @@ def post(
     settings: Settings,
     *,
     resolver: Resolver = resolve,
+    verify: ssl.SSLContext | bool = True,
 ) -> AttemptResult:
-    """Check the URL again, then POST to the address that check resolved (no redirects)."""
+    """Check the URL again, then POST to the address that check resolved (no redirects).
+    `verify`: the TLS trust (default: the system's CAs; tests pass their own CA)."""
     started = time.perf_counter()
 
     def done(code: int | None, error: str | None) -> AttemptResult:
@@ -429,7 +432,10 @@ def post(
     try:
         with (
             httpx.Client(
-                timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False
+                timeout=settings.webhook_timeout_s,
+                follow_redirects=False,
+                trust_env=False,
+                verify=verify,
             ) as client,
             client.stream(
                 "POST", pinned, content=body, headers=headers, extensions=extensions

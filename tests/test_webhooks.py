@@ -591,3 +591,97 @@ def test_sharp_up_runs_the_delivery_worker(tmp_path: Path, corpus: Path, receive
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+# --------------------------------------------------------------------------- TLS, pinned
+def _cert(tmp: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for DNS name `name` (and its key), as PEM files."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem, key_pem = tmp / f"{name}.crt", tmp / f"{name}.key"
+    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_pem, key_pem
+
+
+def test_https_delivery_connects_to_the_checked_address_and_verifies_the_name(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """``hooks.sharp-test`` exists in no DNS: the attempt resolves it once (the resolver
+    given), connects to that address, and TLS checks the certificate against the *name*
+    (SNI and ``Host`` carry it); a certificate for another name is refused."""
+    import ssl
+
+    from service.webhooks import post
+
+    name = "hooks.sharp-test"
+    cert, key = _cert(tmp_path, name)
+    seen: list[dict[str, str]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            seen.append({k.lower(): v for k, v in self.headers.items()})
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    lookups: list[tuple[str, int]] = []
+
+    def resolver(host: str, p: int) -> list[str]:
+        lookups.append((host, p))
+        return ["127.0.0.1"]
+
+    url = f"https://{name}:{port}/hook"
+    try:
+        trusted = ssl.create_default_context(cafile=str(cert))
+        result = post(url, b"{}", {"X-Test": "1"}, settings, resolver=resolver, verify=trusted)
+        assert (result.status_code, result.error) == (204, None), result
+        assert lookups == [(name, port)]
+        assert seen[-1]["host"] == f"{name}:{port}" and seen[-1]["x-test"] == "1"
+
+        # The same trusted certificate and address, another name: refused, so the check
+        # is against the name in the URL, not the address connected to.
+        other = f"https://other.sharp-test:{port}/hook"
+        refused = post(other, b"{}", {}, settings, resolver=resolver, verify=trusted)
+        assert refused.status_code is None
+        assert "CERTIFICATE_VERIFY_FAILED" in (refused.error or "")
+        assert "other.sharp-test" in (refused.error or "") or "mismatch" in (refused.error or "")
+        assert len(seen) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
