@@ -188,7 +188,7 @@ def delete_webhook(webhook_id: WebhookId, team: TeamDep, service: WebhookService
 
 
 @router.get("/{webhook_id}/deliveries", response_model=DeliveriesPublic, responses=_ERRORS)
-def list_deliveries(
+def list_webhook_deliveries(
     webhook_id: WebhookId,
     team: TeamDep,
     service: WebhookServiceDep,
