@@ -64,7 +64,11 @@ TeamDep = Annotated[Team, Depends(get_current_team)]
 def get_job_service(request: Request, session: SessionDep) -> JobService:
     state = request.app.state
     return JobService(
-        session=session, settings=state.settings, live=state.live, dispatch=state.dispatch
+        session=session,
+        settings=state.settings,
+        live=state.live,
+        dispatch=state.dispatch,
+        deliver=state.deliver,
     )
 
 

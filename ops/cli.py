@@ -17,6 +17,7 @@ from rich.table import Table
 from ops.client_cli import jobs_app
 from ops.demo import demo_command
 from ops.embedded import up_command
+from ops.webhooks_cli import webhooks_app
 from service import admin as admin_fns
 from service.db import Database
 from service.errors import SharpError
@@ -36,6 +37,7 @@ storage_app = typer.Typer(
 )
 app.add_typer(admin_app, name="admin")
 app.add_typer(jobs_app, name="jobs")  # the HTTP client (ops/client_cli.py)
+app.add_typer(webhooks_app, name="webhooks")  # signed webhooks, same client (ops/webhooks_cli.py)
 admin_app.add_typer(teams_app, name="teams")
 admin_app.add_typer(keys_app, name="keys")
 admin_app.add_typer(workers_app, name="workers")

@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import lifecycle, scheduler
-from service.dispatch import Dispatch
+from service.dispatch import DeliveryDispatch, Dispatch
 from service.errors import (
     IdempotencyConflictError,
     InvalidRequestError,
@@ -154,10 +154,12 @@ class JobService:
     settings: Settings
     live: LivePublisher | None = None
     dispatch: Dispatch | None = None
+    #: Sends the Celery message of each webhook delivery a cancel enqueues.
+    deliver: DeliveryDispatch | None = None
 
     @property
     def jobs(self) -> JobRepository:
-        return JobRepository(self.session, self.live)
+        return JobRepository(self.session, self.live, self.deliver)
 
     # -- create ----------------------------------------------------------------------------
     def create(

@@ -16,7 +16,7 @@ commit in order.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
 
@@ -34,6 +34,9 @@ from service.models import (
     Metric,
     Team,
     Upload,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
     Worker,
     utcnow,
 )
@@ -131,11 +134,19 @@ class ApiKeyRepository:
 
 
 class JobRepository:
-    """Jobs and their event log. Pass `live` to publish appended events after commit."""
+    """Jobs and their event log. Pass `live` to publish appended events after commit, and
+    `deliver` to send the Celery message of each webhook delivery a transition enqueues
+    (`service.webhooks`; without it the delivery worker's sweep finds them)."""
 
-    def __init__(self, session: Session, live: LivePublisher | None = None):
+    def __init__(
+        self,
+        session: Session,
+        live: LivePublisher | None = None,
+        deliver: Callable[[str], None] | None = None,
+    ):
         self.session = session
         self.live = live
+        self.deliver = deliver
 
     # -- reads -----------------------------------------------------------------------------
     def get(self, job_id: str) -> Job | None:
@@ -519,6 +530,180 @@ class UploadRepository:
         self.session.add(upload)
         self.session.flush()
         return upload
+
+
+class WebhookRepository:
+    """Webhook endpoints, their delivery outbox and the attempt log (`service.webhooks`).
+
+    A delivery attempt is claimed by a conditional UPDATE (pending, due, attempts left) that
+    bumps ``attempts`` and pushes ``next_attempt_at`` out by a lease, so a duplicate Celery
+    message, or the sweeper re-sending one, never runs an attempt twice; its outcome is
+    written only while the row is still at that attempt.
+    """
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    # -- endpoints -------------------------------------------------------------------------
+    def add_endpoint(self, endpoint: WebhookEndpoint) -> WebhookEndpoint:
+        self.session.add(endpoint)
+        self.session.flush()
+        return endpoint
+
+    def count_endpoints(self, team_id: str) -> int:
+        return int(
+            self.session.scalar(
+                select(func.count())
+                .select_from(WebhookEndpoint)
+                .where(WebhookEndpoint.team_id == team_id)
+            )
+            or 0
+        )
+
+    def list_endpoints(self, team_id: str) -> Sequence[WebhookEndpoint]:
+        return self.session.scalars(
+            select(WebhookEndpoint)
+            .where(WebhookEndpoint.team_id == team_id)
+            .order_by(WebhookEndpoint.id.desc())
+        ).all()
+
+    def get_endpoint_for_team(self, team_id: str, endpoint_id: str) -> WebhookEndpoint | None:
+        return self.session.scalar(
+            select(WebhookEndpoint).where(
+                WebhookEndpoint.id == endpoint_id, WebhookEndpoint.team_id == team_id
+            )
+        )
+
+    def get_endpoint(self, endpoint_id: str) -> WebhookEndpoint | None:
+        return self.session.get(WebhookEndpoint, endpoint_id)
+
+    def delete_endpoint(self, endpoint_id: str) -> None:
+        self.session.execute(delete(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_id))
+
+    def endpoints_for_job(self, job_id: str) -> Sequence[WebhookEndpoint]:
+        """The endpoints of the team that owns `job_id` (one indexed join)."""
+        return self.session.scalars(
+            select(WebhookEndpoint)
+            .join(Job, Job.team_id == WebhookEndpoint.team_id)
+            .where(Job.id == job_id)
+            .order_by(WebhookEndpoint.id)
+        ).all()
+
+    # -- deliveries ------------------------------------------------------------------------
+    def add_deliveries(self, rows: Sequence[WebhookDelivery]) -> None:
+        self.session.add_all(rows)
+        self.session.flush()
+
+    def get_delivery(self, delivery_id: str) -> WebhookDelivery | None:
+        return self.session.get(WebhookDelivery, delivery_id, populate_existing=True)
+
+    def list_deliveries(
+        self, endpoint_id: str, *, limit: int, before_id: str | None
+    ) -> Sequence[WebhookDelivery]:
+        """Newest first (ids are ULIDs); `before_id` is the keyset cursor."""
+        q = select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint_id)
+        if before_id is not None:
+            q = q.where(WebhookDelivery.id < before_id)
+        return self.session.scalars(q.order_by(WebhookDelivery.id.desc()).limit(limit)).all()
+
+    def attempts_of(self, delivery_ids: Sequence[str]) -> dict[str, list[WebhookAttempt]]:
+        out: dict[str, list[WebhookAttempt]] = {d: [] for d in delivery_ids}
+        if not delivery_ids:
+            return out
+        rows = self.session.scalars(
+            select(WebhookAttempt)
+            .where(WebhookAttempt.delivery_id.in_(delivery_ids))
+            .order_by(WebhookAttempt.delivery_id, WebhookAttempt.attempt)
+        )
+        for a in rows:
+            out[a.delivery_id].append(a)
+        return out
+
+    def claim_attempt(
+        self, delivery_id: str, now: dt.datetime, lease_until: dt.datetime, max_attempts: int
+    ) -> int | None:
+        """The attempt number now ours, or None: not pending, not due yet (another message
+        holds it, or it waits for its backoff), or out of attempts."""
+        stmt = (
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.id == delivery_id,
+                WebhookDelivery.status == "pending",
+                WebhookDelivery.next_attempt_at <= now,
+                WebhookDelivery.attempts < max_attempts,
+            )
+            .values(
+                attempts=WebhookDelivery.attempts + 1, next_attempt_at=lease_until, updated_at=now
+            )
+            .returning(WebhookDelivery.attempts)
+            .execution_options(synchronize_session=False)
+        )
+        return self.session.execute(stmt).scalar_one_or_none()
+
+    def add_attempt(self, attempt: WebhookAttempt) -> None:
+        self.session.add(attempt)
+        self.session.flush()
+
+    def settle(
+        self,
+        delivery_id: str,
+        attempt: int,
+        *,
+        status: str,
+        next_attempt_at: dt.datetime | None,
+        status_code: int | None,
+        now: dt.datetime,
+    ) -> bool:
+        """Write an attempt's outcome, if the delivery is still pending at that attempt."""
+        stmt = (
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.id == delivery_id,
+                WebhookDelivery.status == "pending",
+                WebhookDelivery.attempts == attempt,
+            )
+            .values(
+                status=status,
+                next_attempt_at=next_attempt_at,
+                last_status_code=status_code,
+                updated_at=now,
+            )
+            .returning(WebhookDelivery.id)
+            .execution_options(synchronize_session=False)
+        )
+        return self.session.execute(stmt).scalar_one_or_none() is not None
+
+    def overdue(self, cutoff: dt.datetime, limit: int = 100) -> Sequence[Any]:
+        """(id, attempts) of pending deliveries due before `cutoff`: their message is lost."""
+        return self.session.execute(
+            select(WebhookDelivery.id, WebhookDelivery.attempts)
+            .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at < cutoff)
+            .order_by(WebhookDelivery.next_attempt_at)
+            .limit(limit)
+        ).all()
+
+    def touch_overdue(
+        self, delivery_id: str, now: dt.datetime, *, cutoff: dt.datetime, give_up: bool
+    ) -> bool:
+        """Mark an overdue delivery re-sent (due now) or, out of attempts, failed; only if it
+        is still overdue (another sweeper may have been first)."""
+        values: dict[str, Any] = {"updated_at": now}
+        if give_up:
+            values.update(status="failed", next_attempt_at=None)
+        else:
+            values["next_attempt_at"] = now
+        stmt = (
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.id == delivery_id,
+                WebhookDelivery.status == "pending",
+                WebhookDelivery.next_attempt_at < cutoff,
+            )
+            .values(**values)
+            .returning(WebhookDelivery.id)
+            .execution_options(synchronize_session=False)
+        )
+        return self.session.execute(stmt).scalar_one_or_none() is not None
 
 
 # --------------------------------------------------------------------------- scheduling

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -124,6 +124,56 @@ class Settings(BaseSettings):
     worker_name: str | None = Field(
         default=None, description="Recorded on claimed jobs; default: host name and pid."
     )
+    # -- webhooks (service/webhooks.py, docs/operations.md) --------------------------------
+    webhook_secret_keys: list[str] = Field(
+        default_factory=list,
+        repr=False,
+        description="Fernet keys (JSON list) that encrypt webhook signing secrets at rest: the "
+        "first encrypts, every one decrypts, so a new key goes first and an old one is dropped "
+        "once no secret needs it. Empty: webhooks cannot be registered. `sharp up` keeps one "
+        "in <var>/webhook-key.",
+    )
+    webhook_allow_http: bool = Field(
+        default=False, description="Accept http:// webhook URLs (else https only)."
+    )
+    webhook_allow_private: bool = Field(
+        default=False,
+        description="Accept webhook URLs whose host resolves to loopback, private, link-local, "
+        "multicast or reserved addresses (SSRF guard; checked at registration and delivery).",
+    )
+    webhook_url_max_length: int = Field(default=2048, ge=16, le=8192)
+    webhook_max_endpoints: int = Field(default=20, ge=1, description="Endpoints per team.")
+    webhook_max_attempts: int = Field(default=8, ge=1, le=50, description="Per delivery.")
+    webhook_backoff_s: float = Field(
+        default=30.0, gt=0, description="Wait after the first failed attempt; doubles each time."
+    )
+    webhook_backoff_max_s: float = Field(default=3600.0, gt=0)
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=120, description="Per attempt.")
+    webhook_sweep_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How often the delivery worker re-sends deliveries whose message was lost "
+        "(due longer ago than this).",
+    )
+    webhook_concurrency: int = Field(
+        default=4, ge=1, le=64, description="Deliveries one webhook worker sends at once."
+    )
+
+    @field_validator("webhook_secret_keys")
+    @classmethod
+    def _fernet_keys(cls, keys: list[str]) -> list[str]:
+        from cryptography.fernet import Fernet
+
+        for i, key in enumerate(keys):
+            try:
+                Fernet(key)
+            except (ValueError, TypeError):
+                raise ValueError(
+                    f"entry {i} is not a Fernet key (32 url-safe base64 bytes; make one with "
+                    "python -c 'from cryptography.fernet import Fernet; "
+                    "print(Fernet.generate_key().decode())')"
+                ) from None
+        return keys
 
     @property
     def pool(self) -> str:

@@ -33,6 +33,9 @@ TABLES = {
     "checkpoints",
     "uploads",
     "workers",
+    "webhook_endpoints",
+    "webhook_deliveries",
+    "webhook_attempts",
 }
 
 
