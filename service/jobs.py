@@ -314,9 +314,12 @@ class JobService:
         skipped if another pass is running (see `scheduler.admit`)."""
         factory = sessionmaker(bind=self.session.get_bind(), expire_on_commit=False)
         dispatch, timeout = self.dispatch, self.settings.heartbeat_timeout_s
+        refresh_s = self.settings.queue_refresh_s
         after_commit(
             self.session,
-            lambda: scheduler.run_pass(factory, dispatch, heartbeat_timeout_s=timeout, wait=False),
+            lambda: scheduler.run_pass(
+                factory, dispatch, heartbeat_timeout_s=timeout, wait=False, refresh_s=refresh_s
+            ),
         )
 
     # -- responses -------------------------------------------------------------------------
@@ -363,8 +366,8 @@ class JobService:
             if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
                 raise InvalidStateError(f"job is already {job.status}", param="job_id")
             done = lifecycle.request_cancel(self.jobs, job)
-            if done and job.status == JobStatus.QUEUED and job.admitted_at is not None:
-                self._schedule_after_commit()  # its slot is free again
+            if done and job.status == JobStatus.QUEUED:
+                self._schedule_after_commit()  # its slot, or its place in line, is free
             job = self.jobs.get(job.id)  # type: ignore[assignment]
             if done:
                 return job
