@@ -314,23 +314,37 @@ def placements(state: ClusterState) -> dict[str, QueueInfo]:
                 heap.append((usage.get(t, 0) / weight, last, fit[0].created_at, t, 0))
         heapq.heapify(heap)
         position = 0
+        reasons: dict[tuple[str, int], str] = {}
         while heap:
-            _share, _last, _created, t, i = heapq.heappop(heap)
-            w = queues[t][i]
-            position += 1
-            usage[t] = usage.get(t, 0) + share_units(w.gpus)
+            share, _last, _created, t, i = heapq.heappop(heap)
             team = state.teams.get(t)
-            if _over_quota(team, w.gpus):
-                assert team is not None and team.max_running_gpus is not None
-                reason = f"team quota: {team.gpus_in_use} of {team.max_running_gpus} GPUs in use"
-            else:
-                reason = waiting_for
-            info[w.job_id] = QueueInfo(position, reason)
-            if i + 1 < len(queues[t]):
-                nxt = queues[t][i + 1]
-                weight = (team or TeamState(t)).weight
-                tick = state.now + dt.timedelta(microseconds=position)
-                heapq.heappush(heap, (usage[t] / weight, tick, nxt.created_at, t, i + 1))
+            weight = (team or TeamState(t)).weight
+            jobs = queues[t]
+            # Serve `t` while it stays strictly below every other team's key: on a tie the
+            # other team wins (it was admitted less recently than `t`, just served).
+            while True:
+                w = jobs[i]
+                position += 1
+                usage[t] = usage.get(t, 0) + share_units(w.gpus)
+                reason = reasons.get((t, w.gpus))
+                if reason is None:
+                    if _over_quota(team, w.gpus):
+                        assert team is not None and team.max_running_gpus is not None
+                        reason = (
+                            f"team quota: {team.gpus_in_use} of {team.max_running_gpus} GPUs in use"
+                        )
+                    else:
+                        reason = waiting_for
+                    reasons[(t, w.gpus)] = reason
+                info[w.job_id] = QueueInfo(position, reason)
+                i += 1
+                if i == len(jobs):
+                    break
+                share = usage[t] / weight
+                if heap and not share < heap[0][0]:
+                    tick = state.now + dt.timedelta(microseconds=position)
+                    heapq.heappush(heap, (share, tick, jobs[i].created_at, t, i))
+                    break
     return info
 
 
@@ -410,6 +424,9 @@ def plan(
 #: A submission's pass refreshes every position at once while fewer jobs than this wait
 #: (a few milliseconds); above, at most every ``queue_refresh_s`` per API process.
 IMMEDIATE_BELOW = 1000
+#: Above `IMMEDIATE_BELOW`, the share of one core's wall time an API process may spend on
+#: refreshes: one that took 50 ms waits at least 1 s (``queue_refresh_s``), 200 ms waits 4 s.
+BUDGET = 0.05
 
 
 def refresh_positions(
@@ -517,11 +534,11 @@ def run_pass(
     if refresh_s is None:
         return _pass(factory, dispatch, heartbeat_timeout_s, wait=wait, positions=True)[0]
     r = _refresher(factory, refresh_s)
-    with r.lock:
-        due = r.waiting < IMMEDIATE_BELOW or time.monotonic() - r.last >= refresh_s
+    due = r.due()
+    t0 = time.monotonic()
     done, waiting = _pass(factory, dispatch, heartbeat_timeout_s, wait=wait, positions=due)
     if waiting is not None:
-        r.refreshed(waiting)
+        r.refreshed(waiting, time.monotonic() - t0)
     else:  # skipped: the lock was busy (its holder may have read the queue before our
         # commit) or the refresh is not due yet; one refresh is owed, made by a timer
         r.owe(lambda: _pass(factory, dispatch, heartbeat_timeout_s, wait=True, positions=True))
@@ -561,17 +578,29 @@ def _pass(
 @dataclass
 class _Refresher:
     """Per engine (one per API process, or per test app): when positions were last
-    refreshed, how many jobs waited then, and the timer of an owed refresh."""
+    refreshed, how many jobs waited then, what the refresh cost, and the timer of an owed
+    refresh. A refresh is due at once while the queue is small, else `interval` after the
+    last: ``refresh_s``, or longer when refreshes are slow (at most `BUDGET` of one core's
+    wall time goes to them in each process)."""
 
     refresh_s: float
     lock: threading.Lock = field(default_factory=threading.Lock)
     last: float = float("-inf")
     waiting: int = 0
+    cost: float = 0.0
     timer: threading.Timer | None = None
 
-    def refreshed(self, waiting: int) -> None:
+    def interval(self) -> float:
+        return max(self.refresh_s, self.cost / BUDGET)
+
+    def due(self) -> bool:
         with self.lock:
-            self.last, self.waiting = time.monotonic(), waiting
+            small = self.waiting < IMMEDIATE_BELOW
+            return small or time.monotonic() - self.last >= self.interval()
+
+    def refreshed(self, waiting: int, seconds: float) -> None:
+        with self.lock:
+            self.last, self.waiting, self.cost = time.monotonic(), waiting, seconds
 
     def owe(self, refresh: Any) -> None:
         """Run `refresh` (returns (admissions, waiting)) once, when due; one timer at most."""
@@ -580,14 +609,15 @@ class _Refresher:
                 return
             delay = 0.05
             if self.waiting >= IMMEDIATE_BELOW:
-                delay = max(delay, self.last + self.refresh_s - time.monotonic())
+                delay = max(delay, self.last + self.interval() - time.monotonic())
 
             def fire() -> None:
                 with self.lock:
                     self.timer = None
+                t0 = time.monotonic()
                 _, waiting = refresh()
                 if waiting is not None:
-                    self.refreshed(waiting)
+                    self.refreshed(waiting, time.monotonic() - t0)
 
             self.timer = threading.Timer(delay, fire)
             self.timer.daemon = True
