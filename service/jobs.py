@@ -297,7 +297,13 @@ class JobService:
 
     def _check_queued_quota(self, team: Team) -> None:
         """Refuse a job over the team's ``max_queued_jobs``. The team row is locked first, so
-        concurrent submissions count one after the other (SQLite serialises them anyway)."""
+        concurrent submissions count one after the other (SQLite serialises them anyway).
+
+        A team without the quota (as read by this request's authentication) takes no lock:
+        every submission of a team used to wait for the row until the one before it
+        committed, which serialised a team's POSTs (issue 17's profile)."""
+        if team.max_queued_jobs is None:
+            return
         limit = TeamRepository(self.session).lock_queued_quota(team.id)
         if limit is None:
             return

@@ -376,6 +376,8 @@ def load_state(
         p = pool(name)
         p.slots, p.max_gpus = slots, max_gpus
 
+    if heads_only and not pools:  # no live worker anywhere: nothing can be admitted
+        return ClusterState(now, pools, {}, [])
     teams = {
         t.id: TeamState(t.id, t.name, float(t.weight), t.max_running_gpus)
         for t in TeamRepository(session).list()
@@ -386,15 +388,14 @@ def load_state(
         p.usage[team_id] = share
         if team_id in teams:
             teams[team_id].gpus_in_use += gpus
+    free = {p.pool: (p.slots - p.busy, p.max_gpus) for p in pools.values() if p.slots > p.busy}
+    if heads_only and not free:  # every slot is taken: no queue to read
+        return ClusterState(now, pools, teams, [])
     for name, team_id, last in repo.last_admitted():
         if last is not None:
             pool(name).last_admitted[team_id] = _aware(last)
 
-    if heads_only:
-        free = {p.pool: (p.slots - p.busy, p.max_gpus) for p in pools.values() if p.slots > p.busy}
-        rows = repo.waiting_heads(free)
-    else:
-        rows = repo.waiting()
+    rows = repo.waiting_heads(free) if heads_only else repo.waiting()
     waiting = [
         Waiting(r.id, r.team_id, r.queue, int(r.gpus), int(r.priority), _aware(r.created_at))
         for r in rows
