@@ -89,6 +89,7 @@ class Stats:
         default_factory=lambda: {"create": [], "get": [], "list": []}
     )
     errors: list[str] = field(default_factory=list)
+    placed: int = 0  # GETs of a created job that returned its queue position
 
 
 async def client_loop(base: str, key: str, corpus: str, deadline: float, stats: Stats) -> None:
@@ -119,6 +120,8 @@ async def client_loop(base: str, key: str, corpus: str, deadline: float, stats: 
             got = await timed("get", "GET", f"/v1/jobs/{job_id}")
             if got is not None and got.json()["id"] != job_id:
                 stats.errors.append(f"get: wrong job {got.json()['id']} for {job_id}")
+            elif got is not None and got.json()["queue_position"] is not None:
+                stats.placed += 1
             await timed("list", "GET", "/v1/jobs", params={"limit": 20})
 
 
@@ -462,6 +465,9 @@ def measure(
         "requests_per_s": round(n / elapsed, 1),
         "errors": len(stats.errors),
         "error_samples": stats.errors[:5],
+        # share of GETs that found the new job placed (a position, not "waiting for the
+        # next scheduling pass"): with no worker (no --queued) none are
+        "get_placed": round(stats.placed / max(1, len(stats.latencies["get"])), 3),
         # CPU seconds over the load / wall seconds: 1.0 is one core kept busy. The client's
         # includes the live-feed thread; the server's is uvicorn's master and workers.
         "cpu": {
