@@ -55,7 +55,9 @@ def test_api_load_script_reports_sane_numbers(pg_admin_url: str, redis_url: str)
     assert out["requests_per_s"] > 0
     # --queued: 300 waiting jobs behind a busy slot; created jobs are read with their place
     assert out["queued"] == 300 and out["prefill_s"] > 0
-    assert out["get_placed"] > 0.5, out  # under 1000 waiting, the pass places it at once
+    # Placed by the pass after its commit, or (when another pass held the lock) 50 ms later
+    # by a timer: some reads come first and say "waiting for the next scheduling pass"
+    assert 0 < out["get_placed"] <= 1, out
     cpu = out["cpu"]
     assert cpu["server_share"] > 0 and cpu["client_share"] > 0, cpu
     assert cpu["server_ms_per_request"] > 0, cpu
