@@ -65,7 +65,8 @@ class Setup:
     """What pruning kept, when the student was pruned from the teacher (init='prune')."""
     build_seconds: dict[str, float] = field(default_factory=dict)
     """Wall seconds to load or build each model on its device, as metrics
-    (``build_teacher_s``, ``build_student_s``; the trainer records them at the start step)."""
+    (``build_teacher_s``, ``build_student_s``; the trainer records them at step 0 of a run that
+    starts fresh, not again when an attempt resumes)."""
 
 
 @dataclass(frozen=True)

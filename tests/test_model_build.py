@@ -4,7 +4,7 @@ to the code path it replaced (built on the default device, then ``.to(device)``)
 seed: resume and the distributed tests compare runs across that change. Tolerance: none
 (``torch.equal`` on every tensor of the state dict, buffers included).
 
-Also: the build time of each model is a metric at the start step (``build_teacher_s``,
+Also: the build time of each model is a metric at step 0 (``build_teacher_s``,
 ``build_student_s``), as the service records it.
 """
 
@@ -115,7 +115,7 @@ def test_config_init_on_cpu_is_bit_identical_to_the_old_path(
     assert any(not torch.equal(other[n], b[n]) for n in b if b[n].is_floating_point())
 
 
-def test_build_times_are_metrics_at_the_start_step(tmp_path: Path) -> None:
+def test_build_times_are_metrics_at_step_0(tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path, 20_000)
     spec = parse_spec(
         spec_dict(
