@@ -495,28 +495,6 @@ def admit(
     return done
 
 
-@dataclass
-class _Refresher:
-    """Per engine (one per API process, or per test app): when positions were last
-    refreshed, how many jobs waited then, and the timer of a deferred refresh."""
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    last: float = float("-inf")
-    waiting: int = 0
-    timer: threading.Timer | None = None
-    lost: bool = False  # a refresh was skipped (lock busy or deferred): one is owed
-
-
-_REFRESHERS: dict[int, _Refresher] = {}
-_REFRESHERS_LOCK = threading.Lock()
-
-
-def _refresher(factory: sessionmaker[Session]) -> _Refresher:
-    key = id(factory.kw.get("bind"))
-    with _REFRESHERS_LOCK:
-        return _REFRESHERS.setdefault(key, _Refresher())
-
-
 def run_pass(
     factory: sessionmaker[Session],
     dispatch: Dispatch | None,
