@@ -307,7 +307,13 @@ class JobService:
 
     def _check_queued_quota(self, team: Team) -> None:
         """Refuse a job over the team's ``max_queued_jobs``. The team row is locked first, so
-        concurrent submissions count one after the other (SQLite serialises them anyway)."""
+        concurrent submissions count one after the other (SQLite serialises them anyway).
+
+        A team without the quota (as read by this request's authentication) takes no lock:
+        every submission of a team used to wait for the row until the one before it
+        committed, which serialised a team's POSTs (issue 17's profile)."""
+        if team.max_queued_jobs is None:
+            return
         limit = TeamRepository(self.session).lock_queued_quota(team.id)
         if limit is None:
             return
@@ -324,9 +330,12 @@ class JobService:
         skipped if another pass is running (see `scheduler.admit`)."""
         factory = sessionmaker(bind=self.session.get_bind(), expire_on_commit=False)
         dispatch, timeout = self.dispatch, self.settings.heartbeat_timeout_s
+        refresh_s = self.settings.queue_refresh_s
         after_commit(
             self.session,
-            lambda: scheduler.run_pass(factory, dispatch, heartbeat_timeout_s=timeout, wait=False),
+            lambda: scheduler.run_pass(
+                factory, dispatch, heartbeat_timeout_s=timeout, wait=False, refresh_s=refresh_s
+            ),
         )
 
     # -- responses -------------------------------------------------------------------------
@@ -373,8 +382,8 @@ class JobService:
             if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
                 raise InvalidStateError(f"job is already {job.status}", param="job_id")
             done = lifecycle.request_cancel(self.jobs, job)
-            if done and job.status == JobStatus.QUEUED and job.admitted_at is not None:
-                self._schedule_after_commit()  # its slot is free again
+            if done and job.status == JobStatus.QUEUED:
+                self._schedule_after_commit()  # its slot, or its place in line, is free
             job = self.jobs.get(job.id)  # type: ignore[assignment]
             if done:
                 return job

@@ -143,6 +143,11 @@ class Job(Base):
     # Set when the scheduler admits the job (its Celery message is sent after that commit);
     # NULL while it waits for capacity or its team's quota. Only admitted jobs can be claimed.
     admitted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # A waiting job's place in its pool and why it waits, as the latest scheduling pass
+    # computed them (`service.scheduler.refresh_positions`), so reading a job does not
+    # replay the queue; NULL until a pass has placed it (and again when it is re-queued).
+    queue_position: Mapped[int | None] = mapped_column(Integer)
+    queue_reason: Mapped[str | None] = mapped_column(String(200))
     # Written only by `service.lifecycle`'s transitions.
     status: Mapped[str] = mapped_column(String(16), default="queued", server_default="queued")
     attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

@@ -20,7 +20,19 @@ from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Connection, and_, case, delete, func, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -234,6 +246,11 @@ class JobRepository:
         self.session.flush()
         return job
 
+    def insert_many(self, rows: Sequence[dict[str, Any]], batch: int = 2000) -> None:
+        """Bulk-insert job rows (benchmarks pre-filling a queue; the API adds one at a time)."""
+        for i in range(0, len(rows), batch):
+            self.session.execute(insert(Job), list(rows[i : i + batch]))
+
     def update_fenced(
         self,
         job_id: str,
@@ -368,6 +385,8 @@ class JobRepository:
         the job was not in an allowed state (someone else moved it first).
         """
         vals = {"status": to_status, **(values or {})}
+        if to_status == _QUEUED:  # back in line: the next scheduling pass places it again
+            vals.update(queue_position=None, queue_reason=None)
         seq = self.update_fenced(
             job_id, statuses=from_statuses, values=vals, events=1, **conditions
         )
@@ -765,12 +784,81 @@ class SchedulerRepository:
         ]
 
     def waiting(self) -> Sequence[Any]:
-        """Queued jobs not admitted yet: (id, team_id, queue, gpus, priority, created_at)."""
+        """Queued jobs not admitted yet: (id, team_id, queue, gpus, priority, created_at,
+        queue_position, queue_reason), the last two as the latest pass stored them."""
         return self.session.execute(
-            select(Job.id, Job.team_id, Job.queue, Job.gpus, Job.priority, Job.created_at).where(
-                Job.status == _QUEUED, Job.admitted_at.is_(None)
-            )
+            select(
+                Job.id,
+                Job.team_id,
+                Job.queue,
+                Job.gpus,
+                Job.priority,
+                Job.created_at,
+                Job.queue_position,
+                Job.queue_reason,
+            ).where(Job.status == _QUEUED, Job.admitted_at.is_(None))
         ).all()
+
+    def waiting_heads(self, pools: dict[str, tuple[int, int]]) -> Sequence[Any]:
+        """Per pool and team, the first ``n`` waiting jobs in the team's order (priority
+        first, then age) among those that fit the pool: ``pools`` maps a pool to (n, largest
+        worker's GPUs). What an admission needs (it admits at most ``n`` = free slots per
+        pool), so it does not read the whole queue. Same columns as `waiting`."""
+        if not pools:
+            return []
+        rows: list[Any] = []
+        for pool, (n, max_gpus) in pools.items():
+            rank = (
+                func.row_number()
+                .over(
+                    partition_by=Job.team_id,
+                    order_by=(Job.priority.desc(), Job.created_at, Job.id),
+                )
+                .label("rank")
+            )
+            inner = (
+                select(
+                    Job.id,
+                    Job.team_id,
+                    Job.queue,
+                    Job.gpus,
+                    Job.priority,
+                    Job.created_at,
+                    Job.queue_position,
+                    Job.queue_reason,
+                    rank,
+                )
+                .where(
+                    Job.status == _QUEUED,
+                    Job.admitted_at.is_(None),
+                    Job.queue == pool,
+                    Job.gpus <= max_gpus,
+                )
+                .subquery()
+            )
+            cols = [c for c in inner.c if c.name != "rank"]
+            rows += self.session.execute(select(*cols).where(inner.c.rank <= n)).all()
+        return rows
+
+    def store_positions(self, rows: Sequence[tuple[str, int | None, str]]) -> None:
+        """Write (job id, position, reason) for waiting jobs, as a pass computed them; a job
+        admitted or gone meanwhile is left alone (the pass holds the scheduling lock, and
+        the condition keeps a cancelled job's row as its cancel left it)."""
+        if not rows:
+            return
+        stmt = (
+            update(Job)
+            .where(
+                Job.id == bindparam("b_id"),
+                Job.status == _QUEUED,
+                Job.admitted_at.is_(None),
+            )
+            .values(queue_position=bindparam("b_pos"), queue_reason=bindparam("b_reason"))
+            .execution_options(synchronize_session=False)
+        )
+        self.session.connection().execute(
+            stmt, [{"b_id": i, "b_pos": p, "b_reason": r} for i, p, r in rows]
+        )
 
     def admitted(self) -> Sequence[Any]:
         """Admitted jobs no worker claimed yet: (id, queue)."""

@@ -89,6 +89,13 @@ class Settings(BaseSettings):
         description="How often each worker re-registers itself (its heartbeat) and runs a "
         "scheduling pass, besides the passes that submissions and finished jobs trigger.",
     )
+    queue_refresh_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="With 1000 or more waiting jobs, how often at most an API process "
+        "recomputes the stored queue positions after submissions and cancellations (each "
+        "recompute reads the whole queue); below that, every such request does.",
+    )
     sse_heartbeat_s: float = Field(default=10.0, gt=0)
     host: str = "127.0.0.1"
     port: int = 8000

@@ -156,6 +156,8 @@ def train(
         evaluate, model, S.data, vocab=S.vocab, batch_size=t.batch_size, device=dev, amp_dtype=amp
     )
     last_metrics: dict[str, float] = {}
+    if S.build_seconds and resumed_step is None:  # at step 0, beside the first evaluation
+        cb.on_metrics(0, dict(S.build_seconds))
     if S.pruned is not None and resumed_step is None:  # what pruning kept, before any step
         cb.on_event("pruned", S.pruned.event())
         cb.on_metrics(0, S.pruned.metrics())
