@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.metrics import RequestMetrics
 from api.metrics import router as metrics_router
-from api.routes import health, jobs, teams, uploads
+from api.routes import health, jobs, teacher_caches, teams, uploads
 from api.ui import router as ui_router
 from api.ui import static_files as ui_static
 from service.db import Database
@@ -221,6 +221,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     app.include_router(jobs.router)
     app.include_router(uploads.router)
     app.include_router(teams.router)
+    app.include_router(teacher_caches.router)
     app.include_router(metrics_router)
     app.include_router(ui_router)
     app.mount("/ui/static", ui_static, name="ui-static")

@@ -36,6 +36,7 @@ from sharp_core.spec import JobSpec
 if TYPE_CHECKING:
     from sharp_core.capture import AttentionCapture
     from sharp_core.sharp import AttentionObjective
+    from sharp_core.teacher_cache import TeacherCache
 
 __all__ = ["Setup", "autocast_dtype", "pick_device", "setup"]
 
@@ -62,6 +63,10 @@ class Setup:
     """(1 − a)·CE + a·D on the logits; another implementation can be passed in (benchmarks)."""
     pruned: PruneReport | None = None
     """What pruning kept, when the student was pruned from the teacher (init='prune')."""
+    dataset_sha256: str | None = None
+    """sha256 of the loaded documents (`teacher_cache.texts_digest`), when a cache is asked for."""
+    teacher_cache: TeacherCache | None = None
+    """The verified teacher-logit cache the logit term reads (`sharp_core.teacher_cache.attach`)."""
 
 
 @dataclass(frozen=True)
@@ -207,8 +212,24 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
         student = torch.compile(student)  # type: ignore[assignment]
         if teacher is not None:
             teacher = torch.compile(teacher)  # type: ignore[assignment]
+    digest = None
+    if spec.method.teacher_cache.mode != "off" and not classify:
+        from sharp_core.teacher_cache import texts_digest
+
+        digest = texts_digest(texts)
     return Setup(
-        spec, dev, tok, vocab, teacher, student, data, objective, s_cap, t_cap, pruned=report
+        spec,
+        dev,
+        tok,
+        vocab,
+        teacher,
+        student,
+        data,
+        objective,
+        s_cap,
+        t_cap,
+        pruned=report,
+        dataset_sha256=digest,
     )
 
 

@@ -33,6 +33,8 @@ TABLES = {
     "checkpoints",
     "uploads",
     "workers",
+    "teacher_caches",
+    "teacher_cache_uses",
 }
 
 

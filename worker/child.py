@@ -56,6 +56,8 @@ from service.repositories import (
     UploadRepository,
 )
 from service.settings import Settings, get_settings
+from service.teacher_caches import record as record_teacher_cache
+from service.teacher_caches import store_for as teacher_cache_store
 from sharp_core.errors import DataError, ModelNotFoundError, SharpError
 from sharp_core.launch import env_rank, torchrun_command, under_torchrun  # no torch
 from sharp_core.spec import parse_spec
@@ -243,8 +245,17 @@ class Reporter:
 
     def add_event(self, kind: str, data: dict[str, Any]) -> bool:
         """A one-off fact about the run for the job's event log (the trainer's 'pruned' report),
-        fenced by attempt like every write; False if fenced off (nothing written)."""
-        return self._record(kind, {**data, "attempt": self.attempt})
+        fenced by attempt like every write; False if fenced off (nothing written). A
+        'teacher_cache' event also records the cache and this job's use of it."""
+        write = None
+        if kind == "teacher_cache":
+
+            def write(s: Session) -> None:
+                record_teacher_cache(
+                    s, team_id=self.team_id, job_id=self.job_id, attempt=self.attempt, data=data
+                )
+
+        return self._record(kind, {**data, "attempt": self.attempt}, write)
 
     def _record(
         self, kind: str, data: dict[str, Any], write: Callable[[Session], None] | None = None
@@ -338,10 +349,14 @@ def make_callbacks(base: type, reporter: Reporter) -> Any:
     return ServiceCallbacks()
 
 
-def make_resolver(base: type, db: Database, team_id: str) -> Any:
-    """A `Resolver` that finds this team's finished jobs and uploads in the database."""
+def make_resolver(base: type, db: Database, team_id: str, settings: Settings | None = None) -> Any:
+    """A `Resolver` that finds this team's finished jobs and uploads in the database, and
+    its teacher-logit caches in the artifact store."""
 
     class ServiceResolver(base):  # type: ignore[misc, valid-type]
+        def teacher_cache_store(self) -> Any:
+            return teacher_cache_store(settings or get_settings(), team_id)
+
         def job_checkpoint(self, job_id: str) -> Path:
             return resolve_job_checkpoint(db, team_id, job_id)
 
@@ -455,7 +470,7 @@ def run(job_id: str, attempt: int, settings: Settings | None = None) -> int:
                 callbacks=make_callbacks(TrainCallbacks, reporter)
                 if main_rank
                 else make_follower_callbacks(TrainCallbacks, reporter),
-                resolver=make_resolver(Resolver, db, job.team_id),
+                resolver=make_resolver(Resolver, db, job.team_id, settings),
                 device=None,
             )
             if not main_rank:
