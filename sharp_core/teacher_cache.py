@@ -59,6 +59,12 @@ __all__ = [
     "cache_key",
     "key_parts",
     "sparse_logit_objective",
+    "SparseTargets",
+    "attach",
+    "read_manifest",
+    "teacher_backbone",
+    "teacher_digest",
+    "teacher_targets",
     "tensor_digest",
     "texts_digest",
     "tokenizer_digest",
@@ -175,7 +181,7 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _targets(
+def teacher_targets(
     logits: torch.Tensor, cfg: TeacherCacheSpec, temperature: float, block_ids: list[int]
 ) -> dict[str, torch.Tensor]:
     """Sparse targets of teacher logits (B, N-1, V): ids/logp (B, N-1, w) [+ tail (B, N-1)]."""
@@ -239,7 +245,7 @@ def build_cache(
                 torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
             ):
                 logits = teacher(input_ids=x).logits[:, :-1, :vocab]  # (b, N-1, V)
-                out = _targets(logits, cfg, temperature, list(range(s, e)))
+                out = teacher_targets(logits, cfg, temperature, list(range(s, e)))
             for name, t in out.items():
                 pieces.setdefault(name, []).append(t.cpu())
         tensors = {name: torch.cat(ts) for name, ts in pieces.items()}
