@@ -60,6 +60,7 @@ __all__ = [
     "key_parts",
     "sparse_logit_objective",
     "SparseTargets",
+    "as_batch",
     "attach",
     "read_manifest",
     "teacher_backbone",
@@ -413,6 +414,15 @@ class TeacherCache:
         return {k: v.to(device, non_blocking=True) for k, v in out.items()}
 
 
+def as_batch(targets: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """`teacher_targets` output as the batch entries `sharp_core.step.micro_step` reads (what
+    `TeacherCache.batch` returns for blocks read from disk)."""
+    out = {IDS: targets["ids"].long(), LOGP: targets["logp"].float()}
+    if "tail" in targets:
+        out[TAIL] = targets["tail"].float()
+    return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+
+
 # ------------------------------------------------------------------------- the sparse loss
 
 
@@ -458,12 +468,40 @@ def _row_divergence(
     return {"tail": tail_bucket, "renormalized": renormalized, "sampled": sampled}[how]
 
 
+def _forward_kl_target(
+    how: str,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """The row target t (R, V) with ∂D̂/∂(s/τ) = softmax(s/τ) − t for the forward-KL estimators:
+
+    * tail: t_j = p_j on the teacher's top-k, q_j · p_tail / q_tail outside it (the tail
+      bucket's mass spread like the student's own tail);
+    * renormalized: the top-k rescaled to sum to 1, 0 elsewhere;
+    * sampled: the empirical distribution of the draws (count / n).
+    """
+
+    def target(log_q, ids, lp, tail):  # (R, V), (R, w), (R, w), (R,) or None
+        if how == "sampled":
+            t = torch.zeros_like(log_q)
+            return t.scatter_add_(1, ids, torch.full_like(lp, 1.0 / lp.shape[1]))
+        if how == "renormalized":
+            p = (lp - torch.logsumexp(lp, dim=1, keepdim=True)).exp()
+            return torch.zeros_like(log_q).scatter_(1, ids, p)
+        assert tail is not None
+        rest = log_q.scatter(1, ids, _FLOOR)  # the student's log-probs outside the top-k
+        lq_tail = torch.logsumexp(rest, dim=1, keepdim=True)
+        # q_j · p_tail / q_tail outside the top-k (exp of _FLOOR is 0 on the top-k itself)
+        t = (rest - lq_tail + tail[:, None].clamp_min(_FLOOR)).exp()
+        return t.scatter_(1, ids, lp.exp())
+
+    return target
+
+
 class _SparseLogitLoss(torch.autograd.Function):
     """(1 − a)·CE + a·τ²·D̂, value and student gradient chunk by chunk (as the dense
     `sharp_core.losses.logit_objective` does), the sparse teacher side read from the cache."""
 
     @staticmethod
-    def forward(ctx, s2, ids, lp, tail, y, row_d, a, tau, denom, chunk):  # type: ignore[override]
+    def forward(ctx, s2, ids, lp, tail, y, row_d, closed, a, tau, denom, chunk):  # type: ignore[override]
         grad = torch.empty_like(s2, memory_format=torch.contiguous_format)
         ce_sum = torch.zeros((), dtype=torch.float32, device=s2.device)
         d_sum = torch.zeros((), dtype=torch.float32, device=s2.device)
@@ -471,14 +509,30 @@ class _SparseLogitLoss(torch.autograd.Function):
             sl = slice(i, i + chunk)
             yc = y[sl]
             valid = yc != IGNORE_INDEX
-            with torch.enable_grad():
-                x = s2[sl].detach().requires_grad_(True)
-                xf = x.float()
-                ce = F.cross_entropy(xf, yc.clamp_min(0), reduction="none")
-                log_q = F.log_softmax(xf if tau == 1.0 else xf / tau, dim=-1)
-                d = row_d(log_q, ids[sl], lp[sl], None if tail is None else tail[sl]) * (tau * tau)
-                combined = ((1 - a) * ce + a * d).masked_fill(~valid, 0.0).sum()
-                (g,) = torch.autograd.grad(combined, x)
+            tl = None if tail is None else tail[sl]
+            if closed is not None:  # forward KL: no autograd graph, the gradient in closed form
+                with torch.no_grad():
+                    xf = s2[sl].float()
+                    y0 = yc.clamp_min(0)[:, None]  # (R, 1)
+                    log_q1 = F.log_softmax(xf, dim=-1)
+                    ce = -log_q1.gather(1, y0).squeeze(1)
+                    log_q = log_q1 if tau == 1.0 else F.log_softmax(xf / tau, dim=-1)
+                    d = row_d(log_q, ids[sl], lp[sl], tl) * (tau * tau)
+                    target = closed(log_q, ids[sl], lp[sl], tl)  # (R, V), rows sum to 1
+                    # (1−a)(softmax(s) − e_y) + a·τ·(softmax(s/τ) − target)
+                    g = log_q1.exp().mul_(1 - a)
+                    g.add_(log_q.exp().sub_(target), alpha=a * tau)
+                    g.scatter_add_(1, y0, torch.full_like(y0, -(1 - a), dtype=g.dtype))
+                    g.masked_fill_(~valid[:, None], 0.0)
+            else:
+                with torch.enable_grad():
+                    x = s2[sl].detach().requires_grad_(True)
+                    xf = x.float()
+                    ce = F.cross_entropy(xf, yc.clamp_min(0), reduction="none")
+                    log_q = F.log_softmax(xf if tau == 1.0 else xf / tau, dim=-1)
+                    d = row_d(log_q, ids[sl], lp[sl], tl) * (tau * tau)
+                    combined = ((1 - a) * ce + a * d).masked_fill(~valid, 0.0).sum()
+                    (g,) = torch.autograd.grad(combined, x)
             ce_sum += ce.detach().masked_fill(~valid, 0.0).sum()
             d_sum += d.detach().masked_fill(~valid, 0.0).sum()
             grad[sl] = g.div_(denom).to(grad.dtype)
@@ -491,7 +545,7 @@ class _SparseLogitLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, _g_ce, _g_d):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return (grad * grad_out.to(grad.dtype),) + (None,) * 9
+        return (grad * grad_out.to(grad.dtype),) + (None,) * 10
 
 
 def sparse_logit_objective(
@@ -529,9 +583,10 @@ def sparse_logit_objective(
     denom = float(max(num_valid, 1))
     chunk = chunk_size or max(1, (1 << 26) // V)
     row_d = _row_divergence(estimator, name, alpha, beta)
+    closed = _forward_kl_target(estimator) if name == "forward_kl" else None
     if torch.is_grad_enabled() and student_logits.requires_grad:
         loss, ce, d = _SparseLogitLoss.apply(
-            s2, ids, lp, tail, y, row_d, kd_weight, temperature, denom, chunk
+            s2, ids, lp, tail, y, row_d, closed, kd_weight, temperature, denom, chunk
         )
         return loss, ce, d
     with torch.no_grad():
