@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from sharp_core.cache_store import MANIFEST, CacheStore, LocalCacheStore
-from sharp_core.errors import TeacherCacheCorruptError
+from sharp_core.errors import ArtifactWriteError, TeacherCacheCorruptError
 from sharp_core.losses import DIVERGENCES, IGNORE_INDEX
 from sharp_core.spec import TeacherCacheSpec
 
@@ -637,7 +637,10 @@ def attach(S: Any, store: CacheStore, on_event: Callable[[str, dict[str, Any]], 
             store.discard(key)
     if not store.exists(key):
         role = "built"
-        staged = store.staging(key)
+        try:
+            staged = store.staging(key)
+        except OSError as e:
+            raise ArtifactWriteError(f"cannot write the teacher cache {key[:16]}…: {e}") from e
         try:
             build_cache(
                 S.teacher,
@@ -653,6 +656,8 @@ def attach(S: Any, store: CacheStore, on_event: Callable[[str, dict[str, Any]], 
                 amp_dtype=autocast_dtype(spec, S.device),
             )
             store.put(key, staged)
+        except OSError as e:  # a full or read-only store: another try would not fit either
+            raise ArtifactWriteError(f"cannot write the teacher cache {key[:16]}…: {e}") from e
         finally:
             if staged.exists():
                 shutil.rmtree(staged, ignore_errors=True)
