@@ -232,7 +232,7 @@ def build_cache(
     per_block = (N - 1) * (width * (4 + val_bytes) + val_bytes)
     per_shard = max(1, shard_bytes // per_block)
     dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
-    shards = []
+    shards: list[dict[str, Any]] = []
     started = time.perf_counter()
     teacher.eval()
     for first in range(0, n, per_shard):
