@@ -279,9 +279,24 @@ class TeacherCacheSpec(_Strict):
     sample_seed: int = Field(
         default=0, ge=0, le=2**31 - 1, description="Seed of the draws (sampled; part of the key)."
     )
+    tail_samples: int = Field(
+        default=0,
+        ge=0,
+        le=4096,
+        description="topk only: tokens drawn from the teacher's tail (outside the top-k) per "
+        "position, which share the tail's mass: an unbiased estimate of the full forward KL "
+        "(RS-KD on the tail only; forward KL only). 0: the tail is one bucket.",
+    )
     dtype: Literal["float32", "float16"] = Field(
         default="float32", description="Stored log-prob precision (part of the key)."
     )
+
+    @property
+    def loss_estimator(self) -> str:
+        """How the loss reads the cache: 'tail', 'renormalized', 'tail_sampled' or 'sampled'."""
+        if self.kind == "sampled":
+            return "sampled"
+        return "tail_sampled" if self.tail_samples else self.estimator
 
 
 class MethodSpec(_Strict):
@@ -532,6 +547,7 @@ CACHE_DIVERGENCES: dict[str, tuple[str, ...]] = {
     "tail": ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd"),
     "renormalized": ("forward_kl",),
     "sampled": ("forward_kl",),
+    "tail_sampled": ("forward_kl",),
 }
 
 
@@ -553,8 +569,10 @@ def _check_teacher_cache(spec: JobSpec, prefix: str) -> None:
         fail("mode", "the teacher-logit cache covers causal_lm packed blocks only")
     if spec.resources.gpus > 1:
         fail("mode", "the teacher-logit cache runs on one GPU (resources.gpus <= 1) for now")
-    how = "sampled" if tc.kind == "sampled" else tc.estimator
-    field = "kind" if tc.kind == "sampled" else "estimator"
+    if tc.kind == "topk" and tc.tail_samples and tc.estimator != "tail":
+        fail("tail_samples", "tail draws split the tail bucket: they need estimator 'tail'")
+    how = tc.loss_estimator
+    field = {"sampled": "kind", "tail_sampled": "tail_samples"}.get(how, "estimator")
     if spec.method.divergence not in CACHE_DIVERGENCES[how]:
         fail(
             field,

@@ -130,7 +130,7 @@ def micro_step(
             s_logits,
             cached,
             labels,
-            estimator="sampled" if tc.kind == "sampled" else tc.estimator,
+            estimator=tc.loss_estimator,
             kd_weight=a,
             temperature=m.temperature,
             alpha=m.skew_alpha,

@@ -77,6 +77,7 @@ SHARD_BYTES = 64 << 20
 
 # The keys of the batch dict a cached micro-batch carries (`TeacherCache.batch`).
 IDS, LOGP, TAIL = "cache_ids", "cache_logp", "cache_tail"
+TIDS, TLOGP = "cache_tail_ids", "cache_tail_logp"  # draws from the tail (tail_samples > 0)
 
 
 # ------------------------------------------------------------------------------ the key
@@ -160,6 +161,9 @@ def key_parts(
     }
     if cfg.kind == "topk":
         parts["k"] = int(cfg.k)
+        if cfg.tail_samples:  # absent when 0: the keys of plain top-k caches do not change
+            parts["tail_samples"] = int(cfg.tail_samples)
+            parts["sample_seed"] = int(cfg.sample_seed)
     else:
         parts["k"] = int(cfg.samples)
         parts["sample_seed"] = int(cfg.sample_seed)
@@ -182,6 +186,12 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _block_generator(cfg: TeacherCacheSpec, like: torch.Tensor, block: int) -> torch.Generator:
+    """One generator per block, seeded by (sample_seed, block): the draws do not depend on the
+    batch size of the pass that built the cache."""
+    return torch.Generator(device=like.device).manual_seed(cfg.sample_seed * 1_000_003 + block)
+
+
 def teacher_targets(
     logits: torch.Tensor, cfg: TeacherCacheSpec, temperature: float, block_ids: list[int]
 ) -> dict[str, torch.Tensor]:
@@ -191,17 +201,29 @@ def teacher_targets(
         k = min(cfg.k, logp.shape[-1])
         vals, ids = logp.topk(k, dim=-1, sorted=False)  # (B, N-1, k)
         # log of the mass outside the top-k, exact (never log(1 − Σ p)); -inf when k = V
-        tail = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), dim=-1)  # (B, N-1)
-        return {"ids": ids.to(torch.int32), "logp": vals, "tail": tail}
-    B, M, V = logp.shape
-    ids_out = []
-    for b in range(B):
-        # one generator per block, seeded by (sample_seed, block): the draws do not depend on
-        # the batch size of the pass that built the cache
-        g = torch.Generator(device=logp.device).manual_seed(
-            cfg.sample_seed * 1_000_003 + block_ids[b]
+        rest = logp.scatter(-1, ids, float("-inf"))  # (B, N-1, V): the tail's log-probs
+        tail = torch.logsumexp(rest, dim=-1)  # (B, N-1)
+        out = {"ids": ids.to(torch.int32), "logp": vals, "tail": tail}
+        if cfg.tail_samples:
+            probs = rest.exp()
+            probs[probs.sum(-1) == 0] = 1.0  # an empty tail: any draw, its weight p_tail is 0
+            tids = torch.stack(
+                [
+                    torch.multinomial(
+                        probs[b], cfg.tail_samples, True, generator=_block_generator(cfg, logp, i)
+                    )
+                    for b, i in enumerate(block_ids)
+                ]
+            )  # (B, N-1, n)
+            out["tids"] = tids.to(torch.int32)
+            out["tlogp"] = logp.gather(-1, tids)
+        return out
+    ids_out = [
+        torch.multinomial(
+            logp[b].exp(), cfg.samples, True, generator=_block_generator(cfg, logp, i)
         )
-        ids_out.append(torch.multinomial(logp[b].exp(), cfg.samples, True, generator=g))
+        for b, i in enumerate(block_ids)
+    ]
     ids = torch.stack(ids_out)  # (B, N-1, n)
     return {"ids": ids.to(torch.int32), "logp": logp.gather(-1, ids)}
 
@@ -229,7 +251,7 @@ def build_cache(
     width = cfg.k if cfg.kind == "topk" else cfg.samples
     width = min(width, vocab) if cfg.kind == "topk" else width
     val_bytes = 2 if cfg.dtype == "float16" else 4
-    per_block = (N - 1) * (width * (4 + val_bytes) + val_bytes)
+    per_block = (N - 1) * ((width + cfg.tail_samples) * (4 + val_bytes) + val_bytes)
     per_shard = max(1, shard_bytes // per_block)
     dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
     shards: list[dict[str, Any]] = []
@@ -250,7 +272,7 @@ def build_cache(
             for name, t in out.items():
                 pieces.setdefault(name, []).append(t.cpu())
         tensors = {name: torch.cat(ts) for name, ts in pieces.items()}
-        for name in ("logp", "tail"):
+        for name in ("logp", "tail", "tlogp"):
             if name in tensors:
                 tensors[name] = tensors[name].to(dtype).contiguous()
         fname = f"shard_{len(shards):05d}.safetensors"
@@ -411,6 +433,9 @@ class TeacherCache:
         }
         if "tail" in rows:
             out[TAIL] = torch.stack(rows["tail"]).float()
+        if "tids" in rows:
+            out[TIDS] = torch.stack(rows["tids"]).long()
+            out[TLOGP] = torch.stack(rows["tlogp"]).float()
         return {k: v.to(device, non_blocking=True) for k, v in out.items()}
 
 
@@ -420,6 +445,9 @@ def as_batch(targets: dict[str, torch.Tensor], device: torch.device) -> dict[str
     out = {IDS: targets["ids"].long(), LOGP: targets["logp"].float()}
     if "tail" in targets:
         out[TAIL] = targets["tail"].float()
+    if "tids" in targets:
+        out[TIDS] = targets["tids"].long()
+        out[TLOGP] = targets["tlogp"].float()
     return {k: v.to(device, non_blocking=True) for k, v in out.items()}
 
 
@@ -433,19 +461,21 @@ class SparseTargets:
     ids: torch.Tensor
     logp: torch.Tensor
     tail: torch.Tensor | None
+    tail_ids: torch.Tensor | None = None  # (B, N-1, n) draws from the tail (tail_samples)
+    tail_logp: torch.Tensor | None = None
 
     @classmethod
     def from_batch(cls, batch: dict[str, torch.Tensor]) -> SparseTargets | None:
         if IDS not in batch:
             return None
-        return cls(batch[IDS], batch[LOGP], batch.get(TAIL))
+        return cls(batch[IDS], batch[LOGP], batch.get(TAIL), batch.get(TIDS), batch.get(TLOGP))
 
 
 _FLOOR = -1e30  # stands for log 0 where a logsumexp of nothing but -inf would give NaN gradients
 
 
 def _row_divergence(
-    how: str, name: str, alpha: float, beta: float
+    how: str, name: str, alpha: float, beta: float, k: int
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """Per-row D from the student's log q (R, V) and the cache's ids/logp (R, w), tail (R,)."""
 
@@ -465,21 +495,39 @@ def _row_divergence(
     def sampled(log_q, ids, lp, _tail):  # mean over draws x ~ p of log p(x) − log q(x)
         return (lp - log_q.gather(1, ids)).mean(1)
 
-    return {"tail": tail_bucket, "renormalized": renormalized, "sampled": sampled}[how]
+    def tail_sampled(log_q, ids, lp, tail):  # exact top-k, then the tail's mass over its draws
+        assert tail is not None
+        lq = log_q.gather(1, ids)  # (R, k + n): the top-k, then the n tail draws
+        top = (lp[:, :k].exp() * (lp[:, :k] - lq[:, :k])).sum(1)
+        return top + tail.exp() * (lp[:, k:] - lq[:, k:]).mean(1)
+
+    return {
+        "tail": tail_bucket,
+        "renormalized": renormalized,
+        "sampled": sampled,
+        "tail_sampled": tail_sampled,
+    }[how]
 
 
 def _forward_kl_target(
-    how: str,
+    how: str, k: int
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """The row target t (R, V) with ∂D̂/∂(s/τ) = softmax(s/τ) − t for the forward-KL estimators:
 
     * tail: t_j = p_j on the teacher's top-k, q_j · p_tail / q_tail outside it (the tail
       bucket's mass spread like the student's own tail);
     * renormalized: the top-k rescaled to sum to 1, 0 elsewhere;
-    * sampled: the empirical distribution of the draws (count / n).
+    * sampled: the empirical distribution of the draws (count / n);
+    * tail_sampled: p_j on the top-k, p_tail · count / n on the tail's draws.
     """
 
     def target(log_q, ids, lp, tail):  # (R, V), (R, w), (R, w), (R,) or None
+        if how == "tail_sampled":
+            assert tail is not None
+            t = torch.zeros_like(log_q).scatter_(1, ids[:, :k], lp[:, :k].exp())
+            n = ids.shape[1] - k
+            w = (tail.exp() / n)[:, None].expand(-1, n)
+            return t.scatter_add_(1, ids[:, k:], w.contiguous())
         if how == "sampled":
             t = torch.zeros_like(log_q)
             return t.scatter_add_(1, ids, torch.full_like(lp, 1.0 / lp.shape[1]))
@@ -569,21 +617,31 @@ def sparse_logit_objective(
     any divergence D of `sharp_core.losses.DIVERGENCES` on the (k+1)-bucket distributions;
     exact at k = V), 'renormalized' (forward KL to the top-k rescaled to sum 1) or 'sampled'
     (RS-KD: mean of log p(x) − log q(x) over the cached draws x ~ p; unbiased for forward
-    KL). Normalised by the step's global ``num_valid`` like every loss (sharp_core.losses).
+    KL) or 'tail_sampled' (exact top-k, and the tail's mass p_tail spread over the cached
+    draws from the tail: p_tail · mean of log p(x) − log q(x); unbiased for forward KL, with
+    far less variance than 'sampled'). Normalised by the step's global ``num_valid`` like
+    every loss (sharp_core.losses).
     """
     V = student_logits.shape[-1]
     s2 = student_logits.reshape(-1, V)  # (T, V)
-    w = targets.ids.shape[-1]
-    ids = targets.ids.reshape(-1, w)
-    lp = targets.logp.reshape(-1, w).float()
+    k = targets.ids.shape[-1]
+    ids_t, lp_t = targets.ids, targets.logp
+    if estimator == "tail_sampled":  # the tail's draws ride after the top-k columns
+        if targets.tail_ids is None or targets.tail_logp is None:
+            raise ValueError("estimator 'tail_sampled' needs the cache's tail draws")
+        ids_t = torch.cat([ids_t, targets.tail_ids], dim=-1)
+        lp_t = torch.cat([lp_t, targets.tail_logp], dim=-1)
+    w = ids_t.shape[-1]
+    ids = ids_t.reshape(-1, w)
+    lp = lp_t.reshape(-1, w).float()
     tail = None if targets.tail is None else targets.tail.reshape(-1).float()
     if ids.shape[0] != s2.shape[0]:
         raise ValueError(f"cache targets cover {ids.shape[0]} positions, the logits {s2.shape[0]}")
     y = labels.reshape(-1)
     denom = float(max(num_valid, 1))
     chunk = chunk_size or max(1, (1 << 26) // V)
-    row_d = _row_divergence(estimator, name, alpha, beta)
-    closed = _forward_kl_target(estimator) if name == "forward_kl" else None
+    row_d = _row_divergence(estimator, name, alpha, beta, k)
+    closed = _forward_kl_target(estimator, k) if name == "forward_kl" else None
     if torch.is_grad_enabled() and student_logits.requires_grad:
         loss, ce, d = _SparseLogitLoss.apply(
             s2, ids, lp, tail, y, row_d, closed, kd_weight, temperature, denom, chunk
@@ -676,7 +734,7 @@ def attach(S: Any, store: CacheStore, on_event: Callable[[str, dict[str, Any]], 
         "key": key,
         "kind": cfg.kind,
         "k": parts["k"],
-        "estimator": "sampled" if cfg.kind == "sampled" else cfg.estimator,
+        "estimator": cfg.loss_estimator,
         "parts": parts,
         "bytes": cache.manifest["bytes"],
         "shards": len(cache.manifest["shards"]),

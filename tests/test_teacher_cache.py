@@ -102,6 +102,58 @@ def test_closed_form_gradient_equals_autograd(estimator: str, tau: float) -> Non
     torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
 
 
+def test_topk_with_tail_draws_is_unbiased_and_exact_without_a_tail() -> None:
+    """Exact top-k plus 6 draws from the tail sharing its mass: over M = 4000 draws the mean
+    estimate of KL(p‖q) and of its gradient are within 4 standard errors of the dense ones;
+    at k = V (an empty tail) it is the dense loss (rtol 1e-5), draws or not."""
+    V, M = 24, 4000
+    s, t, _ = _logits(B=1, M=3, V=V, seed=5)
+    s = s.detach()
+    cfg = TeacherCacheSpec(k=4, tail_samples=6)
+    tb = t.expand(M, -1, -1)
+    out = teacher_targets(tb, cfg, 1.0, list(range(M)))
+    tgt = SparseTargets(
+        out["ids"].long(), out["logp"], out["tail"], out["tids"].long(), out["tlogp"]
+    )
+    assert not torch.isin(tgt.tail_ids[0, 0], tgt.ids[0, 0]).any()  # draws outside the top-k
+    sb = s.expand(M, -1, -1).clone().requires_grad_(True)
+    y = torch.zeros(M, 3, dtype=torch.long)
+    kw = dict(estimator="tail_sampled", kd_weight=1.0, num_valid=1, chunk_size=1000)
+    loss, _, _ = sparse_logit_objective("forward_kl", sb, tgt, y, **kw)
+    (g,) = torch.autograd.grad(loss, sb)
+    with torch.no_grad():
+        log_q = torch.log_softmax(sb, -1)
+        top = (tgt.logp.exp() * (tgt.logp - log_q.gather(-1, tgt.ids))).sum(-1)
+        per = top + tgt.tail.exp() * (tgt.tail_logp - log_q.gather(-1, tgt.tail_ids)).mean(-1)
+        log_p = torch.log_softmax(t[0], -1)
+        dense = (log_p.exp() * (log_p - torch.log_softmax(s[0], -1))).sum(-1)
+        g_dense = torch.softmax(s[0], -1) - log_p.exp()
+    se = per.std(0) / math.sqrt(M)
+    assert (per.mean(0) - dense).abs().max() < 4 * se.max() + 1e-6, (per.mean(0), dense, se)
+    # target p_tail·count/n on the tail: a known standard error (0 on the exact top-k)
+    p = log_p.exp()
+    p_t = tgt.tail[0].exp()[:, None]  # (3, 1)
+    in_tail = torch.ones_like(p, dtype=torch.bool).scatter_(1, tgt.ids[0], False)
+    pi = torch.where(in_tail, p / p_t, torch.zeros_like(p))
+    gse = (p_t**2 * pi * (1 - pi) / 6 / M).sqrt()
+    assert ((g.mean(0) - g_dense).abs() <= 4 * gse + 1e-6).all()
+    # autograd (through jsd at β = 0: the same estimate) gives the closed form's gradient
+    b, _, _ = sparse_logit_objective("jsd", sb, tgt, y, beta=0.0, **kw)
+    (gb,) = torch.autograd.grad(b, sb)
+    torch.testing.assert_close(g, gb, rtol=1e-5, atol=1e-7)
+    # k = V: nothing left to draw from, the estimate is the dense loss
+    s2, t2, y2 = _logits(V=30)
+    out = teacher_targets(t2, TeacherCacheSpec(k=30, tail_samples=3), 1.0, [0, 1])
+    full = SparseTargets(
+        out["ids"].long(), out["logp"], out["tail"], out["tids"].long(), out["tlogp"]
+    )
+    ref, _, _ = losses.logit_objective("forward_kl", s2, t2, y2, kd_weight=0.5, num_valid=9)
+    got, _, _ = sparse_logit_objective(
+        "forward_kl", s2, full, y2, estimator="tail_sampled", kd_weight=0.5, num_valid=9
+    )
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_tail_bucket_is_a_lower_bound_and_tightens_with_k() -> None:
     """Forward KL of the (k+1)-bucket distributions never exceeds the dense KL (data
     processing inequality) and grows to it as k grows."""
@@ -145,7 +197,10 @@ def test_sampled_estimator_is_unbiased() -> None:
         g_dense = torch.softmax(s[0], -1) - log_p.exp()  # (3, V)
     se = per.std(0) / math.sqrt(M)
     assert (per.mean(0) - dense).abs().max() < 4 * se.max(), (per.mean(0), dense, se)
-    gse = g.std(0) / math.sqrt(M)
+    # the gradient's target is count/n per token: its standard error is known, and unlike the
+    # sample's it is not 0 for a rare token that no draw happened to hit
+    p = log_p.exp()
+    gse = (p * (1 - p) / 12 / M).sqrt()
     assert ((g.mean(0) - g_dense).abs() <= 4 * gse + 1e-6).all()
     # the renormalised top-k is biased: its mean is off by far more than 4 standard errors
     renorm = _targets(t, TeacherCacheSpec(k=8), 1.0)
@@ -187,6 +242,7 @@ def test_key_changes_with_every_part() -> None:
     keys["k"] = cache_key(key_parts(cfg.model_copy(update={"k": 9}), **base))
     keys["kind"] = cache_key(key_parts(cfg.model_copy(update={"kind": "sampled"}), **base))
     keys["dtype"] = cache_key(key_parts(cfg.model_copy(update={"dtype": "float16"}), **base))
+    keys["tail_samples"] = cache_key(key_parts(cfg.model_copy(update={"tail_samples": 4}), **base))
     sampled = cfg.model_copy(update={"kind": "sampled"})
     keys["sample_seed"] = cache_key(
         key_parts(sampled.model_copy(update={"sample_seed": 1}), **base)
@@ -442,6 +498,12 @@ def test_vocab_mismatch_still_refused_with_both_names(corpus: Path, tmp_path: Pa
         ({"name": "kd"}, {"samples": 0}, "spec.method.teacher_cache.samples"),
         ({"name": "kd"}, {"kind": "dense"}, "spec.method.teacher_cache.kind"),
         ({"name": "kd"}, {"sizes": 3}, "spec.method.teacher_cache.sizes"),
+        ({"name": "rkl"}, {"tail_samples": 4}, "spec.method.teacher_cache.tail_samples"),
+        (
+            {"name": "kd"},
+            {"tail_samples": 4, "estimator": "renormalized"},
+            "spec.method.teacher_cache.tail_samples",
+        ),
     ],
 )
 def test_bad_cache_settings_name_the_field(corpus: Path, method, cache, param) -> None:

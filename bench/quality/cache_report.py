@@ -39,6 +39,7 @@ def _caches(run: Path) -> list[dict[str, Any]]:
                 "key": d["key"],
                 "kind": d["kind"],
                 "k": p["k"],
+                "tail_samples": p.get("tail_samples", 0),
                 "bytes": d["bytes"],
                 "shards": len(d["shards"]),
                 "positions": d["blocks"] * d["positions"],
@@ -66,7 +67,7 @@ def collect(run: Path, split: str = "val") -> dict[str, Any]:
 
 def render(data: dict[str, Any]) -> str:
     st = data["stats"]["methods"]
-    caches = {(c["kind"], c["k"]): c for c in data["caches"]}
+    caches = {(c["kind"], c["k"], c["tail_samples"]): c for c in data["caches"]}
     lines = [
         "| method | cache | val ppl (mean ± std) | Δ vs dense kd % [95% CI] | per-seed Δ % "
         "| cache MB | build s | train s (wall / cpu) | n |",
@@ -80,8 +81,9 @@ def render(data: dict[str, Any]) -> str:
             kind = tc.get("kind", "topk")
             k = tc.get("samples", 12) if kind == "sampled" else tc.get("k", 32)
             est = "sampled" if kind == "sampled" else tc.get("estimator", "tail")
-            what = f"{kind} {k}, {est}"
-            c = caches.get((kind, k))
+            n_tail = tc.get("tail_samples", 0)
+            what = f"{kind} {k}, {est}" + (f" + {n_tail} tail draws" if n_tail else "")
+            c = caches.get((kind, k, n_tail))
             mb = f"{c['bytes'] / 2**20:.1f}" if c else "–"
             build = f"{c['build_s']:.0f}" if c else "–"
         else:

@@ -19,13 +19,15 @@ BASELINES: tuple[str, ...] = ("sft", "kd", "rkl", "skl", "srkl", "jsd", "tinyber
 
 
 #: kd read from a teacher-logit cache (docs/teacher-cache.md), run only when named (--methods):
-#: top-k with the tail bucket at three k, the renormalised top-k, and RS-KD's 12 draws.
+#: top-k with the tail bucket at three k, the renormalised top-k, RS-KD's 12 draws, and the
+#: top-32 with 12 draws from the tail.
 CACHE_METHODS: dict[str, dict[str, Any]] = {
     "cache-topk8": {"kind": "topk", "k": 8},
     "cache-topk32": {"kind": "topk", "k": 32},
     "cache-topk128": {"kind": "topk", "k": 128},
     "cache-topk32-renorm": {"kind": "topk", "k": 32, "estimator": "renormalized"},
     "cache-sampled12": {"kind": "sampled", "samples": 12},
+    "cache-topk32-tail12": {"kind": "topk", "k": 32, "tail_samples": 12},
 }
 
 

@@ -136,7 +136,15 @@ PRESETS: dict[str, Preset] = {
         teacher_training=_budget(1200, 16, 2e-3, 50, 100),
         student_config=gpt2(2, 2, 64, 128),
         training=_budget(200, 16, 3e-3, 20, 25),
-        methods=("kd", "cache-topk8", "cache-topk32", "cache-topk128", "cache-sampled12"),
+        methods=(
+            "kd",
+            "cache-topk8",
+            "cache-topk32",
+            "cache-topk128",
+            "cache-sampled12",
+            "cache-topk32-renorm",
+            "cache-topk32-tail12",
+        ),
         sanity_ratio=1.0,
     ),
     **_init_pair(
