@@ -523,3 +523,69 @@ def test_cache_refused_on_several_gpus_and_every_divergence_accepted_with_the_ta
     assert e.value.param == "spec.method.teacher_cache.mode"
     for name in ("kd", "rkl", "skl", "srkl", "jsd", "tinybert", "minilm", "sharp"):
         parse_spec(_kd_spec(corpus, {"name": name}))  # topk + tail: every divergence
+
+
+class _DirObjects:
+    """A directory as an object store with the artifact store's methods (keys a/b/c): what the
+    S3 backend offers `service.teacher_caches.ObjectCacheStore`. ``fail_on`` makes one key's
+    upload fail, as a network error would."""
+
+    def __init__(self, root: Path, fail_on: str | None = None):
+        self.root, self.fail_on = root, fail_on
+        self.uploads: list[str] = []
+
+    def put_file(self, key: str, src: Path, *, move: bool = False) -> None:
+        if self.fail_on and key.endswith(self.fail_on):
+            raise OSError("upload failed")
+        (self.root / key).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, self.root / key)
+        self.uploads.append(key)
+
+    def get_file(self, key: str, dest: Path) -> None:
+        shutil.copyfile(self.root / key, dest)
+
+    def exists(self, key: str) -> bool:
+        return (self.root / key).is_file()
+
+    def list(self, prefix: str) -> list[tuple[str, int]]:
+        base = self.root / prefix
+        if not base.is_dir():
+            return []
+        return sorted(
+            (p.relative_to(self.root).as_posix(), p.stat().st_size)
+            for p in base.rglob("*")
+            if p.is_file()
+        )
+
+    def delete(self, keys) -> None:  # noqa: ANN001
+        for k in keys:
+            (self.root / k).unlink(missing_ok=True)
+
+
+def test_object_store_backend_commits_manifest_last(tmp_path: Path) -> None:
+    """The cache on an object store (S3 has no folder rename): shards uploaded before the
+    manifest, a failed upload leaves no visible cache, a fresh worker downloads and verifies
+    it, discard removes it."""
+    from service.teacher_caches import ObjectCacheStore
+
+    _, blocks, local, key, manifest = _build(tmp_path)
+    src = local.get(key)
+    objects = _DirObjects(tmp_path / "bucket", fail_on="manifest.json")
+    store = ObjectCacheStore(objects, "teacher-caches/team_1", tmp_path / "scratch-a")
+    staged = store.staging(key)
+    shutil.copytree(src, staged, dirs_exist_ok=True)
+    with pytest.raises(OSError):
+        store.put(key, staged)
+    assert not store.exists(key) and store.list() == []  # shards alone are never a cache
+    objects.fail_on = None
+    objects.uploads.clear()
+    store.put(key, staged)
+    assert objects.uploads[-1] == f"teacher-caches/team_1/{key}/manifest.json"
+    assert len(objects.uploads) == len(manifest["shards"]) + 1
+    assert store.exists(key) and store.list() == [key]
+    other = ObjectCacheStore(objects, "teacher-caches/team_1", tmp_path / "scratch-b")
+    path = other.get(key)  # another machine: downloaded into its scratch folder
+    cache = TeacherCache.open(path, key=key, blocks=10, positions=5)
+    assert cache.batch(torch.tensor([9]), torch.device("cpu"))["cache_ids"].shape == (1, 5, 4)
+    other.discard(key)
+    assert not store.exists(key) and objects.list("teacher-caches/team_1") == []
