@@ -104,6 +104,18 @@ class PruningPublic(BaseModel):
     eval_at_step_0: Step0Eval
 
 
+class TeacherCacheJobUse(BaseModel):
+    """A teacher-logit cache a job built or read (docs/teacher-cache.md)."""
+
+    key: str = Field(description="sha256 of the key parts (see GET /v1/teacher-caches).")
+    kind: str = Field(description="'topk' or 'sampled'.")
+    k: int = Field(description="Top-k entries, or draws per position (sampled).")
+    role: Literal["built", "read"]
+    attempt: int
+    size_bytes: int
+    at: dt.datetime
+
+
 class JobPublic(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -173,6 +185,12 @@ class JobPublic(BaseModel):
         "after, the calibration, and the evaluation at step 0. Filled in the answers about one "
         "job (GET /v1/jobs/{job_id}, cancel, retry); null in lists and for every other job.",
     )
+    teacher_cache: list[TeacherCacheJobUse] | None = Field(
+        default=None,
+        description="Jobs with method.teacher_cache.mode 'use': the cache(s) the job built or "
+        "read, latest first (empty until the training process reports it). Filled in the "
+        "answer of GET /v1/jobs/{job_id}; null in lists and for other jobs.",
+    )
 
 
 class TeamPublic(BaseModel):
@@ -190,6 +208,41 @@ class TeamPublic(BaseModel):
     )
     running_gpus: int = Field(description="GPUs held now by admitted and running jobs.")
     queued_jobs: int
+
+
+class TeacherCacheJob(BaseModel):
+    job_id: str
+    role: Literal["built", "read"]
+    attempt: int
+    at: dt.datetime
+
+
+class TeacherCachePublic(BaseModel):
+    """One of the team's teacher-logit caches (docs/teacher-cache.md)."""
+
+    key: str = Field(description="sha256 of `parts`; the cache's folder name.")
+    kind: str = Field(description="'topk' or 'sampled'.")
+    k: int = Field(description="Top-k entries, or draws per position (sampled).")
+    parts: dict[str, Any] = Field(
+        description="What the key hashes: teacher (weights+config sha256), tokenizer, dataset "
+        "(documents sha256), packing (seq_len, blocks, blocks_sha256), vocab, kind, k, "
+        "temperature, dtype (and sample_seed)."
+    )
+    size_bytes: int
+    shards: int
+    positions: int = Field(description="Token positions covered (blocks × (seq_len − 1)).")
+    present: bool = Field(
+        description="False once the files are gone (a corrupt cache is discarded; the next "
+        "job with this key rebuilds it)."
+    )
+    built_by_job_id: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    jobs: list[TeacherCacheJob] = Field(description="Jobs that built or read it, oldest first.")
+
+
+class TeacherCachesPublic(BaseModel):
+    data: list[TeacherCachePublic]
 
 
 class JobsPublic(BaseModel):
@@ -273,7 +326,10 @@ class Health(BaseModel):
 
 # -- shaping service results into responses --------------------------------------------------
 def job_public(
-    job: Job, queue: QueueInfo | None = None, pruning: dict[str, Any] | None = None
+    job: Job,
+    queue: QueueInfo | None = None,
+    pruning: dict[str, Any] | None = None,
+    teacher_cache: list[dict[str, Any]] | None = None,
 ) -> JobPublic:
     """A job row as the API shows it; ``progress`` (the ETA) comes from `service.progress`,
     ``pruning`` from `service.jobs.JobService.pruning`."""
@@ -298,6 +354,9 @@ def job_public(
         queue_position=queue.position if queue else None,
         queue_reason=queue.reason if queue else None,
         pruning=PruningPublic.model_validate(pruning) if pruning else None,
+        teacher_cache=None
+        if teacher_cache is None
+        else [TeacherCacheJobUse.model_validate(u) for u in teacher_cache],
     )
 
 

@@ -423,6 +423,16 @@ class JobService:
         step0 = MetricRepository(self.session).at_step(job.id, 0, STEP0_EVAL_METRICS)
         return {**event.data, "eval_at_step_0": step0}
 
+    def teacher_cache(self, job: Job) -> list[dict[str, Any]] | None:
+        """The teacher-logit caches the job built or read (`service.teacher_caches.of_job`);
+        None for a job that asks for none (asked nothing of the database)."""
+        method = (job.spec or {}).get("method") or {}
+        if ((method.get("teacher_cache") or {}).get("mode") or "off") == "off":
+            return None
+        from service.teacher_caches import of_job
+
+        return of_job(self.session, job.id)
+
     # -- metrics and checkpoints -----------------------------------------------------------
     def metrics(
         self, team: Team, job_id: str, *, after: int | None, limit: int, names: Sequence[str]

@@ -322,3 +322,40 @@ class WebhookAttempt(Base):
     duration_ms: Mapped[float | None] = mapped_column(Double)
     status_code: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class TeacherCache(Base):
+    """A team's teacher-logit cache (`sharp_core.teacher_cache`): one row per key, written by
+    the training process that built or read it; the files live in the artifact store under
+    ``teacher-caches/<team>/<key>/``. ``parts`` is what the key hashes (teacher, tokenizer,
+    data set, packing, kind, k…)."""
+
+    __tablename__ = "teacher_caches"
+    __table_args__ = (UniqueConstraint("team_id", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    k: Mapped[int] = mapped_column(Integer)
+    parts: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    shards: Mapped[int] = mapped_column(Integer)
+    positions: Mapped[int] = mapped_column(BigInteger)
+    built_by_job_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class TeacherCacheUse(Base):
+    """A job that built (``role`` 'built') or read ('read') a teacher cache."""
+
+    __tablename__ = "teacher_cache_uses"
+
+    cache_id: Mapped[int] = mapped_column(
+        ForeignKey("teacher_caches.id", ondelete="CASCADE"), primary_key=True
+    )
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -44,6 +44,8 @@ from service.models import (
     Job,
     JobEvent,
     Metric,
+    TeacherCache,
+    TeacherCacheUse,
     Team,
     Upload,
     WebhookAttempt,
@@ -723,6 +725,70 @@ class WebhookRepository:
             .execution_options(synchronize_session=False)
         )
         return self.session.execute(stmt).scalar_one_or_none() is not None
+
+
+class TeacherCacheRepository:
+    """Teacher-logit caches of a team and the jobs that built or read them."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def record(
+        self, *, team_id: str, job_id: str, attempt: int, role: str, values: dict[str, Any]
+    ) -> int:
+        """Upsert the (team, key) row with what the job found on disk, and the job's use of it.
+
+        A rebuild (role 'built' of an existing key, after a corrupt or mismatched cache was
+        discarded) updates the row's size and builder."""
+        now = utcnow()
+        row = {**values, "team_id": team_id, "created_at": now, "updated_at": now}
+        if role == "built":
+            row["built_by_job_id"] = job_id
+        stmt = _insert(self.session, TeacherCache).values(**row)
+        update_cols = ["kind", "k", "parts", "size_bytes", "shards", "positions", "updated_at"]
+        if role == "built":
+            update_cols += ["built_by_job_id", "created_at"]
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["team_id", "key"],
+            set_={c: stmt.excluded[c] for c in update_cols},
+        ).returning(TeacherCache.id)
+        cache_id = int(self.session.execute(stmt).scalar_one())
+        use = _insert(self.session, TeacherCacheUse).values(
+            cache_id=cache_id, job_id=job_id, role=role, attempt=attempt, created_at=now
+        )
+        use = use.on_conflict_do_update(
+            index_elements=["cache_id", "job_id", "role"],
+            set_={"attempt": use.excluded.attempt, "created_at": use.excluded.created_at},
+        )
+        self.session.execute(use)
+        return cache_id
+
+    def list_for_team(self, team_id: str, limit: int) -> Sequence[TeacherCache]:
+        return self.session.scalars(
+            select(TeacherCache)
+            .where(TeacherCache.team_id == team_id)
+            .order_by(TeacherCache.created_at.desc(), TeacherCache.id.desc())
+            .limit(limit)
+        ).all()
+
+    def uses(self, cache_ids: Sequence[int]) -> Sequence[TeacherCacheUse]:
+        if not cache_ids:
+            return []
+        return self.session.scalars(
+            select(TeacherCacheUse)
+            .where(TeacherCacheUse.cache_id.in_(cache_ids))
+            .order_by(TeacherCacheUse.created_at, TeacherCacheUse.job_id)
+        ).all()
+
+    def of_job(self, job_id: str) -> Sequence[tuple[TeacherCache, TeacherCacheUse]]:
+        """The caches a job built or read, its latest use first."""
+        rows = self.session.execute(
+            select(TeacherCache, TeacherCacheUse)
+            .join(TeacherCacheUse, TeacherCacheUse.cache_id == TeacherCache.id)
+            .where(TeacherCacheUse.job_id == job_id)
+            .order_by(TeacherCacheUse.created_at.desc())
+        ).all()
+        return [(c, u) for c, u in rows]
 
 
 # --------------------------------------------------------------------------- scheduling

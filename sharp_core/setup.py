@@ -37,6 +37,7 @@ from sharp_core.spec import JobSpec
 if TYPE_CHECKING:
     from sharp_core.capture import AttentionCapture
     from sharp_core.sharp import AttentionObjective
+    from sharp_core.teacher_cache import TeacherCache
 
 __all__ = ["Setup", "autocast_dtype", "pick_device", "setup"]
 
@@ -67,6 +68,10 @@ class Setup:
     """Wall seconds to load or build each model on its device, as metrics
     (``build_teacher_s``, ``build_student_s``; the trainer records them at step 0 of a run that
     starts fresh, not again when an attempt resumes)."""
+    dataset_sha256: str | None = None
+    """sha256 of the loaded documents (`teacher_cache.texts_digest`), when a cache is asked for."""
+    teacher_cache: TeacherCache | None = None
+    """The verified teacher-logit cache the logit term reads (`sharp_core.teacher_cache.attach`)."""
 
 
 @dataclass(frozen=True)
@@ -224,6 +229,11 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
         student = torch.compile(student)  # type: ignore[assignment]
         if teacher is not None:
             teacher = torch.compile(teacher)  # type: ignore[assignment]
+    digest = None
+    if spec.method.teacher_cache.mode != "off" and not classify:
+        from sharp_core.teacher_cache import texts_digest
+
+        digest = texts_digest(texts)
     return Setup(
         spec,
         dev,
@@ -237,6 +247,7 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
         t_cap,
         pruned=report,
         build_seconds=built,
+        dataset_sha256=digest,
     )
 
 

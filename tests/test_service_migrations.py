@@ -36,6 +36,8 @@ TABLES = {
     "webhook_endpoints",
     "webhook_deliveries",
     "webhook_attempts",
+    "teacher_caches",
+    "teacher_cache_uses",
 }
 
 

@@ -69,6 +69,8 @@ from service.store import (
     upload_checkpoint,
     with_retries,
 )
+from service.teacher_caches import record as record_teacher_cache
+from service.teacher_caches import store_for as teacher_cache_store
 from sharp_core.checkpoint import retained_steps, step_dir_name
 from sharp_core.errors import CheckpointError, DataError, ModelNotFoundError, SharpError
 from sharp_core.launch import env_rank, torchrun_command, under_torchrun  # no torch
@@ -297,8 +299,17 @@ class Reporter:
 
     def add_event(self, kind: str, data: dict[str, Any]) -> bool:
         """A one-off fact about the run for the job's event log (the trainer's 'pruned' report),
-        fenced by attempt like every write; False if fenced off (nothing written)."""
-        return self._record(kind, {**data, "attempt": self.attempt})
+        fenced by attempt like every write; False if fenced off (nothing written). A
+        'teacher_cache' event also records the cache and this job's use of it."""
+        write = None
+        if kind == "teacher_cache":
+
+            def write(s: Session) -> None:
+                record_teacher_cache(
+                    s, team_id=self.team_id, job_id=self.job_id, attempt=self.attempt, data=data
+                )
+
+        return self._record(kind, {**data, "attempt": self.attempt}, write)
 
     def _record(
         self, kind: str, data: dict[str, Any], write: Callable[[Session], None] | None = None
@@ -403,9 +414,13 @@ def cache_dir(settings: Settings) -> Path:
 
 
 def make_resolver(base: type, db: Database, team_id: str, settings: Settings) -> Any:
-    """A `Resolver` that finds this team's finished jobs and uploads in the database."""
+    """A `Resolver` that finds this team's finished jobs and uploads in the database, and
+    its teacher-logit caches in the artifact store."""
 
     class ServiceResolver(base):  # type: ignore[misc, valid-type]
+        def teacher_cache_store(self) -> Any:
+            return teacher_cache_store(settings or get_settings(), team_id)
+
         def job_checkpoint(self, job_id: str) -> Path:
             return resolve_job_checkpoint(db, team_id, job_id, settings)
 

@@ -116,7 +116,9 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS)
 def get_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPublic:
     job = service.get(team, job_id)
-    return job_public(job, service.queue_info(job), service.pruning(job))
+    return job_public(
+        job, service.queue_info(job), service.pruning(job), service.teacher_cache(job)
+    )
 
 
 @router.post(

@@ -14,11 +14,12 @@ from torch import Tensor
 
 from bench.step.models import Workload, job_spec, maybe_compile
 from bench.step.runners.base import Runner
-from sharp_core import losses
+from sharp_core import losses, teacher_cache
 from sharp_core.capture import ATTN_IMPLEMENTATION, AttentionCapture
 from sharp_core.models import model_shape
 from sharp_core.setup import Setup
 from sharp_core.sharp import make_attention_objective
+from sharp_core.spec import TeacherCacheSpec
 from sharp_core.step import micro_step
 
 
@@ -71,6 +72,10 @@ class Variant:
     #: the step's logit loss, handed to it as ``Setup.logit_loss``
     logit_loss: losses.LogitLoss = losses.logit_objective
     logit_loss_label: str = FUSED_LABEL  # its profiler range
+    #: read the logit term from a teacher-logit cache of this top-k (tail bucket) instead of
+    #: running the teacher: the targets are computed once, outside the timed steps, and
+    #: copied to the device each step as `TeacherCache.batch` does
+    cache_k: int | None = None
 
 
 VARIANTS: dict[str, Variant] = {
@@ -83,6 +88,8 @@ VARIANTS: dict[str, Variant] = {
         logit_loss=separate_logit_objective,
         logit_loss_label="bench.separate_logit_objective (CE, then D)",
     ),
+    "kd_cached": Variant("kd", cache_k=32),
+    "sharp_cached": Variant("sharp", cache_k=32),
     "kd_compiled": Variant("kd", compiled=True),
     "sharp_compiled": Variant("sharp", compiled=True),
 }
@@ -127,14 +134,32 @@ class MicroStepRunner(Runner):
             teacher_capture=t_cap,
             logit_loss=variant.logit_loss,
         )
+        self.cached: dict[str, Tensor] | None = None
+        if variant.cache_k is not None:
+            if not spec.method.uses_attention:
+                self.S.teacher = None  # the cache replaces the teacher's forward pass
+            amp = torch.bfloat16 if self.use_amp else None
+            x = w.x
+            with (
+                torch.inference_mode(),
+                torch.autocast(w.device.type, dtype=amp, enabled=amp is not None),
+            ):
+                logits = w.teacher(input_ids=x).logits[:, :-1, : w.vocab]  # (B, N-1, V)
+                targets = teacher_cache.teacher_targets(
+                    logits, TeacherCacheSpec(k=variant.cache_k), 1.0, list(range(x.shape[0]))
+                )
+            self.cached = {k: v.cpu() for k, v in targets.items()}  # as read from a shard
         self.a = spec.method.effective_kd_weight
         self.logit_loss_label = variant.logit_loss_label
 
     def forward(self) -> Tensor:
         x = self.x
+        batch: Tensor | dict[str, Tensor] = x
+        if self.cached is not None:
+            batch = {"input_ids": x, **teacher_cache.as_batch(self.cached, x.device)}
         terms, _parts = micro_step(
             self.S,
-            x,
+            batch,
             n_tokens=x[:, 1:].numel(),
             n_seqs=x.shape[0],
             amp_dtype=torch.bfloat16 if self.use_amp else None,
