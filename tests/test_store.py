@@ -588,3 +588,30 @@ def _settings_env(settings: Settings) -> dict[str, str]:
     from service.settings import settings_env
 
     return settings_env(settings)
+
+
+def test_teacher_cache_lives_in_the_bucket(settings: Settings, s3, tmp_path: Path) -> None:
+    """With an S3 store, a team's teacher cache goes to the bucket (shards first, manifest
+    last) and another host's scratch folder reads it back byte for byte."""
+    from service.teacher_caches import ObjectCacheStore, store_for
+
+    local = settings.model_copy(update={"artifact_root": tmp_path / "host-a"})
+    cstore = store_for(local, "team_x")
+    assert isinstance(cstore, ObjectCacheStore)
+    key = "a" * 64
+    staged = cstore.staging(key)
+    (staged / "shard_00000.safetensors").write_bytes(b"s" * 5000)
+    (staged / "manifest.json").write_text('{"key": "%s"}' % key)
+    cstore.put(key, staged)
+    objects = _keys(s3, f"teacher-caches/team_x/{key}/")
+    assert objects == {
+        f"teacher-caches/team_x/{key}/shard_00000.safetensors": 5000,
+        f"teacher-caches/team_x/{key}/manifest.json": len('{"key": "%s"}' % key),
+    }
+    other = store_for(settings.model_copy(update={"artifact_root": tmp_path / "host-b"}), "team_x")
+    path = other.get(key)
+    assert path.is_relative_to(tmp_path / "host-b")
+    assert (path / "shard_00000.safetensors").read_bytes() == b"s" * 5000
+    assert other.list() == [key] and store_for(local, "team_y").list() == []
+    other.discard(key)
+    assert _keys(s3, f"teacher-caches/team_x/{key}/") == {}
