@@ -568,10 +568,6 @@ def _check_on_policy(spec: JobSpec, prefix: str) -> None:
         raise SpecError(f"{param}: {msg}", param=param)
 
     t = spec.training
-    if spec.task != "causal_lm":
-        fail("", f"on-policy distillation generates text: task must be causal_lm, not {spec.task}")
-    if spec.method.name == "sft":
-        fail("", "on-policy distillation needs a teacher's distribution: not with method 'sft'")
     if op.max_new_tokens >= t.seq_len:
         fail(
             "max_new_tokens",
@@ -591,6 +587,10 @@ def _check_on_policy(spec: JobSpec, prefix: str) -> None:
             f"a learned SHARP basis is tied to training.seq_len ({t.seq_len}): generated "
             f"sequences must have that length, not {length} (leave prompt_tokens out)",
         )
+    if spec.task != "causal_lm":
+        fail("", f"on-policy distillation generates text: task must be causal_lm, not {spec.task}")
+    if spec.method.name == "sft":
+        fail("", "on-policy distillation needs a teacher's distribution: not with method 'sft'")
     if op.adaptive and op.replay_capacity < t.batch_size * t.grad_accum:
         fail(
             "replay_capacity",
