@@ -30,6 +30,8 @@ __all__ = [
 STEP_DESCRIPTIONS = {
     "ce": "student cross-entropy only",
     "kd": "teacher fwd (inference mode) + student fwd/bwd, (1-a)CE + a*forward KL fused",
+    "kd_onpolicy": "kd on student generations: KV-cache sampling of min(64, N/2) tokens "
+    "after the block's first tokens, loss on the generated tokens (lambda = 1)",
     "sharp": "kd + SHARP attention terms (default MethodSpec: SDPA capture, SDPA projection)",
     "eager": "kd + MSE on head-averaged maps, eager output_attentions",
     "sharp_chunked": "sharp with method.projection='chunked' (float32 reference)",
@@ -39,7 +41,7 @@ STEP_DESCRIPTIONS = {
     "sharp_compiled": "sharp with torch.compile'd teacher and student",
 }
 #: Steps run when ``--steps`` is not given, in this order.
-STEP_NAMES: tuple[str, ...] = ("ce", "kd", "sharp", "eager")
+STEP_NAMES: tuple[str, ...] = ("ce", "kd", "kd_onpolicy", "sharp", "eager")
 #: Steps one may ask for with ``--steps``.
 ALL_STEPS: tuple[str, ...] = tuple(STEP_DESCRIPTIONS)
 
