@@ -393,3 +393,44 @@ def test_on_policy_refused_where_nothing_can_be_generated(corpus):
     assert e.value.param == "spec.method.on_policy.prompt_tokens"
     ok = parse_spec({**base, "method": {**learned, "on_policy": {"max_new_tokens": 4}}})
     assert ok.method.on_policy is not None and ok.method.on_policy.fraction == 0.0
+
+
+# ----------------------------------------------------------------------------- the evidence
+
+
+def test_quality_driver_pairs_settings_by_seed(tmp_path, capsys):
+    """`python -m bench.quality.onpolicy` on the hidden micro preset: the off-policy setting
+    trains the teacher, λ = 1 and adaptive distil from it with the block in their specs, and
+    the JSON holds per-seed Δ% against λ = 0 computed from the cells' perplexities."""
+    from bench.quality import onpolicy as bench_onpolicy
+
+    out, js = tmp_path / "runs", tmp_path / "onpolicy.json"
+    argv = ["--preset", "micro", "--out", str(out), "--seeds", "1", "--steps", "3"]
+    argv += ["--lambdas", "1", "--adaptive", "0.5", "--max-new-tokens", "8", "--threads", "1"]
+    argv += ["--device", "cpu", "--json", str(js)]
+    assert bench_onpolicy.main(argv) == 0
+    data = json.loads(js.read_text())
+    assert list(data["settings"]) == ["lam0", "lam1", "adaptive0.5"]
+    assert data["settings"]["lam0"]["on_policy"] is None
+    assert data["settings"]["lam1"]["on_policy"] == {"fraction": 1.0, "max_new_tokens": 8}
+    assert data["settings"]["adaptive0.5"]["on_policy"]["adaptive"] is True
+    trained = json.loads((out / "lam0" / "teacher" / "result.json").read_text())["path"]
+    for name in ("lam1", "adaptive0.5"):
+        teacher = json.loads((out / name / "teacher" / "result.json").read_text())
+        assert teacher["source"] == str((out / "lam0" / trained).resolve())
+    cells = {s: data["settings"][s]["cells"] for s in data["settings"]}
+    for method in ("kd", "jsd"):
+        ref, got = cells["lam0"][method]["0"]["ppl"], cells["lam1"][method]["0"]["ppl"]
+        d = data["stats"][f"{method}/lam1"]["delta_pct"]
+        assert d["per_seed"] == [pytest.approx(100 * (got / ref - 1))]
+        assert "delta_pct" not in data["stats"][f"{method}/lam0"]
+    spec = json.loads((out / "lam1" / "cells" / "kd" / "seed0" / "spec.json").read_text())
+    assert spec["method"]["on_policy"] == {"fraction": 1.0, "max_new_tokens": 8}
+    metrics = [
+        json.loads(x) for x in (out / "lam1/cells/kd/seed0/metrics.jsonl").read_text().splitlines()
+    ]
+    assert all(m["on_policy"] == 1.0 for m in metrics if "loss" in m)
+    capsys.readouterr()
+    assert bench_onpolicy.main(["--from-json", str(js)]) == 0
+    table = capsys.readouterr().out
+    assert "| kd | lam1 | 1 |" in table and "(reference)" in table

@@ -140,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument(
+        "--teacher",
+        default=None,
+        help="a teacher model folder for every setting (default: "
+        "the one the off-policy setting trains)",
+    )
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default=None)
@@ -169,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         run(
             preset,
             out / name,
-            # lam0 trains the teacher; every other setting distils from that one
-            teacher=None if name == "lam0" else _reference_teacher(out),
+            # lam0 trains the teacher (unless --teacher); every other setting uses that one
+            teacher=args.teacher or (None if name == "lam0" else _reference_teacher(out)),
             methods=args.methods,
             seeds=args.seeds,
             base_overrides=over,
