@@ -35,12 +35,17 @@ METHODS = ("kd", "jsd")
 
 
 def settings(
-    lambdas: list[float], adaptive: list[float], max_new_tokens: int
+    lambdas: list[float],
+    adaptive: list[float],
+    max_new_tokens: int,
+    seq_kd: list[float] | None = None,
 ) -> dict[str, dict[str, Any] | None]:
     """Folder name → the ``method.on_policy`` block (None: off-policy, the reference)."""
     out: dict[str, dict[str, Any] | None] = {"lam0": None}
     for lam in lambdas:
         out[f"lam{lam:g}"] = {"fraction": lam, "max_new_tokens": max_new_tokens}
+    for lam in seq_kd or []:
+        out[f"seqkd{lam:g}"] = {"fraction": lam, "seq_kd": True, "max_new_tokens": max_new_tokens}
     for p in adaptive:
         out[f"adaptive{p:g}"] = {
             "fraction": p,
@@ -60,10 +65,20 @@ def collect(out: Path, names: list[str]) -> dict[str, Any]:
         for res in sorted(run_dir.glob("cells/*/seed*/result.json")):
             r = json.loads(res.read_text())
             block = r["spec"]["method"].get("on_policy")
+            steps = [
+                json.loads(line)
+                for line in (res.parent / "metrics.jsonl").read_text().splitlines()
+                if line.strip()
+            ]
+            trained = [m for m in steps if "loss" in m]
             cells.setdefault(r["method"], {})[int(r["seed"])] = {
                 "ppl": r["ppl"]["val"]["ppl"],
                 "train_wall_s": r.get("train_wall_s"),
                 "eval_curve": r.get("eval_curve", []),
+                # steps that trained on generated (fresh or replayed) sequences, and p at the end
+                "generated_steps": sum(m.get("on_policy", 0.0) for m in trained),
+                "replayed_steps": sum(m.get("replayed", 0.0) for m in trained),
+                "final_generation_prob": trained[-1].get("generation_prob") if trained else None,
             }
         data["settings"][name] = {"on_policy": block, "cells": cells}
         teacher = run_dir / "teacher" / "result.json"
@@ -138,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--adaptive", type=float, nargs="*", default=[0.25], help="starting probabilities"
     )
+    ap.add_argument(
+        "--seq-kd", type=float, nargs="*", default=[], help="λ of teacher-generated settings"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument(
@@ -166,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     if args.steps:
         preset = replace(preset, training={**preset.training, "max_steps": args.steps})
-    table = settings(args.lambdas, args.adaptive, args.max_new_tokens)
+    table = settings(args.lambdas, args.adaptive, args.max_new_tokens, args.seq_kd)
     out = args.out.resolve()
     for name, block in table.items():
         if args.only is not None and name not in args.only:
