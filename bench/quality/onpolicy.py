@@ -98,6 +98,12 @@ def analyse(data: dict[str, Any]) -> dict[str, Any]:
                 "n": len(seeds),
                 "ppl": _mean_std(ppl),
                 "wall_s": _mean_std([by_seed[k]["train_wall_s"] or 0.0 for k in seeds]),
+                "generated_steps": _mean_std(
+                    [by_seed[k].get("generated_steps", 0.0) for k in seeds]
+                )[0],
+                "replayed_steps": _mean_std([by_seed[k].get("replayed_steps", 0.0) for k in seeds])[
+                    0
+                ],
             }
             paired = [k for k in seeds if k in ref.get(method, {})]
             if name != "lam0" and paired:
@@ -117,8 +123,9 @@ def render(data: dict[str, Any], stats: dict[str, Any]) -> str:
         f"val perplexity (teacher {_f(data.get('teacher_ppl', float('nan')))}); "
         "Δ% vs off-policy (λ = 0) paired by seed, 95 % t-interval; negative = better",
         "",
-        "| method | setting | n | val ppl (mean ± std) | Δ% vs λ=0 [95 % CI] | wall s/cell |",
-        "|---|---|---|---|---|---|",
+        "| method | setting | n | val ppl (mean ± std) | Δ% vs λ=0 [95 % CI] | generated "
+        "(replayed) steps | wall s/cell |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key in sorted(
         stats, key=lambda k: (k.split("/")[0], list(data["settings"]).index(k.split("/")[1]))
@@ -127,11 +134,16 @@ def render(data: dict[str, Any], stats: dict[str, Any]) -> str:
         r = stats[key]
         m, s = r["ppl"]
         d = r.get("delta_pct")
-        delta = (
-            f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d else "(reference)"
-        )
+        if not d:
+            delta = "(reference)"
+        elif d["n"] < 2:
+            delta = f"{d['mean']:+.2f} (one seed)"
+        else:
+            delta = f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
         lines.append(
-            f"| {method} | {name} | {r['n']} | {_f(m)} ± {_f(s)} | {delta} | {r['wall_s'][0]:.0f} |"
+            f"| {method} | {name} | {r['n']} | {_f(m)} ± {_f(s)} | {delta} | "
+            f"{r.get('generated_steps', 0):.0f} ({r.get('replayed_steps', 0):.0f}) | "
+            f"{r['wall_s'][0]:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
