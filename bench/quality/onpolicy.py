@@ -74,6 +74,7 @@ def collect(out: Path, names: list[str]) -> dict[str, Any]:
             cells.setdefault(r["method"], {})[int(r["seed"])] = {
                 "ppl": r["ppl"]["val"]["ppl"],
                 "train_wall_s": r.get("train_wall_s"),
+                "train_cpu_s": r.get("train_cpu_s"),
                 "eval_curve": r.get("eval_curve", []),
                 # steps that trained on generated (fresh or replayed) sequences, and p at the end
                 "generated_steps": sum(m.get("on_policy", 0.0) for m in trained),
@@ -98,6 +99,8 @@ def analyse(data: dict[str, Any]) -> dict[str, Any]:
                 "n": len(seeds),
                 "ppl": _mean_std(ppl),
                 "wall_s": _mean_std([by_seed[k]["train_wall_s"] or 0.0 for k in seeds]),
+                # CPU seconds: on a shared machine wall time measures the neighbours
+                "cpu_s": _mean_std([by_seed[k].get("train_cpu_s") or 0.0 for k in seeds]),
                 "generated_steps": _mean_std(
                     [by_seed[k].get("generated_steps", 0.0) for k in seeds]
                 )[0],
@@ -124,7 +127,7 @@ def render(data: dict[str, Any], stats: dict[str, Any]) -> str:
         "Δ% vs off-policy (λ = 0) paired by seed, 95 % t-interval; negative = better",
         "",
         "| method | setting | n | val ppl (mean ± std) | Δ% vs λ=0 [95 % CI] | generated "
-        "(replayed) steps | wall s/cell |",
+        "(replayed) steps | CPU s/cell |",
         "|---|---|---|---|---|---|---|",
     ]
     for key in sorted(
@@ -143,7 +146,7 @@ def render(data: dict[str, Any], stats: dict[str, Any]) -> str:
         lines.append(
             f"| {method} | {name} | {r['n']} | {_f(m)} ± {_f(s)} | {delta} | "
             f"{r.get('generated_steps', 0):.0f} ({r.get('replayed_steps', 0):.0f}) | "
-            f"{r['wall_s'][0]:.0f} |"
+            f"{r['cpu_s'][0]:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
