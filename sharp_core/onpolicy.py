@@ -251,6 +251,9 @@ class OnPolicy:
         loss = metrics.get("eval_loss")
         if not self.op.adaptive or loss is None:
             return
+        # rank 0's value on every rank: p must never differ between ranks (they would then
+        # disagree on generating, and the buffer's all-gather would wait forever)
+        loss = float(self.gather(float(loss))[0])
         if self.last_eval is not None and loss > self.last_eval + self.op.adaptive_tolerance:
             self.prob = min(1.0, self.prob + self.op.adaptive_increment)
         self.last_eval = float(loss)
