@@ -441,3 +441,52 @@ def test_quality_driver_pairs_settings_by_seed(tmp_path, capsys):
     assert bench_onpolicy.main(["--from-json", str(js)]) == 0
     table = capsys.readouterr().out
     assert "| kd | lam1 | 1 |" in table and "(reference)" in table
+
+
+# ----------------------------------------------------------------------------- the service
+
+
+@pytest.mark.service
+@pytest.mark.slow
+def test_an_on_policy_job_through_the_service(
+    settings, db, make_team, corpus, teacher_dir, tmp_path
+):
+    """POST /v1/jobs with an on_policy block, run by the real supervisor and training child:
+    the job succeeds, its stored per-step losses are the library run's, and the on-policy
+    fields (which batch, p) are stored as metrics like any other."""
+    from fastapi.testclient import TestClient
+    from sqlalchemy import select
+
+    from api.app import create_app
+    from service.live import LivePublisher
+    from service.models import Metric, utcnow
+    from service.repositories import JobRepository
+    from tests.test_service_worker import Sent
+    from worker.supervisor import Supervisor
+
+    method = {"name": "kd", "on_policy": {"fraction": 0.5, "adaptive": True, "max_new_tokens": 8}}
+    spec = distil(corpus, teacher_dir, method, training={"max_steps": 6, "checkpoint_every": 3})
+    ref = Recorder()
+    train(parse_spec(spec), tmp_path / "lib", callbacks=ref)
+    team = make_team("onpolicy")
+    live = LivePublisher(settings)
+    try:
+        with TestClient(create_app(settings)) as client:
+            r = client.post("/v1/jobs", json={"spec": spec}, headers=team.headers)
+            assert r.status_code == 201, r.text
+            job_id = r.json()["id"]
+            with db.session() as s:  # as a scheduling pass would, were a worker registered
+                JobRepository(s).update_fenced(job_id, values={"admitted_at": utcnow()})
+            assert Supervisor(settings, db, live, Sent()).run(job_id) == "succeeded"
+    finally:
+        live.close()
+    with db.session() as s:
+        rows = s.execute(select(Metric).where(Metric.job_id == job_id)).scalars().all()
+    by = {(m.step, m.name): m.value for m in rows}
+    for step in range(1, 7):
+        for k in ("loss", "on_policy", "replayed", "generation_prob"):
+            assert by[(step, k)] == pytest.approx(ref.metrics[step][k], rel=1e-6, abs=1e-9), (
+                step,
+                k,
+            )
+    assert any(by[(s, "on_policy")] == 1.0 for s in range(1, 7))
