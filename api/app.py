@@ -27,11 +27,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.metrics import RequestMetrics
 from api.metrics import router as metrics_router
-from api.routes import health, jobs, teams, uploads
+from api.openapi import install as install_openapi
+from api.openapi import operation_id
+from api.routes import health, jobs, teacher_caches, teams, uploads, webhooks
 from api.ui import router as ui_router
 from api.ui import static_files as ui_static
 from service.db import Database
-from service.dispatch import Dispatch, make_dispatch
+from service.dispatch import Dispatch, make_delivery_dispatch, make_dispatch
 from service.errors import SharpError
 from service.live import LivePublisher
 from service.settings import Settings, get_settings
@@ -187,6 +189,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
             await app.state.aredis.aclose()
             app.state.live.close()
             app.state.close_dispatch()
+            app.state.close_deliver()
             app.state.db.dispose()
 
     app = FastAPI(
@@ -199,6 +202,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
             '`{"error": {"code", "message", "param"}}`; another team\'s job is a 404.'
         ),
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
     )
     app.state.settings = settings
     app.state.db = Database(settings)
@@ -208,6 +212,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
         app.state.dispatch, app.state.close_dispatch = make_dispatch(settings, _count_dispatch)
     else:
         app.state.dispatch, app.state.close_dispatch = dispatch, lambda: None
+    app.state.deliver, app.state.close_deliver = make_delivery_dispatch(settings)
 
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(SharpError, _sharp_handler)
@@ -221,9 +226,12 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     app.include_router(jobs.router)
     app.include_router(uploads.router)
     app.include_router(teams.router)
+    app.include_router(webhooks.router)
+    app.include_router(teacher_caches.router)
     app.include_router(metrics_router)
     app.include_router(ui_router)
     app.mount("/ui/static", ui_static, name="ui-static")
+    install_openapi(app)  # JobSpec, error bodies, links: api/openapi.py
     # Outermost, so the latency covers every handler (and 413s from BodySizeLimit).
     app.add_middleware(RequestMetrics)
     return app

@@ -26,7 +26,9 @@ from service.security import hash_key
 from service.settings import Settings
 
 
-def get_app_settings(request: Request) -> Settings:
+# The dependencies that do no I/O are ``async``: FastAPI runs a sync one in its thread pool,
+# and each such hop cost CPU on every request (issue 17's profile: six hops per GET).
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -61,10 +63,14 @@ def get_current_team(request: Request, session: SessionDep) -> Team:
 TeamDep = Annotated[Team, Depends(get_current_team)]
 
 
-def get_job_service(request: Request, session: SessionDep) -> JobService:
+async def get_job_service(request: Request, session: SessionDep) -> JobService:
     state = request.app.state
     return JobService(
-        session=session, settings=state.settings, live=state.live, dispatch=state.dispatch
+        session=session,
+        settings=state.settings,
+        live=state.live,
+        dispatch=state.dispatch,
+        deliver=state.deliver,
     )
 
 

@@ -1,19 +1,22 @@
 """Request and response bodies, one schema per entity (`JobCreate`, `JobPublic`, `JobsPublic`…).
 
-Why the spec is a plain dict in `JobCreate`: `sharp_core.spec.parse_spec` is the one
-validator of job specs, shared with the CLI and the library, and it names the offending
-field as ``spec.training.lr``. The OpenAPI document still shows a full example body.
+Why the spec is validated as a plain dict in `JobCreate`: `sharp_core.spec.parse_spec` is the
+one validator of job specs, shared with the CLI and the library, and it names the offending
+field as ``spec.training.lr``. The OpenAPI document still publishes the ``JobSpec`` schema
+itself (`SpecBody`), generated from the pydantic model, so clients and fuzzers see every
+field, bound and default.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.lifecycle import JobStatus
 from service.progress import progress
+from sharp_core.spec import JobSpec
 
 if TYPE_CHECKING:
     from service.jobs import MetricsPage, TeamUsage
@@ -41,6 +44,12 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+#: A spec as the request carries it: validated here only as a JSON object (`parse_spec` does
+#: the rest, with its error naming), documented as ``JobSpec`` (``json_schema_input_type``
+#: only changes the JSON schema, never what is accepted).
+SpecBody = Annotated[dict[str, Any], BeforeValidator(lambda v: v, json_schema_input_type=JobSpec)]
+
+
 class JobCreate(BaseModel):
     """Body of ``POST /v1/jobs``."""
 
@@ -49,7 +58,9 @@ class JobCreate(BaseModel):
         json_schema_extra={"examples": [{"spec": EXAMPLE_SPEC}]},
     )
 
-    spec: dict[str, Any] = Field(description="A job spec (see sharp_core.spec.JobSpec).")
+    spec: SpecBody = Field(
+        description="The job spec; every field, bound and default: docs/spec.md."
+    )
 
 
 class Progress(BaseModel):
@@ -91,6 +102,18 @@ class PruningPublic(BaseModel):
     )
     attempt: int | None = Field(default=None, description="The attempt that pruned.")
     eval_at_step_0: Step0Eval
+
+
+class TeacherCacheJobUse(BaseModel):
+    """A teacher-logit cache a job built or read (docs/teacher-cache.md)."""
+
+    key: str = Field(description="sha256 of the key parts (see GET /v1/teacher-caches).")
+    kind: str = Field(description="'topk' or 'sampled'.")
+    k: int = Field(description="Top-k entries, or draws per position (sampled).")
+    role: Literal["built", "read"]
+    attempt: int
+    size_bytes: int
+    at: dt.datetime
 
 
 class JobPublic(BaseModel):
@@ -162,6 +185,12 @@ class JobPublic(BaseModel):
         "after, the calibration, and the evaluation at step 0. Filled in the answers about one "
         "job (GET /v1/jobs/{job_id}, cancel, retry); null in lists and for every other job.",
     )
+    teacher_cache: list[TeacherCacheJobUse] | None = Field(
+        default=None,
+        description="Jobs with method.teacher_cache.mode 'use': the cache(s) the job built or "
+        "read, latest first (empty until the training process reports it). Filled in the "
+        "answer of GET /v1/jobs/{job_id}; null in lists and for other jobs.",
+    )
 
 
 class TeamPublic(BaseModel):
@@ -179,6 +208,41 @@ class TeamPublic(BaseModel):
     )
     running_gpus: int = Field(description="GPUs held now by admitted and running jobs.")
     queued_jobs: int
+
+
+class TeacherCacheJob(BaseModel):
+    job_id: str
+    role: Literal["built", "read"]
+    attempt: int
+    at: dt.datetime
+
+
+class TeacherCachePublic(BaseModel):
+    """One of the team's teacher-logit caches (docs/teacher-cache.md)."""
+
+    key: str = Field(description="sha256 of `parts`; the cache's folder name.")
+    kind: str = Field(description="'topk' or 'sampled'.")
+    k: int = Field(description="Top-k entries, or draws per position (sampled).")
+    parts: dict[str, Any] = Field(
+        description="What the key hashes: teacher (weights+config sha256), tokenizer, dataset "
+        "(documents sha256), packing (seq_len, blocks, blocks_sha256), vocab, kind, k, "
+        "temperature, dtype (and sample_seed)."
+    )
+    size_bytes: int
+    shards: int
+    positions: int = Field(description="Token positions covered (blocks × (seq_len − 1)).")
+    present: bool = Field(
+        description="False once the files are gone (a corrupt cache is discarded; the next "
+        "job with this key rebuilds it)."
+    )
+    built_by_job_id: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    jobs: list[TeacherCacheJob] = Field(description="Jobs that built or read it, oldest first.")
+
+
+class TeacherCachesPublic(BaseModel):
+    data: list[TeacherCachePublic]
 
 
 class JobsPublic(BaseModel):
@@ -262,7 +326,10 @@ class Health(BaseModel):
 
 # -- shaping service results into responses --------------------------------------------------
 def job_public(
-    job: Job, queue: QueueInfo | None = None, pruning: dict[str, Any] | None = None
+    job: Job,
+    queue: QueueInfo | None = None,
+    pruning: dict[str, Any] | None = None,
+    teacher_cache: list[dict[str, Any]] | None = None,
 ) -> JobPublic:
     """A job row as the API shows it; ``progress`` (the ETA) comes from `service.progress`,
     ``pruning`` from `service.jobs.JobService.pruning`."""
@@ -287,6 +354,9 @@ def job_public(
         queue_position=queue.position if queue else None,
         queue_reason=queue.reason if queue else None,
         pruning=PruningPublic.model_validate(pruning) if pruning else None,
+        teacher_cache=None
+        if teacher_cache is None
+        else [TeacherCacheJobUse.model_validate(u) for u in teacher_cache],
     )
 
 

@@ -1,6 +1,7 @@
 """Load on the job API (issues 4 and 5): many clients creating, listing and reading jobs.
 
     python -m bench.api_load [--clients 32] [--duration 20] [--uvicorn-workers 4]
+                             [--queued 10000] [--no-pin] [--server-root DIR]
                              [--url http://host:port --key sharp_…] [--json]
 
 Each client loops ``POST /v1/jobs`` → ``GET /v1/jobs/{id}`` → ``GET /v1/jobs?limit=20`` over
@@ -18,6 +19,21 @@ the Postgres at ``SHARP_BENCH_DATABASE_URL`` (default the test server,
 --workers N``; everything it made is dropped at the end. No Celery worker runs: the jobs stay
 ``queued``, which is what the API's load is about. With ``--url`` it needs ``--key`` and
 skips the live-feed latency unless the database is reachable through ``SHARP_DATABASE_URL``.
+
+Issue 17 additions:
+
+- ``--queued N`` pre-fills the queue with N waiting jobs of the bench team in pool
+  ``default`` before the load starts, and registers one worker there whose slot is held by
+  one admitted job, so every waiting job has a real position (1 … N) that each read reports.
+- The load generator runs pinned to its own core (``sched_setaffinity``, what ``taskset``
+  does) and the API server to the others, when the machine has at least two; ``--no-pin``
+  turns that off. Postgres is not started here and is not pinned. The JSON reports the CPU
+  seconds of the client process and of the uvicorn processes over the load, as shares of the
+  wall time (1.0 = one core busy), so the server's cost per request is read separately from
+  the client's.
+- ``--server-root DIR`` runs the API from another checkout (e.g. ``git worktree add
+  /tmp/sharp-main main``) against the same database schema, client and pre-fill: an old
+  against new comparison on one machine in one sitting.
 """
 
 from __future__ import annotations
@@ -73,6 +89,7 @@ class Stats:
         default_factory=lambda: {"create": [], "get": [], "list": []}
     )
     errors: list[str] = field(default_factory=list)
+    placed: int = 0  # GETs of a created job that returned its queue position
 
 
 async def client_loop(base: str, key: str, corpus: str, deadline: float, stats: Stats) -> None:
@@ -103,6 +120,8 @@ async def client_loop(base: str, key: str, corpus: str, deadline: float, stats: 
             got = await timed("get", "GET", f"/v1/jobs/{job_id}")
             if got is not None and got.json()["id"] != job_id:
                 stats.errors.append(f"get: wrong job {got.json()['id']} for {job_id}")
+            elif got is not None and got.json()["queue_position"] is not None:
+                stats.placed += 1
             await timed("list", "GET", "/v1/jobs", params={"limit": 20})
 
 
@@ -184,9 +203,123 @@ def live_latency(base: str, key: str, settings: Any, corpus: str, stop: threadin
 
 
 # ----------------------------------------------------------------------------- the stack
+def cpu_split() -> tuple[set[int], set[int]] | None:
+    """(client cores, server cores) when this process may use two or more cores, else None."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None
+    return {cores[-1]}, set(cores[:-1])
+
+
+def prefill(settings: Any, team_id: str, n: int, corpus: str) -> None:
+    """`n` waiting jobs of `team_id` in pool ``default``, behind one admitted job that holds
+    the slot of one registered worker (`keep_worker_alive` keeps its heartbeat fresh)."""
+    from service import scheduler
+    from service.db import Database
+    from service.ids import new_id
+    from service.models import utcnow
+    from service.repositories import JobRepository
+
+    now = utcnow()
+    body = spec(corpus, 0)
+
+    def row(i: int, admitted: bool) -> dict[str, Any]:
+        return {
+            "id": new_id("job"),
+            "team_id": team_id,
+            "name": f"queued-{i}",
+            "spec": body,
+            "queue": "default",
+            "gpus": 1,
+            "priority": 0,
+            "status": "queued",
+            "attempt": 0,
+            "max_attempts": 3,
+            "cancel_requested": False,
+            "step": 0,
+            "max_steps": 10,
+            "latest_metrics": {},
+            "event_seq": 0,
+            "created_at": now,
+            "enqueued_at": now,
+            "updated_at": now,
+            "admitted_at": now if admitted else None,
+        }
+
+    db = Database(settings)
+    try:
+        with db.session() as s:
+            scheduler.register_worker(
+                s, name="bench-slot", pool="default", gpus=1, hostname="bench"
+            )
+            JobRepository(s).insert_many([row(0, True)] + [row(i + 1, False) for i in range(n)])
+        with db.session() as s:  # what a scheduling pass makes of the new queue
+            scheduler.admit(s, None, heartbeat_timeout_s=settings.heartbeat_timeout_s)
+    finally:
+        db.dispose()
+
+
 @contextlib.contextmanager
-def production_stack(uvicorn_workers: int) -> Iterator[tuple[str, str, Any]]:
-    """Fresh database + Redis prefix + ``uvicorn --workers N``; yields (url, key, settings)."""
+def keep_worker_alive(settings: Any) -> Iterator[None]:
+    """Refresh the pre-fill's worker heartbeat while the load runs (its slot stays live)."""
+    from service import scheduler
+    from service.db import Database
+
+    db = Database(settings)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(min(10.0, settings.heartbeat_timeout_s / 3)):
+            with db.session() as s:
+                scheduler.register_worker(
+                    s, name="bench-slot", pool="default", gpus=1, hostname="bench"
+                )
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(30)
+        db.dispose()
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its live descendants."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+@dataclass
+class Stack:
+    base: str
+    key: str
+    settings: Any
+    team_id: str
+    server_pid: int | None = None
+
+
+@contextlib.contextmanager
+def production_stack(
+    uvicorn_workers: int,
+    *,
+    server_cores: set[int] | None = None,
+    server_root: Path | None = None,
+) -> Iterator[Stack]:
+    """Fresh database + Redis prefix + ``uvicorn --workers N`` (from `server_root` if given,
+    pinned to `server_cores` if given); yields the `Stack`."""
     import psycopg
     import redis
     from sqlalchemy.engine import make_url
@@ -222,16 +355,21 @@ def production_stack(uvicorn_workers: int) -> Iterator[tuple[str, str, Any]]:
         with db.session() as s:
             team = create_team(s, "bench")
             key = create_key(s, team.name).key
+            team_id = team.id
         db.dispose()
         port = free_port()
         log = (tmp / "uvicorn.log").open("wb")
+        env = {**os.environ, **settings_env(settings)}
+        if server_root is not None:
+            env["PYTHONPATH"] = str(server_root)
         proc = subprocess.Popen(
             api_command("127.0.0.1", port, workers=uvicorn_workers, extra_args=["--no-access-log"]),
-            cwd=ROOT,
-            env={**os.environ, **settings_env(settings)},
+            cwd=server_root or ROOT,
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, server_cores)) if server_cores else None,
         )
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
@@ -244,7 +382,7 @@ def production_stack(uvicorn_workers: int) -> Iterator[tuple[str, str, Any]]:
             if time.monotonic() > deadline:
                 raise RuntimeError("uvicorn did not start")
             time.sleep(0.2)
-        yield base, key, settings
+        yield Stack(base, key, settings, team_id, proc.pid)
     finally:
         if proc is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -287,9 +425,11 @@ def measure(
     clients: int,
     duration: float,
     corpus_dir: Path | None = None,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
     """`corpus_dir`: where the jobs' corpus is written; it must lie under one of the server's
-    ``SHARP_DATASET_FILE_ROOTS`` (default: a new folder in the system temp directory)."""
+    ``SHARP_DATASET_FILE_ROOTS`` (default: a new folder in the system temp directory).
+    `server_pid`: the uvicorn master, whose CPU time (with its workers') is reported."""
     corpus = Path(tempfile.mkdtemp(prefix="sharp-bench-corpus-", dir=corpus_dir)) / "corpus.txt"
     corpus.write_text("hello world\n" * 100)
     stop = threading.Event()
@@ -306,9 +446,13 @@ def measure(
 
         feeder = threading.Thread(target=feed_loop, daemon=True)
         feeder.start()
+    server_cpu0 = process_cpu(server_pid) if server_pid else 0.0
+    client_cpu0 = time.process_time()
     t0 = time.perf_counter()
     stats = asyncio.run(run_load(base, key, str(corpus), clients, duration))
     elapsed = time.perf_counter() - t0
+    client_cpu = time.process_time() - client_cpu0
+    server_cpu = process_cpu(server_pid) - server_cpu0 if server_pid else None
     stop.set()
     if feeder is not None:
         feeder.join(60)
@@ -321,6 +465,19 @@ def measure(
         "requests_per_s": round(n / elapsed, 1),
         "errors": len(stats.errors),
         "error_samples": stats.errors[:5],
+        # share of GETs that found the new job placed (a position, not "waiting for the
+        # next scheduling pass"): with no worker (no --queued) none are
+        "get_placed": round(stats.placed / max(1, len(stats.latencies["get"])), 3),
+        # CPU seconds over the load / wall seconds: 1.0 is one core kept busy. The client's
+        # includes the live-feed thread; the server's is uvicorn's master and workers.
+        "cpu": {
+            "client_share": round(client_cpu / elapsed, 3),
+            "server_share": round(server_cpu / elapsed, 3) if server_cpu is not None else None,
+            "server_ms_per_request": round(server_cpu / n * 1000, 2)
+            if server_cpu is not None and n
+            else None,
+            "loadavg_1m_after": round(os.getloadavg()[0], 2),
+        },
     }
     for op, values in stats.latencies.items():
         out[op] = {
@@ -352,8 +509,27 @@ def main(argv: list[str] | None = None) -> int:
         help="with --url: a folder under the server's SHARP_DATASET_FILE_ROOTS for the "
         "jobs' corpus (e.g. var/data for `sharp up`)",
     )
+    ap.add_argument(
+        "--queued",
+        type=int,
+        default=0,
+        help="pre-fill this many waiting jobs (with a worker slot, so they have positions)",
+    )
+    ap.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin the load generator to its own core and the server to the others",
+    )
+    ap.add_argument(
+        "--server-root",
+        type=Path,
+        help="run the API from this checkout (old against new on one machine)",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
+    split = None if args.no_pin else cpu_split()
+    if split is not None:  # before any thread starts: threads inherit the calling thread's
+        os.sched_setaffinity(0, split[0])
     if args.url:
         if not args.key:
             ap.error("--url needs --key")
@@ -365,22 +541,49 @@ def main(argv: list[str] | None = None) -> int:
         result = measure(args.url, args.key, settings, args.clients, args.duration, args.corpus_dir)
         result["stack"] = {"url": args.url}
     else:
-        with production_stack(args.uvicorn_workers) as (base, key, settings):
-            result = measure(base, key, settings, args.clients, args.duration)
+        with production_stack(
+            args.uvicorn_workers,
+            server_cores=split[1] if split else None,
+            server_root=args.server_root,
+        ) as st:
+            if args.queued:
+                t0 = time.perf_counter()
+                prefill(st.settings, st.team_id, args.queued, "bench-prefill.txt")
+                prefill_s = time.perf_counter() - t0
+            with keep_worker_alive(st.settings) if args.queued else contextlib.nullcontext():
+                result = measure(
+                    st.base,
+                    st.key,
+                    st.settings,
+                    args.clients,
+                    args.duration,
+                    server_pid=st.server_pid,
+                )
+            if args.queued:
+                result["prefill_s"] = round(prefill_s, 2)
             if result["errors"]:  # the server's side of the story, before its folder goes
-                server_log = Path(settings.artifact_root).parent / "uvicorn.log"
+                server_log = Path(st.settings.artifact_root).parent / "uvicorn.log"
                 result["server_log_tail"] = server_log.read_text(errors="replace")[-3000:]
         result["stack"] = {
             "uvicorn_workers": args.uvicorn_workers,
             "database": "postgres",
             "broker": "redis",
+            "server_root": str(args.server_root or ROOT),
         }
+    result["queued"] = args.queued
+    result["pinned"] = {"client": sorted(split[0]), "server": sorted(split[1])} if split else None
     if args.json:
         print(json.dumps(result))
     else:
         print(
             f"{result['clients']} clients, {result['duration_s']} s: {result['requests']} "
-            f"requests, {result['requests_per_s']} req/s, {result['errors']} errors"
+            f"requests, {result['requests_per_s']} req/s, {result['errors']} errors, "
+            f"{result['queued']} pre-queued"
+        )
+        c = result["cpu"]
+        print(
+            f"  cpu: server {c['server_share']} cores ({c['server_ms_per_request']} ms/request), "
+            f"client {c['client_share']} cores, pinned {result['pinned']}"
         )
         for op in ("create", "get", "list"):
             r = result[op]

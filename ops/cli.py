@@ -2,7 +2,7 @@
 
 Add a command group with ``app.add_typer(group, name="jobs")`` from your own module and
 import that module in `main` (or here); ``admin`` is the operator group for teams, their
-quotas, keys and the registered workers.
+quotas, keys, the registered workers and the artifact store.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from rich.table import Table
 from ops.client_cli import jobs_app
 from ops.demo import demo_command
 from ops.embedded import up_command
+from ops.webhooks_cli import webhooks_app
 from service import admin as admin_fns
 from service.db import Database
 from service.errors import SharpError
@@ -30,11 +31,17 @@ admin_app = typer.Typer(
 teams_app = typer.Typer(help="Teams.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 workers_app = typer.Typer(help="Registered workers (GPU pools).", no_args_is_help=True)
+storage_app = typer.Typer(
+    help="The artifact store (local folder or S3 bucket): usage and retention.",
+    no_args_is_help=True,
+)
 app.add_typer(admin_app, name="admin")
 app.add_typer(jobs_app, name="jobs")  # the HTTP client (ops/client_cli.py)
+app.add_typer(webhooks_app, name="webhooks")  # signed webhooks, same client (ops/webhooks_cli.py)
 admin_app.add_typer(teams_app, name="teams")
 admin_app.add_typer(keys_app, name="keys")
 admin_app.add_typer(workers_app, name="workers")
+admin_app.add_typer(storage_app, name="storage")
 app.command("up")(up_command)  # the embedded service (ops/embedded.py)
 app.command("demo")(demo_command)  # the demo pipeline through the API (ops/demo.py)
 
@@ -161,6 +168,86 @@ def workers_list() -> None:
         console.print(table)
     finally:
         db.dispose()
+
+
+def _store():  # noqa: ANN202 - service.store.ArtifactStore
+    from service.store import StoreConfigError, make_store
+
+    try:
+        return make_store(get_settings())
+    except StoreConfigError as e:
+        err.print(f"[red]error[/red] {escape(str(e))}")
+        raise typer.Exit(2) from None
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+@storage_app.command("usage")
+def storage_usage() -> None:
+    """What the store holds per job (checkpoints, bytes, freeable half-written folders)."""
+    store = _store()
+    db = _db()
+    try:
+        with db.session() as s:
+            rows = admin_fns.storage_usage(s, store)
+        table = Table(
+            "team", "job / prefix", "status", "checkpoints", "objects", "size", "freeable"
+        )
+        for r in rows:
+            table.add_row(
+                r.team or "",
+                r.job_id or r.group,
+                r.status or "",
+                ",".join(str(c) for c in r.checkpoints),
+                str(r.objects),
+                _mb(r.bytes),
+                _mb(r.orphan_bytes),
+            )
+        console.print(f"store: {escape(store.describe())}")
+        console.print(table)
+        total = sum(r.bytes for r in rows)
+        console.print(f"total {_mb(total)} in {sum(r.objects for r in rows)} objects")
+    except OSError as e:
+        err.print(f"[red]error[/red] the store did not answer: {escape(str(e))}")
+        raise typer.Exit(1) from None
+    finally:
+        db.dispose()
+
+
+@storage_app.command("prune")
+def storage_prune(
+    keep: int | None = typer.Option(
+        None, min=1, help="Checkpoints kept per job (default: each job's keep_checkpoints)."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go; delete nothing."),
+) -> None:
+    """Free space: per finished job keep the newest checkpoints and the best by eval; delete
+    the rest and half-written step folders. Running jobs are left to their worker."""
+    store = _store()
+    db = _db()
+    try:
+        with db.session() as s:
+            report = admin_fns.prune_storage(s, store, keep=keep, dry_run=dry_run)
+            if dry_run:
+                s.rollback()
+    except OSError as e:
+        err.print(f"[red]error[/red] the store did not answer: {escape(str(e))}")
+        raise typer.Exit(1) from None
+    finally:
+        db.dispose()
+    verb = "would free" if dry_run else "freed"
+    for job_id, step in report.deleted:
+        console.print(f"checkpoint {job_id} step {step}")
+    for key in report.orphans:
+        console.print(f"half-written {escape(key)}")
+    if report.skipped_active:
+        console.print(f"left alone (running): {', '.join(report.skipped_active)}")
+    console.print(
+        f"{verb} {_mb(report.freed_bytes)}: {len(report.deleted)} checkpoints, "
+        f"{len(report.orphans)} half-written folders"
+    )
 
 
 @keys_app.command("create")

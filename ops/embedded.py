@@ -12,7 +12,11 @@ What runs, and why each piece is the real thing rather than a stand-in:
   reachable by every local user, so Redis gets a random password per start, written to a
   0600 config file (never on a command line, which ``ps`` shows to everyone) and handed to
   the children in ``SHARP_REDIS_URL``.
-- **One Celery worker** started exactly as in production (`ops.launcher.start_worker`).
+- **One Celery worker** started exactly as in production (`ops.launcher.start_worker`), and
+  the **webhook delivery worker** (`worker.webhooks`), which consumes only the delivery queue
+  (a job holds the GPU worker for hours). Webhook signing secrets are encrypted with a key
+  kept in ``<var>/webhook-key`` (0600), made on first start unless
+  ``SHARP_WEBHOOK_SECRET_KEYS`` is set.
 - **The API** under uvicorn, as a child process built by ``create_app`` from ``SHARP_*``
   variables, so it reads precisely the settings the worker reads.
 
@@ -68,9 +72,11 @@ from urllib.parse import quote
 import typer
 
 from service.settings import Settings, get_settings
+from service.store import store_problem
 
 STATE_FILE = "sharp-up.json"
 KEY_FILE = "demo-api-key"
+WEBHOOK_KEY_FILE = "webhook-key"
 DEMO_TEAM = "demo"
 DB_FILE = "sharp.db"
 #: ``<var>/data``: the default root for ``dataset.source: files`` under ``sharp up``.
@@ -368,7 +374,8 @@ def _write_private(path: Path, text: str) -> None:
 
 
 class EmbeddedStack:
-    """Redis + SQLite + one worker + the API, as child processes of this one.
+    """Redis + SQLite + one worker, the webhook worker and the API, as child processes of
+    this one.
 
     Use as a context manager (``with EmbeddedStack(...) as stack:``) or call `start` and
     `stop`. `stop` is idempotent and safe to call from a signal-triggered path.
@@ -450,7 +457,9 @@ class EmbeddedStack:
 
             upgrade(self.settings.database_url)
             self.api_key = self._ensure_demo_key()
+            self.settings = self._with_webhook_key(self.settings)
             self._start_worker()
+            self._start_webhooks()
             self._start_api()
             self._wait_ready()
             self._ready = True
@@ -711,6 +720,28 @@ class EmbeddedStack:
         child = self._spawn("worker", cmd, self._env(), stop_timeout_s=grace)
         self.log(f"worker (pid {child.proc.pid}, pool {self.settings.pool})")
 
+    def _with_webhook_key(self, settings: Settings) -> Settings:
+        """`settings` with the Fernet key of ``<var>/webhook-key`` (made on first start),
+        unless the environment sets ``SHARP_WEBHOOK_SECRET_KEYS``."""
+        if settings.webhook_secret_keys:
+            return settings
+        from cryptography.fernet import Fernet
+
+        path = self.var_dir / WEBHOOK_KEY_FILE
+        key = path.read_text().strip() if path.is_file() else ""
+        if not key:
+            key = Fernet.generate_key().decode()
+            _write_private(path, key + "\n")
+        return settings.model_copy(update={"webhook_secret_keys": [key]})
+
+    def _start_webhooks(self) -> None:
+        from ops.launcher import webhook_worker_command
+
+        assert self.settings is not None
+        cmd = webhook_worker_command(self.settings, hostname=f"sharp-up-webhooks-{os.getpid()}@%h")
+        child = self._spawn("webhooks", cmd, self._env(), stop_timeout_s=15)
+        self.log(f"webhook worker (pid {child.proc.pid})")
+
     def _start_api(self) -> None:
         from ops.launcher import api_command
 
@@ -869,6 +900,10 @@ def banner(stack: EmbeddedStack) -> list[str]:
 
 def run_up(var_dir: Path, host: str, port: int, redis_port: int) -> int:
     """``sharp up``: start, print URL and key, serve until Ctrl-C / SIGTERM, stop cleanly."""
+    problem = store_problem(get_settings())
+    if problem is not None:  # refuse before starting anything: one line naming the setting
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        return 2
     stop = threading.Event()
     become_subreaper()
     with stop_on_signals(stop):

@@ -45,6 +45,41 @@ def worker_command(
     ]
 
 
+def webhook_worker_command(
+    settings: Settings, *, hostname: str | None = None, loglevel: str = "INFO"
+) -> list[str]:
+    """``python -m worker.webhooks``: the worker that sends webhook deliveries (it consumes
+    only the delivery queue, so it holds no GPU slot)."""
+    name = hostname or f"sharp-webhooks-{os.getpid()}@{socket.gethostname()}"
+    return [sys.executable, "-m", "worker.webhooks", "-n", name, "--loglevel", loglevel]
+
+
+def start_webhook_worker(
+    settings: Settings,
+    *,
+    hostname: str | None = None,
+    log_file: Path | None = None,
+    cwd: Path | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start the webhook delivery worker as a subprocess in its own process group."""
+    env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    out = log_file.open("ab") if log_file is not None else None
+    try:
+        return subprocess.Popen(
+            webhook_worker_command(settings, hostname=hostname),
+            env=env,
+            cwd=str(cwd) if cwd else None,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT if out is not None else None,
+            start_new_session=True,
+        )
+    finally:
+        if out is not None:
+            out.close()
+
+
 def api_command(
     host: str,
     port: int,

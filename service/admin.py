@@ -1,5 +1,5 @@
-"""Operator functions: teams, their scheduler quotas, API keys, registered workers (exposed
-as ``sharp admin …`` in `ops.cli`).
+"""Operator functions: teams, their scheduler quotas, API keys, registered workers, the
+artifact store's usage and pruning (exposed as ``sharp admin …`` in `ops.cli`).
 
 Keys are ``sharp_`` + 32 random bytes (base64url). Only the sha256 is stored; the first
 characters (``prefix``) are kept in clear so a human can tell keys apart in a list and revoke
@@ -16,9 +16,20 @@ from sqlalchemy.orm import Session
 
 from service.errors import InvalidRequestError, NotFoundError
 from service.ids import new_id
+from service.lifecycle import ACTIVE_STATUSES
 from service.models import ApiKey, Team, Worker, utcnow
-from service.repositories import ApiKeyRepository, TeamRepository, WorkerRepository
+from service.repositories import (
+    ApiKeyRepository,
+    CheckpointRepository,
+    JobRepository,
+    TeamRepository,
+    WorkerRepository,
+)
 from service.security import hash_key
+from service.store import UPLOADS, ArtifactStore, delete_checkpoint, store_walk
+from sharp_core.checkpoint import MANIFEST, STEP_RE, retained_steps
+from sharp_core.errors import SharpError
+from sharp_core.spec import parse_spec
 
 KEY_PREFIX = "sharp_"
 VISIBLE_CHARS = 14  # "sharp_" + 8 characters of the random part
@@ -118,3 +129,136 @@ def list_keys(session: Session, team: str | None = None) -> list[tuple[ApiKey, T
     teams = {t.id: t for t in TeamRepository(session).list()}
     team_id = _team(session, team).id if team else None
     return [(k, teams[k.team_id]) for k in ApiKeyRepository(session).list(team_id)]
+
+
+# -- artifact storage -----------------------------------------------------------------------
+@dataclass
+class JobUsage:
+    """One job's share of the artifact store (``group`` is ``team/job``, or ``uploads``)."""
+
+    group: str
+    team: str | None
+    job_id: str | None
+    status: str | None
+    checkpoints: list[int]  # complete (manifest) step folders in the store
+    objects: int
+    bytes: int
+    orphan_bytes: int  # step folders without a manifest or a database row: freeable
+
+
+@dataclass
+class PruneReport:
+    deleted: list[tuple[str, int]]  # (job id, step) of checkpoints removed by retention
+    orphans: list[str]  # keys of step folders removed as half-written or forgotten
+    freed_bytes: int
+    skipped_active: list[str]  # jobs left alone because a worker may be writing them
+
+
+def _step_of(folder: str) -> int | None:
+    m = STEP_RE.match(folder)
+    return int(m.group(1)) if m else None
+
+
+def _groups(store: ArtifactStore) -> dict[str, list[tuple[str, int]]]:
+    out: dict[str, list[tuple[str, int]]] = {}
+    for key, size in store_walk(store):
+        parts = key.split("/")
+        group = "/".join(parts[:1] if parts[0] == UPLOADS else parts[:2])
+        out.setdefault(group, []).append((key, size))
+    return out
+
+
+def storage_usage(session: Session, store: ArtifactStore) -> list[JobUsage]:
+    """What the store holds, per job, largest first: the operator's ``sharp admin storage``."""
+    teams = {t.id: t.name for t in TeamRepository(session).list()}
+    rows = []
+    for group, objects in _groups(store).items():
+        parts = group.split("/")
+        job = JobRepository(session).get(parts[1]) if len(parts) == 2 else None
+        recorded = {c.step for c in CheckpointRepository(session).list(job.id)} if job else set()
+        folders: dict[str, list[tuple[str, int]]] = {}
+        for key, size in objects:
+            rest = key[len(group) + 1 :].split("/")
+            if len(rest) > 1:
+                folders.setdefault(rest[0], []).append((rest[1], size))
+        complete, orphan = [], 0
+        for folder, files in folders.items():
+            step = _step_of(folder)
+            has_manifest = any(name == MANIFEST for name, _ in files)
+            if step is not None and has_manifest and step in recorded:
+                complete.append(step)
+            elif (step is not None or folder.startswith(".tmp-step_")) and (
+                job is None or job.status not in ACTIVE_STATUSES
+            ):
+                orphan += sum(size for _, size in files)
+        rows.append(
+            JobUsage(
+                group=group,
+                team=teams.get(parts[0]) if job else None,
+                job_id=job.id if job else None,
+                status=job.status if job else None,
+                checkpoints=sorted(complete),
+                objects=len(objects),
+                bytes=sum(size for _, size in objects),
+                orphan_bytes=orphan,
+            )
+        )
+    return sorted(rows, key=lambda r: -r.bytes)
+
+
+def prune_storage(
+    session: Session, store: ArtifactStore, *, keep: int | None = None, dry_run: bool = False
+) -> PruneReport:
+    """Free space: for every job no worker is running, keep its newest checkpoints (`keep`,
+    default its spec's ``keep_checkpoints``) and its best by eval, and delete the rest, plus
+    step folders no reader would ever list (no manifest, or no database row)."""
+    report = PruneReport(deleted=[], orphans=[], freed_bytes=0, skipped_active=[])
+    for group, objects in _groups(store).items():
+        parts = group.split("/")
+        if len(parts) != 2:
+            continue
+        job = JobRepository(session).get(parts[1])
+        if job is not None and job.status in ACTIVE_STATUSES:
+            report.skipped_active.append(job.id)
+            continue
+        ckpts = CheckpointRepository(session).list(job.id) if job else []
+        by_step = {c.step: c for c in ckpts}
+        if job is not None and ckpts:
+            n = keep
+            if n is None:
+                try:
+                    n = parse_spec(job.spec).training.keep_checkpoints
+                except SharpError:
+                    n = len(ckpts)
+            kept = retained_steps([(c.step, dict(c.metrics or {})) for c in ckpts], n)
+            for c in ckpts:
+                if c.step in kept:
+                    continue
+                ckey = store.key_of(c.path)
+                size = sum(s for k, s in objects if ckey and k.startswith(f"{ckey}/"))
+                report.deleted.append((job.id, c.step))
+                report.freed_bytes += size
+                if not dry_run:
+                    CheckpointRepository(session).delete(job.id, c.step)
+                    if ckey:
+                        delete_checkpoint(store, ckey)
+        folders: dict[str, int] = {}
+        for key, size in objects:
+            rest = key[len(group) + 1 :].split("/")
+            if len(rest) > 1:
+                folders[rest[0]] = folders.get(rest[0], 0) + size
+        for folder, size in sorted(folders.items()):
+            step = _step_of(folder)
+            orphan = folder.startswith(".tmp-step_") or (
+                step is not None
+                and step not in by_step
+                and not any(d == (parts[1], step) for d in report.deleted)
+            )
+            if not orphan:
+                continue
+            report.orphans.append(f"{group}/{folder}")
+            report.freed_bytes += size
+            if not dry_run:
+                delete_checkpoint(store, f"{group}/{folder}")
+    session.flush()
+    return report

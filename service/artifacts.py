@@ -5,6 +5,9 @@ list of files the trainer wrote and hashed, so ``../../etc/passwd`` or a half-wr
 temporary file can never be served; the resolved path is still checked to stay inside the
 checkpoint folder (a symlink planted there cannot leak out either).
 
+Files are read through the artifact store (`service.store`): a local folder or an S3 bucket,
+streamed in chunks (a Range becomes a ranged GET), or answered with a presigned redirect.
+
 Why a hand-written tar stream: ``tarfile`` in streaming mode buffers each member whole, and
 a student's weights can be gigabytes. A tar member is a 512-byte header, the bytes, and
 padding, so we write exactly that while reading each file in chunks.
@@ -14,14 +17,19 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from service.errors import NotFoundError, RangeNotSatisfiableError, SharpError
+from service.errors import (
+    NotFoundError,
+    RangeNotSatisfiableError,
+    SharpError,
+    StoreUnavailableError,
+)
 from service.models import Checkpoint
+from service.store import ArtifactStore
 
 CHUNK = 1024 * 1024
 
@@ -30,21 +38,35 @@ def checkpoint_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def resolve_file(ckpt: Checkpoint, name: str) -> tuple[Path, dict[str, Any]]:
+def checkpoint_key(store: ArtifactStore, ckpt: Checkpoint) -> str:
+    key = store.key_of(ckpt.path)
+    if key is None:  # a row from another store (the deployment switched backends)
+        raise NotFoundError(f"checkpoint {ckpt.step} is not in this store", param="step")
+    return key
+
+
+def resolve_file(store: ArtifactStore, ckpt: Checkpoint, name: str) -> tuple[str, dict[str, Any]]:
+    """(key, manifest entry) of a manifest-listed file that is in the store, whole."""
     files = (ckpt.manifest or {}).get("files", {})
     meta = files.get(name)
     if meta is None:
         raise NotFoundError(f"no file '{name}' in checkpoint {ckpt.step}", param="name")
-    root = Path(ckpt.path).resolve()
-    path = (root / name).resolve()
-    if not path.is_relative_to(root) or not path.is_file():
+    root = checkpoint_key(store, ckpt)
+    key = f"{root}/{name}"
+    try:
+        size = store.size(key, within=root)
+    except FileNotFoundError:
+        size = None
+    except OSError as e:
+        raise StoreUnavailableError(f"the artifact store did not answer: {e}") from None
+    if size is None:
         raise NotFoundError(f"no file '{name}' in checkpoint {ckpt.step}", param="name")
-    if path.stat().st_size != int(meta.get("size", -1)):
+    if size != int(meta.get("size", -1)):
         raise SharpError(
-            f"'{name}' on disk does not match the checkpoint's manifest",
+            f"'{name}' in the store does not match the checkpoint's manifest",
             code="checkpoint_error",
         )
-    return path, meta
+    return key, meta
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -70,30 +92,35 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     return start, min(end, size - 1)
 
 
-def _read(path: Path, start: int, length: int) -> Iterator[bytes]:
-    with path.open("rb") as f:
-        f.seek(start)
-        left = length
-        while left > 0:
-            chunk = f.read(min(CHUNK, left))
-            if not chunk:
-                break
-            left -= len(chunk)
-            yield chunk
-
-
-def file_response(request: Request, path: Path, meta: dict[str, Any]) -> Response:
-    size = path.stat().st_size
+def file_response(
+    request: Request,
+    store: ArtifactStore,
+    key: str,
+    meta: dict[str, Any],
+    *,
+    redirect_s: int | None = None,
+) -> Response:
+    """The file with ETag (its sha256) and Range; or, with `redirect_s` and a store that can
+    presign, a 307 to a URL valid that long (conditional requests are still answered here)."""
+    size = int(meta["size"])
+    name = key.rsplit("/", 1)[-1]
     etag = f'"{meta["sha256"]}"'
     headers = {
         "ETag": etag,
         "Accept-Ranges": "bytes",
         "Cache-Control": "private, max-age=31536000, immutable",  # content-addressed
-        "Content-Disposition": f'attachment; filename="{path.name}"',
+        "Content-Disposition": f'attachment; filename="{name}"',
     }
     inm = request.headers.get("if-none-match")
     if inm and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
         return Response(status_code=304, headers=headers)
+    if redirect_s is not None:
+        url = store.presign(key, name, redirect_s)
+        if url is not None:
+            return Response(
+                status_code=307,
+                headers={"Location": url, "ETag": etag, "Cache-Control": "private, no-store"},
+            )
 
     rng = request.headers.get("range")
     if_range = request.headers.get("if-range")
@@ -109,7 +136,7 @@ def file_response(request: Request, path: Path, meta: dict[str, Any]) -> Respons
             start, end = parsed
             length = end - start + 1
             return StreamingResponse(
-                _read(path, start, length),
+                store.read(key, start, length),
                 status_code=206,
                 media_type="application/octet-stream",
                 headers={
@@ -119,42 +146,43 @@ def file_response(request: Request, path: Path, meta: dict[str, Any]) -> Respons
                 },
             )
     return StreamingResponse(
-        _read(path, 0, size),
+        store.read(key, 0, size),
         media_type="application/octet-stream",
         headers={**headers, "Content-Length": str(size)},
     )
 
 
-def archive_members(ckpt: Checkpoint) -> list[tuple[str, Path]]:
-    """(archive name, path) for every manifest file plus the manifest itself."""
-    root = Path(ckpt.path).resolve()
+def archive_members(store: ArtifactStore, ckpt: Checkpoint) -> list[tuple[str, str, int]]:
+    """(archive name, key, size) for every manifest file in the store, then the manifest."""
+    root = checkpoint_key(store, ckpt)
     folder = checkpoint_dir_name(ckpt.step)
     members = []
     for name in sorted((ckpt.manifest or {}).get("files", {})):
-        path = (root / name).resolve()
-        if path.is_relative_to(root) and path.is_file():
-            members.append((f"{folder}/{name}", path))
-    manifest = root / "manifest.json"
-    if manifest.is_file():
-        members.append((f"{folder}/manifest.json", manifest))
+        size = store.size(f"{root}/{name}", within=root)
+        if size is not None:
+            members.append((f"{folder}/{name}", f"{root}/{name}", size))
+    size = store.size(f"{root}/manifest.json", within=root)
+    if size is not None:
+        members.append((f"{folder}/manifest.json", f"{root}/manifest.json", size))
     return members
 
 
-def tar_stream(members: list[tuple[str, Path]]) -> Iterator[bytes]:
-    for arcname, path in members:
-        st = path.stat()
+def tar_stream(
+    store: ArtifactStore, members: list[tuple[str, str, int]], mtime: int = 0
+) -> Iterator[bytes]:
+    for arcname, key, size in members:
         info = tarfile.TarInfo(arcname)
-        info.size = st.st_size
-        info.mtime = int(st.st_mtime)
+        info.size = size
+        info.mtime = mtime
         info.mode = 0o644
         yield info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
         sent = 0
-        for chunk in _read(path, 0, st.st_size):
+        for chunk in store.read(key, 0, size):
             sent += len(chunk)
             yield chunk
-        if sent != st.st_size:  # the file shrank under us: a corrupt archive must not look whole
-            raise OSError(f"{path} changed while archiving")
-        pad = -st.st_size % tarfile.BLOCKSIZE
+        if sent != size:  # the object shrank under us: a corrupt archive must not look whole
+            raise OSError(f"{key} changed while archiving")
+        pad = -size % tarfile.BLOCKSIZE
         if pad:
             yield b"\0" * pad
     yield b"\0" * (2 * tarfile.BLOCKSIZE)

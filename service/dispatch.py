@@ -39,6 +39,13 @@ Dispatch = Callable[[str, str], None]
 RUN_JOB_TASK = "worker.tasks.run_job"
 #: The periodic stale-job sweep (`worker.tasks.reap`).
 REAP_TASK = "worker.tasks.reap"
+#: One webhook delivery attempt (`worker.webhooks.deliver`), on its own queue: a GPU worker
+#: runs one job for hours, so deliveries have their own worker (``python -m worker.webhooks``).
+DELIVER_TASK = "worker.webhooks.deliver"
+#: The delivery queue. Pool names start with a letter or digit, so no pool can take it.
+WEBHOOK_QUEUE = "_webhooks"
+#: delivery id -> send its Celery message (after the commit that wrote it).
+DeliveryDispatch = Callable[[str], None]
 
 #: A broker blip while sending: retry a few times within ~2 s, then raise (the job stays
 #: admitted and the reaper sends its message again after ``requeue_queued_after_s``).
@@ -102,6 +109,24 @@ def send_job(celery: Celery, job_id: str, pool: str) -> None:
         retry=True,
         retry_policy=RETRY_POLICY,
     )
+
+
+def send_delivery(celery: Celery, delivery_id: str, countdown: float | None = None) -> None:
+    """Send the message that attempts webhook delivery `delivery_id` (after `countdown` s)."""
+    celery.send_task(
+        DELIVER_TASK,
+        args=[delivery_id],
+        queue=pool_queue(WEBHOOK_QUEUE),
+        countdown=countdown,
+        retry=True,
+        retry_policy=RETRY_POLICY,
+    )
+
+
+def make_delivery_dispatch(settings: Settings) -> tuple[DeliveryDispatch, Callable[[], None]]:
+    """A `DeliveryDispatch` with its own Celery connection, and the function that closes it."""
+    celery = make_celery(settings)
+    return (lambda delivery_id: send_delivery(celery, delivery_id)), celery.close
 
 
 def make_dispatch(

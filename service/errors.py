@@ -91,3 +91,11 @@ class QuotaExceededError(SharpError):
     code = "quota_exceeded"
     status = 429
     retryable = True
+
+
+class StoreUnavailableError(SharpError):
+    """The artifact store (S3 endpoint, bucket) did not answer; try again later."""
+
+    code = "store_unavailable"
+    status = 503
+    retryable = True

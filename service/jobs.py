@@ -26,13 +26,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import lifecycle, scheduler
-from service.dispatch import Dispatch
+from service.dispatch import DeliveryDispatch, Dispatch
 from service.errors import (
     IdempotencyConflictError,
     InvalidRequestError,
     InvalidStateError,
     NotFoundError,
     QuotaExceededError,
+    StoreUnavailableError,
 )
 from service.ids import new_id
 from service.lifecycle import JobStatus
@@ -47,6 +48,7 @@ from service.repositories import (
     UploadRepository,
 )
 from service.settings import Settings
+from service.store import get_store
 from service.txn import after_commit
 from sharp_core.prune_shapes import check_prune_target
 from sharp_core.spec import JobRef, JobSpec, ModelSpec, ResourcesSpec, parse_spec
@@ -152,10 +154,12 @@ class JobService:
     settings: Settings
     live: LivePublisher | None = None
     dispatch: Dispatch | None = None
+    #: Sends the Celery message of each webhook delivery a cancel enqueues.
+    deliver: DeliveryDispatch | None = None
 
     @property
     def jobs(self) -> JobRepository:
-        return JobRepository(self.session, self.live)
+        return JobRepository(self.session, self.live, self.deliver)
 
     # -- create ----------------------------------------------------------------------------
     def create(
@@ -274,7 +278,13 @@ class JobService:
             config = dict(teacher.config)
         elif isinstance(teacher.model, JobRef):
             ckpts = CheckpointRepository(self.session).list(teacher.model.job)  # by step
-            folder = Path(ckpts[-1].path) if ckpts else None
+            store = get_store(self.settings)
+            key = store.key_of(ckpts[-1].path) if ckpts else None
+            try:
+                raw = store.read_bytes(f"{key}/config.json") if key else None
+                config = json.loads(raw) if raw else None
+            except (OSError, ValueError):
+                return None  # the worker reports a missing or unreadable model
         elif teacher.model is not None and teacher.model.startswith(("/", "./", "../", "~")):
             folder = Path(teacher.model).expanduser()
         if folder is not None:
@@ -297,7 +307,13 @@ class JobService:
 
     def _check_queued_quota(self, team: Team) -> None:
         """Refuse a job over the team's ``max_queued_jobs``. The team row is locked first, so
-        concurrent submissions count one after the other (SQLite serialises them anyway)."""
+        concurrent submissions count one after the other (SQLite serialises them anyway).
+
+        A team without the quota (as read by this request's authentication) takes no lock:
+        every submission of a team used to wait for the row until the one before it
+        committed, which serialised a team's POSTs (issue 17's profile)."""
+        if team.max_queued_jobs is None:
+            return
         limit = TeamRepository(self.session).lock_queued_quota(team.id)
         if limit is None:
             return
@@ -314,9 +330,12 @@ class JobService:
         skipped if another pass is running (see `scheduler.admit`)."""
         factory = sessionmaker(bind=self.session.get_bind(), expire_on_commit=False)
         dispatch, timeout = self.dispatch, self.settings.heartbeat_timeout_s
+        refresh_s = self.settings.queue_refresh_s
         after_commit(
             self.session,
-            lambda: scheduler.run_pass(factory, dispatch, heartbeat_timeout_s=timeout, wait=False),
+            lambda: scheduler.run_pass(
+                factory, dispatch, heartbeat_timeout_s=timeout, wait=False, refresh_s=refresh_s
+            ),
         )
 
     # -- responses -------------------------------------------------------------------------
@@ -363,8 +382,8 @@ class JobService:
             if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
                 raise InvalidStateError(f"job is already {job.status}", param="job_id")
             done = lifecycle.request_cancel(self.jobs, job)
-            if done and job.status == JobStatus.QUEUED and job.admitted_at is not None:
-                self._schedule_after_commit()  # its slot is free again
+            if done and job.status == JobStatus.QUEUED:
+                self._schedule_after_commit()  # its slot, or its place in line, is free
             job = self.jobs.get(job.id)  # type: ignore[assignment]
             if done:
                 return job
@@ -404,6 +423,16 @@ class JobService:
         step0 = MetricRepository(self.session).at_step(job.id, 0, STEP0_EVAL_METRICS)
         return {**event.data, "eval_at_step_0": step0}
 
+    def teacher_cache(self, job: Job) -> list[dict[str, Any]] | None:
+        """The teacher-logit caches the job built or read (`service.teacher_caches.of_job`);
+        None for a job that asks for none (asked nothing of the database)."""
+        method = (job.spec or {}).get("method") or {}
+        if ((method.get("teacher_cache") or {}).get("mode") or "off") == "off":
+            return None
+        from service.teacher_caches import of_job
+
+        return of_job(self.session, job.id)
+
     # -- metrics and checkpoints -----------------------------------------------------------
     def metrics(
         self, team: Team, job_id: str, *, after: int | None, limit: int, names: Sequence[str]
@@ -415,17 +444,23 @@ class JobService:
         return MetricsPage(steps=rows, next_after=rows[-1][0] if rows else after)
 
     def checkpoints(self, team: Team, job_id: str) -> list[Checkpoint]:
-        """Checkpoints whose folder still exists (the trainer prunes old ones)."""
+        """Checkpoints whose manifest is still in the store (retention deletes old ones)."""
         job = self.get(team, job_id)
-        return [
-            ck
-            for ck in CheckpointRepository(self.session).list(job.id)
-            if (Path(ck.path) / "manifest.json").is_file()
-        ]
+        return [ck for ck in CheckpointRepository(self.session).list(job.id) if self._stored(ck)]
 
     def checkpoint(self, team: Team, job_id: str, step: int) -> Checkpoint:
         job = self.get(team, job_id)
         ck = CheckpointRepository(self.session).get(job.id, step)
-        if ck is None or not (Path(ck.path) / "manifest.json").is_file():
+        if ck is None or not self._stored(ck):
             raise NotFoundError(f"no checkpoint at step {step}", param="step")
         return ck
+
+    def _stored(self, ck: Checkpoint) -> bool:
+        store = get_store(self.settings)
+        key = store.key_of(ck.path)
+        if key is None:
+            return False
+        try:
+            return store.exists(f"{key}/manifest.json")
+        except OSError as e:
+            raise StoreUnavailableError(f"the artifact store did not answer: {e}") from None

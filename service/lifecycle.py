@@ -18,6 +18,10 @@ The table (`TRANSITIONS`)::
     requeue_or_fail  running, cancelling   → queued | failed | cancelled
     retry            failed, cancelled     → queued         budget: attempt + max_attempts
 
+A transition that ends a job (to succeeded, failed or cancelled) also writes the job's
+webhook deliveries in the same transaction (`_ended`, `service.webhooks.enqueue_job_event`):
+the outbox row exists exactly when the status does.
+
 ``admit`` (the scheduler) and ``heartbeat`` (the supervisor) write a queued or active row
 without changing its status. Nothing leaves ``succeeded``, and only ``retry`` leaves
 ``failed``/``cancelled``; ``attempt`` only grows (`plan` is the pure model the tests check
@@ -141,6 +145,13 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def _ended(repo: JobRepository, job_id: str, status: JobStatus) -> None:
+    """`job_id` has just become `status` (terminal) in this transaction: its webhook outbox."""
+    from service.webhooks import enqueue_job_event  # it imports the models, which import us
+
+    enqueue_job_event(repo, job_id, status.value)
+
+
 def start(repo: JobRepository, job: Job) -> dict[str, Any]:
     """Insert a new job as ``queued`` at attempt 0 with its first status event (seq 1).
     Returns the event's data (the caller publishes it after the commit)."""
@@ -196,6 +207,8 @@ def request_cancel(repo: JobRepository, job: Job) -> bool:
         values = {"cancel_requested": True}
         to = CANCELLING
     seq = repo.transition(job.id, to.value, from_statuses=(current.value,), values=values)
+    if seq is not None and to == CANCELLED:
+        _ended(repo, job.id, CANCELLED)
     return seq is not None
 
 
@@ -228,6 +241,8 @@ def finish(
         heartbeat_before=stale_before,
         on_worker=on_worker,
     )
+    if seq is not None:
+        _ended(repo, job_id, status)
     return seq is not None
 
 
@@ -256,7 +271,10 @@ def requeue_or_fail(
             data={"reason": reason},
             **common,
         )
-        return CANCELLED if seq is not None else None
+        if seq is None:
+            return None
+        _ended(repo, job.id, CANCELLED)
+        return CANCELLED
     if job.attempt < job.max_attempts:
         seq = repo.transition(
             job.id,
@@ -276,7 +294,10 @@ def requeue_or_fail(
         data={"reason": reason},
         **common,
     )
-    return FAILED if seq is not None else None
+    if seq is None:
+        return None
+    _ended(repo, job.id, FAILED)
+    return FAILED
 
 
 def retry(repo: JobRepository, job: Job, budget: int) -> bool:

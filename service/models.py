@@ -143,6 +143,11 @@ class Job(Base):
     # Set when the scheduler admits the job (its Celery message is sent after that commit);
     # NULL while it waits for capacity or its team's quota. Only admitted jobs can be claimed.
     admitted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # A waiting job's place in its pool and why it waits, as the latest scheduling pass
+    # computed them (`service.scheduler.refresh_positions`), so reading a job does not
+    # replay the queue; NULL until a pass has placed it (and again when it is re-queued).
+    queue_position: Mapped[int | None] = mapped_column(Integer)
+    queue_reason: Mapped[str | None] = mapped_column(String(200))
     # Written only by `service.lifecycle`'s transitions.
     status: Mapped[str] = mapped_column(String(16), default="queued", server_default="queued")
     attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
@@ -248,3 +253,109 @@ class Worker(Base):
     hostname: Mapped[str] = mapped_column(String(255))
     started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     heartbeat_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+#: ``webhook_deliveries.status``: waiting for its next attempt, delivered, or given up.
+DELIVERY_STATUSES = ("pending", "succeeded", "failed")
+
+
+class WebhookEndpoint(Base):
+    """A team's webhook URL and the events it subscribes to (`service.webhooks`).
+
+    The signing secret is stored Fernet-encrypted (signing needs the plaintext, so a hash
+    would not do); ``secret_prefix`` is what a human sees, as with API keys.
+    """
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index("ix_webhook_endpoints_team_id_id", "team_id", "id"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[list[str]] = mapped_column(JSONType)
+    description: Mapped[str | None] = mapped_column(String(200))
+    secret_encrypted: Mapped[str] = mapped_column(Text)
+    secret_prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint: the outbox row, written in the transaction that ended the
+    job, so a crash cannot lose it. ``body`` is the exact JSON sent on every attempt."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ({})".format(", ".join(f"'{s}'" for s in DELIVERY_STATUSES)), name="status"
+        ),
+        UniqueConstraint("endpoint_id", "event_id"),
+        Index("ix_webhook_deliveries_endpoint_id_id", "endpoint_id", "id"),
+        Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
+    event_id: Mapped[str] = mapped_column(String(32))
+    event_type: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[str | None] = mapped_column(String(32))
+    body: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When the next attempt is due (NULL once delivered or given up); a claimed attempt
+    # pushes it forward by a lease, so the sweeper re-sends only lost messages.
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WebhookAttempt(Base):
+    """One HTTP attempt of a delivery: what came back and how long it took."""
+
+    __tablename__ = "webhook_attempts"
+
+    delivery_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), primary_key=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    duration_ms: Mapped[float | None] = mapped_column(Double)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class TeacherCache(Base):
+    """A team's teacher-logit cache (`sharp_core.teacher_cache`): one row per key, written by
+    the training process that built or read it; the files live in the artifact store under
+    ``teacher-caches/<team>/<key>/``. ``parts`` is what the key hashes (teacher, tokenizer,
+    data set, packing, kind, k…)."""
+
+    __tablename__ = "teacher_caches"
+    __table_args__ = (UniqueConstraint("team_id", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    k: Mapped[int] = mapped_column(Integer)
+    parts: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    shards: Mapped[int] = mapped_column(Integer)
+    positions: Mapped[int] = mapped_column(BigInteger)
+    built_by_job_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class TeacherCacheUse(Base):
+    """A job that built (``role`` 'built') or read ('read') a teacher cache."""
+
+    __tablename__ = "teacher_cache_uses"
+
+    cache_id: Mapped[int] = mapped_column(
+        ForeignKey("teacher_caches.id", ondelete="CASCADE"), primary_key=True
+    )
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

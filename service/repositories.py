@@ -16,11 +16,23 @@ commit in order.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Connection, and_, case, delete, func, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -32,8 +44,13 @@ from service.models import (
     Job,
     JobEvent,
     Metric,
+    TeacherCache,
+    TeacherCacheUse,
     Team,
     Upload,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
     Worker,
     utcnow,
 )
@@ -131,11 +148,19 @@ class ApiKeyRepository:
 
 
 class JobRepository:
-    """Jobs and their event log. Pass `live` to publish appended events after commit."""
+    """Jobs and their event log. Pass `live` to publish appended events after commit, and
+    `deliver` to send the Celery message of each webhook delivery a transition enqueues
+    (`service.webhooks`; without it the delivery worker's sweep finds them)."""
 
-    def __init__(self, session: Session, live: LivePublisher | None = None):
+    def __init__(
+        self,
+        session: Session,
+        live: LivePublisher | None = None,
+        deliver: Callable[[str], None] | None = None,
+    ):
         self.session = session
         self.live = live
+        self.deliver = deliver
 
     # -- reads -----------------------------------------------------------------------------
     def get(self, job_id: str) -> Job | None:
@@ -222,6 +247,11 @@ class JobRepository:
         self.session.add(job)
         self.session.flush()
         return job
+
+    def insert_many(self, rows: Sequence[dict[str, Any]], batch: int = 2000) -> None:
+        """Bulk-insert job rows (benchmarks pre-filling a queue; the API adds one at a time)."""
+        for i in range(0, len(rows), batch):
+            self.session.execute(insert(Job), list(rows[i : i + batch]))
 
     def update_fenced(
         self,
@@ -357,6 +387,8 @@ class JobRepository:
         the job was not in an allowed state (someone else moved it first).
         """
         vals = {"status": to_status, **(values or {})}
+        if to_status == _QUEUED:  # back in line: the next scheduling pass places it again
+            vals.update(queue_position=None, queue_reason=None)
         seq = self.update_fenced(
             job_id, statuses=from_statuses, values=vals, events=1, **conditions
         )
@@ -521,6 +553,244 @@ class UploadRepository:
         return upload
 
 
+class WebhookRepository:
+    """Webhook endpoints, their delivery outbox and the attempt log (`service.webhooks`).
+
+    A delivery attempt is claimed by a conditional UPDATE (pending, due, attempts left) that
+    bumps ``attempts`` and pushes ``next_attempt_at`` out by a lease, so a duplicate Celery
+    message, or the sweeper re-sending one, never runs an attempt twice; its outcome is
+    written only while the row is still at that attempt.
+    """
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    # -- endpoints -------------------------------------------------------------------------
+    def add_endpoint(self, endpoint: WebhookEndpoint) -> WebhookEndpoint:
+        self.session.add(endpoint)
+        self.session.flush()
+        return endpoint
+
+    def count_endpoints(self, team_id: str) -> int:
+        return int(
+            self.session.scalar(
+                select(func.count())
+                .select_from(WebhookEndpoint)
+                .where(WebhookEndpoint.team_id == team_id)
+            )
+            or 0
+        )
+
+    def list_endpoints(self, team_id: str) -> Sequence[WebhookEndpoint]:
+        return self.session.scalars(
+            select(WebhookEndpoint)
+            .where(WebhookEndpoint.team_id == team_id)
+            .order_by(WebhookEndpoint.id.desc())
+        ).all()
+
+    def get_endpoint_for_team(self, team_id: str, endpoint_id: str) -> WebhookEndpoint | None:
+        return self.session.scalar(
+            select(WebhookEndpoint).where(
+                WebhookEndpoint.id == endpoint_id, WebhookEndpoint.team_id == team_id
+            )
+        )
+
+    def get_endpoint(self, endpoint_id: str) -> WebhookEndpoint | None:
+        return self.session.get(WebhookEndpoint, endpoint_id)
+
+    def delete_endpoint(self, endpoint_id: str) -> None:
+        self.session.execute(delete(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_id))
+
+    def endpoints_for_job(self, job_id: str) -> Sequence[WebhookEndpoint]:
+        """The endpoints of the team that owns `job_id` (one indexed join)."""
+        return self.session.scalars(
+            select(WebhookEndpoint)
+            .join(Job, Job.team_id == WebhookEndpoint.team_id)
+            .where(Job.id == job_id)
+            .order_by(WebhookEndpoint.id)
+        ).all()
+
+    # -- deliveries ------------------------------------------------------------------------
+    def add_deliveries(self, rows: Sequence[WebhookDelivery]) -> None:
+        self.session.add_all(rows)
+        self.session.flush()
+
+    def get_delivery(self, delivery_id: str) -> WebhookDelivery | None:
+        return self.session.get(WebhookDelivery, delivery_id, populate_existing=True)
+
+    def list_deliveries(
+        self, endpoint_id: str, *, limit: int, before_id: str | None
+    ) -> Sequence[WebhookDelivery]:
+        """Newest first (ids are ULIDs); `before_id` is the keyset cursor."""
+        q = select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint_id)
+        if before_id is not None:
+            q = q.where(WebhookDelivery.id < before_id)
+        return self.session.scalars(q.order_by(WebhookDelivery.id.desc()).limit(limit)).all()
+
+    def attempts_of(self, delivery_ids: Sequence[str]) -> dict[str, list[WebhookAttempt]]:
+        out: dict[str, list[WebhookAttempt]] = {d: [] for d in delivery_ids}
+        if not delivery_ids:
+            return out
+        rows = self.session.scalars(
+            select(WebhookAttempt)
+            .where(WebhookAttempt.delivery_id.in_(delivery_ids))
+            .order_by(WebhookAttempt.delivery_id, WebhookAttempt.attempt)
+        )
+        for a in rows:
+            out[a.delivery_id].append(a)
+        return out
+
+    def claim_attempt(
+        self, delivery_id: str, now: dt.datetime, lease_until: dt.datetime, max_attempts: int
+    ) -> int | None:
+        """The attempt number now ours, or None: not pending, not due yet (another message
+        holds it, or it waits for its backoff), or out of attempts."""
+        stmt = (
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.id == delivery_id,
+                WebhookDelivery.status == "pending",
+                WebhookDelivery.next_attempt_at <= now,
+                WebhookDelivery.attempts < max_attempts,
+            )
+            .values(
+                attempts=WebhookDelivery.attempts + 1, next_attempt_at=lease_until, updated_at=now
+            )
+            .returning(WebhookDelivery.attempts)
+            .execution_options(synchronize_session=False)
+        )
+        return self.session.execute(stmt).scalar_one_or_none()
+
+    def add_attempt(self, attempt: WebhookAttempt) -> None:
+        self.session.add(attempt)
+        self.session.flush()
+
+    def settle(
+        self,
+        delivery_id: str,
+        attempt: int,
+        *,
+        status: str,
+        next_attempt_at: dt.datetime | None,
+        status_code: int | None,
+        now: dt.datetime,
+    ) -> bool:
+        """Write an attempt's outcome, if the delivery is still pending at that attempt."""
+        stmt = (
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.id == delivery_id,
+                WebhookDelivery.status == "pending",
+                WebhookDelivery.attempts == attempt,
+            )
+            .values(
+                status=status,
+                next_attempt_at=next_attempt_at,
+                last_status_code=status_code,
+                updated_at=now,
+            )
+            .returning(WebhookDelivery.id)
+            .execution_options(synchronize_session=False)
+        )
+        return self.session.execute(stmt).scalar_one_or_none() is not None
+
+    def overdue(self, cutoff: dt.datetime, limit: int = 100) -> Sequence[Any]:
+        """(id, attempts) of pending deliveries due before `cutoff`: their message is lost."""
+        return self.session.execute(
+            select(WebhookDelivery.id, WebhookDelivery.attempts)
+            .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at < cutoff)
+            .order_by(WebhookDelivery.next_attempt_at)
+            .limit(limit)
+        ).all()
+
+    def touch_overdue(
+        self, delivery_id: str, now: dt.datetime, *, cutoff: dt.datetime, give_up: bool
+    ) -> bool:
+        """Mark an overdue delivery re-sent (due now) or, out of attempts, failed; only if it
+        is still overdue (another sweeper may have been first)."""
+        values: dict[str, Any] = {"updated_at": now}
+        if give_up:
+            values.update(status="failed", next_attempt_at=None)
+        else:
+            values["next_attempt_at"] = now
+        stmt = (
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.id == delivery_id,
+                WebhookDelivery.status == "pending",
+                WebhookDelivery.next_attempt_at < cutoff,
+            )
+            .values(**values)
+            .returning(WebhookDelivery.id)
+            .execution_options(synchronize_session=False)
+        )
+        return self.session.execute(stmt).scalar_one_or_none() is not None
+
+
+class TeacherCacheRepository:
+    """Teacher-logit caches of a team and the jobs that built or read them."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def record(
+        self, *, team_id: str, job_id: str, attempt: int, role: str, values: dict[str, Any]
+    ) -> int:
+        """Upsert the (team, key) row with what the job found on disk, and the job's use of it.
+
+        A rebuild (role 'built' of an existing key, after a corrupt or mismatched cache was
+        discarded) updates the row's size and builder."""
+        now = utcnow()
+        row = {**values, "team_id": team_id, "created_at": now, "updated_at": now}
+        if role == "built":
+            row["built_by_job_id"] = job_id
+        stmt = _insert(self.session, TeacherCache).values(**row)
+        update_cols = ["kind", "k", "parts", "size_bytes", "shards", "positions", "updated_at"]
+        if role == "built":
+            update_cols += ["built_by_job_id", "created_at"]
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["team_id", "key"],
+            set_={c: stmt.excluded[c] for c in update_cols},
+        ).returning(TeacherCache.id)
+        cache_id = int(self.session.execute(stmt).scalar_one())
+        use = _insert(self.session, TeacherCacheUse).values(
+            cache_id=cache_id, job_id=job_id, role=role, attempt=attempt, created_at=now
+        )
+        use = use.on_conflict_do_update(
+            index_elements=["cache_id", "job_id", "role"],
+            set_={"attempt": use.excluded.attempt, "created_at": use.excluded.created_at},
+        )
+        self.session.execute(use)
+        return cache_id
+
+    def list_for_team(self, team_id: str, limit: int) -> Sequence[TeacherCache]:
+        return self.session.scalars(
+            select(TeacherCache)
+            .where(TeacherCache.team_id == team_id)
+            .order_by(TeacherCache.created_at.desc(), TeacherCache.id.desc())
+            .limit(limit)
+        ).all()
+
+    def uses(self, cache_ids: Sequence[int]) -> Sequence[TeacherCacheUse]:
+        if not cache_ids:
+            return []
+        return self.session.scalars(
+            select(TeacherCacheUse)
+            .where(TeacherCacheUse.cache_id.in_(cache_ids))
+            .order_by(TeacherCacheUse.created_at, TeacherCacheUse.job_id)
+        ).all()
+
+    def of_job(self, job_id: str) -> Sequence[tuple[TeacherCache, TeacherCacheUse]]:
+        """The caches a job built or read, its latest use first."""
+        rows = self.session.execute(
+            select(TeacherCache, TeacherCacheUse)
+            .join(TeacherCacheUse, TeacherCacheUse.cache_id == TeacherCache.id)
+            .where(TeacherCacheUse.job_id == job_id)
+            .order_by(TeacherCacheUse.created_at.desc())
+        ).all()
+        return [(c, u) for c, u in rows]
+
+
 # --------------------------------------------------------------------------- scheduling
 def busy_condition() -> Any:
     """Jobs that hold a slot: admitted (message sent, not claimed yet) or running."""
@@ -580,12 +850,81 @@ class SchedulerRepository:
         ]
 
     def waiting(self) -> Sequence[Any]:
-        """Queued jobs not admitted yet: (id, team_id, queue, gpus, priority, created_at)."""
+        """Queued jobs not admitted yet: (id, team_id, queue, gpus, priority, created_at,
+        queue_position, queue_reason), the last two as the latest pass stored them."""
         return self.session.execute(
-            select(Job.id, Job.team_id, Job.queue, Job.gpus, Job.priority, Job.created_at).where(
-                Job.status == _QUEUED, Job.admitted_at.is_(None)
-            )
+            select(
+                Job.id,
+                Job.team_id,
+                Job.queue,
+                Job.gpus,
+                Job.priority,
+                Job.created_at,
+                Job.queue_position,
+                Job.queue_reason,
+            ).where(Job.status == _QUEUED, Job.admitted_at.is_(None))
         ).all()
+
+    def waiting_heads(self, pools: dict[str, tuple[int, int]]) -> Sequence[Any]:
+        """Per pool and team, the first ``n`` waiting jobs in the team's order (priority
+        first, then age) among those that fit the pool: ``pools`` maps a pool to (n, largest
+        worker's GPUs). What an admission needs (it admits at most ``n`` = free slots per
+        pool), so it does not read the whole queue. Same columns as `waiting`."""
+        if not pools:
+            return []
+        rows: list[Any] = []
+        for pool, (n, max_gpus) in pools.items():
+            rank = (
+                func.row_number()
+                .over(
+                    partition_by=Job.team_id,
+                    order_by=(Job.priority.desc(), Job.created_at, Job.id),
+                )
+                .label("rank")
+            )
+            inner = (
+                select(
+                    Job.id,
+                    Job.team_id,
+                    Job.queue,
+                    Job.gpus,
+                    Job.priority,
+                    Job.created_at,
+                    Job.queue_position,
+                    Job.queue_reason,
+                    rank,
+                )
+                .where(
+                    Job.status == _QUEUED,
+                    Job.admitted_at.is_(None),
+                    Job.queue == pool,
+                    Job.gpus <= max_gpus,
+                )
+                .subquery()
+            )
+            cols = [c for c in inner.c if c.name != "rank"]
+            rows += self.session.execute(select(*cols).where(inner.c.rank <= n)).all()
+        return rows
+
+    def store_positions(self, rows: Sequence[tuple[str, int | None, str]]) -> None:
+        """Write (job id, position, reason) for waiting jobs, as a pass computed them; a job
+        admitted or gone meanwhile is left alone (the pass holds the scheduling lock, and
+        the condition keeps a cancelled job's row as its cancel left it)."""
+        if not rows:
+            return
+        stmt = (
+            update(Job)
+            .where(
+                Job.id == bindparam("b_id"),
+                Job.status == _QUEUED,
+                Job.admitted_at.is_(None),
+            )
+            .values(queue_position=bindparam("b_pos"), queue_reason=bindparam("b_reason"))
+            .execution_options(synchronize_session=False)
+        )
+        self.session.connection().execute(
+            stmt, [{"b_id": i, "b_pos": p, "b_reason": r} for i, p, r in rows]
+        )
 
     def admitted(self) -> Sequence[Any]:
         """Admitted jobs no worker claimed yet: (id, queue)."""

@@ -23,6 +23,17 @@ The model:
 `decide` and `explain` are pure functions of a `ClusterState` snapshot, which `load_state`
 reads from the database; tests build the state in Postgres and assert the exact order.
 
+Positions: `explain` replays the queue to give every waiting job its place. Since issue 17 a
+pass stores the result on the job rows (`refresh_positions`, with `placements`, the same
+answer from one merge of the teams' queues), and `queue_info` reads the row: a poll of a
+queued job costs the same with 10 000 waiting jobs as with 10. What depends on the live
+workers (no worker serves the pool, the job is too big for any) and admission (position 0)
+is read live, so a dead pool shows at once. The refresh reads the whole queue, so a
+submission's pass refreshes at once only while the queue is small (`IMMEDIATE_BELOW`);
+above that an API process refreshes at most every ``queue_refresh_s`` and a timer runs the
+refresh it skipped. Between a change and the refresh, a job that was never placed reads
+"waiting for the next scheduling pass"; admissions themselves are never delayed.
+
 Concurrency: `run_pass` holds a Postgres transaction-level advisory lock while it reads the
 state and writes admissions, so passes from several API processes and workers run one at a
 time and never admit more than the capacity. On SQLite every transaction is ``BEGIN
@@ -33,6 +44,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -97,6 +110,8 @@ class ClusterState:
     teams: dict[str, TeamState]
     waiting: list[Waiting]
     admitted: list[tuple[str, str]] = field(default_factory=list)  # (job, pool), not started
+    # job -> (queue_position, queue_reason) as stored on the waiting rows read
+    stored: dict[str, tuple[int | None, str | None]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -254,15 +269,102 @@ def explain(state: ClusterState) -> dict[str, QueueInfo]:
     return info
 
 
+def placements(state: ClusterState) -> dict[str, QueueInfo]:
+    """What `explain` returns, in O(waiting · log teams): per pool, one merge of the teams'
+    queues (each already in team order), a heap keyed like `_pick_team`.
+
+    Why a heap gives the same order: a team's key ``usage / weight`` only grows with each
+    job it is given, and the round-robin tie-break (``last_admitted``) changes only for the
+    team just served, which is pushed back with its new key; every other entry's key is
+    unchanged, so the heap's minimum is `_pick_team`'s choice at every step.
+    `tests/test_scheduler_positions.py` checks both on random queues."""
+    import heapq
+
+    info: dict[str, QueueInfo] = {}
+    for job_id, pool_name in state.admitted:
+        info[job_id] = QueueInfo(0, f"admitted; waiting for a worker in pool '{pool_name}'")
+    epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+    for pool_name, by_team in sorted(_by_pool_and_team(state.waiting).items()):
+        base = state.pools.get(pool_name) or PoolState(pool_name)
+        if base.slots == 0:
+            unserved = QueueInfo(None, f"no worker serves pool '{pool_name}'")
+            for jobs in by_team.values():
+                for w in jobs:
+                    info[w.job_id] = unserved
+            continue
+        waiting_for = f"waiting for a free {pool_name}"
+        heap: list[tuple[Any, ...]] = []
+        queues: dict[str, list[Waiting]] = {}
+        usage = dict(base.usage)
+        for t, jobs in by_team.items():
+            fit = []
+            for w in jobs:
+                if _fits_pool(w, base):
+                    fit.append(w)
+                else:
+                    info[w.job_id] = QueueInfo(
+                        None,
+                        f"no worker in pool '{pool_name}' has {w.gpus} GPUs "
+                        f"(the largest has {base.max_gpus})",
+                    )
+            if fit:
+                queues[t] = fit
+                weight = (state.teams.get(t) or TeamState(t)).weight
+                last = base.last_admitted.get(t, epoch)
+                heap.append((usage.get(t, 0) / weight, last, fit[0].created_at, t, 0))
+        heapq.heapify(heap)
+        position = 0
+        reasons: dict[tuple[str, int], str] = {}
+        while heap:
+            share, _last, _created, t, i = heapq.heappop(heap)
+            team = state.teams.get(t)
+            weight = (team or TeamState(t)).weight
+            jobs = queues[t]
+            # Serve `t` while it stays strictly below every other team's key: on a tie the
+            # other team wins (it was admitted less recently than `t`, just served).
+            while True:
+                w = jobs[i]
+                position += 1
+                usage[t] = usage.get(t, 0) + share_units(w.gpus)
+                reason = reasons.get((t, w.gpus))
+                if reason is None:
+                    if _over_quota(team, w.gpus):
+                        assert team is not None and team.max_running_gpus is not None
+                        reason = (
+                            f"team quota: {team.gpus_in_use} of {team.max_running_gpus} GPUs in use"
+                        )
+                    else:
+                        reason = waiting_for
+                    reasons[(t, w.gpus)] = reason
+                info[w.job_id] = QueueInfo(position, reason)
+                i += 1
+                if i == len(jobs):
+                    break
+                share = usage[t] / weight
+                if heap and not share < heap[0][0]:
+                    tick = state.now + dt.timedelta(microseconds=position)
+                    heapq.heappush(heap, (share, tick, jobs[i].created_at, t, i))
+                    break
+    return info
+
+
 # --------------------------------------------------------------------------- the database
 def live_cutoff(now: dt.datetime, heartbeat_timeout_s: float) -> dt.datetime:
     return now - dt.timedelta(seconds=heartbeat_timeout_s)
 
 
 def load_state(
-    session: Session, *, heartbeat_timeout_s: float, now: dt.datetime | None = None
+    session: Session,
+    *,
+    heartbeat_timeout_s: float,
+    now: dt.datetime | None = None,
+    heads_only: bool = False,
 ) -> ClusterState:
-    """Read what `decide` and `explain` need, in a handful of grouped queries."""
+    """Read what `decide` and `explain` need, in a handful of grouped queries.
+
+    ``heads_only``: only what `decide` needs, the first waiting jobs of each team in pools
+    with a free slot (as many as there are free slots), not the whole queue; no admitted
+    list."""
     now = now or utcnow()
     pools: dict[str, PoolState] = {}
 
@@ -274,6 +376,8 @@ def load_state(
         p = pool(name)
         p.slots, p.max_gpus = slots, max_gpus
 
+    if heads_only and not pools:  # no live worker anywhere: nothing can be admitted
+        return ClusterState(now, pools, {}, [])
     teams = {
         t.id: TeamState(t.id, t.name, float(t.weight), t.max_running_gpus)
         for t in TeamRepository(session).list()
@@ -284,16 +388,21 @@ def load_state(
         p.usage[team_id] = share
         if team_id in teams:
             teams[team_id].gpus_in_use += gpus
+    free = {p.pool: (p.slots - p.busy, p.max_gpus) for p in pools.values() if p.slots > p.busy}
+    if heads_only and not free:  # every slot is taken: no queue to read
+        return ClusterState(now, pools, teams, [])
     for name, team_id, last in repo.last_admitted():
         if last is not None:
             pool(name).last_admitted[team_id] = _aware(last)
 
+    rows = repo.waiting_heads(free) if heads_only else repo.waiting()
     waiting = [
         Waiting(r.id, r.team_id, r.queue, int(r.gpus), int(r.priority), _aware(r.created_at))
-        for r in repo.waiting()
+        for r in rows
     ]
-    admitted = [(r.id, r.queue) for r in repo.admitted()]
-    return ClusterState(now=now, pools=pools, teams=teams, waiting=waiting, admitted=admitted)
+    admitted = [] if heads_only else [(r.id, r.queue) for r in repo.admitted()]
+    stored = {r.id: (r.queue_position, r.queue_reason) for r in rows}
+    return ClusterState(now, pools, teams, waiting, admitted, stored)
 
 
 def _aware(value: Any) -> dt.datetime:
@@ -308,7 +417,34 @@ def plan(
     session: Session, *, heartbeat_timeout_s: float, now: dt.datetime | None = None
 ) -> list[Admission]:
     """`decide` on the database's current state: the admissions a pass would make now."""
-    return decide(load_state(session, heartbeat_timeout_s=heartbeat_timeout_s, now=now))
+    return decide(
+        load_state(session, heartbeat_timeout_s=heartbeat_timeout_s, now=now, heads_only=True)
+    )
+
+
+#: A submission's pass refreshes every position at once while fewer jobs than this wait
+#: (a few milliseconds); above, at most every ``queue_refresh_s`` per API process.
+IMMEDIATE_BELOW = 1000
+#: Above `IMMEDIATE_BELOW`, the share of one core's wall time an API process may spend on
+#: refreshes: one that took 50 ms waits at least 1 s (``queue_refresh_s``), 200 ms waits 4 s.
+BUDGET = 0.05
+
+
+def refresh_positions(
+    session: Session, *, heartbeat_timeout_s: float, now: dt.datetime | None = None
+) -> int:
+    """Store every waiting job's position and reason (`placements`), writing only the rows
+    whose values changed. Call it holding the scheduling lock, after admissions. Returns the
+    number of waiting jobs read."""
+    state = load_state(session, heartbeat_timeout_s=heartbeat_timeout_s, now=now)
+    stored = state.stored
+    changed = []
+    for job_id, q in placements(state).items():
+        old = stored.get(job_id)
+        if old is not None and old != (q.position, q.reason):
+            changed.append((job_id, q.position, q.reason))
+    SchedulerRepository(session).store_positions(changed)
+    return len(state.waiting)
 
 
 def lock(session: Session, *, wait: bool = True) -> bool:
@@ -326,6 +462,7 @@ def admit(
     heartbeat_timeout_s: float,
     now: dt.datetime | None = None,
     wait: bool = True,
+    positions: bool = True,
 ) -> list[Admission]:
     """One pass inside the caller's transaction: lock, decide, mark admitted, and send the
     messages after the commit. Returns the admissions that were written.
@@ -335,6 +472,8 @@ def admit(
     the same queue made POST /v1/jobs take seconds (bench.api_load at 64 clients). A job
     skipped that way is admitted by the pass that is running if that pass's snapshot saw
     its commit, else by the next worker heartbeat's pass (`scheduler_interval_s`).
+    ``positions``: also refresh the stored queue positions (`refresh_positions`) in the
+    same transaction.
     """
     if not lock(session, wait=wait):
         return []
@@ -349,6 +488,10 @@ def admit(
             after_commit(session, partial(dispatch, a.job_id, a.pool))
     if done:
         log.info("scheduler admitted %s", [(a.job_id, a.pool) for a in done])
+    if positions:
+        session.info["sharp_waiting"] = refresh_positions(
+            session, heartbeat_timeout_s=heartbeat_timeout_s, now=now
+        )
     return done
 
 
@@ -358,33 +501,146 @@ def run_pass(
     *,
     heartbeat_timeout_s: float,
     wait: bool = True,
+    refresh_s: float | None = None,
 ) -> list[Admission]:
     """A pass in its own transaction (what triggers call). Never raises: a failed pass is
-    logged and the next trigger or the periodic tick tries again. ``wait``: see `admit`."""
+    logged and the next trigger or the periodic tick tries again. ``wait``: see `admit`.
+
+    ``refresh_s`` (what the API's triggers pass, ``queue_refresh_s``): refresh the stored
+    positions at once while the queue is small, else at most that often in this process; a
+    refresh skipped for that or for a busy lock is run by a timer later. None (workers'
+    passes, tests): refresh in every pass."""
+    if refresh_s is None:
+        return _pass(factory, dispatch, heartbeat_timeout_s, wait=wait, positions=True)[0]
+    r = _refresher(factory, refresh_s)
+    due = r.due()
+    t0 = time.monotonic()
+    done, waiting = _pass(factory, dispatch, heartbeat_timeout_s, wait=wait, positions=due)
+    if waiting is not None:
+        r.refreshed(waiting, time.monotonic() - t0)
+    else:  # skipped: the lock was busy (its holder may have read the queue before our
+        # commit) or the refresh is not due yet; one refresh is owed, made by a timer
+        r.owe(lambda: _pass(factory, dispatch, heartbeat_timeout_s, wait=True, positions=True))
+    return done
+
+
+def _pass(
+    factory: sessionmaker[Session],
+    dispatch: Dispatch | None,
+    heartbeat_timeout_s: float,
+    *,
+    wait: bool,
+    positions: bool,
+) -> tuple[list[Admission], int | None]:
+    """(admissions, waiting jobs read by the refresh or None if there was none)."""
     try:
         with factory() as session:
             try:
-                done = admit(session, dispatch, heartbeat_timeout_s=heartbeat_timeout_s, wait=wait)
+                done = admit(
+                    session,
+                    dispatch,
+                    heartbeat_timeout_s=heartbeat_timeout_s,
+                    wait=wait,
+                    positions=positions,
+                )
+                waiting = session.info.pop("sharp_waiting", None)
                 session.commit()
-                return done
+                return done, waiting
             except BaseException:
                 session.rollback()
                 raise
-    except Exception:  # noqa: BLE001 - see docstring
+    except Exception:  # noqa: BLE001 - see run_pass
         log.exception("scheduling pass failed")
-        return []
+        return [], None
+
+
+@dataclass
+class _Refresher:
+    """Per engine (one per API process, or per test app): when positions were last
+    refreshed, how many jobs waited then, what the refresh cost, and the timer of an owed
+    refresh. A refresh is due at once while the queue is small, else `interval` after the
+    last: ``refresh_s``, or longer when refreshes are slow (at most `BUDGET` of one core's
+    wall time goes to them in each process)."""
+
+    refresh_s: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last: float = float("-inf")
+    waiting: int = 0
+    cost: float = 0.0
+    timer: threading.Timer | None = None
+
+    def interval(self) -> float:
+        return max(self.refresh_s, self.cost / BUDGET)
+
+    def due(self) -> bool:
+        with self.lock:
+            small = self.waiting < IMMEDIATE_BELOW
+            return small or time.monotonic() - self.last >= self.interval()
+
+    def refreshed(self, waiting: int, seconds: float) -> None:
+        with self.lock:
+            self.last, self.waiting, self.cost = time.monotonic(), waiting, seconds
+
+    def owe(self, refresh: Any) -> None:
+        """Run `refresh` (returns (admissions, waiting)) once, when due; one timer at most."""
+        with self.lock:
+            if self.timer is not None:
+                return
+            delay = 0.05
+            if self.waiting >= IMMEDIATE_BELOW:
+                delay = max(delay, self.last + self.interval() - time.monotonic())
+
+            def fire() -> None:
+                with self.lock:
+                    self.timer = None
+                t0 = time.monotonic()
+                _, waiting = refresh()
+                if waiting is not None:
+                    self.refreshed(waiting, time.monotonic() - t0)
+
+            self.timer = threading.Timer(delay, fire)
+            self.timer.daemon = True
+            self.timer.start()
+
+
+_REFRESHERS: dict[tuple[int, float], _Refresher] = {}
+_REFRESHERS_LOCK = threading.Lock()
+
+
+def _refresher(factory: sessionmaker[Session], refresh_s: float) -> _Refresher:
+    key = (id(factory.kw.get("bind")), refresh_s)
+    with _REFRESHERS_LOCK:
+        return _REFRESHERS.setdefault(key, _Refresher(refresh_s))
+
+
+#: What a queued job reads between its submission and the pass that places it.
+UNPLACED = "waiting for the next scheduling pass"
 
 
 def queue_info(session: Session, job: Job, *, heartbeat_timeout_s: float) -> QueueInfo | None:
-    """Position and reason for `job` if it is queued; the snapshot is cached on the session,
-    so a page of jobs costs one snapshot."""
+    """Position and reason for `job` if it is queued, without reading the queue: admission
+    and the live workers of its pool are read now (one small query per session, so a page
+    of jobs costs one), the position as the latest pass stored it on the row."""
     if job.status != lifecycle.QUEUED:
         return None
-    cached = session.info.get("sharp_queue_info")
-    if cached is None or job.id not in cached:
-        cached = explain(load_state(session, heartbeat_timeout_s=heartbeat_timeout_s))
-        session.info["sharp_queue_info"] = cached
-    return cached.get(job.id)
+    if job.admitted_at is not None:
+        return QueueInfo(0, f"admitted; waiting for a worker in pool '{job.queue}'")
+    pools = session.info.get("sharp_live_pools")
+    if pools is None:
+        cutoff = live_cutoff(utcnow(), heartbeat_timeout_s)
+        pools = {name: (n, g) for name, n, g in SchedulerRepository(session).live_pools(cutoff)}
+        session.info["sharp_live_pools"] = pools
+    slots, max_gpus = pools.get(job.queue, (0, 0))
+    if slots == 0:
+        return QueueInfo(None, f"no worker serves pool '{job.queue}'")
+    if job.gpus > max_gpus:
+        return QueueInfo(
+            None,
+            f"no worker in pool '{job.queue}' has {job.gpus} GPUs (the largest has {max_gpus})",
+        )
+    if job.queue_position is None:
+        return QueueInfo(None, UNPLACED)
+    return QueueInfo(job.queue_position, job.queue_reason or UNPLACED)
 
 
 # --------------------------------------------------------------------------- workers

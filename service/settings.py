@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,7 +24,34 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL. The embedded default (`sharp up`) uses a SQLite file.",
     )
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Broker and live feed.")
-    artifact_root: Path = Field(default=Path("var/artifacts"), description="Checkpoint store.")
+    artifact_root: Path = Field(
+        default=Path("var/artifacts"),
+        description="Checkpoint store when `artifact_url` is unset; with an S3 store, the "
+        "worker's local scratch (the training process writes here, logs, cached downloads).",
+    )
+    artifact_url: str | None = Field(
+        default=None,
+        description="`s3://bucket/prefix`: checkpoints and uploads go to this S3-compatible "
+        "bucket (credentials: the standard AWS variables). Unset: the local `artifact_root`.",
+    )
+    artifact_endpoint_url: str | None = Field(
+        default=None, description="The S3 API's URL for MinIO, Ceph RGW, GCS… (unset: AWS)."
+    )
+    artifact_region: str | None = Field(default=None, description="The bucket's region.")
+    artifact_download: Literal["stream", "redirect"] = Field(
+        default="stream",
+        description="Checkpoint file downloads: streamed through the API, or a 307 redirect "
+        "to a presigned URL of the S3 store (the local store always streams).",
+    )
+    artifact_presign_s: int = Field(
+        default=600, ge=1, le=7 * 24 * 3600, description="Lifetime of a presigned URL."
+    )
+    artifact_retry_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="How long the worker retries an upload to an unreachable store before "
+        "the job fails with artifact_write_failed.",
+    )
     upload_root: Path = Field(default=Path("var/uploads"), description="Uploaded corpora.")
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     max_request_bytes: int = Field(default=1024 * 1024, ge=1, description="JSON bodies.")
@@ -61,6 +89,13 @@ class Settings(BaseSettings):
         description="How often each worker re-registers itself (its heartbeat) and runs a "
         "scheduling pass, besides the passes that submissions and finished jobs trigger.",
     )
+    queue_refresh_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="With 1000 or more waiting jobs, how often at most an API process "
+        "recomputes the stored queue positions after submissions and cancellations (each "
+        "recompute reads the whole queue); below that, every such request does.",
+    )
     sse_heartbeat_s: float = Field(default=10.0, gt=0)
     host: str = "127.0.0.1"
     port: int = 8000
@@ -96,6 +131,56 @@ class Settings(BaseSettings):
     worker_name: str | None = Field(
         default=None, description="Recorded on claimed jobs; default: host name and pid."
     )
+    # -- webhooks (service/webhooks.py, docs/operations.md) --------------------------------
+    webhook_secret_keys: list[str] = Field(
+        default_factory=list,
+        repr=False,
+        description="Fernet keys (JSON list) that encrypt webhook signing secrets at rest: the "
+        "first encrypts, every one decrypts, so a new key goes first and an old one is dropped "
+        "once no secret needs it. Empty: webhooks cannot be registered. `sharp up` keeps one "
+        "in <var>/webhook-key.",
+    )
+    webhook_allow_http: bool = Field(
+        default=False, description="Accept http:// webhook URLs (else https only)."
+    )
+    webhook_allow_private: bool = Field(
+        default=False,
+        description="Accept webhook URLs whose host resolves to loopback, private, link-local, "
+        "multicast or reserved addresses (SSRF guard; checked at registration and delivery).",
+    )
+    webhook_url_max_length: int = Field(default=2048, ge=16, le=8192)
+    webhook_max_endpoints: int = Field(default=20, ge=1, description="Endpoints per team.")
+    webhook_max_attempts: int = Field(default=8, ge=1, le=50, description="Per delivery.")
+    webhook_backoff_s: float = Field(
+        default=30.0, gt=0, description="Wait after the first failed attempt; doubles each time."
+    )
+    webhook_backoff_max_s: float = Field(default=3600.0, gt=0)
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=120, description="Per attempt.")
+    webhook_sweep_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How often the delivery worker re-sends deliveries whose message was lost "
+        "(due longer ago than this).",
+    )
+    webhook_concurrency: int = Field(
+        default=4, ge=1, le=64, description="Deliveries one webhook worker sends at once."
+    )
+
+    @field_validator("webhook_secret_keys")
+    @classmethod
+    def _fernet_keys(cls, keys: list[str]) -> list[str]:
+        from cryptography.fernet import Fernet
+
+        for i, key in enumerate(keys):
+            try:
+                Fernet(key)
+            except (ValueError, TypeError):
+                raise ValueError(
+                    f"entry {i} is not a Fernet key (32 url-safe base64 bytes; make one with "
+                    "python -c 'from cryptography.fernet import Fernet; "
+                    "print(Fernet.generate_key().decode())')"
+                ) from None
+        return keys
 
     @property
     def pool(self) -> str:

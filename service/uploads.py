@@ -7,7 +7,8 @@ it arrives, and the request stops at ``max_upload_bytes``.
 
 Validation is what the trainer will rely on: txt must be UTF-8 text, jsonl one JSON object
 per line, parquet a readable Parquet file. Files are stored content-addressed
-(``upload_root/ab/abcdef….jsonl``), so the same corpus uploaded twice costs nothing.
+(``upload_root/ab/abcdef….jsonl``, or ``uploads/ab/…`` in the S3 store, `service.store`), so
+the same corpus uploaded twice costs nothing.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 
-from service.errors import InvalidRequestError, PayloadTooLargeError
+from service.errors import InvalidRequestError, PayloadTooLargeError, StoreUnavailableError
 from service.ids import new_id
 from service.models import Team, Upload, utcnow
 from service.repositories import UploadRepository
 from service.settings import Settings
+from service.store import get_store, upload_key
 
 FORMATS = ("txt", "jsonl", "parquet")
 _EXTENSIONS = {
@@ -248,12 +250,14 @@ def store(
     """Move the file to its content address and record it. (upload, created)."""
     repo = UploadRepository(session)
     existing = repo.get_by_sha256(team.id, received.sha256)
-    final = (
-        Path(settings.upload_root) / received.sha256[:2] / f"{received.sha256}.{received.format}"
-    )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Same content, same bytes: replacing an existing file is harmless and keeps this atomic.
-    os.replace(received.tmp_path, final)
+    ustore = get_store(settings, uploads=True)
+    key = upload_key(received.sha256, received.format, ustore.remote)
+    # Same content, same bytes: replacing an existing object is harmless and keeps this atomic.
+    try:
+        ustore.put_file(key, received.tmp_path, move=True)
+    except OSError as e:
+        received.tmp_path.unlink(missing_ok=True)
+        raise StoreUnavailableError(f"the artifact store did not take the upload: {e}") from None
     if existing is not None:
         return existing, False
     upload = Upload(
@@ -263,7 +267,7 @@ def store(
         size=received.size,
         filename=received.filename,
         format=received.format,
-        path=str(final.resolve()),
+        path=ustore.location(key),
         created_at=utcnow(),
     )
     try:

@@ -128,13 +128,43 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return None
 
 
+#: The eval metric that names a job's best checkpoint (lower is better), kept by retention.
+BEST_METRIC = "eval_loss"
+
+
+def retained_steps(checkpoints: list[tuple[int, dict[str, Any]]], keep: int) -> set[int]:
+    """Retention: the newest `keep` steps and the best one by `BEST_METRIC` (the newest of
+    equals), from (step, metrics) pairs. One policy for the local folder and the store."""
+    steps = sorted(step for step, _ in checkpoints)
+    kept = set(steps[-keep:]) if keep > 0 else set()
+    scored = [
+        (float(m[BEST_METRIC]), -step)
+        for step, m in checkpoints
+        if isinstance((m or {}).get(BEST_METRIC), (int, float))
+        and float(m[BEST_METRIC]) == float(m[BEST_METRIC])  # not NaN
+    ]
+    if scored:
+        kept.add(-min(scored)[1])
+    return kept
+
+
 def prune_checkpoints(out_dir: Path, keep: int) -> list[int]:
-    """Delete all but the newest `keep` checkpoints; returns the deleted steps."""
+    """Delete all but the newest `keep` checkpoints and the best by eval; returns the deleted
+    steps."""
     cps = list_checkpoints(out_dir)
+
+    def metrics(p: Path) -> dict[str, Any]:
+        try:
+            return json.loads((p / MANIFEST).read_text()).get("metrics") or {}
+        except (OSError, ValueError):
+            return {}
+
+    kept = retained_steps([(step, metrics(p)) for step, p in cps], keep)
     removed = []
-    for step, p in cps[: max(0, len(cps) - keep)]:
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(step)
+    for step, p in cps:
+        if step not in kept:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(step)
     return removed
 
 

@@ -92,3 +92,14 @@ class OutOfMemoryError(SharpError):
     code = "out_of_memory"
     status = 500
     retryable = False
+
+
+class TeacherCacheCorruptError(SharpError):
+    """A teacher-logit cache shard is missing or does not match its manifest's sha256.
+
+    Not retryable by itself: the corrupt cache is discarded when this is raised, so a
+    retry (``POST /v1/jobs/{id}/retry``) rebuilds it from the teacher."""
+
+    code = "teacher_cache_corrupt"
+    status = 500
+    retryable = False

@@ -151,13 +151,22 @@ def load_model(
                 if tid is not None:
                     setattr(config, name, tid)
         _check_task(config, task, param, num_labels)
-        model = auto.from_config(config, attn_implementation="sdpa", dtype=dtype)
+        # Built where it runs: parameters are allocated and initialised on `device` in
+        # `dtype` (a torch.device context), not in float32 on the CPU and then copied. On
+        # the CPU this is the same sequence of RNG draws as before, so a seed gives the same
+        # weights (tests/test_model_build.py); on CUDA the draws come from the CUDA generator.
+        with torch.device(device):
+            model = auto.from_config(config, attn_implementation="sdpa", dtype=dtype)
     else:
         if src is None:
             raise ModelNotFoundError("init='pretrained' needs `model`", param=param)
         config = _load_config(ms, src, param, ms.revision)
         _check_task(config, task, param, num_labels)
-        kwargs = {"use_safetensors": True} if not _looks_local(src) else {}
+        kwargs: dict[str, Any] = {"use_safetensors": True} if not _looks_local(src) else {}
+        if device.type != "cpu" and _accelerate_available():
+            # Weights go from the file straight to the device (transformers needs accelerate
+            # for a device_map; without it they load on the CPU and move, as before).
+            kwargs["device_map"] = {"": device}
         try:
             model = auto.from_pretrained(
                 src,
@@ -171,6 +180,12 @@ def load_model(
         except OSError as e:
             raise ModelNotFoundError(f"cannot load model '{src}': {e}", param=param) from None
     return model.to(device)
+
+
+def _accelerate_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
 
 
 _CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel")

@@ -8,7 +8,8 @@ without running the loop.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,6 +37,7 @@ from sharp_core.spec import JobSpec
 if TYPE_CHECKING:
     from sharp_core.capture import AttentionCapture
     from sharp_core.sharp import AttentionObjective
+    from sharp_core.teacher_cache import TeacherCache
 
 __all__ = ["Setup", "autocast_dtype", "pick_device", "setup"]
 
@@ -62,6 +64,14 @@ class Setup:
     """(1 − a)·CE + a·D on the logits; another implementation can be passed in (benchmarks)."""
     pruned: PruneReport | None = None
     """What pruning kept, when the student was pruned from the teacher (init='prune')."""
+    build_seconds: dict[str, float] = field(default_factory=dict)
+    """Wall seconds to load or build each model on its device, as metrics
+    (``build_teacher_s``, ``build_student_s``; the trainer records them at step 0 of a run that
+    starts fresh, not again when an attempt resumes)."""
+    dataset_sha256: str | None = None
+    """sha256 of the loaded documents (`teacher_cache.texts_digest`), when a cache is asked for."""
+    teacher_cache: TeacherCache | None = None
+    """The verified teacher-logit cache the logit term reads (`sharp_core.teacher_cache.attach`)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,17 @@ def pick_device(device: str | None) -> torch.device:
     return distributed.context().default_device()
 
 
+def _timed_load(out: dict[str, float], role: str, **kw: Any) -> Any:
+    """`load_model`, its wall time (the device's queued work included) put in `out`."""
+    t0 = time.perf_counter()
+    model = load_model(role=role, **kw)
+    dev = kw["device"]
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    out[f"build_{role}_s"] = time.perf_counter() - t0
+    return model
+
+
 def autocast_dtype(spec: JobSpec, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of the forward passes: bf16 / fp16 on CUDA, None (fp32) otherwise."""
     precision = spec.training.precision
@@ -158,10 +179,11 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
         "num_labels": n_labels,
     }
     teacher = None
+    built: dict[str, float] = {}
     pruning = spec.student.init == "prune"
     if spec.teacher is not None and (spec.method.name != "sft" or pruning):
         t_dev = distributed.context().teacher_load_device(spec, dev)
-        teacher = load_model(spec.teacher, role="teacher", **{**kw, "device": t_dev})  # type: ignore[arg-type]
+        teacher = _timed_load(built, "teacher", ms=spec.teacher, **{**kw, "device": t_dev})
         if not classify:
             check_vocab(teacher, vocab, "teacher")
         teacher.eval()
@@ -175,7 +197,7 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
         if spec.method.name == "sft":
             teacher = None  # loaded only to be pruned
     else:
-        student = load_model(spec.student, role="student", **kw)  # type: ignore[arg-type]
+        student = _timed_load(built, "student", ms=spec.student, **kw)
     if classify:
         if isinstance(data, ClassificationData):
             names = data.label_names
@@ -207,8 +229,25 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
         student = torch.compile(student)  # type: ignore[assignment]
         if teacher is not None:
             teacher = torch.compile(teacher)  # type: ignore[assignment]
+    digest = None
+    if spec.method.teacher_cache.mode != "off" and not classify:
+        from sharp_core.teacher_cache import texts_digest
+
+        digest = texts_digest(texts)
     return Setup(
-        spec, dev, tok, vocab, teacher, student, data, objective, s_cap, t_cap, pruned=report
+        spec,
+        dev,
+        tok,
+        vocab,
+        teacher,
+        student,
+        data,
+        objective,
+        s_cap,
+        t_cap,
+        pruned=report,
+        build_seconds=built,
+        dataset_sha256=digest,
     )
 
 

@@ -311,6 +311,64 @@ class OnPolicySpec(_Strict):
     )
 
 
+class TeacherCacheSpec(_Strict):
+    """A teacher-logit cache shared by the team's jobs (docs/teacher-cache.md).
+
+    With mode 'use', the job reads the team's cache for its key (teacher weights, tokenizer,
+    data, packing, kind, k, temperature, dtype), building it first with one teacher pass over
+    the training blocks when there is none, and takes its logit term from the cache instead
+    of a teacher forward pass.
+    """
+
+    mode: Literal["off", "use"] = Field(
+        default="off",
+        description="'use': read the cache for this job's key, building it first when absent.",
+    )
+    kind: Literal["topk", "sampled"] = Field(
+        default="topk",
+        description="'topk': the teacher's k largest log-probs per token and their ids; "
+        "'sampled': Random-Sampling KD (arXiv 2503.16870), `samples` tokens drawn from the "
+        "teacher per position (forward KL only).",
+    )
+    k: int = Field(
+        default=128,
+        ge=1,
+        le=262_144,
+        description="Top-k entries per token (topk). 128: the smallest k measured within 0.5 % "
+        "of dense kd's perplexity (docs/results.md, 'Teacher-logit cache').",
+    )
+    estimator: Literal["tail", "renormalized"] = Field(
+        default="tail",
+        description="How the top-k loss reads the cache: 'tail' keeps the rest of the "
+        "vocabulary as one bucket with the teacher's exact tail mass (every divergence); "
+        "'renormalized' rescales the top-k to sum to 1 (forward KL only, biased).",
+    )
+    samples: int = Field(
+        default=12, ge=1, le=4096, description="Draws per position (sampled; ~12 in the paper)."
+    )
+    sample_seed: int = Field(
+        default=0, ge=0, le=2**31 - 1, description="Seed of the draws (sampled; part of the key)."
+    )
+    tail_samples: int = Field(
+        default=0,
+        ge=0,
+        le=4096,
+        description="topk only: tokens drawn from the teacher's tail (outside the top-k) per "
+        "position, which share the tail's mass: an unbiased estimate of the full forward KL "
+        "(RS-KD on the tail only; forward KL only). 0: the tail is one bucket.",
+    )
+    dtype: Literal["float32", "float16"] = Field(
+        default="float32", description="Stored log-prob precision (part of the key)."
+    )
+
+    @property
+    def loss_estimator(self) -> str:
+        """How the loss reads the cache: 'tail', 'renormalized', 'tail_sampled' or 'sampled'."""
+        if self.kind == "sampled":
+            return "sampled"
+        return "tail_sampled" if self.tail_samples else self.estimator
+
+
 class MethodSpec(_Strict):
     """The distillation objective: L = (1-a)·CE + a·D(p_T‖q_S; τ) + attention terms."""
 
@@ -377,6 +435,7 @@ class MethodSpec(_Strict):
         "(fast), or query chunks of the float32 maps (the reference).",
     )
     query_chunk: int = Field(default=128, ge=1, le=65536)
+    teacher_cache: TeacherCacheSpec = Field(default_factory=TeacherCacheSpec)
     logit_chunk: int = Field(default=4096, ge=1, le=1 << 20, description="Tokens per chunk.")
     on_policy: OnPolicySpec | None = Field(
         default=None,
@@ -515,6 +574,7 @@ def parse_spec(data: dict[str, Any], *, prefix: str = "spec") -> JobSpec:
         raise SpecError(f"{param}: {msg}", param=param) from None
     _check_prune(spec, prefix)
     _check_on_policy(spec, prefix)
+    _check_teacher_cache(spec, prefix)
     gpus = spec.resources.gpus
     if gpus > 1 and spec.training.batch_size % gpus:
         # checked here rather than in a model validator so that the error names the field
@@ -591,11 +651,58 @@ def _check_on_policy(spec: JobSpec, prefix: str) -> None:
         fail("", f"on-policy distillation generates text: task must be causal_lm, not {spec.task}")
     if spec.method.name == "sft":
         fail("", "on-policy distillation needs a teacher's distribution: not with method 'sft'")
+    if spec.method.teacher_cache.mode != "off":
+        fail(
+            "",
+            "generated sequences have no cached teacher logits: on_policy and "
+            "teacher_cache.mode 'use' cannot be combined",
+        )
     if op.adaptive and op.replay_capacity < t.batch_size * t.grad_accum:
         fail(
             "replay_capacity",
             f"{op.replay_capacity} is less than one step's batch "
             f"(training.batch_size × grad_accum = {t.batch_size * t.grad_accum})",
+        )
+
+
+#: The divergences each way of reading a teacher-logit cache supports (docs/teacher-cache.md):
+#: the tail bucket keeps two proper distributions (every divergence is defined on them); a
+#: renormalised top-k or a sample from p only estimates E_p[·], i.e. forward KL.
+CACHE_DIVERGENCES: dict[str, tuple[str, ...]] = {
+    "tail": ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd"),
+    "renormalized": ("forward_kl",),
+    "sampled": ("forward_kl",),
+    "tail_sampled": ("forward_kl",),
+}
+
+
+def _check_teacher_cache(spec: JobSpec, prefix: str) -> None:
+    """Cross-field rules of the teacher-logit cache, checked here so the error names a field."""
+    tc = spec.method.teacher_cache
+    if tc.mode == "off":
+        return
+
+    def fail(field: str, msg: str) -> None:
+        param = (
+            f"{prefix}.method.teacher_cache.{field}" if prefix else f"method.teacher_cache.{field}"
+        )
+        raise SpecError(f"{param}: {msg}", param=param)
+
+    if spec.method.name == "sft" or spec.teacher is None:
+        fail("mode", "a teacher-logit cache needs a distillation method with a teacher (not sft)")
+    if spec.task != "causal_lm":
+        fail("mode", "the teacher-logit cache covers causal_lm packed blocks only")
+    if spec.resources.gpus > 1:
+        fail("mode", "the teacher-logit cache runs on one GPU (resources.gpus <= 1) for now")
+    if tc.kind == "topk" and tc.tail_samples and tc.estimator != "tail":
+        fail("tail_samples", "tail draws split the tail bucket: they need estimator 'tail'")
+    how = tc.loss_estimator
+    field = {"sampled": "kind", "tail_sampled": "tail_samples"}.get(how, "estimator")
+    if spec.method.divergence not in CACHE_DIVERGENCES[how]:
+        fail(
+            field,
+            f"'{how}' estimates forward KL only; method {spec.method.name} uses "
+            f"{spec.method.divergence} (use kind 'topk' with estimator 'tail' for it)",
         )
 
 

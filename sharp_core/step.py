@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from sharp_core import losses
+from sharp_core import losses, teacher_cache
 from sharp_core.data import BatchStream, ClassificationData
 from sharp_core.setup import Setup
 
@@ -51,6 +51,10 @@ def next_batch(S: Setup, stream: BatchStream, batch_size: int) -> dict[str, torc
     if isinstance(S.data, ClassificationData):
         idx = stream.next_indices(batch_size)
         return {k: v[idx].to(S.device, non_blocking=True) for k, v in S.data.train.items()}
+    if S.teacher_cache is not None:  # the blocks' cached teacher targets ride along
+        idx = stream.next_indices(batch_size)
+        x = stream.blocks[idx].to(S.device, non_blocking=True)
+        return {"input_ids": x, **S.teacher_cache.batch(idx, S.device)}
     return {"input_ids": stream.next(batch_size).to(S.device, non_blocking=True)}
 
 
@@ -105,9 +109,14 @@ def micro_step(
         labels = labels.masked_fill(~loss_mask[:, 1:], losses.IGNORE_INDEX)
         query_mask = query_mask & loss_mask
     terms: dict[str, torch.Tensor] = {}
+    cached = teacher_cache.SparseTargets.from_batch(batch)  # the logit term from the cache
     with torch.autocast(S.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         t_logits = None
-        if S.teacher is not None:
+        if cached is not None and S.teacher is not None and S.teacher_capture is not None:
+            # attention methods on a cache: the teacher runs for its attention only, no LM head
+            with torch.inference_mode(), S.teacher_capture:
+                teacher_cache.teacher_backbone(S.teacher)(input_ids=x, attention_mask=mask)
+        elif S.teacher is not None and cached is None:
             # inference mode, not just no_grad: no version counters or view tracking on the
             # teacher's activations; its outputs (logits, captured q/k) are only ever read
             with torch.inference_mode():
@@ -125,7 +134,22 @@ def micro_step(
             s_logits = S.student(input_ids=x, attention_mask=mask).logits
         s_logits = s_logits[:, None, :] if classify else s_logits[:, :-1, :V]  # like t_logits
 
-    if t_logits is not None and a > 0:
+    if cached is not None and a > 0:
+        tc = m.teacher_cache
+        logit_term, terms["ce"], terms["kd"] = teacher_cache.sparse_logit_objective(
+            m.divergence,
+            s_logits,
+            cached,
+            labels,
+            estimator=tc.loss_estimator,
+            kd_weight=a,
+            temperature=m.temperature,
+            alpha=m.skew_alpha,
+            beta=m.jsd_beta,
+            num_valid=n_tokens,
+            chunk_size=m.logit_chunk,
+        )
+    elif t_logits is not None and a > 0:
         # (1-a)·CE + a·D in one fused pass over the logits (same value and gradient)
         logit_term, terms["ce"], terms["kd"] = S.logit_loss(
             m.divergence,

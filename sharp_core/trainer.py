@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from sharp_core import distributed
+from sharp_core import distributed, teacher_cache
 from sharp_core.checkpoint import latest_checkpoint, verify_manifest
 from sharp_core.data import ClassificationData
 from sharp_core.errors import OutOfMemoryError
@@ -88,6 +88,14 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def cache_store(resolver: Resolver | None, out_dir: Path) -> teacher_cache.CacheStore:
+    """The resolver's teacher-cache store (the service: the team's, in the artifact store),
+    else a ``teacher-caches`` folder beside the run's folder (runs side by side share it)."""
+    get = getattr(resolver, "teacher_cache_store", None)
+    store = get() if get is not None else None
+    return store or teacher_cache.LocalCacheStore(out_dir.parent / "teacher-caches")
+
+
 # ---------------------------------------------------------------------------- schedules
 
 
@@ -143,6 +151,8 @@ def train(
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     S = prepared or setup(spec, resolver=resolver, device=device)
+    if m.teacher_cache.mode != "off" and S.teacher_cache is None:  # build or read it first
+        S = teacher_cache.attach(S, cache_store(resolver, out_dir), cb.on_event)
     model, teacher = S.student, S.teacher  # unwrapped: under torchrun S gets DDP / FSDP ones
     S = ctx.prepare(S)
     dev, amp = S.device, autocast_dtype(spec, S.device)  # amp: bf16 / fp16 on CUDA, or None
@@ -159,6 +169,8 @@ def train(
         evaluate, model, S.data, vocab=S.vocab, batch_size=t.batch_size, device=dev, amp_dtype=amp
     )
     last_metrics: dict[str, float] = {}
+    if S.build_seconds and resumed_step is None:  # at step 0, beside the first evaluation
+        cb.on_metrics(0, dict(S.build_seconds))
     if S.pruned is not None and resumed_step is None:  # what pruning kept, before any step
         cb.on_event("pruned", S.pruned.event())
         cb.on_metrics(0, S.pruned.metrics())

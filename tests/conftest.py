@@ -36,6 +36,7 @@ import httpx
 import psycopg
 import pytest
 import redis
+from cryptography.fernet import Fernet
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
@@ -321,6 +322,8 @@ def settings(
         sse_heartbeat_s=1.0,
         reaper_interval_s=5.0,
         worker_queues=["default"],
+        # webhooks on, as in a configured deployment (else POST /v1/webhooks is a 503)
+        webhook_secret_keys=[Fernet.generate_key().decode()],
     )
 
 

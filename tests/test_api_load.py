@@ -32,6 +32,8 @@ def test_api_load_script_reports_sane_numbers(pg_admin_url: str, redis_url: str)
             "3",
             "--uvicorn-workers",
             "2",
+            "--queued",
+            "300",
             "--json",
         ],
         cwd=ROOT,
@@ -51,6 +53,17 @@ def test_api_load_script_reports_sane_numbers(pg_admin_url: str, redis_url: str)
     assert out["create"]["count"] - out["get"]["count"] in range(0, 5)
     assert out["requests"] == sum(out[op]["count"] for op in ("create", "get", "list"))
     assert out["requests_per_s"] > 0
+    # --queued: 300 waiting jobs behind a busy slot; created jobs are read with their place
+    assert out["queued"] == 300 and out["prefill_s"] > 0
+    # Placed by the pass after its commit, or (when another pass held the lock) 50 ms later
+    # by a timer: some reads come first and say "waiting for the next scheduling pass"
+    assert 0 < out["get_placed"] <= 1, out
+    cpu = out["cpu"]
+    assert cpu["server_share"] > 0 and cpu["client_share"] > 0, cpu
+    assert cpu["server_ms_per_request"] > 0, cpu
+    if len(os.sched_getaffinity(0)) >= 2:  # the client on its own core, the server elsewhere
+        assert len(out["pinned"]["client"]) == 1, out["pinned"]
+        assert not set(out["pinned"]["client"]) & set(out["pinned"]["server"]), out["pinned"]
     sse = out["sse"]
     assert sse["batches"] > 0 and sse["lost"] == 0, sse
     assert 0 < sse["median_ms"] <= sse["p99_ms"], sse

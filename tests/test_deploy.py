@@ -33,7 +33,7 @@ from tests.conftest import tiny_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-SERVICES = {"postgres", "redis", "migrate", "api", "worker"}
+SERVICES = {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker"}
 GPU = {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
 
 
@@ -85,6 +85,13 @@ def _check_layout(services: dict[str, Any]) -> None:
         assert env["SHARP_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert env["SHARP_REDIS_URL"] == "redis://redis:6379/0"
         assert env["SHARP_ARTIFACT_ROOT"].startswith("/data")
+        # checkpoints and uploads in the MinIO bucket by default (issue 17)
+        assert "s3://sharp/artifacts" in env["SHARP_ARTIFACT_URL"]  # raw YAML: ${…-default}
+        assert "http://minio:9000" in env["SHARP_ARTIFACT_ENDPOINT_URL"]
+    for name in ("api", "worker"):
+        assert services[name]["depends_on"]["minio-init"]["condition"] == (
+            "service_completed_successfully"
+        )
 
 
 def test_compose_file_layout() -> None:
@@ -262,7 +269,7 @@ def test_sharp_up_serves_a_job_and_stops_cleanly(tmp_path: Path, corpus: Path) -
         with httpx.Client(base_url=url, timeout=30) as client:
             ready = client.get("/readyz")
             assert ready.status_code == 200, ready.text
-            assert ready.json()["checks"] == {"database": "ok", "redis": "ok"}
+            assert ready.json()["checks"] == {"database": "ok", "redis": "ok", "artifacts": "ok"}
 
             r = client.post(
                 "/v1/jobs", json={"spec": tiny_spec(data, max_steps=10)}, headers=headers

@@ -53,7 +53,12 @@ def test_method_table_is_one_flag_per_ablation() -> None:
     assert t["sharp-learned"]["basis"] == "learned" and t["sharp-pcgrad"]["conflict"] == "pcgrad"
     for b in quality.BASELINES:
         assert t[b] == {"name": b}
-    assert len(t) == 17
+    # the teacher-cache methods (issue 15) run only when named: kd reading a cache
+    cache = {k: v for k, v in t.items() if k.startswith("cache-")}
+    assert len(t) - len(cache) == 17
+    assert {v["name"] for v in cache.values()} == {"kd"}
+    assert {v["teacher_cache"]["mode"] for v in cache.values()} == {"use"}
+    assert cache["cache-topk32"]["teacher_cache"]["k"] == 32
     # overrides reach SHARP and every ablation
     t2 = quality.method_table(
         p,

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.fernet import Fernet
 from fastapi.testclient import TestClient
 
 from api.app import create_app
@@ -32,7 +33,15 @@ LIMIT = 64 * 1024  # max_request_bytes for this module: small, so "over the limi
 
 @pytest.fixture(scope="module")
 def settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"max_request_bytes": LIMIT})
+    return settings.model_copy(
+        update={
+            "max_request_bytes": LIMIT,
+            # the owner's webhook points at loopback (nothing is ever delivered to it)
+            "webhook_secret_keys": [Fernet.generate_key().decode()],
+            "webhook_allow_http": True,
+            "webhook_allow_private": True,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +92,17 @@ def owned(
         headers=owner.headers,
     )
     assert up.status_code == 201, up.text
-    return {"job_id": job_id, "step": "10", "name": "config.json", "upload_id": up.json()["id"]}
+    hook = client.post(
+        "/v1/webhooks", json={"url": "http://127.0.0.1:9/hook"}, headers=owner.headers
+    )
+    assert hook.status_code == 201, hook.text
+    return {
+        "job_id": job_id,
+        "step": "10",
+        "name": "config.json",
+        "upload_id": up.json()["id"],
+        "webhook_id": hook.json()["id"],
+    }
 
 
 def _err(resp) -> dict:
@@ -287,7 +306,8 @@ def test_another_teams_ids_are_404_on_every_route(
     with db.session() as s:
         second = create_key(s, intruder.name).key
     checked = 0
-    for method, template in _operations(app):
+    # DELETEs last: the owner's own DELETE succeeds, and the thing is gone afterwards
+    for method, template in sorted(_operations(app), key=lambda op: op[0] == "DELETE"):
         if "{" not in template:
             continue
         url = _fill(template, owned)

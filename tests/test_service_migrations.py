@@ -33,6 +33,11 @@ TABLES = {
     "checkpoints",
     "uploads",
     "workers",
+    "webhook_endpoints",
+    "webhook_deliveries",
+    "webhook_attempts",
+    "teacher_caches",
+    "teacher_cache_uses",
 }
 
 

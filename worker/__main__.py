@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from service.settings import Settings, get_settings
+from service.store import store_problem
 
 
 def celery_argv(settings: Settings, extra_args: Sequence[str] = ()) -> list[str]:
@@ -40,7 +41,12 @@ def celery_argv(settings: Settings, extra_args: Sequence[str] = ()) -> list[str]
 
 
 def main() -> None:
-    cmd = celery_argv(get_settings(), sys.argv[1:])
+    settings = get_settings()
+    problem = store_problem(settings)
+    if problem is not None:  # refuse to start: one line naming the setting
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    cmd = celery_argv(settings, sys.argv[1:])
     os.execv(cmd[0], cmd)
 
 

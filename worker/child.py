@@ -56,7 +56,23 @@ from service.repositories import (
     UploadRepository,
 )
 from service.settings import Settings, get_settings
-from sharp_core.errors import DataError, ModelNotFoundError, SharpError
+from service.store import (
+    ArtifactStore,
+    checkpoint_key,
+    complete_steps,
+    delete_checkpoint,
+    fetch_checkpoint,
+    fetch_file,
+    get_store,
+    job_key,
+    sync_for_resume,
+    upload_checkpoint,
+    with_retries,
+)
+from service.teacher_caches import record as record_teacher_cache
+from service.teacher_caches import store_for as teacher_cache_store
+from sharp_core.checkpoint import retained_steps, step_dir_name
+from sharp_core.errors import CheckpointError, DataError, ModelNotFoundError, SharpError
 from sharp_core.launch import env_rank, torchrun_command, under_torchrun  # no torch
 from sharp_core.spec import parse_spec
 
@@ -134,6 +150,11 @@ class Reporter:
         self.stop_signal = False
         self.ppid = os.getppid()
         self.checkpoints: set[int] = set()
+        self.store: ArtifactStore = get_store(settings)
+        try:
+            self.keep = parse_spec(job.spec).training.keep_checkpoints
+        except SharpError:
+            self.keep = 1_000_000  # a bad spec never trains: nothing to retain
 
     def _retrying(self, transaction: Callable[[], T]) -> T:
         """Run one transaction, again while the database is unreachable (a Postgres restart
@@ -218,13 +239,24 @@ class Reporter:
 
     # -- checkpoints and one-off events ----------------------------------------------------
     def add_checkpoint(self, step: int, path: Path, manifest: dict[str, Any]) -> bool:
+        """Upload the checkpoint (S3 store: files, then the manifest, retried while the store
+        is unreachable, else ArtifactWriteError), then record it, then apply retention."""
         metrics = _finite(manifest.get("metrics") or {})
+        location = str(Path(path).resolve())
+        if self.store.remote and not self.fenced:
+            key = checkpoint_key(self.team_id, self.job_id, int(step))
+            with_retries(
+                self.settings,
+                f"upload checkpoint {step} to {self.store.describe()}",
+                lambda: upload_checkpoint(self.store, key, Path(path), manifest),
+            )
+            location = self.store.location(key)
 
         def upsert(s: Session) -> None:
             CheckpointRepository(s).upsert(
                 job_id=self.job_id,
                 step=int(step),
-                path=str(Path(path).resolve()),
+                path=location,
                 manifest=manifest,
                 metrics=metrics,
                 attempt=self.attempt,
@@ -239,12 +271,45 @@ class Reporter:
         if not self._record("checkpoint", data, upsert):
             return False
         self.checkpoints.add(int(step))
+        if self.store.remote:
+            self._retain()
         return True
+
+    def _retain(self) -> None:
+        """Retention in the S3 store (`retained_steps`: the newest keep_checkpoints and the
+        best by eval). The row goes first, so a failed delete leaves only unlisted objects
+        (``sharp admin storage prune`` removes them)."""
+        with self.db.session() as s:
+            rows = [
+                (c.step, dict(c.metrics or {}), c.path)
+                for c in CheckpointRepository(s).list(self.job_id)
+            ]
+        kept = retained_steps([(step, m) for step, m, _ in rows], self.keep)
+        for step, _, location in rows:
+            if step in kept:
+                continue
+            self._forget(step)
+            key = self.store.key_of(location)
+            if self.fenced or key is None:
+                continue
+            try:
+                delete_checkpoint(self.store, key)
+            except OSError:
+                log.warning("could not delete checkpoint %s from the store", step, exc_info=True)
 
     def add_event(self, kind: str, data: dict[str, Any]) -> bool:
         """A one-off fact about the run for the job's event log (the trainer's 'pruned' report),
-        fenced by attempt like every write; False if fenced off (nothing written)."""
-        return self._record(kind, {**data, "attempt": self.attempt})
+        fenced by attempt like every write; False if fenced off (nothing written). A
+        'teacher_cache' event also records the cache and this job's use of it."""
+        write = None
+        if kind == "teacher_cache":
+
+            def write(s: Session) -> None:
+                record_teacher_cache(
+                    s, team_id=self.team_id, job_id=self.job_id, attempt=self.attempt, data=data
+                )
+
+        return self._record(kind, {**data, "attempt": self.attempt}, write)
 
     def _record(
         self, kind: str, data: dict[str, Any], write: Callable[[Session], None] | None = None
@@ -275,7 +340,12 @@ class Reporter:
         return True
 
     def remove_checkpoint(self, step: int) -> None:
-        """The trainer pruned an old checkpoint (keep_checkpoints): forget it, if still ours."""
+        """The trainer pruned an old checkpoint (keep_checkpoints): forget it, if still ours.
+        With an S3 store that was only the local copy; the store's retention is `_retain`."""
+        if not self.store.remote:
+            self._forget(step)
+
+    def _forget(self, step: int) -> None:
         if self.fenced:
             return
         with self.db.session() as s:
@@ -338,30 +408,79 @@ def make_callbacks(base: type, reporter: Reporter) -> Any:
     return ServiceCallbacks()
 
 
-def make_resolver(base: type, db: Database, team_id: str) -> Any:
-    """A `Resolver` that finds this team's finished jobs and uploads in the database."""
+def cache_dir(settings: Settings) -> Path:
+    """Where this host keeps what it fetched from an S3 store (corpora, teacher checkpoints)."""
+    return Path(settings.artifact_root) / ".cache"
+
+
+def make_resolver(base: type, db: Database, team_id: str, settings: Settings) -> Any:
+    """A `Resolver` that finds this team's finished jobs and uploads in the database, and
+    its teacher-logit caches in the artifact store."""
 
     class ServiceResolver(base):  # type: ignore[misc, valid-type]
+        def teacher_cache_store(self) -> Any:
+            return teacher_cache_store(settings or get_settings(), team_id)
+
         def job_checkpoint(self, job_id: str) -> Path:
-            return resolve_job_checkpoint(db, team_id, job_id)
+            return resolve_job_checkpoint(db, team_id, job_id, settings)
 
         def upload_path(self, upload_id: str) -> Path:
             with db.session() as s:
                 upload = UploadRepository(s).get_for_team(team_id, upload_id)
-            if upload is None or not Path(upload.path).is_file():
-                raise DataError(f"upload '{upload_id}' not found", param="spec.dataset.upload_id")
-            return Path(upload.path)
+            missing = DataError(f"upload '{upload_id}' not found", param="spec.dataset.upload_id")
+            if upload is None:
+                raise missing
+            store = get_store(settings, uploads=True)
+            if not store.remote:
+                if not Path(upload.path).is_file():
+                    raise missing
+                return Path(upload.path)
+            # S3: fetched once per host into the local scratch, checked against its sha256
+            dest = cache_dir(settings) / "uploads" / f"{upload.sha256}.{upload.format}"
+            try:
+                return with_retries(
+                    settings,
+                    f"fetch upload {upload_id}",
+                    lambda: fetch_file(store, upload.path, dest, upload.sha256),
+                    error=CheckpointError,
+                )
+            except CheckpointError as e:
+                if isinstance(e.__cause__, FileNotFoundError):
+                    raise missing from None
+                raise
 
     return ServiceResolver()
 
 
-def resolve_job_checkpoint(db: Database, team_id: str, job_id: str) -> Path:
-    """The final checkpoint of a succeeded job of this team (its highest step still on disk)."""
+def resolve_job_checkpoint(
+    db: Database, team_id: str, job_id: str, settings: Settings | None = None
+) -> Path:
+    """The final checkpoint of a succeeded job of this team (its highest step still stored;
+    from an S3 store, fetched into this host's cache first)."""
     with db.session() as s:
         job = JobRepository(s).get_for_team(team_id, job_id)
         if job is None or job.status != "succeeded":
             raise ModelNotFoundError(f"job '{job_id}' is not a succeeded job of this team")
         ckpts = CheckpointRepository(s).list(job_id)
+    store = get_store(settings) if settings is not None else None
+    if settings is not None and store is not None and store.remote:
+        jk = job_key(team_id, job_id)
+        steps = with_retries(
+            settings, f"list {jk}", lambda: complete_steps(store, jk), error=CheckpointError
+        )
+        if not steps:
+            raise ModelNotFoundError(f"job '{job_id}' has no checkpoint left in the store")
+        name = step_dir_name(steps[-1])
+        dest = cache_dir(settings) / "checkpoints" / job_id / name
+        if not (dest / "manifest.json").is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with_retries(
+                settings,
+                f"fetch {jk}/{name}",
+                lambda: fetch_checkpoint(store, f"{jk}/{name}", dest),
+                error=CheckpointError,
+            )
+        return dest
     for ck in sorted(ckpts, key=lambda c: c.step, reverse=True):
         if (Path(ck.path) / "manifest.json").is_file():
             return Path(ck.path)
@@ -447,6 +566,17 @@ def run(job_id: str, attempt: int, settings: Settings | None = None) -> int:
                 real = confine_dataset_files(spec.dataset.files, settings.dataset_file_roots)
                 dataset = spec.dataset.model_copy(update={"files": [str(p) for p in real]})
                 spec = spec.model_copy(update={"dataset": dataset})
+            if main_rank and reporter.store.remote:
+                # Another host may have run the earlier attempts: resume from the store.
+                jk = job_key(job.team_id, job_id)
+                resumed = with_retries(
+                    settings,
+                    f"fetch the last checkpoint of {jk}",
+                    lambda: sync_for_resume(reporter.store, jk, out_dir),
+                    error=CheckpointError,
+                )
+                if resumed is not None:
+                    log.info("resuming from %s in the store", step_dir_name(resumed))
             from sharp_core.trainer import Resolver, TrainCallbacks, train  # torch: import late
 
             result = train(
@@ -455,7 +585,7 @@ def run(job_id: str, attempt: int, settings: Settings | None = None) -> int:
                 callbacks=make_callbacks(TrainCallbacks, reporter)
                 if main_rank
                 else make_follower_callbacks(TrainCallbacks, reporter),
-                resolver=make_resolver(Resolver, db, job.team_id),
+                resolver=make_resolver(Resolver, db, job.team_id, settings),
                 device=None,
             )
             if not main_rank:

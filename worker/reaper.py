@@ -13,6 +13,8 @@ Admitted jobs whose message was sent more than ``requeue_queued_after_s`` ago an
 worker claimed get their message sent again (the process may have died between the commit
 and the send); duplicates are harmless. Jobs waiting for admission need no message.
 
+`redispatch_deliveries` does the same for webhook deliveries whose message was lost.
+
 Every update re-checks the stale condition in its WHERE clause, so several reapers (one per
 worker) and a heartbeat arriving at the same moment cannot double-handle a job.
 """
@@ -27,13 +29,14 @@ from sqlalchemy.orm import Session
 
 from service import lifecycle, scheduler
 from service.db import Database
-from service.dispatch import Dispatch
+from service.dispatch import DeliveryDispatch, Dispatch
 from service.lifecycle import JobStatus
 from service.live import LivePublisher
 from service.models import Job, utcnow
-from service.repositories import JobRepository
+from service.repositories import JobRepository, WebhookRepository
 from service.settings import Settings
 from service.txn import after_commit
+from service.webhooks import send_each
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ def reap(
     dispatch: Dispatch,
     *,
     dead_worker: str | None = None,
+    deliver: DeliveryDispatch | None = None,
 ) -> ReapReport:
     """One pass. `dead_worker`: a worker name known to be dead (this worker restarting under
     a stable name); its jobs are taken back without waiting for the heartbeat timeout."""
@@ -60,7 +64,7 @@ def reap(
     now = utcnow()
     cutoff = now - dt.timedelta(seconds=settings.heartbeat_timeout_s)
     with db.session() as s:
-        repo = JobRepository(s, live)
+        repo = JobRepository(s, live, deliver)
         stale = list(repo.stale_active(cutoff))
         if dead_worker:
             seen = {x.id for x in stale}
@@ -107,3 +111,33 @@ def reap(
 def _dispatch_later(session: Session, dispatch: Dispatch, job: Job) -> None:
     job_id, queue = job.id, job.queue
     after_commit(session, lambda: dispatch(job_id, queue))
+
+
+@dataclass
+class DeliverySweep:
+    redispatched: list[str] = field(default_factory=list)
+    given_up: list[str] = field(default_factory=list)
+
+
+def redispatch_deliveries(
+    settings: Settings, db: Database, deliver: DeliveryDispatch, *, limit: int = 500
+) -> DeliverySweep:
+    """Webhook deliveries still pending more than ``webhook_sweep_interval_s`` after they
+    were due lost their Celery message (a send that failed after the commit, a delivery
+    worker killed mid-attempt): send it again, or settle as failed one that has used all
+    its attempts. The delivery worker runs this on a timer; a duplicate message is harmless
+    (`service.webhooks.attempt_delivery` claims each attempt with a conditional UPDATE)."""
+    report = DeliverySweep()
+    now = utcnow()
+    cutoff = now - dt.timedelta(seconds=settings.webhook_sweep_interval_s)
+    with db.session() as s:
+        repo = WebhookRepository(s)
+        for delivery_id, attempts in repo.overdue(cutoff, limit):
+            give_up = attempts >= settings.webhook_max_attempts
+            if repo.touch_overdue(delivery_id, now, cutoff=cutoff, give_up=give_up):
+                (report.given_up if give_up else report.redispatched).append(delivery_id)
+        ids = list(report.redispatched)
+        after_commit(s, lambda: send_each(deliver, ids))
+    if report.redispatched or report.given_up:
+        log.warning("webhook sweep: %s", report)
+    return report

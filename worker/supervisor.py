@@ -41,7 +41,7 @@ from typing import Any
 
 from service import lifecycle, scheduler
 from service.db import Database
-from service.dispatch import Dispatch
+from service.dispatch import DeliveryDispatch, Dispatch
 from service.lifecycle import ACTIVE_STATUSES, JobStatus
 from service.live import LivePublisher
 from service.repositories import JobRepository
@@ -87,11 +87,13 @@ class Supervisor:
         live: LivePublisher | None,
         dispatch: Dispatch,
         worker_name: str | None = None,
+        deliver: DeliveryDispatch | None = None,
     ):
         self.settings = settings
         self.db = db
         self.live = live
         self.dispatch = dispatch
+        self.deliver = deliver  # webhook deliveries of the job's end (`service.webhooks`)
         self.name = worker_name or settings.worker_name or default_worker_name()
 
     # -- claim -----------------------------------------------------------------------------
@@ -230,7 +232,7 @@ class Supervisor:
         if w.fenced:
             return "fenced"
         with self.db.session() as s:
-            repo = JobRepository(s, self.live)
+            repo = JobRepository(s, self.live, self.deliver)
             job = repo.get(claim.job_id)
             if job is None or job.attempt != claim.attempt or job.status not in ACTIVE_STATUSES:
                 return "fenced"

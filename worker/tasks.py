@@ -24,7 +24,7 @@ from celery import signals
 
 from service import scheduler
 from service.db import Database
-from service.dispatch import REAP_TASK, RUN_JOB_TASK, send_job
+from service.dispatch import REAP_TASK, RUN_JOB_TASK, send_delivery, send_job
 from service.live import LivePublisher
 from service.settings import Settings
 from worker.celery_app import app
@@ -55,6 +55,12 @@ def dispatch(job_id: str, pool: str) -> None:
     send_job(app, job_id, pool)
 
 
+def deliver(delivery_id: str) -> None:
+    """`service.dispatch.DeliveryDispatch` over this worker's Celery connection: a webhook
+    delivery for the webhook worker (`worker.webhooks`), which owns its own queue."""
+    send_delivery(app, delivery_id)
+
+
 def worker_name() -> str:
     """The name on the ``workers`` row, the same one the supervisor writes on claimed jobs."""
     return _settings().worker_name or default_worker_name()
@@ -63,13 +69,13 @@ def worker_name() -> str:
 @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_job(job_id: str) -> str:
     db, live = runtime()
-    return Supervisor(_settings(), db, live, dispatch).run(job_id)
+    return Supervisor(_settings(), db, live, dispatch, deliver=deliver).run(job_id)
 
 
 @app.task(name=REAP_TASK, ignore_result=True)
 def reap() -> dict[str, list[str]]:
     db, live = runtime()
-    return asdict(reap_once(_settings(), db, live, dispatch))
+    return asdict(reap_once(_settings(), db, live, dispatch, deliver=deliver))
 
 
 def _heartbeat(settings: Settings, db: Database) -> None:
@@ -100,6 +106,7 @@ def _background_loop(stop: threading.Event) -> None:
                     live,
                     dispatch,
                     dead_worker=settings.worker_name if first else None,
+                    deliver=deliver,
                 )
                 first = False
                 next_reap = time.monotonic() + settings.reaper_interval_s

@@ -2,7 +2,8 @@
 
 ``/healthz`` says the process serves requests (restart it if not); ``/readyz`` says its
 dependencies answer (take it out of the load balancer if not): the database and Redis,
-without which no job can be created or followed.
+without which no job can be created or followed, and the artifact store (a local folder or
+an S3 bucket), without which no checkpoint can be listed or downloaded.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from api.schemas import ErrorResponse, Health
+from service.store import get_store
 
 router = APIRouter(tags=["health"])
 
@@ -24,6 +26,10 @@ def healthz() -> Health:
 
 def _check_db(request: Request) -> None:
     request.app.state.db.ping()
+
+
+def _check_store(request: Request) -> None:
+    get_store(request.app.state.settings).ping()
 
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": ErrorResponse}})
@@ -41,6 +47,12 @@ async def readyz(request: Request) -> JSONResponse:
         checks["redis"] = "ok"
     except Exception as e:  # noqa: BLE001
         checks["redis"] = f"error: {type(e).__name__}: {e}"[:300]
+    try:
+        with anyio.fail_after(10):
+            await anyio.to_thread.run_sync(_check_store, request, abandon_on_cancel=True)
+        checks["artifacts"] = "ok"
+    except Exception as e:  # noqa: BLE001
+        checks["artifacts"] = f"error: {type(e).__name__}: {e}"[:300]
     bad = {k: v for k, v in checks.items() if v != "ok"}
     if bad:
         message = "; ".join(f"{k}: {v}" for k, v in bad.items())

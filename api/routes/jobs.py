@@ -32,6 +32,7 @@ from service.artifacts import (
 )
 from service.errors import InvalidRequestError
 from service.lifecycle import JOB_STATUSES
+from service.store import get_store
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -115,7 +116,9 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS)
 def get_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPublic:
     job = service.get(team, job_id)
-    return job_public(job, service.queue_info(job), service.pruning(job))
+    return job_public(
+        job, service.queue_info(job), service.pruning(job), service.teacher_cache(job)
+    )
 
 
 @router.post(
@@ -145,7 +148,12 @@ def retry_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPublic
     return job_public(job, service.queue_info(job), service.pruning(job))
 
 
-@router.get("/{job_id}/metrics", response_model=MetricsPublic, responses=_ERRORS)
+@router.get(
+    "/{job_id}/metrics",
+    response_model=MetricsPublic,
+    responses=_ERRORS,
+    operation_id="getJobMetrics",
+)
 def job_metrics(
     job_id: JobId,
     team: TeamDep,
@@ -162,6 +170,7 @@ def job_metrics(
 
 @router.get(
     "/{job_id}/events",
+    operation_id="streamJobEvents",
     responses={
         200: {
             "content": {
@@ -214,36 +223,52 @@ def list_checkpoints(job_id: JobId, team: TeamDep, service: JobServiceDep) -> Ch
 
 @router.get(
     "/{job_id}/checkpoints/{step}/files/{name:path}",
+    operation_id="downloadCheckpointFile",
     response_class=StreamingResponse,
     responses={
         200: {"content": {"application/octet-stream": {}}},
         206: {"description": "Partial content (Range)."},
         304: {"description": "If-None-Match matched the ETag (the file's sha256)."},
+        307: {"description": "artifact_download=redirect: a presigned URL of the S3 store."},
         416: {"description": "Range not satisfiable."},
+        503: {"model": ErrorResponse, "description": "The artifact store did not answer."},
         **_ERRORS,
     },
 )
 def download_file(
-    request: Request, job_id: JobId, step: Step, name: str, team: TeamDep, service: JobServiceDep
+    request: Request,
+    job_id: JobId,
+    step: Step,
+    name: str,
+    team: TeamDep,
+    service: JobServiceDep,
+    settings: SettingsDep,
 ) -> Response:
-    """One file of a checkpoint; names are those of the manifest. ETag is the sha256."""
+    """One file of a checkpoint; names are those of the manifest. ETag is the sha256. With
+    ``artifact_download: redirect`` and an S3 store, a 307 to a presigned URL."""
     ckpt = service.checkpoint(team, job_id, step)
-    path, meta = resolve_file(ckpt, name)
-    return file_response(request, path, meta)
+    store = get_store(settings)
+    key, meta = resolve_file(store, ckpt, name)
+    redirect = settings.artifact_presign_s if settings.artifact_download == "redirect" else None
+    return file_response(request, store, key, meta, redirect_s=redirect)
 
 
 @router.get(
     "/{job_id}/checkpoints/{step}/archive",
+    operation_id="downloadCheckpointArchive",
     response_class=StreamingResponse,
     responses={200: {"content": {"application/x-tar": {}}}, **_ERRORS},
 )
-def download_archive(job_id: JobId, step: Step, team: TeamDep, service: JobServiceDep) -> Response:
+def download_archive(
+    job_id: JobId, step: Step, team: TeamDep, service: JobServiceDep, settings: SettingsDep
+) -> Response:
     """The whole checkpoint folder (``save_pretrained`` layout + manifest) as a tar stream."""
     ckpt = service.checkpoint(team, job_id, step)
-    members = archive_members(ckpt)
+    store = get_store(settings)
+    members = archive_members(store, ckpt)
     filename = f"{job_id}-{checkpoint_dir_name(step)}.tar"
     return StreamingResponse(
-        tar_stream(members),
+        tar_stream(store, members, int(ckpt.created_at.timestamp())),
         media_type="application/x-tar",
         headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )

@@ -13,6 +13,7 @@ router = APIRouter(prefix="/v1/teams", tags=["teams"])
 @router.get(
     "/me",
     response_model=TeamPublic,
+    operation_id="getMyTeam",
     responses={401: {"model": ErrorResponse, "description": "Missing or revoked API key."}},
 )
 def my_team(team: TeamDep, service: JobServiceDep) -> TeamPublic:

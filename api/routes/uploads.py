@@ -39,6 +39,7 @@ def _public(u) -> UploadPublic:  # noqa: ANN001 - an service.models.Upload
                     "schema": {
                         "type": "object",
                         "required": ["file"],
+                        "examples": [{"file": "The quick brown fox.\n", "format": "txt"}],
                         "properties": {
                             "file": {
                                 "type": "string",

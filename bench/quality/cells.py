@@ -16,10 +16,21 @@ from typing import Any
 
 from bench.quality.grid import teacher_spec
 from bench.quality.presets import Preset
+from sharp_core.cache_store import LocalCacheStore
 from sharp_core.checkpoint import list_checkpoints
 from sharp_core.evaluate import perplexity
 from sharp_core.spec import parse_spec
-from sharp_core.trainer import TrainCallbacks, train
+from sharp_core.trainer import LocalResolver, TrainCallbacks, train
+
+
+class _Resolver(LocalResolver):
+    """The run's cells share one teacher-logit cache store (`teacher-caches/` in the run)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def teacher_cache_store(self) -> LocalCacheStore:
+        return LocalCacheStore(self.run_dir / "teacher-caches")
 
 
 class SanityCheckError(RuntimeError):
@@ -188,7 +199,9 @@ def run_cell(
     cb = _make_callbacks(cdir / "metrics.jsonl")
     t0, c0 = time.perf_counter(), _cpu_seconds()
     try:
-        result = train(spec, cdir / "run", callbacks=cb, device=ctx.device)
+        result = train(
+            spec, cdir / "run", callbacks=cb, device=ctx.device, resolver=_Resolver(ctx.run_dir)
+        )
     finally:
         cb.close()
     train_s, train_cpu = time.perf_counter() - t0, _cpu_seconds() - c0

@@ -18,6 +18,19 @@ from sharp_core.spec import MethodSpec
 BASELINES: tuple[str, ...] = ("sft", "kd", "rkl", "skl", "srkl", "jsd", "tinybert", "minilm")
 
 
+#: kd read from a teacher-logit cache (docs/teacher-cache.md), run only when named (--methods):
+#: top-k with the tail bucket at three k, the renormalised top-k, RS-KD's 12 draws, and the
+#: top-32 with 12 draws from the tail.
+CACHE_METHODS: dict[str, dict[str, Any]] = {
+    "cache-topk8": {"kind": "topk", "k": 8},
+    "cache-topk32": {"kind": "topk", "k": 32},
+    "cache-topk128": {"kind": "topk", "k": 128},
+    "cache-topk32-renorm": {"kind": "topk", "k": 32, "estimator": "renormalized"},
+    "cache-sampled12": {"kind": "sampled", "samples": 12},
+    "cache-topk32-tail12": {"kind": "topk", "k": 32, "tail_samples": 12},
+}
+
+
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """A copy of `base` with `over` merged in, dicts recursively."""
     out = copy.deepcopy(base)
@@ -113,6 +126,8 @@ def method_table(
             table[f"sharp-rank{r}"] = {**sharp, "rank": int(r)}
     table["sharp-learned"] = {**sharp, "basis": "learned"}
     table["sharp-pcgrad"] = {**sharp, "conflict": "pcgrad"}
+    for name, cache in CACHE_METHODS.items():  # kd from a teacher-logit cache (issue 15)
+        table[name] = {"name": "kd", "teacher_cache": {"mode": "use", **cache}}
     for vname, over in (variants or {}).items():  # the search: SHARP + overrides, diagnosed
         table[f"var-{vname}"] = {**deep_merge(sharp, over), **diag}
     return table

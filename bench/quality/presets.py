@@ -124,6 +124,29 @@ PRESETS: dict[str, Preset] = {
         student_config=gpt2(2, 2, 64, 128),
         training=_budget(200, 16, 3e-3, 20, 25),
     ),
+    # Issue 15: kd from a teacher-logit cache against dense kd, the tiny-cpu shapes and budget.
+    # The sanity ratio is 1 (the teacher must beat every student, not by 10 %): the run was
+    # made with a teacher stopped early (docs/results.md, "Teacher-logit cache").
+    "tiny-cpu-cache": Preset(
+        name="tiny-cpu-cache",
+        description="tiny-cpu shapes; kd dense vs kd from a teacher-logit cache",
+        vocab_size=512,
+        seq_len=128,
+        teacher_config=gpt2(4, 4, 128, 128, dropout=0.1),
+        teacher_training=_budget(1200, 16, 2e-3, 50, 100),
+        student_config=gpt2(2, 2, 64, 128),
+        training=_budget(200, 16, 3e-3, 20, 25),
+        methods=(
+            "kd",
+            "cache-topk8",
+            "cache-topk32",
+            "cache-topk128",
+            "cache-sampled12",
+            "cache-topk32-renorm",
+            "cache-topk32-tail12",
+        ),
+        sanity_ratio=1.0,
+    ),
     **_init_pair(
         "tiny-cpu-2x2",
         "random vs pruned init (issue 14), the tiny-cpu student shape 2×2×64 (MLP 256)",

@@ -125,7 +125,9 @@ def run(
         raise ValueError("split must be 'val' or 'test'")
     out.mkdir(parents=True, exist_ok=True)
     table = method_table(preset, sharp_overrides, variants)
-    order = list(methods or preset.methods or [m for m in table if not m.startswith("var-")])
+    order = list(
+        methods or preset.methods or [m for m in table if not m.startswith(("var-", "cache-"))]
+    )
     order += [f"var-{v}" for v in variants or {} if f"var-{v}" not in order]
     # every method that is not SHARP is a baseline (a tuned TinyBERT variant included)
     baselines = [m for m in order if table[m]["name"] != "sharp"]

@@ -34,6 +34,11 @@ PROFILED: tuple[tuple[str, str, str], ...] = (
     ("sharp_core.losses", "logit_objective", FUSED_LABEL),  # as called by eager, checks
     ("sharp_core.losses", "cross_entropy", "losses.cross_entropy"),
     ("sharp_core.losses", "divergence", "losses.divergence"),
+    (
+        "sharp_core.teacher_cache",
+        "sparse_logit_objective",
+        "teacher_cache.sparse_logit_objective (cached KD)",
+    ),
 )
 
 

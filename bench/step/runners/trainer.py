@@ -14,12 +14,13 @@ from torch import Tensor
 
 from bench.step.models import Workload, job_spec, maybe_compile
 from bench.step.runners.base import Runner
-from sharp_core import losses
+from sharp_core import losses, teacher_cache
 from sharp_core.capture import ATTN_IMPLEMENTATION, AttentionCapture
 from sharp_core.models import model_shape
 from sharp_core.onpolicy import generate, loss_mask
 from sharp_core.setup import Setup
 from sharp_core.sharp import make_attention_objective
+from sharp_core.spec import TeacherCacheSpec
 from sharp_core.step import micro_step
 
 
@@ -75,6 +76,10 @@ class Variant:
     #: λ = 1 on-policy: the student continues the batch's first half (at most 64 new tokens)
     #: with its KV cache, then the step trains on the generated tokens only
     on_policy: bool = False
+    #: read the logit term from a teacher-logit cache of this top-k (tail bucket) instead of
+    #: running the teacher: the targets are computed once, outside the timed steps, and
+    #: copied to the device each step as `TeacherCache.batch` does
+    cache_k: int | None = None
 
 
 VARIANTS: dict[str, Variant] = {
@@ -88,6 +93,8 @@ VARIANTS: dict[str, Variant] = {
         logit_loss=separate_logit_objective,
         logit_loss_label="bench.separate_logit_objective (CE, then D)",
     ),
+    "kd_cached": Variant("kd", cache_k=32),
+    "sharp_cached": Variant("sharp", cache_k=32),
     "kd_compiled": Variant("kd", compiled=True),
     "sharp_compiled": Variant("sharp", compiled=True),
 }
@@ -132,6 +139,21 @@ class MicroStepRunner(Runner):
             teacher_capture=t_cap,
             logit_loss=variant.logit_loss,
         )
+        self.cached: dict[str, Tensor] | None = None
+        if variant.cache_k is not None:
+            if not spec.method.uses_attention:
+                self.S.teacher = None  # the cache replaces the teacher's forward pass
+            amp = torch.bfloat16 if self.use_amp else None
+            x = w.x
+            with (
+                torch.inference_mode(),
+                torch.autocast(w.device.type, dtype=amp, enabled=amp is not None),
+            ):
+                logits = w.teacher(input_ids=x).logits[:, :-1, : w.vocab]  # (B, N-1, V)
+                targets = teacher_cache.teacher_targets(
+                    logits, TeacherCacheSpec(k=variant.cache_k), 1.0, list(range(x.shape[0]))
+                )
+            self.cached = {k: v.cpu() for k, v in targets.items()}  # as read from a shard
         self.a = spec.method.effective_kd_weight
         self.logit_loss_label = variant.logit_loss_label
         self.on_policy = variant.on_policy
@@ -141,25 +163,32 @@ class MicroStepRunner(Runner):
     def forward(self) -> Tensor:
         x = self.x
         amp = torch.bfloat16 if self.use_amp else None
-        if not self.on_policy:
+        if self.on_policy:
+            b, t = x.shape[0], self.new_tokens
+            p = x.shape[1] - t
+            seq = generate(  # (B, P + T), as the trainer's on-policy batches are made
+                self.S.student,
+                x[:, :p],
+                max_new_tokens=t,
+                vocab=self.vocab,
+                seeds=list(range(b)),
+                amp_dtype=amp,
+            )
+            batch = {"input_ids": seq, "loss_mask": loss_mask(b, p, t, x.device)}
+            # student samples: the divergence alone (a = 1), as the trainer does
             terms, _parts = micro_step(
-                self.S, x, n_tokens=x[:, 1:].numel(), n_seqs=x.shape[0], amp_dtype=amp
+                self.S, batch, n_tokens=b * t, n_seqs=b, kd_weight=1.0, amp_dtype=amp
             )
             return terms["loss"]
-        b, t = x.shape[0], self.new_tokens
-        p = x.shape[1] - t
-        seq = generate(  # (B, P + T), as the trainer's on-policy batches are made
-            self.S.student,
-            x[:, :p],
-            max_new_tokens=t,
-            vocab=self.vocab,
-            seeds=list(range(b)),
-            amp_dtype=amp,
-        )
-        batch = {"input_ids": seq, "loss_mask": loss_mask(b, p, t, x.device)}
-        # student samples: the divergence alone (a = 1), as the trainer does
+        batch: Tensor | dict[str, Tensor] = x
+        if self.cached is not None:
+            batch = {"input_ids": x, **teacher_cache.as_batch(self.cached, x.device)}
         terms, _parts = micro_step(
-            self.S, batch, n_tokens=b * t, n_seqs=b, kd_weight=1.0, amp_dtype=amp
+            self.S,
+            batch,
+            n_tokens=x[:, 1:].numel(),
+            n_seqs=x.shape[0],
+            amp_dtype=amp,
         )
         return terms["loss"]
 

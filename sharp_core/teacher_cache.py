@@ -1,0 +1,757 @@
+"""A teacher-logit cache shared by jobs: build it once, read it instead of the teacher's forward.
+
+Teams distil several students (sizes, methods, seeds) from one teacher on one data set; each
+job used to pay for the teacher's forward pass again. A cache stores, for every next-token
+position of the job's packed training blocks, a sparse view of the teacher's distribution
+at the job's temperature:
+
+* ``topk``: the k largest log-probs and their token ids, plus the log of the mass left
+  outside them (the "tail"), so the loss can keep the tail as one bucket;
+* ``sampled``: Random-Sampling KD (Anshumann et al., ACL 2025, arXiv 2503.16870): n tokens
+  drawn from p per position, with their log-probs; the mean over draws of
+  log p(x) − log q(x) is an unbiased estimate of KL(p‖q) and its gradient.
+
+Layout (one folder per key, in the artifact store; docs/teacher-cache.md)::
+
+    <key>/shard_00000.safetensors   ids (b, N-1, w) int32, logp (b, N-1, w), tail (b, N-1)
+    <key>/manifest.json              key, its parts, shapes, every shard's sha256 and size
+
+The manifest is written last: a folder with a manifest is complete (`CacheStore.put`).
+Every shard is hashed when the cache is opened and again each time it is read, so a shard
+that is missing or changed fails the job with `TeacherCacheCorruptError` (and is discarded,
+so a retry rebuilds it) instead of training on wrong targets.
+
+The key is the sha256 of its parts (`key_parts`): the teacher's weights and config, the
+tokenizer, the data set, the packed blocks (seq_len, count, content), kind, k (or samples
+and their seed), temperature and storage dtype. The training seed is not a part: it only
+orders the visits to the blocks, and the cache is indexed by block, so jobs with different
+seeds share one cache (the point of it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from sharp_core.cache_store import MANIFEST, CacheStore, LocalCacheStore
+from sharp_core.errors import ArtifactWriteError, TeacherCacheCorruptError
+from sharp_core.losses import DIVERGENCES, IGNORE_INDEX
+from sharp_core.spec import TeacherCacheSpec
+
+__all__ = [
+    "CacheStore",
+    "LocalCacheStore",
+    "TeacherCache",
+    "build_cache",
+    "cache_key",
+    "key_parts",
+    "sparse_logit_objective",
+    "SparseTargets",
+    "as_batch",
+    "attach",
+    "read_manifest",
+    "teacher_backbone",
+    "teacher_digest",
+    "teacher_targets",
+    "tensor_digest",
+    "texts_digest",
+    "tokenizer_digest",
+]
+
+FORMAT = 1
+SHARD_BYTES = 64 << 20
+"""Target size of one shard: big enough for few files, small enough to hash and load fast."""
+
+# The keys of the batch dict a cached micro-batch carries (`TeacherCache.batch`).
+IDS, LOGP, TAIL = "cache_ids", "cache_logp", "cache_tail"
+TIDS, TLOGP = "cache_tail_ids", "cache_tail_logp"  # draws from the tail (tail_samples > 0)
+
+
+# ------------------------------------------------------------------------------ the key
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes."""
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def teacher_digest(model: torch.nn.Module) -> str:
+    """sha256 of the loaded teacher: its config (minus paths and versions) and every weight.
+
+    Hashing what was loaded, not the files, covers every source the same way (hub, folder,
+    a finished job, a config-initialised model) and the dtype it was loaded in."""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        cfg = {
+            k: v
+            for k, v in config.to_dict().items()
+            if not k.startswith("_") and k not in ("transformers_version", "name_or_path")
+        }
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor_digest(t).encode())
+    return h.hexdigest()
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """sha256 of the tokenizer's full serialisation (vocab, merges, normaliser) when it has
+    one (fast tokenizers), else of its vocabulary and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    else:
+        text = json.dumps(
+            [sorted(tokenizer.get_vocab().items()), tokenizer.special_tokens_map], default=str
+        )
+    return hashlib.sha256(f"{type(tokenizer).__name__}\n{text}".encode()).hexdigest()
+
+
+def texts_digest(texts: list[str]) -> str:
+    """sha256 of the loaded documents, in order (the data set as the job reads it)."""
+    h = hashlib.sha256()
+    for t in texts:
+        b = t.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+def key_parts(
+    cfg: TeacherCacheSpec,
+    *,
+    teacher: str,
+    tokenizer: str,
+    dataset: str,
+    blocks: torch.Tensor,
+    vocab: int,
+    temperature: float,
+) -> dict[str, Any]:
+    """Everything the cache's content depends on (`cache_key` hashes it)."""
+    parts: dict[str, Any] = {
+        "format": FORMAT,
+        "teacher": teacher,
+        "tokenizer": tokenizer,
+        "dataset": dataset,
+        "packing": {
+            "seq_len": int(blocks.shape[1]),
+            "blocks": int(blocks.shape[0]),
+            "blocks_sha256": tensor_digest(blocks),
+        },
+        "vocab": int(vocab),
+        "kind": cfg.kind,
+        "temperature": float(temperature),
+        "dtype": cfg.dtype,
+    }
+    if cfg.kind == "topk":
+        parts["k"] = int(cfg.k)
+        if cfg.tail_samples:  # absent when 0: the keys of plain top-k caches do not change
+            parts["tail_samples"] = int(cfg.tail_samples)
+            parts["sample_seed"] = int(cfg.sample_seed)
+    else:
+        parts["k"] = int(cfg.samples)
+        parts["sample_seed"] = int(cfg.sample_seed)
+    return parts
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    """sha256 (hex) of the key parts' canonical JSON."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _block_generator(cfg: TeacherCacheSpec, like: torch.Tensor, block: int) -> torch.Generator:
+    """One generator per block, seeded by (sample_seed, block): the draws do not depend on the
+    batch size of the pass that built the cache."""
+    return torch.Generator(device=like.device).manual_seed(cfg.sample_seed * 1_000_003 + block)
+
+
+def teacher_targets(
+    logits: torch.Tensor, cfg: TeacherCacheSpec, temperature: float, block_ids: list[int]
+) -> dict[str, torch.Tensor]:
+    """Sparse targets of teacher logits (B, N-1, V): ids/logp (B, N-1, w) [+ tail (B, N-1)]."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)  # (B, N-1, V)
+    if cfg.kind == "topk":
+        k = min(cfg.k, logp.shape[-1])
+        vals, ids = logp.topk(k, dim=-1, sorted=False)  # (B, N-1, k)
+        # log of the mass outside the top-k, exact (never log(1 − Σ p)); -inf when k = V
+        rest = logp.scatter(-1, ids, float("-inf"))  # (B, N-1, V): the tail's log-probs
+        tail = torch.logsumexp(rest, dim=-1)  # (B, N-1)
+        out = {"ids": ids.to(torch.int32), "logp": vals, "tail": tail}
+        if cfg.tail_samples:
+            probs = rest.exp()
+            probs[probs.sum(-1) == 0] = 1.0  # an empty tail: any draw, its weight p_tail is 0
+            tids = torch.stack(
+                [
+                    torch.multinomial(
+                        probs[b], cfg.tail_samples, True, generator=_block_generator(cfg, logp, i)
+                    )
+                    for b, i in enumerate(block_ids)
+                ]
+            )  # (B, N-1, n)
+            out["tids"] = tids.to(torch.int32)
+            out["tlogp"] = logp.gather(-1, tids)
+        return out
+    ids_out = [
+        torch.multinomial(
+            logp[b].exp(), cfg.samples, True, generator=_block_generator(cfg, logp, i)
+        )
+        for b, i in enumerate(block_ids)
+    ]
+    ids = torch.stack(ids_out)  # (B, N-1, n)
+    return {"ids": ids.to(torch.int32), "logp": logp.gather(-1, ids)}
+
+
+def build_cache(
+    teacher: torch.nn.Module,
+    blocks: torch.Tensor,
+    cfg: TeacherCacheSpec,
+    *,
+    key: str,
+    parts: dict[str, Any],
+    vocab: int,
+    temperature: float,
+    out_dir: Path,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    shard_bytes: int = SHARD_BYTES,
+) -> dict[str, Any]:
+    """One teacher pass over ``blocks`` (n, N) writing shards and, last, the manifest, into
+    ``out_dir`` (a staging folder: `CacheStore.put` commits it). Returns the manifest."""
+    from safetensors.torch import save_file
+
+    n, N = blocks.shape
+    width = cfg.k if cfg.kind == "topk" else cfg.samples
+    width = min(width, vocab) if cfg.kind == "topk" else width
+    val_bytes = 2 if cfg.dtype == "float16" else 4
+    per_block = (N - 1) * ((width + cfg.tail_samples) * (4 + val_bytes) + val_bytes)
+    per_shard = max(1, shard_bytes // per_block)
+    dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
+    shards: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    teacher.eval()
+    for first in range(0, n, per_shard):
+        count = min(per_shard, n - first)
+        pieces: dict[str, list[torch.Tensor]] = {}
+        for s in range(first, first + count, batch_size):
+            e = min(s + batch_size, first + count)
+            x = blocks[s:e].to(device)  # (b, N)
+            with (
+                torch.inference_mode(),
+                torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
+            ):
+                logits = teacher(input_ids=x).logits[:, :-1, :vocab]  # (b, N-1, V)
+                out = teacher_targets(logits, cfg, temperature, list(range(s, e)))
+            for name, t in out.items():
+                pieces.setdefault(name, []).append(t.cpu())
+        tensors = {name: torch.cat(ts) for name, ts in pieces.items()}
+        for name in ("logp", "tail", "tlogp"):
+            if name in tensors:
+                tensors[name] = tensors[name].to(dtype).contiguous()
+        fname = f"shard_{len(shards):05d}.safetensors"
+        path = out_dir / fname
+        save_file(tensors, str(path))
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+        shards.append(
+            {
+                "name": fname,
+                "first": first,
+                "count": count,
+                "sha256": _sha256_file(path),
+                "size": path.stat().st_size,
+            }
+        )
+    manifest = {
+        "format": FORMAT,
+        "key": key,
+        "parts": parts,
+        "kind": cfg.kind,
+        "width": int(width),
+        "blocks": int(n),
+        "positions": int(N - 1),
+        "shards": shards,
+        "bytes": sum(s["size"] for s in shards),
+        "build_s": round(time.perf_counter() - started, 3),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+    }
+    with open(out_dir / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    return manifest
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest of a cache folder, or None when it is missing or unreadable."""
+    try:
+        m = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
+class TeacherCache:
+    """An opened, verified cache: `batch` gives the sparse targets of a batch of blocks.
+
+    Shards are loaded on demand (an LRU bounded by ``max_bytes``) and their sha256 is
+    checked on every load, so a shard changed after the cache was opened is caught too.
+    ``on_corrupt`` runs before `TeacherCacheCorruptError` is raised (the trainer discards
+    the cache there, so a retry rebuilds it)."""
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        *,
+        on_corrupt: Callable[[], None] | None = None,
+        max_bytes: int = 1 << 30,
+    ):
+        self.path = path
+        self.manifest = manifest
+        self.kind = manifest["kind"]
+        self.on_corrupt = on_corrupt
+        self.max_bytes = max_bytes
+        self._loaded: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self._starts = [s["first"] for s in manifest["shards"]]
+
+    @property
+    def key(self) -> str:
+        return str(self.manifest["key"])
+
+    def _corrupt(self, msg: str) -> TeacherCacheCorruptError:
+        if self.on_corrupt is not None:
+            self.on_corrupt()
+        return TeacherCacheCorruptError(f"teacher cache {self.key[:16]}…: {msg}")
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        key: str,
+        blocks: int,
+        positions: int,
+        on_corrupt: Callable[[], None] | None = None,
+    ) -> TeacherCache:
+        """Open and verify every shard (exists, size, sha256, covers every block once)."""
+        manifest = read_manifest(path)
+        cache = cls(
+            path, manifest or {"key": key, "kind": "?", "shards": []}, on_corrupt=on_corrupt
+        )
+        if manifest is None:
+            raise cache._corrupt("unreadable manifest")
+        if manifest.get("key") != key or manifest.get("format") != FORMAT:
+            raise cache._corrupt("manifest is for another key or format")
+        if manifest.get("blocks") != blocks or manifest.get("positions") != positions:
+            raise cache._corrupt(
+                f"manifest covers {manifest.get('blocks')}×{manifest.get('positions')} "
+                f"positions, the job has {blocks}×{positions}"
+            )
+        expected = 0
+        for s in manifest["shards"]:
+            p = path / s["name"]
+            if s["first"] != expected:
+                raise cache._corrupt(f"shards do not cover the blocks in order at {s['name']}")
+            expected += s["count"]
+            if not p.is_file():
+                raise cache._corrupt(f"shard {s['name']} is missing")
+            if p.stat().st_size != s["size"] or _sha256_file(p) != s["sha256"]:
+                raise cache._corrupt(f"shard {s['name']} does not match its sha256")
+        if expected != blocks:
+            raise cache._corrupt(f"shards cover {expected} of {blocks} blocks")
+        return cache
+
+    def _shard(self, i: int) -> dict[str, torch.Tensor]:
+        if i in self._loaded:
+            self._loaded.move_to_end(i)
+            return self._loaded[i]
+        from safetensors.torch import load
+
+        s = self.manifest["shards"][i]
+        try:
+            data = (self.path / s["name"]).read_bytes()
+        except OSError as e:
+            raise self._corrupt(f"shard {s['name']} cannot be read: {e}") from None
+        if hashlib.sha256(data).hexdigest() != s["sha256"]:
+            raise self._corrupt(f"shard {s['name']} does not match its sha256")
+        tensors = load(data)
+        self._loaded[i] = tensors
+        while (
+            len(self._loaded) > 1
+            and sum(t.numel() * t.element_size() for d in self._loaded.values() for t in d.values())
+            > self.max_bytes
+        ):
+            self._loaded.popitem(last=False)
+        return tensors
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """Sparse targets of blocks ``idx`` (B,): ids (B, N-1, w) int64, logp (B, N-1, w)
+        float32, and for top-k tail (B, N-1) float32, under the `IDS`/`LOGP`/`TAIL` keys."""
+        import bisect
+
+        rows: dict[str, list[torch.Tensor]] = {}
+        for b in idx.tolist():
+            i = bisect.bisect_right(self._starts, b) - 1
+            shard = self._shard(i)
+            r = b - self._starts[i]
+            for name, t in shard.items():
+                rows.setdefault(name, []).append(t[r])
+        out = {
+            IDS: torch.stack(rows["ids"]).long(),
+            LOGP: torch.stack(rows["logp"]).float(),
+        }
+        if "tail" in rows:
+            out[TAIL] = torch.stack(rows["tail"]).float()
+        if "tids" in rows:
+            out[TIDS] = torch.stack(rows["tids"]).long()
+            out[TLOGP] = torch.stack(rows["tlogp"]).float()
+        return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+
+
+def as_batch(targets: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """`teacher_targets` output as the batch entries `sharp_core.step.micro_step` reads (what
+    `TeacherCache.batch` returns for blocks read from disk)."""
+    out = {IDS: targets["ids"].long(), LOGP: targets["logp"].float()}
+    if "tail" in targets:
+        out[TAIL] = targets["tail"].float()
+    if "tids" in targets:
+        out[TIDS] = targets["tids"].long()
+        out[TLOGP] = targets["tlogp"].float()
+    return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------- the sparse loss
+
+
+@dataclass(frozen=True)
+class SparseTargets:
+    """A micro-batch's cached teacher view: ids/logp (B, N-1, w), tail (B, N-1) or None."""
+
+    ids: torch.Tensor
+    logp: torch.Tensor
+    tail: torch.Tensor | None
+    tail_ids: torch.Tensor | None = None  # (B, N-1, n) draws from the tail (tail_samples)
+    tail_logp: torch.Tensor | None = None
+
+    @classmethod
+    def from_batch(cls, batch: dict[str, torch.Tensor]) -> SparseTargets | None:
+        if IDS not in batch:
+            return None
+        return cls(batch[IDS], batch[LOGP], batch.get(TAIL), batch.get(TIDS), batch.get(TLOGP))
+
+
+_FLOOR = -1e30  # stands for log 0 where a logsumexp of nothing but -inf would give NaN gradients
+
+
+def _row_divergence(
+    how: str, name: str, alpha: float, beta: float, k: int
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """Per-row D from the student's log q (R, V) and the cache's ids/logp (R, w), tail (R,)."""
+
+    def tail_bucket(log_q, ids, lp, tail):  # (k+1)-bucket distributions: all divergences
+        assert tail is not None
+        lq_k = log_q.gather(1, ids)  # (R, k)
+        rest = log_q.scatter(1, ids, _FLOOR)  # the student's mass outside the teacher's top-k
+        lq_tail = torch.logsumexp(rest, dim=1, keepdim=True).clamp_min(_FLOOR)  # (R, 1)
+        log_p = torch.cat([lp, tail[:, None]], dim=1)  # (R, k+1)
+        log_q2 = torch.cat([lq_k, lq_tail], dim=1)
+        return DIVERGENCES[name](log_p, log_q2, alpha=alpha, beta=beta)
+
+    def renormalized(log_q, ids, lp, _tail):  # KL(p̃ ‖ q), p̃ = top-k rescaled to sum 1
+        lp_n = lp - torch.logsumexp(lp, dim=1, keepdim=True)
+        return (lp_n.exp() * (lp_n - log_q.gather(1, ids))).sum(1)
+
+    def sampled(log_q, ids, lp, _tail):  # mean over draws x ~ p of log p(x) − log q(x)
+        return (lp - log_q.gather(1, ids)).mean(1)
+
+    def tail_sampled(log_q, ids, lp, tail):  # exact top-k, then the tail's mass over its draws
+        assert tail is not None
+        lq = log_q.gather(1, ids)  # (R, k + n): the top-k, then the n tail draws
+        top = (lp[:, :k].exp() * (lp[:, :k] - lq[:, :k])).sum(1)
+        return top + tail.exp() * (lp[:, k:] - lq[:, k:]).mean(1)
+
+    return {
+        "tail": tail_bucket,
+        "renormalized": renormalized,
+        "sampled": sampled,
+        "tail_sampled": tail_sampled,
+    }[how]
+
+
+def _forward_kl_target(
+    how: str, k: int
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """The row target t (R, V) with ∂D̂/∂(s/τ) = softmax(s/τ) − t for the forward-KL estimators:
+
+    * tail: t_j = p_j on the teacher's top-k, q_j · p_tail / q_tail outside it (the tail
+      bucket's mass spread like the student's own tail);
+    * renormalized: the top-k rescaled to sum to 1, 0 elsewhere;
+    * sampled: the empirical distribution of the draws (count / n);
+    * tail_sampled: p_j on the top-k, p_tail · count / n on the tail's draws.
+    """
+
+    def target(log_q, ids, lp, tail):  # (R, V), (R, w), (R, w), (R,) or None
+        if how == "tail_sampled":
+            assert tail is not None
+            t = torch.zeros_like(log_q).scatter_(1, ids[:, :k], lp[:, :k].exp())
+            n = ids.shape[1] - k
+            w = (tail.exp() / n)[:, None].expand(-1, n)
+            return t.scatter_add_(1, ids[:, k:], w.contiguous())
+        if how == "sampled":
+            t = torch.zeros_like(log_q)
+            return t.scatter_add_(1, ids, torch.full_like(lp, 1.0 / lp.shape[1]))
+        if how == "renormalized":
+            p = (lp - torch.logsumexp(lp, dim=1, keepdim=True)).exp()
+            return torch.zeros_like(log_q).scatter_(1, ids, p)
+        assert tail is not None
+        rest = log_q.scatter(1, ids, _FLOOR)  # the student's log-probs outside the top-k
+        lq_tail = torch.logsumexp(rest, dim=1, keepdim=True)
+        # q_j · p_tail / q_tail outside the top-k (exp of _FLOOR is 0 on the top-k itself)
+        t = (rest - lq_tail + tail[:, None].clamp_min(_FLOOR)).exp()
+        return t.scatter_(1, ids, lp.exp())
+
+    return target
+
+
+class _SparseLogitLoss(torch.autograd.Function):
+    """(1 − a)·CE + a·τ²·D̂, value and student gradient chunk by chunk (as the dense
+    `sharp_core.losses.logit_objective` does), the sparse teacher side read from the cache."""
+
+    @staticmethod
+    def forward(ctx, s2, ids, lp, tail, y, row_d, closed, a, tau, denom, chunk):  # type: ignore[override]
+        grad = torch.empty_like(s2, memory_format=torch.contiguous_format)
+        ce_sum = torch.zeros((), dtype=torch.float32, device=s2.device)
+        d_sum = torch.zeros((), dtype=torch.float32, device=s2.device)
+        for i in range(0, s2.shape[0], chunk):
+            sl = slice(i, i + chunk)
+            yc = y[sl]
+            valid = yc != IGNORE_INDEX
+            tl = None if tail is None else tail[sl]
+            if closed is not None:  # forward KL: no autograd graph, the gradient in closed form
+                with torch.no_grad():
+                    xf = s2[sl].float()
+                    y0 = yc.clamp_min(0)[:, None]  # (R, 1)
+                    log_q1 = F.log_softmax(xf, dim=-1)
+                    ce = -log_q1.gather(1, y0).squeeze(1)
+                    log_q = log_q1 if tau == 1.0 else F.log_softmax(xf / tau, dim=-1)
+                    d = row_d(log_q, ids[sl], lp[sl], tl) * (tau * tau)
+                    target = closed(log_q, ids[sl], lp[sl], tl)  # (R, V), rows sum to 1
+                    # (1−a)(softmax(s) − e_y) + a·τ·(softmax(s/τ) − target)
+                    g = log_q1.exp().mul_(1 - a)
+                    g.add_(log_q.exp().sub_(target), alpha=a * tau)
+                    g.scatter_add_(1, y0, torch.full_like(y0, -(1 - a), dtype=g.dtype))
+                    g.masked_fill_(~valid[:, None], 0.0)
+            else:
+                with torch.enable_grad():
+                    x = s2[sl].detach().requires_grad_(True)
+                    xf = x.float()
+                    ce = F.cross_entropy(xf, yc.clamp_min(0), reduction="none")
+                    log_q = F.log_softmax(xf if tau == 1.0 else xf / tau, dim=-1)
+                    d = row_d(log_q, ids[sl], lp[sl], tl) * (tau * tau)
+                    combined = ((1 - a) * ce + a * d).masked_fill(~valid, 0.0).sum()
+                    (g,) = torch.autograd.grad(combined, x)
+            ce_sum += ce.detach().masked_fill(~valid, 0.0).sum()
+            d_sum += d.detach().masked_fill(~valid, 0.0).sum()
+            grad[sl] = g.div_(denom).to(grad.dtype)
+        ctx.save_for_backward(grad)
+        ce_v, d_v = ce_sum / denom, d_sum / denom
+        ctx.mark_non_differentiable(ce_v, d_v)
+        return (1 - a) * ce_v + a * d_v, ce_v, d_v
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _g_ce, _g_d):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_out.to(grad.dtype),) + (None,) * 10
+
+
+def sparse_logit_objective(
+    name: str,
+    student_logits: torch.Tensor,
+    targets: SparseTargets,
+    labels: torch.Tensor,
+    *,
+    estimator: str,
+    kd_weight: float,
+    temperature: float = 1.0,
+    alpha: float = 0.1,
+    beta: float = 0.5,
+    num_valid: int,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ce, d): (1 − a)·CE + a·τ²·D̂(p_T‖q_S) with the teacher side from the cache.
+
+    Shapes: ``student_logits`` (B, N-1, V), ``targets`` ids/logp (B, N-1, w) and tail
+    (B, N-1), ``labels`` (B, N-1). ``estimator``: 'tail' (top-k plus the tail as one bucket,
+    any divergence D of `sharp_core.losses.DIVERGENCES` on the (k+1)-bucket distributions;
+    exact at k = V), 'renormalized' (forward KL to the top-k rescaled to sum 1) or 'sampled'
+    (RS-KD: mean of log p(x) − log q(x) over the cached draws x ~ p; unbiased for forward
+    KL) or 'tail_sampled' (exact top-k, and the tail's mass p_tail spread over the cached
+    draws from the tail: p_tail · mean of log p(x) − log q(x); unbiased for forward KL, with
+    far less variance than 'sampled'). Normalised by the step's global ``num_valid`` like
+    every loss (sharp_core.losses).
+    """
+    V = student_logits.shape[-1]
+    s2 = student_logits.reshape(-1, V)  # (T, V)
+    k = targets.ids.shape[-1]
+    ids_t, lp_t = targets.ids, targets.logp
+    if estimator == "tail_sampled":  # the tail's draws ride after the top-k columns
+        if targets.tail_ids is None or targets.tail_logp is None:
+            raise ValueError("estimator 'tail_sampled' needs the cache's tail draws")
+        ids_t = torch.cat([ids_t, targets.tail_ids], dim=-1)
+        lp_t = torch.cat([lp_t, targets.tail_logp], dim=-1)
+    w = ids_t.shape[-1]
+    ids = ids_t.reshape(-1, w)
+    lp = lp_t.reshape(-1, w).float()
+    tail = None if targets.tail is None else targets.tail.reshape(-1).float()
+    if ids.shape[0] != s2.shape[0]:
+        raise ValueError(f"cache targets cover {ids.shape[0]} positions, the logits {s2.shape[0]}")
+    y = labels.reshape(-1)
+    denom = float(max(num_valid, 1))
+    chunk = chunk_size or max(1, (1 << 26) // V)
+    row_d = _row_divergence(estimator, name, alpha, beta, k)
+    closed = _forward_kl_target(estimator, k) if name == "forward_kl" else None
+    if torch.is_grad_enabled() and student_logits.requires_grad:
+        loss, ce, d = _SparseLogitLoss.apply(
+            s2, ids, lp, tail, y, row_d, closed, kd_weight, temperature, denom, chunk
+        )
+        return loss, ce, d
+    with torch.no_grad():
+        valid = y != IGNORE_INDEX
+        log_q = F.log_softmax(s2.float() / temperature, dim=-1)
+        d = row_d(log_q, ids, lp, tail) * temperature**2
+        ce = F.cross_entropy(s2.float(), y.clamp_min(0), reduction="none")
+        ce_v = ce.masked_fill(~valid, 0.0).sum() / denom
+        d_v = d.masked_fill(~valid, 0.0).sum() / denom
+    return (1 - kd_weight) * ce_v + kd_weight * d_v, ce_v, d_v
+
+
+# ----------------------------------------------------------------------- the trainer's hook
+
+
+def attach(S: Any, store: CacheStore, on_event: Callable[[str, dict[str, Any]], None]) -> Any:
+    """Give the run ``S`` (a `sharp_core.setup.Setup`) its teacher cache: read the store's
+    cache for this job's key when it verifies, else build it with one teacher pass and commit
+    it. A cache under the key whose manifest names another key or other parts is never used:
+    it is discarded and rebuilt. Reports ``teacher_cache`` {role: built | read, key, parts,
+    size} through ``on_event``. Methods without attention terms then drop the teacher (its
+    forward pass is no longer needed, and its memory is freed)."""
+    from sharp_core.setup import autocast_dtype
+
+    spec = S.spec
+    cfg = spec.method.teacher_cache
+    if S.teacher is None or S.dataset_sha256 is None:
+        raise ValueError("a teacher cache needs a teacher and a packed training set")
+    blocks = S.data.train  # (n, N)
+    tau = spec.method.temperature
+    started = time.perf_counter()
+    parts = key_parts(
+        cfg,
+        teacher=teacher_digest(S.teacher),
+        tokenizer=tokenizer_digest(S.tokenizer),
+        dataset=S.dataset_sha256,
+        blocks=blocks,
+        vocab=S.vocab,
+        temperature=tau,
+    )
+    key = cache_key(parts)
+    role = "read"
+    note = None
+    if store.exists(key):
+        found = read_manifest(store.get(key))
+        if found is None or found.get("key") != key or found.get("parts") != parts:
+            note = "a cache under this key was for other key parts: discarded and rebuilt"
+            store.discard(key)
+    if not store.exists(key):
+        role = "built"
+        try:
+            staged = store.staging(key)
+        except OSError as e:
+            raise ArtifactWriteError(f"cannot write the teacher cache {key[:16]}…: {e}") from e
+        try:
+            build_cache(
+                S.teacher,
+                blocks,
+                cfg,
+                key=key,
+                parts=parts,
+                vocab=S.vocab,
+                temperature=tau,
+                out_dir=staged,
+                batch_size=spec.training.batch_size,
+                device=S.device,
+                amp_dtype=autocast_dtype(spec, S.device),
+            )
+            store.put(key, staged)
+        except OSError as e:  # a full or read-only store: another try would not fit either
+            raise ArtifactWriteError(f"cannot write the teacher cache {key[:16]}…: {e}") from e
+        finally:
+            if staged.exists():
+                shutil.rmtree(staged, ignore_errors=True)
+    cache = TeacherCache.open(
+        store.get(key),
+        key=key,
+        blocks=int(blocks.shape[0]),
+        positions=int(blocks.shape[1]) - 1,
+        on_corrupt=lambda: store.discard(key),
+    )
+    S.teacher_cache = cache
+    if S.teacher_capture is None:
+        S.teacher = None  # logit-only method: the cache replaces the teacher entirely
+    event = {
+        "role": role,
+        "key": key,
+        "kind": cfg.kind,
+        "k": parts["k"],
+        "estimator": cfg.loss_estimator,
+        "parts": parts,
+        "bytes": cache.manifest["bytes"],
+        "shards": len(cache.manifest["shards"]),
+        "blocks": cache.manifest["blocks"],
+        "positions": cache.manifest["positions"],
+        "created_at": cache.manifest["created_at"],
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if note:
+        event["note"] = note
+    on_event("teacher_cache", event)
+    return S
+
+
+def teacher_backbone(teacher: torch.nn.Module) -> torch.nn.Module:
+    """The teacher without its LM head: what an attention method runs when the logit term
+    comes from the cache (the (B, N, V) head projection is skipped; the captured attention
+    is the same)."""
+    base = getattr(teacher, "base_model", None)
+    return base if isinstance(base, torch.nn.Module) and base is not teacher else teacher
