@@ -247,6 +247,70 @@ class Granularities(_Strict):
     residual: float = Field(default=0.0, ge=0.0, le=1000.0)
 
 
+class OnPolicySpec(_Strict):
+    """Distil on generated sequences (GKD on-policy, DistiLLM's adaptive replay); docs/method.md.
+
+    A prompt is the first `prompt_tokens` tokens of a packed training block; the student (or
+    the teacher, `seq_kd`) continues it for `max_new_tokens` tokens and the step's loss is
+    taken on the generated tokens only. causal_lm only.
+    """
+
+    fraction: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="λ: the chance that a step's whole batch is replaced by generated "
+        "sequences (TRL GKD's lmbda); with `adaptive`, the starting generation probability. "
+        "0 draws no random number: the run is the off-policy run.",
+    )
+    seq_kd: bool = Field(
+        default=False,
+        description="Sequences from the teacher instead of the student (sequence-level KD); "
+        "the (1-a)·CE term then trains on them, as SeqKD does.",
+    )
+    max_new_tokens: int = Field(
+        default=64, ge=1, le=131_072, description="Tokens generated after each prompt."
+    )
+    prompt_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=131_072,
+        description="P: prompt length, the block's first P tokens. Default: "
+        "training.seq_len - max_new_tokens, so generated sequences are blocks' length.",
+    )
+    temperature: float = Field(default=1.0, gt=0.0, le=100.0, description="Sampling temperature.")
+    top_k: int = Field(
+        default=0, ge=0, le=1_000_000, description="Sample among the k likeliest tokens (0: all)."
+    )
+    top_p: float = Field(
+        default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (1: no cut)."
+    )
+    adaptive: bool = Field(
+        default=False,
+        description="DistiLLM's adaptive off-policy: student generations go to a replay "
+        "buffer; a step generates afresh or replays from the buffer, and the generation "
+        "probability (starting at `fraction`) rises by `adaptive_increment` whenever the "
+        "evaluation loss rises.",
+    )
+    replay_capacity: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Sequences the replay buffer holds (oldest dropped first); at least one "
+        "optimizer step's batch (training.batch_size × grad_accum).",
+    )
+    adaptive_increment: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="DistiLLM's raise of the probability."
+    )
+    adaptive_tolerance: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=100.0,
+        description="Rise of eval_loss (nats) over the previous evaluation that counts as "
+        "rising (DistiLLM's loss_eps).",
+    )
+
+
 class TeacherCacheSpec(_Strict):
     """A teacher-logit cache shared by the team's jobs (docs/teacher-cache.md).
 
@@ -373,6 +437,11 @@ class MethodSpec(_Strict):
     query_chunk: int = Field(default=128, ge=1, le=65536)
     teacher_cache: TeacherCacheSpec = Field(default_factory=TeacherCacheSpec)
     logit_chunk: int = Field(default=4096, ge=1, le=1 << 20, description="Tokens per chunk.")
+    on_policy: OnPolicySpec | None = Field(
+        default=None,
+        description="Train on generated sequences (docs/method.md, 'On-policy'); None: "
+        "off-policy, the training text only.",
+    )
 
     @property
     def divergence(self) -> DivergenceName:
@@ -504,6 +573,7 @@ def parse_spec(data: dict[str, Any], *, prefix: str = "spec") -> JobSpec:
             raise UnsafeModelError(f"{param}: {msg}", param=param) from None
         raise SpecError(f"{param}: {msg}", param=param) from None
     _check_prune(spec, prefix)
+    _check_on_policy(spec, prefix)
     _check_teacher_cache(spec, prefix)
     gpus = spec.resources.gpus
     if gpus > 1 and spec.training.batch_size % gpus:
@@ -543,6 +613,55 @@ def _check_prune(spec: JobSpec, prefix: str) -> None:
             "tokenizer.name",
             f"a pruned student keeps the teacher's tokenizer ({teacher_src or 'the teacher job'}"
             f"'s), not '{spec.tokenizer.name}'",
+        )
+
+
+def _check_on_policy(spec: JobSpec, prefix: str) -> None:
+    """Cross-field rules of `method.on_policy`, checked here so that the error names its field."""
+    op = spec.method.on_policy
+    if op is None:
+        return
+    base = f"{prefix}.method.on_policy" if prefix else "method.on_policy"
+
+    def fail(field: str, msg: str) -> None:
+        param = f"{base}.{field}" if field else base
+        raise SpecError(f"{param}: {msg}", param=param)
+
+    t = spec.training
+    if op.max_new_tokens >= t.seq_len:
+        fail(
+            "max_new_tokens",
+            f"{op.max_new_tokens} must be smaller than training.seq_len ({t.seq_len}): "
+            "a prompt needs at least one token of the block",
+        )
+    if op.prompt_tokens is not None and op.prompt_tokens + op.max_new_tokens > t.seq_len:
+        fail(
+            "prompt_tokens",
+            f"prompt_tokens + max_new_tokens = {op.prompt_tokens + op.max_new_tokens} exceeds "
+            f"training.seq_len ({t.seq_len})",
+        )
+    length = (op.prompt_tokens or t.seq_len - op.max_new_tokens) + op.max_new_tokens
+    if spec.method.basis == "learned" and spec.method.uses_attention and length != t.seq_len:
+        fail(
+            "prompt_tokens",
+            f"a learned SHARP basis is tied to training.seq_len ({t.seq_len}): generated "
+            f"sequences must have that length, not {length} (leave prompt_tokens out)",
+        )
+    if spec.task != "causal_lm":
+        fail("", f"on-policy distillation generates text: task must be causal_lm, not {spec.task}")
+    if spec.method.name == "sft":
+        fail("", "on-policy distillation needs a teacher's distribution: not with method 'sft'")
+    if spec.method.teacher_cache.mode != "off":
+        fail(
+            "",
+            "generated sequences have no cached teacher logits: on_policy and "
+            "teacher_cache.mode 'use' cannot be combined",
+        )
+    if op.adaptive and op.replay_capacity < t.batch_size * t.grad_accum:
+        fail(
+            "replay_capacity",
+            f"{op.replay_capacity} is less than one step's batch "
+            f"(training.batch_size × grad_accum = {t.batch_size * t.grad_accum})",
         )
 
 

@@ -56,6 +56,7 @@ class TrainState:
     scaler: torch.amp.GradScaler
     stream: BatchStream
     objective: torch.nn.Module | None
+    onpolicy: Any = None  # sharp_core.onpolicy.OnPolicy when the spec has method.on_policy
 
     @classmethod
     def start(
@@ -89,6 +90,7 @@ class TrainState:
             "data": self.stream.state_dict(),
             "rng": rngs[0],
             **({"rng_ranks": rngs} if per_rank else {}),
+            **({"onpolicy": self.onpolicy.state_dict()} if self.onpolicy is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -99,6 +101,8 @@ class TrainState:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.stream.load_state_dict(state["data"])
+        if self.onpolicy is not None and state.get("onpolicy") is not None:
+            self.onpolicy.load_state_dict(state["onpolicy"])
         self.step = int(state["step"])
 
 

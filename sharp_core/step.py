@@ -60,10 +60,16 @@ def next_batch(S: Setup, stream: BatchStream, batch_size: int) -> dict[str, torc
 
 def step_counts(batches: list[dict[str, torch.Tensor]], classify: bool) -> tuple[int, int]:
     """(sequences, target tokens) of one optimizer step's micro-batches: the global counts
-    every term is divided by. Targets: every next token of a packed block (no padding), or
-    one label per example."""
+    every term is divided by. Targets: every next token of a packed block (no padding), the
+    generated tokens of an on-policy batch (its ``loss_mask``), or one label per example."""
     n_seqs = sum(b["input_ids"].shape[0] for b in batches)
-    n_tokens = n_seqs if classify else sum(b["input_ids"][:, 1:].numel() for b in batches)
+    if classify:
+        return n_seqs, n_seqs
+    # generated batches (sharp_core.onpolicy): only the masked-in tokens are targets
+    n_tokens = sum(
+        int(b["loss_mask"][:, 1:].sum()) if "loss_mask" in b else b["input_ids"][:, 1:].numel()
+        for b in batches
+    )
     return n_seqs, n_tokens
 
 
@@ -79,7 +85,8 @@ def micro_step(
 ) -> StepLosses:
     """Forward both models on one micro-batch and compute every term of the objective.
 
-    ``batch``: input_ids (B, N), or a `next_batch` dict. ``n_tokens`` / ``n_seqs``: the
+    ``batch``: input_ids (B, N), or a `next_batch` dict (or an on-policy one, whose
+    ``loss_mask`` (B, N) limits every term to the generated tokens). ``n_tokens`` / ``n_seqs``: the
     optimizer step's global counts (`step_counts`). ``kd_weight``: a (default: the spec's
     effective one, 0 for sft). ``attn_scale``: s(t). ``amp_dtype``: autocast dtype of the
     forwards (None: none). No backward pass here.
@@ -97,6 +104,10 @@ def micro_step(
     query_mask = mask.bool() if mask is not None else torch.ones_like(x, dtype=torch.bool)
     # labels aligned with logits rows: next tokens (B, N-1), or one class per example (B, 1)
     labels = batch["labels"][:, None] if classify else x[:, 1:]
+    loss_mask = batch.get("loss_mask")  # (B, N) bool: on-policy, True on generated tokens
+    if loss_mask is not None:  # prompt tokens carry no loss: neither logit nor attention terms
+        labels = labels.masked_fill(~loss_mask[:, 1:], losses.IGNORE_INDEX)
+        query_mask = query_mask & loss_mask
     terms: dict[str, torch.Tensor] = {}
     cached = teacher_cache.SparseTargets.from_batch(batch)  # the logit term from the cache
     with torch.autocast(S.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -30,6 +30,7 @@ from sharp_core.data import ClassificationData
 from sharp_core.errors import OutOfMemoryError
 from sharp_core.evaluate import evaluate
 from sharp_core.models import LocalResolver, Resolver
+from sharp_core.onpolicy import OnPolicy
 from sharp_core.perf import Throughput, flops_per_token
 from sharp_core.setup import Setup, autocast_dtype, setup
 from sharp_core.spec import JobSpec
@@ -159,6 +160,8 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]  # the student's
     extra = [p for p in (S.objective.parameters() if S.objective else []) if p.requires_grad]
     state = TrainState.start(S, params, extra, ctx, amp)  # step 0: AdamW, scaler, data stream
+    if m.on_policy is not None:  # generated batches: its RNG and replay buffer are state too
+        state.onpolicy = OnPolicy(spec, ctx.rank, ctx.world_size, ctx.gather_objects)
     opt, scaler = state.optimizer, state.scaler
     last_ckpt = resume(out_dir, S, state, model, ctx)  # newest verified checkpoint, if any
     resumed_step = state.step if last_ckpt is not None else None
@@ -190,6 +193,8 @@ def train(
         due = bool(t.eval_every) and step % t.eval_every == 0
         if done or ((due or (step == 0 and S.pruned)) and step != resumed_step):
             ev = run_eval()
+            if state.onpolicy is not None:
+                state.onpolicy.observe_eval(ev)  # adaptive: p rises with the eval loss
             last_metrics.update(ev)
             cb.on_metrics(step, ev)
         periodic = bool(t.checkpoint_every) and step % t.checkpoint_every == 0 and step > 0
@@ -201,6 +206,12 @@ def train(
 
         # ---- micro-steps: forward, loss, backward; gradients accumulate over grad_accum
         batches = [next_batch(S, state.stream, t.batch_size) for _ in range(t.grad_accum)]  # (B, N)
+        kind, a = "data", None  # on-policy: maybe generated or replayed (B, P+T) sequences
+        if state.onpolicy is not None:
+            batches, kind = state.onpolicy.batches(
+                step, batches, student=model, teacher=S.teacher, vocab=S.vocab, amp_dtype=amp
+            )
+            a = state.onpolicy.kd_weight(kind)
         n_seq, n_tok = step_counts(batches, classify)  # the global counts every term divides by
         diagnose = m.interference_every > 0 and step % m.interference_every == 0
         per_term = diagnose or pcgrad  # one backward pass per term
@@ -212,7 +223,13 @@ def train(
                 # multi-GPU: DDP all-reduces in the last micro-step's backward only
                 with ctx.no_sync(S.student, sync=not per_term and i == len(batches) - 1):
                     terms, parts = micro_step(
-                        S, x, n_tokens=n_tok, n_seqs=n_seq, attn_scale=s_t, amp_dtype=amp
+                        S,
+                        x,
+                        n_tokens=n_tok,
+                        n_seqs=n_seq,
+                        kd_weight=a,
+                        attn_scale=s_t,
+                        amp_dtype=amp,
                     )
                     for k, v in terms.items():
                         logs[k] = logs.get(k, 0) + v.detach()
@@ -241,5 +258,7 @@ def train(
             metrics = ctx.mean_metrics(logs, dev)
             metrics.update(lr=lr, grad_norm=float(grad_norm), **meter.read(step, n_in))
             metrics.update(ctx.mean_metrics(cosines, dev))
+            if state.onpolicy is not None:
+                metrics.update(state.onpolicy.metrics(kind))
             last_metrics.update(metrics)
             cb.on_metrics(step, metrics)

@@ -227,6 +227,20 @@ BAD_SPECS = [
     (("resources.queue", "GPU A100"), 422, "invalid_spec", "spec.resources.queue"),
     # each GPU of a multi-GPU job takes an equal slice of every batch
     (("resources.gpus", 3), 422, "invalid_spec", "spec.training.batch_size"),
+    # on-policy generation settings out of range (issue 15): λ outside [0, 1], and as many
+    # new tokens as the block is long (no prompt left)
+    (
+        ("method.on_policy", {"fraction": 1.5}),
+        422,
+        "invalid_spec",
+        "spec.method.on_policy.fraction",
+    ),
+    (
+        ("method.on_policy", {"max_new_tokens": 32}),
+        422,
+        "invalid_spec",
+        "spec.method.on_policy.max_new_tokens",
+    ),
 ]
 
 

@@ -1,7 +1,7 @@
 """Time one optimizer step of each distillation method side by side (issue 5, "Must have" 1).
 
     python -m bench.step --preset tiny-cpu [--json] [--repeats N] [--warmup N]
-                         [--steps ce,kd,sharp,eager] [--compile] [--profile] [--device DEV]
+                         [--steps ce,kd,kd_onpolicy,sharp,eager] [--compile] [--profile] [--device DEV]
                          [--threads N]
 
 Steps (each a *full* optimizer step: forward, backward, gradient clipping at 1.0 as the trainer
@@ -12,6 +12,12 @@ the same random batch:
 * ``kd``    teacher forward under inference mode + student forward/backward,
             (1−a)·CE + a·forward KL in one fused pass (`losses.logit_objective`; the trainer's
             ``kd`` path, a = 0.9). Every ratio is relative to this step.
+* ``kd_onpolicy`` the ``kd`` step on the student's own samples (issue 15, λ = 1): the
+            student continues the batch's first N − T tokens for T = min(64, N/2) tokens with
+            its KV cache (`sharp_core.onpolicy.generate`: inference mode, eval mode, the
+            training dtype), then the trainer's micro-step on the (B, N) generated sequences
+            with the prompt masked (`sharp_core.onpolicy.loss_mask`), a = 1 as the trainer
+            uses for student samples. Its ratio to ``kd`` is the price of a generated batch.
 * ``sharp`` the full SHARP step with the default ``MethodSpec`` (q/k captured inside SDPA by
             ``AttentionCapture``; ``AttentionObjective`` with P·Q from one SDPA call per layer,
             ``method.projection="sdpa"``).

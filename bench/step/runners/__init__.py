@@ -30,6 +30,8 @@ __all__ = [
 STEP_DESCRIPTIONS = {
     "ce": "student cross-entropy only",
     "kd": "teacher fwd (inference mode) + student fwd/bwd, (1-a)CE + a*forward KL fused",
+    "kd_onpolicy": "kd on student generations: KV-cache sampling of min(64, N/2) tokens "
+    "after the block's first tokens, loss on the generated tokens (lambda = 1)",
     "kd_cached": "kd with the teacher's top-32 read from a teacher-logit cache: no teacher "
     "fwd; (1-a)CE + a*forward KL with the tail as one bucket",
     "sharp": "kd + SHARP attention terms (default MethodSpec: SDPA capture, SDPA projection)",
@@ -43,7 +45,7 @@ STEP_DESCRIPTIONS = {
     "sharp_compiled": "sharp with torch.compile'd teacher and student",
 }
 #: Steps run when ``--steps`` is not given, in this order.
-STEP_NAMES: tuple[str, ...] = ("ce", "kd", "kd_cached", "sharp", "eager")
+STEP_NAMES: tuple[str, ...] = ("ce", "kd", "kd_onpolicy", "kd_cached", "sharp", "eager")
 #: Steps one may ask for with ``--steps``.
 ALL_STEPS: tuple[str, ...] = tuple(STEP_DESCRIPTIONS)
 

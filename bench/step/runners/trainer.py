@@ -17,6 +17,7 @@ from bench.step.runners.base import Runner
 from sharp_core import losses, teacher_cache
 from sharp_core.capture import ATTN_IMPLEMENTATION, AttentionCapture
 from sharp_core.models import model_shape
+from sharp_core.onpolicy import generate, loss_mask
 from sharp_core.setup import Setup
 from sharp_core.sharp import make_attention_objective
 from sharp_core.spec import TeacherCacheSpec
@@ -72,6 +73,9 @@ class Variant:
     #: the step's logit loss, handed to it as ``Setup.logit_loss``
     logit_loss: losses.LogitLoss = losses.logit_objective
     logit_loss_label: str = FUSED_LABEL  # its profiler range
+    #: λ = 1 on-policy: the student continues the batch's first half (at most 64 new tokens)
+    #: with its KV cache, then the step trains on the generated tokens only
+    on_policy: bool = False
     #: read the logit term from a teacher-logit cache of this top-k (tail bucket) instead of
     #: running the teacher: the targets are computed once, outside the timed steps, and
     #: copied to the device each step as `TeacherCache.batch` does
@@ -81,6 +85,7 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     "ce": Variant("sft"),
     "kd": Variant("kd"),
+    "kd_onpolicy": Variant("kd", on_policy=True),
     "sharp": Variant("sharp"),
     "sharp_chunked": Variant("sharp", projection="chunked"),
     "kd_separate": Variant(
@@ -151,9 +156,30 @@ class MicroStepRunner(Runner):
             self.cached = {k: v.cpu() for k, v in targets.items()}  # as read from a shard
         self.a = spec.method.effective_kd_weight
         self.logit_loss_label = variant.logit_loss_label
+        self.on_policy = variant.on_policy
+        n = w.preset.seq_len
+        self.new_tokens = min(64, n // 2)  # T; the prompt is the block's first N - T tokens
 
     def forward(self) -> Tensor:
         x = self.x
+        amp = torch.bfloat16 if self.use_amp else None
+        if self.on_policy:
+            b, t = x.shape[0], self.new_tokens
+            p = x.shape[1] - t
+            seq = generate(  # (B, P + T), as the trainer's on-policy batches are made
+                self.S.student,
+                x[:, :p],
+                max_new_tokens=t,
+                vocab=self.vocab,
+                seeds=list(range(b)),
+                amp_dtype=amp,
+            )
+            batch = {"input_ids": seq, "loss_mask": loss_mask(b, p, t, x.device)}
+            # student samples: the divergence alone (a = 1), as the trainer does
+            terms, _parts = micro_step(
+                self.S, batch, n_tokens=b * t, n_seqs=b, kd_weight=1.0, amp_dtype=amp
+            )
+            return terms["loss"]
         batch: Tensor | dict[str, Tensor] = x
         if self.cached is not None:
             batch = {"input_ids": x, **teacher_cache.as_batch(self.cached, x.device)}
@@ -162,7 +188,7 @@ class MicroStepRunner(Runner):
             batch,
             n_tokens=x[:, 1:].numel(),
             n_seqs=x.shape[0],
-            amp_dtype=torch.bfloat16 if self.use_amp else None,
+            amp_dtype=amp,
         )
         return terms["loss"]
 
