@@ -601,12 +601,13 @@ def test_teacher_cache_lives_in_the_bucket(settings: Settings, s3, tmp_path: Pat
     key = "a" * 64
     staged = cstore.staging(key)
     (staged / "shard_00000.safetensors").write_bytes(b"s" * 5000)
-    (staged / "manifest.json").write_text('{"key": "%s"}' % key)
+    manifest = f'{{"key": "{key}"}}'
+    (staged / "manifest.json").write_text(manifest)
     cstore.put(key, staged)
     objects = _keys(s3, f"teacher-caches/team_x/{key}/")
     assert objects == {
         f"teacher-caches/team_x/{key}/shard_00000.safetensors": 5000,
-        f"teacher-caches/team_x/{key}/manifest.json": len('{"key": "%s"}' % key),
+        f"teacher-caches/team_x/{key}/manifest.json": len(manifest),
     }
     other = store_for(settings.model_copy(update={"artifact_root": tmp_path / "host-b"}), "team_x")
     path = other.get(key)
