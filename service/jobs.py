@@ -280,11 +280,14 @@ class JobService:
             ckpts = CheckpointRepository(self.session).list(teacher.model.job)  # by step
             store = get_store(self.settings)
             key = store.key_of(ckpts[-1].path) if ckpts else None
-            try:
-                raw = store.read_bytes(f"{key}/config.json") if key else None
-                config = json.loads(raw) if raw else None
-            except (OSError, ValueError):
-                return None  # the worker reports a missing or unreadable model
+            if key is None and ckpts and not store.remote:
+                folder = Path(ckpts[-1].path)  # a row from before the store: a plain folder
+            else:
+                try:
+                    raw = store.read_bytes(f"{key}/config.json") if key else None
+                    config = json.loads(raw) if raw else None
+                except (OSError, ValueError):
+                    return None  # the worker reports a missing or unreadable model
         elif teacher.model is not None and teacher.model.startswith(("/", "./", "../", "~")):
             folder = Path(teacher.model).expanduser()
         if folder is not None:

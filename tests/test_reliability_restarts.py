@@ -312,5 +312,9 @@ def test_job_and_sse_client_survive_redis_postgres_and_api_restarts(
         listed = assert_listed_checkpoints_verify(http, team, job_id, settings)
     # every MAX_STEPS / 4 steps, the newest keep_checkpoints=3
     assert listed == [MAX_STEPS // 2, 3 * MAX_STEPS // 4, MAX_STEPS]
-    steps = [m["step"] for _, k, d in follower.events if k == "metrics" for m in d["metrics"]]
-    assert sorted(set(steps)) == list(range(5, MAX_STEPS + 1, 5)), steps
+    batches = [m for _, k, d in follower.events if k == "metrics" for m in d["metrics"]]
+    steps = [m["step"] for m in batches]
+    # step 0: the student's build time only (a fresh sft run, no teacher); then every
+    # log_every = 5 steps
+    assert sorted(set(steps)) == [0, *range(5, MAX_STEPS + 1, 5)], steps
+    assert {k for m in batches if m["step"] == 0 for k in m["values"]} == {"build_student_s"}
