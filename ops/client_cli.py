@@ -50,8 +50,6 @@ from rich.progress import (
 )
 from rich.table import Table
 
-# Reused from the demo, which verifies downloads the same way.
-from ops.demo import _sha256
 from ops.follow import (
     JobState,
     fmt_eta,
@@ -61,6 +59,9 @@ from ops.follow import (
     progress_fields,
     pruned_summary,
 )
+
+# Reused from the demo, which verifies downloads the same way.
+from sharp_core.checkpoint import sha256_file
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -556,7 +557,7 @@ def download_files(
             name, size, sha = meta["name"], int(meta["size"]), meta["sha256"]
             target = _target(folder, name)
             target.parent.mkdir(parents=True, exist_ok=True)
-            if target.is_file() and target.stat().st_size == size and _sha256(target) == sha:
+            if target.is_file() and target.stat().st_size == size and sha256_file(target) == sha:
                 progress.advance(task, size)
                 continue
             part = target.with_name(target.name + ".part")
@@ -585,7 +586,7 @@ def download_files(
                             progress.advance(task, len(chunk))
             else:
                 progress.advance(task, size)
-            got = _sha256(part)
+            got = sha256_file(part)
             if got != sha:
                 part.unlink()
                 _die(

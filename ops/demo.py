@@ -14,7 +14,6 @@ length of the command and stops it at the end (or on Ctrl-C / SIGTERM).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tarfile
 import time
@@ -35,6 +34,7 @@ from ops.embedded import (
     read_running,
 )
 from ops.follow import JobState, StreamLost, follow_events, job_progress, progress_fields
+from sharp_core.checkpoint import sha256_file
 
 
 class DemoError(RuntimeError):
@@ -111,14 +111,6 @@ def follow(
 # -- the student download --------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _safe_extract(tar: tarfile.TarFile, dest: Path) -> None:
     """Extract regular files only, never outside `dest` (the archive is remote input)."""
     if hasattr(tarfile, "data_filter"):
@@ -169,7 +161,7 @@ def download_checkpoint(client: httpx.Client, job_id: str, dest_root: Path) -> t
     if not files or set(files) != set(listed):
         raise DemoError("the archive's manifest and the API's file list differ")
     for name, meta in files.items():
-        got = _sha256(folder / name)
+        got = sha256_file(folder / name)
         if got != meta["sha256"] or got != listed[name]:
             raise DemoError(f"{name}: sha256 {got} does not match the manifest")
     archive.unlink()

@@ -63,21 +63,9 @@ def start_webhook_worker(
     extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start the webhook delivery worker as a subprocess in its own process group."""
-    env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-    out = log_file.open("ab") if log_file is not None else None
-    try:
-        return subprocess.Popen(
-            webhook_worker_command(settings, hostname=hostname),
-            env=env,
-            cwd=str(cwd) if cwd else None,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT if out is not None else None,
-            start_new_session=True,
-        )
-    finally:
-        if out is not None:
-            out.close()
+    return _spawn(
+        webhook_worker_command(settings, hostname=hostname), settings, log_file, cwd, extra_env
+    )
 
 
 def api_command(
@@ -133,11 +121,24 @@ def start_worker(
         settings = settings.model_copy(update={"worker_pool": pool})
     if gpu_count is not None:
         settings = settings.model_copy(update={"worker_gpu_count": gpu_count})
+    cmd = worker_command(settings, queues=queues, hostname=hostname, loglevel=loglevel)
+    return _spawn(cmd, settings, log_file, cwd, extra_env)
+
+
+def _spawn(
+    cmd: list[str],
+    settings: Settings,
+    log_file: Path | None,
+    cwd: Path | None,
+    extra_env: dict[str, str] | None,
+) -> subprocess.Popen[bytes]:
+    """A child with the settings in its environment, in its own process group (so a stop
+    signal reaches its whole tree), its output appended to `log_file`."""
     env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     out = log_file.open("ab") if log_file is not None else None
     try:
         return subprocess.Popen(
-            worker_command(settings, queues=queues, hostname=hostname, loglevel=loglevel),
+            cmd,
             env=env,
             cwd=str(cwd) if cwd else None,
             stdin=subprocess.DEVNULL,

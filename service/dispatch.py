@@ -24,6 +24,7 @@ Celery is configured as the design asks, and why:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -98,6 +99,32 @@ def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:
     )
     app.conf.sharp_settings = settings
     return app
+
+
+def celery_worker_argv(
+    app: str, *, pool: str, concurrency: int, queue: str, name: str, extra_args: Sequence[str]
+) -> list[str]:
+    """``celery -A app worker`` with the options every SHARP worker shares (no mingle or
+    gossip: workers never talk to each other). Options given last override these."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        app,
+        "worker",
+        f"--pool={pool}",
+        f"--concurrency={concurrency}",
+        "-Q",
+        queue,
+        "-n",
+        name,
+        "--loglevel",
+        "INFO",
+        "--without-mingle",
+        "--without-gossip",
+        *extra_args,
+    ]
 
 
 def send_job(celery: Celery, job_id: str, pool: str) -> None:

@@ -57,6 +57,18 @@ from service.models import (
 from service.txn import after_commit
 
 _QUEUED = QUEUED.value
+#: What the scheduler reads of a waiting job (`SchedulerRepository.waiting` and
+#: `waiting_heads`), in the order `service.scheduler` unpacks.
+_WAITING_COLUMNS = (
+    Job.id,
+    Job.team_id,
+    Job.queue,
+    Job.gpus,
+    Job.priority,
+    Job.created_at,
+    Job.queue_position,
+    Job.queue_reason,
+)
 
 
 # --------------------------------------------------------------------------- connections
@@ -853,16 +865,7 @@ class SchedulerRepository:
         """Queued jobs not admitted yet: (id, team_id, queue, gpus, priority, created_at,
         queue_position, queue_reason), the last two as the latest pass stored them."""
         return self.session.execute(
-            select(
-                Job.id,
-                Job.team_id,
-                Job.queue,
-                Job.gpus,
-                Job.priority,
-                Job.created_at,
-                Job.queue_position,
-                Job.queue_reason,
-            ).where(Job.status == _QUEUED, Job.admitted_at.is_(None))
+            select(*_WAITING_COLUMNS).where(Job.status == _QUEUED, Job.admitted_at.is_(None))
         ).all()
 
     def waiting_heads(self, pools: dict[str, tuple[int, int]]) -> Sequence[Any]:
@@ -883,17 +886,7 @@ class SchedulerRepository:
                 .label("rank")
             )
             inner = (
-                select(
-                    Job.id,
-                    Job.team_id,
-                    Job.queue,
-                    Job.gpus,
-                    Job.priority,
-                    Job.created_at,
-                    Job.queue_position,
-                    Job.queue_reason,
-                    rank,
-                )
+                select(*_WAITING_COLUMNS, rank)
                 .where(
                     Job.status == _QUEUED,
                     Job.admitted_at.is_(None),

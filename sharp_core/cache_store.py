@@ -11,10 +11,11 @@ import uuid
 from pathlib import Path
 from typing import Protocol
 
+from sharp_core.checkpoint import MANIFEST, fsync_dir
+
 __all__ = ["MANIFEST", "CacheStore", "LocalCacheStore"]
 
-MANIFEST = "manifest.json"
-"""Written last into a cache folder: a folder with a manifest is a complete cache."""
+# MANIFEST (shared with checkpoints) is written last: a folder with one is a complete cache.
 
 
 class CacheStore(Protocol):
@@ -35,14 +36,6 @@ class CacheStore(Protocol):
     def discard(self, key: str) -> None: ...
 
     def list(self) -> list[str]: ...
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LocalCacheStore:
@@ -75,14 +68,14 @@ class LocalCacheStore:
         final = self._dir(key)
         if not (local_dir / MANIFEST).is_file():
             raise ValueError(f"{local_dir} has no {MANIFEST}: nothing to commit")
-        _fsync_dir(local_dir)
+        fsync_dir(local_dir)
         if final.exists():
             if self.exists(key):  # another job committed the same key first
                 shutil.rmtree(local_dir, ignore_errors=True)
                 return final
             self.discard(key)  # a leftover without a manifest
         os.rename(local_dir, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return final
 
     def discard(self, key: str) -> None:

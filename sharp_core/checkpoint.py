@@ -42,7 +42,8 @@ def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (POSIX: fsync the directory)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -80,11 +81,11 @@ def write_checkpoint(
             json.dump(manifest, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a rewrite of the same step (e.g. a retried final save): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ArtifactWriteError(f"cannot write checkpoint {final}: {e}") from e

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from sharp_core.cache_store import MANIFEST, CacheStore, LocalCacheStore
+from sharp_core.checkpoint import sha256_file
 from sharp_core.errors import ArtifactWriteError, TeacherCacheCorruptError
 from sharp_core.losses import DIVERGENCES, IGNORE_INDEX
 from sharp_core.spec import TeacherCacheSpec
@@ -178,14 +179,6 @@ def cache_key(parts: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- building
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _block_generator(cfg: TeacherCacheSpec, like: torch.Tensor, block: int) -> torch.Generator:
     """One generator per block, seeded by (sample_seed, block): the draws do not depend on the
     batch size of the pass that built the cache."""
@@ -285,7 +278,7 @@ def build_cache(
                 "name": fname,
                 "first": first,
                 "count": count,
-                "sha256": _sha256_file(path),
+                "sha256": sha256_file(path),
                 "size": path.stat().st_size,
             }
         )
@@ -386,7 +379,7 @@ class TeacherCache:
             expected += s["count"]
             if not p.is_file():
                 raise cache._corrupt(f"shard {s['name']} is missing")
-            if p.stat().st_size != s["size"] or _sha256_file(p) != s["sha256"]:
+            if p.stat().st_size != s["size"] or sha256_file(p) != s["sha256"]:
                 raise cache._corrupt(f"shard {s['name']} does not match its sha256")
         if expected != blocks:
             raise cache._corrupt(f"shards cover {expected} of {blocks} blocks")

@@ -29,6 +29,7 @@ def write_corpus(tmp: Path, max_chars: int = 60_000, name: str = "corpus.txt") -
 
 GPT2_TINY = {"model_type": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 32, "n_positions": 64}
 GPT2_TEACHER = {"model_type": "gpt2", "n_layer": 4, "n_head": 4, "n_embd": 64, "n_positions": 64}
+NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 
 
 def spec_dict(corpus: Path, **over: Any) -> dict[str, Any]:
@@ -80,3 +81,19 @@ class Recorder(TrainCallbacks):
 
     def should_stop(self) -> bool:
         return self.stop_at is not None and self.step >= self.stop_at
+
+
+def train_tiny_teacher(corpus: Path, out: Path) -> Path:
+    """`GPT2_TEACHER` without dropout, 4 steps on `corpus`: a teacher whose outputs are
+    deterministic (the distributed and on-policy tests compare runs bit for bit)."""
+    from sharp_core.spec import parse_spec
+    from sharp_core.trainer import train
+
+    spec = spec_dict(
+        corpus,
+        student={"init": "config", "config": {**GPT2_TEACHER, **NO_DROPOUT}},
+        training={"max_steps": 4, "eval_every": 0, "checkpoint_every": 0},
+    )
+    res = train(parse_spec(spec), out)
+    assert res.checkpoint is not None
+    return res.checkpoint

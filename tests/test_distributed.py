@@ -32,10 +32,16 @@ from sharp_core.distributed import (
 from sharp_core.errors import SpecError
 from sharp_core.spec import parse_spec
 from sharp_core.trainer import STATE_FILE, train
-from tests.helpers import GPT2_TEACHER, GPT2_TINY, Recorder, spec_dict, write_corpus
+from tests.helpers import (
+    GPT2_TINY,
+    NO_DROPOUT,
+    Recorder,
+    spec_dict,
+    train_tiny_teacher,
+    write_corpus,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 RTOL = 1e-5
 GIB = 2**30
 
@@ -113,15 +119,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher_dir(corpus, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("teacher")
-    spec = spec_dict(
-        corpus,
-        student={"init": "config", "config": {**GPT2_TEACHER, **NO_DROPOUT}},
-        training={"max_steps": 4, "eval_every": 0, "checkpoint_every": 0},
-    )
-    res = train(parse_spec(spec), out)
-    assert res.checkpoint is not None
-    return res.checkpoint
+    return train_tiny_teacher(corpus, tmp_path_factory.mktemp("teacher"))
 
 
 def distil_spec(corpus: Path, teacher: Path, method: str, **resources) -> dict:

@@ -23,9 +23,14 @@ from sharp_core.spec import parse_spec
 from sharp_core.state import STATE_FILE
 from sharp_core.step import micro_step, step_counts
 from sharp_core.trainer import setup, train
-from tests.helpers import GPT2_TEACHER, GPT2_TINY, Recorder, spec_dict, write_corpus
-
-NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+from tests.helpers import (
+    GPT2_TINY,
+    NO_DROPOUT,
+    Recorder,
+    spec_dict,
+    train_tiny_teacher,
+    write_corpus,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +40,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher_dir(corpus, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("teacher")
-    spec = spec_dict(
-        corpus,
-        student={"init": "config", "config": {**GPT2_TEACHER, **NO_DROPOUT}},
-        training={"max_steps": 4, "eval_every": 0, "checkpoint_every": 0},
-    )
-    res = train(parse_spec(spec), out)
-    assert res.checkpoint is not None
-    return res.checkpoint
+    return train_tiny_teacher(corpus, tmp_path_factory.mktemp("teacher"))
 
 
 def distil(corpus: Path, teacher: Path, method: dict, **over) -> dict:

@@ -13,31 +13,21 @@ import socket
 import sys
 from collections.abc import Sequence
 
+from service.dispatch import celery_worker_argv
 from service.settings import Settings, get_settings
 from service.store import store_problem
 
 
 def celery_argv(settings: Settings, extra_args: Sequence[str] = ()) -> list[str]:
     """``celery worker``: solo pool, one job at a time, consuming the settings' pool queue."""
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
+    return celery_worker_argv(
         "worker.celery_app",
-        "worker",
-        "--pool=solo",
-        "--concurrency=1",
-        "-Q",
-        settings.pool,
-        "-n",
-        f"sharp-{settings.pool}-{os.getpid()}@{socket.gethostname()}",
-        "--loglevel",
-        "INFO",
-        "--without-mingle",
-        "--without-gossip",
-        *extra_args,
-    ]
+        pool="solo",
+        concurrency=1,
+        queue=settings.pool,
+        name=f"sharp-{settings.pool}-{os.getpid()}@{socket.gethostname()}",
+        extra_args=extra_args,
+    )
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from service.db import Database
 from service.dispatch import (
     DELIVER_TASK,
     WEBHOOK_QUEUE,
+    celery_worker_argv,
     make_celery,
     pool_queue,
     send_delivery,
@@ -101,25 +102,14 @@ def _on_shutdown(**_: Any) -> None:
 
 def celery_argv(settings: Settings, extra_args: Sequence[str] = ()) -> list[str]:
     """``celery worker`` on the delivery queue with a thread pool."""
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
+    return celery_worker_argv(
         "worker.webhooks",
-        "worker",
-        "--pool=threads",
-        f"--concurrency={settings.webhook_concurrency}",
-        "-Q",
-        WEBHOOK_QUEUE,
-        "-n",
-        f"sharp-webhooks-{os.getpid()}@{socket.gethostname()}",
-        "--loglevel",
-        "INFO",
-        "--without-mingle",
-        "--without-gossip",
-        *extra_args,
-    ]
+        pool="threads",
+        concurrency=settings.webhook_concurrency,
+        queue=WEBHOOK_QUEUE,
+        name=f"sharp-webhooks-{os.getpid()}@{socket.gethostname()}",
+        extra_args=extra_args,
+    )
 
 
 def main() -> None:
