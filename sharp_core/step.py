@@ -134,34 +134,23 @@ def micro_step(
             s_logits = S.student(input_ids=x, attention_mask=mask).logits
         s_logits = s_logits[:, None, :] if classify else s_logits[:, :-1, :V]  # like t_logits
 
+    # the divergence's settings, shared by the dense and the cached (sparse) logit term
+    div: dict[str, Any] = {
+        "kd_weight": a,
+        "temperature": m.temperature,
+        "alpha": m.skew_alpha,
+        "beta": m.jsd_beta,
+        "num_valid": n_tokens,
+        "chunk_size": m.logit_chunk,
+    }
     if cached is not None and a > 0:
-        tc = m.teacher_cache
         logit_term, terms["ce"], terms["kd"] = teacher_cache.sparse_logit_objective(
-            m.divergence,
-            s_logits,
-            cached,
-            labels,
-            estimator=tc.loss_estimator,
-            kd_weight=a,
-            temperature=m.temperature,
-            alpha=m.skew_alpha,
-            beta=m.jsd_beta,
-            num_valid=n_tokens,
-            chunk_size=m.logit_chunk,
+            m.divergence, s_logits, cached, labels, estimator=m.teacher_cache.loss_estimator, **div
         )
     elif t_logits is not None and a > 0:
         # (1-a)·CE + a·D in one fused pass over the logits (same value and gradient)
         logit_term, terms["ce"], terms["kd"] = S.logit_loss(
-            m.divergence,
-            s_logits,
-            t_logits,
-            labels,
-            kd_weight=a,
-            temperature=m.temperature,
-            alpha=m.skew_alpha,
-            beta=m.jsd_beta,
-            num_valid=n_tokens,
-            chunk_size=m.logit_chunk,
+            m.divergence, s_logits, t_logits, labels, **div
         )
     else:
         ce = losses.cross_entropy(s_logits, labels, num_valid=n_tokens, chunk_size=m.logit_chunk)

@@ -120,6 +120,10 @@ def test_supervise_restarts_a_killed_child_in_place_and_gives_up_when_it_keeps_d
         alpha = stack._spawn("alpha", cmd, env, stop_timeout_s=5)
         beta = stack._spawn("beta", ["sleep", "60"], dict(os.environ), stop_timeout_s=5)
         assert stack.supervise() and stack.children == [alpha, beta]
+        deadline = time.monotonic() + 10  # the first start has printed (a loaded machine can
+        while "started kept" not in alpha.log.read_text():  # be slower than the kill below)
+            assert time.monotonic() < deadline, alpha.log.read_text()
+            time.sleep(0.05)
 
         os.killpg(alpha.proc.pid, signal.SIGKILL)
         alpha.proc.wait(5)

@@ -419,7 +419,7 @@ def make_resolver(base: type, db: Database, team_id: str, settings: Settings) ->
 
     class ServiceResolver(base):  # type: ignore[misc, valid-type]
         def teacher_cache_store(self) -> Any:
-            return teacher_cache_store(settings or get_settings(), team_id)
+            return teacher_cache_store(settings, team_id)
 
         def job_checkpoint(self, job_id: str) -> Path:
             return resolve_job_checkpoint(db, team_id, job_id, settings)
@@ -452,9 +452,7 @@ def make_resolver(base: type, db: Database, team_id: str, settings: Settings) ->
     return ServiceResolver()
 
 
-def resolve_job_checkpoint(
-    db: Database, team_id: str, job_id: str, settings: Settings | None = None
-) -> Path:
+def resolve_job_checkpoint(db: Database, team_id: str, job_id: str, settings: Settings) -> Path:
     """The final checkpoint of a succeeded job of this team (its highest step still stored;
     from an S3 store, fetched into this host's cache first)."""
     with db.session() as s:
@@ -462,8 +460,8 @@ def resolve_job_checkpoint(
         if job is None or job.status != "succeeded":
             raise ModelNotFoundError(f"job '{job_id}' is not a succeeded job of this team")
         ckpts = CheckpointRepository(s).list(job_id)
-    store = get_store(settings) if settings is not None else None
-    if settings is not None and store is not None and store.remote:
+    store = get_store(settings)
+    if store.remote:
         jk = job_key(team_id, job_id)
         steps = with_retries(
             settings, f"list {jk}", lambda: complete_steps(store, jk), error=CheckpointError
