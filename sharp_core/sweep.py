@@ -62,7 +62,7 @@ class ParamRange(_Strict):
         return self
 
 
-Knob = Union[ParamRange, Annotated[list[Any], Field(min_length=1, max_length=100)]]
+Knob = ParamRange | Annotated[list[Any], Field(min_length=1, max_length=100)]
 
 
 class TuneSpec(_Strict):
