@@ -64,7 +64,13 @@ def _run_cells(ctx: RunContext, cells: list[Cell], jobs: int, log: Any) -> list[
     def spec_of(name: str, seed: int) -> dict[str, Any]:
         return specs[(name, seed)].spec
 
-    todo = [(c.config, c.seed) for c in cells]
+    # round-robin over methods: an interrupted run leaves every method equally far along
+    rank: dict[str, int] = {}
+    order = []
+    for c in cells:
+        rank[c.method] = rank.get(c.method, -1) + 1
+        order.append((rank[c.method], c))
+    todo = [(c.config, c.seed) for _, c in sorted(order, key=lambda rc: rc[0])]
     if jobs <= 1:
         for name, seed in todo:
             record(name, seed, *run_cell(ctx, name, seed, spec_of(name, seed)))
