@@ -185,6 +185,30 @@ def test_bad_eval_sources_name_their_field(texts, tmp_path) -> None:
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
 
 
+@pytest.mark.slow
+def test_two_processes_evaluate_the_sets_as_one(texts, with_sets, tmp_path) -> None:
+    """Under torchrun every rank evaluates the whole sets with its (identical) student and rank
+    0 reports: the numbers are the single process's (within test_distributed's RTOL; dropout
+    off, the tokenizer of the run above so both train on the same ids)."""
+    from tests.helpers import GPT2_TINY, NO_DROPOUT
+    from tests.test_distributed import RTOL, cli_train, read_jsonl
+
+    _, res = with_sets
+    d = _spec(texts, _sets(texts), checkpoint_every=0)
+    d["student"] = {"init": "config", "config": {**GPT2_TINY, **NO_DROPOUT}}
+    d["tokenizer"] = {"name": str(res.checkpoint)}
+    one = Recorder()
+    train(parse_spec(d), tmp_path / "one", callbacks=one)
+    d["resources"] = {"gpus": 2}
+    (tmp_path / "spec.json").write_text(json.dumps(d))
+    run = cli_train(tmp_path / "spec.json", tmp_path / "two", tmp_path / "two.jsonl")
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = read_jsonl(tmp_path / "two.jsonl")
+    for step in (0, 3, 6):
+        for k in ("val_loss", "val_ppl", "test_loss", "test_ppl"):
+            assert two[step][k] == pytest.approx(one.metrics[step][k], rel=RTOL), (step, k)
+
+
 # -- classification ---------------------------------------------------------------------------
 
 
