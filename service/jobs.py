@@ -93,7 +93,8 @@ def confine_dataset_files(
         try:
             # The loader expands "~" too, so the check must see the same path it reads.
             real = Path(f).expanduser().resolve()
-        except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before 3.13)
+        # a symlink loop (RuntimeError before 3.13); a NUL byte in the path (ValueError)
+        except (OSError, RuntimeError, ValueError) as e:
             raise InvalidRequestError(
                 f"'{f}' cannot be resolved: {e}",
                 param=f"{param}.{i}",

@@ -341,9 +341,13 @@ def test_service_refuses_eval_uploads_that_are_not_the_teams(
         err = r.json()["error"]
         assert err["param"] == "spec.dataset.eval.val.upload_id", err
         assert err["code"] == "unknown_upload" and upload_id in err["message"]
-    outside = _service_spec(corpus, {"test": {"files": ["/etc/passwd"]}})
-    r = client.post("/v1/jobs", json={"spec": outside}, headers=team.headers)
-    assert r.status_code == 422 and r.json()["error"]["param"] == "spec.dataset.eval.test.files.0"
+    for files in (["/etc/passwd"], [str(texts["test"]), "nul\x00byte.txt"]):
+        outside = _service_spec(corpus, {"test": {"files": files}})
+        r = client.post("/v1/jobs", json={"spec": outside}, headers=team.headers)
+        assert r.status_code == 422, r.text  # a NUL byte was a 500 before (ValueError)
+        err = r.json()["error"]
+        assert err["param"] == f"spec.dataset.eval.test.files.{len(files) - 1}", err
+        assert err["code"] == "file_not_allowed"
     unknown = _service_spec(corpus, {"dev": {"files": [str(texts["val"])]}})
     r = client.post("/v1/jobs", json={"spec": unknown}, headers=team.headers)
     assert r.status_code == 422 and r.json()["error"]["param"] == "spec.dataset.eval.dev"
