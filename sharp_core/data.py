@@ -85,10 +85,15 @@ def load_table(
         raise DataError(f"cannot read the data set: {type(e).__name__}: {e}", param=where) from None
 
 
-def _column(d: Any, name: str, param: str) -> list[Any]:
+def _column(d: Any, name: str, field: str, where: str) -> list[Any]:
+    """Column `name` (the value of ``spec.dataset.<field>``); a missing one is an error naming
+    that field, or the evaluation set `where` whose table lacks it."""
     if name not in d.column_names:
+        param = f"{TRAIN_PARAM}.{field}" if where == TRAIN_PARAM else where
         raise DataError(
-            f"field '{name}' not in the data set (columns: {d.column_names})", param=param
+            f"field '{name}' (spec.dataset.{field}) not in the data set "
+            f"(columns: {d.column_names})",
+            param=param,
         )
     return list(d[name])
 
@@ -97,9 +102,7 @@ def load_texts(ds: DatasetSpec, resolver: Any = None, *, where: str = TRAIN_PARA
     """The documents of a language-modelling corpus, in file order."""
     d = load_table(ds, resolver, where=where)
     field = "text" if d.column_names == ["text"] and ds.source != "hub" else ds.text_field
-    texts = [
-        t for t in _column(d, field, "spec.dataset.text_field") if isinstance(t, str) and t.strip()
-    ]
+    texts = [t for t in _column(d, field, "text_field", where) if isinstance(t, str) and t.strip()]
     if not texts:
         raise DataError("the data set has no text", param=where)
     return texts
@@ -120,13 +123,9 @@ def load_classification(
 ) -> tuple[list[Any], list[Any] | None, list[Any]]:
     """(texts, text pairs or None, raw labels) from the table; errors name the spec field."""
     d = load_table(ds, resolver, by_paragraph=False, where=where)
-    texts = _column(d, ds.text_field, "spec.dataset.text_field")
-    pairs = (
-        _column(d, ds.text_pair_field, "spec.dataset.text_pair_field")
-        if ds.text_pair_field
-        else None
-    )
-    labels = _column(d, ds.label_field, "spec.dataset.label_field")
+    texts = _column(d, ds.text_field, "text_field", where)
+    pairs = _column(d, ds.text_pair_field, "text_pair_field", where) if ds.text_pair_field else None
+    labels = _column(d, ds.label_field, "label_field", where)
     return texts, pairs, labels
 
 
@@ -245,7 +244,7 @@ def build_classification_eval(
     assert texts is not None and raw is not None
     if not texts:
         raise DataError("the evaluation set has no rows", param=where)
-    cols = {**_encode_examples(tokenizer, texts, pairs, seq_len)}
+    cols = _encode_examples(tokenizer, texts, pairs, seq_len)
     cols["labels"] = labels_like(raw, train, where)
     return ClassificationData(
         train={k: v[:0] for k, v in cols.items()},

@@ -182,6 +182,11 @@ def test_bad_eval_sources_name_their_field(texts, tmp_path) -> None:
     with pytest.raises(DataError) as e:  # the CLI's resolver has no uploads
         train(parse_spec(upload), tmp_path / "b")
     assert e.value.param == "spec.dataset.eval.val.upload_id"
+    (tmp_path / "v.jsonl").write_text(json.dumps({"body": "words " * 50}) + "\n")
+    no_field = _spec(texts, {"val": {"files": [str(tmp_path / "v.jsonl")]}})
+    with pytest.raises(DataError) as e:  # the training data has the field; this set does not
+        train(parse_spec(no_field), tmp_path / "c")
+    assert e.value.param == "spec.dataset.eval.val" and "spec.dataset.text_field" in e.value.message
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
 
 
