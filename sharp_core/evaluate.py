@@ -128,7 +128,9 @@ def evaluate_sets(
         ev = evaluate(
             model, data, vocab=vocab, batch_size=batch_size, device=device, amp_dtype=amp_dtype
         )
-        out.update({f"{split}_{SET_METRICS[k]}": v for k, v in ev.items()})
+        out.update(
+            {f"{split}_{SET_METRICS.get(k, k.removeprefix('eval_'))}": v for k, v in ev.items()}
+        )
     return out
 
 
