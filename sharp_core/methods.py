@@ -42,7 +42,7 @@ ATTENTION_METHODS: tuple[AttentionMethodName, ...] = get_args(AttentionMethodNam
 #: (0.108 with 0.1 each), measured on the tiny-cpu pair by ``python -m bench.quality.term_sizes``
 #: (docs/method.md, "Default weights"): raw step-0 terms TinyBERT 5.2e-4, MiniLM 0.81, direct
 #: 0.41. At weight 1, TinyBERT was 5e-4 of the loss (plain KD) and MiniLM 7.5× SHARP's term.
-DEFAULT_ATTENTION_WEIGHT: dict[AttentionMethodName, float] = {
+DEFAULT_ATTENTION_WEIGHT: dict[str, float] = {
     "tinybert": 210.0,
     "minilm": 0.13,
     "sharp": 0.26,

@@ -516,7 +516,7 @@ class MethodSpec(_Strict):
     def effective_attention_weight(self) -> float:
         if self.attention_weight is not None:
             return self.attention_weight
-        return DEFAULT_ATTENTION_WEIGHT.get(self.name, 1.0)  # type: ignore[call-overload]
+        return DEFAULT_ATTENTION_WEIGHT.get(self.name, 1.0)
 
     @property
     def uses_attention(self) -> bool:
