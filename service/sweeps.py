@@ -402,7 +402,9 @@ class SweepService:
         sel = selection(spec.base, "val")
         last = self.repo.last_values([j.id for _, j in tune], sel.reads)
         results = [_result(c, j, sel.value(last[j.id])) for c, j in tune]
-        best: dict[str, str] = compare(results, metric=sel.metric, reference=spec.reference)["best"]
+        found = compare(results, metric=sel.metric, reference=spec.reference)["best"]
+        order = list(dict.fromkeys(c.method for c, _ in tune))  # the sweep's method order
+        best: dict[str, str] = {m: found[m] for m in order if m in found}
         if not self.repo.start_final(sweep.id, utcnow(), chosen=best):
             return False
         overrides = {c.config: c.overrides for c, _ in tune}
