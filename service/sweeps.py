@@ -45,7 +45,16 @@ from service.txn import after_commit
 from service.webhooks import enqueue_event
 from sharp_core.compare import compare, metric_for
 from sharp_core.spec import parse_spec
-from sharp_core.sweep import Cell, FinalSpec, SweepSpec, expand, final_cells, get_path, parse_sweep
+from sharp_core.sweep import (
+    Cell,
+    FinalSpec,
+    SweepSpec,
+    count_cells,
+    expand,
+    final_cells,
+    get_path,
+    parse_sweep,
+)
 
 log = logging.getLogger(__name__)
 
@@ -187,18 +196,17 @@ class SweepService:
         request's transaction: any refusal (too many cells, an invalid cell, the team's
         queued-jobs quota) creates nothing."""
         spec = parse_sweep(body)
-        cells = expand(spec)
-        methods = list(dict.fromkeys(c.method for c in cells))
-        n_final = len(methods) * len(spec.final.seeds) if spec.final is not None else 0
+        n_tune, n_final = count_cells(spec)  # before expanding: it may be astronomical
         limit = self.settings.sweep_max_cells
-        if len(cells) + n_final > limit:
+        if n_tune + n_final > limit:
             raise InvalidRequestError(
-                f"this sweep has {len(cells)} tune cells"
+                f"this sweep has {n_tune} tune cells"
                 + (f" and {n_final} final cells" if n_final else "")
                 + f", more than this deployment's limit of {limit} (SHARP_SWEEP_MAX_CELLS)",
                 param="sweep",
                 code="too_many_cells",
             )
+        cells = expand(spec)
         specs = self._validate(team, spec, cells)
         self.jobs.check_queued_quota(team, adding=len(cells))
         now = utcnow()

@@ -105,11 +105,7 @@ def _configs(cells: Iterable[CellResult]) -> dict[str, dict[str, Any]]:
         vals = list(g["values"].values())
         g["n"] = len(vals)
         g["mean"], g["std"] = mean_std(vals) if vals else (None, None)
-        g["failed"] = (
-            g["cells"]
-            - g["n"]
-            - sum(g["by_status"].get(s, 0) for s in PENDING)
-        )
+        g["failed"] = g["cells"] - g["n"] - sum(g["by_status"].get(s, 0) for s in PENDING)
     return out
 
 

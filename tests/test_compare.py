@@ -10,7 +10,14 @@ import pytest
 
 from sharp_core.compare import choose_best, compare, holm, mean_std, metric_for, paired
 from sharp_core.errors import SpecError
-from sharp_core.sweep import config_key, expand, final_cells, parse_sweep, validate_cells
+from sharp_core.sweep import (
+    config_key,
+    count_cells,
+    expand,
+    final_cells,
+    parse_sweep,
+    validate_cells,
+)
 
 BASE: dict[str, Any] = {
     "student": {"init": "config", "config": {"model_type": "gpt2", "n_layer": 1}},
@@ -210,7 +217,9 @@ def test_final_cells_keep_the_test_set_and_use_the_fresh_seeds() -> None:
     s = parse_sweep(sweep(axes={"training.seed": [0, 1]}, final={"seeds": [10, 11, 12]}))
     chosen = {"kd": {"method.name": "kd", "training.lr": 1e-3}}
     cells = final_cells(s, chosen)
-    assert [(c.stage, c.method, c.seed) for c in cells] == [("final", "kd", x) for x in (10, 11, 12)]
+    assert [(c.stage, c.method, c.seed) for c in cells] == [
+        ("final", "kd", x) for x in (10, 11, 12)
+    ]
     assert all(c.spec["training"]["lr"] == 1e-3 for c in cells)
 
 
@@ -220,3 +229,59 @@ def test_validate_cells_lists_the_invalid_ones() -> None:
     assert count == 2
     assert bad[0]["param"] == "training.lr" or bad[0]["param"].endswith("training.lr")
     assert bad[0]["overrides"] == {"training.lr": -1.0}
+
+
+def test_cells_are_counted_without_expanding_a_huge_sweep() -> None:
+    """8 axes of 100 values (10^16 cells) and a 100^3 grid are counted in no time; the
+    service refuses them against its limit before anything is built."""
+    paths = ["training.lr", "training.batch_size", "training.max_steps", "training.seq_len"]
+    paths += ["training.warmup_steps", "method.kd_weight", "method.temperature", "training.seed"]
+    huge = parse_sweep(sweep(axes={p: list(range(1, 101)) for p in paths}))
+    assert count_cells(huge) == (100**8, 0)
+    s = parse_sweep(
+        sweep(
+            axes={"training.seed": [0, 1], "training.lr": [1e-3, 2e-3, 3e-3]},
+            tune={
+                "trials": 4,
+                "space": {
+                    "kd": {"method.kd_weight": list(range(100)), "method.temperature": [1.0] * 100},
+                    "sft": {},
+                },
+            },
+            final={"seeds": [10, 11, 12]},
+        )
+    )
+    # kd: 4 distinct draws of a 10 000-point grid, sft: 1; × 3 lrs × 2 seeds
+    assert count_cells(s) == ((4 + 1) * 3 * 2, 2 * 3)
+    assert len(expand(s)) == count_cells(s)[0]
+    grid = parse_sweep(
+        sweep(
+            tune={
+                "trials": 1,
+                "search": "random",
+                "space": {
+                    "kd": {
+                        f"method.{k}": list(range(100))
+                        for k in ("kd_weight", "temperature", "rank")
+                    }
+                },
+            }
+        )
+    )
+    assert count_cells(grid) == (1, 0)
+    with pytest.raises(SpecError):  # a grid search over 100^3 points with 8 trials
+        parse_sweep(
+            sweep(
+                tune={
+                    "search": "grid",
+                    "space": {
+                        "kd": {
+                            f"method.{k}": list(range(100))
+                            for k in ("kd_weight", "temperature", "rank")
+                        }
+                    },
+                }
+            )
+        )
+    plain = parse_sweep(sweep(axes={"method.name": ["sft", "kd"]}, final={"seeds": [5]}))
+    assert count_cells(plain) == (2, 2)

@@ -97,10 +97,20 @@ def run_job(
         if loss is not None:
             MetricRepository(s).insert_ignore(
                 [
-                    {"job_id": job_id, "step": 2, "name": "eval_loss", "value": loss + 1.0,
-                     "attempt": job.attempt},
-                    {"job_id": job_id, "step": 4, "name": "eval_loss", "value": loss,
-                     "attempt": job.attempt},
+                    {
+                        "job_id": job_id,
+                        "step": 2,
+                        "name": "eval_loss",
+                        "value": loss + 1.0,
+                        "attempt": job.attempt,
+                    },
+                    {
+                        "job_id": job_id,
+                        "step": 4,
+                        "name": "eval_loss",
+                        "value": loss,
+                        "attempt": job.attempt,
+                    },
                 ]
             )
         error = None
@@ -295,7 +305,9 @@ def test_report_final_stage_failed_cell_and_webhook(
     kd = report["tune"]["methods"]["kd"]
     assert (kd["n"], kd["cells"], kd["failed"]) == (1, 2, 1)
     assert kd["mean"] == pytest.approx(math.exp(2.9))
-    assert kd["delta"]["per_seed"] == pytest.approx({"0": 100 * (math.exp(2.9) / math.exp(2.5) - 1)})
+    assert kd["delta"]["per_seed"] == pytest.approx(
+        {"0": 100 * (math.exp(2.9) / math.exp(2.5) - 1)}
+    )
     sft = report["tune"]["methods"]["sft"]
     assert sft["mean"] == pytest.approx(expected["methods"]["sft"]["mean"])
     assert sft["std"] == pytest.approx(expected["methods"]["sft"]["std"])
@@ -415,8 +427,15 @@ def test_the_final_stage_is_created_once_under_concurrent_advances(
             job = claim(repo, c["job_id"], "w")
             assert job is not None
             MetricRepository(s).insert_ignore(
-                [{"job_id": c["job_id"], "step": 4, "name": "eval_loss", "value": 3.0 + c["seed"],
-                  "attempt": 1}]
+                [
+                    {
+                        "job_id": c["job_id"],
+                        "step": 4,
+                        "name": "eval_loss",
+                        "value": 3.0 + c["seed"],
+                        "attempt": 1,
+                    }
+                ]
             )
             assert finish(repo, c["job_id"], 1, JobStatus.SUCCEEDED)
     with db.session() as s:
