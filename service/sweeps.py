@@ -292,9 +292,9 @@ class SweepService:
                     sweep_id=sweep_id,
                     index=start + i,
                     stage=c.stage,
-                    method=c.method,
+                    method=job_spec.method.name,  # as validated (a request may say 1.0)
                     config=c.config,
-                    seed=c.seed,
+                    seed=job_spec.training.seed,
                     overrides=c.overrides,
                     job_id=job.id,
                 )

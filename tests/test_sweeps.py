@@ -563,3 +563,17 @@ def test_a_sweep_runs_to_completion_on_the_worker(
     assert curves["metric"] == "eval_loss"
     assert all(len(c["points"]) >= 2 for c in curves["cells"])
     assert len(sweep_deliveries(db, sweep_id)) == 1
+
+
+def test_the_documented_example_is_a_valid_sweep() -> None:
+    """The OpenAPI example (and docs/sweeps.md's) expand into valid cells: 2 methods × 8
+    trials × 3 seeds, and 2 × 5 final cells (only the upload id is a placeholder)."""
+    from api.schemas import EXAMPLE_SWEEP
+    from sharp_core.spec import parse_spec
+    from sharp_core.sweep import count_cells, expand, parse_sweep
+
+    spec = parse_sweep(EXAMPLE_SWEEP)
+    cells = expand(spec)
+    assert count_cells(spec) == (len(cells), 10) == (48, 10)
+    for c in cells:
+        assert parse_spec(c.spec).method.name == c.method
