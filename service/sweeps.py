@@ -207,6 +207,13 @@ class SweepService:
                 code="too_many_cells",
             )
         cells = expand(spec)
+        methods = list(dict.fromkeys(str(c.method) for c in cells))
+        if spec.reference is not None and spec.reference not in methods:
+            raise InvalidRequestError(
+                f"the reference '{spec.reference}' is not one of this sweep's methods "
+                f"({', '.join(methods)})",
+                param="sweep.reference",
+            )
         specs = self._validate(team, spec, cells)
         self.jobs.check_queued_quota(team, adding=len(cells))
         now = utcnow()

@@ -154,6 +154,8 @@ def test_an_unknown_axis_path_is_a_422_naming_it(
     err = r.json()["error"]
     assert err["param"] == "sweep.axes.training.nope"
     assert "'training.nope' is not a field of the job spec" in err["message"]
+    r = post(client, team, {**two_methods(corpus), "reference": "minilm"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "sweep.reference"
     assert counts_in_db(db, team.team_id) == (0, 0, 0)
 
 
