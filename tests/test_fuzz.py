@@ -96,9 +96,9 @@ def report() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def seeded(live_server: str, settings, team: TeamKey, corpus: Path, tmp_path_factory) -> dict:
-    """An upload and a succeeded job with checkpoints, for this team, made through the API
-    and a real worker, which is stopped again before fuzzing (jobs the fuzzer creates stay
-    queued)."""
+    """An upload, a succeeded job with checkpoints and a sweep, for this team, made through
+    the API and a real worker, which is stopped again before fuzzing (jobs the fuzzer creates
+    stay queued; the sweep's cells wait in a pool no worker serves)."""
     h = team.headers
     text = corpus.read_text(encoding="utf-8")[:15_000]  # enough for the 300-token BPE
     up = httpx.post(
