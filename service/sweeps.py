@@ -214,6 +214,7 @@ class SweepService:
                 f"({', '.join(methods)})",
                 param="sweep.reference",
             )
+        name_cells(spec.name, cells)
         specs = self._validate(team, spec, cells)
         self.jobs.check_queued_quota(team, adding=len(cells))
         now = utcnow()
@@ -425,7 +426,7 @@ class SweepService:
         overrides = {c.config: c.overrides for c, _ in tune}
         # A method none of whose cells completed has no chosen configuration: no final cells
         # (its tune cells are listed as failed in the report).
-        cells = final_cells(spec, {m: overrides[k] for m, k in best.items()})
+        cells = name_cells(spec.name, final_cells(spec, {m: overrides[k] for m, k in best.items()}))
         team = TeamRepository(self.session).get(sweep.team_id)
         assert team is not None
         specs = [parse_spec(c.spec, prefix="spec") for c in cells]  # checked at creation
@@ -488,6 +489,14 @@ class SweepService:
                 {**_cell_ref(c, j), "points": [[s, v] for s, v in series[j.id]]} for c, j in rows
             ],
         }
+
+
+def name_cells(sweep_name: str, cells: list[Cell]) -> list[Cell]:
+    """Each cell's job is named after its sweep, configuration and seed (job lists show it)."""
+    for c in cells:
+        suffix = f"/{c.config}/seed{c.seed}"
+        c.spec["name"] = sweep_name[: max(1, 200 - len(suffix))] + suffix[:199]
+    return cells
 
 
 def _status_for_compare(job: Job) -> str:

@@ -36,9 +36,12 @@ TEACHER = {
 }
 PPL = {"name": "eval_ppl", "lower_is_better": True, "relative": True}
 
+pytestmark = pytest.mark.service
+
 
 def base(corpus: Path, *, queue: str = "nowhere", max_steps: int = 4) -> dict[str, Any]:
-    spec = tiny_spec(corpus, max_steps=max_steps, name="cell", eval_every=2, checkpoint_every=2)
+    spec = tiny_spec(corpus, max_steps=max_steps, name="cell", eval_every=2, checkpoint_every=4)
+    spec["dataset"]["max_eval_blocks"] = 8  # the evaluations are not what is tested
     spec["teacher"] = TEACHER
     spec["resources"] = {"queue": queue}
     return spec
@@ -256,6 +259,7 @@ def test_report_final_stage_failed_cell_and_webhook(
         job = client.get(f"/v1/jobs/{c['job_id']}", headers=team.headers).json()
         assert job["status"] == "queued" and job["spec"]["training"]["seed"] == c["seed"]
         assert job["spec"]["method"]["name"] == c["method"]
+        assert job["name"] == f"sft-vs-kd/{c['config']}/seed{c['seed']}"
 
     # eval_loss per cell; sft lr=2e-3 is best for sft; kd's seed-1 cell fails
     losses = {0: 3.0, 1: 3.2, 2: 2.5, 3: 2.7, 4: 2.9, 5: None}
@@ -489,6 +493,7 @@ def test_another_teams_sweep_is_a_404(
 
 
 # --------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_a_sweep_runs_to_completion_on_the_worker(
     client: TestClient, team: TeamKey, corpus: Path, db: Database, worker: Path
 ) -> None:
