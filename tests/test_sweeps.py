@@ -423,27 +423,7 @@ def test_the_final_stage_is_created_once_under_concurrent_advances(
     client: TestClient, team: TeamKey, corpus: Path, db: Database
 ) -> None:
     sweep = post(client, team, two_methods(corpus)).json()
-    # End every tune cell in one transaction whose own after-commit advance is switched off
-    # (as if the process died right after the commit): two advances then race for it.
-    with db.session() as s:
-        s.info["sharp_sweeps_to_advance"] = {sweep["id"]}
-        repo = JobRepository(s)
-        for c in sweep["cells"]:
-            assert admit(repo, c["job_id"], utcnow())
-            job = claim(repo, c["job_id"], "w")
-            assert job is not None
-            MetricRepository(s).insert_ignore(
-                [
-                    {
-                        "job_id": c["job_id"],
-                        "step": 4,
-                        "name": "eval_loss",
-                        "value": 3.0 + c["seed"],
-                        "attempt": 1,
-                    }
-                ]
-            )
-            assert finish(repo, c["job_id"], 1, JobStatus.SUCCEEDED)
+    _end_tune_without_the_hook(db, sweep)  # four advances then race for the final stage
     with db.session() as s:
         n = s.execute(
             text("SELECT count(*) FROM sweep_cells WHERE sweep_id = :s"), {"s": sweep["id"]}
@@ -472,6 +452,61 @@ def test_the_final_stage_is_created_once_under_concurrent_advances(
             text("SELECT count(*) FROM jobs WHERE team_id = :t"), {"t": team.team_id}
         ).scalar_one()
     assert jobs == 10
+
+
+def _end_tune_without_the_hook(db: Database, sweep: dict[str, Any]) -> None:
+    """End every tune cell in one transaction whose after-commit advance is switched off,
+    as if the process had died right after the commit."""
+    with db.session() as s:
+        s.info["sharp_sweeps_to_advance"] = {sweep["id"]}
+        repo = JobRepository(s)
+        for c in sweep["cells"]:
+            assert admit(repo, c["job_id"], utcnow())
+            job = claim(repo, c["job_id"], "w")
+            assert job is not None
+            MetricRepository(s).insert_ignore(
+                [
+                    {
+                        "job_id": c["job_id"],
+                        "step": 4,
+                        "name": "eval_loss",
+                        "value": 3.0 + c["seed"] + c["index"] / 10,
+                        "attempt": 1,
+                    }
+                ]
+            )
+            assert finish(repo, c["job_id"], 1, JobStatus.SUCCEEDED)
+
+
+def test_a_stranded_sweep_is_advanced_by_a_get_and_by_the_reaper(
+    client: TestClient, team: TeamKey, corpus: Path, db: Database, settings: Any
+) -> None:
+    from worker.reaper import reap
+
+    by_get = post(client, team, two_methods(corpus)).json()
+    by_reaper = post(client, team, two_methods(corpus)).json()
+    _end_tune_without_the_hook(db, by_get)
+    _end_tune_without_the_hook(db, by_reaper)
+    with db.session() as s:
+        started = s.execute(
+            text("SELECT id FROM sweeps WHERE team_id = :t AND final_started_at IS NOT NULL"),
+            {"t": team.team_id},
+        ).all()
+    assert started == []
+
+    got = get(client, team, by_get["id"])
+    assert got["final_started_at"] is not None
+    assert [c["seed"] for c in got["cells"] if c["stage"] == "final"] == [10, 11, 10, 11]
+    # lr 1e-3 (cells 0, 1) has the lower values: chosen for sft
+    assert got["chosen"]["sft"] == by_get["cells"][0]["config"]
+
+    sent: list[tuple[str, str]] = []
+    report = reap(settings, db, None, lambda job_id, pool: sent.append((job_id, pool)))
+    assert by_reaper["id"] in report.sweeps_advanced
+    assert by_get["id"] not in report.sweeps_advanced  # already advanced: nothing to do
+    again = get(client, team, by_reaper["id"])
+    assert len([c for c in again["cells"] if c["stage"] == "final"]) == 4
+    assert by_reaper["id"] not in reap(settings, db, None, lambda *a: None).sweeps_advanced
 
 
 def test_another_teams_sweep_is_a_404(
