@@ -749,11 +749,14 @@ class SweepRepository:
     def __init__(self, session: Session):
         self.session = session
 
-    def add(self, sweep: Sweep, cells: Sequence[SweepCell]) -> None:
+    def add(self, sweep: Sweep) -> None:
         self.session.add(sweep)
         self.session.flush()
-        self.session.add_all(cells)
-        self.session.flush()
+
+    def get_by_idempotency_key(self, team_id: str, key: str) -> Sweep | None:
+        return self.session.scalar(
+            select(Sweep).where(Sweep.team_id == team_id, Sweep.idempotency_key == key)
+        )
 
     def add_cells(self, cells: Sequence[SweepCell]) -> None:
         self.session.add_all(cells)

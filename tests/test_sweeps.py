@@ -509,6 +509,40 @@ def test_a_stranded_sweep_is_advanced_by_a_get_and_by_the_reaper(
     assert by_reaper["id"] not in reap(settings, db, None, lambda *a: None).sweeps_advanced
 
 
+def test_an_idempotency_key_replays_the_same_sweep(
+    client: TestClient, team: TeamKey, corpus: Path, db: Database
+) -> None:
+    body = {"base": base(corpus), "axes": {"training.seed": [0, 1]}}
+    h = {**team.headers, "Idempotency-Key": "sweep-1"}
+    first = client.post("/v1/sweeps", json=body, headers=h)
+    assert first.status_code == 201, first.text
+    again = client.post("/v1/sweeps", json=body, headers=h)
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    assert [c["job_id"] for c in again.json()["cells"]] == [
+        c["job_id"] for c in first.json()["cells"]
+    ]
+    other = client.post("/v1/sweeps", json={**body, "name": "other"}, headers=h)
+    assert other.status_code == 409 and other.json()["error"]["param"] == "Idempotency-Key"
+    assert counts_in_db(db, team.team_id) == (2, 1, 2)
+
+    # concurrent requests with one key: one sweep, and only its jobs
+    results: list[int] = []
+    barrier = threading.Barrier(3)
+
+    def send() -> None:
+        barrier.wait()
+        r = client.post("/v1/sweeps", json=body, headers={**team.headers, "Idempotency-Key": "k2"})
+        results.append(r.status_code)
+
+    threads = [threading.Thread(target=send) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == [200, 200, 201]
+    assert counts_in_db(db, team.team_id) == (4, 2, 4)
+
+
 def test_another_teams_sweep_is_a_404(
     client: TestClient, make_team: Callable[[str], TeamKey], corpus: Path
 ) -> None:
