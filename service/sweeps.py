@@ -633,10 +633,10 @@ def advance_unfinished(
     deliver: DeliveryDispatch | None = None,
     limit: int = 100,
 ) -> list[str]:
-    """The reaper's pass: advance each unfinished sweep (oldest first). Returns those that
-    changed."""
+    """The reaper's pass: advance each unfinished sweep whose cells have all ended (oldest
+    first; a running sweep is advanced by its cells' ends). Returns those that changed."""
     with factory() as session:
-        ids = list(SweepRepository(session).unfinished(limit))
+        ids = list(SweepRepository(session).stalled(TERMINAL_STATUSES, limit))
     return [
         s
         for s in ids
