@@ -564,14 +564,30 @@ def test_another_teams_sweep_is_a_404(
 # --------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_a_sweep_runs_to_completion_on_the_worker(
-    client: TestClient, team: TeamKey, corpus: Path, db: Database, worker: Path
+    client: TestClient,
+    team: TeamKey,
+    corpus: Path,
+    db: Database,
+    worker: Path,
+    tmp_path: Path,
 ) -> None:
-    """2 methods × 2 seeds, then each method's chosen configuration on 2 fresh seeds: 8 real
-    jobs on the module's Celery worker."""
+    """2 methods × 2 seeds selected on a val set, then each method's chosen configuration on 2
+    fresh seeds reported on a test set: 8 real jobs on the module's Celery worker."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    sets = {}
+    for split, (a, b) in {"val": (60_000, 70_000), "test": (70_000, 80_000)}.items():
+        sets[split] = tmp_path / f"{split}.txt"  # text the training corpus does not hold
+        sets[split].write_text(text[a:b], encoding="utf-8")
     register_hook(client, team)
+    spec = base(corpus, queue="default", max_steps=4)
+    spec["dataset"]["eval"] = {
+        split: {"files": [str(path)], "max_blocks": 8} for split, path in sets.items()
+    }
     body = {
         "name": "e2e",
-        "base": base(corpus, queue="default", max_steps=4),
+        "base": spec,
         "axes": {"training.seed": [0, 1]},
         "tune": {"trials": 1, "space": {"sft": {}, "kd": {}}},
         "final": {"seeds": [7, 8]},
@@ -587,7 +603,7 @@ def test_a_sweep_runs_to_completion_on_the_worker(
         assert not failed, failed
         return s if s["status"] == "completed" else None
 
-    done = wait_for(finished, 300, interval=1.0, what="sweep completed")
+    done = wait_for(finished, 400, interval=1.0, what="sweep completed")
     assert isinstance(done, dict)
     print(f"sweep of 8 jobs took {time.monotonic() - t0:.0f} s")
     tune = [c for c in done["cells"] if c["stage"] == "tune"]
@@ -599,44 +615,62 @@ def test_a_sweep_runs_to_completion_on_the_worker(
     assert {c["method"]: c["config"] for c in final} == done["chosen"]
     assert all(c["status"] == "succeeded" for c in done["cells"])
 
-    # the report equals compare() over the metrics the jobs recorded
-    def last_ppl(job_id: str) -> float:
+    def last(job_id: str) -> dict[str, float]:
         with db.session() as s:
-            v = s.execute(
+            rows = s.execute(
                 text(
-                    "SELECT value FROM metrics WHERE job_id = :j AND name = 'eval_loss'"
-                    " ORDER BY step DESC LIMIT 1"
+                    "SELECT DISTINCT ON (name) name, value FROM metrics WHERE job_id = :j"
+                    " ORDER BY name, step DESC"
                 ),
                 {"j": job_id},
-            ).scalar_one()
-        return math.exp(v)
+            ).all()
+        return dict(rows)
 
-    def results(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # selection never saw the test set; the final cells were evaluated on it
+    for c in tune:
+        job = client.get(f"/v1/jobs/{c['job_id']}", headers=team.headers).json()
+        assert job["spec"]["dataset"]["eval"]["test"] is None
+        assert "val_ppl" in last(c["job_id"]) and "test_ppl" not in last(c["job_id"])
+    for c in final:
+        assert {"val_ppl", "test_ppl"} <= set(last(c["job_id"]))
+
+    # the report equals compare() over the metrics the jobs recorded
+    def results(cells: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
         return [
             {
                 "method": c["method"],
                 "config": c["config"],
                 "seed": c["seed"],
                 "status": "completed",
-                "value": last_ppl(c["job_id"]),
+                "value": last(c["job_id"])[name],
             }
             for c in cells
         ]
 
     report = get(client, team, sweep_id, "/report")
-    want = compare(results(tune), metric=PPL)
+    assert (report["selection_metric"], report["final_metric"]) == ("val_ppl", "test_ppl")
+    assert report["selection_metric_note"] is None and report["final_metric_note"] is None
+    val = {"name": "val_ppl", "lower_is_better": True, "relative": True}
+    want = compare(results(tune, "val_ppl"), metric=val)
     assert report["tune"]["best"] == want["best"] == done["chosen"]
     assert report["tune"]["reference"] == "kd"
     d = report["tune"]["methods"]["sft"]["delta"]
     assert d["per_seed"] == pytest.approx(want["methods"]["sft"]["delta"]["per_seed"])
     assert d["ci"] == pytest.approx(want["methods"]["sft"]["delta"]["ci"])
-    final_want = compare(results(final), metric=PPL, best=done["chosen"])
+    assert {c["job_id"]: c["value"] for c in tune} == pytest.approx(
+        {c["job_id"]: last(c["job_id"])["val_ppl"] for c in tune}
+    )
+    test = {"name": "test_ppl", "lower_is_better": True, "relative": True}
+    final_want = compare(results(final, "test_ppl"), metric=test, best=done["chosen"])
     for m in ("sft", "kd"):
         got = report["final"]["methods"][m]
         assert got["mean"] == pytest.approx(final_want["methods"][m]["mean"])
         assert got["n"] == 2
+    assert report["final"]["methods"]["sft"]["delta"]["per_seed"] == pytest.approx(
+        final_want["methods"]["sft"]["delta"]["per_seed"]
+    )
     curves = get(client, team, sweep_id, "/curves")
-    assert curves["metric"] == "eval_loss"
+    assert curves["metric"] == "val_loss"
     assert all(len(c["points"]) >= 2 for c in curves["cells"])
     assert len(sweep_deliveries(db, sweep_id)) == 1
 
