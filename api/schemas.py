@@ -397,7 +397,16 @@ def checkpoint_public(ckpt: Checkpoint) -> CheckpointPublic:
 # --------------------------------------------------------------------------- sweeps
 EXAMPLE_SWEEP: dict[str, Any] = {
     "name": "kd-vs-sharp",
-    "base": EXAMPLE_SPEC,
+    "base": {
+        **EXAMPLE_SPEC,
+        "dataset": {
+            **EXAMPLE_SPEC["dataset"],
+            "eval": {
+                "val": {"source": "upload", "upload_id": "upl_01J8Z3Q4W5E6R7T8Y9U0VAL000"},
+                "test": {"source": "upload", "upload_id": "upl_01J8Z3Q4W5E6R7T8Y9U0TEST00"},
+            },
+        },
+    },
     "axes": {"training.seed": [0, 1, 2]},
     "tune": {
         "trials": 8,
