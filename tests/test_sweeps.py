@@ -575,11 +575,11 @@ def test_a_sweep_runs_to_completion_on_the_worker(
     fresh seeds reported on a test set: 8 real jobs on the module's Celery worker."""
     from pydoc_data.topics import topics
 
-    text = "\n\n".join(topics[k] for k in sorted(topics))
+    doc = "\n\n".join(topics[k] for k in sorted(topics))
     sets = {}
     for split, (a, b) in {"val": (60_000, 70_000), "test": (70_000, 80_000)}.items():
         sets[split] = tmp_path / f"{split}.txt"  # text the training corpus does not hold
-        sets[split].write_text(text[a:b], encoding="utf-8")
+        sets[split].write_text(doc[a:b], encoding="utf-8")
     register_hook(client, team)
     spec = base(corpus, queue="default", max_steps=4)
     spec["dataset"]["eval"] = {
