@@ -13,12 +13,12 @@ import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from scipy import stats as _st
-
 __all__ = ["CellResult", "compare", "holm", "mean_std", "paired", "metric_for", "choose_best"]
 
 #: cell dict: {"method", "config", "seed", "status", "value" (float | None), "overrides"}
 CellResult = dict[str, Any]
+#: Statuses of a cell that has not ended yet (neither a value nor a failure).
+PENDING = ("queued", "running", "cancelling", "scheduled", "pending")
 
 
 def metric_for(task: str, split: str) -> dict[str, Any]:
@@ -67,6 +67,10 @@ def paired(
         "per_seed": {str(s): v for s, v in zip(seeds, d, strict=True)},
     }
     if len(d) > 1 and sd is not None:
+        # imported here: scipy.stats takes over a second to import, and the API and the
+        # worker import this module at start
+        from scipy import stats as _st
+
         se = sd / math.sqrt(len(d))
         q = float(_st.t.ppf(0.5 + level / 2, len(d) - 1))
         out["se"] = se
@@ -103,11 +107,7 @@ def _configs(cells: Iterable[CellResult]) -> dict[str, dict[str, Any]]:
         vals = list(g["values"].values())
         g["n"] = len(vals)
         g["mean"], g["std"] = mean_std(vals) if vals else (None, None)
-        g["failed"] = (
-            g["cells"]
-            - g["n"]
-            - sum(g["by_status"].get(s, 0) for s in ("queued", "running", "scheduled", "pending"))
-        )
+        g["failed"] = g["cells"] - g["n"] - sum(g["by_status"].get(s, 0) for s in PENDING)
     return out
 
 
