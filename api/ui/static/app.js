@@ -604,7 +604,7 @@
 
   function fmtOverrides(o) {
     return Object.entries(o || {}).filter(([k]) => k !== 'method.name').sort()
-      .map(([k, v]) => `${k}=${typeof v === 'number' ? fmt(v) : JSON.stringify(v)}`).join(', ');
+      .map(([k, v]) => `${k}=${typeof v === 'string' ? v : JSON.stringify(v)}`).join(', ');
   }
 
   function sweepRow(s) {
