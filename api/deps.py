@@ -24,6 +24,7 @@ from service.models import Team
 from service.repositories import ApiKeyRepository
 from service.security import hash_key
 from service.settings import Settings
+from service.sweeps import SweepService
 
 
 # The dependencies that do no I/O are ``async``: FastAPI runs a sync one in its thread pool,
@@ -75,3 +76,17 @@ async def get_job_service(request: Request, session: SessionDep) -> JobService:
 
 
 JobServiceDep = Annotated[JobService, Depends(get_job_service)]
+
+
+async def get_sweep_service(request: Request, session: SessionDep) -> SweepService:
+    state = request.app.state
+    return SweepService(
+        session=session,
+        settings=state.settings,
+        live=state.live,
+        dispatch=state.dispatch,
+        deliver=state.deliver,
+    )
+
+
+SweepServiceDep = Annotated[SweepService, Depends(get_sweep_service)]

@@ -46,6 +46,8 @@ RESOURCES: dict[str, tuple[str, dict[str, str]]] = {
     "JobPublic": ("job_id", {"job_id": "$response.body#/id"}),
     "JobsPublic": ("job_id", {"job_id": "$response.body#/data/0/id"}),
     "UploadPublic": ("upload_id", {"upload_id": "$response.body#/id"}),
+    "SweepPublic": ("sweep_id", {"sweep_id": "$response.body#/id"}),
+    "SweepsPublic": ("sweep_id", {"sweep_id": "$response.body#/data/0/id"}),
     "WebhookCreated": ("webhook_id", {"webhook_id": "$response.body#/id"}),
     "WebhookPublic": ("webhook_id", {"webhook_id": "$response.body#/id"}),
     "WebhooksPublic": ("webhook_id", {"webhook_id": "$response.body#/data/0/id"}),

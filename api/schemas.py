@@ -17,11 +17,13 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from service.lifecycle import JobStatus
 from service.progress import progress
 from sharp_core.spec import JobSpec
+from sharp_core.sweep import SweepSpec
 
 if TYPE_CHECKING:
     from service.jobs import MetricsPage, TeamUsage
-    from service.models import Checkpoint, Job
+    from service.models import Checkpoint, Job, Sweep
     from service.scheduler import QueueInfo
+    from service.sweeps import SweepView
 
 EXAMPLE_SPEC: dict[str, Any] = {
     "name": "opt-1.3b-to-125m",
@@ -390,3 +392,163 @@ def checkpoint_public(ckpt: Checkpoint) -> CheckpointPublic:
         ],
         created_at=ckpt.created_at,
     )
+
+
+# --------------------------------------------------------------------------- sweeps
+EXAMPLE_SWEEP: dict[str, Any] = {
+    "name": "kd-vs-sharp",
+    "base": EXAMPLE_SPEC,
+    "axes": {"training.seed": [0, 1, 2]},
+    "tune": {
+        "trials": 8,
+        "search": "random",
+        "seed": 0,
+        "space": {
+            "kd": {"training.lr": {"low": 1e-4, "high": 1e-3, "log": True}},
+            "sharp": {
+                "training.lr": {"low": 1e-4, "high": 1e-3, "log": True},
+                "method.rank": [16, 32, 64],
+            },
+        },
+    },
+    "reference": "kd",
+    "final": {"seeds": [100, 101, 102, 103, 104]},
+}
+
+#: A sweep request as the body carries it: checked here only as a JSON object
+#: (`sharp_core.sweep.parse_sweep` does the rest and names the field, ``sweep.axes.…``),
+#: documented as ``SweepSpec``.
+SweepBody = Annotated[
+    dict[str, Any], BeforeValidator(lambda v: v, json_schema_input_type=SweepSpec)
+]
+
+#: stage ("tune" | "final") → job status → cells.
+SweepCounts = dict[str, dict[str, int]]
+
+
+class SweepCellPublic(BaseModel):
+    index: int
+    stage: Literal["tune", "final"]
+    method: str
+    config: str = Field(description="The configuration: method and a hash of its overrides.")
+    seed: int
+    overrides: dict[str, Any] = Field(description="Spec path → value (the seed aside).")
+    job_id: str
+    status: JobStatus = Field(description="The cell's job's status (the job owns it).")
+    progress: Progress
+    value: float | None = Field(
+        default=None,
+        description="What the stage compares, as last recorded: the val metric (tune) or the "
+        "test metric (final); see the report's selection_metric / final_metric.",
+    )
+    error: ErrorBody | None = None
+
+
+class SweepPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"request": EXAMPLE_SWEEP}]})
+
+    id: str
+    name: str
+    status: Literal["running", "cancelling", "completed", "cancelled"] = Field(
+        description="Derived from the cells' jobs: running while any has not ended (or the "
+        "final stage is owed), then completed, or cancelled after a cancel."
+    )
+    reference: str | None = None
+    chosen: dict[str, str] | None = Field(
+        default=None,
+        description="method → configuration chosen on val for the final stage (null until "
+        "the final stage starts).",
+    )
+    counts: SweepCounts = Field(description="stage → job status → cells.")
+    created_at: dt.datetime
+    cancel_requested_at: dt.datetime | None = None
+    final_started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    request: dict[str, Any] = Field(description="The sweep as validated (defaults filled).")
+    cells: list[SweepCellPublic] | None = Field(
+        default=None, description="Every cell, in order (null in lists)."
+    )
+
+
+class SweepsPublic(BaseModel):
+    data: list[SweepPublic]
+    next_cursor: str | None = None
+
+
+class SweepCurve(BaseModel):
+    index: int
+    job_id: str
+    stage: Literal["tune", "final"]
+    method: str
+    config: str
+    seed: int
+    status: JobStatus
+    points: list[tuple[int, float]] = Field(description="[step, value] in step order.")
+
+
+class SweepCurvesPublic(BaseModel):
+    metric: str = Field(examples=["val_loss", "eval_loss"])
+    cells: list[SweepCurve]
+
+
+class SweepReport(BaseModel):
+    """``GET /v1/sweeps/{id}/report``: `sharp_core.compare.compare` of each stage
+    (docs/sweeps.md, "The report")."""
+
+    model_config = ConfigDict(extra="allow")
+
+    sweep_id: str
+    status: str
+    counts: SweepCounts
+    selection_metric: str
+    selection_metric_note: str | None = None
+    final_metric: str
+    final_metric_note: str | None = None
+    tune: dict[str, Any] = Field(
+        description="{metric, reference, best, methods, configs} over the tune cells."
+    )
+    final: dict[str, Any] | None = Field(
+        default=None,
+        description="The same over the final cells, with best = the configurations chosen on "
+        "val (null until the final stage exists).",
+    )
+    failed_cells: list[dict[str, Any]] = Field(
+        description="Every failed or cancelled cell, with its job's error."
+    )
+
+
+def sweep_public(sweep: Sweep, counts: SweepCounts, status: str) -> SweepPublic:
+    return SweepPublic(
+        id=sweep.id,
+        name=sweep.name,
+        status=status,  # type: ignore[arg-type]
+        reference=sweep.reference,
+        chosen=sweep.chosen,
+        counts=counts,
+        created_at=sweep.created_at,
+        cancel_requested_at=sweep.cancel_requested_at,
+        final_started_at=sweep.final_started_at,
+        finished_at=sweep.finished_at,
+        request=sweep.request,
+    )
+
+
+def sweep_view_public(view: SweepView) -> SweepPublic:
+    out = sweep_public(view.sweep, view.counts, view.status)
+    out.cells = [
+        SweepCellPublic(
+            index=c.index,
+            stage=c.stage,  # type: ignore[arg-type]
+            method=c.method,
+            config=c.config,
+            seed=c.seed,
+            overrides=c.overrides,
+            job_id=j.id,
+            status=JobStatus(j.status),
+            progress=Progress(**progress(j.status, j.step, j.max_steps, j.tokens_per_s, j.spec)),
+            value=view.values.get(j.id),
+            error=ErrorBody(**j.error) if j.error else None,
+        )
+        for c, j in view.cells
+    ]
+    return out

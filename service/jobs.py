@@ -172,10 +172,41 @@ class JobService:
             if existing is not None:
                 return self._replay(existing, digest), False
 
-        spec = parse_spec(body.get("spec"), prefix="spec")  # type: ignore[arg-type]
-        self._check_references(team, spec)
-        self._check_queued_quota(team)
+        spec = self.validate(team, body.get("spec"))
+        self.check_queued_quota(team)
+        try:
+            job = self.enqueue(team, spec, idempotency_key=idempotency_key, digest=digest)
+        except IntegrityError:
+            # A concurrent request with the same Idempotency-Key won the race.
+            if idempotency_key is None:
+                raise
+            existing = self.jobs.get_by_idempotency_key(team.id, idempotency_key)
+            if existing is None:
+                raise
+            return self._replay(existing, digest), False
+        return job, True
 
+    def validate(self, team: Team, raw_spec: Any, *, prefix: str = "spec") -> JobSpec:
+        """Everything a submission checks before a row exists: the spec itself
+        (`parse_spec`) and what only the service can check (`_check_references`). A sweep
+        runs this for each of its cells (`service.sweeps`)."""
+        spec = parse_spec(raw_spec, prefix=prefix)  # type: ignore[arg-type]
+        self._check_references(team, spec)
+        return spec
+
+    def enqueue(
+        self,
+        team: Team,
+        spec: JobSpec,
+        *,
+        idempotency_key: str | None = None,
+        digest: str | None = None,
+        schedule: bool = True,
+    ) -> Job:
+        """Queue a validated job: its row and first status event (in a savepoint, so an
+        Idempotency-Key race rolls back only this job), the live notification and a
+        scheduling pass after the commit. `schedule` False: the caller's own pass, or the
+        workers' periodic one, admits it (a sweep's final stage created in a worker)."""
         now = utcnow()
         job = Job(
             id=new_id("job"),
@@ -196,22 +227,14 @@ class JobService:
             enqueued_at=now,
             updated_at=now,
         )
-        try:
-            with self.session.begin_nested():
-                # no live publish inside the savepoint
-                event = lifecycle.start(JobRepository(self.session), job)
-        except IntegrityError:
-            # A concurrent request with the same Idempotency-Key won the race.
-            if idempotency_key is None:
-                raise
-            existing = self.jobs.get_by_idempotency_key(team.id, idempotency_key)
-            if existing is None:
-                raise
-            return self._replay(existing, digest), False
+        with self.session.begin_nested():
+            # no live publish inside the savepoint
+            event = lifecycle.start(JobRepository(self.session), job)
         if self.live is not None:
             after_commit(self.session, lambda: self.live.publish(job.id, 1, "status", event))  # type: ignore[union-attr]
-        self._schedule_after_commit()
-        return job, True
+        if schedule:
+            self.schedule_after_commit()
+        return job
 
     @staticmethod
     def _replay(existing: Job, digest: str) -> Job:
@@ -308,9 +331,10 @@ class JobService:
                 code="model_not_allowed",
             )
 
-    def _check_queued_quota(self, team: Team) -> None:
-        """Refuse a job over the team's ``max_queued_jobs``. The team row is locked first, so
-        concurrent submissions count one after the other (SQLite serialises them anyway).
+    def check_queued_quota(self, team: Team, adding: int = 1) -> None:
+        """Refuse `adding` jobs (one submission, or a sweep's cells: all or none) over the
+        team's ``max_queued_jobs``. The team row is locked first, so concurrent submissions
+        count one after the other (SQLite serialises them anyway).
 
         A team without the quota (as read by this request's authentication) takes no lock:
         every submission of a team used to wait for the row until the one before it
@@ -321,14 +345,15 @@ class JobService:
         if limit is None:
             return
         queued = self.jobs.count_queued(team.id)
-        if queued >= limit:
+        if queued + adding > limit:
+            need = "" if adding == 1 else f", and this sweep queues {adding}"
             raise QuotaExceededError(
-                f"team quota: {queued} of {limit} queued jobs; wait for some to start or cancel "
-                "some (an operator sets the quota with `sharp admin teams quota`)",
+                f"team quota: {queued} of {limit} queued jobs{need}; wait for some to start or "
+                "cancel some (an operator sets the quota with `sharp admin teams quota`)",
                 param="team.max_queued_jobs",
             )
 
-    def _schedule_after_commit(self) -> None:
+    def schedule_after_commit(self) -> None:
         """A scheduling pass once this request's changes are visible to other processes;
         skipped if another pass is running (see `scheduler.admit`)."""
         factory = sessionmaker(bind=self.session.get_bind(), expire_on_commit=False)
@@ -386,7 +411,7 @@ class JobService:
                 raise InvalidStateError(f"job is already {job.status}", param="job_id")
             done = lifecycle.request_cancel(self.jobs, job)
             if done and job.status == JobStatus.QUEUED:
-                self._schedule_after_commit()  # its slot, or its place in line, is free
+                self.schedule_after_commit()  # its slot, or its place in line, is free
             job = self.jobs.get(job.id)  # type: ignore[assignment]
             if done:
                 return job
@@ -403,14 +428,14 @@ class JobService:
                 param="job_id",
             )
         budget = ResourcesSpec.model_validate((job.spec or {}).get("resources") or {}).max_attempts
-        self._check_queued_quota(team)
+        self.check_queued_quota(team)
         if not lifecycle.retry(self.jobs, job, budget):
             job = self.get(team, job_id)
             if job.status == JobStatus.QUEUED:
                 return job  # a concurrent retry won; same outcome
             raise InvalidStateError(f"job is {job.status}", param="job_id")
         job = self.jobs.get(job.id)  # type: ignore[assignment]
-        self._schedule_after_commit()
+        self.schedule_after_commit()
         return job
 
     def pruning(self, job: Job) -> dict[str, Any] | None:

@@ -20,7 +20,8 @@ The table (`TRANSITIONS`)::
 
 A transition that ends a job (to succeeded, failed or cancelled) also writes the job's
 webhook deliveries in the same transaction (`_ended`, `service.webhooks.enqueue_job_event`):
-the outbox row exists exactly when the status does.
+the outbox row exists exactly when the status does. A sweep's cell also advances its sweep
+once that transaction commits (`service.sweeps.cell_ended`).
 
 ``admit`` (the scheduler) and ``heartbeat`` (the supervisor) write a queued or active row
 without changing its status. Nothing leaves ``succeeded``, and only ``retry`` leaves
@@ -146,10 +147,13 @@ def _now() -> dt.datetime:
 
 
 def _ended(repo: JobRepository, job_id: str, status: JobStatus) -> None:
-    """`job_id` has just become `status` (terminal) in this transaction: its webhook outbox."""
-    from service.webhooks import enqueue_job_event  # it imports the models, which import us
+    """`job_id` has just become `status` (terminal) in this transaction: its webhook outbox,
+    and, if it is a sweep's cell, that sweep's advance after the commit (`service.sweeps`)."""
+    from service.sweeps import cell_ended  # these import the models, which import us
+    from service.webhooks import enqueue_job_event
 
     enqueue_job_event(repo, job_id, status.value)
+    cell_ended(repo, job_id)
 
 
 def start(repo: JobRepository, job: Job) -> dict[str, Any]:

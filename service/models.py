@@ -359,3 +359,53 @@ class TeacherCacheUse(Base):
     role: Mapped[str] = mapped_column(String(16), primary_key=True)
     attempt: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+#: ``sweep_cells.stage``: tuning (selection on val) or the final re-training on fresh seeds.
+SWEEP_STAGES = ("tune", "final")
+
+
+class Sweep(Base):
+    """A sweep (`service.sweeps`): the request, and the facts only the sweep owns. Its
+    status is derived from its cells' jobs (the lifecycle owns job statuses); each of
+    ``final_started_at`` and ``finished_at`` is set once, by a conditional UPDATE, so the
+    final stage is created once and ``sweep.finished`` is enqueued once."""
+
+    __tablename__ = "sweeps"
+    __table_args__ = (Index("ix_sweeps_team_id_id", "team_id", "id"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    request: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    reference: Mapped[str | None] = mapped_column(String(64))
+    #: method → the configuration key chosen on val (written with ``final_started_at``).
+    chosen: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    cancel_requested_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    final_started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class SweepCell(Base):
+    """One cell of a sweep: an ordinary job plus where it came from (stage, method,
+    configuration, seed, the spec paths it overrides)."""
+
+    __tablename__ = "sweep_cells"
+    __table_args__ = (
+        CheckConstraint(
+            "stage IN ({})".format(", ".join(f"'{s}'" for s in SWEEP_STAGES)), name="stage"
+        ),
+        UniqueConstraint("job_id"),
+    )
+
+    sweep_id: Mapped[str] = mapped_column(
+        ForeignKey("sweeps.id", ondelete="CASCADE"), primary_key=True
+    )
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    stage: Mapped[str] = mapped_column(String(8))
+    method: Mapped[str] = mapped_column(String(64))
+    config: Mapped[str] = mapped_column(String(100))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    overrides: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))

@@ -44,6 +44,8 @@ from service.models import (
     Job,
     JobEvent,
     Metric,
+    Sweep,
+    SweepCell,
     TeacherCache,
     TeacherCacheUse,
     Team,
@@ -737,6 +739,159 @@ class WebhookRepository:
             .execution_options(synchronize_session=False)
         )
         return self.session.execute(stmt).scalar_one_or_none() is not None
+
+
+class SweepRepository:
+    """Sweeps and their cells (`service.sweeps`). The two facts a sweep writes once —
+    its final stage started, it finished — are conditional UPDATEs (``… IS NULL``), so
+    concurrent callers (the job lifecycle's hook, a GET, the reaper) agree on one winner."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def add(self, sweep: Sweep, cells: Sequence[SweepCell]) -> None:
+        self.session.add(sweep)
+        self.session.flush()
+        self.session.add_all(cells)
+        self.session.flush()
+
+    def add_cells(self, cells: Sequence[SweepCell]) -> None:
+        self.session.add_all(cells)
+        self.session.flush()
+
+    def get(self, sweep_id: str) -> Sweep | None:
+        return self.session.get(Sweep, sweep_id, populate_existing=True)
+
+    def get_for_team(self, team_id: str, sweep_id: str) -> Sweep | None:
+        return self.session.scalar(
+            select(Sweep)
+            .where(Sweep.id == sweep_id, Sweep.team_id == team_id)
+            .execution_options(populate_existing=True)
+        )
+
+    def list_for_team(self, team_id: str, *, limit: int, before_id: str | None) -> Sequence[Sweep]:
+        """Newest first (ids are ULIDs); `before_id` is the keyset cursor."""
+        q = select(Sweep).where(Sweep.team_id == team_id)
+        if before_id is not None:
+            q = q.where(Sweep.id < before_id)
+        return self.session.scalars(q.order_by(Sweep.id.desc()).limit(limit)).all()
+
+    def sweep_of_job(self, job_id: str) -> str | None:
+        """The sweep `job_id` is a cell of (the unique index on ``sweep_cells.job_id``)."""
+        return self.session.scalar(select(SweepCell.sweep_id).where(SweepCell.job_id == job_id))
+
+    def cells(self, sweep_ids: Sequence[str]) -> list[tuple[SweepCell, Job]]:
+        """Every cell of `sweep_ids` with its job, in cell order (one query)."""
+        if not sweep_ids:
+            return []
+        rows = self.session.execute(
+            select(SweepCell, Job)
+            .join(Job, Job.id == SweepCell.job_id)
+            .where(SweepCell.sweep_id.in_(sweep_ids))
+            .order_by(SweepCell.sweep_id, SweepCell.index)
+            .execution_options(populate_existing=True)
+        ).all()
+        return [(c, j) for c, j in rows]
+
+    def counts(self, sweep_ids: Sequence[str]) -> dict[str, dict[str, dict[str, int]]]:
+        """sweep → stage → job status → cells (one grouped query, for the list)."""
+        out: dict[str, dict[str, dict[str, int]]] = {s: {} for s in sweep_ids}
+        if not sweep_ids:
+            return out
+        rows = self.session.execute(
+            select(SweepCell.sweep_id, SweepCell.stage, Job.status, func.count())
+            .join(Job, Job.id == SweepCell.job_id)
+            .where(SweepCell.sweep_id.in_(sweep_ids))
+            .group_by(SweepCell.sweep_id, SweepCell.stage, Job.status)
+        )
+        for sweep_id, stage, status, n in rows:
+            out[sweep_id].setdefault(stage, {})[status] = int(n)
+        return out
+
+    def last_values(
+        self, job_ids: Sequence[str], names: Sequence[str]
+    ) -> dict[str, dict[str, float]]:
+        """job → metric name → its value at the highest step recorded (the end-of-training
+        evaluation), for `names` (one query over the metrics' primary key)."""
+        out: dict[str, dict[str, float]] = {j: {} for j in job_ids}
+        if not job_ids or not names:
+            return out
+        last = (
+            select(Metric.job_id, Metric.name, func.max(Metric.step).label("step"))
+            .where(Metric.job_id.in_(job_ids), Metric.name.in_(names))
+            .group_by(Metric.job_id, Metric.name)
+            .subquery()
+        )
+        rows = self.session.execute(
+            select(Metric.job_id, Metric.name, Metric.value).join(
+                last,
+                and_(
+                    Metric.job_id == last.c.job_id,
+                    Metric.name == last.c.name,
+                    Metric.step == last.c.step,
+                ),
+            )
+        )
+        for job_id, name, value in rows:
+            out[job_id][name] = value
+        return out
+
+    def series(self, job_ids: Sequence[str], name: str) -> dict[str, list[tuple[int, float]]]:
+        """job → [(step, value)] of metric `name`, by step (one query for every job)."""
+        out: dict[str, list[tuple[int, float]]] = {j: [] for j in job_ids}
+        if not job_ids:
+            return out
+        rows = self.session.execute(
+            select(Metric.job_id, Metric.step, Metric.value)
+            .where(Metric.job_id.in_(job_ids), Metric.name == name)
+            .order_by(Metric.job_id, Metric.step)
+        )
+        for job_id, step, value in rows:
+            out[job_id].append((step, value))
+        return out
+
+    def mark_cancel_requested(self, sweep_id: str, now: dt.datetime) -> None:
+        self.session.execute(
+            update(Sweep)
+            .where(Sweep.id == sweep_id, Sweep.cancel_requested_at.is_(None))
+            .values(cancel_requested_at=now)
+            .execution_options(synchronize_session=False)
+        )
+
+    def start_final(self, sweep_id: str, now: dt.datetime, chosen: dict[str, Any]) -> bool:
+        """Claim the final stage: True for exactly one caller (not cancelled, not started)."""
+        stmt = (
+            update(Sweep)
+            .where(
+                Sweep.id == sweep_id,
+                Sweep.final_started_at.is_(None),
+                Sweep.cancel_requested_at.is_(None),
+            )
+            .values(final_started_at=now, chosen=chosen)
+            .returning(Sweep.id)
+            .execution_options(synchronize_session=False)
+        )
+        return self.session.execute(stmt).scalar_one_or_none() is not None
+
+    def mark_finished(self, sweep_id: str, now: dt.datetime) -> bool:
+        """True for exactly one caller: the sweep had not finished before."""
+        stmt = (
+            update(Sweep)
+            .where(Sweep.id == sweep_id, Sweep.finished_at.is_(None))
+            .values(finished_at=now)
+            .returning(Sweep.id)
+            .execution_options(synchronize_session=False)
+        )
+        return self.session.execute(stmt).scalar_one_or_none() is not None
+
+    def unfinished(self, limit: int = 100) -> Sequence[str]:
+        """Sweeps not yet finished, oldest first (the reaper's periodic advance)."""
+        return self.session.scalars(
+            select(Sweep.id).where(Sweep.finished_at.is_(None)).order_by(Sweep.id).limit(limit)
+        ).all()
+
+    def count(self) -> int:
+        return int(self.session.scalar(select(func.count()).select_from(Sweep)) or 0)
 
 
 class TeacherCacheRepository:

@@ -162,6 +162,12 @@ class Settings(BaseSettings):
         description="How often the delivery worker re-sends deliveries whose message was lost "
         "(due longer ago than this).",
     )
+    sweep_max_cells: int = Field(
+        default=500,
+        ge=1,
+        le=100_000,
+        description="Most jobs one sweep may create, its final stage included (more: 422).",
+    )
     webhook_concurrency: int = Field(
         default=4, ge=1, le=64, description="Deliveries one webhook worker sends at once."
     )

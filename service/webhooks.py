@@ -60,8 +60,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The events an endpoint may subscribe to. (``sweep.finished`` comes with sweeps.)
-EVENTS: tuple[str, ...] = ("job.succeeded", "job.failed", "job.cancelled")
+#: The events an endpoint may subscribe to (``sweep.finished``: `service.sweeps`).
+EVENTS: tuple[str, ...] = ("job.succeeded", "job.failed", "job.cancelled", "sweep.finished")
 EVENT_FOR_STATUS = {
     "succeeded": "job.succeeded",
     "failed": "job.failed",
@@ -256,14 +256,37 @@ def enqueue_job_event(repo: JobRepository, job_id: str, status: str) -> list[str
         return []
     job = repo.get(job_id)
     assert job is not None
+    return _enqueue(repo.session, endpoints, event_type, job_summary(job), job_id, repo.deliver)
+
+
+def enqueue_event(
+    session: Session,
+    team_id: str,
+    event_type: str,
+    data: dict[str, Any],
+    deliver: Callable[[str], None] | None = None,
+) -> list[str]:
+    """An event that is not a job's (``sweep.finished``): one delivery per endpoint of
+    `team_id` subscribed to it, in the caller's transaction (the caller writes it exactly
+    once, e.g. under a conditional UPDATE). Returns the delivery ids."""
+    hooks = WebhookRepository(session)
+    endpoints = [e for e in hooks.list_endpoints(team_id) if event_type in (e.events or [])]
+    if not endpoints:
+        return []
+    return _enqueue(session, endpoints, event_type, data, None, deliver)
+
+
+def _enqueue(
+    session: Session,
+    endpoints: Sequence[WebhookEndpoint],
+    event_type: str,
+    data: dict[str, Any],
+    job_id: str | None,
+    deliver: Callable[[str], None] | None,
+) -> list[str]:
     now = utcnow()
     event_id = new_id("evt")
-    event = {
-        "id": event_id,
-        "type": event_type,
-        "created": int(now.timestamp()),
-        "data": job_summary(job),
-    }
+    event = {"id": event_id, "type": event_type, "created": int(now.timestamp()), "data": data}
     body = json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     rows = [
         WebhookDelivery(
@@ -281,11 +304,10 @@ def enqueue_job_event(repo: JobRepository, job_id: str, status: str) -> list[str
         )
         for e in endpoints
     ]
-    hooks.add_deliveries(rows)
+    WebhookRepository(session).add_deliveries(rows)
     ids = [r.id for r in rows]
-    send = repo.deliver
-    if send is not None:
-        after_commit(repo.session, lambda: send_each(send, ids))
+    if deliver is not None:
+        after_commit(session, lambda: send_each(deliver, ids))
     return ids
 
 

@@ -38,6 +38,8 @@ TABLES = {
     "webhook_attempts",
     "teacher_caches",
     "teacher_cache_uses",
+    "sweeps",
+    "sweep_cells",
 }
 
 

@@ -13,7 +13,9 @@ Admitted jobs whose message was sent more than ``requeue_queued_after_s`` ago an
 worker claimed get their message sent again (the process may have died between the commit
 and the send); duplicates are harmless. Jobs waiting for admission need no message.
 
-`redispatch_deliveries` does the same for webhook deliveries whose message was lost.
+`redispatch_deliveries` does the same for webhook deliveries whose message was lost, and
+each pass advances unfinished sweeps (`service.sweeps.advance_unfinished`), in case the
+advance that a cell's end triggers was lost.
 
 Every update re-checks the stale condition in its WHERE clause, so several reapers (one per
 worker) and a heartbeat arriving at the same moment cannot double-handle a job.
@@ -35,6 +37,7 @@ from service.live import LivePublisher
 from service.models import Job, utcnow
 from service.repositories import JobRepository, WebhookRepository
 from service.settings import Settings
+from service.sweeps import advance_unfinished
 from service.txn import after_commit
 from service.webhooks import send_each
 
@@ -47,6 +50,7 @@ class ReapReport:
     cancelled: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     redispatched: list[str] = field(default_factory=list)
+    sweeps_advanced: list[str] = field(default_factory=list)
 
 
 def reap(
@@ -101,6 +105,11 @@ def reap(
                 _dispatch_later(s, dispatch, job)
     if any((report.requeued, report.cancelled, report.failed, report.redispatched)):
         log.warning("reaper: %s", report)
+    # Sweeps whose advance was lost (a crash between a cell's end and its after-commit
+    # hook): idempotent, so running it on every pass is safe.
+    report.sweeps_advanced = advance_unfinished(
+        db.sessionmaker, settings, dispatch=dispatch, deliver=deliver
+    )
     if any((report.requeued, report.cancelled, report.failed)):
         scheduler.run_pass(
             db.sessionmaker, dispatch, heartbeat_timeout_s=settings.heartbeat_timeout_s

@@ -17,7 +17,7 @@ from service.webhooks import EVENTS, DeliveryPage, WebhookService
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
-EventName = Literal["job.succeeded", "job.failed", "job.cancelled"]
+EventName = Literal["job.succeeded", "job.failed", "job.cancelled", "sweep.finished"]
 assert set(EventName.__args__) == set(EVENTS)  # type: ignore[attr-defined]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
