@@ -63,8 +63,24 @@ def _num(v: float | None, digits: int = 4) -> str:
     return "-" if v is None else f"{v:.{digits}g}"
 
 
-def _counts(counts: dict[str, int]) -> str:
-    return " ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v) or "-"
+def _counts(counts: dict[str, dict[str, int]]) -> str:
+    """``tune: queued 2 succeeded 4; final: …`` from the API's stage → job status → cells."""
+    parts = []
+    for stage, by in counts.items():
+        text = " ".join(f"{k} {v}" for k, v in sorted(by.items()) if v)
+        if text:
+            parts.append(f"{stage}: {text}")
+    return "; ".join(parts) or "-"
+
+
+def _stage(sweep: dict[str, Any]) -> str:
+    """Which stage runs (or ran last): final once the server has started it."""
+    return "final" if sweep.get("final_started_at") else "tune"
+
+
+def _step(cell: dict[str, Any]) -> int | None:
+    p = cell.get("progress") or {}
+    return p.get("step")
 
 
 # -- submit ----------------------------------------------------------------------------------
@@ -155,7 +171,7 @@ def list_cmd(
                 s["id"],
                 escape(s["name"]),
                 s["status"],
-                s.get("stage") or "",
+                _stage(s),
                 _counts(s.get("counts") or {}),
                 _time(s.get("created_at")),
             )
@@ -181,7 +197,7 @@ def cells_table(cells: list[dict[str, Any]]) -> Table:
             escape(_overrides(c.get("overrides")) or c["config"]),
             str(c["seed"]),
             c["status"],
-            "" if c.get("step") is None else str(c["step"]),
+            "" if _step(c) is None else f"{_step(c)}/{(c.get('progress') or {}).get('max_steps')}",
             _num(c.get("value")),
             c.get("job_id") or "",
         )
@@ -204,7 +220,7 @@ def show_cmd(
             out.print_json(data=sweep)
             return EXIT_OK
         out.print(f"[bold]{sweep['id']}[/bold]  {escape(sweep['name'])}")
-        out.print(f"status    {sweep['status']}  stage {sweep.get('stage') or '-'}")
+        out.print(f"status    {sweep['status']}  stage {_stage(sweep)}")
         out.print(f"cells     {len(sweep['cells'])}: {_counts(sweep.get('counts') or {})}")
         out.print(f"reference {escape(str(sweep.get('reference') or '-'))}")
         out.print(
@@ -233,7 +249,7 @@ def progress_table(sweep: dict[str, Any]) -> Table:
         by: dict[str, int] = {}
         for c in cells:
             by[c["status"]] = by.get(c["status"], 0) + 1
-        running = [c for c in cells if c["status"] == "running" and c.get("step") is not None]
+        running = [c for c in cells if c["status"] == "running" and _step(c) is not None]
         values = [c["value"] for c in cells if c.get("value") is not None]
         table.add_row(
             stage,
@@ -243,7 +259,7 @@ def progress_table(sweep: dict[str, Any]) -> Table:
             str(by.get("running", 0) + by.get("cancelling", 0)),
             str(by.get("succeeded", 0) + by.get("completed", 0)),
             str(by.get("failed", 0) + by.get("cancelled", 0)),
-            str(round(sum(c["step"] for c in running) / len(running))) if running else "",
+            str(round(sum(_step(c) or 0 for c in running) / len(running))) if running else "",
             f"{_num(min(values))} … {_num(max(values))}" if values else "",
         )
     return table
@@ -255,7 +271,7 @@ def sweep_view(sweep: dict[str, Any]) -> Group:
     status = escape(f"[{sweep['status']}]")
     head = Text.from_markup(
         f"[bold]{escape(sweep['id'])}[/bold] {escape(sweep['name'])} {status} "
-        f"stage {sweep.get('stage') or '-'}  {done}/{len(cells)} cells done"
+        f"stage {_stage(sweep)}  {done}/{len(cells)} cells done"
     )
     bar = ProgressBar(total=max(len(cells), 1), completed=done, width=60)
     return Group(head, bar, progress_table(sweep))
@@ -391,11 +407,20 @@ def report_cmd(
         if as_json:
             out.print_json(data=rep)
             return EXIT_OK
-        for stage in ("tune", "final"):
+        for stage, note in (("tune", "selection_metric_note"), ("final", "final_metric_note")):
             if rep.get(stage):
                 out.print(report_table(stage, rep[stage]))
+                if rep.get(note):
+                    out.print(f"[dim]note: {escape(rep[note])}[/dim]")
         if not rep.get("final"):
             out.print("[dim]no final stage (yet)[/dim]")
+        for f in rep.get("failed_cells") or []:
+            e = f.get("error") or {}
+            out.print(
+                f"[red]{escape(str(f['status']))}[/red] cell {f['index']} ({escape(f['stage'])} "
+                f"{escape(f['config'])}, seed {f['seed']}, job {f['job_id']})"
+                + (f": {escape(str(e.get('code')))}: {escape(str(e.get('message')))}" if e else "")
+            )
         return EXIT_OK
 
     run(body)

@@ -598,9 +598,15 @@
   const SWEEP_POLL_MS = 2000;
   const SWEEP_ACTIVE = new Set(['running', 'queued', 'cancelling']);
 
+  // The API's counts: stage → job status → cells ("tune: succeeded 4, queued 2 · final: …").
   function fmtCounts(counts) {
-    return Object.entries(counts || {}).filter(([, n]) => n).sort().map(([k, n]) => `${k} ${n}`).join(' · ') || '–';
+    return Object.entries(counts || {}).map(([stage, by]) => {
+      const text = Object.entries(by || {}).filter(([, n]) => n).sort().map(([k, n]) => `${k} ${n}`).join(', ');
+      return text ? `${stage}: ${text}` : '';
+    }).filter(Boolean).join(' · ') || '–';
   }
+
+  function sweepStage(s) { return s.final_started_at ? 'final' : 'tune'; }
 
   function fmtOverrides(o) {
     return Object.entries(o || {}).filter(([k]) => k !== 'method.name').sort()
@@ -612,7 +618,7 @@
       el('td', {}, el('a', { href: '/ui/sweeps/' + encodeURIComponent(s.id) }, s.id)),
       el('td', {}, s.name),
       el('td', {}, el('span', { class: `badge status-${s.status}` }, s.status)),
-      el('td', {}, s.stage || ''),
+      el('td', {}, sweepStage(s)),
       el('td', {}, fmtCounts(s.counts)),
       el('td', {}, fmtTime(s.created_at)));
   }
@@ -768,7 +774,7 @@
       badge.textContent = sweep.status;
       badge.className = `badge status-${sweep.status}`;
       badge.dataset.status = sweep.status;
-      $('sweep-summary').textContent = `stage ${sweep.stage || '–'} · ${sweep.cells.length} cells: ${fmtCounts(sweep.counts)}`
+      $('sweep-summary').textContent = `stage ${sweepStage(sweep)} · ${sweep.cells.length} cells: ${fmtCounts(sweep.counts)}`
         + ` · reference ${sweep.reference || '–'} · created ${fmtTime(sweep.created_at)}`
         + (sweep.finished_at ? ` · finished ${fmtTime(sweep.finished_at)}` : '');
       $('cancel-sweep').hidden = !SWEEP_ACTIVE.has(sweep.status);
@@ -782,7 +788,7 @@
         el('td', { title: fmtOverrides(c.overrides) }, c.config),
         el('td', {}, c.seed),
         el('td', {}, el('span', { class: `badge status-${c.status}` }, c.status)),
-        el('td', {}, c.step === null || c.step === undefined ? '' : c.step),
+        el('td', {}, c.progress ? `${c.progress.step} / ${c.progress.max_steps}` : ''),
         el('td', { 'data-value': c.value === null || c.value === undefined ? '' : String(c.value) }, c.value === null || c.value === undefined ? '' : fmt(c.value)),
         el('td', {}, c.job_id ? el('a', { href: '/ui/jobs/' + encodeURIComponent(c.job_id) }, c.job_id) : ''))));
     }
@@ -807,6 +813,15 @@
         $('report-error').hidden = false;
       }
       const best = report && report.tune ? report.tune.best : null;
+      const notes = report ? [report.selection_metric_note, report.final ? report.final_metric_note : null].filter(Boolean) : [];
+      $('report-notes').replaceChildren(...notes.map((n) => el('li', {}, n)));
+      $('report-notes').hidden = !notes.length;
+      const failed = report ? report.failed_cells || [] : [];
+      $('failed-cells').replaceChildren(...failed.map((f) => el('li', { 'data-job-id': f.job_id },
+        el('span', { class: `badge status-${f.status}` }, f.status), ` cell ${f.index} (${f.stage}, ${f.config}, seed ${f.seed}) `,
+        el('a', { href: '/ui/jobs/' + encodeURIComponent(f.job_id) }, f.job_id),
+        f.error ? `: ${f.error.code}: ${f.error.message}` : '')));
+      $('failed-block').hidden = !failed.length;
       if (report && report.tune) {
         $('report-metric').textContent = `(${report.tune.metric.name}, ${report.tune.metric.lower_is_better ? 'lower' : 'higher'} is better)`;
         renderReport($('report-tune'), report.tune, colorOf);
