@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import TeamKey
+from tests.conftest import TeamKey, wait_for
 from tests.helpers import train_tiny_teacher
 from tests.test_cli_sweeps import tiny_sweep
 from tests.test_ui import (  # noqa: F401 (fixtures)
@@ -83,10 +83,8 @@ def test_sweep_page_shows_the_report_and_every_cells_curve_live(
     assert page.text_content("#poll-state") == "live"
 
     # -- a cell finishes: the page shows it without a reload (its row, and its curve)
-    page.wait_for_function(
-        f"document.querySelectorAll('#cells-body tr[data-status=succeeded]').length > {len(first)}",
-        timeout=300_000,
-    )
+    # (polled from here: a wait_for_function predicate is eval'd, which the page's CSP refuses)
+    wait_for(lambda: len(_cells_done(page)) > len(first), 300, interval=0.5, what="a cell to end")
     done = _cells_done(page)
     newly = [j for j in done if j not in first]
     assert newly, (first, done)
