@@ -20,7 +20,6 @@ from typing import Any
 import httpx
 import typer
 import yaml
-from rich.console import Group
 from rich.live import Live
 from rich.markup import escape
 from rich.progress_bar import ProgressBar
@@ -194,7 +193,7 @@ def cells_table(cells: list[dict[str, Any]]) -> Table:
             str(c["index"]),
             c["stage"],
             escape(c["method"]),
-            escape(_overrides(c.get("overrides")) or c["config"]),
+            escape(c["config"] + _cfg_suffix(c.get("overrides"))),
             str(c["seed"]),
             c["status"],
             "" if _step(c) is None else f"{_step(c)}/{(c.get('progress') or {}).get('max_steps')}",
@@ -265,7 +264,7 @@ def progress_table(sweep: dict[str, Any]) -> Table:
     return table
 
 
-def sweep_view(sweep: dict[str, Any]) -> Group:
+def sweep_view(sweep: dict[str, Any]) -> Table:
     cells = sweep["cells"]
     done = sum(1 for c in cells if c["status"] in CELL_DONE)
     status = escape(f"[{sweep['status']}]")
@@ -273,8 +272,11 @@ def sweep_view(sweep: dict[str, Any]) -> Group:
         f"[bold]{escape(sweep['id'])}[/bold] {escape(sweep['name'])} {status} "
         f"stage {_stage(sweep)}  {done}/{len(cells)} cells done"
     )
-    bar = ProgressBar(total=max(len(cells), 1), completed=done, width=60)
-    return Group(head, bar, progress_table(sweep))
+    view = Table.grid()  # one row each, so every part ends its line (a bare bar does not)
+    view.add_row(head)
+    view.add_row(ProgressBar(total=max(len(cells), 1), completed=done, width=60))
+    view.add_row(progress_table(sweep))
+    return view
 
 
 def poll_sweep(
@@ -308,7 +310,10 @@ def poll_sweep(
 def watch_sweep(c: httpx.Client, sweep_id: str, interval: float = POLL_S) -> dict[str, Any]:
     """Live progress on stderr (a table per stage and method) until the sweep ends."""
     with Live(console=err, refresh_per_second=4, transient=False) as live:
-        return poll_sweep(c, sweep_id, lambda s: live.update(sweep_view(s)), interval=interval)
+        sweep = poll_sweep(c, sweep_id, lambda s: live.update(sweep_view(s)), interval=interval)
+    if not err.is_terminal:  # off a terminal, Live prints the last table without ending its line
+        err.line()
+    return sweep
 
 
 def outcome(sweep: dict[str, Any]) -> int:

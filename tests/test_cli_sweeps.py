@@ -205,7 +205,10 @@ def test_submit_wait_show_list_report(
     assert done.returncode == 0, done.stderr + "\n" + log
     sweep_id = done.stdout.strip()
     assert re.fullmatch(r"\w+", sweep_id), done.stdout
-    assert f"sweep {sweep_id} completed" in done.stderr
+    assert f"sweep {sweep_id} completed" in done.stderr.splitlines()
+    # the live table's last state: every cell done, one row per stage and method
+    assert "8/8 cells done" in done.stderr, done.stderr
+    assert re.search(r"│ final +│ sft +│ 1 +│ 0 +│ 0 +│ 1 +│ 0 +│", done.stderr), done.stderr
 
     api = httpx.Client(base_url=live_server, headers=team.headers, timeout=30)
     sweep = api.get(f"/v1/sweeps/{sweep_id}").json()
