@@ -445,8 +445,6 @@ class SweepCellPublic(BaseModel):
 
 
 class SweepPublic(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"request": EXAMPLE_SWEEP}]})
-
     id: str
     name: str
     status: Literal["running", "cancelling", "completed", "cancelled"] = Field(

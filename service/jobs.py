@@ -122,6 +122,10 @@ def decode_cursor(cursor: str) -> str:
         ) from None
 
 
+#: ``session.info`` key: the transaction that already owes a scheduling pass.
+_PASS_OWED = "sharp_pass_owed"
+
+
 @dataclass(frozen=True)
 class TeamUsage:
     """A team with what its quotas are counted against right now."""
@@ -355,7 +359,12 @@ class JobService:
 
     def schedule_after_commit(self) -> None:
         """A scheduling pass once this request's changes are visible to other processes;
-        skipped if another pass is running (see `scheduler.admit`)."""
+        skipped if another pass is running (see `scheduler.admit`). One per transaction: a
+        sweep's cancel cancels many jobs, and one pass after the commit sees them all."""
+        tx = self.session.get_transaction()
+        if tx is not None and self.session.info.get(_PASS_OWED) is tx:
+            return
+        self.session.info[_PASS_OWED] = tx
         factory = sessionmaker(bind=self.session.get_bind(), expire_on_commit=False)
         dispatch, timeout = self.dispatch, self.settings.heartbeat_timeout_s
         refresh_s = self.settings.queue_refresh_s

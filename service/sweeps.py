@@ -45,7 +45,16 @@ from service.txn import after_commit
 from service.webhooks import enqueue_event
 from sharp_core.compare import compare, metric_for
 from sharp_core.spec import parse_spec
-from sharp_core.sweep import Cell, FinalSpec, SweepSpec, expand, final_cells, get_path, parse_sweep
+from sharp_core.sweep import (
+    Cell,
+    FinalSpec,
+    SweepSpec,
+    count_cells,
+    expand,
+    final_cells,
+    get_path,
+    parse_sweep,
+)
 
 log = logging.getLogger(__name__)
 
@@ -187,18 +196,17 @@ class SweepService:
         request's transaction: any refusal (too many cells, an invalid cell, the team's
         queued-jobs quota) creates nothing."""
         spec = parse_sweep(body)
-        cells = expand(spec)
-        methods = list(dict.fromkeys(c.method for c in cells))
-        n_final = len(methods) * len(spec.final.seeds) if spec.final is not None else 0
+        n_tune, n_final = count_cells(spec)  # before expanding: it may be astronomical
         limit = self.settings.sweep_max_cells
-        if len(cells) + n_final > limit:
+        if n_tune + n_final > limit:
             raise InvalidRequestError(
-                f"this sweep has {len(cells)} tune cells"
+                f"this sweep has {n_tune} tune cells"
                 + (f" and {n_final} final cells" if n_final else "")
                 + f", more than this deployment's limit of {limit} (SHARP_SWEEP_MAX_CELLS)",
                 param="sweep",
                 code="too_many_cells",
             )
+        cells = expand(spec)
         specs = self._validate(team, spec, cells)
         self.jobs.check_queued_quota(team, adding=len(cells))
         now = utcnow()
@@ -284,9 +292,9 @@ class SweepService:
                     sweep_id=sweep_id,
                     index=start + i,
                     stage=c.stage,
-                    method=c.method,
+                    method=job_spec.method.name,  # as validated (a request may say 1.0)
                     config=c.config,
-                    seed=c.seed,
+                    seed=job_spec.training.seed,
                     overrides=c.overrides,
                     job_id=job.id,
                 )
@@ -402,7 +410,9 @@ class SweepService:
         sel = selection(spec.base, "val")
         last = self.repo.last_values([j.id for _, j in tune], sel.reads)
         results = [_result(c, j, sel.value(last[j.id])) for c, j in tune]
-        best: dict[str, str] = compare(results, metric=sel.metric, reference=spec.reference)["best"]
+        found = compare(results, metric=sel.metric, reference=spec.reference)["best"]
+        order = list(dict.fromkeys(c.method for c, _ in tune))  # the sweep's method order
+        best: dict[str, str] = {m: found[m] for m in order if m in found}
         if not self.repo.start_final(sweep.id, utcnow(), chosen=best):
             return False
         overrides = {c.config: c.overrides for c, _ in tune}

@@ -19,6 +19,8 @@ __all__ = ["CellResult", "compare", "holm", "mean_std", "paired", "metric_for", 
 
 #: cell dict: {"method", "config", "seed", "status", "value" (float | None), "overrides"}
 CellResult = dict[str, Any]
+#: Statuses of a cell that has not ended yet (neither a value nor a failure).
+PENDING = ("queued", "running", "cancelling", "scheduled", "pending")
 
 
 def metric_for(task: str, split: str) -> dict[str, Any]:
@@ -103,11 +105,7 @@ def _configs(cells: Iterable[CellResult]) -> dict[str, dict[str, Any]]:
         vals = list(g["values"].values())
         g["n"] = len(vals)
         g["mean"], g["std"] = mean_std(vals) if vals else (None, None)
-        g["failed"] = (
-            g["cells"]
-            - g["n"]
-            - sum(g["by_status"].get(s, 0) for s in ("queued", "running", "scheduled", "pending"))
-        )
+        g["failed"] = g["cells"] - g["n"] - sum(g["by_status"].get(s, 0) for s in PENDING)
     return out
 
 

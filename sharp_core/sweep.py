@@ -31,6 +31,7 @@ __all__ = [
     "TuneSpec",
     "check_path",
     "config_key",
+    "count_cells",
     "expand",
     "final_cells",
     "parse_sweep",
@@ -62,7 +63,7 @@ class ParamRange(_Strict):
         return self
 
 
-Knob = Union[ParamRange, Annotated[list[Any], Field(min_length=1, max_length=100)]]
+Knob = ParamRange | Annotated[list[Any], Field(min_length=1, max_length=100)]
 
 
 class TuneSpec(_Strict):
@@ -199,6 +200,31 @@ def _draw(rng: random.Random, knob: Any) -> Any:
     return copy.deepcopy(rng.choice(knob))
 
 
+def _grid_size(knobs: dict[str, Any]) -> int:
+    return math.prod(len(v) for v in knobs.values())
+
+
+def _n_trials(tune: TuneSpec, knobs: dict[str, Any]) -> int:
+    """How many configurations `_trials` returns, without building them (a grid of lists of
+    100 values over many paths is astronomically large: it is counted, never enumerated)."""
+    if not knobs:
+        return 1
+    if tune.search == "grid":
+        return _grid_size(knobs)
+    if all(not isinstance(v, ParamRange) for v in knobs.values()):
+        return min(_grid_size(knobs), tune.trials)
+    return tune.trials
+
+
+def _combo(paths: list[str], knobs: dict[str, Any], index: int) -> dict[str, Any]:
+    """The `index`-th combination of the lists in `itertools.product` order."""
+    out: dict[str, Any] = {}
+    for p in reversed(paths):
+        index, i = divmod(index, len(knobs[p]))
+        out[p] = copy.deepcopy(knobs[p][i])
+    return {p: out[p] for p in paths}
+
+
 def _trials(tune: TuneSpec, method: str, knobs: dict[str, Any]) -> list[dict[str, Any]]:
     """The `tune.trials` configurations of one method (fewer only for a smaller grid)."""
     paths = sorted(knobs)
@@ -206,16 +232,30 @@ def _trials(tune: TuneSpec, method: str, knobs: dict[str, Any]) -> list[dict[str
         return [{}]
     discrete = all(not isinstance(knobs[p], ParamRange) for p in paths)
     if tune.search == "grid" or discrete:
-        grid = [
-            dict(zip(paths, combo, strict=True))
-            for combo in itertools.product(*(knobs[p] for p in paths))
-        ]
-        if tune.search == "grid" or len(grid) <= tune.trials:
-            return grid
-        # random search over a finite space: distinct draws (no configuration twice)
-        return random.Random(f"{tune.seed}:{method}").sample(grid, tune.trials)
+        size = _grid_size(knobs)
+        if tune.search == "grid" or size <= tune.trials:
+            return [_combo(paths, knobs, i) for i in range(size)]
+        # random search over a finite space: distinct draws (no configuration twice); the
+        # same indices `sample(grid, k)` would pick, without building the grid
+        picks = random.Random(f"{tune.seed}:{method}").sample(range(size), tune.trials)
+        return [_combo(paths, knobs, i) for i in picks]
     rng = random.Random(f"{tune.seed}:{method}")
     return [{p: _draw(rng, knobs[p]) for p in paths} for _ in range(tune.trials)]
+
+
+def count_cells(sweep: SweepSpec) -> tuple[int, int]:
+    """(tune cells, final cells) of a parsed sweep, counted without expanding it, so a limit
+    can refuse a huge sweep before anything is built."""
+    n_axes = math.prod(len(v) for p, v in sweep.axes.items() if p != SEED_PATH)
+    n_seeds = len(_seeds(sweep))
+    if sweep.tune is None:
+        methods = sweep.axes.get(METHOD_PATH, [get_path(sweep.base, METHOD_PATH, "sharp")])
+        n_configs, n_methods = n_axes, len({str(m) for m in methods})
+    else:
+        n_configs = n_axes * sum(_n_trials(sweep.tune, k) for k in sweep.tune.space.values())
+        n_methods = len(sweep.tune.space)
+    n_final = n_methods * len(sweep.final.seeds) if sweep.final is not None else 0
+    return n_configs * n_seeds, n_final
 
 
 def parse_sweep(data: Any) -> SweepSpec:
@@ -257,7 +297,7 @@ def parse_sweep(data: Any) -> SweepSpec:
                     )
                 if sweep.tune.search == "grid" and isinstance(knob, ParamRange):
                     raise SpecError(f"{param}: a grid search needs a list of values", param=param)
-            n = len(_trials(sweep.tune, method, knobs))
+            n = _n_trials(sweep.tune, knobs)
             if sweep.tune.search == "grid" and n > sweep.tune.trials:
                 raise SpecError(
                     f"sweep.tune.space.{method}: its grid has {n} combinations, more than "

@@ -69,8 +69,9 @@ def intruder(make_team) -> TeamKey:
 def owned(
     client: TestClient, owner: TeamKey, corpus: Path, settings: Settings, db: Database
 ) -> dict[str, str]:
-    """One job with a checkpoint, and one upload, belonging to `owner`; plus a secret file
-    beside the checkpoint folder that a traversal would reach."""
+    """One job with a checkpoint, one upload, one webhook and one sweep (its cell in a pool no
+    worker serves), belonging to `owner`; plus a secret file beside the checkpoint folder
+    that a traversal would reach."""
     job = client.post("/v1/jobs", json={"spec": tiny_spec(corpus)}, headers=owner.headers)
     assert job.status_code == 201, job.text
     job_id = job.json()["id"]
@@ -96,7 +97,14 @@ def owned(
         "/v1/webhooks", json={"url": "http://127.0.0.1:9/hook"}, headers=owner.headers
     )
     assert hook.status_code == 201, hook.text
+    sweep = client.post(
+        "/v1/sweeps",
+        json={"base": {**tiny_spec(corpus), "resources": {"queue": "nowhere"}}},
+        headers=owner.headers,
+    )
+    assert sweep.status_code == 201, sweep.text
     return {
+        "sweep_id": sweep.json()["id"],
         "job_id": job_id,
         "step": "10",
         "name": "config.json",

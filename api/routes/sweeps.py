@@ -8,6 +8,7 @@ from fastapi import APIRouter, Body, Path, Query, Response
 
 from api.deps import SweepServiceDep, TeamDep
 from api.schemas import (
+    EXAMPLE_SWEEP,
     ErrorResponse,
     SweepBody,
     SweepCurvesPublic,
@@ -47,7 +48,10 @@ SweepId = Annotated[str, Path(max_length=64, description="A sweep id, `swp_…`.
     },
 )
 def create_sweep(
-    body: Annotated[SweepBody, Body()], team: TeamDep, service: SweepServiceDep, response: Response
+    body: Annotated[SweepBody, Body(examples=[EXAMPLE_SWEEP])],
+    team: TeamDep,
+    service: SweepServiceDep,
+    response: Response,
 ) -> SweepPublic:
     """Expand the sweep into cells and queue each as an ordinary job (quotas, fair share,
     cancel and retry apply); the final stage follows once every tune cell has ended."""
