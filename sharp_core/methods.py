@@ -13,6 +13,7 @@ from typing import Literal, get_args
 
 __all__ = [
     "ATTENTION_METHODS",
+    "DEFAULT_ATTENTION_WEIGHT",
     "DEFAULT_DIVERGENCE",
     "DIVERGENCES",
     "METHODS",
@@ -34,6 +35,18 @@ AttentionMethodName = Literal["tinybert", "minilm", "sharp"]
 METHODS: tuple[MethodName, ...] = get_args(MethodName)
 DIVERGENCES: tuple[DivergenceName, ...] = get_args(DivergenceName)
 ATTENTION_METHODS: tuple[AttentionMethodName, ...] = get_args(AttentionMethodName)
+
+#: Default weight of the single attention term of each method (``method.attention_weight``;
+#: 'sharp' means its 'direct' decomposition, the hierarchical one uses the granularities).
+#: The rule: the weighted term at step 0 equals SHARP's default weighted term Σ_g w_g·term_g
+#: (0.108 with 0.1 each), measured on the tiny-cpu pair by ``python -m bench.quality.term_sizes``
+#: (docs/method.md, "Default weights"): raw step-0 terms TinyBERT 5.2e-4, MiniLM 0.81, direct
+#: 0.41. At weight 1, TinyBERT was 5e-4 of the loss (plain KD) and MiniLM 7.5× SHARP's term.
+DEFAULT_ATTENTION_WEIGHT: dict[AttentionMethodName, float] = {
+    "tinybert": 210.0,
+    "minilm": 0.13,
+    "sharp": 0.26,
+}
 
 #: The logit divergence each method uses unless the spec names another one.
 DEFAULT_DIVERGENCE: dict[MethodName, DivergenceName] = {

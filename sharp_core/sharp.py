@@ -916,7 +916,7 @@ class _MapMatchingObjective(AttentionObjective):
     """One term matching whole maps row by row (the TinyBERT / MiniLM baselines).
 
     ``term`` is its name, `per_sequence` its loss (B,) on one layer pair; the value is the
-    sum over sequences of the mean over layer pairs, weighted by ``method.attention_weight``.
+    sum over sequences of the mean over layer pairs, weighted by ``method.effective_attention_weight``.
     """
 
     term: str
@@ -948,7 +948,7 @@ class TinyBertObjective(_MapMatchingObjective):
     term = "tinybert_attn"
 
     def _select_terms(self, method: MethodSpec) -> tuple[dict[str, float], list[tuple[int, int]]]:
-        return {self.term: method.attention_weight}, list(enumerate(self.layer_map))
+        return {self.term: method.effective_attention_weight}, list(enumerate(self.layer_map))
 
     def per_sequence(
         self, student: AttentionProbs, teacher: AttentionProbs, w_h: Tensor, valid: Tensor
@@ -964,7 +964,7 @@ class MiniLMObjective(_MapMatchingObjective):
 
     def _select_terms(self, method: MethodSpec) -> tuple[dict[str, float], list[tuple[int, int]]]:
         last = self.student_shape[0] - 1
-        return {self.term: method.attention_weight}, [(last, self.layer_map[-1])]
+        return {self.term: method.effective_attention_weight}, [(last, self.layer_map[-1])]
 
     def per_sequence(
         self, student: AttentionProbs, teacher: AttentionProbs, w_h: Tensor, valid: Tensor
@@ -1008,7 +1008,7 @@ class SharpObjective(AttentionObjective):
             g = method.granularities
             weights = {f"sharp_{c}": float(getattr(g, c)) for c in COMPONENTS}
         else:
-            weights = {"sharp_direct": float(method.attention_weight)}
+            weights = {"sharp_direct": float(method.effective_attention_weight)}
         return weights, list(enumerate(self.layer_map))
 
     def basis_matrix(self, n: int, device: torch.device) -> Tensor:

@@ -27,6 +27,7 @@ from pydantic import (
 from sharp_core.errors import SpecError, UnsafeModelError
 from sharp_core.methods import (
     ATTENTION_METHODS,
+    DEFAULT_ATTENTION_WEIGHT,
     DEFAULT_DIVERGENCE,
     DivergenceName,
     MethodName,
@@ -404,8 +405,13 @@ class MethodSpec(_Strict):
         description="Teacher head of each student head, per student layer (one-hot rows); "
         "default: exact when the student was pruned from the teacher, else uniform.",
     )
-    attention_weight: float = Field(
-        default=1.0, ge=0.0, le=1000.0, description="Weight of the TinyBERT / MiniLM term."
+    attention_weight: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=100_000.0,
+        description="Weight of the single attention term (TinyBERT, MiniLM, SHARP 'direct'). "
+        "Default: the method's own (tinybert 210, minilm 0.13, direct 0.26), which puts the "
+        "term at step 0 level with SHARP's default term (docs/method.md, 'Default weights').",
     )
     attention_schedule: Literal["constant", "linear_decay", "cosine_decay"] = Field(
         default="constant", description="Multiplier on the attention terms over training."
@@ -450,6 +456,12 @@ class MethodSpec(_Strict):
     @property
     def effective_kd_weight(self) -> float:
         return 0.0 if self.name == "sft" else self.kd_weight
+
+    @property
+    def effective_attention_weight(self) -> float:
+        if self.attention_weight is not None:
+            return self.attention_weight
+        return DEFAULT_ATTENTION_WEIGHT.get(self.name, 1.0)  # type: ignore[call-overload]
 
     @property
     def uses_attention(self) -> bool:

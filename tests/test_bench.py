@@ -327,3 +327,76 @@ def test_prune_bench_reports_time_and_flat_memory_per_block_count(tmp_path: Path
     for r in res["rows"]:
         assert r["calibration_s"] > 0 and r["prune_s"] > 0 and r["params_after"] < res["params"]
     assert "time_ratio_vs_first" in res["rows"][1]
+
+
+# ---------------------------------------------- bench.quality's statistics: sharp_core.compare
+
+
+def _doc_interval(mean: float, ci: list[float], nd: int) -> str:
+    """An interval as docs/results.md writes it (typographic minus)."""
+    return f"{mean:+.{nd}f} [{ci[0]:+.{nd}f}, {ci[1]:+.{nd}f}]".replace("-", "−")
+
+
+def test_committed_onpolicy_results_recompute_as_sharp_core_compare() -> None:
+    """The on-policy JSONs re-rendered (`--from-json`) give, per setting, the paired Δ and
+    t-interval that `sharp_core.compare.paired` computes from the raw per-seed perplexities
+    against λ = 0, and the stored statistics are those; docs/results.md quotes them."""
+    from bench.quality import onpolicy
+    from sharp_core.compare import paired
+
+    doc = (ROOT / "docs/results.md").read_text()
+    for name in ("onpolicy-tiny-cpu", "onpolicy-tiny-cpu-prune", "onpolicy-tiny-cpu-200steps"):
+        data = json.loads((ROOT / f"docs/results/{name}.json").read_text())
+        stats = onpolicy.analyse(data)
+        assert json.loads(json.dumps(stats)) == data["stats"]  # the stored ones are these
+        ref = data["settings"]["lam0"]["cells"]
+        n_checked = 0
+        for setting, s in data["settings"].items():
+            for method, by_seed in s["cells"].items():
+                d = stats[f"{method}/{setting}"].get("delta_pct")
+                if setting == "lam0" or len(by_seed) < 2:
+                    continue
+                want = paired(
+                    {int(k): c["ppl"] for k, c in by_seed.items()},
+                    {int(k): c["ppl"] for k, c in ref[method].items()},
+                    relative=True,
+                )
+                assert d["mean"] == pytest.approx(want["mean"], abs=1e-12)
+                assert d["ci95"] == pytest.approx(want["ci"], abs=1e-12)
+                assert d["per_seed"] == pytest.approx(list(want["per_seed"].values()))
+                text = _doc_interval(want["mean"], want["ci"], 1)
+                if name.endswith("200steps"):  # quoted in prose: "+33.8 % [+22.6, +45.0]"
+                    text = text.replace(" [", " % [")
+                assert text in doc, (name, method, setting)
+                n_checked += 1
+        assert n_checked >= 1
+    table = onpolicy.render(data, stats)
+    assert "| kd | lam0.5 | 3 |" in table and "(reference)" in table
+
+
+def test_committed_cache_results_recompute_as_sharp_core_compare(capsys) -> None:
+    """`cache_report --from-json` recomputes every cache method's Δ against dense kd from the
+    JSON's raw cells: the same mean, interval and per-seed Δ as `sharp_core.compare.paired`,
+    equal to the statistics stored beside them and to docs/results.md's table."""
+    from bench.quality import cache_report
+    from sharp_core.compare import paired
+
+    path = ROOT / "docs/results/teacher-cache-tiny-cpu.json"
+    data = json.loads(path.read_text())
+    again = cache_report.recompute(data)
+    ppl = {}
+    for r in data["cells"].values():
+        ppl.setdefault(r["method"], {})[int(r["seed"])] = r["ppl"][data["split"]]["ppl"]
+    doc = (ROOT / "docs/results.md").read_text()
+    assert again["stats"]["best_baseline"] == "kd"
+    for method, st in again["stats"]["methods"].items():
+        want = paired(ppl[method], ppl["kd"], relative=True)
+        d = st["delta_pct"]
+        assert d["mean"] == pytest.approx(want["mean"], abs=1e-12)
+        assert d["ci95"] == pytest.approx(want["ci"], abs=1e-12)
+        assert d["per_seed"] == pytest.approx(want["per_seed"])
+        assert data["stats"]["methods"][method]["delta_pct"]["ci95"] == pytest.approx(want["ci"])
+        if method != "kd":
+            assert _doc_interval(want["mean"], want["ci"], 2) in doc, method
+    assert cache_report.main(["--from-json", str(path)]) == 0
+    assert cache_report.render(again) in capsys.readouterr().out

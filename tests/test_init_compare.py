@@ -1,24 +1,18 @@
-"""The random-vs-pruned comparison: its statistics against closed forms, and a round trip."""
+"""The random-vs-pruned comparison: its statistics, a round trip, and the committed results
+recomputed through `sharp_core.compare` (the service's sweep report)."""
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
-from bench.quality.init_compare import _betainc, _p_two_sided, analyse, render
+from bench.quality.init_compare import analyse, render
+from sharp_core.compare import compare, paired
 
-
-@pytest.mark.parametrize("df,t,p", [(4, 2.776, 0.05), (2, 4.303, 0.05), (10, 3.169, 0.01)])
-def test_two_sided_p_matches_t_table(df: int, t: float, p: float) -> None:
-    assert _p_two_sided(t, 1.0, df) == pytest.approx(p, abs=2e-4)
-
-
-def test_incomplete_beta_closed_form() -> None:
-    # I_x(1, 1) = x and I_x(a, 1) = x^a
-    assert _betainc(1, 1, 0.3) == pytest.approx(0.3, abs=1e-10)
-    assert _betainc(2.5, 1, 0.4) == pytest.approx(0.4**2.5, abs=1e-10)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cells(ppls: list[float]) -> dict:
@@ -56,3 +50,63 @@ def test_paired_statistics_and_json_round_trip() -> None:
     assert kd["steps_to_random_final"] == 10
     text = render(data, analyse(data))
     assert "| kd | 52.00 ± 2.00 | 36.00 ± 1.00 |" in text
+
+
+def test_one_common_seed_renders_without_an_interval() -> None:
+    data = {
+        "split": "val",
+        "pairs": {
+            "2x2": {
+                "teacher_ppl": 30.0,
+                "random": {"kd": _cells([50]), "sft": _cells([60])},
+                "prune": {"kd": _cells([35]), "sft": _cells([36])},
+            }
+        },
+    }
+    st = analyse(data)["2x2"]
+    d = st["methods"]["kd"]["delta_pct"]
+    assert d["n"] == 1 and d["std"] is None and d["ci95"] is None
+    assert st["prune_vs_kd"] == {}  # one seed: no test, nothing to correct
+    assert "| kd | 50.00 ± – | 35.00 ± – | -30.00 | 75.0 ± – % |" in render(data, analyse(data))
+
+
+def _ppl(cells: dict) -> dict[int, float]:
+    return {int(s): c["ppl"] for s, c in cells.items()}
+
+
+def test_committed_results_recompute_as_sharp_core_compare() -> None:
+    """docs/results/init-compare.json through `analyse` gives the intervals, p and Holm p that
+    `sharp_core.compare` computes from the raw per-seed perplexities, and the markdown of
+    docs/results.md (its numbers are these)."""
+    data = json.loads((ROOT / "docs/results/init-compare.json").read_text())
+    stats = analyse(data)
+    for name, pair in data["pairs"].items():
+        st = stats[name]
+        for method, prune in pair["prune"].items():
+            want = paired(_ppl(prune), _ppl(pair["random"][method]), relative=True)
+            got = st["methods"][method]["delta_pct"]
+            assert got["n"] == want["n"] >= 2
+            assert got["mean"] == pytest.approx(want["mean"], abs=1e-12)
+            assert got["ci95"] == pytest.approx(want["ci"], abs=1e-12)
+        # the service's whole report: one configuration per method, kd the reference
+        cells = [
+            {"method": m, "config": m, "seed": s, "status": "completed", "value": v}
+            for m, by_seed in pair["prune"].items()
+            for s, v in _ppl(by_seed).items()
+        ]
+        rep = compare(cells, metric={"lower_is_better": True, "relative": True}, reference="kd")
+        vs_kd = st["prune_vs_kd"]
+        assert set(vs_kd) == set(pair["prune"]) - {"kd"}
+        for method, iv in vs_kd.items():
+            want = rep["methods"][method]["delta"]
+            assert iv["n"] == want["n"]
+            assert iv["mean"] == pytest.approx(want["mean"], abs=1e-12)
+            assert iv["ci95"] == pytest.approx(want["ci"], abs=1e-12)
+            assert iv["p"] == pytest.approx(want["p"], rel=1e-12)
+            assert iv["p_holm"] == pytest.approx(want["p_holm"], rel=1e-12)
+    # the values docs/results.md quotes (2x2, sharp-direct against kd, pruned init)
+    sd = stats["2x2"]["prune_vs_kd"]["sharp-direct"]
+    assert (round(sd["p"], 3), round(sd["p_holm"], 3)) == (0.009, 0.036)
+    doc = (ROOT / "docs/results.md").read_text()
+    rows = [ln for ln in render(data, stats).splitlines() if ln.startswith("| ")]
+    assert len(rows) > 20 and [r for r in rows if r not in doc] == []

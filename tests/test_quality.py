@@ -147,3 +147,59 @@ def test_micro_structure_and_resume(tmp_path: Path) -> None:
     assert list(rep3["cells"]) == ["sft/seed0"]  # stopped before any distillation cell
     assert not (refused / "cells" / "sharp").exists()
     assert "REFUSED" in (refused / "results.md").read_text()
+
+
+def test_micro_sweep_tunes_on_val_and_tests_the_chosen_configs_on_fresh_seeds(
+    tmp_path: Path,
+) -> None:
+    """bench.quality.sweep: the service's expansion and comparison, trained here. The final
+    cells are each method's configuration with the lowest mean val ppl, on the fresh seeds
+    only; test is computed for final cells only; --from-json recomputes the same tables."""
+    from bench.quality import sweep as bsweep
+    from sharp_core.compare import compare, metric_for
+
+    sweep = {
+        "axes": {"training.seed": [0]},
+        "tune": {
+            "trials": 2,
+            "seed": 3,
+            "space": {
+                "kd": {"training.lr": {"low": 1e-3, "high": 1e-2, "log": True}},
+                "sft": {"training.lr": [2e-3, 8e-3]},
+            },
+        },
+        "reference": "kd",
+        "final": {"seeds": [7, 8]},
+    }
+    out = tmp_path / "sw"
+    data = bsweep.run_sweep(quality.PRESETS["micro"], out, sweep, log=_quiet)
+    tune = [c for c in data["cells"] if c["stage"] == "tune"]
+    final = [c for c in data["cells"] if c["stage"] == "final"]
+    assert len(tune) == 4 and all(c["test_ppl"] is None for c in tune)
+    assert sorted((c["method"], c["seed"]) for c in final) == [
+        ("kd", 7),
+        ("kd", 8),
+        ("sft", 7),
+        ("sft", 8),
+    ]
+    for m in ("kd", "sft"):
+        best = min((c for c in tune if c["method"] == m), key=lambda c: c["val_ppl"])
+        assert {c["config"] for c in final if c["method"] == m} == {best["config"]}
+    assert all(c["test_ppl"] > 1 and math.isfinite(c["test_ppl"]) for c in final)
+    stats = bsweep.analyse(json.loads(json.dumps(data)))
+    # the final table is compare() over the test perplexities, paired by the fresh seeds
+    fin = compare(
+        [dict(c, value=c["test_ppl"]) for c in final],
+        metric=metric_for("causal_lm", "test"),
+        reference="kd",
+        best=stats["tune"]["best"],
+    )
+    assert stats["final"]["methods"]["sft"]["delta"]["mean"] == pytest.approx(
+        fin["methods"]["sft"]["delta"]["mean"], rel=1e-12
+    )
+    by_seed = {(c["method"], c["seed"]): c["test_ppl"] for c in final}
+    d = [100 * (by_seed[("sft", s)] / by_seed[("kd", s)] - 1) for s in (7, 8)]
+    assert fin["methods"]["sft"]["delta"]["mean"] == pytest.approx(sum(d) / 2, rel=1e-9)
+    (tmp_path / "raw.json").write_text(json.dumps(data))
+    again = bsweep.run_sweep(quality.PRESETS["micro"], out, sweep, log=_quiet)  # all reused
+    assert [c["val_ppl"] for c in again["cells"]] == [c["val_ppl"] for c in data["cells"]]

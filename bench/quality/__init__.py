@@ -55,7 +55,8 @@ Why each choice:
 
 Modules: `presets` (shapes and budgets), `grid` (the spec of every cell), `data` (the corpus
 and its splits), `cells` (training a cell or the teacher, resumably), `stats` (mean ± std,
-paired Δ, intervals), `report` (results.md, plots), `run` (one run of the table), `cli`.
+paired Δ, intervals, computed by `sharp_core.compare` as in the service's sweep report),
+`report` (results.md, plots), `run` (one run of the table), `cli`.
 """
 
 from bench.quality.cells import SanityCheckError

@@ -2,12 +2,14 @@
 
     python -m bench.quality.cache_report --run runs/tcache-cache \\
         --out docs/results/teacher-cache-tiny-cpu.json
+    python -m bench.quality.cache_report --from-json docs/results/teacher-cache-tiny-cpu.json
 
 Every cache method is compared with the run's dense ``kd``, paired by seed (the same student
 init and batches), as a % change of perplexity with a 95 % t-interval (`stats.summarise` with
 ``kd`` as the only baseline). The caches' sizes and build times come from their manifests in
 the run's ``teacher-caches/``. Writes the raw per-cell results and the statistics as one
-JSON file and prints the Markdown table of docs/results.md.
+JSON file and prints the Markdown table of docs/results.md; ``--from-json`` recomputes the
+statistics from that file's raw cells alone and prints the table again.
 """
 
 from __future__ import annotations
@@ -52,17 +54,34 @@ def _caches(run: Path) -> list[dict[str, Any]]:
 
 
 def collect(run: Path, split: str = "val") -> dict[str, Any]:
-    cells = _cells(run)
+    return _report(_cells(run), split, str(run), _caches(run))
+
+
+def recompute(data: dict[str, Any]) -> dict[str, Any]:
+    """The report again from a written JSON's raw cells (its statistics recomputed)."""
+    cells: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in data["cells"].values():
+        cells.setdefault(r["method"], {})[int(r["seed"])] = r
+    return _report(cells, data["split"], data["run"], data["caches"])
+
+
+def _report(
+    cells: dict[str, dict[int, dict[str, Any]]], split: str, run: str, caches: list[Any]
+) -> dict[str, Any]:
     spec_of = {m: next(iter(by.values()))["spec"] for m, by in cells.items()}
     stats = summarise(cells, split, baselines=["kd"])
     return {
-        "run": str(run),
+        "run": run,
         "split": split,
         "methods": {m: s.get("method") for m, s in spec_of.items()},
         "stats": stats,
-        "caches": _caches(run),
+        "caches": caches,
         "cells": {f"{m}/seed{s}": r for m, by in cells.items() for s, r in by.items()},
     }
+
+
+def _f(x: float | None) -> str:
+    return "–" if x is None or x != x else f"{x:.2f}"  # one seed: no std
 
 
 def render(data: dict[str, Any]) -> str:
@@ -92,10 +111,12 @@ def render(data: dict[str, Any]) -> str:
         if m == "kd" or d is None:
             delta = per = "—"
         else:
-            delta = f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+            delta = f"{d['mean']:+.2f}" + (
+                f" [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d["ci95"] else " (one seed)"
+            )
             per = ", ".join(f"{v:+.2f}" for v in d["per_seed"].values())
         lines.append(
-            f"| {m} | {what} | {s['ppl_mean']:.2f} ± {s['ppl_std']:.2f} | {delta} | {per} "
+            f"| {m} | {what} | {s['ppl_mean']:.2f} ± {_f(s['ppl_std'])} | {delta} | {per} "
             f"| {mb} | {build} | {s['train_wall_s']:.0f} / {s['train_cpu_s']:.0f} "
             f"| {len(s['seeds'])} |"
         )
@@ -104,11 +125,16 @@ def render(data: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.quality.cache_report")
-    ap.add_argument("--run", type=Path, required=True, help="a finished bench.quality run")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", type=Path, help="a finished bench.quality run")
+    src.add_argument("--from-json", type=Path, help="re-render a written JSON (recomputed)")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here")
     ap.add_argument("--split", default="val", choices=("val", "test"))
     args = ap.parse_args(argv)
-    data = collect(args.run, args.split)
+    if args.from_json:
+        data = recompute(json.loads(args.from_json.read_text()))
+    else:
+        data = collect(args.run, args.split)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(data, indent=1, default=str))

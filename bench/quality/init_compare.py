@@ -25,7 +25,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bench.quality.stats import _mean_std, _t95
+from bench.quality.stats import delta, interval
+from sharp_core.compare import holm, mean_std
 
 
 def _cells(run: Path) -> dict[str, dict[int, dict[str, Any]]]:
@@ -57,50 +58,6 @@ def collect(pairs: list[tuple[str, Path, Path]]) -> dict[str, Any]:
     return data
 
 
-def _interval(d: list[float]) -> dict[str, Any]:
-    m, s = _mean_std(d)
-    se = s / math.sqrt(len(d)) if len(d) > 1 else math.nan
-    half = _t95(len(d) - 1) * se
-    return {"mean": m, "std": s, "ci95": [m - half, m + half], "n": len(d), "se": se}
-
-
-def _p_two_sided(mean: float, se: float, df: int) -> float:
-    """Two-sided p of a paired t statistic (regularised incomplete beta, no scipy needed)."""
-    if not se or math.isnan(se) or df < 1:
-        return math.nan
-    t = abs(mean / se)
-    x = df / (df + t * t)
-    return _betainc(df / 2, 0.5, x)
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """I_x(a, b) by Lentz's continued fraction (Numerical Recipes 6.4)."""
-    if x <= 0:
-        return 0.0
-    if x >= 1:
-        return 1.0
-    lbeta = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-    front = math.exp(lbeta + a * math.log(x) + b * math.log(1 - x))
-    if x > (a + 1) / (a + b + 2):
-        return 1.0 - _betainc(b, a, 1 - x)
-    f, c, d = 1.0, 1.0, 0.0
-    for i in range(200):
-        m = i // 2
-        if i == 0:
-            num = 1.0
-        elif i % 2 == 0:
-            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-        else:
-            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
-        d = 1.0 + num * d
-        d = 1.0 / (d if abs(d) > 1e-30 else 1e-30)
-        c = 1.0 + num / (c if abs(c) > 1e-30 else 1e-30)
-        f *= c * d
-        if abs(1.0 - c * d) < 1e-12:
-            break
-    return front * (f - 1.0) / a
-
-
 def _mean_curve(cells: dict[Any, dict[str, Any]]) -> list[tuple[int, float]]:
     """Mean eval loss over seeds at the steps every seed evaluated."""
     curves = [{int(s): v for s, v in c["eval_curve"]} for c in cells.values()]
@@ -128,46 +85,44 @@ def analyse(data: dict[str, Any]) -> dict[str, Any]:
         rows: dict[str, Any] = {}
         for method in pair["prune"]:
             r, p = pair["random"].get(method, {}), pair["prune"][method]
-            seeds = sorted(set(map(int, r)) & set(map(int, p)), key=int)
-            rnd = [r[s]["ppl"] if s in r else r[str(s)]["ppl"] for s in seeds]
-            prn = [p[s]["ppl"] if s in p else p[str(s)]["ppl"] for s in seeds]
+            rnd = {int(s): c["ppl"] for s, c in r.items()}
+            prn = {int(s): c["ppl"] for s, c in p.items()}
+            seeds = sorted(set(rnd) & set(prn))
             if not seeds:
                 continue
             rows[method] = {
                 "n": len(seeds),
-                "random": _mean_std(rnd),
-                "prune": _mean_std(prn),
-                "delta_pct": _interval([100 * (b / a - 1) for a, b in zip(rnd, prn, strict=True)]),
-                "gap_closed": _interval(
-                    [(a - b) / (a - t_ppl) for a, b in zip(rnd, prn, strict=True)]
-                ),
+                "random": mean_std([rnd[s] for s in seeds]),
+                "prune": mean_std([prn[s] for s in seeds]),
+                "delta_pct": delta(prn, rnd),
+                "gap_closed": interval({s: (rnd[s] - prn[s]) / (rnd[s] - t_ppl) for s in seeds}),
                 "steps_to_random_final": _steps_to_match(r, p),
             }
         # within the pruned init: each method against kd, paired, Holm over the comparisons
         vs_kd: dict[str, Any] = {}
         kd = pair["prune"].get("kd")
         if kd:
+            ref = {int(s): c["ppl"] for s, c in kd.items()}
             for method, cells in pair["prune"].items():
                 if method == "kd":
                     continue
-                seeds = sorted(set(cells) & set(kd), key=int)
-                d = [100 * (cells[s]["ppl"] / kd[s]["ppl"] - 1) for s in seeds]
-                if len(d) > 1:
-                    iv = _interval(d)
-                    iv["p"] = _p_two_sided(iv["mean"], iv["se"], len(d) - 1)
-                    vs_kd[method] = iv
-            order = sorted(vs_kd, key=lambda m: vs_kd[m]["p"])
-            k = len(order)
-            running = 0.0
-            for i, m in enumerate(order):  # Holm step-down, monotone
-                running = max(running, min(1.0, (k - i) * vs_kd[m]["p"]))
-                vs_kd[m]["p_holm"] = running
+                d = delta({int(s): c["ppl"] for s, c in cells.items()}, ref)
+                if d is not None and d["p"] is not None:
+                    vs_kd[method] = d
+            for method, p_holm in holm({m: d["p"] for m, d in vs_kd.items()}).items():
+                vs_kd[method]["p_holm"] = p_holm
         out[name] = {"teacher_ppl": t_ppl, "methods": rows, "prune_vs_kd": vs_kd}
     return out
 
 
-def _fmt_ms(ms: tuple[float, float]) -> str:
-    return f"{ms[0]:.2f} ± {ms[1]:.2f}"
+def _fmt_ms(ms: tuple[float, float | None], scale: float = 1.0, nd: int = 2) -> str:
+    sd = "–" if ms[1] is None else f"{scale * ms[1]:.{nd}f}"  # one seed: no std
+    return f"{scale * ms[0]:.{nd}f} ± {sd}"
+
+
+def _fmt_ci(iv: dict[str, Any]) -> str:
+    ci = iv["ci95"]
+    return f"{iv['mean']:+.2f}" + ("" if ci is None else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]")
 
 
 def render(data: dict[str, Any], stats: dict[str, Any]) -> str:
@@ -184,8 +139,7 @@ def render(data: dict[str, Any], stats: dict[str, Any]) -> str:
             d, g = r["delta_pct"], r["gap_closed"]
             lines.append(
                 f"| {m} | {_fmt_ms(r['random'])} | {_fmt_ms(r['prune'])} | "
-                f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] | "
-                f"{100 * g['mean']:.1f} ± {100 * g['std']:.1f} % | "
+                f"{_fmt_ci(d)} | {_fmt_ms((g['mean'], g['std']), 100, 1)} % | "
                 f"{r['steps_to_random_final']} of {_last_step(data, name, m)} | {r['n']} |"
             )
         if st["prune_vs_kd"]:
@@ -197,10 +151,7 @@ def render(data: dict[str, Any], stats: dict[str, Any]) -> str:
                 "|---|---|---|---|",
             ]
             for m, iv in st["prune_vs_kd"].items():
-                lines.append(
-                    f"| {m} | {iv['mean']:+.2f} [{iv['ci95'][0]:+.2f}, {iv['ci95'][1]:+.2f}] "
-                    f"| {iv['p']:.3f} | {iv['p_holm']:.3f} |"
-                )
+                lines.append(f"| {m} | {_fmt_ci(iv)} | {iv['p']:.3f} | {iv['p_holm']:.3f} |")
         lines.append("")
     return "\n".join(lines)
 

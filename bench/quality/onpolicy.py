@@ -26,10 +26,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.quality.init_compare import _interval
 from bench.quality.presets import PRESETS
 from bench.quality.run import run
-from bench.quality.stats import _mean_std
+from bench.quality.stats import delta
+from sharp_core.compare import mean_std
 
 METHODS = ("kd", "jsd")
 
@@ -97,28 +97,32 @@ def analyse(data: dict[str, Any]) -> dict[str, Any]:
             ppl = [by_seed[k]["ppl"] for k in seeds]
             row: dict[str, Any] = {
                 "n": len(seeds),
-                "ppl": _mean_std(ppl),
-                "wall_s": _mean_std([by_seed[k]["train_wall_s"] or 0.0 for k in seeds]),
+                "ppl": mean_std(ppl),
+                "wall_s": mean_std([by_seed[k]["train_wall_s"] or 0.0 for k in seeds]),
                 # CPU seconds: on a shared machine wall time measures the neighbours
-                "cpu_s": _mean_std([by_seed[k].get("train_cpu_s") or 0.0 for k in seeds]),
-                "generated_steps": _mean_std(
+                "cpu_s": mean_std([by_seed[k].get("train_cpu_s") or 0.0 for k in seeds]),
+                "generated_steps": mean_std(
                     [by_seed[k].get("generated_steps", 0.0) for k in seeds]
                 )[0],
-                "replayed_steps": _mean_std([by_seed[k].get("replayed_steps", 0.0) for k in seeds])[
+                "replayed_steps": mean_std([by_seed[k].get("replayed_steps", 0.0) for k in seeds])[
                     0
                 ],
             }
-            paired = [k for k in seeds if k in ref.get(method, {})]
-            if name != "lam0" and paired:
-                d = [100 * (by_seed[k]["ppl"] / ref[method][k]["ppl"] - 1) for k in paired]
-                row["delta_pct"] = _interval(d)
-                row["delta_pct"]["per_seed"] = d
+            d = None
+            if name != "lam0":
+                d = delta(
+                    {k: c["ppl"] for k, c in by_seed.items()},
+                    {k: c["ppl"] for k, c in ref.get(method, {}).items()},
+                )
+            if d is not None:
+                d["per_seed"] = list(d["per_seed"].values())  # this JSON has kept a list
+                row["delta_pct"] = d
             rows[f"{method}/{name}"] = row
     return rows
 
 
-def _f(x: float, nd: int = 3) -> str:
-    return "—" if x != x else f"{x:.{nd}f}"
+def _f(x: float | None, nd: int = 3) -> str:
+    return "—" if x is None or x != x else f"{x:.{nd}f}"
 
 
 def render(data: dict[str, Any], stats: dict[str, Any]) -> str:

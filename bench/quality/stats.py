@@ -1,46 +1,46 @@
-"""Statistics over seeds: mean ± std, the paired Δ against the best baseline, its interval."""
+"""Statistics over seeds for the benchmarks, all computed by `sharp_core.compare` (the code the
+service's sweep report runs): mean ± std, paired Δ against a reference, its Student-t interval
+and p-value. Here only the benchmarks' dict shapes are kept (``ci95``, ``per_seed`` …), so the
+JSON they wrote before still reads the same way."""
 
 from __future__ import annotations
 
-import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bench.quality.grid import BASELINES
-
-#: Two-sided 95% Student-t quantiles by degrees of freedom (n − 1 seeds).
-_T95 = {
-    1: 12.706,
-    2: 4.303,
-    3: 3.182,
-    4: 2.776,
-    5: 2.571,
-    6: 2.447,
-    7: 2.365,
-    8: 2.306,
-    9: 2.262,
-    10: 2.228,
-    12: 2.179,
-    15: 2.131,
-    20: 2.086,
-    30: 2.042,
-}
+from sharp_core.compare import mean_std, paired
 
 
-def _t95(df: int) -> float:
-    if df <= 0:
-        return math.nan
-    keys = sorted(_T95)
-    for k in reversed(keys):
-        if df >= k:
-            return _T95[k]
-    return _T95[1]
+def delta(
+    xs: Mapping[Any, float], refs: Mapping[Any, float], *, relative: bool = True
+) -> dict[str, Any] | None:
+    """`compare.paired` over the seeds both have (keys may be str, as read back from JSON), in
+    the benchmarks' shape: mean, std, se, ci95 (95 %), p, n, per_seed. None without a common
+    seed; std/se/ci95/p are None for one seed."""
+    d = paired(
+        {int(k): float(v) for k, v in xs.items()},
+        {int(k): float(v) for k, v in refs.items()},
+        relative=relative,
+        level=0.95,
+    )
+    if d is None:
+        return None
+    return {
+        "mean": d["mean"],
+        "std": d["std"],
+        "se": d["se"],
+        "ci95": d["ci"],
+        "p": d["p"],
+        "n": d["n"],
+        "per_seed": d["per_seed"],
+    }
 
 
-def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
-    m = statistics.fmean(xs)
-    return m, (statistics.stdev(xs) if len(xs) > 1 else math.nan)
+def interval(xs: Mapping[Any, float]) -> dict[str, Any] | None:
+    """Mean of per-seed values with a one-sample 95 % t-interval: `delta` against zero."""
+    return delta(xs, dict.fromkeys(xs, 0.0), relative=False)
 
 
 def summarise(
@@ -54,7 +54,7 @@ def summarise(
     for name, by_seed in cells.items():
         seeds = sorted(by_seed)
         ppl = [by_seed[s]["ppl"][split]["ppl"] for s in seeds]
-        mean, std = _mean_std(ppl)
+        mean, std = mean_std(ppl)
         speeds = [by_seed[s]["tokens_per_s"] for s in seeds if by_seed[s].get("tokens_per_s")]
         methods[name] = {
             "seeds": seeds,
@@ -68,26 +68,11 @@ def summarise(
     baselines = [m for m in baselines if m in methods]
     best = min(baselines, key=lambda m: methods[m]["ppl_mean"]) if baselines else None
     if best is not None:
+        ref = {s: cells[best][s]["ppl"][split]["ppl"] for s in methods[best]["seeds"]}
         for name, st in methods.items():
-            common = [s for s in st["seeds"] if s in methods[best]["seeds"]]
-            d = [
-                100
-                * (cells[name][s]["ppl"][split]["ppl"] / cells[best][s]["ppl"][split]["ppl"] - 1)
-                for s in common
-            ]
-            if not d:
-                continue
-            dm, ds = _mean_std(d)
-            se = ds / math.sqrt(len(d)) if len(d) > 1 else math.nan
-            half = _t95(len(d) - 1) * se
-            st["delta_pct"] = {
-                "mean": dm,
-                "std": ds,
-                "se": se,
-                "ci95": [dm - half, dm + half],
-                "n": len(d),
-                "per_seed": dict(zip(map(str, common), d, strict=True)),
-            }
+            d = delta({s: cells[name][s]["ppl"][split]["ppl"] for s in st["seeds"]}, ref)
+            if d is not None:
+                st["delta_pct"] = d
     return {"best_baseline": best, "methods": methods}
 
 
