@@ -1,7 +1,7 @@
 """``sharp sweeps …``: a team's sweeps over the HTTP API (submit, list, show, watch, report,
-cancel; docs/sweeps-cli.md). Connection, profile, error handling and exit codes are those of
-``sharp jobs`` (`ops.client_cli`); a sweep that ends ``completed`` exits 0 (failed cells are
-counted in the report, not in the exit code), ``cancelled`` exits 3.
+cancel; docs/sweeps.md, "From the command line"). Connection, profile, error handling and
+exit codes are those of ``sharp jobs`` (`ops.client_cli`); a sweep that ends ``completed``
+exits 0 (failed cells are counted in the report, not in the exit code), ``cancelled`` 3.
 
 ``watch`` polls ``GET /v1/sweeps/{id}`` (a sweep has no event stream of its own): a failed poll
 is retried with a growing pause, `ops.follow.SSE_RETRIES` failures in a row at most, then exit
@@ -43,7 +43,7 @@ from ops.client_cli import (
 from ops.follow import SSE_RETRIES, StreamLost
 
 sweeps_app = typer.Typer(
-    help="Sweeps: a grid of jobs and their paired comparison (docs/sweeps-cli.md).",
+    help="Sweeps: a grid of jobs and their paired comparison (docs/sweeps.md).",
     no_args_is_help=True,
 )
 

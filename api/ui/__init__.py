@@ -94,7 +94,7 @@ def sweep_page(
     sweep_id: Annotated[str, PathParam(max_length=64, pattern=r"^[A-Za-z0-9_]+$")],
 ) -> HTMLResponse:
     """The report table and every cell's eval curve, polled from the sweeps API while the
-    sweep runs (docs/sweeps-cli.md, "The dashboard page")."""
+    sweep runs (docs/sweeps.md, "The dashboard page")."""
     return _page(request, "sweep.html", page="sweep", sweep_id=sweep_id)
 
 
