@@ -24,19 +24,23 @@ from tests.helpers import spec_dict, train_tiny_teacher
 CLI_TIMEOUT = 600
 
 
-def sharp(*args: str, url: str, key: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {
+def cli_env(url: str, key: str, cwd: Path | None) -> dict[str, str]:
+    return {
         **os.environ,
         "SHARP_URL": url,
         "SHARP_API_KEY": key,
+        # No profile file of the machine running the tests may leak in.
         "SHARP_CONFIG": str(Path(cwd or ROOT) / "no-such-profile.toml"),
         "COLUMNS": "250",
         "PYTHONPATH": str(ROOT),
     }
+
+
+def sharp(*args: str, url: str, key: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "ops.cli", "sweeps", *args],
         cwd=ROOT if cwd is None else cwd,
-        env=env,
+        env=cli_env(url, key, cwd),
         capture_output=True,
         text=True,
         timeout=CLI_TIMEOUT,
@@ -70,6 +74,29 @@ def tiny_sweep(
     }
     sweep.update(over)
     return sweep
+
+
+def cancel_losing_cell(base: str, team: TeamKey, name: str) -> tuple[str, dict[str, Any]]:
+    """Cancel the job of one cell that cannot be chosen (sft at lr 1e-3, seed 1: its perplexity
+    is far above lr 3e-3's) as soon as the sweep `name` exists: a cell that ends without a
+    value, which the report must count and list. Returns (sweep id, that cell)."""
+    found: dict[str, Any] = {}
+
+    def sweep_listed() -> bool:
+        page = httpx.get(f"{base}/v1/sweeps", headers=team.headers, timeout=10).json()
+        found.update(next((s for s in page["data"] if s["name"] == name), {}))
+        return bool(found)
+
+    wait_for(sweep_listed, 60, interval=0.2, what=f"the sweep {name}")
+    sweep = httpx.get(f"{base}/v1/sweeps/{found['id']}", headers=team.headers, timeout=10).json()
+    cell = next(
+        c
+        for c in sweep["cells"]
+        if c["method"] == "sft" and c["overrides"].get("training.lr") == 1e-3 and c["seed"] == 1
+    )
+    r = httpx.post(f"{base}/v1/jobs/{cell['job_id']}/cancel", headers=team.headers, timeout=10)
+    assert r.is_success, r.text
+    return sweep["id"], cell
 
 
 @pytest.fixture(scope="module")
@@ -200,15 +227,33 @@ def test_submit_wait_show_list_report(
 ) -> None:
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(tiny_sweep(corpus, teacher, name="cli-sweep")))
-    done = sharp("submit", str(path), "--wait", url=live_server, key=team.key, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ops.cli", "sweeps", "submit", str(path), "--wait"],
+        cwd=tmp_path,
+        env=cli_env(live_server, team.key, tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        listed_id, cancelled = cancel_losing_cell(live_server, team, "cli-sweep")
+        stdout, stderr = proc.communicate(timeout=CLI_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     log = worker.read_text(errors="replace")[-3000:]
-    assert done.returncode == 0, done.stderr + "\n" + log
-    sweep_id = done.stdout.strip()
-    assert re.fullmatch(r"\w+", sweep_id), done.stdout
-    assert f"sweep {sweep_id} completed" in done.stderr.splitlines()
-    # the live table's last state: every cell done, one row per stage and method
-    assert "8/8 cells done" in done.stderr, done.stderr
-    assert re.search(r"│ final +│ sft +│ 1 +│ 0 +│ 0 +│ 1 +│ 0 +│", done.stderr), done.stderr
+    assert proc.returncode == 0, stderr + "\n" + log
+    sweep_id = stdout.strip()
+    assert sweep_id == listed_id, stdout
+    # completed, with the cancelled cell counted, not hidden
+    assert (
+        f"sweep {sweep_id} completed (1 cells failed or cancelled; see `sharp sweeps report`)"
+        in stderr.splitlines()
+    ), stderr
+    # the live table's last state: every cell ended, one row per stage and method
+    assert "8/8 cells done" in stderr, stderr
+    assert re.search(r"│ tune +│ sft +│ 4 +│ 0 +│ 0 +│ 3 +│ 1 +│", stderr), stderr
+    assert re.search(r"│ final +│ sft +│ 1 +│ 0 +│ 0 +│ 1 +│ 0 +│", stderr), stderr
 
     api = httpx.Client(base_url=live_server, headers=team.headers, timeout=30)
     sweep = api.get(f"/v1/sweeps/{sweep_id}").json()
@@ -246,6 +291,11 @@ def test_submit_wait_show_list_report(
         unit = " %" if rep[stage]["metric"]["relative"] else ""
         assert f"{d['mean']:+.3g}{unit}" in rows["sft"], rows["sft"]
     assert rep["tune"]["methods"]["sft"]["configs_tried"] == 2
+    assert [f["job_id"] for f in rep["failed_cells"]] == [cancelled["job_id"]]
+    assert (
+        f"cancelled cell {cancelled['index']} (tune {cancelled['config']}, seed 1, "
+        f"job {cancelled['job_id']})" in table.stdout
+    ), table.stdout
     assert rep["final"]["methods"]["sft"]["n"] == 1  # one fresh seed
 
     watched = sharp("watch", sweep_id, url=live_server, key=team.key, cwd=tmp_path)

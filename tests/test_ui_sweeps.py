@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import TeamKey, wait_for
 from tests.helpers import train_tiny_teacher
-from tests.test_cli_sweeps import tiny_sweep
+from tests.test_cli_sweeps import cancel_losing_cell, tiny_sweep
 from tests.test_ui import (  # noqa: F401 (fixtures)
     ARTIFACTS,
     browser_context,
@@ -67,7 +67,8 @@ def test_sweep_page_shows_the_report_and_every_cells_curve_live(
     spec = tiny_sweep(corpus, teacher, name="ui-sweep", max_steps=9)
     r = httpx.post(f"{base}/v1/sweeps", json=spec, headers=team.headers, timeout=30)
     assert r.status_code == 201, r.text
-    sweep_id = r.json()["id"]
+    sweep_id, cancelled = cancel_losing_cell(base, team, "ui-sweep")
+    assert sweep_id == r.json()["id"]
 
     # -- the list links to it
     sign_in(page, base, team, "/ui/sweeps")
@@ -76,11 +77,11 @@ def test_sweep_page_shows_the_report_and_every_cells_curve_live(
 
     # -- opened while it runs: live, with cells still to finish
     page.wait_for_selector("#sweep-status[data-status=running]")
-    page.wait_for_selector("#cells-body tr[data-index]")
+    page.wait_for_selector("body[data-poll=live]")  # the first load is complete
+    assert page.text_content("#poll-state") == "live"
     total = len(page.query_selector_all("#cells-body tr[data-index]"))
     first = _cells_done(page)
     assert len(first) < total, "every cell had finished before the page opened"
-    assert page.text_content("#poll-state") == "live"
 
     # -- a cell finishes: the page shows it without a reload (its row, and its curve)
     # (polled from here: a wait_for_function predicate is eval'd, which the page's CSP refuses)
@@ -98,7 +99,18 @@ def test_sweep_page_shows_the_report_and_every_cells_curve_live(
     sweep = httpx.get(f"{base}/v1/sweeps/{sweep_id}", headers=team.headers).json()
     rep = httpx.get(f"{base}/v1/sweeps/{sweep_id}/report", headers=team.headers).json()
     curves = httpx.get(f"{base}/v1/sweeps/{sweep_id}/curves", headers=team.headers).json()
-    assert len(sweep["cells"]) == 8 and all(c["status"] == "succeeded" for c in sweep["cells"])
+    assert len(sweep["cells"]) == 8
+    assert [c["job_id"] for c in sweep["cells"] if c["status"] != "succeeded"] == [
+        cancelled["job_id"]
+    ]
+
+    # -- the cancelled cell: its row says so, and the report lists it with a link to its job
+    row = f"#cells-body tr[data-job-id='{cancelled['job_id']}']"
+    assert page.get_attribute(row, "data-status") == "cancelled"
+    assert page.is_visible("#failed-block")
+    failed = page.eval_on_selector_all("#failed-cells li", "lis => lis.map(l => l.dataset.jobId)")
+    assert failed == [cancelled["job_id"]], failed
+    assert page.get_attribute(f"#failed-cells li a[href='/ui/jobs/{cancelled['job_id']}']", "href")
 
     # -- one line per cell, in its method's colour (one colour per method, as in the legend)
     legend = dict(
@@ -114,12 +126,16 @@ def test_sweep_page_shows_the_report_and_every_cells_curve_live(
         " width: +p.getAttribute('stroke-width')}))",
     )
     by_job = {ln["job"]: ln for ln in lines}
-    assert len(lines) == len(by_job) == len(sweep["cells"]), lines
+    with_points = [c for c in curves["cells"] if c["points"]]
+    assert len(with_points) >= 7  # the cancelled cell may have none (cancelled while queued)
+    assert len(lines) == len(by_job) == len(with_points), lines
     best = rep["tune"]["best"]
-    for c in curves["cells"]:
+    for c in with_points:
         ln = by_job[c["job_id"]]
         assert ln["method"] == c["method"] and ln["stroke"] == legend[c["method"]], (ln, c)
-        assert ln["points"] == len(c["points"]) >= 2, (ln, c)  # evaluations at steps 3, 6, 9
+        assert ln["points"] == len(c["points"]), (ln, c)
+        if c["status"] == "succeeded":
+            assert ln["points"] >= 3, (ln, c)  # evaluations at steps 3, 6, 9
         want = (
             "dashed"
             if c["stage"] == "final"
