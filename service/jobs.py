@@ -51,10 +51,20 @@ from service.settings import Settings
 from service.store import get_store
 from service.txn import after_commit
 from sharp_core.prune_shapes import check_prune_target
-from sharp_core.spec import JobRef, JobSpec, ModelSpec, ResourcesSpec, parse_spec
+from sharp_core.spec import (
+    DatasetSpec,
+    EvalSetSpec,
+    JobRef,
+    JobSpec,
+    ModelSpec,
+    ResourcesSpec,
+    parse_spec,
+)
 
 
-def confine_dataset_files(files: Sequence[str], roots: Sequence[Path]) -> list[Path]:
+def confine_dataset_files(
+    files: Sequence[str], roots: Sequence[Path], param: str = "spec.dataset.files"
+) -> list[Path]:
     """The real path of each ``spec.dataset.files`` entry, refusing any outside every root.
 
     Why real paths: a symlink (or ``..``) inside a root may point anywhere, and what matters
@@ -66,14 +76,15 @@ def confine_dataset_files(files: Sequence[str], roots: Sequence[Path]) -> list[P
     training process reports it as a data error naming the entry.
 
     Raises `InvalidRequestError` (422, ``file_not_allowed``, not retryable) naming
-    ``spec.dataset.files`` when nothing may be read, else the entry (``spec.dataset.files.N``).
+    ``spec.dataset.files`` when nothing may be read, else the entry (``spec.dataset.files.N``);
+    `param` is the list's path (an evaluation set's: ``spec.dataset.eval.val.files``).
     """
     if not roots:
         raise InvalidRequestError(
             "this deployment reads no dataset files from the server: SHARP_DATASET_FILE_ROOTS "
             "is not set. Upload the data (POST /v1/uploads, then dataset.source 'upload') or "
             "ask the operator for a root.",
-            param="spec.dataset.files",
+            param=param,
             code="file_not_allowed",
         )
     real_roots = [Path(r).expanduser().resolve() for r in roots]
@@ -82,17 +93,18 @@ def confine_dataset_files(files: Sequence[str], roots: Sequence[Path]) -> list[P
         try:
             # The loader expands "~" too, so the check must see the same path it reads.
             real = Path(f).expanduser().resolve()
-        except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before 3.13)
+        # a symlink loop (RuntimeError before 3.13); a NUL byte in the path (ValueError)
+        except (OSError, RuntimeError, ValueError) as e:
             raise InvalidRequestError(
                 f"'{f}' cannot be resolved: {e}",
-                param=f"spec.dataset.files.{i}",
+                param=f"{param}.{i}",
                 code="file_not_allowed",
             ) from None
         if not any(real.is_relative_to(r) for r in real_roots):
             shown = f"'{f}'" if str(real) == f else f"'{f}' (really '{real}')"
             raise InvalidRequestError(
                 f"{shown} is outside the directories this deployment reads from",
-                param=f"spec.dataset.files.{i}",
+                param=f"{param}.{i}",
                 code="file_not_allowed",
             )
         out.append(real)
@@ -273,17 +285,19 @@ class JobService:
                 self._check_allowed(model.model, f"spec.{role}.model")
         if spec.tokenizer.name:
             self._check_allowed(spec.tokenizer.name, "spec.tokenizer.name")
-        ds = spec.dataset
-        if ds.source == "upload":
-            assert ds.upload_id is not None  # the spec validator guarantees it
-            if UploadRepository(self.session).get_for_team(team.id, ds.upload_id) is None:
-                raise InvalidRequestError(
-                    f"no upload '{ds.upload_id}' for this team",
-                    param="spec.dataset.upload_id",
-                    code="unknown_upload",
-                )
-        if ds.source == "files":
-            confine_dataset_files(ds.files, self.settings.dataset_file_roots)
+        sources: list[tuple[str, DatasetSpec | EvalSetSpec]] = [("spec.dataset", spec.dataset)]
+        sources += [(f"spec.dataset.eval.{n}", es) for n, es in spec.dataset.eval.named()]
+        for where, ds in sources:  # the training data, then each evaluation set
+            if ds.source == "upload":
+                assert ds.upload_id is not None  # the spec validator guarantees it
+                if UploadRepository(self.session).get_for_team(team.id, ds.upload_id) is None:
+                    raise InvalidRequestError(
+                        f"no upload '{ds.upload_id}' for this team",
+                        param=f"{where}.upload_id",
+                        code="unknown_upload",
+                    )
+            if ds.source == "files":
+                confine_dataset_files(ds.files, self.settings.dataset_file_roots, f"{where}.files")
         if spec.student.init == "prune":
             self._check_prune_target(team, spec)
 

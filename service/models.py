@@ -372,13 +372,19 @@ class Sweep(Base):
     final stage is created once and ``sweep.finished`` is enqueued once."""
 
     __tablename__ = "sweeps"
-    __table_args__ = (Index("ix_sweeps_team_id_id", "team_id", "id"),)
+    __table_args__ = (
+        Index("ix_sweeps_team_id_id", "team_id", "id"),
+        UniqueConstraint("team_id", "idempotency_key"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(200))
     request: Mapped[dict[str, Any]] = mapped_column(JSONType)
     reference: Mapped[str | None] = mapped_column(String(64))
+    # As jobs have them: the same key and body → the same sweep, another body → 409.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
     #: method → the configuration key chosen on val (written with ``final_started_at``).
     chosen: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

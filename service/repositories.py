@@ -749,11 +749,14 @@ class SweepRepository:
     def __init__(self, session: Session):
         self.session = session
 
-    def add(self, sweep: Sweep, cells: Sequence[SweepCell]) -> None:
+    def add(self, sweep: Sweep) -> None:
         self.session.add(sweep)
         self.session.flush()
-        self.session.add_all(cells)
-        self.session.flush()
+
+    def get_by_idempotency_key(self, team_id: str, key: str) -> Sweep | None:
+        return self.session.scalar(
+            select(Sweep).where(Sweep.team_id == team_id, Sweep.idempotency_key == key)
+        )
 
     def add_cells(self, cells: Sequence[SweepCell]) -> None:
         self.session.add_all(cells)
@@ -884,14 +887,22 @@ class SweepRepository:
         )
         return self.session.execute(stmt).scalar_one_or_none() is not None
 
-    def unfinished(self, limit: int = 100) -> Sequence[str]:
-        """Sweeps not yet finished, oldest first (the reaper's periodic advance)."""
+    def stalled(self, terminal: Iterable[str], limit: int = 100) -> Sequence[str]:
+        """Unfinished sweeps none of whose cells' jobs is still going (status not in
+        `terminal`), oldest first: those an advance has something to do for (the reaper's
+        periodic pass skips the running ones without reading their cells)."""
+        going = (
+            select(SweepCell.sweep_id)
+            .join(Job, Job.id == SweepCell.job_id)
+            .where(SweepCell.sweep_id == Sweep.id, Job.status.not_in(tuple(terminal)))
+            .exists()
+        )
         return self.session.scalars(
-            select(Sweep.id).where(Sweep.finished_at.is_(None)).order_by(Sweep.id).limit(limit)
+            select(Sweep.id)
+            .where(Sweep.finished_at.is_(None), ~going)
+            .order_by(Sweep.id)
+            .limit(limit)
         ).all()
-
-    def count(self) -> int:
-        return int(self.session.scalar(select(func.count()).select_from(Sweep)) or 0)
 
 
 class TeacherCacheRepository:

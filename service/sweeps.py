@@ -30,12 +30,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.dispatch import DeliveryDispatch, Dispatch
-from service.errors import InvalidRequestError, InvalidStateError, NotFoundError, SharpError
+from service.errors import (
+    IdempotencyConflictError,
+    InvalidRequestError,
+    InvalidStateError,
+    NotFoundError,
+    SharpError,
+)
 from service.ids import new_id
-from service.jobs import JobService
+from service.jobs import JobService, request_hash
 from service.lifecycle import TERMINAL_STATUSES
 from service.live import LivePublisher
 from service.models import Job, Sweep, SweepCell, Team, utcnow
@@ -191,10 +198,18 @@ class SweepService:
         return JobService(self.session, self.settings, self.live, self.dispatch, self.deliver)
 
     # -- create ----------------------------------------------------------------------------
-    def create(self, team: Team, body: dict[str, Any]) -> SweepView:
+    def create(
+        self, team: Team, body: dict[str, Any], idempotency_key: str | None = None
+    ) -> tuple[SweepView, bool]:
         """Validate the whole sweep, then create it and every tune cell's job in this
         request's transaction: any refusal (too many cells, an invalid cell, the team's
-        queued-jobs quota) creates nothing."""
+        queued-jobs quota) creates nothing. Returns (sweep, created); created is False for a
+        replay of the same `idempotency_key` and body (another body: 409)."""
+        digest = request_hash(body)
+        if idempotency_key is not None:
+            existing = self.repo.get_by_idempotency_key(team.id, idempotency_key)
+            if existing is not None:
+                return self._replay(existing, digest), False
         spec = parse_sweep(body)
         n_tune, n_final = count_cells(spec)  # before expanding: it may be astronomical
         limit = self.settings.sweep_max_cells
@@ -207,21 +222,51 @@ class SweepService:
                 code="too_many_cells",
             )
         cells = expand(spec)
+        methods = list(dict.fromkeys(str(c.method) for c in cells))
+        if spec.reference is not None and spec.reference not in methods:
+            raise InvalidRequestError(
+                f"the reference '{spec.reference}' is not one of this sweep's methods "
+                f"({', '.join(methods)})",
+                param="sweep.reference",
+            )
+        name_cells(spec.name, cells)
         specs = self._validate(team, spec, cells)
         self.jobs.check_queued_quota(team, adding=len(cells))
-        now = utcnow()
         sweep = Sweep(
             id=new_id("swp"),
             team_id=team.id,
             name=spec.name,
             request=spec.model_dump(mode="json"),
             reference=spec.reference,
-            created_at=now,
+            idempotency_key=idempotency_key,
+            request_hash=digest if idempotency_key is not None else None,
+            created_at=utcnow(),
         )
-        rows = self._insert_cells(team, sweep.id, cells, specs, start=0)
-        self.repo.add(sweep, rows)
+        try:
+            # The sweep row first: a concurrent request with the same key fails here, before
+            # any of this request's jobs exist.
+            with self.session.begin_nested():
+                self.repo.add(sweep)
+        except IntegrityError:
+            existing = (
+                self.repo.get_by_idempotency_key(team.id, idempotency_key)
+                if idempotency_key is not None
+                else None
+            )
+            if existing is None:
+                raise
+            return self._replay(existing, digest), False
+        self.repo.add_cells(self._insert_cells(team, sweep.id, cells, specs, start=0))
         self.jobs.schedule_after_commit()
-        return self.view(sweep)
+        return self.view(sweep), True
+
+    def _replay(self, existing: Sweep, digest: str) -> SweepView:
+        if existing.request_hash != digest:
+            raise IdempotencyConflictError(
+                "this Idempotency-Key was used with a different request body",
+                param="Idempotency-Key",
+            )
+        return self.view(existing)
 
     def _validate(self, team: Team, spec: SweepSpec, cells: list[Cell]) -> list[Any]:
         """Every cell's spec as a job submission checks it; 422 listing the first few
@@ -418,7 +463,7 @@ class SweepService:
         overrides = {c.config: c.overrides for c, _ in tune}
         # A method none of whose cells completed has no chosen configuration: no final cells
         # (its tune cells are listed as failed in the report).
-        cells = final_cells(spec, {m: overrides[k] for m, k in best.items()})
+        cells = name_cells(spec.name, final_cells(spec, {m: overrides[k] for m, k in best.items()}))
         team = TeamRepository(self.session).get(sweep.team_id)
         assert team is not None
         specs = [parse_spec(c.spec, prefix="spec") for c in cells]  # checked at creation
@@ -481,6 +526,14 @@ class SweepService:
                 {**_cell_ref(c, j), "points": [[s, v] for s, v in series[j.id]]} for c, j in rows
             ],
         }
+
+
+def name_cells(sweep_name: str, cells: list[Cell]) -> list[Cell]:
+    """Each cell's job is named after its sweep, configuration and seed (job lists show it)."""
+    for c in cells:
+        suffix = f"/{c.config}/seed{c.seed}"
+        c.spec["name"] = sweep_name[: max(1, 200 - len(suffix))] + suffix[:199]
+    return cells
 
 
 def _status_for_compare(job: Job) -> str:
@@ -580,10 +633,10 @@ def advance_unfinished(
     deliver: DeliveryDispatch | None = None,
     limit: int = 100,
 ) -> list[str]:
-    """The reaper's pass: advance each unfinished sweep (oldest first). Returns those that
-    changed."""
+    """The reaper's pass: advance each unfinished sweep whose cells have all ended (oldest
+    first; a running sweep is advanced by its cells' ends). Returns those that changed."""
     with factory() as session:
-        ids = list(SweepRepository(session).unfinished(limit))
+        ids = list(SweepRepository(session).stalled(TERMINAL_STATUSES, limit))
     return [
         s
         for s in ids

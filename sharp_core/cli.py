@@ -118,7 +118,7 @@ def _run_with_bar(
                 with metrics_jsonl.open("a") as f:
                     f.write(json.dumps({"step": step, **metrics}) + "\n")
             if "eval_ppl" in metrics:
-                self.eval = f" eval ppl {metrics['eval_ppl']:.2f}"
+                self.eval = _ppls(metrics, ".2f")
             info = self.eval
             if "loss" in metrics:
                 info = f"loss {metrics['loss']:.4f} {metrics['tokens_per_s']:.0f} tok/s" + self.eval
@@ -188,13 +188,18 @@ def train(
     if main_rank:
         err.print(
             f"{result.status} at step {result.step}; checkpoint: {result.checkpoint}"
-            + (
-                f"; eval ppl {result.metrics['eval_ppl']:.3f}"
-                if "eval_ppl" in result.metrics
-                else ""
-            )
+            + (";" + _ppls(result.metrics, ".3f") if "eval_ppl" in result.metrics else "")
         )
     _exit(0 if result.status == "completed" else EXIT_STOPPED)
+
+
+def _ppls(metrics: dict[str, float], fmt: str) -> str:
+    """' eval ppl 12.34', with the evaluation sets' (' val ppl …', ' test ppl …') when named."""
+    return "".join(
+        f" {name} ppl {metrics[f'{name}_ppl']:{fmt}}"
+        for name in ("eval", "val", "test")
+        if f"{name}_ppl" in metrics
+    )
 
 
 @app.command("eval")

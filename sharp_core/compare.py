@@ -13,8 +13,6 @@ import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from scipy import stats as _st
-
 __all__ = ["CellResult", "compare", "holm", "mean_std", "paired", "metric_for", "choose_best"]
 
 #: cell dict: {"method", "config", "seed", "status", "value" (float | None), "overrides"}
@@ -69,6 +67,10 @@ def paired(
         "per_seed": {str(s): v for s, v in zip(seeds, d, strict=True)},
     }
     if len(d) > 1 and sd is not None:
+        # imported here: scipy.stats takes over a second to import, and the API and the
+        # worker import this module at start
+        from scipy import stats as _st
+
         se = sd / math.sqrt(len(d))
         q = float(_st.t.ppf(0.5 + level / 2, len(d) - 1))
         out["se"] = se

@@ -29,25 +29,33 @@ _BUILDERS = {
 }
 
 
-def _files(ds: DatasetSpec, resolver: Any) -> list[str]:
+#: Where the training data's source fields are in a spec; an evaluation set's errors name
+#: its own block instead (``spec.dataset.eval.val``).
+TRAIN_PARAM = "spec.dataset"
+
+
+def _files(ds: DatasetSpec, resolver: Any, where: str = TRAIN_PARAM) -> list[str]:
     if ds.source == "upload":
         assert ds.upload_id is not None
-        return [str(resolver.upload_path(ds.upload_id))]
+        return [str(resolver.upload_path(ds.upload_id, param=f"{where}.upload_id"))]
     out = []
     for i, f in enumerate(ds.files):
         p = Path(f).expanduser()
         if not p.is_file():
-            raise DataError(f"data file not found: {f}", param=f"spec.dataset.files.{i}")
+            raise DataError(f"data file not found: {f}", param=f"{where}.files.{i}")
         out.append(str(p))
     return out
 
 
-def load_table(ds: DatasetSpec, resolver: Any = None, *, by_paragraph: bool = True) -> Any:
+def load_table(
+    ds: DatasetSpec, resolver: Any = None, *, by_paragraph: bool = True, where: str = TRAIN_PARAM
+) -> Any:
     """The data set as a `datasets.Dataset`, from the hub or local txt/jsonl/parquet files.
 
     txt files become one row per paragraph (blank-line separated) for language modelling,
     which keeps documents reasonably sized without cutting sentences, or one row per line
-    for classification (`by_paragraph=False`).
+    for classification (`by_paragraph=False`). `where` is the spec path errors about the
+    source name (an evaluation set's, ``spec.dataset.eval.val``, when it is one).
     """
     import datasets
 
@@ -55,12 +63,12 @@ def load_table(ds: DatasetSpec, resolver: Any = None, *, by_paragraph: bool = Tr
     try:
         if ds.source == "hub":
             return datasets.load_dataset(ds.name, ds.config_name, split=ds.split)
-        files = _files(ds, resolver)
+        files = _files(ds, resolver, where)
         exts = {Path(f).suffix.lower() for f in files}
         if len(exts) != 1 or next(iter(exts)) not in _BUILDERS:
             raise DataError(
                 f"data files must all be one of {sorted(_BUILDERS)}; got {sorted(exts)}",
-                param="spec.dataset.files",
+                param=f"{where}.files",
             )
         builder = _BUILDERS[next(iter(exts))]
         kw: dict[str, Any] = (
@@ -72,30 +80,31 @@ def load_table(ds: DatasetSpec, resolver: Any = None, *, by_paragraph: bool = Tr
     except DataError:
         raise
     except FileNotFoundError as e:
-        raise DataError(f"data not found: {e}", param="spec.dataset") from None
+        raise DataError(f"data not found: {e}", param=where) from None
     except Exception as e:  # datasets raises many types for unreadable input
-        raise DataError(
-            f"cannot read the data set: {type(e).__name__}: {e}", param="spec.dataset"
-        ) from None
+        raise DataError(f"cannot read the data set: {type(e).__name__}: {e}", param=where) from None
 
 
-def _column(d: Any, name: str, param: str) -> list[Any]:
+def _column(d: Any, name: str, field: str, where: str) -> list[Any]:
+    """Column `name` (the value of ``spec.dataset.<field>``); a missing one is an error naming
+    that field, or the evaluation set `where` whose table lacks it."""
     if name not in d.column_names:
+        param = f"{TRAIN_PARAM}.{field}" if where == TRAIN_PARAM else where
         raise DataError(
-            f"field '{name}' not in the data set (columns: {d.column_names})", param=param
+            f"field '{name}' (spec.dataset.{field}) not in the data set "
+            f"(columns: {d.column_names})",
+            param=param,
         )
     return list(d[name])
 
 
-def load_texts(ds: DatasetSpec, resolver: Any = None) -> list[str]:
+def load_texts(ds: DatasetSpec, resolver: Any = None, *, where: str = TRAIN_PARAM) -> list[str]:
     """The documents of a language-modelling corpus, in file order."""
-    d = load_table(ds, resolver)
+    d = load_table(ds, resolver, where=where)
     field = "text" if d.column_names == ["text"] and ds.source != "hub" else ds.text_field
-    texts = [
-        t for t in _column(d, field, "spec.dataset.text_field") if isinstance(t, str) and t.strip()
-    ]
+    texts = [t for t in _column(d, field, "text_field", where) if isinstance(t, str) and t.strip()]
     if not texts:
-        raise DataError("the data set has no text", param="spec.dataset")
+        raise DataError("the data set has no text", param=where)
     return texts
 
 
@@ -110,17 +119,13 @@ class ClassificationData:
 
 
 def load_classification(
-    ds: DatasetSpec, resolver: Any = None
+    ds: DatasetSpec, resolver: Any = None, *, where: str = TRAIN_PARAM
 ) -> tuple[list[Any], list[Any] | None, list[Any]]:
     """(texts, text pairs or None, raw labels) from the table; errors name the spec field."""
-    d = load_table(ds, resolver, by_paragraph=False)
-    texts = _column(d, ds.text_field, "spec.dataset.text_field")
-    pairs = (
-        _column(d, ds.text_pair_field, "spec.dataset.text_pair_field")
-        if ds.text_pair_field
-        else None
-    )
-    labels = _column(d, ds.label_field, "spec.dataset.label_field")
+    d = load_table(ds, resolver, by_paragraph=False, where=where)
+    texts = _column(d, ds.text_field, "text_field", where)
+    pairs = _column(d, ds.text_pair_field, "text_pair_field", where) if ds.text_pair_field else None
+    labels = _column(d, ds.label_field, "label_field", where)
     return texts, pairs, labels
 
 
@@ -164,6 +169,26 @@ def build_classification_data(
     """
     texts, pairs, raw = rows
     labels, names, n_labels = encode_labels(raw, ds.num_labels)
+    enc = _encode_examples(tokenizer, texts, pairs, seq_len)
+    n = len(texts)
+    n_eval = max(1, round(n * ds.eval_fraction))
+    if n - n_eval < 1:
+        raise DataError(f"only {n} examples: too few to train and evaluate", param="spec.dataset")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    ev, tr = perm[:n_eval], perm[n_eval:]
+    cols = {**enc, "labels": labels}
+    return ClassificationData(
+        train={k: v[tr] for k, v in cols.items()},
+        eval={k: v[ev] for k, v in cols.items()},
+        num_labels=n_labels,
+        label_names=names,
+    )
+
+
+def _encode_examples(
+    tokenizer: Any, texts: list[Any], pairs: list[Any] | None, seq_len: int
+) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask (n, N): truncated and padded to `seq_len`."""
     enc = tokenizer(
         [str(t) for t in texts],
         [str(t) for t in pairs] if pairs is not None else None,
@@ -172,22 +197,60 @@ def build_classification_data(
         padding="max_length",
         return_tensors="pt",
     )
-    n = len(texts)
-    n_eval = max(1, round(n * ds.eval_fraction))
-    if n - n_eval < 1:
-        raise DataError(f"only {n} examples: too few to train and evaluate", param="spec.dataset")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    ev, tr = perm[:n_eval], perm[n_eval:]
-    cols = {
-        "input_ids": enc["input_ids"],
-        "attention_mask": enc["attention_mask"],
-        "labels": labels,
-    }
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def labels_like(raw: list[Any], train: ClassificationData, where: str) -> torch.Tensor:
+    """An evaluation set's labels as the training data's class ids: integers as they are
+    (within its classes), strings through its sorted name→id mapping, so a class means the
+    same in both. A label the training data does not have is an error naming `where`."""
+    n = train.num_labels
+    if all(isinstance(v, int) for v in raw) and train.label_names == [str(i) for i in range(n)]:
+        ids = torch.tensor([int(v) for v in raw], dtype=torch.long)
+        bad = ((ids < 0) | (ids >= n)).nonzero()
+        if len(bad):
+            raise DataError(
+                f"label {int(ids[bad[0, 0]])} (row {int(bad[0, 0])}) is outside the training "
+                f"data's {n} classes [0, {n - 1}]",
+                param=where,
+            )
+        return ids
+    index = {name: i for i, name in enumerate(train.label_names)}
+    out = []
+    for row, v in enumerate(raw):
+        if not isinstance(v, str) or v not in index:
+            raise DataError(
+                f"label {v!r} (row {row}) is not one of the training data's classes "
+                f"{train.label_names[:10]}",
+                param=where,
+            )
+        out.append(index[v])
+    return torch.tensor(out, dtype=torch.long)
+
+
+def build_classification_eval(
+    rows: tuple[list[Any], list[Any] | None, list[Any]],
+    train: ClassificationData,
+    tokenizer: Any,
+    seq_len: int,
+    max_examples: int,
+    where: str,
+) -> ClassificationData:
+    """An evaluation set of a classifier: its first `max_examples` rows, tokenised as the
+    training data (`_encode_examples`), labelled with the training data's classes. Its
+    examples are all in `eval` (`train` is empty), so `sharp_core.evaluate.evaluate` reads
+    it as it reads the training data's held-out split."""
+    texts, pairs, raw = (r[:max_examples] if r is not None else None for r in rows)
+    assert texts is not None and raw is not None
+    if not texts:
+        raise DataError("the evaluation set has no rows", param=where)
+    cols = _encode_examples(tokenizer, texts, pairs, seq_len)
+    cols["labels"] = labels_like(raw, train, where)
     return ClassificationData(
-        train={k: v[tr] for k, v in cols.items()},
-        eval={k: v[ev] for k, v in cols.items()},
-        num_labels=n_labels,
-        label_names=names,
+        train={k: v[:0] for k, v in cols.items()},
+        eval=cols,
+        num_labels=train.num_labels,
+        label_names=train.label_names,
     )
 
 
@@ -207,12 +270,17 @@ class PackedData:
     eval: torch.Tensor  # (n_eval, N) int64
 
 
-def build_data(ds: DatasetSpec, texts: list[str], tokenizer: Any, seq_len: int) -> PackedData:
+def _eos(tokenizer: Any) -> int:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError(
             "the tokenizer has no EOS token to separate documents", param="spec.tokenizer"
         )
+    return int(eos)
+
+
+def build_data(ds: DatasetSpec, texts: list[str], tokenizer: Any, seq_len: int) -> PackedData:
+    eos = _eos(tokenizer)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     blocks = pack(ids, eos, seq_len)
     n = blocks.shape[0]
@@ -224,6 +292,33 @@ def build_data(ds: DatasetSpec, texts: list[str], tokenizer: Any, seq_len: int) 
         )
     eval_blocks = blocks[n - n_eval :][: ds.max_eval_blocks]
     return PackedData(train=blocks[: n - n_eval], eval=eval_blocks)
+
+
+def build_eval_blocks(
+    texts: list[str], tokenizer: Any, seq_len: int, max_blocks: int, where: str
+) -> PackedData:
+    """An evaluation set of a language model: its first `max_blocks` blocks, packed as the
+    training data (`pack`: documents in file order, EOS between them), in `eval` (`train`
+    is empty) so `sharp_core.evaluate.evaluate` reads it as the held-out tail.
+
+    Documents are tokenised a chunk at a time until the blocks are full: packing keeps a
+    prefix, so the blocks are those of the whole file, without tokenising all of it."""
+    eos, need = _eos(tokenizer), max_blocks * seq_len
+    ids: list[list[int]] = []
+    n_tokens, chunk = 0, 256
+    for i in range(0, len(texts), chunk):
+        part = tokenizer(texts[i : i + chunk], add_special_tokens=False)["input_ids"]
+        ids.extend(part)
+        n_tokens += sum(len(x) + 1 for x in part)
+        if n_tokens >= need:
+            break
+    blocks = pack(ids, eos, seq_len)[:max_blocks]  # (M, N)
+    if blocks.shape[0] == 0:
+        raise DataError(
+            f"the evaluation set has {n_tokens} tokens: fewer than one block of {seq_len}",
+            param=where,
+        )
+    return PackedData(train=blocks[:0], eval=blocks)
 
 
 class BatchStream:

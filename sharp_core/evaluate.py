@@ -4,6 +4,7 @@ classifier's accuracy / macro-F1."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -14,7 +15,14 @@ from sharp_core.errors import DataError
 from sharp_core.models import load_model, resolve_tokenizer
 from sharp_core.spec import DatasetSpec, parse_spec
 
-__all__ = ["classifier_metrics", "evaluate", "lm_loss", "perplexity"]
+__all__ = [
+    "SET_METRICS",
+    "classifier_metrics",
+    "evaluate",
+    "evaluate_sets",
+    "lm_loss",
+    "perplexity",
+]
 
 
 def lm_loss(
@@ -92,6 +100,38 @@ def evaluate(
             return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
     finally:
         model.train(was_training)
+
+
+#: What an evaluation set's metrics are called after its split's name: ``val_loss``,
+#: ``val_ppl``; ``val_accuracy``, ``val_f1`` (sweeps and their reports read these names).
+SET_METRICS = {
+    "eval_loss": "loss",
+    "eval_ppl": "ppl",
+    "eval_accuracy": "accuracy",
+    "eval_macro_f1": "f1",
+}
+
+
+def evaluate_sets(
+    model: torch.nn.Module,
+    sets: Mapping[str, PackedData | ClassificationData],
+    *,
+    vocab: int,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """`evaluate` on each named evaluation set (`Setup.eval_sets`), its metrics prefixed with
+    the split's name (`SET_METRICS`): ``{"val_loss": …, "val_ppl": …, "test_loss": …}``."""
+    out: dict[str, float] = {}
+    for split, data in sets.items():
+        ev = evaluate(
+            model, data, vocab=vocab, batch_size=batch_size, device=device, amp_dtype=amp_dtype
+        )
+        out.update(
+            {f"{split}_{SET_METRICS.get(k, k.removeprefix('eval_'))}": v for k, v in ev.items()}
+        )
+    return out
 
 
 def perplexity(

@@ -44,7 +44,10 @@ class Resolver(Protocol):
 
     def job_checkpoint(self, job_id: str) -> Path: ...
 
-    def upload_path(self, upload_id: str) -> Path: ...
+    def upload_path(self, upload_id: str, param: str = "spec.dataset.upload_id") -> Path:
+        """The local file of an upload; a missing one is a `DataError` naming `param` (the
+        field that named the upload: the training data's or an evaluation set's)."""
+        ...
 
 
 class LocalResolver:
@@ -56,10 +59,10 @@ class LocalResolver:
             param="spec.teacher.model",
         )
 
-    def upload_path(self, upload_id: str) -> Path:
+    def upload_path(self, upload_id: str, param: str = "spec.dataset.upload_id") -> Path:
         from sharp_core.errors import DataError
 
-        raise DataError(f"upload '{upload_id}' needs the service", param="spec.dataset.upload_id")
+        raise DataError(f"upload '{upload_id}' needs the service", param=param)
 
 
 def model_source(ms: ModelSpec, resolver: Resolver, param: str) -> str | None:

@@ -20,7 +20,9 @@ from sharp_core.data import (
     ClassificationData,
     PackedData,
     build_classification_data,
+    build_classification_eval,
     build_data,
+    build_eval_blocks,
     load_classification,
     load_texts,
 )
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
     from sharp_core.sharp import AttentionObjective
     from sharp_core.teacher_cache import TeacherCache
 
-__all__ = ["Setup", "autocast_dtype", "pick_device", "setup"]
+__all__ = ["Setup", "autocast_dtype", "load_eval_sets", "pick_device", "setup"]
 
 
 @dataclass
@@ -72,6 +74,9 @@ class Setup:
     """sha256 of the loaded documents (`teacher_cache.texts_digest`), when a cache is asked for."""
     teacher_cache: TeacherCache | None = None
     """The verified teacher-logit cache the logit term reads (`sharp_core.teacher_cache.attach`)."""
+    eval_sets: dict[str, PackedData | ClassificationData] = field(default_factory=dict)
+    """The job's evaluation sets (``dataset.eval``) by split name (``val``, ``test``), each
+    with its examples in ``eval``; empty when it names none."""
 
 
 @dataclass(frozen=True)
@@ -165,11 +170,13 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
         )
         vocab = data.num_labels  # logits are over classes
         n_labels: int | None = data.num_labels
+        eval_sets = load_eval_sets(spec, resolver, toks.tokenizer, data)
     else:
         texts = load_texts(spec.dataset, resolver)
         toks = resolve_tokenizer(spec, resolver, iter(texts) if spec.tokenizer.train else None)
         vocab = toks.vocab_size
         n_labels = None
+        eval_sets = load_eval_sets(spec, resolver, toks.tokenizer, None)
     tok = toks.tokenizer
     kw = {
         "resolver": resolver,
@@ -248,7 +255,29 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
         pruned=report,
         build_seconds=built,
         dataset_sha256=digest,
+        eval_sets=eval_sets,
     )
+
+
+def load_eval_sets(
+    spec: JobSpec, resolver: Resolver, tokenizer: Any, train: ClassificationData | None
+) -> dict[str, PackedData | ClassificationData]:
+    """Load, tokenise and pack (or pad) each evaluation set the spec names, once, as the
+    training data is: same loader, tokenizer, seq_len and packing; a classifier's with the
+    training data's classes (`train`). Before any model is loaded, so a bad set fails fast."""
+    out: dict[str, PackedData | ClassificationData] = {}
+    seq_len = spec.training.seq_len
+    for split, es in spec.dataset.eval.named():
+        where, ds = f"spec.dataset.eval.{split}", spec.dataset.eval_source(split)
+        if train is not None:
+            rows = load_classification(ds, resolver, where=where)
+            out[split] = build_classification_eval(
+                rows, train, tokenizer, seq_len, es.max_blocks, where
+            )
+        else:
+            texts = load_texts(ds, resolver, where=where)
+            out[split] = build_eval_blocks(texts, tokenizer, seq_len, es.max_blocks, where)
+    return out
 
 
 def _calibration_batches(

@@ -187,7 +187,12 @@ class TokenizerSpec(_Strict):
     )
 
 
-class DatasetSpec(_Strict):
+class _TextSource(_Strict):
+    """Where a table of examples comes from: the hub, files on the server, or an upload.
+
+    Shared by the training data (`DatasetSpec`) and each evaluation set (`EvalSetSpec`), so
+    both are named, validated and loaded the same way."""
+
     source: Literal["hub", "files", "upload"] = "files"
     name: str | None = Field(default=None, max_length=256, description="Hub data set name.")
     config_name: str | None = Field(default=None, max_length=128)
@@ -199,6 +204,54 @@ class DatasetSpec(_Strict):
         "on the server, accepted only under its SHARP_DATASET_FILE_ROOTS (symlinks resolved).",
     )
     upload_id: str | None = Field(default=None, max_length=128)
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> _TextSource:
+        if self.source == "hub" and not self.name:
+            raise ValueError("source='hub' needs `name`")
+        if self.source == "files" and not self.files:
+            raise ValueError("source='files' needs at least one entry in `files`")
+        if self.source == "upload" and not self.upload_id:
+            raise ValueError("source='upload' needs `upload_id`")
+        return self
+
+
+#: The evaluation sets a job may name, in the order they are evaluated and reported.
+EVAL_SPLITS = ("val", "test")
+
+
+class EvalSetSpec(_TextSource):
+    """A held-out set evaluated at every eval point and at the end, reported as metrics named
+    after its split (`val_loss`, `val_ppl`; classification `val_loss`, `val_accuracy`,
+    `val_f1`). It is read with the training data's `text_field`, `text_pair_field` and
+    `label_field`, tokenised and packed (or padded) exactly as the training data."""
+
+    split: str = Field(default="validation", max_length=64, description="Hub split (source 'hub').")
+    max_blocks: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description="At most this many packed blocks of training.seq_len (causal_lm) or "
+        "examples (sequence_classification) are evaluated: the first ones, in file order.",
+    )
+
+
+class EvalSets(_Strict):
+    """Evaluation sets apart from the training data: `val` is the one to select settings on,
+    `test` the one to report once a choice is made. Give each as its own file or upload (or
+    hub split), so none of its documents is trained on."""
+
+    val: EvalSetSpec | None = Field(default=None, description="Validation set (for selection).")
+    test: EvalSetSpec | None = Field(default=None, description="Test set (for the final report).")
+
+    def named(self) -> list[tuple[str, EvalSetSpec]]:
+        """(split, set) of each set given, in `EVAL_SPLITS` order."""
+        return [(n, s) for n in EVAL_SPLITS if (s := getattr(self, n)) is not None]
+
+
+class DatasetSpec(_TextSource):
+    """The training data; `eval_fraction` of it is held out as the `eval_*` metrics' set."""
+
     text_field: str = Field(default="text", min_length=1, max_length=128)
     text_pair_field: str | None = Field(
         default=None,
@@ -221,16 +274,18 @@ class DatasetSpec(_Strict):
         "(a contiguous tail, so no document straddles train and eval).",
     )
     max_eval_blocks: int = Field(default=64, ge=1, le=100_000)
+    eval: EvalSets = Field(
+        default_factory=EvalSets,
+        description="Separate evaluation sets (`val`, `test`), each evaluated at every eval "
+        "point and at the end, with the training data's field names.",
+    )
 
-    @model_validator(mode="after")
-    def _source_fields(self) -> DatasetSpec:
-        if self.source == "hub" and not self.name:
-            raise ValueError("source='hub' needs `name`")
-        if self.source == "files" and not self.files:
-            raise ValueError("source='files' needs at least one entry in `files`")
-        if self.source == "upload" and not self.upload_id:
-            raise ValueError("source='upload' needs `upload_id`")
-        return self
+    def eval_source(self, split: str) -> DatasetSpec:
+        """This data set with the source of its evaluation set `split`: the same field names,
+        so `sharp_core.data` loads it exactly as the training data."""
+        es: EvalSetSpec = getattr(self.eval, split)
+        src = es.model_dump(include=set(_TextSource.model_fields))
+        return self.model_copy(update={**src, "eval": EvalSets()})
 
 
 class Granularities(_Strict):

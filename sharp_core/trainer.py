@@ -28,7 +28,7 @@ from sharp_core import distributed, teacher_cache
 from sharp_core.checkpoint import latest_checkpoint, verify_manifest
 from sharp_core.data import ClassificationData
 from sharp_core.errors import OutOfMemoryError
-from sharp_core.evaluate import evaluate
+from sharp_core.evaluate import evaluate, evaluate_sets
 from sharp_core.models import LocalResolver, Resolver
 from sharp_core.onpolicy import OnPolicy
 from sharp_core.perf import Throughput, flops_per_token
@@ -165,8 +165,19 @@ def train(
     opt, scaler = state.optimizer, state.scaler
     last_ckpt = resume(out_dir, S, state, model, ctx)  # newest verified checkpoint, if any
     resumed_step = state.step if last_ckpt is not None else None
+    # Every rank evaluates the same blocks with the unwrapped student (no collective); rank 0
+    # reports. The held-out tail gives eval_*, the named evaluation sets val_* and test_*.
     run_eval = functools.partial(
         evaluate, model, S.data, vocab=S.vocab, batch_size=t.batch_size, device=dev, amp_dtype=amp
+    )
+    run_eval_sets = functools.partial(
+        evaluate_sets,
+        model,
+        S.eval_sets,
+        vocab=S.vocab,
+        batch_size=t.batch_size,
+        device=dev,
+        amp_dtype=amp,
     )
     last_metrics: dict[str, float] = {}
     if S.build_seconds and resumed_step is None:  # at step 0, beside the first evaluation
@@ -192,7 +203,7 @@ def train(
         # ---- maybe eval / checkpoint (the state after `step` optimizer steps)
         due = bool(t.eval_every) and step % t.eval_every == 0
         if done or ((due or (step == 0 and S.pruned)) and step != resumed_step):
-            ev = run_eval()
+            ev = {**run_eval(), **run_eval_sets()}
             if state.onpolicy is not None:
                 state.onpolicy.observe_eval(ev)  # adaptive: p rises with the eval loss
             last_metrics.update(ev)

@@ -512,6 +512,7 @@ SLOW_FIRST = (
     "test_ui.py",
     "test_cli_jobs.py",
     "test_service_e2e.py",
+    "test_sweeps.py",  # ~2 min: 8 real jobs on one worker (2026-11-29, load average 5)
     "test_embedded_supervision.py",
     "test_distributed.py",
     "test_trainer.py",

@@ -96,9 +96,9 @@ def report() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def seeded(live_server: str, settings, team: TeamKey, corpus: Path, tmp_path_factory) -> dict:
-    """An upload and a succeeded job with checkpoints, for this team, made through the API
-    and a real worker, which is stopped again before fuzzing (jobs the fuzzer creates stay
-    queued)."""
+    """An upload, a succeeded job with checkpoints and a sweep, for this team, made through
+    the API and a real worker, which is stopped again before fuzzing (jobs the fuzzer creates
+    stay queued; the sweep's cells wait in a pool no worker serves)."""
     h = team.headers
     text = corpus.read_text(encoding="utf-8")[:15_000]  # enough for the 300-token BPE
     up = httpx.post(
@@ -126,6 +126,15 @@ def seeded(live_server: str, settings, team: TeamKey, corpus: Path, tmp_path_fac
         assert wait_for(finished, 180, interval=0.5, what="seed job") == "succeeded"
     finally:
         stop_process(proc, 20)
+    # A sweep whose cells wait in a pool no worker serves: the root of the sweep routes' links.
+    sweep_base = {**spec, "resources": {"queue": "nowhere"}}
+    sweep = httpx.post(
+        f"{live_server}/v1/sweeps",
+        headers=h,
+        json={"base": sweep_base, "axes": {"training.seed": [0, 1]}},
+        timeout=30,
+    )
+    assert sweep.status_code == 201, sweep.text
     return {"upload_id": up.json()["id"], "job_id": job_id, "corpus": text}
 
 
@@ -255,6 +264,8 @@ def _walk(api_schema, doc: dict, base: str, team: TeamKey, seeded: dict) -> None
     queue.append((upload, _send(upload, base, team, "links")))
     listed = ops["listJobs"].Case(query={"status": "succeeded", "limit": 5})
     queue.append((listed, _send(listed, base, team, "links")))
+    sweeps = ops["listSweeps"].Case(query={"limit": 5})
+    queue.append((sweeps, _send(sweeps, base, team, "links")))
 
     while queue:
         case, response = queue.pop(0)
@@ -292,9 +303,11 @@ def test_every_operation_conforms_to_its_schema(
     print(f"\nfuzzing took {time.monotonic() - started:.1f} s")
 
     resource_ops = [
-        op.label for op in operations if op.path.startswith(("/v1/jobs", "/v1/uploads"))
+        op.label
+        for op in operations
+        if op.path.startswith(("/v1/jobs", "/v1/uploads", "/v1/sweeps/"))
     ]
-    assert len(resource_ops) >= 12
+    assert len(resource_ops) >= 16
     never = [label for label in resource_ops if not any(OK[p][label] for p in PARTS)]
     assert not never, f"these operations never answered 2xx: {never}"
 

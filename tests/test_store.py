@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -395,13 +396,23 @@ def test_job_on_s3_upload_train_retain_download(
     sha = up.json()["sha256"]
     assert _keys(s3, "uploads/")[f"uploads/{sha[:2]}/{sha}.txt"] == corpus.stat().st_size
 
+    # An evaluation set from the bucket too: the worker fetches it as it fetches the corpus.
+    val = client.post(
+        "/v1/uploads", files={"file": ("v.txt", corpus.read_bytes()[:4000])}, headers=h
+    )
+    assert val.status_code == 201, val.text
     spec = tiny_spec(corpus, max_steps=30, keep_checkpoints=1)
-    spec["dataset"] = {"source": "upload", "upload_id": up.json()["id"]}
+    spec["dataset"] = {
+        "source": "upload",
+        "upload_id": up.json()["id"],
+        "eval": {"val": {"source": "upload", "upload_id": val.json()["id"], "max_blocks": 8}},
+    }
     r = client.post("/v1/jobs", json={"spec": spec}, headers=h)
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
     job = _wait_end(client, team, job_id, worker)
     assert job["status"] == "succeeded", job
+    assert job["metrics"]["val_ppl"] == pytest.approx(math.exp(job["metrics"]["val_loss"]))
 
     # Retention: the newest checkpoint and the best by eval_loss, in the store and the list.
     listed = client.get(f"/v1/jobs/{job_id}/checkpoints", headers=h).json()["data"]

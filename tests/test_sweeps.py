@@ -36,9 +36,12 @@ TEACHER = {
 }
 PPL = {"name": "eval_ppl", "lower_is_better": True, "relative": True}
 
+pytestmark = pytest.mark.service
+
 
 def base(corpus: Path, *, queue: str = "nowhere", max_steps: int = 4) -> dict[str, Any]:
-    spec = tiny_spec(corpus, max_steps=max_steps, name="cell", eval_every=2, checkpoint_every=2)
+    spec = tiny_spec(corpus, max_steps=max_steps, name="cell", eval_every=2, checkpoint_every=4)
+    spec["dataset"]["max_eval_blocks"] = 8  # the evaluations are not what is tested
     spec["teacher"] = TEACHER
     spec["resources"] = {"queue": queue}
     return spec
@@ -154,6 +157,8 @@ def test_an_unknown_axis_path_is_a_422_naming_it(
     err = r.json()["error"]
     assert err["param"] == "sweep.axes.training.nope"
     assert "'training.nope' is not a field of the job spec" in err["message"]
+    r = post(client, team, {**two_methods(corpus), "reference": "minilm"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "sweep.reference"
     assert counts_in_db(db, team.team_id) == (0, 0, 0)
 
 
@@ -254,6 +259,7 @@ def test_report_final_stage_failed_cell_and_webhook(
         job = client.get(f"/v1/jobs/{c['job_id']}", headers=team.headers).json()
         assert job["status"] == "queued" and job["spec"]["training"]["seed"] == c["seed"]
         assert job["spec"]["method"]["name"] == c["method"]
+        assert job["name"] == f"sft-vs-kd/{c['config']}/seed{c['seed']}"
 
     # eval_loss per cell; sft lr=2e-3 is best for sft; kd's seed-1 cell fails
     losses = {0: 3.0, 1: 3.2, 2: 2.5, 3: 2.7, 4: 2.9, 5: None}
@@ -417,27 +423,7 @@ def test_the_final_stage_is_created_once_under_concurrent_advances(
     client: TestClient, team: TeamKey, corpus: Path, db: Database
 ) -> None:
     sweep = post(client, team, two_methods(corpus)).json()
-    # End every tune cell in one transaction whose own after-commit advance is switched off
-    # (as if the process died right after the commit): two advances then race for it.
-    with db.session() as s:
-        s.info["sharp_sweeps_to_advance"] = {sweep["id"]}
-        repo = JobRepository(s)
-        for c in sweep["cells"]:
-            assert admit(repo, c["job_id"], utcnow())
-            job = claim(repo, c["job_id"], "w")
-            assert job is not None
-            MetricRepository(s).insert_ignore(
-                [
-                    {
-                        "job_id": c["job_id"],
-                        "step": 4,
-                        "name": "eval_loss",
-                        "value": 3.0 + c["seed"],
-                        "attempt": 1,
-                    }
-                ]
-            )
-            assert finish(repo, c["job_id"], 1, JobStatus.SUCCEEDED)
+    _end_tune_without_the_hook(db, sweep)  # four advances then race for the final stage
     with db.session() as s:
         n = s.execute(
             text("SELECT count(*) FROM sweep_cells WHERE sweep_id = :s"), {"s": sweep["id"]}
@@ -468,6 +454,95 @@ def test_the_final_stage_is_created_once_under_concurrent_advances(
     assert jobs == 10
 
 
+def _end_tune_without_the_hook(db: Database, sweep: dict[str, Any]) -> None:
+    """End every tune cell in one transaction whose after-commit advance is switched off,
+    as if the process had died right after the commit."""
+    with db.session() as s:
+        s.info["sharp_sweeps_to_advance"] = {sweep["id"]}
+        repo = JobRepository(s)
+        for c in sweep["cells"]:
+            assert admit(repo, c["job_id"], utcnow())
+            job = claim(repo, c["job_id"], "w")
+            assert job is not None
+            MetricRepository(s).insert_ignore(
+                [
+                    {
+                        "job_id": c["job_id"],
+                        "step": 4,
+                        "name": "eval_loss",
+                        "value": 3.0 + c["seed"] + c["index"] / 10,
+                        "attempt": 1,
+                    }
+                ]
+            )
+            assert finish(repo, c["job_id"], 1, JobStatus.SUCCEEDED)
+
+
+def test_a_stranded_sweep_is_advanced_by_a_get_and_by_the_reaper(
+    client: TestClient, team: TeamKey, corpus: Path, db: Database, settings: Any
+) -> None:
+    from worker.reaper import reap
+
+    by_get = post(client, team, two_methods(corpus)).json()
+    by_reaper = post(client, team, two_methods(corpus)).json()
+    _end_tune_without_the_hook(db, by_get)
+    _end_tune_without_the_hook(db, by_reaper)
+    with db.session() as s:
+        started = s.execute(
+            text("SELECT id FROM sweeps WHERE team_id = :t AND final_started_at IS NOT NULL"),
+            {"t": team.team_id},
+        ).all()
+    assert started == []
+
+    got = get(client, team, by_get["id"])
+    assert got["final_started_at"] is not None
+    assert [c["seed"] for c in got["cells"] if c["stage"] == "final"] == [10, 11, 10, 11]
+    # lr 1e-3 (cells 0, 1) has the lower values: chosen for sft
+    assert got["chosen"]["sft"] == by_get["cells"][0]["config"]
+
+    sent: list[tuple[str, str]] = []
+    report = reap(settings, db, None, lambda job_id, pool: sent.append((job_id, pool)))
+    assert by_reaper["id"] in report.sweeps_advanced
+    assert by_get["id"] not in report.sweeps_advanced  # already advanced: nothing to do
+    again = get(client, team, by_reaper["id"])
+    assert len([c for c in again["cells"] if c["stage"] == "final"]) == 4
+    assert by_reaper["id"] not in reap(settings, db, None, lambda *a: None).sweeps_advanced
+
+
+def test_an_idempotency_key_replays_the_same_sweep(
+    client: TestClient, team: TeamKey, corpus: Path, db: Database
+) -> None:
+    body = {"base": base(corpus), "axes": {"training.seed": [0, 1]}}
+    h = {**team.headers, "Idempotency-Key": "sweep-1"}
+    first = client.post("/v1/sweeps", json=body, headers=h)
+    assert first.status_code == 201, first.text
+    again = client.post("/v1/sweeps", json=body, headers=h)
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    assert [c["job_id"] for c in again.json()["cells"]] == [
+        c["job_id"] for c in first.json()["cells"]
+    ]
+    other = client.post("/v1/sweeps", json={**body, "name": "other"}, headers=h)
+    assert other.status_code == 409 and other.json()["error"]["param"] == "Idempotency-Key"
+    assert counts_in_db(db, team.team_id) == (2, 1, 2)
+
+    # concurrent requests with one key: one sweep, and only its jobs
+    results: list[int] = []
+    barrier = threading.Barrier(3)
+
+    def send() -> None:
+        barrier.wait()
+        r = client.post("/v1/sweeps", json=body, headers={**team.headers, "Idempotency-Key": "k2"})
+        results.append(r.status_code)
+
+    threads = [threading.Thread(target=send) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == [200, 200, 201]
+    assert counts_in_db(db, team.team_id) == (4, 2, 4)
+
+
 def test_another_teams_sweep_is_a_404(
     client: TestClient, make_team: Callable[[str], TeamKey], corpus: Path
 ) -> None:
@@ -487,6 +562,7 @@ def test_another_teams_sweep_is_a_404(
 
 
 # --------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_a_sweep_runs_to_completion_on_the_worker(
     client: TestClient, team: TeamKey, corpus: Path, db: Database, worker: Path
 ) -> None:

@@ -74,7 +74,7 @@ from service.teacher_caches import store_for as teacher_cache_store
 from sharp_core.checkpoint import retained_steps, step_dir_name
 from sharp_core.errors import CheckpointError, DataError, ModelNotFoundError, SharpError
 from sharp_core.launch import env_rank, torchrun_command, under_torchrun  # no torch
-from sharp_core.spec import parse_spec
+from sharp_core.spec import DatasetSpec, EvalSetSpec, JobSpec, parse_spec
 
 log = logging.getLogger("worker.child")
 
@@ -424,10 +424,10 @@ def make_resolver(base: type, db: Database, team_id: str, settings: Settings) ->
         def job_checkpoint(self, job_id: str) -> Path:
             return resolve_job_checkpoint(db, team_id, job_id, settings)
 
-        def upload_path(self, upload_id: str) -> Path:
+        def upload_path(self, upload_id: str, param: str = "spec.dataset.upload_id") -> Path:
             with db.session() as s:
                 upload = UploadRepository(s).get_for_team(team_id, upload_id)
-            missing = DataError(f"upload '{upload_id}' not found", param="spec.dataset.upload_id")
+            missing = DataError(f"upload '{upload_id}' not found", param=param)
             if upload is None:
                 raise missing
             store = get_store(settings, uploads=True)
@@ -517,6 +517,27 @@ def make_follower_callbacks(base: type, reporter: Reporter) -> Any:
     return FollowerCallbacks()
 
 
+_Src = TypeVar("_Src", DatasetSpec, EvalSetSpec)
+
+
+def confine_spec_files(spec: JobSpec, settings: Settings) -> JobSpec:
+    """The spec with the real path of every dataset file, the training data's and each
+    evaluation set's, refusing any outside the roots. Checked at submission too; again here,
+    where the files are read (a link swapped in since then, another root list)."""
+
+    def confined(src: _Src, param: str) -> _Src:
+        if src.source != "files":
+            return src
+        real = confine_dataset_files(src.files, settings.dataset_file_roots, param)
+        return src.model_copy(update={"files": [str(p) for p in real]})
+
+    ds = confined(spec.dataset, "spec.dataset.files")
+    sets = {n: confined(es, f"spec.dataset.eval.{n}.files") for n, es in ds.eval.named()}
+    if sets:
+        ds = ds.model_copy(update={"eval": ds.eval.model_copy(update=sets)})
+    return spec.model_copy(update={"dataset": ds})
+
+
 def ranks_needed(job_id: str, attempt: int, settings: Settings) -> int:
     """How many training processes the job asks for (1 when it is not ours to run or its
     spec is invalid: `run` then reports that as for any job)."""
@@ -557,13 +578,7 @@ def run(job_id: str, attempt: int, settings: Settings | None = None) -> int:
 
         signal.signal(signal.SIGTERM, _on_sigterm)
         try:
-            spec = parse_spec(job.spec)
-            if spec.dataset.source == "files":
-                # Checked at submission too; again here, where the files are read, with the
-                # real paths handed on (a link swapped in since then, another root list).
-                real = confine_dataset_files(spec.dataset.files, settings.dataset_file_roots)
-                dataset = spec.dataset.model_copy(update={"files": [str(p) for p in real]})
-                spec = spec.model_copy(update={"dataset": dataset})
+            spec = confine_spec_files(parse_spec(job.spec), settings)
             if main_rank and reporter.store.remote:
                 # Another host may have run the earlier attempts: resume from the store.
                 jk = job_key(job.team_id, job_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path, Query, Response
+from fastapi import APIRouter, Body, Header, Path, Query, Response
 
 from api.deps import SweepServiceDep, TeamDep
 from api.schemas import (
@@ -33,6 +33,12 @@ SweepId = Annotated[str, Path(max_length=64, description="A sweep id, `swp_…`.
     status_code=201,
     response_model=SweepPublic,
     responses={
+        200: {
+            "model": SweepPublic,
+            "description": "Replay of an earlier request with this Idempotency-Key and the "
+            "same body.",
+        },
+        409: {"model": ErrorResponse, "description": "Idempotency-Key reused with another body."},
         422: {
             "model": ErrorResponse,
             "description": "Invalid sweep (`param` names the field, e.g. `sweep.axes.…`), "
@@ -52,10 +58,20 @@ def create_sweep(
     team: TeamDep,
     service: SweepServiceDep,
     response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=255,
+            description="Same key and body → the same sweep; same key, other body → 409.",
+        ),
+    ] = None,
 ) -> SweepPublic:
     """Expand the sweep into cells and queue each as an ordinary job (quotas, fair share,
     cancel and retry apply); the final stage follows once every tune cell has ended."""
-    view = service.create(team, body)
+    view, created = service.create(team, body, idempotency_key)
+    response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/sweeps/{view.sweep.id}"
     return sweep_view_public(view)
 

@@ -34,6 +34,8 @@ def upgrade() -> None:
         sa.Column("name", sa.String(length=200), nullable=False),
         sa.Column("request", JSON, nullable=False),
         sa.Column("reference", sa.String(length=64), nullable=True),
+        sa.Column("idempotency_key", sa.String(length=255), nullable=True),
+        sa.Column("request_hash", sa.String(length=64), nullable=True),
         sa.Column("chosen", JSON, nullable=True),
         sa.Column("created_at", TS, nullable=False),
         sa.Column("cancel_requested_at", TS, nullable=True),
@@ -43,6 +45,9 @@ def upgrade() -> None:
             ["team_id"], ["teams.id"], name=op.f("fk_sweeps_team_id_teams"), ondelete="CASCADE"
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_sweeps")),
+        sa.UniqueConstraint(
+            "team_id", "idempotency_key", name=op.f("uq_sweeps_team_id_idempotency_key")
+        ),
     )
     op.create_index("ix_sweeps_team_id_id", "sweeps", ["team_id", "id"], unique=False)
     op.create_table(
