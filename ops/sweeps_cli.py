@@ -121,6 +121,9 @@ def read_sweep_file(path: Path) -> dict[str, Any]:
 @sweeps_app.command("submit")
 def submit_cmd(
     path: Path = typer.Argument(..., metavar="FILE", help="A sweep, YAML or JSON."),
+    idempotency_key: str | None = typer.Option(
+        None, "--idempotency-key", help="Same key and sweep → the same sweep (safe to rerun)."
+    ),
     wait: bool = typer.Option(
         False, "--wait", "--watch", "-w", help="Follow the sweep until it ends."
     ),
@@ -132,7 +135,8 @@ def submit_cmd(
     def body() -> int:
         data = read_sweep_file(path)
         with client(url, key) as c:
-            sweep = check(c.post("/v1/sweeps", json=data))
+            headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+            sweep = check(c.post("/v1/sweeps", json=data, headers=headers))
             out.print(sweep["id"])
             err.print(f"sweep {sweep['id']}: {len(sweep.get('cells', []))} cells")
             if not wait:

@@ -228,7 +228,8 @@ def test_submit_wait_show_list_report(
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(tiny_sweep(corpus, teacher, name="cli-sweep")))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "sweeps", "submit", str(path), "--wait"],
+        [sys.executable, "-m", "ops.cli", "sweeps", "submit", str(path), "--wait"]
+        + ["--idempotency-key", "cli-sweep-1"],
         cwd=tmp_path,
         env=cli_env(live_server, team.key, tmp_path),
         stdout=subprocess.PIPE,
@@ -254,6 +255,18 @@ def test_submit_wait_show_list_report(
     assert "8/8 cells done" in stderr, stderr
     assert re.search(r"│ tune +│ sft +│ 4 +│ 0 +│ 0 +│ 3 +│ 1 +│", stderr), stderr
     assert re.search(r"│ final +│ sft +│ 1 +│ 0 +│ 0 +│ 1 +│ 0 +│", stderr), stderr
+
+    # the same key and file: the same sweep, nothing new queued
+    again = sharp(
+        "submit",
+        str(path),
+        "--idempotency-key",
+        "cli-sweep-1",
+        url=live_server,
+        key=team.key,
+        cwd=tmp_path,
+    )
+    assert again.returncode == 0 and again.stdout.strip() == sweep_id, again.stderr
 
     api = httpx.Client(base_url=live_server, headers=team.headers, timeout=30)
     sweep = api.get(f"/v1/sweeps/{sweep_id}").json()
