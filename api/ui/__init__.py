@@ -83,6 +83,21 @@ def job_page(
     return _page(request, "job.html", page="job", job_id=job_id)
 
 
+@router.get("/sweeps", include_in_schema=False, response_class=HTMLResponse)
+def sweeps_page(request: Request) -> HTMLResponse:
+    return _page(request, "sweeps.html", page="sweeps")
+
+
+@router.get("/sweeps/{sweep_id}", include_in_schema=False, response_class=HTMLResponse)
+def sweep_page(
+    request: Request,
+    sweep_id: Annotated[str, PathParam(max_length=64, pattern=r"^[A-Za-z0-9_]+$")],
+) -> HTMLResponse:
+    """The report table and every cell's eval curve, polled from the sweeps API while the
+    sweep runs (docs/sweeps.md, "The dashboard page")."""
+    return _page(request, "sweep.html", page="sweep", sweep_id=sweep_id)
+
+
 # -- the submit form's parser ----------------------------------------------------------------
 
 

@@ -591,6 +591,276 @@
     }
   }
 
+  // -- sweeps ---------------------------------------------------------------------------------
+  // A sweep has no event stream: its pages poll the sweeps API (GET /v1/sweeps/{id}, /report,
+  // /curves) every SWEEP_POLL_MS while it runs, and stop after one last load once it has ended.
+
+  const SWEEP_POLL_MS = 2000;
+  const SWEEP_ACTIVE = new Set(['running', 'queued', 'cancelling']);
+
+  // The API's counts: stage → job status → cells ("tune: succeeded 4, queued 2 · final: …").
+  function fmtCounts(counts) {
+    return Object.entries(counts || {}).map(([stage, by]) => {
+      const text = Object.entries(by || {}).filter(([, n]) => n).sort().map(([k, n]) => `${k} ${n}`).join(', ');
+      return text ? `${stage}: ${text}` : '';
+    }).filter(Boolean).join(' · ') || '–';
+  }
+
+  function sweepStage(s) { return s.final_started_at ? 'final' : 'tune'; }
+
+  function fmtOverrides(o) {
+    return Object.entries(o || {}).filter(([k]) => k !== 'method.name').sort()
+      .map(([k, v]) => `${k}=${typeof v === 'string' ? v : JSON.stringify(v)}`).join(', ');
+  }
+
+  function sweepRow(s) {
+    return el('tr', { 'data-sweep-id': s.id },
+      el('td', {}, el('a', { href: '/ui/sweeps/' + encodeURIComponent(s.id) }, s.id)),
+      el('td', {}, s.name),
+      el('td', {}, el('span', { class: `badge status-${s.status}` }, s.status)),
+      el('td', {}, sweepStage(s)),
+      el('td', {}, fmtCounts(s.counts)),
+      el('td', {}, fmtTime(s.created_at)));
+  }
+
+  async function sweepsPage() {
+    const params = new URLSearchParams(location.search);
+    const limit = Math.min(100, Math.max(1, parseInt(params.get('limit') || '20', 10) || 20));
+    const query = new URLSearchParams({ limit: String(limit) });
+    if (params.get('after')) query.set('after', params.get('after'));
+    $('first-page').hidden = !params.get('after');
+    const load = async () => {
+      const page = await api('/v1/sweeps?' + query.toString());
+      const body = $('sweeps-body');
+      body.replaceChildren(...page.data.map(sweepRow));
+      if (!page.data.length) body.append(el('tr', {}, el('td', { colSpan: 6, class: 'muted' }, 'No sweeps.')));
+      const next = $('next-page');
+      next.hidden = !page.next_cursor;
+      if (page.next_cursor) next.href = '/ui/sweeps?' + new URLSearchParams({ limit: String(limit), after: page.next_cursor });
+      return page.data.some((s) => SWEEP_ACTIVE.has(s.status));
+    };
+    for (;;) {
+      let active = false;
+      try { active = await load(); showPageError(''); } catch (e) { showPageError(e.message); active = true; }
+      if (!active) return;
+      await sleep(5000);
+    }
+  }
+
+  const SVG_NS = 'http://www.w3.org/2000/svg';
+
+  function svg(tag, attrs, ...children) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [k, v] of Object.entries(attrs || {})) if (v !== null && v !== undefined) node.setAttribute(k, String(v));
+    for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    return node;
+  }
+
+  // A short line in a method's colour and a cell's line style (the legend, the cells table).
+  function swatch(color, style) {
+    const attrs = { x1: 1, y1: 5, x2: 23, y2: 5, stroke: color, 'stroke-width': style === 'thin' ? 1 : 2.5 };
+    if (style === 'dashed') attrs['stroke-dasharray'] = '5 3';
+    if (style === 'thin') attrs['stroke-opacity'] = 0.45;
+    return svg('svg', { width: 24, height: 10, 'aria-hidden': 'true' }, svg('line', attrs));
+  }
+
+  // How a cell's curve is drawn: the final stage dashed, the chosen configuration thick, the
+  // other tuning trials thin and faint.
+  function lineStyle(cell, best) {
+    if (cell.stage === 'final') return 'dashed';
+    return best && best[cell.method] === cell.config ? 'chosen' : 'thin';
+  }
+
+  // Every cell's eval curve in one inline SVG: x = step, y = the metric (log scale for a
+  // perplexity). One <polyline> per cell that has points, with its job, method and seed.
+  function drawCurves(root, cells, colorOf, best, metric) {
+    const W = 900, H = 360, L = 60, R = 12, T = 12, B = 28;
+    const logY = /ppl$/.test(metric || '');
+    const ty = (y) => (logY ? Math.log10(Math.max(y, 1e-12)) : y);
+    let x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
+    for (const c of cells) {
+      for (const [x, y] of c.points) {
+        if (typeof y !== 'number' || !Number.isFinite(y)) continue;
+        x0 = Math.min(x0, x); x1 = Math.max(x1, x); y0 = Math.min(y0, ty(y)); y1 = Math.max(y1, ty(y));
+      }
+    }
+    const kids = [];
+    if (x0 === Infinity) {
+      kids.push(svg('text', { x: W / 2 - 60, y: H / 2 }, 'no evaluations yet'));
+      root.replaceChildren(...kids);
+      root.dataset.lines = '0';
+      return;
+    }
+    if (x1 === x0) { x0 -= 1; x1 += 1; }
+    if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
+    const pad = (y1 - y0) * 0.05; y0 -= pad; y1 += pad;
+    const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
+    const sy = (y) => T + (1 - (ty(y) - y0) / (y1 - y0)) * (H - T - B);
+    for (let i = 0; i <= 4; i++) {
+      const v = y0 + ((y1 - y0) * i) / 4;
+      const py = T + (1 - i / 4) * (H - T - B);
+      kids.push(svg('line', { class: 'grid', x1: L, x2: W - R, y1: py, y2: py }));
+      kids.push(svg('text', { x: 4, y: py + 4 }, fmt(logY ? Math.pow(10, v) : v)));
+    }
+    kids.push(svg('text', { x: L, y: H - 8 }, `step ${fmt(x0)}`));
+    kids.push(svg('text', { x: W - R - 40, y: H - 8 }, fmt(x1)));
+    // thin lines first, so the chosen and final ones are drawn over them
+    const order = { thin: 0, chosen: 1, dashed: 2 };
+    const drawn = cells.filter((c) => c.points.some(([, y]) => typeof y === 'number' && Number.isFinite(y)))
+      .sort((a, b) => order[lineStyle(a, best)] - order[lineStyle(b, best)]);
+    for (const c of drawn) {
+      const style = lineStyle(c, best);
+      const pts = c.points.filter(([, y]) => typeof y === 'number' && Number.isFinite(y));
+      const color = colorOf(c.method);
+      const last = pts[pts.length - 1];
+      const attrs = {
+        class: `cell-line ${style}`, fill: 'none', stroke: color,
+        'stroke-width': style === 'thin' ? 1 : 2.5, 'stroke-opacity': style === 'thin' ? 0.45 : 1,
+        points: pts.map(([x, y]) => `${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join(' '),
+        'data-job-id': c.job_id, 'data-method': c.method, 'data-config': c.config,
+        'data-seed': c.seed, 'data-stage': c.stage, 'data-style': style, 'data-color': color,
+        'data-points': pts.length, 'data-status': c.status,
+      };
+      if (style === 'dashed') attrs['stroke-dasharray'] = '6 4';
+      kids.push(svg('polyline', attrs,
+        svg('title', {}, `${c.method} ${c.config} seed ${c.seed} (${c.stage}, ${c.status}): ${fmt(last[1])} at step ${last[0]}`)));
+      if (pts.length === 1) kids.push(svg('circle', { cx: sx(last[0]), cy: sy(last[1]), r: 2.5, fill: color }));
+    }
+    root.replaceChildren(...kids);
+    root.dataset.lines = String(drawn.length);
+  }
+
+  // One report table (a stage of GET /v1/sweeps/{id}/report): per method its chosen config,
+  // mean ± std (n), Δ vs the reference with its interval, p and Holm p, failed / cells.
+  function renderReport(table, rep, colorOf) {
+    const body = table.tBodies[0];
+    const rows = Object.entries(rep.methods || {}).map(([name, m]) => {
+      const d = m.delta;
+      const unit = rep.metric.relative ? ' %' : '';
+      const sign = (v) => (v > 0 ? '+' : '') + fmt(v);
+      const delta = d ? `${sign(d.mean)}${unit}` + (d.ci ? ` [${sign(d.ci[0])}, ${sign(d.ci[1])}]` : '') + ` (n ${d.n})` : '';
+      const cfg = fmtOverrides(m.overrides);
+      const num = (k, v) => el('td', { 'data-col': k, 'data-value': v === null || v === undefined ? '' : String(v) },
+        v === null || v === undefined ? '–' : fmt(v));
+      return el('tr', { 'data-method': name, class: name === rep.reference ? 'reference' : null },
+        el('td', { 'data-col': 'method' }, swatch(colorOf(name), 'chosen'), name),
+        el('td', { 'data-col': 'config', 'data-value': m.config || '', title: cfg }, m.config || '–', cfg ? el('div', { class: 'muted' }, cfg) : null),
+        el('td', { 'data-col': 'mean', 'data-value': m.mean === null ? '' : String(m.mean), 'data-std': m.std === null ? '' : String(m.std), 'data-n': String(m.n) },
+          m.mean === null ? '–' : `${fmt(m.mean)}` + (m.std === null ? '' : ` ± ${fmt(m.std)}`), ` (${m.n})`),
+        el('td', { 'data-col': 'delta', 'data-value': d ? String(d.mean) : '' }, delta),
+        num('p', d ? d.p : null),
+        num('p_holm', d ? d.p_holm : null),
+        el('td', { 'data-col': 'failed', 'data-failed': String(m.failed), 'data-cells': String(m.cells) }, `${m.failed} / ${m.cells}`),
+        el('td', { 'data-col': 'configs' }, m.configs_tried));
+    });
+    body.replaceChildren(...(rows.length ? rows : [el('tr', {}, el('td', { colSpan: 8, class: 'muted' }, 'No results yet.'))]));
+    const level = Object.values(rep.methods || {}).map((m) => m.delta && m.delta.level).find(Boolean) || 0.95;
+    table.tHead.querySelector('th:nth-child(4)').textContent = `Δ vs ${rep.reference || 'reference'}${rep.metric.relative ? ' (%)' : ''} [${Math.round(level * 100)}% CI]`;
+  }
+
+  async function sweepPage() {
+    const sweepId = document.body.dataset.sweepId;
+    const base = '/v1/sweeps/' + encodeURIComponent(sweepId);
+    const colors = new Map();
+    const colorOf = (m) => {
+      if (!colors.has(m)) colors.set(m, COLORS[colors.size % COLORS.length]);
+      return colors.get(m);
+    };
+    let sweep = null;
+
+    function renderSweep() {
+      $('sweep-name').textContent = sweep.name;
+      const badge = $('sweep-status');
+      badge.textContent = sweep.status;
+      badge.className = `badge status-${sweep.status}`;
+      badge.dataset.status = sweep.status;
+      $('sweep-summary').textContent = `stage ${sweepStage(sweep)} · ${sweep.cells.length} cells: ${fmtCounts(sweep.counts)}`
+        + ` · reference ${sweep.reference || '–'} · created ${fmtTime(sweep.created_at)}`
+        + (sweep.finished_at ? ` · finished ${fmtTime(sweep.finished_at)}` : '');
+      $('cancel-sweep').hidden = !SWEEP_ACTIVE.has(sweep.status);
+    }
+
+    function renderCells(best) {
+      $('cells-body').replaceChildren(...sweep.cells.map((c) => el('tr', { 'data-job-id': c.job_id || '', 'data-index': c.index, 'data-status': c.status },
+        el('td', {}, c.index),
+        el('td', {}, c.stage),
+        el('td', {}, swatch(colorOf(c.method), lineStyle(c, best)), c.method),
+        el('td', { title: fmtOverrides(c.overrides) }, c.config),
+        el('td', {}, c.seed),
+        el('td', {}, el('span', { class: `badge status-${c.status}` }, c.status)),
+        el('td', {}, c.progress ? `${c.progress.step} / ${c.progress.max_steps}` : ''),
+        el('td', { 'data-value': c.value === null || c.value === undefined ? '' : String(c.value) }, c.value === null || c.value === undefined ? '' : fmt(c.value)),
+        el('td', {}, c.job_id ? el('a', { href: '/ui/jobs/' + encodeURIComponent(c.job_id) }, c.job_id) : ''))));
+    }
+
+    function renderLegend() {
+      $('curves-legend').replaceChildren(...[...colors.entries()].map(([m, color]) =>
+        el('li', { 'data-method': m, 'data-color': color }, swatch(color, 'chosen'), m)));
+    }
+
+    async function load() {
+      sweep = await api(base);
+      // colours in the order the methods first appear among the cells (stable while polling)
+      for (const c of sweep.cells) colorOf(c.method);
+      renderSweep();
+      let report = null;
+      try {
+        report = await api(base + '/report');
+        $('report-error').hidden = true;
+      } catch (e) {
+        if (e.status === 401) throw e;
+        $('report-error').textContent = `No report yet: ${e.message}`;
+        $('report-error').hidden = false;
+      }
+      const best = report && report.tune ? report.tune.best : null;
+      const notes = report ? [report.selection_metric_note, report.final ? report.final_metric_note : null].filter(Boolean) : [];
+      $('report-notes').replaceChildren(...notes.map((n) => el('li', {}, n)));
+      $('report-notes').hidden = !notes.length;
+      const failed = report ? report.failed_cells || [] : [];
+      $('failed-cells').replaceChildren(...failed.map((f) => el('li', { 'data-job-id': f.job_id },
+        el('span', { class: `badge status-${f.status}` }, f.status), ` cell ${f.index} (${f.stage}, ${f.config}, seed ${f.seed}) `,
+        el('a', { href: '/ui/jobs/' + encodeURIComponent(f.job_id) }, f.job_id),
+        f.error ? `: ${f.error.code}: ${f.error.message}` : '')));
+      $('failed-block').hidden = !failed.length;
+      if (report && report.tune) {
+        $('report-metric').textContent = `(${report.tune.metric.name}, ${report.tune.metric.lower_is_better ? 'lower' : 'higher'} is better)`;
+        renderReport($('report-tune'), report.tune, colorOf);
+      }
+      $('report-final-block').hidden = !(report && report.final);
+      if (report && report.final) {
+        $('report-final-metric').textContent = report.final.metric.name;
+        renderReport($('report-final'), report.final, colorOf);
+      }
+      renderCells(best);
+      const curves = await api(base + '/curves');
+      $('curves-metric').textContent = `(${curves.metric})`;
+      drawCurves($('curves'), curves.cells, colorOf, best, curves.metric);
+      renderLegend();
+      $('sweep-updated').textContent = new Date().toLocaleTimeString();
+      return SWEEP_ACTIVE.has(sweep.status);
+    }
+
+    $('cancel-sweep').addEventListener('click', async () => {
+      try { sweep = await api(base + '/cancel', { method: 'POST' }); renderSweep(); } catch (e) { showPageError(e.message); }
+    });
+
+    for (;;) {
+      let active;
+      try {
+        active = await load();
+        showPageError('');
+      } catch (e) {
+        if (e.status === 404) { showPageError(`No sweep ${sweepId} for this team.`); $('poll-state').textContent = 'stopped'; return; }
+        showPageError(e.message);
+        active = true;
+      }
+      $('poll-state').textContent = active ? 'live' : 'ended';
+      document.body.dataset.poll = active ? 'live' : 'ended';
+      if (!active) return;
+      await sleep(SWEEP_POLL_MS);
+    }
+  }
+
   // The submit form: text → /ui/api/parse-spec (spec + line of each field) → POST /v1/jobs;
   // the API's `param` (spec.training.lr) is shown beside the line that holds that field.
   function submitPage() {
@@ -690,7 +960,7 @@
     if (!apiKey()) { toLogin(); return; }
     const out = $('sign-out');
     if (out) out.addEventListener('click', () => { sessionStorage.removeItem(KEY); location.assign('/ui/login'); });
-    const run = { jobs: jobsPage, job: jobPage, submit: submitPage }[page];
+    const run = { jobs: jobsPage, job: jobPage, submit: submitPage, sweeps: sweepsPage, sweep: sweepPage }[page];
     if (run) Promise.resolve(run()).catch((e) => showPageError(e.message));
   });
 })();
