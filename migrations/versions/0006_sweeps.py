@@ -1,6 +1,6 @@
 """Sweeps: a sweep row per request and one row per cell, each cell an ordinary job.
 
-Revision ID: 0006_sweeps
+Revision ID: 0006
 Revises: 0005
 Create Date: 2026-11-29
 
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0006_sweeps"
+revision: str = "0006"
 down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
