@@ -513,6 +513,9 @@ SLOW_FIRST = (
     "test_cli_jobs.py",
     "test_service_e2e.py",
     "test_sweeps.py",  # ~2 min: 8 real jobs on one worker (2026-11-29, load average 5)
+    "test_cli_sweeps.py",  # ~2.5 min under load
+    "test_eval_sets.py",  # ~1.5 min
+    "test_ui_sweeps.py",  # ~1.7 min under load
     "test_embedded_supervision.py",
     "test_distributed.py",
     "test_trainer.py",
