@@ -436,7 +436,8 @@ class MethodSpec(_Strict):
         default=0.9,
         ge=0.0,
         le=1.0,
-        description="a in the objective; 0.9 from the variant search (docs/results.md).",
+        description="a in the objective. 0.9 for every method; the equal-budget sweep chose "
+        "0.7–1.0 depending on the method (docs/results.md): tune it in a sweep.",
     )
     temperature: float = Field(default=1.0, gt=0.0, le=100.0)
     skew_alpha: float = Field(default=0.1, ge=0.0, le=1.0, description="DistiLLM's α.")

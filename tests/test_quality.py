@@ -203,3 +203,29 @@ def test_micro_sweep_tunes_on_val_and_tests_the_chosen_configs_on_fresh_seeds(
     (tmp_path / "raw.json").write_text(json.dumps(data))
     again = bsweep.run_sweep(quality.PRESETS["micro"], out, sweep, log=_quiet)  # all reused
     assert [c["val_ppl"] for c in again["cells"]] == [c["val_ppl"] for c in data["cells"]]
+
+
+def test_committed_equal_budget_results_recompute_into_docs() -> None:
+    """Every table row of the sections docs/results.md shows verbatim (the equal-budget
+    sweep, the init comparison) is what `sharp_core.compare` gives from the committed raw
+    cells; and the final stage's Δ is the paired per-seed ratio of the raw test values."""
+    from bench.quality import recompute
+    from bench.quality import sweep as bsweep
+
+    assert recompute.main(["--check"]) == 0
+    data = json.loads((recompute.RESULTS / "equal-budget-tiny-cpu.json").read_text())
+    final = [c for c in data["cells"] if c["stage"] == "final"]
+    assert len(final) == 35 and all(c["seed"] >= 100 for c in final)
+    assert all(c["test_ppl"] is None for c in data["cells"] if c["stage"] == "tune")
+    by = {(c["method"], c["seed"]): c["test_ppl"] for c in final}
+    d = [100 * (by[("sharp", s)] / by[("kd", s)] - 1) for s in range(100, 105)]
+    stats = bsweep.analyse(data)
+    assert stats["final"]["methods"]["sharp"]["delta"]["mean"] == pytest.approx(
+        sum(d) / 5, rel=1e-12
+    )
+    # the compared configurations are the ones with the lowest val ppl among 8 trials
+    tune = [c for c in data["cells"] if c["stage"] == "tune"]
+    for m, key in stats["tune"]["best"].items():
+        mine = [c for c in tune if c["method"] == m]
+        assert len(mine) == 8
+        assert key == min(mine, key=lambda c: c["val_ppl"])["config"]

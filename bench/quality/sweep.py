@@ -115,6 +115,20 @@ def analyse(data: dict[str, Any]) -> dict[str, Any]:
             reference=ref,
             best=out["tune"]["best"],
         )
+        # SHARP against the best other method, that method picked on val (never on test)
+        tuned = out["tune"]["methods"]
+        others = [m for m in tuned if m != "sharp" and tuned[m]["mean"] is not None]
+        if "sharp" in tuned and others:
+            best_other = min(others, key=lambda m: tuned[m]["mean"])
+            out["final_vs_best_baseline"] = compare(
+                [dict(c, value=c["test_ppl"]) for c in final],
+                metric=metric_for("causal_lm", "test"),
+                reference=best_other,
+                best=out["tune"]["best"],
+            )
+        for key in ("final", "final_val", "final_vs_best_baseline"):  # the tuning budget
+            for m, e in out.get(key, {}).get("methods", {}).items():
+                e["configs_tried"] = tuned[m]["configs_tried"] if m in tuned else 0
     return out
 
 
@@ -165,6 +179,10 @@ def run_sweep(
     return data
 
 
+def _p(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def _row(name: str, m: dict[str, Any], ref: str | None, relative: bool) -> str:
     d = m.get("delta")
     unit = "%" if relative else ""
@@ -174,7 +192,7 @@ def _row(name: str, m: dict[str, Any], ref: str | None, relative: bool) -> str:
     else:
         delta = f"{d['mean']:+.2f}{unit} (n={d['n']})"
         ci = f"[{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]" if d.get("ci") else "–"
-        p = f"{d['p']:.3f} / {d['p_holm']:.3f}" if d.get("p") is not None else "–"
+        p = f"{_p(d['p'])} / {_p(d['p_holm'])}" if d.get("p") is not None else "–"
     over = {k: v for k, v in (m.get("overrides") or {}).items() if k != "method.name"}
     cfg = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(over.items())) or "defaults"
     return (
@@ -198,6 +216,7 @@ def render(data: dict[str, Any], stats: dict[str, Any]) -> str:
         ("Tuning (val, the chosen configuration of each method)", "tune"),
         ("Final (test, fresh seeds, configurations chosen on val)", "final"),
         ("Final cells on val (the same fresh seeds)", "final_val"),
+        ("Final (test) against the best baseline on val", "final_vs_best_baseline"),
     ):
         s = stats.get(key)
         if not s:
