@@ -229,3 +229,25 @@ def test_committed_equal_budget_results_recompute_into_docs() -> None:
         mine = [c for c in tune if c["method"] == m]
         assert len(mine) == 8
         assert key == min(mine, key=lambda c: c["val_ppl"])["config"]
+
+
+def test_term_sizes_give_the_weight_that_levels_each_term_with_sharps(tmp_path: Path) -> None:
+    """bench.quality.term_sizes (the rule behind the default attention weights): the raw
+    step-0 terms are positive, SHARP's weighted term is Σ_g w_g·term_g, and each rule weight
+    times its raw term equals it (to the 2 significant digits the weight is rounded to)."""
+    from bench.quality import term_sizes
+    from bench.quality.cells import RunContext, prepare_teacher
+    from bench.quality.data import write_splits
+    from bench.quality.grid import base_spec
+
+    preset = quality.PRESETS["micro"]
+    out = tmp_path / "run"
+    out.mkdir()
+    write_splits(preset, out)
+    t = prepare_teacher(RunContext(preset, out, "val", "cpu", _quiet), None)
+    got = term_sizes.measure(base_spec(preset, out, str(out / t["path"])), [0])
+    total = got["sharp_weighted_term"]
+    assert total > 0 and got["kd_step0"] > 0 and got["ce_step0"] > 0
+    for name, row in got["terms"].items():
+        assert row["raw_step0"] > 0, name
+        assert row["weight_rule"] * row["raw_step0"] == pytest.approx(total, rel=0.05), name
