@@ -215,7 +215,7 @@ def test_committed_equal_budget_results_recompute_into_docs() -> None:
     assert recompute.main(["--check"]) == 0
     data = json.loads((recompute.RESULTS / "equal-budget-tiny-cpu.json").read_text())
     final = [c for c in data["cells"] if c["stage"] == "final"]
-    assert len(final) == 35 and all(c["seed"] >= 100 for c in final)
+    assert len(final) == 45 and all(c["seed"] >= 100 for c in final)
     assert all(c["test_ppl"] is None for c in data["cells"] if c["stage"] == "tune")
     by = {(c["method"], c["seed"]): c["test_ppl"] for c in final}
     d = [100 * (by[("sharp", s)] / by[("kd", s)] - 1) for s in range(100, 105)]
