@@ -324,7 +324,8 @@ def submit_cmd(
     run(body)
 
 
-def _fmt_time(value: str | None) -> str:
+def fmt_time(value: str | None) -> str:
+    """An API timestamp as the CLIs print it (seconds, no 'T')."""
     return value.replace("T", " ")[:19] if value else ""
 
 
@@ -358,7 +359,7 @@ def list_cmd(
                 j["status"],
                 f"{j['progress']['step']}/{j['progress']['max_steps']}",
                 "" if loss is None else f"{loss:.4f}",
-                _fmt_time(j["created_at"]),
+                fmt_time(j["created_at"]),
             )
         out.print(table)
         return EXIT_OK
@@ -441,9 +442,9 @@ def show_cmd(
         )
         out.print(f"queue     {job['queue']}  attempt {job['attempt']}/{job['max_attempts']}")
         out.print(
-            f"created   {_fmt_time(job['created_at'])}  started "
-            f"{_fmt_time(job.get('started_at')) or '-'}  finished "
-            f"{_fmt_time(job.get('finished_at')) or '-'}"
+            f"created   {fmt_time(job['created_at'])}  started "
+            f"{fmt_time(job.get('started_at')) or '-'}  finished "
+            f"{fmt_time(job.get('finished_at')) or '-'}"
         )
         if job["metrics"]:
             table = Table("metric", "latest", title=None)

@@ -37,6 +37,7 @@ from ops.client_cli import (
     check,
     client,
     err,
+    fmt_time,
     out,
     run,
 )
@@ -52,10 +53,6 @@ SWEEP_EXIT = {"completed": EXIT_OK, "cancelled": EXIT_CANCELLED, "failed": EXIT_
 #: Cell (job) statuses that are over; the others are still to come.
 CELL_DONE = ("succeeded", "completed", "failed", "cancelled")
 POLL_S = 2.0
-
-
-def _time(value: str | None) -> str:
-    return value.replace("T", " ")[:19] if value else ""
 
 
 def _num(v: float | None, digits: int = 4) -> str:
@@ -176,7 +173,7 @@ def list_cmd(
                 s["status"],
                 _stage(s),
                 _counts(s.get("counts") or {}),
-                _time(s.get("created_at")),
+                fmt_time(s.get("created_at")),
             )
         out.print(table)
         if page.get("next_cursor"):
@@ -227,8 +224,8 @@ def show_cmd(
         out.print(f"cells     {len(sweep['cells'])}: {_counts(sweep.get('counts') or {})}")
         out.print(f"reference {escape(str(sweep.get('reference') or '-'))}")
         out.print(
-            f"created   {_time(sweep.get('created_at'))}  finished "
-            f"{_time(sweep.get('finished_at')) or '-'}"
+            f"created   {fmt_time(sweep.get('created_at'))}  finished "
+            f"{fmt_time(sweep.get('finished_at')) or '-'}"
         )
         out.print(cells_table(sweep["cells"]))
         return EXIT_OK

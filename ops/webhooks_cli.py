@@ -11,17 +11,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ops.client_cli import EXIT_OK, KeyOpt, UrlOpt, check, client, err, out, run
+from ops.client_cli import EXIT_OK, KeyOpt, UrlOpt, check, client, err, fmt_time, out, run
+from service.webhooks import EVENTS
 
 webhooks_app = typer.Typer(
     help="Signed webhooks for this team's jobs (docs/api.md, 'Webhooks').", no_args_is_help=True
 )
-
-EVENTS = ("job.succeeded", "job.failed", "job.cancelled")
-
-
-def _time(value: str | None) -> str:
-    return value.replace("T", " ")[:19] if value else ""
 
 
 @webhooks_app.command("add")
@@ -82,7 +77,7 @@ def list_cmd(
                 escape(h["url"]),
                 ", ".join(h["events"]),
                 h["secret_prefix"] + "…",
-                _time(h["created_at"]),
+                fmt_time(h["created_at"]),
             )
         out.print(table)
         return EXIT_OK
@@ -138,7 +133,7 @@ def deliveries_cmd(
                 d["job_id"] or "",
                 d["status"],
                 tries or "-",
-                _time(d["next_attempt_at"]),
+                fmt_time(d["next_attempt_at"]),
             )
         out.print(table)
         return EXIT_OK

@@ -20,10 +20,7 @@ strands a sweep.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -42,7 +39,7 @@ from service.errors import (
     SharpError,
 )
 from service.ids import new_id
-from service.jobs import JobService, request_hash
+from service.jobs import JobService, decode_cursor, encode_cursor, request_hash
 from service.lifecycle import TERMINAL_STATUSES
 from service.live import LivePublisher
 from service.models import Job, Sweep, SweepCell, Team, utcnow
@@ -56,6 +53,7 @@ from sharp_core.sweep import (
     Cell,
     FinalSpec,
     SweepSpec,
+    check_cells,
     count_cells,
     expand,
     final_cells,
@@ -85,22 +83,6 @@ class InvalidCellsError(SharpError):
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "invalid_cells": self.count, "cells": self.cells}
-
-
-def encode_cursor(sweep_id: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"id": sweep_id}).encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> str:
-    try:
-        value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))["id"]
-        if not isinstance(value, str):
-            raise ValueError
-        return value
-    except (ValueError, KeyError, TypeError, binascii.Error, json.JSONDecodeError):
-        raise InvalidRequestError(
-            "malformed cursor", param="after", code="invalid_cursor"
-        ) from None
 
 
 def count_by_stage(rows: Sequence[tuple[SweepCell, Job]]) -> dict[str, dict[str, int]]:
@@ -272,41 +254,19 @@ class SweepService:
         """Every cell's spec as a job submission checks it; 422 listing the first few
         invalid ones. The final stage's variant of each configuration (the test set kept,
         a final seed) is checked too, so the stage created later cannot be refused."""
-        service = self.jobs
-        parsed: list[Any] = []
-        bad: list[dict[str, Any]] = []
-        count = 0
-        checks: list[tuple[Cell, bool]] = [(c, True) for c in cells]
+        checks = list(cells)
         if spec.final is not None:
             one_seed = spec.model_copy(update={"final": FinalSpec(seeds=spec.final.seeds[:1])})
             seen: dict[str, dict[str, Any]] = {}
             for c in cells:
                 seen.setdefault(c.config, c.overrides)
-            checks += [(c, False) for c in final_cells(one_seed, seen)]
-        for i, (c, keep) in enumerate(checks):
-            try:
-                job_spec = service.validate(team, c.spec)
-            except SharpError as e:
-                if e.status != 422:
-                    raise
-                count += 1
-                if len(bad) < INVALID_CELLS_SHOWN:
-                    bad.append(
-                        {
-                            "cell": i if keep else None,
-                            "stage": c.stage,
-                            "method": c.method,
-                            "config": c.config,
-                            "seed": c.seed,
-                            "overrides": c.overrides,
-                            "param": e.param,
-                            "code": e.code,
-                            "message": e.message,
-                        }
-                    )
-                continue
-            if keep:
-                parsed.append(job_spec)
+            checks += final_cells(one_seed, seen)
+        parsed, count, bad = check_cells(
+            checks, lambda raw: self.jobs.validate(team, raw), limit=INVALID_CELLS_SHOWN
+        )
+        for b in bad:  # a final-stage variant is not a cell of the request
+            if b["cell"] >= len(cells):
+                b["cell"] = None
         if count:
             first = bad[0]
             raise InvalidCellsError(
@@ -317,7 +277,7 @@ class SweepService:
                 cells=bad,
                 count=count,
             )
-        return parsed
+        return parsed[: len(cells)]
 
     def _insert_cells(
         self,

@@ -15,12 +15,13 @@ import math
 import random
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sharp_core.errors import SpecError
+from sharp_core.errors import SharpError, SpecError
 from sharp_core.spec import JobSpec, parse_spec
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "ParamRange",
     "SweepSpec",
     "TuneSpec",
+    "check_cells",
     "check_path",
     "config_key",
     "count_cells",
@@ -357,24 +359,42 @@ def final_cells(sweep: SweepSpec, chosen: dict[str, dict[str, Any]]) -> list[Cel
     return [_cell(sweep, "final", o, s) for o in chosen.values() for s in sweep.final.seeds]
 
 
-def validate_cells(cells: list[Cell], *, limit: int = 5) -> tuple[int, list[dict[str, Any]]]:
-    """(how many cells are invalid, the errors of the first `limit`, naming cell and field)."""
+def check_cells(
+    cells: list[Cell], check: Callable[[dict[str, Any]], Any] = parse_spec, *, limit: int = 5
+) -> tuple[list[Any], int, list[dict[str, Any]]]:
+    """Run `check` (a submission's validation) on every cell: (what it returned for each
+    cell, None for an invalid one; how many are invalid; the first `limit` errors, naming
+    the cell and the field). Errors other than a 422 propagate."""
+    results: list[Any] = []
     bad: list[dict[str, Any]] = []
     count = 0
     for i, c in enumerate(cells):
         try:
-            parse_spec(c.spec)
-        except SpecError as e:
+            results.append(check(c.spec))
+        except SharpError as e:
+            if e.status != 422:
+                raise
+            results.append(None)
             count += 1
             if len(bad) < limit:
                 bad.append(
                     {
                         "cell": i,
+                        "stage": c.stage,
+                        "method": c.method,
                         "config": c.config,
                         "seed": c.seed,
                         "overrides": c.overrides,
                         "param": e.param,
+                        "code": e.code,
                         "message": e.message,
                     }
                 )
+    return results, count, bad
+
+
+def validate_cells(cells: list[Cell], *, limit: int = 5) -> tuple[int, list[dict[str, Any]]]:
+    """(how many cells have an invalid spec, the first `limit` errors): `check_cells` with
+    the spec's own validation, what a client can check before it sends a sweep."""
+    _, count, bad = check_cells(cells, limit=limit)
     return count, bad
