@@ -285,3 +285,21 @@ def test_cells_are_counted_without_expanding_a_huge_sweep() -> None:
         )
     plain = parse_sweep(sweep(axes={"method.name": ["sft", "kd"]}, final={"seeds": [5]}))
     assert count_cells(plain) == (2, 2)
+
+
+def test_the_readme_example_sweep_is_valid() -> None:
+    """examples/sweep.yaml (the README's sweep), its teacher filled in as the README does:
+    2 methods × 2 lr trials × 2 seeds to tune, each method's choice on 2 fresh seeds."""
+    from pathlib import Path
+
+    import yaml
+
+    from sharp_core.sweep import count_cells
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "examples" / "sweep.yaml").read_text().replace("TEACHER_JOB", "job_0123")
+    s = parse_sweep(yaml.safe_load(text))
+    cells = expand(s)
+    assert count_cells(s) == (8, 4)
+    assert validate_cells(cells) == (0, [])
+    assert {c.spec["teacher"]["model"]["job"] for c in cells} == {"job_0123"}
