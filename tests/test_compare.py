@@ -288,7 +288,8 @@ def test_cells_are_counted_without_expanding_a_huge_sweep() -> None:
 
 
 def test_the_readme_example_sweep_is_valid() -> None:
-    """examples/sweep.yaml (the README's sweep), its teacher filled in as the README does:
+    """examples/sweeps/kd-vs-sharp.yaml (the README's sweep), its teacher filled in as the
+    README does:
     2 methods × 2 lr trials × 2 seeds to tune, each method's choice on 2 fresh seeds."""
     from pathlib import Path
 
@@ -297,7 +298,11 @@ def test_the_readme_example_sweep_is_valid() -> None:
     from sharp_core.sweep import count_cells
 
     root = Path(__file__).resolve().parents[1]
-    text = (root / "examples" / "sweep.yaml").read_text().replace("TEACHER_JOB", "job_0123")
+    text = (
+        (root / "examples" / "sweeps" / "kd-vs-sharp.yaml")
+        .read_text()
+        .replace("TEACHER_JOB", "job_0123")
+    )
     s = parse_sweep(yaml.safe_load(text))
     cells = expand(s)
     assert count_cells(s) == (8, 4)
