@@ -1,0 +1,1 @@
+"""The teacher-logit cache and the stores it lives in."""

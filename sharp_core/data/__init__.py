@@ -1,0 +1,1 @@
+"""Where a job's text comes from and how it becomes training blocks."""

@@ -1,0 +1,1 @@
+"""Loading and building models, pruning students from teachers, capturing attention."""

@@ -1,0 +1,1 @@
+"""The losses: per-row divergences and their reducers, SHARP and the attention baselines."""

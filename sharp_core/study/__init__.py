@@ -1,0 +1,1 @@
+"""Comparisons of methods: sweep expansion and the paired statistics."""
