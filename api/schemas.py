@@ -17,7 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from service.lifecycle import JobStatus
 from service.progress import progress
 from sharp_core.spec import JobSpec
-from sharp_core.sweep import SweepSpec
+from sharp_core.study.sweep import SweepSpec
 
 if TYPE_CHECKING:
     from service.jobs import MetricsPage, TeamUsage
@@ -425,7 +425,7 @@ EXAMPLE_SWEEP: dict[str, Any] = {
 }
 
 #: A sweep request as the body carries it: checked here only as a JSON object
-#: (`sharp_core.sweep.parse_sweep` does the rest and names the field, ``sweep.axes.…``),
+#: (`sharp_core.study.sweep.parse_sweep` does the rest and names the field, ``sweep.axes.…``),
 #: documented as ``SweepSpec``.
 SweepBody = Annotated[
     dict[str, Any], BeforeValidator(lambda v: v, json_schema_input_type=SweepSpec)
@@ -499,7 +499,7 @@ class SweepCurvesPublic(BaseModel):
 
 
 class SweepReport(BaseModel):
-    """``GET /v1/sweeps/{id}/report``: `sharp_core.compare.compare` of each stage
+    """``GET /v1/sweeps/{id}/report``: `sharp_core.study.compare.compare` of each stage
     (docs/sweeps.md, "The report")."""
 
     model_config = ConfigDict(extra="allow")

@@ -3,7 +3,7 @@
     python -m bench.build [--shape opt-1.3b|opt-125m|tiny] [--device cpu|cuda]
                           [--dtype bfloat16|float32] [--repeats 3] [--json]
 
-- **old**: what ``sharp_core.models.load_model`` did before issue 17, ``from_config`` on the
+- **old**: what ``sharp_core.models.loading.load_model`` did before issue 17, ``from_config`` on the
   default device (the CPU) in the weights' dtype, then ``.to(device)``.
 - **new**: ``load_model`` itself (``init: config``), which builds inside a
   ``torch.device(device)`` context, so parameters are allocated and initialised where they
@@ -31,7 +31,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from bench.configs import gpt2, opt
-from sharp_core.models import LocalResolver, load_model
+from sharp_core.models.loading import LocalResolver, load_model
 from sharp_core.spec import ModelSpec
 
 SHAPES: dict[str, dict[str, Any]] = {

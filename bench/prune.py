@@ -6,7 +6,7 @@
 Why these numbers: issue 14 asks for calibration on 256 blocks of the tiny-cpu teacher in
 under 10 s on 2 CPU cores, seconds (not minutes) for 1024 × 512 tokens through an
 OPT-1.3b-sized teacher on a GPU, and peak extra memory O(parameters), not O(activations ×
-samples). So the script times `sharp_core.prune.activation_importance` and the whole `prune`
+samples). So the script times `sharp_core.models.prune.activation_importance` and the whole `prune`
 call at several calibration sizes side by side in one run, and reports the peak memory above
 the teacher's own forward pass: flat in the number of blocks means the statistics are running
 ones. Weights are random (built from a config): the cost of scoring does not depend on them.
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from sharp_core.prune import PruneTarget, activation_importance, prune
+from sharp_core.models.prune import PruneTarget, activation_importance, prune
 
 SHAPES: dict[str, dict[str, Any]] = {
     # the tiny-cpu teacher of bench.quality: GPT-2 4 layers × 4 heads × 128, 512-token BPE

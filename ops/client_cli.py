@@ -61,7 +61,7 @@ from ops.follow import (
 )
 
 # Reused from the demo, which verifies downloads the same way.
-from sharp_core.checkpoint import sha256_file
+from sharp_core.train.checkpoint import sha256_file
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -34,7 +34,7 @@ from ops.embedded import (
     read_running,
 )
 from ops.follow import JobState, StreamLost, follow_events, job_progress, progress_fields
-from sharp_core.checkpoint import sha256_file
+from sharp_core.train.checkpoint import sha256_file
 
 
 class DemoError(RuntimeError):

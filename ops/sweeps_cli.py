@@ -5,7 +5,7 @@ exits 0 (failed cells are counted in the report, not in the exit code), ``cancel
 
 ``watch`` polls ``GET /v1/sweeps/{id}`` (a sweep has no event stream of its own): a failed poll
 is retried with a growing pause, `ops.follow.SSE_RETRIES` failures in a row at most, then exit
-4 as for a lost job stream. The numbers of ``report`` are the server's (`sharp_core.compare`);
+4 as for a lost job stream. The numbers of ``report`` are the server's (`sharp_core.study.compare`);
 nothing is recomputed here.
 """
 
@@ -84,10 +84,10 @@ def _step(cell: dict[str, Any]) -> int | None:
 
 def read_sweep_file(path: Path) -> dict[str, Any]:
     """The file's mapping, checked locally first as ``sharp jobs submit`` checks a spec: the
-    sweep's own fields (`sharp_core.sweep.parse_sweep`) and every tuning cell's job spec, so a
+    sweep's own fields (`sharp_core.study.sweep.parse_sweep`) and every tuning cell's job spec, so a
     bad sweep exits 2 and nothing is sent. The server checks again (and its cell limit)."""
     from sharp_core.errors import SharpError
-    from sharp_core.sweep import expand, parse_sweep, validate_cells
+    from sharp_core.study.sweep import expand, parse_sweep, validate_cells
 
     try:
         text = path.read_text(encoding="utf-8")

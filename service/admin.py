@@ -27,9 +27,9 @@ from service.repositories import (
 )
 from service.security import hash_key
 from service.store import UPLOADS, ArtifactStore, delete_checkpoint, store_walk
-from sharp_core.checkpoint import MANIFEST, STEP_RE, retained_steps
 from sharp_core.errors import SharpError
 from sharp_core.spec import parse_spec
+from sharp_core.train.checkpoint import MANIFEST, STEP_RE, retained_steps
 
 KEY_PREFIX = "sharp_"
 VISIBLE_CHARS = 14  # "sharp_" + 8 characters of the random part

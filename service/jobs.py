@@ -50,7 +50,7 @@ from service.repositories import (
 from service.settings import Settings
 from service.store import get_store
 from service.txn import after_commit
-from sharp_core.prune_shapes import check_prune_target
+from sharp_core.models.prune_shapes import check_prune_target
 from sharp_core.spec import (
     DatasetSpec,
     EvalSetSpec,
@@ -463,7 +463,7 @@ class JobService:
 
     def pruning(self, job: Job) -> dict[str, Any] | None:
         """What pruning kept and what it cost, for a job whose student is pruned: the latest
-        'pruned' event's data (the trainer's report, `sharp_core.setup.PruneReport.event`)
+        'pruned' event's data (the trainer's report, `sharp_core.train.setup.PruneReport.event`)
         plus ``eval_at_step_0``, the student's evaluation before any training. None for any
         other job (asked nothing of the database) and before the report is written."""
         if not is_pruned(job.spec):

@@ -325,7 +325,7 @@ class WebhookAttempt(Base):
 
 
 class TeacherCache(Base):
-    """A team's teacher-logit cache (`sharp_core.teacher_cache`): one row per key, written by
+    """A team's teacher-logit cache (`sharp_core.cache.teacher_cache`): one row per key, written by
     the training process that built or read it; the files live in the artifact store under
     ``teacher-caches/<team>/<key>/``. ``parts`` is what the key hashes (teacher, tokenizer,
     data set, packing, kind, k…)."""

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from sharp_core.checkpoint import MANIFEST, STEP_RE, sha256_file, step_dir_name
 from sharp_core.errors import ArtifactWriteError, CheckpointError, SharpError
+from sharp_core.train.checkpoint import MANIFEST, STEP_RE, sha256_file, step_dir_name
 
 CHUNK = 1024 * 1024
 UPLOADS = "uploads"
@@ -482,7 +482,7 @@ def sync_for_resume(store: ArtifactStore, job: str, out_dir: Path) -> int | None
     Returns the step resumed from, or None. A no-op for the local store (it *is* out_dir)."""
     if not store.remote:
         return None
-    from sharp_core.checkpoint import list_checkpoints, verify_manifest
+    from sharp_core.train.checkpoint import list_checkpoints, verify_manifest
 
     steps = complete_steps(store, job)
     latest = steps[-1] if steps else None

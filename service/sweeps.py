@@ -47,9 +47,9 @@ from service.repositories import JobRepository, SweepRepository, TeamRepository
 from service.settings import Settings, get_settings
 from service.txn import after_commit
 from service.webhooks import enqueue_event
-from sharp_core.compare import compare, metric_for
 from sharp_core.spec import parse_spec
-from sharp_core.sweep import (
+from sharp_core.study.compare import compare, metric_for
+from sharp_core.study.sweep import (
     Cell,
     FinalSpec,
     SweepSpec,
@@ -109,7 +109,7 @@ def derive_status(sweep: Sweep, counts: dict[str, dict[str, int]]) -> str:
 
 @dataclass(frozen=True)
 class Selection:
-    """What a stage is compared on: the metric (`sharp_core.compare.metric_for`), the names
+    """What a stage is compared on: the metric (`sharp_core.study.compare.metric_for`), the names
     to read from the metrics table, and a note when it is the training tail's fallback."""
 
     metric: dict[str, Any]
@@ -437,7 +437,7 @@ class SweepService:
 
     # -- report and curves -----------------------------------------------------------------
     def report(self, team: Team, sweep_id: str) -> dict[str, Any]:
-        """Both stages compared (`sharp_core.compare.compare`): tune on the val metric (the
+        """Both stages compared (`sharp_core.study.compare.compare`): tune on the val metric (the
         best configuration per method chosen there), final on the test metric with the
         configurations chosen on val. Failed cells are counted per configuration and listed."""
         view = self.get(team, sweep_id)
@@ -497,7 +497,7 @@ def name_cells(sweep_name: str, cells: list[Cell]) -> list[Cell]:
 
 
 def _status_for_compare(job: Job) -> str:
-    """`sharp_core.compare` counts ``completed`` cells' values; a job says ``succeeded``."""
+    """`sharp_core.study.compare` counts ``completed`` cells' values; a job says ``succeeded``."""
     return "completed" if job.status == "succeeded" else job.status
 
 

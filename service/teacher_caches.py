@@ -1,9 +1,9 @@
-"""The service side of the teacher-logit cache (`sharp_core.teacher_cache`, docs/teacher-cache.md).
+"""The service side of the teacher-logit cache (`sharp_core.cache.teacher_cache`, docs/teacher-cache.md).
 
 Caches belong to a team: ``<artifact_root>/teacher-caches/<team_id>/<key>/``, so one team's
 jobs share a cache and another team's never read it (a key says nothing about who may see the
 teacher's outputs). All file access goes through a `CacheStore` (put/get/exists/list); the
-local one is `sharp_core.teacher_cache.LocalCacheStore`, and an object-store backend plugs in
+local one is `sharp_core.cache.teacher_cache.LocalCacheStore`, and an object-store backend plugs in
 at `store_for`. The training process records each build or read as a job event and a row
 here (`record`); ``GET /v1/teacher-caches`` and the job's ``teacher_cache`` field read them.
 """
@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from service.repositories import TeacherCacheRepository
 from service.settings import Settings
 from service.store import get_store
-from sharp_core.cache_store import MANIFEST, CacheStore, LocalCacheStore
+from sharp_core.cache.store import MANIFEST, CacheStore, LocalCacheStore
 
 
 class ObjectStore(Protocol):
@@ -130,7 +130,7 @@ def store_for(settings: Settings, team_id: str) -> CacheStore:
 def record(
     session: Session, *, team_id: str, job_id: str, attempt: int, data: dict[str, Any]
 ) -> None:
-    """Write the row of a ``teacher_cache`` event (`sharp_core.teacher_cache.attach`)."""
+    """Write the row of a ``teacher_cache`` event (`sharp_core.cache.teacher_cache.attach`)."""
     TeacherCacheRepository(session).record(
         team_id=team_id,
         job_id=job_id,

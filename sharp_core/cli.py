@@ -5,7 +5,7 @@ data, tokenizer: the message names the field or the cause), 3 stopped before the
 (``--stop-at``, or SIGTERM: the loop checkpoints first, and the same command resumes).
 
 A spec with ``resources.gpus: N > 1`` re-executes itself under torchrun with N processes
-(`sharp_core.launch.torchrun_command`, as the worker does); rank 0 shows the progress
+(`sharp_core.train.launch.torchrun_command`, as the worker does); rank 0 shows the progress
 and writes the checkpoints.
 """
 
@@ -37,7 +37,7 @@ EXIT_CODE_ENV = "SHARP_EXIT_CODE_FILE"
 
 
 def _exit(code: int) -> None:
-    from sharp_core.launch import env_rank
+    from sharp_core.train.launch import env_rank
 
     path = os.environ.get(EXIT_CODE_ENV)
     if path:
@@ -58,7 +58,7 @@ def _torchrun(nproc: int) -> int:
     import subprocess
     import tempfile
 
-    from sharp_core.launch import torchrun_command
+    from sharp_core.train.launch import torchrun_command
 
     cmd = torchrun_command(nproc, ["sharp_core", *sys.argv[1:]], shutdown_timeout_s=600)
     with tempfile.TemporaryDirectory(prefix="sharp-") as d:
@@ -89,8 +89,8 @@ def _run_with_bar(
     metrics_jsonl: Path | None = None,
 ):
     """Run `train` with a rich progress bar: step, loss, tokens/s, eval perplexity, ETA."""
-    from sharp_core.trainer import TrainCallbacks
-    from sharp_core.trainer import train as run
+    from sharp_core.train.loop import TrainCallbacks
+    from sharp_core.train.loop import train as run
 
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -156,8 +156,8 @@ def train(
     ] = None,
 ) -> None:
     """Train or distil a student from SPEC; resumes from the newest checkpoint in --out."""
-    from sharp_core import launch
     from sharp_core.spec import load_spec
+    from sharp_core.train import launch
 
     try:
         job = load_spec(spec)
@@ -215,7 +215,7 @@ def evaluate(
     device: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """Print the perplexity of MODEL on DATA (packed into SEQ_LEN blocks)."""
-    from sharp_core.evaluate import perplexity
+    from sharp_core.evaluate.perplexity import perplexity
 
     try:
         loss, n = perplexity(model, data, seq_len=seq_len, batch_size=batch_size, device=device)

@@ -1,7 +1,7 @@
 """The names of the distillation methods and logit divergences: the one place they are listed.
 
-`sharp_core.spec` types its fields with these `Literal`s; `sharp_core.losses.DIVERGENCES`
-and `sharp_core.sharp.ATTENTION_OBJECTIVES` are keyed by the names in `DIVERGENCES` and
+`sharp_core.spec` types its fields with these `Literal`s; `sharp_core.objectives.losses.DIVERGENCES`
+and `sharp_core.objectives.sharp.ATTENTION_OBJECTIVES` are keyed by the names in `DIVERGENCES` and
 `ATTENTION_METHODS`. The tuples are derived from the `Literal`s, so a name added here is
 accepted by the spec and must be given an implementation (tests check that the registries
 cover every name). No torch here: the service imports the spec.
@@ -25,11 +25,11 @@ __all__ = [
 #: Every method: plain fine-tuning, the logit baselines, the attention baselines, SHARP.
 MethodName = Literal["sft", "kd", "rkl", "skl", "srkl", "jsd", "tinybert", "minilm", "sharp"]
 
-#: The logit divergences D(p_T ‖ q_S) (`sharp_core.losses.DIVERGENCES` implements each).
+#: The logit divergences D(p_T ‖ q_S) (`sharp_core.objectives.losses.DIVERGENCES` implements each).
 DivergenceName = Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd"]
 
 #: Methods that add an attention term and so need attention maps from both models
-#: (`sharp_core.sharp.make_attention_objective` builds each one's objective).
+#: (`sharp_core.objectives.sharp.make_attention_objective` builds each one's objective).
 AttentionMethodName = Literal["tinybert", "minilm", "sharp"]
 
 METHODS: tuple[MethodName, ...] = get_args(MethodName)

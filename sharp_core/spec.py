@@ -282,7 +282,7 @@ class DatasetSpec(_TextSource):
 
     def eval_source(self, split: str) -> DatasetSpec:
         """This data set with the source of its evaluation set `split`: the same field names,
-        so `sharp_core.data` loads it exactly as the training data."""
+        so `sharp_core.data.loading` loads it exactly as the training data."""
         es: EvalSetSpec = getattr(self.eval, split)
         src = es.model_dump(include=set(_TextSource.model_fields))
         return self.model_copy(update={**src, "eval": EvalSets()})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sharp_core.trainer import TrainCallbacks
+from sharp_core.train.loop import TrainCallbacks
 
 SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -87,7 +87,7 @@ def train_tiny_teacher(corpus: Path, out: Path) -> Path:
     """`GPT2_TEACHER` without dropout, 4 steps on `corpus`: a teacher whose outputs are
     deterministic (the distributed and on-policy tests compare runs bit for bit)."""
     from sharp_core.spec import parse_spec
-    from sharp_core.trainer import train
+    from sharp_core.train.loop import train
 
     spec = spec_dict(
         corpus,

@@ -26,8 +26,8 @@ from bench import step as bench_step
 from bench.step import profiling
 from bench.step.models import Workload
 from bench.step.runners import MicroStepRunner, make_runner
-from sharp_core import losses
-from sharp_core.capture import CapturedLayer
+from sharp_core.models.capture import CapturedLayer
+from sharp_core.objectives import losses
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_ONLY = not torch.cuda.is_available()
@@ -267,16 +267,22 @@ def test_bench_uses_only_public_sharp_core_names() -> None:
     assert not (ROOT / "bench" / "core_api.py").exists()
     seen = {(m, n) for _, m, n in uses}
     # the checker sees both import forms the benchmarks use
-    assert ("sharp_core.step", "micro_step") in seen and ("sharp_core.perf", "peak_flops") in seen
-    assert ("sharp_core.losses", "divergence") in seen  # read as an attribute of the module
+    assert ("sharp_core.train.step", "micro_step") in seen and (
+        "sharp_core.train.perf",
+        "peak_flops",
+    ) in seen
+    assert (
+        "sharp_core.objectives.losses",
+        "divergence",
+    ) in seen  # read as an attribute of the module
     bad = [f"{b}: {m}.{n}" for b, m, n in uses if n and not _is_public(m, n)]
     bad += [f"{b}: import {m}" for b, m, n in uses if not n and not _is_public(m, "x")]
     assert bad == []
     # the profile wraps public functions only (by name, at run time)
     assert [(m, a) for m, a, _ in profiling.PROFILED if not _is_public(m, a)] == []
     # the rule can fail: a private name, and a name a module imports but does not declare
-    assert not _is_public("sharp_core.sharp", "_project_chunk")
-    assert not _is_public("sharp_core.trainer", "flops_per_token")  # sharp_core.perf's
+    assert not _is_public("sharp_core.objectives.sharp", "_project_chunk")
+    assert not _is_public("sharp_core.train.loop", "flops_per_token")  # sharp_core.train.perf's
 
 
 def _bench_imports() -> dict[str, list[tuple[str, str]]]:
@@ -329,7 +335,7 @@ def test_prune_bench_reports_time_and_flat_memory_per_block_count(tmp_path: Path
     assert "time_ratio_vs_first" in res["rows"][1]
 
 
-# ---------------------------------------------- bench.quality's statistics: sharp_core.compare
+# ---------------------------------------------- bench.quality's statistics: sharp_core.study.compare
 
 
 def _doc_interval(mean: float, ci: list[float], nd: int) -> str:
@@ -339,10 +345,10 @@ def _doc_interval(mean: float, ci: list[float], nd: int) -> str:
 
 def test_committed_onpolicy_results_recompute_as_sharp_core_compare() -> None:
     """The on-policy JSONs re-rendered (`--from-json`) give, per setting, the paired Δ and
-    t-interval that `sharp_core.compare.paired` computes from the raw per-seed perplexities
+    t-interval that `sharp_core.study.compare.paired` computes from the raw per-seed perplexities
     against λ = 0, and the stored statistics are those; docs/results.md quotes them."""
     from bench.quality import onpolicy
-    from sharp_core.compare import paired
+    from sharp_core.study.compare import paired
 
     doc = (ROOT / "docs/results.md").read_text()
     for name in ("onpolicy-tiny-cpu", "onpolicy-tiny-cpu-prune", "onpolicy-tiny-cpu-200steps"):
@@ -376,10 +382,10 @@ def test_committed_onpolicy_results_recompute_as_sharp_core_compare() -> None:
 
 def test_committed_cache_results_recompute_as_sharp_core_compare(capsys) -> None:
     """`cache_report --from-json` recomputes every cache method's Δ against dense kd from the
-    JSON's raw cells: the same mean, interval and per-seed Δ as `sharp_core.compare.paired`,
+    JSON's raw cells: the same mean, interval and per-seed Δ as `sharp_core.study.compare.paired`,
     equal to the statistics stored beside them and to docs/results.md's table."""
     from bench.quality import cache_report
-    from sharp_core.compare import paired
+    from sharp_core.study.compare import paired
 
     path = ROOT / "docs/results/teacher-cache-tiny-cpu.json"
     data = json.loads(path.read_text())

@@ -1,4 +1,4 @@
-"""sharp_core.capture: probabilities from the "sharp_capture" attention function vs eager.
+"""sharp_core.models.capture: probabilities from the "sharp_capture" attention function vs eager.
 
 Tiny random models (no downloads) of the four attention families the library must handle:
 GPT-2 (fused c_attn, learned positions), OPT (query pre-scaled, scaling=1.0, its own
@@ -26,14 +26,14 @@ from transformers import (
     OPTForCausalLM,
 )
 
-from sharp_core.capture import (
+from sharp_core.errors import SpecError
+from sharp_core.models.capture import (
     ATTN_IMPLEMENTATION,
     AttentionCapture,
     CapturedLayer,
     attention_shape,
     find_attention_modules,
 )
-from sharp_core.errors import SpecError
 
 VOCAB, B, N, LAYERS, HEADS = 100, 3, 12, 2, 4
 
@@ -367,7 +367,7 @@ def test_project_sdpa_equals_chunked_projection_and_its_gradient(arch: str, padd
     """`sharp.project_sdpa` (fused attention with the basis as values) is the chunked
     float32 reference `sharp.project`, in value and in the q/k gradient, on every family and
     padding (left padding under a causal mask has rows with no key: both give zeros)."""
-    from sharp_core.sharp import dct_basis, project, project_sdpa
+    from sharp_core.objectives.sharp import dct_basis, project, project_sdpa
 
     model, _, _ = _models(arch)
     inputs = _inputs(arch, padding)
@@ -398,7 +398,7 @@ def test_project_sdpa_equals_chunked_projection_and_its_gradient(arch: str, padd
 def test_project_sdpa_additive_mask_rank_above_head_dim_and_bf16() -> None:
     """An additive float mask; r > head dim (no fused kernel: the pad logic must still hold);
     and bf16 q/k under autocast, where the fused path must upcast like the reference does."""
-    from sharp_core.sharp import dct_basis, project, project_sdpa
+    from sharp_core.objectives.sharp import dct_basis, project, project_sdpa
 
     model, _, _ = _models("llama")
     inputs = _inputs("llama", "left")

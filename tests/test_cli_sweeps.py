@@ -1,6 +1,6 @@
 """``sharp sweeps …`` run as real subprocesses against a real uvicorn, Celery worker, Postgres
 and Redis (the fixtures of conftest.py), as tests/test_cli_jobs.py does for ``sharp jobs``;
-plus the report table's formatting on the output of `sharp_core.compare` itself.
+plus the report table's formatting on the output of `sharp_core.study.compare` itself.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def test_unreachable_server_exits_4(tmp_path: Path) -> None:
 def _report(
     methods: dict[str, tuple[float, list[float | None]]], *, relative: bool = True
 ) -> dict[str, Any]:
-    from sharp_core.compare import compare
+    from sharp_core.study.compare import compare
 
     cells = [
         {
@@ -164,7 +164,7 @@ def _report(
 
 def test_report_table_prints_the_servers_numbers() -> None:
     """Per method: the chosen configuration, mean ± std (n), Δ [CI] (n), p, Holm p and
-    failed / cells, each as `sharp_core.compare` computed it (4 significant digits)."""
+    failed / cells, each as `sharp_core.study.compare` computed it (4 significant digits)."""
     from rich.console import Console
 
     import ops.sweeps_cli as cli

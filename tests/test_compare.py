@@ -1,4 +1,4 @@
-"""sharp_core.sweep (expansion, validation) and sharp_core.compare (the statistics) against
+"""sharp_core.study.sweep (expansion, validation) and sharp_core.study.compare (the statistics) against
 hand-computed numbers; no service, no scipy in the expected values."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from sharp_core.compare import choose_best, compare, holm, mean_std, metric_for, paired
 from sharp_core.errors import SpecError
-from sharp_core.sweep import (
+from sharp_core.study.compare import choose_best, compare, holm, mean_std, metric_for, paired
+from sharp_core.study.sweep import (
     config_key,
     count_cells,
     expand,
@@ -295,7 +295,7 @@ def test_the_readme_example_sweep_is_valid() -> None:
 
     import yaml
 
-    from sharp_core.sweep import count_cells
+    from sharp_core.study.sweep import count_cells
 
     root = Path(__file__).resolve().parents[1]
     text = (

@@ -23,15 +23,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from sharp_core.data import BatchStream
-from sharp_core.distributed import (
+from sharp_core.data.loading import BatchStream
+from sharp_core.errors import SpecError
+from sharp_core.spec import parse_spec
+from sharp_core.train.distributed import (
     STUDENT_BYTES_PER_PARAM,
     choose_teacher_parallel,
     torchrun_command,
 )
-from sharp_core.errors import SpecError
-from sharp_core.spec import parse_spec
-from sharp_core.trainer import STATE_FILE, train
+from sharp_core.train.loop import STATE_FILE, train
 from tests.helpers import (
     GPT2_TINY,
     NO_DROPOUT,
@@ -244,7 +244,7 @@ def test_a_rank_dies_with_its_launcher(tmp_path) -> None:
 
     launcher = (
         "import subprocess, sys, time\n"
-        "c = subprocess.Popen([sys.executable, '-c', 'from sharp_core.distributed import "
+        "c = subprocess.Popen([sys.executable, '-c', 'from sharp_core.train.distributed import "
         "_die_with_parent; import time; _die_with_parent(); print(1, flush=True); "
         "time.sleep(300)'], stdout=subprocess.PIPE, start_new_session=True)\n"
         "print(c.pid, flush=True)\n"

@@ -21,7 +21,7 @@ from service.models import Checkpoint, Job, Metric, utcnow
 from service.repositories import JobRepository
 from service.settings import Settings
 from sharp_core.spec import parse_spec
-from sharp_core.trainer import train
+from sharp_core.train.loop import train
 from tests.conftest import wait_for
 from tests.helpers import GPT2_TEACHER, GPT2_TINY, Recorder, spec_dict
 from tests.test_distributed import NO_DROPOUT, RTOL

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sharp_core.spec import parse_spec
-from sharp_core.trainer import TrainCallbacks, train
+from sharp_core.train.loop import TrainCallbacks, train
 from tests.helpers import write_corpus
 
 

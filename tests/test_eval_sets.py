@@ -2,7 +2,7 @@
 files or uploads, are loaded and packed as the training data, and are evaluated by the one
 evaluation loop at every eval point and at the end as ``val_*`` / ``test_*`` metrics.
 
-References: the final ``val_loss`` is `sharp_core.evaluate.perplexity` of the final checkpoint
+References: the final ``val_loss`` is `sharp_core.evaluate.perplexity.perplexity` of the final checkpoint
 on the val file (within 1e-5 nats: the two sum the same per-token losses in other batches);
 a job that names no sets trains bit for bit as one that does (evaluation draws no random
 number); a classifier's ``val_accuracy`` is the checkpoint's own predictions on the val rows.
@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sharp_core.data import build_eval_blocks, pack
+from sharp_core.data.loading import build_eval_blocks, pack
 from sharp_core.errors import DataError, SharpError, SpecError
-from sharp_core.evaluate import perplexity
+from sharp_core.evaluate.perplexity import perplexity
 from sharp_core.spec import parse_spec
-from sharp_core.trainer import train
+from sharp_core.train.loop import train
 from tests.helpers import Recorder, corpus_text, spec_dict
 
 #: |val_loss − perplexity()| allowed: the same per-token cross-entropies in float32, summed in
@@ -102,7 +102,7 @@ def test_spec_names_the_sets_and_refuses_unknown_ones(texts) -> None:
 def test_eval_blocks_are_the_packed_prefix(texts) -> None:
     """Tokenising a chunk at a time until the blocks are full gives the blocks of the whole
     file, cut at max_blocks."""
-    from sharp_core.models import train_bpe_tokenizer
+    from sharp_core.models.loading import train_bpe_tokenizer
 
     docs = [p for p in texts["test"].read_text().split("\n\n") if p.strip()]
     tok = train_bpe_tokenizer(iter(docs), 300)

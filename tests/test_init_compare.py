@@ -1,5 +1,5 @@
 """The random-vs-pruned comparison: its statistics, a round trip, and the committed results
-recomputed through `sharp_core.compare` (the service's sweep report)."""
+recomputed through `sharp_core.study.compare` (the service's sweep report)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.quality.init_compare import analyse, render
-from sharp_core.compare import compare, paired
+from sharp_core.study.compare import compare, paired
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def _ppl(cells: dict) -> dict[int, float]:
 
 def test_committed_results_recompute_as_sharp_core_compare() -> None:
     """docs/results/init-compare.json through `analyse` gives the intervals, p and Holm p that
-    `sharp_core.compare` computes from the raw per-seed perplexities, and the markdown of
+    `sharp_core.study.compare` computes from the raw per-seed perplexities, and the markdown of
     docs/results.md (its numbers are these)."""
     data = json.loads((ROOT / "docs/results/init-compare.json").read_text())
     stats = analyse(data)

@@ -1,4 +1,4 @@
-"""sharp_core.losses against closed forms, invariants, chunking and accumulation.
+"""sharp_core.objectives.losses against closed forms, invariants, chunking and accumulation.
 
 Tolerances, stated once:
 - against the float64 closed-form references: 1e-5 relative (our math is float32);
@@ -13,8 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharp_core import losses, methods
-from sharp_core.losses import (
+from sharp_core import methods
+from sharp_core.objectives import losses
+from sharp_core.objectives.losses import (
     DIVERGENCES,
     count_valid,
     cross_entropy,

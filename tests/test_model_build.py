@@ -17,9 +17,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from sharp_core.models import LocalResolver, load_model, weights_dtype
+from sharp_core.models.loading import LocalResolver, load_model, weights_dtype
 from sharp_core.spec import ModelSpec, parse_spec
-from sharp_core.trainer import train
+from sharp_core.train.loop import train
 from tests.helpers import GPT2_TINY, Recorder, spec_dict, write_corpus
 
 CONFIGS: dict[str, tuple[dict[str, Any], str]] = {

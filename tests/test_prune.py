@@ -30,7 +30,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from sharp_core.prune import (
+from sharp_core.models.prune import (
     PruneError,
     PruneTarget,
     activation_importance,
@@ -443,7 +443,7 @@ def test_spec_refuses_bad_prune_input_naming_the_field(change, param: str) -> No
 def test_target_checked_against_a_plain_config_dict_with_hf_defaults() -> None:
     from types import SimpleNamespace
 
-    from sharp_core.prune_shapes import check_prune_target
+    from sharp_core.models.prune_shapes import check_prune_target
 
     block = SimpleNamespace(layers=2, heads=None, kv_heads=None, ffn=None, hidden=None)
     s = check_prune_target(block, {"model_type": "gpt2", "n_layer": 4, "n_embd": 128, "n_head": 4})

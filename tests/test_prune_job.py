@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sharp_core.prune_shapes import PruneError
-from sharp_core.setup import setup
+from sharp_core.models.prune_shapes import PruneError
 from sharp_core.spec import parse_spec
-from sharp_core.trainer import train
+from sharp_core.train.loop import train
+from sharp_core.train.setup import setup
 from tests.helpers import GPT2_TEACHER, Recorder, spec_dict, write_corpus
 
 

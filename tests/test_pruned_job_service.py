@@ -38,7 +38,7 @@ from worker.supervisor import Supervisor
 
 pytestmark = pytest.mark.service
 
-REPORT: dict[str, Any] = {  # the shape of `sharp_core.setup.PruneReport.event()`
+REPORT: dict[str, Any] = {  # the shape of `sharp_core.train.setup.PruneReport.event()`
     "kept_layers": [1, 3],
     "heads_per_layer": {"1": [0, 2], "3": [1, 3]},
     "ffn": 64,
@@ -59,7 +59,7 @@ def train_teacher(corpus: Path, out: Path) -> Path:
     """A tiny GPT-2 teacher (4 layers × 4 heads × 64) trained a few steps; its final
     checkpoint folder (save_pretrained layout with the tokenizer)."""
     from sharp_core.spec import parse_spec
-    from sharp_core.trainer import train
+    from sharp_core.train.loop import train
 
     spec = parse_spec(
         spec_dict(

@@ -156,7 +156,7 @@ def test_micro_sweep_tunes_on_val_and_tests_the_chosen_configs_on_fresh_seeds(
     cells are each method's configuration with the lowest mean val ppl, on the fresh seeds
     only; test is computed for final cells only; --from-json recomputes the same tables."""
     from bench.quality import sweep as bsweep
-    from sharp_core.compare import compare, metric_for
+    from sharp_core.study.compare import compare, metric_for
 
     sweep = {
         "axes": {"training.seed": [0]},
@@ -207,7 +207,7 @@ def test_micro_sweep_tunes_on_val_and_tests_the_chosen_configs_on_fresh_seeds(
 
 def test_committed_equal_budget_results_recompute_into_docs() -> None:
     """Every table row of the sections docs/results.md shows verbatim (the equal-budget
-    sweep, the init comparison) is what `sharp_core.compare` gives from the committed raw
+    sweep, the init comparison) is what `sharp_core.study.compare` gives from the committed raw
     cells; and the final stage's Δ is the paired per-seed ratio of the raw test values."""
     from bench.quality import recompute
     from bench.quality import sweep as bsweep

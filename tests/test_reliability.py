@@ -25,7 +25,7 @@ from service.db import Database
 from service.dispatch import RUN_JOB_TASK, make_celery
 from service.models import Checkpoint, Job, Metric
 from service.settings import Settings
-from sharp_core.checkpoint import verify_manifest
+from sharp_core.train.checkpoint import verify_manifest
 from tests.conftest import TeamKey, tiny_spec, wait_for
 from tests.test_service_recovery import Workers, _events, _job
 from worker.child import job_dir

@@ -30,7 +30,7 @@ from sqlalchemy import select
 from service.db import Database
 from service.models import Checkpoint
 from service.settings import Settings
-from sharp_core.checkpoint import verify_manifest
+from sharp_core.train.checkpoint import verify_manifest
 from tests.conftest import TeamKey, tiny_spec, wait_for
 from tests.test_reliability import training_pids
 from worker.child import job_dir

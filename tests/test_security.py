@@ -23,7 +23,7 @@ from service.admin import create_key, revoke_key
 from service.db import Database
 from service.repositories import CheckpointRepository
 from service.settings import Settings
-from sharp_core.checkpoint import write_checkpoint
+from sharp_core.train.checkpoint import write_checkpoint
 from tests.conftest import TeamKey, tiny_spec
 
 pytestmark = pytest.mark.service

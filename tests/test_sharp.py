@@ -1,4 +1,4 @@
-"""Tests of sharp_core.sharp: the decomposition, its orthogonality, the objective and baselines.
+"""Tests of sharp_core.objectives.sharp: the decomposition, its orthogonality, the objective and baselines.
 
 Tolerances: float64 checks are held to 1e-10 (relative), float32 ones to 1e-5 relative (a
 few hundred ulps of the accumulated sums), as the design page asks.
@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sharp_core.sharp import (
+from sharp_core.objectives.sharp import (
     ATTENTION_OBJECTIVES,
     COMPONENTS,
     RELATIVE_EPS,

@@ -50,8 +50,8 @@ from service.store import (
     sync_for_resume,
     upload_checkpoint,
 )
-from sharp_core.checkpoint import retained_steps, verify_manifest, write_checkpoint
 from sharp_core.errors import CheckpointError
+from sharp_core.train.checkpoint import retained_steps, verify_manifest, write_checkpoint
 from tests.conftest import ROOT, TeamKey, tiny_spec, wait_for
 from worker.child import job_dir, resolve_job_checkpoint
 

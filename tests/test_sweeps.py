@@ -27,7 +27,7 @@ from service.lifecycle import JobStatus, admit, claim, finish
 from service.models import utcnow
 from service.repositories import JobRepository, MetricRepository
 from service.sweeps import advance_one
-from sharp_core.compare import compare
+from sharp_core.study.compare import compare
 from tests.conftest import TeamKey, tiny_spec, wait_for
 
 TEACHER = {
@@ -680,7 +680,7 @@ def test_the_documented_example_is_a_valid_sweep() -> None:
     trials × 3 seeds, and 2 × 5 final cells (only the upload id is a placeholder)."""
     from api.schemas import EXAMPLE_SWEEP
     from sharp_core.spec import parse_spec
-    from sharp_core.sweep import count_cells, expand, parse_sweep
+    from sharp_core.study.sweep import count_cells, expand, parse_sweep
 
     spec = parse_sweep(EXAMPLE_SWEEP)
     cells = expand(spec)

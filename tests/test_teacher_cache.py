@@ -15,11 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sharp_core import losses
-from sharp_core.cache_store import LocalCacheStore
-from sharp_core.errors import SpecError, TeacherCacheCorruptError, TokenizerMismatchError
-from sharp_core.spec import TeacherCacheSpec, parse_spec
-from sharp_core.teacher_cache import (
+from sharp_core.cache.store import LocalCacheStore
+from sharp_core.cache.teacher_cache import (
     SparseTargets,
     TeacherCache,
     build_cache,
@@ -30,7 +27,10 @@ from sharp_core.teacher_cache import (
     teacher_targets,
     tokenizer_digest,
 )
-from sharp_core.trainer import setup, train
+from sharp_core.errors import SpecError, TeacherCacheCorruptError, TokenizerMismatchError
+from sharp_core.objectives import losses
+from sharp_core.spec import TeacherCacheSpec, parse_spec
+from sharp_core.train.loop import setup, train
 from tests.helpers import GPT2_TEACHER, Recorder, spec_dict, write_corpus
 
 DIVS = ["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd"]
@@ -257,7 +257,7 @@ def test_key_changes_with_every_part() -> None:
 def test_digests_see_one_weight_and_one_token() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from sharp_core.models import train_bpe_tokenizer
+    from sharp_core.models.loading import train_bpe_tokenizer
 
     torch.manual_seed(0)
     m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=300))
@@ -442,7 +442,7 @@ def test_a_cache_under_the_key_with_other_parts_is_rebuilt(corpus: Path, tmp_pat
     b = parse_spec(_kd_spec(corpus, {"name": "kd"}, k=12))
     S = _setup(b)
     # plant cache A's files under the key job B will compute
-    from sharp_core.teacher_cache import attach
+    from sharp_core.cache.teacher_cache import attach
 
     seen: list = []
     attach(S, LocalCacheStore(tmp_path / "probe"), lambda k, d: seen.append(d))
@@ -461,7 +461,7 @@ def test_a_cache_under_the_key_with_other_parts_is_rebuilt(corpus: Path, tmp_pat
 def test_vocab_mismatch_still_refused_with_both_names(corpus: Path, tmp_path: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from sharp_core.models import train_bpe_tokenizer
+    from sharp_core.models.loading import train_bpe_tokenizer
 
     dirs = {}
     for name, text in (("teacher", corpus.read_text()), ("student", "other words " * 200)):

@@ -18,7 +18,7 @@ import pytest
 
 from service.settings import Settings
 from service.teacher_caches import cache_root
-from sharp_core.teacher_cache import TeacherCache
+from sharp_core.cache.teacher_cache import TeacherCache
 from tests.conftest import TeamKey, tiny_spec, wait_for
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sharp_core.checkpoint import latest_checkpoint, list_checkpoints, verify_manifest
-from sharp_core.data import BatchStream, load_texts
+from sharp_core.data.loading import BatchStream, load_texts
 from sharp_core.errors import CheckpointError, DataError, TokenizerMismatchError
 from sharp_core.spec import DatasetSpec, parse_spec
-from sharp_core.trainer import TrainCallbacks, train
+from sharp_core.train.checkpoint import latest_checkpoint, list_checkpoints, verify_manifest
+from sharp_core.train.loop import TrainCallbacks, train
 from tests.helpers import GPT2_TEACHER, GPT2_TINY, Recorder, spec_dict, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,8 +115,8 @@ def test_accumulation_8x1_equals_1x8(corpus, teacher_dir):
     Compared on gradients, not on weights after an AdamW step: Adam's first update is
     ±lr per element, which turns float rounding in a near-zero gradient into a sign flip.
     """
-    from sharp_core.step import micro_step
-    from sharp_core.trainer import setup
+    from sharp_core.train.loop import setup
+    from sharp_core.train.step import micro_step
 
     d = _distil(corpus, teacher_dir, {"name": "sharp", "granularities": {"residual": 0.5}})
     d["student"]["config_overrides"] = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
@@ -144,8 +144,8 @@ def test_accumulation_8x1_equals_1x8(corpus, teacher_dir):
 def test_sdpa_projection_step_equals_chunked_reference(corpus, teacher_dir):
     """The fast path (P·Q from one SDPA call, the default) and the float32 chunked reference
     give the same SHARP terms and the same student gradient on one real micro-step."""
-    from sharp_core.step import micro_step
-    from sharp_core.trainer import setup
+    from sharp_core.train.loop import setup
+    from sharp_core.train.step import micro_step
 
     results = []
     for projection in ("chunked", "sdpa"):
@@ -179,9 +179,9 @@ def test_micro_step_uses_the_logit_loss_it_is_given(corpus, teacher_dir):
     separate calls is the one called, and gives the fused default's terms and gradients."""
     from dataclasses import replace
 
-    from sharp_core import losses
-    from sharp_core.step import micro_step
-    from sharp_core.trainer import setup
+    from sharp_core.objectives import losses
+    from sharp_core.train.loop import setup
+    from sharp_core.train.step import micro_step
 
     d = _distil(corpus, teacher_dir, {"name": "skl"})
     d["student"]["config_overrides"] = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
@@ -265,7 +265,7 @@ def _drop_from_checkpoint(ckpt: Path, key: str) -> None:
     verifies: what a buggy writer, not a torn write, would leave)."""
     from safetensors.torch import load_file, save_file
 
-    from sharp_core.checkpoint import sha256_file
+    from sharp_core.train.checkpoint import sha256_file
 
     path = ckpt / "model.safetensors"
     weights = load_file(str(path))
@@ -325,7 +325,7 @@ def test_check_weights_follows_the_models_own_ties():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from sharp_core.errors import CheckpointMismatchError
-    from sharp_core.state import check_weights
+    from sharp_core.train.state import check_weights
 
     cfg = {k: v for k, v in GPT2_TINY.items() if k != "model_type"}
     tied = GPT2LMHeadModel(GPT2Config(**cfg, vocab_size=50, tie_word_embeddings=True))
@@ -344,7 +344,7 @@ def test_checkpoint_loads_and_matches_training_logits(corpus, teacher_dir, tmp_p
     """The saved student, loaded with from_pretrained, gives the logits it had at the end."""
     from transformers import AutoModelForCausalLM
 
-    from sharp_core.trainer import setup
+    from sharp_core.train.loop import setup
 
     spec = parse_spec(_distil(corpus, teacher_dir, {"name": "kd"}, training={"max_steps": 2}))
     S = setup(spec)
@@ -377,7 +377,7 @@ def test_teacher_with_padded_vocab_is_sliced(corpus, teacher_dir, tmp_path):
 def test_mismatched_tokenizers_named(corpus, teacher_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from sharp_core.models import train_bpe_tokenizer
+    from sharp_core.models.loading import train_bpe_tokenizer
 
     other = tmp_path / "other"
     tok = train_bpe_tokenizer(["completely different text " * 50], 280)
@@ -426,7 +426,7 @@ def test_local_folder_pretrained_and_config_overrides(corpus, teacher_dir, tmp_p
     """The hub path's loading code on a local folder: pretrained, and config + overrides."""
     d = _distil(corpus, teacher_dir, {"name": "kd"}, training={"max_steps": 1})
     d["student"] = {"model": str(teacher_dir), "init": "config", "config_overrides": {"n_layer": 1}}
-    from sharp_core.trainer import setup
+    from sharp_core.train.loop import setup
 
     S = setup(parse_spec(d))
     assert S.student.config.n_layer == 1 and S.teacher.config.n_layer == 4
@@ -481,13 +481,13 @@ def test_data_formats_and_errors(tmp_path):
 
 
 def test_eval_split_is_held_out_tail(corpus):
-    from sharp_core.data import build_data
-    from sharp_core.models import train_bpe_tokenizer
+    from sharp_core.data.loading import build_data
+    from sharp_core.models.loading import train_bpe_tokenizer
 
     texts = load_texts(DatasetSpec(files=[str(corpus)], eval_fraction=0.1))
     tok = train_bpe_tokenizer(texts, 300)
     data = build_data(DatasetSpec(files=[str(corpus)], eval_fraction=0.1), texts, tok, 32)
-    from sharp_core.data import pack
+    from sharp_core.data.loading import pack
 
     blocks = pack(tok(texts, add_special_tokens=False)["input_ids"], tok.eos_token_id, 32)
     n = blocks.shape[0]

@@ -5,7 +5,7 @@ in a forked child of a process that touched it, GPU memory is only reliably retu
 the process that allocated it exits, and a process group can be killed whole (data-loader
 workers included) when a cancel is not honoured in time.
 
-What it does: load the job, run `sharp_core.trainer.train` with callbacks that write
+What it does: load the job, run `sharp_core.train.loop.train` with callbacks that write
 metric batches, checkpoints and one-off events (the pruning report) to the database (and
 the live Redis Stream), poll the cancel flag, and leave a result file
 (``logs/attempt_N.result.json``) for the supervising task, which alone decides the job's
@@ -20,7 +20,7 @@ Multi-GPU (``resources.gpus: N > 1``): this process execs
 ``python -m torch.distributed.run --standalone --nproc-per-node N -m worker.child JOB ATTEMPT``
 (same pid, so the supervisor's process-group signals reach torchrun, which forwards SIGTERM
 to every rank and SIGKILLs them after ``kill_grace_s``; a SIGKILLed torchrun takes its ranks
-with it, `sharp_core.distributed`). Each rank then runs `run`: rank 0 is the one described
+with it, `sharp_core.train.distributed`). Each rank then runs `run`: rank 0 is the one described
 above (metrics, checkpoints, cancel polling, the result file); the other ranks write nothing
 and only vote on stopping (SIGTERM, a dead parent), which the trainer OR-s over ranks.
 """
@@ -71,10 +71,10 @@ from service.store import (
 )
 from service.teacher_caches import record as record_teacher_cache
 from service.teacher_caches import store_for as teacher_cache_store
-from sharp_core.checkpoint import retained_steps, step_dir_name
 from sharp_core.errors import CheckpointError, DataError, ModelNotFoundError, SharpError
-from sharp_core.launch import env_rank, torchrun_command, under_torchrun  # no torch
 from sharp_core.spec import DatasetSpec, EvalSetSpec, JobSpec, parse_spec
+from sharp_core.train.checkpoint import retained_steps, step_dir_name
+from sharp_core.train.launch import env_rank, torchrun_command, under_torchrun  # no torch
 
 log = logging.getLogger("worker.child")
 
@@ -590,7 +590,7 @@ def run(job_id: str, attempt: int, settings: Settings | None = None) -> int:
                 )
                 if resumed is not None:
                     log.info("resuming from %s in the store", step_dir_name(resumed))
-            from sharp_core.trainer import Resolver, TrainCallbacks, train  # torch: import late
+            from sharp_core.train.loop import Resolver, TrainCallbacks, train  # torch: import late
 
             result = train(
                 spec,

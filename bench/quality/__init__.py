@@ -1,7 +1,7 @@
 """Does SHARP beat the baselines? The comparison table of issue 6: ``python -m bench.quality``.
 
 One teacher, one student architecture, and a grid of *cells* = methods × seeds, every cell
-trained by the one trainer (`sharp_core.trainer.train`) for the same number of steps on the
+trained by the one trainer (`sharp_core.train.loop.train`) for the same number of steps on the
 same data, from the same initialisation and batch order for a given seed (the trainer seeds
 the student's init and the batch stream from ``training.seed``), so two methods can be
 compared *paired by seed*.
@@ -18,7 +18,7 @@ Why each choice:
   boundaries. The trainer's own periodic evaluation (the ``eval_fraction`` tail of
   ``train.txt``) gives the eval-loss curves; the *reported* numbers are perplexities of each
   cell's final checkpoint on ``val.txt`` (while tuning) or ``test.txt`` (once, at the end),
-  computed by `sharp_core.evaluate.perplexity`. Tuning never sees the test file: the test
+  computed by `sharp_core.evaluate.perplexity.perplexity`. Tuning never sees the test file: the test
   perplexity is only computed when ``--split test`` is asked for.
 * **Cells are spec dicts** built from one base spec plus a table of per-method overrides
   (`method_table`), never copies of code: an ablation is exactly one spec flag away from
@@ -55,7 +55,7 @@ Why each choice:
 
 Modules: `presets` (shapes and budgets), `grid` (the spec of every cell), `data` (the corpus
 and its splits), `cells` (training a cell or the teacher, resumably), `stats` (mean ± std,
-paired Δ, intervals, computed by `sharp_core.compare` as in the service's sweep report),
+paired Δ, intervals, computed by `sharp_core.study.compare` as in the service's sweep report),
 `report` (results.md, plots), `run` (one run of the table), `cli`.
 """
 

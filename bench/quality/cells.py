@@ -16,11 +16,11 @@ from typing import Any
 
 from bench.quality.grid import teacher_spec
 from bench.quality.presets import Preset
-from sharp_core.cache_store import LocalCacheStore
-from sharp_core.checkpoint import list_checkpoints
-from sharp_core.evaluate import perplexity
+from sharp_core.cache.store import LocalCacheStore
+from sharp_core.evaluate.perplexity import perplexity
 from sharp_core.spec import parse_spec
-from sharp_core.trainer import LocalResolver, TrainCallbacks, train
+from sharp_core.train.checkpoint import list_checkpoints
+from sharp_core.train.loop import LocalResolver, TrainCallbacks, train
 
 
 class _Resolver(LocalResolver):

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.quality.stats import delta, interval
-from sharp_core.compare import holm, mean_std
+from sharp_core.study.compare import holm, mean_std
 
 
 def _cells(run: Path) -> dict[str, dict[int, dict[str, Any]]]:

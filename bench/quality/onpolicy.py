@@ -29,7 +29,7 @@ from typing import Any
 from bench.quality.presets import PRESETS
 from bench.quality.run import run
 from bench.quality.stats import delta
-from sharp_core.compare import mean_std
+from sharp_core.study.compare import mean_std
 
 METHODS = ("kd", "jsd")
 

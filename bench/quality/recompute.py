@@ -2,7 +2,7 @@
 per-cell results in docs/results/, in one command (nothing is trained).
 
 Each JSON file is read by the module that wrote it, whose statistics all come from
-`sharp_core.compare`; with ``--check`` the command fails when a rendered table row of a section
+`sharp_core.study.compare`; with ``--check`` the command fails when a rendered table row of a section
 shown verbatim is missing from docs/results.md (a number there the raw data no longer gives).
 """
 

@@ -1,4 +1,4 @@
-"""Statistics over seeds for the benchmarks, all computed by `sharp_core.compare` (the code the
+"""Statistics over seeds for the benchmarks, all computed by `sharp_core.study.compare` (the code the
 service's sweep report runs): mean ± std, paired Δ against a reference, its Student-t interval
 and p-value. Here only the benchmarks' dict shapes are kept (``ci95``, ``per_seed`` …), so the
 JSON they wrote before still reads the same way."""
@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bench.quality.grid import BASELINES
-from sharp_core.compare import mean_std, paired
+from sharp_core.study.compare import mean_std, paired
 
 
 def delta(

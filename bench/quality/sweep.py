@@ -7,10 +7,10 @@
 
 The sweep file holds the `axes`, `tune`, `reference` and `final` of a ``POST /v1/sweeps``
 request; its `base` is the preset's student spec (teacher, data and budget of the run). The
-cells are expanded by `sharp_core.sweep` and compared by `sharp_core.compare`, the service's
+cells are expanded by `sharp_core.study.sweep` and compared by `sharp_core.study.compare`, the service's
 own code: what differs is only where a cell trains (here, a process of this machine; there, a
 GPU worker). A cell's value is the perplexity of its final checkpoint on the run's val.txt
-(tune stage) or test.txt (final stage), by `sharp_core.evaluate.perplexity`, the loop behind
+(tune stage) or test.txt (final stage), by `sharp_core.evaluate.perplexity.perplexity`, the loop behind
 the job's `val_ppl` / `test_ppl` metrics. Tuning never computes a test perplexity.
 
 The raw per-cell results go into ``--json``; ``--from-json`` recomputes every table from them.
@@ -33,8 +33,8 @@ from bench.quality.grid import base_spec
 from bench.quality.presets import PRESETS, Preset
 from bench.quality.report import fmt
 from bench.quality.run import _run_parallel
-from sharp_core.compare import compare, metric_for
-from sharp_core.sweep import Cell, expand, final_cells, parse_sweep
+from sharp_core.study.compare import compare, metric_for
+from sharp_core.study.sweep import Cell, expand, final_cells, parse_sweep
 
 _KEEP = (
     "method",

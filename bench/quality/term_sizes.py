@@ -21,7 +21,7 @@ from typing import Any
 from bench.quality.grid import base_spec, deep_merge
 from bench.quality.presets import PRESETS
 from sharp_core.spec import MethodSpec, parse_spec
-from sharp_core.trainer import TrainCallbacks, train
+from sharp_core.train.loop import TrainCallbacks, train
 
 #: method → the spec's method block measured (weights 1 so the raw term is read)
 MEASURED: dict[str, dict[str, Any]] = {

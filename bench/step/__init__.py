@@ -14,9 +14,9 @@ the same random batch:
             ``kd`` path, a = 0.9). Every ratio is relative to this step.
 * ``kd_onpolicy`` the ``kd`` step on the student's own samples (issue 15, λ = 1): the
             student continues the batch's first N − T tokens for T = min(64, N/2) tokens with
-            its KV cache (`sharp_core.onpolicy.generate`: inference mode, eval mode, the
+            its KV cache (`sharp_core.train.onpolicy.generate`: inference mode, eval mode, the
             training dtype), then the trainer's micro-step on the (B, N) generated sequences
-            with the prompt masked (`sharp_core.onpolicy.loss_mask`), a = 1 as the trainer
+            with the prompt masked (`sharp_core.train.onpolicy.loss_mask`), a = 1 as the trainer
             uses for student samples. Its ratio to ``kd`` is the price of a generated batch.
 * ``sharp`` the full SHARP step with the default ``MethodSpec`` (q/k captured inside SDPA by
             ``AttentionCapture``; ``AttentionObjective`` with P·Q from one SDPA call per layer,
@@ -33,7 +33,7 @@ Opt-in steps, the "before" of each fast path next to its "after" in the same run
 * ``kd_separate`` the ``kd`` step with CE and D computed by two separate calls,
             `losses.cross_entropy` then `losses.divergence`, as the trainer did before the
             fused loss: the trainer's micro-step runs with `separate_logit_objective` as its
-            logit loss (handed to `sharp_core.step.micro_step` as ``Setup.logit_loss``).
+            logit loss (handed to `sharp_core.train.step.micro_step` as ``Setup.logit_loss``).
 * ``kd_liger`` (CUDA, optional ``liger-kernel``) the ``kd`` loss from Liger Kernel's fused
             linear cross-entropy and fused linear forward KL, which never build the logits;
             skipped, with the reason, on CPU or when the package is missing (``pip install
@@ -50,7 +50,7 @@ Why the steps go through the trainer's micro-step with a hand-built `Setup` (all
 the benchmark must time the code that trains, not a look-alike; the variants change only what
 a spec setting (``projection``) or the logit loss handed to the step changes. Data loading and
 tokenisation (not part of a step) are left out: the batch is random token ids, the models are
-built from configs (no downloads) with ``sharp_core.models.load_model``, so they get the
+built from configs (no downloads) with ``sharp_core.models.loading.load_model``, so they get the
 trainer's dtypes (teacher bf16 on CUDA, student float32 with bf16 autocast).
 
 Timing: the steps are interleaved — round 1 runs ce, kd, sharp, eager once each, round 2
@@ -98,8 +98,8 @@ Modules: `presets` (shapes), `models` (spec, models, optimizer, the shared `Work
 `runners` (one module per family of step), `timing` and `memory` (the measurements),
 `checks` (before vs after on the same tensors), `profiling` (``--profile``), `run` (one run,
 the JSON document), `report` (the table), `cli` (the command line). Only sharp_core's public
-names are used (`sharp_core.step.micro_step` on a `sharp_core.setup.Setup`,
-`sharp_core.perf`, `sharp_core.sharp.make_attention_objective`, `sharp_core.losses`), so a
+names are used (`sharp_core.train.step.micro_step` on a `sharp_core.train.setup.Setup`,
+`sharp_core.train.perf`, `sharp_core.objectives.sharp.make_attention_objective`, `sharp_core.objectives.losses`), so a
 refactor of its internals cannot break the benchmark (issue 13).
 """
 

@@ -18,9 +18,9 @@ from bench.step.runners import LigerKDRunner, MicroStepRunner, Runner
 from bench.step.runners.base import logit_loss_kwargs
 from bench.step.runners.trainer import separate_logit_objective
 from bench.step.timing import paired_ratio, side_by_side
-from sharp_core import losses
-from sharp_core.capture import CapturedLayer
-from sharp_core.sharp import (
+from sharp_core.models.capture import CapturedLayer
+from sharp_core.objectives import losses
+from sharp_core.objectives.sharp import (
     AttentionObjective,
     SharpObjective,
     dct_basis,

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from bench.step.presets import Preset
-from sharp_core import perf
-from sharp_core.models import LocalResolver, load_model, model_shape
+from sharp_core.models.loading import LocalResolver, load_model, model_shape
 from sharp_core.spec import DatasetSpec, JobSpec, MethodSpec, ModelSpec, TrainingSpec
+from sharp_core.train import perf
 
 #: The trainer's default gradient clipping, read from the spec (its one home).
 GRAD_CLIP: float = TrainingSpec.model_fields["grad_clip"].default

@@ -22,20 +22,20 @@ from torch import nn
 from bench.step.runners import MicroStepRunner, Runner
 from bench.step.runners.trainer import FUSED_LABEL
 from bench.step.timing import sync
-from sharp_core.capture import CapturedLayer
+from sharp_core.models.capture import CapturedLayer
 
 #: (module path, attribute, label) of the public sharp_core functions the profile wraps.
 #: Wrapped on their module: sharp_core calls them through its module's globals, and bench/
 #: through the module (``losses.divergence``), so both calls run inside the range.
 PROFILED: tuple[tuple[str, str, str], ...] = (
-    ("sharp_core.sharp", "project_sdpa", "sharp.project_sdpa (P*Q by SDPA)"),
-    ("sharp_core.sharp", "project", "sharp.project (chunked P*Q)"),
-    ("sharp_core.sharp", "sharp_distances", "sharp.sharp_distances"),
-    ("sharp_core.losses", "logit_objective", FUSED_LABEL),  # as called by eager, checks
-    ("sharp_core.losses", "cross_entropy", "losses.cross_entropy"),
-    ("sharp_core.losses", "divergence", "losses.divergence"),
+    ("sharp_core.objectives.sharp", "project_sdpa", "sharp.project_sdpa (P*Q by SDPA)"),
+    ("sharp_core.objectives.sharp", "project", "sharp.project (chunked P*Q)"),
+    ("sharp_core.objectives.sharp", "sharp_distances", "sharp.sharp_distances"),
+    ("sharp_core.objectives.losses", "logit_objective", FUSED_LABEL),  # as called by eager, checks
+    ("sharp_core.objectives.losses", "cross_entropy", "losses.cross_entropy"),
+    ("sharp_core.objectives.losses", "divergence", "losses.divergence"),
     (
-        "sharp_core.teacher_cache",
+        "sharp_core.cache.teacher_cache",
         "sparse_logit_objective",
         "teacher_cache.sparse_logit_objective (cached KD)",
     ),

@@ -28,7 +28,7 @@ from bench.step.runners import (
     make_runner,
 )
 from bench.step.timing import count_host_syncs, matmul_rate_bf16, paired_ratio, timed_step
-from sharp_core import perf
+from sharp_core.train import perf
 
 
 @dataclass

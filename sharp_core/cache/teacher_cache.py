@@ -46,11 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from sharp_core.cache_store import MANIFEST, CacheStore, LocalCacheStore
-from sharp_core.checkpoint import sha256_file
+from sharp_core.cache.store import MANIFEST, CacheStore, LocalCacheStore
 from sharp_core.errors import ArtifactWriteError, TeacherCacheCorruptError
-from sharp_core.losses import DIVERGENCES, IGNORE_INDEX
+from sharp_core.objectives.losses import DIVERGENCES, IGNORE_INDEX
 from sharp_core.spec import TeacherCacheSpec
+from sharp_core.train.checkpoint import sha256_file
 
 __all__ = [
     "CacheStore",
@@ -433,7 +433,7 @@ class TeacherCache:
 
 
 def as_batch(targets: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """`teacher_targets` output as the batch entries `sharp_core.step.micro_step` reads (what
+    """`teacher_targets` output as the batch entries `sharp_core.train.step.micro_step` reads (what
     `TeacherCache.batch` returns for blocks read from disk)."""
     out = {IDS: targets["ids"].long(), LOGP: targets["logp"].float()}
     if "tail" in targets:
@@ -539,7 +539,7 @@ def _forward_kl_target(
 
 class _SparseLogitLoss(torch.autograd.Function):
     """(1 − a)·CE + a·τ²·D̂, value and student gradient chunk by chunk (as the dense
-    `sharp_core.losses.logit_objective` does), the sparse teacher side read from the cache."""
+    `sharp_core.objectives.losses.logit_objective` does), the sparse teacher side read from the cache."""
 
     @staticmethod
     def forward(ctx, s2, ids, lp, tail, y, row_d, closed, a, tau, denom, chunk):  # type: ignore[override]
@@ -607,13 +607,13 @@ def sparse_logit_objective(
 
     Shapes: ``student_logits`` (B, N-1, V), ``targets`` ids/logp (B, N-1, w) and tail
     (B, N-1), ``labels`` (B, N-1). ``estimator``: 'tail' (top-k plus the tail as one bucket,
-    any divergence D of `sharp_core.losses.DIVERGENCES` on the (k+1)-bucket distributions;
+    any divergence D of `sharp_core.objectives.losses.DIVERGENCES` on the (k+1)-bucket distributions;
     exact at k = V), 'renormalized' (forward KL to the top-k rescaled to sum 1) or 'sampled'
     (RS-KD: mean of log p(x) − log q(x) over the cached draws x ~ p; unbiased for forward
     KL) or 'tail_sampled' (exact top-k, and the tail's mass p_tail spread over the cached
     draws from the tail: p_tail · mean of log p(x) − log q(x); unbiased for forward KL, with
     far less variance than 'sampled'). Normalised by the step's global ``num_valid`` like
-    every loss (sharp_core.losses).
+    every loss (sharp_core.objectives.losses).
     """
     V = student_logits.shape[-1]
     s2 = student_logits.reshape(-1, V)  # (T, V)
@@ -654,13 +654,13 @@ def sparse_logit_objective(
 
 
 def attach(S: Any, store: CacheStore, on_event: Callable[[str, dict[str, Any]], None]) -> Any:
-    """Give the run ``S`` (a `sharp_core.setup.Setup`) its teacher cache: read the store's
+    """Give the run ``S`` (a `sharp_core.train.setup.Setup`) its teacher cache: read the store's
     cache for this job's key when it verifies, else build it with one teacher pass and commit
     it. A cache under the key whose manifest names another key or other parts is never used:
     it is discarded and rebuilt. Reports ``teacher_cache`` {role: built | read, key, parts,
     size} through ``on_event``. Methods without attention terms then drop the teacher (its
     forward pass is no longer needed, and its memory is freed)."""
-    from sharp_core.setup import autocast_dtype
+    from sharp_core.train.setup import autocast_dtype
 
     spec = S.spec
     cfg = spec.method.teacher_cache

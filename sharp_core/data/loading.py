@@ -238,7 +238,7 @@ def build_classification_eval(
 ) -> ClassificationData:
     """An evaluation set of a classifier: its first `max_examples` rows, tokenised as the
     training data (`_encode_examples`), labelled with the training data's classes. Its
-    examples are all in `eval` (`train` is empty), so `sharp_core.evaluate.evaluate` reads
+    examples are all in `eval` (`train` is empty), so `sharp_core.evaluate.perplexity.evaluate` reads
     it as it reads the training data's held-out split."""
     texts, pairs, raw = (r[:max_examples] if r is not None else None for r in rows)
     assert texts is not None and raw is not None
@@ -299,7 +299,7 @@ def build_eval_blocks(
 ) -> PackedData:
     """An evaluation set of a language model: its first `max_blocks` blocks, packed as the
     training data (`pack`: documents in file order, EOS between them), in `eval` (`train`
-    is empty) so `sharp_core.evaluate.evaluate` reads it as the held-out tail.
+    is empty) so `sharp_core.evaluate.perplexity.evaluate` reads it as the held-out tail.
 
     Documents are tokenised a chunk at a time until the blocks are full: packing keeps a
     prefix, so the blocks are those of the whole file, without tokenising all of it."""

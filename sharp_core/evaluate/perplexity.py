@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from sharp_core import losses
-from sharp_core.data import ClassificationData, PackedData, eval_batches, load_texts, pack
+from sharp_core.data.loading import ClassificationData, PackedData, eval_batches, load_texts, pack
 from sharp_core.errors import DataError
-from sharp_core.models import load_model, resolve_tokenizer
+from sharp_core.models.loading import load_model, resolve_tokenizer
+from sharp_core.objectives import losses
 from sharp_core.spec import DatasetSpec, parse_spec
 
 __all__ = [

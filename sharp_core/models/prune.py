@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from sharp_core.prune_shapes import (
+from sharp_core.models.prune_shapes import (
     _F,
     _H,
     _KV,

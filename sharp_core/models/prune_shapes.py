@@ -2,7 +2,7 @@
 
 Why a module of its own: the API refuses a target that cannot fit the teacher at submission
 (a 422 naming the field), and the API process never imports torch. The scoring and trimming
-that need torch live in `sharp_core.prune`.
+that need torch live in `sharp_core.models.prune`.
 """
 
 from __future__ import annotations

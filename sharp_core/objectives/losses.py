@@ -561,7 +561,7 @@ class LogitLoss(Protocol):
     """The logit part of the objective as the trainer calls it: `logit_objective`'s signature.
 
     ``(loss, ce, d)`` with loss = (1 − a)·CE + a·D differentiable and ce, d detached values.
-    `sharp_core.trainer.Setup.logit_loss` holds one (default: `logit_objective`), so a
+    `sharp_core.train.loop.Setup.logit_loss` holds one (default: `logit_objective`), so a
     benchmark or a test can hand the training step another implementation (e.g. CE and
     `divergence` as two separate calls) instead of patching this module.
     """

@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 from torch.utils.checkpoint import checkpoint
 
-from sharp_core.capture import CapturedLayer
+from sharp_core.models.capture import CapturedLayer
 from sharp_core.spec import MethodSpec
 
 #: The four granularities of the hierarchical decomposition, in order.
@@ -1101,7 +1101,7 @@ def make_attention_objective(
 ) -> AttentionObjective:
     """The attention objective of ``method`` (one of ``ATTENTION_OBJECTIVES``).
 
-    ``student_shape`` / ``teacher_shape`` are (layers, heads) (`sharp_core.models.
+    ``student_shape`` / ``teacher_shape`` are (layers, heads) (`sharp_core.models.loading.
     model_shape`), ``seq_len`` the training sequence length (a learned basis is tied to it).
     ``maps``: the layer and head maps when they are known exactly (a student pruned from this
     teacher); the spec's ``layer_map`` / ``head_map`` still override them.

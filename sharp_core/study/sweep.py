@@ -1,7 +1,7 @@
 """A sweep: one base spec, axes and per-method tuning, expanded into cells (docs/sweeps.md).
 
 The service (`service.sweeps`) and the benchmark (`bench.quality`) both expand sweeps here and
-compare their results with `sharp_core.compare`, so the numbers in docs/results.md come from
+compare their results with `sharp_core.study.compare`, so the numbers in docs/results.md come from
 the code users run. Everything is plain data: a cell is a spec dict plus where it came from.
 """
 

@@ -16,7 +16,7 @@ A job with ``resources.gpus: N > 1`` runs N copies of the one training loop (the
   frozen, so sharding only ever costs a forward all-gather, and the attention capture keeps
   working: it records the query/key *activations* inside each attention call, which FSDP
   leaves alone (it only gathers and frees parameters around each block's forward).
-- draws its **disjoint slice of every global batch** (`sharp_core.data.BatchStream.shard`):
+- draws its **disjoint slice of every global batch** (`sharp_core.data.loading.BatchStream.shard`):
   all ranks walk the same seeded permutation, so the global batch of a step is exactly the
   single-process batch and the data position in a checkpoint means the same for any N.
   Each rank normalises its loss by its own token count (every rank holds the same number
@@ -47,11 +47,11 @@ import torch
 import torch.distributed as dist
 
 from sharp_core.errors import SpecError
-from sharp_core.launch import check_world, env_rank, torchrun_command, under_torchrun
+from sharp_core.train.launch import check_world, env_rank, torchrun_command, under_torchrun
 
 if TYPE_CHECKING:
-    from sharp_core.setup import Setup
     from sharp_core.spec import JobSpec
+    from sharp_core.train.setup import Setup
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class Context:
         self.check(S.spec)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from sharp_core.models import weights_dtype
+        from sharp_core.models.loading import weights_dtype
 
         dev = S.device
         teacher = S.teacher

@@ -2,7 +2,7 @@
 
 Why its own module: the process that decides to launch (``worker.child`` before it execs,
 ``python -m sharp_core train`` before it waits) never trains, and importing torch there
-would add seconds to every multi-GPU start for nothing. `sharp_core.distributed` re-exports
+would add seconds to every multi-GPU start for nothing. `sharp_core.train.distributed` re-exports
 these.
 """
 

@@ -2,15 +2,15 @@
 
 `train` reads top to bottom like a short training script (nanoGPT's ``train.py``): set-up,
 then per step  set LR → maybe eval / checkpoint → micro-steps → clip → step → zero_grad → log.
-Methods differ only in the terms `sharp_core.step.micro_step` computes; there are no
+Methods differ only in the terms `sharp_core.train.step.micro_step` computes; there are no
 per-method copies of the loop. The pieces it calls live beside it:
 
-* `sharp_core.setup`: `setup` loads and validates models, tokenizer and data before anything
+* `sharp_core.train.setup`: `setup` loads and validates models, tokenizer and data before anything
   is written to ``out_dir`` (a bad spec leaves nothing half-written);
-* `sharp_core.step`: `micro_step` (the objective on one micro-batch), the per-term backward;
-* `sharp_core.state`: the loop's state, `save_checkpoint` and `resume`;
-* `sharp_core.evaluate`: `evaluate`, the one held-out loop (also behind `perplexity`);
-* `sharp_core.perf`: tokens/s, MFU and peak memory for the step line.
+* `sharp_core.train.step`: `micro_step` (the objective on one micro-batch), the per-term backward;
+* `sharp_core.train.state`: the loop's state, `save_checkpoint` and `resume`;
+* `sharp_core.evaluate.perplexity`: `evaluate`, the one held-out loop (also behind `perplexity`);
+* `sharp_core.train.perf`: tokens/s, MFU and peak memory for the step line.
 """
 
 from __future__ import annotations
@@ -24,24 +24,25 @@ from typing import Any
 
 import torch
 
-from sharp_core import distributed, teacher_cache
-from sharp_core.checkpoint import latest_checkpoint, verify_manifest
-from sharp_core.data import ClassificationData
+from sharp_core.cache import teacher_cache
+from sharp_core.data.loading import ClassificationData
 from sharp_core.errors import OutOfMemoryError
-from sharp_core.evaluate import evaluate, evaluate_sets
-from sharp_core.models import LocalResolver, Resolver
-from sharp_core.onpolicy import OnPolicy
-from sharp_core.perf import Throughput, flops_per_token
-from sharp_core.setup import Setup, autocast_dtype, setup
+from sharp_core.evaluate.perplexity import evaluate, evaluate_sets
+from sharp_core.models.loading import LocalResolver, Resolver
 from sharp_core.spec import JobSpec
-from sharp_core.state import (
+from sharp_core.train import distributed
+from sharp_core.train.checkpoint import latest_checkpoint, verify_manifest
+from sharp_core.train.onpolicy import OnPolicy
+from sharp_core.train.perf import Throughput, flops_per_token
+from sharp_core.train.setup import Setup, autocast_dtype, setup
+from sharp_core.train.state import (
     SPEC_FILE,
     STATE_FILE,
     TrainState,
     resume,
     save_checkpoint,
 )
-from sharp_core.step import backward_per_term, micro_step, next_batch, step_counts
+from sharp_core.train.step import backward_per_term, micro_step, next_batch, step_counts
 
 __all__ = [
     "SPEC_FILE",

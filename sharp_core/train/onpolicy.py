@@ -4,7 +4,7 @@ Why: off-policy KD only ever shows the student the training text, while at infer
 continues its own text (the train/inference mismatch GKD and DistiLLM address). With
 ``method.on_policy``, a step's packed blocks become prompts (their first P tokens), a model
 continues them for T = ``max_new_tokens`` tokens, and the step's loss is taken on the T
-generated tokens of each row only (`sharp_core.step.micro_step` reads the ``loss_mask``).
+generated tokens of each row only (`sharp_core.train.step.micro_step` reads the ``loss_mask``).
 
 Two ways to choose a step's batch (docs/method.md, "On-policy"):
 

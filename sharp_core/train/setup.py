@@ -2,7 +2,7 @@
 
 Why separate from the loop: `setup` touches no file under the run's folder, so a bad spec
 (unknown model, tokenizer mismatch, unreadable data) fails before anything is half-written;
-and a benchmark or a test can build a `Setup` and call `sharp_core.step.micro_step` on it
+and a benchmark or a test can build a `Setup` and call `sharp_core.train.step.micro_step` on it
 without running the loop.
 """
 
@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from sharp_core import distributed, losses
-from sharp_core.data import (
+from sharp_core.data.loading import (
     ClassificationData,
     PackedData,
     build_classification_data,
@@ -26,7 +25,7 @@ from sharp_core.data import (
     load_classification,
     load_texts,
 )
-from sharp_core.models import (
+from sharp_core.models.loading import (
     LocalResolver,
     Resolver,
     check_vocab,
@@ -34,12 +33,14 @@ from sharp_core.models import (
     model_shape,
     resolve_tokenizer,
 )
+from sharp_core.objectives import losses
 from sharp_core.spec import JobSpec
+from sharp_core.train import distributed
 
 if TYPE_CHECKING:
-    from sharp_core.capture import AttentionCapture
-    from sharp_core.sharp import AttentionObjective
-    from sharp_core.teacher_cache import TeacherCache
+    from sharp_core.cache.teacher_cache import TeacherCache
+    from sharp_core.models.capture import AttentionCapture
+    from sharp_core.objectives.sharp import AttentionObjective
 
 __all__ = ["Setup", "autocast_dtype", "load_eval_sets", "pick_device", "setup"]
 
@@ -73,7 +74,7 @@ class Setup:
     dataset_sha256: str | None = None
     """sha256 of the loaded documents (`teacher_cache.texts_digest`), when a cache is asked for."""
     teacher_cache: TeacherCache | None = None
-    """The verified teacher-logit cache the logit term reads (`sharp_core.teacher_cache.attach`)."""
+    """The verified teacher-logit cache the logit term reads (`sharp_core.cache.teacher_cache.attach`)."""
     eval_sets: dict[str, PackedData | ClassificationData] = field(default_factory=dict)
     """The job's evaluation sets (``dataset.eval``) by split name (``val``, ``test``), each
     with its examples in ``eval``; empty when it names none."""
@@ -219,8 +220,8 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
 
     objective = s_cap = t_cap = None
     if spec.method.uses_attention:
-        from sharp_core.capture import AttentionCapture
-        from sharp_core.sharp import AlignmentMaps, make_attention_objective
+        from sharp_core.models.capture import AttentionCapture
+        from sharp_core.objectives.sharp import AlignmentMaps, make_attention_objective
 
         assert teacher is not None
         objective = make_attention_objective(
@@ -238,7 +239,7 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
             teacher = torch.compile(teacher)  # type: ignore[assignment]
     digest = None
     if spec.method.teacher_cache.mode != "off" and not classify:
-        from sharp_core.teacher_cache import texts_digest
+        from sharp_core.cache.teacher_cache import texts_digest
 
         digest = texts_digest(texts)
     return Setup(
@@ -306,9 +307,9 @@ def _prune_student(
     device: torch.device,
 ) -> tuple[Any, PruneReport]:
     """The student cut from the teacher, in the student's dtype on the training device."""
-    from sharp_core.models import weights_dtype
-    from sharp_core.prune import prune
-    from sharp_core.prune_shapes import target_of
+    from sharp_core.models.loading import weights_dtype
+    from sharp_core.models.prune import prune
+    from sharp_core.models.prune_shapes import target_of
 
     ps = spec.student.prune
     assert ps is not None

@@ -5,7 +5,7 @@ One state for the loop (litgpt's ``fit``): the student's weights (``model.safete
 objective's learned basis, the grad scaler, the data position and every rank's RNG states.
 Resuming restores all of it, so a resumed run follows the uninterrupted run's trajectory;
 resuming with a different spec warns and names each field that differs (torchtune's
-``_update_recipe_state``). The file layout is `sharp_core.checkpoint`'s.
+``_update_recipe_state``). The file layout is `sharp_core.train.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ from typing import Any
 
 import torch
 
-from sharp_core.checkpoint import (
+from sharp_core.data.loading import BatchStream, ClassificationData
+from sharp_core.errors import CheckpointMismatchError
+from sharp_core.spec import TrainingSpec
+from sharp_core.train.checkpoint import (
     clean_temporaries,
     latest_checkpoint,
     prune_checkpoints,
     step_dir_name,
     write_checkpoint,
 )
-from sharp_core.data import BatchStream, ClassificationData
-from sharp_core.distributed import Context
-from sharp_core.errors import CheckpointMismatchError
-from sharp_core.setup import Setup
-from sharp_core.spec import TrainingSpec
+from sharp_core.train.distributed import Context
+from sharp_core.train.setup import Setup
 
 __all__ = [
     "SPEC_FILE",
@@ -56,7 +56,7 @@ class TrainState:
     scaler: torch.amp.GradScaler
     stream: BatchStream
     objective: torch.nn.Module | None
-    onpolicy: Any = None  # sharp_core.onpolicy.OnPolicy when the spec has method.on_policy
+    onpolicy: Any = None  # sharp_core.train.onpolicy.OnPolicy when the spec has method.on_policy
 
     @classmethod
     def start(

@@ -3,7 +3,7 @@
     L = (1 − a)·CE + a·D(p_T ‖ q_S; τ) + s(t)·Σ_g w_g·L_g      (+ basis_loss, learned basis)
 
 `micro_step` is the only place the methods differ (which terms exist); the loop
-(`sharp_core.trainer.train`) is the same for all. It is public so that benchmarks time the
+(`sharp_core.train.loop.train`) is the same for all. It is public so that benchmarks time the
 trainer's very step on a hand-built `Setup`, with the logit loss they choose passed in as
 ``Setup.logit_loss`` rather than patched.
 
@@ -19,9 +19,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from sharp_core import losses, teacher_cache
-from sharp_core.data import BatchStream, ClassificationData
-from sharp_core.setup import Setup
+from sharp_core.cache import teacher_cache
+from sharp_core.data.loading import BatchStream, ClassificationData
+from sharp_core.objectives import losses
+from sharp_core.train.setup import Setup
 
 __all__ = [
     "StepLosses",
@@ -65,7 +66,7 @@ def step_counts(batches: list[dict[str, torch.Tensor]], classify: bool) -> tuple
     n_seqs = sum(b["input_ids"].shape[0] for b in batches)
     if classify:
         return n_seqs, n_seqs
-    # generated batches (sharp_core.onpolicy): only the masked-in tokens are targets
+    # generated batches (sharp_core.train.onpolicy): only the masked-in tokens are targets
     n_tokens = sum(
         int(b["loss_mask"][:, 1:].sum()) if "loss_mask" in b else b["input_ids"][:, 1:].numel()
         for b in batches

@@ -39,7 +39,7 @@ STEP_DESCRIPTIONS = {
     "its LM head, for its attention only",
     "eager": "kd + MSE on head-averaged maps, eager output_attentions",
     "sharp_chunked": "sharp with method.projection='chunked' (float32 reference)",
-    "kd_separate": "kd with CE and D as two separate sharp_core.losses calls (before)",
+    "kd_separate": "kd with CE and D as two separate sharp_core.objectives.losses calls (before)",
     "kd_liger": "kd with Liger Kernel's fused linear CE + forward KL (CUDA)",
     "kd_compiled": "kd with torch.compile'd teacher and student",
     "sharp_compiled": "sharp with torch.compile'd teacher and student",

@@ -8,9 +8,9 @@ from torch import Tensor
 
 from bench.step.models import Workload, maybe_compile
 from bench.step.runners.base import Runner, logit_loss_kwargs
-from sharp_core import losses
-from sharp_core.models import model_shape
-from sharp_core.sharp import layer_map
+from sharp_core.models.loading import model_shape
+from sharp_core.objectives import losses
+from sharp_core.objectives.sharp import layer_map
 from sharp_core.spec import MethodSpec
 
 

@@ -14,14 +14,15 @@ from torch import Tensor
 
 from bench.step.models import Workload, job_spec, maybe_compile
 from bench.step.runners.base import Runner
-from sharp_core import losses, teacher_cache
-from sharp_core.capture import ATTN_IMPLEMENTATION, AttentionCapture
-from sharp_core.models import model_shape
-from sharp_core.onpolicy import generate, loss_mask
-from sharp_core.setup import Setup
-from sharp_core.sharp import make_attention_objective
+from sharp_core.cache import teacher_cache
+from sharp_core.models.capture import ATTN_IMPLEMENTATION, AttentionCapture
+from sharp_core.models.loading import model_shape
+from sharp_core.objectives import losses
+from sharp_core.objectives.sharp import make_attention_objective
 from sharp_core.spec import TeacherCacheSpec
-from sharp_core.step import micro_step
+from sharp_core.train.onpolicy import generate, loss_mask
+from sharp_core.train.setup import Setup
+from sharp_core.train.step import micro_step
 
 
 def separate_logit_objective(
@@ -105,7 +106,7 @@ class MicroStepRunner(Runner):
 
     ``variant.projection`` goes into the `MethodSpec` exactly as a job would set it;
     ``variant.logit_loss`` is the step's logit loss (``Setup.logit_loss``), as a caller of
-    `sharp_core.step.micro_step` hands it one.
+    `sharp_core.train.step.micro_step` hands it one.
     """
 
     def __init__(self, name: str, variant: Variant, w: Workload) -> None:
@@ -114,7 +115,7 @@ class MicroStepRunner(Runner):
         spec = job_spec(w.preset, variant.method, compile_, variant.projection)
         objective = s_cap = t_cap = None
         if spec.method.uses_attention:
-            # built as `sharp_core.setup.setup` builds it; the captures switch both models to
+            # built as `sharp_core.train.setup.setup` builds it; the captures switch both models to
             # the "sharp_capture" attention (SDPA + record)
             objective = make_attention_objective(
                 spec.method,
