@@ -220,8 +220,9 @@ def _type_checking_only(tree: ast.AST) -> set[int]:
 def import_edges(path: str, source: str, known: set[str]) -> list[tuple[int, str]]:
     """(line, module) for every import of a `known` module anywhere in `source` (lazy ones in
     functions included, ``if TYPE_CHECKING:`` ones excluded). ``from pkg import name`` is an
-    edge to ``pkg.name`` where that is a module, else to ``pkg``; the parent packages an import
-    also runs are not counted (sharp_core's and service's ``__init__`` hold only docstrings)."""
+    edge to ``pkg.name`` where that is a module, else to ``pkg``. The parent packages an import
+    also runs are not counted: a package ``__init__`` that re-exports its modules, which
+    import each other by full name, is the usual harmless pattern, not a circle to break."""
     tree = ast.parse(source)
     skip = _type_checking_only(tree)
     me = module_of(path)
