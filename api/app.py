@@ -25,6 +25,7 @@ from prometheus_client import Counter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import service.reactions  # noqa: F401  (registers the lifecycle's job-ended reactions)
 from api.metrics import RequestMetrics
 from api.metrics import router as metrics_router
 from api.openapi import install as install_openapi

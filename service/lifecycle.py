@@ -18,10 +18,13 @@ The table (`TRANSITIONS`)::
     requeue_or_fail  running, cancelling   → queued | failed | cancelled
     retry            failed, cancelled     → queued         budget: attempt + max_attempts
 
-A transition that ends a job (to succeeded, failed or cancelled) also writes the job's
-webhook deliveries in the same transaction (`_ended`, `service.webhooks.enqueue_job_event`):
-the outbox row exists exactly when the status does. A sweep's cell also advances its sweep
-once that transaction commits (`service.sweeps.cell_ended`).
+A transition that ends a job (to succeeded, failed or cancelled) runs the registered
+reactions (`on_job_ended`) in the same transaction: the webhook outbox row
+(`service.webhooks.enqueue_job_event`), so it exists exactly when the status does, and a sweep
+cell's advance once that transaction commits (`service.sweeps.cell_ended`). Those modules sit
+above this one (they import the models, which import these statuses), so they register with
+it (`service.reactions`, imported by every process that runs transitions) instead of being
+imported here: no import circle.
 
 ``admit`` (the scheduler) and ``heartbeat`` (the supervisor) write a queued or active row
 without changing its status. Nothing leaves ``succeeded``, and only ``retry`` leaves
@@ -32,7 +35,7 @@ against the database).
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -146,14 +149,35 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _ended(repo: JobRepository, job_id: str, status: JobStatus) -> None:
-    """`job_id` has just become `status` (terminal) in this transaction: its webhook outbox,
-    and, if it is a sweep's cell, that sweep's advance after the commit (`service.sweeps`)."""
-    from service.sweeps import cell_ended  # these import the models, which import us
-    from service.webhooks import enqueue_job_event
+#: A reaction to a job's end: (repo, job id, its terminal status), in the ending transaction.
+JobEndedReaction = Callable[["JobRepository", str, JobStatus], None]
 
-    enqueue_job_event(repo, job_id, status.value)
-    cell_ended(repo, job_id)
+_reactions: dict[str, JobEndedReaction] = {}
+
+
+def on_job_ended(name: str, reaction: JobEndedReaction) -> None:
+    """Register `reaction` under `name` (registering a name again replaces it, so a reimport
+    does not run it twice). Reactions run in registration order, inside the transaction that
+    ended the job; one that needs the commit defers itself (`service.txn.after_commit`)."""
+    _reactions[name] = reaction
+
+
+def job_ended_reactions() -> tuple[str, ...]:
+    """The registered reactions' names, in the order they run."""
+    return tuple(_reactions)
+
+
+def _ended(repo: JobRepository, job_id: str, status: JobStatus) -> None:
+    """`job_id` has just become `status` (terminal) in this transaction: run the reactions.
+    None registered means this process never imported `service.reactions`; ending the job
+    anyway would silently lose its webhooks and stall its sweep, so the transition fails."""
+    if not _reactions:
+        raise RuntimeError(
+            "no job-ended reactions are registered: import service.reactions in the process "
+            "that runs lifecycle transitions"
+        )
+    for reaction in list(_reactions.values()):
+        reaction(repo, job_id, status)
 
 
 def start(repo: JobRepository, job: Job) -> dict[str, Any]:

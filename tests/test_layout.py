@@ -6,12 +6,18 @@ and job statuses are written only by the lifecycle.
 Every module's imports are read with `ast`, including the lazy ones inside functions, so an
 import that hides from the module top is caught too. These tests parse files; they import
 nothing from the project.
+
+No circles either, inside a package as between packages (a strongly connected component of
+the module import graph with more than one module fails, naming its edges), and inside
+`sharp_core/` the sub-packages keep their order (`SHARP_CORE_ORDER`). ``python
+tests/test_layout.py`` prints the cycles and sharp_core's sub-package edges.
 """
 
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -184,3 +190,289 @@ def test_layer_check_sees_lazy_and_upward_imports(
 )
 def test_sql_check_sees_queries(source: str, expected: list[str]) -> None:
     assert sql_violations(ROOT / "api/x.py", source) == expected
+
+
+# -- no circles ----------------------------------------------------------------------------------
+
+#: The packages whose module graph must have no cycle.
+GRAPH_PACKAGES = ("service", "api", "worker", "ops", "sharp_core")
+
+
+def module_of(path: str) -> str:
+    """``service/jobs.py`` -> ``service.jobs``; ``api/routes/__init__.py`` -> ``api.routes``."""
+    parts = path.removesuffix(".py").split("/")
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """ids of the nodes under ``if TYPE_CHECKING:`` (never run, so never a circle)."""
+    out: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If):
+            t = node.test
+            if (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+                isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
+            ):
+                out |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return out
+
+
+def import_edges(path: str, source: str, known: set[str]) -> list[tuple[int, str]]:
+    """(line, module) for every import of a `known` module anywhere in `source` (lazy ones in
+    functions included, ``if TYPE_CHECKING:`` ones excluded). ``from pkg import name`` is an
+    edge to ``pkg.name`` where that is a module, else to ``pkg``. The parent packages an import
+    also runs are not counted: a package ``__init__`` that re-exports its modules, which
+    import each other by full name, is the usual harmless pattern, not a circle to break."""
+    tree = ast.parse(source)
+    skip = _type_checking_only(tree)
+    me = module_of(path)
+    package = me.split(".") if path.endswith("__init__.py") else me.split(".")[:-1]
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            names = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in known else mod for a in node.names]
+        else:
+            continue
+        for name in names:
+            while name not in known and "." in name:
+                name = name.rsplit(".", 1)[0]
+            if name in known and name != me and (node.lineno, name) not in out:
+                out.append((node.lineno, name))
+    return out
+
+
+Graph = dict[str, list[tuple[int, str]]]
+
+
+def import_graph(files: Mapping[str, str]) -> Graph:
+    """module -> [(line, imported module)] over `files` (path -> source)."""
+    known = {module_of(p) for p in files}
+    return {module_of(p): import_edges(p, src, known) for p, src in files.items()}
+
+
+def import_cycles(graph: Graph) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for _, w in graph.get(v, []):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(out)
+
+
+def describe_cycle(graph: Graph, comp: list[str]) -> str:
+    """The edges inside one component, one ``module:line -> module`` a line."""
+    edges = [f"  {v}:{line} -> {w}" for v in comp for line, w in graph[v] if w in comp]
+    return f"circle of {len(comp)} modules {comp}:\n" + "\n".join(edges)
+
+
+def project_files(*packages: str) -> dict[str, str]:
+    return {rel(p): p.read_text(encoding="utf-8") for p in modules(*packages)}
+
+
+def test_no_import_circles() -> None:
+    graph = import_graph(project_files(*GRAPH_PACKAGES))
+    cycles = import_cycles(graph)
+    assert not cycles, "\n".join(describe_cycle(graph, c) for c in cycles)
+
+
+# -- sharp_core's sub-packages keep their order --------------------------------------------------
+
+#: sharp_core's modules at its top level: the bottom (spec, errors, methods, files) and the
+#: entry points (cli, demo, ``__main__``). Anything new belongs in a sub-package.
+SHARP_CORE_FLAT = {"__init__", "__main__", "spec", "errors", "methods", "files", "cli", "demo"}
+
+_BOTTOM = {"spec", "errors", "methods", "files"}
+#: sharp_core unit (a sub-package or a top-level module) -> the units it may import; every
+#: unit may import itself. The design's table (../shared/design/layout.md) as the code needs
+#: it: `files` (sha256, fsync, the manifest's name) joins the bottom because checkpoints and
+#: the teacher cache both write durable folders; `cache` reads `models` (the autocast dtype)
+#: besides data and objectives; `evaluate` uses `objectives` (the cross-entropy it reports);
+#: `train` runs `evaluate` (held-out evaluation during training); `cli` (``python -m
+#: sharp_core``) may import everything.
+SHARP_CORE_ORDER: dict[str, set[str]] = {
+    "errors": set(),
+    "files": set(),
+    "methods": {"errors"},
+    "spec": {"errors", "methods"},
+    "data": _BOTTOM,
+    "models": _BOTTOM,
+    "objectives": _BOTTOM | {"models"},
+    "cache": _BOTTOM | {"data", "models", "objectives"},
+    "evaluate": _BOTTOM | {"data", "models", "objectives"},
+    "train": _BOTTOM | {"data", "models", "objectives", "cache", "evaluate"},
+    "study": _BOTTOM,
+    "demo": _BOTTOM,
+    "__init__": set(),
+    "__main__": {"cli"},
+    "cli": {"errors", "files", "methods", "spec", "data", "models", "objectives"}
+    | {"cache", "evaluate", "train", "study", "demo"},
+}
+
+
+def sharp_core_unit(module: str) -> str:
+    """``sharp_core.train.step`` -> ``train``; ``sharp_core.spec`` -> ``spec``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def subpackage_violations(graph: Graph) -> list[str]:
+    out = []
+    for v, edges in sorted(graph.items()):
+        if not v.startswith("sharp_core"):
+            continue
+        a = sharp_core_unit(v)
+        for line, w in edges:
+            if not w.startswith("sharp_core"):
+                continue
+            b = sharp_core_unit(w)
+            if b != a and b not in SHARP_CORE_ORDER.get(a, set()):
+                out.append(
+                    f"{v}:{line} imports {w} ({a} may import {sorted(SHARP_CORE_ORDER.get(a, set()))})"
+                )
+    return out
+
+
+def test_sharp_core_subpackages_keep_their_order() -> None:
+    """data, models -> the bottom; objectives -> models; cache -> data, models, objectives;
+    evaluate -> data, models, objectives; train -> all of those; study -> the bottom (the
+    bottom: spec, errors, methods, files). See `SHARP_CORE_ORDER` for why each edge exists."""
+    bad = subpackage_violations(import_graph(project_files("sharp_core")))
+    assert not bad, "sharp_core imports against its sub-package order:\n" + "\n".join(bad)
+
+
+def test_sharp_core_has_no_new_flat_modules_or_unplaced_subpackages() -> None:
+    top = ROOT / "sharp_core"
+    flat = {p.stem for p in top.glob("*.py")}
+    assert flat <= SHARP_CORE_FLAT, (
+        f"new top-level modules {sorted(flat - SHARP_CORE_FLAT)}: put them in a sub-package"
+    )
+    subs = {p.parent.name for p in top.glob("*/__init__.py")}
+    assert subs <= set(SHARP_CORE_ORDER), (
+        f"sub-packages missing from SHARP_CORE_ORDER: {sorted(subs - set(SHARP_CORE_ORDER))}"
+    )
+    # a folder of modules without __init__ would be a namespace package the order cannot place
+    loose = {p.parent.name for p in top.glob("*/*.py")} - subs
+    assert not loose, f"folders of modules without __init__.py: {sorted(loose)}"
+
+
+# -- the circle and order checks catch what they should ------------------------------------------
+
+_CIRCLE = {
+    # the service's old circle, in small: the lifecycle imported upward lazily
+    "service/lifecycle.py": "def _ended():\n    from service.sweeps import cell_ended\n",
+    "service/models.py": "from service.lifecycle import JOB_STATUSES\n",
+    "service/sweeps.py": "from service import models\n",
+    "service/ids.py": "",
+}
+
+
+def test_cycle_check_sees_a_lazy_circle_and_names_it() -> None:
+    graph = import_graph(_CIRCLE)
+    assert graph["service.sweeps"] == [(1, "service.models")]  # `from pkg import module`
+    cycles = import_cycles(graph)
+    assert cycles == [["service.lifecycle", "service.models", "service.sweeps"]]
+    text = describe_cycle(graph, cycles[0])
+    assert "service.lifecycle:2 -> service.sweeps" in text
+    assert "service.models:1 -> service.lifecycle" in text
+
+
+def test_cycle_check_ignores_type_checking_imports_and_acyclic_graphs() -> None:
+    files = {
+        **_CIRCLE,
+        "service/lifecycle.py": (
+            "from typing import TYPE_CHECKING\n"
+            "if TYPE_CHECKING:\n    from service.sweeps import cell_ended\n"
+        ),
+    }
+    assert import_cycles(import_graph(files)) == []
+    # a relative import is an edge too
+    rel_circle = {**files, "service/lifecycle.py": "def f():\n    from . import sweeps\n"}
+    assert import_cycles(import_graph(rel_circle)) == [
+        ["service.lifecycle", "service.models", "service.sweeps"]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        # the teacher cache reaching up into train (what it did for sha256_file)
+        (
+            "from sharp_core.train.checkpoint import sha256_file\n",
+            ["sharp_core.cache.x:1 imports sharp_core.train.checkpoint"],
+        ),
+        (
+            "def f():\n    from sharp_core.evaluate import perplexity\n",
+            ["sharp_core.cache.x:2 imports sharp_core.evaluate.perplexity"],
+        ),
+        (
+            "from sharp_core.files import sha256_file\nfrom sharp_core.objectives import losses\n",
+            [],
+        ),
+        (
+            "from sharp_core.models.loading import autocast_dtype\nimport sharp_core.cache.store\n",
+            [],
+        ),
+    ],
+)
+def test_order_check_sees_upward_subpackage_imports(source: str, expected: list[str]) -> None:
+    files = {
+        "sharp_core/cache/x.py": source,
+        "sharp_core/cache/store.py": "",
+        "sharp_core/train/checkpoint.py": "",
+        "sharp_core/evaluate/perplexity.py": "",
+        "sharp_core/models/loading.py": "",
+        "sharp_core/objectives/losses.py": "",
+        "sharp_core/files.py": "",
+    }
+    got = [v.split(" (")[0] for v in subpackage_violations(import_graph(files))]
+    assert got == expected
+
+
+if __name__ == "__main__":  # print the circles and sharp_core's sub-package edges
+    g = import_graph(project_files(*GRAPH_PACKAGES))
+    for comp in import_cycles(g):
+        print(describe_cycle(g, comp))
+    units: dict[str, set[str]] = {}
+    for v, es in g.items():
+        for _, w in es:
+            inside = v.startswith("sharp_core") and w.startswith("sharp_core")
+            if inside and sharp_core_unit(v) != sharp_core_unit(w):
+                units.setdefault(sharp_core_unit(v), set()).add(sharp_core_unit(w))
+    for a in sorted(units):
+        print(f"sharp_core.{a} -> {sorted(units[a])}")
+    sys.exit(1 if import_cycles(g) else 0)

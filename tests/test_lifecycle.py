@@ -238,3 +238,42 @@ def test_database_transitions_follow_the_model(
         assert n == events + (op != "admit"), op  # one status event per status change
         _check_invariants(model, row, op)
         model, events = row, n
+
+
+# -- the job-ended reactions (registered from above: no import circle) ---------------------------
+
+
+def test_ending_transition_runs_reactions_in_order_and_refuses_without_any(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`_ended` runs the registered reactions in registration order with (repo, id, status);
+    re-registering a name replaces it; with none registered it raises instead of silently
+    losing the webhook outbox and the sweep's advance."""
+    monkeypatch.setattr(lifecycle, "_reactions", {})
+    with pytest.raises(RuntimeError, match="service.reactions"):
+        lifecycle._ended(None, "job_1", F)  # type: ignore[arg-type]
+    calls: list[tuple[str, object, str, JobStatus]] = []
+    lifecycle.on_job_ended("a", lambda repo, job_id, st: calls.append(("a", repo, job_id, st)))
+    lifecycle.on_job_ended("b", lambda repo, job_id, st: calls.append(("b", repo, job_id, st)))
+    lifecycle.on_job_ended("a", lambda repo, job_id, st: calls.append(("a2", repo, job_id, st)))
+    lifecycle._ended("repo", "job_1", C)  # type: ignore[arg-type]
+    assert calls == [("a2", "repo", "job_1", C), ("b", "repo", "job_1", C)]
+    assert lifecycle.job_ended_reactions() == ("a", "b")
+
+
+@pytest.mark.parametrize("entry", ["api.app", "worker.tasks", "worker.supervisor", "worker.reaper"])
+def test_every_process_that_runs_transitions_registers_the_reactions(entry: str) -> None:
+    """The API, the Celery worker (its task module), the supervisor and the reaper each
+    register the webhook outbox and the sweep advance, in that order, on import alone (a fresh
+    interpreter: nothing else imported first)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"import {entry}; from service import lifecycle; print(lifecycle.job_ended_reactions())"
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "('webhooks', 'sweeps')"

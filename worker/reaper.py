@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
 
+import service.reactions  # noqa: F401  (registers the lifecycle's job-ended reactions)
 from service import lifecycle, scheduler
 from service.db import Database
 from service.dispatch import DeliveryDispatch, Dispatch

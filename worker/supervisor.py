@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import service.reactions  # noqa: F401  (registers the lifecycle's job-ended reactions)
 from service import lifecycle, scheduler
 from service.db import Database
 from service.dispatch import DeliveryDispatch, Dispatch

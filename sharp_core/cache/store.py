@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Protocol
 
-from sharp_core.train.checkpoint import MANIFEST, fsync_dir
+from sharp_core.files import MANIFEST, fsync_dir
 
 __all__ = ["MANIFEST", "CacheStore", "LocalCacheStore"]
 

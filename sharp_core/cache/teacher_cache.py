@@ -48,9 +48,9 @@ from torch.autograd.function import once_differentiable
 
 from sharp_core.cache.store import MANIFEST, CacheStore, LocalCacheStore
 from sharp_core.errors import ArtifactWriteError, TeacherCacheCorruptError
+from sharp_core.files import sha256_file
 from sharp_core.objectives.losses import DIVERGENCES, IGNORE_INDEX
 from sharp_core.spec import TeacherCacheSpec
-from sharp_core.train.checkpoint import sha256_file
 
 __all__ = [
     "CacheStore",
@@ -660,7 +660,7 @@ def attach(S: Any, store: CacheStore, on_event: Callable[[str, dict[str, Any]], 
     it is discarded and rebuilt. Reports ``teacher_cache`` {role: built | read, key, parts,
     size} through ``on_event``. Methods without attention terms then drop the teacher (its
     forward pass is no longer needed, and its memory is freed)."""
-    from sharp_core.train.setup import autocast_dtype
+    from sharp_core.models.loading import autocast_dtype
 
     spec = S.spec
     cfg = spec.method.teacher_cache

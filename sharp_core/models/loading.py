@@ -95,6 +95,14 @@ def weights_dtype(name: str, role: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def autocast_dtype(spec: JobSpec, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the forward passes: bf16 / fp16 on CUDA, None (fp32) otherwise."""
+    precision = spec.training.precision
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
 def _load_config(ms: ModelSpec, src: str | None, param: str, revision: str):
     try:
         if src is not None:

@@ -14,7 +14,6 @@ only folders whose manifest verifies. Layout of `out_dir`:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,30 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from sharp_core.errors import ArtifactWriteError, CheckpointError
+from sharp_core.files import MANIFEST, fsync_dir, sha256_file
 
-MANIFEST = "manifest.json"
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
-
-
-def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in ``path`` durable (POSIX: fsync the directory)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_checkpoint(

@@ -28,6 +28,7 @@ from sharp_core.data.loading import (
 from sharp_core.models.loading import (
     LocalResolver,
     Resolver,
+    autocast_dtype,
     check_vocab,
     load_model,
     model_shape,
@@ -146,14 +147,6 @@ def _timed_load(out: dict[str, float], role: str, **kw: Any) -> Any:
         torch.cuda.synchronize(dev)
     out[f"build_{role}_s"] = time.perf_counter() - t0
     return model
-
-
-def autocast_dtype(spec: JobSpec, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of the forward passes: bf16 / fp16 on CUDA, None (fp32) otherwise."""
-    precision = spec.training.precision
-    if device.type != "cuda" or precision == "fp32":
-        return None
-    return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
 def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None = None) -> Setup:
