@@ -5,24 +5,75 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from sharp_core.data.loading import ClassificationData, PackedData, eval_batches, load_texts, pack
+from sharp_core.data.loading import ClassificationData, PackedData, load_texts, pack
 from sharp_core.errors import DataError
 from sharp_core.models.loading import load_model, resolve_tokenizer
 from sharp_core.objectives import losses
 from sharp_core.spec import DatasetSpec, parse_spec
 
 __all__ = [
+    "ONE",
     "SET_METRICS",
+    "Ranks",
     "classifier_metrics",
     "evaluate",
     "evaluate_sets",
     "lm_loss",
     "perplexity",
+    "rank_rows",
 ]
+
+
+class Ranks(Protocol):
+    """Where this process sits among the ranks and how it sums over them
+    (`sharp_core.train.distributed.Context`; `ONE` is the single process)."""
+
+    rank: int
+    world_size: int
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class _One:
+    rank: int = 0
+    world_size: int = 1
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+ONE: Ranks = _One()
+
+
+def rank_rows(n: int, batch_size: int, rank: int, world_size: int) -> list[torch.Tensor | None]:
+    """Row indices of every forward this rank runs over `n` rows: rank r takes rows
+    r, r+W, r+2W, … in micro-batches of `batch_size` (the per-rank batch).
+
+    Every rank gets the same number of forwards, ceil(ceil(n / W) / batch_size); None
+    marks a padding forward on a rank that ran out of rows. Why: a sharded (FSDP) model
+    all-gathers its weights inside each forward, so every rank must join every forward."""
+    mine = torch.arange(n)[rank::world_size]
+    steps = math.ceil(math.ceil(n / world_size) / batch_size)
+    out: list[torch.Tensor | None] = []
+    for i in range(steps):
+        sl = mine[i * batch_size : (i + 1) * batch_size]
+        out.append(sl if sl.numel() else None)
+    return out
+
+
+def _sums(ranks: Ranks, values: list[float], device: torch.device) -> list[float]:
+    """`values` summed over the ranks (float64; every rank must call this)."""
+    if ranks.world_size <= 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    return ranks.all_reduce_sum(t).tolist()
 
 
 def lm_loss(
@@ -31,47 +82,65 @@ def lm_loss(
     vocab: int,
     batch_size: int,
     device: torch.device,
+    ranks: Ranks = ONE,
 ) -> tuple[float, int]:
     """(mean next-token cross-entropy, token count) of `model` over packed `blocks` (M, N).
 
-    Logits are sliced to the tokenizer's `vocab` (a padded embedding's extra rows never
-    count). Runs under the caller's grad / autocast mode.
+    `batch_size` is per rank; under several ranks each evaluates its share of the blocks
+    (`rank_rows`) and the sums (loss·tokens, tokens) are all-reduced, so every rank returns
+    the single-process numbers. Logits are sliced to the tokenizer's `vocab` (a padded
+    embedding's extra rows never count). Runs under the caller's grad / autocast mode.
     """
     total, count = 0.0, 0
-    for x in eval_batches(blocks, batch_size):
-        x = x.to(device)  # (B, N)
+    for rows in rank_rows(blocks.shape[0], batch_size, ranks.rank, ranks.world_size):
+        x = blocks[rows if rows is not None else slice(0, 1)].to(device)  # (B, N)
         logits = model(input_ids=x).logits[:, :-1, :vocab]  # (B, N-1, V)
+        if rows is None:
+            continue  # a padding forward: its result is not counted
         n = x[:, 1:].numel()
         total += losses.cross_entropy(logits, x[:, 1:], num_valid=n).item() * n
         count += n
-    return total / max(count, 1), count
+    total, count_f = _sums(ranks, [total, float(count)], device)
+    return total / max(count_f, 1), int(count_f)
 
 
 def classifier_metrics(
-    model: torch.nn.Module, data: ClassificationData, batch_size: int, device: torch.device
+    model: torch.nn.Module,
+    data: ClassificationData,
+    batch_size: int,
+    device: torch.device,
+    ranks: Ranks = ONE,
 ) -> dict[str, float]:
     """Accuracy, macro-F1 (unweighted mean of per-class F1, classes absent from both
-    predictions and labels skipped) and the cross-entropy on the eval split."""
-    preds, golds, total = [], [], 0.0
+    predictions and labels skipped) and the cross-entropy on the eval split.
+
+    Each rank counts a confusion matrix over its share of the rows (`rank_rows`); the
+    matrices and loss sums are all-reduced, so F1 is computed from the global counts."""
+    C = data.num_labels
+    confusion = torch.zeros(C, C, dtype=torch.float64)  # (gold, predicted)
+    total = 0.0
     n = data.eval["labels"].shape[0]
-    for i in range(0, n, batch_size):
-        b = {k: v[i : i + batch_size].to(device) for k, v in data.eval.items()}
+    for rows in rank_rows(n, batch_size, ranks.rank, ranks.world_size):
+        sel = rows if rows is not None else slice(0, 1)
+        b = {k: v[sel].to(device) for k, v in data.eval.items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+        if rows is None:
+            continue  # a padding forward: its result is not counted
         total += torch.nn.functional.cross_entropy(logits, b["labels"], reduction="sum").item()
-        preds.append(logits.argmax(-1).cpu())
-        golds.append(b["labels"].cpu())
-    p, g = torch.cat(preds), torch.cat(golds)
-    f1s = []
-    for c in range(data.num_labels):
-        tp = int(((p == c) & (g == c)).sum())
-        fp = int(((p == c) & (g != c)).sum())
-        fn = int(((p != c) & (g == c)).sum())
-        if tp + fp + fn:
-            f1s.append(2 * tp / (2 * tp + fp + fn))
+        pairs = b["labels"].cpu() * C + logits.argmax(-1).cpu()
+        confusion += torch.bincount(pairs, minlength=C * C).view(C, C).double()
+    if ranks.world_size > 1:
+        summed = _sums(ranks, [total, *confusion.flatten().tolist()], device)
+        total, confusion = summed[0], torch.tensor(summed[1:], dtype=torch.float64).view(C, C)
+    tp = confusion.diagonal()
+    fp = confusion.sum(0) - tp  # predicted c, gold another class
+    fn = confusion.sum(1) - tp
+    present = (tp + fp + fn) > 0
+    f1 = 2 * tp / (2 * tp + fp + fn).clamp_min(1)
     return {
         "eval_loss": total / n,
-        "eval_accuracy": float((p == g).float().mean()),
-        "eval_macro_f1": sum(f1s) / max(len(f1s), 1),
+        "eval_accuracy": float(tp.sum() / n),
+        "eval_macro_f1": float(f1[present].sum() / max(int(present.sum()), 1)),
     }
 
 
@@ -83,10 +152,16 @@ def evaluate(
     batch_size: int,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
+    ranks: Ranks = ONE,
 ) -> dict[str, float]:
     """The trainer's eval metrics: eval_loss and eval_ppl (LM) or accuracy and macro-F1
     (classification), in eval mode, under no_grad and autocast to `amp_dtype` if given.
-    The model's train/eval mode is restored afterwards."""
+    The model's train/eval mode is restored afterwards.
+
+    Under several `ranks`, every rank must call this with the model it trains (the
+    DDP/FSDP-wrapped one) and its per-rank `batch_size`: the rows are split over the
+    ranks, every rank runs the same number of forwards, and every rank returns the same
+    (single-process) metrics."""
     was_training = model.training
     model.eval()
     try:
@@ -95,8 +170,8 @@ def evaluate(
             torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
         ):
             if isinstance(data, ClassificationData):
-                return classifier_metrics(model, data, batch_size, device)
-            loss, _ = lm_loss(model, data.eval, vocab, batch_size, device)
+                return classifier_metrics(model, data, batch_size, device, ranks)
+            loss, _ = lm_loss(model, data.eval, vocab, batch_size, device, ranks)
             return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
     finally:
         model.train(was_training)
@@ -120,13 +195,20 @@ def evaluate_sets(
     batch_size: int,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
+    ranks: Ranks = ONE,
 ) -> dict[str, float]:
     """`evaluate` on each named evaluation set (`Setup.eval_sets`), its metrics prefixed with
     the split's name (`SET_METRICS`): ``{"val_loss": …, "val_ppl": …, "test_loss": …}``."""
     out: dict[str, float] = {}
     for split, data in sets.items():
         ev = evaluate(
-            model, data, vocab=vocab, batch_size=batch_size, device=device, amp_dtype=amp_dtype
+            model,
+            data,
+            vocab=vocab,
+            batch_size=batch_size,
+            device=device,
+            amp_dtype=amp_dtype,
+            ranks=ranks,
         )
         out.update(
             {f"{split}_{SET_METRICS.get(k, k.removeprefix('eval_'))}": v for k, v in ev.items()}

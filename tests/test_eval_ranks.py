@@ -1,0 +1,117 @@
+"""Evaluation split over ranks: every rank evaluates its share of the blocks at the per-rank
+batch, the sums are all-reduced, and every rank reports the single-process numbers.
+
+The reference is one process evaluating every block at the global batch. What differs is
+only where the fp32 per-batch sums are cut (batches of 2 rows per rank instead of 4), so we
+allow 1e-6 relative (measured: ~1e-7). The block count (5) is odd on purpose: rank 1 runs
+out of rows and must still run a padding forward, because a sharded (FSDP) student needs
+every rank in every forward; its result must not count.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sharp_core.data.loading import ClassificationData, PackedData
+from sharp_core.evaluate.perplexity import evaluate, rank_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+RTOL = 1e-6
+
+
+def test_rank_rows_cover_every_row_once_with_equal_forward_counts() -> None:
+    for n in (0, 1, 5, 8, 13):
+        for world in (1, 2, 3):
+            for b in (1, 2, 4):
+                per = [rank_rows(n, b, r, world) for r in range(world)]
+                assert len({len(p) for p in per}) == 1, (n, world, b)  # same forwards
+                rows = [int(i) for p in per for sl in p if sl is not None for i in sl]
+                assert sorted(rows) == list(range(n)), (n, world, b)
+                assert all(sl is None or 0 < sl.numel() <= b for p in per for sl in p)
+
+
+def torchrun(kind: str, case: dict, tmp: Path, nproc: int = 2) -> list[dict]:
+    """Run tests/rank_worker.py KIND on `nproc` gloo ranks; what each rank returned."""
+    path = tmp / "case.pt"
+    torch.save(case, path)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--nproc-per-node", str(nproc), str(ROOT / "tests" / "rank_worker.py")]
+    r = subprocess.run(
+        [*cmd, kind, str(path), str(tmp)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    return [torch.load(tmp / f"rank{i}.pt", weights_only=False) for i in range(nproc)]
+
+
+def eval_case() -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        pad_token_id=0,
+    )
+    lm = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    cls = LlamaForSequenceClassification(LlamaConfig(**cfg, num_labels=3)).eval()
+    blocks = torch.randint(1, 64, (5, 16))  # (M, N): 5 blocks over 2 ranks
+    ids = torch.randint(1, 64, (7, 12))
+    mask = torch.ones_like(ids)
+    mask[::2, 9:] = 0  # right padding on every other row
+    ids[mask == 0] = 0
+    rows = {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (7,))}
+    return {
+        "lm_model": lm,
+        "lm_data": PackedData(train=blocks[:0], eval=blocks),
+        "cls_model": cls,
+        "cls_data": ClassificationData(
+            train={k: v[:0] for k, v in rows.items()},
+            eval=rows,
+            num_labels=3,
+            label_names=["a", "b", "c"],
+        ),
+        "vocab": 64,
+        "batch_size": 4,  # global: 2 per rank
+    }
+
+
+@pytest.mark.slow
+def test_two_ranks_evaluate_as_one_process(tmp_path) -> None:
+    case = eval_case()
+    ranks = torchrun("eval", case, tmp_path)
+    cpu = torch.device("cpu")
+    for name in ("lm", "cls"):
+        ref = evaluate(
+            case[f"{name}_model"],
+            case[f"{name}_data"],
+            vocab=case["vocab"],
+            batch_size=case["batch_size"],
+            device=cpu,
+        )
+        assert set(ref) == set(ranks[0][name])
+        for r, got in enumerate(ranks):
+            for k, v in ref.items():
+                assert got[name][k] == pytest.approx(v, rel=RTOL, abs=1e-12), (name, r, k)
+    # 5 LM blocks, 2 per forward: rank 0 runs rows {0, 2}, {4}; rank 1 {1, 3} and a padding
+    # forward. 7 classifier rows: rank 0 {0, 2}, {4, 6}; rank 1 {1, 3}, {5}.
+    assert [x["forwards"] for x in ranks] == [{"lm": 2, "cls": 2}] * 2
+    # the classifier's accuracy is a ratio of whole counts: an exact match
+    assert ranks[1]["cls"]["eval_accuracy"] == ranks[0]["cls"]["eval_accuracy"]
