@@ -23,8 +23,8 @@ def run_eval(case: dict, ctx) -> dict:
     out: dict = {"forwards": {}}
     for name in ("lm", "cls"):
         model = case[f"{name}_model"]
-        calls = [0]
-        model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        calls: list[int] = []
+        model.register_forward_hook(lambda *_, c=calls: c.append(1))
         wrapped = DDP(model, forward_sync_buffers=False)  # what the loop passes
         out[name] = evaluate(
             wrapped,
@@ -34,7 +34,7 @@ def run_eval(case: dict, ctx) -> dict:
             device=torch.device("cpu"),
             ranks=ctx,
         )
-        out["forwards"][name] = calls[0]
+        out["forwards"][name] = len(calls)
     return out
 
 
