@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
@@ -15,6 +13,7 @@ from sharp_core.data.loading import ClassificationData, PackedData, load_texts, 
 from sharp_core.errors import DataError
 from sharp_core.models.loading import load_model, resolve_tokenizer
 from sharp_core.objectives import losses
+from sharp_core.ranks import ONE, Ranks
 from sharp_core.spec import DatasetSpec, parse_spec
 
 __all__ = [
@@ -28,28 +27,6 @@ __all__ = [
     "perplexity",
     "rank_rows",
 ]
-
-
-class Ranks(Protocol):
-    """Where this process sits among the ranks and how it sums over them
-    (`sharp_core.train.distributed.Context`; `ONE` is the single process)."""
-
-    rank: int
-    world_size: int
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True)
-class _One:
-    rank: int = 0
-    world_size: int = 1
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        return t
-
-
-ONE: Ranks = _One()
 
 
 def rank_rows(n: int, batch_size: int, rank: int, world_size: int) -> list[torch.Tensor | None]:
