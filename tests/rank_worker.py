@@ -39,18 +39,16 @@ def run_eval(case: dict, ctx) -> dict:
 
 
 def run_prune(case: dict, ctx) -> dict:
-    from sharp_core.models.prune import prune
+    from sharp_core.models.prune import activation_importance, prune
 
-    res = prune(
-        case["teacher"],
-        case["target"],
-        batches=case["batches"],
-        ranks=ctx,
-    )
+    res = prune(case["teacher"], case["target"], batches=case["batches"], ranks=ctx)
+    one_batch = activation_importance(case["teacher"], case["batches"][:1], ranks=ctx)
     return {
         "selection": res.selection,
         "state": res.model.state_dict(),
         "samples": res.calibration_samples,
+        "scores": activation_importance(case["teacher"], case["batches"], ranks=ctx),
+        "one_batch": one_batch,  # rank 1 runs no batch at all
     }
 
 
