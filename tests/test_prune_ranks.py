@@ -94,3 +94,45 @@ def test_streamed_calibration_on_the_gpu_matches_the_resident_teacher() -> None:
     assert_same_scores(got, ref)
     whole = sum(p.numel() * p.element_size() for p in teacher.parameters())
     assert peak < whole  # the whole teacher was never on the GPU
+
+
+@pytest.mark.slow
+def test_a_pruned_job_on_two_ranks_trains_the_one_process_student(tmp_path) -> None:
+    """`init: prune` under torchrun, now that `setup` splits calibration over the ranks (the
+    split itself: test_two_ranks_prune_as_one_process): the 2-rank job logs the one-process
+    trajectory (test_distributed's RTOL), so every rank started from the same student and no
+    collective hung. A guard on the wiring; one process per rank would pass it too."""
+    import json
+
+    from sharp_core.spec import parse_spec
+    from sharp_core.train.loop import train
+    from tests.helpers import Recorder, train_tiny_teacher, write_corpus
+    from tests.test_distributed import assert_same_trajectory, cli_train, distil_spec, read_jsonl
+
+    corpus = write_corpus(tmp_path)
+    teacher = train_tiny_teacher(corpus, tmp_path / "teacher")
+
+    def spec(**resources) -> dict:
+        d = distil_spec(corpus, teacher, "kd", **resources)
+        d["student"] = {
+            "init": "prune",
+            "prune": {
+                "layers": 2,
+                "heads": 2,
+                "ffn": 64,
+                "calibration": {"samples": 20, "batch_size": 4},  # 5 batches: ranks run 3 + 2
+            },
+        }
+        d["training"]["checkpoint_every"] = 0
+        return d
+
+    one = Recorder()
+    train(parse_spec(spec()), tmp_path / "one", callbacks=one)
+    (tmp_path / "spec.json").write_text(json.dumps(spec(gpus=2)))
+    run = cli_train(tmp_path / "spec.json", tmp_path / "two", tmp_path / "two.jsonl")
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = read_jsonl(tmp_path / "two.jsonl")
+    assert two[0]["prune_calibration_samples"] == one.metrics[0]["prune_calibration_samples"] == 20
+    assert two[0]["prune_params_after"] == one.metrics[0]["prune_params_after"]
+    assert two[0]["eval_loss"] == pytest.approx(one.metrics[0]["eval_loss"], rel=RTOL)
+    assert_same_trajectory(one.metrics, two, range(1, 7))
