@@ -106,9 +106,10 @@ def classifier_metrics(
         total += torch.nn.functional.cross_entropy(logits, b["labels"], reduction="sum").item()
         pairs = b["labels"].cpu() * C + logits.argmax(-1).cpu()
         confusion += torch.bincount(pairs, minlength=C * C).view(C, C).double()
-    if ranks.world_size > 1:
-        summed = _sums(ranks, [total, *confusion.flatten().tolist()], device)
-        total, confusion = summed[0], torch.tensor(summed[1:], dtype=torch.float64).view(C, C)
+    if ranks.world_size > 1:  # one all-reduce: [loss sum, C×C counts]
+        flat = torch.cat([torch.tensor([total], dtype=torch.float64), confusion.flatten()])
+        flat = ranks.all_reduce_sum(flat.to(device)).cpu()
+        total, confusion = float(flat[0]), flat[1:].view(C, C)
     tp = confusion.diagonal()
     fp = confusion.sum(0) - tp  # predicted c, gold another class
     fn = confusion.sum(1) - tp
