@@ -115,3 +115,37 @@ def test_two_ranks_evaluate_as_one_process(tmp_path) -> None:
     assert [x["forwards"] for x in ranks] == [{"lm": 2, "cls": 2}] * 2
     # the classifier's accuracy is a ratio of whole counts: an exact match
     assert ranks[1]["cls"]["eval_accuracy"] == ranks[0]["cls"]["eval_accuracy"]
+
+
+class _Fixed(torch.nn.Module):
+    """A classifier whose logits are a fixed table row per first token."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, attention_mask=None):  # noqa: ANN001
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.table[input_ids[:, 0]] + self.w)
+
+
+def test_classifier_counts_give_accuracy_and_macro_f1_by_hand() -> None:
+    """4 classes, class 3 never predicted nor gold (skipped by macro-F1). Predictions
+    [0, 0, 1, 2, 2, 1] against gold [0, 1, 1, 2, 0, 1]: accuracy 4/6; F1 per class
+    0: tp 1 fp 1 fn 1 → 1/2; 1: tp 2 fp 0 fn 1 → 4/5; 2: tp 1 fp 1 fn 0 → 2/3."""
+    preds = [0, 0, 1, 2, 2, 1]
+    table = torch.nn.functional.one_hot(torch.tensor(preds), 4).float() * 5  # (6, 4)
+    ids = torch.arange(6)[:, None].repeat(1, 3)
+    rows = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.tensor([0, 1, 1, 2, 0, 1]),
+    }
+    data = ClassificationData(train=rows, eval=rows, num_labels=4, label_names=list("abcd"))
+    got = evaluate(_Fixed(table), data, vocab=4, batch_size=4, device=torch.device("cpu"))
+    ce = torch.nn.functional.cross_entropy(table, rows["labels"]).item()
+    assert got["eval_accuracy"] == pytest.approx(4 / 6, rel=1e-12)
+    assert got["eval_macro_f1"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3, rel=1e-12)
+    assert got["eval_loss"] == pytest.approx(ce, rel=1e-6)

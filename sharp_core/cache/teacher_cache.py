@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from sharp_core.cache.store import MANIFEST, CacheStore, LocalCacheStore
-from sharp_core.errors import ArtifactWriteError, TeacherCacheCorruptError
+from sharp_core.errors import ArtifactWriteError, SpecError, TeacherCacheCorruptError
 from sharp_core.objectives.losses import DIVERGENCES, IGNORE_INDEX
 from sharp_core.ranks import ONE, Ranks
 from sharp_core.spec import TeacherCacheSpec
@@ -782,6 +782,16 @@ def _on_build_device(teacher: torch.nn.Module, device: torch.device) -> torch.nn
     p = next(teacher.parameters(), None)
     if p is None or p.device == device:
         return teacher
+    if device.type == "cuda":
+        need = sum(q.numel() * q.element_size() for q in teacher.parameters())
+        free, _ = torch.cuda.mem_get_info(device)
+        if need > 0.9 * free:  # refused with the field, not an out-of-memory mid-build
+            raise SpecError(
+                f"building the teacher cache needs the whole teacher ({need / 2**30:.1f} GiB) "
+                f"on one GPU ({free / 2**30:.1f} GiB free); a teacher that only fits sharded "
+                "cannot build one yet",
+                param="spec.method.teacher_cache.mode",
+            )
     return teacher.to(device)
 
 
