@@ -149,3 +149,50 @@ def test_classifier_counts_give_accuracy_and_macro_f1_by_hand() -> None:
     assert got["eval_accuracy"] == pytest.approx(4 / 6, rel=1e-12)
     assert got["eval_macro_f1"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3, rel=1e-12)
     assert got["eval_loss"] == pytest.approx(ce, rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_chunked_head_loss_equals_the_full_logits(arch: str) -> None:
+    """The eval loss with the head run 7 positions at a time inside the forward (never the
+    whole (B, N-1, V) logits) equals the cross-entropy of the model's full logits (fp32,
+    1e-6 relative), tied (GPT-2) and untied (Llama) heads; the head is left unhooked and the
+    model still returns full logits afterwards."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from sharp_core.evaluate.perplexity import _lm_head, lm_loss
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=70,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=32,
+            )
+        )
+    else:
+        model = GPT2LMHeadModel(
+            GPT2Config(vocab_size=70, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+        )
+    model.eval()
+    assert _lm_head(model) is not None  # the chunked path is the one under test
+    blocks = torch.randint(0, 64, (5, 16))
+    vocab = 64  # a padded embedding: rows 64..69 never count
+    with torch.no_grad():
+        logits = model(input_ids=blocks).logits[:, :-1, :vocab]
+        ref = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, vocab), blocks[:, 1:].reshape(-1)
+        ).item()
+        shapes: list[tuple[int, ...]] = []
+        hook = model.register_forward_hook(lambda _m, _a, out: shapes.append(out.logits.shape))
+        got, n = lm_loss(model, blocks, vocab, 2, torch.device("cpu"), rows=7)
+        hook.remove()
+        assert shapes == [(2, 1, 70), (2, 1, 70), (1, 1, 70)]  # the model projected 1 position
+        assert not model.get_output_embeddings()._forward_hooks
+        assert model(input_ids=blocks).logits.shape == (5, 16, 70)
+    assert n == 5 * 15
+    assert got == pytest.approx(ref, rel=1e-6)

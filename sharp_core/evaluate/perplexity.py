@@ -20,6 +20,7 @@ __all__ = [
     "ONE",
     "SET_METRICS",
     "Ranks",
+    "EVAL_LOGIT_ROWS",
     "classifier_metrics",
     "evaluate",
     "evaluate_sets",
@@ -53,6 +54,64 @@ def _sums(ranks: Ranks, values: list[float], device: torch.device) -> list[float
     return ranks.all_reduce_sum(t).tolist()
 
 
+#: Rows of (rows, V) logits the evaluation holds at once: 4096 × 128 256 fp32 = 2 GiB was the
+#: old (1, N, V) at N = 4096; 512 rows keep it at 256 MiB whatever the batch and length.
+EVAL_LOGIT_ROWS = 512
+
+
+def _lm_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The output projection the chunked loss can run itself, or None (then the model's own
+    logits are used): absent, not a plain Linear, compiled (hooks added after compiling are
+    not traced in), or followed by a transform of the logits (Gemma's soft-capping)."""
+    inner = getattr(model, "module", model)  # DDP
+    if hasattr(inner, "_orig_mod"):
+        return None
+    cfg = getattr(inner, "config", None)
+    if cfg is None or getattr(cfg, "final_logit_softcapping", None):
+        return None
+    get = getattr(inner, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if type(head) is torch.nn.Linear else None
+
+
+class _ChunkedHead:
+    """Runs the head on the hidden states `rows` positions at a time inside the model's own
+    forward (where an FSDP root has its head gathered), summing the cross-entropy of the
+    next tokens, and lets the model's head project only the last position."""
+
+    def __init__(self, head: torch.nn.Linear, vocab: int, rows: int):
+        self.head, self.vocab, self.rows = head, vocab, rows
+        self.targets: torch.Tensor | None = None  # (B, N-1) set before each forward
+        self.total = 0.0
+        self.hidden: torch.Tensor | None = None
+        self.hooks = [
+            head.register_forward_pre_hook(self._pre),
+            head.register_forward_hook(self._post),
+        ]
+
+    def _pre(self, _m: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
+        self.hidden = args[0]  # (B, N, D)
+        return (args[0][:, -1:],)  # the model's own logits: (B, 1, V)
+
+    def _post(self, m: torch.nn.Module, _args: object, _out: object) -> None:
+        assert self.hidden is not None and self.targets is not None
+        D = self.hidden.shape[-1]
+        h = self.hidden[:, :-1].reshape(-1, D)  # (B·(N-1), D)
+        y = self.targets.reshape(-1)
+        total = 0.0
+        for i in range(0, h.shape[0], self.rows):
+            logits = torch.nn.functional.linear(h[i : i + self.rows], m.weight, m.bias)
+            logits = logits[None, :, : self.vocab]  # (1, R, V)
+            r = logits.shape[1]
+            mean = losses.cross_entropy(logits, y[None, i : i + self.rows], num_valid=r)
+            total += mean.item() * r
+        self.total, self.hidden = total, None
+
+    def remove(self) -> None:
+        for hk in self.hooks:
+            hk.remove()
+
+
 def lm_loss(
     model: torch.nn.Module,
     blocks: torch.Tensor,
@@ -60,23 +119,38 @@ def lm_loss(
     batch_size: int,
     device: torch.device,
     ranks: Ranks = ONE,
+    rows: int = EVAL_LOGIT_ROWS,
 ) -> tuple[float, int]:
     """(mean next-token cross-entropy, token count) of `model` over packed `blocks` (M, N).
 
     `batch_size` is per rank; under several ranks each evaluates its share of the blocks
     (`rank_rows`) and the sums (loss·tokens, tokens) are all-reduced, so every rank returns
-    the single-process numbers. Logits are sliced to the tokenizer's `vocab` (a padded
-    embedding's extra rows never count). Runs under the caller's grad / autocast mode.
+    the single-process numbers. The (B, N-1, V) logits are never held whole: the head runs
+    on `rows` positions at a time (`_ChunkedHead`) where the model allows it. Logits are
+    sliced to the tokenizer's `vocab` (a padded embedding's extra rows never count). Runs
+    under the caller's grad / autocast mode.
     """
+    head = _lm_head(model)
+    chunked = _ChunkedHead(head, vocab, rows) if head is not None else None
     total, count = 0.0, 0
-    for rows in rank_rows(blocks.shape[0], batch_size, ranks.rank, ranks.world_size):
-        x = blocks[rows if rows is not None else slice(0, 1)].to(device)  # (B, N)
-        logits = model(input_ids=x).logits[:, :-1, :vocab]  # (B, N-1, V)
-        if rows is None:
-            continue  # a padding forward: its result is not counted
-        n = x[:, 1:].numel()
-        total += losses.cross_entropy(logits, x[:, 1:], num_valid=n).item() * n
-        count += n
+    try:
+        for sel in rank_rows(blocks.shape[0], batch_size, ranks.rank, ranks.world_size):
+            x = blocks[sel if sel is not None else slice(0, 1)].to(device)  # (B, N)
+            if chunked is not None:
+                chunked.targets = x[:, 1:]
+                model(input_ids=x)
+                part = chunked.total
+            else:
+                logits = model(input_ids=x).logits[:, :-1, :vocab]  # (B, N-1, V)
+                n = x[:, 1:].numel()
+                part = losses.cross_entropy(logits, x[:, 1:], num_valid=n).item() * n
+            if sel is None:
+                continue  # a padding forward: its result is not counted
+            total += part
+            count += x[:, 1:].numel()
+    finally:
+        if chunked is not None:
+            chunked.remove()
     total, count_f = _sums(ranks, [total, float(count)], device)
     return total / max(count_f, 1), int(count_f)
 
