@@ -61,8 +61,10 @@ EVAL_LOGIT_ROWS = 512
 
 def _lm_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The output projection the chunked loss can run itself, or None (then the model's own
-    logits are used): absent, not a plain Linear, compiled (hooks added after compiling are
-    not traced in), or followed by a transform of the logits (Gemma's soft-capping)."""
+    logits are used): absent, not a plain Linear (or its own FSDP unit), compiled (hooks
+    added after compiling are not traced in), or followed by a transform of the logits
+    (Gemma's soft-capping). Inside an FSDP root unit it works: the root's weights stay
+    gathered until the whole forward returns."""
     inner = getattr(model, "module", model)  # DDP
     if hasattr(inner, "_orig_mod"):
         return None
@@ -71,6 +73,8 @@ def _lm_head(model: torch.nn.Module) -> torch.nn.Linear | None:
         return None
     get = getattr(inner, "get_output_embeddings", None)
     head = get() if callable(get) else None
+    # a plain Linear only: a head sharded as its own FSDP unit (its class is then an FSDP
+    # subclass) is resharded by FSDP's post-forward hook before ours could use its weight
     return head if type(head) is torch.nn.Linear else None
 
 
