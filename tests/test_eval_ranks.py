@@ -187,6 +187,8 @@ def test_chunked_head_loss_equals_the_full_logits(arch: str) -> None:
         ref = torch.nn.functional.cross_entropy(
             logits.reshape(-1, vocab), blocks[:, 1:].reshape(-1)
         ).item()
+        full, _ = lm_loss(model, blocks, vocab, 2, torch.device("cpu"), rows=None)
+        assert full == pytest.approx(ref, rel=1e-6)
         shapes: list[tuple[int, ...]] = []
         hook = model.register_forward_hook(lambda _m, _a, out: shapes.append(out.logits.shape))
         got, n = lm_loss(model, blocks, vocab, 2, torch.device("cpu"), rows=7)

@@ -123,19 +123,20 @@ def lm_loss(
     batch_size: int,
     device: torch.device,
     ranks: Ranks = ONE,
-    rows: int = EVAL_LOGIT_ROWS,
+    rows: int | None = EVAL_LOGIT_ROWS,
 ) -> tuple[float, int]:
     """(mean next-token cross-entropy, token count) of `model` over packed `blocks` (M, N).
 
     `batch_size` is per rank; under several ranks each evaluates its share of the blocks
     (`rank_rows`) and the sums (loss·tokens, tokens) are all-reduced, so every rank returns
     the single-process numbers. The (B, N-1, V) logits are never held whole: the head runs
-    on `rows` positions at a time (`_ChunkedHead`) where the model allows it. Logits are
+    on `rows` positions at a time (`_ChunkedHead`) where the model allows it (``rows=None``:
+    the model's own full logits, the reference). Logits are
     sliced to the tokenizer's `vocab` (a padded embedding's extra rows never count). Runs
     under the caller's grad / autocast mode.
     """
-    head = _lm_head(model)
-    chunked = _ChunkedHead(head, vocab, rows) if head is not None else None
+    head = _lm_head(model) if rows is not None else None
+    chunked = _ChunkedHead(head, vocab, rows) if head is not None and rows is not None else None
     total, count = 0.0, 0
     try:
         for sel in rank_rows(blocks.shape[0], batch_size, ranks.rank, ranks.world_size):
