@@ -416,6 +416,14 @@ class TeacherCacheSpec(_Strict):
     dtype: Literal["float32", "float16"] = Field(
         default="float32", description="Stored log-prob precision (part of the key)."
     )
+    shard_mb: float = Field(
+        default=64.0,
+        ge=0.001,
+        le=4096.0,
+        description="Target size of one shard file in MiB when the cache is built (not part "
+        "of the key: readers follow the manifest). Under torchrun the shards are split over "
+        "the ranks, so a cache needs at least as many shards as GPUs to use them all.",
+    )
 
     @property
     def loss_estimator(self) -> str:
@@ -760,8 +768,6 @@ def _check_teacher_cache(spec: JobSpec, prefix: str) -> None:
         fail("mode", "a teacher-logit cache needs a distillation method with a teacher (not sft)")
     if spec.task != "causal_lm":
         fail("mode", "the teacher-logit cache covers causal_lm packed blocks only")
-    if spec.resources.gpus > 1:
-        fail("mode", "the teacher-logit cache runs on one GPU (resources.gpus <= 1) for now")
     if tc.kind == "topk" and tc.tail_samples and tc.estimator != "tail":
         fail("tail_samples", "tail draws split the tail bucket: they need estimator 'tail'")
     how = tc.loss_estimator

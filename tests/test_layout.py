@@ -312,21 +312,33 @@ def test_no_import_circles() -> None:
 
 # -- sharp_core's sub-packages keep their order --------------------------------------------------
 
-#: sharp_core's modules at its top level: the bottom (spec, errors, methods, files) and the
-#: entry points (cli, demo, ``__main__``). Anything new belongs in a sub-package.
-SHARP_CORE_FLAT = {"__init__", "__main__", "spec", "errors", "methods", "files", "cli", "demo"}
+#: sharp_core's modules at its top level: the bottom (spec, errors, methods, files, ranks) and
+#: the entry points (cli, demo, ``__main__``). Anything new belongs in a sub-package.
+SHARP_CORE_FLAT = {
+    "__init__",
+    "__main__",
+    "spec",
+    "errors",
+    "methods",
+    "files",
+    "ranks",
+    "cli",
+    "demo",
+}
 
-_BOTTOM = {"spec", "errors", "methods", "files"}
+_BOTTOM = {"spec", "errors", "methods", "files", "ranks"}
 #: sharp_core unit (a sub-package or a top-level module) -> the units it may import; every
 #: unit may import itself. The design's table (../shared/design/layout.md) as the code needs
 #: it: `files` (sha256, fsync, the manifest's name) joins the bottom because checkpoints and
-#: the teacher cache both write durable folders; `cache` reads `models` (the autocast dtype)
+#: the teacher cache both write durable folders; `ranks` (the collectives evaluation, pruning
+#: and the cache build split their work with) joins it so they need not import `train`; `cache` reads `models` (the autocast dtype)
 #: besides data and objectives; `evaluate` uses `objectives` (the cross-entropy it reports);
 #: `train` runs `evaluate` (held-out evaluation during training); `cli` (``python -m
 #: sharp_core``) may import everything.
 SHARP_CORE_ORDER: dict[str, set[str]] = {
     "errors": set(),
     "files": set(),
+    "ranks": set(),
     "methods": {"errors"},
     "spec": {"errors", "methods"},
     "data": _BOTTOM,
@@ -339,7 +351,7 @@ SHARP_CORE_ORDER: dict[str, set[str]] = {
     "demo": _BOTTOM,
     "__init__": set(),
     "__main__": {"cli"},
-    "cli": {"errors", "files", "methods", "spec", "data", "models", "objectives"}
+    "cli": {"errors", "files", "ranks", "methods", "spec", "data", "models", "objectives"}
     | {"cache", "evaluate", "train", "study", "demo"},
 }
 

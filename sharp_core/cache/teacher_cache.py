@@ -47,9 +47,10 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from sharp_core.cache.store import MANIFEST, CacheStore, LocalCacheStore
-from sharp_core.errors import ArtifactWriteError, TeacherCacheCorruptError
+from sharp_core.errors import ArtifactWriteError, SpecError, TeacherCacheCorruptError
 from sharp_core.files import sha256_file
 from sharp_core.objectives.losses import DIVERGENCES, IGNORE_INDEX
+from sharp_core.ranks import ONE, Ranks
 from sharp_core.spec import TeacherCacheSpec
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "TeacherCache",
     "build_cache",
     "cache_key",
+    "shard_plan",
     "key_parts",
     "sparse_logit_objective",
     "SparseTargets",
@@ -221,6 +223,20 @@ def teacher_targets(
     return {"ids": ids.to(torch.int32), "logp": logp.gather(-1, ids)}
 
 
+def shard_plan(
+    blocks: int, positions: int, cfg: TeacherCacheSpec, vocab: int, shard_bytes: int = SHARD_BYTES
+) -> list[tuple[int, int]]:
+    """(first block, count) of every shard: a function of the cache's shape only, never of
+    the number of ranks that build it, so a cache built by any world size is the same
+    cache (same shards, same manifest) and any reader maps block index → shard."""
+    width = cfg.k if cfg.kind == "topk" else cfg.samples
+    width = min(width, vocab) if cfg.kind == "topk" else width
+    val_bytes = 2 if cfg.dtype == "float16" else 4
+    per_block = positions * ((width + cfg.tail_samples) * (4 + val_bytes) + val_bytes)
+    per_shard = max(1, shard_bytes // per_block)
+    return [(f, min(per_shard, blocks - f)) for f in range(0, blocks, per_shard)]
+
+
 def build_cache(
     teacher: torch.nn.Module,
     blocks: torch.Tensor,
@@ -235,23 +251,28 @@ def build_cache(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     shard_bytes: int = SHARD_BYTES,
+    ranks: Ranks = ONE,
 ) -> dict[str, Any]:
     """One teacher pass over ``blocks`` (n, N) writing shards and, last, the manifest, into
-    ``out_dir`` (a staging folder: `CacheStore.put` commits it). Returns the manifest."""
+    ``out_dir`` (a staging folder: `CacheStore.put` commits it). Returns the manifest.
+
+    Under torchrun (``ranks``: the job's `sharp_core.train.distributed.Context`), every rank calls
+    this with the same ``out_dir``: rank r builds shards r, r+W, … of `shard_plan`, the
+    shard entries are gathered, and rank 0 writes the manifest once all shards are on disk.
+    Every rank returns the manifest."""
     from safetensors.torch import save_file
 
     n, N = blocks.shape
+    rank, world = ranks.rank, ranks.world_size
     width = cfg.k if cfg.kind == "topk" else cfg.samples
     width = min(width, vocab) if cfg.kind == "topk" else width
-    val_bytes = 2 if cfg.dtype == "float16" else 4
-    per_block = (N - 1) * ((width + cfg.tail_samples) * (4 + val_bytes) + val_bytes)
-    per_shard = max(1, shard_bytes // per_block)
     dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
-    shards: list[dict[str, Any]] = []
+    mine: list[dict[str, Any]] = []
     started = time.perf_counter()
     teacher.eval()
-    for first in range(0, n, per_shard):
-        count = min(per_shard, n - first)
+    for index, (first, count) in enumerate(shard_plan(n, N - 1, cfg, vocab, shard_bytes)):
+        if index % world != rank:
+            continue  # another rank's shard
         pieces: dict[str, list[torch.Tensor]] = {}
         for s in range(first, first + count, batch_size):
             e = min(s + batch_size, first + count)
@@ -268,12 +289,12 @@ def build_cache(
         for name in ("logp", "tail", "tlogp"):
             if name in tensors:
                 tensors[name] = tensors[name].to(dtype).contiguous()
-        fname = f"shard_{len(shards):05d}.safetensors"
+        fname = f"shard_{index:05d}.safetensors"
         path = out_dir / fname
         save_file(tensors, str(path))
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
-        shards.append(
+        mine.append(
             {
                 "name": fname,
                 "first": first,
@@ -282,6 +303,9 @@ def build_cache(
                 "size": path.stat().st_size,
             }
         )
+    # every rank's shards are on disk once the gather returns (it waits for all ranks)
+    everyone = ranks.gather_objects(mine)
+    shards = sorted((s for part in everyone for s in part), key=lambda s: s["first"])
     manifest = {
         "format": FORMAT,
         "key": key,
@@ -293,12 +317,14 @@ def build_cache(
         "shards": shards,
         "bytes": sum(s["size"] for s in shards),
         "build_s": round(time.perf_counter() - started, 3),
+        "build_ranks": world,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
-    with open(out_dir / MANIFEST, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
+    if rank == 0:
+        with open(out_dir / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
     return manifest
 
 
@@ -653,7 +679,12 @@ def sparse_logit_objective(
 # ----------------------------------------------------------------------- the trainer's hook
 
 
-def attach(S: Any, store: CacheStore, on_event: Callable[[str, dict[str, Any]], None]) -> Any:
+def attach(
+    S: Any,
+    store: CacheStore,
+    on_event: Callable[[str, dict[str, Any]], None],
+    ranks: Ranks = ONE,
+) -> Any:
     """Give the run ``S`` (a `sharp_core.train.setup.Setup`) its teacher cache: read the store's
     cache for this job's key when it verifies, else build it with one teacher pass and commit
     it. A cache under the key whose manifest names another key or other parts is never used:
@@ -679,22 +710,23 @@ def attach(S: Any, store: CacheStore, on_event: Callable[[str, dict[str, Any]], 
         temperature=tau,
     )
     key = cache_key(parts)
+    ctx = ranks  # under torchrun: every rank builds its shards, rank 0 commits
     role = "read"
     note = None
-    if store.exists(key):
+    if ctx.rank == 0 and store.exists(key):
         found = read_manifest(store.get(key))
         if found is None or found.get("key") != key or found.get("parts") != parts:
             note = "a cache under this key was for other key parts: discarded and rebuilt"
             store.discard(key)
-    if not store.exists(key):
+    build = ctx.broadcast_object(not store.exists(key) if ctx.rank == 0 else None)
+    if build:
         role = "built"
+        staged: Path | None = None
         try:
-            staged = store.staging(key)
-        except OSError as e:
-            raise ArtifactWriteError(f"cannot write the teacher cache {key[:16]}…: {e}") from e
-        try:
+            # one staging folder for every rank (torchrun --standalone: one host)
+            staged = Path(ctx.broadcast_object(str(store.staging(key)) if ctx.rank == 0 else None))
             build_cache(
-                S.teacher,
+                _on_build_device(S.teacher, S.device),
                 blocks,
                 cfg,
                 key=key,
@@ -702,16 +734,20 @@ def attach(S: Any, store: CacheStore, on_event: Callable[[str, dict[str, Any]], 
                 vocab=S.vocab,
                 temperature=tau,
                 out_dir=staged,
-                batch_size=spec.training.batch_size,
+                batch_size=max(1, spec.training.batch_size // ctx.world_size),
                 device=S.device,
                 amp_dtype=autocast_dtype(spec, S.device),
+                shard_bytes=max(1, int(cfg.shard_mb * (1 << 20))),
+                ranks=ctx,
             )
-            store.put(key, staged)
+            if ctx.rank == 0:
+                store.put(key, staged)
         except OSError as e:  # a full or read-only store: another try would not fit either
             raise ArtifactWriteError(f"cannot write the teacher cache {key[:16]}…: {e}") from e
         finally:
-            if staged.exists():
+            if ctx.rank == 0 and staged is not None and staged.exists():
                 shutil.rmtree(staged, ignore_errors=True)
+        ctx.barrier()  # the manifest is committed before any rank opens the cache
     cache = TeacherCache.open(
         store.get(key),
         key=key,
@@ -740,6 +776,27 @@ def attach(S: Any, store: CacheStore, on_event: Callable[[str, dict[str, Any]], 
         event["note"] = note
     on_event("teacher_cache", event)
     return S
+
+
+def _on_build_device(teacher: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The teacher where the cache is built: the training device. Under torchrun with a
+    shardable teacher, `setup` leaves it on the CPU for `Context.prepare` to shard; the build
+    needs it whole, so it moves to the GPU here (where it stays: `prepare` shards or keeps it
+    from there, and a logit-only method drops it after the build)."""
+    p = next(teacher.parameters(), None)
+    if p is None or p.device == device:
+        return teacher
+    if device.type == "cuda":
+        need = sum(q.numel() * q.element_size() for q in teacher.parameters())
+        free, _ = torch.cuda.mem_get_info(device)
+        if need > 0.9 * free:  # refused with the field, not an out-of-memory mid-build
+            raise SpecError(
+                f"building the teacher cache needs the whole teacher ({need / 2**30:.1f} GiB) "
+                f"on one GPU ({free / 2**30:.1f} GiB free); a teacher that only fits sharded "
+                "cannot build one yet",
+                param="spec.method.teacher_cache.mode",
+            )
+    return teacher.to(device)
 
 
 def teacher_backbone(teacher: torch.nn.Module) -> torch.nn.Module:

@@ -23,10 +23,11 @@ The long story (what is exact, what is not, GQA rules) is in docs/pruning.md.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -50,6 +51,7 @@ from sharp_core.models.prune_shapes import (
     resolve_target,
     shape_of,
 )
+from sharp_core.ranks import ONE, Ranks
 
 __all__ = [
     "ARCHITECTURES",
@@ -68,6 +70,7 @@ __all__ = [
     "resolve_target",
     "select",
     "shape_of",
+    "streamed",
     "trim",
 ]
 
@@ -127,18 +130,47 @@ class _SumSq:
         return self.value.sqrt()
 
 
+def _capped(
+    batches: Iterable[dict[str, Tensor]], max_samples: int | None
+) -> list[dict[str, Tensor]]:
+    """The batches truncated to the first `max_samples` rows (in order)."""
+    out, seen = [], 0
+    for batch in batches:
+        if max_samples is not None:
+            left = max_samples - seen
+            if left <= 0:
+                break
+            batch = {k: v[:left] for k, v in batch.items()}
+        out.append(batch)
+        seen += batch["input_ids"].shape[0]
+    return out
+
+
 def activation_importance(
     model: nn.Module,
     batches: Iterable[dict[str, Tensor]],
     *,
     max_samples: int | None = None,
+    ranks: Ranks = ONE,
+    device: torch.device | None = None,
 ) -> Importance:
     """Minitron activation scores from one calibration pass (see the module docstring).
 
     `batches` yields dicts with `input_ids` (B, N) and optionally `attention_mask`; for a
     classifier the other keys (token_type_ids) are passed through. Deterministic for a given
     model and set of batches: nothing here draws random numbers, and dropout is off.
+
+    Under several `ranks` (every rank passing the same batches), rank r runs batches r, r+W,
+    … and the running sums are all-reduced: every rank gets the scores of the whole set (up
+    to the order of float additions). ``device``: where the pass runs when the model is
+    parked elsewhere (a teacher left on the CPU of a GPU box): its decoder layers visit the
+    device one at a time (`streamed`), so a teacher bigger than one GPU still calibrates there.
     """
+    todo = _capped(batches, max_samples)
+    if not todo:
+        raise PruneError("the calibration set is empty", param="spec.student.prune.calibration")
+    total_rows = sum(b["input_ids"].shape[0] for b in todo)
+    todo = todo[ranks.rank :: ranks.world_size]
     a = arch_for(model.config)
     s = shape_of(model.config)
     layers: nn.ModuleList = _get(model, a.layers)
@@ -192,38 +224,90 @@ def activation_importance(
 
     was_training = model.training
     model.eval()
-    seen = 0
+    run_on = device or next(model.parameters()).device
     t0 = time.perf_counter()
     try:
-        with torch.inference_mode():
-            for batch in batches:
+        with torch.inference_mode(), streamed(model, run_on):
+            for batch in todo:
+                batch = {k: v.to(run_on) for k, v in batch.items()}
                 ids = batch["input_ids"]
-                if max_samples is not None:
-                    left = max_samples - seen
-                    if left <= 0:
-                        break
-                    batch = {k: v[:left] for k, v in batch.items()}
-                    ids = batch["input_ids"]
                 mask = batch.get("attention_mask")
                 mask_box["m"] = mask if mask is not None else torch.ones_like(ids)
                 inputs = {k: v for k, v in batch.items() if k != "labels"}
                 model(**inputs)
-                seen += ids.shape[0]
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    if seen == 0:
-        raise PruneError("the calibration set is empty", param="spec.student.prune.calibration")
+    if ranks.world_size > 1:  # Σ over ranks of every running sum (float64), unpacked again
+        stats = [(st, s.heads) for st in head_stats] + [(st, s.ffn) for st in ffn_stats]
+        stats += [(st, s.hidden) for st in norm_stats]
+        flat = torch.cat(
+            [
+                torch.zeros(k, dtype=torch.float64, device=run_on)
+                if st.value is None  # a rank that ran no batch
+                else st.value.to(run_on, torch.float64)
+                for st, k in stats
+            ]
+            + [bi_sum.to(run_on), bi_count.to(run_on)]
+        )
+        flat = ranks.all_reduce_sum(flat).cpu()
+        at = 0
+        for st, k in stats:
+            st.value, at = flat[at : at + k].float(), at + k
+        L = len(layers)
+        bi_sum, bi_count = flat[at : at + L], flat[at + L : at + 2 * L]
     hidden = torch.stack([st.l2() for st in norm_stats]).sum(0)
     return Importance(
-        layer=(bi_sum / bi_count.clamp_min(1)).float(),
-        head=torch.stack([st.l2() for st in head_stats]),
-        ffn=torch.stack([st.l2() for st in ffn_stats]),
-        hidden=hidden,
-        samples=seen,
+        layer=(bi_sum / bi_count.clamp_min(1)).float().cpu(),
+        head=torch.stack([st.l2() for st in head_stats]).cpu(),
+        ffn=torch.stack([st.l2() for st in ffn_stats]).cpu(),
+        hidden=hidden.cpu(),
+        samples=total_rows,
         seconds=time.perf_counter() - t0,
     )
+
+
+@contextlib.contextmanager
+def streamed(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Run `model`'s forward on `device` while its weights live elsewhere (the CPU): the
+    modules outside the decoder layers (embeddings, final norm, head, rotary tables) move
+    for the pass, each decoder layer only for its own forward. Peak device memory: those
+    modules plus one layer (plus activations). Weights are moved, never cast, so they come
+    back bit for bit. A no-op when the model is already on `device`."""
+    first = next(model.parameters(), None)
+    if first is None or first.device == device:
+        yield
+        return
+    home = first.device
+    layers: nn.ModuleList = _get(model, arch_for(model.config).layers)
+    inside = {id(m) for layer in layers for m in layer.modules()} | {id(layers)}
+    outside = [m for m in model.modules() if id(m) not in inside]
+
+    def move(modules: Iterable[nn.Module], where: torch.device, recurse: bool) -> None:
+        # outside inference mode: moved weights must stay ordinary tensors for training
+        with torch.inference_mode(False), torch.no_grad():
+            for m in modules:
+                m._apply(lambda t: t.to(where), recurse=recurse)
+
+    def arrive(m: nn.Module, _args: Any) -> None:
+        move([m], device, True)
+
+    def leave(m: nn.Module, _args: Any, _out: Any) -> None:
+        move([m], home, True)
+
+    hooks = []
+    for layer in layers:
+        hooks.append(layer.register_forward_pre_hook(arrive))
+        hooks.append(layer.register_forward_hook(leave))
+    try:
+        move(outside, device, False)
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        move(outside, home, False)
+        move(layers, home, True)
 
 
 def _weight_io(module: nn.Module) -> Tensor:
@@ -455,8 +539,15 @@ def prune(
     batches: Iterable[dict[str, Tensor]] | None = None,
     max_samples: int | None = None,
     config_overrides: dict[str, Any] | None = None,
+    ranks: Ranks = ONE,
+    device: torch.device | None = None,
 ) -> PruneResult:
-    """Score `teacher`, choose what to keep and trim: the student before any training."""
+    """Score `teacher`, choose what to keep and trim: the student before any training.
+
+    Under several `ranks` the calibration batches are split over them and the scores
+    all-reduced (`activation_importance`); rank 0's selection is broadcast, so every rank
+    trims the same student even if a near-tie rounded differently on another rank.
+    ``device``: where calibration runs if the teacher is parked elsewhere (`streamed`)."""
     t0 = time.perf_counter()
     resolve_target(teacher.config, target)
     if scoring == "activation":
@@ -464,10 +555,12 @@ def prune(
             raise PruneError(
                 "activation scoring needs calibration data", param="spec.student.prune.scoring"
             )
-        imp = activation_importance(teacher, batches, max_samples=max_samples)
+        imp = activation_importance(
+            teacher, batches, max_samples=max_samples, ranks=ranks, device=device
+        )
     else:
         imp = magnitude_importance(teacher)
-    sel = select(teacher.config, imp, target)
+    sel = ranks.broadcast_object(select(teacher.config, imp, target))
     student = trim(teacher, sel, config_overrides)
     return PruneResult(
         model=student,

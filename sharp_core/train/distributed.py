@@ -279,6 +279,14 @@ class Context:
             return ranks[self.rank]
         return state["rng"]
 
+    # -- sums over ranks (evaluation, pruning scores, the teacher cache) -------------------
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over ranks, in place (on the default group: NCCL tensors on the GPU,
+        gloo on the CPU); the identity in one process. Every rank must call it."""
+        if self.enabled:
+            dist.all_reduce(t)
+        return t
+
 
 class RankCallbacks:
     """`TrainCallbacks` seen through ranks: rank 0 reports, every rank votes on stopping."""

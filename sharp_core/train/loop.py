@@ -153,7 +153,7 @@ def train(
     random.seed(t.seed)
     S = prepared or setup(spec, resolver=resolver, device=device)
     if m.teacher_cache.mode != "off" and S.teacher_cache is None:  # build or read it first
-        S = teacher_cache.attach(S, cache_store(resolver, out_dir), cb.on_event)
+        S = teacher_cache.attach(S, cache_store(resolver, out_dir), cb.on_event, ctx)
     model, teacher = S.student, S.teacher  # unwrapped: under torchrun S gets DDP / FSDP ones
     S = ctx.prepare(S)
     dev, amp = S.device, autocast_dtype(spec, S.device)  # amp: bf16 / fp16 on CUDA, or None
@@ -166,20 +166,19 @@ def train(
     opt, scaler = state.optimizer, state.scaler
     last_ckpt = resume(out_dir, S, state, model, ctx)  # newest verified checkpoint, if any
     resumed_step = state.step if last_ckpt is not None else None
-    # Every rank evaluates the same blocks with the unwrapped student (no collective); rank 0
-    # reports. The held-out tail gives eval_*, the named evaluation sets val_* and test_*.
-    run_eval = functools.partial(
-        evaluate, model, S.data, vocab=S.vocab, batch_size=t.batch_size, device=dev, amp_dtype=amp
-    )
-    run_eval_sets = functools.partial(
-        evaluate_sets,
-        model,
-        S.eval_sets,
+    # Evaluation runs on the wrapped student (FSDP needs every rank in every forward): each
+    # rank takes its share of the blocks at the per-rank batch, the sums are all-reduced, and
+    # every rank gets the single-process metrics; rank 0 reports. The held-out tail gives
+    # eval_*, the named evaluation sets val_* and test_*.
+    eval_kw = dict(
         vocab=S.vocab,
-        batch_size=t.batch_size,
+        batch_size=t.batch_size // ctx.world_size,
         device=dev,
         amp_dtype=amp,
+        ranks=ctx,
     )
+    run_eval = functools.partial(evaluate, S.student, S.data, **eval_kw)
+    run_eval_sets = functools.partial(evaluate_sets, S.student, S.eval_sets, **eval_kw)
     last_metrics: dict[str, float] = {}
     if S.build_seconds and resumed_step is None:  # at step 0, beside the first evaluation
         cb.on_metrics(0, dict(S.build_seconds))

@@ -33,6 +33,7 @@ from sharp_core.models.loading import (
     load_model,
     model_shape,
     resolve_tokenizer,
+    weights_dtype,
 )
 from sharp_core.objectives import losses
 from sharp_core.spec import JobSpec
@@ -184,7 +185,12 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
     pruning = spec.student.init == "prune"
     if spec.teacher is not None and (spec.method.name != "sft" or pruning):
         t_dev = distributed.context().teacher_load_device(spec, dev)
-        teacher = _timed_load(built, "teacher", ms=spec.teacher, **{**kw, "device": t_dev})
+        t_spec = spec.teacher
+        if t_dev != dev and t_spec.dtype == "auto":  # parked on the CPU for a GPU run: held
+            # in the dtype it computes in there (bf16), never as an fp32 copy on every rank
+            name = str(weights_dtype("auto", "teacher", dev)).removeprefix("torch.")
+            t_spec = t_spec.model_copy(update={"dtype": name})
+        teacher = _timed_load(built, "teacher", ms=t_spec, **{**kw, "device": t_dev})
         if not classify:
             check_vocab(teacher, vocab, "teacher")
         teacher.eval()
@@ -306,16 +312,19 @@ def _prune_student(
 
     ps = spec.student.prune
     assert ps is not None
-    t_dev = next(teacher.parameters()).device
     batches, used = (
-        _calibration_batches(spec, data, t_dev) if ps.scoring == "activation" else ([], 0)
+        _calibration_batches(spec, data, device) if ps.scoring == "activation" else ([], 0)
     )
+    # calibration runs on the training device (a teacher parked on the CPU visits it layer
+    # by layer), its batches split over the ranks; every rank trims rank 0's selection
     res = prune(
         teacher,
         target_of(ps),
         scoring=ps.scoring,
         batches=batches,
         config_overrides=dict(spec.student.config_overrides),
+        ranks=distributed.context(),
+        device=device,
     )
     student = res.model.to(
         device=device, dtype=weights_dtype(spec.student.dtype, "student", device)
