@@ -12,6 +12,7 @@ resuming with a different spec warns and names each field that differs (torchtun
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -331,6 +332,8 @@ class Checkpointer:
             torch.save(loop_state, tmp / STATE_FILE)
             shards.result()
         except Exception as e:
+            with contextlib.suppress(Exception):
+                shards.result()  # DCP's thread is done with the folder before it goes
             shutil.rmtree(tmp, ignore_errors=True)
             raise ArtifactWriteError(f"cannot write checkpoint {step}: {e}") from e
         return commit_checkpoint(self.out_dir, step, tmp, metrics)
