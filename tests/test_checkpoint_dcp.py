@@ -114,9 +114,12 @@ def test_background_save_holds_the_state_of_its_step_and_commits_last(
         torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("part", ["export", "shards"])
 def test_a_failed_background_write_is_the_loops_error_and_leaves_nothing(
-    corpus, tmp_path, monkeypatch
+    corpus, tmp_path, monkeypatch, part
 ):
+    """A full disk under the export (rank 0's thread) or under DCP's shard writer (whose
+    CheckpointException is a BaseException) is an ArtifactWriteError in the loop."""
     S, st = _trained_state(corpus)
     out = tmp_path / "run"
     ck = Checkpointer(out, S, Context(), Recorder())
@@ -127,7 +130,15 @@ def test_a_failed_background_write_is_the_loops_error_and_leaves_nothing(
     def full_disk(*a, **kw):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(S.tokenizer, "save_pretrained", full_disk)
+    if part == "export":
+        monkeypatch.setattr(S.tokenizer, "save_pretrained", full_disk)
+    else:
+
+        class FullDisk(state_mod.FileSystemWriter):
+            def write_data(self, *a, **kw):
+                full_disk()
+
+        monkeypatch.setattr(state_mod, "FileSystemWriter", FullDisk)
     st.step = 2
     ck = Checkpointer(out, S, Context(), Recorder())
     ck.save(st, S.student, {})  # returns: the failure is in the background

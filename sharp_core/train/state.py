@@ -195,11 +195,13 @@ def full_weights(model: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor]:
     for n, t in unwrap(inner).named_parameters(remove_duplicate=False):
         names.setdefault(id(t), []).append(n)
     alias = {n: ns[0] for ns in names.values() for n in ns if n != ns[0]}
+    # on CPU, cpu_offload hands back the live tensors: copy; from a GPU it already copied
+    live = any(p.device.type == "cpu" and not hasattr(p, "to_local") for p in inner.parameters())
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         if k in alias and alias[k] in sd:
             continue
-        out[k] = v.detach().to("cpu", copy=True)
+        out[k] = v.detach().clone() if live else v.detach()
     for k, first in alias.items():
         if k in sd and first in out:
             out[k] = out[first]
@@ -298,12 +300,12 @@ class Checkpointer:
         p, self.pending = self.pending, None
         if p is None:
             return
+        if p.commit is not None:  # rank 0: its thread waits for the shards, cleans up on error
+            p.commit.result()  # an ArtifactWriteError in the thread surfaces here
         try:
             p.shards.result()
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP's is a BaseException
             raise ArtifactWriteError(f"cannot write the sharded checkpoint {p.step}: {e}") from e
-        if p.commit is not None:  # rank 0: an ArtifactWriteError in its thread surfaces here
-            p.commit.result()
         self.ctx.barrier()
         if p.commit is not None and not p.reported:
             self._report(p)
@@ -331,8 +333,8 @@ class Checkpointer:
             (tmp / SPEC_FILE).write_text(self.S.spec.model_dump_json(indent=1))
             torch.save(loop_state, tmp / STATE_FILE)
             shards.result()
-        except Exception as e:
-            with contextlib.suppress(Exception):
+        except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+            with contextlib.suppress(Exception, CheckpointException):
                 shards.result()  # DCP's thread is done with the folder before it goes
             shutil.rmtree(tmp, ignore_errors=True)
             raise ArtifactWriteError(f"cannot write checkpoint {step}: {e}") from e
