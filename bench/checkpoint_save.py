@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def step() -> float:
             t0 = time.perf_counter()
-            x = S.data.train[: S.spec.training.batch_size]
+            x = S.data.train[: S.spec.training.batch_size]  # type: ignore[index]
             S.student(input_ids=x, labels=x).loss.backward()
             state.optimizer.step()
             state.optimizer.zero_grad(set_to_none=True)
@@ -124,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     def med(mode: str, k: str) -> float:
         return statistics.median(row[mode][k] for row in rows)
 
+    medians = {
+        m: {k: med(m, k) for k in ("blocked_s", "window_s", "step_s")} for m in ("sync", "async")
+    }
     summary = {
         "params": n_params,
         "checkpoint_bytes": size,
         "rounds": rows,
-        "median": {
-            m: {k: med(m, k) for k in ("blocked_s", "window_s", "step_s")}
-            for m in ("sync", "async")
-        },
+        "median": medians,
         "machine": machine_info(torch.device("cpu")),
         "argv": sys.argv[1:],
     }
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{a.steps} steps per window"
     )
     print(f"{'round':>5} {'':>10} {'sync':>9} {'async':>9} {'sync/async':>10}")
-    for row in [*rows, {"round": "median", **summary["median"]}]:
+    for row in [*rows, {"round": "median", **medians}]:
         for k in ("blocked_s", "window_s", "step_s"):
             s, z = row["sync"][k], row["async"][k]
             print(f"{row['round']!s:>5} {k:>10} {s:9.3f} {z:9.3f} {s / z:10.2f}")

@@ -201,6 +201,7 @@ def full_weights(model: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor]:
     for k, v in sd.items():
         if k in alias and alias[k] in sd:
             continue
+        assert isinstance(v, torch.Tensor), k
         out[k] = v.detach().clone() if live else v.detach()
     for k, first in alias.items():
         if k in sd and first in out:
@@ -269,16 +270,17 @@ class Checkpointer:
         writer = FileSystemWriter(str(tmp / DCP_DIR))
         solo = not ctx.enabled  # one process: no collectives
         if self.asynchronous:
-            shards: Future[Any] = dcp.async_save(
+            started = dcp.async_save(
                 sharded, storage_writer=writer, process_group=self.group, no_dist=solo
             )
+            assert isinstance(started, Future)  # AsyncSaveResponse only with a custom stager
+            shards: Future[Any] = started
         else:
             dcp.save(sharded, storage_writer=writer, process_group=self.group, no_dist=solo)
             shards = Future()
             shards.set_result(None)
-        weights = full_weights(
-            model, ctx.is_main
-        )  # a collective under FSDP2; rank 0 holds the copy
+        # the export's weights: a collective under FSDP2; rank 0 holds the copy
+        weights = full_weights(model, ctx.is_main)
         commit = None
         if ctx.is_main:
             loop_state = copy_tensors(state.loop_state_dict(rngs, per_rank=ctx.enabled))
