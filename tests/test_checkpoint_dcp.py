@@ -389,3 +389,57 @@ def test_fsdp2_student_saves_shards_and_resumes_at_one_process(tmp_path):
         torch.testing.assert_close(p.detach(), ref[n], rtol=0, atol=1e-6)
         torch.testing.assert_close(exported.get_parameter(n).detach(), ref[n], rtol=0, atol=1e-6)
         assert opt.state[p]["exp_avg"].abs().sum() > 0  # the moments came along
+
+
+KILLED_SCRIPT = r"""
+import json, os, sys
+from pathlib import Path
+
+from sharp_core.spec import parse_spec
+from sharp_core.train import state as state_mod
+from sharp_core.train.loop import train
+
+spec, out = parse_spec(json.loads(sys.argv[1])), Path(sys.argv[2])
+
+
+class DiesMidWrite(state_mod.FileSystemWriter):
+    def write_data(self, plan, planner):
+        if "step_000004" in str(self.path):  # the second checkpoint: die inside DCP's write
+            os._exit(9)
+        return super().write_data(plan, planner)
+
+
+state_mod.FileSystemWriter = DiesMidWrite
+train(spec, out)
+"""
+
+
+def test_killed_during_a_background_save_resumes_from_the_previous_checkpoint(corpus, tmp_path):
+    """The process dies (os._exit, no clean-up) while the second checkpoint's shards are
+    being written: no step folder of it exists, the first still verifies, and a new run
+    removes the leftover and resumes from the first."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    spec = _spec(corpus, max_steps=6, checkpoint_every=2)
+    out = tmp_path / "run"
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-c", KILLED_SCRIPT, spec.model_dump_json(), str(out)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 9, r.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(out)] == [2]
+    assert [p.name for p in out.glob(".tmp-step_000004-*")]  # the torn write is left behind
+    verify_manifest(out / "step_000002")
+    rec = Recorder()
+    assert train(spec, out, callbacks=rec).step == 6
+    assert min(rec.metrics) == 3  # resumed from step 2
+    assert not list(out.glob(".tmp-*"))
+    assert json.loads((out / "step_000006" / "manifest.json").read_text())["step"] == 6
