@@ -97,3 +97,44 @@ def train_tiny_teacher(corpus: Path, out: Path) -> Path:
     res = train(parse_spec(spec), out)
     assert res.checkpoint is not None
     return res.checkpoint
+
+
+def resign_manifest(ckpt: Path) -> None:
+    """List and hash a checkpoint's files anew in its manifest (so an edited one verifies)."""
+    import json
+
+    from sharp_core.train.checkpoint import MANIFEST, sha256_file
+
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    manifest["files"] = {
+        p.relative_to(ckpt).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
+        for p in sorted(ckpt.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+
+
+def to_legacy_checkpoint(ckpt: Path) -> None:
+    """Rewrite a checkpoint the way the trainer wrote them before the sharded format: no
+    ``dcp/``, the optimizer's ``state_dict()`` inside ``training_state.pt``, the weights only in
+    ``model.safetensors``. For students without a learned basis (not SHARP's)."""
+    import json
+    import shutil
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sharp_core.spec import parse_spec
+    from sharp_core.train.state import STATE_FILE, adamw, load_sharded
+
+    spec = parse_spec(json.loads((ckpt / "spec.json").read_text()))
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = adamw(params, [], spec.training, torch.device("cpu"))
+    load_sharded(ckpt, model, SimpleNamespace(objective=None, optimizer=opt))  # type: ignore[arg-type]
+    state = torch.load(ckpt / STATE_FILE, weights_only=True)
+    state.update(optimizer=opt.state_dict(), objective=None)
+    torch.save(state, ckpt / STATE_FILE)
+    shutil.rmtree(ckpt / "dcp")
+    resign_manifest(ckpt)

@@ -180,9 +180,11 @@ def test_two_processes_match_one_and_resume(
     corpus, teacher_dir, tmp_path, method, teacher_parallel
 ) -> None:
     """Two gloo ranks under torchrun follow the single-process loss trajectory; stopped at
-    step 3 they resume from their own checkpoint and finish on the same trajectory; and one
-    process resumes from their checkpoint onto it too. SHARP runs with the teacher sharded
-    by FSDP, so its captured attention (the SHARP terms) and logits (kd) are checked too."""
+    step 3 they resume from their own checkpoint and finish on the same trajectory; one
+    process resumes from their checkpoint onto it too, and two processes from a one-process
+    checkpoint (the sharded state is re-read at the new world size). SHARP runs with the
+    teacher sharded by FSDP, so its captured attention (the SHARP terms) and logits (kd) are
+    checked too."""
     ref_spec = distil_spec(corpus, teacher_dir, method)
     ref = Recorder()
     ref_res = train(parse_spec(ref_spec), tmp_path / "one", callbacks=ref)
@@ -199,6 +201,10 @@ def test_two_processes_match_one_and_resume(
     assert sorted(p.name for p in out.glob("step_*")) == ["step_000003"]
     state = torch.load(out / "step_000003" / STATE_FILE, weights_only=True)
     assert state["step"] == 3 and len(state["rng_ranks"]) == 2
+    assert "optimizer" not in state  # sharded: every rank wrote its own file
+    shards = sorted(p.name for p in (out / "step_000003" / "dcp").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"], shards
+    assert all((out / "step_000003" / "dcp" / n).stat().st_size > 0 for n in shards)
     assert state["data"] == {"epoch": 0, "pos": 12, "seed": 0}  # 3 global batches of 4
     assert_same_trajectory(ref.metrics, read_jsonl(metrics), range(1, 4))
 
@@ -221,6 +227,17 @@ def test_two_processes_match_one_and_resume(
     res = train(parse_spec(ref_spec), cross, callbacks=rec)
     assert res.step == 6 and min(s for s in rec.metrics if "loss" in rec.metrics[s]) == 4
     assert_same_trajectory(ref.metrics, rec.metrics, range(4, 7))
+
+    # two processes resume from the one process's checkpoint onto the same trajectory
+    up = tmp_path / "up"
+    up.mkdir()
+    shutil.copytree(tmp_path / "one" / "step_000003", up / "step_000003")
+    metrics.unlink()
+    third = cli_train(spec_path, up, metrics)
+    assert third.returncode == 0, third.stderr[-3000:]
+    grown = read_jsonl(metrics)
+    assert min(s for s in grown if "loss" in grown[s]) == 4
+    assert_same_trajectory(ref.metrics, grown, range(4, 7))
 
 
 def test_batch_must_split_evenly_over_the_ranks(corpus, tmp_path) -> None:

@@ -143,7 +143,18 @@ def test_sigkill_between_checkpoints_resumes_from_the_last_one(
         with db.session() as s:
             return s.scalar(select(Job.step).where(Job.id == job_id)) or 0
 
-    wait_for(lambda: step() >= kill_at, TIMEOUT, interval=0.01, what=f"step {kill_at}")
+    def recorded() -> list[int]:
+        with db.session() as s:
+            return list(s.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job_id)))
+
+    # checkpoints are written in the background and recorded once committed, a few steps
+    # after the step they hold: wait for the first one's row too
+    wait_for(
+        lambda: step() >= kill_at and every in recorded(),
+        TIMEOUT,
+        interval=0.01,
+        what=f"step {kill_at} and checkpoint {every} recorded",
+    )
     children = training_pids(job_id)
     assert len(children) == 1, children
     # Freeze it first (the reported step lags the real one by a metrics flush), check that

@@ -16,7 +16,14 @@ from sharp_core.errors import CheckpointError, DataError, TokenizerMismatchError
 from sharp_core.spec import DatasetSpec, parse_spec
 from sharp_core.train.checkpoint import latest_checkpoint, list_checkpoints, verify_manifest
 from sharp_core.train.loop import TrainCallbacks, train
-from tests.helpers import GPT2_TEACHER, GPT2_TINY, Recorder, spec_dict, write_corpus
+from tests.helpers import (
+    GPT2_TEACHER,
+    GPT2_TINY,
+    Recorder,
+    spec_dict,
+    to_legacy_checkpoint,
+    write_corpus,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -285,7 +292,7 @@ def test_resume_refuses_a_missing_untied_head_and_accepts_a_tied_one(corpus, tmp
     """A missing key is acceptable only when its weight is tied to one the checkpoint holds.
 
     An untied lm_head missing from the checkpoint would otherwise resume with random weights.
-    """
+    Checkpoints in the format before the sharded one (weights in ``model.safetensors``)."""
     from sharp_core.errors import CheckpointMismatchError, SharpError
 
     def run(out: Path, tie: bool, stop_at: int | None) -> TrainCallbacks:
@@ -302,6 +309,7 @@ def test_resume_refuses_a_missing_untied_head_and_accepts_a_tied_one(corpus, tmp
     # tied (GPT-2's default): save_pretrained leaves lm_head out, and resuming works
     run(tmp_path / "tied", True, stop_at=2)
     ckpt = latest_checkpoint(tmp_path / "tied")
+    to_legacy_checkpoint(ckpt)
     from safetensors import safe_open
 
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
@@ -312,6 +320,7 @@ def test_resume_refuses_a_missing_untied_head_and_accepts_a_tied_one(corpus, tmp
     # untied: the head is saved; without it the checkpoint must be refused, naming the key
     run(tmp_path / "untied", False, stop_at=2)
     ckpt = latest_checkpoint(tmp_path / "untied")
+    to_legacy_checkpoint(ckpt)
     _drop_from_checkpoint(ckpt, "lm_head.weight")
     with pytest.raises(CheckpointMismatchError) as e:
         run(tmp_path / "untied", False, stop_at=None)

@@ -27,13 +27,18 @@ and only vote on stopping (SIGTERM, a dead parent), which the trainer OR-s over 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
+import queue
+import shutil
 import signal
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -71,7 +76,13 @@ from service.store import (
 )
 from service.teacher_caches import record as record_teacher_cache
 from service.teacher_caches import store_for as teacher_cache_store
-from sharp_core.errors import CheckpointError, DataError, ModelNotFoundError, SharpError
+from sharp_core.errors import (
+    ArtifactWriteError,
+    CheckpointError,
+    DataError,
+    ModelNotFoundError,
+    SharpError,
+)
 from sharp_core.spec import DatasetSpec, EvalSetSpec, JobSpec, parse_spec
 from sharp_core.train.checkpoint import retained_steps, step_dir_name
 from sharp_core.train.launch import env_rank, torchrun_command, under_torchrun  # no torch
@@ -122,6 +133,90 @@ def _finite(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+class Uploader:
+    """Uploads committed checkpoints to the S3 store on a background thread, oldest first.
+
+    Why: an upload of a multi-gigabyte student took seconds to minutes while every rank
+    waited. Now `submit` hard-links the checkpoint's files into a hidden staging folder
+    beside it (so the trainer may prune its local copy meanwhile), queues it and returns;
+    the thread uploads it (files, then the manifest: `upload_checkpoint`, retried by
+    `with_retries`) and leaves the result for the training process's main thread, which
+    records it (`Reporter.collect_uploads`): database writes stay on one thread. The queue
+    is bounded, so a store slower than the checkpoints holds the loop back instead of
+    filling the disk. The first failure is kept and raised by `collect`; later checkpoints
+    are then dropped, not uploaded out of order.
+    """
+
+    def __init__(self, settings: Settings, store: ArtifactStore, skip: Callable[[], bool]):
+        self.settings, self.store, self.skip = settings, store, skip
+        self.todo: queue.Queue[tuple[int, Path, str, dict[str, Any]] | None] = queue.Queue(
+            maxsize=2
+        )
+        self.done: queue.Queue[tuple[int, str, dict[str, Any]]] = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def submit(self, step: int, path: Path, key: str, manifest: dict[str, Any]) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="checkpoint-upload", daemon=True)
+            self.thread.start()
+        self.todo.put((step, stage_for_upload(path, manifest), key, manifest))
+
+    def collect(self) -> list[tuple[int, str, dict[str, Any]]]:
+        """Uploads finished since the last call (step, location, manifest); raises the
+        upload's error once one failed."""
+        out = []
+        while True:
+            try:
+                out.append(self.done.get_nowait())
+            except queue.Empty:
+                break
+        if self.error is not None and not out:
+            raise self.error
+        return out
+
+    def join(self) -> None:
+        """Wait until every submitted upload is done (or failed)."""
+        if self.thread is not None:
+            self.todo.put(None)
+            self.thread.join()
+            self.thread = None
+
+    def _run(self) -> None:
+        while (item := self.todo.get()) is not None:
+            step, staged, key, manifest = item
+            try:
+                if self.error is None and not self.skip():
+                    with_retries(
+                        self.settings,
+                        f"upload checkpoint {step} to {self.store.describe()}",
+                        functools.partial(upload_checkpoint, self.store, key, staged, manifest),
+                    )
+                    self.done.put((step, self.store.location(key), manifest))
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self.error = e
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
+
+
+def stage_for_upload(path: Path, manifest: dict[str, Any]) -> Path:
+    """Hard links to a checkpoint's manifest-listed files in ``.upload-step_N-…/`` beside it
+    (copies where links fail): the upload reads them even after the trainer pruned ``path``."""
+    staged = path.parent / f".upload-{path.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        for name in [*manifest.get("files", {}), "manifest.json"]:
+            dst = staged / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path / name, dst)
+            except OSError:
+                shutil.copyfile(path / name, dst)
+    except OSError as e:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise ArtifactWriteError(f"cannot stage checkpoint {path.name} for upload: {e}") from e
+    return staged
+
+
 class Reporter:
     """Everything the training loop tells the service, batched and fenced by attempt."""
 
@@ -151,6 +246,7 @@ class Reporter:
         self.ppid = os.getppid()
         self.checkpoints: set[int] = set()
         self.store: ArtifactStore = get_store(settings)
+        self.uploads = Uploader(settings, self.store, lambda: self.fenced)
         try:
             self.keep = parse_spec(job.spec).training.keep_checkpoints
         except SharpError:
@@ -239,23 +335,35 @@ class Reporter:
 
     # -- checkpoints and one-off events ----------------------------------------------------
     def add_checkpoint(self, step: int, path: Path, manifest: dict[str, Any]) -> bool:
-        """Upload the checkpoint (S3 store: files, then the manifest, retried while the store
-        is unreachable, else ArtifactWriteError), then record it, then apply retention."""
+        """A committed checkpoint. S3 store: queued for the background upload, recorded once
+        uploaded (`collect_uploads`); local store: recorded now. False if fenced off."""
+        if self.store.remote:
+            if not self.fenced:
+                key = checkpoint_key(self.team_id, self.job_id, int(step))
+                self.uploads.submit(int(step), Path(path), key, manifest)
+            self.collect_uploads()
+            return not self.fenced
+        return self._add_row(int(step), str(Path(path).resolve()), manifest)
+
+    def collect_uploads(self) -> None:
+        """Record the checkpoints uploaded since the last call; raise the upload's error
+        (ArtifactWriteError) if one failed. Called from the main thread every step."""
+        for step, location, manifest in self.uploads.collect():
+            self._add_row(step, location, manifest)
+
+    def finish_uploads(self) -> None:
+        """Wait for every queued upload and record it: the job is not done before."""
+        self.uploads.join()
+        self.collect_uploads()
+
+    def _add_row(self, step: int, location: str, manifest: dict[str, Any]) -> bool:
+        """Record the checkpoint (row and event), then apply retention."""
         metrics = _finite(manifest.get("metrics") or {})
-        location = str(Path(path).resolve())
-        if self.store.remote and not self.fenced:
-            key = checkpoint_key(self.team_id, self.job_id, int(step))
-            with_retries(
-                self.settings,
-                f"upload checkpoint {step} to {self.store.describe()}",
-                lambda: upload_checkpoint(self.store, key, Path(path), manifest),
-            )
-            location = self.store.location(key)
 
         def upsert(s: Session) -> None:
             CheckpointRepository(s).upsert(
                 job_id=self.job_id,
-                step=int(step),
+                step=step,
                 path=location,
                 manifest=manifest,
                 metrics=metrics,
@@ -264,13 +372,13 @@ class Reporter:
 
         data = {
             "attempt": self.attempt,
-            "step": int(step),
+            "step": step,
             "metrics": metrics,
             "files": len(manifest.get("files", {})),
         }
         if not self._record("checkpoint", data, upsert):
             return False
-        self.checkpoints.add(int(step))
+        self.checkpoints.add(step)
         if self.store.remote:
             self._retain()
         return True
@@ -362,6 +470,7 @@ class Reporter:
 
     # -- stopping --------------------------------------------------------------------------
     def should_stop(self) -> bool:
+        self.collect_uploads()  # uploads done meanwhile are recorded; a failed one raises
         if self.stop_signal or self.fenced or self.cancel:
             return True
         if os.getppid() != self.ppid:
@@ -569,6 +678,9 @@ def run(job_id: str, attempt: int, settings: Settings | None = None) -> int:
             return EXIT_FENCED
         out_dir = job_dir(settings, job.team_id, job_id)
         out_dir.mkdir(parents=True, exist_ok=True)
+        if main_rank:
+            for leftover in out_dir.glob(".upload-step_*"):  # staged by a killed attempt
+                shutil.rmtree(leftover, ignore_errors=True)
         result_file = result_path(settings, job.team_id, job_id, attempt)
         reporter = Reporter(settings, db, live, job, attempt)
 
@@ -606,6 +718,7 @@ def run(job_id: str, attempt: int, settings: Settings | None = None) -> int:
             if result.metrics:
                 reporter.add_metrics(result.step, result.metrics)
             reporter.flush()
+            reporter.finish_uploads()
             ckpt = getattr(result, "checkpoint", None)
             if ckpt is not None and int(result.step) not in reporter.checkpoints:
                 manifest_file = Path(ckpt) / "manifest.json"
@@ -613,6 +726,7 @@ def run(job_id: str, attempt: int, settings: Settings | None = None) -> int:
                     reporter.add_checkpoint(
                         result.step, Path(ckpt), json.loads(manifest_file.read_text())
                     )
+                    reporter.finish_uploads()
             if reporter.fenced:
                 return EXIT_FENCED
             write_result(
@@ -630,6 +744,10 @@ def run(job_id: str, attempt: int, settings: Settings | None = None) -> int:
             log.exception("training failed")
             if not main_rank:
                 return EXIT_ERROR  # rank 0 writes the result (torchrun stops it if it hangs)
+            try:
+                reporter.finish_uploads()  # what was uploaded is listed (and resumed from)
+            except Exception:  # noqa: BLE001
+                log.exception("a checkpoint upload failed too")
             try:
                 reporter.flush()
             except Exception:  # noqa: BLE001

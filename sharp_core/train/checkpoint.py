@@ -6,10 +6,17 @@ therefore appears under its final name only once every file in it is fsynced and
 only folders whose manifest verifies. Layout of `out_dir`:
 
     step_000500/
-        config.json, model.safetensors, tokenizer files   (save_pretrained layout)
-        training_state.pt   (optimizer, scheduler, RNG, data position; loaded weights_only)
+        config.json, model.safetensors, tokenizer files   (the consolidated student:
+                            save_pretrained layout, what users download)
+        dcp/.metadata, dcp/__R_0.distcp   (student, optimizer, learned basis: sharded by
+                            torch.distributed.checkpoint, one file per rank; any world size
+                            resumes from it)
+        training_state.pt   (step, scaler, RNG of every rank, data position; loaded weights_only)
         spec.json           (the fully resolved spec that trained it)
-        manifest.json       ({"step", "files": {name: {"sha256", "size"}}, "metrics"})
+        manifest.json       ({"step", "files": {name: {"sha256", "size"}}, "metrics"}), last
+
+Older checkpoints have no ``dcp/``: their optimizer is inside ``training_state.pt`` and
+their weights are ``model.safetensors`` (`sharp_core.train.state.resume` reads both).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Any
 from sharp_core.errors import ArtifactWriteError, CheckpointError
 from sharp_core.files import MANIFEST, fsync_dir, sha256_file
 
+DCP_DIR = "dcp"  # the sharded training state (torch.distributed.checkpoint), inside a step folder
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 
 
@@ -33,22 +41,28 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def write_checkpoint(
-    out_dir: Path,
-    step: int,
-    write_files: Callable[[Path], None],
-    metrics: dict[str, float] | None = None,
-) -> tuple[Path, dict[str, Any]]:
-    """Write a checkpoint: `write_files(tmp)` fills a temporary folder, then manifest, fsync, rename.
-
-    Raises ArtifactWriteError (and leaves nothing behind under a step_ name) on any OSError.
-    """
-    final = out_dir / step_dir_name(step)
+def temporary_dir(out_dir: Path, step: int) -> Path:
+    """A fresh hidden folder in ``out_dir`` that a checkpoint of ``step`` is written into
+    (removed by `clean_temporaries` if the writer dies before `commit_checkpoint`)."""
     tmp = out_dir / f".tmp-{step_dir_name(step)}-{uuid.uuid4().hex[:8]}"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        write_files(tmp)
+    except OSError as e:
+        raise ArtifactWriteError(f"cannot write checkpoint {tmp}: {e}") from e
+    return tmp
+
+
+def commit_checkpoint(
+    out_dir: Path, step: int, tmp: Path, metrics: dict[str, float] | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """Make the files in ``tmp`` the checkpoint of ``step``: fsync and hash every file (in
+    sub-folders too), write the manifest last, rename ``tmp`` to ``step_NNNNNN``.
+
+    Raises ArtifactWriteError (and removes ``tmp``) on any OSError.
+    """
+    final = out_dir / step_dir_name(step)
+    try:
         files: dict[str, dict[str, Any]] = {}
         for p in sorted(tmp.rglob("*")):
             if p.is_file():
@@ -58,6 +72,8 @@ def write_checkpoint(
                     "sha256": sha256_file(p),
                     "size": p.stat().st_size,
                 }
+        for d in sorted({p.parent for p in tmp.rglob("*") if p.parent != tmp}, reverse=True):
+            fsync_dir(d)  # sub-folders (the sharded state's) hold renamed files too
         manifest = {"step": step, "files": files, "metrics": metrics or {}}
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
@@ -72,6 +88,27 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise ArtifactWriteError(f"cannot write checkpoint {final}: {e}") from e
     return final, manifest
+
+
+def write_checkpoint(
+    out_dir: Path,
+    step: int,
+    write_files: Callable[[Path], None],
+    metrics: dict[str, float] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Write a checkpoint: `write_files(tmp)` fills a temporary folder, then `commit_checkpoint`.
+
+    Raises ArtifactWriteError (and leaves nothing behind under a step_ name) on any OSError.
+    """
+    tmp = temporary_dir(out_dir, step)
+    try:
+        write_files(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactWriteError(
+            f"cannot write checkpoint {out_dir / step_dir_name(step)}: {e}"
+        ) from e
+    return commit_checkpoint(out_dir, step, tmp, metrics)
 
 
 def verify_manifest(ckpt_dir: Path) -> dict[str, Any]:

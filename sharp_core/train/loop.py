@@ -38,9 +38,9 @@ from sharp_core.train.setup import Setup, autocast_dtype, setup
 from sharp_core.train.state import (
     SPEC_FILE,
     STATE_FILE,
+    Checkpointer,
     TrainState,
     resume,
-    save_checkpoint,
 )
 from sharp_core.train.step import backward_per_term, micro_step, next_batch, step_counts
 
@@ -164,7 +164,8 @@ def train(
     if m.on_policy is not None:  # generated batches: its RNG and replay buffer are state too
         state.onpolicy = OnPolicy(spec, ctx.rank, ctx.world_size, ctx.gather_objects)
     opt, scaler = state.optimizer, state.scaler
-    last_ckpt = resume(out_dir, S, state, model, ctx)  # newest verified checkpoint, if any
+    ckpt = Checkpointer(out_dir, S, ctx, cb)  # saves in the background; reports when committed
+    last_ckpt = resume(out_dir, S, state, model, ctx, ckpt.group)  # newest verified, if any
     resumed_step = state.step if last_ckpt is not None else None
     # Evaluation runs on the wrapped student (FSDP needs every rank in every forward): each
     # rank takes its share of the blocks at the per-rank batch, the sums are all-reduced, and
@@ -209,10 +210,12 @@ def train(
             last_metrics.update(ev)
             cb.on_metrics(step, ev)
         periodic = bool(t.checkpoint_every) and step % t.checkpoint_every == 0 and step > 0
+        ckpt.poll()  # a background save that has committed is reported now
         # a resumed step already has its checkpoint on disk; everything else that is due gets one
         if (periodic or done or stop) and (step != resumed_step or last_ckpt is None):
-            last_ckpt = save_checkpoint(out_dir, S, state, model, ctx, cb, dict(last_metrics))
+            last_ckpt = ckpt.save(state, model, dict(last_metrics))
         if done or stop:
+            ckpt.close()  # the last save is written, committed and reported before returning
             return TrainResult("completed" if done else "stopped", step, last_ckpt, last_metrics)
 
         # ---- micro-steps: forward, loss, backward; gradients accumulate over grad_accum
