@@ -33,7 +33,7 @@ from sharp_core.spec import JobSpec
 from sharp_core.train import distributed
 from sharp_core.train.checkpoint import latest_checkpoint, verify_manifest
 from sharp_core.train.onpolicy import OnPolicy
-from sharp_core.train.perf import Throughput, flops_per_token
+from sharp_core.train.perf import Throughput, flops_per_token, peak_mem_mb
 from sharp_core.train.setup import Setup, autocast_dtype, setup
 from sharp_core.train.state import (
     SPEC_FILE,
@@ -230,7 +230,7 @@ def train(
         s_t = attention_scale_at(step, spec)
         logs: dict[str, torch.Tensor] = {}
         cosines: dict[str, float] = {}
-        try:
+        try:  # the step's first AdamW update allocates its state: inside too
             for i, x in enumerate(batches):
                 # multi-GPU: DDP all-reduces in the last micro-step's backward only
                 with ctx.no_sync(S.student, sync=not per_term and i == len(batches) - 1):
@@ -252,14 +252,16 @@ def train(
                             cosines[k] = cosines.get(k, 0.0) + c / len(batches)
                     else:
                         scaler.scale(terms["loss"]).backward()
-        except torch.OutOfMemoryError as e:
-            raise OutOfMemoryError(f"out of memory at step {step}: {e}") from None
-        ctx.average_grads(params + extra if per_term else extra)  # what DDP did not reduce
+            ctx.average_grads(params + extra if per_term else extra)  # what DDP did not reduce
 
-        # ---- clip, step, zero_grad
-        scaler.unscale_(opt)
-        grad_norm = _clip(params + extra, t.grad_clip)
-        scaler.step(opt)
+            # ---- clip, step, zero_grad
+            scaler.unscale_(opt)
+            grad_norm = _clip(params + extra, t.grad_clip)
+            scaler.step(opt)
+        except torch.OutOfMemoryError as e:  # the last checkpoint on disk stays the one to resume
+            raise OutOfMemoryError(
+                f"out of memory at step {step} (peak {peak_mem_mb(dev) / 1024:.2f} GiB): {e}"
+            ) from None
         scaler.update()
         opt.zero_grad(set_to_none=True)
         state.step = step = step + 1
@@ -270,6 +272,8 @@ def train(
             metrics = ctx.mean_metrics(logs, dev)
             metrics.update(lr=lr, grad_norm=float(grad_norm), **meter.read(step, n_in))
             metrics.update(ctx.mean_metrics(cosines, dev))
+            if "shard_params_max" not in last_metrics:  # a sharded student: each rank's share
+                metrics.update(ctx.shard_metrics(params, opt))
             if state.onpolicy is not None:
                 metrics.update(state.onpolicy.metrics(kind))
             last_metrics.update(metrics)

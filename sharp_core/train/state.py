@@ -21,6 +21,7 @@ import torch
 from sharp_core.data.loading import BatchStream, ClassificationData
 from sharp_core.errors import CheckpointMismatchError
 from sharp_core.spec import TrainingSpec
+from sharp_core.train import distributed
 from sharp_core.train.checkpoint import (
     clean_temporaries,
     latest_checkpoint,
@@ -80,11 +81,14 @@ class TrainState:
             objective=S.objective,
         )
 
-    def state_dict(self, rngs: list[dict[str, Any]], per_rank: bool) -> dict[str, Any]:
-        """``rngs``: every rank's RNG states (rank 0's first); kept per rank when ``per_rank``."""
+    def state_dict(
+        self, rngs: list[dict[str, Any]], per_rank: bool, optimizer: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """``rngs``: every rank's RNG states (rank 0's first); kept per rank when ``per_rank``.
+        ``optimizer``: its state dict when already gathered (a sharded student)."""
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer if optimizer is not None else self.optimizer.state_dict(),
             "objective": self.objective.state_dict() if self.objective is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "data": self.stream.state_dict(),
@@ -114,13 +118,19 @@ def adamw(
 ) -> torch.optim.AdamW:
     """AdamW with weight decay on the student's matrices only (not on biases and norms) and
     none on ``extra`` (the objective's learned basis, kept orthonormal by construction)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     if extra:
         groups.append({"params": extra, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=device.type == "cuda")
+    # fused (one kernel per step) wherever torch has the kernel: CUDA, and the CPU since 2.4;
+    # with an offloaded FSDP student the parameters (and so the step) are on the CPU
+    where = {p.device.type for g in groups for p in g["params"]} or {device.type}
+    fused = where <= set(_get_fused_kernels_supported_devices())
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=fused)
 
 
 def unwrap(model: torch.nn.Module) -> Any:
@@ -162,15 +172,18 @@ def save_checkpoint(
     """Write ``step_NNNNNN/`` atomically (rank 0), report it, prune old ones; every rank
     takes part (the RNG states are gathered) and waits for the write."""
     rngs = ctx.gather_objects(rng_state(S.device))  # every rank's; only rank 0 writes
+    # a sharded student: every rank takes part in gathering the whole weights and AdamW state
+    weights = distributed.full_model_state(model)
+    optim = distributed.full_optim_state(state.optimizer) if weights is not None else None
     if not ctx.is_main:
         ctx.barrier()
         return out_dir / step_dir_name(state.step)
 
     def write(tmp: Path) -> None:
-        unwrap(model).save_pretrained(tmp, safe_serialization=True)
+        unwrap(model).save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         S.tokenizer.save_pretrained(tmp)
         (tmp / SPEC_FILE).write_text(S.spec.model_dump_json(indent=1))
-        torch.save(state.state_dict(rngs, per_rank=ctx.enabled), tmp / STATE_FILE)
+        torch.save(state.state_dict(rngs, ctx.enabled, optimizer=optim), tmp / STATE_FILE)
 
     path, manifest = write_checkpoint(out_dir, state.step, write, metrics)
     callbacks.on_checkpoint(state.step, path, manifest)
@@ -241,8 +254,9 @@ def resume(
     from safetensors.torch import load_file
 
     weights = load_file(str(path / "model.safetensors"), device=str(S.device))
-    missing, unexpected = unwrap(model).load_state_dict(weights, strict=False)
+    missing, unexpected = distributed.load_model_state(model, weights)
     check_weights(model, missing, unexpected, path)
+    saved["optimizer"] = distributed.shard_optim_state(state.optimizer, saved["optimizer"])
     state.load_state_dict(saved)
     set_rng_state(ctx.own_rng(saved), S.device)
     if ctx.is_main:
