@@ -391,3 +391,26 @@ def test_a_job_that_cannot_fit_fails_before_the_first_step(
     assert " GB" in e.value.message and "cannot fit" in e.value.message
     total = float(e.value.message.split("estimated ")[1].split(" GB")[0])
     assert total * GB > FIT * gpu_gb * 2**30
+
+
+@pytest.mark.slow  # inductor compiles on the CPU: ~100 s on a busy 2-vCPU VM
+def test_compile_one_process_matches_eager(corpus, teacher_dir, tmp_path) -> None:
+    """``training.compile`` (student and teacher under torch.compile, blocks checkpointed):
+    two steps give eager's losses. Inductor may reorder fp32 reductions: 1e-5 relative."""
+    losses = {}
+    for compiled in (False, True):
+        spec = llama_spec(
+            corpus,
+            teacher_dir,
+            training={
+                "max_steps": 2,
+                "eval_every": 0,
+                "checkpoint_every": 0,
+                "compile": compiled,
+                "activation_checkpointing": True,
+            },
+        )
+        rec = Recorder()
+        train(parse_spec(spec), tmp_path / str(compiled), callbacks=rec)
+        losses[compiled] = [rec.metrics[s]["loss"] for s in (1, 2)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -452,21 +452,30 @@ def shard_student(
 
 
 def checkpoint_blocks(model: torch.nn.Module) -> int:
-    """Non-reentrant activation checkpointing on each transformer block (composable
-    ``checkpoint``: module names and the state dict are unchanged); returns how many.
+    """Non-reentrant activation checkpointing on each transformer block; returns how many.
 
+    Each block's ``forward`` is replaced (on the instance) by ``torch.utils.checkpoint`` of
+    itself, so module names and the state dict are unchanged; torch.compile traces it as
+    its checkpoint operator (the composable hook-based ``checkpoint`` would recompute an
+    eager forward against a compiled one's saved tensors and fail). Under FSDP the block's
+    hooks stay outside: its backward gathers the parameters, then the recompute runs.
     Why non-reentrant: the attention capture keeps the student's q/k *with* their graph
     from the first forward; a reentrant checkpoint runs that forward under no_grad. The
-    recomputation in backward runs outside any live capture, so it records nothing.
-    Applied before FSDP (so a block's recompute re-gathers its parameters) and before the
-    first compiled call.
+    recomputation runs outside any live capture, so it records nothing.
     """
-    from torch.distributed._composable import checkpoint
+    from torch.utils.checkpoint import checkpoint
 
     inner = getattr(model, "_orig_mod", model)
     blocks = _blocks(inner)
     for b in blocks:
-        checkpoint(b)
+        if getattr(b, "_sharp_checkpointed", False):
+            continue
+
+        def run(*args: Any, _forward: Any = b.forward, **kwargs: Any) -> Any:
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        b.forward = run  # type: ignore[method-assign]
+        b._sharp_checkpointed = True  # type: ignore[assignment]
     return len(blocks)
 
 

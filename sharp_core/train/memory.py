@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "COMFORT",
     "FIT",
+    "GB",
     "RESERVE_BYTES",
     "Estimate",
     "ModelSizes",
