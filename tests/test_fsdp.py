@@ -414,3 +414,61 @@ def test_compile_one_process_matches_eager(corpus, teacher_dir, tmp_path) -> Non
         train(parse_spec(spec), tmp_path / str(compiled), callbacks=rec)
         losses[compiled] = [rec.metrics[s]["loss"] for s in (1, 2)]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+_CLIP_RANKS = """
+import json, sys, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from sharp_core.train.loop import _clip
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+def build():
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 3))
+m, ref = build(), build()
+ref.load_state_dict(m.state_dict())
+extra = torch.nn.Parameter(torch.randn(5))
+extra_ref = torch.nn.Parameter(extra.detach().clone())
+fully_shard(m, mesh=init_device_mesh("cpu", (2,)))
+x = torch.randn(8, 4)  # the same on both ranks: the sharded grads equal the reference's
+(m(x).sum() + (extra**2).sum()).backward()
+(ref(x).sum() + (extra_ref**2).sum()).backward()
+norm = float(_clip([*m.parameters(), extra], 0.5))
+ref_norm = float(torch.nn.utils.clip_grad_norm_([*ref.parameters(), extra_ref], 0.5))
+diff = max(
+    [float((p.grad.full_tensor() - q.grad).abs().max()) for p, q in zip(m.parameters(), ref.parameters())]
+    + [float((extra.grad - extra_ref.grad).abs().max())]
+)
+if dist.get_rank() == 0:
+    json.dump({"norm": norm, "ref": ref_norm, "diff": diff}, open(sys.argv[1], "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_clip_combines_sharded_and_plain_gradients(tmp_path) -> None:
+    """A sharded student's DTensor gradients beside the objective's plain ones (a learned
+    basis): one global norm and one clipping coefficient, as clip_grad_norm_ gives for the
+    unsharded model (which refuses the mixture outright)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_distributed import ROOT
+
+    script, out = tmp_path / "ranks.py", tmp_path / "out.json"
+    script.write_text(_CLIP_RANKS)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = str(ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        + [str(script), str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["norm"] == pytest.approx(got["ref"], rel=1e-6) and got["ref"] > 0.5
+    assert got["diff"] < 1e-7

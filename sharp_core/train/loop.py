@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from sharp_core.cache import teacher_cache
 from sharp_core.data.loading import ClassificationData
@@ -124,6 +125,17 @@ def attention_scale_at(step: int, spec: JobSpec) -> float:
 
 def _clip(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip to ``max_norm`` (0: no clipping); the total gradient norm before clipping."""
+    sharded = [p for p in params if isinstance(p.grad, DTensor)]
+    if sharded:  # an FSDP student (DTensor grads) beside the objective's plain ones
+        plain = [p for p in params if p.grad is not None and not isinstance(p.grad, DTensor)]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor()
+        if plain:
+            rest = torch.nn.utils.get_total_norm([p.grad for p in plain])
+            norm = torch.linalg.vector_norm(torch.stack([norm, rest.to(norm.device)]))
+        if max_norm > 0:
+            for group in (sharded, plain) if plain else (sharded,):
+                torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
+        return norm
     if max_norm > 0:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     return torch.linalg.vector_norm(
