@@ -472,3 +472,28 @@ def test_clip_combines_sharded_and_plain_gradients(tmp_path) -> None:
     got = json.loads(out.read_text())
     assert got["norm"] == pytest.approx(got["ref"], rel=1e-6) and got["ref"] > 0.5
     assert got["diff"] < 1e-7
+
+
+def test_auto_that_shards_refuses_per_term_backward(corpus, llama8b, llama3b) -> None:
+    """PCGrad needs whole gradients: when auto would shard the 3B student it says so,
+    naming the method field; with a small (replicated) student it is fine."""
+    d = spec_dict(
+        corpus,
+        teacher={"model": "t"},
+        method={"name": "sharp", "conflict": "pcgrad"},
+        training={"batch_size": 8, "seq_len": 4096},
+        resources={"gpus": 8},
+    )
+    spec = parse_spec(d)
+    with pytest.raises(SpecError) as e:
+        plan(spec, llama3b, llama8b, world_size=8, gpu_bytes=GPU80)
+    assert e.value.param == "spec.method.conflict" and "student_parallel: ddp" in e.value.message
+    small = _llama_sizes(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+    )
+    assert plan(spec, small, llama8b, world_size=8, gpu_bytes=GPU80).student_parallel == "ddp"

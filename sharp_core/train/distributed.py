@@ -190,7 +190,6 @@ class Context:
         """Checkpoint the student's blocks (if asked), check the step fits the GPU
         (`sharp_core.train.memory.plan`), place the teacher (replicated or sharded) and wrap
         the student in DDP or shard it with FSDP2."""
-        from sharp_core.spec import per_term_field
         from sharp_core.train.memory import ModelSizes, plan
 
         spec = S.spec
@@ -230,15 +229,6 @@ class Context:
             gpu_bytes=gpu_bytes,
             teacher_parallel=t_mode,
         )
-        per_term = per_term_field(spec)
-        if p.student_parallel == "fsdp" and per_term:
-            raise SpecError(
-                f"{per_term}: one backward pass per term (PCGrad, interference diagnostics) "
-                "needs whole gradients, which a sharded student does not have, and the memory "
-                f"estimate ({p.estimate.describe()}) chose to shard it: set "
-                "resources.student_parallel: ddp or turn this off",
-                param=f"spec.{per_term}",
-            )
         if self.is_main:
             print(
                 f"teacher: {t_mode} over {self.world_size} processes; student: "

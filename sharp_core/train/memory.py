@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from sharp_core.errors import SpecError
+from sharp_core.spec import per_term_field
 
 if TYPE_CHECKING:
     from sharp_core.spec import JobSpec
@@ -246,7 +247,8 @@ def plan(
 
     The rule (``resources.student_parallel: auto``): DDP while its estimate is at most
     `COMFORT` of one GPU (no per-layer all-gathers; the whole state on every rank), else FSDP.
-    ``cpu_offload`` implies FSDP. Without a known GPU (CPU runs) nothing is refused and auto
+    ``cpu_offload`` implies FSDP. A sharded student cannot serve per-term backward passes
+    (`sharp_core.spec.per_term_field`): refused, naming that field. Without a known GPU (CPU runs) nothing is refused and auto
     keeps DDP. A plan whose estimate exceeds `FIT` of the GPU is refused before the first
     step, naming the lever that would make it fit: activation checkpointing, a smaller batch
     (per rank), or more GPUs (which shards further).
@@ -277,6 +279,15 @@ def plan(
     else:
         mode = "ddp" if est("ddp").total <= COMFORT * gpu_bytes else "fsdp"
     e = est(mode)
+    per_term = per_term_field(spec)
+    if mode == "fsdp" and per_term:
+        raise SpecError(
+            f"{per_term}: one backward pass per term (PCGrad, interference diagnostics) needs "
+            "whole gradients, which a sharded student does not have, and the memory estimate "
+            f"({e.describe()} per GPU) chose to shard it: set resources.student_parallel: ddp "
+            "or turn this off",
+            param=f"spec.{per_term}",
+        )
     if gpu_bytes is None or e.total <= FIT * gpu_bytes:
         return Plan(mode, e)
     # it does not fit: name the first lever that would make it fit
