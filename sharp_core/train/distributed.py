@@ -568,7 +568,8 @@ def load_model_state(
 ) -> tuple[list[str], list[str]]:
     """Load whole weights into the student, sharded or not; (missing, unexpected) keys."""
     inner = getattr(model, "_orig_mod", model)
-    inner = getattr(inner, "module", inner)  # DDP
+    if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+        inner = inner.module
     if not is_sharded(model):
         res = inner.load_state_dict(weights, strict=False)
         return list(res.missing_keys), list(res.unexpected_keys)

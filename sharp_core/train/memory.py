@@ -83,7 +83,8 @@ class ModelSizes:
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelSizes:
         inner = getattr(model, "_orig_mod", model)
-        inner = getattr(inner, "module", inner)  # DDP
+        if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+            inner = inner.module
         cfg = getattr(inner, "config", None)
 
         def get(*names: str, default: Any = None) -> Any:
