@@ -63,7 +63,6 @@ def llama_spec(corpus: Path, teacher: Path, method: str = "kd", **over) -> dict:
 # ----------------------------------------------------------------------------- 2 processes
 
 
-@pytest.mark.slow  # ~45 s on an idle 2-vCPU VM, ~100 s on a busy one
 def test_fsdp_student_matches_one_process_shards_and_resumes(corpus, teacher_dir, tmp_path):
     """Two gloo ranks with the student sharded by FSDP2 (and its blocks checkpointed) follow
     the one-process trajectory for 20 steps; each rank holds exactly its Shard(0) half of
@@ -393,7 +392,7 @@ def test_a_job_that_cannot_fit_fails_before_the_first_step(
     assert total * GB > FIT * gpu_gb * 2**30
 
 
-@pytest.mark.slow  # inductor compiles on the CPU: ~100 s on a busy 2-vCPU VM
+@pytest.mark.slow  # a cold inductor compile on the CPU: ~100 s on a busy 2-vCPU VM (9 s warm)
 def test_compile_one_process_matches_eager(corpus, teacher_dir, tmp_path) -> None:
     """``training.compile`` (student and teacher under torch.compile, blocks checkpointed):
     two steps give eager's losses. Inductor may reorder fp32 reductions: 1e-5 relative."""
