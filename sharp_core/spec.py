@@ -554,6 +554,12 @@ class TrainingSpec(_Strict):
         default="bf16", description="Autocast dtype on CUDA; CPU always trains in fp32."
     )
     compile: bool = Field(default=False, description="torch.compile student and teacher.")
+    activation_checkpointing: bool = Field(
+        default=False,
+        description="Recompute each student block's activations in the backward pass instead "
+        "of keeping them (about one block's activations live instead of every block's, for "
+        "roughly a third more student compute). Same loss and gradients.",
+    )
 
     @field_validator("betas")
     @classmethod
@@ -585,6 +591,18 @@ class ResourcesSpec(_Strict):
         default="auto",
         description="Multi-GPU: replicate the teacher on every rank or shard it with FSDP; "
         "'auto' shards when a replica would not fit beside the student.",
+    )
+    student_parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        default="auto",
+        description="Multi-GPU: the student as a DDP replica on every rank (whole weights, "
+        "gradients and AdamW state per GPU) or sharded with FSDP2 (each rank holds 1/gpus of "
+        "them); 'auto' uses DDP while the memory estimate fits comfortably, else FSDP.",
+    )
+    cpu_offload: bool = Field(
+        default=False,
+        description="Multi-GPU with a sharded student: keep its parameter shards, gradients "
+        "and AdamW state in host memory (FSDP2 CPUOffloadPolicy); the optimizer step runs "
+        "on the CPU. Needs gpus > 1 and student_parallel 'auto' or 'fsdp'.",
     )
     max_attempts: int = Field(default=3, ge=1, le=20)
 
@@ -651,6 +669,7 @@ def parse_spec(data: dict[str, Any], *, prefix: str = "spec") -> JobSpec:
     _check_prune(spec, prefix)
     _check_on_policy(spec, prefix)
     _check_teacher_cache(spec, prefix)
+    _check_student_parallel(spec, prefix)
     gpus = spec.resources.gpus
     if gpus > 1 and spec.training.batch_size % gpus:
         # checked here rather than in a model validator so that the error names the field
@@ -662,6 +681,43 @@ def parse_spec(data: dict[str, Any], *, prefix: str = "spec") -> JobSpec:
             param=param,
         )
     return spec
+
+
+def per_term_field(spec: JobSpec) -> str | None:
+    """The method field that asks for one backward pass per term (PCGrad, gradient
+    cosines), if any: those passes use ``autograd.grad``, which a sharded (FSDP2) student
+    cannot serve (its gradients exist only as reduce-scattered shards of ``.grad``)."""
+    if spec.method.conflict != "none":
+        return "method.conflict"
+    if spec.method.interference_every > 0:
+        return "method.interference_every"
+    return None
+
+
+def _check_student_parallel(spec: JobSpec, prefix: str) -> None:
+    """A sharded student's options, checked here so that the error names its field; the
+    trainer checks again once ``auto`` has been resolved (`sharp_core.train.distributed`)."""
+
+    def fail(field: str, msg: str) -> None:
+        param = f"{prefix}.{field}" if prefix else field
+        raise SpecError(f"{param}: {msg}", param=param)
+
+    r = spec.resources
+    if r.cpu_offload and r.gpus <= 1:
+        fail("resources.cpu_offload", "offloads a sharded student: needs resources.gpus > 1")
+    if r.cpu_offload and r.student_parallel == "ddp":
+        fail(
+            "resources.cpu_offload",
+            "offloads a sharded student: needs student_parallel 'fsdp' or 'auto', not 'ddp'",
+        )
+    per_term = per_term_field(spec)
+    if per_term and r.gpus > 1 and (r.student_parallel == "fsdp" or r.cpu_offload):
+        fail(
+            per_term,
+            "one backward pass per term (PCGrad, interference diagnostics) needs whole "
+            "gradients, which a sharded student (resources.student_parallel 'fsdp') does "
+            "not have: use student_parallel 'ddp', or turn this off",
+        )
 
 
 def _check_prune(spec: JobSpec, prefix: str) -> None:

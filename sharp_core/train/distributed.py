@@ -4,13 +4,17 @@ A job with ``resources.gpus: N > 1`` runs N copies of the one training loop (the
 ``python -m sharp_core train`` both exec ``python -m torch.distributed.run --standalone
 --nproc-per-node N …``; see `torchrun_command`). Each rank:
 
-- trains the **student data-parallel with DDP**. Why DDP and not FSDP2 ``fully_shard``: a
-  distilled student is small by construction (it is the model being compressed *into*),
-  so its weights, gradients and AdamW state fit one GPU with room to spare; DDP keeps every
-  rank's parameters and optimizer state whole and identical, so rank 0 saves exactly the
-  single-process checkpoint (``save_pretrained`` weights, ``optimizer.state_dict()``) and a
-  checkpoint resumes under any number of processes, 1 included. Sharding a small student
-  would buy little memory and cost an all-gather per layer per micro-step.
+- trains the **student as a DDP replica or sharded with FSDP2** (``resources.student_parallel``,
+  `sharp_core.train.memory.plan`): DDP while the student's whole training state (fp32 weights,
+  gradients, buckets, AdamW's moments: ~20 bytes/param) plus activations fits comfortably
+  in one GPU, because it needs no per-layer communication; otherwise ``fully_shard`` with one
+  unit per transformer block, each rank holding 1/N of the weights, gradients and AdamW
+  state (bf16 compute copies with fp32 masters and fp32 gradient reduction under
+  ``precision: bf16`` on CUDA; optionally offloaded to host memory). Either way rank 0
+  saves the single-process checkpoint format (`full_model_state`, `full_optim_state`), so
+  a checkpoint resumes under any number of processes, 1 included.
+- optionally **recomputes each student block in backward** (`checkpoint_blocks`,
+  ``training.activation_checkpointing``), in one process too.
 - runs the **teacher replicated or sharded** (FSDP2 ``fully_shard``, one unit per block named
   in the model's ``_no_split_modules``), by `choose_teacher_parallel`. The teacher is
   frozen, so sharding only ever costs a forward all-gather, and the attention capture keeps
@@ -20,7 +24,8 @@ A job with ``resources.gpus: N > 1`` runs N copies of the one training loop (the
   all ranks walk the same seeded permutation, so the global batch of a step is exactly the
   single-process batch and the data position in a checkpoint means the same for any N.
   Each rank normalises its loss by its own token count (every rank holds the same number
-  of rows); DDP's gradient average then equals the single-process gradient.
+  of rows); DDP's (or FSDP's reduce-scatter's) gradient average then equals the
+  single-process gradient.
 - reports through rank 0 only: logged metrics are averaged over ranks first, the stop
   decision (cancel, SIGTERM, fencing) is OR-ed over ranks so every rank stops at the same
   step, and only rank 0 writes checkpoints (each rank's RNG state is gathered into it).
@@ -59,8 +64,15 @@ __all__ = [
     "Context",
     "RankCallbacks",
     "check_world",
+    "checkpoint_blocks",
     "choose_teacher_parallel",
     "context",
+    "full_model_state",
+    "full_optim_state",
+    "is_sharded",
+    "load_model_state",
+    "shard_optim_state",
+    "shard_student",
     "env_rank",
     "under_torchrun",
     "torchrun_command",
@@ -175,54 +187,96 @@ class Context:
         check_world(spec, self.world_size)
 
     def prepare(self, S: Setup) -> Setup:
-        """Place the teacher (replicated or sharded) and wrap the student in DDP."""
+        """Checkpoint the student's blocks (if asked), check the step fits the GPU
+        (`sharp_core.train.memory.plan`), place the teacher (replicated or sharded) and wrap
+        the student in DDP or shard it with FSDP2."""
+        from sharp_core.train.memory import ModelSizes, plan
+
+        spec = S.spec
+        if spec.training.activation_checkpointing:
+            checkpoint_blocks(S.student)
+        dev = S.device
+        gpu_bytes = (
+            torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
+        )
         if not self.enabled:
+            plan(
+                spec, ModelSizes.of(S.student), _sizes(S.teacher), world_size=1, gpu_bytes=gpu_bytes
+            )
             return S
-        self.check(S.spec)
+        self.check(spec)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         from sharp_core.models.loading import weights_dtype
 
-        dev = S.device
         teacher = S.teacher
+        t_mode = "replicate"
         if teacher is not None:
-            assert S.spec.teacher is not None
-            teacher = teacher.to(dtype=weights_dtype(S.spec.teacher.dtype, "teacher", dev))
-            mode = choose_teacher_parallel(
-                S.spec.resources.teacher_parallel,
+            assert spec.teacher is not None
+            teacher = teacher.to(dtype=weights_dtype(spec.teacher.dtype, "teacher", dev))
+            t_mode = choose_teacher_parallel(
+                spec.resources.teacher_parallel,
                 teacher_bytes=sum(p.numel() * p.element_size() for p in teacher.parameters()),
                 student_params=sum(p.numel() for p in S.student.parameters()),
-                gpu_bytes=torch.cuda.get_device_properties(dev).total_memory
-                if dev.type == "cuda"
-                else None,
+                gpu_bytes=gpu_bytes,
                 world_size=self.world_size,
             )
-            if self.is_main:
-                print(f"teacher: {mode} over {self.world_size} processes", file=sys.stderr)
-            teacher = shard_teacher(teacher, dev) if mode == "fsdp" else teacher.to(dev)
-        if S.objective is not None:  # a learned basis: same start on every rank
-            for p in S.objective.parameters():
-                dist.broadcast(p.data, src=0)
-        student = DDP(
-            S.student,
-            device_ids=[dev.index] if dev.type == "cuda" else None,
-            forward_sync_buffers=False,  # constant buffers: no collective in eval forwards
+        p = plan(
+            spec,
+            ModelSizes.of(S.student),
+            _sizes(teacher),
+            world_size=self.world_size,
+            gpu_bytes=gpu_bytes,
+            teacher_parallel=t_mode,
         )
+        if self.is_main:
+            print(
+                f"teacher: {t_mode} over {self.world_size} processes; student: "
+                f"{p.student_parallel}; estimate {p.estimate.describe()} per rank",
+                file=sys.stderr,
+            )
+        if teacher is not None:
+            teacher = shard_teacher(teacher, dev) if t_mode == "fsdp" else teacher.to(dev)
+        if S.objective is not None:  # a learned basis: same start on every rank
+            for q in S.objective.parameters():
+                dist.broadcast(q.data, src=0)
+        if p.student_parallel == "fsdp":
+            student = shard_student(
+                S.student,
+                dev,
+                bf16=dev.type == "cuda" and spec.training.precision == "bf16",
+                offload=spec.resources.cpu_offload,
+            )
+        else:
+            student = DDP(
+                S.student,
+                device_ids=[dev.index] if dev.type == "cuda" else None,
+                forward_sync_buffers=False,  # constant buffers: no collective in eval forwards
+            )
         return replace(S, student=student, teacher=teacher)
 
     def no_sync(self, model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager[Any]:
-        """DDP's ``no_sync`` for the micro-steps whose gradients are not all-reduced yet."""
-        if not self.enabled or sync:
+        """The micro-steps whose gradients are not reduced yet: DDP's ``no_sync``, or FSDP2's
+        ``set_requires_gradient_sync(False)`` (unsharded gradients accumulate locally and
+        are reduce-scattered once, in the last micro-step's backward)."""
+        if not self.enabled:
+            return contextlib.nullcontext()
+        fsdp = _fsdp_root(model)
+        if fsdp is not None:
+            return _gradient_sync(fsdp, sync)
+        if sync:
             return contextlib.nullcontext()
         return model.no_sync()  # type: ignore[operator]
 
     def average_grads(self, params: Sequence[torch.nn.Parameter]) -> None:
         """All-reduce (mean) gradients DDP did not: the objective's learned basis, and the
-        student's on steps that use per-term backward passes (`autograd.grad` bypasses DDP)."""
+        student's on steps that use per-term backward passes (`autograd.grad` bypasses DDP;
+        never with a sharded student, see `prepare`). Sharded (DTensor) gradients are already
+        reduced and are left alone."""
         if not self.enabled:
             return
         for p in params:
-            if p.grad is not None:
+            if p.grad is not None and not _is_dtensor(p.grad):
                 dist.all_reduce(p.grad)
                 p.grad.div_(self.world_size)
 
@@ -241,6 +295,28 @@ class Context:
         )
         dist.all_reduce(t)
         return dict(zip(keys, (t / self.world_size).tolist(), strict=True))
+
+    def shard_metrics(
+        self, params: Sequence[torch.nn.Parameter], opt: torch.optim.Optimizer
+    ) -> dict[str, float]:
+        """Under FSDP: the largest and smallest per-rank count of student parameter elements
+        and of AdamW state elements (exp_avg + exp_avg_sq) held locally, over all ranks, so a
+        log shows each rank holds ~1/N. Empty with one process or a DDP student."""
+        if not self.enabled or not any(_is_dtensor(p) for p in params):
+            return {}
+        local_p = sum(_local(p).numel() for p in params)
+        local_o = 0
+        for p in params:
+            st = opt.state.get(p, {})
+            local_o += sum(_local(st[k]).numel() for k in ("exp_avg", "exp_avg_sq") if k in st)
+        t = torch.tensor([local_p, local_o, -local_p, -local_o], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        return {
+            "shard_params_max": t[0].item(),
+            "shard_optim_max": t[1].item(),
+            "shard_params_min": -t[2].item(),
+            "shard_optim_min": -t[3].item(),
+        }
 
     def any_rank(self, flag: bool) -> bool:
         if not self.enabled:
@@ -329,6 +405,188 @@ def shard_teacher(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
             fully_shard(m, mesh=mesh)
     fully_shard(inner, mesh=mesh)
     return model
+
+
+def _mesh(device: torch.device) -> Any:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def _blocks(inner: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's transformer blocks: modules whose class is in ``_no_split_modules``."""
+    kinds = set(getattr(inner, "_no_split_modules", None) or [])
+    return [m for m in inner.modules() if m is not inner and type(m).__name__ in kinds]
+
+
+def shard_student(
+    model: torch.nn.Module, device: torch.device, *, bf16: bool, offload: bool
+) -> torch.nn.Module:
+    """FSDP2 over all ranks, one unit per transformer block then the root (embeddings, final
+    norm, head, so tied embeddings stay in one unit), in place: the module keeps its class
+    and parameter names, its parameters become DTensor shards.
+
+    ``bf16``: ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``: the gathered
+    copies used in forward/backward are bf16, the sharded masters and the gradient
+    reduction stay fp32. ``offload``: ``CPUOffloadPolicy``: shards, gradients and so the
+    AdamW state live in host memory and the optimizer step runs on the CPU.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kw: dict[str, Any] = {"mesh": _mesh(device)}
+    if bf16:
+        kw["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    if offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    inner = getattr(model, "_orig_mod", model)
+    if not offload:
+        inner.to(device)
+    for m in _blocks(inner):
+        fully_shard(m, **kw)
+    fully_shard(inner, **kw)
+    return model
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> int:
+    """Non-reentrant activation checkpointing on each transformer block; returns how many.
+
+    Each block's ``forward`` is replaced (on the instance) by ``torch.utils.checkpoint`` of
+    itself, so module names and the state dict are unchanged; torch.compile traces it as
+    its checkpoint operator (the composable hook-based ``checkpoint`` would recompute an
+    eager forward against a compiled one's saved tensors and fail). Under FSDP the block's
+    hooks stay outside: its backward gathers the parameters, then the recompute runs.
+    Why non-reentrant: the attention capture keeps the student's q/k *with* their graph
+    from the first forward; a reentrant checkpoint runs that forward under no_grad. The
+    recomputation runs outside any live capture, so it records nothing.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    inner = getattr(model, "_orig_mod", model)
+    blocks = _blocks(inner)
+    for b in blocks:
+        if getattr(b, "_sharp_checkpointed", False):
+            continue
+
+        def run(*args: Any, _forward: Any = b.forward, **kwargs: Any) -> Any:
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        b.forward = run  # type: ignore[method-assign]
+        b._sharp_checkpointed = True  # type: ignore[assignment]
+    return len(blocks)
+
+
+def _sizes(model: torch.nn.Module | None) -> Any:
+    from sharp_core.train.memory import ModelSizes
+
+    return None if model is None else ModelSizes.of(model)
+
+
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _fsdp_root(model: torch.nn.Module) -> Any:
+    from torch.distributed.fsdp import FSDPModule
+
+    inner = getattr(model, "_orig_mod", model)
+    return inner if isinstance(inner, FSDPModule) else None
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True for a student `shard_student` sharded (FSDP2)."""
+    return _fsdp_root(model) is not None
+
+
+@contextlib.contextmanager
+def _gradient_sync(fsdp: Any, sync: bool) -> Any:
+    fsdp.set_requires_gradient_sync(sync)
+    try:
+        yield
+    finally:
+        fsdp.set_requires_gradient_sync(True)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+# The existing checkpoint format (whole ``save_pretrained`` weights, ``optimizer.state_dict()``
+# with whole tensors) for a sharded student: every rank takes part in the gathers, rank 0
+# gets the tensors. A stop-gap until checkpoints move to torch.distributed.checkpoint.
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The whole student state dict on CPU at rank 0 (an empty dict elsewhere) when it is
+    sharded; None when it is not (``save_pretrained`` reads the module itself). A collective:
+    every rank must call it."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    inner = getattr(model, "_orig_mod", model)
+    return get_model_state_dict(
+        inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+
+
+def full_optim_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """``opt.state_dict()`` with every sharded (DTensor) state tensor gathered whole onto the
+    CPU: the single-process format, keyed by parameter index. A collective when any state
+    is sharded (every rank walks the same parameters in the same order)."""
+    sd = opt.state_dict()
+    state = {}
+    for idx, st in sd["state"].items():
+        state[idx] = {k: (v.full_tensor().cpu() if _is_dtensor(v) else v) for k, v in st.items()}
+    return {**sd, "state": state}
+
+
+def shard_optim_state(opt: torch.optim.Optimizer, sd: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `full_optim_state` for this rank: each whole state tensor of a sharded
+    parameter cut into that parameter's placement (local slicing, no communication), so that
+    ``opt.load_state_dict`` gets DTensors shaped like the parameters."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if not any(_is_dtensor(p) for p in params):
+        return sd
+    from torch.distributed.tensor import distribute_tensor
+
+    state = {}
+    for idx, st in sd["state"].items():
+        p = params[int(idx)]
+        if not _is_dtensor(p):
+            state[idx] = st
+            continue
+        state[idx] = {
+            k: distribute_tensor(
+                v.to(_local(p).device), p.device_mesh, p.placements, src_data_rank=None
+            )
+            if torch.is_tensor(v) and v.shape == p.shape
+            else v
+            for k, v in st.items()
+        }
+    return {**sd, "state": state}
+
+
+def load_model_state(
+    model: torch.nn.Module, weights: dict[str, torch.Tensor]
+) -> tuple[list[str], list[str]]:
+    """Load whole weights into the student, sharded or not; (missing, unexpected) keys."""
+    inner = getattr(model, "_orig_mod", model)
+    if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+        inner = inner.module
+    if not is_sharded(model):
+        res = inner.load_state_dict(weights, strict=False)
+        return list(res.missing_keys), list(res.unexpected_keys)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    res = set_model_state_dict(
+        inner, weights, options=StateDictOptions(full_state_dict=True, strict=False)
+    )
+    return list(res.missing_keys), list(res.unexpected_keys)
 
 
 _CTX: Context | None = None

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from sharp_core.cache import teacher_cache
 from sharp_core.data.loading import ClassificationData
@@ -33,7 +34,7 @@ from sharp_core.spec import JobSpec
 from sharp_core.train import distributed
 from sharp_core.train.checkpoint import latest_checkpoint, verify_manifest
 from sharp_core.train.onpolicy import OnPolicy
-from sharp_core.train.perf import Throughput, flops_per_token
+from sharp_core.train.perf import Throughput, flops_per_token, peak_mem_mb
 from sharp_core.train.setup import Setup, autocast_dtype, setup
 from sharp_core.train.state import (
     SPEC_FILE,
@@ -124,6 +125,17 @@ def attention_scale_at(step: int, spec: JobSpec) -> float:
 
 def _clip(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip to ``max_norm`` (0: no clipping); the total gradient norm before clipping."""
+    sharded = [p for p in params if isinstance(p.grad, DTensor)]
+    if sharded:  # an FSDP student (DTensor grads) beside the objective's plain ones
+        plain = [p for p in params if p.grad is not None and not isinstance(p.grad, DTensor)]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor()
+        if plain:
+            rest = torch.nn.utils.get_total_norm([p.grad for p in plain])
+            norm = torch.linalg.vector_norm(torch.stack([norm, rest.to(norm.device)]))
+        if max_norm > 0:
+            for group in (sharded, plain) if plain else (sharded,):
+                torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
+        return norm
     if max_norm > 0:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     return torch.linalg.vector_norm(
@@ -232,7 +244,7 @@ def train(
         s_t = attention_scale_at(step, spec)
         logs: dict[str, torch.Tensor] = {}
         cosines: dict[str, float] = {}
-        try:
+        try:  # the step's first AdamW update allocates its state: inside too
             for i, x in enumerate(batches):
                 # multi-GPU: DDP all-reduces in the last micro-step's backward only
                 with ctx.no_sync(S.student, sync=not per_term and i == len(batches) - 1):
@@ -254,14 +266,16 @@ def train(
                             cosines[k] = cosines.get(k, 0.0) + c / len(batches)
                     else:
                         scaler.scale(terms["loss"]).backward()
-        except torch.OutOfMemoryError as e:
-            raise OutOfMemoryError(f"out of memory at step {step}: {e}") from None
-        ctx.average_grads(params + extra if per_term else extra)  # what DDP did not reduce
+            ctx.average_grads(params + extra if per_term else extra)  # what DDP did not reduce
 
-        # ---- clip, step, zero_grad
-        scaler.unscale_(opt)
-        grad_norm = _clip(params + extra, t.grad_clip)
-        scaler.step(opt)
+            # ---- clip, step, zero_grad
+            scaler.unscale_(opt)
+            grad_norm = _clip(params + extra, t.grad_clip)
+            scaler.step(opt)
+        except torch.OutOfMemoryError as e:  # the last checkpoint on disk stays the one to resume
+            raise OutOfMemoryError(
+                f"out of memory at step {step} (peak {peak_mem_mb(dev) / 1024:.2f} GiB): {e}"
+            ) from None
         scaler.update()
         opt.zero_grad(set_to_none=True)
         state.step = step = step + 1
@@ -272,6 +286,8 @@ def train(
             metrics = ctx.mean_metrics(logs, dev)
             metrics.update(lr=lr, grad_norm=float(grad_norm), **meter.read(step, n_in))
             metrics.update(ctx.mean_metrics(cosines, dev))
+            if "shard_params_max" not in last_metrics:  # a sharded student: each rank's share
+                metrics.update(ctx.shard_metrics(params, opt))
             if state.onpolicy is not None:
                 metrics.update(state.onpolicy.metrics(kind))
             last_metrics.update(metrics)

@@ -45,6 +45,7 @@ from sharp_core.train.checkpoint import (
     step_dir_name,
     temporary_dir,
 )
+from sharp_core.train import distributed
 from sharp_core.train.distributed import Context
 from sharp_core.train.setup import Setup
 
@@ -131,13 +132,19 @@ def adamw(
 ) -> torch.optim.AdamW:
     """AdamW with weight decay on the student's matrices only (not on biases and norms) and
     none on ``extra`` (the objective's learned basis, kept orthonormal by construction)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     if extra:
         groups.append({"params": extra, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=device.type == "cuda")
+    # fused (one kernel per step) wherever torch has the kernel: CUDA, and the CPU since 2.4;
+    # with an offloaded FSDP student the parameters (and so the step) are on the CPU
+    where = {p.device.type for g in groups for p in g["params"]} or {device.type}
+    fused = where <= set(_get_fused_kernels_supported_devices())
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=fused)
 
 
 def unwrap(model: torch.nn.Module) -> Any:
@@ -446,9 +453,9 @@ def load_legacy(path: Path, model: torch.nn.Module, state: TrainState, saved: di
     from safetensors.torch import load_file
 
     weights = load_file(str(path / "model.safetensors"), device=str(state_device(model)))
-    missing, unexpected = unwrap(model).load_state_dict(weights, strict=False)
+    missing, unexpected = distributed.load_model_state(model, weights)  # sharded or not
     check_weights(model, missing, unexpected, path)
-    state.optimizer.load_state_dict(saved["optimizer"])
+    state.optimizer.load_state_dict(distributed.shard_optim_state(state.optimizer, saved["optimizer"]))
     if state.objective is not None and saved.get("objective") is not None:
         state.objective.load_state_dict(saved["objective"])
 

@@ -1,0 +1,327 @@
+"""How much GPU memory one rank of a run needs, before the first step: the estimate behind
+``resources.student_parallel: auto`` and the "cannot fit" errors.
+
+Why an estimate and not a trial step: a step that does not fit is found out only by an
+out-of-memory error minutes into a job (after loading an 8B teacher on every rank); the
+estimate is arithmetic on the models' sizes and the spec, so a job that cannot fit fails at
+once with the lever that would make it fit, and ``auto`` can pick DDP or FSDP2 for the student.
+
+Everything is per rank, in bytes. The formulas (docs/multi-gpu.md has the derivation and
+docs/performance.md the calibration against measured peaks):
+
+- student weights: fp32 (its load dtype) masters, whole under DDP, ``1/W`` under FSDP plus the
+  unsharded working copies FSDP gathers (the root unit and two blocks: current + prefetched,
+  in the compute dtype); with ``cpu_offload`` the shards live on the host;
+- gradients: whole plus DDP's buckets (another copy) under DDP, ``1/W`` (+ one unsharded block)
+  under FSDP, none on the GPU with offload;
+- AdamW: two fp32 moments per parameter, sharded like the weights, on the host with offload;
+- activations: per block and token ``6h + 4I + 4·Hq·d + 3·Hkv·d`` elements (the tensors a
+  Llama-style block saves for backward: norms, q/k/v before and after RoPE, attention out,
+  the SwiGLU's gate, up and product), in the autocast dtype; with activation checkpointing
+  only each block's input (``h``) is kept, plus one block's full set while it is recomputed;
+- logits: the fused logit loss works on ``logit_chunk`` rows at a time: ``4 · chunk · V`` fp32
+  (student and teacher rows, their softmaxes / gradient), plus the final hidden states;
+- attention terms (SHARP and the attention baselines): one ``query_chunk × N`` fp32 block of
+  probabilities per head, twice (student and teacher) per mapped layer kept for backward, plus
+  the teacher's captured q/k;
+- the teacher: its weights whole (replicated) or ``1/W`` plus gathered blocks (sharded), and
+  one block's inference activations;
+- a fixed reserve for the CUDA context, NCCL buffers and allocator fragmentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from sharp_core.errors import SpecError
+from sharp_core.spec import per_term_field
+
+if TYPE_CHECKING:
+    from sharp_core.spec import JobSpec
+
+__all__ = [
+    "COMFORT",
+    "FIT",
+    "GB",
+    "RESERVE_BYTES",
+    "Estimate",
+    "ModelSizes",
+    "Plan",
+    "estimate",
+    "plan",
+]
+
+GB = 1e9
+#: CUDA context, NCCL/gloo buffers, allocator fragmentation (bytes).
+RESERVE_BYTES = int(1.5 * GB)
+#: ``auto`` keeps the student a DDP replica while its estimate takes at most this share of a GPU.
+COMFORT = 0.75
+#: A plan is refused when its estimate exceeds this share of a GPU (the estimate is an estimate).
+FIT = 0.92
+
+StudentParallel = Literal["ddp", "fsdp"]
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """The shapes the estimate needs; `of` reads them from a model (a meta-device one is fine)."""
+
+    params: int
+    param_bytes: int  # the weights as loaded (fp32 student: 4·params)
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    block_params: int  # the largest transformer block (one FSDP unit)
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> ModelSizes:
+        inner = getattr(model, "_orig_mod", model)
+        if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+            inner = inner.module
+        cfg = getattr(inner, "config", None)
+
+        def get(*names: str, default: Any = None) -> Any:
+            for n in names:
+                v = getattr(cfg, n, None) if cfg is not None else None
+                if v is not None:
+                    return v
+            return default
+
+        hidden = int(get("hidden_size", "n_embd", "d_model", default=0))
+        heads = int(get("num_attention_heads", "n_head", default=1))
+        kinds = set(getattr(inner, "_no_split_modules", None) or [])
+        blocks = [m for m in inner.modules() if m is not inner and type(m).__name__ in kinds]
+        params = [p for p in inner.parameters()]
+        numel = sum(_local_numel(p) for p in params)
+        return cls(
+            params=numel,
+            param_bytes=sum(_local_numel(p) * p.element_size() for p in params),
+            layers=int(get("num_hidden_layers", "n_layer", default=len(blocks) or 1)),
+            hidden=hidden,
+            intermediate=int(
+                get("intermediate_size", "n_inner", "ffn_dim", default=0) or 4 * hidden
+            ),
+            heads=heads,
+            kv_heads=int(get("num_key_value_heads", default=heads)),
+            head_dim=int(get("head_dim", default=0) or hidden // max(1, heads)),
+            vocab=int(get("vocab_size", default=0)),
+            block_params=max(
+                (sum(_local_numel(p) for p in b.parameters()) for b in blocks), default=0
+            ),
+        )
+
+    @classmethod
+    def of_config(cls, config: Any, dtype: torch.dtype = torch.float32) -> ModelSizes:
+        """From a transformers config alone, by building the model on the meta device (no
+        memory, no weights): an 8B config takes seconds."""
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+        return cls.of(model)
+
+
+def _local_numel(p: torch.Tensor) -> int:
+    """The whole tensor's numel, also for a DTensor shard (DTensor.numel is the global one)."""
+    return p.numel()
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes per rank by component; `total` includes `RESERVE_BYTES`."""
+
+    student_parallel: StudentParallel
+    teacher_parallel: str
+    components: dict[str, int] = field(default_factory=dict)
+    host: dict[str, int] = field(default_factory=dict)  # offloaded to CPU memory
+
+    @property
+    def total(self) -> int:
+        return sum(self.components.values())
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v / GB:.3g}" for k, v in self.components.items() if v)
+        return f"{self.total / GB:.3g} GB ({parts})"
+
+
+def estimate(
+    spec: JobSpec,
+    student: ModelSizes,
+    teacher: ModelSizes | None,
+    *,
+    world_size: int,
+    student_parallel: StudentParallel,
+    teacher_parallel: str = "replicate",
+    cuda: bool = True,
+) -> Estimate:
+    """Per-rank GPU bytes of one training step of `spec` (see the module docstring).
+
+    ``cuda``: the autocast dtype applies (bf16/fp16 activations, bf16 FSDP compute copies);
+    False estimates a CPU run, all fp32 (what the calibration measures).
+    """
+    t, m, r = spec.training, spec.method, spec.resources
+    W = max(1, world_size)
+    b = max(1, t.batch_size // W)  # rows per rank per micro-step
+    N = t.seq_len
+    low = cuda and t.precision in ("bf16", "fp16")
+    act = 2 if low else 4  # bytes per activation element
+    fsdp = student_parallel == "fsdp" and W > 1
+    offload = fsdp and r.cpu_offload
+    P, s = student.params, student
+    compute = 2 if (fsdp and low and t.precision == "bf16") else 4  # FSDP's gathered copies
+    root = P - s.layers * s.block_params  # embeddings, head, final norm
+    c: dict[str, int] = {}
+    host: dict[str, int] = {}
+    if fsdp:
+        c["student_weights"] = (0 if offload else s.param_bytes // W) + (
+            root + 2 * s.block_params
+        ) * compute
+        c["student_grads"] = (0 if offload else 4 * P // W) + 4 * s.block_params
+        c["optimizer"] = 0 if offload else 8 * P // W
+        if offload:
+            host = {
+                "student_weights": s.param_bytes // W,
+                "grads": 4 * P // W,
+                "optimizer": 8 * P // W,
+            }
+    else:
+        c["student_weights"] = s.param_bytes
+        c["student_grads"] = 4 * P * (2 if W > 1 else 1)  # + DDP's buckets
+        c["optimizer"] = 8 * P
+    per_block = (
+        6 * s.hidden + 4 * s.intermediate + 4 * s.heads * s.head_dim + 3 * s.kv_heads * s.head_dim
+    )
+    tokens = b * N
+    if t.activation_checkpointing:
+        c["activations"] = (s.layers * s.hidden + per_block) * tokens * act
+    else:
+        c["activations"] = s.layers * per_block * tokens * act
+    V = s.vocab or (teacher.vocab if teacher else 0)
+    chunk = min(m.logit_chunk, tokens)
+    c["logits"] = 4 * chunk * V * 4 + tokens * s.hidden * act * 2
+    if m.uses_attention and teacher is not None:
+        qc = min(m.query_chunk, N)
+        probs = 2 * s.layers * b * s.heads * qc * N * 4
+        t_qk = s.layers * tokens * (teacher.heads + teacher.kv_heads) * teacher.head_dim * act
+        c["attention"] = probs + t_qk
+    if teacher is not None and m.name != "sft":
+        if teacher_parallel == "fsdp" and W > 1:
+            troot = teacher.params - teacher.layers * teacher.block_params
+            per = teacher.param_bytes / max(1, teacher.params)
+            w = teacher.param_bytes // W + int((troot + 2 * teacher.block_params) * per)
+        else:
+            w = teacher.param_bytes
+        t_block = (
+            6 * teacher.hidden
+            + 4 * teacher.intermediate
+            + 4 * teacher.heads * teacher.head_dim
+            + 3 * teacher.kv_heads * teacher.head_dim
+        )
+        c["teacher"] = w + t_block * tokens * act
+    c["reserve"] = RESERVE_BYTES if cuda else 0
+    return Estimate(student_parallel if W > 1 else "ddp", teacher_parallel, c, host)
+
+
+@dataclass(frozen=True)
+class Plan:
+    student_parallel: StudentParallel
+    estimate: Estimate
+
+
+def plan(
+    spec: JobSpec,
+    student: ModelSizes,
+    teacher: ModelSizes | None,
+    *,
+    world_size: int,
+    gpu_bytes: int | None,
+    teacher_parallel: str = "replicate",
+) -> Plan:
+    """DDP or FSDP2 for the student, and a SpecError when even the chosen plan cannot fit.
+
+    The rule (``resources.student_parallel: auto``): DDP while its estimate is at most
+    `COMFORT` of one GPU (no per-layer all-gathers; the whole state on every rank), else FSDP.
+    ``cpu_offload`` implies FSDP. A sharded student cannot serve per-term backward passes
+    (`sharp_core.spec.per_term_field`): refused, naming that field. Without a known GPU (CPU runs) nothing is refused and auto
+    keeps DDP. A plan whose estimate exceeds `FIT` of the GPU is refused before the first
+    step, naming the lever that would make it fit: activation checkpointing, a smaller batch
+    (per rank), or more GPUs (which shards further).
+    """
+    r = spec.resources
+    W = max(1, world_size)
+    cuda = gpu_bytes is not None
+
+    def est(mode: StudentParallel, s: JobSpec = spec) -> Estimate:
+        return estimate(
+            s,
+            student,
+            teacher,
+            world_size=W,
+            student_parallel=mode,
+            teacher_parallel=teacher_parallel,
+            cuda=cuda,
+        )
+
+    if W <= 1:
+        mode: StudentParallel = "ddp"
+    elif r.student_parallel in ("ddp", "fsdp"):
+        mode = r.student_parallel  # type: ignore[assignment]
+    elif r.cpu_offload:
+        mode = "fsdp"
+    elif gpu_bytes is None:
+        mode = "ddp"
+    else:
+        mode = "ddp" if est("ddp").total <= COMFORT * gpu_bytes else "fsdp"
+    e = est(mode)
+    per_term = per_term_field(spec)
+    if mode == "fsdp" and per_term:
+        raise SpecError(
+            f"{per_term}: one backward pass per term (PCGrad, interference diagnostics) needs "
+            "whole gradients, which a sharded student does not have, and the memory estimate "
+            f"({e.describe()} per GPU) chose to shard it: set resources.student_parallel: ddp "
+            "or turn this off",
+            param=f"spec.{per_term}",
+        )
+    if gpu_bytes is None or e.total <= FIT * gpu_bytes:
+        return Plan(mode, e)
+    # it does not fit: name the first lever that would make it fit
+    limit = FIT * gpu_bytes
+    t = spec.training
+
+    def with_training(**kw: Any) -> JobSpec:
+        return spec.model_copy(update={"training": t.model_copy(update=kw)})
+
+    hint = ""
+    if not t.activation_checkpointing:
+        ac = est(mode, with_training(activation_checkpointing=True))
+        if ac.total <= limit:
+            param = "spec.training.activation_checkpointing"
+            hint = f"set training.activation_checkpointing: true (estimate {ac.total / GB:.1f} GB)"
+    if not hint and t.batch_size > W:
+        one = est(mode, with_training(batch_size=W, activation_checkpointing=True))
+        if one.total <= limit:
+            param = "spec.training.batch_size"
+            hint = (
+                f"lower training.batch_size to {W} and raise training.grad_accum "
+                f"(one row per GPU with activation checkpointing: {one.total / GB:.1f} GB)"
+            )
+    if not hint:
+        param = "spec.resources.gpus"
+        hint = (
+            "use more GPUs (resources.gpus) to shard the student further"
+            + ("" if r.cpu_offload else ", or resources.cpu_offload: true")
+            + (", with student_parallel 'fsdp'" if mode == "ddp" and W > 1 else "")
+        )
+    raise SpecError(
+        f"the job cannot fit: estimated {e.describe()} per GPU with the student as "
+        f"{mode.upper()} over {W} process(es), more than {FIT:.0%} of the GPU's "
+        f"{gpu_bytes / GB:.1f} GB; {hint}",
+        param=param,
+    )
