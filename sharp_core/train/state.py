@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 from sharp_core.data.loading import BatchStream, ClassificationData
 from sharp_core.errors import ArtifactWriteError, CheckpointMismatchError
 from sharp_core.spec import TrainingSpec
+from sharp_core.train import distributed
 from sharp_core.train.checkpoint import (
     DCP_DIR,
     clean_temporaries,
@@ -45,7 +46,6 @@ from sharp_core.train.checkpoint import (
     step_dir_name,
     temporary_dir,
 )
-from sharp_core.train import distributed
 from sharp_core.train.distributed import Context
 from sharp_core.train.setup import Setup
 
@@ -455,7 +455,9 @@ def load_legacy(path: Path, model: torch.nn.Module, state: TrainState, saved: di
     weights = load_file(str(path / "model.safetensors"), device=str(state_device(model)))
     missing, unexpected = distributed.load_model_state(model, weights)  # sharded or not
     check_weights(model, missing, unexpected, path)
-    state.optimizer.load_state_dict(distributed.shard_optim_state(state.optimizer, saved["optimizer"]))
+    state.optimizer.load_state_dict(
+        distributed.shard_optim_state(state.optimizer, saved["optimizer"])
+    )
     if state.objective is not None and saved.get("objective") is not None:
         state.objective.load_state_dict(saved["objective"])
 
