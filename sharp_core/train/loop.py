@@ -273,6 +273,7 @@ def train(
             grad_norm = _clip(params + extra, t.grad_clip)
             scaler.step(opt)
         except torch.OutOfMemoryError as e:  # the last checkpoint on disk stays the one to resume
+            ckpt.settle()  # a save still in the background is finished first, never lost
             raise OutOfMemoryError(
                 f"out of memory at step {step} (peak {peak_mem_mb(dev) / 1024:.2f} GiB): {e}"
             ) from None

@@ -323,6 +323,20 @@ class Checkpointer:
         self.wait()
         self.pool.shutdown()
 
+    def settle(self) -> None:
+        """On the way out of a failed step: let this rank's pending save finish and commit
+        (rank 0 reports it), with no collective, since the other ranks may be stuck in one.
+        A save that itself fails is dropped: the error being raised matters more."""
+        p, self.pending = self.pending, None
+        if p is None:
+            return
+        with contextlib.suppress(Exception, CheckpointException):
+            p.shards.result()
+            if p.commit is not None:
+                p.commit.result()
+                if not p.reported:
+                    self._report(p)
+
     # -- rank 0's background part ----------------------------------------------------------
     def _write_and_commit(
         self,
