@@ -105,8 +105,18 @@ class CapturedLayer:
         """Number of query rows (= key length N in the usual no-cache forward)."""
         return self.query.shape[2]
 
-    def probs(self, start: int = 0, end: int | None = None) -> Tensor:
+    def key_extent(self, end: int) -> int:
+        """How many leading keys queries before ``end`` can attend: ``end`` under SDPA's
+        causal flag (upper-left aligned, no mask), every key otherwise. Keys past it carry
+        exactly zero probability, so chunked consumers may skip them (half the work)."""
+        n_k = self.key.shape[2]
+        return min(end, n_k) if self.is_causal and self.mask is None else n_k
+
+    def probs(self, start: int = 0, end: int | None = None, keys: int | None = None) -> Tensor:
         """(B, H, end-start, Nk) float32: the exact softmax the model computes for queries [start, end).
+
+        ``keys``: return only the first ``keys`` columns, (B, H, end-start, keys); it must be
+        at least `key_extent` (end) so that the dropped columns are zeros of the full rows.
 
         Rows with no attendable key (e.g. left-padding queries under a causal mask) are all
         zeros, not NaN. Masked logits are filled with float32's finite minimum instead of -inf
@@ -119,9 +129,16 @@ class CapturedLayer:
         end = n_q if end is None else end
         if not 0 <= start <= end <= n_q:
             raise ValueError(f"query range [{start}, {end}) outside [0, {n_q})")
+        n_all = self.key.shape[2]
+        keys = n_all if keys is None else keys
+        if not self.key_extent(end) <= keys <= n_all:
+            raise ValueError(
+                f"keys={keys} would drop attended keys: queries before {end} attend "
+                f"{self.key_extent(end)} of {n_all}"
+            )
         with torch.autocast(device_type=self.query.device.type, enabled=False):
             q = self.query[:, :, start:end].float() * self.scaling  # (B, H, n, D)
-            k = self.key.float()  # (B, H_kv, Nk, D)
+            k = self.key[:, :, :keys].float()  # (B, H_kv, Nk, D)
             b, h, n, d = q.shape
             h_kv, n_k = k.shape[1], k.shape[2]
             if h == h_kv:
@@ -145,6 +162,7 @@ class CapturedLayer:
                     m = m.unsqueeze(0)
                 if m.shape[-2] != 1:
                     m = m[..., start:end, :]  # (B|1, H|1, n, Nk)
+                m = m[..., :keys]
                 if m.dtype == torch.bool:
                     scores = torch.where(m, scores, lowest)
                     valid = m.any(dim=-1, keepdim=True)
