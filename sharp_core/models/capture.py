@@ -144,14 +144,15 @@ class CapturedLayer:
             if h == h_kv:
                 scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, n, Nk)
             else:
-                # GQA, repeat_kv semantics: query head i uses key head i // (H / H_kv). Grouping
-                # the query heads and broadcasting the keys avoids materialising repeated keys.
+                # GQA, repeat_kv semantics: query head i uses key head i // (H / H_kv). The
+                # query heads of one key head are stacked as rows of one batched matmul, so keys
+                # are never repeated (nor broadcast, which matmul would copy).
                 if h % h_kv:
                     raise ValueError(f"{h} query heads not a multiple of {h_kv} key heads")
                 rep = h // h_kv
                 scores = torch.matmul(
-                    q.reshape(b, h_kv, rep, n, d),  # (B, H_kv, rep, n, D)
-                    k.unsqueeze(2).transpose(-1, -2),  # (B, H_kv, 1, D, Nk)
+                    q.reshape(b, h_kv, rep * n, d),  # (B, H_kv, rep·n, D)
+                    k.transpose(-1, -2),  # (B, H_kv, D, Nk)
                 ).reshape(b, h, n, n_k)  # (B, H, n, Nk)
 
             lowest = torch.finfo(torch.float32).min
@@ -164,22 +165,25 @@ class CapturedLayer:
                     m = m[..., start:end, :]  # (B|1, H|1, n, Nk)
                 m = m[..., :keys]
                 if m.dtype == torch.bool:
-                    scores = torch.where(m, scores, lowest)
+                    scores = scores.masked_fill_(~m, lowest)  # in place: matmul keeps no output
                     valid = m.any(dim=-1, keepdim=True)
                 else:
                     # Additive mask (transformers uses finfo(dtype).min for "masked").
                     valid = (m > torch.finfo(m.dtype).min).any(dim=-1, keepdim=True)
                     scores = (scores + m.float()).clamp_min(lowest)
-            elif self.is_causal:
+            elif self.is_causal and n_k > start:
+                # upper-left aligned as SDPA's is_causal; keys before `start` are kept by every
+                # row of the chunk, so only the columns from `start` on need masking
                 q_pos = torch.arange(start, end, device=scores.device)  # (n,)
-                k_pos = torch.arange(n_k, device=scores.device)  # (Nk,)
-                # (n, Nk), upper-left aligned as SDPA's is_causal
-                keep = k_pos[None, :] <= q_pos[:, None]
-                scores = torch.where(keep, scores, lowest)
+                k_pos = torch.arange(start, n_k, device=scores.device)  # (Nk - start,)
+                drop = k_pos[None, :] > q_pos[:, None]  # (n, Nk - start)
+                scores[..., start:].masked_fill_(drop, lowest)
 
             p = torch.softmax(scores, dim=-1)  # (B, H, n, Nk)
             if valid is not None:
-                p = p * valid  # fully masked rows -> 0 (finite uniform row before)
+                # fully masked rows -> 0 (finite uniform row before); softmax's backward needs
+                # its output, so in place only without a graph
+                p = p * valid if p.requires_grad else p.mul_(valid)
         return p
 
 
