@@ -1006,3 +1006,30 @@ def test_attention_terms_keep_no_quadratic_maps_for_backward(method):
     assert max(saved) <= qk
     g = torch.autograd.grad(sum(terms.values()), (student.query, student.key))
     assert all(x.abs().sum() > 0 for x in g)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [spec(name="tinybert", query_chunk=7), spec(name="minilm", query_chunk=7)],
+    ids=["tinybert", "minilm"],
+)
+def test_trimmed_student_rows_against_a_teacher_with_a_full_mask(method):
+    """Student under the causal flag (its chunks read only the attended key prefix), teacher
+    with an explicit causal mask (its rows span every key): the student's rows are padded,
+    and value and gradient still equal the dense reference."""
+    gen = torch.Generator().manual_seed(7)
+    n = 20
+    student, keys = _captured(gen, 2, 4, 2, n, 8, "causal", True)
+    causal = torch.tril(torch.ones(n, n, dtype=torch.bool))[None, None]
+    teacher = []
+    for _ in range(2):
+        t, _ = _captured(gen, 2, 8, 2, n, 8, "causal", False)
+        teacher.append(CapturedLayer(t.query, t.key, t.scaling, causal, False))
+    obj = make_attention_objective(method, student_shape=(1, 4), teacher_shape=(2, 8), seq_len=n)
+    got = sum(obj({0: student}, dict(enumerate(teacher)), keys).values())
+    dense_t = {j: DenseProbs(t.probs()) for j, t in enumerate(teacher)}
+    want = sum(obj({0: DenseProbs(student.probs())}, dense_t, keys).values())
+    assert _rel_err(got, want) <= 1e-5
+    wrt = (student.query, student.key)
+    for a, b in zip(torch.autograd.grad(got, wrt), torch.autograd.grad(want, wrt), strict=True):
+        assert _rel_err(a, b) <= 1e-5

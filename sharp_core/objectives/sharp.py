@@ -705,11 +705,13 @@ def _project_teacher(
         return torch.einsum("st,btnr->bsnr", w_h.to(pq.dtype), pq), None, None
     outs = []
     g = e = None
+    trim = isinstance(attn, CapturedLayer) and not with_stats
     for a, b in _chunks(attn.seq_len, query_chunk):
-        p = attn.probs(a, b)
+        # a capture under the causal flag: only the key prefix the chunk attends (rest is 0)
+        p = attn.probs(a, b, attn.key_extent(b)) if trim else attn.probs(a, b)
         dt = _work_dtype(p.dtype)
-        p = p.to(dt)  # (B, H_t, c, N)
-        pq = p @ basis.to(dt)  # (B, H_t, c, r)
+        p = p.to(dt)  # (B, H_t, c, kw ≤ N)
+        pq = p @ basis[: p.shape[-1]].to(dt)  # (B, H_t, c, r)
         outs.append(torch.einsum("st,btcr->bscr", w_h.to(dt), pq))  # (B, H_s, c, r)
         if with_stats:
             pm = p * valid[:, None, a:b, None].to(dt)  # (B, H_t, c, N) valid rows only
@@ -732,7 +734,8 @@ def _profile_chunk(attn: AttentionProbs, valid: Tensor, head_w: Tensor, a: int, 
 def _profile_rows(p: Tensor, a: int, b: int, valid: Tensor, head_w: Tensor) -> Tensor:
     dt = _work_dtype(p.dtype)
     rows = valid[:, None, a:b, None].to(dt)  # (B, 1, c, 1)
-    return torch.einsum("h,bhcn->bn", head_w.to(dt), p.to(dt) * rows)  # (B, N)
+    out = torch.einsum("h,bhcn->bn", head_w.to(dt), p.to(dt) * rows)  # (B, kw)
+    return F.pad(out, (0, valid.shape[1] - out.shape[-1]))  # (B, N): trimmed keys are 0
 
 
 def layer_profile(
@@ -750,7 +753,7 @@ def layer_profile(
     w = head_weights if head_weights is not None else torch.full((h,), 1.0 / h, dtype=torch.float64)
     w = w.to(valid.device)
     if isinstance(attn, CapturedLayer):
-        total = recompute_chunks(attn, _profile_rows, "sum", query_chunk, valid, w)
+        total = recompute_chunks(attn, _profile_rows, "sum", query_chunk, valid, w, trim=True)
         return total / valid.sum(dim=1, keepdim=True).clamp_min(1).to(total.dtype)
     total = None
     for a, b in _chunks(attn.seq_len, query_chunk):
@@ -884,14 +887,25 @@ def _row_loss_rows(
     w_h: Tensor,
     valid: Tensor,
 ) -> Tensor:
-    """Σ over valid rows and student heads of row_fn on the student rows s (B, H_s, c, N)
-    of queries [start, end), the teacher's rows recomputed under no_grad; (B,)."""
+    """Σ over valid rows and student heads of row_fn on the student rows s (B, H_s, c, kw)
+    of queries [start, end), the teacher's rows recomputed under no_grad; (B,).
+
+    s may hold only the first kw ≤ N keys (the rest zero, see `recompute_chunks`' trim):
+    the teacher's rows are then cut to kw when its own causal extent allows (both rows zero
+    beyond: row_fn adds 0 there, for squared error and generalised KL alike), otherwise s
+    is zero-padded to N.
+    """
     dt = _work_dtype(s.dtype)
     s = s.to(dt)
+    kw = s.shape[-1]
     with torch.no_grad():
-        t = torch.einsum(
-            "st,btcn->bscn", w_h.to(dt), teacher.probs(start, end).to(dt)
-        )  # (B, H_s, c, N)
+        if isinstance(teacher, CapturedLayer) and teacher.key_extent(end) <= kw:
+            rows = teacher.probs(start, end, kw)
+        else:
+            rows = teacher.probs(start, end)
+        t = torch.einsum("st,btcn->bscn", w_h.to(dt), rows.to(dt))  # (B, H_s, c, kw|N)
+    if t.shape[-1] > kw:
+        s = F.pad(s, (0, t.shape[-1] - kw))
     per_row = row_fn(s, t)  # (B, H_s, c)
     return (per_row * valid[:, None, start:end].to(dt)).sum(dim=(1, 2))  # (B,)
 
@@ -913,7 +927,7 @@ def _chunked_row_loss(
     valid = _resolve_mask(student, query_mask)  # (B, N)
     if isinstance(student, CapturedLayer):
         fn = functools.partial(_row_loss_rows, row_fn=row_fn, teacher=teacher, w_h=w_h, valid=valid)
-        total = recompute_chunks(student, fn, "sum", query_chunk)
+        total = recompute_chunks(student, fn, "sum", query_chunk, trim=True)
         return total, valid.sum(dim=1).to(total.dtype)
     total = None
     for a, b in _chunks(student.seq_len, query_chunk):
