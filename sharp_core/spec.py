@@ -499,7 +499,7 @@ class MethodSpec(_Strict):
         "depends on the kernel SDPA picks). docs/method.md, 'Attention terms at long context'.",
     )
     query_chunk: int = Field(
-        default=128,
+        default=64,
         ge=1,
         le=65536,
         description="Query rows per chunk of the attention terms (SHARP, TinyBERT, MiniLM): "
