@@ -47,6 +47,19 @@ Decisions the design page leaves open (each is repeated where it is implemented)
 * **Terms are sums over sequences** of per-sequence values averaged over layer pairs and are
   returned unweighted; the trainer multiplies by ``weights`` and divides by the global number
   of sequences of the optimizer step, so gradient accumulation is exact.
+
+How the maps are computed (``docs/method.md``, "Attention terms at long context"): never as
+stored (B, H, N, N) tensors. Every term of a captured layer runs through `recompute_chunks`, a
+custom autograd Function that rebuilds the softmax rows query chunk by query chunk in forward
+and again in backward (flash-attention style), saving only q and k: memory O(N·query_chunk)
+per layer for forward and backward, on any device and with any mask. Chosen over SDPA with
+the basis as values (`project_sdpa`, ``projection: sdpa``) as the default because on CUDA
+float32 q/k with GQA leave SDPA only its math kernel, which keeps the (B, H, N, N) maps for
+backward (33× the recomputed path's peak at N=4096 on the benchmark, ``bench.memory.
+attention``), and bf16 q/k would round the maps whose differences the terms measure. On the
+CPU, SDPA's flash kernel is faster for the objective alone (1.1× at the tiny-cpu preset),
+not measurably for a whole step; it stays available. Chunks compute in float32 (TF32 allowed on CUDA,
+scoped: `ALLOW_TF32`) and read only the key prefix a causal chunk can attend.
 """
 
 from __future__ import annotations
