@@ -435,14 +435,17 @@ def _project_chunk(attn: AttentionProbs, basis: Tensor, start: int, end: int) ->
 
 
 def project(attn: AttentionProbs, basis: Tensor, query_chunk: int) -> Tensor:
-    """P·Q (B, H, N, r) computed query chunk by query chunk.
+    """P·Q (B, H, N, r) computed query chunk by query chunk (``projection: chunked``).
 
     Never holds the full (B, H, N, N) map: each chunk's (B, H, c, N) rows are projected and
-    dropped. When grad is enabled, each chunk runs under ``torch.utils.checkpoint``
-    (non-reentrant), so backward saves only the chunk bounds and recomputes the chunk's rows
-    when it needs them, instead of keeping every chunk's probabilities alive until backward.
+    dropped. A captured layer goes through `project_recompute` (rows rebuilt from q/k in
+    backward by a custom autograd Function). Any other source runs each chunk, when grad is
+    enabled, under ``torch.utils.checkpoint`` (non-reentrant), so backward recomputes the
+    chunk's rows instead of keeping every chunk's probabilities alive until backward.
     Computed in float32 (float64 if the maps are float64).
     """
+    if isinstance(attn, CapturedLayer):
+        return project_recompute(attn, basis, query_chunk)
     n = attn.seq_len
     if basis.dim() != 2 or basis.shape[0] != n:
         raise ValueError(f"basis must have shape (N={n}, r), got {tuple(basis.shape)}")
@@ -688,12 +691,10 @@ def project_recompute(attn: CapturedLayer, basis: Tensor, query_chunk: int) -> T
 
 
 def _project_any(attn: AttentionProbs, basis: Tensor, query_chunk: int, how: str) -> Tensor:
-    """Captured layers: `project_sdpa` when asked, `project_recompute` otherwise; any other
-    source of rows (dense maps in tests) goes through the checkpointed `project`."""
-    if isinstance(attn, CapturedLayer):
-        if how == "sdpa":
-            return project_sdpa(attn, basis)
-        return project_recompute(attn, basis, query_chunk)
+    """Captured layers: `project_sdpa` when asked; otherwise `project` (which recomputes a
+    captured layer's rows and checkpoints any other source's, e.g. dense maps in tests)."""
+    if how == "sdpa" and isinstance(attn, CapturedLayer):
+        return project_sdpa(attn, basis)
     return project(attn, basis, query_chunk)
 
 
