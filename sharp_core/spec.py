@@ -500,11 +500,19 @@ class MethodSpec(_Strict):
         "(distribution-aware; still orthogonal to the other terms).",
     )
     projection: Literal["sdpa", "chunked"] = Field(
-        default="sdpa",
-        description="How SHARP computes P·Q: one fused attention call with the basis as values "
-        "(fast), or query chunks of the float32 maps (the reference).",
+        default="chunked",
+        description="How SHARP computes P·Q: query chunks of the float32 maps, recomputed in "
+        "backward (memory O(N·query_chunk) per layer, forward and backward), or one fused "
+        "attention call with the basis as values (fastest on the CPU; on CUDA its memory "
+        "depends on the kernel SDPA picks). docs/method.md, 'Attention terms at long context'.",
     )
-    query_chunk: int = Field(default=128, ge=1, le=65536)
+    query_chunk: int = Field(
+        default=64,
+        ge=1,
+        le=65536,
+        description="Query rows per chunk of the attention terms (SHARP, TinyBERT, MiniLM): "
+        "each chunk holds a (B, H, query_chunk, N) float32 block.",
+    )
     teacher_cache: TeacherCacheSpec = Field(default_factory=TeacherCacheSpec)
     logit_chunk: int = Field(default=4096, ge=1, le=1 << 20, description="Tokens per chunk.")
     on_policy: OnPolicySpec | None = Field(

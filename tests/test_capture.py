@@ -425,3 +425,49 @@ def test_project_sdpa_additive_mask_rank_above_head_dim_and_bf16() -> None:
         got = project_sdpa(half, basis)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, project(half, basis, 5), atol=1e-5, rtol=1e-4)
+
+
+def test_key_extent_and_key_prefix_of_probs() -> None:
+    """Under SDPA's causal flag, queries before `end` attend `end` keys: the key prefix
+    `probs(start, end, keys)` returns is the full rows' prefix and the rest of them is zero.
+    With a mask the extent is every key, and a prefix that would drop attended keys is refused."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 10, 8, generator=gen), torch.randn(2, 2, 10, 8, generator=gen)
+    causal = CapturedLayer(q, k, 8**-0.5, None, True)
+    assert [causal.key_extent(e) for e in (1, 4, 10)] == [1, 4, 10]
+    full = causal.probs(3, 7)  # (2, 4, 4, 10)
+    torch.testing.assert_close(causal.probs(3, 7, 7), full[..., :7], rtol=0, atol=0)
+    assert torch.equal(full[..., 7:], torch.zeros_like(full[..., 7:]))
+    with pytest.raises(ValueError, match="would drop attended keys"):
+        causal.probs(3, 7, 6)
+    masked = CapturedLayer(q, k, 8**-0.5, torch.ones(2, 1, 10, 10, dtype=torch.bool), False)
+    assert masked.key_extent(4) == 10
+    with pytest.raises(ValueError, match="would drop attended keys"):
+        masked.probs(0, 4, 4)
+
+
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+@pytest.mark.parametrize("arch", list(FACTORIES))
+def test_recomputed_projection_equals_eager_maps_and_their_gradient(
+    arch: str, padding: str
+) -> None:
+    """The default SHARP projection (`project_recompute`: softmax chunks recomputed in
+    backward) of a capture equals P·Q of the eager model's own maps, on valid rows, and so
+    do the gradients on the q/k weights (Llama: 2 kv heads; BERT: bidirectional padding)."""
+    from sharp_core.objectives.sharp import dct_basis, project_recompute
+
+    model, eager, _ = _models(arch)
+    inputs = _inputs(arch, padding)
+    layer, basis = 1, dct_basis(N, 5)
+    rows = _valid_rows(inputs).float()  # (B, 1, N, 1)
+    weight = torch.randn(B, HEADS, N, 5, generator=torch.Generator().manual_seed(3)) * rows
+    with AttentionCapture(model, [layer]) as cap:
+        model(**inputs)
+    got = project_recompute(cap.layers[layer], basis, 5)
+    (got * weight).sum().backward()
+    want = eager(**inputs, output_attentions=True).attentions[layer] @ basis
+    (want * weight).sum().backward()
+    torch.testing.assert_close(got * rows, want * rows, atol=1e-6, rtol=1e-5)
+    for g, r in zip(_qk_weights(arch, model, layer), _qk_weights(arch, eager, layer), strict=True):
+        assert r.grad.abs().sum() > 0
+        torch.testing.assert_close(g.grad, r.grad, atol=1e-6 * r.grad.abs().max().item(), rtol=1e-5)

@@ -15,6 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sharp_core.models.capture import CapturedLayer
 from sharp_core.objectives.sharp import (
     ATTENTION_OBJECTIVES,
     COMPONENTS,
@@ -29,6 +30,7 @@ from sharp_core.objectives.sharp import (
     layer_map,
     make_attention_objective,
     project,
+    project_recompute,
     projected_components,
     sharp_distances,
 )
@@ -851,3 +853,214 @@ def test_layer_kl_against_dense_reference_and_zero_at_teacher():
     # the student equal to the (head-mapped) target: zero, and a non-negative value else
     same = obj(_dense([targets[0], targets[1]]), _dense(pt), m)
     assert abs(float(same["sharp_layer"])) < 1e-7 and float(out["sharp_layer"]) > 0
+
+
+# ------------------------------------------------------------------------------------------
+# long context: captured layers, softmax chunks recomputed in backward
+# ------------------------------------------------------------------------------------------
+
+MASK_KINDS = ("causal", "padded", "additive", "bidirectional")
+
+
+def _captured(gen, b, h, h_kv, n, d, kind, grad):
+    """A CapturedLayer from random q, k (GQA when h_kv < h) and the key mask it implies.
+
+    'causal': SDPA's is_causal flag, no mask (every query valid); 'padded': bool causal mask
+    with left padding in sequence 1 and right padding in sequence 0; 'additive': the same as
+    a float mask; 'bidirectional': a (B, 1, 1, N) key-padding mask without causality, as a
+    classification encoder uses.
+    """
+    q = (1.5 * torch.randn(b, h, n, d, generator=gen)).requires_grad_(grad)
+    k = (1.5 * torch.randn(b, h_kv, n, d, generator=gen)).requires_grad_(grad)
+    keys = torch.ones(b, n, dtype=torch.bool)
+    if kind == "causal":
+        return CapturedLayer(q, k, d**-0.5, None, True), keys
+    keys[0, -3:] = False
+    keys[1 % b, :4] = False
+    if kind == "bidirectional":
+        return CapturedLayer(q, k, d**-0.5, keys[:, None, None, :], False), keys
+    mask = torch.tril(torch.ones(n, n, dtype=torch.bool))[None, None] & keys[:, None, None, :]
+    if kind == "additive":
+        mask = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
+    return CapturedLayer(q, k, d**-0.5, mask, False), keys
+
+
+def _long_context_case(kind, seed, n=24, h_s=(4, 2), h_t=(8, 2), d=8):
+    """Student: 1 captured layer with grad; teacher: 2 captured layers without."""
+    gen = torch.Generator().manual_seed(seed)
+    student, keys = _captured(gen, 2, *h_s, n, d, kind, True)
+    g2 = torch.Generator().manual_seed(seed + 1000)
+    teacher = [_captured(g2, 2, *h_t, n, d, kind, False)[0] for _ in range(2)]
+    return student, teacher, keys
+
+
+def _rel_err(got, want):
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def _against_dense(method, kind, seed=0, n=24):
+    """(terms, grads) of the objective on captured layers and on their dense maps."""
+    student, teacher, keys = _long_context_case(kind, seed, n)
+    obj = make_attention_objective(method, student_shape=(1, 4), teacher_shape=(2, 8), seq_len=n)
+    results = []
+    for dense in (False, True):
+        s = {0: DenseProbs(student.probs()) if dense else student}
+        t = {j: DenseProbs(x.probs()) if dense else x for j, x in enumerate(teacher)}
+        terms = obj(s, t, keys)
+        weights = torch.linspace(0.5, 1.5, len(terms))
+        loss = sum(w * v for w, v in zip(weights, terms.values(), strict=True))
+        wrt = [student.query, student.key, *obj.parameters()]
+        results.append((terms, torch.autograd.grad(loss, wrt)))
+    return results
+
+
+SHARP_VARIANTS = {
+    "all-dct-relative": dict(granularities={"residual": 1.0}),
+    "all-count": dict(granularities={"residual": 1.0}, normalization="count"),
+    "learned-basis": dict(basis="learned", granularities={"residual": 0.5}),
+    "direct": dict(decomposition="direct"),
+    "layer-kl": dict(layer_distance="kl"),
+}
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("variant", list(SHARP_VARIANTS))
+def test_sharp_recomputed_equals_dense_maps_value_and_gradient(variant, kind):
+    """The default path on captured q/k (chunks recomputed in backward, GQA with 2 kv heads)
+    equals autograd through the dense (B, H, N, N) maps: values and gradients w.r.t. the
+    student's q and k (and a learned basis) within 1e-5 relative, float32."""
+    method = spec(name="sharp", rank=6, query_chunk=5, **SHARP_VARIANTS[variant])
+    assert method.projection == "chunked"
+    (got, g_got), (want, g_want) = _against_dense(method, kind)
+    assert set(got) == set(want) and got
+    for name in want:
+        assert _rel_err(got[name], want[name]) <= 1e-5, name
+    for a, b in zip(g_got, g_want, strict=True):
+        assert a.dtype == b.dtype and _rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("name", ["tinybert", "minilm"])
+def test_baselines_recomputed_equal_dense_maps_value_and_gradient(name, kind):
+    (got, g_got), (want, g_want) = _against_dense(spec(name=name, query_chunk=7), kind)
+    term = f"{name}_attn"
+    assert set(got) == {term} == set(want)
+    assert _rel_err(got[term], want[term]) <= 1e-5
+    for a, b in zip(g_got, g_want, strict=True):
+        assert _rel_err(a, b) <= 1e-5
+
+
+def test_recompute_handles_bf16_inputs_in_float32():
+    """bf16 q/k (a bf16 model's capture): gradients come back in bf16 and match float32
+    autograd through the dense maps of the same (bf16-valued) inputs to bf16 rounding."""
+    gen = torch.Generator().manual_seed(4)
+    layer, keys = _captured(gen, 2, 4, 2, 20, 8, "padded", False)
+    q = layer.query.bfloat16().requires_grad_()
+    k = layer.key.bfloat16().requires_grad_()
+    rec = CapturedLayer(q, k, layer.scaling, layer.mask, False)
+    basis = dct_basis(20, 5)
+    up = torch.randn(2, 4, 20, 5, generator=gen)
+    got = project_recompute(rec, basis, 6)
+    g_got = torch.autograd.grad((got * up).sum(), (q, k))
+    q32 = q.detach().float().requires_grad_()
+    k32 = k.detach().float().requires_grad_()
+    dense = CapturedLayer(q32, k32, layer.scaling, layer.mask, False).probs() @ basis
+    g_want = torch.autograd.grad((dense * up).sum(), (q32, k32))
+    assert got.dtype == torch.float32 and _rel_err(got, dense) <= 1e-5
+    for a, b in zip(g_got, g_want, strict=True):
+        assert a.dtype == torch.bfloat16 and _rel_err(a.float(), b) <= 1e-2
+
+
+@pytest.mark.parametrize("method", ["sharp", "tinybert", "minilm"])
+def test_attention_terms_keep_no_quadratic_maps_for_backward(method):
+    """Bytes saved for backward by one layer pair's terms at N=1024 (B=1, 4 query heads, 2 kv
+    heads, head dim 64), with SDPA restricted to its math kernel (what CUDA runs for float32
+    with GQA), stay O(N·(D + r)): far below one (B, H, N, N) float32 map (16 MiB).
+
+    On the code before the recomputed path, SHARP's default SDPA projection fails this (the
+    math kernel saves the (B, H, N, N) maps); TinyBERT / MiniLM already met it through
+    activation checkpointing, so for them it guards against a regression."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, h, h_kv, n, d = 1, 4, 2, 1024, 64
+    gen = torch.Generator().manual_seed(0)
+    student, keys = _captured(gen, b, h, h_kv, n, d, "padded", True)
+    teacher = [_captured(gen, b, h, h_kv, n, d, "padded", False)[0] for _ in range(2)]
+    obj = make_attention_objective(
+        spec(name=method, granularities={"residual": 1.0}),
+        student_shape=(1, h),
+        teacher_shape=(2, h),
+        seq_len=n,
+    )
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with sdpa_kernel(SDPBackend.MATH), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        terms = obj({0: student}, dict(enumerate(teacher)), keys)
+    full_map = b * h * n * n * 4
+    qk = (student.query.numel() + student.key.numel()) * 4
+    assert sum(saved) <= 2 * qk and sum(saved) < full_map / 4, (sum(saved), qk, full_map)
+    assert max(saved) <= qk
+    g = torch.autograd.grad(sum(terms.values()), (student.query, student.key))
+    assert all(x.abs().sum() > 0 for x in g)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [spec(name="tinybert", query_chunk=7), spec(name="minilm", query_chunk=7)],
+    ids=["tinybert", "minilm"],
+)
+def test_trimmed_student_rows_against_a_teacher_with_a_full_mask(method):
+    """Student under the causal flag (its chunks read only the attended key prefix), teacher
+    with an explicit causal mask (its rows span every key): the student's rows are padded,
+    and value and gradient still equal the dense reference."""
+    gen = torch.Generator().manual_seed(7)
+    n = 20
+    student, keys = _captured(gen, 2, 4, 2, n, 8, "causal", True)
+    causal = torch.tril(torch.ones(n, n, dtype=torch.bool))[None, None]
+    teacher = []
+    for _ in range(2):
+        t, _ = _captured(gen, 2, 8, 2, n, 8, "causal", False)
+        teacher.append(CapturedLayer(t.query, t.key, t.scaling, causal, False))
+    obj = make_attention_objective(method, student_shape=(1, 4), teacher_shape=(2, 8), seq_len=n)
+    got = sum(obj({0: student}, dict(enumerate(teacher)), keys).values())
+    dense_t = {j: DenseProbs(t.probs()) for j, t in enumerate(teacher)}
+    want = sum(obj({0: DenseProbs(student.probs())}, dense_t, keys).values())
+    assert _rel_err(got, want) <= 1e-5
+    wrt = (student.query, student.key)
+    for a, b in zip(torch.autograd.grad(got, wrt), torch.autograd.grad(want, wrt), strict=True):
+        assert _rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_recomputed_and_sdpa_projections_at_4k(dtype):
+    """On CUDA at N=4096 (4 query heads, 2 kv heads): the default path's peak memory for
+    forward + backward stays far below one (B, H, N, N) float32 map, and it agrees with the
+    SDPA projection (GQA heads repeated, so a fused kernel may serve) within TF32 rounding."""
+    from sharp_core.objectives.sharp import project_sdpa
+
+    dev = torch.device("cuda")
+    b, h, h_kv, n, d = 1, 4, 2, 4096, 64
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(b, h, n, d, device=dev, generator=gen).to(dtype).requires_grad_()
+    k = torch.randn(b, h_kv, n, d, device=dev, generator=gen).to(dtype).requires_grad_()
+    layer = CapturedLayer(q, k, d**-0.5, None, True)
+    basis = dct_basis(n, 32, device=dev)
+    up = torch.randn(b, h, n, 32, device=dev, generator=gen)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    got = project_recompute(layer, basis, 64)
+    g_got = torch.autograd.grad((got * up).sum(), (q, k))
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < b * h * n * n * 4 / 4
+    ref = project_sdpa(layer, basis)
+    g_ref = torch.autograd.grad((ref * up).sum(), (q, k))
+    assert _rel_err(got, ref) <= 1e-2
+    for a, bb in zip(g_got, g_ref, strict=True):
+        assert a.dtype == dtype and _rel_err(a.float(), bb.float()) <= 2e-2

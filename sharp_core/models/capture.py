@@ -105,8 +105,18 @@ class CapturedLayer:
         """Number of query rows (= key length N in the usual no-cache forward)."""
         return self.query.shape[2]
 
-    def probs(self, start: int = 0, end: int | None = None) -> Tensor:
+    def key_extent(self, end: int) -> int:
+        """How many leading keys queries before ``end`` can attend: ``end`` under SDPA's
+        causal flag (upper-left aligned, no mask), every key otherwise. Keys past it carry
+        exactly zero probability, so chunked consumers may skip them (half the work)."""
+        n_k = self.key.shape[2]
+        return min(end, n_k) if self.is_causal and self.mask is None else n_k
+
+    def probs(self, start: int = 0, end: int | None = None, keys: int | None = None) -> Tensor:
         """(B, H, end-start, Nk) float32: the exact softmax the model computes for queries [start, end).
+
+        ``keys``: return only the first ``keys`` columns, (B, H, end-start, keys); it must be
+        at least `key_extent` (end) so that the dropped columns are zeros of the full rows.
 
         Rows with no attendable key (e.g. left-padding queries under a causal mask) are all
         zeros, not NaN. Masked logits are filled with float32's finite minimum instead of -inf
@@ -119,22 +129,30 @@ class CapturedLayer:
         end = n_q if end is None else end
         if not 0 <= start <= end <= n_q:
             raise ValueError(f"query range [{start}, {end}) outside [0, {n_q})")
+        n_all = self.key.shape[2]
+        keys = n_all if keys is None else keys
+        if not self.key_extent(end) <= keys <= n_all:
+            raise ValueError(
+                f"keys={keys} would drop attended keys: queries before {end} attend "
+                f"{self.key_extent(end)} of {n_all}"
+            )
         with torch.autocast(device_type=self.query.device.type, enabled=False):
             q = self.query[:, :, start:end].float() * self.scaling  # (B, H, n, D)
-            k = self.key.float()  # (B, H_kv, Nk, D)
+            k = self.key[:, :, :keys].float()  # (B, H_kv, Nk, D)
             b, h, n, d = q.shape
             h_kv, n_k = k.shape[1], k.shape[2]
             if h == h_kv:
                 scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, n, Nk)
             else:
-                # GQA, repeat_kv semantics: query head i uses key head i // (H / H_kv). Grouping
-                # the query heads and broadcasting the keys avoids materialising repeated keys.
+                # GQA, repeat_kv semantics: query head i uses key head i // (H / H_kv). The
+                # query heads of one key head are stacked as rows of one batched matmul, so keys
+                # are never repeated (nor broadcast, which matmul would copy).
                 if h % h_kv:
                     raise ValueError(f"{h} query heads not a multiple of {h_kv} key heads")
                 rep = h // h_kv
                 scores = torch.matmul(
-                    q.reshape(b, h_kv, rep, n, d),  # (B, H_kv, rep, n, D)
-                    k.unsqueeze(2).transpose(-1, -2),  # (B, H_kv, 1, D, Nk)
+                    q.reshape(b, h_kv, rep * n, d),  # (B, H_kv, rep·n, D)
+                    k.transpose(-1, -2),  # (B, H_kv, D, Nk)
                 ).reshape(b, h, n, n_k)  # (B, H, n, Nk)
 
             lowest = torch.finfo(torch.float32).min
@@ -145,23 +163,27 @@ class CapturedLayer:
                     m = m.unsqueeze(0)
                 if m.shape[-2] != 1:
                     m = m[..., start:end, :]  # (B|1, H|1, n, Nk)
+                m = m[..., :keys]
                 if m.dtype == torch.bool:
-                    scores = torch.where(m, scores, lowest)
+                    scores = scores.masked_fill_(~m, lowest)  # in place: matmul keeps no output
                     valid = m.any(dim=-1, keepdim=True)
                 else:
                     # Additive mask (transformers uses finfo(dtype).min for "masked").
                     valid = (m > torch.finfo(m.dtype).min).any(dim=-1, keepdim=True)
                     scores = (scores + m.float()).clamp_min(lowest)
-            elif self.is_causal:
+            elif self.is_causal and n_k > start:
+                # upper-left aligned as SDPA's is_causal; keys before `start` are kept by every
+                # row of the chunk, so only the columns from `start` on need masking
                 q_pos = torch.arange(start, end, device=scores.device)  # (n,)
-                k_pos = torch.arange(n_k, device=scores.device)  # (Nk,)
-                # (n, Nk), upper-left aligned as SDPA's is_causal
-                keep = k_pos[None, :] <= q_pos[:, None]
-                scores = torch.where(keep, scores, lowest)
+                k_pos = torch.arange(start, n_k, device=scores.device)  # (Nk - start,)
+                drop = k_pos[None, :] > q_pos[:, None]  # (n, Nk - start)
+                scores[..., start:].masked_fill_(drop, lowest)
 
             p = torch.softmax(scores, dim=-1)  # (B, H, n, Nk)
             if valid is not None:
-                p = p * valid  # fully masked rows -> 0 (finite uniform row before)
+                # fully masked rows -> 0 (finite uniform row before); softmax's backward needs
+                # its output, so in place only without a graph
+                p = p * valid if p.requires_grad else p.mul_(valid)
         return p
 
 

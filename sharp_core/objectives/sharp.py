@@ -47,10 +47,25 @@ Decisions the design page leaves open (each is repeated where it is implemented)
 * **Terms are sums over sequences** of per-sequence values averaged over layer pairs and are
   returned unweighted; the trainer multiplies by ``weights`` and divides by the global number
   of sequences of the optimizer step, so gradient accumulation is exact.
+
+How the maps are computed (``docs/method.md``, "Attention terms at long context"): never as
+stored (B, H, N, N) tensors. Every term of a captured layer runs through `recompute_chunks`, a
+custom autograd Function that rebuilds the softmax rows query chunk by query chunk in forward
+and again in backward (flash-attention style), saving only q and k: memory O(N·query_chunk)
+per layer for forward and backward, on any device and with any mask. Chosen over SDPA with
+the basis as values (`project_sdpa`, ``projection: sdpa``) as the default because on CUDA
+float32 q/k with GQA leave SDPA only its math kernel, which keeps the (B, H, N, N) maps for
+backward (33× the recomputed path's peak at N=4096 on the benchmark, ``bench.memory.
+attention``), and bf16 q/k would round the maps whose differences the terms measure. On the
+CPU, SDPA's flash kernel is faster for the objective alone (1.1× at the tiny-cpu preset),
+not measurably for a whole step; it stays available. Chunks compute in float32 (TF32 allowed on CUDA,
+scoped: `ALLOW_TF32`) and read only the key prefix a causal chunk can attend.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -420,14 +435,17 @@ def _project_chunk(attn: AttentionProbs, basis: Tensor, start: int, end: int) ->
 
 
 def project(attn: AttentionProbs, basis: Tensor, query_chunk: int) -> Tensor:
-    """P·Q (B, H, N, r) computed query chunk by query chunk.
+    """P·Q (B, H, N, r) computed query chunk by query chunk (``projection: chunked``).
 
     Never holds the full (B, H, N, N) map: each chunk's (B, H, c, N) rows are projected and
-    dropped. When grad is enabled, each chunk runs under ``torch.utils.checkpoint``
-    (non-reentrant), so backward saves only the chunk bounds and recomputes the chunk's rows
-    when it needs them, instead of keeping every chunk's probabilities alive until backward.
+    dropped. A captured layer goes through `project_recompute` (rows rebuilt from q/k in
+    backward by a custom autograd Function). Any other source runs each chunk, when grad is
+    enabled, under ``torch.utils.checkpoint`` (non-reentrant), so backward recomputes the
+    chunk's rows instead of keeping every chunk's probabilities alive until backward.
     Computed in float32 (float64 if the maps are float64).
     """
+    if isinstance(attn, CapturedLayer):
+        return project_recompute(attn, basis, query_chunk)
     n = attn.seq_len
     if basis.dim() != 2 or basis.shape[0] != n:
         raise ValueError(f"basis must have shape (N={n}, r), got {tuple(basis.shape)}")
@@ -472,6 +490,14 @@ def project_sdpa(attn: CapturedLayer, basis: Tensor) -> Tensor:
         v[:, :r] = basis.to(dt)
         # materialised like one key tensor: a stride-0 broadcast can push SDPA off its kernels
         v = v.expand(b, h_kv, n_k, cols).contiguous()
+        gqa = h != h_kv
+        if gqa and q.device.type == "cuda":
+            # CUDA's memory-efficient kernel (the one that takes float32 and any mask) does
+            # not take enable_gqa: the math kernel would serve and keep (B, H, N, N) maps for
+            # backward. Repeated kv heads are O(N·D); the CPU's flash kernel takes GQA as is.
+            k = k.repeat_interleave(h // h_kv, dim=1)  # (B, H, Nk, D)
+            v = v.repeat_interleave(h // h_kv, dim=1)  # (B, H, Nk, cols)
+            gqa = False
         mask, valid = attn.mask, None
         if mask is not None:
             if mask.dtype == torch.bool:
@@ -487,16 +513,186 @@ def project_sdpa(attn: CapturedLayer, basis: Tensor) -> Tensor:
             attn_mask=mask,
             is_causal=bool(attn.is_causal and mask is None),
             scale=attn.scaling,
-            enable_gqa=h != h_kv,
+            enable_gqa=gqa,
         )[..., :r]  # (B, H, N, r)
         if valid is not None:
             out = out * valid.to(dt)
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# Recomputed softmax chunks: O(N · chunk) memory for forward and backward
+# --------------------------------------------------------------------------------------------
+
+#: Let float32 matmuls of the recomputed chunks use TF32 on CUDA (scoped to those chunks).
+ALLOW_TF32 = True
+
+
+@contextlib.contextmanager
+def _tf32(device: torch.device) -> Iterator[None]:
+    """TF32 for the chunk matmuls on CUDA only, restored afterwards (CPU: nothing to do)."""
+    if device.type != "cuda" or not ALLOW_TF32:
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+#: A per-chunk function of the softmax rows: fn(p (B, H, c, N), start, end, *extras) -> Tensor.
+ChunkFn = Callable[..., Tensor]
+
+
+class _RecomputedSoftmax(torch.autograd.Function):
+    """fn applied to a captured layer's softmax rows, query chunk by query chunk, with a
+    flash-attention-style backward: only q, k (and the extras) are saved; backward recomputes
+    each chunk's rows P_c and backpropagates through them one chunk at a time.
+
+    Forward: out = cat_c fn(P_c) along dim 2 (``reduce='cat'``) or Σ_c fn(P_c) (``'sum'``).
+    Backward per chunk: dP_c = ∂fn/∂P_c (local autograd on a (B, H, c, N) leaf), then the
+    softmax backward dS = P_c ⊙ (dP_c − rowsum(dP_c ⊙ P_c)) and the score matmul's
+    dq_c = scale·dS·k, dk += scale·dSᵀ·q_c (GQA: query heads grouped per key head, keys never
+    repeated). Masked entries have P = 0, rows without any attendable key are all-zero rows
+    (as in `CapturedLayer.probs`), so both get dS = 0 exactly as autograd through
+    `probs` would give. Work in float32 (TF32 on CUDA if `ALLOW_TF32`); q, k are saved in
+    their own dtype (the model's tensors: no copy) and gradients returned in it.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        layer: CapturedLayer,
+        fn: ChunkFn,
+        reduce: str,
+        chunk: int,
+        trim: bool,
+        query: Tensor,
+        key: Tensor,
+        *extras: Tensor,
+    ) -> Tensor:
+        rec = dataclasses.replace(layer, query=query, key=key)
+        parts = []
+        with _tf32(query.device):
+            for a, b in _chunks(rec.seq_len, chunk):
+                kw = rec.key_extent(b) if trim else None
+                parts.append(fn(rec.probs(a, b, kw), a, b, *extras))
+        ctx.layer, ctx.fn, ctx.reduce, ctx.chunk, ctx.trim = layer, fn, reduce, chunk, trim
+        ctx.save_for_backward(query, key, *extras)
+        if reduce == "cat":
+            return torch.cat(parts, dim=2)
+        return functools.reduce(torch.add, parts)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor) -> tuple:  # type: ignore[override]
+        query, key, *extras = ctx.saved_tensors
+        rec = dataclasses.replace(ctx.layer, query=query, key=key)
+        need_q, need_k = ctx.needs_input_grad[5], ctx.needs_input_grad[6]
+        need_x = ctx.needs_input_grad[7:]
+        b_, h, n_q, d = query.shape
+        h_kv, n_k = key.shape[1], key.shape[2]
+        rep = h // h_kv
+        scale = rec.scaling
+        with torch.autocast(device_type=query.device.type, enabled=False), _tf32(query.device):
+            kf = key.float()  # (B, H_kv, Nk, D)
+            dq = torch.zeros(b_, h, n_q, d, dtype=torch.float32, device=query.device)
+            dk = torch.zeros(b_, h_kv, n_k, d, dtype=torch.float32, device=key.device)
+            dx: list[Tensor | None] = [
+                torch.zeros_like(x) if need else None
+                for x, need in zip(extras, need_x, strict=True)
+            ]
+            for a, b in _chunks(n_q, ctx.chunk):
+                kw = rec.key_extent(b) if ctx.trim else n_k
+                with torch.no_grad():
+                    p = rec.probs(a, b, kw)  # (B, H, c, kw) float32
+                leaves = [
+                    x.detach().requires_grad_() if need else x
+                    for x, need in zip(extras, need_x, strict=True)
+                ]
+                with torch.enable_grad():
+                    p_leaf = p.detach().requires_grad_()
+                    out = ctx.fn(p_leaf, a, b, *leaves)
+                    g = grad_out[:, :, a:b] if ctx.reduce == "cat" else grad_out
+                    wrt = [p_leaf] + [x for x, need in zip(leaves, need_x, strict=True) if need]
+                    grads = torch.autograd.grad(out, wrt, g, allow_unused=True)
+                dp = grads[0]
+                it = iter(grads[1:])
+                for i, need in enumerate(need_x):
+                    if need:
+                        gx = next(it)
+                        if gx is not None:
+                            dx[i] += gx
+                if dp is None or not (need_q or need_k):
+                    continue
+                dp = dp.float()
+                # softmax backward P ⊙ (dP − rowsum(dP ⊙ P)) in one fused pass: (B, H, c, Nk)
+                ds = torch.ops.aten._softmax_backward_data(dp, p, -1, torch.float32)
+                c = b - a
+                ds_g = ds.reshape(b_, h_kv, rep * c, kw)  # query heads grouped per key head
+                if need_q:
+                    dq_c = torch.matmul(ds_g, kf[:, :, :kw]) * scale  # (B, H_kv, rep·c, D)
+                    dq[:, :, a:b] = dq_c.reshape(b_, h, c, d)
+                if need_k:
+                    q_c = query[:, :, a:b].float().reshape(b_, h_kv, rep * c, d)
+                    # (B, H_kv, kw, D)
+                    dk[:, :, :kw] += torch.matmul(ds_g.transpose(-1, -2), q_c) * scale
+        return (
+            None,
+            None,
+            None,
+            None,
+            None,
+            dq.to(query.dtype) if need_q else None,
+            dk.to(key.dtype) if need_k else None,
+            *dx,
+        )
+
+
+def recompute_chunks(
+    layer: CapturedLayer,
+    fn: ChunkFn,
+    reduce: str,
+    query_chunk: int,
+    *extras: Tensor,
+    trim: bool = False,
+) -> Tensor:
+    """fn over the captured layer's softmax rows in query chunks, differentiable w.r.t. the
+    layer's q, k and ``extras`` through `_RecomputedSoftmax` (nothing (·, ·, c, N) kept for
+    backward). ``reduce``: 'cat' joins per-chunk outputs along dim 2 (the query axis of a
+    (B, H, c, ·) output), 'sum' adds them. Without grad it is a plain chunk loop.
+    ``trim``: fn may receive only the first ``layer.key_extent(end)`` key columns of a chunk
+    (the causal prefix; the rest are zeros) and must accept any width ≤ N."""
+    if reduce not in ("cat", "sum"):
+        raise ValueError(f"reduce must be 'cat' or 'sum', got {reduce!r}")
+    if query_chunk < 1:
+        raise ValueError(f"query_chunk must be >= 1, got {query_chunk}")
+    if layer.query.shape[1] % layer.key.shape[1]:
+        raise ValueError(
+            f"{layer.query.shape[1]} query heads not a multiple of {layer.key.shape[1]} key heads"
+        )
+    return _RecomputedSoftmax.apply(
+        layer, fn, reduce, query_chunk, trim, layer.query, layer.key, *extras
+    )
+
+
+def _times_basis(p: Tensor, _a: int, _b: int, basis: Tensor) -> Tensor:
+    return p @ basis[: p.shape[-1]].to(p.dtype)  # (B, H, c, r): keys past p's width are 0
+
+
+def project_recompute(attn: CapturedLayer, basis: Tensor, query_chunk: int) -> Tensor:
+    """P·Q (B, H, N, r) of a captured layer, float32, with O(N · query_chunk) memory for
+    forward and backward (`recompute_chunks`): the default (``projection: chunked``)."""
+    n = attn.key.shape[2]
+    if basis.dim() != 2 or basis.shape[0] != n:
+        raise ValueError(f"basis must have shape (N={n}, r), got {tuple(basis.shape)}")
+    return recompute_chunks(attn, _times_basis, "cat", query_chunk, basis, trim=True)
+
+
 def _project_any(attn: AttentionProbs, basis: Tensor, query_chunk: int, how: str) -> Tensor:
-    """`project_sdpa` for captured layers when asked, the chunked `project` otherwise
-    (dense maps in tests and benchmarks have no q/k to hand to SDPA)."""
+    """Captured layers: `project_sdpa` when asked; otherwise `project` (which recomputes a
+    captured layer's rows and checkpoints any other source's, e.g. dense maps in tests)."""
     if how == "sdpa" and isinstance(attn, CapturedLayer):
         return project_sdpa(attn, basis)
     return project(attn, basis, query_chunk)
@@ -523,11 +719,13 @@ def _project_teacher(
         return torch.einsum("st,btnr->bsnr", w_h.to(pq.dtype), pq), None, None
     outs = []
     g = e = None
+    trim = isinstance(attn, CapturedLayer) and not with_stats
     for a, b in _chunks(attn.seq_len, query_chunk):
-        p = attn.probs(a, b)
+        # a capture under the causal flag: only the key prefix the chunk attends (rest is 0)
+        p = attn.probs(a, b, attn.key_extent(b)) if trim else attn.probs(a, b)
         dt = _work_dtype(p.dtype)
-        p = p.to(dt)  # (B, H_t, c, N)
-        pq = p @ basis.to(dt)  # (B, H_t, c, r)
+        p = p.to(dt)  # (B, H_t, c, kw ≤ N)
+        pq = p @ basis[: p.shape[-1]].to(dt)  # (B, H_t, c, r)
         outs.append(torch.einsum("st,btcr->bscr", w_h.to(dt), pq))  # (B, H_s, c, r)
         if with_stats:
             pm = p * valid[:, None, a:b, None].to(dt)  # (B, H_t, c, N) valid rows only
@@ -544,10 +742,14 @@ def _project_teacher(
 
 
 def _profile_chunk(attn: AttentionProbs, valid: Tensor, head_w: Tensor, a: int, b: int) -> Tensor:
-    p = attn.probs(a, b)  # (B, H, c, N)
+    return _profile_rows(attn.probs(a, b), a, b, valid, head_w)
+
+
+def _profile_rows(p: Tensor, a: int, b: int, valid: Tensor, head_w: Tensor) -> Tensor:
     dt = _work_dtype(p.dtype)
     rows = valid[:, None, a:b, None].to(dt)  # (B, 1, c, 1)
-    return torch.einsum("h,bhcn->bn", head_w.to(dt), p.to(dt) * rows)  # (B, N)
+    out = torch.einsum("h,bhcn->bn", head_w.to(dt), p.to(dt) * rows)  # (B, kw)
+    return F.pad(out, (0, valid.shape[1] - out.shape[-1]))  # (B, N): trimmed keys are 0
 
 
 def layer_profile(
@@ -564,6 +766,9 @@ def layer_profile(
     h = attn.num_heads
     w = head_weights if head_weights is not None else torch.full((h,), 1.0 / h, dtype=torch.float64)
     w = w.to(valid.device)
+    if isinstance(attn, CapturedLayer):
+        total = recompute_chunks(attn, _profile_rows, "sum", query_chunk, valid, w, trim=True)
+        return total / valid.sum(dim=1, keepdim=True).clamp_min(1).to(total.dtype)
     total = None
     for a, b in _chunks(attn.seq_len, query_chunk):
         if torch.is_grad_enabled():
@@ -684,13 +889,37 @@ def _row_loss_chunk(
     start: int,
     end: int,
 ) -> Tensor:
-    s = student.probs(start, end)  # (B, H_s, c, N)
+    return _row_loss_rows(student.probs(start, end), start, end, row_fn, teacher, w_h, valid)
+
+
+def _row_loss_rows(
+    s: Tensor,
+    start: int,
+    end: int,
+    row_fn: Callable[[Tensor, Tensor], Tensor],
+    teacher: AttentionProbs,
+    w_h: Tensor,
+    valid: Tensor,
+) -> Tensor:
+    """Σ over valid rows and student heads of row_fn on the student rows s (B, H_s, c, kw)
+    of queries [start, end), the teacher's rows recomputed under no_grad; (B,).
+
+    s may hold only the first kw ≤ N keys (the rest zero, see `recompute_chunks`' trim):
+    the teacher's rows are then cut to kw when its own causal extent allows (both rows zero
+    beyond: row_fn adds 0 there, for squared error and generalised KL alike), otherwise s
+    is zero-padded to N.
+    """
     dt = _work_dtype(s.dtype)
     s = s.to(dt)
+    kw = s.shape[-1]
     with torch.no_grad():
-        t = torch.einsum(
-            "st,btcn->bscn", w_h.to(dt), teacher.probs(start, end).to(dt)
-        )  # (B, H_s, c, N)
+        if isinstance(teacher, CapturedLayer) and teacher.key_extent(end) <= kw:
+            rows = teacher.probs(start, end, kw)
+        else:
+            rows = teacher.probs(start, end)
+        t = torch.einsum("st,btcn->bscn", w_h.to(dt), rows.to(dt))  # (B, H_s, c, kw|N)
+    if t.shape[-1] > kw:
+        s = F.pad(s, (0, t.shape[-1] - kw))
     per_row = row_fn(s, t)  # (B, H_s, c)
     return (per_row * valid[:, None, start:end].to(dt)).sum(dim=(1, 2))  # (B,)
 
@@ -710,6 +939,10 @@ def _chunked_row_loss(
     the price of never holding a (B, H, N, N) map). Returns (sums (B,), valid counts (B,)).
     """
     valid = _resolve_mask(student, query_mask)  # (B, N)
+    if isinstance(student, CapturedLayer):
+        fn = functools.partial(_row_loss_rows, row_fn=row_fn, teacher=teacher, w_h=w_h, valid=valid)
+        total = recompute_chunks(student, fn, "sum", query_chunk, trim=True)
+        return total, valid.sum(dim=1).to(total.dtype)
     total = None
     for a, b in _chunks(student.seq_len, query_chunk):
         if torch.is_grad_enabled():

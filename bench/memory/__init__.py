@@ -1,0 +1,1 @@
+"""Memory benchmarks: peak host memory of pieces of a step at long context."""
