@@ -519,7 +519,7 @@ def _target(root: Path, name: str) -> Path:
 
 
 def download_files(
-    c: httpx.Client, job_id: str, step: int | None, dest: Path | None
+    c: httpx.Client, job_id: str, step: int | None, dest: Path | None, with_state: bool = False
 ) -> tuple[Path, list[dict[str, Any]], list[str]]:
     """Download one checkpoint file by file; return (folder, files, names resumed).
 
@@ -527,7 +527,7 @@ def download_files(
     existing ``.part`` is resumed with ``Range`` + ``If-Range`` (the ETag is the sha256, so a
     changed file restarts from zero); a complete file whose sha256 matches is skipped.
     """
-    from service.artifacts import checkpoint_dir_name
+    from service.artifacts import checkpoint_dir_name, is_student_file
 
     ckpts = check(c.get(f"/v1/jobs/{job_id}/checkpoints"))["data"]
     if not ckpts:
@@ -542,7 +542,9 @@ def download_files(
         ckpt = found[0]
     folder = dest if dest is not None else Path(job_id) / checkpoint_dir_name(ckpt["step"])
     folder.mkdir(parents=True, exist_ok=True)
-    files: list[dict[str, Any]] = ckpt["files"]
+    files: list[dict[str, Any]] = [
+        f for f in ckpt["files"] if with_state or is_student_file(f["name"])
+    ]
     resumed: list[str] = []
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -606,14 +608,17 @@ def download_cmd(
     dest: Path | None = typer.Option(
         None, "--out", "-o", help="Folder for the files (default: ./ID/step_NNNNNN)."
     ),
+    with_state: bool = typer.Option(
+        False, "--with-state", help="Also the sharded training state (dcp/), to resume elsewhere."
+    ),
     url: str | None = UrlOpt,
     key: str | None = KeyOpt,
 ) -> None:
-    """Download a checkpoint (resumable, sha256-verified); print the folder."""
+    """Download a checkpoint's student (resumable, sha256-verified); print the folder."""
 
     def body() -> int:
         with client(url, key) as c:
-            folder, files, resumed = download_files(c, job_id, step, dest)
+            folder, files, resumed = download_files(c, job_id, step, dest, with_state)
         for name in resumed:
             err.print(f"resumed {escape(name)}")
         err.print(f"{len(files)} files, sha256 verified")

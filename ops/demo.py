@@ -34,6 +34,7 @@ from ops.embedded import (
     read_running,
 )
 from ops.follow import JobState, StreamLost, follow_events, job_progress, progress_fields
+from service.artifacts import is_student_file
 from sharp_core.train.checkpoint import sha256_file
 
 
@@ -156,8 +157,9 @@ def download_checkpoint(client: httpx.Client, job_id: str, dest_root: Path) -> t
         raise DemoError(f"expected one checkpoint folder in {archive}, found {len(folders)}")
     folder = folders[0]
     manifest = json.loads((folder / "manifest.json").read_text())
-    listed = {f["name"]: f["sha256"] for f in ckpt["files"]}
-    files = manifest.get("files", {})
+    # the archive holds the student; the sharded training state (dcp/) stays in the store
+    listed = {f["name"]: f["sha256"] for f in ckpt["files"] if is_student_file(f["name"])}
+    files = {n: m for n, m in manifest.get("files", {}).items() if is_student_file(n)}
     if not files or set(files) != set(listed):
         raise DemoError("the archive's manifest and the API's file list differ")
     for name, meta in files.items():

@@ -152,12 +152,28 @@ def file_response(
     )
 
 
-def archive_members(store: ArtifactStore, ckpt: Checkpoint) -> list[tuple[str, str, int]]:
-    """(archive name, key, size) for every manifest file in the store, then the manifest."""
+#: The folder of a checkpoint that holds the sharded training state (sharp_core's DCP_DIR):
+#: what a resume needs, not what a user who downloads the student wants.
+STATE_DIR = "dcp/"
+
+
+def is_student_file(name: str) -> bool:
+    """True for the files of the ``save_pretrained`` student (and its small loop state), False
+    for the sharded training state, which is as large as weights + AdamW moments again."""
+    return not name.startswith(STATE_DIR)
+
+
+def archive_members(
+    store: ArtifactStore, ckpt: Checkpoint, *, with_state: bool = False
+) -> list[tuple[str, str, int]]:
+    """(archive name, key, size) for every manifest file in the store, then the manifest;
+    the sharded training state (``dcp/``) only ``with_state``."""
     root = checkpoint_key(store, ckpt)
     folder = checkpoint_dir_name(ckpt.step)
     members = []
     for name in sorted((ckpt.manifest or {}).get("files", {})):
+        if not with_state and not is_student_file(name):
+            continue
         size = store.size(f"{root}/{name}", within=root)
         if size is not None:
             members.append((f"{folder}/{name}", f"{root}/{name}", size))

@@ -186,8 +186,16 @@ def test_archive_matches_manifest_and_student_loads(
     assert {f["name"]: f["sha256"] for f in final["files"]} == {
         n: m["sha256"] for n, m in manifest["files"].items()
     }
+    # the archive is the student: the sharded training state (dcp/) only with ?state=true
+    state = {n for n in manifest["files"] if n.startswith("dcp/")}
+    assert state and not (folder / "dcp").exists()
     for name, meta in manifest["files"].items():
+        if name in state:
+            continue
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == meta["sha256"], name
+    r = api.get(f"/v1/jobs/{job_id}/checkpoints/20/archive?state=true", headers=team.headers)
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+        assert {f"step_000020/{n}" for n in state} <= set(tar.getnames())
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

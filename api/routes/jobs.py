@@ -260,12 +260,20 @@ def download_file(
     responses={200: {"content": {"application/x-tar": {}}}, **_ERRORS},
 )
 def download_archive(
-    job_id: JobId, step: Step, team: TeamDep, service: JobServiceDep, settings: SettingsDep
+    job_id: JobId,
+    step: Step,
+    team: TeamDep,
+    service: JobServiceDep,
+    settings: SettingsDep,
+    state: bool = Query(
+        False, description="Include the sharded training state (dcp/), needed only to resume."
+    ),
 ) -> Response:
-    """The whole checkpoint folder (``save_pretrained`` layout + manifest) as a tar stream."""
+    """The checkpoint folder (``save_pretrained`` layout + manifest) as a tar stream; the
+    sharded training state only with ``?state=true``."""
     ckpt = service.checkpoint(team, job_id, step)
     store = get_store(settings)
-    members = archive_members(store, ckpt)
+    members = archive_members(store, ckpt, with_state=state)
     filename = f"{job_id}-{checkpoint_dir_name(step)}.tar"
     return StreamingResponse(
         tar_stream(store, members, int(ckpt.created_at.timestamp())),
