@@ -219,11 +219,13 @@ def test_submit_watch_show_list_download(
     dl = sharp("download", job_id, "--out", str(out), url=live_server, key=team.key, cwd=tmp_path)
     assert dl.returncode == 0, dl.stderr
     assert Path(dl.stdout.strip()) == out
-    for meta in last["files"]:
+    student = [m for m in last["files"] if not m["name"].startswith("dcp/")]
+    assert len(student) < len(last["files"]) and not (out / "dcp").exists()  # the student only
+    for meta in student:
         assert _sha256(out / meta["name"]) == meta["sha256"], meta["name"]
 
     # Resume: a partial file is completed with a Range request and verified.
-    big = max(last["files"], key=lambda f: f["size"])
+    big = max(student, key=lambda f: f["size"])
     target = out / big["name"]
     data = target.read_bytes()
     target.unlink()

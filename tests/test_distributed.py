@@ -164,8 +164,12 @@ def assert_same_trajectory(
         assert step in got, f"no metrics for step {step}"
         compared = [k for k in keys if k in ref[step]]
         assert compared, step
+        # a term far below the loss (the kd of a student pruned from its teacher: 1/200 of it)
+        # carries the loss's rounding, not its own: its absolute error is bounded at loss scale
+        scale = abs(ref[step].get("loss", 0.0)) or 1.0
         for k in compared:
-            assert got[step][k] == pytest.approx(ref[step][k], rel=RTOL, abs=1e-9), (step, k)
+            tol = RTOL * scale if k in ("kd", "ce", "logit") else 1e-9
+            assert got[step][k] == pytest.approx(ref[step][k], rel=RTOL, abs=tol), (step, k)
 
 
 def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -414,6 +414,8 @@ def test_submit_watch_and_download_in_a_real_browser(
     manifest = json.loads(manifest_path.read_text())["files"]
     assert set(manifest) == set(listed) and "model.safetensors" in manifest
     for name, meta in manifest.items():
+        if name.startswith("dcp/"):  # the sharded training state stays in the store
+            continue
         assert _sha256(manifest_path.parent / name) == meta["sha256"] == listed[name], name
 
 
