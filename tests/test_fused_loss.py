@@ -1,0 +1,192 @@
+"""Fused linear losses (sharp_core.objectives.fused) against the dense path, in float32.
+
+Reference: the logits built whole (hidden · Wᵀ + b), then ``(1 − a)·cross_entropy + a·divergence``
+of sharp_core.objectives.losses (themselves checked against closed forms in test_losses.py).
+Tolerance: 1e-5 relative (float32, both sides accumulate the same sums in another order).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sharp_core.objectives import fused, losses
+
+DIVS = ["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd"]
+RTOL = 1e-5
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL) -> None:
+    err = (got - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert err <= rtol * max(scale, 1e-12), f"max abs err {err:.3e} vs scale {scale:.3e}"
+
+
+def _inputs(seed: int = 0, B=2, N=7, Ds=12, Dt=10, V=33, Vt=40, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(B, N, Ds, generator=g, requires_grad=True)
+    ws = (torch.randn(V, Ds, generator=g) * 0.5).requires_grad_(True)
+    ht = torch.randn(B, N, Dt, generator=g)
+    wt = torch.randn(Vt, Dt, generator=g) * 0.5  # padded beyond the tokenizer's V
+    bs = (torch.randn(V, generator=g) * 0.1).requires_grad_(True) if bias else None
+    bt = torch.randn(Vt, generator=g) * 0.1 if bias else None
+    y = torch.randint(0, V, (B, N), generator=g)
+    y[0, :3] = losses.IGNORE_INDEX
+    y[1, -1] = losses.IGNORE_INDEX
+    return hs, ws, bs, ht, wt, bt, y
+
+
+def _dense(name, hs, ws, bs, ht, wt, bt, y, *, a, tau, num_valid, V):
+    s = hs @ ws.T + (bs if bs is not None else 0.0)  # (B, N, V)
+    ce = losses.cross_entropy(s, y, num_valid=num_valid)
+    if a == 0:
+        return (1 - a) * ce, ce
+    t = (ht @ wt.T + (bt if bt is not None else 0.0))[..., :V]
+    d = losses.divergence(name, s, t, y, temperature=tau, alpha=0.2, beta=0.3, num_valid=num_valid)
+    return (1 - a) * ce + a * d, ce
+
+
+def _grads(loss, *xs):
+    return torch.autograd.grad(loss, [x for x in xs if x is not None])
+
+
+@pytest.mark.parametrize("name", DIVS)
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_equals_dense_value_and_grads(name: str, tau: float, bias: bool) -> None:
+    hs, ws, bs, ht, wt, bt, y = _inputs(bias=bias)
+    V = ws.shape[0]
+    n = 20  # a global count larger than this call's 10 valid tokens
+    kw = dict(kd_weight=0.7, temperature=tau, alpha=0.2, beta=0.3, num_valid=n)
+    loss, ce, d = fused.fused_linear_objective(
+        name, hs, ws, ht, wt, y, chunk_size=3, vocab=V, student_bias=bs, teacher_bias=bt, **kw
+    )
+    ref, ref_ce = _dense(name, hs, ws, bs, ht, wt, bt, y, a=0.7, tau=tau, num_valid=n, V=V)
+    _close(loss, ref)
+    _close(ce, ref_ce)
+    for g, r in zip(_grads(loss, hs, ws, bs), _grads(ref, hs, ws, bs), strict=True):
+        _close(g, r)
+
+
+def test_cross_entropy_alone_sft() -> None:
+    hs, ws, _, _, _, _, y = _inputs(1)
+    loss, ce, d = fused.fused_linear_objective(
+        "forward_kl", hs, ws, None, None, y, kd_weight=0.0, num_valid=10, chunk_size=4
+    )
+    ref = losses.cross_entropy(hs @ ws.T, y, num_valid=10)
+    _close(loss, ref)
+    assert d.item() == 0.0
+    for g, r in zip(_grads(loss, hs, ws), _grads(ref, hs, ws), strict=True):
+        _close(g, r)
+
+
+def test_tied_embeddings_gradient_reaches_the_shared_weight() -> None:
+    """Student head = embedding (one Parameter): its gradient is the sum of both uses."""
+    torch.manual_seed(0)
+    V, D = 29, 8
+    emb = torch.nn.Parameter(torch.randn(V, D) * 0.3)
+    ids = torch.randint(0, V, (2, 6))
+    y = torch.randint(0, V, (2, 6))
+    ht, wt = torch.randn(2, 6, 5), torch.randn(V, 5)
+
+    def run(use_fused: bool) -> torch.Tensor:
+        h = torch.tanh(emb[ids])  # (B, N, D): the "backbone" reads the same weight
+        if use_fused:
+            loss = fused.fused_linear_objective(
+                "jsd", h, emb, ht, wt, y, kd_weight=0.5, beta=0.3, num_valid=12, chunk_size=5
+            )[0]
+        else:
+            loss = _dense("jsd", h, emb, None, ht, wt, None, y, a=0.5, tau=1.0, num_valid=12, V=V)[
+                0
+            ]
+        (g,) = torch.autograd.grad(loss, emb)
+        return g
+
+    _close(run(True), run(False))
+
+
+def test_grad_accumulation_two_halves_equal_one_batch() -> None:
+    """num_valid is the step's global count: 2 micro-batches × 1 == 1 batch × 2."""
+    hs, ws, _, ht, wt, _, y = _inputs(2)
+    n = losses.count_valid(y)
+    kw = dict(kd_weight=0.6, temperature=1.5, num_valid=n, chunk_size=4)
+    whole = fused.fused_linear_objective("reverse_kl", hs, ws, ht, wt, y, **kw)[0]
+    g_whole = _grads(whole, hs, ws)
+    halves = sum(
+        fused.fused_linear_objective(
+            "reverse_kl", hs[i : i + 1], ws, ht[i : i + 1], wt, y[i : i + 1], **kw
+        )[0]
+        for i in range(2)
+    )
+    _close(halves, whole)
+    for g, r in zip(_grads(halves, hs, ws), g_whole, strict=True):
+        _close(g, r)
+
+
+def test_all_masked_gives_zero_not_nan() -> None:
+    hs, ws, _, ht, wt, _, y = _inputs(3)
+    y = torch.full_like(y, losses.IGNORE_INDEX)
+    loss, ce, d = fused.fused_linear_objective(
+        "forward_kl", hs, ws, ht, wt, y, kd_weight=0.5, num_valid=0
+    )
+    assert loss.item() == 0.0 and ce.item() == 0.0 and d.item() == 0.0
+    gh, gw = _grads(loss, hs, ws)
+    assert torch.equal(gh, torch.zeros_like(hs)) and torch.equal(gw, torch.zeros_like(ws))
+
+
+def test_num_valid_smaller_than_this_calls_count_is_refused() -> None:
+    hs, ws, _, ht, wt, _, y = _inputs(4)
+    with pytest.raises(ValueError, match="global count"):
+        fused.fused_linear_objective("forward_kl", hs, ws, ht, wt, y, kd_weight=0.5, num_valid=3)
+
+
+def test_default_chunk_budget() -> None:
+    assert fused.default_chunk_tokens(128256) == fused.FUSED_CHUNK_BYTES // (4 * 128256)
+    assert fused.default_chunk_tokens(128256) * 128256 * 4 <= fused.FUSED_CHUNK_BYTES
+    assert fused.default_chunk_tokens(10**12) == 1
+
+
+def test_head_of_refuses_softcapped_and_scaled_logits() -> None:
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    llama = transformers.LlamaForCausalLM(cfg)
+    head, why = fused.head_of(llama)
+    assert head is not None and head.weight is llama.lm_head.weight and why == ""
+    llama.config.final_logit_softcapping = 30.0
+    head, why = fused.head_of(llama)
+    assert head is None and "final_logit_softcapping" in why
+    llama.config.final_logit_softcapping = None
+    llama.config.logit_scale = 0.5
+    assert fused.head_of(llama)[0] is None
+
+
+def test_capture_hidden_gives_the_heads_input() -> None:
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(cfg).eval()
+    x = torch.randint(0, 32, (2, 5))
+    ref = llama(input_ids=x).logits
+    head, _ = fused.head_of(llama)
+    assert head is not None
+    with fused.capture_hidden(head) as seen:
+        out = llama(input_ids=x).logits
+    assert out.shape == (2, 5, 0)
+    _close(seen[0] @ head.weight.T, ref)
+    _close(llama(input_ids=x).logits, ref)  # the override is gone
