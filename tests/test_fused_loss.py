@@ -190,3 +190,148 @@ def test_capture_hidden_gives_the_heads_input() -> None:
     assert out.shape == (2, 5, 0)
     _close(seen[0] @ head.weight.T, ref)
     _close(llama(input_ids=x).logits, ref)  # the override is gone
+
+
+# ------------------------------------------------------------ the trainer's micro-step
+
+
+def _tiny_setup(arch: str, method: dict, tmp_path):
+    """A hand-built Setup: tiny teacher and student (student head tied to its embedding,
+    teacher vocabulary padded beyond the tokenizer's 33 entries), no data, no capture."""
+    import transformers
+
+    from sharp_core.spec import parse_spec
+    from sharp_core.train.setup import Setup
+
+    V = 33
+    torch.manual_seed(0)
+    if arch == "llama":
+
+        def make(vocab, hidden, layers, tie):
+            cfg = transformers.LlamaConfig(
+                vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                tie_word_embeddings=tie,
+            )  # fmt: skip
+            return transformers.LlamaForCausalLM(cfg)
+    else:
+
+        def make(vocab, hidden, layers, tie):
+            cfg = transformers.GPT2Config(
+                vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=32,
+                tie_word_embeddings=tie, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            )  # fmt: skip
+            return transformers.GPT2LMHeadModel(cfg)
+
+    teacher = make(40, 24, 2, False).eval().requires_grad_(False)
+    student = make(V, 16, 1, True)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world\n")
+    spec = parse_spec(
+        {
+            "student": {"init": "config", "config": {"model_type": "gpt2"}},
+            "teacher": {"model": str(tmp_path)},
+            "tokenizer": {"train": {"vocab_size": 300}},
+            "dataset": {"files": [str(corpus)]},
+            "method": method,
+            "training": {"seq_len": 16},
+        }
+    )
+    return Setup(
+        spec=spec, device=torch.device("cpu"), tokenizer=None, vocab=V,
+        teacher=None if method["name"] == "sft" else teacher, student=student, data=None,
+        objective=None, student_capture=None, teacher_capture=None,
+    )  # fmt: skip
+
+
+def _run_step(S, batch, n_tokens):
+    from sharp_core.train.step import micro_step
+
+    S.student.zero_grad(set_to_none=True)
+    terms, _ = micro_step(S, batch, n_tokens=n_tokens, n_seqs=batch["input_ids"].shape[0])
+    terms["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in S.student.named_parameters() if p.grad is not None}
+    return {k: float(v.detach()) for k, v in terms.items()}, grads
+
+
+METHODS = [
+    {"name": "sft"},
+    {"name": "kd", "temperature": 2.0},
+    {"name": "rkl", "kd_weight": 0.6},
+    {"name": "skl", "temperature": 1.5},
+    {"name": "jsd", "jsd_beta": 0.3, "temperature": 2.0},
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m["name"])
+def test_micro_step_fused_equals_dense(arch, method, tmp_path) -> None:
+    """The trainer's step on the fused path (hidden states and heads) gives the dense
+    path's terms and student gradients (tied embedding included), with a loss_mask."""
+    from dataclasses import replace
+
+    S = _tiny_setup(arch, method, tmp_path)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 33, (2, 12), generator=g)
+    loss_mask = torch.ones_like(x, dtype=torch.bool)
+    loss_mask[0, :4] = False  # a prompt: no loss there
+    batch = {"input_ids": x, "loss_mask": loss_mask}
+    n_tokens = int(loss_mask[:, 1:].sum()) + 5  # a global count over other micro-batches too
+    dense = replace(S, logit_path="dense")
+    ref, g_ref = _run_step(dense, batch, n_tokens)
+    got, g_got = _run_step(S, batch, n_tokens)
+    assert S.logit_path == "fused:fused_linear_objective"  # the fused path did run
+    assert set(got) == set(ref)
+    for k in ref:
+        assert got[k] == pytest.approx(ref[k], rel=RTOL, abs=1e-9), k
+    assert set(g_got) == set(g_ref)
+    for n in g_ref:
+        _close(g_got[n], g_ref[n], rtol=1e-5)
+
+
+def test_parity_check_fails_a_wrong_kernel(tmp_path) -> None:
+    """A kernel 1% off is caught on the first micro-batch: loss_parity, both values named."""
+    from dataclasses import replace
+
+    from sharp_core.errors import LossParityError
+
+    S = _tiny_setup("llama", {"name": "kd"}, tmp_path)
+
+    def wrong(*args, **kw):
+        loss, ce, d = fused.fused_linear_objective(*args, **kw)
+        return loss * 1.01, ce, d
+
+    x = torch.randint(0, 33, (2, 12), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(LossParityError) as e:
+        _run_step(replace(S, fused_loss=wrong), {"input_ids": x}, 22)
+    assert e.value.code == "loss_parity" and e.value.param == "spec.method.logit_kernel"
+    assert "kernel loss" in e.value.message and "dense loss" in e.value.message
+    # the correct kernel passes, and the check runs once (the first micro-batch)
+    _run_step(S, {"input_ids": x}, 22)
+    assert S.logit_path == "fused:fused_linear_objective"
+
+
+def test_select_kernel() -> None:
+    from sharp_core.errors import SpecError
+
+    k, name = fused.select_kernel("auto", "jsd", torch.device("cpu"))
+    assert k is fused.fused_linear_objective and name == "torch"
+    assert fused.select_kernel("torch", "jsd", torch.device("cpu"))[1] == "torch"
+    with pytest.raises(SpecError) as e:
+        fused.select_kernel("liger", "jsd", torch.device("cpu"))
+    assert e.value.param == "spec.method.logit_kernel"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["jsd", "forward_kl", "reverse_kl"])
+def test_liger_kernel_passes_the_parity_check(name) -> None:
+    pytest.importorskip("liger_kernel")
+    hs, ws, _, ht, wt, _, y = _inputs(5, N=64, Ds=64, Dt=64, V=512, Vt=512)
+    dev = torch.device("cuda")
+    errs = fused.check_parity(
+        fused.liger_linear_objective, name, hs.detach().to(dev), ws.detach().to(dev),
+        ht.to(dev), wt.to(dev), y.to(dev), kd_weight=0.5, temperature=1.0, alpha=0.1,
+        beta=0.5, vocab=512,
+    )  # fmt: skip
+    assert max(errs.values()) <= fused.PARITY_RTOL[torch.float32]

@@ -37,11 +37,18 @@ __all__ = [
     "FUSED_CHUNK_BYTES",
     "FusedLinearLoss",
     "Head",
+    "LIGER_DIVERGENCES",
+    "PARITY_RTOL",
+    "PARITY_TOKENS",
     "capture_hidden",
+    "check_parity",
     "default_chunk_tokens",
     "fused_linear_objective",
     "head_of",
+    "liger_available",
+    "liger_linear_objective",
     "linear_chunked",
+    "select_kernel",
 ]
 
 FUSED_CHUNK_BYTES = 2**26
@@ -329,3 +336,177 @@ def capture_hidden(head: Head) -> Iterator[list[torch.Tensor]]:
         yield seen
     finally:
         del mod.forward
+
+
+# ------------------------------------------------------------------ kernels and parity
+
+LIGER_DIVERGENCES = ("jsd", "forward_kl", "reverse_kl")
+"""Divergences Liger's fused linear JSD implements (β = 0 and 1 are forward and reverse KL)."""
+
+
+def liger_available() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception:  # not installed, or no triton / CUDA
+        return False
+    return True
+
+
+def liger_linear_objective(
+    name: str,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    kd_weight: float,
+    temperature: float = 1.0,
+    alpha: float = 0.1,
+    beta: float = 0.5,
+    num_valid: int | torch.Tensor,
+    chunk_size: int | None = None,
+    vocab: int | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fused_linear_objective` through Liger-Kernel (CUDA only): fused linear CE (summed)
+    and fused linear JSD (β; 0 and 1 are forward and reverse KL), rescaled to the global
+    ``num_valid`` and τ². Biases are not supported by Liger's JSD: refused (ValueError).
+    Liger's conventions have changed between releases; the trainer's first-micro-batch parity
+    check (`check_parity`) is what vouches for this adapter."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD
+
+    if student_bias is not None or teacher_bias is not None:
+        raise ValueError("the liger kernel does not take lm_head biases")
+    b = {"forward_kl": 0.0, "reverse_kl": 1.0}.get(name, beta)
+    V = vocab if vocab is not None else student_weight.shape[0]
+    a = float(kd_weight)
+    y = labels.reshape(-1)
+    n_here = (y != losses.IGNORE_INDEX).sum()
+    denom = torch.as_tensor(num_valid, dtype=torch.float32, device=y.device).clamp_min(1.0)
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    ws = student_weight[:V]
+    ce = LigerFusedLinearCrossEntropyLoss(reduction="sum")(ws, hs, y) / denom
+    if a == 0 or teacher_hidden is None or teacher_weight is None:
+        return (1 - a) * ce, ce.detach(), torch.zeros_like(ce).detach()
+    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).to(hs.dtype)
+    wt = teacher_weight.detach()[:V].to(ws.dtype)
+    jsd = LigerFusedLinearJSD(jsd_beta=b, temperature=temperature)
+    # Liger averages over this call's valid tokens: back to a sum, then the global count
+    d = jsd(hs, ws, ht, wt, y) * n_here.clamp_min(1) / denom * temperature**2
+    return (1 - a) * ce + a * d, ce.detach(), d.detach()
+
+
+def select_kernel(
+    logit_kernel: str, divergence: str, device: torch.device
+) -> tuple[FusedLinearLoss, str]:
+    """(kernel, its name) for the spec's ``method.logit_kernel``; 'liger' without Liger or off
+    CUDA is a SpecError naming the field."""
+    from sharp_core.errors import SpecError
+
+    liger_ok = device.type == "cuda" and liger_available()
+    if logit_kernel == "liger":
+        if not liger_ok:
+            raise SpecError(
+                "logit_kernel 'liger' needs CUDA and the liger-kernel package (the 'gpu' extra)",
+                param="spec.method.logit_kernel",
+            )
+        if divergence not in LIGER_DIVERGENCES:
+            raise SpecError(
+                f"the liger kernel implements {', '.join(LIGER_DIVERGENCES)}, not {divergence}",
+                param="spec.method.logit_kernel",
+            )
+        return liger_linear_objective, "liger"
+    if logit_kernel == "auto" and liger_ok and divergence in LIGER_DIVERGENCES:
+        return liger_linear_objective, "liger"
+    return fused_linear_objective, "torch"
+
+
+PARITY_TOKENS = 256
+"""Tokens of the first micro-batch the parity check compares (the dense reference's logits
+of that many tokens are affordable at any vocabulary)."""
+PARITY_RTOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+"""Relative tolerance of the parity check by the hidden states' dtype: float32 kernels agree
+with the dense loss to ~1e-6; 1e-4 leaves room for another summation order. bf16 logits round
+at 3 significant digits."""
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    err = (got.float() - want.float()).abs().max().item()
+    return err / max(want.float().abs().max().item(), 1e-12)
+
+
+def check_parity(
+    kernel: FusedLinearLoss,
+    name: str,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    kd_weight: float,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    vocab: int,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    tokens: int = PARITY_TOKENS,
+    rtol: float | None = None,
+) -> dict[str, float]:
+    """Compare ``kernel`` with the dense `losses.logit_objective` on the first ``tokens``
+    positions: the loss and its gradients w.r.t. the student's hidden states and head weight.
+
+    Shapes as `fused_linear_objective`'s. Raises `sharp_core.errors.LossParityError` (code
+    ``loss_parity``, both values in the message) beyond ``rtol`` (default `PARITY_RTOL` by
+    dtype); returns the relative errors otherwise. Works on detached copies: the training
+    graph is not touched.
+    """
+    from sharp_core.errors import LossParityError
+
+    n = max(1, min(labels.shape[1], tokens // max(1, labels.shape[0])))
+    y = labels[:, :n]
+    hs = student_hidden[:, :n].detach().clone().requires_grad_(True)
+    ws = student_weight.detach()[:vocab].clone().requires_grad_(True)
+    bs = None if student_bias is None else student_bias.detach()[:vocab].clone()
+    ht = None if teacher_hidden is None else teacher_hidden[:, :n].detach()
+    wt = None if teacher_weight is None else teacher_weight.detach()[:vocab]
+    bt = None if teacher_bias is None else teacher_bias.detach()[:vocab]
+    nv = max(1, losses.count_valid(y))
+    kw: dict[str, Any] = dict(
+        kd_weight=kd_weight, temperature=temperature, alpha=alpha, beta=beta, num_valid=nv
+    )
+    with torch.enable_grad():
+        got, _, _ = kernel(
+            name, hs, ws, ht, wt, y, vocab=vocab, student_bias=bs, teacher_bias=bt, **kw
+        )
+        g_h, g_w = torch.autograd.grad(got, (hs, ws), allow_unused=True)
+        with torch.autocast(hs.device.type, enabled=False):
+            s = F.linear(hs.float(), ws.float(), None if bs is None else bs.float())  # (B, n, V)
+            if ht is not None and wt is not None and kd_weight > 0:
+                t = F.linear(ht.to(wt.dtype), wt, bt).float()  # (B, n, V)
+                want, _, _ = losses.logit_objective(name, s, t, y, **kw)
+            else:
+                want = (1 - kd_weight) * losses.cross_entropy(s, y, num_valid=nv)
+        r_h, r_w = torch.autograd.grad(want, (hs, ws))
+    g_h = torch.zeros_like(hs) if g_h is None else g_h
+    g_w = torch.zeros_like(ws) if g_w is None else g_w
+    tol = rtol if rtol is not None else PARITY_RTOL.get(student_hidden.dtype, 3e-2)
+    errs = {
+        "loss": abs(got.item() - want.item()) / max(abs(want.item()), 1e-12),
+        "grad_hidden": _rel(g_h, r_h),
+        "grad_weight": _rel(g_w, r_w),
+    }
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    if bad:
+        raise LossParityError(
+            f"the logit-loss kernel disagrees with the dense loss on the first micro-batch "
+            f"({n} positions × {labels.shape[0]}): kernel loss {got.item():.8g}, dense loss "
+            f"{want.item():.8g}; relative errors "
+            + ", ".join(f"{k} {v:.3g}" for k, v in errs.items())
+            + f" (tolerance {tol:g})",
+            param="spec.method.logit_kernel",
+        )
+    return errs
