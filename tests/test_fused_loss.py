@@ -335,3 +335,47 @@ def test_liger_kernel_passes_the_parity_check(name) -> None:
         beta=0.5, vocab=512,
     )  # fmt: skip
     assert max(errs.values()) <= fused.PARITY_RTOL[torch.float32]
+
+
+# ------------------------------------------------------------ the teacher-logit cache
+
+
+@pytest.mark.parametrize(
+    "name,estimator,extra",
+    [
+        ("forward_kl", "tail", {"k": 5}),
+        ("jsd", "tail", {"k": 5}),
+        ("forward_kl", "renormalized", {"k": 5}),
+        ("forward_kl", "sampled", {"kind": "sampled", "samples": 6}),
+        ("forward_kl", "tail_sampled", {"k": 4, "tail_samples": 3}),
+    ],
+)
+def test_sparse_linear_equals_sparse_on_logits(name, estimator, extra) -> None:
+    """The cache's loss chunked over the student's head == the same loss on whole logits."""
+    from sharp_core.cache.teacher_cache import (
+        SparseTargets,
+        sparse_linear_objective,
+        sparse_logit_objective,
+        teacher_targets,
+    )
+    from sharp_core.spec import TeacherCacheSpec
+
+    hs, ws, bs, ht, wt, _, y = _inputs(6, bias=True)
+    V = ws.shape[0]
+    cfg = TeacherCacheSpec(**extra)
+    t = (ht @ wt.T)[..., :V]
+    out = teacher_targets(t, cfg, 2.0, list(range(t.shape[0])))
+    tgt = SparseTargets(
+        out["ids"].long(), out["logp"], out.get("tail"),
+        None if "tids" not in out else out["tids"].long(), out.get("tlogp"),
+    )  # fmt: skip
+    kw = dict(estimator=cfg.loss_estimator, kd_weight=0.7, temperature=2.0, num_valid=14)
+    ref, ref_ce, ref_d = sparse_logit_objective(name, hs @ ws.T + bs, tgt, y, **kw)
+    got, ce, d = sparse_linear_objective(
+        name, hs, ws, tgt, y, student_bias=bs, chunk_size=4, vocab=V, **kw
+    )
+    _close(got, ref)
+    _close(ce, ref_ce)
+    _close(d, ref_d)
+    for g, r in zip(_grads(got, hs, ws, bs), _grads(ref, hs, ws, bs), strict=True):
+        _close(g, r)
