@@ -103,3 +103,14 @@ class TeacherCacheCorruptError(SharpError):
     code = "teacher_cache_corrupt"
     status = 500
     retryable = False
+
+
+class LossParityError(SharpError):
+    """The logit-loss kernel disagreed with the dense reference on the job's first
+    micro-batch (value or gradient beyond the stated tolerance): training on it would be
+    wrong. Not retryable: the same kernel gives the same answer; choose
+    ``method.logit_kernel: torch`` or report the kernel."""
+
+    code = "loss_parity"
+    status = 500
+    retryable = False

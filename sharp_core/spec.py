@@ -514,7 +514,21 @@ class MethodSpec(_Strict):
         "each chunk holds a (B, H, query_chunk, N) float32 block.",
     )
     teacher_cache: TeacherCacheSpec = Field(default_factory=TeacherCacheSpec)
-    logit_chunk: int = Field(default=4096, ge=1, le=1 << 20, description="Tokens per chunk.")
+    logit_chunk: int | None = Field(
+        default=None,
+        ge=1,
+        le=1 << 20,
+        description="Tokens per chunk of the logit term. Default: as many as keep one chunk's "
+        "float32 logits within 64 MiB (the fused loss) or 256 MiB (the dense one), e.g. 130 "
+        "tokens at a 128k vocabulary.",
+    )
+    logit_kernel: Literal["auto", "torch", "liger"] = Field(
+        default="auto",
+        description="Fused linear loss of the logit term (no B×N×V logits): 'torch' "
+        "(sharp_core.objectives.fused), 'liger' (Liger-Kernel, CUDA, optional 'gpu' extra), "
+        "'auto': liger on CUDA when installed and it implements the divergence, else torch. "
+        "Checked against the dense loss on the first micro-batch (error code loss_parity).",
+    )
     on_policy: OnPolicySpec | None = Field(
         default=None,
         description="Train on generated sequences (docs/method.md, 'On-policy'); None: "

@@ -406,3 +406,33 @@ def test_committed_cache_results_recompute_as_sharp_core_compare(capsys) -> None
             assert _doc_interval(want["mean"], want["ci"], 2) in doc, method
     assert cache_report.main(["--from-json", str(path)]) == 0
     assert cache_report.render(again) in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ bench.memory
+
+
+def test_bench_memory_parts_run_and_the_parity_check_catches_a_mismatch(tmp_path) -> None:
+    """bench.memory's functions at tiny shapes: the logit-term measurement reports a peak,
+    the fused-vs-dense check passes on the real kernel and fails on one 0.1% off, and a
+    whole trainer step runs on its spec (a 300-entry tokenizer built offline)."""
+    from bench.memory import run as mem
+    from sharp_core.objectives import fused
+
+    r = mem.measure_logit("fused", 16, 64)
+    assert r["peak"] >= r["baseline"] > 0 and r["loss"] > 0
+    ok = mem.check_fused(8, 64)
+    assert ok["ok"] and max(ok["rel_err"].values()) <= 1e-5
+
+    def off(*args, **kw):
+        loss, ce, d = fused.fused_linear_objective(*args, **kw)
+        return loss * 1.001, ce, d
+
+    bad = mem.check_fused(8, 64, names=("forward_kl",), kernel=off)
+    assert not bad["ok"] and bad["rel_err"]["forward_kl.loss"] == pytest.approx(1e-3, rel=1e-2)
+
+    assets = mem.build_assets(tmp_path / "assets", vocab=300, corpus=None)
+    spec = mem.step_spec("kd", assets, seq_len=32)
+    spec["student"]["config"]["vocab_size"] = 300
+    step = mem.measure_step(spec, tmp_path / "run")
+    assert step["status"] == "stopped" and step["peak_step2"] >= step["peak_step1"] > 0
+    assert step["loss"] > 0

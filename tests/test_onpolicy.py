@@ -145,6 +145,9 @@ def test_prompt_rows_get_no_gradient(corpus, teacher_dir, method):
     S = _setup(
         corpus, teacher_dir, {"name": method, "on_policy": {"fraction": 1.0, "max_new_tokens": 8}}
     )
+    # the dense path: this test reads the gradient of whole logits, which the fused path
+    # never builds (its masking is checked against this path in tests/test_fused_loss.py)
+    S.logit_path = "dense"
     x = S.data.train[:2]
     grads = {}
 

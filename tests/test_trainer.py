@@ -204,7 +204,9 @@ def test_micro_step_uses_the_logit_loss_it_is_given(corpus, teacher_dir):
 
     x = S.data.train[:4]
     results = []
-    for s_up in (S, replace(S, logit_loss=separate)):
+    # logit_path="dense": the logit loss on whole logits (the default step takes the fused
+    # path of sharp_core.objectives.fused on a plain lm_head, which never builds them)
+    for s_up in (S, replace(S, logit_loss=separate, logit_path="dense")):
         s_up.student.zero_grad(set_to_none=True)
         terms, _ = micro_step(s_up, x, n_tokens=x[:, 1:].numel(), n_seqs=4)
         terms["loss"].backward()

@@ -61,6 +61,7 @@ __all__ = [
     "cache_key",
     "shard_plan",
     "key_parts",
+    "sparse_linear_objective",
     "sparse_logit_objective",
     "SparseTargets",
     "as_batch",
@@ -563,6 +564,36 @@ def _forward_kl_target(
     return target
 
 
+def _sparse_rows(s, ids, lp, tl, yc, row_d, closed, a, tau):  # type: ignore[no-untyped-def]
+    """One chunk: per-row ce (R,), d (R,) and g (R, V) float32, the gradient of
+    Σ (1 − a)·CE + a·τ²·D̂ w.r.t. the logits ``s`` (R, V), zero on masked rows, undivided."""
+    valid = yc != IGNORE_INDEX
+    y0 = yc.clamp_min(0)[:, None]  # (R, 1)
+    if closed is not None:  # forward KL: no autograd graph, the gradient in closed form
+        with torch.no_grad():
+            xf = s.float()
+            log_q1 = F.log_softmax(xf, dim=-1)
+            ce = -log_q1.gather(1, y0).squeeze(1)
+            log_q = log_q1 if tau == 1.0 else F.log_softmax(xf / tau, dim=-1)
+            d = row_d(log_q, ids, lp, tl) * (tau * tau)
+            target = closed(log_q, ids, lp, tl)  # (R, V), rows sum to 1
+            # (1−a)(softmax(s) − e_y) + a·τ·(softmax(s/τ) − target)
+            g = log_q1.exp().mul_(1 - a)
+            g.add_(log_q.exp().sub_(target), alpha=a * tau)
+            g.scatter_add_(1, y0, torch.full_like(y0, -(1 - a), dtype=g.dtype))
+    else:
+        with torch.enable_grad():
+            x = s.detach().float().requires_grad_(True)
+            ce = F.cross_entropy(x, y0.squeeze(1), reduction="none")
+            log_q = F.log_softmax(x if tau == 1.0 else x / tau, dim=-1)
+            d = row_d(log_q, ids, lp, tl) * (tau * tau)
+            combined = ((1 - a) * ce + a * d).masked_fill(~valid, 0.0).sum()
+            (g,) = torch.autograd.grad(combined, x)
+    ce = ce.detach().masked_fill(~valid, 0.0)
+    d = d.detach().masked_fill(~valid, 0.0)
+    return ce, d, g.masked_fill_(~valid[:, None], 0.0)
+
+
 class _SparseLogitLoss(torch.autograd.Function):
     """(1 − a)·CE + a·τ²·D̂, value and student gradient chunk by chunk (as the dense
     `sharp_core.objectives.losses.logit_objective` does), the sparse teacher side read from the cache."""
@@ -574,34 +605,10 @@ class _SparseLogitLoss(torch.autograd.Function):
         d_sum = torch.zeros((), dtype=torch.float32, device=s2.device)
         for i in range(0, s2.shape[0], chunk):
             sl = slice(i, i + chunk)
-            yc = y[sl]
-            valid = yc != IGNORE_INDEX
             tl = None if tail is None else tail[sl]
-            if closed is not None:  # forward KL: no autograd graph, the gradient in closed form
-                with torch.no_grad():
-                    xf = s2[sl].float()
-                    y0 = yc.clamp_min(0)[:, None]  # (R, 1)
-                    log_q1 = F.log_softmax(xf, dim=-1)
-                    ce = -log_q1.gather(1, y0).squeeze(1)
-                    log_q = log_q1 if tau == 1.0 else F.log_softmax(xf / tau, dim=-1)
-                    d = row_d(log_q, ids[sl], lp[sl], tl) * (tau * tau)
-                    target = closed(log_q, ids[sl], lp[sl], tl)  # (R, V), rows sum to 1
-                    # (1−a)(softmax(s) − e_y) + a·τ·(softmax(s/τ) − target)
-                    g = log_q1.exp().mul_(1 - a)
-                    g.add_(log_q.exp().sub_(target), alpha=a * tau)
-                    g.scatter_add_(1, y0, torch.full_like(y0, -(1 - a), dtype=g.dtype))
-                    g.masked_fill_(~valid[:, None], 0.0)
-            else:
-                with torch.enable_grad():
-                    x = s2[sl].detach().requires_grad_(True)
-                    xf = x.float()
-                    ce = F.cross_entropy(xf, yc.clamp_min(0), reduction="none")
-                    log_q = F.log_softmax(xf if tau == 1.0 else xf / tau, dim=-1)
-                    d = row_d(log_q, ids[sl], lp[sl], tl) * (tau * tau)
-                    combined = ((1 - a) * ce + a * d).masked_fill(~valid, 0.0).sum()
-                    (g,) = torch.autograd.grad(combined, x)
-            ce_sum += ce.detach().masked_fill(~valid, 0.0).sum()
-            d_sum += d.detach().masked_fill(~valid, 0.0).sum()
+            ce, d, g = _sparse_rows(s2[sl], ids[sl], lp[sl], tl, y[sl], row_d, closed, a, tau)
+            ce_sum += ce.sum()
+            d_sum += d.sum()
             grad[sl] = g.div_(denom).to(grad.dtype)
         ctx.save_for_backward(grad)
         ce_v, d_v = ce_sum / denom, d_sum / denom
@@ -613,6 +620,71 @@ class _SparseLogitLoss(torch.autograd.Function):
     def backward(ctx, grad_out, _g_ce, _g_d):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
         return (grad * grad_out.to(grad.dtype),) + (None,) * 10
+
+
+def _sparse_inputs(targets: SparseTargets, estimator: str):  # type: ignore[no-untyped-def]
+    """(ids (T, w), logp (T, w) float32, tail (T,) or None, k) of the cached targets."""
+    k = targets.ids.shape[-1]
+    ids_t, lp_t = targets.ids, targets.logp
+    if estimator == "tail_sampled":  # the tail's draws ride after the top-k columns
+        if targets.tail_ids is None or targets.tail_logp is None:
+            raise ValueError("estimator 'tail_sampled' needs the cache's tail draws")
+        ids_t = torch.cat([ids_t, targets.tail_ids], dim=-1)
+        lp_t = torch.cat([lp_t, targets.tail_logp], dim=-1)
+    w = ids_t.shape[-1]
+    tail = None if targets.tail is None else targets.tail.reshape(-1).float()
+    return ids_t.reshape(-1, w), lp_t.reshape(-1, w).float(), tail, k
+
+
+def sparse_linear_objective(
+    name: str,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    targets: SparseTargets,
+    labels: torch.Tensor,
+    *,
+    estimator: str,
+    kd_weight: float,
+    temperature: float = 1.0,
+    alpha: float = 0.1,
+    beta: float = 0.5,
+    num_valid: int,
+    chunk_size: int | None = None,
+    vocab: int | None = None,
+    student_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sparse_logit_objective` on the logits student_hidden·Wᵀ (+ b), chunk by chunk of
+    tokens (`sharp_core.objectives.fused.linear_chunked`): no (B, N, V) student logits.
+
+    Shapes: ``student_hidden`` (B, N-1, D), ``student_weight`` (V_s, D) sliced to ``vocab``
+    (default V_s), ``targets`` and ``labels`` as `sparse_logit_objective`'s. Same value and
+    gradients (tests/test_fused_loss.py).
+    """
+    from sharp_core.objectives import fused
+
+    V = vocab if vocab is not None else student_weight.shape[0]
+    ids, lp, tail, k = _sparse_inputs(targets, estimator)
+    y = labels.reshape(-1)
+    if ids.shape[0] != y.shape[0]:
+        raise ValueError(f"cache targets cover {ids.shape[0]} positions, the labels {y.shape[0]}")
+    rows = (y != IGNORE_INDEX).nonzero().squeeze(1)  # (R,)
+    h = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, rows)  # (R, D)
+    ids, lp, yv = ids.index_select(0, rows), lp.index_select(0, rows), y.index_select(0, rows)
+    tail = None if tail is None else tail.index_select(0, rows)
+    row_d = _row_divergence(estimator, name, alpha, beta, k)
+    closed = _forward_kl_target(estimator, k) if name == "forward_kl" else None
+    a, tau = float(kd_weight), float(temperature)
+
+    def chunk_fn(s, sl):  # type: ignore[no-untyped-def]
+        tl = None if tail is None else tail[sl]
+        return _sparse_rows(s, ids[sl], lp[sl], tl, yv[sl], row_d, closed, a, tau)
+
+    ws = student_weight[:V]
+    bs = None if student_bias is None else student_bias[:V]
+    chunk = chunk_size or fused.default_chunk_tokens(V)
+    return fused.linear_chunked(
+        h, ws, bs, chunk_fn, kd_weight=a, denom=float(max(num_valid, 1)), chunk=chunk
+    )
 
 
 def sparse_logit_objective(
@@ -643,17 +715,7 @@ def sparse_logit_objective(
     """
     V = student_logits.shape[-1]
     s2 = student_logits.reshape(-1, V)  # (T, V)
-    k = targets.ids.shape[-1]
-    ids_t, lp_t = targets.ids, targets.logp
-    if estimator == "tail_sampled":  # the tail's draws ride after the top-k columns
-        if targets.tail_ids is None or targets.tail_logp is None:
-            raise ValueError("estimator 'tail_sampled' needs the cache's tail draws")
-        ids_t = torch.cat([ids_t, targets.tail_ids], dim=-1)
-        lp_t = torch.cat([lp_t, targets.tail_logp], dim=-1)
-    w = ids_t.shape[-1]
-    ids = ids_t.reshape(-1, w)
-    lp = lp_t.reshape(-1, w).float()
-    tail = None if targets.tail is None else targets.tail.reshape(-1).float()
+    ids, lp, tail, k = _sparse_inputs(targets, estimator)
     if ids.shape[0] != s2.shape[0]:
         raise ValueError(f"cache targets cover {ids.shape[0]} positions, the logits {s2.shape[0]}")
     y = labels.reshape(-1)

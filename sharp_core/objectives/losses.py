@@ -75,6 +75,7 @@ __all__ = [
     "forward_kl",
     "generalized_jsd",
     "logit_objective",
+    "objective_rows",
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
@@ -458,14 +459,66 @@ def divergence(
 # ----------------------------------------------------------- CE and D in one fused pass
 
 
+def objective_rows(
+    s: torch.Tensor,
+    t: torch.Tensor | None,
+    y: torch.Tensor,
+    *,
+    divergence_rows: RowLoss | None,
+    closed_form: bool,
+    kd_weight: float,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row CE and D of one chunk and the gradient of Σ_rows (1 − a)·CE + a·D.
+
+    Shapes: ``s`` (R, V) student logits, ``t`` (R, V) teacher logits or None (CE only, a = 0),
+    ``y`` (R,) labels, -100 = masked. Returns ce (R,), d (R,) float32 values (masked rows
+    included: the caller zeroes them) and g (R, V) float32, zero on masked rows, *not*
+    divided by any count. Forward KL (``closed_form``) uses its closed-form row gradient
+    (1 − a)·(softmax(s) − e_y) + a·τ·(softmax(s/τ) − softmax(t/τ)) and holds no autograd
+    graph; any other divergence differentiates the combined row loss once. Shared by the
+    logit-level `logit_objective` and the fused linear losses (`sharp_core.objectives.fused`).
+    """
+    a, tau = kd_weight, temperature
+    valid = y != IGNORE_INDEX  # (R,)
+    y0 = y.clamp_min(0)[:, None]  # (R, 1), any class for masked rows
+    if t is None or closed_form:
+        with torch.no_grad():
+            sf = s.float()
+            log_q1 = F.log_softmax(sf, dim=-1)
+            ce = -log_q1.gather(1, y0).squeeze(1)
+            if t is None:  # CE alone: softmax(s) − e_y
+                d = torch.zeros_like(ce)
+                g = log_q1.exp_().mul_(1 - a)
+            else:
+                log_q = log_q1 if tau == 1.0 else F.log_softmax(sf / tau, dim=-1)
+                log_p = F.log_softmax(_soften(t, tau), dim=-1)
+                d = _kl_rows(log_p, log_q) * (tau * tau)
+                p = log_p.exp_()
+                del log_p
+                if tau == 1.0:  # (1−a)(q − e_y) + a(q − p) = q − a·p − (1−a)·e_y
+                    g = log_q1.exp_().sub_(p, alpha=a)
+                else:
+                    g = log_q.exp_().sub_(p).mul_(a * tau)
+                    g.add_(log_q1.exp_(), alpha=1 - a)
+            g.scatter_add_(1, y0, torch.full_like(y0, -(1 - a), dtype=g.dtype))
+    else:
+        assert divergence_rows is not None
+        with torch.enable_grad():
+            x = s.detach().float().requires_grad_(True)
+            ce = F.cross_entropy(x, y0.squeeze(1), reduction="none")
+            d = divergence_rows(x, t, y)
+            combined = ((1 - a) * ce + a * d).masked_fill(~valid, 0.0).sum()
+            (g,) = torch.autograd.grad(combined, x)
+        ce, d = ce.detach(), d.detach()
+    return ce, d, g.masked_fill_(~valid[:, None], 0.0)
+
+
 class _FusedLogitLoss(torch.autograd.Function):
     """(1 − a)·CE + a·D, its student gradient and the two parts' values, one pass per chunk.
 
     Rows are taken as they come, invalid ones masked to zero, so no ``nonzero`` (a host
-    synchronisation on CUDA) is needed. Forward KL has a closed-form row gradient,
-    (1 − a)·(softmax(s) − e_y) + a·τ·(softmax(s/τ) − softmax(t/τ)), so its chunks hold no
-    autograd graph at all; the other divergences differentiate the chunk's combined row loss
-    once (instead of once for CE and once for D, as two separate calls would).
+    synchronisation on CUDA) is needed. The per-chunk work is `objective_rows`.
     """
 
     @staticmethod
@@ -475,35 +528,19 @@ class _FusedLogitLoss(torch.autograd.Function):
         d_sum = torch.zeros((), dtype=torch.float32, device=s2.device)
         for i in range(0, s2.shape[0], chunk):
             yc = y[i : i + chunk]
-            valid = yc != IGNORE_INDEX  # (R,)
-            y0 = yc.clamp_min(0)[:, None]  # (R, 1), any class for masked rows
-            if closed_form:
-                s = s2[i : i + chunk].float()
-                t = t2[i : i + chunk].float()
-                log_q1 = F.log_softmax(s, dim=-1)
-                ce = -log_q1.gather(1, y0).squeeze(1)
-                log_q = log_q1 if tau == 1.0 else F.log_softmax(s / tau, dim=-1)
-                log_p = F.log_softmax(t if tau == 1.0 else t / tau, dim=-1)
-                d = _kl_rows(log_p, log_q) * (tau * tau)
-                p = log_p.exp()
-                if tau == 1.0:  # (1−a)(q − e_y) + a(q − p) = q − a·p − (1−a)·e_y
-                    g = log_q1.exp().sub_(p, alpha=a)
-                else:
-                    g = log_q1.exp().mul_(1 - a).add_(log_q.exp().sub_(p), alpha=a * tau)
-                g.scatter_add_(1, y0, torch.full_like(y0, -(1 - a), dtype=g.dtype))
-            else:
-                with torch.enable_grad():
-                    x = s2[i : i + chunk].detach().requires_grad_(True)
-                    xf = x.float()
-                    ce = F.cross_entropy(xf, y0.squeeze(1), reduction="none")
-                    d = divergence_rows(xf, t2[i : i + chunk], yc)
-                    combined = ((1 - a) * ce + a * d).masked_fill(~valid, 0.0).sum()
-                    (g,) = torch.autograd.grad(combined, x)
-                ce, d = ce.detach(), d.detach()
-            zero = ~valid
+            ce, d, g = objective_rows(
+                s2[i : i + chunk],
+                t2[i : i + chunk],
+                yc,
+                divergence_rows=divergence_rows,
+                closed_form=closed_form,
+                kd_weight=a,
+                temperature=tau,
+            )
+            zero = yc == IGNORE_INDEX
             ce_sum += ce.masked_fill(zero, 0.0).sum()
             d_sum += d.masked_fill(zero, 0.0).sum()
-            grad[i : i + chunk] = g.masked_fill_(zero[:, None], 0.0).div_(denom).to(grad.dtype)
+            grad[i : i + chunk] = g.div_(denom).to(grad.dtype)
         ctx.save_for_backward(grad)
         ce_v, d_v = ce_sum / denom, d_sum / denom
         ctx.mark_non_differentiable(ce_v, d_v)

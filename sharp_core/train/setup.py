@@ -35,7 +35,7 @@ from sharp_core.models.loading import (
     resolve_tokenizer,
     weights_dtype,
 )
-from sharp_core.objectives import losses
+from sharp_core.objectives import fused, losses
 from sharp_core.spec import JobSpec
 from sharp_core.train import distributed
 
@@ -67,6 +67,12 @@ class Setup:
     teacher_capture: AttentionCapture | None
     logit_loss: losses.LogitLoss = losses.logit_objective
     """(1 − a)·CE + a·D on the logits; another implementation can be passed in (benchmarks)."""
+    fused_loss: fused.FusedLinearLoss | None = None
+    """The fused logit term (hidden states and heads, no B×N×V logits); None: chosen from
+    ``method.logit_kernel`` (`fused.select_kernel`) at the first micro-step. A test can pass a
+    wrong one here to see the parity check fail."""
+    logit_path: str | None = None
+    """'fused:<kernel>' or 'dense' once the first micro-step chose, after its parity check."""
     pruned: PruneReport | None = None
     """What pruning kept, when the student was pruned from the teacher (init='prune')."""
     build_seconds: dict[str, float] = field(default_factory=dict)

@@ -14,6 +14,8 @@ batch 8.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Any, NamedTuple
 
 import torch
@@ -21,8 +23,10 @@ import torch.nn.functional as F
 
 from sharp_core.cache import teacher_cache
 from sharp_core.data.loading import BatchStream, ClassificationData
-from sharp_core.objectives import losses
+from sharp_core.objectives import fused, losses
 from sharp_core.train.setup import Setup
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "StepLosses",
@@ -74,6 +78,47 @@ def step_counts(batches: list[dict[str, torch.Tensor]], classify: bool) -> tuple
     return n_seqs, n_tokens
 
 
+def _maybe(ctx: Any) -> Any:
+    return ctx if ctx is not None else contextlib.nullcontext()
+
+
+def _hidden_of(head: fused.Head | None) -> Any:
+    return fused.capture_hidden(head) if head is not None else contextlib.nullcontext([])
+
+
+def _fused_heads(
+    S: Setup, cached: Any, a: float
+) -> tuple[fused.FusedLinearLoss | None, fused.Head | None, fused.Head | None]:
+    """(kernel, student head, teacher head) of the fused logit term, or Nones for the dense
+    path (a model whose head is not a plain lm_head: said once in the log). The teacher's
+    head is None when its logits are not needed (a cache, or a = 0)."""
+    if S.logit_path == "dense":
+        return None, None, None
+    s_head, why = fused.head_of(S.student)
+    t_head = None
+    need_teacher = S.teacher is not None and cached is None and a > 0
+    if s_head is not None and need_teacher:
+        assert S.teacher is not None
+        t_head, why = fused.head_of(S.teacher)
+        why = why and f"teacher: {why}"
+    else:
+        why = why and f"student: {why}"
+    if s_head is None or (need_teacher and t_head is None):
+        _log.warning("logit term: dense path (B×N×V logits), no fused loss: %s", why)
+        S.logit_path = "dense"
+        return None, None, None
+    if S.teacher is not None and cached is None and t_head is None:
+        # a = 0 (or no teacher logits needed): the teacher's head is skipped when it can be
+        t_head = fused.head_of(S.teacher)[0]
+    kernel = S.fused_loss
+    if kernel is None:
+        kernel, _ = fused.select_kernel(
+            S.spec.method.logit_kernel, S.spec.method.divergence, S.device
+        )
+        S.fused_loss = kernel
+    return kernel, s_head, t_head
+
+
 def micro_step(
     S: Setup,
     batch: torch.Tensor | dict[str, torch.Tensor],
@@ -111,31 +156,9 @@ def micro_step(
         query_mask = query_mask & loss_mask
     terms: dict[str, torch.Tensor] = {}
     cached = teacher_cache.SparseTargets.from_batch(batch)  # the logit term from the cache
-    with torch.autocast(S.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        t_logits = None
-        if cached is not None and S.teacher is not None and S.teacher_capture is not None:
-            # attention methods on a cache: the teacher runs for its attention only, no LM head
-            with torch.inference_mode(), S.teacher_capture:
-                teacher_cache.teacher_backbone(S.teacher)(input_ids=x, attention_mask=mask)
-        elif S.teacher is not None and cached is None:
-            # inference mode, not just no_grad: no version counters or view tracking on the
-            # teacher's activations; its outputs (logits, captured q/k) are only ever read
-            with torch.inference_mode():
-                if S.teacher_capture is not None:
-                    with S.teacher_capture:
-                        t_logits = S.teacher(input_ids=x, attention_mask=mask).logits
-                else:
-                    t_logits = S.teacher(input_ids=x, attention_mask=mask).logits
-            # (B, N-1, V): teacher rows beyond the tokenizer dropped; classes: (B, 1, C)
-            t_logits = t_logits[:, None, :] if classify else t_logits[:, :-1, :V]
-        if S.student_capture is not None:
-            with S.student_capture:
-                s_logits = S.student(input_ids=x, attention_mask=mask).logits
-        else:
-            s_logits = S.student(input_ids=x, attention_mask=mask).logits
-        s_logits = s_logits[:, None, :] if classify else s_logits[:, :-1, :V]  # like t_logits
-
-    # the divergence's settings, shared by the dense and the cached (sparse) logit term
+    run_teacher = S.teacher is not None and (cached is None or S.teacher_capture is not None)
+    kernel, s_head, t_head = (None, None, None) if classify else _fused_heads(S, cached, a)
+    # the divergence's settings, shared by the dense, fused and cached (sparse) logit terms
     div: dict[str, Any] = {
         "kd_weight": a,
         "temperature": m.temperature,
@@ -144,7 +167,64 @@ def micro_step(
         "num_valid": n_tokens,
         "chunk_size": m.logit_chunk,
     }
-    if cached is not None and a > 0:
+    with torch.autocast(S.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        t_logits = t_hidden = None
+        if cached is not None and S.teacher is not None and S.teacher_capture is not None:
+            # attention methods on a cache: the teacher runs for its attention only, no LM head
+            with torch.inference_mode(), S.teacher_capture:
+                teacher_cache.teacher_backbone(S.teacher)(input_ids=x, attention_mask=mask)
+        elif run_teacher:
+            assert S.teacher is not None
+            # inference mode, not just no_grad: no version counters or view tracking on the
+            # teacher's activations; its outputs (logits, captured q/k) are only ever read
+            with torch.inference_mode(), _maybe(S.teacher_capture), _hidden_of(t_head) as seen:
+                t_logits = S.teacher(input_ids=x, attention_mask=mask).logits
+            if t_head is not None:  # (B, N-1, D_t): the head's input, the logits never built
+                t_hidden, t_logits = seen[0][:, :-1], None
+            else:  # (B, N-1, V): teacher rows beyond the tokenizer dropped; classes: (B, 1, C)
+                t_logits = t_logits[:, None, :] if classify else t_logits[:, :-1, :V]
+        with _maybe(S.student_capture), _hidden_of(s_head) as seen:
+            s_logits = S.student(input_ids=x, attention_mask=mask).logits
+        s_hidden = seen[0][:, :-1] if s_head is not None else None  # (B, N-1, D_s)
+        if s_hidden is None:
+            s_logits = s_logits[:, None, :] if classify else s_logits[:, :-1, :V]  # like t_logits
+
+    if s_hidden is not None and cached is not None:
+        assert s_head is not None
+        logit_term, terms["ce"], kd = teacher_cache.sparse_linear_objective(
+            m.divergence,
+            s_hidden,
+            s_head.weight,
+            cached,
+            labels,
+            estimator=m.teacher_cache.loss_estimator,
+            vocab=V,
+            student_bias=s_head.bias,
+            **div,
+        )
+        if a > 0:
+            terms["kd"] = kd
+    elif s_hidden is not None:
+        assert kernel is not None and s_head is not None
+        t_w = t_b = None
+        if t_head is not None and a > 0:
+            t_w, t_b = t_head.weight, t_head.bias
+        else:
+            t_hidden = None
+        if S.logit_path is None:  # the first micro-batch: the kernel against the dense loss
+            fused.check_parity(
+                kernel, m.divergence, s_hidden, s_head.weight, t_hidden, t_w, labels,
+                kd_weight=a, temperature=m.temperature, alpha=m.skew_alpha, beta=m.jsd_beta,
+                vocab=V, student_bias=s_head.bias, teacher_bias=t_b,
+            )  # fmt: skip
+            S.logit_path = f"fused:{getattr(kernel, '__name__', type(kernel).__name__)}"
+        logit_term, terms["ce"], kd = kernel(
+            m.divergence, s_hidden, s_head.weight, t_hidden, t_w, labels,
+            vocab=V, student_bias=s_head.bias, teacher_bias=t_b, **div,
+        )  # fmt: skip
+        if t_hidden is not None:
+            terms["kd"] = kd
+    elif cached is not None and a > 0:
         logit_term, terms["ce"], terms["kd"] = teacher_cache.sparse_logit_objective(
             m.divergence, s_logits, cached, labels, estimator=m.teacher_cache.loss_estimator, **div
         )

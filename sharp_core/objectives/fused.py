@@ -1,0 +1,512 @@
+"""Fused linear losses: the logit term from final hidden states and LM-head weights, chunk by
+chunk of tokens, so no (B, N, V) logits of either model ever exist.
+
+At a 128k vocabulary and 4k context one sequence's float32 logits are 2 GiB per model, and a
+dense logit loss holds several such tensors (both models' logits, the student's gradient).
+Here each chunk of valid tokens is projected to (R, V) float32 logits, its per-row CE and
+divergence and their gradient w.r.t. those logits are computed by
+`sharp_core.objectives.losses.objective_rows` (the very code of the dense `logit_objective`),
+and that gradient is pushed through the head at once: into the chunk's rows of grad_hidden
+(T, D) and accumulated into grad_weight (V, D). The chunk is then freed. Peak memory is one
+chunk's float32 work plus the two gradients, which backward only scales (the Liger-Kernel
+approach: gradients in the forward pass, differentiable once).
+
+Numerics: the student's logits are computed in float32 (promoted from the hidden states'
+and weight's dtypes), the teacher's in the teacher weight's dtype and then upcast, as the
+dense path does. In float32 the value and gradients equal the dense path's to rounding
+(tests/test_fused_loss.py: ≤ 1e-5 relative).
+
+Where the head is not a plain linear map of the last hidden state (logit soft-capping,
+logit scaling), `head_of` refuses the model and the trainer keeps the dense path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from sharp_core.objectives import losses
+
+__all__ = [
+    "FUSED_CHUNK_BYTES",
+    "FusedLinearLoss",
+    "Head",
+    "LIGER_DIVERGENCES",
+    "PARITY_RTOL",
+    "PARITY_TOKENS",
+    "capture_hidden",
+    "check_parity",
+    "default_chunk_tokens",
+    "fused_linear_objective",
+    "head_of",
+    "liger_available",
+    "liger_linear_objective",
+    "linear_chunked",
+    "select_kernel",
+]
+
+FUSED_CHUNK_BYTES = 2**26
+"""Default budget for one chunk's float32 logits (64 MiB). A chunk's work holds about six
+such (R, V) float32 tensors (both models' logits, log-probabilities, the gradient), so 64 MiB
+of logits keeps the loss's transient memory under ~0.5 GiB at any vocabulary."""
+
+# (student logits (R, V) float32, rows slice into the valid rows) -> ce (R,), d (R,),
+# g (R, V) float32: d Σ[(1 − a)·CE + a·D] / d logits, zero on masked rows, undivided.
+ChunkFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def default_chunk_tokens(vocab: int, budget_bytes: int = FUSED_CHUNK_BYTES) -> int:
+    """Tokens per chunk so that a chunk's float32 logits (R, V) fit in ``budget_bytes``."""
+    return max(1, budget_bytes // (4 * vocab))
+
+
+class _LinearChunked(torch.autograd.Function):
+    """(1 − a)·ce + a·d of F.linear(h, w, b), value and gradients in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, h2, w, b, chunk_fn, a, denom, chunk):  # type: ignore[override]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        cd = torch.promote_types(torch.promote_types(h2.dtype, w.dtype), torch.float32)
+        wc = w.to(cd)  # (V, D), no copy for float32 weights
+        bc = None if b is None else b.to(cd)
+        gh = torch.empty_like(h2) if need_h else None  # (R, D)
+        gw = torch.zeros(w.shape, dtype=cd, device=w.device) if need_w else None  # (V, D)
+        gb = torch.zeros(w.shape[0], dtype=cd, device=w.device) if need_b else None  # (V,)
+        ce_sum = torch.zeros((), dtype=torch.float32, device=h2.device)
+        d_sum = torch.zeros((), dtype=torch.float32, device=h2.device)
+        with torch.autocast(h2.device.type, enabled=False):
+            for i in range(0, h2.shape[0], chunk):
+                sl = slice(i, i + chunk)
+                hc = h2[sl].to(cd)  # (r, D)
+                s = F.linear(hc, wc, bc).float()  # (r, V)
+                ce, d, g = chunk_fn(s, sl)
+                del s
+                ce_sum += ce.sum()
+                d_sum += d.sum()
+                g = g.div_(denom).to(cd)  # (r, V)
+                if gh is not None:
+                    gh[sl] = (g @ wc).to(gh.dtype)
+                if gw is not None:
+                    gw.addmm_(g.T, hc)
+                if gb is not None:
+                    gb += g.sum(0)
+                del g
+        ctx.save_for_backward(gh, gw, gb)
+        ctx.dtypes = (w.dtype, None if b is None else b.dtype)
+        ce_v, d_v = ce_sum / denom, d_sum / denom
+        ctx.mark_non_differentiable(ce_v, d_v)
+        return (1 - a) * ce_v + a * d_v, ce_v, d_v
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, go, _g_ce, _g_d):  # type: ignore[override]
+        gh, gw, gb = ctx.saved_tensors
+        wd, bd = ctx.dtypes
+        out_h = None if gh is None else gh * go.to(gh.dtype)
+        out_w = None if gw is None else (gw * go.to(gw.dtype)).to(wd)
+        out_b = None if gb is None else (gb * go.to(gb.dtype)).to(bd)
+        return out_h, out_w, out_b, None, None, None, None
+
+
+def linear_chunked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    chunk_fn: ChunkFn,
+    *,
+    kd_weight: float,
+    denom: float | torch.Tensor,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ce, d) of the logits F.linear(hidden, weight, bias), chunk by chunk.
+
+    Shapes: ``hidden`` (R, D) rows already restricted to the valid tokens, ``weight`` (V, D),
+    ``bias`` (V,) or None. ``chunk_fn(logits (r, V) float32, rows slice)`` gives the chunk's
+    per-row ce, d and the gradient of Σ (1 − a)·ce + a·d w.r.t. the logits; ``denom``: the
+    global valid-token count. loss = (1 − a)·ce + a·d is differentiable, ce and d are values.
+    Gradients reach ``hidden``, ``weight`` and ``bias`` (tied embeddings: ``weight`` is the
+    embedding's Parameter and accumulates there). Also the building block of the
+    teacher-cache's chunked loss (`sharp_core.cache.teacher_cache`).
+    """
+    if hidden.shape[0] == 0:  # all masked: 0, with zero gradients (never 0/0)
+        zero = hidden.sum() * 0.0 + weight[:0].sum()
+        z = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        return zero.float(), z, z.clone()
+    return _LinearChunked.apply(hidden, weight, bias, chunk_fn, kd_weight, denom, chunk)
+
+
+def _denominator(num_valid: int | torch.Tensor, rows: int, device: torch.device) -> Any:
+    if isinstance(num_valid, torch.Tensor):
+        return num_valid.detach().to(device=device, dtype=torch.float32).clamp_min(1.0)
+    if num_valid < rows:
+        raise ValueError(
+            f"num_valid={num_valid} is smaller than this call's {rows} valid tokens; it must "
+            "be the global count over all micro-batches"
+        )
+    return float(max(num_valid, 1))
+
+
+def fused_linear_objective(
+    name: str,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    kd_weight: float,
+    temperature: float = 1.0,
+    alpha: float = 0.1,
+    beta: float = 0.5,
+    num_valid: int | torch.Tensor,
+    chunk_size: int | None = None,
+    vocab: int | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ce, d): `losses.logit_objective` on the logits hidden·Wᵀ (+ b), never built whole.
+
+    Shapes: ``student_hidden`` (B, N, D_s) and ``teacher_hidden`` (B, N, D_t), already aligned
+    with ``labels`` (B, N) (the caller drops the last position for next-token prediction);
+    ``student_weight`` (V_s, D_s), ``teacher_weight`` (V_t, D_t), biases (V_·,) or None.
+    ``vocab``: the logit columns the loss sees (the tokenizer's size; default V_s): both
+    weights are sliced to it, so a teacher padded beyond the tokenizer is handled. The teacher
+    side may be None when ``kd_weight`` is 0 (CE alone, ``sft``). ``chunk_size``: tokens per
+    chunk (default `default_chunk_tokens`). Same value and gradients as the dense
+    ``logit_objective(name, h_s·W_sᵀ, h_t·W_tᵀ, labels, ...)``; d is 0 without a teacher.
+    """
+    a = losses._check_unit("kd_weight", kd_weight)
+    tau = losses._check_temperature(temperature)
+    fn = losses._lookup(name)
+    V = vocab if vocab is not None else student_weight.shape[0]
+    if student_hidden.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"labels {tuple(labels.shape)} must match the hidden states' leading dims "
+            f"{tuple(student_hidden.shape[:-1])}"
+        )
+    if teacher_hidden is None and a > 0:
+        raise ValueError("kd_weight > 0 needs the teacher's hidden states and head")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    ws = student_weight[:V]
+    bs = None if student_bias is None else student_bias[:V]
+    y = labels.reshape(-1)
+    rows = (y != losses.IGNORE_INDEX).nonzero().squeeze(1)  # (R,), one host sync per call
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, rows)  # (R, D_s)
+    yv = y.index_select(0, rows)  # (R,)
+    denom = _denominator(num_valid, rows.numel(), hs.device)
+    chunk = chunk_size or default_chunk_tokens(V)
+    use_teacher = a > 0 and teacher_hidden is not None
+    if use_teacher:
+        assert teacher_hidden is not None and teacher_weight is not None
+        wt = teacher_weight.detach()[:V]
+        bt = None if teacher_bias is None else teacher_bias.detach()[:V]
+        ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, rows)
+        closed_form = fn is losses.forward_kl or (fn is losses.generalized_jsd and beta == 0.0)
+        d_rows = losses._divergence_rows(fn, tau, alpha, beta)
+
+    def chunk_fn(s: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = None
+        if use_teacher:  # the teacher's logits in its own dtype, as its lm_head computes them
+            t = F.linear(ht[sl].to(wt.dtype), wt, bt)  # (r, V)
+        return losses.objective_rows(
+            s,
+            t,
+            yv[sl],
+            divergence_rows=d_rows if use_teacher else None,
+            closed_form=closed_form if use_teacher else True,
+            kd_weight=a if use_teacher else 0.0,
+            temperature=tau,
+        )
+
+    if not use_teacher and a > 0:  # unreachable (checked above); keeps the weights honest
+        raise AssertionError
+    if not torch.is_grad_enabled():
+        hs, ws = hs.detach(), ws.detach()
+        bs = None if bs is None else bs.detach()
+    loss, ce, d = linear_chunked(hs, ws, bs, chunk_fn, kd_weight=a, denom=denom, chunk=chunk)
+    return loss, ce, d
+
+
+class FusedLinearLoss(Protocol):
+    """The fused logit term as the trainer calls it: `fused_linear_objective`'s signature.
+
+    `sharp_core.train.setup.Setup.fused_loss` holds one (None: chosen from the spec's
+    ``method.logit_kernel``), so a test can hand the step another kernel (e.g. a wrong one,
+    to see the parity check fail) instead of patching this module.
+    """
+
+    def __call__(
+        self,
+        name: str,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_hidden: torch.Tensor | None,
+        teacher_weight: torch.Tensor | None,
+        labels: torch.Tensor,
+        *,
+        kd_weight: float,
+        temperature: float = ...,
+        alpha: float = ...,
+        beta: float = ...,
+        num_valid: int | torch.Tensor,
+        chunk_size: int | None = ...,
+        vocab: int | None = ...,
+        student_bias: torch.Tensor | None = ...,
+        teacher_bias: torch.Tensor | None = ...,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+# ------------------------------------------------------------------ models' heads
+
+
+# config attributes of heads that are not a plain linear map (Gemma 2's soft-capping,
+# Cohere's logit_scale, Granite's logits_scaling, ...): the fused path would be wrong
+_HEAD_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_logits_scale",
+    "mup_width_multiplier",
+)
+
+
+@dataclass
+class Head:
+    """A causal LM's output head: the module its forward calls on the last hidden state."""
+
+    module: torch.nn.Linear
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.module.bias
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    inner = getattr(model, "module", None)  # DDP
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def head_of(model: torch.nn.Module) -> tuple[Head | None, str]:
+    """(head, "") when the model's logits are exactly ``lm_head(last hidden state)``, else
+    (None, why): the trainer then keeps the dense logit path and says why once."""
+    m = _unwrap(model)
+    cfg = getattr(m, "config", None)
+    if cfg is None or not hasattr(m, "get_output_embeddings"):
+        return None, f"{type(m).__name__} is not a transformers model with an output head"
+    for attr in _HEAD_TRANSFORMS:
+        v = getattr(cfg, attr, None)
+        if v is not None and v is not False and v != 1.0 and v != 1:
+            return None, f"its config sets {attr}={v!r} (logits are not a plain lm_head)"
+    head = m.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return None, f"its output head is a {type(head).__name__}, not a plain nn.Linear"
+    return Head(head), ""
+
+
+@contextlib.contextmanager
+def capture_hidden(head: Head) -> Iterator[list[torch.Tensor]]:
+    """While active, the head records its input (the last hidden state, (B, N, D)) and
+    returns empty (B, N, 0) logits instead of projecting to the vocabulary.
+
+    The model is still called through its own forward (and any DDP wrapper's), so every
+    hook (attention capture, gradient synchronisation) sees the usual call. The override is
+    an attribute of this one module instance, removed on exit.
+    """
+    seen: list[torch.Tensor] = []
+    mod = head.module
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x)
+        return x.new_empty(*x.shape[:-1], 0)
+
+    mod.forward = forward  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        del mod.forward
+
+
+# ------------------------------------------------------------------ kernels and parity
+
+LIGER_DIVERGENCES = ("jsd", "forward_kl", "reverse_kl")
+"""Divergences Liger's fused linear JSD implements (β = 0 and 1 are forward and reverse KL)."""
+
+
+def liger_available() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception:  # not installed, or no triton / CUDA
+        return False
+    return True
+
+
+def liger_linear_objective(
+    name: str,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    kd_weight: float,
+    temperature: float = 1.0,
+    alpha: float = 0.1,
+    beta: float = 0.5,
+    num_valid: int | torch.Tensor,
+    chunk_size: int | None = None,
+    vocab: int | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fused_linear_objective` through Liger-Kernel (CUDA only): fused linear CE (summed)
+    and fused linear JSD (β; 0 and 1 are forward and reverse KL), rescaled to the global
+    ``num_valid`` and τ². Biases are not supported by Liger's JSD: refused (ValueError).
+    Liger's conventions have changed between releases; the trainer's first-micro-batch parity
+    check (`check_parity`) is what vouches for this adapter."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD
+
+    if student_bias is not None or teacher_bias is not None:
+        raise ValueError("the liger kernel does not take lm_head biases")
+    b = {"forward_kl": 0.0, "reverse_kl": 1.0}.get(name, beta)
+    V = vocab if vocab is not None else student_weight.shape[0]
+    a = float(kd_weight)
+    y = labels.reshape(-1)
+    n_here = (y != losses.IGNORE_INDEX).sum()
+    denom = torch.as_tensor(num_valid, dtype=torch.float32, device=y.device).clamp_min(1.0)
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    ws = student_weight[:V]
+    ce = LigerFusedLinearCrossEntropyLoss(reduction="sum")(ws, hs, y) / denom
+    if a == 0 or teacher_hidden is None or teacher_weight is None:
+        return (1 - a) * ce, ce.detach(), torch.zeros_like(ce).detach()
+    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).to(hs.dtype)
+    wt = teacher_weight.detach()[:V].to(ws.dtype)
+    jsd = LigerFusedLinearJSD(jsd_beta=b, temperature=temperature)
+    # Liger averages over this call's valid tokens: back to a sum, then the global count
+    d = jsd(hs, ws, ht, wt, y) * n_here.clamp_min(1) / denom * temperature**2
+    return (1 - a) * ce + a * d, ce.detach(), d.detach()
+
+
+def select_kernel(
+    logit_kernel: str, divergence: str, device: torch.device
+) -> tuple[FusedLinearLoss, str]:
+    """(kernel, its name) for the spec's ``method.logit_kernel``; 'liger' without Liger or off
+    CUDA is a SpecError naming the field."""
+    from sharp_core.errors import SpecError
+
+    liger_ok = device.type == "cuda" and liger_available()
+    if logit_kernel == "liger":
+        if not liger_ok:
+            raise SpecError(
+                "logit_kernel 'liger' needs CUDA and the liger-kernel package (the 'gpu' extra)",
+                param="spec.method.logit_kernel",
+            )
+        if divergence not in LIGER_DIVERGENCES:
+            raise SpecError(
+                f"the liger kernel implements {', '.join(LIGER_DIVERGENCES)}, not {divergence}",
+                param="spec.method.logit_kernel",
+            )
+        return liger_linear_objective, "liger"
+    if logit_kernel == "auto" and liger_ok and divergence in LIGER_DIVERGENCES:
+        return liger_linear_objective, "liger"
+    return fused_linear_objective, "torch"
+
+
+PARITY_TOKENS = 256
+"""Tokens of the first micro-batch the parity check compares (the dense reference's logits
+of that many tokens are affordable at any vocabulary)."""
+PARITY_RTOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+"""Relative tolerance of the parity check by the hidden states' dtype: float32 kernels agree
+with the dense loss to ~1e-6; 1e-4 leaves room for another summation order. bf16 logits round
+at 3 significant digits."""
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    err = (got.float() - want.float()).abs().max().item()
+    return err / max(want.float().abs().max().item(), 1e-12)
+
+
+def check_parity(
+    kernel: FusedLinearLoss,
+    name: str,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    kd_weight: float,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    vocab: int,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    tokens: int = PARITY_TOKENS,
+    rtol: float | None = None,
+) -> dict[str, float]:
+    """Compare ``kernel`` with the dense `losses.logit_objective` on the first ``tokens``
+    positions: the loss and its gradients w.r.t. the student's hidden states and head weight.
+
+    Shapes as `fused_linear_objective`'s. Raises `sharp_core.errors.LossParityError` (code
+    ``loss_parity``, both values in the message) beyond ``rtol`` (default `PARITY_RTOL` by
+    dtype); returns the relative errors otherwise. Works on detached copies: the training
+    graph is not touched.
+    """
+    from sharp_core.errors import LossParityError
+
+    n = max(1, min(labels.shape[1], tokens // max(1, labels.shape[0])))
+    y = labels[:, :n]
+    hs = student_hidden[:, :n].detach().clone().requires_grad_(True)
+    ws = student_weight.detach()[:vocab].clone().requires_grad_(True)
+    bs = None if student_bias is None else student_bias.detach()[:vocab].clone()
+    ht = None if teacher_hidden is None else teacher_hidden[:, :n].detach()
+    wt = None if teacher_weight is None else teacher_weight.detach()[:vocab]
+    bt = None if teacher_bias is None else teacher_bias.detach()[:vocab]
+    nv = max(1, losses.count_valid(y))
+    kw: dict[str, Any] = dict(
+        kd_weight=kd_weight, temperature=temperature, alpha=alpha, beta=beta, num_valid=nv
+    )
+    with torch.enable_grad():
+        got, _, _ = kernel(
+            name, hs, ws, ht, wt, y, vocab=vocab, student_bias=bs, teacher_bias=bt, **kw
+        )
+        g_h, g_w = torch.autograd.grad(got, (hs, ws), allow_unused=True)
+        with torch.autocast(hs.device.type, enabled=False):
+            s = F.linear(hs.float(), ws.float(), None if bs is None else bs.float())  # (B, n, V)
+            if ht is not None and wt is not None and kd_weight > 0:
+                t = F.linear(ht.to(wt.dtype), wt, bt).float()  # (B, n, V)
+                want, _, _ = losses.logit_objective(name, s, t, y, **kw)
+            else:
+                want = (1 - kd_weight) * losses.cross_entropy(s, y, num_valid=nv)
+        r_h, r_w = torch.autograd.grad(want, (hs, ws))
+    g_h = torch.zeros_like(hs) if g_h is None else g_h
+    g_w = torch.zeros_like(ws) if g_w is None else g_w
+    tol = rtol if rtol is not None else PARITY_RTOL.get(student_hidden.dtype, 3e-2)
+    errs = {
+        "loss": abs(got.item() - want.item()) / max(abs(want.item()), 1e-12),
+        "grad_hidden": _rel(g_h, r_h),
+        "grad_weight": _rel(g_w, r_w),
+    }
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    if bad:
+        raise LossParityError(
+            f"the logit-loss kernel disagrees with the dense loss on the first micro-batch "
+            f"({n} positions × {labels.shape[0]}): kernel loss {got.item():.8g}, dense loss "
+            f"{want.item():.8g}; relative errors "
+            + ", ".join(f"{k} {v:.3g}" for k, v in errs.items())
+            + f" (tolerance {tol:g})",
+            param="spec.method.logit_kernel",
+        )
+    return errs
