@@ -194,7 +194,8 @@ def test_out_of_memory_mid_run_keeps_the_last_checkpoint(corpus, teacher_dir, tm
         llama_spec(corpus, teacher_dir, training={"checkpoint_every": 2, "eval_every": 0})
     )
     S = setup(spec, device="cpu")
-    S = replace(S, logit_loss=_OomAt(S.logit_loss, 4))  # calls 1..3 are steps 0..2
+    # the dense logit path calls logit_loss: calls 1..3 are steps 0..2
+    S = replace(S, logit_path="dense", logit_loss=_OomAt(S.logit_loss, 4))
     with pytest.raises(OutOfMemoryError) as e:
         train(spec, tmp_path, prepared=S)
     assert "at step 3" in e.value.message and "peak" in e.value.message

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from sharp_core.errors import SpecError
+from sharp_core.objectives.fused import default_chunk_tokens
 from sharp_core.spec import per_term_field
 
 if TYPE_CHECKING:
@@ -204,7 +205,7 @@ def estimate(
     else:
         c["activations"] = s.layers * per_block * tokens * act
     V = s.vocab or (teacher.vocab if teacher else 0)
-    chunk = min(m.logit_chunk, tokens)
+    chunk = min(m.logit_chunk or default_chunk_tokens(max(V, 1)), tokens)
     c["logits"] = 4 * chunk * V * 4 + tokens * s.hidden * act * 2
     if m.uses_attention and teacher is not None:
         qc = min(m.query_chunk, N)
