@@ -201,8 +201,8 @@ def fused_linear_objective(
     hs = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, rows)  # (R, D_s)
     yv = y.index_select(0, rows)  # (R,)
     denom = _denominator(num_valid, rows.numel(), hs.device)
-    chunk = chunk_size or default_chunk_tokens(V)
     use_teacher = a > 0 and teacher_hidden is not None
+    closed_form = True  # CE alone and forward KL: a closed-form row gradient, no graph
     if use_teacher:
         assert teacher_hidden is not None and teacher_weight is not None
         wt = teacher_weight.detach()[:V]
@@ -210,6 +210,11 @@ def fused_linear_objective(
         ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, rows)
         closed_form = fn is losses.forward_kl or (fn is losses.generalized_jsd and beta == 0.0)
         d_rows = losses._divergence_rows(fn, tau, alpha, beta)
+    # the other divergences differentiate the chunk through autograd, which keeps several more
+    # float32 (chunk, V) intermediates alive: half the tokens keep their peak near forward KL's
+    chunk = chunk_size or default_chunk_tokens(
+        V, FUSED_CHUNK_BYTES if closed_form else FUSED_CHUNK_BYTES // 2
+    )
 
     def chunk_fn(s: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = None
@@ -220,7 +225,7 @@ def fused_linear_objective(
             t,
             yv[sl],
             divergence_rows=d_rows if use_teacher else None,
-            closed_form=closed_form if use_teacher else True,
+            closed_form=closed_form,
             kd_weight=a if use_teacher else 0.0,
             temperature=tau,
         )
