@@ -34,7 +34,8 @@ VOCAB = 128256
 """Llama-3's vocabulary."""
 SEQ_LEN = 4096
 HIDDEN = 256
-CORPUS = Path("/work/shared/data/tinyshakespeare.txt")
+CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare.txt"
+"""Real text beside the checkout when present (../shared/data); generated text otherwise."""
 METHODS = ("kd", "jsd", "sharp")
 
 
