@@ -111,16 +111,20 @@ def test_micro_preset_runs_every_step_and_reports_checks(capsys, one_thread) -> 
     assert rows in prof["sharp_chunked"] and not any(
         "CapturedLayer.probs" in r for r in prof["sharp"]
     )
+    # the trainer's steps: the head and the loss fused over chunks; eager: the whole logits
     fused_range = "fwd:losses.logit_objective (fused CE+D)"
-    for name in ("kd", "sharp", "sharp_chunked", "eager"):
-        assert fused_range in prof[name] and "fwd:losses.divergence" not in prof[name], name
-    assert fused_range not in prof["kd_separate"]
+    linear_range = "fwd:fused.fused_linear_objective (head + CE+D, chunked)"
+    for name in ("kd", "sharp", "sharp_chunked"):
+        assert linear_range in prof[name] and fused_range not in prof[name], name
+        assert "fwd:losses.divergence" not in prof[name], name
+    assert fused_range in prof["eager"] and linear_range not in prof["eager"]
+    assert fused_range not in prof["kd_separate"] and linear_range not in prof["kd_separate"]
     assert {
         "fwd:bench.separate_logit_objective (CE, then D)",
         "fwd:losses.cross_entropy",
         "fwd:losses.divergence",
     } <= prof["kd_separate"]
-    assert "fwd:losses.cross_entropy" in prof["ce"] and fused_range not in prof["ce"]
+    assert linear_range in prof["ce"] and fused_range not in prof["ce"]
 
     checks = doc["checks"]
     # the two projection paths give the same SHARP terms and maps (float32 on the CPU)

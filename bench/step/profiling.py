@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from bench.step.runners import MicroStepRunner, Runner
-from bench.step.runners.trainer import FUSED_LABEL
+from bench.step.runners.trainer import FUSED_LABEL, LINEAR_LABEL
 from bench.step.timing import sync
 from sharp_core.models.capture import CapturedLayer
 
@@ -31,6 +31,7 @@ PROFILED: tuple[tuple[str, str, str], ...] = (
     ("sharp_core.objectives.sharp", "project_sdpa", "sharp.project_sdpa (P*Q by SDPA)"),
     ("sharp_core.objectives.sharp", "project", "sharp.project (chunked P*Q)"),
     ("sharp_core.objectives.sharp", "sharp_distances", "sharp.sharp_distances"),
+    ("sharp_core.objectives.fused", "fused_linear_objective", LINEAR_LABEL),  # the trainer's
     ("sharp_core.objectives.losses", "logit_objective", FUSED_LABEL),  # as called by eager, checks
     ("sharp_core.objectives.losses", "cross_entropy", "losses.cross_entropy"),
     ("sharp_core.objectives.losses", "divergence", "losses.divergence"),

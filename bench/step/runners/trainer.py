@@ -62,6 +62,7 @@ def separate_logit_objective(
 
 #: ``--profile``'s range of the trainer's default logit loss (tests/test_bench.py reads it).
 FUSED_LABEL = "losses.logit_objective (fused CE+D)"
+LINEAR_LABEL = "fused.fused_linear_objective (head + CE+D, chunked)"
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,13 @@ class Variant:
     method: str  # MethodSpec.name
     projection: str = "sdpa"  # MethodSpec.projection
     compiled: bool = False  # torch.compile teacher and student, as training.compile does
-    #: the step's logit loss, handed to it as ``Setup.logit_loss``
+    #: the step's logit loss on whole logits, handed to it as ``Setup.logit_loss``; the
+    #: trainer calls it only on the dense path (``logit_path="dense"``)
     logit_loss: losses.LogitLoss = losses.logit_objective
-    logit_loss_label: str = FUSED_LABEL  # its profiler range
+    logit_loss_label: str = LINEAR_LABEL  # the profiler range of the step's logit term
+    #: ``Setup.logit_path``: None is the trainer's default (the fused head + loss), "dense"
+    #: builds the whole logits and calls ``logit_loss``
+    logit_path: str | None = None
     #: λ = 1 on-policy: the student continues the batch's first half (at most 64 new tokens)
     #: with its KV cache, then the step trains on the generated tokens only
     on_policy: bool = False
@@ -93,6 +98,7 @@ VARIANTS: dict[str, Variant] = {
         "kd",
         logit_loss=separate_logit_objective,
         logit_loss_label="bench.separate_logit_objective (CE, then D)",
+        logit_path="dense",
     ),
     "kd_cached": Variant("kd", cache_k=32),
     "sharp_cached": Variant("sharp", cache_k=32),
@@ -139,6 +145,7 @@ class MicroStepRunner(Runner):
             student_capture=s_cap,
             teacher_capture=t_cap,
             logit_loss=variant.logit_loss,
+            logit_path=variant.logit_path,
         )
         self.cached: dict[str, Tensor] | None = None
         if variant.cache_k is not None:
