@@ -429,6 +429,8 @@ def select_kernel(
 
 
 PARITY_TOKENS = 256
+#: Budget of one float32 (tokens, V) logits tensor of the parity check's dense reference.
+PARITY_BYTES = 2**25
 """Tokens of the first micro-batch the parity check compares (the dense reference's logits
 of that many tokens are affordable at any vocabulary)."""
 PARITY_RTOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
@@ -471,10 +473,14 @@ def check_parity(
     """
     from sharp_core.errors import LossParityError
 
+    # the dense reference holds a few float32 (tokens, V) rows and two (V, D) weight gradients:
+    # at a 128k vocabulary keep its rows near 32 MiB, so the check stays a small part of a step
+    tokens = max(16, min(tokens, PARITY_BYTES // (4 * vocab)))
     n = max(1, min(labels.shape[1], tokens // max(1, labels.shape[0])))
     y = labels[:, :n]
     hs = student_hidden[:, :n].detach().clone().requires_grad_(True)
-    ws = student_weight.detach()[:vocab].clone().requires_grad_(True)
+    # a new leaf on the same storage (no copy of the head): the kernels slice it to ``vocab``
+    ws = student_weight.detach().requires_grad_(True)
     bs = None if student_bias is None else student_bias.detach()[:vocab].clone()
     ht = None if teacher_hidden is None else teacher_hidden[:, :n].detach()
     wt = None if teacher_weight is None else teacher_weight.detach()[:vocab]
@@ -489,7 +495,7 @@ def check_parity(
         )
         g_h, g_w = torch.autograd.grad(got, (hs, ws), allow_unused=True)
         with torch.autocast(hs.device.type, enabled=False):
-            s = F.linear(hs.float(), ws.float(), None if bs is None else bs.float())  # (B, n, V)
+            s = F.linear(hs.float(), ws[:vocab].float(), None if bs is None else bs.float())
             if ht is not None and wt is not None and kd_weight > 0:
                 t = F.linear(ht.to(wt.dtype), wt, bt).float()  # (B, n, V)
                 want, _, _ = losses.logit_objective(name, s, t, y, **kw)
