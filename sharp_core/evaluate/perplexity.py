@@ -104,7 +104,7 @@ class _ChunkedHead:
         y = self.targets.reshape(-1)
         total = 0.0
         for i in range(0, h.shape[0], self.rows):
-            logits = torch.nn.functional.linear(h[i : i + self.rows], m.weight, m.bias)
+            logits = torch.nn.functional.linear(h[i : i + self.rows], m.weight, m.bias)  # type: ignore[arg-type]
             logits = logits[None, :, : self.vocab]  # (1, R, V)
             r = logits.shape[1]
             mean = losses.cross_entropy(logits, y[None, i : i + self.rows], num_valid=r)

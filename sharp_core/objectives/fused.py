@@ -314,7 +314,7 @@ def head_of(model: torch.nn.Module) -> tuple[Head | None, str]:
         v = getattr(cfg, attr, None)
         if v is not None and v is not False and v != 1.0 and v != 1:
             return None, f"its config sets {attr}={v!r} (logits are not a plain lm_head)"
-    head = m.get_output_embeddings()
+    head = m.get_output_embeddings()  # type: ignore[operator]  # a transformers model
     if type(head) is not torch.nn.Linear:
         return None, f"its output head is a {type(head).__name__}, not a plain nn.Linear"
     return Head(head), ""
@@ -336,7 +336,7 @@ def capture_hidden(head: Head) -> Iterator[list[torch.Tensor]]:
         seen.append(x)
         return x.new_empty(*x.shape[:-1], 0)
 
-    mod.forward = forward  # type: ignore[method-assign]
+    mod.forward = forward  # type: ignore[method-assign,assignment]
     try:
         yield seen
     finally:

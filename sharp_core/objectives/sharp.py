@@ -71,7 +71,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -563,7 +563,7 @@ class _RecomputedSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: Any,
         layer: CapturedLayer,
         fn: ChunkFn,
         reduce: str,
@@ -586,7 +586,7 @@ class _RecomputedSoftmax(torch.autograd.Function):
         return functools.reduce(torch.add, parts)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor) -> tuple:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple:  # type: ignore[override]
         query, key, *extras = ctx.saved_tensors
         rec = dataclasses.replace(ctx.layer, query=query, key=key)
         need_q, need_k = ctx.needs_input_grad[5], ctx.needs_input_grad[6]
@@ -623,7 +623,7 @@ class _RecomputedSoftmax(torch.autograd.Function):
                     if need:
                         gx = next(it)
                         if gx is not None:
-                            dx[i] += gx
+                            dx[i] += gx  # type: ignore[operator]  # need ⇒ not None
                 if dp is None or not (need_q or need_k):
                     continue
                 dp = dp.float()
@@ -722,7 +722,7 @@ def _project_teacher(
     trim = isinstance(attn, CapturedLayer) and not with_stats
     for a, b in _chunks(attn.seq_len, query_chunk):
         # a capture under the causal flag: only the key prefix the chunk attends (rest is 0)
-        p = attn.probs(a, b, attn.key_extent(b)) if trim else attn.probs(a, b)
+        p = attn.probs(a, b, attn.key_extent(b)) if trim else attn.probs(a, b)  # type: ignore[attr-defined,call-arg]
         dt = _work_dtype(p.dtype)
         p = p.to(dt)  # (B, H_t, c, kw ≤ N)
         pq = p @ basis[: p.shape[-1]].to(dt)  # (B, H_t, c, r)
@@ -767,9 +767,9 @@ def layer_profile(
     w = head_weights if head_weights is not None else torch.full((h,), 1.0 / h, dtype=torch.float64)
     w = w.to(valid.device)
     if isinstance(attn, CapturedLayer):
-        total = recompute_chunks(attn, _profile_rows, "sum", query_chunk, valid, w, trim=True)
-        return total / valid.sum(dim=1, keepdim=True).clamp_min(1).to(total.dtype)
-    total = None
+        rows = recompute_chunks(attn, _profile_rows, "sum", query_chunk, valid, w, trim=True)
+        return rows / valid.sum(dim=1, keepdim=True).clamp_min(1).to(rows.dtype)
+    total: Tensor | None = None
     for a, b in _chunks(attn.seq_len, query_chunk):
         if torch.is_grad_enabled():
             part = checkpoint(_profile_chunk, attn, valid, w, a, b, use_reentrant=False)
@@ -941,9 +941,9 @@ def _chunked_row_loss(
     valid = _resolve_mask(student, query_mask)  # (B, N)
     if isinstance(student, CapturedLayer):
         fn = functools.partial(_row_loss_rows, row_fn=row_fn, teacher=teacher, w_h=w_h, valid=valid)
-        total = recompute_chunks(student, fn, "sum", query_chunk, trim=True)
-        return total, valid.sum(dim=1).to(total.dtype)
-    total = None
+        summed = recompute_chunks(student, fn, "sum", query_chunk, trim=True)
+        return summed, valid.sum(dim=1).to(summed.dtype)
+    total: Tensor | None = None
     for a, b in _chunks(student.seq_len, query_chunk):
         if torch.is_grad_enabled():
             part = checkpoint(

@@ -490,7 +490,7 @@ def _is_dtensor(t: Any) -> bool:
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if _is_dtensor(t) else t
+    return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]  # a DTensor
 
 
 def _fsdp_root(model: torch.nn.Module) -> Any:
@@ -529,7 +529,7 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     inner = getattr(model, "_orig_mod", model)
-    return get_model_state_dict(
+    return get_model_state_dict(  # type: ignore[return-value]
         inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
 
@@ -584,7 +584,9 @@ def load_model_state(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     res = set_model_state_dict(
-        inner, weights, options=StateDictOptions(full_state_dict=True, strict=False)
+        inner,
+        weights,  # type: ignore[arg-type]
+        options=StateDictOptions(full_state_dict=True, strict=False),
     )
     return list(res.missing_keys), list(res.unexpected_keys)
 

@@ -128,9 +128,10 @@ def _clip(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     sharded = [p for p in params if isinstance(p.grad, DTensor)]
     if sharded:  # an FSDP student (DTensor grads) beside the objective's plain ones
         plain = [p for p in params if p.grad is not None and not isinstance(p.grad, DTensor)]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor()
+        grads = [p.grad for p in sharded if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads).full_tensor()  # type: ignore[attr-defined]
         if plain:
-            rest = torch.nn.utils.get_total_norm([p.grad for p in plain])
+            rest = torch.nn.utils.get_total_norm([p.grad for p in plain if p.grad is not None])
             norm = torch.linalg.vector_norm(torch.stack([norm, rest.to(norm.device)]))
         if max_norm > 0:
             for group in (sharded, plain) if plain else (sharded,):
@@ -183,7 +184,7 @@ def train(
     # rank takes its share of the blocks at the per-rank batch, the sums are all-reduced, and
     # every rank gets the single-process metrics; rank 0 reports. The held-out tail gives
     # eval_*, the named evaluation sets val_* and test_*.
-    eval_kw = dict(
+    eval_kw: dict[str, Any] = dict(
         vocab=S.vocab,
         batch_size=t.batch_size // ctx.world_size,
         device=dev,

@@ -142,7 +142,7 @@ def adamw(
         groups.append({"params": extra, "weight_decay": 0.0})
     # fused (one kernel per step) wherever torch has the kernel: CUDA, and the CPU since 2.4;
     # with an offloaded FSDP student the parameters (and so the step) are on the CPU
-    where = {p.device.type for g in groups for p in g["params"]} or {device.type}
+    where = {p.device.type for g in groups for p in g["params"]} or {device.type}  # type: ignore[attr-defined]
     fused = where <= set(_get_fused_kernels_supported_devices())
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=fused)
 
