@@ -8,7 +8,7 @@ per-method copies of the loop. The pieces it calls live beside it:
 * `sharp_core.train.setup`: `setup` loads and validates models, tokenizer and data before anything
   is written to ``out_dir`` (a bad spec leaves nothing half-written);
 * `sharp_core.train.step`: `micro_step` (the objective on one micro-batch), the per-term backward;
-* `sharp_core.train.state`: the loop's state, `save_checkpoint` and `resume`;
+* `sharp_core.train.state`: the loop's state, the `Checkpointer` (sharded, saved in the background) and `resume`;
 * `sharp_core.evaluate.perplexity`: `evaluate`, the one held-out loop (also behind `perplexity`);
 * `sharp_core.train.perf`: tokens/s, MFU and peak memory for the step line.
 """

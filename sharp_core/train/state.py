@@ -59,7 +59,6 @@ __all__ = [
     "full_weights",
     "load_sharded",
     "resume",
-    "save_checkpoint",
     "spec_diff",
     "train_modules",
     "unwrap",
@@ -381,23 +380,6 @@ def copy_tensors(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(copy_tensors(v) for v in obj)
     return obj
-
-
-def save_checkpoint(
-    out_dir: Path,
-    S: Setup,
-    state: TrainState,
-    model: torch.nn.Module,
-    ctx: Context,
-    callbacks: Any,
-    metrics: dict[str, float],
-) -> Path:
-    """Write ``step_NNNNNN/`` now (every rank takes part), report it, prune old ones."""
-    ck = Checkpointer(out_dir, S, ctx, callbacks, asynchronous=False)
-    try:
-        return ck.save(state, model, metrics)
-    finally:
-        ck.close()
 
 
 # ---------------------------------------------------------------------------- resume
