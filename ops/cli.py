@@ -7,7 +7,11 @@ quotas, keys, the registered workers and the artifact store.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -16,7 +20,7 @@ from rich.table import Table
 
 from ops.client_cli import jobs_app
 from ops.demo import demo_command
-from ops.embedded import up_command
+from ops.embedded import DB_FILE, admin_settings, up_command
 from ops.sweeps_cli import sweeps_app
 from ops.webhooks_cli import webhooks_app
 from service import admin as admin_fns
@@ -26,9 +30,7 @@ from service.models import utcnow
 from service.settings import Settings, get_settings
 
 app = typer.Typer(help="SHARP distillation service.", no_args_is_help=True)
-admin_app = typer.Typer(
-    help="Operator commands (talk to the database directly).", no_args_is_help=True
-)
+admin_app = typer.Typer(no_args_is_help=True)
 teams_app = typer.Typer(help="Teams.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 workers_app = typer.Typer(help="Registered workers (GPU pools).", no_args_is_help=True)
@@ -51,8 +53,63 @@ console = Console()
 err = Console(stderr=True)
 
 
+#: ``sharp admin --var-dir``: the `sharp up` var dir whose database admin uses by default.
+_admin_var_dir: list[Path] = [Path("var")]
+
+
+@admin_app.callback()
+def admin_options(
+    var_dir: Path = typer.Option(
+        Path("var"),
+        "--var-dir",
+        envvar="SHARP_VAR_DIR",
+        help="A `sharp up` var dir: its sharp.db is the database unless SHARP_DATABASE_URL is set.",
+    ),
+) -> None:
+    """Operator commands (talk to the database directly)."""
+    _admin_var_dir[0] = var_dir
+
+
+def _settings() -> Settings:
+    return admin_settings(get_settings(), _admin_var_dir[0])
+
+
 def _db() -> Database:
-    return Database(get_settings())
+    return Database(_settings())
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _database_errors(fn: F) -> F:
+    """One line instead of a traceback when the database is unreachable or has no tables:
+    which URL was used, and how to point `sharp admin` at the service's database."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from sqlalchemy.exc import DBAPIError
+
+        try:
+            return fn(*args, **kwargs)
+        except DBAPIError as e:
+            reason = str(e.orig or e).strip().splitlines()[0]
+            var_db = _admin_var_dir[0] / DB_FILE
+            if "database_url" in get_settings().model_fields_set:
+                where = "from SHARP_DATABASE_URL"
+            elif var_db.is_file():
+                where = f"the `sharp up` database in {var_db.parent}"
+            else:
+                where = f"the default: SHARP_DATABASE_URL is unset and there is no {var_db}"
+            err.print(
+                f"[red]error[/red] database {escape(_shown(_settings().database_url))} "
+                f"({escape(where)}): {escape(reason)}. Point `sharp admin` at the service's "
+                "database with SHARP_DATABASE_URL, or with --var-dir/SHARP_VAR_DIR at the var "
+                "dir of `sharp up`; `sharp admin migrate` creates the tables.",
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _fail(e: SharpError) -> None:
@@ -61,6 +118,7 @@ def _fail(e: SharpError) -> None:
 
 
 @teams_app.command("create")
+@_database_errors
 def teams_create(name: str) -> None:
     """Create a team."""
     db = _db()
@@ -75,6 +133,7 @@ def teams_create(name: str) -> None:
 
 
 @teams_app.command("list")
+@_database_errors
 def teams_list() -> None:
     """Teams with their fair-share weight and quotas."""
     db = _db()
@@ -116,6 +175,7 @@ def _parse_limit(value: str | None, option: str) -> object:
 
 
 @teams_app.command("quota")
+@_database_errors
 def teams_quota(
     team: str,
     max_running_gpus: str | None = typer.Option(
@@ -148,6 +208,7 @@ def teams_quota(
 
 
 @workers_app.command("list")
+@_database_errors
 def workers_list() -> None:
     """Registered workers; a worker is live while its heartbeat is recent."""
     settings = get_settings()
@@ -176,7 +237,7 @@ def _store():  # noqa: ANN202 - service.store.ArtifactStore
     from service.store import StoreConfigError, make_store
 
     try:
-        return make_store(get_settings())
+        return make_store(_settings())
     except StoreConfigError as e:
         err.print(f"[red]error[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
@@ -187,6 +248,7 @@ def _mb(n: int) -> str:
 
 
 @storage_app.command("usage")
+@_database_errors
 def storage_usage() -> None:
     """What the store holds per job (checkpoints, bytes, freeable half-written folders)."""
     store = _store()
@@ -219,6 +281,7 @@ def storage_usage() -> None:
 
 
 @storage_app.command("prune")
+@_database_errors
 def storage_prune(
     keep: int | None = typer.Option(
         None, min=1, help="Checkpoints kept per job (default: each job's keep_checkpoints)."
@@ -253,6 +316,7 @@ def storage_prune(
 
 
 @keys_app.command("create")
+@_database_errors
 def keys_create(
     team: str, name: str | None = typer.Option(None, help="A label for the key.")
 ) -> None:
@@ -272,6 +336,7 @@ def keys_create(
 
 
 @keys_app.command("revoke")
+@_database_errors
 def keys_revoke(prefix: str) -> None:
     """Revoke the key whose visible prefix is PREFIX."""
     db = _db()
@@ -286,6 +351,7 @@ def keys_revoke(prefix: str) -> None:
 
 
 @keys_app.command("list")
+@_database_errors
 def keys_list(team: str | None = typer.Option(None, help="Only this team's keys.")) -> None:
     db = _db()
     try:
@@ -343,12 +409,20 @@ def worker_command_cli(
 
 
 @admin_app.command("migrate")
+@_database_errors
 def admin_migrate(revision: str = typer.Argument("head")) -> None:
     """Upgrade the database schema (alembic upgrade)."""
     from service.migrate import upgrade
 
-    upgrade(get_settings().database_url, revision)
-    console.print(f"database at {revision}")
+    url = _settings().database_url
+    upgrade(url, revision)
+    console.print(f"database {_shown(url)} at {revision}")
+
+
+def _shown(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 @admin_app.command("list")

@@ -291,12 +291,22 @@ def embedded_settings(
     """
     var_dir = var_dir.resolve()
     update: dict[str, Any] = {
-        "database_url": f"sqlite:///{var_dir / DB_FILE}",
         "redis_url": f"redis://:{quote(redis_password, safe='')}@127.0.0.1:{redis_port}/0",
         "host": host,
         "port": port,
     }
+    if "worker_name" not in base.model_fields_set:
+        digest = hashlib.sha256(str(var_dir).encode()).hexdigest()[:10]
+        update["worker_name"] = f"sharp-up-{digest}@{socket.gethostname()}"
+    return var_settings(base, var_dir).model_copy(update=update)
+
+
+def var_settings(base: Settings, var_dir: Path) -> Settings:
+    """`base` with the database, artifact, upload and data roots of the var dir `var_dir`:
+    what `sharp up` serves from there, and what `sharp admin` reads beside it."""
+    var_dir = var_dir.resolve()
     explicit = base.model_fields_set
+    update: dict[str, Any] = {"database_url": f"sqlite:///{var_dir / DB_FILE}"}
     update["artifact_root"] = (
         Path(base.artifact_root).resolve() if "artifact_root" in explicit else var_dir / "artifacts"
     )
@@ -307,10 +317,15 @@ def embedded_settings(
         update["dataset_file_roots"] = [Path(r).resolve() for r in base.dataset_file_roots]
     else:
         update["dataset_file_roots"] = [var_dir / DATA_DIR]
-    if "worker_name" not in explicit:
-        digest = hashlib.sha256(str(var_dir).encode()).hexdigest()[:10]
-        update["worker_name"] = f"sharp-up-{digest}@{socket.gethostname()}"
     return base.model_copy(update=update)
+
+
+def admin_settings(base: Settings, var_dir: Path) -> Settings:
+    """The settings `sharp admin` talks with: ``SHARP_DATABASE_URL`` when it is set, else the
+    database of a `sharp up` var dir when there is one (``<var>/sharp.db``), else `base`."""
+    if "database_url" in base.model_fields_set or not (var_dir / DB_FILE).is_file():
+        return base
+    return var_settings(base, var_dir)
 
 
 # -- the stack -------------------------------------------------------------------------------

@@ -148,3 +148,59 @@ def test_admin_cli_creates_lists_and_revokes_keys(tmp_path: Path) -> None:
     assert key[:14] in listed.stdout and key not in listed.stdout  # only the prefix is shown
     assert sharp("admin", "keys", "revoke", key[:14]).returncode == 0
     assert sharp("admin", "keys", "create", "nope").returncode == 1
+
+
+def test_admin_cli_uses_the_sharp_up_database_beside_it(tmp_path: Path) -> None:
+    """Beside a `sharp up` var dir (``var/sharp.db``) and with no SHARP_DATABASE_URL, ``sharp
+    admin`` talks to that database; a database without tables is one line naming its URL and
+    how to point admin elsewhere, not a traceback."""
+    var = tmp_path / "var"
+    var.mkdir()
+    upgrade(f"sqlite:///{var / 'sharp.db'}")  # what `sharp up` builds
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARP_")}
+    env["PYTHONPATH"] = str(ROOT)
+
+    def sharp(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "ops.cli", "admin", *args],
+            env={**env, **extra},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    made = sharp("teams", "create", "research")
+    assert made.returncode == 0, made.stderr
+    created = sharp("keys", "create", "research")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    listed = sharp("keys", "list")
+    assert listed.returncode == 0 and key[:14] in listed.stdout
+    engine = create_engine(f"sqlite:///{var / 'sharp.db'}")
+    try:
+        with engine.connect() as conn:
+            names = [r[0] for r in conn.exec_driver_sql("select name from teams")]
+    finally:
+        engine.dispose()
+    assert names == ["research"]
+
+    # Elsewhere, with a URL whose database has no tables: one line, the URL, the way out.
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    failed = sharp("keys", "list", SHARP_DATABASE_URL=empty)
+    assert failed.returncode == 1
+    assert "Traceback" not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
+    assert empty in failed.stderr and "no such table" in failed.stderr
+    assert "SHARP_DATABASE_URL" in failed.stderr and "--var-dir" in failed.stderr
+    # --var-dir (or SHARP_VAR_DIR) names another `sharp up` folder.
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    moved = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "admin", "--var-dir", str(var), "teams", "list"],
+        env={**env, "COLUMNS": "200"},
+        cwd=other,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert moved.returncode == 0 and "research" in moved.stdout, moved.stderr
