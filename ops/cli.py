@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ops.client_cli import jobs_app
+from ops.client_cli import jobs_app, print_table
 from ops.demo import demo_command
 from ops.embedded import DB_FILE, admin_settings, up_command
 from ops.sweeps_cli import sweeps_app
@@ -150,7 +150,7 @@ def teams_list() -> None:
                 _limit(t.max_queued_jobs),
                 t.created_at.isoformat(timespec="seconds"),
             )
-        console.print(table)
+        print_table(table, console)
     finally:
         db.dispose()
 
@@ -228,7 +228,7 @@ def workers_list() -> None:
                 f"{age:.0f}s ago",
                 "yes" if age <= settings.heartbeat_timeout_s else "no",
             )
-        console.print(table)
+        print_table(table, console)
     finally:
         db.dispose()
 
@@ -270,7 +270,7 @@ def storage_usage() -> None:
                 _mb(r.orphan_bytes),
             )
         console.print(f"store: {escape(store.describe())}")
-        console.print(table)
+        print_table(table, console)
         total = sum(r.bytes for r in rows)
         console.print(f"total {_mb(total)} in {sum(r.objects for r in rows)} objects")
     except OSError as e:
@@ -366,7 +366,7 @@ def keys_list(team: str | None = typer.Option(None, help="Only this team's keys.
                 k.created_at.isoformat(timespec="seconds"),
                 k.revoked_at.isoformat(timespec="seconds") if k.revoked_at else "",
             )
-        console.print(table)
+        print_table(table, console)
     except SharpError as e:
         _fail(e)
     finally:

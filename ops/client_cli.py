@@ -76,6 +76,18 @@ jobs_app = typer.Typer(help="Jobs on a SHARP service (over its HTTP API).", no_a
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
+#: Wide enough that no table is cut: piped output has no terminal width to fit.
+UNCUT_WIDTH = 100_000
+
+
+def print_table(table: Table, console: Console = out) -> None:
+    """A table fitted to the terminal, or whole when the output is not one (a pipe, a file),
+    so ids and URLs reach scripts uncut instead of ``job_01M8YNSE…``."""
+    if console.is_terminal:
+        console.print(table)
+    else:  # print(width=) only narrows: a console of its own, as wide as the table wants
+        Console(file=console.file, width=UNCUT_WIDTH, highlight=False).print(table)
+
 
 # -- configuration ---------------------------------------------------------------------------
 
@@ -361,7 +373,7 @@ def list_cmd(
                 "" if loss is None else f"{loss:.4f}",
                 fmt_time(j["created_at"]),
             )
-        out.print(table)
+        print_table(table)
         return EXIT_OK
 
     run(body)
@@ -450,7 +462,7 @@ def show_cmd(
             table = Table("metric", "latest", title=None)
             for name, value in sorted(job["metrics"].items()):
                 table.add_row(name, f"{value:.6g}")
-            out.print(table)
+            print_table(table)
         if job.get("pruning"):
             print_pruning(job["pruning"])
         if job.get("error"):

@@ -39,6 +39,7 @@ from ops.client_cli import (
     err,
     fmt_time,
     out,
+    print_table,
     run,
 )
 from ops.follow import SSE_RETRIES, StreamLost
@@ -175,7 +176,7 @@ def list_cmd(
                 _counts(s.get("counts") or {}),
                 fmt_time(s.get("created_at")),
             )
-        out.print(table)
+        print_table(table)
         if page.get("next_cursor"):
             err.print(f"more: --after {page['next_cursor']}")
         return EXIT_OK
@@ -227,7 +228,7 @@ def show_cmd(
             f"created   {fmt_time(sweep.get('created_at'))}  finished "
             f"{fmt_time(sweep.get('finished_at')) or '-'}"
         )
-        out.print(cells_table(sweep["cells"]))
+        print_table(cells_table(sweep["cells"]))
         return EXIT_OK
 
     run(body)
@@ -415,7 +416,7 @@ def report_cmd(
             return EXIT_OK
         for stage, note in (("tune", "selection_metric_note"), ("final", "final_metric_note")):
             if rep.get(stage):
-                out.print(report_table(stage, rep[stage]))
+                print_table(report_table(stage, rep[stage]))
                 if rep.get(note):
                     out.print(f"[dim]note: {escape(rep[note])}[/dim]")
         if not rep.get("final"):

@@ -11,7 +11,18 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ops.client_cli import EXIT_OK, KeyOpt, UrlOpt, check, client, err, fmt_time, out, run
+from ops.client_cli import (
+    EXIT_OK,
+    KeyOpt,
+    UrlOpt,
+    check,
+    client,
+    err,
+    fmt_time,
+    out,
+    print_table,
+    run,
+)
 from service.webhooks import EVENTS
 
 webhooks_app = typer.Typer(
@@ -79,7 +90,7 @@ def list_cmd(
                 h["secret_prefix"] + "…",
                 fmt_time(h["created_at"]),
             )
-        out.print(table)
+        print_table(table)
         return EXIT_OK
 
     run(body)
@@ -135,7 +146,7 @@ def deliveries_cmd(
                 tries or "-",
                 fmt_time(d["next_attempt_at"]),
             )
-        out.print(table)
+        print_table(table)
         return EXIT_OK
 
     run(body)

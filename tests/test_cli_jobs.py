@@ -21,14 +21,16 @@ from tests.conftest import ROOT, TeamKey, free_port, tiny_spec
 CLI_TIMEOUT = 240
 
 
-def sharp(*args: str, url: str, key: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def sharp(
+    *args: str, url: str, key: str, cwd: Path | None = None, columns: str | None = "200"
+) -> subprocess.CompletedProcess:
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "COLUMNS"},
         "SHARP_URL": url,
         "SHARP_API_KEY": key,
         # No profile file of the machine running the tests may leak in.
         "SHARP_CONFIG": str(Path(cwd or ROOT) / "no-such-profile.toml"),
-        "COLUMNS": "200",
+        **({"COLUMNS": columns} if columns else {}),
     }
     return subprocess.run(
         [sys.executable, "-m", "ops.cli", "jobs", *args],
@@ -145,6 +147,31 @@ def test_invalid_spec_exits_2_and_sends_nothing(
     assert "spec.training.lr" in done.stderr
     assert done.stdout.strip() == ""
     assert _job_count(live_server, team) == before
+
+
+@pytest.mark.service
+def test_list_prints_whole_ids_when_piped(
+    live_server: str, make_team, corpus: Path, tmp_path: Path
+) -> None:
+    """Piped (no terminal, so no width to fit), `sharp jobs list` prints whole ids and names
+    that a script can use, not ``job_01M8YNSE…``."""
+    owner = make_team("cli-ids")
+    name = "a-long-job-name-that-a-narrow-table-would-cut-" + "x" * 20
+    r = httpx.post(
+        f"{live_server}/v1/jobs",
+        json={"spec": tiny_spec(corpus, name=name)},
+        headers=owner.headers,
+        timeout=30,
+    )
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    cancel = httpx.post(f"{live_server}/v1/jobs/{job_id}/cancel", headers=owner.headers)
+    assert cancel.status_code == 202, cancel.text
+    listed = sharp("list", url=live_server, key=owner.key, cwd=tmp_path, columns=None)
+    assert listed.returncode == 0, listed.stderr
+    assert job_id in listed.stdout and name in listed.stdout and "…" not in listed.stdout
+    row = next(line for line in listed.stdout.splitlines() if job_id in line)
+    assert row.split()[1] == job_id  # `awk '{print $2}'` gets the id (after the border)
 
 
 @pytest.mark.service
