@@ -36,10 +36,17 @@ EXAMPLE_SPEC: dict[str, Any] = {
 }
 
 
-class ErrorBody(BaseModel):
+class ErrorItem(BaseModel):
     code: str = Field(examples=["invalid_spec"])
     message: str = Field(examples=["spec.training.lr: Input should be less than or equal to 1"])
     param: str | None = Field(default=None, examples=["spec.training.lr"])
+
+
+class ErrorBody(ErrorItem):
+    """The first error; `errors` lists every one a validation found (the first included),
+    so an invalid spec is fixed in one go. Absent for an error that stands alone."""
+
+    errors: list[ErrorItem] | None = Field(default=None)
 
 
 class ErrorResponse(BaseModel):

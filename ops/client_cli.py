@@ -168,9 +168,18 @@ def resolve_conn(url: str | None, key: str | None) -> Conn:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, param: str | None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        param: str | None,
+        others: list[dict[str, Any]] | None = None,
+    ):
         super().__init__(f"{code}: {message}")
         self.status, self.code, self.message, self.param = status, code, message, param
+        #: The errors after the first (the body's ``errors`` list less its first entry).
+        self.others = others or []
 
 
 def check(r: httpx.Response) -> Any:
@@ -179,16 +188,33 @@ def check(r: httpx.Response) -> Any:
         try:
             body = r.json()["error"]
             raise ApiError(
-                r.status_code, str(body.get("code")), str(body.get("message")), body.get("param")
+                r.status_code,
+                str(body.get("code")),
+                str(body.get("message")),
+                body.get("param"),
+                list(body.get("errors") or [])[1:],
             )
         except (ValueError, KeyError, TypeError):
             raise ApiError(r.status_code, f"http_{r.status_code}", r.text[:500], None) from None
     return r.json()
 
 
+def _error_lines(
+    code: str, message: str, param: str | None, others: list[dict[str, Any]]
+) -> list[str]:
+    """One line per error: the first, then each other one a validation found."""
+    lines = [f"{escape(code)}: {escape(message)}" + (f" (param {escape(param)})" if param else "")]
+    for o in others:
+        where = f" (param {escape(str(o['param']))})" if o.get("param") else ""
+        lines.append(f"  and {escape(str(o.get('code')))}: {escape(str(o.get('message')))}{where}")
+    return lines
+
+
 def _report_api_error(e: ApiError) -> int:
-    param = f" (param {e.param})" if e.param else ""
-    err.print(f"[red]error[/red] {e.status} {escape(e.code)}: {escape(e.message)}{escape(param)}")
+    first, *rest = _error_lines(e.code, e.message, e.param, e.others)
+    err.print(f"[red]error[/red] {e.status} {first}")
+    for line in rest:
+        err.print(line)
     return EXIT_BAD_INPUT if 400 <= e.status < 500 else EXIT_FAILED
 
 
@@ -300,11 +326,10 @@ def read_spec_file(path: Path) -> dict[str, Any]:
     try:
         load_spec(path)
     except SharpError as e:
-        param = f" (param {e.param})" if e.param else ""
-        err.print(
-            f"[red]invalid spec[/red] {escape(str(path))}: {e.code}: "
-            f"{escape(e.message)}{escape(param)}"
-        )
+        first, *rest = _error_lines(e.code, e.message, e.param, [x.to_dict() for x in e.errors[1:]])
+        err.print(f"[red]invalid spec[/red] {escape(str(path))}: {first}")
+        for line in rest:
+            err.print(line)
         raise CliExit(EXIT_BAD_INPUT) from None
     text = path.read_text(encoding="utf-8")
     data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)

@@ -17,7 +17,8 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from service.errors import (
     InvalidStateError,
     NotFoundError,
     QuotaExceededError,
+    SharpError,
     StoreUnavailableError,
 )
 from service.ids import new_id
@@ -50,6 +52,8 @@ from service.repositories import (
 from service.settings import Settings
 from service.store import get_store
 from service.txn import after_commit
+from sharp_core.errors import ModelNotFoundError
+from sharp_core.files import local_model_path
 from sharp_core.models.prune_shapes import check_prune_target
 from sharp_core.spec import (
     DatasetSpec,
@@ -266,6 +270,17 @@ class JobService:
 
         A pool no worker serves is not an error: the job waits, and its ``queue_reason`` says
         why (workers may join later)."""
+        found: list[SharpError] = []  # every error, reported together (SharpError.errors)
+
+        @contextmanager
+        def collect() -> Iterator[None]:
+            try:
+                yield
+            except SharpError as e:
+                if e.status != 422:
+                    raise  # not a fault of the spec (a store that did not answer)
+                found.extend(e.errors or [e])
+
         roles: list[tuple[str, ModelSpec | None]] = [
             ("teacher", spec.teacher),
             ("student", spec.student),
@@ -273,33 +288,53 @@ class JobService:
         for role, model in roles:
             if model is None or model.model is None:
                 continue
-            if isinstance(model.model, JobRef):
-                ref = self.jobs.get_for_team(team.id, model.model.job)
-                if ref is None or ref.status != "succeeded":
-                    raise InvalidRequestError(
-                        f"job '{model.model.job}' is not a succeeded job of this team",
-                        param=f"spec.{role}.model.job",
-                        code="unknown_job",
-                    )
-            else:
-                self._check_allowed(model.model, f"spec.{role}.model")
+            with collect():
+                if isinstance(model.model, JobRef):
+                    ref = self.jobs.get_for_team(team.id, model.model.job)
+                    if ref is None or ref.status != "succeeded":
+                        raise InvalidRequestError(
+                            f"job '{model.model.job}' is not a succeeded job of this team",
+                            param=f"spec.{role}.model.job",
+                            code="unknown_job",
+                        )
+                else:
+                    self._check_allowed(model.model, f"spec.{role}.model")
+                    self._check_local_model(model.model, f"spec.{role}.model")
         if spec.tokenizer.name:
-            self._check_allowed(spec.tokenizer.name, "spec.tokenizer.name")
+            with collect():
+                self._check_allowed(spec.tokenizer.name, "spec.tokenizer.name")
         sources: list[tuple[str, DatasetSpec | EvalSetSpec]] = [("spec.dataset", spec.dataset)]
         sources += [(f"spec.dataset.eval.{n}", es) for n, es in spec.dataset.eval.named()]
         for where, ds in sources:  # the training data, then each evaluation set
-            if ds.source == "upload":
-                assert ds.upload_id is not None  # the spec validator guarantees it
-                if UploadRepository(self.session).get_for_team(team.id, ds.upload_id) is None:
-                    raise InvalidRequestError(
-                        f"no upload '{ds.upload_id}' for this team",
-                        param=f"{where}.upload_id",
-                        code="unknown_upload",
-                    )
-            if ds.source == "files":
-                confine_dataset_files(ds.files, self.settings.dataset_file_roots, f"{where}.files")
+            with collect():
+                if ds.source == "upload":
+                    assert ds.upload_id is not None  # the spec validator guarantees it
+                    if UploadRepository(self.session).get_for_team(team.id, ds.upload_id) is None:
+                        raise InvalidRequestError(
+                            f"no upload '{ds.upload_id}' for this team",
+                            param=f"{where}.upload_id",
+                            code="unknown_upload",
+                        )
+                if ds.source == "files":
+                    roots = self.settings.dataset_file_roots
+                    confine_dataset_files(ds.files, roots, f"{where}.files")
         if spec.student.init == "prune":
-            self._check_prune_target(team, spec)
+            with collect():
+                self._check_prune_target(team, spec)
+        if found:
+            raise SharpError.combined(found)
+
+    @staticmethod
+    def _check_local_model(source: str, param: str) -> None:
+        """A model source that is a local path must be a folder here (the API and the workers
+        share the filesystem, as for dataset files); a hub id is the worker's to fetch."""
+        folder = local_model_path(source)
+        if folder is not None and not folder.is_dir():
+            raise ModelNotFoundError(
+                f"model folder not found: '{source}' is a local path (hub ids look like "
+                "'org/name') and no folder is there",
+                param=param,
+            )
 
     def _check_prune_target(self, team: Team, spec: JobSpec) -> None:
         """Refuse a pruning target that cannot fit the teacher, naming the field (422).

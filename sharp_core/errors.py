@@ -8,11 +8,15 @@ at fault when there is one (for example ``spec.training.lr``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
 class SharpError(Exception):
-    """Base class. `retryable` tells the worker whether another attempt could succeed."""
+    """Base class. `retryable` tells the worker whether another attempt could succeed.
+
+    `errors`: every error a validation found, this one first (`combined`), so a user fixes
+    them all in one go; empty for an error that stands alone."""
 
     code: str = "internal_error"
     status: int = 500
@@ -24,13 +28,33 @@ class SharpError(Exception):
         self.param = param
         if code is not None:
             self.code = code
+        self.errors: list[SharpError] = []
+
+    @staticmethod
+    def combined(errors: Sequence[SharpError]) -> SharpError:
+        """The first of `errors`, carrying all of them (`to_dict`'s ``errors`` list)."""
+        first = errors[0]
+        first.errors = list(errors)
+        return first
+
+    def _one(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "param": self.param}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "param": self.param}
+        """``{code, message, param}`` of the first error, and ``errors`` (each of them,
+        the first included) when a validation found several."""
+        d = self._one()
+        if self.errors:
+            d["errors"] = [e._one() for e in self.errors]
+        return d
 
     def __str__(self) -> str:
         where = f" [{self.param}]" if self.param else ""
-        return f"{self.code}{where}: {self.message}"
+        lines = [f"{self.code}{where}: {self.message}"]
+        for e in self.errors[1:]:
+            also = f" [{e.param}]" if e.param else ""
+            lines.append(f"  and {e.code}{also}: {e.message}")
+        return "\n".join(lines)
 
 
 class SpecError(SharpError):

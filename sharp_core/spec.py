@@ -662,36 +662,119 @@ class JobSpec(_Strict):
         return self
 
 
+def _is_union_tag(p: Any) -> bool:
+    """pydantic's name of a union member in an error's loc ('str', 'constrained-str',
+    'JobRef', 'function-after[...]'), which is no field: users think in field names only."""
+    return isinstance(p, str) and (
+        p[:1].isupper() or "[" in p or p in ("str", "int", "float") or p.startswith("constrained-")
+    )
+
+
+def _union_tag_at(loc: Any) -> int | None:
+    return next((i for i, p in enumerate(loc) if _is_union_tag(p)), None)
+
+
 def _loc_to_param(loc: tuple[Any, ...], prefix: str) -> str:
     parts = [prefix] if prefix else []
     for p in loc:
-        # pydantic puts the union member's class name in loc ('str', 'JobRef', 'function-after[...]');
-        # users think in field names only.
-        if isinstance(p, str) and (p[:1].isupper() or "[" in p or p in ("str", "int", "float")):
+        if _is_union_tag(p):
             continue
         parts.append(str(p))
     return ".".join(parts)
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's annotation holds (through Optional, unions, lists)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in getattr(annotation, "__args__", ()) for m in _models_in(arg)]
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the model at `loc` inside JobSpec ([] where it cannot tell)."""
+    models: list[type[BaseModel]] = [JobSpec]
+    for part in loc:
+        if not isinstance(part, str) or (_is_union_tag(part) and not part[:1].isupper()):
+            continue  # a list index, or pydantic's tag of a union member that is not a model
+        tagged = [m for m in models if m.__name__ == part]
+        if tagged:
+            models = tagged
+            continue
+        models = [
+            m
+            for model in models
+            if part in model.model_fields
+            for m in _models_in(model.model_fields[part].annotation)
+        ]
+        if not models:
+            return []
+    return sorted({name for m in models for name in m.model_fields})
+
+
+def _spec_errors(e: ValidationError, prefix: str) -> list[SpecError]:
+    """Every error pydantic found, one per field, each naming it; an unknown field gets the
+    nearest known one (``did you mean `max_steps`?``)."""
+    import difflib
+
+    errors = e.errors()
+
+    def wrong_type(err: Any, i: int) -> bool:  # the whole value has the wrong type
+        return len(err["loc"]) == i + 1 and err["type"].endswith("_type")
+
+    # A value that fails every member of a union gets one error per member; a member that
+    # only says the value has the wrong type (a mapping given to `str`) is not what was meant
+    # when another member complains about its content (a typo inside the mapping).
+    meant: set[tuple[Any, ...]] = set()
+    for err in errors:
+        if (i := _union_tag_at(err["loc"])) is not None and not wrong_type(err, i):
+            meant.add(tuple(err["loc"][:i]))
+    out: dict[str, SpecError] = {}
+    for err in errors:
+        i = _union_tag_at(err["loc"])
+        if i is not None and wrong_type(err, i) and tuple(err["loc"][:i]) in meant:
+            continue
+        param = _loc_to_param(tuple(err["loc"]), prefix)
+        if param in out:
+            continue  # the other members of a union, failing on the same value
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            name = str(err["loc"][-1])
+            msg = f"unknown field '{name}'"
+            near = difflib.get_close_matches(name, _fields_at(tuple(err["loc"][:-1])), n=1)
+            if near:
+                msg += f": did you mean `{near[0]}`?"
+        cls = UnsafeModelError if "trust_remote_code" in msg or "auto_map" in msg else SpecError
+        out[param] = cls(f"{param}: {msg}", param=param)
+    return list(out.values())
+
+
 def parse_spec(data: dict[str, Any], *, prefix: str = "spec") -> JobSpec:
-    """Validate a dict; raise SpecError naming the first offending field (``spec.training.lr``)."""
+    """Validate a dict; raise SpecError naming the first offending field (``spec.training.lr``)
+    and carrying every one found (`SharpError.errors`)."""
     if not isinstance(data, dict):
         raise SpecError("the spec must be a mapping", param=prefix)
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        param = _loc_to_param(tuple(err["loc"]), prefix)
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown field '{err['loc'][-1]}'"
-        if "trust_remote_code" in msg or "auto_map" in msg:
-            raise UnsafeModelError(f"{param}: {msg}", param=param) from None
-        raise SpecError(f"{param}: {msg}", param=param) from None
-    _check_prune(spec, prefix)
-    _check_on_policy(spec, prefix)
-    _check_teacher_cache(spec, prefix)
-    _check_student_parallel(spec, prefix)
+        raise SpecError.combined(_spec_errors(e, prefix)) from None
+    found: list[SpecError] = []
+    for check in (
+        _check_prune,
+        _check_on_policy,
+        _check_teacher_cache,
+        _check_student_parallel,
+        _check_batch_split,
+    ):
+        try:
+            check(spec, prefix)
+        except SpecError as e:
+            found.append(e)
+    if found:
+        raise SpecError.combined(found)
+    return spec
+
+
+def _check_batch_split(spec: JobSpec, prefix: str) -> None:
     gpus = spec.resources.gpus
     if gpus > 1 and spec.training.batch_size % gpus:
         # checked here rather than in a model validator so that the error names the field
@@ -702,7 +785,6 @@ def parse_spec(data: dict[str, Any], *, prefix: str = "spec") -> JobSpec:
             f"({gpus}): each GPU takes an equal slice of every batch",
             param=param,
         )
-    return spec
 
 
 def per_term_field(spec: JobSpec) -> str | None:

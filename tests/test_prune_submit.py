@@ -61,6 +61,21 @@ def test_inline_teacher_config_refuses_a_target_that_does_not_fit(
     assert client.get("/v1/jobs", headers=team.headers).json()["data"] == []
 
 
+def test_a_target_with_several_misfits_names_each(client, team, corpus) -> None:
+    """Too many layers and too many heads: both named, not only the layers (issue 27)."""
+    teacher = {"init": "config", "config": dict(TEACHER)}
+    r = _post(client, team, _spec(corpus, teacher, {"layers": 5, "heads": 8, "ffn": 1024}))
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["param"] == "spec.student.prune.layers"
+    assert [e["param"] for e in err["errors"]] == [
+        "spec.student.prune.layers",
+        "spec.student.prune.heads",
+        "spec.student.prune.ffn",
+    ]
+    assert "teacher's 4, got 8" in err["errors"][1]["message"]
+
+
 def test_config_overrides_are_applied_before_the_check(client, team, corpus) -> None:
     teacher = {"init": "config", "config": dict(TEACHER), "config_overrides": {"n_layer": 6}}
     ok = _post(client, team, _spec(corpus, teacher, {"layers": 5, "heads": 2}))

@@ -41,7 +41,8 @@ def team_b(make_team) -> TeamKey:
 def _err(resp) -> dict:
     body = resp.json()
     assert set(body) >= {"error"}, body
-    assert set(body["error"]) == {"code", "message", "param"}, body
+    # `errors` (every error of a validation, the first included) only where several can be
+    assert set(body["error"]) - {"errors"} == {"code", "message", "param"}, body
     return body["error"]
 
 
@@ -241,6 +242,13 @@ BAD_SPECS = [
         "invalid_spec",
         "spec.method.on_policy.max_new_tokens",
     ),
+    # a local teacher or student folder that is not there is refused at submission (issue 27),
+    # whatever the path's form: absolute, ./relative, ~, or below a folder that exists here
+    (("teacher", {"model": "/no/such/teacher"}), 422, "model_not_found", "spec.teacher.model"),
+    (("teacher", {"model": "./no-such-teacher"}), 422, "model_not_found", "spec.teacher.model"),
+    (("teacher", {"model": "~/no-such-teacher"}), 422, "model_not_found", "spec.teacher.model"),
+    (("teacher", {"model": "tests/no-such-teacher"}), 422, "model_not_found", "spec.teacher.model"),
+    (("student", {"model": "runs/a/step_000200"}), 422, "model_not_found", "spec.student.model"),
 ]
 
 
@@ -264,6 +272,54 @@ def test_bad_specs_name_the_field_and_queue_nothing(
     err = _err(r)
     assert (err["code"], err["param"]) == (code, param), err
     assert _count_jobs(client, team_b) == jobs_before and queue_length() == queued_before
+
+
+def test_every_spec_error_is_reported_at_once(
+    client: TestClient, team_b: TeamKey, corpus: Path
+) -> None:
+    """A spec with three mistakes gets three errors (the first also as the error itself, so
+    its shape is unchanged), and a mistyped field the nearest real one."""
+    spec = tiny_spec(corpus)
+    spec["training"]["max_stpes"] = spec["training"].pop("max_steps")
+    spec["training"]["lr"] = 5.0
+    spec["method"]["naem"] = "kd"
+    r = client.post("/v1/jobs", json={"spec": spec}, headers=team_b.headers)
+    assert r.status_code == 422, r.text
+    err = _err(r)
+    got = {e["param"]: e for e in err["errors"]}
+    assert set(got) == {"spec.training.max_stpes", "spec.training.lr", "spec.method.naem"}
+    assert {e["code"] for e in err["errors"]} == {"invalid_spec"}
+    assert {k: err[k] for k in ("code", "message", "param")} == err["errors"][0]
+    assert "did you mean `max_steps`?" in got["spec.training.max_stpes"]["message"]
+    assert "did you mean `name`?" in got["spec.method.naem"]["message"]
+    assert "less than or equal to 1" in got["spec.training.lr"]["message"]
+    # What only the service checks is collected the same way: a missing upload and a missing
+    # teacher folder in one spec.
+    spec = _mutate(tiny_spec(corpus), "dataset", {"source": "upload", "upload_id": "upl_nope"})
+    spec["teacher"] = {"model": "/no/such/teacher"}
+    spec["method"] = {"name": "kd"}
+    r = client.post("/v1/jobs", json={"spec": spec}, headers=team_b.headers)
+    assert r.status_code == 422, r.text
+    assert [(e["code"], e["param"]) for e in _err(r)["errors"]] == [
+        ("model_not_found", "spec.teacher.model"),
+        ("unknown_upload", "spec.dataset.upload_id"),
+    ]
+
+
+def test_hub_ids_and_existing_folders_are_accepted_as_model_sources(
+    client: TestClient, team_b: TeamKey, corpus: Path, tmp_path: Path
+) -> None:
+    """A hub id ('org/name', 'name') is the worker's to fetch, so the API takes it; a local
+    folder that exists is taken too. The jobs are cancelled at once (no worker runs here)."""
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    for source in ("sshleifer/tiny-gpt2", "gpt2", str(folder)):
+        spec = tiny_spec(corpus)
+        spec["teacher"] = {"model": source}
+        spec["method"] = {"name": "kd"}
+        r = client.post("/v1/jobs", json={"spec": spec}, headers=team_b.headers)
+        assert r.status_code == 201, (source, r.text)
+        client.post(f"/v1/jobs/{r.json()['id']}/cancel", headers=team_b.headers)
 
 
 def test_malformed_bodies(client: TestClient, team_b: TeamKey, corpus: Path, queue_length) -> None:

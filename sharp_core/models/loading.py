@@ -8,7 +8,6 @@ hub, only safetensors weights are accepted (pickle is never loaded from an untru
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from sharp_core.errors import (
     TokenizerMismatchError,
     UnsafeModelError,
 )
+from sharp_core.files import local_model_path
 from sharp_core.spec import JobRef, JobSpec, ModelSpec
 
 if TYPE_CHECKING:
@@ -75,14 +75,13 @@ def model_source(ms: ModelSpec, resolver: Resolver, param: str) -> str | None:
 
 
 def _looks_local(src: str) -> bool:
-    return src.startswith(("/", "./", "../", "~")) or os.path.exists(src)
+    return local_model_path(src) is not None
 
 
 def _check_source(src: str, param: str) -> None:
-    if _looks_local(src):
-        p = Path(src).expanduser()
-        if not p.is_dir():
-            raise ModelNotFoundError(f"model folder not found: {src}", param=param)
+    p = local_model_path(src)
+    if p is not None and not p.is_dir():
+        raise ModelNotFoundError(f"model folder not found: {src}", param=param)
 
 
 def weights_dtype(name: str, role: str, device: torch.device) -> torch.dtype:

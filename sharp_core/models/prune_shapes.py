@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sharp_core.errors import SpecError
+from sharp_core.errors import SharpError, SpecError
 
 
 class PruneError(SpecError):
@@ -232,35 +232,49 @@ def resolve_target(config: Any, target: PruneTarget, param: str = "spec.student.
     """
     a = arch_for(config, param)
     t = shape_of(config)
+    # Each axis is checked on its own and every misfit reported at once (a target with too
+    # many layers and too many heads names both); the cross-axis rules below need them sane.
+    found: list[SharpError] = []
     layers = t.layers
     if isinstance(target.layers, int):
         layers = target.layers
     elif target.layers is not None:
         kept = list(target.layers)
         if len(set(kept)) != len(kept) or any(not 0 <= i < t.layers for i in kept):
-            raise PruneError(
-                f"layers must be distinct teacher layer indices in [0, {t.layers})",
-                param=f"{param}.layers",
+            found.append(
+                PruneError(
+                    f"layers must be distinct teacher layer indices in [0, {t.layers})",
+                    param=f"{param}.layers",
+                )
             )
         layers = len(kept)
-    if not 1 <= layers <= t.layers:
-        raise PruneError(
-            f"layers must be between 1 and the teacher's {t.layers}, got {layers}",
-            param=f"{param}.layers",
+    if not found and not 1 <= layers <= t.layers:
+        found.append(
+            PruneError(
+                f"layers must be between 1 and the teacher's {t.layers}, got {layers}",
+                param=f"{param}.layers",
+            )
         )
 
     def size(name: str, value: int | None, full: int) -> int:
         if value is None:
             return full
         if not 1 <= value <= full:
-            raise PruneError(
-                f"{name} must be between 1 and the teacher's {full}, got {value}",
-                param=f"{param}.{name}",
+            found.append(
+                PruneError(
+                    f"{name} must be between 1 and the teacher's {full}, got {value}",
+                    param=f"{param}.{name}",
+                )
             )
+            return full
         return value
 
     heads = size("heads", target.heads, t.heads)
     kv = size("kv_heads", target.kv_heads, t.kv_heads) if a.n_kv_heads else heads
+    ffn = size("ffn", target.ffn, t.ffn)
+    hidden = size("hidden", target.hidden, t.hidden)
+    if found:
+        raise SharpError.combined(found)
     if a.n_kv_heads:
         group = t.heads // t.kv_heads
         if target.kv_heads is None:  # keep as many KV groups as the head count allows
@@ -278,8 +292,6 @@ def resolve_target(config: Any, target: PruneTarget, param: str = "spec.student.
             f"kv_heads applies to grouped-query models only ({config.model_type} has none)",
             param=f"{param}.kv_heads",
         )
-    ffn = size("ffn", target.ffn, t.ffn)
-    hidden = size("hidden", target.hidden, t.hidden)
     if not a.explicit_head_dim:
         # GPT-2, OPT and BERT derive head_dim = hidden / heads: heads and hidden go together.
         if target.hidden is None and target.heads is not None:
