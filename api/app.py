@@ -29,7 +29,7 @@ import service.reactions  # noqa: F401  (registers the lifecycle's job-ended rea
 from api.metrics import RequestMetrics
 from api.metrics import router as metrics_router
 from api.openapi import install as install_openapi
-from api.openapi import operation_id
+from api.openapi import install_docs, operation_id
 from api.routes import health, jobs, sweeps, teacher_caches, teams, uploads, webhooks
 from api.ui import router as ui_router
 from api.ui import static_files as ui_static
@@ -200,10 +200,13 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
         description=(
             "Authenticate with `Authorization: Bearer <key>` (keys come from "
             "`sharp admin keys create TEAM`). Errors are always "
-            '`{"error": {"code", "message", "param"}}`; another team\'s job is a 404.'
+            '`{"error": {"code", "message", "param"}}` (an invalid spec adds `errors`, every '
+            "error found); another team's job is a 404."
         ),
         lifespan=lifespan,
         generate_unique_id_function=operation_id,
+        docs_url=None,  # served by install_docs from the package, not a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.db = Database(settings)
@@ -234,6 +237,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     app.include_router(ui_router)
     app.mount("/ui/static", ui_static, name="ui-static")
     install_openapi(app)  # JobSpec, error bodies, links: api/openapi.py
+    install_docs(app)  # /docs: Swagger UI from the swagger-ui-bundle-v2 package
     # Outermost, so the latency covers every handler (and 413s from BodySizeLimit).
     app.add_middleware(RequestMetrics)
     return app

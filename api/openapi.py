@@ -13,6 +13,10 @@ same for every route, so one function applies them to the routes added later too
   to every route whose only path parameter is ``job_id``, and so on for lists, uploads and
   checkpoints (`RESOURCES`). A route added later with ``{job_id}`` is linked without edits.
 
+**Browsable at /docs** with Swagger UI served from the ``swagger-ui-bundle-v2`` package, not a
+CDN, so the page works on a network without internet (FastAPI's "self-hosting JavaScript and
+CSS for docs"); the page loads nothing from another host.
+
 The job spec's own schema (``JobSpec`` and its parts) is the pydantic model's, referenced by
 `api.schemas.JobCreate`; nothing about it is written here. `_publish_spec` only puts the
 model's schema back as pydantic renders it, because FastAPI's rendering drops ``default: null``
@@ -24,8 +28,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
 from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
 
 from sharp_core.spec import JobSpec
 
@@ -194,3 +202,24 @@ def install(app: FastAPI) -> None:
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+#: Where Swagger UI's own files are served (the package's copy of swagger-ui-dist).
+DOCS_STATIC = "/docs/static"
+
+
+def install_docs(app: FastAPI, path: str = "/docs") -> None:
+    """Swagger UI at `path`, its script, style and icon served by this app (create the app
+    with ``docs_url=None``)."""
+    app.mount(DOCS_STATIC, StaticFiles(directory=str(swagger_ui_path)), name="docs-static")
+
+    @app.get(path, include_in_schema=False)
+    def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_STATIC}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_STATIC}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_STATIC}/favicon-32x32.png",
+        )

@@ -175,6 +175,40 @@ def _error_beside_line(page: Any, param: str, line: int) -> str:
     return box.text_content() or ""
 
 
+def _error_beside_line_of_many(page: Any, param: str, line: int) -> str:
+    box = page.wait_for_selector(f".field-error[data-param='{param}']")
+    assert box.get_attribute("data-line") == str(line)
+    bad = page.eval_on_selector_all(
+        "#spec-gutter .bad", "els => els.map(e => e.textContent.trim())"
+    )
+    assert str(line) in bad
+    return box.text_content() or ""
+
+
+def test_api_docs_render_with_the_network_cut(live_server: str, page: Any) -> None:
+    """/docs (Swagger UI) works offline: every asset it loads comes from the API itself;
+    any request to another host is refused here and recorded."""
+    own = re.compile(r"^https?://(127\.0\.0\.1|localhost)(:\d+)?/")
+    elsewhere: list[str] = []
+
+    def route(r: Any) -> None:
+        if own.match(r.request.url):
+            r.continue_()
+        else:
+            elsewhere.append(r.request.url)
+            r.abort()
+
+    page.route("**/*", route)
+    page.goto(f"{live_server}/docs")
+    op = page.wait_for_selector(".opblock-summary-path[data-path='/v1/jobs']", state="visible")
+    assert op is not None
+    assert page.is_visible(".swagger-ui .info .title")
+    assert "SHARP distillation service" in (page.text_content(".swagger-ui .info .title") or "")
+    assert elsewhere == [], f"/docs asked other hosts for {elsewhere}"
+    icon = page.eval_on_selector("link[rel~=icon]", "e => e.href")
+    assert own.match(icon), icon
+
+
 def test_bad_spec_shows_the_error_beside_the_named_field(
     live_server: str, team: TeamKey, page: Any, corpus: Path
 ) -> None:
@@ -199,6 +233,19 @@ def test_bad_spec_shows_the_error_beside_the_named_field(
     page.click("#submit-button")
     page.wait_for_selector(".field-error[data-param='spec.training.learning_rate']")
     _error_beside_line(page, "spec.training.learning_rate", _lines(text, "learning_rate: 0.1"))
+
+    # every error at once, each beside its own line (issue 27)
+    spec = tiny_spec(corpus, name="ui-bad", lr=50.0)
+    spec["training"]["max_stpes"] = spec["training"].pop("max_steps")
+    text = yaml.safe_dump(spec, sort_keys=False)
+    page.fill("#spec-text", text)
+    page.click("#submit-button")
+    typo = _error_beside_line_of_many(
+        page, "spec.training.max_stpes", _lines(text, "max_stpes: 20")
+    )
+    assert "did you mean `max_steps`?" in typo, typo
+    _error_beside_line_of_many(page, "spec.training.lr", _lines(text, "lr: 50.0"))
+    assert page.eval_on_selector_all(".field-error", "els => els.length") == 2
 
     # a YAML syntax error: shown at the line the parser names
     page.fill("#spec-text", "name: x\ntraining:\n  lr: [0.1\nmethod: {name: sft}\n")

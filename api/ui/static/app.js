@@ -76,6 +76,8 @@
       this.status = status;
       this.code = e.code || `http_${status}`;
       this.param = e.param || null;
+      // every error of an invalid spec, the first included (absent for a lone error)
+      this.errors = Array.isArray(e.errors) && e.errors.length ? e.errors : null;
     }
   }
 
@@ -942,10 +944,14 @@
         location.assign('/ui/jobs/' + encodeURIComponent(job.id));
       } catch (e) {
         if (!(e instanceof ApiError)) { showError('spec', e.message, 1); return; }
-        let line = lineOf(e.param, parsed && parsed.lines);
-        const m = !parsed && /line (\d+)/.exec(e.message);
-        if (m) line = +m[1];
-        showError(e.param, e.message, line);
+        const all = e.errors || [{ param: e.param, message: e.message }];
+        for (const one of all) {  // each beside its own line
+          let line = lineOf(one.param, parsed && parsed.lines);
+          const m = !parsed && /line (\d+)/.exec(one.message);
+          if (m) line = +m[1];
+          showError(one.param, one.message, line);
+        }
+        formError.textContent = all.map((o) => (o.param ? `${o.param}: ` : '') + o.message).join('\n');
       } finally {
         button.disabled = false;
       }
