@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from ops.spec_docs import spec_docs_markdown
+from service.settings import Settings
 from tests.conftest import ROOT, TeamKey, free_port, tiny_spec
 
 CLI_TIMEOUT = 240
@@ -47,6 +49,25 @@ def _sha256(path: Path) -> str:
 
 
 # -- docs ------------------------------------------------------------------------------------
+
+
+def readme_blocks(marker: str) -> list[str]:
+    """The README's code blocks that follow ``<!-- readme-test: MARKER -->``."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    pattern = rf"<!-- readme-test: {re.escape(marker)} -->\n```bash\n(.*?)```"
+    return re.findall(pattern, text, flags=re.DOTALL)
+
+
+def test_readme_names_only_real_settings() -> None:
+    """Every ``SHARP_*`` variable the README names is a setting (or a CLI/test variable)."""
+    from service.settings import Settings
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"\bSHARP_([A-Z0-9_]+)", text))
+    settings = {n.upper() for n in Settings.model_fields}
+    others = {"URL", "API_KEY", "VAR_DIR", "CONFIG", "TEST_DATABASE_URL", "TEST_REDIS_URL"}
+    assert named and not named - settings - others, named - settings - others
+    assert {"WEBHOOK_ALLOW_HTTP", "WEBHOOK_ALLOW_PRIVATE"} <= named
 
 
 def test_spec_docs_are_current() -> None:
@@ -128,6 +149,12 @@ def team(make_team) -> TeamKey:
     return make_team("cli")
 
 
+@pytest.fixture(scope="module")
+def settings(settings: Settings) -> Settings:
+    """conftest's, with room for the README's upload (the demo corpus, about 0.8 MB)."""
+    return settings.model_copy(update={"max_upload_bytes": 4_000_000})
+
+
 def _job_count(url: str, team: TeamKey) -> int:
     r = httpx.get(f"{url}/v1/jobs", params={"limit": 100}, headers=team.headers, timeout=10)
     r.raise_for_status()
@@ -186,6 +213,33 @@ def test_unknown_job_exits_2(live_server: str, team: TeamKey, tmp_path: Path) ->
     done = sharp("show", "job_does_not_exist", url=live_server, key=team.key, cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert "not_found" in done.stderr
+
+
+@pytest.mark.service
+@pytest.mark.slow
+def test_readme_curl_block_runs_as_written(
+    live_server: str, worker: Path, team: TeamKey, tmp_path: Path
+) -> None:
+    """The README's curl walk-through (upload, submit, follow, download), run by bash in a
+    folder laid out like `make up`'s. Only the address and the interpreter are swapped: the
+    live test API for ``http://127.0.0.1:8000``, this Python for ``.venv/bin/python``."""
+    (block,) = readme_blocks("curl")
+    script = block.replace("http://127.0.0.1:8000", live_server)
+    script = script.replace(".venv/bin/python", sys.executable)
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "demo-api-key").write_text(team.key)
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr + "\n" + worker.read_text(errors="replace")[-3000:]
+    assert '"status":"succeeded"' in done.stdout.replace(" ", ""), done.stdout[-3000:]
+    files = {line.rsplit("/", 1)[-1] for line in done.stdout.splitlines() if "step_" in line}
+    assert {"config.json", "model.safetensors", "manifest.json"} <= files, done.stdout[-800:]
 
 
 @pytest.mark.service
