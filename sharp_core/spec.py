@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from sharp_core.errors import SpecError, UnsafeModelError
+from sharp_core.errors import SharpError, SpecError, UnsafeModelError
 from sharp_core.methods import (
     ATTENTION_METHODS,
     DEFAULT_ATTENTION_WEIGHT,
@@ -711,7 +711,7 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     return sorted({name for m in models for name in m.model_fields})
 
 
-def _spec_errors(e: ValidationError, prefix: str) -> list[SpecError]:
+def _spec_errors(e: ValidationError, prefix: str) -> list[SharpError]:
     """Every error pydantic found, one per field, each naming it; an unknown field gets the
     nearest known one (``did you mean `max_steps`?``)."""
     import difflib
@@ -728,7 +728,7 @@ def _spec_errors(e: ValidationError, prefix: str) -> list[SpecError]:
     for err in errors:
         if (i := _union_tag_at(err["loc"])) is not None and not wrong_type(err, i):
             meant.add(tuple(err["loc"][:i]))
-    out: dict[str, SpecError] = {}
+    out: dict[str, SharpError] = {}
     for err in errors:
         i = _union_tag_at(err["loc"])
         if i is not None and wrong_type(err, i) and tuple(err["loc"][:i]) in meant:
@@ -743,7 +743,8 @@ def _spec_errors(e: ValidationError, prefix: str) -> list[SpecError]:
             near = difflib.get_close_matches(name, _fields_at(tuple(err["loc"][:-1])), n=1)
             if near:
                 msg += f": did you mean `{near[0]}`?"
-        cls = UnsafeModelError if "trust_remote_code" in msg or "auto_map" in msg else SpecError
+        unsafe = "trust_remote_code" in msg or "auto_map" in msg
+        cls: type[SharpError] = UnsafeModelError if unsafe else SpecError
         out[param] = cls(f"{param}: {msg}", param=param)
     return list(out.values())
 
