@@ -15,10 +15,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 ## make test: the whole suite (starts embedded Postgres/Redis when none is reachable), its
-## files spread over TEST_WORKERS processes (each module keeps its fixtures in one process)
+## files spread over TEST_WORKERS processes (each module keeps its fixtures in one process),
+## handed out longest first (tests/conftest.py's SLOW_FIRST; --no-loadscope-reorder keeps
+## that order, which xdist would otherwise replace by the number of tests per file)
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 ## make test-fast: skip the end-to-end runs marked slow
 test-fast: $(STAMP)
