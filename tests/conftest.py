@@ -512,8 +512,9 @@ def tiny_spec(corpus: Path, *, max_steps: int = 20, name: str = "tiny", **traini
 
 # --------------------------------------------------------------------------- ordering
 #: The longest modules, longest first (measured with `--durations`, docs/performance.md):
-#: under `make test` (xdist, --dist loadfile) files are handed out in collection order, so
-#: starting the long ones first keeps one process from finishing alone with a long tail.
+#: under `make test` (xdist, --dist loadfile --no-loadscope-reorder) files are handed out in
+#: collection order, so starting the long ones first keeps one process from finishing alone
+#: with a long tail. (Without that flag xdist orders files by their number of tests.)
 SLOW_FIRST = (
     "test_nlu.py",  # 224 s for one test under `make test` (measured 2026-11-28)
     "test_e2e_library.py",  # 83 s
@@ -536,6 +537,7 @@ SLOW_FIRST = (
     "test_distributed.py",
     "test_trainer.py",
     "test_reliability.py",
+    "test_prune.py",  # 99 s alone at load average 10 (2026-12-04): 60 model-surgery tests
     "test_deploy.py",
 )
 
