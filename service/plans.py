@@ -8,6 +8,7 @@ the step-cost table up to date when a job succeeds (a job-ended reaction).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -123,9 +124,7 @@ class Planner:
         if folder is None:
             return None
         try:
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+            return _load_tokenizer(str(folder), folder.stat().st_mtime_ns)
         except Exception:  # noqa: BLE001 - unreadable: the job start checks it again
             return None
 
@@ -152,7 +151,11 @@ class Planner:
     def plan(self, team: Team, spec: JobSpec) -> JobPlan:
         """The plan of a validated spec on its pool. Raises SpecError (422) when it cannot fit
         even with the levers; error findings are in the plan (`admit` refuses them)."""
-        from sharp_core.models.compat import compare_chat_templates, compare_tokenizers
+        from sharp_core.models.compat import (
+            Finding,
+            compare_chat_templates,
+            compare_tokenizers,
+        )
         from sharp_core.train.plan import make_plan, preflight
 
         pool = self.pool(spec.resources.queue)
@@ -163,14 +166,17 @@ class Planner:
             s_cfg = self.config(team, spec.student)
         findings = preflight(spec, student_config=s_cfg, teacher_config=t_cfg, pool=pool)
         vocab = None
-        if (
-            spec.teacher is not None
-            and spec.method.name != "sft"
-            and spec.student.init == "pretrained"
-            and spec.tokenizer.name is None
-            and spec.tokenizer.train is None
-        ):
-            t_tok = self.tokenizer(team, spec.teacher)
+        t_tok = self.tokenizer(team, spec.teacher) if spec.teacher is not None else None
+        if spec.tokenizer.train is not None:
+            vocab = spec.tokenizer.train.vocab_size
+        elif spec.tokenizer.name is not None:
+            named = self.tokenizer(team, ModelSpec(model=spec.tokenizer.name))
+            vocab = len(named) if named is not None else None
+        elif t_tok is not None:
+            vocab = len(t_tok)  # the job's tokenizer is the teacher's
+        distils = spec.teacher is not None and spec.method.name != "sft"
+        own_tokenizers = spec.tokenizer.name is None and spec.tokenizer.train is None
+        if distils and own_tokenizers and spec.student.init == "pretrained":
             s_tok = self.tokenizer(team, spec.student)
             if t_tok is not None and s_tok is not None:
                 findings += compare_tokenizers(
@@ -181,14 +187,14 @@ class Planner:
                     cross_tokenizer=spec.method.cross_tokenizer,
                 )
                 findings += compare_chat_templates(t_tok, s_tok)
-                vocab = len(s_tok)
             else:
-                findings_note = "tokenizers compared at job start (not readable at submission)"
-                from sharp_core.models.compat import Finding
-
-                findings.append(Finding("tokenizers_unchecked", "info", findings_note))
-        if spec.tokenizer.train is not None:
-            vocab = spec.tokenizer.train.vocab_size
+                findings.append(
+                    Finding(
+                        "tokenizers_unchecked",
+                        "info",
+                        "tokenizers compared at job start (not readable at submission)",
+                    )
+                )
         p = make_plan(
             spec,
             student_config=s_cfg,
@@ -212,6 +218,14 @@ class Planner:
                 )
         assert p.spec is not None
         return p.spec, plan_record(p)
+
+
+@functools.lru_cache(maxsize=32)
+def _load_tokenizer(folder: str, mtime_ns: int) -> Any:
+    """A folder's tokenizer, cached while the folder is unchanged (submissions reuse them)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 
 def plan_record(p: JobPlan) -> dict[str, Any]:

@@ -354,6 +354,11 @@ def _memory_dict(e: Estimate, gpu: int | None) -> dict[str, Any]:
     }
 
 
+def _gb(x: float) -> str:
+    """GB as a person reads them: whole above 10, one decimal below, three digits below 1."""
+    return f"{x:.0f}" if x >= 10 else f"{x:.1f}" if x >= 1 else f"{x:.3g}"
+
+
 def check_fits(
     spec: JobSpec, s: ModelSizes, t: ModelSizes | None, pool: PoolInfo
 ) -> tuple[JobSpec, str, Estimate, list[dict[str, Any]], bool | None]:
@@ -414,7 +419,10 @@ def check_fits(
         return spec, t_mode, e, levers, True
     # even with the levers it does not fit: the field to change, with numbers
     need, have = e.total / GB, gpu / GB
-    head = f"needs {need:.0f} GB per GPU, the {pool.name} pool has {have:.0f}"
+    head = (
+        f"needs {_gb(need)} GB per GPU, the {pool.name} pool has {_gb(have)} "
+        f"({FIT:.0%} usable: {_gb(limit / GB)})"
+    )
     t_ = spec.training
     fits_at = None
     b = t_.batch_size - W
@@ -429,7 +437,7 @@ def check_fits(
     if fits_at is not None:
         one = _estimate(_with(spec, "training", batch_size=fits_at), s, t, mode, t_mode, cuda)
         raise SpecError(
-            f"spec.training.batch_size: {head}; batch {fits_at} needs {one.total / GB:.0f} "
+            f"spec.training.batch_size: {head}; batch {fits_at} needs {_gb(one.total / GB)} "
             f"(raise training.grad_accum to keep the tokens per step)",
             param="spec.training.batch_size",
         )
@@ -441,7 +449,7 @@ def check_fits(
             if _estimate(sh, s, t, mode, t_mode, cuda).total <= limit:
                 raise SpecError(
                     f"spec.training.seq_len: {head}; even one sequence per GPU needs "
-                    f"{one.total / GB:.0f}; seq_len {n} at batch {W} fits",
+                    f"{_gb(one.total / GB)}; seq_len {n} at batch {W} fits",
                     param="spec.training.seq_len",
                 )
             n //= 2
@@ -455,7 +463,7 @@ def check_fits(
     raise SpecError(
         f"spec.resources.gpus: {head} ({e.describe()}) with the student as "
         f"{mode.upper()} over {W} GPU(s); even one sequence per GPU needs "
-        f"{one.total / GB:.0f}: use {hint}",
+        f"{_gb(one.total / GB)}: use {hint}",
         param="spec.resources.gpus",
     )
 
