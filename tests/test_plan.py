@@ -242,13 +242,17 @@ def test_positions_and_bf16_findings() -> None:
 
 
 @pytest.mark.service
-def test_plan_endpoint_and_admission(settings, db, make_team) -> None:
+def test_plan_endpoint_and_admission(settings, db, make_team, corpus) -> None:
     """The plan answers as POST /v1/jobs does for a bad spec; a job that cannot fit its
     declared pool is a 422 from both, naming the field with the numbers; a plan for a pool
     nobody declared says so."""
     from api.app import create_app
 
     team = make_team("planner")
+
+    def big_spec(**training) -> dict:
+        return {**globals()["big_spec"](**training), "dataset": {"files": [str(corpus)]}}
+
     with db.session() as s:
         scheduler.register_worker(
             s, name="w-h100", pool="h100", gpus=8, hostname="h", gpu_type="h100"
