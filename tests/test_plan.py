@@ -382,3 +382,17 @@ def test_a_job_that_fits_only_sharded_runs_sharded(settings, db, make_team, corp
         [row] = s_.scalars(select(StepCost).where(StepCost.job_id == job_id)).all()
     assert row.gpu_type == "cpu" and row.method == "kd" and row.world_size == 2
     assert row.tokens_per_s > 0 and row.student_params == s.params
+
+
+# ------------------------------------------------------------------ against measurement
+@pytest.mark.parametrize("ac", [False, True], ids=["no-checkpointing", "checkpointing"])
+def test_planned_memory_within_25_percent_of_a_measured_step(ac: bool) -> None:
+    """`bench/plan.py` at a small shape: the plan's per-process bytes against one kd step's
+    measured tensor peak (resident + the profiler's high-water mark), CPU, fp32."""
+    from bench.plan import Shape, _llama, measure
+
+    sh = Shape(
+        "t", _llama(128, 2, 1024, 4, 2), _llama(128, 1, 1024, 4, 2), batch=2, seq=512, ac=ac
+    )
+    r = measure(sh)
+    assert 0.75 <= r["estimate"] / r["measured"] <= 1.25, r
