@@ -391,8 +391,6 @@ def test_planned_memory_within_25_percent_of_a_measured_step(ac: bool) -> None:
     measured tensor peak (resident + the profiler's high-water mark), CPU, fp32."""
     from bench.plan import Shape, _llama, measure
 
-    sh = Shape(
-        "t", _llama(128, 2, 1024, 4, 2), _llama(128, 1, 1024, 4, 2), batch=2, seq=512, ac=ac
-    )
+    sh = Shape("t", _llama(128, 2, 1024, 4, 2), _llama(128, 1, 1024, 4, 2), batch=2, seq=512, ac=ac)
     r = measure(sh)
     assert 0.75 <= r["estimate"] / r["measured"] <= 1.25, r

@@ -75,8 +75,9 @@ def test_the_preflight_calls_it_padded(models):
     from transformers import AutoConfig, AutoTokenizer
 
     teacher, _, padded = models
-    t_tok, s_tok = AutoTokenizer.from_pretrained(str(teacher)), AutoTokenizer.from_pretrained(
-        str(padded)
+    t_tok, s_tok = (
+        AutoTokenizer.from_pretrained(str(teacher)),
+        AutoTokenizer.from_pretrained(str(padded)),
     )
     rows_t = AutoConfig.from_pretrained(str(teacher)).vocab_size
     rows_s = AutoConfig.from_pretrained(str(padded)).vocab_size
