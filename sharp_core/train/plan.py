@@ -528,7 +528,9 @@ def make_plan(
     if needs_teacher and t is None:
         # what is known, without the teacher (listed as unknown): no admission decision on it
         e = _estimate(spec, s, None, "ddp", "replicate", cuda)
-        run_spec, t_mode, levers, fits = spec, "unknown", [], None
+        levers: list[dict[str, Any]] = []
+        fits: bool | None = None
+        run_spec, t_mode = spec, "unknown"
     else:
         run_spec, t_mode, e, levers, fits = check_fits(spec, s, t, pool)
     W = max(1, spec.resources.gpus)
