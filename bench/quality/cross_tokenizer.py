@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-steps", type=int, default=600)
     ap.add_argument("--teacher-vocab", type=int, default=512)
     ap.add_argument("--student-vocab", type=int, default=384)
+    ap.add_argument("--kd-weight", type=float, default=None, help="a (default: the spec's)")
+    ap.add_argument("--teacher", type=Path, default=None, help="reuse a trained teacher folder")
     a = ap.parse_args(argv)
     import torch
 
@@ -105,19 +107,20 @@ def main(argv: list[str] | None = None) -> int:
         corpus = a.work / "corpus.txt"
         corpus.write_text("\n\n".join(topics[k] for k in sorted(topics))[:200_000], "utf-8")
     t0 = time.time()
-    teacher_spec = _spec(
-        corpus,
-        {"name": "sft"},
-        0,
-        a.teacher_steps,
-        student={"init": "config", "config": dict(TEACHER)},
-        tokenizer={"train": {"vocab_size": a.teacher_vocab}},
-    )
-    from sharp_core.spec import parse_spec
-    from sharp_core.train.loop import train
+    teacher = a.teacher
+    if teacher is None:
+        teacher_spec = _spec(
+            corpus,
+            {"name": "sft"},
+            0,
+            a.teacher_steps,
+            student={"init": "config", "config": dict(TEACHER)},
+            tokenizer={"train": {"vocab_size": a.teacher_vocab}},
+        )
+        from sharp_core.spec import parse_spec
+        from sharp_core.train.loop import train
 
-    t_res = train(parse_spec(teacher_spec), a.work / "teacher")
-    teacher = t_res.checkpoint
+        teacher = train(parse_spec(teacher_spec), a.work / "teacher").checkpoint
     assert teacher is not None
     print(f"teacher trained ({a.teacher_steps} steps) in {time.time() - t0:.0f} s", flush=True)
     arms = {
@@ -125,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         "uld": {"name": "kd", "cross_tokenizer": "uld"},
         "gold": {"name": "kd", "cross_tokenizer": "gold"},
     }
+    if a.kd_weight is not None:
+        for arm in ("uld", "gold"):
+            arms[arm]["kd_weight"] = a.kd_weight  # type: ignore[assignment]
     results: dict[str, dict[int, dict[str, float]]] = {k: {} for k in arms}
     for seed in range(a.seeds):
         for arm, method in arms.items():
@@ -150,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     doc = {
         "command": "python -m bench.quality.cross_tokenizer " + " ".join(argv or []),
-        "settings": vars(a) | {"work": str(a.work), "out": str(a.out), "corpus": str(corpus)},
+        "settings": vars(a)
+        | {"work": str(a.work), "out": str(a.out), "corpus": str(corpus), "teacher": str(teacher)},
         "teacher": TEACHER,
         "student": STUDENT,
         "results": {arm: {str(s): r for s, r in rs.items()} for arm, rs in results.items()},
