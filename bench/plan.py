@@ -68,6 +68,25 @@ SHAPES = {
         Shape("llama-256x4 V2k B4 N512 FSDP x2", SMALL_S, SMALL_T, 4, 512, world=2, mode="fsdp"),
     ],
     "narrow": [Shape("narrow llama V128256 B1 N4096", NARROW_S, NARROW_T, 1, 4096)],
+    # CUDA only (--device cuda): the scale issue's 8B → 3B Llama shapes on one GPU, bf16
+    "gpu-8b-3b": [
+        Shape(
+            "llama 8B→3B V128256 B1 N4096 AC",
+            _llama(3072, 28, 128256, 24, 8) | {"intermediate_size": 8192},
+            _llama(4096, 32, 128256, 32, 8) | {"intermediate_size": 14336},
+            1,
+            4096,
+            ac=True,
+        ),
+        Shape(
+            "llama 8B→3B V128256 B2 N2048 AC",
+            _llama(3072, 28, 128256, 24, 8) | {"intermediate_size": 8192},
+            _llama(4096, 32, 128256, 32, 8) | {"intermediate_size": 14336},
+            2,
+            2048,
+            ac=True,
+        ),
+    ],
 }
 
 
@@ -122,7 +141,7 @@ def _local_bytes(*objs: Any) -> int:
     return total
 
 
-def _measure_rank(sh: Shape, rank: int) -> dict[str, float]:
+def _measure_rank(sh: Shape, rank: int, device: str = "cpu") -> dict[str, float]:
     """One rank's measured peak (bytes) and the plan's estimate for it."""
     from bench.step.memory import cpu_step_peak_bytes
     from sharp_core.models.loading import LocalResolver, load_model
@@ -134,7 +153,8 @@ def _measure_rank(sh: Shape, rank: int) -> dict[str, float]:
     from sharp_core.train.step import micro_step
 
     spec = _spec(sh)
-    dev = torch.device("cpu")
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
     torch.manual_seed(0)
     kw = {"resolver": LocalResolver(), "device": dev}
     teacher = load_model(spec.teacher, role="teacher", **kw).eval().requires_grad_(False)  # type: ignore[arg-type]
@@ -153,23 +173,48 @@ def _measure_rank(sh: Shape, rank: int) -> dict[str, float]:
     S = Setup(spec, dev, None, V, teacher, model, None, None, None, None)  # type: ignore[arg-type]
     opt = adamw(list(model.parameters()), [], spec.training, dev)
     b = sh.batch // sh.world
-    x = torch.randint(0, V, (b, sh.seq), generator=torch.Generator().manual_seed(rank))
+    x = torch.randint(0, V, (b, sh.seq), generator=torch.Generator().manual_seed(rank)).to(dev)
+    amp = torch.bfloat16 if cuda else None
     n_tokens = x[:, 1:].numel() * sh.world
 
     class Runner:
         def step(self) -> None:
-            terms, _ = micro_step(S, x, n_tokens=n_tokens, n_seqs=b * sh.world)
+            terms, _ = micro_step(S, x, n_tokens=n_tokens, n_seqs=b * sh.world, amp_dtype=amp)
             terms["loss"].backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
     r = Runner()
     r.step()  # AdamW's state exists from here on
-    resident = _local_bytes(model, teacher, opt)
-    peak = resident + cpu_step_peak_bytes(r)
-    e = _estimate(spec, s_sizes, t_sizes, sh.mode, "replicate", False)
-    _ = PoolInfo
-    return {"measured": peak, "estimate": e.total, **{f"c_{k}": v for k, v in e.components.items()}}
+    if cuda:  # CUDA's own high-water mark of the next step (the reserve is not allocated)
+        import time
+
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()
+        r.step()
+        torch.cuda.synchronize(dev)
+        dt = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated(dev)
+    else:
+        resident = _local_bytes(model, teacher, opt)
+        peak = resident + cpu_step_peak_bytes(r)
+    e = _estimate(spec, s_sizes, t_sizes, sh.mode, "replicate", cuda)
+    total = e.total - e.components.get("reserve", 0)
+    out = {"measured": peak, "estimate": total, **{f"c_{k}": v for k, v in e.components.items()}}
+    if cuda:
+        from sharp_core.train.plan import step_flops_per_token, throughput
+
+        out["tokens_per_s"] = b * sh.seq / dt
+        f = step_flops_per_token(spec, s_sizes, t_sizes)
+        tp = throughput(spec, f, PoolInfo("h200", "h200"), [], student_params=s_sizes.params)
+        out |= {
+            "plan_tokens_per_s": tp["tokens_per_s"],
+            "plan_low": tp["low"],
+            "plan_high": tp["high"],
+        }
+        out["mfu"] = out["tokens_per_s"] * f / 989e12
+    return out
 
 
 def _rank_main(rank: int, sh: Shape, port: int, out: Any) -> None:
@@ -184,9 +229,9 @@ def _rank_main(rank: int, sh: Shape, port: int, out: Any) -> None:
         dist.destroy_process_group()
 
 
-def measure(sh: Shape) -> dict[str, float]:
+def measure(sh: Shape, device: str = "cpu") -> dict[str, float]:
     if sh.world == 1:
-        return _measure_rank(sh, 0)
+        return _measure_rank(sh, 0, device)
     import socket
 
     import torch.multiprocessing as mp
@@ -267,19 +312,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--repeats", type=int, default=5, help="bench.step timed rounds")
     ap.add_argument("--json", action="store_true", help="print a JSON document at the end")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="cuda: measure max_memory_allocated and tokens/s of one step (use --shapes "
+        "gpu-8b-3b); the plan's CUDA reserve is left out of the comparison",
+    )
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     doc: dict[str, Any] = {"memory": [], "throughput": []}
     print(f"{'shape':<36} {'plan MB':>9} {'measured MB':>12} {'plan/meas':>9}")
     for group in a.shapes.split(","):
         for sh in SHAPES[group.strip()]:
-            r = measure(sh)
+            r = measure(sh, a.device)
             ratio = r["estimate"] / r["measured"]
             print(
                 f"{sh.name:<36} {r['estimate'] / MB:9.1f} {r['measured'] / MB:12.1f} {ratio:9.2f}",
                 flush=True,
             )
             doc["memory"].append({"shape": sh.name, **r, "ratio": ratio})
+            if "tokens_per_s" in r:
+                print(
+                    f"{'':<36} tokens/s measured {r['tokens_per_s']:.0f}, plan "
+                    f"{r['plan_tokens_per_s']:.0f} ({r['plan_low']:.0f}–{r['plan_high']:.0f}), "
+                    f"MFU {r['mfu']:.2f}",
+                    flush=True,
+                )
     if not a.skip_throughput:
         print(
             f"\n{'tiny-cpu step':<14} {'measured tok/s':>15} {'plan tok/s':>11} {'range':>17} {'plan/meas':>9}"
