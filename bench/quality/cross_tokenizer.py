@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--student-vocab", type=int, default=384)
     ap.add_argument("--kd-weight", type=float, default=None, help="a (default: the spec's)")
     ap.add_argument("--teacher", type=Path, default=None, help="reuse a trained teacher folder")
+    ap.add_argument("--arms", default="sft,uld,gold", help="comma list of sft, uld, gold")
     a = ap.parse_args(argv)
     import torch
 
@@ -122,12 +123,13 @@ def main(argv: list[str] | None = None) -> int:
 
         teacher = train(parse_spec(teacher_spec), a.work / "teacher").checkpoint
     assert teacher is not None
-    print(f"teacher trained ({a.teacher_steps} steps) in {time.time() - t0:.0f} s", flush=True)
+    print(f"teacher {teacher} ready after {time.time() - t0:.0f} s", flush=True)
     arms = {
         "sft": {"name": "sft"},
         "uld": {"name": "kd", "cross_tokenizer": "uld"},
         "gold": {"name": "kd", "cross_tokenizer": "gold"},
     }
+    arms = {k: v for k, v in arms.items() if k in a.arms.split(",")}
     if a.kd_weight is not None:
         for arm in ("uld", "gold"):
             arms[arm]["kd_weight"] = a.kd_weight  # type: ignore[assignment]
@@ -146,8 +148,11 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     ppl = {arm: {s: r["eval_ppl"] for s, r in rs.items()} for arm, rs in results.items()}
-    cmp = {arm: paired(ppl[arm], ppl["sft"], relative=True) for arm in ("uld", "gold")}
-    cmp["gold_vs_uld"] = paired(ppl["gold"], ppl["uld"], relative=True)
+    cmp = {
+        arm: paired(ppl[arm], ppl["sft"], relative=True) for arm in ("uld", "gold") if arm in ppl
+    }
+    if "uld" in ppl and "gold" in ppl:
+        cmp["gold_vs_uld"] = paired(ppl["gold"], ppl["uld"], relative=True)
     for k, c in cmp.items():
         assert c is not None
         ci = c["ci"] or [float("nan")] * 2
