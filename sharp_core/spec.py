@@ -539,7 +539,8 @@ class MethodSpec(_Strict):
         description="Teacher and student with different tokenizers (docs/planning.md): "
         "'uld' (Universal Logit Distillation: L1 between the sorted probability vectors) or "
         "'gold' (exact mapping of the shared tokens, ULD on the rest), at the positions "
-        "where both tokenizations start a token at the same character. None: one tokenizer.",
+        "where both tokenizations start a token at the same byte of the text. None: one "
+        "tokenizer.",
     )
 
     @property

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     arms = {k: v for k, v in arms.items() if k in a.arms.split(",")}
     if a.kd_weight is not None:
-        for arm in ("uld", "gold"):
+        for arm in [k for k in arms if k != "sft"]:
             arms[arm]["kd_weight"] = a.kd_weight  # type: ignore[assignment]
     results: dict[str, dict[int, dict[str, float]]] = {k: {} for k in arms}
     for seed in range(a.seeds):
