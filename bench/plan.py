@@ -147,7 +147,7 @@ def _measure_rank(sh: Shape, rank: int, device: str = "cpu") -> dict[str, float]
     from sharp_core.models.loading import LocalResolver, load_model
     from sharp_core.train.distributed import checkpoint_blocks, shard_student
     from sharp_core.train.memory import ModelSizes
-    from sharp_core.train.plan import PoolInfo, _estimate
+    from sharp_core.train.plan import PoolInfo, strategy_estimate
     from sharp_core.train.setup import Setup
     from sharp_core.train.state import adamw
     from sharp_core.train.step import micro_step
@@ -199,7 +199,7 @@ def _measure_rank(sh: Shape, rank: int, device: str = "cpu") -> dict[str, float]
     else:
         resident = _local_bytes(model, teacher, opt)
         peak = resident + cpu_step_peak_bytes(r)
-    e = _estimate(spec, s_sizes, t_sizes, sh.mode, "replicate", cuda)
+    e = strategy_estimate(spec, s_sizes, t_sizes, sh.mode, "replicate", cuda)
     total = e.total - e.components.get("reserve", 0)
     out = {"measured": peak, "estimate": total, **{f"c_{k}": v for k, v in e.components.items()}}
     if cuda:

@@ -333,10 +333,10 @@ def test_a_job_that_fits_only_sharded_runs_sharded(settings, db, make_team, corp
     t = sizes_of_config(t_cfg)
     assert s is not None and t is not None
     parsed = parse_spec(spec)
-    from sharp_core.train.plan import _estimate  # the per-strategy estimate
+    from sharp_core.train.plan import strategy_estimate  # the per-strategy estimate
 
-    ddp = _estimate(parsed, s, t, "ddp", "replicate", False).total
-    fsdp = _estimate(parsed, s, t, "fsdp", "replicate", False).total
+    ddp = strategy_estimate(parsed, s, t, "ddp", "replicate", False).total
+    fsdp = strategy_estimate(parsed, s, t, "fsdp", "replicate", False).total
     assert fsdp / FIT < ddp / COMFORT
     mem = int((fsdp / FIT + ddp / COMFORT) / 2)
     _, _, e, levers, fits = check_fits(parsed, s, t, PoolInfo("cpu-small", "cpu", mem))

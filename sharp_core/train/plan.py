@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "preflight",
     "sizes_of_config",
     "step_flops_per_token",
+    "strategy_estimate",
     "throughput",
 ]
 
@@ -228,9 +230,7 @@ def throughput(
         rows.sort(key=distance)
         best = [c for c in rows if distance(c)[0] == distance(rows[0])[0]][:5]
         rates = sorted(c.flops_per_s_per_gpu for c in best)
-        mid = (
-            rates[len(rates) // 2] if len(rates) % 2 else sum(rates[len(rates) // 2 - 1 :][:2]) / 2
-        )
+        mid = statistics.median(rates)
         lo, hi = rates[0], rates[-1]
         if len(rates) == 1:
             lo, hi = mid * (1 - ONE_ROW_SPREAD), mid * (1 + ONE_ROW_SPREAD)
@@ -322,9 +322,11 @@ def _teacher_mode(spec: JobSpec, s: ModelSizes, t: ModelSizes | None, gpu: int |
     )
 
 
-def _estimate(
+def strategy_estimate(
     spec: JobSpec, s: ModelSizes, t: ModelSizes | None, mode: str, t_mode: str, cuda: bool
 ) -> Estimate:
+    """Per-rank bytes of `spec` with the student as `mode` ('ddp'/'fsdp') and the teacher as
+    `t_mode`, plus the teacher-cache reads (`sharp_core.train.memory.estimate` underneath)."""
     e = estimate(
         spec,
         s,
@@ -384,14 +386,14 @@ def check_fits(
         mode = "fsdp"
     else:
         mode = "ddp"
-    e = _estimate(spec, s, t, mode, t_mode, cuda)
+    e = strategy_estimate(spec, s, t, mode, t_mode, cuda)
     if gpu is None:
         return spec, t_mode, e, levers, None
     limit = FIT * gpu
     per_term = per_term_field(spec)
     can_shard = W > 1 and r.student_parallel == "auto" and not per_term
     if mode == "ddp" and can_shard and e.total > COMFORT * gpu:
-        f = _estimate(spec, s, t, "fsdp", t_mode, cuda)
+        f = strategy_estimate(spec, s, t, "fsdp", t_mode, cuda)
         spec = _with(spec, "resources", student_parallel="fsdp")
         levers.append(
             {
@@ -404,7 +406,7 @@ def check_fits(
         mode, e = "fsdp", f
     if e.total > limit and not spec.training.activation_checkpointing:
         ac_spec = _with(spec, "training", activation_checkpointing=True)
-        ac = _estimate(ac_spec, s, t, mode, t_mode, cuda)
+        ac = strategy_estimate(ac_spec, s, t, mode, t_mode, cuda)
         if ac.total < e.total:
             levers.append(
                 {
@@ -428,25 +430,27 @@ def check_fits(
     b = t_.batch_size - W
     while b >= W:
         if (
-            _estimate(_with(spec, "training", batch_size=b), s, t, mode, t_mode, cuda).total
+            strategy_estimate(_with(spec, "training", batch_size=b), s, t, mode, t_mode, cuda).total
             <= limit
         ):
             fits_at = b
             break
         b -= W
     if fits_at is not None:
-        one = _estimate(_with(spec, "training", batch_size=fits_at), s, t, mode, t_mode, cuda)
+        one = strategy_estimate(
+            _with(spec, "training", batch_size=fits_at), s, t, mode, t_mode, cuda
+        )
         raise SpecError(
             f"spec.training.batch_size: {head}; batch {fits_at} needs {_gb(one.total / GB)} "
             f"(raise training.grad_accum to keep the tokens per step)",
             param="spec.training.batch_size",
         )
-    one = _estimate(_with(spec, "training", batch_size=W), s, t, mode, t_mode, cuda)
+    one = strategy_estimate(_with(spec, "training", batch_size=W), s, t, mode, t_mode, cuda)
     if t_.seq_len > 512 and one.total > limit:
         n = t_.seq_len // 2
         while n >= 256:
             sh = _with(spec, "training", batch_size=W, seq_len=n)
-            if _estimate(sh, s, t, mode, t_mode, cuda).total <= limit:
+            if strategy_estimate(sh, s, t, mode, t_mode, cuda).total <= limit:
                 raise SpecError(
                     f"spec.training.seq_len: {head}; even one sequence per GPU needs "
                     f"{_gb(one.total / GB)}; seq_len {n} at batch {W} fits",
@@ -527,7 +531,7 @@ def make_plan(
         )
     if needs_teacher and t is None:
         # what is known, without the teacher (listed as unknown): no admission decision on it
-        e = _estimate(spec, s, None, "ddp", "replicate", cuda)
+        e = strategy_estimate(spec, s, None, "ddp", "replicate", cuda)
         levers: list[dict[str, Any]] = []
         fits: bool | None = None
         run_spec, t_mode = spec, "unknown"
