@@ -394,3 +394,16 @@ def test_planned_memory_within_25_percent_of_a_measured_step(ac: bool) -> None:
     sh = Shape("t", _llama(128, 2, 1024, 4, 2), _llama(128, 1, 1024, 4, 2), batch=2, seq=512, ac=ac)
     r = measure(sh)
     assert 0.75 <= r["estimate"] / r["measured"] <= 1.25, r
+
+
+def test_the_job_start_refuses_seq_len_past_a_learned_position_table(corpus, tmp_path) -> None:
+    """A hub model's config is read only at job start: the same finding refuses it there."""
+    from sharp_core.train.loop import train
+    from tests.helpers import GPT2_TINY, spec_dict
+
+    d = spec_dict(corpus, training={"seq_len": 128, "max_steps": 1})
+    assert GPT2_TINY["n_positions"] == 64
+    with pytest.raises(SpecError) as e:
+        train(parse_spec(d), tmp_path / "run")
+    assert e.value.param == "spec.training.seq_len" and "64 positions" in str(e.value)
+    assert not (tmp_path / "run").exists()

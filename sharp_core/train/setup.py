@@ -235,6 +235,8 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
         if not pruning:
             data = build_data(spec.dataset, texts, tok, spec.training.seq_len)
 
+    if not classify:
+        _check_positions(spec, student, teacher)
     objective = s_cap = t_cap = None
     if spec.method.uses_attention:
         from sharp_core.models.capture import AttentionCapture
@@ -276,6 +278,24 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
         eval_sets=eval_sets,
         cross=cross,
     )
+
+
+def _check_positions(spec: JobSpec, student: Any, teacher: Any) -> None:
+    """Packed blocks of ``training.seq_len`` past a learned position table would fail in the
+    first forward with an index error: refused here naming the field (the submission's
+    preflight does the same where configs are readable; docs/planning.md)."""
+    from sharp_core.errors import SpecError
+    from sharp_core.models.compat import check_positions
+
+    models = [("student", student)] + (
+        [("teacher", teacher)]
+        if teacher is not None and spec.method.cross_tokenizer is None
+        else []
+    )
+    for role, model in models:
+        for f in check_positions(spec.training.seq_len, role, model.config.to_dict()):
+            if f.severity == "error":
+                raise SpecError(f"{f.param}: {f.message}", param=f.param)
 
 
 def load_eval_sets(
