@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.lifecycle import JobStatus
+from service.plans import usage as plan_usage
 from service.progress import progress
 from sharp_core.spec import JobSpec
 from sharp_core.study.sweep import SweepSpec
@@ -125,6 +126,19 @@ class TeacherCacheJobUse(BaseModel):
     at: dt.datetime
 
 
+class PlannedMeasured(BaseModel):
+    planned: float | None = None
+    measured: float | None = None
+
+
+class PlanUsage(BaseModel):
+    """The plan's predictions beside what the training process reported (measured peak:
+    CUDA's max_memory_allocated on a GPU, the process's peak RSS on a CPU)."""
+
+    peak_memory_gb: PlannedMeasured
+    tokens_per_s: PlannedMeasured
+
+
 class JobPublic(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -200,6 +214,24 @@ class JobPublic(BaseModel):
         "read, latest first (empty until the training process reports it). Filled in the "
         "answer of GET /v1/jobs/{job_id}; null in lists and for other jobs.",
     )
+    plan: dict[str, Any] | None = Field(
+        default=None,
+        description="The plan made at submission (docs/planning.md): memory per GPU by "
+        "component, strategy, expected tokens/s and cost, the levers it pulled, preflight "
+        "findings and what is unknown. Null for jobs from before plans (or sweep cells).",
+    )
+    usage: PlanUsage | None = Field(
+        default=None,
+        description="Planned against measured: peak memory per GPU (GB) and tokens/s.",
+    )
+
+
+class JobPlanPublic(BaseModel):
+    """``POST /v1/jobs/plan``: the plan of a spec, and the spec as it would run (with the
+    levers the plan pulled, e.g. resources.student_parallel 'fsdp')."""
+
+    plan: dict[str, Any]
+    spec: dict[str, Any]
 
 
 class TeamPublic(BaseModel):
@@ -366,6 +398,8 @@ def job_public(
         teacher_cache=None
         if teacher_cache is None
         else [TeacherCacheJobUse.model_validate(u) for u in teacher_cache],
+        plan=getattr(job, "plan", None),
+        usage=PlanUsage.model_validate(u) if (u := plan_usage(job)) else None,
     )
 
 

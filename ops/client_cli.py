@@ -361,6 +361,75 @@ def submit_cmd(
     run(body)
 
 
+def plan_text(plan: dict[str, Any]) -> str:
+    """The plan as the CLI prints it: memory by component, strategy, speed, cost, findings."""
+    gb = 1e9
+    lines = []
+    pool = plan.get("pool") or {}
+    mem = plan.get("memory") or {}
+    cap = pool.get("gpu_memory_bytes")
+    fits = {True: "fits", False: "does not fit", None: "fit unknown"}[plan.get("fits")]
+    total = mem.get("per_gpu_bytes")
+    lines.append(
+        f"pool {pool.get('name')} ({pool.get('gpu_type') or 'card not declared'}"
+        f"{'' if cap is None else f', {cap / gb:.0f} GB'}), {pool.get('gpus')} GPU(s): {fits}"
+    )
+    if total is not None:
+        lines.append(
+            f"memory per GPU: {total / gb:.2f} GB" + (" (partial)" if mem.get("partial") else "")
+        )
+        for k, v in (mem.get("components") or {}).items():
+            lines.append(f"  {k:<22} {v / gb:8.3f} GB")
+    st = plan.get("strategy") or {}
+    lines.append("strategy: " + ", ".join(f"{k} {v}" for k, v in st.items() if v is not None))
+    for lv in plan.get("levers") or []:
+        lines.append(f"lever: {lv['field']} = {lv['value']} ({lv['reason']})")
+    tp = plan.get("throughput") or {}
+    if tp.get("tokens_per_s"):
+        lines.append(
+            f"throughput: {tp['tokens_per_s']:,.0f} tokens/s "
+            f"({tp['low']:,.0f}–{tp['high']:,.0f}; {tp.get('source')})"
+        )
+        cost = plan.get("cost") or {}
+        if cost.get("wall_hours") is not None:
+            lo, hi = cost["gpu_hours_range"] or (None, None)
+            lines.append(
+                f"cost: {cost['wall_hours']:.2f} h wall, {cost['gpu_hours']:.2f} GPU-hours"
+                + (f" ({lo:.2f}–{hi:.2f})" if lo is not None else "")
+            )
+    else:
+        lines.append(f"throughput: {tp.get('source')}")
+    for f in plan.get("findings") or []:
+        lines.append(f"{f['severity']}: {f['code']}: {f['message']}")
+    if plan.get("unknown"):
+        lines.append("unknown: " + ", ".join(plan["unknown"]))
+    return "\n".join(lines)
+
+
+@jobs_app.command("plan")
+def plan_cmd(
+    spec: Path = typer.Argument(..., help="A job spec, YAML or JSON (see docs/spec.md)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the API's answer as JSON."),
+    url: str | None = UrlOpt,
+    key: str | None = KeyOpt,
+) -> None:
+    """The plan of SPEC on its pool (memory per GPU, strategy, speed, cost, preflight),
+    without queueing it (docs/planning.md)."""
+
+    def body() -> int:
+        data = read_spec_file(spec)
+        with client(url, key) as c:
+            answer = check(c.post("/v1/jobs/plan", json={"spec": data}))
+        if as_json:
+            out.print_json(json.dumps(answer))
+        else:
+            out.print(escape(plan_text(answer["plan"])))
+        errors = [f for f in answer["plan"].get("findings") or [] if f["severity"] == "error"]
+        return EXIT_BAD_INPUT if errors else EXIT_OK
+
+    run(body)
+
+
 def fmt_time(value: str | None) -> str:
     """An API timestamp as the CLIs print it (seconds, no 'T')."""
     return value.replace("T", " ")[:19] if value else ""

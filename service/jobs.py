@@ -41,6 +41,7 @@ from service.ids import new_id
 from service.lifecycle import JobStatus
 from service.live import LivePublisher
 from service.models import Checkpoint, Job, Team, utcnow
+from service.plans import Planner, plan_record
 from service.repositories import (
     CheckpointRepository,
     EventRepository,
@@ -193,9 +194,12 @@ class JobService:
                 return self._replay(existing, digest), False
 
         spec = self.validate(team, body.get("spec"))
+        spec, plan = Planner(self.session, self.settings).admit(team, spec)
         self.check_queued_quota(team)
         try:
-            job = self.enqueue(team, spec, idempotency_key=idempotency_key, digest=digest)
+            job = self.enqueue(
+                team, spec, idempotency_key=idempotency_key, digest=digest, plan=plan
+            )
         except IntegrityError:
             # A concurrent request with the same Idempotency-Key won the race.
             if idempotency_key is None:
@@ -205,6 +209,14 @@ class JobService:
                 raise
             return self._replay(existing, digest), False
         return job, True
+
+    def plan(self, team: Team, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/jobs/plan: the same validation as a submission, then the plan (a job
+        that cannot fit is the same 422); error findings are returned, not raised."""
+        spec = self.validate(team, body.get("spec"))
+        p = Planner(self.session, self.settings).plan(team, spec)
+        assert p.spec is not None
+        return {"plan": plan_record(p), "spec": p.spec.model_dump(mode="json")}
 
     def validate(self, team: Team, raw_spec: Any, *, prefix: str = "spec") -> JobSpec:
         """Everything a submission checks before a row exists: the spec itself
@@ -222,6 +234,7 @@ class JobService:
         idempotency_key: str | None = None,
         digest: str | None = None,
         schedule: bool = True,
+        plan: dict[str, Any] | None = None,
     ) -> Job:
         """Queue a validated job: its row and first status event (in a savepoint, so an
         Idempotency-Key race rolls back only this job), the live notification and a
@@ -243,6 +256,7 @@ class JobService:
             step=0,
             max_steps=spec.training.max_steps,
             latest_metrics={},
+            plan=plan,
             created_at=now,
             enqueued_at=now,
             updated_at=now,

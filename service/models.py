@@ -171,6 +171,30 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # The plan made at submission (`service.plans`), and the highest peak memory the training
+    # process reported (MiB; its `peak_mem_mb` metric), shown side by side in GET /v1/jobs/{id}.
+    plan: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    peak_mem_mb: Mapped[float | None] = mapped_column(Double)
+
+
+class StepCost(Base):
+    """A finished job's measured speed on its pool's card: the table job plans estimate
+    throughput from (`sharp_core.train.plan.throughput`)."""
+
+    __tablename__ = "step_costs"
+    __table_args__ = (Index("ix_step_costs_gpu_type_id", "gpu_type", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32))
+    gpu_type: Mapped[str] = mapped_column(String(32))
+    method: Mapped[str] = mapped_column(String(32))
+    student_params: Mapped[int] = mapped_column(BigInteger)
+    seq_len: Mapped[int] = mapped_column(Integer)
+    world_size: Mapped[int] = mapped_column(Integer)
+    tokens_per_s: Mapped[float] = mapped_column(Double)
+    flops_per_token: Mapped[float] = mapped_column(Double)
+    mfu: Mapped[float | None] = mapped_column(Double)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class JobEvent(Base):
@@ -253,6 +277,9 @@ class Worker(Base):
     hostname: Mapped[str] = mapped_column(String(255))
     started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     heartbeat_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # What the pool's job plans fit against (SHARP_WORKER_GPU_TYPE / _GPU_MEMORY_GB).
+    gpu_type: Mapped[str | None] = mapped_column(String(32))
+    gpu_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
 
 
 #: ``webhook_deliveries.status``: waiting for its next attempt, delivered, or given up.

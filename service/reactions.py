@@ -8,7 +8,7 @@ and every process that runs transitions imports this module (`api.app`, `worker.
 
 from __future__ import annotations
 
-from service import lifecycle, sweeps, webhooks
+from service import lifecycle, plans, sweeps, webhooks
 from service.lifecycle import JobStatus
 from service.repositories import JobRepository
 
@@ -23,8 +23,18 @@ def advance_sweep(repo: JobRepository, job_id: str, status: JobStatus) -> None:
     sweeps.cell_ended(repo, job_id)
 
 
+def record_step_cost(repo: JobRepository, job_id: str, status: JobStatus) -> None:
+    """A succeeded job's measured speed joins the step-cost table job plans read."""
+    if status == JobStatus.SUCCEEDED:
+        plans.record_step_cost(repo, job_id)
+
+
 #: name -> reaction, in the order they run (the outbox row first, as before the registry).
-REACTIONS = {"webhooks": enqueue_webhooks, "sweeps": advance_sweep}
+REACTIONS = {
+    "webhooks": enqueue_webhooks,
+    "sweeps": advance_sweep,
+    "step_costs": record_step_cost,
+}
 
 for _name, _reaction in REACTIONS.items():
     lifecycle.on_job_ended(_name, _reaction)

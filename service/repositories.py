@@ -44,6 +44,7 @@ from service.models import (
     Job,
     JobEvent,
     Metric,
+    StepCost,
     Sweep,
     SweepCell,
     TeacherCache,
@@ -1098,17 +1099,44 @@ class WorkerRepository:
     def __init__(self, session: Session):
         self.session = session
 
-    def register(self, *, name: str, pool: str, gpus: int, hostname: str) -> None:
+    def register(
+        self,
+        *,
+        name: str,
+        pool: str,
+        gpus: int,
+        hostname: str,
+        gpu_type: str | None = None,
+        gpu_memory_bytes: int | None = None,
+    ) -> None:
         """Insert or refresh a worker's row (its heartbeat)."""
         now = utcnow()
+        card = {"gpu_type": gpu_type, "gpu_memory_bytes": gpu_memory_bytes}
         stmt = _insert(self.session, Worker).values(
-            name=name, pool=pool, gpus=gpus, hostname=hostname, started_at=now, heartbeat_at=now
+            name=name,
+            pool=pool,
+            gpus=gpus,
+            hostname=hostname,
+            started_at=now,
+            heartbeat_at=now,
+            **card,
         )
         stmt = stmt.on_conflict_do_update(
             index_elements=["name"],
-            set_={"pool": pool, "gpus": gpus, "hostname": hostname, "heartbeat_at": now},
+            set_={"pool": pool, "gpus": gpus, "hostname": hostname, "heartbeat_at": now, **card},
         )
         self.session.execute(stmt)
+
+    def pool_card(self, pool: str) -> tuple[str | None, int | None] | None:
+        """(gpu_type, gpu_memory_bytes) the most recently heard worker of `pool` declared;
+        None when no worker of the pool is registered."""
+        row = self.session.execute(
+            select(Worker.gpu_type, Worker.gpu_memory_bytes)
+            .where(Worker.pool == pool)
+            .order_by(Worker.heartbeat_at.desc())
+            .limit(1)
+        ).first()
+        return None if row is None else (row[0], row[1])
 
     def prune(self, cutoff: dt.datetime) -> None:
         """Forget workers silent since before `cutoff`."""
@@ -1119,6 +1147,45 @@ class WorkerRepository:
 
     def list(self) -> Sequence[Worker]:
         return self.session.scalars(select(Worker).order_by(Worker.pool, Worker.name)).all()
+
+
+class StepCostRepository:
+    """The ``step_costs`` table: finished jobs' measured speeds per card."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def add(self, **values: Any) -> None:
+        self.session.add(StepCost(**values))
+        self.session.flush()
+
+    def for_card(self, gpu_type: str, limit: int = 200) -> Sequence[StepCost]:
+        """The newest `limit` rows of a card."""
+        return self.session.scalars(
+            select(StepCost)
+            .where(StepCost.gpu_type == gpu_type)
+            .order_by(StepCost.id.desc())
+            .limit(limit)
+        ).all()
+
+    def peak_metric(self, job_id: str, name: str) -> float | None:
+        return self.session.scalar(
+            select(func.max(Metric.value)).where(Metric.job_id == job_id, Metric.name == name)
+        )
+
+    def median_metric(self, job_id: str, name: str) -> float | None:
+        """Median of a job's positive values of metric `name` (tokens/s is 0 off the beat)."""
+        vals = sorted(
+            self.session.scalars(
+                select(Metric.value).where(
+                    Metric.job_id == job_id, Metric.name == name, Metric.value > 0
+                )
+            ).all()
+        )
+        if not vals:
+            return None
+        m = len(vals) // 2
+        return vals[m] if len(vals) % 2 else (vals[m - 1] + vals[m]) / 2
 
 
 # --------------------------------------------------------------------------- /metrics

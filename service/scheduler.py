@@ -644,9 +644,25 @@ def queue_info(session: Session, job: Job, *, heartbeat_timeout_s: float) -> Que
 
 
 # --------------------------------------------------------------------------- workers
-def register_worker(session: Session, *, name: str, pool: str, gpus: int, hostname: str) -> None:
+def register_worker(
+    session: Session,
+    *,
+    name: str,
+    pool: str,
+    gpus: int,
+    hostname: str,
+    gpu_type: str | None = None,
+    gpu_memory_bytes: int | None = None,
+) -> None:
     """Insert or refresh a worker's row (its heartbeat): the pool has one more live slot."""
-    WorkerRepository(session).register(name=name, pool=pool, gpus=gpus, hostname=hostname)
+    WorkerRepository(session).register(
+        name=name,
+        pool=pool,
+        gpus=gpus,
+        hostname=hostname,
+        gpu_type=gpu_type,
+        gpu_memory_bytes=gpu_memory_bytes,
+    )
 
 
 def prune_workers(session: Session, *, older_than_s: float) -> None:

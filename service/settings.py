@@ -83,6 +83,19 @@ class Settings(BaseSettings):
         description="GPUs this worker gives one job (it runs one job at a time). Default: the "
         "number of devices in `worker_gpus`, else 1.",
     )
+    worker_gpu_type: str | None = Field(
+        default=None,
+        max_length=32,
+        description="The card this worker's pool runs on (h100, h200, a100, a100-80g, l40s, a10, "
+        "l4, v100, t4, cpu): the job plan's throughput and bf16 check (docs/planning.md).",
+    )
+    worker_gpu_memory_gb: float | None = Field(
+        default=None,
+        gt=0,
+        le=100_000,
+        description="Memory per GPU in GB (1e9 bytes) that job plans fit against; default: the "
+        "card's (`worker_gpu_type`). For a 'cpu' pool: the memory a job may use.",
+    )
     scheduler_interval_s: float = Field(
         default=5.0,
         gt=0,

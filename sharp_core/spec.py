@@ -534,6 +534,14 @@ class MethodSpec(_Strict):
         description="Train on generated sequences (docs/method.md, 'On-policy'); None: "
         "off-policy, the training text only.",
     )
+    cross_tokenizer: Literal["uld", "gold"] | None = Field(
+        default=None,
+        description="Teacher and student with different tokenizers (docs/planning.md): "
+        "'uld' (Universal Logit Distillation: L1 between the sorted probability vectors) or "
+        "'gold' (exact mapping of the shared tokens, ULD on the rest), at the positions "
+        "where both tokenizations start a token at the same byte of the text. None: one "
+        "tokenizer.",
+    )
 
     @property
     def divergence(self) -> DivergenceName:
@@ -765,6 +773,7 @@ def parse_spec(data: dict[str, Any], *, prefix: str = "spec") -> JobSpec:
         _check_teacher_cache,
         _check_student_parallel,
         _check_batch_split,
+        _check_cross_tokenizer,
     ):
         try:
             check(spec, prefix)
@@ -823,6 +832,34 @@ def _check_student_parallel(spec: JobSpec, prefix: str) -> None:
             "gradients, which a sharded student (resources.student_parallel 'fsdp') does "
             "not have: use student_parallel 'ddp', or turn this off",
         )
+
+
+def _check_cross_tokenizer(spec: JobSpec, prefix: str) -> None:
+    """Distillation across tokenizers: logit terms only, one process, off-policy, no cache."""
+    ct = spec.method.cross_tokenizer
+    if ct is None:
+        return
+    param = f"{prefix}.method.cross_tokenizer" if prefix else "method.cross_tokenizer"
+
+    def fail(msg: str) -> None:
+        raise SpecError(f"{param}: {msg}", param=param)
+
+    m = spec.method
+    if m.uses_attention:
+        fail(
+            f"method '{m.name}' compares attention maps position by position, which needs one "
+            "tokenisation: with different tokenizers use a logit method (kd)"
+        )
+    if m.name == "sft" or spec.teacher is None:
+        fail("needs a teacher and a distillation method (not sft)")
+    if spec.task != "causal_lm":
+        fail("covers causal_lm only")
+    if m.on_policy is not None or m.teacher_cache.mode != "off":
+        fail("cannot be combined with on_policy or a teacher-logit cache")
+    if spec.student.init == "prune":
+        fail("a pruned student keeps the teacher's tokenizer")
+    if spec.resources.gpus > 1:
+        fail("runs on one GPU (resources.gpus 1)")
 
 
 def _check_prune(spec: JobSpec, prefix: str) -> None:

@@ -276,4 +276,4 @@ def test_every_process_that_runs_transitions_registers_the_reactions(entry: str)
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "('webhooks', 'sweeps')"
+    assert out.stdout.strip().splitlines()[-1] == "('webhooks', 'sweeps', 'step_costs')"

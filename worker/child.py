@@ -237,6 +237,7 @@ class Reporter:
         self.spec = job.spec
         self.max_steps = job.max_steps
         self.latest: dict[str, float] = dict(_finite(job.latest_metrics or {}))
+        self.peak_mem_mb: float | None = job.peak_mem_mb
         self.buffer: dict[int, dict[str, float]] = {}
         self.last_flush = time.monotonic()
         self.last_poll = 0.0
@@ -283,6 +284,10 @@ class Reporter:
         values: dict[str, Any] = {"step": batch[-1][0], "latest_metrics": dict(self.latest)}
         if "tokens_per_s" in self.latest:
             values["tokens_per_s"] = self.latest["tokens_per_s"]
+        peaks = [v["peak_mem_mb"] for _, v in batch if "peak_mem_mb" in v]
+        if peaks:  # the highest this attempt reported, beside the plan's (GET /v1/jobs/{id})
+            self.peak_mem_mb = max([self.peak_mem_mb or 0.0, *peaks])
+            values["peak_mem_mb"] = self.peak_mem_mb
         if not self._retrying(lambda: self._write_batch(batch, values)):
             self.fenced = True
             return False

@@ -87,6 +87,10 @@ def _heartbeat(settings: Settings, db: Database) -> None:
             pool=settings.pool,
             gpus=settings.gpu_count,
             hostname=socket.gethostname(),
+            gpu_type=settings.worker_gpu_type,
+            gpu_memory_bytes=None
+            if settings.worker_gpu_memory_gb is None
+            else int(settings.worker_gpu_memory_gb * 1e9),
         )
 
 

@@ -16,6 +16,7 @@ from api.schemas import (
     CheckpointsPublic,
     ErrorResponse,
     JobCreate,
+    JobPlanPublic,
     JobPublic,
     JobsPublic,
     MetricsPublic,
@@ -87,6 +88,25 @@ def create_job(
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_public(job, service.queue_info(job))
+
+
+@router.post(
+    "/plan",
+    response_model=JobPlanPublic,
+    responses={
+        400: {"model": ErrorResponse, "description": "Malformed JSON."},
+        422: {
+            "model": ErrorResponse,
+            "description": "Invalid spec, or a job that cannot fit its pool even sharded; "
+            "`param` names the field.",
+        },
+        **_ERRORS,
+    },
+)
+def plan_job(body: JobCreate, team: TeamDep, service: JobServiceDep) -> JobPlanPublic:
+    """The plan of a spec without queueing it (docs/planning.md): the same body and the same
+    422s as POST /v1/jobs; preflight findings of severity 'error' are listed, not raised."""
+    return JobPlanPublic(**service.plan(team, body.model_dump()))
 
 
 _STATUSES = set(JOB_STATUSES)

@@ -313,11 +313,22 @@ def resolve_tokenizer(
     s_tok = None
     if s_src and (spec.student.init == "pretrained" or t_tok is None):
         s_tok = _load_tokenizer(s_src, "spec.student.model", _rev(spec.student))
+    cross = spec.method.cross_tokenizer is not None
+    if cross and s_tok is not None:
+        return Tokenizers(s_tok, s_src or "?")  # the data is the student's tokens
     if t_tok is not None and s_tok is not None and t_tok.get_vocab() != s_tok.get_vocab():
         raise TokenizerMismatchError(
             f"teacher '{t_src}' and student '{s_src}' do not share a tokenizer "
-            f"({len(t_tok)} vs {len(s_tok)} tokens); distillation needs identical token ids",
+            f"({len(t_tok)} vs {len(s_tok)} tokens); distillation needs identical token ids, "
+            "or set method.cross_tokenizer 'gold' or 'uld' (docs/planning.md)",
             param="spec.student.model",
+        )
+    if cross:
+        raise SharpError(
+            "method.cross_tokenizer: the student's tokenizer is needed: a pretrained student "
+            "with its own, tokenizer.name or tokenizer.train",
+            param="spec.method.cross_tokenizer",
+            code="invalid_spec",
         )
     tok = t_tok or s_tok
     if tok is None:
@@ -327,6 +338,20 @@ def resolve_tokenizer(
             code="invalid_spec",
         )
     return Tokenizers(tok, t_src or s_src or "?")
+
+
+def teacher_tokenizer(spec: JobSpec, resolver: Resolver) -> PreTrainedTokenizerBase:
+    """The teacher's own tokenizer (distillation across tokenizers: the job's tokenizer is the
+    student's); a teacher without one is refused naming the teacher."""
+    assert spec.teacher is not None
+    src = model_source(spec.teacher, resolver, "spec.teacher.model")
+    if src is None:
+        raise SharpError(
+            "method.cross_tokenizer needs the teacher's own tokenizer: give teacher.model",
+            param="spec.teacher.model",
+            code="invalid_spec",
+        )
+    return _load_tokenizer(src, "spec.teacher.model", _rev(spec.teacher))
 
 
 def _rev(ms: ModelSpec | None) -> str | None:

@@ -42,6 +42,7 @@ from sharp_core.train import distributed
 if TYPE_CHECKING:
     from sharp_core.cache.teacher_cache import TeacherCache
     from sharp_core.models.capture import AttentionCapture
+    from sharp_core.objectives.cross_tokenizer import CrossTokenizer
     from sharp_core.objectives.sharp import AttentionObjective
 
 __all__ = ["Setup", "autocast_dtype", "load_eval_sets", "pick_device", "setup"]
@@ -86,6 +87,8 @@ class Setup:
     eval_sets: dict[str, PackedData | ClassificationData] = field(default_factory=dict)
     """The job's evaluation sets (``dataset.eval``) by split name (``val``, ``test``), each
     with its examples in ``eval``; empty when it names none."""
+    cross: CrossTokenizer | None = None
+    """Teacher and student tokenizers when they differ (``method.cross_tokenizer``)."""
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,7 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
         "num_labels": n_labels,
     }
     teacher = None
+    cross = None
     built: dict[str, float] = {}
     pruning = spec.student.init == "prune"
     if spec.teacher is not None and (spec.method.name != "sft" or pruning):
@@ -197,7 +201,15 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
             name = str(weights_dtype("auto", "teacher", dev)).removeprefix("torch.")
             t_spec = t_spec.model_copy(update={"dtype": name})
         teacher = _timed_load(built, "teacher", ms=t_spec, **{**kw, "device": t_dev})
-        if not classify:
+        if spec.method.cross_tokenizer is not None:
+            from sharp_core.models.loading import teacher_tokenizer
+            from sharp_core.objectives.cross_tokenizer import CrossTokenizer
+
+            t_tok = teacher_tokenizer(spec, resolver)
+            check_vocab(teacher, len(t_tok), "teacher")
+            positions = getattr(teacher.config, "max_position_embeddings", None)
+            cross = CrossTokenizer.build(spec.method.cross_tokenizer, tok, t_tok, positions)
+        elif not classify:
             check_vocab(teacher, vocab, "teacher")
         teacher.eval()
         teacher.requires_grad_(False)
@@ -223,6 +235,8 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
         if not pruning:
             data = build_data(spec.dataset, texts, tok, spec.training.seq_len)
 
+    if not classify:
+        _check_positions(spec, student, teacher)
     objective = s_cap = t_cap = None
     if spec.method.uses_attention:
         from sharp_core.models.capture import AttentionCapture
@@ -262,7 +276,26 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
         build_seconds=built,
         dataset_sha256=digest,
         eval_sets=eval_sets,
+        cross=cross,
     )
+
+
+def _check_positions(spec: JobSpec, student: Any, teacher: Any) -> None:
+    """Packed blocks of ``training.seq_len`` past a learned position table would fail in the
+    first forward with an index error: refused here naming the field (the submission's
+    preflight does the same where configs are readable; docs/planning.md)."""
+    from sharp_core.errors import SpecError
+    from sharp_core.models.compat import check_positions
+
+    models = [("student", student)] + (
+        [("teacher", teacher)]
+        if teacher is not None and spec.method.cross_tokenizer is None
+        else []
+    )
+    for role, model in models:
+        for f in check_positions(spec.training.seq_len, role, model.config.to_dict()):
+            if f.severity == "error":
+                raise SpecError(f"{f.param}: {f.message}", param=f.param)
 
 
 def load_eval_sets(

@@ -141,6 +141,8 @@ def micro_step(
     a = m.effective_kd_weight if kd_weight is None else kd_weight
     V = S.vocab
     batch = batch if isinstance(batch, dict) else {"input_ids": batch}
+    if S.cross is not None:
+        return _cross_step(S, batch["input_ids"], n_tokens=n_tokens, a=a, amp_dtype=amp_dtype)
     classify = S.spec.task == "sequence_classification"
     x = batch["input_ids"]  # (B, N)
     # packed LM blocks: every position attends (causally); classification: padding masked
@@ -254,6 +256,43 @@ def micro_step(
         total = total + terms["basis_loss"]
     terms["loss"] = total
     return StepLosses(terms, parts)
+
+
+def _cross_step(
+    S: Setup, x: torch.Tensor, *, n_tokens: int, a: float, amp_dtype: torch.dtype | None
+) -> StepLosses:
+    """(1 − a)·CE + a·D_cross with teacher and student on different tokenizers
+    (`sharp_core.objectives.cross_tokenizer`): the teacher reads the student block's text in
+    its own tokens; D (ULD or GOLD) is averaged over the aligned positions of the micro-batch
+    and weighted by the micro-batch's share of the step's tokens (so accumulation weighs
+    micro-batches as CE does). Dense logits: meant for the models it was tested at."""
+    assert S.cross is not None and S.teacher is not None
+    m = S.spec.method
+    labels = x[:, 1:]  # (B, N-1)
+    pad = S.cross.teacher.pad_token_id or 0
+    t_ids, t_mask, rows = S.cross.teacher_batch(x, pad)
+    with torch.autocast(S.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.inference_mode():
+            t_logits = S.teacher(input_ids=t_ids, attention_mask=t_mask).logits  # (B, T, V_T')
+        s_logits = S.student(input_ids=x).logits[..., : S.vocab]  # (B, N, V_S)
+    ce = losses.cross_entropy(
+        s_logits[:, :-1], labels, num_valid=n_tokens, chunk_size=m.logit_chunk
+    )
+    terms: dict[str, torch.Tensor] = {"ce": ce}
+    logit_term = (1 - a) * ce
+    b_idx = [b for b, r in enumerate(rows) for _ in r.student_pos]
+    if a > 0 and b_idx:
+        s_pos = [i for r in rows for i in r.student_pos]
+        t_pos = [j for r in rows for j in r.teacher_pos]
+        t_rows = t_logits[b_idx, t_pos][..., : len(S.cross.teacher)].float().clone()  # (M, V_T)
+        d = S.cross.divergence(s_logits[b_idx, s_pos], t_rows, m.temperature)  # (M,)
+        kd = d.mean() * (labels.numel() / n_tokens)
+        terms["kd"] = kd
+        terms["aligned_fraction"] = torch.tensor(len(b_idx) / labels.numel())
+        logit_term = logit_term + a * kd
+    terms["logit"] = logit_term
+    terms["loss"] = logit_term
+    return StepLosses(terms, {"logit": logit_term})
 
 
 def backward_per_term(

@@ -1,0 +1,270 @@
+"""Distillation across tokenizers: ULD and GOLD's hybrid, with positions aligned on the text.
+
+Why: a teacher and a student from different families do not share token ids, so the
+per-token divergences of `sharp_core.objectives.losses` have nothing to compare. Two answers:
+
+- **ULD** (Boizard et al. 2024, "Towards Cross-Tokenizer Distillation: the Universal Logit
+  Distillation Loss"): the Wasserstein-1 distance between the two next-token distributions
+  when the vocabularies are matched by rank, which for sorted probability vectors is the L1
+  distance between them, Σ_i |p_T^(i) − q_S^(i)| (the shorter vector padded with zeros).
+  It needs no token correspondence at all.
+- **GOLD** (TRL's GOLD trainer, its "hybrid ULD"): tokens whose strings exist in both
+  vocabularies are compared exactly, here with forward KL Σ_{v∈M} p_T(v)·log(p_T(v)/q_S(m(v)))
+  on the shared set M, and ULD's sorted L1 on the rest; weighted |M|/V_T and 1 − |M|/V_T.
+  With identical tokenizers M is everything and GOLD *is* forward KL.
+
+Positions are aligned on the text (`align`): the student's prediction at i (of its token
+i+1) is compared with the teacher's prediction at j (of its token j+1) when both tokens
+start at the same character offset, so both distributions answer "what comes next after the
+same text". Positions where the tokenisations disagree are left to the CE term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "CrossTokenizer",
+    "Aligned",
+    "align",
+    "gold_loss",
+    "shared_vocabulary",
+    "token_bytes",
+    "uld_loss",
+]
+
+
+# ------------------------------------------------------------------------------- losses
+def _sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Per row Σ_i |sort(p)_i − sort(q)_i|, both sorted descending, the shorter padded with
+    zeros. p (M, Vp), q (M, Vq) → (M,)."""
+    ps = p.sort(dim=-1, descending=True).values
+    qs = q.sort(dim=-1, descending=True).values
+    V = max(ps.shape[-1], qs.shape[-1])
+    ps = F.pad(ps, (0, V - ps.shape[-1]))
+    qs = F.pad(qs, (0, V - qs.shape[-1]))
+    return (ps - qs).abs().sum(-1)
+
+
+def uld_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """ULD per aligned position (M,): L1 between the sorted softmaxes at temperature τ.
+
+    student_logits (M, V_S), teacher_logits (M, V_T); float32 softmax. 0 when the two sorted
+    vectors are equal (e.g. one is a permutation of the other), at most 2.
+    """
+    q = torch.softmax(student_logits.float() / temperature, dim=-1)
+    p = torch.softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    return _sorted_l1(p, q)
+
+
+def gold_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    student_ids: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """GOLD's hybrid per aligned position (M,).
+
+    ``teacher_ids`` / ``student_ids`` (K,): the shared vocabulary, teacher token
+    ``teacher_ids[k]`` being student token ``student_ids[k]`` (`shared_vocabulary`).
+    Matched part: forward KL restricted to the shared tokens, Σ_k p(t_k)(log p(t_k) −
+    log q(s_k)), on the full softmaxes (not renormalised). Unmatched part: ULD between the
+    teacher's probabilities outside the shared set and the student's outside it. Weights:
+    K/V_T and 1 − K/V_T (TRL's default).
+    """
+    logq = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    p = logp.exp()
+    Vt, Vs = logp.shape[-1], logq.shape[-1]
+    K = teacher_ids.numel()
+    w = K / Vt
+    matched = (p[:, teacher_ids] * (logp[:, teacher_ids] - logq[:, student_ids])).sum(-1)
+    if Vt == K and Vs == K:
+        return matched
+    t_rest = torch.ones(Vt, dtype=torch.bool, device=p.device)
+    t_rest[teacher_ids] = False
+    s_rest = torch.ones(Vs, dtype=torch.bool, device=p.device)
+    s_rest[student_ids] = False
+    unmatched = _sorted_l1(p[:, t_rest], logq.exp()[:, s_rest])
+    return w * matched + (1 - w) * unmatched
+
+
+# ------------------------------------------------------------------------- vocabularies
+def shared_vocabulary(teacher: Any, student: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher ids, student ids) of the token strings both vocabularies have (sorted by
+    teacher id). Byte-level BPE token strings are byte sequences, so equal strings are equal
+    bytes."""
+    tv, sv = teacher.get_vocab(), student.get_vocab()
+    pairs = sorted(
+        (tid, sv[s])
+        for s, tid in tv.items()
+        if s in sv and tid < len(teacher) and sv[s] < len(student)
+    )
+    if not pairs:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty
+    t, s = zip(*pairs, strict=True)
+    return torch.tensor(t, dtype=torch.long), torch.tensor(s, dtype=torch.long)
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable character → byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(161, 173)) + list(range(174, 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+_BYTES = _byte_decoder()
+
+
+def _is_byte_level(tok: Any) -> bool:
+    backend = getattr(tok, "backend_tokenizer", None)
+    dec = getattr(backend, "decoder", None)
+    return type(dec).__name__ == "ByteLevel" or "ByteLevel" in repr(dec)
+
+
+def token_bytes(tok: Any, ids: list[int]) -> list[bytes]:
+    """The bytes each token stands for: exact for byte-level BPE (its alphabet maps back to
+    bytes; special tokens are their text), else each token decoded alone."""
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    if _is_byte_level(tok):
+        out = []
+        for i, t in zip(ids, tok.convert_ids_to_tokens(ids), strict=True):
+            if i in special or t is None or any(c not in _BYTES for c in t):
+                out.append(tok.decode([i]).encode("utf-8"))
+            else:
+                out.append(bytes(_BYTES[c] for c in t))
+        return out
+    return [tok.decode([i]).encode("utf-8") for i in ids]
+
+
+# ---------------------------------------------------------------------------- alignment
+@dataclass(frozen=True)
+class Aligned:
+    """One row: the teacher's ids for the row's text, and the aligned prediction positions
+    (student position i predicts its token i+1; teacher position j its token j+1)."""
+
+    teacher_ids: list[int]
+    student_pos: list[int]
+    teacher_pos: list[int]
+
+
+def _complete_utf8(data: bytes) -> tuple[int, int]:
+    """(start, end) of the longest slice of `data` that starts and ends on character
+    boundaries: a row of tokens may begin or end inside a multi-byte character."""
+    start = 0
+    while start < len(data) and start < 3 and 0x80 <= data[start] < 0xC0:
+        start += 1
+    end = len(data)
+    for back in range(1, min(4, end - start) + 1):
+        b = data[end - back]
+        if b < 0x80:
+            break
+        if b >= 0xC0:  # a lead byte: is its sequence complete?
+            need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            if back < need:
+                end -= back
+            break
+    return start, end
+
+
+def align(
+    student_ids: list[int], student: Any, teacher: Any, max_len: int | None = None
+) -> Aligned:
+    """The row's text (the student tokens' bytes), re-tokenised by the teacher; positions
+    pair up where both next tokens start at the same offset of the text.
+
+    Offsets are in bytes, so that byte-level tokens that split a multi-byte character (BPE
+    does) line up too: the student's from its tokens' bytes, the teacher's from its own
+    tokens' bytes (byte-level BPE) or from its character offsets (other tokenizers, whose
+    tokens do not split characters). A partial character at either end of the row is left
+    out of the text (its tokens pair with nothing)."""
+    pieces = token_bytes(student, student_ids)
+    data = b"".join(pieces)
+    lo, hi = _complete_utf8(data)
+    text = data[lo:hi].decode("utf-8", errors="replace")
+    s_start, pos = [], 0
+    for piece in pieces:
+        s_start.append(pos - lo)
+        pos += len(piece)
+    enc = teacher(text, add_special_tokens=False, return_offsets_mapping=True)
+    t_ids = list(enc["input_ids"])
+    if _is_byte_level(teacher):
+        t_start, pos = [], 0
+        for piece in token_bytes(teacher, t_ids):
+            t_start.append(pos)
+            pos += len(piece)
+    else:
+        byte_at = [0]
+        for ch in text:
+            byte_at.append(byte_at[-1] + len(ch.encode("utf-8")))
+        t_start = [byte_at[a] for a, _ in enc["offset_mapping"]]
+    if max_len is not None:
+        t_ids, t_start = t_ids[:max_len], t_start[:max_len]
+    where: dict[int, int] = {}
+    for j, c in enumerate(t_start):
+        where.setdefault(c, j)  # the first teacher token at each offset
+    sp, tp = [], []
+    for i in range(len(student_ids) - 1):
+        j1 = where.get(s_start[i + 1])
+        # the teacher's token j1 starts where the student's token i+1 does: the teacher's
+        # prediction of it is made at j1 - 1, after the same text
+        if j1 is not None and j1 >= 1 and 0 < s_start[i + 1] < hi - lo:
+            sp.append(i)
+            tp.append(j1 - 1)
+    return Aligned(t_ids, sp, tp)
+
+
+@dataclass
+class CrossTokenizer:
+    """What a cross-tokenizer step needs: both tokenizers and the shared vocabulary."""
+
+    mode: str  # "uld" | "gold"
+    student: Any
+    teacher: Any
+    teacher_ids: torch.Tensor
+    student_ids: torch.Tensor
+    teacher_max_len: int | None = None
+
+    @classmethod
+    def build(cls, mode: str, student: Any, teacher: Any, max_len: int | None) -> CrossTokenizer:
+        t, s = shared_vocabulary(teacher, student)
+        return cls(mode, student, teacher, t, s, max_len)
+
+    def teacher_batch(
+        self, x: torch.Tensor, pad_id: int
+    ) -> tuple[torch.Tensor, torch.Tensor, list[Aligned]]:
+        """Teacher input ids (B, T) right-padded, their attention mask, and each row's
+        alignment, for student blocks x (B, N)."""
+        rows = [align(r.tolist(), self.student, self.teacher, self.teacher_max_len) for r in x]
+        T = max(1, max(len(a.teacher_ids) for a in rows))
+        ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for b, a in enumerate(rows):
+            ids[b, : len(a.teacher_ids)] = torch.tensor(a.teacher_ids, dtype=torch.long)
+            mask[b, : len(a.teacher_ids)] = 1
+        return ids.to(x.device), mask.to(x.device), rows
+
+    def divergence(
+        self, s_rows: torch.Tensor, t_rows: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        """Per aligned position (M,): ULD or GOLD."""
+        if self.mode == "uld":
+            return uld_loss(s_rows, t_rows, temperature)
+        dev = s_rows.device
+        return gold_loss(
+            s_rows, t_rows, self.teacher_ids.to(dev), self.student_ids.to(dev), temperature
+        )

@@ -1,0 +1,174 @@
+"""Distillation across tokenizers (docs/planning.md): ULD and GOLD against closed forms and
+invariants, the alignment of positions on the text, and a short run end to end."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sharp_core.errors import SpecError
+from sharp_core.models.loading import train_bpe_tokenizer
+from sharp_core.objectives.cross_tokenizer import (
+    align,
+    gold_loss,
+    shared_vocabulary,
+    token_bytes,
+    uld_loss,
+)
+from sharp_core.spec import parse_spec
+from tests.helpers import Recorder, spec_dict
+
+
+def test_uld_closed_forms() -> None:
+    p = torch.tensor([[0.7, 0.2, 0.1]])
+    q = torch.tensor([[0.1, 0.3, 0.6]])
+    # sorted: (.7, .2, .1) against (.6, .3, .1): |.1| + |.1| + 0
+    assert uld_loss(q.log(), p.log()).item() == pytest.approx(0.2, abs=1e-6)
+    # different sizes, the shorter padded with zeros: (.7, .2, .1) vs (.5, .5, 0)
+    q2 = torch.tensor([[0.5, 0.5]])
+    assert uld_loss(q2.log(), p.log()).item() == pytest.approx(0.6, abs=1e-6)
+    # a permutation of the same probabilities is at distance 0; disjoint supports at most 2
+    perm = p[:, [2, 0, 1]]
+    assert uld_loss(perm.log(), p.log()).item() == pytest.approx(0.0, abs=1e-7)
+    # temperature: τ = 2 on logits log p is the softmax of p^(1/2)
+    p_t = p.sqrt() / p.sqrt().sum()
+    q_t = q.sqrt() / q.sqrt().sum()
+    expected = (p_t.sort(descending=True).values - q_t.sort(descending=True).values).abs().sum()
+    assert uld_loss(q.log(), p.log(), 2.0).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_gold_with_identical_vocabularies_is_forward_kl() -> None:
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(5, 7, generator=g, requires_grad=True)
+    t = torch.randn(5, 7, generator=g)
+    ids = torch.arange(7)
+    got = gold_loss(s, t, ids, ids)
+    p = torch.softmax(t, -1)
+    kl = (p * (torch.log_softmax(t, -1) - torch.log_softmax(s, -1))).sum(-1)
+    torch.testing.assert_close(got, kl, rtol=1e-6, atol=1e-7)
+    got.sum().backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+def test_gold_hybrid_closed_form() -> None:
+    # teacher vocab {a, b, c}, student {b, a, d, e}: a and b shared (teacher 0,1 → student 1,0)
+    p = torch.tensor([[0.5, 0.3, 0.2]])
+    q = torch.tensor([[0.1, 0.4, 0.3, 0.2]])
+    t_ids, s_ids = torch.tensor([0, 1]), torch.tensor([1, 0])
+    got = gold_loss(q.log(), p.log(), t_ids, s_ids).item()
+    matched = 0.5 * math.log(0.5 / 0.4) + 0.3 * math.log(0.3 / 0.1)
+    unmatched = abs(0.2 - 0.3) + abs(0.0 - 0.2)  # teacher rest (.2) vs student rest (.3, .2)
+    w = 2 / 3
+    assert got == pytest.approx(w * matched + (1 - w) * unmatched, rel=1e-5)
+
+
+TEXT = [
+    "The quick brown fox jumps over the lazy dog. " * 30,
+    "Pack my box with five dozen liquor jugs; naïve café — déjà vu! " * 30,
+    "How vexingly quick daft zebras jump. 0123456789 " * 30,
+]
+
+
+@pytest.fixture(scope="module")
+def toks():
+    return train_bpe_tokenizer(TEXT, 320), train_bpe_tokenizer(TEXT, 270)
+
+
+def test_token_bytes_cover_the_text_exactly(toks) -> None:
+    a, _ = toks
+    text = TEXT[1][:200]
+    ids = a(text, add_special_tokens=False)["input_ids"]
+    assert b"".join(token_bytes(a, ids)) == text.encode("utf-8")
+
+
+def test_identical_tokenizers_align_every_position(toks) -> None:
+    a, _ = toks
+    ids = a(TEXT[0][:300], add_special_tokens=False)["input_ids"][:64]
+    al = align(ids, a, a)
+    assert al.teacher_ids == ids
+    assert al.student_pos == al.teacher_pos == list(range(len(ids) - 1))
+
+
+def test_different_tokenizers_align_on_the_same_text(toks) -> None:
+    a, b = toks
+    text = TEXT[1][:400]
+    s_ids = a(text, add_special_tokens=False)["input_ids"][5:90]  # starts mid-text
+    al = align(s_ids, a, b)
+    s_bytes, t_bytes = token_bytes(a, s_ids), token_bytes(b, al.teacher_ids)
+    assert b"".join(t_bytes) == b"".join(s_bytes)  # the teacher reads the same text
+    assert 0.3 * len(s_ids) < len(al.student_pos) < len(s_ids)
+    for i, j in zip(al.student_pos, al.teacher_pos, strict=True):
+        # both predict their next token after exactly the same prefix of the text
+        assert b"".join(s_bytes[: i + 1]) == b"".join(t_bytes[: j + 1])
+    t, s = shared_vocabulary(b, a)
+    assert 0 < len(t) <= min(len(a), len(b))  # BPE on one text: the smaller is mostly inside
+    vb, va = b.convert_ids_to_tokens(t.tolist()), a.convert_ids_to_tokens(s.tolist())
+    assert vb == va
+
+
+def test_attention_methods_with_two_tokenizers_are_refused(corpus: Path) -> None:
+    d = spec_dict(
+        corpus,
+        teacher={"model": "/x/teacher"},
+        method={"name": "sharp", "cross_tokenizer": "gold"},
+    )
+    with pytest.raises(SpecError) as e:
+        parse_spec(d)
+    assert e.value.param == "spec.method.cross_tokenizer"
+    assert "one tokenisation" in str(e.value)
+
+
+LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+
+
+def save_model(folder: Path, tok, seed: int) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(
+        **{**LLAMA, "vocab_size": len(tok)},
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("mode", ["uld", "gold"])
+def test_a_short_run_across_tokenizers(corpus: Path, tmp_path: Path, mode: str) -> None:
+    text = corpus.read_text(encoding="utf-8")
+    t_tok = train_bpe_tokenizer([text], 400)
+    s_tok = train_bpe_tokenizer([text], 300)
+    teacher = save_model(tmp_path / "teacher", t_tok, 0)
+    student = save_model(tmp_path / "student", s_tok, 1)
+    d = spec_dict(
+        corpus,
+        teacher={"model": str(teacher)},
+        student={"model": str(student), "init": "pretrained", "config": None},
+        method={"name": "kd", "cross_tokenizer": mode},
+        training={"max_steps": 3, "eval_every": 0, "checkpoint_every": 0},
+    )
+    d.pop("tokenizer")
+    from sharp_core.train.loop import train
+
+    rec = Recorder()
+    train(parse_spec(d), tmp_path / "run", callbacks=rec)
+    for step in (1, 2, 3):
+        m = rec.metrics[step]
+        # ULD is a distance (> 0); GOLD's matched part is a KL restricted to the shared
+        # tokens, which can be negative (its minimum puts q ∝ p on them), so only finite
+        assert math.isfinite(m["kd"]) and (m["kd"] > 0 or mode == "gold")
+        assert 0.3 < m["aligned_fraction"] <= 1.0
+        assert m["loss"] == pytest.approx(0.1 * m["ce"] + 0.9 * m["kd"], rel=1e-5)

@@ -1,0 +1,409 @@
+"""Job plans (docs/planning.md): memory by component and the strategy that fits, throughput
+from the step-cost table or FLOPs, preflight findings, and admission through the service
+(a job that cannot fit is a 422 naming the field; one that fits only sharded runs sharded).
+"""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from service import scheduler
+from service.models import Job, StepCost
+from sharp_core.errors import SpecError
+from sharp_core.models.compat import (
+    check_dtype,
+    check_positions,
+    compare_chat_templates,
+    compare_tokenizers,
+)
+from sharp_core.spec import parse_spec
+from sharp_core.train.memory import COMFORT, FIT, GB
+from sharp_core.train.plan import (
+    PoolInfo,
+    make_plan,
+    sizes_of_config,
+    step_flops_per_token,
+    throughput,
+)
+from sharp_core.train.plan import (
+    StepCost as Cost,
+)
+
+
+def llama(h: int, layers: int, inter: int, heads: int, kv: int, vocab: int = 128256) -> dict:
+    return {
+        "model_type": "llama",
+        "hidden_size": h,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "vocab_size": vocab,
+        "max_position_embeddings": 8192,
+    }
+
+
+L8B = llama(4096, 32, 14336, 32, 8)
+L3B = llama(3072, 28, 8192, 24, 8)
+
+
+def big_spec(**training) -> dict:
+    return {
+        "teacher": {"init": "config", "config": L8B},
+        "student": {"init": "config", "config": L3B},
+        "dataset": {"files": ["x.txt"]},
+        "method": {"name": "kd"},
+        "training": {"batch_size": 8, "seq_len": 4096, "max_steps": 1000, **training},
+        "resources": {"gpus": 8, "queue": "h100"},
+    }
+
+
+H100 = PoolInfo("h100", "h100")
+
+
+# ------------------------------------------------------------------------------ the library
+def test_8b_to_3b_on_h100_shards_the_student_and_says_why() -> None:
+    spec = parse_spec(big_spec())
+    p = make_plan(spec, student_config=L3B, teacher_config=L8B, pool=H100)
+    assert p.fits is True
+    assert p.strategy["student_parallel"] == "fsdp"
+    assert p.spec is not None and p.spec.resources.student_parallel == "fsdp"
+    [lever] = p.levers
+    assert lever["field"] == "resources.student_parallel" and lever["value"] == "fsdp"
+    assert "more than 75% of 80 GB" in lever["reason"]
+    comps = p.memory["components"]
+    assert set(comps) >= {"student_weights", "student_grads", "optimizer", "activations"}
+    assert set(comps) >= {"logits", "teacher", "reserve"}
+    assert sum(comps.values()) == p.memory["per_gpu_bytes"] <= FIT * 80e9
+    # the 3B student's fp32 AdamW moments, sharded over 8: 8 bytes × params / 8
+    s = sizes_of_config(L3B)
+    assert s is not None and comps["optimizer"] == 8 * s.params // 8
+    # FLOP fallback: 8 GPUs × 989 TFLOP/s × 0.35 over the FLOPs per token
+    tp = p.throughput
+    assert tp["tokens_per_s"] == pytest.approx(8 * 989e12 * 0.35 / tp["flops_per_token"])
+    assert tp["low"] < tp["tokens_per_s"] < tp["high"]
+    cost = p.cost
+    assert cost["tokens"] == 1000 * 8 * 4096
+    assert cost["gpu_hours"] == pytest.approx(cost["tokens"] / tp["tokens_per_s"] / 3600 * 8)
+
+
+def test_a_job_that_cannot_fit_names_the_batch_with_numbers() -> None:
+    spec = parse_spec(big_spec(batch_size=256))
+    with pytest.raises(SpecError) as e:
+        make_plan(spec, student_config=L3B, teacher_config=L8B, pool=H100)
+    assert e.value.param == "spec.training.batch_size"
+    msg = str(e.value)
+    assert "GB per GPU, the h100 pool has 80 (92% usable: 74); batch " in msg
+    # the batch it proposes does fit, the one above it does not
+    b = int(msg.split("; batch ")[1].split()[0])
+    assert b % 8 == 0 and b < 256
+    ok = make_plan(
+        parse_spec(big_spec(batch_size=b)), student_config=L3B, teacher_config=L8B, pool=H100
+    )
+    assert ok.fits is True
+    with pytest.raises(SpecError):
+        make_plan(
+            parse_spec(big_spec(batch_size=b + 8)),
+            student_config=L3B,
+            teacher_config=L8B,
+            pool=H100,
+        )
+
+
+def test_checkpointing_is_pulled_when_sharding_is_not_enough() -> None:
+    # one GPU: no sharding; the activations of 1 × 4096 tokens through 28 layers do not fit
+    d = big_spec(batch_size=1)
+    d["resources"] = {"gpus": 1, "queue": "h200"}
+    d["teacher"]["config"] = llama(512, 2, 1024, 8, 2)
+    d["student"]["config"] = llama(1024, 16, 2816, 16, 4, vocab=32000)
+    spec = parse_spec(d)
+    # 9.0 GB without checkpointing, 6.4 GB with it; 92 % of 8 GB is 7.36
+    pool = PoolInfo("h200", "h200", gpu_memory_bytes=int(8e9))
+    p = make_plan(
+        spec,
+        student_config=d["student"]["config"],
+        teacher_config=d["teacher"]["config"],
+        pool=pool,
+    )
+    assert [lv["field"] for lv in p.levers] == ["training.activation_checkpointing"]
+    assert p.strategy["activation_checkpointing"] is True and p.fits is True
+
+
+def test_unknown_configs_are_listed_not_guessed() -> None:
+    d = big_spec()
+    d["teacher"] = {"model": "org/some-teacher"}
+    spec = parse_spec(d)
+    p = make_plan(spec, student_config=L3B, teacher_config=None, pool=H100)
+    assert p.unknown == ["teacher"]
+    assert p.memory["partial"] is True and p.fits is None
+    assert "teacher" not in p.memory["components"]
+    q = make_plan(spec, student_config=None, teacher_config=None, pool=PoolInfo("x"))
+    assert {"teacher", "student_weights", "optimizer", "activations", "pool_memory"} <= set(
+        q.unknown
+    )
+    assert q.memory["per_gpu_bytes"] is None and q.throughput["tokens_per_s"] is None
+
+
+def test_throughput_from_the_step_cost_table_scales_by_flops() -> None:
+    spec = parse_spec(big_spec())
+    s, t = sizes_of_config(L3B), sizes_of_config(L8B, "bfloat16")
+    assert s is not None and t is not None
+    f = step_flops_per_token(spec, s, t)
+    # one finished kd job on h100 that reached 40 % MFU over 8 GPUs, at half this job's FLOPs
+    rate = 0.4 * 989e12
+    row = Cost(
+        "h100", "kd", s.params, 4096, 8, tokens_per_s=8 * rate / (f / 2), flops_per_token=f / 2
+    )
+    other = Cost("a100", "kd", s.params, 4096, 8, tokens_per_s=1.0, flops_per_token=f)
+    tp = throughput(spec, f, H100, [row, other], student_params=s.params)
+    assert tp["source"] == "measured"
+    assert tp["tokens_per_s"] == pytest.approx(8 * rate / f)  # same FLOP/s, twice the FLOPs
+    assert tp["low"] == pytest.approx(0.75 * tp["tokens_per_s"])  # one row: ±25 %
+    # no row for the card and no known peak: unknown, not guessed
+    none = throughput(spec, f, PoolInfo("cpu", "cpu"), [other], student_params=s.params)
+    assert none["tokens_per_s"] is None and none["source"].startswith("unknown")
+
+
+def test_flops_count_the_head_and_the_teacher_forward() -> None:
+    spec = parse_spec(big_spec(seq_len=8))
+    s, t = sizes_of_config(L3B), sizes_of_config(L8B)
+    assert s is not None and t is not None
+    body = lambda m: m.layers * m.block_params + m.vocab * m.hidden  # noqa: E731
+    attn = lambda m: m.layers * 8 * m.heads * m.head_dim  # noqa: E731
+    assert step_flops_per_token(spec, s, t) == 6 * (body(s) + attn(s)) + 2 * (body(t) + attn(t))
+    sft = parse_spec({**big_spec(seq_len=8), "method": {"name": "sft"}})
+    assert step_flops_per_token(sft, s, t) == 6 * (body(s) + attn(s))
+
+
+# ------------------------------------------------------------------------------- preflight
+def _bpe(texts: list[str], vocab: int):
+    from sharp_core.models.loading import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(texts, vocab)
+
+
+TEXT = ["the quick brown fox jumps over the lazy dog " * 20, "pack my box with five dozen jugs"]
+
+
+def test_tokenizer_findings() -> None:
+    a, b = _bpe(TEXT, 300), _bpe(TEXT, 300)
+    [f] = compare_tokenizers(a, b, teacher_rows=len(a), student_rows=len(a), cross_tokenizer=None)
+    assert f.code == "tokenizers_identical"
+    [f] = compare_tokenizers(
+        a, b, teacher_rows=len(a), student_rows=len(a) + 128, cross_tokenizer=None
+    )
+    assert f.code == "vocab_padded" and f.severity == "info"
+    small = compare_tokenizers(
+        a, b, teacher_rows=len(a) - 1, student_rows=None, cross_tokenizer=None
+    )
+    assert [x.code for x in small] == ["tokenizers_identical", "embeddings_too_small"]
+    c = _bpe(TEXT, 280)
+    [f] = compare_tokenizers(a, c, teacher_rows=None, student_rows=None, cross_tokenizer=None)
+    assert f.code == "tokenizers_overlap" and f.severity == "error"
+    assert f.param == "spec.method.cross_tokenizer"
+    [f] = compare_tokenizers(a, c, teacher_rows=None, student_rows=None, cross_tokenizer="gold")
+    assert f.code == "tokenizers_overlap" and f.severity == "info"
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    other = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"α": 0, "β": 1}, unk_token="α"))
+    )
+    [f] = compare_tokenizers(a, other, teacher_rows=None, student_rows=None, cross_tokenizer=None)
+    assert f.code == "tokenizers_disjoint"
+
+
+def test_chat_template_findings() -> None:
+    a, b = _bpe(TEXT, 300), _bpe(TEXT, 300)
+    assert compare_chat_templates(a, b) == []
+    tpl = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    a.chat_template = b.chat_template = tpl
+    [f] = compare_chat_templates(a, b)
+    assert f.code == "chat_template_same"
+    b.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}"
+    [f] = compare_chat_templates(a, b)
+    assert f.code == "chat_template_differs" and f.severity == "warning"
+
+
+def test_positions_and_bf16_findings() -> None:
+    [f] = check_positions(128, "student", {"model_type": "gpt2", "n_positions": 64})
+    assert f.severity == "error" and f.param == "spec.training.seq_len"
+    [f] = check_positions(16384, "teacher", L8B)
+    assert f.severity == "warning"
+    assert check_positions(64, "student", {"model_type": "gpt2", "n_positions": 64}) == []
+    [f] = check_dtype("bf16", "v100", False)
+    assert f.code == "bf16_unsupported" and f.param == "spec.training.precision"
+    assert check_dtype("fp16", "v100", False) == [] and check_dtype("bf16", "h100", True) == []
+
+
+# -------------------------------------------------------------------------------- service
+
+
+@pytest.mark.service
+def test_plan_endpoint_and_admission(settings, db, make_team, corpus) -> None:
+    """The plan answers as POST /v1/jobs does for a bad spec; a job that cannot fit its
+    declared pool is a 422 from both, naming the field with the numbers; a plan for a pool
+    nobody declared says so."""
+    from api.app import create_app
+
+    team = make_team("planner")
+
+    def big_spec(**training) -> dict:
+        return {**globals()["big_spec"](**training), "dataset": {"files": [str(corpus)]}}
+
+    with db.session() as s:
+        scheduler.register_worker(
+            s, name="w-h100", pool="h100", gpus=8, hostname="h", gpu_type="h100"
+        )
+    with TestClient(create_app(settings)) as client:
+        bad = {"spec": {**big_spec(), "training": {"lr": 5}}}
+        for path in ("/v1/jobs/plan", "/v1/jobs"):
+            r = client.post(path, json=bad, headers=team.headers)
+            assert r.status_code == 422 and r.json()["error"]["param"] == "spec.training.lr"
+        huge = {"spec": big_spec(batch_size=256)}
+        for path in ("/v1/jobs/plan", "/v1/jobs"):
+            r = client.post(path, json=huge, headers=team.headers)
+            assert r.status_code == 422, r.text
+            err = r.json()["error"]
+            assert err["param"] == "spec.training.batch_size"
+            assert "the h100 pool has 80 (92% usable: 74); batch" in err["message"]
+        r = client.post("/v1/jobs/plan", json={"spec": big_spec()}, headers=team.headers)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["plan"]["fits"] is True
+        assert body["spec"]["resources"]["student_parallel"] == "fsdp"
+        assert body["plan"]["pool"]["gpu_type"] == "h100"
+        other = {**big_spec(), "resources": {"gpus": 8, "queue": "nowhere"}}
+        r = client.post("/v1/jobs/plan", json={"spec": other}, headers=team.headers)
+        assert r.status_code == 200 and "pool_memory" in r.json()["plan"]["unknown"]
+        with db.session() as s:
+            assert s.scalars(select(Job)).all() == []  # nothing was queued
+
+
+LLAMA_TINY = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+
+@pytest.mark.service
+@pytest.mark.slow
+def test_a_job_that_fits_only_sharded_runs_sharded(settings, db, make_team, corpus, tmp_path):
+    """A 'cpu' pool declaring less memory than a DDP replica needs but more than the FSDP
+    shard: POST /v1/jobs answers with the lever in its plan, the job runs on 2 gloo ranks
+    with the student sharded, GET shows planned and measured side by side, and the finished
+    job's speed lands in the step-cost table."""
+    import threading
+
+    from api.app import create_app
+    from service.live import LivePublisher
+    from service.models import utcnow
+    from service.repositories import JobRepository
+    from sharp_core.train.plan import check_fits
+    from tests.helpers import spec_dict, train_tiny_teacher
+    from tests.test_service_worker import Sent
+    from worker.child import log_path
+    from worker.supervisor import Supervisor
+
+    teacher = train_tiny_teacher(corpus, tmp_path / "teacher")
+    spec = spec_dict(
+        corpus,
+        teacher={"model": str(teacher)},
+        student={"init": "config", "config": dict(LLAMA_TINY)},
+        method={"name": "kd"},
+        training={"max_steps": 6, "eval_every": 0, "checkpoint_every": 0, "batch_size": 4},
+        resources={"gpus": 2, "queue": "cpu-small"},
+    )
+    spec.pop("tokenizer")
+    # the memory that separates the two: DDP above COMFORT, FSDP within FIT
+    import json as _json
+
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(str(teacher)))
+    t_cfg = _json.loads((teacher / "config.json").read_text())
+    s = sizes_of_config({**LLAMA_TINY, "vocab_size": vocab})
+    t = sizes_of_config(t_cfg)
+    assert s is not None and t is not None
+    parsed = parse_spec(spec)
+    from sharp_core.train.plan import strategy_estimate  # the per-strategy estimate
+
+    ddp = strategy_estimate(parsed, s, t, "ddp", "replicate", False).total
+    fsdp = strategy_estimate(parsed, s, t, "fsdp", "replicate", False).total
+    assert fsdp / FIT < ddp / COMFORT
+    mem = int((fsdp / FIT + ddp / COMFORT) / 2)
+    _, _, e, levers, fits = check_fits(parsed, s, t, PoolInfo("cpu-small", "cpu", mem))
+    assert fits and [lv["field"] for lv in levers] == ["resources.student_parallel"]
+
+    team = make_team("sharded")
+    with db.session() as s_:
+        scheduler.register_worker(
+            s_,
+            name="w-cpu",
+            pool="cpu-small",
+            gpus=2,
+            hostname="h",
+            gpu_type="cpu",
+            gpu_memory_bytes=mem,
+        )
+    live = LivePublisher(settings)
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/v1/jobs", json={"spec": spec}, headers=team.headers)
+        assert r.status_code == 201, r.text
+        job = r.json()
+        assert job["spec"]["resources"]["student_parallel"] == "fsdp"
+        assert job["plan"]["levers"][0]["field"] == "resources.student_parallel"
+        assert job["plan"]["strategy"]["student_parallel"] == "fsdp"
+        job_id = job["id"]
+        with db.session() as s_:
+            JobRepository(s_).update_fenced(job_id, values={"admitted_at": utcnow()})
+        sup = Supervisor(settings, db, live, Sent())
+        out: list[str] = []
+        th = threading.Thread(target=lambda: out.append(sup.run(job_id)))
+        th.start()
+        th.join(300)
+        assert out == ["succeeded"]
+        log = log_path(settings, team.team_id, job_id, 1).read_text()
+        assert "student: fsdp" in log
+        got = client.get(f"/v1/jobs/{job_id}", headers=team.headers).json()
+        usage = got["usage"]
+        assert usage["peak_memory_gb"]["planned"] == pytest.approx(e.total / GB)
+        assert usage["peak_memory_gb"]["measured"] > 0
+        assert usage["tokens_per_s"]["measured"] > 0
+    live.close()
+    with db.session() as s_:
+        [row] = s_.scalars(select(StepCost).where(StepCost.job_id == job_id)).all()
+    assert row.gpu_type == "cpu" and row.method == "kd" and row.world_size == 2
+    assert row.tokens_per_s > 0 and row.student_params == s.params
+
+
+# ------------------------------------------------------------------ against measurement
+@pytest.mark.parametrize("ac", [False, True], ids=["no-checkpointing", "checkpointing"])
+def test_planned_memory_within_25_percent_of_a_measured_step(ac: bool) -> None:
+    """`bench/plan.py` at a small shape: the plan's per-process bytes against one kd step's
+    measured tensor peak (resident + the profiler's high-water mark), CPU, fp32."""
+    from bench.plan import Shape, _llama, measure
+
+    sh = Shape("t", _llama(128, 2, 1024, 4, 2), _llama(128, 1, 1024, 4, 2), batch=2, seq=512, ac=ac)
+    r = measure(sh)
+    assert 0.75 <= r["estimate"] / r["measured"] <= 1.25, r
+
+
+def test_the_job_start_refuses_seq_len_past_a_learned_position_table(corpus, tmp_path) -> None:
+    """A hub model's config is read only at job start: the same finding refuses it there."""
+    from sharp_core.train.loop import train
+    from tests.helpers import GPT2_TINY, spec_dict
+
+    d = spec_dict(corpus, training={"seq_len": 128, "max_steps": 1})
+    assert GPT2_TINY["n_positions"] == 64
+    with pytest.raises(SpecError) as e:
+        train(parse_spec(d), tmp_path / "run")
+    assert e.value.param == "spec.training.seq_len" and "64 positions" in str(e.value)
+    assert not (tmp_path / "run").exists()
