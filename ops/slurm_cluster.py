@@ -196,7 +196,9 @@ class Cluster:
             for key, p in self.procs.items():
                 if p.poll() is not None:
                     raise RuntimeError(f"{key} died (exit {p.returncode}) while waiting for {what}")
-            r = subprocess.run(check, capture_output=True, text=True, env={**os.environ, **self.env})
+            r = subprocess.run(
+                check, capture_output=True, text=True, env={**os.environ, **self.env}
+            )
             last = r.stdout + r.stderr
             if r.returncode == 0:
                 return r.stdout

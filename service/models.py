@@ -171,6 +171,9 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # The backend's id for the current attempt (a Slurm job id), so a worker that lost the
+    # supervisor adopts the running job instead of submitting it again (`worker.backends`).
+    backend_job_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class JobEvent(Base):
@@ -253,6 +256,12 @@ class Worker(Base):
     hostname: Mapped[str] = mapped_column(String(255))
     started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     heartbeat_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # What its backend offers: "local" (one host, torchrun --standalone) or "slurm" (jobs of
+    # up to `max_nodes` nodes with `gpus_per_node` each; `backend_info`: partition, nodes).
+    backend: Mapped[str] = mapped_column(String(16), default="local", server_default="local")
+    max_nodes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    gpus_per_node: Mapped[int | None] = mapped_column(Integer)
+    backend_info: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
 
 #: ``webhook_deliveries.status``: waiting for its next attempt, delivered, or given up.

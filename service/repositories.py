@@ -1098,17 +1098,42 @@ class WorkerRepository:
     def __init__(self, session: Session):
         self.session = session
 
-    def register(self, *, name: str, pool: str, gpus: int, hostname: str) -> None:
+    def register(
+        self,
+        *,
+        name: str,
+        pool: str,
+        gpus: int,
+        hostname: str,
+        backend: str = "local",
+        max_nodes: int = 1,
+        gpus_per_node: int | None = None,
+        backend_info: dict[str, Any] | None = None,
+    ) -> None:
         """Insert or refresh a worker's row (its heartbeat)."""
         now = utcnow()
+        fields = {
+            "pool": pool,
+            "gpus": gpus,
+            "hostname": hostname,
+            "backend": backend,
+            "max_nodes": max_nodes,
+            "gpus_per_node": gpus_per_node,
+            "backend_info": backend_info,
+        }
         stmt = _insert(self.session, Worker).values(
-            name=name, pool=pool, gpus=gpus, hostname=hostname, started_at=now, heartbeat_at=now
+            name=name, started_at=now, heartbeat_at=now, **fields
         )
         stmt = stmt.on_conflict_do_update(
-            index_elements=["name"],
-            set_={"pool": pool, "gpus": gpus, "hostname": hostname, "heartbeat_at": now},
+            index_elements=["name"], set_={**fields, "heartbeat_at": now}
         )
         self.session.execute(stmt)
+
+    def live_in_pool(self, pool: str, cutoff: dt.datetime) -> Sequence[Worker]:
+        """The pool's workers whose heartbeat is newer than `cutoff`."""
+        return self.session.scalars(
+            select(Worker).where(Worker.pool == pool, Worker.heartbeat_at >= cutoff)
+        ).all()
 
     def prune(self, cutoff: dt.datetime) -> None:
         """Forget workers silent since before `cutoff`."""

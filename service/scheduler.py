@@ -644,9 +644,15 @@ def queue_info(session: Session, job: Job, *, heartbeat_timeout_s: float) -> Que
 
 
 # --------------------------------------------------------------------------- workers
-def register_worker(session: Session, *, name: str, pool: str, gpus: int, hostname: str) -> None:
-    """Insert or refresh a worker's row (its heartbeat): the pool has one more live slot."""
-    WorkerRepository(session).register(name=name, pool=pool, gpus=gpus, hostname=hostname)
+def register_worker(
+    session: Session, *, name: str, pool: str, gpus: int, hostname: str, **backend: Any
+) -> None:
+    """Insert or refresh a worker's row (its heartbeat): the pool has one more live slot.
+    `backend`: what a multi-node backend offers (``backend``, ``max_nodes``,
+    ``gpus_per_node``, ``backend_info``; `service.pools`)."""
+    WorkerRepository(session).register(
+        name=name, pool=pool, gpus=gpus, hostname=hostname, **backend
+    )
 
 
 def prune_workers(session: Session, *, older_than_s: float) -> None:
