@@ -399,8 +399,8 @@ def test_what_the_pool_cannot_run_is_a_422_naming_the_field(
         return r.status_code, r.json().get("error", {}).get("param")
 
     assert refused(queue="default") == (422, "spec.resources.nodes")  # no multi-node backend
-    assert refused(gpus=4) == (422, "spec.resources.gpus")  # the nodes have 2 CPUs
-    assert refused(nodes=3) == (422, "spec.resources.nodes")  # the partition has 2 nodes
+    assert refused(nodes=1, gpus=4) == (422, "spec.resources.gpus")  # the nodes have 2 CPUs
+    assert refused(nodes=4) == (422, "spec.resources.nodes")  # the partition has 2 nodes
     # a pool whose worker submits to a partition Slurm does not have
     ghost = slurm_settings.model_copy(update={"slurm_partition": "nosuch", "worker_pool": "ghost"})
     offer = describe_partition(ghost)
