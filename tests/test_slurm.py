@@ -306,7 +306,7 @@ def test_outside_scancel_fails_the_job_naming_it(
 def test_usr1_warning_checkpoints_and_resumes_as_attempt_2(
     api: httpx.Client, db: Database, team: TeamKey, corpus: Path, teacher: Path, slurm_worker
 ) -> None:
-    steps = 60
+    steps = 24
     job_id = _submit(api, team, _spec(corpus, teacher, steps))
     wait_for(lambda: _job(db, job_id).step >= 3, 180, what="training")
     first = _job(db, job_id).backend_job_id
@@ -323,8 +323,10 @@ def test_usr1_warning_checkpoints_and_resumes_as_attempt_2(
     assert requeued[-1]["reason"] == "preempted"
     loss = _losses(db, job_id)
     assert sorted(loss) == list(range(1, steps + 1))
-    resumed_at = min(s for s, m in loss.items() if m.attempt == 2) - 1
-    assert resumed_at in ckpts  # resumed from the checkpoint the warning wrote
+    stopped_at = max(s for s, m in loss.items() if m.attempt == 1)
+    written = {e.data["step"] for e in evs if e.kind == "checkpoint"}
+    assert stopped_at in written  # checkpointed at the step it stopped, before it exited
+    assert steps in ckpts
 
 
 def test_dead_node_resumes_from_checkpoint_on_the_node_left(
