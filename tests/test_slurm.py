@@ -21,13 +21,13 @@ tests do not run as root (slurmd must).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
 import subprocess
 import tarfile
 import threading
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -318,7 +318,10 @@ def test_usr1_warning_checkpoints_and_resumes_as_attempt_2(
     assert job.attempt == 2 and job.backend_job_id != first
     with db.session() as s:
         evs = s.execute(select(JobEvent).where(JobEvent.job_id == job_id)).scalars().all()
-        ckpts = {c.step for c in s.execute(select(Checkpoint).where(Checkpoint.job_id == job_id)).scalars()}
+        ckpts = {
+            c.step
+            for c in s.execute(select(Checkpoint).where(Checkpoint.job_id == job_id)).scalars()
+        }
     requeued = [e.data for e in evs if e.kind == "status" and e.data.get("status") == "queued"]
     assert requeued[-1]["reason"] == "preempted"
     loss = _losses(db, job_id)
@@ -381,7 +384,10 @@ def test_lost_worker_job_is_adopted_then_cancelled_after_a_checkpoint(
     job = _wait_done(db, job_id, slurm_worker)
     assert job.status == "cancelled"
     with db.session() as s:
-        ckpts = {c.step for c in s.execute(select(Checkpoint).where(Checkpoint.job_id == job_id)).scalars()}
+        ckpts = {
+            c.step
+            for c in s.execute(select(Checkpoint).where(Checkpoint.job_id == job_id)).scalars()
+        }
     assert job.step in ckpts  # checkpoint, then stop
 
 
