@@ -8,7 +8,8 @@ it" and "how did it end" differ, so those are a `Handle`, made by a `Backend`. T
 process itself (`worker.child`) is the same everywhere, so metrics, events, checkpoints and
 their fencing by attempt do not know where the job ran.
 
-``SHARP_WORKER_BACKEND`` picks one (`backend_for`); ``local`` is the default.
+``SHARP_WORKER_BACKEND`` picks one (`worker.supervisor.backend_for`); ``local`` is the
+default.
 """
 
 from __future__ import annotations
@@ -145,11 +146,3 @@ class LocalBackend:
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "local", "max_nodes": 1, "gpus_per_node": None, "backend_info": None}
-
-
-def backend_for(settings: Settings) -> Backend:
-    if settings.worker_backend == "slurm":
-        from worker.slurm import SlurmBackend
-
-        return SlurmBackend(settings)
-    return LocalBackend(settings)

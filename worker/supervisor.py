@@ -47,7 +47,7 @@ from service.live import LivePublisher
 from service.models import utcnow
 from service.repositories import JobRepository
 from service.settings import Settings, settings_env
-from worker.backends import End, Handle, Launch, LaunchRefused, backend_for
+from worker.backends import Backend, End, Handle, Launch, LaunchRefused, LocalBackend
 from worker.child import EXIT_ARTIFACT_WRITE_FAILED, log_path, result_path
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,15 @@ log = logging.getLogger(__name__)
 PREEMPT = threading.Event()
 
 POLL_S = 0.2
+
+
+def backend_for(settings: Settings) -> Backend:
+    """The backend ``SHARP_WORKER_BACKEND`` names (`worker.backends`)."""
+    if settings.worker_backend == "slurm":
+        from worker.slurm import SlurmBackend
+
+        return SlurmBackend(settings)
+    return LocalBackend(settings)
 
 
 def default_worker_name() -> str:

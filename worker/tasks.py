@@ -28,10 +28,9 @@ from service.dispatch import REAP_TASK, RUN_JOB_TASK, send_delivery, send_job
 from service.live import LivePublisher
 from service.models import Job
 from service.settings import Settings
-from worker.backends import backend_for
 from worker.celery_app import app
 from worker.reaper import reap as reap_once
-from worker.supervisor import PREEMPT, Supervisor, default_worker_name
+from worker.supervisor import PREEMPT, Supervisor, backend_for, default_worker_name
 
 log = logging.getLogger(__name__)
 
