@@ -156,13 +156,14 @@ def workers_list() -> None:
         with db.session() as s:
             workers = admin_fns.list_workers(s)
         now = utcnow()
-        table = Table("name", "pool", "GPUs", "host", "last heartbeat", "live")
+        table = Table("name", "pool", "GPUs", "backend (nodes)", "host", "last heartbeat", "live")
         for w in workers:
             age = (now - w.heartbeat_at).total_seconds()
             table.add_row(
                 w.name,
                 w.pool,
                 str(w.gpus),
+                admin_fns.describe_backend(w),
                 w.hostname,
                 f"{age:.0f}s ago",
                 "yes" if age <= settings.heartbeat_timeout_s else "no",

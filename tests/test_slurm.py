@@ -24,8 +24,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import secrets
 import subprocess
+import sys
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -42,7 +44,7 @@ from service.live import LivePublisher
 from service.models import Checkpoint, Job, JobEvent, Metric, utcnow
 from service.repositories import JobRepository
 from service.scheduler import register_worker
-from service.settings import Settings
+from service.settings import Settings, settings_env
 from tests.conftest import ROOT, WORKER_ENV, TeamKey, stop_process, wait_for
 from tests.helpers import GPT2_TINY, NO_DROPOUT, spec_dict, train_tiny_teacher
 from tests.test_distributed import cli_train, read_jsonl
@@ -439,3 +441,21 @@ def test_sbatch_refusal_fails_the_job_with_slurms_message(
     job = _job(db, job_id)
     assert job.error and job.error["code"] == "backend_refused"
     assert "sbatch: error" in job.error["message"] and "feature" in job.error["message"].lower()
+
+
+def test_admin_workers_list_shows_the_slurm_pool_with_its_nodes(
+    settings: Settings, slurm_worker: SlurmWorker
+) -> None:
+    env = {**os.environ, **settings_env(settings), "COLUMNS": "300"}
+    done = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "admin", "workers", "list"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    row = next(line for line in done.stdout.splitlines() if f" {POOL} " in line)
+    assert "slurm: debug, 2 nodes × CPU" in row
+    assert re.search(r"n1 (idle|mix|alloc)", row) and re.search(r"n2 (idle|mix|alloc)", row)
