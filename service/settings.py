@@ -84,12 +84,17 @@ class Settings(BaseSettings):
         "number of devices in `worker_gpus`, else 1.",
     )
     # -- backends (worker/backends.py, worker/slurm.py, docs/operations.md) ----------------
-    worker_backend: Literal["local", "slurm"] = Field(
+    worker_backend: Literal["local", "slurm", "kubernetes"] = Field(
         default="local",
         description="How this worker runs a job: 'local' (the training process on this host, "
-        "torchrun --standalone for several GPUs) or 'slurm' (an sbatch job of "
-        "spec.resources.nodes nodes, srun torchrun with c10d rendezvous on the first node).",
+        "torchrun --standalone for several GPUs), 'slurm' (an sbatch job of "
+        "spec.resources.nodes nodes, srun torchrun with c10d rendezvous on the first node) or "
+        "'kubernetes' (a Kubeflow PyTorchJob; not run in CI).",
     )
+    k8s_image: str | None = Field(
+        default=None, description="Kubernetes: the service's image the training pods run."
+    )
+    k8s_namespace: str = Field(default="default", description="Kubernetes: the namespace.")
     slurm_partition: str | None = Field(default=None, description="sbatch --partition.")
     slurm_account: str | None = Field(default=None, description="sbatch --account.")
     slurm_qos: str | None = Field(default=None, description="sbatch --qos.")

@@ -65,6 +65,12 @@ def backend_for(settings: Settings) -> Backend:
         from worker.slurm import SlurmBackend
 
         return SlurmBackend(settings)
+    if settings.worker_backend == "kubernetes":
+        from worker.k8s import KubernetesBackend
+
+        if not settings.k8s_image:
+            raise ValueError("SHARP_K8S_IMAGE must name the image the training pods run")
+        return KubernetesBackend(settings, settings.k8s_image, settings.k8s_namespace)
     return LocalBackend(settings)
 
 

@@ -98,7 +98,7 @@ def adopt_later(job: Job) -> bool:
     """The reaper's `adopt`: a lost job of this worker's pool whose backend job is still known
     to the backend (Slurm) gets a message; the supervisor that receives it adopts it."""
     settings = _settings()
-    if settings.worker_backend == "local" or job.queue != settings.pool or not job.backend_job_id:
+    if settings.worker_backend != "slurm" or job.queue != settings.pool or not job.backend_job_id:
         return False
     from worker.slurm import query
 
