@@ -308,7 +308,7 @@ def test_outside_scancel_fails_the_job_naming_it(
 def test_usr1_warning_checkpoints_and_resumes_as_attempt_2(
     api: httpx.Client, db: Database, team: TeamKey, corpus: Path, teacher: Path, slurm_worker
 ) -> None:
-    steps = 24
+    steps = 12
     job_id = _submit(api, team, _spec(corpus, teacher, steps))
     wait_for(lambda: _job(db, job_id).step >= 3, 180, what="training")
     first = _job(db, job_id).backend_job_id
@@ -343,7 +343,7 @@ def test_dead_node_resumes_from_checkpoint_on_the_node_left(
     slurm_worker: SlurmWorker,
     cluster: Cluster,
 ) -> None:
-    steps = 40
+    steps = 16
     job_id = _submit(api, team, _spec(corpus, teacher, steps))
     wait_for(lambda: _job(db, job_id).step >= 5, 180, what="training past a checkpoint")
     first = _job(db, job_id).backend_job_id

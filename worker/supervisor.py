@@ -306,8 +306,9 @@ class Supervisor:
                     w.cancel_seen = True
                     cancel_at = now
                     if proc.stop_on_cancel:
-                        # Slurm: scancel --signal=TERM, the step's checkpoint-then-stop path.
-                        stop_at = now
+                        # Slurm: scancel --signal=TERM now, the step's checkpoint-then-stop
+                        # path; the hard scancel keeps the local timeline (grace + kill grace).
+                        stop_at = now + self.settings.cancel_grace_s
                         proc.stop()
             if PREEMPT.is_set() and stop_at is None and not proc.stop_on_cancel:
                 # A local child dies with this worker: checkpoint and re-queue it. A Slurm job
