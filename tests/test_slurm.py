@@ -291,11 +291,29 @@ def test_two_node_job_streams_downloads_and_equals_two_process_run(
 
 
 # --------------------------------------------------------------------------- faults
-def test_outside_scancel_fails_the_job_naming_it(
+def test_slurm_pending_reason_shows_then_outside_scancel_fails_the_job_naming_it(
     api: httpx.Client, db: Database, team: TeamKey, corpus: Path, teacher: Path, slurm_worker
 ) -> None:
-    job_id = _submit(api, team, _spec(corpus, teacher, 400))
+    # both nodes busy with someone else's job: Slurm holds ours PENDING, and says why
+    blocker = subprocess.run(
+        ["sbatch", "--parsable", "-N2", "--exclusive", "--wrap", "sleep 300"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    try:
+        job_id = _submit(api, team, _spec(corpus, teacher, 400))
+
+        def slurm_reason() -> str | None:
+            shown = api.get(f"/v1/jobs/{job_id}", headers=team.headers).json()
+            return shown["queue_reason"] if shown["status"] == "running" else None
+
+        reason = wait_for(slurm_reason, 60, what="Slurm's PENDING reason on the job")
+        assert str(reason).startswith("slurm: ") and reason != "slurm: None", reason
+    finally:
+        subprocess.run(["scancel", blocker], check=True)
     wait_for(lambda: _job(db, job_id).step >= 2, 180, what="training")
+    assert api.get(f"/v1/jobs/{job_id}", headers=team.headers).json()["queue_reason"] is None
     slurm_id = _job(db, job_id).backend_job_id
     assert slurm_id
     subprocess.run(["scancel", slurm_id], check=True)

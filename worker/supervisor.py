@@ -248,13 +248,19 @@ class Supervisor:
                     )
         return handle
 
-    def _note_waiting(self, claim: Claim, reason: str) -> None:
-        """The backend holds the job in its own queue (Slurm PENDING): say why, once per
-        reason, as a ``backend`` event the job's SSE stream carries."""
+    def _note_waiting(self, claim: Claim, reason: str | None) -> None:
+        """The backend holds the job in its own queue (Slurm PENDING), or no longer (None):
+        its reason on the job (``queue_reason``, shown by the API) and, once per change, a
+        ``backend`` event the job's SSE stream carries."""
+        shown = f"{self.backend.name}: {reason}" if reason is not None else None
         with self.db.session() as s:
             repo = JobRepository(s, self.live)
             seq = repo.update_fenced(
-                claim.job_id, statuses=ACTIVE_STATUSES, attempt=claim.attempt, events=1
+                claim.job_id,
+                statuses=ACTIVE_STATUSES,
+                attempt=claim.attempt,
+                values={"queue_reason": shown},
+                events=1,
             )
             if seq is not None:
                 repo.add_event(
@@ -264,8 +270,8 @@ class Supervisor:
                     {
                         "attempt": claim.attempt,
                         "backend": self.backend.name,
-                        "state": "pending",
-                        "queue_reason": reason,
+                        "state": "pending" if reason is not None else "running",
+                        "queue_reason": shown,
                     },
                 )
 
@@ -283,7 +289,7 @@ class Supervisor:
                 break
             now = time.monotonic()
             reason = proc.waiting()
-            if reason is not None and reason != waiting:
+            if reason != waiting:
                 waiting = reason
                 with contextlib.suppress(Exception):
                     self._note_waiting(claim, reason)
