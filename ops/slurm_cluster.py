@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import socket
@@ -206,9 +207,18 @@ class Cluster:
         raise TimeoutError(f"{what}: {last.strip()[-500:]}")
 
     def start(self) -> Cluster:
+        """Start the daemons and wait until both nodes are idle; on failure, stop what was
+        started and raise."""
         problem = installed()
         if problem:
             raise RuntimeError(problem)
+        try:
+            return self._start_all()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_all(self) -> Cluster:
         self.accounting = self.accounting and _mysql_up()
         self._write_config()
         r = self.root
@@ -293,6 +303,18 @@ class Cluster:
                     p.kill()
                     p.wait()
         self.procs.clear()
+        if self.accounting and shutil.which("mysql"):
+            subprocess.run(
+                [
+                    "mysql",
+                    "-h127.0.0.1",
+                    "-uroot",
+                    "-e",
+                    f"DROP DATABASE IF EXISTS slurm_acct_{self.name}",
+                ],
+                capture_output=True,
+                check=False,
+            )
         for n in NODES:
             for pid in _step_pids(n):
                 with _suppress():
@@ -338,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         with _suppress():
             os.killpg(int(f.read_text()), signal.SIGTERM)
         f.unlink()
+    conf = args.dir / "etc" / "slurm.conf"
+    name = re.search(r"^ClusterName=(\S+)", conf.read_text(), re.M) if conf.is_file() else None
+    if name and shutil.which("mysql"):
+        drop = f"DROP DATABASE IF EXISTS slurm_acct_{name.group(1)}"
+        subprocess.run(["mysql", "-h127.0.0.1", "-uroot", "-e", drop], check=False)
     return 0
 
 
