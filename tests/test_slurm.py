@@ -337,13 +337,17 @@ def test_usr1_warning_checkpoints_and_resumes_as_attempt_2(
     assert job.status == "succeeded", job.error
     assert job.attempt == 2 and job.backend_job_id != first
     with db.session() as s:
-        evs = s.execute(select(JobEvent).where(JobEvent.job_id == job_id)).scalars().all()
+        evs = (
+            s.execute(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq))
+            .scalars()
+            .all()
+        )
         ckpts = {
             c.step
             for c in s.execute(select(Checkpoint).where(Checkpoint.job_id == job_id)).scalars()
         }
     requeued = [e.data for e in evs if e.kind == "status" and e.data.get("status") == "queued"]
-    assert requeued[-1]["reason"] == "preempted"
+    assert [d.get("reason") for d in requeued] == [None, "preempted"]  # submitted, then USR1
     loss = _losses(db, job_id)
     assert sorted(loss) == list(range(1, steps + 1))
     stopped_at = max(s for s, m in loss.items() if m.attempt == 1)
