@@ -114,9 +114,12 @@ def batch_script(settings: Settings, job: Launch) -> str:
         srun.append(f"--container-image={settings.slurm_container_image}")
         if settings.slurm_container_mounts:
             srun.append(f"--container-mounts={settings.slurm_container_mounts}")
-    # Expanded by each task's shell, so every node gets its own SLURM_NODEID.
+    # Expanded by each task's shell, so every node gets its own SLURM_NODEID. No core files:
+    # a killed agent would leave hundreds of MB in the working directory.
     torchrun = " ".join(
         [
+            "ulimit -c 0;",
+            "exec",
             shlex.quote(python),
             "-m torch.distributed.run",
             '--nnodes "$SLURM_NNODES"',
