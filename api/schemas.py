@@ -194,7 +194,9 @@ class JobPublic(BaseModel):
     )
     queue_reason: str | None = Field(
         default=None,
-        description="Why a queued job is not running yet.",
+        description="Why a queued job is not running yet; for a running job whose backend "
+        'has its own queue (a Slurm pool), why that queue still holds it ("slurm: '
+        'Resources"), null once it runs.',
         examples=[
             "waiting for a free h100",
             "team quota: 4 of 4 GPUs in use",
@@ -393,7 +395,10 @@ def job_public(
         started_at=job.started_at,
         finished_at=job.finished_at,
         queue_position=queue.position if queue else None,
-        queue_reason=queue.reason if queue else None,
+        # a running job's reason: its backend's own queue holds it (Slurm PENDING)
+        queue_reason=queue.reason
+        if queue
+        else (job.queue_reason if job.status == JobStatus.RUNNING.value else None),
         pruning=PruningPublic.model_validate(pruning) if pruning else None,
         teacher_cache=None
         if teacher_cache is None

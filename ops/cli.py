@@ -217,7 +217,17 @@ def workers_list() -> None:
         with db.session() as s:
             workers = admin_fns.list_workers(s)
         now = utcnow()
-        table = Table("name", "pool", "GPUs", "card", "GB/GPU", "host", "last heartbeat", "live")
+        table = Table(
+            "name",
+            "pool",
+            "GPUs",
+            "card",
+            "GB/GPU",
+            "backend (nodes)",
+            "host",
+            "last heartbeat",
+            "live",
+        )
         for w in workers:
             age = (now - w.heartbeat_at).total_seconds()
             table.add_row(
@@ -226,6 +236,7 @@ def workers_list() -> None:
                 str(w.gpus),
                 w.gpu_type or "-",
                 "-" if w.gpu_memory_bytes is None else f"{w.gpu_memory_bytes / 1e9:.3g}",
+                admin_fns.describe_backend(w),
                 w.hostname,
                 f"{age:.0f}s ago",
                 "yes" if age <= settings.heartbeat_timeout_s else "no",

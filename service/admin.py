@@ -125,6 +125,20 @@ def list_workers(session: Session) -> Sequence[Worker]:
     return WorkerRepository(session).list()
 
 
+def describe_backend(worker: Worker) -> str:
+    """What a worker's backend offers, for ``sharp admin workers list``: "local", or a Slurm
+    pool's partition, node count and each node with its state (as sinfo last said)."""
+    if worker.backend == "local":
+        return "local"
+    info = worker.backend_info or {}
+    part = info.get("partition") or "default partition"
+    if not info.get("partition_exists", True):
+        return f"{worker.backend}: partition '{part}' does not exist"
+    nodes = ", ".join(f"{n.get('name')} {n.get('state')}" for n in info.get("nodes") or [])
+    per_node = f"{worker.gpus_per_node} GPUs" if worker.gpus_per_node else "CPU"
+    return f"{worker.backend}: {part}, {worker.max_nodes} nodes × {per_node} ({nodes})"
+
+
 def list_keys(session: Session, team: str | None = None) -> list[tuple[ApiKey, Team]]:
     teams = {t.id: t for t in TeamRepository(session).list()}
     team_id = _team(session, team).id if team else None

@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import lifecycle, scheduler
+from service import lifecycle, pools, scheduler
 from service.dispatch import DeliveryDispatch, Dispatch
 from service.errors import (
     IdempotencyConflictError,
@@ -224,6 +224,12 @@ class JobService:
         runs this for each of its cells (`service.sweeps`)."""
         spec = parse_spec(raw_spec, prefix=prefix)  # type: ignore[arg-type]
         self._check_references(team, spec)
+        pools.check_resources(
+            self.session,
+            spec.resources,
+            heartbeat_timeout_s=self.settings.heartbeat_timeout_s,
+            prefix=prefix,
+        )
         return spec
 
     def enqueue(
@@ -247,7 +253,7 @@ class JobService:
             name=spec.name,
             spec=spec.model_dump(mode="json"),
             queue=spec.resources.queue,
-            gpus=spec.resources.gpus,
+            gpus=pools.job_gpus(spec.resources),
             priority=spec.resources.priority,
             max_attempts=spec.resources.max_attempts,
             cancel_requested=False,

@@ -210,7 +210,15 @@ def claim(repo: JobRepository, job_id: str, worker: str) -> Job | None:
         admitted=True,
         bump_attempt=True,
         started_at=now,
-        values={"worker": worker, "heartbeat_at": now, "error": None},
+        # (the queue's place and reason are a waiting job's; a backend with its own queue
+        # writes its reason while it holds the job, `worker.supervisor`)
+        values={
+            "worker": worker,
+            "heartbeat_at": now,
+            "error": None,
+            "queue_position": None,
+            "queue_reason": None,
+        },
         data={"worker": worker},
     )
     return None if seq is None else repo.get(job_id)

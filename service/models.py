@@ -176,6 +176,10 @@ class Job(Base):
     plan: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     peak_mem_mb: Mapped[float | None] = mapped_column(Double)
 
+    # The backend's id for the current attempt (a Slurm job id), so a worker that lost the
+    # supervisor adopts the running job instead of submitting it again (`worker.backends`).
+    backend_job_id: Mapped[str | None] = mapped_column(String(64))
+
 
 class StepCost(Base):
     """A finished job's measured speed on its pool's card: the table job plans estimate
@@ -280,6 +284,12 @@ class Worker(Base):
     # What the pool's job plans fit against (SHARP_WORKER_GPU_TYPE / _GPU_MEMORY_GB).
     gpu_type: Mapped[str | None] = mapped_column(String(32))
     gpu_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # What its backend offers: "local" (one host, torchrun --standalone) or "slurm" (jobs of
+    # up to `max_nodes` nodes with `gpus_per_node` each; `backend_info`: partition, nodes).
+    backend: Mapped[str] = mapped_column(String(16), default="local", server_default="local")
+    max_nodes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    gpus_per_node: Mapped[int | None] = mapped_column(Integer)
+    backend_info: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
 
 #: ``webhook_deliveries.status``: waiting for its next attempt, delivered, or given up.

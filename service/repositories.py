@@ -1108,22 +1108,29 @@ class WorkerRepository:
         hostname: str,
         gpu_type: str | None = None,
         gpu_memory_bytes: int | None = None,
+        backend: str = "local",
+        max_nodes: int = 1,
+        gpus_per_node: int | None = None,
+        backend_info: dict[str, Any] | None = None,
     ) -> None:
         """Insert or refresh a worker's row (its heartbeat)."""
         now = utcnow()
-        card = {"gpu_type": gpu_type, "gpu_memory_bytes": gpu_memory_bytes}
+        fields = {
+            "pool": pool,
+            "gpus": gpus,
+            "hostname": hostname,
+            "gpu_type": gpu_type,
+            "gpu_memory_bytes": gpu_memory_bytes,
+            "backend": backend,
+            "max_nodes": max_nodes,
+            "gpus_per_node": gpus_per_node,
+            "backend_info": backend_info,
+        }
         stmt = _insert(self.session, Worker).values(
-            name=name,
-            pool=pool,
-            gpus=gpus,
-            hostname=hostname,
-            started_at=now,
-            heartbeat_at=now,
-            **card,
+            name=name, started_at=now, heartbeat_at=now, **fields
         )
         stmt = stmt.on_conflict_do_update(
-            index_elements=["name"],
-            set_={"pool": pool, "gpus": gpus, "hostname": hostname, "heartbeat_at": now, **card},
+            index_elements=["name"], set_={**fields, "heartbeat_at": now}
         )
         self.session.execute(stmt)
 
@@ -1137,6 +1144,12 @@ class WorkerRepository:
             .limit(1)
         ).first()
         return None if row is None else (row[0], row[1])
+
+    def live_in_pool(self, pool: str, cutoff: dt.datetime) -> Sequence[Worker]:
+        """The pool's workers whose heartbeat is newer than `cutoff`."""
+        return self.session.scalars(
+            select(Worker).where(Worker.pool == pool, Worker.heartbeat_at >= cutoff)
+        ).all()
 
     def prune(self, cutoff: dt.datetime) -> None:
         """Forget workers silent since before `cutoff`."""

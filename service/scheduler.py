@@ -653,8 +653,11 @@ def register_worker(
     hostname: str,
     gpu_type: str | None = None,
     gpu_memory_bytes: int | None = None,
+    **backend: Any,
 ) -> None:
-    """Insert or refresh a worker's row (its heartbeat): the pool has one more live slot."""
+    """Insert or refresh a worker's row (its heartbeat): the pool has one more live slot.
+    `backend`: what a multi-node backend offers (``backend``, ``max_nodes``,
+    ``gpus_per_node``, ``backend_info``; `service.pools`)."""
     WorkerRepository(session).register(
         name=name,
         pool=pool,
@@ -662,6 +665,7 @@ def register_worker(
         hostname=hostname,
         gpu_type=gpu_type,
         gpu_memory_bytes=gpu_memory_bytes,
+        **backend,
     )
 
 

@@ -96,6 +96,53 @@ class Settings(BaseSettings):
         description="Memory per GPU in GB (1e9 bytes) that job plans fit against; default: the "
         "card's (`worker_gpu_type`). For a 'cpu' pool: the memory a job may use.",
     )
+    # -- backends (worker/backends.py, worker/slurm.py, docs/operations.md) ----------------
+    worker_backend: Literal["local", "slurm", "kubernetes"] = Field(
+        default="local",
+        description="How this worker runs a job: 'local' (the training process on this host, "
+        "torchrun --standalone for several GPUs), 'slurm' (an sbatch job of "
+        "spec.resources.nodes nodes, srun torchrun with c10d rendezvous on the first node) or "
+        "'kubernetes' (a Kubeflow PyTorchJob; not run in CI).",
+    )
+    k8s_image: str | None = Field(
+        default=None, description="Kubernetes: the service's image the training pods run."
+    )
+    k8s_namespace: str = Field(default="default", description="Kubernetes: the namespace.")
+    slurm_partition: str | None = Field(default=None, description="sbatch --partition.")
+    slurm_account: str | None = Field(default=None, description="sbatch --account.")
+    slurm_qos: str | None = Field(default=None, description="sbatch --qos.")
+    slurm_gpus_per_node: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="GPUs on each node of the partition; 0: CPU nodes (gloo, and "
+        "spec.resources.gpus counts processes per node, no --gpus-per-node).",
+    )
+    slurm_time_limit: str | None = Field(default=None, description="sbatch --time.")
+    slurm_signal_grace_s: int = Field(
+        default=120,
+        ge=1,
+        description="--signal=B:USR1@N: Slurm warns N seconds before a time limit or "
+        "preemption; the job checkpoints, stops and resumes as attempt + 1.",
+    )
+    slurm_container_image: str | None = Field(
+        default=None, description="Pyxis/Enroot: srun --container-image (unset: no container)."
+    )
+    slurm_container_mounts: str | None = Field(
+        default=None, description="Pyxis: srun --container-mounts (the artifact root, data)."
+    )
+    slurm_python: str | None = Field(
+        default=None, description="The Python on the nodes (default: the worker's own)."
+    )
+    slurm_rdzv_port: int = Field(
+        default=29400, ge=1024, le=65535, description="torchrun's c10d rendezvous port."
+    )
+    slurm_sbatch_args: list[str] = Field(
+        default_factory=list, description="Extra sbatch options, e.g. ['--constraint=h100']."
+    )
+    slurm_poll_s: float = Field(
+        default=2.0, gt=0, description="How often the worker asks squeue about its jobs."
+    )
     scheduler_interval_s: float = Field(
         default=5.0,
         gt=0,

@@ -614,6 +614,13 @@ class ResourcesSpec(_Strict):
         le=64,
         description="GPUs on one host; more than 1 runs the training under torchrun.",
     )
+    nodes: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="Hosts the job spans (a pool with a multi-node backend, e.g. Slurm): "
+        "`gpus` per node, one torchrun per node; quotas count nodes × gpus.",
+    )
     priority: int = Field(
         default=0, ge=-100, le=100, description="Order within the team's queued jobs; higher first."
     )
@@ -786,6 +793,8 @@ def parse_spec(data: dict[str, Any], *, prefix: str = "spec") -> JobSpec:
 
 def _check_batch_split(spec: JobSpec, prefix: str) -> None:
     gpus = spec.resources.gpus
+    if spec.resources.nodes > 1:  # one process per GPU on every node (one on a CPU node)
+        gpus = spec.resources.nodes * max(1, gpus)
     if gpus > 1 and spec.training.batch_size % gpus:
         # checked here rather than in a model validator so that the error names the field
         # (a model validator's errors carry no location); the trainer checks it again

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
@@ -52,6 +53,7 @@ class ReapReport:
     failed: list[str] = field(default_factory=list)
     redispatched: list[str] = field(default_factory=list)
     sweeps_advanced: list[str] = field(default_factory=list)
+    adopting: list[str] = field(default_factory=list)
 
 
 def reap(
@@ -62,9 +64,13 @@ def reap(
     *,
     dead_worker: str | None = None,
     deliver: DeliveryDispatch | None = None,
+    adopt: Callable[[Job], bool] | None = None,
 ) -> ReapReport:
     """One pass. `dead_worker`: a worker name known to be dead (this worker restarting under
-    a stable name); its jobs are taken back without waiting for the heartbeat timeout."""
+    a stable name); its jobs are taken back without waiting for the heartbeat timeout.
+    `adopt`: for a lost job whose backend job may still run (a Slurm job outlives its
+    worker), True when it was handed to a supervisor to adopt (`Supervisor.adopt`) instead
+    of being queued again."""
     report = ReapReport()
     now = utcnow()
     cutoff = now - dt.timedelta(seconds=settings.heartbeat_timeout_s)
@@ -75,6 +81,9 @@ def reap(
             seen = {x.id for x in stale}
             stale += [j for j in repo.active_on_worker(dead_worker) if j.id not in seen]
         for job in stale:
+            if adopt is not None and job.backend_job_id and adopt(job):
+                report.adopting.append(job.id)
+                continue
             # Only if still stale when written: a heartbeat may arrive meanwhile.
             on_dead = dead_worker if dead_worker and job.worker == dead_worker else None
             lost = {
@@ -104,7 +113,9 @@ def reap(
             if repo.mark_redispatched(job.id, now, sent_before=queued_cutoff):
                 report.redispatched.append(job.id)
                 _dispatch_later(s, dispatch, job)
-    if any((report.requeued, report.cancelled, report.failed, report.redispatched)):
+    if any(
+        (report.requeued, report.cancelled, report.failed, report.redispatched, report.adopting)
+    ):
         log.warning("reaper: %s", report)
     # Sweeps whose advance was lost (a crash between a cell's end and its after-commit
     # hook): idempotent, so running it on every pass is safe.

@@ -26,13 +26,12 @@ is followed by a scheduling pass, since its slot is free.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -45,8 +44,10 @@ from service.db import Database
 from service.dispatch import DeliveryDispatch, Dispatch
 from service.lifecycle import ACTIVE_STATUSES, JobStatus
 from service.live import LivePublisher
+from service.models import utcnow
 from service.repositories import JobRepository
 from service.settings import Settings, settings_env
+from worker.backends import Backend, End, Handle, Launch, LaunchRefused, LocalBackend
 from worker.child import EXIT_ARTIFACT_WRITE_FAILED, log_path, result_path
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,21 @@ log = logging.getLogger(__name__)
 PREEMPT = threading.Event()
 
 POLL_S = 0.2
+
+
+def backend_for(settings: Settings) -> Backend:
+    """The backend ``SHARP_WORKER_BACKEND`` names (`worker.backends`)."""
+    if settings.worker_backend == "slurm":
+        from worker.slurm import SlurmBackend
+
+        return SlurmBackend(settings)
+    if settings.worker_backend == "kubernetes":
+        from worker.k8s import KubernetesBackend
+
+        if not settings.k8s_image:
+            raise ValueError("SHARP_K8S_IMAGE must name the image the training pods run")
+        return KubernetesBackend(settings, settings.k8s_image, settings.k8s_namespace)
+    return LocalBackend(settings)
 
 
 def default_worker_name() -> str:
@@ -78,6 +94,7 @@ class Watch:
     terminated: bool = False
     killed: bool = False
     preempted: bool = False
+    detached: bool = False  # the worker shuts down; the backend job runs on (adopted later)
 
 
 class Supervisor:
@@ -96,6 +113,7 @@ class Supervisor:
         self.dispatch = dispatch
         self.deliver = deliver  # webhook deliveries of the job's end (`service.webhooks`)
         self.name = worker_name or settings.worker_name or default_worker_name()
+        self.backend = backend_for(settings)
 
     # -- claim -----------------------------------------------------------------------------
     def claim(self, job_id: str) -> Claim | None:
@@ -112,25 +130,79 @@ class Supervisor:
     def run(self, job_id: str) -> str:
         claim = self.claim(job_id)
         if claim is None:
-            log.info("job %s is not queued; duplicate or stale delivery ignored", job_id)
-            return "not_claimed"
-        log.info("job %s attempt %d claimed by %s", job_id, claim.attempt, self.name)
-        try:
-            proc = self._spawn(claim)
-        except OSError as e:
-            outcome = self._finish(
-                claim,
-                Watch(exit_code=None),
-                None,
-                spawn_error=f"cannot start the training process: {e}",
-            )
-            self.schedule()
-            return outcome
-        watch = self._watch(proc, claim)
+            adopted = self.adopt(job_id)
+            if adopted is None:
+                log.info("job %s is not queued; duplicate or stale delivery ignored", job_id)
+                return "not_claimed"
+            claim, handle = adopted
+            log.info("job %s attempt %d adopted by %s", job_id, claim.attempt, self.name)
+        else:
+            log.info("job %s attempt %d claimed by %s", job_id, claim.attempt, self.name)
+            try:
+                handle = self._spawn(claim)
+            except (OSError, LaunchRefused) as e:
+                refused = isinstance(e, LaunchRefused)
+                outcome = self._finish(
+                    claim,
+                    Watch(exit_code=None),
+                    None,
+                    spawn_error=f"{self.backend.name} refused the job: {e}"
+                    if refused
+                    else f"cannot start the training process: {e}",
+                    refused=refused,
+                )
+                self.schedule()
+                return outcome
+        watch = self._watch(handle, claim)
         result = self._read_result(claim)
-        outcome = self._finish(claim, watch, result)
+        outcome = self._finish(claim, watch, result, end=handle.end())
         self.schedule()
         return outcome
+
+    def adopt(self, job_id: str) -> tuple[Claim, Handle] | None:
+        """Take over an active job whose supervisor is gone (its heartbeat is stale) but whose
+        backend job still runs (a Slurm job outlives the worker that submitted it): watch it
+        instead of submitting it again. None: nothing to adopt."""
+        cutoff = utcnow() - dt.timedelta(seconds=self.settings.heartbeat_timeout_s)
+        with self.db.session() as s:
+            repo = JobRepository(s)
+            job = repo.get(job_id)
+            if (
+                job is None
+                or job.status not in ACTIVE_STATUSES
+                or not job.backend_job_id
+                or job.queue != self.settings.pool
+            ):
+                return None
+            claim = Claim(job.id, job.team_id, job.queue, job.attempt)
+            backend_job_id = job.backend_job_id
+        logfile = log_path(self.settings, claim.team_id, claim.job_id, claim.attempt)
+        handle = self.backend.adopt(backend_job_id, logfile)
+        if handle is None:
+            return None
+        with self.db.session() as s:
+            seq = JobRepository(s, self.live).update_fenced(
+                job_id,
+                statuses=ACTIVE_STATUSES,
+                attempt=claim.attempt,
+                heartbeat_before=cutoff,
+                values={"worker": self.name, "heartbeat_at": utcnow()},
+                events=1,
+            )
+            if seq is None:
+                return None  # its supervisor is alive after all, or another worker was faster
+            JobRepository(s, self.live).add_event(
+                job_id,
+                seq,
+                "backend",
+                {
+                    "attempt": claim.attempt,
+                    "backend": self.backend.name,
+                    "backend_job_id": backend_job_id,
+                    "adopted_by": self.name,
+                },
+            )
+        return claim, handle
 
     def schedule(self) -> None:
         """A scheduling pass: the slot this job held is free (or it is queued again)."""
@@ -140,41 +212,87 @@ class Supervisor:
             heartbeat_timeout_s=self.settings.heartbeat_timeout_s,
         )
 
-    def _spawn(self, claim: Claim) -> subprocess.Popen[bytes]:
+    def _spawn(self, claim: Claim) -> Handle:
         logfile = log_path(self.settings, claim.team_id, claim.job_id, claim.attempt)
         logfile.parent.mkdir(parents=True, exist_ok=True)
         result_path(self.settings, claim.team_id, claim.job_id, claim.attempt).unlink(
             missing_ok=True
         )
+        with self.db.session() as s:
+            job = JobRepository(s).get(claim.job_id)
+            spec = dict(job.spec) if job is not None else {}
         env = {**os.environ, **settings_env(self.settings), "PYTHONUNBUFFERED": "1"}
-        if self.settings.worker_gpus is not None:
-            env["CUDA_VISIBLE_DEVICES"] = self.settings.worker_gpus
-        with logfile.open("ab") as out:
-            return subprocess.Popen(
-                [sys.executable, "-m", "worker.child", claim.job_id, str(claim.attempt)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # own process group: killpg reaches data loaders too
-                env=env,
+        handle = self.backend.launch(
+            Launch(claim.job_id, claim.team_id, claim.attempt, spec, logfile, env)
+        )
+        if handle.backend_job_id is not None:
+            with self.db.session() as s:
+                repo = JobRepository(s, self.live)
+                seq = repo.update_fenced(
+                    claim.job_id,
+                    statuses=ACTIVE_STATUSES,
+                    attempt=claim.attempt,
+                    values={"backend_job_id": handle.backend_job_id},
+                    events=1,
+                )
+                if seq is not None:
+                    repo.add_event(
+                        claim.job_id,
+                        seq,
+                        "backend",
+                        {
+                            "attempt": claim.attempt,
+                            "backend": self.backend.name,
+                            "backend_job_id": handle.backend_job_id,
+                        },
+                    )
+        return handle
+
+    def _note_waiting(self, claim: Claim, reason: str | None) -> None:
+        """The backend holds the job in its own queue (Slurm PENDING), or no longer (None):
+        its reason on the job (``queue_reason``, shown by the API) and, once per change, a
+        ``backend`` event the job's SSE stream carries."""
+        shown = f"{self.backend.name}: {reason}" if reason is not None else None
+        with self.db.session() as s:
+            repo = JobRepository(s, self.live)
+            seq = repo.update_fenced(
+                claim.job_id,
+                statuses=ACTIVE_STATUSES,
+                attempt=claim.attempt,
+                values={"queue_reason": shown},
+                events=1,
             )
+            if seq is not None:
+                repo.add_event(
+                    claim.job_id,
+                    seq,
+                    "backend",
+                    {
+                        "attempt": claim.attempt,
+                        "backend": self.backend.name,
+                        "state": "pending" if reason is not None else "running",
+                        "queue_reason": shown,
+                    },
+                )
 
-    def _signal_group(self, proc: subprocess.Popen[bytes], sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-
-    def _watch(self, proc: subprocess.Popen[bytes], claim: Claim) -> Watch:
-        """Heartbeat while the child runs; escalate a cancel the child did not honour."""
+    def _watch(self, proc: Handle, claim: Claim) -> Watch:
+        """Heartbeat while the job runs; escalate a cancel the job did not honour."""
         w = Watch(exit_code=None)
         next_beat = 0.0
         cancel_at: float | None = None  # when we first saw the cancel flag
         stop_at: float | None = None  # when we asked the child to stop (SIGTERM)
+        waiting: str | None = None
         while True:
             code = proc.poll()
             if code is not None:
                 w.exit_code = code
                 break
             now = time.monotonic()
+            reason = proc.waiting()
+            if reason != waiting:
+                waiting = reason
+                with contextlib.suppress(Exception):
+                    self._note_waiting(claim, reason)
             if now >= next_beat:
                 next_beat = now + self.settings.heartbeat_interval_s
                 try:
@@ -189,14 +307,24 @@ class Supervisor:
                     )
                     w.fenced = True
                     stop_at = now
-                    self._signal_group(proc, signal.SIGTERM)
+                    proc.stop()
                 elif cancel and cancel_at is None:
                     w.cancel_seen = True
                     cancel_at = now
-            if PREEMPT.is_set() and stop_at is None:
+                    if proc.stop_on_cancel:
+                        # Slurm: scancel --signal=TERM now, the step's checkpoint-then-stop
+                        # path; the hard scancel keeps the local timeline (grace + kill grace).
+                        stop_at = now + self.settings.cancel_grace_s
+                        proc.stop()
+            if PREEMPT.is_set() and stop_at is None and not proc.stop_on_cancel:
+                # A local child dies with this worker: checkpoint and re-queue it. A Slurm job
+                # does not; another worker of the pool adopts it (`adopt`).
                 w.preempted = True
                 stop_at = now
-                self._signal_group(proc, signal.SIGTERM)
+                proc.stop()
+            if PREEMPT.is_set() and proc.stop_on_cancel:
+                w.detached = True
+                return w
             if (
                 cancel_at is not None
                 and stop_at is None
@@ -207,16 +335,16 @@ class Supervisor:
                 )
                 w.terminated = True
                 stop_at = now
-                self._signal_group(proc, signal.SIGTERM)
+                proc.stop()
             if stop_at is not None and not w.killed and now - stop_at >= self.settings.kill_grace_s:
                 log.warning(
                     "job %s still running %.0fs after SIGTERM; SIGKILL", claim.job_id, now - stop_at
                 )
                 w.killed = True
-                self._signal_group(proc, signal.SIGKILL)
+                proc.kill()
             time.sleep(POLL_S)
-        # The child is gone; make sure nothing it started survives (GPU memory, data loaders).
-        self._signal_group(proc, signal.SIGKILL)
+        # The job is gone; make sure nothing it started survives (GPU memory, data loaders).
+        proc.kill()
         return w
 
     def _read_result(self, claim: Claim) -> dict[str, Any] | None:
@@ -228,10 +356,22 @@ class Supervisor:
 
     # -- finish ----------------------------------------------------------------------------
     def _finish(
-        self, claim: Claim, w: Watch, result: dict[str, Any] | None, spawn_error: str | None = None
+        self,
+        claim: Claim,
+        w: Watch,
+        result: dict[str, Any] | None,
+        spawn_error: str | None = None,
+        *,
+        end: End | None = None,
+        refused: bool = False,
     ) -> str:
+        """Decide the job's status from the training process's result, else the backend's
+        end (`End`: Slurm's TIMEOUT, NODE_FAIL, PREEMPTED, OUT_OF_MEMORY, an outside
+        scancel), else the exit status."""
         if w.fenced:
             return "fenced"
+        if w.detached:
+            return "detached"
         with self.db.session() as s:
             repo = JobRepository(s, self.live, self.deliver)
             job = repo.get(claim.job_id)
@@ -265,6 +405,25 @@ class Supervisor:
             if cancel:
                 # Stopped as asked (with a checkpoint), or killed after the grace period.
                 return to(JobStatus.CANCELLED, data={"killed": True} if w.killed else None)
+            if refused:
+                # The backend will refuse it again (sbatch's message says why): fail now.
+                return to(
+                    JobStatus.FAILED,
+                    error={"code": "backend_refused", "message": spawn_error, "param": None},
+                )
+            if (
+                end is not None
+                and end.code is not None
+                and (end.external_cancel or end.state != "FAILED")
+            ):
+                # What Slurm says (an outside scancel, a node failure, a time limit,
+                # preemption, OOM) names the cause better than the processes it stopped.
+                if not end.retryable:
+                    return to(JobStatus.FAILED, error=end.error())
+                if status == "stopped":  # checkpointed on the warning first
+                    return requeue_or_fail(end.code, end.error())
+                if status != "error" or (result or {}).get("retryable", True):
+                    return requeue_or_fail(end.code, end.error())
             if status == "stopped":
                 return requeue_or_fail(
                     "preempted",
@@ -288,6 +447,8 @@ class Supervisor:
                 )
             if spawn_error is not None:
                 error = {"code": "spawn_failed", "message": spawn_error, "param": None}
+            elif end is not None and end.code is not None:
+                error = end.error()
             else:
                 error = {
                     "code": "training_process_died",

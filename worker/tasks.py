@@ -26,10 +26,11 @@ from service import scheduler
 from service.db import Database
 from service.dispatch import REAP_TASK, RUN_JOB_TASK, send_delivery, send_job
 from service.live import LivePublisher
+from service.models import Job
 from service.settings import Settings
 from worker.celery_app import app
 from worker.reaper import reap as reap_once
-from worker.supervisor import PREEMPT, Supervisor, default_worker_name
+from worker.supervisor import PREEMPT, Supervisor, backend_for, default_worker_name
 
 log = logging.getLogger(__name__)
 
@@ -75,23 +76,41 @@ def run_job(job_id: str) -> str:
 @app.task(name=REAP_TASK, ignore_result=True)
 def reap() -> dict[str, list[str]]:
     db, live = runtime()
-    return asdict(reap_once(_settings(), db, live, dispatch, deliver=deliver))
+    return asdict(reap_once(_settings(), db, live, dispatch, deliver=deliver, adopt=adopt_later))
 
 
 def _heartbeat(settings: Settings, db: Database) -> None:
+    offer = backend_for(settings).describe()  # a Slurm pool: its partition and nodes
+    gpus = int(offer.pop("gpus", settings.gpu_count))
     with db.session() as s:
         scheduler.prune_workers(s, older_than_s=max(24 * 3600, 10 * settings.heartbeat_timeout_s))
         scheduler.register_worker(
             s,
             name=worker_name(),
             pool=settings.pool,
-            gpus=settings.gpu_count,
+            gpus=gpus,
             hostname=socket.gethostname(),
             gpu_type=settings.worker_gpu_type,
             gpu_memory_bytes=None
             if settings.worker_gpu_memory_gb is None
             else int(settings.worker_gpu_memory_gb * 1e9),
+            **offer,
         )
+
+
+def adopt_later(job: Job) -> bool:
+    """The reaper's `adopt`: a lost job of this worker's pool whose backend job is still known
+    to the backend (Slurm) gets a message; the supervisor that receives it adopts it."""
+    settings = _settings()
+    if settings.worker_backend != "slurm" or job.queue != settings.pool or not job.backend_job_id:
+        return False
+    from worker.slurm import query
+
+    state, _, _ = query(job.backend_job_id)
+    if not state:
+        return False
+    dispatch(job.id, job.queue)
+    return True
 
 
 def _background_loop(stop: threading.Event) -> None:
@@ -111,6 +130,7 @@ def _background_loop(stop: threading.Event) -> None:
                     dispatch,
                     dead_worker=settings.worker_name if first else None,
                     deliver=deliver,
+                    adopt=adopt_later,
                 )
                 first = False
                 next_reap = time.monotonic() + settings.reaper_interval_s
