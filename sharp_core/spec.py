@@ -629,6 +629,64 @@ class ResourcesSpec(_Strict):
     max_attempts: int = Field(default=3, ge=1, le=20)
 
 
+class HarnessSpec(_Strict):
+    """Downstream tasks run with lm-evaluation-harness (docs/evaluation.md)."""
+
+    tasks: list[Annotated[str, Field(min_length=1, max_length=1024)]] = Field(
+        min_length=1,
+        max_length=64,
+        description="The harness's own task names (their data comes from the hub: network "
+        "needed) or paths of local task files (a task YAML with `dataset_path: json` or "
+        "`parquet` and `data_files` beside it or under the data roots; in the service, under "
+        "SHARP_DATASET_FILE_ROOTS).",
+    )
+    num_fewshot: int = Field(default=0, ge=0, le=64, description="Examples in each prompt.")
+    limit: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="At most this many examples per task."
+    )
+    batch_size: int = Field(default=8, ge=1, le=1024)
+    every: int = Field(
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description="Also run every N evaluation points (training.eval_every); 0: at the end only.",
+    )
+
+
+class GenerationSpec(_Strict):
+    """Answer quality: answers generated for a prompt set, scored against its references."""
+
+    set: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="A jsonl file with a prompt and a reference per line (in the service, "
+        "under SHARP_DATASET_FILE_ROOTS).",
+    )
+    prompt_field: str = Field(default="prompt", min_length=1, max_length=128)
+    reference_field: str = Field(default="reference", min_length=1, max_length=128)
+    max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    decoding: Literal["greedy", "sample"] = Field(
+        default="greedy", description="greedy, or sampling at temperature 1 (seeded)."
+    )
+    limit: int = Field(default=200, ge=1, le=100_000, description="At most this many prompts.")
+    samples: int = Field(
+        default=8, ge=0, le=1000, description="Answers stored with the job for people to read."
+    )
+    short_reference_words: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        description="References of at most this many words are also scored by exact match.",
+    )
+
+
+class EvaluationSpec(_Strict):
+    """What the finished student is scored on besides perplexity (docs/evaluation.md)."""
+
+    harness: HarnessSpec | None = None
+    generation: GenerationSpec | None = None
+
+
 class JobSpec(_Strict):
     """A distillation (or fine-tuning, method 'sft' without teacher) job."""
 
@@ -646,6 +704,7 @@ class JobSpec(_Strict):
     method: MethodSpec = Field(default_factory=MethodSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
 
     @model_validator(mode="after")
     def _teacher_needed(self) -> JobSpec:
