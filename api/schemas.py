@@ -118,6 +118,74 @@ class TeacherCacheJobUse(BaseModel):
     at: dt.datetime
 
 
+class EvaluationPublic(BaseModel):
+    """A job's downstream evaluation (docs/evaluation.md)."""
+
+    teacher_digest: str | None = Field(
+        default=None, description="sha256 of the teacher's weights: its leaderboard's id."
+    )
+    scores: dict[str, float] = Field(description="harness/<task>/<metric> (and _stderr).")
+    teacher_scores: dict[str, float] | None = Field(
+        default=None, description="The teacher's scores on the same tasks, few-shot and limit."
+    )
+    teacher_scores_reused: bool | None = Field(
+        default=None, description="True: another job of the team had computed them."
+    )
+    retained: dict[str, float] = Field(description="retained/<task>/<metric> = student / teacher.")
+    answer_quality: dict[str, float] = Field(
+        description="gen/rougeL (ROUGE-L F1), gen/exact_match over short references, gen/answers."
+    )
+    answer_samples: list[dict[str, Any]] = Field(
+        default_factory=list, description="Prompt, reference, answer and ROUGE-L of a few answers."
+    )
+    error: dict[str, Any] | None = Field(
+        default=None, description="{code, message, param} when the evaluation failed."
+    )
+
+
+class StudentRow(BaseModel):
+    job_id: str
+    name: str
+    status: str
+    method: str
+    init: str
+    params: int | None = None
+    tokens_seen: int
+    ppl: float | None = None
+    ppl_metric: str | None = None
+    scores: dict[str, float] = Field(description="harness/…, retained/… and gen/… metrics.")
+    evaluation_error: dict[str, Any] | None = None
+    created_at: dt.datetime
+
+
+class TeacherScoresRow(BaseModel):
+    key: str
+    scores: dict[str, float]
+    tasks: list[str] | None = None
+    num_fewshot: int | None = None
+    limit: int | None = None
+    computed_by_job_id: str | None = None
+    created_at: dt.datetime
+
+
+class LeaderboardPublic(BaseModel):
+    """``GET /v1/teachers/{digest}/students``."""
+
+    teacher_digest: str
+    teacher_params: int | None = None
+    teacher_scores: list[TeacherScoresRow]
+    students: list[StudentRow]
+
+
+class TeacherSummary(BaseModel):
+    teacher_digest: str
+    students: int
+
+
+class TeachersPublic(BaseModel):
+    data: list[TeacherSummary]
+
+
 class JobPublic(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -192,6 +260,13 @@ class JobPublic(BaseModel):
         description="Jobs with method.teacher_cache.mode 'use': the cache(s) the job built or "
         "read, latest first (empty until the training process reports it). Filled in the "
         "answer of GET /v1/jobs/{job_id}; null in lists and for other jobs.",
+    )
+    evaluation: EvaluationPublic | None = Field(
+        default=None,
+        description="Jobs with spec.evaluation or a teacher: harness scores beside the "
+        "teacher's, retained = student / teacher, answer quality with sample answers, and the "
+        "evaluation's error (the job still succeeds). Filled in GET /v1/jobs/{job_id}; null in "
+        "lists.",
     )
 
 
@@ -332,6 +407,7 @@ def job_public(
     queue: QueueInfo | None = None,
     pruning: dict[str, Any] | None = None,
     teacher_cache: list[dict[str, Any]] | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> JobPublic:
     """A job row as the API shows it; ``progress`` (the ETA) comes from `service.progress`,
     ``pruning`` from `service.jobs.JobService.pruning`."""
@@ -359,6 +435,7 @@ def job_public(
         teacher_cache=None
         if teacher_cache is None
         else [TeacherCacheJobUse.model_validate(u) for u in teacher_cache],
+        evaluation=EvaluationPublic.model_validate(evaluation) if evaluation else None,
     )
 
 

@@ -50,6 +50,8 @@ from service.repositories import (
 from service.settings import Settings
 from service.store import get_store
 from service.txn import after_commit
+from sharp_core.evaluate.generation import read_prompt_set
+from sharp_core.evaluate.harness import check_tasks
 from sharp_core.models.prune_shapes import check_prune_target
 from sharp_core.spec import (
     DatasetSpec,
@@ -109,6 +111,16 @@ def confine_dataset_files(
             )
         out.append(real)
     return out
+
+
+def confine_eval_files(files: Sequence[str], roots: Sequence[Path], param: str) -> list[Path]:
+    """`confine_dataset_files` for the files behind one evaluation field (a task file and
+    its data, a prompt set): an error names that field, not a position in a list."""
+    try:
+        return confine_dataset_files(files, roots, param)
+    except InvalidRequestError as e:
+        e.param = param
+        raise
 
 
 def request_hash(body: dict[str, Any]) -> str:
@@ -300,6 +312,23 @@ class JobService:
                 confine_dataset_files(ds.files, self.settings.dataset_file_roots, f"{where}.files")
         if spec.student.init == "prune":
             self._check_prune_target(team, spec)
+        self._check_evaluation(spec)
+
+    def _check_evaluation(self, spec: JobSpec) -> None:
+        """`spec.evaluation`'s files, read now so that a bad one is a 422 naming its field:
+        task files parse and read local data under the roots, harness task names exist in the
+        installed harness's index, the prompt set has a reference on every line."""
+        ev = spec.evaluation
+        roots = self.settings.dataset_file_roots
+
+        def confine(files: Sequence[str], param: str) -> list[Path]:
+            return confine_eval_files(files, roots, param)
+
+        if ev.harness is not None:
+            check_tasks(ev.harness, param="spec.evaluation.harness.tasks", confine=confine)
+        if ev.generation is not None:
+            param = "spec.evaluation.generation.set"
+            read_prompt_set(confine([ev.generation.set], param)[0], ev.generation, param)
 
     def _check_prune_target(self, team: Team, spec: JobSpec) -> None:
         """Refuse a pruning target that cannot fit the teacher, naming the field (422).
@@ -483,6 +512,12 @@ class JobService:
         from service.teacher_caches import of_job
 
         return of_job(self.session, job.id)
+
+    def evaluation(self, job: Job) -> dict[str, Any] | None:
+        """Downstream scores beside the teacher's (`service.evaluation.job_evaluation`)."""
+        from service.evaluation import job_evaluation
+
+        return job_evaluation(self.session, job)
 
     # -- metrics and checkpoints -----------------------------------------------------------
     def metrics(

@@ -751,6 +751,11 @@ def parse_spec(data: dict[str, Any], *, prefix: str = "spec") -> JobSpec:
     _check_on_policy(spec, prefix)
     _check_teacher_cache(spec, prefix)
     _check_student_parallel(spec, prefix)
+    if spec.task != "causal_lm" and (spec.evaluation.harness or spec.evaluation.generation):
+        param = f"{prefix}.evaluation" if prefix else "evaluation"
+        raise SpecError(
+            f"{param}: harness tasks and answer quality need task causal_lm", param=param
+        )
     gpus = spec.resources.gpus
     if gpus > 1 and spec.training.batch_size % gpus:
         # checked here rather than in a model validator so that the error names the field

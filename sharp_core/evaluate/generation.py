@@ -14,12 +14,13 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from sharp_core.errors import SpecError
 from sharp_core.spec import GenerationSpec
+
+if TYPE_CHECKING:
+    import torch
 
 #: Sample answers keep at most this many characters of each field.
 SAMPLE_CHARS = 2000
@@ -47,7 +48,9 @@ def read_prompt_set(
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SpecError(f"{param}: line {n} of '{path}' is not JSON: {e}", param=param) from None
+                raise SpecError(
+                    f"{param}: line {n} of '{path}' is not JSON: {e}", param=param
+                ) from None
             if not isinstance(row, dict):
                 raise SpecError(f"{param}: line {n} of '{path}' is not an object", param=param)
             prompt, ref = row.get(spec.prompt_field), row.get(spec.reference_field)
@@ -76,18 +79,20 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
-def score_answers(
-    answers: list[str], references: list[str], short_words: int
-) -> dict[str, float]:
+def score_answers(answers: list[str], references: list[str], short_words: int) -> dict[str, float]:
     """``gen/rougeL`` (mean ROUGE-L F1, stemmed), and over references of at most
     `short_words` words ``gen/exact_match`` (normalised answer's first line == reference) with
     ``gen/exact_match_n``; ``gen/answers`` counts the prompts."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    rouge = [scorer.score(r, a)["rougeL"].fmeasure for a, r in zip(answers, references, strict=True)]
+    rouge = [
+        scorer.score(r, a)["rougeL"].fmeasure for a, r in zip(answers, references, strict=True)
+    ]
     out = {"gen/rougeL": sum(rouge) / len(rouge), "gen/answers": float(len(rouge))}
-    short = [(a, r) for a, r in zip(answers, references, strict=True) if len(r.split()) <= short_words]
+    short = [
+        (a, r) for a, r in zip(answers, references, strict=True) if len(r.split()) <= short_words
+    ]
     if short:
         hits = [normalize(a.strip().split("\n")[0]) == normalize(r) for a, r in short]
         out["gen/exact_match"] = sum(hits) / len(hits)
@@ -95,7 +100,6 @@ def score_answers(
     return out
 
 
-@torch.no_grad()
 def generate_answers(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -109,9 +113,15 @@ def generate_answers(
 ) -> list[str]:
     """Continuations of each prompt (left-padded batches; the prompt cut from the left to
     leave room for the answer in the model's context)."""
+    import torch  # late: the service validates prompt sets without loading torch
+
     cfg = getattr(model, "config", None)
     ctx = next(
-        (v for a in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(cfg, a, None), int)),
+        (
+            v
+            for a in ("max_position_embeddings", "n_positions")
+            if isinstance(v := getattr(cfg, a, None), int)
+        ),
         2048,
     )
     keep = max(1, ctx - max_new_tokens)
@@ -123,26 +133,27 @@ def generate_answers(
     model.eval()
     out: list[str] = []
     try:
-        for i in range(0, len(prompts), batch_size):
-            ids = [tokenizer(p)["input_ids"][-keep:] for p in prompts[i : i + batch_size]]
-            width = max(len(x) for x in ids)
-            x = torch.full((len(ids), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(x)
-            for r, seq in enumerate(ids):  # left padding: every prompt ends at the last column
-                x[r, width - len(seq) :] = torch.tensor(seq)
-                mask[r, width - len(seq) :] = 1
-            if decoding == "sample":
-                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            y = model.generate(  # type: ignore[operator]
-                input_ids=x.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=decoding == "sample",
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            for row in y[:, width:].tolist():
-                out.append(tokenizer.decode(row, skip_special_tokens=True))
+        with torch.no_grad():
+            for i in range(0, len(prompts), batch_size):
+                ids = [tokenizer(p)["input_ids"][-keep:] for p in prompts[i : i + batch_size]]
+                width = max(len(x) for x in ids)
+                x = torch.full((len(ids), width), pad, dtype=torch.long)
+                mask = torch.zeros_like(x)
+                for r, seq in enumerate(ids):  # left padding: every prompt ends at the last column
+                    x[r, width - len(seq) :] = torch.tensor(seq)
+                    mask[r, width - len(seq) :] = 1
+                if decoding == "sample":
+                    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+                y = model.generate(  # type: ignore[operator]
+                    input_ids=x.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=decoding == "sample",
+                    pad_token_id=pad,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+                for row in y[:, width:].tolist():
+                    out.append(tokenizer.decode(row, skip_special_tokens=True))
     finally:
         model.train(was_training)
     return out

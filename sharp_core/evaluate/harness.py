@@ -111,7 +111,7 @@ def read_task_file(path: str, param: str, confine: Confine | None = None) -> Tas
     """Check a local task file and resolve its data files; SpecError naming `param` (the
     entry of ``evaluation.harness.tasks``) when it is missing, does not parse, is not a
     task, reads no local data, or its data is missing or (with `confine`) outside the roots."""
-    p = Path(path).expanduser()
+    p = confine([path], param)[0] if confine is not None else Path(path).expanduser()
     if not p.is_file():
         raise SpecError(f"{param}: no task file at '{path}'", param=param)
     raw = p.read_bytes()
@@ -223,7 +223,9 @@ def check_tasks(
     return out
 
 
-def prepare_tasks(spec: HarnessSpec, workdir: Path, confine: Confine | None = None) -> PreparedTasks:
+def prepare_tasks(
+    spec: HarnessSpec, workdir: Path, confine: Confine | None = None
+) -> PreparedTasks:
     """Check the tasks again (where they are read) and write the local ones, with their real
     data paths, into ``workdir/tasks`` for the harness's `TaskManager(include_path=...)`."""
     checked = check_tasks(spec, confine=confine, known=None)

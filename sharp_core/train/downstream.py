@@ -146,9 +146,7 @@ class Downstream:
                 seed=self.seed,
             )
             metrics.update(res.metrics)
-            self.on_event(
-                "answers", {"step": step, "metrics": res.metrics, "samples": res.samples}
-            )
+            self.on_event("answers", {"step": step, "metrics": res.metrics, "samples": res.samples})
         return metrics
 
     def _teacher(self, workdir: Path) -> dict[str, float] | None:
@@ -166,7 +164,12 @@ class Downstream:
             self.teacher_scores = found
             self.on_event(
                 "teacher_scores",
-                {"key": key, "teacher_digest": self.teacher_digest, "reused": True, "scores": found},
+                {
+                    "key": key,
+                    "teacher_digest": self.teacher_digest,
+                    "reused": True,
+                    "scores": found,
+                },
             )
             return found
         if self.teacher is None:

@@ -170,7 +170,9 @@ def train(
         S = teacher_cache.attach(S, cache_store(resolver, out_dir), cb.on_event, ctx)
     model, teacher = S.student, S.teacher  # unwrapped: under torchrun S gets DDP / FSDP ones
     # the teacher's identity (leaderboards, teacher scores): hashed before any sharding
-    t_digest = teacher_cache.teacher_digest(teacher) if teacher is not None and ctx.rank == 0 else None
+    t_digest = (
+        teacher_cache.teacher_digest(teacher) if teacher is not None and ctx.rank == 0 else None
+    )
     S = ctx.prepare(S)
     dev, amp = S.device, autocast_dtype(spec, S.device)  # amp: bf16 / fp16 on CUDA, or None
     classify = isinstance(S.data, ClassificationData)
@@ -200,7 +202,11 @@ def train(
     if S.build_seconds and resumed_step is None:  # at step 0, beside the first evaluation
         cb.on_metrics(0, dict(S.build_seconds))
     if t_digest is not None and resumed_step is None:
-        cb.on_event("teacher", {"digest": t_digest})
+        n_params = {
+            "teacher_params": sum(p.numel() for p in teacher.parameters()),  # type: ignore[union-attr]
+            "student_params": sum(p.numel() for p in model.parameters()),
+        }
+        cb.on_event("teacher", {"digest": t_digest, **n_params})
     # harness tasks and answer quality (single process: the harness drives whole models)
     downstream = Downstream(
         spec,
