@@ -1,0 +1,199 @@
+"""Downstream evaluation in the service (issue 24): real uvicorn, a real Celery worker and
+real training processes on Postgres and Redis, the real lm-evaluation-harness offline.
+
+Two students of one teacher run the same local harness task and prompt set: the first
+computes the teacher's scores, the second reuses them (its events say so); the job shows
+its scores beside the teacher's with retained = student / teacher; the teacher's leaderboard
+lists both with the API's numbers. A hub task with no network fails the evaluation, not the
+job. Bad evaluation files are 422s naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import TeamKey, tiny_spec, wait_for
+
+pytestmark = [pytest.mark.service, pytest.mark.slow]
+
+TIMEOUT = 300
+TEACHER = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}
+
+
+@pytest.fixture(scope="module")
+def team(make_team) -> TeamKey:
+    return make_team("evalh")
+
+
+@pytest.fixture(scope="module")
+def other(make_team) -> TeamKey:
+    return make_team("evalh-other")
+
+
+@pytest.fixture(scope="module")
+def api(live_server: str, worker: Path) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=live_server, timeout=60) as c:
+        yield c
+
+
+def write_eval_files(root: Path) -> tuple[Path, Path]:
+    """A local multiple-choice task (YAML + jsonl) and a prompt set with references."""
+    root.mkdir(parents=True, exist_ok=True)
+    words = ["the", "and", "of", "to", "is", "in", "that", "it"]
+    rows = [
+        {"q": f"Which word {i}?", "choices": [words[(i + k) % 8] for k in range(3)], "a": i % 3}
+        for i in range(12)
+    ]
+    (root / "mc.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    task = root / "evalh_mc.yaml"
+    task.write_text(
+        "task: evalh_mc\ndataset_path: json\n"
+        "dataset_kwargs:\n  data_files:\n    test: mc.jsonl\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "Q: {{q}}\\nA:"\ndoc_to_target: a\ndoc_to_choice: choices\n'
+        "metric_list:\n  - metric: acc\n"
+    )
+    prompts = root / "prompts.jsonl"
+    prompts.write_text(
+        "\n".join(
+            json.dumps({"prompt": f"The {w} of", "reference": f"the {w} and the"})
+            for w in ["king", "queen", "duke", "lord"]
+        )
+    )
+    return task, prompts
+
+
+def spec(corpus: Path, name: str, tasks: list[str], prompts: Path | None = None) -> dict:
+    d = tiny_spec(corpus, max_steps=4, name=name, eval_every=0, checkpoint_every=0)
+    d["teacher"] = {"init": "config", "config": dict(TEACHER)}
+    d["method"] = {"name": "kd"}
+    d["evaluation"] = {"harness": {"tasks": tasks, "batch_size": 4}}
+    if prompts is not None:
+        d["evaluation"]["generation"] = {"set": str(prompts), "max_new_tokens": 6, "samples": 2}
+    return d
+
+
+def run(api: httpx.Client, team: TeamKey, body: dict) -> dict:
+    r = api.post("/v1/jobs", json={"spec": body}, headers=team.headers)
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+
+    def done() -> dict | None:
+        job = api.get(f"/v1/jobs/{job_id}", headers=team.headers).json()
+        return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+    return wait_for(done, TIMEOUT, interval=0.25, what=f"{job_id} to end")  # type: ignore[return-value]
+
+
+def events(api: httpx.Client, team: TeamKey, job_id: str) -> list[tuple[str, dict]]:
+    text = api.get(f"/v1/jobs/{job_id}/events", headers=team.headers, timeout=60).text
+    out, kind = [], None
+    for line in text.splitlines():
+        if line.startswith("event:"):
+            kind = line.split(":", 1)[1].strip()
+        elif line.startswith("data:") and kind:
+            out.append((kind, json.loads(line.split(":", 1)[1])))
+    return out
+
+
+def test_bad_evaluation_input_is_a_422_naming_the_field(api, team, corpus, tmp_path) -> None:
+    task, prompts = write_eval_files(tmp_path / "files")
+
+    def post(body: dict) -> dict:
+        r = api.post("/v1/jobs", json={"spec": body}, headers=team.headers)
+        assert r.status_code == 422, r.text
+        return r.json()["error"]
+
+    err = post(spec(corpus, "x", [str(task), "no_such_harness_task"]))
+    assert err["param"] == "spec.evaluation.harness.tasks.1"
+    assert "no_such_harness_task" in err["message"]
+    broken = tmp_path / "files" / "broken.yaml"
+    broken.write_text("task: [unclosed\n")
+    err = post(spec(corpus, "x", [str(broken)]))
+    assert err["param"] == "spec.evaluation.harness.tasks.0" and "does not parse" in err["message"]
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as outside:  # not under the data roots
+        far = Path(outside) / "far.yaml"
+        far.write_text(task.read_text())
+        err = post(spec(corpus, "x", [str(far)]))
+        assert err["param"] == "spec.evaluation.harness.tasks.0"
+        assert err["code"] == "file_not_allowed"
+    # a task file under the roots whose data is outside them
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as outside:
+        (Path(outside) / "mc.jsonl").write_text((tmp_path / "files" / "mc.jsonl").read_text())
+        sneaky = tmp_path / "files" / "sneaky.yaml"
+        sneaky.write_text(task.read_text().replace("mc.jsonl", f"{outside}/mc.jsonl"))
+        err = post(spec(corpus, "x", [str(sneaky)]))
+        assert err["param"] == "spec.evaluation.harness.tasks.0" and "outside" in err["message"]
+    noref = tmp_path / "files" / "noref.jsonl"
+    noref.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    err = post(spec(corpus, "x", [str(task)], noref))
+    assert err["param"] == "spec.evaluation.generation.set" and "reference" in err["message"]
+
+
+def test_teacher_scores_once_retained_and_leaderboard(api, team, other, corpus, tmp_path) -> None:
+    task, prompts = write_eval_files(tmp_path / "files")
+    # the teacher is config-initialised from the job's seed: both jobs get the same weights
+    a = run(api, team, spec(corpus, "first", [str(task)], prompts))
+    assert a["status"] == "succeeded", a
+    ev_a = a["evaluation"]
+    assert ev_a["error"] is None and ev_a["teacher_scores_reused"] is False
+    acc = ev_a["scores"]["harness/evalh_mc/acc"]
+    t_acc = ev_a["teacher_scores"]["harness/evalh_mc/acc"]
+    assert 0.0 <= acc <= 1.0 and "harness/evalh_mc/acc_stderr" in ev_a["scores"]
+    if t_acc > 0:
+        assert ev_a["retained"]["retained/evalh_mc/acc"] == pytest.approx(acc / t_acc)
+    assert a["metrics"]["harness/evalh_mc/acc"] == acc  # also a job metric
+    q = ev_a["answer_quality"]
+    assert q["gen/answers"] == 4 and 0.0 <= q["gen/rougeL"] <= 1.0
+    assert len(ev_a["answer_samples"]) == 2 and ev_a["answer_samples"][0]["prompt"] == "The king of"
+    # the scores are in the last checkpoint's manifest too
+    cks = api.get(f"/v1/jobs/{a['id']}/checkpoints", headers=team.headers).json()["data"]
+    assert cks[-1]["metrics"]["harness/evalh_mc/acc"] == acc
+
+    b = run(api, team, spec(corpus, "second", [str(task)]))
+    assert b["status"] == "succeeded", b
+    ev_b = b["evaluation"]
+    assert ev_b["teacher_scores_reused"] is True
+    assert ev_b["teacher_scores"] == ev_a["teacher_scores"]
+    assert ev_b["teacher_digest"] == ev_a["teacher_digest"]
+    kinds = {k: d for k, d in events(api, team, b["id"]) if k == "teacher_scores"}
+    assert kinds["teacher_scores"]["reused"] is True
+    first_events = {k: d for k, d in events(api, team, a["id"]) if k == "teacher_scores"}
+    assert first_events["teacher_scores"]["reused"] is False
+
+    digest = ev_a["teacher_digest"]
+    board = api.get(f"/v1/teachers/{digest}/students", headers=team.headers)
+    assert board.status_code == 200, board.text
+    body = board.json()
+    rows = {r["job_id"]: r for r in body["students"]}
+    assert set(rows) == {a["id"], b["id"]}
+    assert rows[a["id"]]["scores"]["harness/evalh_mc/acc"] == acc
+    assert rows[a["id"]]["method"] == "kd" and rows[a["id"]]["init"] == "config"
+    assert rows[a["id"]]["tokens_seen"] == 4 * 4 * 32
+    assert rows[a["id"]]["ppl"] == pytest.approx(a["metrics"]["eval_ppl"])
+    assert rows[a["id"]]["params"] > 0 and body["teacher_params"] > rows[a["id"]]["params"]
+    assert [t["computed_by_job_id"] for t in body["teacher_scores"]] == [a["id"]]
+    assert body["teacher_scores"][0]["scores"]["harness/evalh_mc/acc"] == t_acc
+    listed = api.get("/v1/teachers", headers=team.headers).json()["data"]
+    assert {"teacher_digest": digest, "students": 2} in listed
+    assert api.get(f"/v1/teachers/{digest}/students", headers=other.headers).status_code == 404
+
+
+def test_evaluation_failure_keeps_the_trained_student(api, team, corpus, tmp_path) -> None:
+    """A hub task with no network (the worker runs offline): the job succeeds with its
+    checkpoint and records evaluation_failed with the harness's message."""
+    job = run(api, team, spec(corpus, "offline", ["arc_easy"]))
+    assert job["status"] == "succeeded", job
+    err = job["evaluation"]["error"]
+    assert err["code"] == "evaluation_failed" and "harness" in err["message"], err
+    assert "harness/arc_easy/acc" not in job["metrics"]
+    cks = api.get(f"/v1/jobs/{job['id']}/checkpoints", headers=team.headers).json()["data"]
+    assert cks and cks[-1]["step"] == 4
+    kinds = [k for k, _ in events(api, team, job["id"])]
+    assert "evaluation_failed" in kinds
