@@ -19,10 +19,13 @@ import httpx
 import pytest
 
 from tests.conftest import TeamKey, tiny_spec, wait_for
+from tests.test_ui import ARTIFACTS, browser_context, chromium, page, sign_in  # noqa: F401
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
 TIMEOUT = 300
+#: The leaderboard test's jobs and their teacher, for the browser test after it.
+SEEN: dict[str, object] = {}
 TEACHER = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}
 
 
@@ -69,8 +72,10 @@ def write_eval_files(root: Path) -> tuple[Path, Path]:
     return task, prompts
 
 
-def spec(corpus: Path, name: str, tasks: list[str], prompts: Path | None = None) -> dict:
-    d = tiny_spec(corpus, max_steps=4, name=name, eval_every=0, checkpoint_every=0)
+def spec(
+    corpus: Path, name: str, tasks: list[str], prompts: Path | None = None, steps: int = 4
+) -> dict:
+    d = tiny_spec(corpus, max_steps=steps, name=name, eval_every=0, checkpoint_every=0)
     d["teacher"] = {"init": "config", "config": dict(TEACHER)}
     d["method"] = {"name": "kd"}
     d["evaluation"] = {"harness": {"tasks": tasks, "batch_size": 4}}
@@ -156,7 +161,7 @@ def test_teacher_scores_once_retained_and_leaderboard(api, team, other, corpus, 
     cks = api.get(f"/v1/jobs/{a['id']}/checkpoints", headers=team.headers).json()["data"]
     assert cks[-1]["metrics"]["harness/evalh_mc/acc"] == acc
 
-    b = run(api, team, spec(corpus, "second", [str(task)]))
+    b = run(api, team, spec(corpus, "second", [str(task)], steps=2))  # fewer steps: other numbers
     assert b["status"] == "succeeded", b
     ev_b = b["evaluation"]
     assert ev_b["teacher_scores_reused"] is True
@@ -168,6 +173,7 @@ def test_teacher_scores_once_retained_and_leaderboard(api, team, other, corpus, 
     assert first_events["teacher_scores"]["reused"] is False
 
     digest = ev_a["teacher_digest"]
+    SEEN.update(digest=digest, jobs=[a["id"], b["id"]])
     board = api.get(f"/v1/teachers/{digest}/students", headers=team.headers)
     assert board.status_code == 200, board.text
     body = board.json()
@@ -197,3 +203,65 @@ def test_evaluation_failure_keeps_the_trained_student(api, team, corpus, tmp_pat
     assert cks and cks[-1]["step"] == 4
     kinds = [k for k, _ in events(api, team, job["id"])]
     assert "evaluation_failed" in kinds
+
+
+def test_leaderboard_page_shows_the_api_numbers(api, team, live_server, page) -> None:  # noqa: F811
+    """In Chromium: the teacher's page lists both students with the API's numbers, each job
+    linked, and sorts by a score when its header is clicked."""
+    if "digest" not in SEEN:
+        pytest.skip("needs the jobs of test_teacher_scores_once_retained_and_leaderboard")
+    digest = str(SEEN["digest"])
+    board = api.get(f"/v1/teachers/{digest}/students", headers=team.headers).json()
+    sign_in(page, live_server, team, f"/ui/teachers/{digest}")
+    page.wait_for_selector("#leaderboard-body tr[data-job-id^='job_']")
+    rows = page.locator("#leaderboard-body tr[data-job-id^='job_']")
+    assert rows.count() == len(board["students"]) == 2
+
+    def cell(job_id: str, col: str) -> str:
+        td = page.locator(f"#leaderboard-body tr[data-job-id='{job_id}'] td[data-col='{col}']")
+        return str(td.get_attribute("data-value"))
+
+    for r in board["students"]:
+        assert (
+            float(cell(r["job_id"], "harness/evalh_mc/acc")) == r["scores"]["harness/evalh_mc/acc"]
+        )
+        assert float(cell(r["job_id"], "ppl")) == pytest.approx(r["ppl"], rel=1e-12)
+        assert int(cell(r["job_id"], "params")) == r["params"]
+        assert int(cell(r["job_id"], "tokens_seen")) == r["tokens_seen"]
+        kept = r["scores"].get("retained/evalh_mc/acc")
+        shown = cell(r["job_id"], "retained/evalh_mc/acc")
+        assert (float(shown) == pytest.approx(kept)) if kept is not None else shown == ""
+        link = page.locator(f"#leaderboard-body tr[data-job-id='{r['job_id']}'] a")
+        assert link.get_attribute("href") == f"/ui/jobs/{r['job_id']}"
+    t_acc = board["teacher_scores"][0]["scores"]["harness/evalh_mc/acc"]
+    teacher = page.locator("#leaderboard-body tr.teacher-row td[data-col='harness/evalh_mc/acc']")
+    assert float(str(teacher.get_attribute("data-value"))) == t_acc
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "leaderboard.png"), full_page=True)
+
+    # sorting: perplexity ascending by default; a click on a header sorts by it, again reverses
+    def order() -> list[str]:
+        return [str(x) for x in rows.evaluate_all("rs => rs.map(r => r.dataset.jobId)")]
+
+    by_ppl = sorted(board["students"], key=lambda r: r["ppl"])
+    assert order() == [r["job_id"] for r in by_ppl]
+    page.click("#leaderboard-head th[data-col='ppl']")
+    page.wait_for_function(
+        "document.querySelector('#leaderboard-head th[data-col=ppl]').textContent.includes('▼')"
+    )
+    assert order() == [r["job_id"] for r in reversed(by_ppl)]
+    page.click("#leaderboard-head th[data-col='name']")
+    page.wait_for_function(
+        "document.getElementById('leaderboard-body').dataset.sortedBy === 'name'"
+    )
+    assert order() == [r["job_id"] for r in sorted(board["students"], key=lambda r: r["name"])]
+
+    page.goto(f"{live_server}/ui/teachers")
+    page.wait_for_selector(f"#teachers-body tr[data-digest='{digest}']")
+    assert (
+        page.locator(
+            f"#teachers-body tr[data-digest='{digest}'] td[data-col='students']"
+        ).inner_text()
+        == "2"
+    )
