@@ -23,7 +23,7 @@ SCORE_PREFIXES = ("harness/", "retained/", "gen/")
 PPL_METRICS = ("val_ppl", "test_ppl", "eval_ppl")
 
 
-def _scores(metrics: dict[str, Any]) -> dict[str, float]:
+def scores_of(metrics: dict[str, Any]) -> dict[str, float]:
     return {
         k: float(v)
         for k, v in (metrics or {}).items()
@@ -45,7 +45,7 @@ def job_evaluation(session: Session, job: Job) -> dict[str, Any] | None:
     events = EventRepository(session)
     teacher = events.latest_of_kind(job.id, "teacher_scores")
     answers = events.latest_of_kind(job.id, "answers")
-    scores = _scores(job.latest_metrics or {})
+    scores = scores_of(job.latest_metrics or {})
     return {
         "teacher_digest": job.teacher_digest,
         "scores": {k: v for k, v in scores.items() if k.startswith("harness/")},
@@ -94,7 +94,7 @@ def leaderboard(session: Session, team: Team, digest: str, limit: int = 200) -> 
                 "tokens_seen": tokens_seen(spec, j.step),
                 "ppl": float(metrics[ppl_name]) if ppl_name else None,
                 "ppl_metric": ppl_name,
-                "scores": _scores(metrics),
+                "scores": scores_of(metrics),
                 "evaluation_error": j.evaluation_error,
                 "created_at": j.created_at,
             }

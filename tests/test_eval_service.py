@@ -265,3 +265,46 @@ def test_leaderboard_page_shows_the_api_numbers(api, team, live_server, page) ->
         ).inner_text()
         == "2"
     )
+
+
+def test_sweep_selects_on_a_harness_score(api, team, corpus, tmp_path) -> None:
+    """Two learning rates of kd, chosen on the harness's accuracy: the report compares on it,
+    its values are the jobs' own harness metric, the chosen configuration is the best one,
+    and the report's cells carry the leaderboard's columns."""
+    task, _ = write_eval_files(tmp_path / "files")
+    base = spec(corpus, "sw", [str(task)], steps=3)
+    base["dataset"]["max_eval_blocks"] = 4
+    body = {
+        "name": "by-acc",
+        "base": base,
+        "tune": {"trials": 2, "search": "grid", "space": {"kd": {"training.lr": [1e-4, 3e-2]}}},
+        "selection_metric": "harness/evalh_mc/acc",
+    }
+    bad = api.post(
+        "/v1/sweeps", json={**body, "selection_metric": "gen/rougeL"}, headers=team.headers
+    )
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "sweep.selection_metric"
+    r = api.post("/v1/sweeps", json=body, headers=team.headers)
+    assert r.status_code == 201, r.text
+    sweep_id = r.json()["id"]
+
+    def ended() -> dict | None:
+        sw = api.get(f"/v1/sweeps/{sweep_id}", headers=team.headers).json()
+        return sw if sw["status"] in ("completed", "cancelled") else None
+
+    wait_for(ended, TIMEOUT * 2, interval=0.5, what=f"sweep {sweep_id}")
+    report = api.get(f"/v1/sweeps/{sweep_id}/report", headers=team.headers).json()
+    assert report["selection_metric"] == "harness/evalh_mc/acc"
+    assert report["tune"]["metric"]["lower_is_better"] is False
+    acc = {}
+    for cell in report["cells"]:
+        job = api.get(f"/v1/jobs/{cell['job_id']}", headers=team.headers).json()
+        assert job["status"] == "succeeded", job
+        acc[cell["config"]] = job["metrics"]["harness/evalh_mc/acc"]
+        assert cell["scores"]["harness/evalh_mc/acc"] == acc[cell["config"]]
+        assert cell["ppl"] == pytest.approx(job["metrics"]["eval_ppl"])
+    configs = report["tune"]["configs"]
+    for key, value in acc.items():
+        assert configs[key]["mean"] == pytest.approx(value)
+    chosen = report["tune"]["best"]["kd"]
+    assert acc[chosen] == max(acc.values())
