@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import TeamKey, tiny_spec, wait_for
+from tests.test_cli_jobs import sharp
 from tests.test_ui import ARTIFACTS, browser_context, chromium, page, sign_in  # noqa: F401
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
@@ -186,6 +187,15 @@ def test_teacher_scores_once_retained_and_leaderboard(api, team, other, corpus, 
     assert rows[a["id"]]["params"] > 0 and body["teacher_params"] > rows[a["id"]]["params"]
     assert [t["computed_by_job_id"] for t in body["teacher_scores"]] == [a["id"]]
     assert body["teacher_scores"][0]["scores"]["harness/evalh_mc/acc"] == t_acc
+    # the CLI prints each score beside the teacher's, with retained %
+    shown = sharp("show", a["id"], url=str(api.base_url).rstrip("/"), key=team.key)
+    assert shown.returncode == 0, shown.stderr
+    line = next(ln for ln in shown.stdout.splitlines() if "evalh_mc/acc" in ln and "±" in ln)
+    assert f"{acc:.4f}" in line and f"{t_acc:.4f}" in line, shown.stdout
+    if t_acc > 0:
+        assert f"{100 * acc / t_acc:.1f} %" in line, shown.stdout
+    assert "teacher scores computed" in shown.stdout and "gen/rougeL" in shown.stdout
+
     listed = api.get("/v1/teachers", headers=team.headers).json()["data"]
     assert {"teacher_digest": digest, "students": 2} in listed
     assert api.get(f"/v1/teachers/{digest}/students", headers=other.headers).status_code == 404
