@@ -31,6 +31,7 @@ from api.metrics import router as metrics_router
 from api.openapi import install as install_openapi
 from api.openapi import operation_id
 from api.routes import (
+    evaluations,
     health,
     jobs,
     sweeps,
@@ -239,6 +240,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     app.include_router(webhooks.router)
     app.include_router(teacher_caches.router)
     app.include_router(teachers.router)
+    app.include_router(evaluations.router)
     app.include_router(sweeps.router)
     app.include_router(metrics_router)
     app.include_router(ui_router)

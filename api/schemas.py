@@ -16,7 +16,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.lifecycle import JobStatus
 from service.progress import progress
-from sharp_core.spec import JobSpec
+from sharp_core.spec import EvaluationJobSpec, JobSpec
 from sharp_core.study.sweep import SweepSpec
 
 if TYPE_CHECKING:
@@ -63,6 +63,34 @@ class JobCreate(BaseModel):
     spec: SpecBody = Field(
         description="The job spec; every field, bound and default: docs/spec.md."
     )
+
+
+EvaluationSpecBody = Annotated[
+    dict[str, Any], BeforeValidator(lambda v: v, json_schema_input_type=EvaluationJobSpec)
+]
+
+
+class EvaluationCreate(BaseModel):
+    """Body of ``POST /v1/evaluations``."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "spec": {
+                        "model": {"model": {"job": "job_01J8Z3Q4W5E6R7T8Y9U0I1O2P3"}},
+                        "evaluation": {
+                            "harness": {"tasks": ["/data/datasets/evals/my_task.yaml"]},
+                            "generation": {"set": "/data/datasets/evals/prompts.jsonl"},
+                        },
+                    }
+                }
+            ]
+        },
+    )
+
+    spec: EvaluationSpecBody = Field(description="What to score and on what: docs/evaluation.md.")
 
 
 class Progress(BaseModel):

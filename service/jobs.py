@@ -56,10 +56,13 @@ from sharp_core.models.prune_shapes import check_prune_target
 from sharp_core.spec import (
     DatasetSpec,
     EvalSetSpec,
+    EvaluationJobSpec,
+    EvaluationSpec,
     JobRef,
     JobSpec,
     ModelSpec,
     ResourcesSpec,
+    parse_evaluation_spec,
     parse_spec,
 )
 
@@ -222,10 +225,30 @@ class JobService:
         self._check_references(team, spec)
         return spec
 
+    def create_evaluation(
+        self, team: Team, body: dict[str, Any], idempotency_key: str | None
+    ) -> tuple[Job, bool]:
+        """``POST /v1/evaluations``: an evaluation job (a job row whose spec has ``kind:
+        evaluation``), validated, queued, idempotent and scheduled as every job."""
+        digest = request_hash(body)
+        if idempotency_key is not None:
+            existing = self.jobs.get_by_idempotency_key(team.id, idempotency_key)
+            if existing is not None:
+                return self._replay(existing, digest), False
+        spec = parse_evaluation_spec(body.get("spec"))
+        for role, model in (("model", spec.model), ("teacher", spec.teacher)):
+            if model is not None:
+                self._check_model(team, model, role)
+        if spec.tokenizer:
+            self._check_allowed(spec.tokenizer, "spec.tokenizer")
+        self._check_evaluation(spec.evaluation)
+        self.check_queued_quota(team)
+        return self.enqueue(team, spec, idempotency_key=idempotency_key, digest=digest), True
+
     def enqueue(
         self,
         team: Team,
-        spec: JobSpec,
+        spec: JobSpec | EvaluationJobSpec,
         *,
         idempotency_key: str | None = None,
         digest: str | None = None,
@@ -249,7 +272,8 @@ class JobService:
             idempotency_key=idempotency_key,
             request_hash=digest if idempotency_key is not None else None,
             step=0,
-            max_steps=spec.training.max_steps,
+            # an evaluation job has one step: scored (1) or not yet (0)
+            max_steps=spec.training.max_steps if isinstance(spec, JobSpec) else 1,
             latest_metrics={},
             created_at=now,
             enqueued_at=now,
@@ -283,18 +307,8 @@ class JobService:
             ("student", spec.student),
         ]
         for role, model in roles:
-            if model is None or model.model is None:
-                continue
-            if isinstance(model.model, JobRef):
-                ref = self.jobs.get_for_team(team.id, model.model.job)
-                if ref is None or ref.status != "succeeded":
-                    raise InvalidRequestError(
-                        f"job '{model.model.job}' is not a succeeded job of this team",
-                        param=f"spec.{role}.model.job",
-                        code="unknown_job",
-                    )
-            else:
-                self._check_allowed(model.model, f"spec.{role}.model")
+            if model is not None:
+                self._check_model(team, model, role)
         if spec.tokenizer.name:
             self._check_allowed(spec.tokenizer.name, "spec.tokenizer.name")
         sources: list[tuple[str, DatasetSpec | EvalSetSpec]] = [("spec.dataset", spec.dataset)]
@@ -312,13 +326,12 @@ class JobService:
                 confine_dataset_files(ds.files, self.settings.dataset_file_roots, f"{where}.files")
         if spec.student.init == "prune":
             self._check_prune_target(team, spec)
-        self._check_evaluation(spec)
+        self._check_evaluation(spec.evaluation)
 
-    def _check_evaluation(self, spec: JobSpec) -> None:
+    def _check_evaluation(self, ev: EvaluationSpec) -> None:
         """`spec.evaluation`'s files, read now so that a bad one is a 422 naming its field:
         task files parse and read local data under the roots, harness task names exist in the
         installed harness's index, the prompt set has a reference on every line."""
-        ev = spec.evaluation
         roots = self.settings.dataset_file_roots
 
         def confine(files: Sequence[str], param: str) -> list[Path]:
@@ -329,6 +342,21 @@ class JobService:
         if ev.generation is not None:
             param = "spec.evaluation.generation.set"
             read_prompt_set(confine([ev.generation.set], param)[0], ev.generation, param)
+
+    def _check_model(self, team: Team, model: ModelSpec, role: str) -> None:
+        """A finished job of this team, or a source the operator allows."""
+        if model.model is None:
+            return
+        if isinstance(model.model, JobRef):
+            ref = self.jobs.get_for_team(team.id, model.model.job)
+            if ref is None or ref.status != "succeeded":
+                raise InvalidRequestError(
+                    f"job '{model.model.job}' is not a succeeded job of this team",
+                    param=f"spec.{role}.model.job",
+                    code="unknown_job",
+                )
+        else:
+            self._check_allowed(model.model, f"spec.{role}.model")
 
     def _check_prune_target(self, team: Team, spec: JobSpec) -> None:
         """Refuse a pruning target that cannot fit the teacher, naming the field (422).

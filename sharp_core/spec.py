@@ -721,6 +721,55 @@ class JobSpec(_Strict):
         return self
 
 
+class EvaluationJobSpec(_Strict):
+    """``POST /v1/evaluations``: score a model without training it (docs/evaluation.md)."""
+
+    version: Literal[1] = 1
+    kind: Literal["evaluation"] = "evaluation"
+    name: str = Field(default="evaluation", min_length=1, max_length=200)
+    model: ModelSpec = Field(
+        description="The model scored: {'job': id} (a finished job's last checkpoint), a "
+        "local folder, or a hub id; init 'pretrained'."
+    )
+    teacher: ModelSpec | None = Field(
+        default=None,
+        description="Its teacher, for retained = model / teacher (its scores are computed once "
+        "per key and shared with training jobs).",
+    )
+    tokenizer: str | None = Field(
+        default=None, max_length=512, description="Tokenizer source; default: the model's own."
+    )
+    evaluation: EvaluationSpec
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @model_validator(mode="after")
+    def _what(self) -> EvaluationJobSpec:
+        if self.evaluation.harness is None and self.evaluation.generation is None:
+            raise ValueError("evaluation needs `harness` tasks or a `generation` set")
+        for m in (self.model, self.teacher):
+            if m is not None and m.init != "pretrained":
+                raise ValueError("an evaluation scores trained weights: init must be 'pretrained'")
+        return self
+
+
+def parse_evaluation_spec(data: Any, *, prefix: str = "spec") -> EvaluationJobSpec:
+    """Validate ``POST /v1/evaluations``' spec; SpecError naming the field."""
+    if not isinstance(data, dict):
+        raise SpecError("the spec must be a mapping", param=prefix)
+    try:
+        return EvaluationJobSpec.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = _loc_to_param(tuple(err["loc"]), prefix)
+        msg = (
+            f"unknown field '{err['loc'][-1]}'" if err["type"] == "extra_forbidden" else err["msg"]
+        )
+        if "trust_remote_code" in msg or "auto_map" in msg:
+            raise UnsafeModelError(f"{param}: {msg}", param=param) from None
+        raise SpecError(f"{param}: {msg}", param=param) from None
+
+
 def _loc_to_param(loc: tuple[Any, ...], prefix: str) -> str:
     parts = [prefix] if prefix else []
     for p in loc:

@@ -11,6 +11,9 @@ job. Bad evaluation files are 422s naming the field.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import TeamKey, tiny_spec, wait_for
+from tests.conftest import ROOT, TeamKey, tiny_spec, wait_for
 from tests.test_cli_jobs import sharp
 from tests.test_ui import ARTIFACTS, browser_context, chromium, page, sign_in  # noqa: F401
 
@@ -174,7 +177,7 @@ def test_teacher_scores_once_retained_and_leaderboard(api, team, other, corpus, 
     assert first_events["teacher_scores"]["reused"] is False
 
     digest = ev_a["teacher_digest"]
-    SEEN.update(digest=digest, jobs=[a["id"], b["id"]])
+    SEEN.update(digest=digest, jobs=[a["id"], b["id"]], task=str(task), acc=acc)
     board = api.get(f"/v1/teachers/{digest}/students", headers=team.headers)
     assert board.status_code == 200, board.text
     body = board.json()
@@ -318,3 +321,73 @@ def test_sweep_selects_on_a_harness_score(api, team, corpus, tmp_path) -> None:
         assert configs[key]["mean"] == pytest.approx(value)
     chosen = report["tune"]["best"]["kd"]
     assert acc[chosen] == max(acc.values())
+
+
+def test_evaluation_job_scores_a_finished_checkpoint(api, team, live_server, tmp_path) -> None:
+    """``sharp eval submit --watch``: a finished job's checkpoint scored without training
+    gives the very accuracy its training job measured on the same weights; the job's event
+    stream carries the scores; bad input is a 422 naming the field."""
+    if "jobs" not in SEEN:
+        pytest.skip("needs the jobs of test_teacher_scores_once_retained_and_leaderboard")
+    job_id = SEEN["jobs"][0]  # type: ignore[index]
+    bad = api.post(
+        "/v1/evaluations",
+        json={
+            "spec": {
+                "model": {"model": {"job": "job_nope"}},
+                "evaluation": {"harness": {"tasks": [SEEN["task"]]}},
+            }
+        },
+        headers=team.headers,
+    )
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "spec.model.model.job"
+    empty = api.post(
+        "/v1/evaluations",
+        json={"spec": {"model": {"model": {"job": job_id}}, "evaluation": {}}},
+        headers=team.headers,
+    )
+    assert empty.status_code == 422 and empty.json()["error"]["param"].startswith("spec")
+
+    path = tmp_path / "eval.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "name": "score-first",
+                "model": {"model": {"job": job_id}},
+                "evaluation": {"harness": {"tasks": [SEEN["task"]], "batch_size": 4}},
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        "SHARP_URL": live_server,
+        "SHARP_API_KEY": team.key,
+        "SHARP_CONFIG": str(tmp_path / "none.toml"),
+        "PYTHONPATH": str(ROOT),
+        "COLUMNS": "200",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "eval", "submit", str(path), "--watch"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    eval_id = done.stdout.strip().splitlines()[0]
+    job = api.get(f"/v1/jobs/{eval_id}", headers=team.headers).json()
+    assert job["status"] == "succeeded" and job["progress"]["step"] == 1, job
+    assert job["metrics"]["harness/evalh_mc/acc"] == SEEN["acc"]
+    assert job["evaluation"]["scores"]["harness/evalh_mc/acc"] == SEEN["acc"]
+    kinds = [k for k, _ in events(api, team, eval_id)]
+    assert "metrics" in kinds and kinds[-1] == "status"
+    shown = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "eval", "show", eval_id],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0 and "evalh_mc/acc" in shown.stdout, shown.stderr

@@ -84,7 +84,7 @@ from sharp_core.errors import (
     ModelNotFoundError,
     SharpError,
 )
-from sharp_core.spec import DatasetSpec, EvalSetSpec, JobSpec, parse_spec
+from sharp_core.spec import DatasetSpec, EvalSetSpec, JobSpec, parse_evaluation_spec, parse_spec
 from sharp_core.train.checkpoint import retained_steps, step_dir_name
 from sharp_core.train.launch import env_rank, torchrun_command, under_torchrun  # no torch
 
@@ -739,6 +739,8 @@ def run(job_id: str, attempt: int, settings: Settings | None = None) -> int:
 
         signal.signal(signal.SIGTERM, _on_sigterm)
         try:
+            if (job.spec or {}).get("kind") == "evaluation":  # POST /v1/evaluations: no training
+                return _run_evaluation(job, reporter, db, settings, out_dir, result_file)
             spec = confine_spec_files(parse_spec(job.spec), settings)
             if main_rank and reporter.store.remote:
                 # Another host may have run the earlier attempts: resume from the store.
@@ -810,6 +812,37 @@ def run(job_id: str, attempt: int, settings: Settings | None = None) -> int:
     finally:
         live.close()
         db.dispose()
+
+
+def _run_evaluation(
+    job: Job, reporter: Reporter, db: Database, settings: Settings, out_dir: Path, result: Path
+) -> int:
+    """An evaluation job: score the model once (`sharp_core.train.downstream.evaluate_model`),
+    report it at step 1 and leave the result file; its errors are the job's, as training's."""
+    from sharp_core.train.downstream import evaluate_model  # torch: import late
+    from sharp_core.train.loop import Resolver, TrainCallbacks
+
+    spec = parse_evaluation_spec(job.spec)
+    metrics = evaluate_model(
+        spec,
+        callbacks=make_callbacks(TrainCallbacks, reporter),
+        resolver=make_resolver(Resolver, db, job.team_id, settings, job.id),
+        out_dir=out_dir,
+    )
+    reporter.flush()
+    if reporter.fenced:
+        return EXIT_FENCED
+    write_result(
+        result,
+        {
+            "status": "stopped" if reporter.cancel or reporter.stop_signal else "completed",
+            "step": 1 if metrics else 0,
+            "checkpoint": None,
+            "metrics": _finite(metrics),
+            "cancel": reporter.cancel,
+        },
+    )
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,7 +82,8 @@ class Downstream:
         confine: Callable[[Sequence[str], str], list[Path]] | None = None,
     ):
         self.ev = spec.evaluation
-        self.seed = spec.training.seed
+        training = getattr(spec, "training", None)  # an evaluation job has a plain seed
+        self.seed = training.seed if training is not None else spec.seed
         self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
         self.device = str(device)
         self.teacher_digest = teacher_digest
@@ -200,3 +201,67 @@ class Downstream:
             {"key": key, "teacher_digest": self.teacher_digest, "reused": False, "scores": scores},
         )
         return scores
+
+
+def evaluate_model(
+    spec: Any,
+    *,
+    callbacks: Any,
+    resolver: Any,
+    out_dir: Path,
+    device: str | None = None,
+) -> dict[str, float]:
+    """An evaluation job (`sharp_core.spec.EvaluationJobSpec`): load the model (and its
+    teacher, when given), run `spec.evaluation` once and report it at step 1. Unlike the end
+    of a training job, a failure here is the job's failure (there is no student to keep)."""
+    import torch
+
+    from sharp_core.cache.teacher_cache import teacher_digest
+    from sharp_core.models.loading import _load_tokenizer, load_model, model_source
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    src = model_source(spec.model, resolver, "spec.model.model")
+    tok_src = spec.tokenizer or src
+    if tok_src is None:
+        raise SharpError(
+            "no tokenizer: give `tokenizer`", param="spec.tokenizer", code="invalid_spec"
+        )
+    tokenizer = _load_tokenizer(
+        tok_src, "spec.tokenizer" if spec.tokenizer else "spec.model.model", None
+    )
+    model = load_model(spec.model, role="model", resolver=resolver, device=dev, tokenizer=tokenizer)
+    model.eval()
+    teacher = None
+    digest = None
+    if spec.teacher is not None:
+        teacher = load_model(
+            spec.teacher, role="teacher", resolver=resolver, device=dev, tokenizer=tokenizer
+        )
+        teacher.eval()
+        digest = teacher_digest(teacher)
+        callbacks.on_event(
+            "teacher",
+            {
+                "digest": digest,
+                "teacher_params": sum(p.numel() for p in teacher.parameters()),
+                "student_params": sum(p.numel() for p in model.parameters()),
+            },
+        )
+    if callbacks.should_stop():
+        return {}
+    runner = Downstream(
+        spec,
+        student=model,
+        teacher=teacher,
+        tokenizer=tokenizer,
+        device=dev,
+        teacher_digest=digest,
+        store=score_store(resolver, out_dir),
+        on_event=callbacks.on_event,
+        confine=confiner(resolver),
+    )
+    with tempfile.TemporaryDirectory(prefix="sharp-eval-") as tmp:
+        metrics = runner._run(1, Path(tmp), final=True)
+    metrics["model_params"] = float(sum(p.numel() for p in model.parameters()))
+    callbacks.on_metrics(1, metrics)
+    return metrics
