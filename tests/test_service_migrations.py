@@ -40,6 +40,7 @@ TABLES = {
     "teacher_cache_uses",
     "sweeps",
     "sweep_cells",
+    "teacher_scores",
 }
 
 
