@@ -446,7 +446,7 @@ def print_evaluation(ev: dict[str, Any]) -> None:
     if rows:
         reused = ev.get("teacher_scores_reused")
         note = {True: "  (teacher scores reused)", False: "  (teacher scores computed)"}
-        out.print("[bold]evaluation[/bold]" + note.get(reused, ""))
+        out.print("[bold]evaluation[/bold]" + (note[reused] if isinstance(reused, bool) else ""))
         table = Table("score", "student", "teacher", "retained", title=None)
         for row in rows:
             table.add_row(*(escape(x) for x in row))

@@ -133,8 +133,8 @@ def selection(base: dict[str, Any], split: str, chosen: str | None = None) -> Se
     tail's eval (ppl = exp(eval_loss) for language models, eval_accuracy for classifiers),
     said in the note."""
     if chosen is not None:
-        reads = (chosen, "eval_loss") if chosen == "eval_ppl" else (chosen,)
-        return Selection(metric_named(chosen), reads, None)
+        names = (chosen, "eval_loss") if chosen == "eval_ppl" else (chosen,)
+        return Selection(metric_named(chosen), names, None)
     task = str(base.get("task") or "causal_lm")
     metric = metric_for(task, split)
     if get_path(base, f"dataset.eval.{split}") is not None:

@@ -143,12 +143,16 @@ class Downstream:
                 self.tokenizer,
                 g,
                 device=self.device,
-                resolve=(lambda p, param: self.confine([p], param)[0]) if self.confine else None,
+                resolve=self._resolve_one if self.confine is not None else None,
                 seed=self.seed,
             )
             metrics.update(res.metrics)
             self.on_event("answers", {"step": step, "metrics": res.metrics, "samples": res.samples})
         return metrics
+
+    def _resolve_one(self, path: str, param: str) -> Path:
+        assert self.confine is not None
+        return self.confine([path], param)[0]
 
     def _teacher(self, workdir: Path) -> dict[str, float] | None:
         """The teacher's scores: computed once per key (teacher weights, tasks with their

@@ -201,9 +201,9 @@ def train(
     last_metrics: dict[str, float] = {}
     if S.build_seconds and resumed_step is None:  # at step 0, beside the first evaluation
         cb.on_metrics(0, dict(S.build_seconds))
-    if t_digest is not None and resumed_step is None:
+    if t_digest is not None and teacher is not None and resumed_step is None:
         n_params = {
-            "teacher_params": sum(p.numel() for p in teacher.parameters()),  # type: ignore[union-attr]
+            "teacher_params": sum(p.numel() for p in teacher.parameters()),
             "student_params": sum(p.numel() for p in model.parameters()),
         }
         cb.on_event("teacher", {"digest": t_digest, **n_params})
