@@ -528,6 +528,9 @@ def make_callbacks(base: type, reporter: Reporter) -> Any:
         def on_event(self, kind: str, data: dict[str, Any]) -> None:
             reporter.add_event(kind, data)
 
+        def on_teacher(self, data: dict[str, Any]) -> None:
+            reporter.add_event("teacher", data)  # also sets the job's teacher_digest
+
         def should_stop(self) -> bool:
             return reporter.should_stop()
 

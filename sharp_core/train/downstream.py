@@ -243,8 +243,7 @@ def evaluate_model(
         )
         teacher.eval()
         digest = teacher_digest(teacher)
-        callbacks.on_event(
-            "teacher",
+        callbacks.on_teacher(
             {
                 "digest": digest,
                 "teacher_params": sum(p.numel() for p in teacher.parameters()),

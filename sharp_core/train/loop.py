@@ -82,6 +82,11 @@ class TrainCallbacks:
         """Polled every step; True → the loop checkpoints and returns status 'stopped'."""
         return False
 
+    def on_teacher(self, data: dict[str, Any]) -> None:
+        """The teacher's identity at the start of a fresh run: ``digest`` (sha256 of its
+        weights and config), ``teacher_params``, ``student_params`` (the service records it:
+        the leaderboard of a teacher's students)."""
+
 
 @dataclass
 class TrainResult:
@@ -206,7 +211,9 @@ def train(
             "teacher_params": sum(p.numel() for p in teacher.parameters()),
             "student_params": sum(p.numel() for p in model.parameters()),
         }
-        cb.on_event("teacher", {"digest": t_digest, **n_params})
+        on_teacher = getattr(cb, "on_teacher", None)  # not an event: the service keeps it
+        if on_teacher is not None:
+            on_teacher({"digest": t_digest, **n_params})
     # harness tasks and answer quality (single process: the harness drives whole models)
     downstream = Downstream(
         spec,
