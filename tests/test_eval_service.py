@@ -228,16 +228,16 @@ def test_leaderboard_page_shows_the_api_numbers(api, team, live_server, page) ->
     sign_in(page, live_server, team, f"/ui/teachers/{digest}")
     page.wait_for_selector("#leaderboard-body tr[data-job-id^='job_']")
     rows = page.locator("#leaderboard-body tr[data-job-id^='job_']")
-    assert rows.count() == len(board["students"]) == 2
+    assert rows.count() == len(board["students"]) >= 2  # with the offline job's when run
 
     def cell(job_id: str, col: str) -> str:
         td = page.locator(f"#leaderboard-body tr[data-job-id='{job_id}'] td[data-col='{col}']")
         return str(td.get_attribute("data-value"))
 
     for r in board["students"]:
-        assert (
-            float(cell(r["job_id"], "harness/evalh_mc/acc")) == r["scores"]["harness/evalh_mc/acc"]
-        )
+        shown_acc = cell(r["job_id"], "harness/evalh_mc/acc")
+        want = r["scores"].get("harness/evalh_mc/acc")  # none for a job whose evaluation failed
+        assert (float(shown_acc) == want) if want is not None else shown_acc == ""
         assert float(cell(r["job_id"], "ppl")) == pytest.approx(r["ppl"], rel=1e-12)
         assert int(cell(r["job_id"], "params")) == r["params"]
         assert int(cell(r["job_id"], "tokens_seen")) == r["tokens_seen"]
@@ -272,15 +272,12 @@ def test_leaderboard_page_shows_the_api_numbers(api, team, live_server, page) ->
 
     page.goto(f"{live_server}/ui/teachers")
     page.wait_for_selector(f"#teachers-body tr[data-digest='{digest}']")
-    assert (
-        page.locator(
-            f"#teachers-body tr[data-digest='{digest}'] td[data-col='students']"
-        ).inner_text()
-        == "2"
-    )
+    assert page.locator(
+        f"#teachers-body tr[data-digest='{digest}'] td[data-col='students']"
+    ).inner_text() == str(len(board["students"]))
 
 
-def test_sweep_selects_on_a_harness_score(api, team, corpus, tmp_path) -> None:
+def test_sweep_selects_on_a_harness_score(api, team, corpus, tmp_path, live_server, page) -> None:  # noqa: F811
     """Two learning rates of kd, chosen on the harness's accuracy: the report compares on it,
     its values are the jobs' own harness metric, the chosen configuration is the best one,
     and the report's cells carry the leaderboard's columns."""
@@ -321,6 +318,16 @@ def test_sweep_selects_on_a_harness_score(api, team, corpus, tmp_path) -> None:
         assert configs[key]["mean"] == pytest.approx(value)
     chosen = report["tune"]["best"]["kd"]
     assert acc[chosen] == max(acc.values())
+
+    # the sweep page's downstream table shows the report's numbers
+    sign_in(page, live_server, team, f"/ui/sweeps/{sweep_id}")
+    page.wait_for_selector("#cell-scores-body tr[data-job-id]")
+    for cell in report["cells"]:
+        td = page.locator(
+            f"#cell-scores-body tr[data-job-id='{cell['job_id']}'] "
+            "td[data-col='harness/evalh_mc/acc']"
+        )
+        assert float(str(td.get_attribute("data-value"))) == cell["scores"]["harness/evalh_mc/acc"]
 
 
 def test_evaluation_job_scores_a_finished_checkpoint(api, team, live_server, tmp_path) -> None:

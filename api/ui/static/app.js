@@ -793,6 +793,29 @@
         el('td', {}, c.job_id ? el('a', { href: '/ui/jobs/' + encodeURIComponent(c.job_id) }, c.job_id) : ''))));
     }
 
+    // The leaderboard's columns per cell (the report's `cells`), shown once any cell has a
+    // downstream score.
+    function renderCellScores(cells) {
+      const names = new Set();
+      for (const c of cells) for (const k of Object.keys(c.scores || {})) names.add(k);
+      const cols = [...names].filter((k) => !k.endsWith('_stderr') && k !== 'gen/answers' && k !== 'gen/exact_match_n').sort();
+      $('scores-block').hidden = !cols.length;
+      if (!cols.length) return;
+      const label = (k) => k.startsWith('retained/') ? `${k.slice(9)} retained` : k.replace(/^(harness|gen)\//, '');
+      $('cell-scores-head').replaceChildren(...['Job', 'Stage', 'Method', 'Config', 'Seed', 'Perplexity', ...cols.map(label)]
+        .map((h, i) => el('th', { 'data-col': i < 6 ? h.toLowerCase() : cols[i - 6] }, h)));
+      $('cell-scores-body').replaceChildren(...cells.map((c) => el('tr', { 'data-job-id': c.job_id },
+        el('td', {}, el('a', { href: '/ui/jobs/' + encodeURIComponent(c.job_id) }, c.job_id)),
+        el('td', {}, c.stage), el('td', {}, c.method), el('td', {}, c.config), el('td', {}, c.seed),
+        el('td', { 'data-col': 'ppl', 'data-value': c.ppl === null ? '' : String(c.ppl) }, c.ppl === null ? '–' : fmt(c.ppl)),
+        ...cols.map((k) => {
+          const v = (c.scores || {})[k];
+          const has = v !== undefined && v !== null;
+          const shown = !has ? '–' : k.startsWith('retained/') ? `${(100 * v).toFixed(1)} %` : fmt(v);
+          return el('td', { 'data-col': k, 'data-value': has ? String(v) : '' }, shown);
+        }))));
+    }
+
     function renderLegend() {
       $('curves-legend').replaceChildren(...[...colors.entries()].map(([m, color]) =>
         el('li', { 'data-method': m, 'data-color': color }, swatch(color, 'chosen'), m)));
@@ -813,6 +836,7 @@
         $('report-error').hidden = false;
       }
       const best = report && report.tune ? report.tune.best : null;
+      renderCellScores(report ? report.cells || [] : []);
       const notes = report ? [report.selection_metric_note, report.final ? report.final_metric_note : null].filter(Boolean) : [];
       $('report-notes').replaceChildren(...notes.map((n) => el('li', {}, n)));
       $('report-notes').hidden = !notes.length;
