@@ -219,3 +219,41 @@ def test_answer_quality_rouge_and_exact_match(lm, tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="no reference") as e:
         read_prompt_set(bad, spec, "spec.evaluation.generation.set")
     assert e.value.param == "spec.evaluation.generation.set"
+
+
+def test_trainer_runs_tasks_every_n_evals_and_the_teacher_once(tmp_path: Path) -> None:
+    """The library path: harness scores at every `every`-th evaluation point and at the end
+    (into the last checkpoint's manifest); the teacher's scores computed by the first run and
+    read by the second from the store beside the runs; retained = student / teacher."""
+    from sharp_core.spec import parse_spec
+    from sharp_core.train.loop import train
+    from tests.helpers import GPT2_TEACHER, Recorder, spec_dict, write_corpus
+
+    corpus = write_corpus(tmp_path, 30_000)
+    task = write_mc(tmp_path)
+    d = spec_dict(
+        corpus,
+        teacher={"init": "config", "config": dict(GPT2_TEACHER)},
+        method={"name": "kd"},
+        evaluation={"harness": {"tasks": [str(task)], "every": 2, "batch_size": 8}},
+    )
+    first = Recorder()
+    res = train(parse_spec(d), tmp_path / "runs" / "a", callbacks=first)
+    with_acc = sorted(s for s, m in first.metrics.items() if "harness/tiny_mc/acc" in m)
+    assert with_acc == [3, 6]  # eval points 0, 3, 6: the 2nd (every 2) and the end
+    reports = [e for k, e in first.events if k == "teacher_scores"]
+    assert [e["reused"] for e in reports] == [False]  # once per run, not per evaluation
+    t_acc = reports[0]["scores"]["harness/tiny_mc/acc"]
+    final = first.metrics[6]
+    if t_acc:
+        assert final["retained/tiny_mc/acc"] == pytest.approx(final["harness/tiny_mc/acc"] / t_acc)
+    manifest = json.loads((Path(res.checkpoint) / "manifest.json").read_text())  # type: ignore[arg-type]
+    assert manifest["metrics"]["harness/tiny_mc/acc"] == final["harness/tiny_mc/acc"]
+
+    d["training"] = {**d["training"], "max_steps": 2, "eval_every": 0}  # another student
+    d["evaluation"]["harness"]["every"] = 0
+    second = Recorder()
+    train(parse_spec(d), tmp_path / "runs" / "b", callbacks=second)
+    again = [e for k, e in second.events if k == "teacher_scores"]
+    assert [e["reused"] for e in again] == [True] and again[0]["scores"] == reports[0]["scores"]
+    assert again[0]["key"] == reports[0]["key"]
