@@ -263,7 +263,9 @@ def test_leaderboard_page_shows_the_api_numbers(api, team, live_server, page) ->
     page.wait_for_function(
         "document.querySelector('#leaderboard-head th[data-col=ppl]').textContent.includes('▼')"
     )
-    assert order() == [r["job_id"] for r in reversed(by_ppl)]
+    # descending, ties (equal perplexities) kept in the API's order, as a stable sort does
+    by_ppl_desc = sorted(board["students"], key=lambda r: r["ppl"], reverse=True)
+    assert order() == [r["job_id"] for r in by_ppl_desc]
     page.click("#leaderboard-head th[data-col='name']")
     page.wait_for_function(
         "document.getElementById('leaderboard-body').dataset.sortedBy === 'name'"
