@@ -257,3 +257,23 @@ def test_trainer_runs_tasks_every_n_evals_and_the_teacher_once(tmp_path: Path) -
     again = [e for k, e in second.events if k == "teacher_scores"]
     assert [e["reused"] for e in again] == [True] and again[0]["scores"] == reports[0]["scores"]
     assert again[0]["key"] == reports[0]["key"]
+
+
+def test_results_prompt_set_is_held_out(tmp_path: Path) -> None:
+    """bench.quality.answers: the prompt set comes from the corpus's last part, apart from the
+    training and val text, and every reference is the line after its prompt."""
+    from bench.quality.answers import split_corpus
+    from tests.helpers import SHARED_CORPUS
+
+    if not SHARED_CORPUS.is_file():
+        pytest.skip("needs tiny Shakespeare (../shared/data): its speeches make the prompts")
+    text = corpus_text()
+    paths = split_corpus(text, tmp_path, 20)
+    train, val = paths["train"].read_text(), paths["val"].read_text()
+    rows = [json.loads(x) for x in paths["prompts"].read_text().splitlines()]
+    assert len(rows) == 20
+    tail = text[len(train) + len(val) :]
+    assert train + val + tail == text
+    for r in rows:
+        assert r["reference"] and (r["prompt"] + r["reference"]) in tail
+        assert (r["prompt"] + r["reference"]) not in train + val
