@@ -670,7 +670,10 @@ class GenerationSpec(_Strict):
     )
     limit: int = Field(default=200, ge=1, le=100_000, description="At most this many prompts.")
     samples: int = Field(
-        default=8, ge=0, le=1000, description="Answers stored with the job for people to read."
+        default=8,
+        ge=0,
+        le=100,
+        description="Answers stored with the job for people to read (an event: kept small).",
     )
     short_reference_words: int = Field(
         default=5,
