@@ -30,7 +30,17 @@ from api.metrics import RequestMetrics
 from api.metrics import router as metrics_router
 from api.openapi import install as install_openapi
 from api.openapi import install_docs, operation_id
-from api.routes import health, jobs, sweeps, teacher_caches, teams, uploads, webhooks
+from api.routes import (
+    evaluations,
+    health,
+    jobs,
+    sweeps,
+    teacher_caches,
+    teachers,
+    teams,
+    uploads,
+    webhooks,
+)
 from api.ui import router as ui_router
 from api.ui import static_files as ui_static
 from service.db import Database
@@ -232,6 +242,8 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     app.include_router(teams.router)
     app.include_router(webhooks.router)
     app.include_router(teacher_caches.router)
+    app.include_router(teachers.router)
+    app.include_router(evaluations.router)
     app.include_router(sweeps.router)
     app.include_router(metrics_router)
     app.include_router(ui_router)

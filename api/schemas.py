@@ -17,7 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from service.lifecycle import JobStatus
 from service.plans import usage as plan_usage
 from service.progress import progress
-from sharp_core.spec import JobSpec
+from sharp_core.spec import EvaluationJobSpec, JobSpec
 from sharp_core.study.sweep import SweepSpec
 
 if TYPE_CHECKING:
@@ -71,6 +71,34 @@ class JobCreate(BaseModel):
     spec: SpecBody = Field(
         description="The job spec; every field, bound and default: docs/spec.md."
     )
+
+
+EvaluationSpecBody = Annotated[
+    dict[str, Any], BeforeValidator(lambda v: v, json_schema_input_type=EvaluationJobSpec)
+]
+
+
+class EvaluationCreate(BaseModel):
+    """Body of ``POST /v1/evaluations``."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "spec": {
+                        "model": {"model": {"job": "job_01J8Z3Q4W5E6R7T8Y9U0I1O2P3"}},
+                        "evaluation": {
+                            "harness": {"tasks": ["/data/datasets/evals/my_task.yaml"]},
+                            "generation": {"set": "/data/datasets/evals/prompts.jsonl"},
+                        },
+                    }
+                }
+            ]
+        },
+    )
+
+    spec: EvaluationSpecBody = Field(description="What to score and on what: docs/evaluation.md.")
 
 
 class Progress(BaseModel):
@@ -137,6 +165,74 @@ class PlanUsage(BaseModel):
 
     peak_memory_gb: PlannedMeasured
     tokens_per_s: PlannedMeasured
+
+
+class EvaluationPublic(BaseModel):
+    """A job's downstream evaluation (docs/evaluation.md)."""
+
+    teacher_digest: str | None = Field(
+        default=None, description="sha256 of the teacher's weights: its leaderboard's id."
+    )
+    scores: dict[str, float] = Field(description="harness/<task>/<metric> (and _stderr).")
+    teacher_scores: dict[str, float] | None = Field(
+        default=None, description="The teacher's scores on the same tasks, few-shot and limit."
+    )
+    teacher_scores_reused: bool | None = Field(
+        default=None, description="True: another job of the team had computed them."
+    )
+    retained: dict[str, float] = Field(description="retained/<task>/<metric> = student / teacher.")
+    answer_quality: dict[str, float] = Field(
+        description="gen/rougeL (ROUGE-L F1), gen/exact_match over short references, gen/answers."
+    )
+    answer_samples: list[dict[str, Any]] = Field(
+        default_factory=list, description="Prompt, reference, answer and ROUGE-L of a few answers."
+    )
+    error: dict[str, Any] | None = Field(
+        default=None, description="{code, message, param} when the evaluation failed."
+    )
+
+
+class StudentRow(BaseModel):
+    job_id: str
+    name: str
+    status: str
+    method: str
+    init: str
+    params: int | None = None
+    tokens_seen: int
+    ppl: float | None = None
+    ppl_metric: str | None = None
+    scores: dict[str, float] = Field(description="harness/…, retained/… and gen/… metrics.")
+    evaluation_error: dict[str, Any] | None = None
+    created_at: dt.datetime
+
+
+class TeacherScoresRow(BaseModel):
+    key: str
+    scores: dict[str, float]
+    tasks: list[str] | None = None
+    num_fewshot: int | None = None
+    limit: int | None = None
+    computed_by_job_id: str | None = None
+    created_at: dt.datetime
+
+
+class LeaderboardPublic(BaseModel):
+    """``GET /v1/teachers/{digest}/students``."""
+
+    teacher_digest: str
+    teacher_params: int | None = None
+    teacher_scores: list[TeacherScoresRow]
+    students: list[StudentRow]
+
+
+class TeacherSummary(BaseModel):
+    teacher_digest: str
+    students: int
+
+
+class TeachersPublic(BaseModel):
+    data: list[TeacherSummary]
 
 
 class JobPublic(BaseModel):
@@ -225,6 +321,13 @@ class JobPublic(BaseModel):
     usage: PlanUsage | None = Field(
         default=None,
         description="Planned against measured: peak memory per GPU (GB) and tokens/s.",
+    )
+    evaluation: EvaluationPublic | None = Field(
+        default=None,
+        description="Jobs with spec.evaluation or a teacher: harness scores beside the "
+        "teacher's, retained = student / teacher, answer quality with sample answers, and the "
+        "evaluation's error (the job still succeeds). Filled in GET /v1/jobs/{job_id}; null in "
+        "lists.",
     )
 
 
@@ -373,6 +476,7 @@ def job_public(
     queue: QueueInfo | None = None,
     pruning: dict[str, Any] | None = None,
     teacher_cache: list[dict[str, Any]] | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> JobPublic:
     """A job row as the API shows it; ``progress`` (the ETA) comes from `service.progress`,
     ``pruning`` from `service.jobs.JobService.pruning`."""
@@ -405,6 +509,7 @@ def job_public(
         else [TeacherCacheJobUse.model_validate(u) for u in teacher_cache],
         plan=getattr(job, "plan", None),
         usage=PlanUsage.model_validate(u) if (u := plan_usage(job)) else None,
+        evaluation=EvaluationPublic.model_validate(evaluation) if evaluation else None,
     )
 
 

@@ -21,6 +21,7 @@ from rich.table import Table
 from ops.client_cli import jobs_app, print_table
 from ops.demo import demo_command
 from ops.embedded import DB_FILE, admin_settings, up_command
+from ops.eval_cli import eval_app
 from ops.sweeps_cli import sweeps_app
 from ops.webhooks_cli import webhooks_app
 from service import admin as admin_fns
@@ -40,6 +41,7 @@ storage_app = typer.Typer(
 )
 app.add_typer(admin_app, name="admin")
 app.add_typer(jobs_app, name="jobs")  # the HTTP client (ops/client_cli.py)
+app.add_typer(eval_app, name="eval")  # evaluation jobs, same client (ops/eval_cli.py)
 app.add_typer(sweeps_app, name="sweeps")  # sweeps, same client (ops/sweeps_cli.py)
 app.add_typer(webhooks_app, name="webhooks")  # signed webhooks, same client (ops/webhooks_cli.py)
 admin_app.add_typer(teams_app, name="teams")

@@ -520,6 +520,51 @@ def print_pruning(p: dict[str, Any]) -> None:
         out.print(f"  {label:<13}{escape(value)}")
 
 
+def evaluation_rows(ev: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(score, student, teacher, retained %) of every harness score (stderr beside the
+    value), then answer quality: what ``sharp jobs show`` prints under "evaluation"."""
+    scores = ev.get("scores") or {}
+    teacher = ev.get("teacher_scores") or {}
+    kept = ev.get("retained") or {}
+    rows = []
+    for name in sorted(n for n in scores if not n.endswith("_stderr")):
+        short = name[len("harness/") :]
+        err = scores.get(f"{name}_stderr")
+        t = teacher.get(name)
+        r = kept.get(f"retained/{short}")
+        rows.append(
+            (
+                short,
+                f"{scores[name]:.4f}" + (f" ± {err:.4f}" if err is not None else ""),
+                f"{t:.4f}" if t is not None else "-",
+                f"{100 * r:.1f} %" if r is not None else "-",
+            )
+        )
+    for name, v in sorted((ev.get("answer_quality") or {}).items()):
+        rows.append((name, f"{v:.4g}", "-", "-"))
+    return rows
+
+
+def print_evaluation(ev: dict[str, Any]) -> None:
+    """The "evaluation" section of ``sharp jobs show``: each harness score beside the
+    teacher's with retained = student / teacher, answer quality, and a failed evaluation."""
+    rows = evaluation_rows(ev)
+    if rows:
+        reused = ev.get("teacher_scores_reused")
+        note = {True: "  (teacher scores reused)", False: "  (teacher scores computed)"}
+        out.print("[bold]evaluation[/bold]" + (note[reused] if isinstance(reused, bool) else ""))
+        table = Table("score", "student", "teacher", "retained", title=None)
+        for row in rows:
+            table.add_row(*(escape(x) for x in row))
+        out.print(table)
+    if ev.get("error"):
+        e = ev["error"]
+        out.print(
+            f"[yellow]evaluation failed[/yellow] {escape(str(e.get('code')))}: "
+            f"{escape(str(e.get('message')))} (the trained student is kept)"
+        )
+
+
 @jobs_app.command("show")
 def show_cmd(
     job_id: str = typer.Argument(..., metavar="ID"),
@@ -559,6 +604,8 @@ def show_cmd(
             print_table(table)
         if job.get("pruning"):
             print_pruning(job["pruning"])
+        if job.get("evaluation"):
+            print_evaluation(job["evaluation"])
         if job.get("error"):
             e = job["error"]
             param = f" (param {e['param']})" if e.get("param") else ""

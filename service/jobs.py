@@ -54,15 +54,20 @@ from service.settings import Settings
 from service.store import get_store
 from service.txn import after_commit
 from sharp_core.errors import ModelNotFoundError
+from sharp_core.evaluate.generation import read_prompt_set
+from sharp_core.evaluate.harness import check_tasks
 from sharp_core.files import local_model_path
 from sharp_core.models.prune_shapes import check_prune_target
 from sharp_core.spec import (
     DatasetSpec,
     EvalSetSpec,
+    EvaluationJobSpec,
+    EvaluationSpec,
     JobRef,
     JobSpec,
     ModelSpec,
     ResourcesSpec,
+    parse_evaluation_spec,
     parse_spec,
 )
 
@@ -114,6 +119,16 @@ def confine_dataset_files(
             )
         out.append(real)
     return out
+
+
+def confine_eval_files(files: Sequence[str], roots: Sequence[Path], param: str) -> list[Path]:
+    """`confine_dataset_files` for the files behind one evaluation field (a task file and
+    its data, a prompt set): an error names that field, not a position in a list."""
+    try:
+        return confine_dataset_files(files, roots, param)
+    except InvalidRequestError as e:
+        e.param = param
+        raise
 
 
 def request_hash(body: dict[str, Any]) -> str:
@@ -232,10 +247,30 @@ class JobService:
         )
         return spec
 
+    def create_evaluation(
+        self, team: Team, body: dict[str, Any], idempotency_key: str | None
+    ) -> tuple[Job, bool]:
+        """``POST /v1/evaluations``: an evaluation job (a job row whose spec has ``kind:
+        evaluation``), validated, queued, idempotent and scheduled as every job."""
+        digest = request_hash(body)
+        if idempotency_key is not None:
+            existing = self.jobs.get_by_idempotency_key(team.id, idempotency_key)
+            if existing is not None:
+                return self._replay(existing, digest), False
+        spec = parse_evaluation_spec(body.get("spec"))
+        for role, model in (("model", spec.model), ("teacher", spec.teacher)):
+            if model is not None:
+                self._check_model(team, model, role)
+        if spec.tokenizer:
+            self._check_allowed(spec.tokenizer, "spec.tokenizer")
+        self._check_evaluation(spec.evaluation)
+        self.check_queued_quota(team)
+        return self.enqueue(team, spec, idempotency_key=idempotency_key, digest=digest), True
+
     def enqueue(
         self,
         team: Team,
-        spec: JobSpec,
+        spec: JobSpec | EvaluationJobSpec,
         *,
         idempotency_key: str | None = None,
         digest: str | None = None,
@@ -260,7 +295,8 @@ class JobService:
             idempotency_key=idempotency_key,
             request_hash=digest if idempotency_key is not None else None,
             step=0,
-            max_steps=spec.training.max_steps,
+            # an evaluation job has one step: scored (1) or not yet (0)
+            max_steps=spec.training.max_steps if isinstance(spec, JobSpec) else 1,
             latest_metrics={},
             plan=plan,
             created_at=now,
@@ -306,20 +342,9 @@ class JobService:
             ("student", spec.student),
         ]
         for role, model in roles:
-            if model is None or model.model is None:
-                continue
-            with collect():
-                if isinstance(model.model, JobRef):
-                    ref = self.jobs.get_for_team(team.id, model.model.job)
-                    if ref is None or ref.status != "succeeded":
-                        raise InvalidRequestError(
-                            f"job '{model.model.job}' is not a succeeded job of this team",
-                            param=f"spec.{role}.model.job",
-                            code="unknown_job",
-                        )
-                else:
-                    self._check_allowed(model.model, f"spec.{role}.model")
-                    self._check_local_model(model.model, f"spec.{role}.model")
+            if model is not None:
+                with collect():
+                    self._check_model(team, model, role)
         if spec.tokenizer.name:
             with collect():
                 self._check_allowed(spec.tokenizer.name, "spec.tokenizer.name")
@@ -341,6 +366,8 @@ class JobService:
         if spec.student.init == "prune":
             with collect():
                 self._check_prune_target(team, spec)
+        with collect():
+            self._check_evaluation(spec.evaluation)
         if found:
             raise SharpError.combined(found)
 
@@ -355,6 +382,37 @@ class JobService:
                 "'org/name') and no folder is there",
                 param=param,
             )
+
+    def _check_evaluation(self, ev: EvaluationSpec) -> None:
+        """`spec.evaluation`'s files, read now so that a bad one is a 422 naming its field:
+        task files parse and read local data under the roots, harness task names exist in the
+        installed harness's index, the prompt set has a reference on every line."""
+        roots = self.settings.dataset_file_roots
+
+        def confine(files: Sequence[str], param: str) -> list[Path]:
+            return confine_eval_files(files, roots, param)
+
+        if ev.harness is not None:
+            check_tasks(ev.harness, param="spec.evaluation.harness.tasks", confine=confine)
+        if ev.generation is not None:
+            param = "spec.evaluation.generation.set"
+            read_prompt_set(confine([ev.generation.set], param)[0], ev.generation, param)
+
+    def _check_model(self, team: Team, model: ModelSpec, role: str) -> None:
+        """A finished job of this team, or a source the operator allows."""
+        if model.model is None:
+            return
+        if isinstance(model.model, JobRef):
+            ref = self.jobs.get_for_team(team.id, model.model.job)
+            if ref is None or ref.status != "succeeded":
+                raise InvalidRequestError(
+                    f"job '{model.model.job}' is not a succeeded job of this team",
+                    param=f"spec.{role}.model.job",
+                    code="unknown_job",
+                )
+        else:
+            self._check_allowed(model.model, f"spec.{role}.model")
+            self._check_local_model(model.model, f"spec.{role}.model")
 
     def _check_prune_target(self, team: Team, spec: JobSpec) -> None:
         """Refuse a pruning target that cannot fit the teacher, naming the field (422).
@@ -538,6 +596,12 @@ class JobService:
         from service.teacher_caches import of_job
 
         return of_job(self.session, job.id)
+
+    def evaluation(self, job: Job) -> dict[str, Any] | None:
+        """Downstream scores beside the teacher's (`service.evaluation.job_evaluation`)."""
+        from service.evaluation import job_evaluation
+
+        return job_evaluation(self.session, job)
 
     # -- metrics and checkpoints -----------------------------------------------------------
     def metrics(

@@ -180,6 +180,12 @@ class Job(Base):
     # supervisor adopts the running job instead of submitting it again (`worker.backends`).
     backend_job_id: Mapped[str | None] = mapped_column(String(64))
 
+    #: sha256 of the loaded teacher (`sharp_core.cache.teacher_cache.teacher_digest`), written
+    #: by the training process: the leaderboard lists a teacher's students by it.
+    teacher_digest: Mapped[str | None] = mapped_column(String(64), index=True)
+    #: {code, message, param} when `spec.evaluation` failed; the job still succeeds.
+    evaluation_error: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
 
 class StepCost(Base):
     """A finished job's measured speed on its pool's card: the table job plans estimate
@@ -452,3 +458,24 @@ class SweepCell(Base):
     seed: Mapped[int] = mapped_column(BigInteger)
     overrides: Mapped[dict[str, Any]] = mapped_column(JSONType)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+
+
+class TeacherScore(Base):
+    """A teacher's harness scores (`sharp_core.train.downstream`), computed once per key
+    (teacher weights, tasks with their files' content, few-shot, limit) and read by every
+    later job of the team with that key."""
+
+    __tablename__ = "teacher_scores"
+    __table_args__ = (
+        UniqueConstraint("team_id", "key"),
+        Index("ix_teacher_scores_team_id_teacher_digest", "team_id", "teacher_digest"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(64))
+    teacher_digest: Mapped[str] = mapped_column(String(64))
+    scores: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    computed_by_job_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

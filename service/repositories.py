@@ -49,6 +49,7 @@ from service.models import (
     SweepCell,
     TeacherCache,
     TeacherCacheUse,
+    TeacherScore,
     Team,
     Upload,
     WebhookAttempt,
@@ -968,6 +969,84 @@ class TeacherCacheRepository:
             .order_by(TeacherCacheUse.created_at.desc())
         ).all()
         return [(c, u) for c, u in rows]
+
+
+class TeacherScoreRepository:
+    """A team's teacher harness scores (one row per key) and the students of a teacher."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def get(self, team_id: str, key: str) -> TeacherScore | None:
+        return self.session.scalars(
+            select(TeacherScore).where(TeacherScore.team_id == team_id, TeacherScore.key == key)
+        ).first()
+
+    def put(
+        self,
+        *,
+        team_id: str,
+        key: str,
+        teacher_digest: str,
+        scores: dict[str, float],
+        meta: dict[str, Any],
+        job_id: str | None,
+    ) -> None:
+        """Insert once: two jobs that computed the same key concurrently keep the first."""
+        stmt = _insert(self.session, TeacherScore).values(
+            team_id=team_id,
+            key=key,
+            teacher_digest=teacher_digest,
+            scores=scores,
+            meta=meta,
+            computed_by_job_id=job_id,
+            created_at=utcnow(),
+        )
+        self.session.execute(stmt.on_conflict_do_nothing(index_elements=["team_id", "key"]))
+
+    def for_teacher(self, team_id: str, teacher_digest: str) -> Sequence[TeacherScore]:
+        return self.session.scalars(
+            select(TeacherScore)
+            .where(TeacherScore.team_id == team_id, TeacherScore.teacher_digest == teacher_digest)
+            .order_by(TeacherScore.created_at, TeacherScore.id)
+        ).all()
+
+    def students(self, team_id: str, teacher_digest: str, limit: int) -> Sequence[Job]:
+        """This team's jobs distilled from the teacher with this digest, newest first."""
+        return self.session.scalars(
+            select(Job)
+            .where(Job.team_id == team_id, Job.teacher_digest == teacher_digest)
+            .order_by(Job.id.desc())
+            .limit(limit)
+        ).all()
+
+    def latest_events(self, job_ids: Sequence[str], kind: str) -> dict[str, dict[str, Any]]:
+        """job → the data of its newest event of `kind` (one query for all jobs)."""
+        if not job_ids:
+            return {}
+        newest = (
+            select(JobEvent.job_id, func.max(JobEvent.seq).label("seq"))
+            .where(JobEvent.job_id.in_(job_ids), JobEvent.kind == kind)
+            .group_by(JobEvent.job_id)
+            .subquery()
+        )
+        rows = self.session.execute(
+            select(JobEvent.job_id, JobEvent.data).join(
+                newest, and_(JobEvent.job_id == newest.c.job_id, JobEvent.seq == newest.c.seq)
+            )
+        ).all()
+        return {j: dict(d or {}) for j, d in rows}
+
+    def teachers(self, team_id: str, limit: int) -> list[tuple[str, int]]:
+        """(digest, number of students) of every teacher this team distilled from."""
+        rows = self.session.execute(
+            select(Job.teacher_digest, func.count())
+            .where(Job.team_id == team_id, Job.teacher_digest.is_not(None))
+            .group_by(Job.teacher_digest)
+            .order_by(func.count().desc())
+            .limit(limit)
+        ).all()
+        return [(str(d), int(n)) for d, n in rows]
 
 
 # --------------------------------------------------------------------------- scheduling

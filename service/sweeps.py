@@ -38,6 +38,7 @@ from service.errors import (
     NotFoundError,
     SharpError,
 )
+from service.evaluation import PPL_METRICS, scores_of
 from service.ids import new_id
 from service.jobs import JobService, decode_cursor, encode_cursor, request_hash
 from service.lifecycle import TERMINAL_STATUSES
@@ -48,7 +49,7 @@ from service.settings import Settings, get_settings
 from service.txn import after_commit
 from service.webhooks import enqueue_event
 from sharp_core.spec import parse_spec
-from sharp_core.study.compare import compare, metric_for
+from sharp_core.study.compare import compare, metric_for, metric_named
 from sharp_core.study.sweep import (
     Cell,
     FinalSpec,
@@ -125,10 +126,15 @@ class Selection:
         return None
 
 
-def selection(base: dict[str, Any], split: str) -> Selection:
-    """The metric of a stage: ``val_*`` (tune) / ``test_*`` (final) when the base spec names
-    that evaluation set (``dataset.eval.<split>``), else the training tail's eval (ppl =
-    exp(eval_loss) for language models, eval_accuracy for classifiers), said in the note."""
+def selection(base: dict[str, Any], split: str, chosen: str | None = None) -> Selection:
+    """The metric of a stage: the sweep's `selection_metric` when it names one (both stages:
+    a harness score has no val / test split); else ``val_*`` (tune) / ``test_*`` (final) when
+    the base spec names that evaluation set (``dataset.eval.<split>``), else the training
+    tail's eval (ppl = exp(eval_loss) for language models, eval_accuracy for classifiers),
+    said in the note."""
+    if chosen is not None:
+        names = (chosen, "eval_loss") if chosen == "eval_ppl" else (chosen,)
+        return Selection(metric_named(chosen), names, None)
     task = str(base.get("task") or "causal_lm")
     metric = metric_for(task, split)
     if get_path(base, f"dataset.eval.{split}") is not None:
@@ -318,7 +324,8 @@ class SweepService:
         counts = count_by_stage(rows)
         base = (sweep.request or {}).get("base") or {}
         values: dict[str, float | None] = {}
-        sels = {"tune": selection(base, "val"), "final": selection(base, "test")}
+        chosen = (sweep.request or {}).get("selection_metric")
+        sels = {"tune": selection(base, "val", chosen), "final": selection(base, "test", chosen)}
         reads = sorted({n for s in sels.values() for n in s.reads})
         last = self.repo.last_values([j.id for _, j in rows], reads)
         for cell, job in rows:
@@ -412,7 +419,7 @@ class SweepService:
         start: int,
         schedule: bool,
     ) -> bool:
-        sel = selection(spec.base, "val")
+        sel = selection(spec.base, "val", spec.selection_metric)
         last = self.repo.last_values([j.id for _, j in tune], sel.reads)
         results = [_result(c, j, sel.value(last[j.id])) for c, j in tune]
         found = compare(results, metric=sel.metric, reference=spec.reference)["best"]
@@ -443,7 +450,8 @@ class SweepService:
         view = self.get(team, sweep_id)
         sweep = view.sweep
         base = (sweep.request or {}).get("base") or {}
-        sel_val, sel_test = selection(base, "val"), selection(base, "test")
+        chosen = (sweep.request or {}).get("selection_metric")
+        sel_val, sel_test = selection(base, "val", chosen), selection(base, "test", chosen)
 
         def results(stage: str) -> list[dict[str, Any]]:
             return [_result(c, j, view.values[j.id]) for c, j in view.cells if c.stage == stage]
@@ -472,6 +480,9 @@ class SweepService:
                 for c, j in view.cells
                 if j.status in ("failed", "cancelled")
             ],
+            # the leaderboard's columns per cell: perplexity, harness scores with retained,
+            # answer quality (docs/evaluation.md)
+            "cells": [{**_cell_ref(c, j), **cell_scores(j)} for c, j in view.cells],
         }
 
     def curves(self, team: Team, sweep_id: str) -> dict[str, Any]:
@@ -521,6 +532,18 @@ def _cell_ref(cell: SweepCell, job: Job) -> dict[str, Any]:
         "config": cell.config,
         "seed": cell.seed,
         "status": job.status,
+    }
+
+
+def cell_scores(job: Job) -> dict[str, Any]:
+    """A cell's perplexity and downstream scores, as the teacher leaderboard shows them."""
+    metrics = job.latest_metrics or {}
+    ppl_name = next((n for n in PPL_METRICS if n in metrics), None)
+    return {
+        "ppl": float(metrics[ppl_name]) if ppl_name else None,
+        "ppl_metric": ppl_name,
+        "scores": scores_of(metrics),
+        "evaluation_error": job.evaluation_error,
     }
 
 

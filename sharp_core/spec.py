@@ -644,6 +644,67 @@ class ResourcesSpec(_Strict):
     max_attempts: int = Field(default=3, ge=1, le=20)
 
 
+class HarnessSpec(_Strict):
+    """Downstream tasks run with lm-evaluation-harness (docs/evaluation.md)."""
+
+    tasks: list[Annotated[str, Field(min_length=1, max_length=1024)]] = Field(
+        min_length=1,
+        max_length=64,
+        description="The harness's own task names (their data comes from the hub: network "
+        "needed) or paths of local task files (a task YAML with `dataset_path: json` or "
+        "`parquet` and `data_files` beside it or under the data roots; in the service, under "
+        "SHARP_DATASET_FILE_ROOTS).",
+    )
+    num_fewshot: int = Field(default=0, ge=0, le=64, description="Examples in each prompt.")
+    limit: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="At most this many examples per task."
+    )
+    batch_size: int = Field(default=8, ge=1, le=1024)
+    every: int = Field(
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description="Also run every N evaluation points (training.eval_every); 0: at the end only.",
+    )
+
+
+class GenerationSpec(_Strict):
+    """Answer quality: answers generated for a prompt set, scored against its references."""
+
+    set: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="A jsonl file with a prompt and a reference per line (in the service, "
+        "under SHARP_DATASET_FILE_ROOTS).",
+    )
+    prompt_field: str = Field(default="prompt", min_length=1, max_length=128)
+    reference_field: str = Field(default="reference", min_length=1, max_length=128)
+    max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    decoding: Literal["greedy", "sample"] = Field(
+        default="greedy", description="greedy, or sampling at temperature 1 (seeded)."
+    )
+    limit: int = Field(default=200, ge=1, le=100_000, description="At most this many prompts.")
+    samples: int = Field(
+        default=8,
+        ge=0,
+        le=100,
+        description="Answers stored with the job for people to read (an event: kept small).",
+    )
+    short_reference_words: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        description="References of at most this many words are also scored by exact match.",
+    )
+
+
+class EvaluationSpec(_Strict):
+    """What the finished student is scored on besides perplexity (docs/evaluation.md)."""
+
+    harness: HarnessSpec | None = None
+    generation: GenerationSpec | None = None
+
+
 class JobSpec(_Strict):
     """A distillation (or fine-tuning, method 'sft' without teacher) job."""
 
@@ -661,6 +722,7 @@ class JobSpec(_Strict):
     method: MethodSpec = Field(default_factory=MethodSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
 
     @model_validator(mode="after")
     def _teacher_needed(self) -> JobSpec:
@@ -687,6 +749,48 @@ def _is_union_tag(p: Any) -> bool:
 
 def _union_tag_at(loc: Any) -> int | None:
     return next((i for i, p in enumerate(loc) if _is_union_tag(p)), None)
+
+
+class EvaluationJobSpec(_Strict):
+    """``POST /v1/evaluations``: score a model without training it (docs/evaluation.md)."""
+
+    version: Literal[1] = 1
+    kind: Literal["evaluation"] = "evaluation"
+    name: str = Field(default="evaluation", min_length=1, max_length=200)
+    model: ModelSpec = Field(
+        description="The model scored: {'job': id} (a finished job's last checkpoint), a "
+        "local folder, or a hub id; init 'pretrained'."
+    )
+    teacher: ModelSpec | None = Field(
+        default=None,
+        description="Its teacher, for retained = model / teacher (its scores are computed once "
+        "per key and shared with training jobs).",
+    )
+    tokenizer: str | None = Field(
+        default=None, max_length=512, description="Tokenizer source; default: the model's own."
+    )
+    evaluation: EvaluationSpec
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @model_validator(mode="after")
+    def _what(self) -> EvaluationJobSpec:
+        if self.evaluation.harness is None and self.evaluation.generation is None:
+            raise ValueError("evaluation needs `harness` tasks or a `generation` set")
+        for m in (self.model, self.teacher):
+            if m is not None and m.init != "pretrained":
+                raise ValueError("an evaluation scores trained weights: init must be 'pretrained'")
+        return self
+
+
+def parse_evaluation_spec(data: Any, *, prefix: str = "spec") -> EvaluationJobSpec:
+    """Validate ``POST /v1/evaluations``' spec; SpecError naming the field."""
+    if not isinstance(data, dict):
+        raise SpecError("the spec must be a mapping", param=prefix)
+    try:
+        return EvaluationJobSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError.combined(_spec_errors(e, prefix)) from None
 
 
 def _loc_to_param(loc: tuple[Any, ...], prefix: str) -> str:
@@ -781,6 +885,7 @@ def parse_spec(data: dict[str, Any], *, prefix: str = "spec") -> JobSpec:
         _check_student_parallel,
         _check_batch_split,
         _check_cross_tokenizer,
+        _check_evaluation_task,
     ):
         try:
             check(spec, prefix)
@@ -789,6 +894,14 @@ def parse_spec(data: dict[str, Any], *, prefix: str = "spec") -> JobSpec:
     if found:
         raise SpecError.combined(found)
     return spec
+
+
+def _check_evaluation_task(spec: JobSpec, prefix: str) -> None:
+    if spec.task != "causal_lm" and (spec.evaluation.harness or spec.evaluation.generation):
+        param = f"{prefix}.evaluation" if prefix else "evaluation"
+        raise SpecError(
+            f"{param}: harness tasks and answer quality need task causal_lm", param=param
+        )
 
 
 def _check_batch_split(spec: JobSpec, prefix: str) -> None:

@@ -41,6 +41,7 @@ TABLES = {
     "sweeps",
     "sweep_cells",
     "step_costs",
+    "teacher_scores",
 }
 
 

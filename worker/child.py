@@ -49,7 +49,7 @@ from sqlalchemy.pool import NullPool
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from service.db import Database
-from service.jobs import confine_dataset_files
+from service.jobs import confine_dataset_files, confine_eval_files
 from service.lifecycle import ACTIVE_STATUSES, RUNNING
 from service.live import LivePublisher
 from service.models import Job
@@ -58,6 +58,7 @@ from service.repositories import (
     CheckpointRepository,
     JobRepository,
     MetricRepository,
+    TeacherScoreRepository,
     UploadRepository,
 )
 from service.settings import Settings, get_settings
@@ -83,7 +84,7 @@ from sharp_core.errors import (
     ModelNotFoundError,
     SharpError,
 )
-from sharp_core.spec import DatasetSpec, EvalSetSpec, JobSpec, parse_spec
+from sharp_core.spec import DatasetSpec, EvalSetSpec, JobSpec, parse_evaluation_spec, parse_spec
 from sharp_core.train.checkpoint import retained_steps, step_dir_name
 from sharp_core.train.launch import env_rank, torchrun_command, under_torchrun  # no torch
 
@@ -414,12 +415,28 @@ class Reporter:
         """A one-off fact about the run for the job's event log (the trainer's 'pruned' report),
         fenced by attempt like every write; False if fenced off (nothing written). A
         'teacher_cache' event also records the cache and this job's use of it."""
-        write = None
+        write: Callable[[Session], None] | None = None
         if kind == "teacher_cache":
 
             def write(s: Session) -> None:
                 record_teacher_cache(
                     s, team_id=self.team_id, job_id=self.job_id, attempt=self.attempt, data=data
+                )
+
+        elif kind in ("teacher", "evaluation_failed"):  # columns the leaderboard and API read
+            column = "teacher_digest" if kind == "teacher" else "evaluation_error"
+            value: Any = (
+                data.get("digest")
+                if kind == "teacher"
+                else {k: data.get(k) for k in ("code", "message", "param")}
+            )
+
+            def write(s: Session) -> None:
+                JobRepository(s).update_fenced(
+                    self.job_id,
+                    statuses=ACTIVE_STATUSES,
+                    attempt=self.attempt,
+                    values={column: value},
                 )
 
         return self._record(kind, {**data, "attempt": self.attempt}, write)
@@ -516,6 +533,9 @@ def make_callbacks(base: type, reporter: Reporter) -> Any:
         def on_event(self, kind: str, data: dict[str, Any]) -> None:
             reporter.add_event(kind, data)
 
+        def on_teacher(self, data: dict[str, Any]) -> None:
+            reporter.add_event("teacher", data)  # also sets the job's teacher_digest
+
         def should_stop(self) -> bool:
             return reporter.should_stop()
 
@@ -527,13 +547,22 @@ def cache_dir(settings: Settings) -> Path:
     return Path(settings.artifact_root) / ".cache"
 
 
-def make_resolver(base: type, db: Database, team_id: str, settings: Settings) -> Any:
+def make_resolver(
+    base: type, db: Database, team_id: str, settings: Settings, job_id: str | None = None
+) -> Any:
     """A `Resolver` that finds this team's finished jobs and uploads in the database, and
     its teacher-logit caches in the artifact store."""
 
     class ServiceResolver(base):  # type: ignore[misc, valid-type]
         def teacher_cache_store(self) -> Any:
             return teacher_cache_store(settings, team_id)
+
+        def teacher_score_store(self) -> Any:
+            return TeacherScoreStore(db, team_id, job_id)
+
+        def confine_files(self, files: list[str], param: str) -> list[Path]:
+            # evaluation files (task files, their data, prompt sets): under the data roots
+            return confine_eval_files(files, settings.dataset_file_roots, param)
 
         def job_checkpoint(self, job_id: str) -> Path:
             return resolve_job_checkpoint(db, team_id, job_id, settings)
@@ -564,6 +593,29 @@ def make_resolver(base: type, db: Database, team_id: str, settings: Settings) ->
                 raise
 
     return ServiceResolver()
+
+
+class TeacherScoreStore:
+    """The team's teacher scores in the database (`sharp_core.train.downstream.ScoreStore`)."""
+
+    def __init__(self, db: Database, team_id: str, job_id: str | None = None):
+        self.db, self.team_id, self.job_id = db, team_id, job_id
+
+    def get(self, key: str) -> dict[str, float] | None:
+        with self.db.session() as s:
+            row = TeacherScoreRepository(s).get(self.team_id, key)
+            return None if row is None else {k: float(v) for k, v in row.scores.items()}
+
+    def put(self, key: str, teacher_digest: str, scores: dict[str, float], meta: dict) -> None:
+        with self.db.session() as s:
+            TeacherScoreRepository(s).put(
+                team_id=self.team_id,
+                key=key,
+                teacher_digest=teacher_digest,
+                scores=scores,
+                meta=meta,
+                job_id=self.job_id,
+            )
 
 
 def resolve_job_checkpoint(db: Database, team_id: str, job_id: str, settings: Settings) -> Path:
@@ -695,6 +747,8 @@ def run(job_id: str, attempt: int, settings: Settings | None = None) -> int:
 
         signal.signal(signal.SIGTERM, _on_sigterm)
         try:
+            if (job.spec or {}).get("kind") == "evaluation":  # POST /v1/evaluations: no training
+                return _run_evaluation(job, reporter, db, settings, out_dir, result_file)
             spec = confine_spec_files(parse_spec(job.spec), settings)
             if main_rank and reporter.store.remote:
                 # Another host may have run the earlier attempts: resume from the store.
@@ -715,7 +769,7 @@ def run(job_id: str, attempt: int, settings: Settings | None = None) -> int:
                 callbacks=make_callbacks(TrainCallbacks, reporter)
                 if main_rank
                 else make_follower_callbacks(TrainCallbacks, reporter),
-                resolver=make_resolver(Resolver, db, job.team_id, settings),
+                resolver=make_resolver(Resolver, db, job.team_id, settings, job_id),
                 device=None,
             )
             if not main_rank:
@@ -766,6 +820,37 @@ def run(job_id: str, attempt: int, settings: Settings | None = None) -> int:
     finally:
         live.close()
         db.dispose()
+
+
+def _run_evaluation(
+    job: Job, reporter: Reporter, db: Database, settings: Settings, out_dir: Path, result: Path
+) -> int:
+    """An evaluation job: score the model once (`sharp_core.train.downstream.evaluate_model`),
+    report it at step 1 and leave the result file; its errors are the job's, as training's."""
+    from sharp_core.train.downstream import evaluate_model  # torch: import late
+    from sharp_core.train.loop import Resolver, TrainCallbacks
+
+    spec = parse_evaluation_spec(job.spec)
+    metrics = evaluate_model(
+        spec,
+        callbacks=make_callbacks(TrainCallbacks, reporter),
+        resolver=make_resolver(Resolver, db, job.team_id, settings, job.id),
+        out_dir=out_dir,
+    )
+    reporter.flush()
+    if reporter.fenced:
+        return EXIT_FENCED
+    write_result(
+        result,
+        {
+            "status": "stopped" if reporter.cancel or reporter.stop_signal else "completed",
+            "step": 1 if metrics else 0,
+            "checkpoint": None,
+            "metrics": _finite(metrics),
+            "cancel": reporter.cancel,
+        },
+    )
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

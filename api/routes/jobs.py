@@ -137,7 +137,11 @@ def list_jobs(
 def get_job(job_id: JobId, team: TeamDep, service: JobServiceDep) -> JobPublic:
     job = service.get(team, job_id)
     return job_public(
-        job, service.queue_info(job), service.pruning(job), service.teacher_cache(job)
+        job,
+        service.queue_info(job),
+        service.pruning(job),
+        service.teacher_cache(job),
+        service.evaluation(job),
     )
 
 

@@ -98,6 +98,20 @@ def sweep_page(
     return _page(request, "sweep.html", page="sweep", sweep_id=sweep_id)
 
 
+@router.get("/teachers", include_in_schema=False, response_class=HTMLResponse)
+def teachers_page(request: Request) -> HTMLResponse:
+    return _page(request, "teachers.html", page="teachers")
+
+
+@router.get("/teachers/{digest}", include_in_schema=False, response_class=HTMLResponse)
+def teacher_page(
+    request: Request, digest: Annotated[str, PathParam(pattern=r"^[0-9a-f]{64}$")]
+) -> HTMLResponse:
+    """The leaderboard of a teacher's students (docs/evaluation.md), from
+    ``GET /v1/teachers/{digest}/students``; sortable by any column."""
+    return _page(request, "teacher.html", page="teacher", digest=digest)
+
+
 # -- the submit form's parser ----------------------------------------------------------------
 
 

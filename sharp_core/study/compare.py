@@ -13,7 +13,16 @@ import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["CellResult", "compare", "holm", "mean_std", "paired", "metric_for", "choose_best"]
+__all__ = [
+    "CellResult",
+    "compare",
+    "holm",
+    "mean_std",
+    "paired",
+    "metric_for",
+    "metric_named",
+    "choose_best",
+]
 
 #: cell dict: {"method", "config", "seed", "status", "value" (float | None), "overrides"}
 CellResult = dict[str, Any]
@@ -27,6 +36,14 @@ def metric_for(task: str, split: str) -> dict[str, Any]:
     if task == "sequence_classification":
         return {"name": f"{split}_accuracy", "lower_is_better": False, "relative": False}
     return {"name": f"{split}_ppl", "lower_is_better": True, "relative": True}
+
+
+def metric_named(name: str) -> dict[str, Any]:
+    """A metric chosen by name (a sweep's ``selection_metric``): perplexity and loss are
+    lower-is-better with Δ in % of the reference; scores (accuracy, harness, ROUGE-L,
+    retained) are higher-is-better with Δ in points."""
+    lower = name.endswith(("_ppl", "_loss"))
+    return {"name": name, "lower_is_better": lower, "relative": name.endswith("_ppl")}
 
 
 def mean_std(xs: Sequence[float]) -> tuple[float, float | None]:

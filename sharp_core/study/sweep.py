@@ -98,6 +98,14 @@ class FinalSpec(_Strict):
         return self
 
 
+#: What a sweep may select on (docs/sweeps.md, "Selecting on a task score").
+SELECTION_PATTERN = (
+    r"^((harness|retained)/[A-Za-z0-9_.@-]+/[A-Za-z0-9_.@-]+"
+    r"|gen/(rougeL|exact_match)"
+    r"|(eval|val|test)_(ppl|loss|accuracy|f1))$"
+)
+
+
 class SweepSpec(_Strict):
     """``POST /v1/sweeps``: the base job spec, the grid axes, tuning and the final stage."""
 
@@ -118,6 +126,13 @@ class SweepSpec(_Strict):
         "when present, else the first method.",
     )
     final: FinalSpec | None = None
+    selection_metric: str | None = Field(
+        default=None,
+        pattern=SELECTION_PATTERN,
+        description="The metric both stages compare on instead of val_ppl / test_ppl: a "
+        "harness score ('harness/arc_easy/acc', needs base evaluation.harness), answer quality "
+        "('gen/rougeL', needs evaluation.generation) or a perplexity / loss / accuracy.",
+    )
 
 
 @dataclass
@@ -306,6 +321,7 @@ def parse_sweep(data: Any) -> SweepSpec:
                     f"tune.trials ({sweep.tune.trials}): every method gets the same budget",
                     param=f"sweep.tune.space.{method}",
                 )
+    _check_selection(sweep)
     if sweep.final is not None and SEED_PATH in sweep.axes:
         overlap = set(sweep.final.seeds) & set(sweep.axes[SEED_PATH])
         if overlap:
@@ -314,6 +330,29 @@ def parse_sweep(data: Any) -> SweepSpec:
                 param="sweep.final.seeds",
             )
     return sweep
+
+
+def _check_selection(sweep: SweepSpec) -> None:
+    """A task score to select on must be one the base spec computes (the field is named)."""
+    name = sweep.selection_metric
+    if name is None:
+        return
+    param = "sweep.selection_metric"
+    ev = get_path(sweep.base, "evaluation", None) or {}
+    if name.startswith(("harness/", "retained/")):
+        tasks = (ev.get("harness") or {}).get("tasks") or []
+        if not tasks:
+            raise SpecError(f"{param}: '{name}' needs base evaluation.harness", param=param)
+        task = name.split("/")[1]
+        files = [
+            t for t in tasks if isinstance(t, str) and (t.endswith((".yaml", ".yml")) or "/" in t)
+        ]
+        if task not in tasks and not files:
+            raise SpecError(
+                f"{param}: task '{task}' is not in base evaluation.harness.tasks", param=param
+            )
+    if name.startswith("gen/") and not ev.get("generation"):
+        raise SpecError(f"{param}: '{name}' needs base evaluation.generation", param=param)
 
 
 def _seeds(sweep: SweepSpec) -> list[int]:

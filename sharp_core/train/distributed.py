@@ -390,6 +390,11 @@ class RankCallbacks:
     def should_stop(self) -> bool:
         return self.ctx.any_rank(bool(self.inner.should_stop()))
 
+    def on_teacher(self, data: dict[str, Any]) -> None:
+        report = getattr(self.inner, "on_teacher", None)
+        if self.ctx.is_main and report is not None:
+            report(data)
+
 
 def shard_teacher(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """FSDP2 over all ranks: one unit per transformer block, the rest (embeddings, head) in the

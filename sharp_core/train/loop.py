@@ -33,6 +33,7 @@ from sharp_core.models.loading import LocalResolver, Resolver
 from sharp_core.spec import JobSpec
 from sharp_core.train import distributed
 from sharp_core.train.checkpoint import latest_checkpoint, verify_manifest
+from sharp_core.train.downstream import Downstream, confiner, score_store
 from sharp_core.train.onpolicy import OnPolicy
 from sharp_core.train.perf import Throughput, flops_per_token, peak_mem_mb
 from sharp_core.train.setup import Setup, autocast_dtype, setup
@@ -80,6 +81,11 @@ class TrainCallbacks:
     def should_stop(self) -> bool:
         """Polled every step; True → the loop checkpoints and returns status 'stopped'."""
         return False
+
+    def on_teacher(self, data: dict[str, Any]) -> None:
+        """The teacher's identity at the start of a fresh run: ``digest`` (sha256 of its
+        weights and config), ``teacher_params``, ``student_params`` (the service records it:
+        the leaderboard of a teacher's students)."""
 
 
 @dataclass
@@ -168,6 +174,10 @@ def train(
     if m.teacher_cache.mode != "off" and S.teacher_cache is None:  # build or read it first
         S = teacher_cache.attach(S, cache_store(resolver, out_dir), cb.on_event, ctx)
     model, teacher = S.student, S.teacher  # unwrapped: under torchrun S gets DDP / FSDP ones
+    # the teacher's identity (leaderboards, teacher scores): hashed before any sharding
+    t_digest = (
+        teacher_cache.teacher_digest(teacher) if teacher is not None and ctx.rank == 0 else None
+    )
     S = ctx.prepare(S)
     dev, amp = S.device, autocast_dtype(spec, S.device)  # amp: bf16 / fp16 on CUDA, or None
     classify = isinstance(S.data, ClassificationData)
@@ -196,6 +206,38 @@ def train(
     last_metrics: dict[str, float] = {}
     if S.build_seconds and resumed_step is None:  # at step 0, beside the first evaluation
         cb.on_metrics(0, dict(S.build_seconds))
+    if t_digest is not None and teacher is not None and resumed_step is None:
+        n_params = {
+            "teacher_params": sum(p.numel() for p in teacher.parameters()),
+            "student_params": sum(p.numel() for p in model.parameters()),
+        }
+        on_teacher = getattr(cb, "on_teacher", None)  # not an event: the service keeps it
+        if on_teacher is not None:
+            on_teacher({"digest": t_digest, **n_params})
+    # harness tasks and answer quality (single process: the harness drives whole models)
+    downstream = Downstream(
+        spec,
+        student=model,
+        teacher=teacher,
+        tokenizer=S.tokenizer,
+        device=dev,
+        teacher_digest=t_digest,
+        store=score_store(resolver, out_dir),
+        on_event=cb.on_event,
+        confine=confiner(resolver),
+    )
+    if downstream.enabled and (ctx.world_size > 1 or classify):
+        why = "multi-GPU jobs" if ctx.world_size > 1 else "sequence_classification jobs"
+        cb.on_event(
+            "evaluation_failed",
+            {
+                "code": "evaluation_failed",
+                "message": f"spec.evaluation is not run in {why}: evaluate the checkpoint with "
+                "an evaluation job",
+                "param": "spec.evaluation",
+            },
+        )
+        downstream.ev = spec.evaluation.model_copy(update={"harness": None, "generation": None})
     if S.pruned is not None and resumed_step is None:  # what pruning kept, before any step
         cb.on_event("pruned", S.pruned.event())
         cb.on_metrics(0, S.pruned.metrics())
@@ -218,6 +260,8 @@ def train(
         due = bool(t.eval_every) and step % t.eval_every == 0
         if done or ((due or (step == 0 and S.pruned)) and step != resumed_step):
             ev = {**run_eval(), **run_eval_sets()}
+            if downstream.due(final=done):  # harness scores, answer quality, retained %
+                ev.update(downstream.run(step, final=done))
             if state.onpolicy is not None:
                 state.onpolicy.observe_eval(ev)  # adaptive: p rises with the eval loss
             last_metrics.update(ev)

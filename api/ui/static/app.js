@@ -795,6 +795,29 @@
         el('td', {}, c.job_id ? el('a', { href: '/ui/jobs/' + encodeURIComponent(c.job_id) }, c.job_id) : ''))));
     }
 
+    // The leaderboard's columns per cell (the report's `cells`), shown once any cell has a
+    // downstream score.
+    function renderCellScores(cells) {
+      const names = new Set();
+      for (const c of cells) for (const k of Object.keys(c.scores || {})) names.add(k);
+      const cols = [...names].filter((k) => !k.endsWith('_stderr') && k !== 'gen/answers' && k !== 'gen/exact_match_n').sort();
+      $('scores-block').hidden = !cols.length;
+      if (!cols.length) return;
+      const label = (k) => k.startsWith('retained/') ? `${k.slice(9)} retained` : k.replace(/^(harness|gen)\//, '');
+      $('cell-scores-head').replaceChildren(...['Job', 'Stage', 'Method', 'Config', 'Seed', 'Perplexity', ...cols.map(label)]
+        .map((h, i) => el('th', { 'data-col': i < 6 ? h.toLowerCase() : cols[i - 6] }, h)));
+      $('cell-scores-body').replaceChildren(...cells.map((c) => el('tr', { 'data-job-id': c.job_id },
+        el('td', {}, el('a', { href: '/ui/jobs/' + encodeURIComponent(c.job_id) }, c.job_id)),
+        el('td', {}, c.stage), el('td', {}, c.method), el('td', {}, c.config), el('td', {}, c.seed),
+        el('td', { 'data-col': 'ppl', 'data-value': c.ppl === null ? '' : String(c.ppl) }, c.ppl === null ? '–' : fmt(c.ppl)),
+        ...cols.map((k) => {
+          const v = (c.scores || {})[k];
+          const has = v !== undefined && v !== null;
+          const shown = !has ? '–' : k.startsWith('retained/') ? `${(100 * v).toFixed(1)} %` : fmt(v);
+          return el('td', { 'data-col': k, 'data-value': has ? String(v) : '' }, shown);
+        }))));
+    }
+
     function renderLegend() {
       $('curves-legend').replaceChildren(...[...colors.entries()].map(([m, color]) =>
         el('li', { 'data-method': m, 'data-color': color }, swatch(color, 'chosen'), m)));
@@ -815,6 +838,7 @@
         $('report-error').hidden = false;
       }
       const best = report && report.tune ? report.tune.best : null;
+      renderCellScores(report ? report.cells || [] : []);
       const notes = report ? [report.selection_metric_note, report.final ? report.final_metric_note : null].filter(Boolean) : [];
       $('report-notes').replaceChildren(...notes.map((n) => el('li', {}, n)));
       $('report-notes').hidden = !notes.length;
@@ -958,6 +982,92 @@
     });
   }
 
+  // -- teachers and the leaderboard of a teacher's students ------------------------------------
+
+  async function teachersPage() {
+    const body = $('teachers-body');
+    const res = await api('/v1/teachers');
+    const rows = res.data.map((t) => el('tr', { 'data-digest': t.teacher_digest },
+      el('td', {}, el('a', { href: '/ui/teachers/' + t.teacher_digest }, el('code', {}, t.teacher_digest.slice(0, 12)))),
+      el('td', { 'data-col': 'students' }, t.students)));
+    body.replaceChildren(...(rows.length ? rows : [el('tr', {}, el('td', { colSpan: 2, class: 'muted' },
+      'No distilled job yet (a job records its teacher when it starts).'))]));
+  }
+
+  // The leaderboard's columns: fixed ones, then one per harness score (student value, and the
+  // retained % beside it) and the answer-quality metrics, as present in any row.
+  function leaderboardColumns(board) {
+    const names = new Set();
+    for (const r of board.students) for (const k of Object.keys(r.scores)) names.add(k);
+    for (const t of board.teacher_scores) for (const k of Object.keys(t.scores)) names.add(k);
+    const harness = [...names].filter((k) => k.startsWith('harness/') && !k.endsWith('_stderr')).sort();
+    const gen = [...names].filter((k) => k.startsWith('gen/') && k !== 'gen/answers' && k !== 'gen/exact_match_n').sort();
+    const cols = [
+      { key: 'job', label: 'Job', value: (r) => r.job_id, text: true },
+      { key: 'name', label: 'Name', value: (r) => r.name, text: true },
+      { key: 'status', label: 'Status', value: (r) => r.status, text: true },
+      { key: 'method', label: 'Method', value: (r) => r.method, text: true },
+      { key: 'init', label: 'Init', value: (r) => r.init, text: true },
+      { key: 'params', label: 'Params', value: (r) => r.params, show: (v) => fmtParams(v) },
+      { key: 'tokens_seen', label: 'Tokens', value: (r) => r.tokens_seen },
+      { key: 'ppl', label: 'Perplexity', value: (r) => r.ppl },
+    ];
+    for (const h of harness) {
+      const short = h.slice('harness/'.length);
+      cols.push({ key: h, label: short, value: (r) => r.scores[h] });
+      cols.push({ key: 'retained/' + short, label: `${short} retained`, value: (r) => r.scores['retained/' + short],
+        show: (v) => `${(100 * v).toFixed(1)} %` });
+    }
+    for (const g of gen) cols.push({ key: g, label: g.slice('gen/'.length), value: (r) => r.scores[g] });
+    return cols;
+  }
+
+  async function teacherPage() {
+    const digest = document.body.dataset.digest;
+    const board = await api(`/v1/teachers/${encodeURIComponent(digest)}/students`);
+    const cols = leaderboardColumns(board);
+    const teacherScores = Object.assign({}, ...board.teacher_scores.map((t) => t.scores));
+    const summary = Object.keys(teacherScores).filter((k) => !k.endsWith('_stderr'))
+      .map((k) => `${k.slice('harness/'.length)} ${fmt(teacherScores[k])}`).join(' · ');
+    $('teacher-summary').textContent = (board.teacher_params ? `Teacher: ${fmtParams(board.teacher_params)} params. ` : '')
+      + (summary ? `Teacher scores: ${summary}.` : 'No teacher scores yet (none of its students ran harness tasks).');
+    let sort = { key: 'ppl', dir: 1 };
+    const head = $('leaderboard-head');
+    const body = $('leaderboard-body');
+    function render() {
+      const col = cols.find((c) => c.key === sort.key) || cols[0];
+      const rows = [...board.students].sort((a, b) => {
+        const va = col.value(a); const vb = col.value(b);
+        if (va === null || va === undefined) return 1;
+        if (vb === null || vb === undefined) return -1;
+        return (col.text ? String(va).localeCompare(String(vb)) : va - vb) * sort.dir;
+      });
+      head.replaceChildren(...cols.map((c) => {
+        const th = el('th', { 'data-col': c.key, class: 'sortable', title: 'Sort' }, c.label,
+          c.key === sort.key ? (sort.dir > 0 ? ' ▲' : ' ▼') : '');
+        th.addEventListener('click', () => {
+          sort = { key: c.key, dir: c.key === sort.key ? -sort.dir : 1 };
+          render();
+        });
+        return th;
+      }));
+      const teacherRow = el('tr', { class: 'teacher-row', 'data-job-id': '' }, ...cols.map((c) => {
+        const v = c.key.startsWith('harness/') ? teacherScores[c.key] : c.key === 'params' ? board.teacher_params : undefined;
+        const label = c.key === 'job' ? 'teacher' : v === undefined || v === null ? '' : c.show ? c.show(v) : fmt(v);
+        return el('td', { 'data-col': c.key, 'data-value': v === undefined || v === null ? '' : String(v) }, label);
+      }));
+      body.replaceChildren(teacherRow, ...rows.map((r) => el('tr', { 'data-job-id': r.job_id }, ...cols.map((c) => {
+        const v = c.value(r);
+        const has = v !== null && v !== undefined;
+        const shown = c.key === 'job' ? el('a', { href: '/ui/jobs/' + encodeURIComponent(r.job_id) }, r.job_id)
+          : !has ? '–' : c.show ? c.show(v) : c.text ? String(v) : fmt(v);
+        return el('td', { 'data-col': c.key, 'data-value': has ? String(v) : '' }, shown);
+      }))));
+      body.dataset.sortedBy = sort.key;
+    }
+    render();
+  }
+
   // -- start ----------------------------------------------------------------------------------
 
   document.addEventListener('DOMContentLoaded', () => {
@@ -966,7 +1076,7 @@
     if (!apiKey()) { toLogin(); return; }
     const out = $('sign-out');
     if (out) out.addEventListener('click', () => { sessionStorage.removeItem(KEY); location.assign('/ui/login'); });
-    const run = { jobs: jobsPage, job: jobPage, submit: submitPage, sweeps: sweepsPage, sweep: sweepPage }[page];
+    const run = { jobs: jobsPage, job: jobPage, submit: submitPage, sweeps: sweepsPage, sweep: sweepPage, teachers: teachersPage, teacher: teacherPage }[page];
     if (run) Promise.resolve(run()).catch((e) => showPageError(e.message));
   });
 })();
