@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sharp_core.objectives import fused, losses
 
@@ -66,6 +67,34 @@ def test_fused_equals_dense_value_and_grads(name: str, tau: float, bias: bool) -
     _close(ce, ref_ce)
     for g, r in zip(_grads(loss, hs, ws, bs), _grads(ref, hs, ws, bs), strict=True):
         _close(g, r)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "jsd"])
+def test_under_autocast_the_head_matmuls_run_in_its_dtype_like_dense(name: str) -> None:
+    """Autocast's F.linear runs the head in bf16; the fused kernel casts its float32 inputs
+    the same way (an H200 run showed float32 head GEMMs taking half a KD step). Against the
+    dense loss under the same autocast: bf16 rounding (tolerance 2e-2), and a strictly
+    different value from the float32 kernel, so the cast is real."""
+    hs, ws, bs, ht, wt, bt, y = _inputs(bias=True, Ds=64, Dt=48, V=500, Vt=512, N=9)
+    V = ws.shape[0]
+    kw = dict(kd_weight=0.7, temperature=1.0, alpha=0.2, beta=0.3, num_valid=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, _ = fused.fused_linear_objective(
+            name, hs, ws, ht, wt, y, chunk_size=4, vocab=V, student_bias=bs, teacher_bias=bt, **kw
+        )
+        s = F.linear(hs, ws, bs).float()
+        t = F.linear(ht, wt, bt).float()[..., :V]
+    ref = 0.3 * losses.cross_entropy(s, y, num_valid=16) + 0.7 * losses.divergence(
+        name, s, t, y, temperature=1.0, alpha=0.2, beta=0.3, num_valid=16
+    )
+    f32, _, _ = fused.fused_linear_objective(
+        name, hs, ws, ht, wt, y, chunk_size=4, vocab=V, student_bias=bs, teacher_bias=bt, **kw
+    )
+    _close(loss, ref, rtol=2e-2)
+    assert loss.item() != f32.item()
+    for g, r in zip(_grads(loss, hs, ws, bs), _grads(ref, hs, ws, bs), strict=True):
+        assert g.dtype == torch.float32  # back to the float32 leaves through the casts
+        _close(g, r, rtol=2e-2)
 
 
 def test_cross_entropy_alone_sft() -> None:

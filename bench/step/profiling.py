@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -159,6 +161,11 @@ def profile_step(runner: Runner, steps: int = 3) -> dict[str, float]:
         for _ in range(steps):
             runner.step()
         sync(runner.device)
+    ops_dir = os.environ.get("SHARP_PROFILE_OPS_DIR")
+    if ops_dir:  # the kernels themselves, for what the labelled ranges do not say
+        key = "device_time_total" if runner.device.type == "cuda" else "cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=70)
+        Path(ops_dir, f"ops-{runner.name}.txt").write_text(table)
     out: dict[str, float] = {}
     for ev in prof.key_averages():
         if ":" not in ev.key or ev.key.split(":", 1)[0] not in ("fwd", "bwd", "opt"):

@@ -61,6 +61,18 @@ of logits keeps the loss's transient memory under ~0.5 GiB at any vocabulary."""
 ChunkFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
+def _autocast_dtype(h: torch.Tensor) -> torch.dtype | None:
+    """Autocast's low-precision dtype on ``h``'s device when it is on and ``h`` is wider:
+    the fused kernels run their matmuls with autocast off, so they cast their inputs
+    themselves, as autocast would cast them for F.linear (measured on an H200: float32 head
+    GEMMs were half of a KD step)."""
+    dev = h.device.type
+    if not torch.is_autocast_enabled(dev):
+        return None
+    lp = torch.get_autocast_dtype(dev)
+    return lp if h.dtype.itemsize > lp.itemsize else None
+
+
 def default_chunk_tokens(vocab: int, budget_bytes: int = FUSED_CHUNK_BYTES) -> int:
     """Tokens per chunk so that a chunk's float32 logits (R, V) fit in ``budget_bytes``."""
     return max(1, budget_bytes // (4 * vocab))
@@ -72,12 +84,15 @@ class _LinearChunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h2, w, b, chunk_fn, a, denom, chunk):  # type: ignore[override]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        cd = torch.promote_types(torch.promote_types(h2.dtype, w.dtype), torch.float32)
-        wc = w.to(cd)  # (V, D), no copy for float32 weights
+        # matmuls in the inputs' dtype (bf16 where the caller cast them for autocast: the
+        # tensor cores), logits, row gradients and the weight's accumulator in float32
+        cd = torch.promote_types(h2.dtype, w.dtype)
+        acc = torch.promote_types(cd, torch.float32)
+        wc = w.to(cd)  # (V, D), no copy when the dtypes agree
         bc = None if b is None else b.to(cd)
         gh = torch.empty_like(h2) if need_h else None  # (R, D)
-        gw = torch.zeros(w.shape, dtype=cd, device=w.device) if need_w else None  # (V, D)
-        gb = torch.zeros(w.shape[0], dtype=cd, device=w.device) if need_b else None  # (V,)
+        gw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None  # (V, D)
+        gb = torch.zeros(w.shape[0], dtype=acc, device=w.device) if need_b else None  # (V,)
         ce_sum = torch.zeros((), dtype=torch.float32, device=h2.device)
         d_sum = torch.zeros((), dtype=torch.float32, device=h2.device)
         with torch.autocast(h2.device.type, enabled=False):
@@ -89,13 +104,18 @@ class _LinearChunked(torch.autograd.Function):
                 del s
                 ce_sum += ce.sum()
                 d_sum += d.sum()
-                g = g.div_(denom).to(cd)  # (r, V)
+                g = g.div_(denom).to(acc)  # (r, V)
+                gl = g.to(cd)  # no copy in float32
                 if gh is not None:
-                    gh[sl] = (g @ wc).to(gh.dtype)
+                    gh[sl] = (gl @ wc).to(gh.dtype)
                 if gw is not None:
-                    gw.addmm_(g.T, hc)
+                    if cd == acc:
+                        gw.addmm_(g.T, hc)
+                    else:  # a (V, D) product in cd, summed over chunks in float32
+                        gw += gl.T @ hc
                 if gb is not None:
                     gb += g.sum(0)
+                del gl
                 del g
         ctx.save_for_backward(gh, gw, gb)
         ctx.dtypes = (w.dtype, None if b is None else b.dtype)
@@ -235,6 +255,10 @@ def fused_linear_objective(
     if not torch.is_grad_enabled():
         hs, ws = hs.detach(), ws.detach()
         bs = None if bs is None else bs.detach()
+    lp = _autocast_dtype(hs)
+    if lp is not None:  # the head's matmuls as autocast runs F.linear (gradients flow back)
+        hs, ws = hs.to(lp), ws.to(lp)
+        bs = None if bs is None else bs.to(lp)
     loss, ce, d = linear_chunked(hs, ws, bs, chunk_fn, kd_weight=a, denom=denom, chunk=chunk)
     return loss, ce, d
 
@@ -392,6 +416,9 @@ def liger_linear_objective(
     denom = torch.as_tensor(num_valid, dtype=torch.float32, device=y.device).clamp_min(1.0)
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     ws = student_weight[:V]
+    lp = _autocast_dtype(hs)
+    if lp is not None:  # Liger computes in its inputs' dtype: float32 inputs miss the tensor cores
+        hs, ws = hs.to(lp), ws.to(lp)
     ce = LigerFusedLinearCrossEntropyLoss(reduction="sum")(ws, hs, y) / denom
     if a == 0 or teacher_hidden is None or teacher_weight is None:
         return (1 - a) * ce, ce.detach(), torch.zeros_like(ce).detach()
