@@ -213,17 +213,20 @@ def micro_step(
             t_w, t_b = t_head.weight, t_head.bias
         else:
             t_hidden = None
-        if S.logit_path is None:  # the first micro-batch: the kernel against the dense loss
-            fused.check_parity(
-                kernel, m.divergence, s_hidden, s_head.weight, t_hidden, t_w, labels,
-                kd_weight=a, temperature=m.temperature, alpha=m.skew_alpha, beta=m.jsd_beta,
-                vocab=V, student_bias=s_head.bias, teacher_bias=t_b,
+        # the head's matmuls in the forwards' autocast dtype, as the dense path's F.linear ran
+        # them (float32 head GEMMs were half of an H200 KD step); the losses stay float32
+        with torch.autocast(S.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            if S.logit_path is None:  # the first micro-batch: the kernel against dense
+                fused.check_parity(
+                    kernel, m.divergence, s_hidden, s_head.weight, t_hidden, t_w, labels,
+                    kd_weight=a, temperature=m.temperature, alpha=m.skew_alpha,
+                    beta=m.jsd_beta, vocab=V, student_bias=s_head.bias, teacher_bias=t_b,
+                )  # fmt: skip
+                S.logit_path = f"fused:{getattr(kernel, '__name__', type(kernel).__name__)}"
+            logit_term, terms["ce"], kd = kernel(
+                m.divergence, s_hidden, s_head.weight, t_hidden, t_w, labels,
+                vocab=V, student_bias=s_head.bias, teacher_bias=t_b, **div,
             )  # fmt: skip
-            S.logit_path = f"fused:{getattr(kernel, '__name__', type(kernel).__name__)}"
-        logit_term, terms["ce"], kd = kernel(
-            m.divergence, s_hidden, s_head.weight, t_hidden, t_w, labels,
-            vocab=V, student_bias=s_head.bias, teacher_bias=t_b, **div,
-        )  # fmt: skip
         if t_hidden is not None:
             terms["kd"] = kd
     elif cached is not None and a > 0:
