@@ -31,6 +31,7 @@ seeds share one cache (the point of it).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -253,9 +254,12 @@ def build_cache(
     amp_dtype: torch.dtype | None = None,
     shard_bytes: int = SHARD_BYTES,
     ranks: Ranks = ONE,
+    inputs: Callable[[slice], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
     """One teacher pass over ``blocks`` (n, N) writing shards and, last, the manifest, into
     ``out_dir`` (a staging folder: `CacheStore.put` commits it). Returns the manifest.
+    ``inputs`` gives a slice of rows as model inputs when the packing needs more than
+    input_ids (`PackedData.inputs`: position_ids of packed documents, a padding mask).
 
     Under torchrun (``ranks``: the job's `sharp_core.train.distributed.Context`), every rank calls
     this with the same ``out_dir``: rank r builds shards r, r+W, … of `shard_plan`, the
@@ -277,12 +281,13 @@ def build_cache(
         pieces: dict[str, list[torch.Tensor]] = {}
         for s in range(first, first + count, batch_size):
             e = min(s + batch_size, first + count)
-            x = blocks[s:e].to(device)  # (b, N)
+            b = inputs(slice(s, e)) if inputs else {"input_ids": blocks[s:e].to(device)}
+            fwd = {k: b[k] for k in ("input_ids", "position_ids", "attention_mask") if k in b}
             with (
                 torch.inference_mode(),
                 torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
             ):
-                logits = teacher(input_ids=x).logits[:, :-1, :vocab]  # (b, N-1, V)
+                logits = teacher(**fwd).logits[:, :-1, :vocab]  # (b, N-1, V)
                 out = teacher_targets(logits, cfg, temperature, list(range(s, e)))
             for name, t in out.items():
                 pieces.setdefault(name, []).append(t.cpu())
@@ -801,6 +806,7 @@ def attach(
                 amp_dtype=autocast_dtype(spec, S.device),
                 shard_bytes=max(1, int(cfg.shard_mb * (1 << 20))),
                 ranks=ctx,
+                inputs=functools.partial(S.data.inputs, "train", device=S.device),
             )
             if ctx.rank == 0:
                 store.put(key, staged)

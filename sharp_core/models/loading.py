@@ -330,6 +330,17 @@ def resolve_tokenizer(
     return Tokenizers(tok, t_src or s_src or "?")
 
 
+def load_model_tokenizer(
+    spec: JobSpec, resolver: Resolver, role: str
+) -> PreTrainedTokenizerBase | None:
+    """The tokenizer that ``spec.<role>``'s model brings (None: it names no source)."""
+    ms = spec.teacher if role == "teacher" else spec.student
+    if ms is None:
+        return None
+    src = model_source(ms, resolver, f"spec.{role}.model")
+    return _load_tokenizer(src, f"spec.{role}.model", _rev(ms)) if src else None
+
+
 def _rev(ms: ModelSpec | None) -> str | None:
     if ms is None or ms.model is None or isinstance(ms.model, JobRef) or _looks_local(ms.model):
         return None

@@ -26,7 +26,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from sharp_core.cache import teacher_cache
-from sharp_core.data.loading import ClassificationData
+from sharp_core.data.loading import ClassificationData, PackedData
 from sharp_core.errors import OutOfMemoryError
 from sharp_core.evaluate.perplexity import evaluate, evaluate_sets
 from sharp_core.models.loading import LocalResolver, Resolver
@@ -98,6 +98,14 @@ def cache_store(resolver: Resolver | None, out_dir: Path) -> teacher_cache.Cache
     return store or teacher_cache.LocalCacheStore(out_dir.parent / "teacher-caches")
 
 
+def data_cache_store(resolver: Resolver | None, out_dir: Path) -> Any:
+    """The resolver's tokenized-data store (the service: the team's, in the artifact store),
+    else a ``data-caches`` folder beside the run's folder (runs side by side share it)."""
+    get = getattr(resolver, "data_cache_store", None)
+    store = get() if get is not None else None
+    return store or teacher_cache.LocalCacheStore(out_dir.parent / "data-caches")
+
+
 # ---------------------------------------------------------------------------- schedules
 
 
@@ -164,7 +172,11 @@ def train(
     t, m = spec.training, spec.method
     torch.manual_seed(t.seed)
     random.seed(t.seed)
-    S = prepared or setup(spec, resolver=resolver, device=device)
+    S = prepared or setup(
+        spec, resolver=resolver, device=device, data_store=data_cache_store(resolver, out_dir)
+    )
+    if isinstance(S.data, PackedData) and S.data.info:  # built, read from the cache, in memory
+        cb.on_event("tokenized_data", dict(S.data.info))
     if m.teacher_cache.mode != "off" and S.teacher_cache is None:  # build or read it first
         S = teacher_cache.attach(S, cache_store(resolver, out_dir), cb.on_event, ctx)
     model, teacher = S.student, S.teacher  # unwrapped: under torchrun S gets DDP / FSDP ones
