@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from sharp_core.cache.store import MANIFEST, CacheStore, LocalCacheStore
+from sharp_core.data.packing import forward_kwargs
 from sharp_core.errors import ArtifactWriteError, SpecError, TeacherCacheCorruptError
 from sharp_core.files import sha256_file
 from sharp_core.objectives.losses import DIVERGENCES, IGNORE_INDEX
@@ -282,7 +283,7 @@ def build_cache(
         for s in range(first, first + count, batch_size):
             e = min(s + batch_size, first + count)
             b = inputs(slice(s, e)) if inputs else {"input_ids": blocks[s:e].to(device)}
-            fwd = {k: b[k] for k in ("input_ids", "position_ids", "attention_mask") if k in b}
+            fwd = {"input_ids": b["input_ids"], **forward_kwargs(b)}
             with (
                 torch.inference_mode(),
                 torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),

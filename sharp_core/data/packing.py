@@ -3,10 +3,11 @@
 Three ways (``dataset.packing``):
 
 * ``documents``: documents laid end to end and cut into rows of N; each document starts a
-  new position count (``position_ids`` restart at 0) and attends only to itself. The models
-  get ``position_ids`` and no 2-D mask: transformers (5.x, `masking_utils.
-  find_packed_sequence_indices`) then builds the block-diagonal causal mask for SDPA, eager
-  and the SHARP capture alike (GPT-2, OPT, Llama). A document longer than what is left of a
+  new position count (``position_ids`` restart at 0) and attends only to itself: the models
+  get the positions and a 4-D block-diagonal causal mask (`forward_kwargs`), which
+  transformers hands to SDPA, eager and the SHARP capture unchanged (GPT-2, OPT, Llama;
+  position-based detection of packing alone is not enough: OPT never looks, and a KV cache
+  turns it off). A document longer than what is left of a
   row continues in the next one (split, never dropped), its positions restarting there. The
   first token of a document is not a target (nothing before it in its document predicts it).
   The last row is padded; padding is no target.
@@ -29,7 +30,17 @@ import torch
 
 from sharp_core.errors import DataError
 
-__all__ = ["LOSS", "PAD", "START", "Packer", "model_inputs", "positions", "rows_needed"]
+__all__ = [
+    "LOSS",
+    "PAD",
+    "START",
+    "Packer",
+    "document_mask",
+    "forward_kwargs",
+    "model_inputs",
+    "positions",
+    "rows_needed",
+]
 
 LOSS, START, PAD = 1, 2, 4
 
@@ -124,4 +135,37 @@ def model_inputs(flags: torch.Tensor | None, packing: str, masked: bool) -> dict
         out["attention_mask"] = ((flags & PAD) == 0).long()
     if masked or packing != "concat":
         out["loss_mask"] = (flags & LOSS).bool()
+    return out
+
+
+def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, N, N) bool, True = may attend: causal, and within the query's document.
+
+    Documents are read from the positions (each starts at position 0), so the mask needs
+    nothing beyond what the batch carries."""
+    seg = (position_ids == 0).cumsum(dim=1)  # (B, N) document number within the row
+    N = position_ids.shape[1]
+    causal = torch.ones(N, N, dtype=torch.bool, device=position_ids.device).tril()
+    return (causal & (seg[:, :, None] == seg[:, None, :]))[:, None]
+
+
+def forward_kwargs(batch: dict[str, Any], *, additive: torch.dtype | None = None) -> dict[str, Any]:
+    """The keyword arguments of a model's forward for ``batch`` beyond input_ids.
+
+    Packed documents (``position_ids``) get the block-diagonal causal mask as a 4-D mask,
+    which transformers passes through to SDPA, eager and the SHARP capture as it is (its own
+    detection of packed positions is skipped by OPT and whenever a KV cache exists); boolean
+    for SDPA and the capture, ``additive`` (0 / dtype minimum) for eager attention. A 2-D
+    padding mask is passed as it is."""
+    out: dict[str, Any] = {}
+    if batch.get("position_ids") is not None:
+        pos = batch["position_ids"]
+        mask = document_mask(pos)
+        if additive is not None:
+            mask = torch.zeros(mask.shape, dtype=additive, device=pos.device).masked_fill(
+                ~mask, torch.finfo(additive).min
+            )
+        out.update(position_ids=pos, attention_mask=mask, use_cache=False)
+    elif batch.get("attention_mask") is not None:
+        out["attention_mask"] = batch["attention_mask"]
     return out

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from sharp_core.data.loading import ClassificationData, PackedData, load_texts, pack
+from sharp_core.data.packing import forward_kwargs
 from sharp_core.errors import DataError
 from sharp_core.models.loading import load_model, resolve_tokenizer
 from sharp_core.objectives import losses
@@ -151,7 +152,7 @@ def lm_loss(
             at = sel if sel is not None else slice(0, 1)
             b = inputs(at) if inputs is not None else {"input_ids": blocks[at].to(device)}
             x = b["input_ids"].long()  # (B, N)
-            fwd = {k: b[k] for k in ("position_ids", "attention_mask") if k in b}
+            fwd = forward_kwargs(b)
             y = x[:, 1:]
             if "loss_mask" in b:
                 y = y.masked_fill(~b["loss_mask"][:, 1:], losses.IGNORE_INDEX)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from sharp_core.cache import teacher_cache
 from sharp_core.data.loading import BatchStream, ClassificationData
+from sharp_core.data.packing import forward_kwargs
 from sharp_core.objectives import fused, losses
 from sharp_core.train.setup import Setup
 
@@ -152,9 +153,7 @@ def micro_step(
     mask = batch.get("attention_mask")  # (B, N) or None
     # packed documents: positions restart per document, and transformers builds the
     # block-diagonal causal mask from them (sharp_core.data.packing)
-    fwd = {"attention_mask": mask}
-    if "position_ids" in batch:
-        fwd["position_ids"] = batch["position_ids"]
+    fwd = {"attention_mask": mask, **forward_kwargs(batch)}
     query_mask = mask.bool() if mask is not None else torch.ones_like(x, dtype=torch.bool)
     # labels aligned with logits rows: next tokens (B, N-1), or one class per example (B, 1)
     labels = batch["labels"][:, None] if classify else x[:, 1:]
