@@ -107,7 +107,9 @@ def test_sharp_capture_on_packed_rows_is_the_masked_eager_map(arch: str) -> None
     f = torch.cat([f, _pack([d[::-1] for d in docs[::-1]], 1, ROW)[1]])
     b = model_inputs(f, "documents", True)
     with torch.no_grad():
-        ref = eager(input_ids=x, **forward_kwargs(b, additive=torch.float32), output_attentions=True)
+        ref = eager(
+            input_ids=x, **forward_kwargs(b, additive=torch.float32), output_attentions=True
+        )
         with AttentionCapture(model, range(2)) as cap:
             model(input_ids=x, **forward_kwargs(b))
     doc = torch.cumsum((f & START).bool().long(), 1)  # (B, N) document number

@@ -211,7 +211,7 @@ def check_render_identity(
             pos = min(len(a), len(b)) if pos is None else pos
             raise DataError(
                 f"teacher and student render conversation {row} differently: first difference "
-                f"at token {pos} (teacher {a[pos:pos + 1]}, student {b[pos:pos + 1]}; lengths "
+                f"at token {pos} (teacher {a[pos : pos + 1]}, student {b[pos : pos + 1]}; lengths "
                 f"{len(a)} and {len(b)}); give one spec.dataset.chat_template for both",
                 param="spec.dataset.chat_template",
             )
@@ -226,9 +226,7 @@ def special_ids(tokenizer: Any, packing: str) -> tuple[list[int], list[int]]:
     puts EOS between documents, as before."""
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise DataError(
-            "the tokenizer has no EOS token to end documents", param="spec.tokenizer"
-        )
+        raise DataError("the tokenizer has no EOS token to end documents", param="spec.tokenizer")
     if packing == "concat":
         return [], [int(eos)]
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]

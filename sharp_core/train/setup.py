@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.utils import logging as hf_logging
 
+from sharp_core.data.lm import LMSource, prepare_lm, training_texts
 from sharp_core.data.loading import (
     ClassificationData,
     PackedData,
@@ -24,7 +25,6 @@ from sharp_core.data.loading import (
     load_classification,
     load_texts,
 )
-from sharp_core.data.lm import LMSource, prepare_lm, training_texts
 from sharp_core.models.loading import (
     LocalResolver,
     Resolver,
