@@ -141,8 +141,10 @@ def test_cache_built_once_read_after_and_rebuilt_when_corrupt(tmp_path, tok, cha
     mem = prepare_lm(ds.model_copy(update={"cache": False}), src, tok, 64, store=store)
     assert mem.info["role"] == "memory" and torch.equal(mem.train, first.train)
     # every target token is an answer token: the flags' LOSS bits decode to answers only
-    x, f = first.train[0].long(), first.train_flags[0]
-    assert (f & LOSS).any() and not ((f & LOSS).bool() & (f & START).bool()).any()
+    x, f = first.train.long(), first.train_flags
+    assert not ((f & LOSS).bool() & (f & START).bool()).any()
+    said = tok.decode(x[(f & LOSS).bool()].tolist())
+    assert "<|end|>" in said and "<|user|>" not in said and "Answer in reverse" not in said
     # a flipped byte: the manifest's sha256 catches it, the entry is rebuilt
     folder = store.get(first.key)
     with open(folder / "flags.npy", "r+b") as fh:
