@@ -530,6 +530,9 @@ def make_resolver(base: type, db: Database, team_id: str, settings: Settings) ->
         def teacher_cache_store(self) -> Any:
             return teacher_cache_store(settings, team_id)
 
+        def data_cache_store(self) -> Any:
+            return teacher_cache_store(settings, team_id, "data-caches")
+
         def job_checkpoint(self, job_id: str) -> Path:
             return resolve_job_checkpoint(db, team_id, job_id, settings)
 
