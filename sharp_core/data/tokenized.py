@@ -41,7 +41,16 @@ from sharp_core.errors import DataError
 from sharp_core.ranks import ONE, Ranks
 from sharp_core.spec import DatasetSpec
 
-__all__ = ["FORMAT", "Store", "TokenizedData", "build", "data_key", "open_entry", "prepare"]
+__all__ = [
+    "FORMAT",
+    "Store",
+    "TokenizedData",
+    "build",
+    "commit",
+    "data_key",
+    "open_entry",
+    "prepare",
+]
 
 FORMAT = "sharp-tokenized-v1"
 MANIFEST = "manifest.json"
@@ -215,17 +224,22 @@ def build(
         tokens.flush()
         flags.flush()
         del tokens, flags
-        manifest["files"] = {f: _file_entry(out_dir / f) for f in FILES}
-        tmp = out_dir / (MANIFEST + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_dir / MANIFEST)
-        entry = open_entry(out_dir, key)
-        assert entry is not None
-        return entry
+        return commit(out_dir, manifest)
     return TokenizedData(tokens, flags, manifest)
+
+
+def commit(out_dir: Path, manifest: dict[str, Any]) -> TokenizedData:
+    """Hash the arrays in ``out_dir`` into ``manifest`` and write it, last, atomically."""
+    manifest["files"] = {f: _file_entry(out_dir / f) for f in FILES}
+    tmp = out_dir / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_dir / MANIFEST)
+    entry = open_entry(out_dir, str(manifest["key"]))
+    assert entry is not None
+    return entry
 
 
 def _count_targets(flags: np.ndarray) -> int:
