@@ -292,3 +292,42 @@ def test_a_chat_job_reads_the_cache_the_second_time_and_masking_matters(tmp_path
     wa, wb, wall = (runs[k][2] for k in ("a", "b", "all"))
     assert all(torch.equal(wa[n], wb[n]) for n in wa)  # same data, same student
     assert max((wa[n] - wall[n]).abs().max().item() for n in wa) > 1e-4  # trained differently
+
+
+def test_on_policy_prompts_are_the_conversation_up_to_the_answer(tmp_path, tok, chat_file):
+    from sharp_core.train.onpolicy import answer_batch, real_prompts
+
+    ds = DatasetSpec(files=[str(chat_file)], chat_template=CHAT_TEMPLATE)
+    data = prepare_lm(ds, LMSource(ds, None), tok, 256, store=None)
+    b = data.inputs("train", torch.arange(1, 5), torch.device("cpu"))
+    prompts, am = real_prompts(b, 120, pad_id=tok.eos_token_id)
+    for r in range(4):
+        text = tok.decode(prompts[r][am[r].bool()].tolist())
+        assert text.startswith("<|system|>") and text.endswith("<|assistant|>\n"), text
+        assert text.count("<|assistant|>") == 1  # the first answer's prompt
+    eos = tok.eos_token_id
+    gen = torch.tensor([[5, 6, eos, 7], [5, 6, 7, 8], [eos, 5, 6, 7], [5, 5, 5, 5]])
+    out = answer_batch(torch.cat([prompts, gen], 1), am, eos, pad_id=eos)
+    assert out["loss_mask"][:, 120:].sum(1).tolist() == [3, 4, 1, 4]  # up to and with EOS
+    assert (out["input_ids"][0, 123:] == eos).all()  # after EOS: padding, no target
+    assert (out["position_ids"][:, :120][am.bool()] == 0).sum() == 4  # one real start per row
+
+    d = spec_dict(
+        chat_file,
+        dataset={"files": [str(chat_file)], "chat_template": CHAT_TEMPLATE, "eval_fraction": 0.1},
+        training={
+            "max_steps": 2,
+            "batch_size": 4,
+            "seq_len": 128,
+            "warmup_steps": 1,
+            "eval_every": 0,
+            "checkpoint_every": 0,
+        },  # fmt: skip
+    )
+    d["student"]["config"]["n_positions"] = 128
+    d["teacher"] = {"init": "config", "config": dict(d["student"]["config"])}
+    d["method"] = {"name": "kd", "on_policy": {"fraction": 1.0, "max_new_tokens": 8}}
+    rec = Recorder()
+    train(parse_spec(d), tmp_path / "op", callbacks=rec)
+    assert all(rec.metrics[s]["on_policy"] == 1.0 for s in (1, 2))
+    assert all(np.isfinite(rec.metrics[s]["loss"]) for s in (1, 2))

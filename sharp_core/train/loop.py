@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from sharp_core.cache import teacher_cache
 from sharp_core.data.loading import ClassificationData, PackedData
-from sharp_core.errors import OutOfMemoryError
+from sharp_core.errors import DataError, OutOfMemoryError
 from sharp_core.evaluate.perplexity import evaluate, evaluate_sets
 from sharp_core.models.loading import LocalResolver, Resolver
 from sharp_core.spec import JobSpec
@@ -188,6 +188,16 @@ def train(
     state = TrainState.start(S, params, extra, ctx, amp)  # step 0: AdamW, scaler, data stream
     if m.on_policy is not None:  # generated batches: its RNG and replay buffer are state too
         state.onpolicy = OnPolicy(spec, ctx.rank, ctx.world_size, ctx.gather_objects)
+        eos, pad = S.tokenizer.eos_token_id, S.tokenizer.pad_token_id
+        state.onpolicy.eos_id = eos
+        state.onpolicy.pad_id = int(pad if pad is not None else eos or 0)
+        if isinstance(S.data, PackedData) and S.data.packing == "documents" and S.data.masked:
+            if m.on_policy is not None and m.on_policy.adaptive:
+                raise DataError(
+                    "adaptive on-policy (replay) is not available for conversations or "
+                    "prompt/completion data yet: use adaptive: false",
+                    param="spec.method.on_policy.adaptive",
+                )
     opt, scaler = state.optimizer, state.scaler
     ckpt = Checkpointer(out_dir, S, ctx, cb)  # saves in the background; reports when committed
     last_ckpt = resume(out_dir, S, state, model, ctx, ckpt.group)  # newest verified, if any
