@@ -191,13 +191,13 @@ def train(
         eos, pad = S.tokenizer.eos_token_id, S.tokenizer.pad_token_id
         state.onpolicy.eos_id = eos
         state.onpolicy.pad_id = int(pad if pad is not None else eos or 0)
-        if isinstance(S.data, PackedData) and S.data.packing == "documents" and S.data.masked:
-            if m.on_policy is not None and m.on_policy.adaptive:
-                raise DataError(
-                    "adaptive on-policy (replay) is not available for conversations or "
-                    "prompt/completion data yet: use adaptive: false",
-                    param="spec.method.on_policy.adaptive",
-                )
+        prompted = isinstance(S.data, PackedData) and S.data.packing == "documents"
+        if prompted and S.data.masked and m.on_policy.adaptive:
+            raise DataError(
+                "adaptive on-policy (replay) is not available for conversations or "
+                "prompt/completion data yet: use adaptive: false",
+                param="spec.method.on_policy.adaptive",
+            )
     opt, scaler = state.optimizer, state.scaler
     ckpt = Checkpointer(out_dir, S, ctx, cb)  # saves in the background; reports when committed
     last_ckpt = resume(out_dir, S, state, model, ctx, ckpt.group)  # newest verified, if any
