@@ -182,6 +182,8 @@ def build(
             f"the data set gives {int(lengths.sum())} tokens: fewer than one row of {N}",
             param="spec.dataset",
         )
+    tokens: np.ndarray
+    flags: np.ndarray
     if out_dir is not None:
         tokens = np.lib.format.open_memmap(
             out_dir / "tokens.npy", mode="w+", dtype=np.int32, shape=(n, N)
@@ -221,8 +223,9 @@ def build(
     if packing == "concat":  # masked only when some target is off (chat in concat rows)
         manifest["masked"] = bool(((flags[:, 1:] & LOSS) == 0).any())
     if out_dir is not None:
-        tokens.flush()
-        flags.flush()
+        for a in (tokens, flags):
+            if isinstance(a, np.memmap):
+                a.flush()
         del tokens, flags
         return commit(out_dir, manifest)
     return TokenizedData(tokens, flags, manifest)

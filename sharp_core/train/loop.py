@@ -191,8 +191,9 @@ def train(
         eos, pad = S.tokenizer.eos_token_id, S.tokenizer.pad_token_id
         state.onpolicy.eos_id = eos
         state.onpolicy.pad_id = int(pad if pad is not None else eos or 0)
-        prompted = isinstance(S.data, PackedData) and S.data.packing == "documents"
-        if prompted and S.data.masked and m.on_policy.adaptive:
+        data = S.data
+        prompted = isinstance(data, PackedData) and data.packing == "documents" and data.masked
+        if prompted and m.on_policy.adaptive:
             raise DataError(
                 "adaptive on-policy (replay) is not available for conversations or "
                 "prompt/completion data yet: use adaptive: false",
