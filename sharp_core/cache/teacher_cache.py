@@ -30,6 +30,7 @@ seeds share one cache (the point of it).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import hashlib
@@ -825,6 +826,9 @@ def attach(
         on_corrupt=lambda: store.discard(key),
     )
     S.teacher_cache = cache
+    if ctx.rank == 0:  # used now: the least recently used caches are evicted first
+        with contextlib.suppress(OSError):
+            os.utime(store.get(key) / MANIFEST)
     if S.teacher_capture is None:
         S.teacher = None  # logit-only method: the cache replaces the teacher entirely
     event = {

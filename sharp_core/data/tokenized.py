@@ -285,6 +285,15 @@ def open_entry(folder: Path, key: str, *, verify: bool = True) -> TokenizedData 
     return TokenizedData(tokens, flags, manifest)
 
 
+def touch(folder: Path) -> None:
+    """Mark an entry used now (its manifest's mtime): caches are evicted least recently
+    used first (``sharp admin storage caches``)."""
+    try:
+        os.utime(folder / MANIFEST)
+    except OSError:
+        pass  # a read-only store: the entry just looks older
+
+
 def as_tensor(a: np.ndarray) -> torch.Tensor:
     """A torch view of a (read-only) memory map: no copy; rows are copied when indexed."""
     with warnings.catch_warnings():
@@ -318,8 +327,9 @@ def prepare(
         failed: BaseException | None = None
         if ranks.rank == 0:
             try:
-                found = open_entry(store.get(key), key) if store.exists(key) else None
-                if found is None and store.get(key).exists():
+                present = store.exists(key)
+                found = open_entry(store.get(key), key) if present else None
+                if found is None and present:
                     note = "the entry under this key did not verify: discarded and rebuilt"
                     store.discard(key)
                 if found is None:
@@ -341,10 +351,13 @@ def prepare(
         if role == "error":
             raise DataError("rank 0 could not build the tokenized data", param="spec.dataset")
         ranks.barrier()
-        opened = open_entry(store.get(key), key, verify=ranks.rank == 0 and role == "read")
+        folder = store.get(key)
+        opened = open_entry(folder, key, verify=ranks.rank == 0 and role == "read")
         if opened is None:
             raise DataError(f"the tokenized cache {key[:16]}… cannot be read", param="spec.dataset")
         entry = opened
+        if ranks.rank == 0:
+            touch(folder)
     m = entry.manifest
     entry.info = {
         "role": role,
