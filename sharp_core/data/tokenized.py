@@ -21,6 +21,7 @@ barrier and then map the committed entry (`prepare`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -288,10 +289,8 @@ def open_entry(folder: Path, key: str, *, verify: bool = True) -> TokenizedData 
 def touch(folder: Path) -> None:
     """Mark an entry used now (its manifest's mtime): caches are evicted least recently
     used first (``sharp admin storage caches``)."""
-    try:
+    with contextlib.suppress(OSError):  # a read-only store: the entry just looks older
         os.utime(folder / MANIFEST)
-    except OSError:
-        pass  # a read-only store: the entry just looks older
 
 
 def as_tensor(a: np.ndarray) -> torch.Tensor:
