@@ -331,3 +331,16 @@ def test_on_policy_prompts_are_the_conversation_up_to_the_answer(tmp_path, tok, 
     train(parse_spec(d), tmp_path / "op", callbacks=rec)
     assert all(rec.metrics[s]["on_policy"] == 1.0 for s in (1, 2))
     assert all(np.isfinite(rec.metrics[s]["loss"]) for s in (1, 2))
+
+
+def test_globs_of_shards_are_read_in_sorted_order(tmp_path, tok) -> None:
+    rows = chat_rows(30, seed=5)
+    for i in range(3):  # written out of order: the sorted order is the data's order
+        _jsonl(tmp_path / f"shard-{2 - i}.jsonl", rows[(2 - i) * 10 : (3 - i) * 10])
+    ds = DatasetSpec(files=[str(tmp_path / "shard-*.jsonl")], chat_template=CHAT_TEMPLATE)
+    src = LMSource(ds, None)
+    assert [Path(f).name for f in src.files] == ["shard-0.jsonl", "shard-1.jsonl", "shard-2.jsonl"]
+    assert src.table()["messages"] == [r["messages"] for r in rows]
+    with pytest.raises(DataError) as e:
+        LMSource(DatasetSpec(files=[str(tmp_path / "none-*.parquet")]), None)
+    assert e.value.param == "spec.dataset.files.0" and "no file matches" in str(e.value)

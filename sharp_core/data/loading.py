@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from sharp_core.data.sources import expand_files
 from sharp_core.errors import DataError
 from sharp_core.spec import DatasetSpec
 
@@ -39,7 +40,7 @@ def _files(ds: DatasetSpec, resolver: Any, where: str = TRAIN_PARAM) -> list[str
         assert ds.upload_id is not None
         return [str(resolver.upload_path(ds.upload_id, param=f"{where}.upload_id"))]
     out = []
-    for i, f in enumerate(ds.files):
+    for i, f in enumerate(expand_files(ds.files, where)):
         p = Path(f).expanduser()
         if not p.is_file():
             raise DataError(f"data file not found: {f}", param=f"{where}.files.{i}")
