@@ -200,7 +200,8 @@ class _TextSource(_Strict):
     files: list[str] = Field(
         default_factory=list,
         max_length=1024,
-        description="txt/jsonl/parquet paths (source 'files'). In the service they are paths "
+        description="txt/jsonl/parquet paths or globs of shards, read in sorted order "
+        "(source 'files'). In the service they are paths "
         "on the server, accepted only under its SHARP_DATASET_FILE_ROOTS (symlinks resolved).",
     )
     upload_id: str | None = Field(default=None, max_length=128)
