@@ -274,13 +274,19 @@ def test_a_chat_job_reads_the_cache_the_second_time_and_masking_matters(tmp_path
             },  # fmt: skip
         )
 
+    # job a stops after its first step; its second attempt resumes without tokenising
+    first = Recorder(stop_at=1)
+    assert train(parse_spec(spec("assistant")), tmp_path / "a", callbacks=first).status == "stopped"
+    (ev,) = [e for k, e in first.events if k == "tokenized_data"]
+    assert ev["role"] == "built"
     runs = {}
     for name, loss_on in (("a", "assistant"), ("b", "assistant"), ("all", "all")):
         rec = Recorder()
         res = train(parse_spec(spec(loss_on)), tmp_path / name, callbacks=rec)
         (ev,) = [e for k, e in rec.events if k == "tokenized_data"]
         runs[name] = (ev, rec.metrics, load_file(str(res.checkpoint / "model.safetensors")))
-    assert runs["a"][0]["role"] == "built" and runs["b"][0]["role"] == "read"
+    assert runs["a"][0]["role"] == "read" and runs["b"][0]["role"] == "read"
+    assert runs["all"][0]["role"] == "built"
     assert runs["a"][0]["key"] == runs["b"][0]["key"] != runs["all"][0]["key"]
     assert runs["a"][0]["format"] == "chat" and runs["a"][0]["packing"] == "documents"
     last = {
