@@ -175,10 +175,10 @@ def train(
     S = prepared or setup(
         spec, resolver=resolver, device=device, data_store=data_cache_store(resolver, out_dir)
     )
-    if isinstance(S.data, PackedData) and S.data.info:  # built, read from the cache, in memory
-        cb.on_event("tokenized_data", dict(S.data.info))
     if m.teacher_cache.mode != "off" and S.teacher_cache is None:  # build or read it first
         S = teacher_cache.attach(S, cache_store(resolver, out_dir), cb.on_event, ctx)
+    if isinstance(S.data, PackedData) and S.data.info:  # built, read from the cache, in memory
+        cb.on_event("tokenized_data", dict(S.data.info))
     model, teacher = S.student, S.teacher  # unwrapped: under torchrun S gets DDP / FSDP ones
     S = ctx.prepare(S)
     dev, amp = S.device, autocast_dtype(spec, S.device)  # amp: bf16 / fp16 on CUDA, or None
