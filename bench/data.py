@@ -186,7 +186,7 @@ def _run_child(args: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.data", description=__doc__.split("\n")[0])
-    p.add_argument("--mb", type=float, default=200.0, help="MB of text for the build")
+    p.add_argument("--mb", type=float, default=200.0, help="MB of text for the build (0: none)")
     p.add_argument("--num-proc", type=int, default=2)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--read", default="10,30,100", help="cached sizes to read, M tokens")
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         work = Path(tmp)
         text = _source_text()
-        reps = max(1, round(a.mb * 1e6 / len(text.encode())))
+        reps = max(0, round(a.mb * 1e6 / len(text.encode())))
         with open(work / "corpus.txt", "w", encoding="utf-8") as f:
             for _ in range(reps):
                 f.write(text)
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         size_mb = (work / "corpus.txt").stat().st_size / 1e6
         _tokenizer(work / "tok", a.vocab)
         common = ["--work", str(work), "--num-proc", str(a.num_proc), "--vocab", str(a.vocab)]
-        build = [_run_child([*common, "--child", m]) for m in ("today", "cache")]
+        build = [_run_child([*common, "--child", m]) for m in ("today", "cache") if a.mb > 0]
         reads = []
         root = work / "store"
         for m in (int(x) for x in a.read.split(",") if x):

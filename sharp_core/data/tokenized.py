@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import time
@@ -283,6 +284,11 @@ def open_entry(folder: Path, key: str, *, verify: bool = True) -> TokenizedData 
         return None
     if tokens.shape != (manifest["rows"], manifest["seq_len"]) or flags.shape != tokens.shape:
         return None
+    for a in (tokens, flags):  # training reads rows at random: no readahead around each one
+        mm = getattr(a, "_mmap", None)
+        if mm is not None and hasattr(mmap, "MADV_RANDOM"):
+            with contextlib.suppress(OSError, ValueError):
+                mm.madvise(mmap.MADV_RANDOM)
     return TokenizedData(tokens, flags, manifest)
 
 
