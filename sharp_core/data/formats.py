@@ -31,9 +31,11 @@ __all__ = [
     "encode_rows",
     "render_chat",
     "resolve_loss_on",
+    "special_ids",
     "template_of",
     "tokenizer_digest",
     "validate_chat_rows",
+    "validate_pairs",
 ]
 
 #: The roles a conversation may use.

@@ -17,7 +17,14 @@ from sharp_core.errors import DataError
 from sharp_core.ranks import ONE, Ranks
 from sharp_core.spec import DatasetSpec
 
-__all__ = ["columns_of", "load_checked", "prepare_lm", "resolve_packing", "training_texts"]
+__all__ = [
+    "LMSource",
+    "columns_of",
+    "load_checked",
+    "prepare_lm",
+    "resolve_packing",
+    "training_texts",
+]
 
 
 def columns_of(ds: DatasetSpec, files: list[str]) -> list[str] | None:

@@ -47,11 +47,15 @@ __all__ = [
     "FORMAT",
     "Store",
     "TokenizedData",
+    "as_tensor",
     "build",
     "commit",
     "data_key",
+    "key_parts",
     "open_entry",
     "prepare",
+    "source_digest",
+    "touch",
 ]
 
 FORMAT = "sharp-tokenized-v1"
