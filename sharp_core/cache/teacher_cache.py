@@ -93,7 +93,10 @@ TIDS, TLOGP = "cache_tail_ids", "cache_tail_logp"  # draws from the tail (tail_s
 def tensor_digest(t: torch.Tensor) -> str:
     """sha256 of a tensor's dtype, shape and bytes."""
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    flat = t.detach().reshape(-1) if t.is_contiguous() else t.detach().contiguous().reshape(-1)
+    step = 1 << 24  # elements per update: a memory-mapped data set is never copied whole
+    for s in range(0, max(flat.numel(), 1), step):
+        h.update(flat[s : s + step].cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
