@@ -295,6 +295,47 @@ def storage_usage() -> None:
         db.dispose()
 
 
+@storage_app.command("caches")
+def storage_caches(
+    team: str | None = typer.Option(None, help="Only this team's (its id)."),
+    rm: list[str] = typer.Option(
+        [], "--rm", help="Remove an entry: KIND/TEAM/KEY (kind: data-caches, teacher-caches)."
+    ),
+    evict: bool = typer.Option(
+        False, "--evict", help="Apply the per-team budget now (least recently used first)."
+    ),
+) -> None:
+    """Tokenized data sets and teacher-logit caches per team: size, last use, the budget."""
+    import datetime as dt
+
+    from service import caches
+
+    settings = get_settings()
+    for target in rm:
+        kind, _, rest = target.partition("/")
+        team_id, _, key = rest.partition("/")
+        if not caches.remove_cache(settings, kind, team_id, key):
+            err.print(f"[red]error[/red] no cache {escape(target)}")
+            raise typer.Exit(1)
+        console.print(f"removed {escape(target)}")
+    if evict:
+        teams = {e.team_id for e in caches.list_caches(settings, team)}
+        for t in sorted(teams):
+            for e in caches.evict(settings, t):
+                console.print(f"evicted {e.kind}/{e.team_id}/{e.key} ({_mb(e.bytes)})")
+    rows = caches.list_caches(settings, team)
+    table = Table("team", "kind", "key", "size", "last used")
+    for e in rows:
+        used = dt.datetime.fromtimestamp(e.last_used, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(e.team_id, e.kind, e.key[:16], _mb(e.bytes), used)
+    console.print(table)
+    budget = settings.cache_budget_bytes
+    for t in sorted({e.team_id for e in rows}):
+        used_b = sum(e.bytes for e in rows if e.team_id == t)
+        limit = _mb(budget) if budget is not None else "no budget"
+        console.print(f"team {t}: {_mb(used_b)} of {limit}")
+
+
 @storage_app.command("prune")
 @_database_errors
 def storage_prune(

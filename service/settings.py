@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     )
     upload_root: Path = Field(default=Path("var/uploads"), description="Uploaded corpora.")
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    cache_budget_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="Per-team bytes of tokenized and teacher-logit caches; over it the "
+        "least recently used entries are evicted after each job. Unset: no budget.",
+    )
     max_request_bytes: int = Field(default=1024 * 1024, ge=1, description="JSON bodies.")
     model_allowlist: list[str] = Field(
         default_factory=list,

@@ -112,19 +112,24 @@ class ObjectCacheStore:
         return sorted(keys)
 
 
-def cache_root(settings: Settings, team_id: str) -> Path:
-    return Path(settings.artifact_root) / "teacher-caches" / team_id
+#: The kinds of cache a team has in the artifact store, by folder: teacher-logit caches and
+#: tokenized data sets (`sharp_core.data.tokenized`).
+CACHE_KINDS = ("teacher-caches", "data-caches")
 
 
-def store_for(settings: Settings, team_id: str) -> CacheStore:
-    """The team's cache store: a folder under ``artifact_root`` for the local backend, or the
-    S3 bucket (``teacher-caches/<team>/`` beside the checkpoints) with a local scratch copy
-    that the training process reads, when ``settings.artifact_url`` is set."""
+def cache_root(settings: Settings, team_id: str, kind: str = "teacher-caches") -> Path:
+    return Path(settings.artifact_root) / kind / team_id
+
+
+def store_for(settings: Settings, team_id: str, kind: str = "teacher-caches") -> CacheStore:
+    """The team's cache store of ``kind``: a folder under ``artifact_root`` for the local
+    backend, or the S3 bucket (``<kind>/<team>/`` beside the checkpoints) with a local
+    scratch copy that the training process reads, when ``settings.artifact_url`` is set."""
     objects = get_store(settings)
     if objects.remote:
-        scratch = Path(settings.artifact_root) / ".cache" / "teacher-caches" / team_id
-        return ObjectCacheStore(objects, f"teacher-caches/{team_id}", scratch)
-    return LocalCacheStore(cache_root(settings, team_id))
+        scratch = Path(settings.artifact_root) / ".cache" / kind / team_id
+        return ObjectCacheStore(objects, f"{kind}/{team_id}", scratch)
+    return LocalCacheStore(cache_root(settings, team_id, kind))
 
 
 def record(

@@ -35,6 +35,8 @@ from service.models import Team, Upload, utcnow
 from service.repositories import UploadRepository
 from service.settings import Settings
 from service.store import get_store, upload_key
+from sharp_core.data.formats import validate_chat_rows
+from sharp_core.errors import DataError
 
 FORMATS = ("txt", "jsonl", "parquet")
 _EXTENSIONS = {
@@ -228,6 +230,11 @@ def _check_jsonl(path: Path) -> None:
                 raise _invalid(f"line {lineno} is not JSON: {e}") from None
             if not isinstance(obj, dict):
                 raise _invalid(f"line {lineno} is not a JSON object")
+            if "messages" in obj:  # a conversation: refused now, not when a job starts
+                try:
+                    validate_chat_rows([obj["messages"]], f"line {lineno}", "file", rows)
+                except DataError as e:
+                    raise _invalid(e.message) from None
             rows += 1
     if rows == 0:
         raise _invalid("no JSON objects in the file")

@@ -200,7 +200,8 @@ class _TextSource(_Strict):
     files: list[str] = Field(
         default_factory=list,
         max_length=1024,
-        description="txt/jsonl/parquet paths (source 'files'). In the service they are paths "
+        description="txt/jsonl/parquet paths or globs of shards, read in sorted order "
+        "(source 'files'). In the service they are paths "
         "on the server, accepted only under its SHARP_DATASET_FILE_ROOTS (symlinks resolved).",
     )
     upload_id: str | None = Field(default=None, max_length=128)
@@ -274,6 +275,41 @@ class DatasetSpec(_TextSource):
         "(a contiguous tail, so no document straddles train and eval).",
     )
     max_eval_blocks: int = Field(default=64, ge=1, le=100_000)
+    format: Literal["auto", "text", "chat", "prompt_completion"] = Field(
+        default="auto",
+        description="How rows become tokens: 'auto' detects it from the columns "
+        "(`messages` → chat, `prompt` + `completion` → prompt_completion, else text).",
+    )
+    messages_field: str = Field(default="messages", min_length=1, max_length=128)
+    prompt_field: str = Field(default="prompt", min_length=1, max_length=128)
+    completion_field: str = Field(default="completion", min_length=1, max_length=128)
+    chat_template: str | None = Field(
+        default=None,
+        max_length=65_536,
+        description="A Jinja chat template for tokenizers without one (chat format); "
+        "replaces the tokenizer's own when given.",
+    )
+    loss_on: Literal["auto", "assistant", "all"] = Field(
+        default="auto",
+        description="Which tokens carry the loss (CE, every divergence, the attention "
+        "terms' queries, evaluation): 'auto' is 'assistant' for chat and prompt_completion "
+        "(the answers only), 'all' for text.",
+    )
+    packing: Literal["auto", "documents", "concat", "none"] = Field(
+        default="auto",
+        description="'documents': documents packed into seq_len blocks, positions restarting "
+        "and attention kept inside each document (long ones split); 'concat': EOS between "
+        "documents, attention crosses them; 'none': one document per row, padded (a longer "
+        "one is refused). 'auto': concat for text, documents for chat and prompt_completion.",
+    )
+    cache: bool = Field(
+        default=True,
+        description="Tokenise once per key into the tokenized cache (memory-mapped, shared "
+        "by every rank, attempt and job with the same key); false: tokenise in memory.",
+    )
+    num_proc: int = Field(
+        default=1, ge=1, le=256, description="Processes that tokenise a cache build."
+    )
     eval: EvalSets = Field(
         default_factory=EvalSets,
         description="Separate evaluation sets (`val`, `test`), each evaluated at every eval "

@@ -138,3 +138,38 @@ def to_legacy_checkpoint(ckpt: Path) -> None:
     torch.save(state, ckpt / STATE_FILE)
     shutil.rmtree(ckpt / "dcp")
     resign_manifest(ckpt)
+
+
+#: A chat template with {% generation %} marks around each answer and its end marker, the
+#: way templates that support ``return_assistant_tokens_mask`` are written.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' }}"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|end|>' }}"
+    "{% endgeneration %}{{ '\\n' }}{% else %}{{ m['content'] + '<|end|>\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def chat_rows(n: int, seed: int = 0, turns: int = 2) -> list[dict[str, Any]]:
+    """Generated multi-turn conversations (system, then user/assistant turns) whose
+    answers are a deterministic function of the question, so a model can learn them."""
+    import random
+
+    rng = random.Random(seed)
+    words = corpus_text(20_000).split()
+    rows = []
+    for _ in range(n):
+        msgs: list[dict[str, str]] = [{"role": "system", "content": "Answer in reverse."}]
+        for _ in range(turns):
+            q = " ".join(rng.choice(words) for _ in range(rng.randint(3, 8)))
+            msgs.append({"role": "user", "content": q})
+            msgs.append({"role": "assistant", "content": " ".join(reversed(q.split()))})
+        rows.append({"messages": msgs})
+    return rows
+
+
+def write_chat_jsonl(path: Path, n: int = 200, seed: int = 0) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(n, seed)), encoding="utf-8")
+    return path

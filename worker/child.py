@@ -77,6 +77,7 @@ from service.store import (
 )
 from service.teacher_caches import record as record_teacher_cache
 from service.teacher_caches import store_for as teacher_cache_store
+from sharp_core.data.sources import expand_files
 from sharp_core.errors import (
     ArtifactWriteError,
     CheckpointError,
@@ -564,6 +565,9 @@ def make_resolver(
             # evaluation files (task files, their data, prompt sets): under the data roots
             return confine_eval_files(files, settings.dataset_file_roots, param)
 
+        def data_cache_store(self) -> Any:
+            return teacher_cache_store(settings, team_id, "data-caches")
+
         def job_checkpoint(self, job_id: str) -> Path:
             return resolve_job_checkpoint(db, team_id, job_id, settings)
 
@@ -694,7 +698,13 @@ def confine_spec_files(spec: JobSpec, settings: Settings) -> JobSpec:
     def confined(src: _Src, param: str) -> _Src:
         if src.source != "files":
             return src
-        real = confine_dataset_files(src.files, settings.dataset_file_roots, param)
+        # globs are expanded here, so every file they match is confined (a link inside a
+        # root matched by a pattern may point anywhere)
+        real = confine_dataset_files(
+            expand_files(src.files, param.removesuffix(".files")),
+            settings.dataset_file_roots,
+            param,
+        )
         return src.model_copy(update={"files": [str(p) for p in real]})
 
     ds = confined(spec.dataset, "spec.dataset.files")

@@ -23,10 +23,12 @@ from typing import Any
 from celery import signals
 
 from service import scheduler
+from service.caches import evict
 from service.db import Database
 from service.dispatch import REAP_TASK, RUN_JOB_TASK, send_delivery, send_job
 from service.live import LivePublisher
 from service.models import Job
+from service.repositories import JobRepository
 from service.settings import Settings
 from worker.celery_app import app
 from worker.reaper import reap as reap_once
@@ -70,7 +72,26 @@ def worker_name() -> str:
 @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_job(job_id: str) -> str:
     db, live = runtime()
-    return Supervisor(_settings(), db, live, dispatch, deliver=deliver).run(job_id)
+    try:
+        return Supervisor(_settings(), db, live, dispatch, deliver=deliver).run(job_id)
+    finally:
+        _evict_caches(db, job_id)
+
+
+def _evict_caches(db: Database, job_id: str) -> None:
+    """After a job, its team's caches are brought back under the budget (LRU), if one is set."""
+    settings = _settings()
+    if settings.cache_budget_bytes is None:
+        return
+    try:
+        with db.session() as s:
+            job = JobRepository(s).get(job_id)
+            team = job.team_id if job is not None else None
+        if team is not None:
+            for e in evict(settings, team):
+                log.info("cache evicted (team budget): %s %s %d bytes", e.kind, e.key, e.bytes)
+    except Exception:  # noqa: BLE001 - eviction is housekeeping; the next job tries again
+        log.exception("cache eviction after job %s failed", job_id)
 
 
 @app.task(name=REAP_TASK, ignore_result=True)

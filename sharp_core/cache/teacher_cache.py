@@ -30,7 +30,9 @@ seeds share one cache (the point of it).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -47,6 +49,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from sharp_core.cache.store import MANIFEST, CacheStore, LocalCacheStore
+from sharp_core.data.packing import forward_kwargs
 from sharp_core.errors import ArtifactWriteError, SpecError, TeacherCacheCorruptError
 from sharp_core.files import sha256_file
 from sharp_core.objectives.losses import DIVERGENCES, IGNORE_INDEX
@@ -90,7 +93,10 @@ TIDS, TLOGP = "cache_tail_ids", "cache_tail_logp"  # draws from the tail (tail_s
 def tensor_digest(t: torch.Tensor) -> str:
     """sha256 of a tensor's dtype, shape and bytes."""
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    flat = t.detach().reshape(-1) if t.is_contiguous() else t.detach().contiguous().reshape(-1)
+    step = 1 << 24  # elements per update: a memory-mapped data set is never copied whole
+    for s in range(0, max(flat.numel(), 1), step):
+        h.update(flat[s : s + step].cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -253,9 +259,12 @@ def build_cache(
     amp_dtype: torch.dtype | None = None,
     shard_bytes: int = SHARD_BYTES,
     ranks: Ranks = ONE,
+    inputs: Callable[[slice], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
     """One teacher pass over ``blocks`` (n, N) writing shards and, last, the manifest, into
     ``out_dir`` (a staging folder: `CacheStore.put` commits it). Returns the manifest.
+    ``inputs`` gives a slice of rows as model inputs when the packing needs more than
+    input_ids (`PackedData.inputs`: position_ids of packed documents, a padding mask).
 
     Under torchrun (``ranks``: the job's `sharp_core.train.distributed.Context`), every rank calls
     this with the same ``out_dir``: rank r builds shards r, r+W, … of `shard_plan`, the
@@ -277,12 +286,13 @@ def build_cache(
         pieces: dict[str, list[torch.Tensor]] = {}
         for s in range(first, first + count, batch_size):
             e = min(s + batch_size, first + count)
-            x = blocks[s:e].to(device)  # (b, N)
+            b = inputs(slice(s, e)) if inputs else {"input_ids": blocks[s:e].to(device)}
+            fwd = {"input_ids": b["input_ids"], **forward_kwargs(b)}
             with (
                 torch.inference_mode(),
                 torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
             ):
-                logits = teacher(input_ids=x).logits[:, :-1, :vocab]  # (b, N-1, V)
+                logits = teacher(**fwd).logits[:, :-1, :vocab]  # (b, N-1, V)
                 out = teacher_targets(logits, cfg, temperature, list(range(s, e)))
             for name, t in out.items():
                 pieces.setdefault(name, []).append(t.cpu())
@@ -801,6 +811,7 @@ def attach(
                 amp_dtype=autocast_dtype(spec, S.device),
                 shard_bytes=max(1, int(cfg.shard_mb * (1 << 20))),
                 ranks=ctx,
+                inputs=functools.partial(S.data.inputs, "train", device=S.device),
             )
             if ctx.rank == 0:
                 store.put(key, staged)
@@ -818,6 +829,9 @@ def attach(
         on_corrupt=lambda: store.discard(key),
     )
     S.teacher_cache = cache
+    if ctx.rank == 0:  # used now: the least recently used caches are evicted first
+        with contextlib.suppress(OSError):
+            os.utime(store.get(key) / MANIFEST)
     if S.teacher_capture is None:
         S.teacher = None  # logit-only method: the cache replaces the teacher entirely
     event = {

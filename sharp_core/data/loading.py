@@ -10,12 +10,13 @@ a contiguous tail leaks at most one document boundary.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sharp_core.data.sources import expand_files
 from sharp_core.errors import DataError
 from sharp_core.spec import DatasetSpec
 
@@ -39,7 +40,7 @@ def _files(ds: DatasetSpec, resolver: Any, where: str = TRAIN_PARAM) -> list[str
         assert ds.upload_id is not None
         return [str(resolver.upload_path(ds.upload_id, param=f"{where}.upload_id"))]
     out = []
-    for i, f in enumerate(ds.files):
+    for i, f in enumerate(expand_files(ds.files, where)):
         p = Path(f).expanduser()
         if not p.is_file():
             raise DataError(f"data file not found: {f}", param=f"{where}.files.{i}")
@@ -266,8 +267,36 @@ def pack(token_lists: list[list[int]], eos_id: int, seq_len: int) -> torch.Tenso
 
 @dataclass
 class PackedData:
-    train: torch.Tensor  # (n_train, N) int64
-    eval: torch.Tensor  # (n_eval, N) int64
+    """Packed rows for language modelling: the training rows and the held-out tail.
+
+    From the tokenized pipeline (`sharp_core.data.lm.prepare_lm`) the rows are int32 views of
+    memory maps, with per-token ``flags`` (`sharp_core.data.packing`) that give the
+    loss mask, the restarting positions and the padding mask of a batch (`inputs`)."""
+
+    train: torch.Tensor  # (n_train, N) int64, or int32 (memory-mapped)
+    eval: torch.Tensor  # (n_eval, N)
+    train_flags: torch.Tensor | None = None  # (n_train, N) uint8 LOSS | START | PAD
+    eval_flags: torch.Tensor | None = None  # (n_eval, N)
+    packing: str = "concat"
+    masked: bool = False
+    """Some token of a row is not a target: batches carry a ``loss_mask``."""
+    key: str | None = None
+    """The tokenized cache key (what the teacher-logit cache's key includes)."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """How the data was made (`sharp_core.data.tokenized.prepare`'s info): the event."""
+
+    def inputs(self, split: str, idx: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        """input_ids (B, N) int64 of rows ``idx`` of ``split``, with the entries the packing
+        needs (position_ids, attention_mask, loss_mask), on ``device``."""
+        from sharp_core.data.packing import model_inputs
+
+        rows = self.train if split == "train" else self.eval
+        flags = self.train_flags if split == "train" else self.eval_flags
+        out = {"input_ids": rows[idx].to(device, torch.long, non_blocking=True)}
+        if flags is not None:
+            f = flags[idx].to(device, non_blocking=True)
+            out.update(model_inputs(f, self.packing, self.masked))
+        return out
 
 
 def _eos(tokenizer: Any) -> int:

@@ -3,13 +3,16 @@ classifier's accuracy / macro-F1."""
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sharp_core.data.loading import ClassificationData, PackedData, load_texts, pack
+from sharp_core.data.packing import forward_kwargs
 from sharp_core.errors import DataError
 from sharp_core.models.loading import load_model, resolve_tokenizer
 from sharp_core.objectives import losses
@@ -106,8 +109,9 @@ class _ChunkedHead:
         for i in range(0, h.shape[0], self.rows):
             logits = torch.nn.functional.linear(h[i : i + self.rows], m.weight, m.bias)  # type: ignore[arg-type]
             logits = logits[None, :, : self.vocab]  # (1, R, V)
-            r = logits.shape[1]
-            mean = losses.cross_entropy(logits, y[None, i : i + self.rows], num_valid=r)
+            part = y[None, i : i + self.rows]
+            r = int((part != losses.IGNORE_INDEX).sum())  # masked targets do not count
+            mean = losses.cross_entropy(logits, part, num_valid=max(r, 1))
             total += mean.item() * r
         self.total, self.hidden = total, None
 
@@ -124,8 +128,13 @@ def lm_loss(
     device: torch.device,
     ranks: Ranks = ONE,
     rows: int | None = EVAL_LOGIT_ROWS,
+    inputs: Callable[[Any], dict[str, torch.Tensor]] | None = None,
 ) -> tuple[float, int]:
     """(mean next-token cross-entropy, token count) of `model` over packed `blocks` (M, N).
+
+    ``inputs`` turns row indices into the batch the packing needs (`PackedData.inputs`:
+    position_ids, a padding mask and the loss mask, which limits the targets counted, so
+    evaluation sees the tokens training does).
 
     `batch_size` is per rank; under several ranks each evaluates its share of the blocks
     (`rank_rows`) and the sums (loss·tokens, tokens) are all-reduced, so every rank returns
@@ -140,19 +149,25 @@ def lm_loss(
     total, count = 0.0, 0
     try:
         for sel in rank_rows(blocks.shape[0], batch_size, ranks.rank, ranks.world_size):
-            x = blocks[sel if sel is not None else slice(0, 1)].to(device)  # (B, N)
+            at = sel if sel is not None else slice(0, 1)
+            b = inputs(at) if inputs is not None else {"input_ids": blocks[at].to(device)}
+            x = b["input_ids"].long()  # (B, N)
+            fwd = forward_kwargs(b)
+            y = x[:, 1:]
+            if "loss_mask" in b:
+                y = y.masked_fill(~b["loss_mask"][:, 1:], losses.IGNORE_INDEX)
+            n = int((y != losses.IGNORE_INDEX).sum())
             if chunked is not None:
-                chunked.targets = x[:, 1:]
-                model(input_ids=x)
+                chunked.targets = y
+                model(input_ids=x, **fwd)
                 part = chunked.total
             else:
-                logits = model(input_ids=x).logits[:, :-1, :vocab]  # (B, N-1, V)
-                n = x[:, 1:].numel()
-                part = losses.cross_entropy(logits, x[:, 1:], num_valid=n).item() * n
+                logits = model(input_ids=x, **fwd).logits[:, :-1, :vocab]  # (B, N-1, V)
+                part = losses.cross_entropy(logits, y, num_valid=max(n, 1)).item() * n
             if sel is None:
                 continue  # a padding forward: its result is not counted
             total += part
-            count += x[:, 1:].numel()
+            count += n
     finally:
         if chunked is not None:
             chunked.remove()
@@ -228,7 +243,10 @@ def evaluate(
         ):
             if isinstance(data, ClassificationData):
                 return classifier_metrics(model, data, batch_size, device, ranks)
-            loss, _ = lm_loss(model, data.eval, vocab, batch_size, device, ranks)
+            inputs = None
+            if data.eval_flags is not None:  # packed documents, padding or a loss mask
+                inputs = functools.partial(data.inputs, "eval", device=device)
+            loss, _ = lm_loss(model, data.eval, vocab, batch_size, device, ranks, inputs=inputs)
             return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
     finally:
         model.train(was_training)

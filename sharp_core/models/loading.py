@@ -354,6 +354,17 @@ def teacher_tokenizer(spec: JobSpec, resolver: Resolver) -> PreTrainedTokenizerB
     return _load_tokenizer(src, "spec.teacher.model", _rev(spec.teacher))
 
 
+def load_model_tokenizer(
+    spec: JobSpec, resolver: Resolver, role: str
+) -> PreTrainedTokenizerBase | None:
+    """The tokenizer that ``spec.<role>``'s model brings (None: it names no source)."""
+    ms = spec.teacher if role == "teacher" else spec.student
+    if ms is None:
+        return None
+    src = model_source(ms, resolver, f"spec.{role}.model")
+    return _load_tokenizer(src, f"spec.{role}.model", _rev(ms)) if src else None
+
+
 def _rev(ms: ModelSpec | None) -> str | None:
     if ms is None or ms.model is None or isinstance(ms.model, JobRef) or _looks_local(ms.model):
         return None

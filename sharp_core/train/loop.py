@@ -26,8 +26,8 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from sharp_core.cache import teacher_cache
-from sharp_core.data.loading import ClassificationData
-from sharp_core.errors import OutOfMemoryError
+from sharp_core.data.loading import ClassificationData, PackedData
+from sharp_core.errors import DataError, OutOfMemoryError
 from sharp_core.evaluate.perplexity import evaluate, evaluate_sets
 from sharp_core.models.loading import LocalResolver, Resolver
 from sharp_core.spec import JobSpec
@@ -104,6 +104,14 @@ def cache_store(resolver: Resolver | None, out_dir: Path) -> teacher_cache.Cache
     return store or teacher_cache.LocalCacheStore(out_dir.parent / "teacher-caches")
 
 
+def data_cache_store(resolver: Resolver | None, out_dir: Path) -> Any:
+    """The resolver's tokenized-data store (the service: the team's, in the artifact store),
+    else a ``data-caches`` folder beside the run's folder (runs side by side share it)."""
+    get = getattr(resolver, "data_cache_store", None)
+    store = get() if get is not None else None
+    return store or teacher_cache.LocalCacheStore(out_dir.parent / "data-caches")
+
+
 # ---------------------------------------------------------------------------- schedules
 
 
@@ -170,9 +178,13 @@ def train(
     t, m = spec.training, spec.method
     torch.manual_seed(t.seed)
     random.seed(t.seed)
-    S = prepared or setup(spec, resolver=resolver, device=device)
+    S = prepared or setup(
+        spec, resolver=resolver, device=device, data_store=data_cache_store(resolver, out_dir)
+    )
     if m.teacher_cache.mode != "off" and S.teacher_cache is None:  # build or read it first
         S = teacher_cache.attach(S, cache_store(resolver, out_dir), cb.on_event, ctx)
+    if isinstance(S.data, PackedData) and S.data.info:  # built, read from the cache, in memory
+        cb.on_event("tokenized_data", dict(S.data.info))
     model, teacher = S.student, S.teacher  # unwrapped: under torchrun S gets DDP / FSDP ones
     # the teacher's identity (leaderboards, teacher scores): hashed before any sharding
     t_digest = (
@@ -186,6 +198,17 @@ def train(
     state = TrainState.start(S, params, extra, ctx, amp)  # step 0: AdamW, scaler, data stream
     if m.on_policy is not None:  # generated batches: its RNG and replay buffer are state too
         state.onpolicy = OnPolicy(spec, ctx.rank, ctx.world_size, ctx.gather_objects)
+        eos, pad = S.tokenizer.eos_token_id, S.tokenizer.pad_token_id
+        state.onpolicy.eos_id = eos
+        state.onpolicy.pad_id = int(pad if pad is not None else eos or 0)
+        data = S.data
+        prompted = isinstance(data, PackedData) and data.packing == "documents" and data.masked
+        if prompted and m.on_policy.adaptive:
+            raise DataError(
+                "adaptive on-policy (replay) is not available for conversations or "
+                "prompt/completion data yet: use adaptive: false",
+                param="spec.method.on_policy.adaptive",
+            )
     opt, scaler = state.optimizer, state.scaler
     ckpt = Checkpointer(out_dir, S, ctx, cb)  # saves in the background; reports when committed
     last_ckpt = resume(out_dir, S, state, model, ctx, ckpt.group)  # newest verified, if any

@@ -35,7 +35,7 @@ import torch
 
 from sharp_core.spec import JobSpec, OnPolicySpec
 
-__all__ = ["OnPolicy", "generate", "loss_mask", "prompt_length"]
+__all__ = ["OnPolicy", "answer_batch", "generate", "loss_mask", "prompt_length", "real_prompts"]
 
 BatchKind = Literal["data", "generated", "replay"]
 
@@ -97,19 +97,74 @@ def _generate(
     temperature: float,
     top_k: int,
     top_p: float,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     gens = [torch.Generator(device=prompts.device).manual_seed(s) for s in seeds]
     # transformers renamed past_key_values to cache (5.x); use whichever this model takes
     kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(input_ids=prompts, use_cache=True)
+    extra: dict[str, torch.Tensor] = {}
+    if attention_mask is not None:  # left-padded prompts: positions count real tokens only
+        pos = (attention_mask.cumsum(1) - 1).clamp_min(0)
+        extra = {"attention_mask": attention_mask, "position_ids": pos}
+    out = model(input_ids=prompts, use_cache=True, **extra)
     new = []
     for t in range(max_new_tokens):
         # rows beyond the tokenizer (padded embedding matrices) are never sampled
         tok = _sample(out.logits[:, -1, :vocab], gens, temperature, top_k, top_p)  # (B,)
         new.append(tok)
         if t + 1 < max_new_tokens:
-            out = model(input_ids=tok[:, None], use_cache=True, **{kw: getattr(out, kw)})
+            if extra:
+                am = torch.cat([extra["attention_mask"], torch.ones_like(tok[:, None])], 1)
+                extra = {"attention_mask": am, "position_ids": extra["position_ids"][:, -1:] + 1}
+            out = model(input_ids=tok[:, None], use_cache=True, **{kw: getattr(out, kw)}, **extra)
     return torch.cat([prompts, torch.stack(new, dim=1)], dim=1)  # (B, P + T)
+
+
+def real_prompts(
+    batch: dict[str, torch.Tensor], width: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts from conversations: in each row, the first document that has a prompt
+    (tokens before its first target) and an answer, up to its first target token: the
+    conversation up to the assistant turn. Left-padded (and cut on the left) to ``width``.
+    Returns (prompts (B, width), attention_mask (B, width)). A row without one falls back to
+    its first ``width`` tokens."""
+    x, lm, pos = batch["input_ids"], batch["loss_mask"], batch["position_ids"]
+    B, N = x.shape
+    out = torch.full((B, width), pad_id, dtype=x.dtype, device=x.device)
+    mask = torch.zeros(B, width, dtype=torch.long, device=x.device)
+    for r in range(B):
+        starts = (pos[r] == 0).nonzero().flatten().tolist() + [N]
+        prompt = x[r, :width]
+        # a segment at column 0 may be the tail of a document cut by the previous row
+        for s, e in sorted(zip(starts[:-1], starts[1:], strict=True), key=lambda se: se[0] == 0):
+            hit = lm[r, s + 1 : e].nonzero()
+            if len(hit) and int(hit[0]) >= 1:
+                prompt = x[r, s : s + 1 + int(hit[0])][-width:]
+                break
+        out[r, width - len(prompt) :] = prompt
+        mask[r, width - len(prompt) :] = 1
+    return out, mask
+
+
+def answer_batch(
+    seq: torch.Tensor, prompt_mask: torch.Tensor, eos_id: int | None, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """The training batch of generated answers (B, P + T): loss on the answer up to and
+    including its first EOS (later tokens become padding, no target); positions count from
+    the first real token, left padding in segments of its own (`forward_kwargs` masks)."""
+    P = prompt_mask.shape[1]
+    gen = seq[:, P:]
+    keep = torch.ones_like(gen, dtype=torch.bool)
+    if eos_id is not None:
+        after = (gen == eos_id).long().cumsum(1) - (gen == eos_id).long()  # EOS seen before
+        keep = after == 0
+    seq = torch.cat([seq[:, :P], gen.masked_fill(~keep, pad_id)], 1)
+    real = torch.cat([prompt_mask, torch.ones_like(gen)], 1)
+    return {
+        "input_ids": seq,
+        "loss_mask": torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), keep], 1),
+        "position_ids": (real.cumsum(1) - 1).clamp_min(0),
+    }
 
 
 def generate(
@@ -123,6 +178,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     amp_dtype: torch.dtype | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Continue (B, P) prompts by ``max_new_tokens`` sampled tokens with a KV cache: (B, P + T).
 
@@ -145,6 +201,7 @@ def generate(
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,
+                attention_mask=attention_mask,
             )
     finally:
         hf.train(was_training)
@@ -169,6 +226,8 @@ class OnPolicy:
         self.prob = float(op.fraction)
         self.last_eval: float | None = None
         self.buffer = torch.zeros(0, self.width, dtype=torch.int32)  # (n, P + T), oldest first
+        self.eos_id: int | None = None  # conversations: an answer stops at EOS (set by the loop)
+        self.pad_id = 0
 
     # -- the choice -------------------------------------------------------------------------
     def _coin(self) -> float:
@@ -210,22 +269,30 @@ class OnPolicy:
             model = teacher if self.op.seq_kd else student
             assert model is not None
             seqs = []
+            answers = []
             for i, b in enumerate(batches):
                 first = i * global_b + self.rank * per  # global index of this slice's first row
                 seeds = [(base + first + j) % 2**63 for j in range(per)]
-                seqs.append(
-                    generate(
-                        model,
-                        b["input_ids"][:, : self.prompt],
-                        max_new_tokens=self.op.max_new_tokens,
-                        vocab=vocab,
-                        seeds=seeds,
-                        temperature=self.op.temperature,
-                        top_k=self.op.top_k,
-                        top_p=self.op.top_p,
-                        amp_dtype=amp_dtype,
-                    )
+                prompts, am = b["input_ids"][:, : self.prompt], None
+                if "loss_mask" in b and "position_ids" in b:  # conversations: real prompts
+                    prompts, am = real_prompts(b, self.prompt, self.pad_id)
+                seq = generate(
+                    model,
+                    prompts,
+                    max_new_tokens=self.op.max_new_tokens,
+                    vocab=vocab,
+                    seeds=seeds,
+                    temperature=self.op.temperature,
+                    top_k=self.op.top_k,
+                    top_p=self.op.top_p,
+                    amp_dtype=amp_dtype,
+                    attention_mask=am,
                 )
+                seqs.append(seq)
+                if am is not None:
+                    answers.append(answer_batch(seq, am, self.eos_id, self.pad_id))
+            if answers:  # the loss on each generated answer, up to its EOS
+                return answers, kind
             if self.op.adaptive:
                 self._remember(seqs)
         else:  # replay: the global rows of the single-process batch, then this rank's slice

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.utils import logging as hf_logging
 
+from sharp_core.data.lm import LMSource, prepare_lm, training_texts
 from sharp_core.data.loading import (
     ClassificationData,
     PackedData,
     build_classification_data,
     build_classification_eval,
-    build_data,
     build_eval_blocks,
     load_classification,
     load_texts,
@@ -81,7 +81,8 @@ class Setup:
     (``build_teacher_s``, ``build_student_s``; the trainer records them at step 0 of a run that
     starts fresh, not again when an attempt resumes)."""
     dataset_sha256: str | None = None
-    """sha256 of the loaded documents (`teacher_cache.texts_digest`), when a cache is asked for."""
+    """The tokenized data's key (`sharp_core.data.tokenized.data_key`), when a teacher cache
+    is asked for: the teacher-logit cache's key includes it."""
     teacher_cache: TeacherCache | None = None
     """The verified teacher-logit cache the logit term reads (`sharp_core.cache.teacher_cache.attach`)."""
     eval_sets: dict[str, PackedData | ClassificationData] = field(default_factory=dict)
@@ -159,9 +160,19 @@ def _timed_load(out: dict[str, float], role: str, **kw: Any) -> Any:
     return model
 
 
-def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None = None) -> Setup:
-    """Load tokenizer, models and data; build the attention objective and captures."""
+def setup(
+    spec: JobSpec,
+    *,
+    resolver: Resolver | None = None,
+    device: str | None = None,
+    data_store: Any = None,
+) -> Setup:
+    """Load tokenizer, models and data; build the attention objective and captures.
+
+    ``data_store``: where the tokenized cache lives (`sharp_core.data.tokenized`); None
+    tokenises in memory."""
     resolver = resolver or LocalResolver()
+    data_kw = {"store": data_store, "ranks": distributed.context()}
     dev = pick_device(device)
     hf_logging.disable_progress_bar()
     classify = spec.task == "sequence_classification"
@@ -176,8 +187,13 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
         n_labels: int | None = data.num_labels
         eval_sets = load_eval_sets(spec, resolver, toks.tokenizer, data)
     else:
-        texts = load_texts(spec.dataset, resolver)
-        toks = resolve_tokenizer(spec, resolver, iter(texts) if spec.tokenizer.train else None)
+        source = LMSource(spec.dataset, resolver)
+        corpus = None
+        if spec.tokenizer.train:  # the tokenizer is trained on the rows' strings
+            corpus = iter(training_texts(source.table(), source.format, source.fields))
+        toks = resolve_tokenizer(spec, resolver, corpus)
+        if source.format == "chat" and spec.teacher is not None:
+            _check_chat_rendering(spec, resolver, source, toks.tokenizer)
         vocab = toks.vocab_size
         n_labels = None
         eval_sets = load_eval_sets(spec, resolver, toks.tokenizer, None)
@@ -217,7 +233,7 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
     if pruning:
         assert teacher is not None  # the spec refuses init='prune' without a teacher
         if not classify:
-            data = build_data(spec.dataset, texts, tok, spec.training.seq_len)
+            data = prepare_lm(spec.dataset, source, tok, spec.training.seq_len, **data_kw)
         student, report = _prune_student(spec, teacher, data, dev)
         if spec.method.name == "sft":
             teacher = None  # loaded only to be pruned
@@ -233,7 +249,7 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
     else:
         check_vocab(student, vocab, "student")
         if not pruning:
-            data = build_data(spec.dataset, texts, tok, spec.training.seq_len)
+            data = prepare_lm(spec.dataset, source, tok, spec.training.seq_len, **data_kw)
 
     if not classify:
         _check_positions(spec, student, teacher)
@@ -257,10 +273,8 @@ def setup(spec: JobSpec, *, resolver: Resolver | None = None, device: str | None
         if teacher is not None:
             teacher = torch.compile(teacher)  # type: ignore[assignment]
     digest = None
-    if spec.method.teacher_cache.mode != "off" and not classify:
-        from sharp_core.cache.teacher_cache import texts_digest
-
-        digest = texts_digest(texts)
+    if spec.method.teacher_cache.mode != "off" and isinstance(data, PackedData):
+        digest = data.key  # the tokenized data's key: the teacher-logit cache's includes it
     return Setup(
         spec,
         dev,
@@ -333,6 +347,7 @@ def _calibration_batches(
     for start in range(0, len(idx), cal.batch_size):
         sel = idx[start : start + cal.batch_size]
         batch = {k: v[sel].to(device) for k, v in rows.items() if k != "labels"}
+        batch["input_ids"] = batch["input_ids"].long()  # memory-mapped rows are int32
         batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
         out.append(batch)
     return out, len(idx)
@@ -385,3 +400,19 @@ def _prune_student(
         scoring=ps.scoring,
     )
     return student, report
+
+
+def _check_chat_rendering(spec: JobSpec, resolver: Resolver, source: LMSource, tok: Any) -> None:
+    """Teacher and student must render conversations to the same tokens: when both models
+    bring their own tokenizer (and chat template), the first conversations are rendered by
+    each and compared (`formats.check_render_identity`)."""
+    from sharp_core.data.formats import check_render_identity
+    from sharp_core.models.loading import load_model_tokenizer
+
+    if spec.tokenizer.name or spec.tokenizer.train or spec.student.init != "pretrained":
+        return  # one tokenizer for both
+    other = load_model_tokenizer(spec, resolver, "student")
+    if other is None:
+        return
+    convs = source.table_unchecked()[source.fields["messages"]][:16]
+    check_render_identity(tok, other, convs, spec.dataset.chat_template)

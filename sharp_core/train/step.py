@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from sharp_core.cache import teacher_cache
 from sharp_core.data.loading import BatchStream, ClassificationData
+from sharp_core.data.packing import forward_kwargs
 from sharp_core.objectives import fused, losses
 from sharp_core.train.setup import Setup
 
@@ -52,15 +53,16 @@ class StepLosses(NamedTuple):
 
 
 def next_batch(S: Setup, stream: BatchStream, batch_size: int) -> dict[str, torch.Tensor]:
-    """input_ids (B, N), and for classification attention_mask (B, N) and labels (B,)."""
+    """input_ids (B, N); for packed documents position_ids, and loss_mask where not every
+    token is a target (`PackedData.inputs`); for classification attention_mask and labels."""
+    idx = stream.next_indices(batch_size)
     if isinstance(S.data, ClassificationData):
-        idx = stream.next_indices(batch_size)
         return {k: v[idx].to(S.device, non_blocking=True) for k, v in S.data.train.items()}
+    # packed rows with what their packing needs (position_ids, attention_mask, loss_mask)
+    batch = S.data.inputs("train", idx, S.device)
     if S.teacher_cache is not None:  # the blocks' cached teacher targets ride along
-        idx = stream.next_indices(batch_size)
-        x = stream.blocks[idx].to(S.device, non_blocking=True)
-        return {"input_ids": x, **S.teacher_cache.batch(idx, S.device)}
-    return {"input_ids": stream.next(batch_size).to(S.device, non_blocking=True)}
+        batch.update(S.teacher_cache.batch(idx, S.device))
+    return batch
 
 
 def step_counts(batches: list[dict[str, torch.Tensor]], classify: bool) -> tuple[int, int]:
@@ -141,6 +143,8 @@ def micro_step(
     a = m.effective_kd_weight if kd_weight is None else kd_weight
     V = S.vocab
     batch = batch if isinstance(batch, dict) else {"input_ids": batch}
+    if batch["input_ids"].dtype != torch.long:  # memory-mapped rows are int32
+        batch = {**batch, "input_ids": batch["input_ids"].long()}
     if S.cross is not None:
         return _cross_step(S, batch["input_ids"], n_tokens=n_tokens, a=a, amp_dtype=amp_dtype)
     classify = S.spec.task == "sequence_classification"
@@ -149,6 +153,9 @@ def micro_step(
     # None for packed blocks: an all-ones mask would cost transformers a device-to-host
     # sync per forward to discover it can use SDPA's is_causal path
     mask = batch.get("attention_mask")  # (B, N) or None
+    # packed documents: positions restart per document, and transformers builds the
+    # block-diagonal causal mask from them (sharp_core.data.packing)
+    fwd = {"attention_mask": mask, **forward_kwargs(batch)}
     query_mask = mask.bool() if mask is not None else torch.ones_like(x, dtype=torch.bool)
     # labels aligned with logits rows: next tokens (B, N-1), or one class per example (B, 1)
     labels = batch["labels"][:, None] if classify else x[:, 1:]
@@ -174,19 +181,19 @@ def micro_step(
         if cached is not None and S.teacher is not None and S.teacher_capture is not None:
             # attention methods on a cache: the teacher runs for its attention only, no LM head
             with torch.inference_mode(), S.teacher_capture:
-                teacher_cache.teacher_backbone(S.teacher)(input_ids=x, attention_mask=mask)
+                teacher_cache.teacher_backbone(S.teacher)(input_ids=x, **fwd)
         elif run_teacher:
             assert S.teacher is not None
             # inference mode, not just no_grad: no version counters or view tracking on the
             # teacher's activations; its outputs (logits, captured q/k) are only ever read
             with torch.inference_mode(), _maybe(S.teacher_capture), _hidden_of(t_head) as seen:
-                t_logits = S.teacher(input_ids=x, attention_mask=mask).logits
+                t_logits = S.teacher(input_ids=x, **fwd).logits
             if t_head is not None:  # (B, N-1, D_t): the head's input, the logits never built
                 t_hidden, t_logits = seen[0][:, :-1], None
             else:  # (B, N-1, V): teacher rows beyond the tokenizer dropped; classes: (B, 1, C)
                 t_logits = t_logits[:, None, :] if classify else t_logits[:, :-1, :V]
         with _maybe(S.student_capture), _hidden_of(s_head) as seen:
-            s_logits = S.student(input_ids=x, attention_mask=mask).logits
+            s_logits = S.student(input_ids=x, **fwd).logits
         s_hidden = seen[0][:, :-1] if s_head is not None else None  # (B, N-1, D_s)
         if s_hidden is None:
             s_logits = s_logits[:, None, :] if classify else s_logits[:, :-1, :V]  # like t_logits

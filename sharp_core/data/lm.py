@@ -1,0 +1,211 @@
+"""A causal-LM job's data: source → format → checked rows → tokenized cache → `PackedData`.
+
+`prepare_lm` is what `sharp_core.train.setup` calls. It works out the cache key without
+reading the rows (file bytes, or hub coordinates), so every rank agrees on it; rank 0 loads,
+checks and tokenises only when no entry verifies (`sharp_core.data.tokenized.prepare`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sharp_core.data import formats, tokenized
+from sharp_core.data.loading import TRAIN_PARAM, PackedData, _files, load_table
+from sharp_core.errors import DataError
+from sharp_core.ranks import ONE, Ranks
+from sharp_core.spec import DatasetSpec
+
+__all__ = [
+    "LMSource",
+    "columns_of",
+    "load_checked",
+    "prepare_lm",
+    "resolve_packing",
+    "training_texts",
+]
+
+
+def columns_of(ds: DatasetSpec, files: list[str]) -> list[str] | None:
+    """The columns of local files, read from their first row or schema (None: hub, or a
+    format whose columns need the whole table)."""
+    if not files:
+        return None
+    f = Path(files[0])
+    ext = f.suffix.lower()
+    if ext in (".txt", ".text", ".md"):
+        return ["text"]
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(f).names)
+    if ext in (".jsonl", ".json"):
+        with open(f, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        return None
+                    return list(row) if isinstance(row, dict) else None
+    return None
+
+
+def resolve_packing(fmt: str, packing: str) -> str:
+    """'auto' → concat for text (the former packing), documents for conversations and pairs."""
+    if packing != "auto":
+        return packing
+    return "concat" if fmt == "text" else "documents"
+
+
+def _fields(ds: DatasetSpec, columns: list[str] | None, source: str) -> dict[str, str]:
+    text = ds.text_field
+    if columns == ["text"] and source != "hub":
+        text = "text"  # a txt file's one column, whatever text_field says
+    return {
+        "text": text,
+        "messages": ds.messages_field,
+        "prompt": ds.prompt_field,
+        "completion": ds.completion_field,
+    }
+
+
+def _param_of(ds: DatasetSpec, i: int) -> str:
+    if ds.source == "upload":
+        return f"{TRAIN_PARAM}.upload_id"
+    if ds.source == "hub":
+        return f"{TRAIN_PARAM}.name"
+    return f"{TRAIN_PARAM}.files.{i}"
+
+
+def load_checked(
+    ds: DatasetSpec, resolver: Any, fmt: str, fields: dict[str, str], files: list[str]
+) -> Any:
+    """The table, each file loaded and checked on its own so an error names the file and
+    its row (an unknown role, a non-string content, an empty answer, a missing column)."""
+    import datasets
+
+    if ds.source == "hub" or fmt == "text":
+        table = load_table(ds, resolver)
+        parts = [(ds.name or (files[0] if files else "data"), _param_of(ds, 0), table)]
+    else:
+        parts = []
+        for i, f in enumerate(files):
+            one = ds.model_copy(update={"source": "files", "files": [f]})
+            parts.append((Path(f).name, _param_of(ds, i), load_table(one, resolver)))
+    for where, param, t in parts:
+        need = {
+            "text": [fields["text"]],
+            "chat": [fields["messages"]],
+            "prompt_completion": [fields["prompt"], fields["completion"]],
+        }[fmt]
+        for col in need:
+            if col not in t.column_names:
+                raise DataError(
+                    f"{where}: column '{col}' not in the data set (columns: {t.column_names}); "
+                    f"format is {fmt}",
+                    param=param if fmt != "text" else f"{TRAIN_PARAM}.text_field",
+                )
+        if fmt == "chat":
+            formats.validate_chat_rows(t[fields["messages"]], where, param)
+        elif fmt == "prompt_completion":
+            formats.validate_pairs(t[fields["prompt"]], t[fields["completion"]], where, param)
+    tables = [t for _, _, t in parts]
+    return tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables)
+
+
+def training_texts(table: Any, fmt: str, fields: dict[str, str]) -> list[str]:
+    """Strings to train a tokenizer on (``tokenizer.train``): the text, or every turn."""
+    if fmt == "text":
+        return [t for t in table[fields["text"]] if isinstance(t, str) and t.strip()]
+    if fmt == "prompt_completion":
+        return [x for p, c in zip(table[fields["prompt"]], table[fields["completion"]],
+                                  strict=True) for x in (p, c)]  # fmt: skip
+    return [m["content"] for conv in table[fields["messages"]] for m in conv]
+
+
+class LMSource:
+    """The job's training data before tokenisation: its files, format and fields."""
+
+    def __init__(self, ds: DatasetSpec, resolver: Any):
+        self.ds, self.resolver = ds, resolver
+        self.files = _files(ds, resolver) if ds.source != "hub" else []
+        self._table: Any = None
+        cols = columns_of(ds, self.files)
+        if cols is None:  # hub data (or an unreadable first row): the table tells
+            cols = list(self.table_unchecked().column_names)
+        self.columns = cols
+        self.fields = _fields(ds, cols, ds.source)
+        self.format = formats.detect_format(cols, ds.format, self.fields)
+        self.loss_on = formats.resolve_loss_on(self.format, ds.loss_on)
+        self.packing = resolve_packing(self.format, ds.packing)
+
+    def table_unchecked(self) -> Any:
+        if self._table is None:
+            self._table = load_table(self.ds, self.resolver)
+        return self._table
+
+    def table(self) -> Any:
+        """Loaded and checked (every row of a chat or pair data set)."""
+        return load_checked(self.ds, self.resolver, self.format, self.fields, self.files)
+
+    def fingerprint(self) -> str | None:
+        return getattr(self.table_unchecked(), "_fingerprint", None) if not self.files else None
+
+
+def prepare_lm(
+    ds: DatasetSpec,
+    source: LMSource,
+    tokenizer: Any,
+    seq_len: int,
+    *,
+    store: tokenized.Store | None,
+    ranks: Ranks = ONE,
+) -> PackedData:
+    """Tokenise (or read from the cache) and split the job's rows: the tail
+    ``eval_fraction`` of the rows is held out (at most ``max_eval_blocks``)."""
+    template = None
+    if source.format == "chat":
+        template = formats.template_of(tokenizer, ds.chat_template)
+    parts = tokenized.key_parts(
+        ds,
+        tokenizer=formats.tokenizer_digest(tokenizer),
+        data=tokenized.source_digest(source.files, ds, source.fingerprint()),
+        fmt=source.format,
+        loss_on=source.loss_on,
+        packing=source.packing,
+        seq_len=seq_len,
+        template=template,
+    )
+    parts["fields"] = dict(source.fields)
+    parts["_template_text"] = ds.chat_template
+    entry = tokenized.prepare(
+        parts,
+        source.table,
+        tokenizer,
+        store=store if ds.cache else None,
+        num_proc=ds.num_proc,
+        ranks=ranks,
+    )
+    n = int(entry.tokens.shape[0])
+    n_eval = max(1, round(n * ds.eval_fraction))
+    if n - n_eval < 1:
+        raise DataError(
+            f"the corpus gives only {n} blocks of {seq_len} tokens: too small to train and "
+            "evaluate",
+            param="spec.dataset",
+        )
+    toks, flags = tokenized.as_tensor(entry.tokens), tokenized.as_tensor(entry.flags)
+    ev = slice(n - n_eval, n - n_eval + min(n_eval, ds.max_eval_blocks))
+    plain = source.packing == "concat" and not entry.manifest["masked"]
+    return PackedData(
+        train=toks[: n - n_eval],
+        eval=toks[ev],
+        train_flags=None if plain else flags[: n - n_eval],
+        eval_flags=None if plain else flags[ev],
+        packing=source.packing,
+        masked=bool(entry.manifest["masked"]),
+        key=entry.key,
+        info=entry.info,
+    )
