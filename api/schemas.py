@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from service.lifecycle import JobStatus
+from service.lifecycle import JobStatus, shown_status
 from service.plans import usage as plan_usage
 from service.progress import progress
 from sharp_core.spec import EvaluationJobSpec, JobSpec
@@ -481,10 +481,14 @@ def job_public(
     """A job row as the API shows it; ``progress`` (the ETA) comes from `service.progress`,
     ``pruning`` from `service.jobs.JobService.pruning`."""
     metrics = {k: v for k, v in (job.latest_metrics or {}).items() if isinstance(v, (int, float))}
+    # queued while its backend still holds a claimed job (Slurm PENDING): past the service's
+    # queue (position 0), waiting in the backend's for `queue_reason`
+    status = shown_status(job.status, job.queue_reason)
+    held = status == JobStatus.QUEUED and job.status == JobStatus.RUNNING.value
     return JobPublic(
         id=job.id,
         name=job.name,
-        status=JobStatus(job.status),
+        status=status,
         spec=job.spec,
         queue=job.queue,
         attempt=job.attempt,
@@ -498,11 +502,8 @@ def job_public(
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
-        queue_position=queue.position if queue else None,
-        # a running job's reason: its backend's own queue holds it (Slurm PENDING)
-        queue_reason=queue.reason
-        if queue
-        else (job.queue_reason if job.status == JobStatus.RUNNING.value else None),
+        queue_position=queue.position if queue else (0 if held else None),
+        queue_reason=queue.reason if queue else (job.queue_reason if held else None),
         pruning=PruningPublic.model_validate(pruning) if pruning else None,
         teacher_cache=None
         if teacher_cache is None

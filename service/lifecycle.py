@@ -27,7 +27,13 @@ it (`service.reactions`, imported by every process that runs transitions) instea
 imported here: no import circle.
 
 ``admit`` (the scheduler) and ``heartbeat`` (the supervisor) write a queued or active row
-without changing its status. Nothing leaves ``succeeded``, and only ``retry`` leaves
+without changing its status.
+
+A backend with its own queue (Slurm) may hold a claimed job before it runs (PENDING): the job
+stays ``running`` here, since a worker slot, an attempt and the pool's GPUs are its (quotas,
+fencing, cancel and adoption all rely on that), and `backend_holds` records Slurm's reason in
+``queue_reason``. `shown_status` is what the API shows for it: ``queued`` while held, with
+that reason, ``running`` once the backend starts it. Nothing leaves ``succeeded``, and only ``retry`` leaves
 ``failed``/``cancelled``; ``attempt`` only grows (`plan` is the pure model the tests check
 against the database).
 """
@@ -222,6 +228,44 @@ def claim(repo: JobRepository, job_id: str, worker: str) -> Job | None:
         data={"worker": worker},
     )
     return None if seq is None else repo.get(job_id)
+
+
+def shown_status(status: str, queue_reason: str | None) -> JobStatus:
+    """The status the API shows: a ``running`` job its backend still holds in its own queue
+    (`backend_holds` wrote the reason) is ``queued``; every other status as stored.
+    (`service.repositories.JobRepository.list_for_team` filters by the same rule in SQL.)"""
+    if status == RUNNING.value and queue_reason is not None:
+        return QUEUED
+    return JobStatus(status)
+
+
+def backend_holds(
+    repo: JobRepository, job_id: str, attempt: int, reason: str | None, data: dict[str, Any]
+) -> bool:
+    """Our active attempt waits in its backend's own queue for `reason` (Slurm PENDING), or
+    no longer (None: the backend started it). Writes ``queue_reason`` (what `shown_status`
+    reads) and a ``backend`` event with `data`. False: fenced (not our attempt any more)."""
+    seq = repo.update_fenced(
+        job_id,
+        statuses=ACTIVE_STATUSES,
+        attempt=attempt,
+        values={"queue_reason": reason},
+        events=1,
+    )
+    if seq is None:
+        return False
+    repo.add_event(
+        job_id,
+        seq,
+        "backend",
+        {
+            **data,
+            "attempt": attempt,
+            "state": "pending" if reason else "running",
+            "queue_reason": reason,
+        },
+    )
+    return True
 
 
 def heartbeat(repo: JobRepository, job_id: str, attempt: int) -> bool | None:

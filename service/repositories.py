@@ -36,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from service.lifecycle import ACTIVE_STATUSES, FAILED, QUEUED
+from service.lifecycle import ACTIVE_STATUSES, FAILED, QUEUED, RUNNING
 from service.live import LivePublisher
 from service.models import (
     ApiKey,
@@ -197,10 +197,14 @@ class JobRepository:
     def list_for_team(
         self, team_id: str, *, statuses: Sequence[str] | None, limit: int, before_id: str | None
     ) -> Sequence[Job]:
-        """Newest first (ids are ULIDs); `before_id` is the keyset cursor."""
+        """Newest first (ids are ULIDs); `before_id` is the keyset cursor. `statuses` are as
+        the API shows them (`service.lifecycle.shown_status`: a running job its backend still
+        holds is queued)."""
         q = select(Job).where(Job.team_id == team_id)
         if statuses:
-            q = q.where(Job.status.in_(statuses))
+            held = and_(Job.status == RUNNING.value, Job.queue_reason.is_not(None))
+            shown = case((held, QUEUED.value), else_=Job.status)
+            q = q.where(shown.in_(statuses))
         if before_id is not None:
             q = q.where(Job.id < before_id)
         return self.session.scalars(q.order_by(Job.id.desc()).limit(limit)).all()

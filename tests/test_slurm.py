@@ -32,6 +32,7 @@ import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
@@ -50,7 +51,7 @@ from tests.helpers import GPT2_TINY, NO_DROPOUT, spec_dict, train_tiny_teacher
 from tests.test_distributed import cli_train, read_jsonl
 from tests.test_service_e2e import _collect_sse
 from tests.test_service_worker import Sent
-from worker.slurm import describe_partition
+from worker.slurm import describe_partition, query
 from worker.supervisor import Supervisor
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
@@ -291,29 +292,91 @@ def test_two_node_job_streams_downloads_and_equals_two_process_run(
 
 
 # --------------------------------------------------------------------------- faults
-def test_slurm_pending_reason_shows_then_outside_scancel_fails_the_job_naming_it(
-    api: httpx.Client, db: Database, team: TeamKey, corpus: Path, teacher: Path, slurm_worker
-) -> None:
-    # both nodes busy with someone else's job: Slurm holds ours PENDING, and says why
-    blocker = subprocess.run(
+def _block_both_nodes() -> str:
+    """Someone else's job on both nodes: Slurm holds ours PENDING (reason Resources)."""
+    return subprocess.run(
         ["sbatch", "--parsable", "-N2", "--exclusive", "--wrap", "sleep 300"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
+
+
+def _shown_held(api: httpx.Client, team: TeamKey, job_id: str) -> dict | None:
+    shown = api.get(f"/v1/jobs/{job_id}", headers=team.headers).json()
+    return shown if shown["status"] == "queued" and shown["queue_reason"] else None
+
+
+def test_slurm_pending_job_is_queued_with_slurms_reason_then_running_then_succeeds(
+    api: httpx.Client, db: Database, team: TeamKey, corpus: Path, teacher: Path, slurm_worker
+) -> None:
+    blocker = _block_both_nodes()
+    seen: list[tuple[str, str | None]] = []
     try:
-        job_id = _submit(api, team, _spec(corpus, teacher, 400))
-
-        def slurm_reason() -> str | None:
-            shown = api.get(f"/v1/jobs/{job_id}", headers=team.headers).json()
-            return shown["queue_reason"] if shown["status"] == "running" else None
-
-        reason = wait_for(slurm_reason, 60, what="Slurm's PENDING reason on the job")
-        assert str(reason).startswith("slurm: ") and reason != "slurm: None", reason
+        job_id = _submit(api, team, _spec(corpus, teacher, 4))
+        held = cast(
+            dict, wait_for(lambda: _shown_held(api, team, job_id), 60, what="queued, a reason")
+        )
+        assert held["queue_reason"].startswith("slurm: "), held
+        assert held["queue_reason"] not in ("slurm: None", "slurm: "), held
+        assert held["queue_position"] == 0 and held["attempt"] == 1
+        # inside, the claim stands: the worker slot, the attempt and the pool's 2 GPUs are its
+        row = _job(db, job_id)
+        assert row.status == "running" and row.gpus == 2 and row.backend_job_id
+        assert query(row.backend_job_id)[0] == "PENDING"
+        listed = api.get("/v1/jobs?status=queued", headers=team.headers).json()["data"]
+        assert job_id in {j["id"] for j in listed}
+        listed = api.get("/v1/jobs?status=running", headers=team.headers).json()["data"]
+        assert job_id not in {j["id"] for j in listed}
     finally:
         subprocess.run(["scancel", blocker], check=True)
+
+    def shown() -> bool:
+        j = api.get(f"/v1/jobs/{job_id}", headers=team.headers).json()
+        seen.append((j["status"], j["queue_reason"]))
+        return j["status"] in ("succeeded", "failed", "cancelled")
+
+    wait_for(shown, 240, interval=0.2, what=f"job {job_id} to end")
+    assert seen[-1] == ("succeeded", None), seen
+    statuses = [st for st, _ in seen]
+    # queued (Slurm's reason) → running (no reason) → succeeded, never back
+    assert "running" in statuses, statuses
+    first_running = statuses.index("running")
+    assert set(statuses[:first_running]) <= {"queued"}, statuses
+    assert set(statuses[first_running:-1]) == {"running"}, statuses
+    assert all(reason is None for st, reason in seen if st == "running"), seen
+    with db.session() as s:
+        states = [
+            e.data.get("state")
+            for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id)).all()
+            if e.kind == "backend" and "state" in e.data
+        ]
+    assert states[-1] == "running" and set(states[:-1]) == {"pending"}, states
+
+
+def test_cancel_of_a_slurm_pending_job_scancels_it_and_ends_cancelled(
+    api: httpx.Client, db: Database, team: TeamKey, corpus: Path, teacher: Path, slurm_worker
+) -> None:
+    blocker = _block_both_nodes()
+    try:
+        job_id = _submit(api, team, _spec(corpus, teacher, 400))
+        wait_for(lambda: _shown_held(api, team, job_id), 60, what="queued with a reason")
+        r = api.post(f"/v1/jobs/{job_id}/cancel", headers=team.headers)
+        assert r.status_code in (200, 202), r.text
+        job = _wait_done(db, job_id, slurm_worker, timeout=60)
+        # ended in Slurm's queue, before any training: nothing to checkpoint, nothing left
+        assert job.status == "cancelled" and job.error is None and job.step == 0, job.error
+        assert job.backend_job_id and query(job.backend_job_id)[0] == "CANCELLED"
+    finally:
+        subprocess.run(["scancel", blocker], check=True)
+    assert api.get(f"/v1/jobs/{job_id}", headers=team.headers).json()["status"] == "cancelled"
+
+
+def test_outside_scancel_fails_the_job_naming_it(
+    api: httpx.Client, db: Database, team: TeamKey, corpus: Path, teacher: Path, slurm_worker
+) -> None:
+    job_id = _submit(api, team, _spec(corpus, teacher, 400))
     wait_for(lambda: _job(db, job_id).step >= 2, 180, what="training")
-    assert api.get(f"/v1/jobs/{job_id}", headers=team.headers).json()["queue_reason"] is None
     slurm_id = _job(db, job_id).backend_job_id
     assert slurm_id
     subprocess.run(["scancel", slurm_id], check=True)

@@ -221,7 +221,9 @@ class SlurmHandle:
         )
 
     def waiting(self) -> str | None:
-        return (self.reason or "Priority") if self.state == "PENDING" else None
+        if self.state != "PENDING":
+            return None
+        return self.reason if self.reason and self.reason != "None" else "Priority"
 
 
 def query(job: str) -> tuple[str, str, int | None]:

@@ -250,30 +250,17 @@ class Supervisor:
 
     def _note_waiting(self, claim: Claim, reason: str | None) -> None:
         """The backend holds the job in its own queue (Slurm PENDING), or no longer (None):
-        its reason on the job (``queue_reason``, shown by the API) and, once per change, a
-        ``backend`` event the job's SSE stream carries."""
+        the API shows it ``queued`` with that reason, then ``running``
+        (`service.lifecycle.backend_holds`)."""
         shown = f"{self.backend.name}: {reason}" if reason is not None else None
         with self.db.session() as s:
-            repo = JobRepository(s, self.live)
-            seq = repo.update_fenced(
+            lifecycle.backend_holds(
+                JobRepository(s, self.live),
                 claim.job_id,
-                statuses=ACTIVE_STATUSES,
-                attempt=claim.attempt,
-                values={"queue_reason": shown},
-                events=1,
+                claim.attempt,
+                shown,
+                {"backend": self.backend.name},
             )
-            if seq is not None:
-                repo.add_event(
-                    claim.job_id,
-                    seq,
-                    "backend",
-                    {
-                        "attempt": claim.attempt,
-                        "backend": self.backend.name,
-                        "state": "pending" if reason is not None else "running",
-                        "queue_reason": shown,
-                    },
-                )
 
     def _watch(self, proc: Handle, claim: Claim) -> Watch:
         """Heartbeat while the job runs; escalate a cancel the job did not honour."""
@@ -311,7 +298,11 @@ class Supervisor:
                 elif cancel and cancel_at is None:
                     w.cancel_seen = True
                     cancel_at = now
-                    if proc.stop_on_cancel:
+                    if proc.stop_on_cancel and waiting is not None:
+                        # Still in Slurm's queue (PENDING): nothing ran, nothing to save.
+                        stop_at = now
+                        proc.kill()
+                    elif proc.stop_on_cancel:
                         # Slurm: scancel --signal=TERM now, the step's checkpoint-then-stop
                         # path; the hard scancel keeps the local timeline (grace + kill grace).
                         stop_at = now + self.settings.cancel_grace_s
