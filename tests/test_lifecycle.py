@@ -42,6 +42,16 @@ def test_status_values_are_the_stored_strings() -> None:
     assert JobStatus("cancelling") is CING and f"{CING}" == "cancelling" and CING == "cancelling"
 
 
+def test_shown_status_is_queued_only_for_a_running_job_its_backend_holds() -> None:
+    """A claimed job Slurm still holds PENDING (the supervisor wrote its reason) shows queued;
+    nothing else is shown differently from what is stored."""
+    assert lifecycle.shown_status("running", "slurm: Resources") is Q
+    assert lifecycle.shown_status("running", None) is R
+    for status in JOB_STATUSES:
+        if status != "running":
+            assert lifecycle.shown_status(status, "slurm: Resources") == status
+
+
 def test_only_retry_leaves_a_terminal_status() -> None:
     edges = [
         (name, src, dst)
