@@ -818,6 +818,28 @@
         }))));
     }
 
+    // The report's gap closed (final stage when it has one, else tune): one row per method,
+    // one column per score the teacher has; absent when the sweep has no baseline to close from.
+    function renderGaps(report) {
+      const part = report && report.final && report.final.gap_closed ? report.final : report && report.tune;
+      const g = part ? part.gap_closed : null;
+      $('gaps-block').hidden = !g;
+      if (!g) return;
+      $('gaps-stage').textContent = `(${part === report.final ? 'final' : 'tune'} · baseline ${g.baseline}, ${g.baseline_config})`;
+      const names = new Set();
+      for (const m of Object.values(g.methods)) for (const k of Object.keys(m.gap_closed)) names.add(k);
+      const cols = [...names].sort();
+      $('gaps-head').replaceChildren(...['Method', 'Config', ...cols.map((k) => k.replace(/^(harness|gen)\//, ''))]
+        .map((h, i) => el('th', { 'data-col': i < 2 ? h.toLowerCase() : cols[i - 2] }, h)));
+      $('gaps-body').replaceChildren(...Object.entries(g.methods).map(([m, e]) => el('tr', { 'data-method': m },
+        el('td', {}, m), el('td', {}, e.config),
+        ...cols.map((k) => {
+          const v = e.gap_closed[k];
+          const has = v !== undefined && v !== null;
+          return el('td', { 'data-col': k, 'data-value': has ? String(v) : '' }, has ? `${(100 * v).toFixed(1)} %` : '–');
+        }))));
+    }
+
     function renderLegend() {
       $('curves-legend').replaceChildren(...[...colors.entries()].map(([m, color]) =>
         el('li', { 'data-method': m, 'data-color': color }, swatch(color, 'chosen'), m)));
@@ -839,6 +861,7 @@
       }
       const best = report && report.tune ? report.tune.best : null;
       renderCellScores(report ? report.cells || [] : []);
+      renderGaps(report);
       const notes = report ? [report.selection_metric_note, report.final ? report.final_metric_note : null].filter(Boolean) : [];
       $('report-notes').replaceChildren(...notes.map((n) => el('li', {}, n)));
       $('report-notes').hidden = !notes.length;
