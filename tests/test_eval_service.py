@@ -143,6 +143,12 @@ def test_bad_evaluation_input_is_a_422_naming_the_field(api, team, corpus, tmp_p
     noref.write_text(json.dumps({"prompt": "hi"}) + "\n")
     err = post(spec(corpus, "x", [str(task)], noref))
     assert err["param"] == "spec.evaluation.generation.set" and "reference" in err["message"]
+    # a chat set (the data issue's format) whose conversation has no assistant turn to score
+    chat = tmp_path / "files" / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    err = post(spec(corpus, "x", [str(task)], chat))
+    assert err["param"] == "spec.evaluation.generation.set"
+    assert "no assistant turn" in err["message"]
 
 
 def test_teacher_scores_once_retained_and_leaderboard(api, team, other, corpus, tmp_path) -> None:
