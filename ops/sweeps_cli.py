@@ -393,6 +393,31 @@ def report_table(stage: str, rep: dict[str, Any]) -> Table:
     return table
 
 
+def gap_table(stage: str, gap: dict[str, Any] | None) -> Table | None:
+    """One row per method: its gap closed between the baseline student and the teacher, per
+    downstream score (%); None when the report has none (no baseline or no teacher score)."""
+    if not gap:
+        return None
+    names = sorted({k for m in gap["methods"].values() for k in m["gap_closed"]})
+    table = Table(
+        "method",
+        "config",
+        *(escape(n.removeprefix("harness/")) for n in names),
+        title=escape(
+            f"{stage}: gap closed vs baseline {gap['baseline']} ({gap['baseline_config']}) "
+            "= (student − baseline) / (teacher − baseline)"
+        ),
+    )
+    for name, m in gap["methods"].items():
+        vals = [m["gap_closed"].get(n) for n in names]
+        table.add_row(
+            escape(name),
+            escape(str(m["config"])),
+            *("-" if v is None else f"{100 * v:.1f} %" for v in vals),
+        )
+    return table
+
+
 def _cfg_suffix(overrides: dict[str, Any] | None) -> str:
     text = _overrides(overrides)
     return f"  {text}" if text else ""
@@ -417,6 +442,9 @@ def report_cmd(
         for stage, note in (("tune", "selection_metric_note"), ("final", "final_metric_note")):
             if rep.get(stage):
                 print_table(report_table(stage, rep[stage]))
+                gaps = gap_table(stage, rep[stage].get("gap_closed"))
+                if gaps is not None:
+                    print_table(gaps)
                 if rep.get(note):
                     out.print(f"[dim]note: {escape(rep[note])}[/dim]")
         if not rep.get("final"):

@@ -44,12 +44,17 @@ from service.jobs import JobService, decode_cursor, encode_cursor, request_hash
 from service.lifecycle import TERMINAL_STATUSES
 from service.live import LivePublisher
 from service.models import Job, Sweep, SweepCell, Team, utcnow
-from service.repositories import JobRepository, SweepRepository, TeamRepository
+from service.repositories import (
+    JobRepository,
+    SweepRepository,
+    TeacherScoreRepository,
+    TeamRepository,
+)
 from service.settings import Settings, get_settings
 from service.txn import after_commit
 from service.webhooks import enqueue_event
 from sharp_core.spec import parse_spec
-from sharp_core.study.compare import compare, metric_for, metric_named
+from sharp_core.study.compare import compare, gaps_closed, metric_for, metric_named
 from sharp_core.study.sweep import (
     Cell,
     FinalSpec,
@@ -464,6 +469,32 @@ class SweepService:
                 metric=sel_test.metric,
                 reference=sweep.reference,
                 best=dict(sweep.chosen or {}),
+            )
+        # the gap each method closed between the baseline student (the reference) and the
+        # teacher, per downstream score the teacher has (docs/evaluation.md)
+        teacher = TeacherScoreRepository(self.session).latest_events(
+            [j.id for _, j in view.cells], "teacher_scores"
+        )
+
+        def scored(stage: str) -> list[dict[str, Any]]:
+            return [
+                {
+                    "method": c.method,
+                    "config": c.config,
+                    "status": _status_for_compare(j),
+                    "scores": scores_of(j.latest_metrics or {}),
+                    "teacher": (teacher.get(j.id) or {}).get("scores") or {},
+                }
+                for c, j in view.cells
+                if c.stage == stage
+            ]
+
+        tune["gap_closed"] = gaps_closed(
+            scored("tune"), best=tune["best"], reference=tune["reference"]
+        )
+        if final is not None:
+            final["gap_closed"] = gaps_closed(
+                scored("final"), best=final["best"], reference=final["reference"]
             )
         return {
             "sweep_id": sweep.id,

@@ -199,6 +199,29 @@ def test_report_table_prints_the_servers_numbers() -> None:
     assert re.search(r"\+0\.15 \[[-+0-9.e]+, [-+0-9.e]+\] \(n 2\)", buf.getvalue())
 
 
+def test_gap_table_prints_the_reports_gap_closed() -> None:
+    """The report's gap closed (`sharp_core.study.compare.gaps_closed`) in %, per method."""
+    from rich.console import Console
+
+    import ops.sweeps_cli as cli
+    from sharp_core.study.compare import gaps_closed
+
+    acc = "harness/t/acc"
+    cells = [
+        {"method": m, "config": c, "status": "completed", "scores": {acc: v}, "teacher": {acc: 0.8}}
+        for m, c, v in [("kd", "k", 0.4), ("kd", "k", 0.5), ("rkl", "r", 0.6)]
+    ]
+    gap = gaps_closed(cells, best={"kd": "k", "rkl": "r"}, reference="kd")
+    buf = io.StringIO()
+    table = cli.gap_table("final", gap)
+    assert table is not None and cli.gap_table("tune", None) is None
+    Console(file=buf, width=250).print(table)
+    text = buf.getvalue()
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if "│" in line}
+    assert f"{100 * (0.6 - 0.45) / (0.8 - 0.45):.1f} %" in rows["rkl"]  # 42.9 %
+    assert "t/acc" in text and "baseline kd (k)" in text
+
+
 # -- against the live service ----------------------------------------------------------------
 
 

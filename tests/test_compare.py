@@ -9,7 +9,17 @@ from typing import Any
 import pytest
 
 from sharp_core.errors import SpecError
-from sharp_core.study.compare import choose_best, compare, holm, mean_std, metric_for, paired
+from sharp_core.study.compare import (
+    CellResult,
+    choose_best,
+    compare,
+    gap_closed,
+    gaps_closed,
+    holm,
+    mean_std,
+    metric_for,
+    paired,
+)
 from sharp_core.study.sweep import (
     config_key,
     count_cells,
@@ -308,3 +318,45 @@ def test_the_readme_example_sweep_is_valid() -> None:
     assert count_cells(s) == (8, 4)
     assert validate_cells(cells) == (0, [])
     assert {c.spec["teacher"]["model"]["job"] for c in cells} == {"job_0123"}
+
+
+def test_gap_closed_against_the_baseline_on_hand_values() -> None:
+    assert gap_closed(0.55, 0.40, 0.70) == pytest.approx(0.5)  # half of 0.30 closed
+    assert gap_closed(0.70, 0.40, 0.70) == pytest.approx(1.0)
+    assert gap_closed(0.30, 0.40, 0.70) == pytest.approx(-1 / 3)  # worse than the baseline
+    assert gap_closed(0.50, 0.60, 0.60) is None  # no gap to close
+    assert gap_closed(float("nan"), 0.4, 0.7) is None
+
+    acc, rouge = "harness/t/acc", "gen/rougeL"
+
+    def cell(method: str, config: str, seed: int, score: float | None, **kw: Any) -> CellResult:
+        return {
+            "method": method,
+            "config": config,
+            "seed": seed,
+            "status": kw.get("status", "completed"),
+            "scores": {} if score is None else {acc: score, acc + "_stderr": 0.1, rouge: 0.2},
+            "teacher": {acc: 0.80, acc + "_stderr": 0.05},
+        }
+
+    cells = [
+        cell("sft", "a", 0, 0.40),
+        cell("sft", "a", 1, 0.50),  # baseline mean 0.45
+        cell("sft", "b", 0, 0.99),  # not the chosen config: ignored
+        cell("kd", "c", 0, 0.60),
+        cell("kd", "c", 1, 0.70),  # student mean 0.65
+        cell("kd", "c", 2, 0.10, status="failed"),  # failed cells do not count
+    ]
+    got = gaps_closed(cells, best={"sft": "a", "kd": "c"}, reference="sft")
+    assert got is not None
+    assert got["baseline"] == "sft" and got["baseline_config"] == "a" and got["baseline_n"] == 2
+    assert got["baseline_scores"][acc] == pytest.approx(0.45)
+    kd = got["methods"]["kd"]
+    assert kd["n"] == 2 and set(kd["gap_closed"]) == {acc}  # the teacher has no ROUGE-L
+    assert kd["gap_closed"][acc] == pytest.approx((0.65 - 0.45) / (0.80 - 0.45))
+    assert "sft" not in got["methods"]
+    # no baseline (the reference has no chosen config), or no teacher score: the column is absent
+    assert gaps_closed(cells, best={"kd": "c"}, reference="sft") is None
+    assert gaps_closed(cells, best={"sft": "a"}, reference="sft") is None
+    bare = [{**c, "teacher": {}} for c in cells]
+    assert gaps_closed(bare, best={"sft": "a", "kd": "c"}, reference="sft") is None

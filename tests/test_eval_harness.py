@@ -3,6 +3,7 @@ tiny model, checked against hand computations; answer quality; bad task files.""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -219,6 +220,92 @@ def test_answer_quality_rouge_and_exact_match(lm, tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="no reference") as e:
         read_prompt_set(bad, spec, "spec.evaluation.generation.set")
     assert e.value.param == "spec.evaluation.generation.set"
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_answer_quality_from_chat_and_prompt_completion_sets(lm, tmp_path: Path) -> None:
+    """The data issue's formats as prompt sets: a chat row's prompt is the conversation up to
+    its last assistant turn through the chat template with the generation prompt, and its
+    reference that turn; a prompt_completion row's reference is the completion."""
+    model, base_tok = lm
+    tok = copy.deepcopy(base_tok)
+    tok.chat_template = CHAT_TEMPLATE  # type: ignore[attr-defined]
+    convs = [
+        [{"role": "user", "content": "Who speaks first?"}, {"role": "assistant", "content": "?"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a king."},
+            {"role": "assistant", "content": "Henry."},
+            {"role": "user", "content": "Another?"},
+            {"role": "assistant", "content": "?"},
+        ],
+    ]
+    # the prompts by hand: every turn before the last assistant one, then the generation prompt
+    rendered = [
+        "<|user|>Who speaks first?\n<|assistant|>",
+        "<|system|>Be brief.\n<|user|>Name a king.\n<|assistant|>Henry.\n<|user|>Another?\n"
+        "<|assistant|>",
+    ]
+    own = generate_answers(
+        model,
+        tok,
+        rendered,
+        max_new_tokens=6,
+        decoding="greedy",
+        device="cpu",
+        add_special_tokens=False,
+    )
+    convs[0][-1]["content"] = own[0]  # the model's own answer: an exact match
+    convs[1][-1]["content"] = "zebra quantum xylophone"
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps({"messages": c}) for c in convs))
+    spec = GenerationSpec(set=str(chat), max_new_tokens=6, short_reference_words=100, samples=2)
+    pairs = read_prompt_set(chat, spec)
+    assert [r for _, r in pairs] == [own[0], "zebra quantum xylophone"]
+    assert pairs[1][0] == convs[1][:4]
+    res = answer_quality(model, tok, spec, device="cpu")
+    assert [s["prompt"] for s in res.samples] == rendered
+    assert [s["answer"] for s in res.samples] == own
+    assert res.metrics["gen/exact_match"] == pytest.approx(1 / 2)
+    assert res.metrics["gen/answers"] == 2
+    # a tokenizer without a template takes the job's (dataset.chat_template); none is an error
+    res2 = answer_quality(model, base_tok, spec, device="cpu", chat_template=CHAT_TEMPLATE)
+    assert [s["answer"] for s in res2.samples] == own
+    with pytest.raises(SpecError, match="no chat template") as e:
+        answer_quality(model, base_tok, spec, device="cpu")
+    assert e.value.param == "spec.evaluation.generation.set"
+
+    # prompt_completion rows: the completion is the reference
+    plain = generate_answers(
+        model, tok, ["ROMEO:"], max_new_tokens=6, decoding="greedy", device="cpu"
+    )
+    pc = tmp_path / "pc.jsonl"
+    pc.write_text(json.dumps({"prompt": "ROMEO:", "completion": plain[0]}))
+    res3 = answer_quality(model, tok, GenerationSpec(set=str(pc), max_new_tokens=6), device="cpu")
+    assert res3.samples[0]["reference"] == plain[0] == res3.samples[0]["answer"]
+    assert res3.metrics == score_answers(plain, plain, 5)
+
+    # sets without references name the field; a bad conversation is the data issue's message
+    bad_rows = {
+        "no-assistant": {"messages": [{"role": "user", "content": "hi"}]},
+        "empty completion": {"prompt": "x", "completion": " "},
+        "bad role": {"messages": [{"role": "narrator", "content": "hi"}]},
+    }
+    for want, row in zip(
+        ["no assistant turn", "no reference \\('completion'\\)", "is not one of"],
+        bad_rows.values(),
+        strict=True,
+    ):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps(row) + "\n")
+        with pytest.raises(SpecError, match=want) as e:
+            read_prompt_set(bad, spec, "spec.evaluation.generation.set")
+        assert e.value.param == "spec.evaluation.generation.set"
 
 
 def test_trainer_runs_tasks_every_n_evals_and_the_teacher_once(tmp_path: Path) -> None:

@@ -143,6 +143,12 @@ def test_bad_evaluation_input_is_a_422_naming_the_field(api, team, corpus, tmp_p
     noref.write_text(json.dumps({"prompt": "hi"}) + "\n")
     err = post(spec(corpus, "x", [str(task)], noref))
     assert err["param"] == "spec.evaluation.generation.set" and "reference" in err["message"]
+    # a chat set (the data issue's format) whose conversation has no assistant turn to score
+    chat = tmp_path / "files" / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    err = post(spec(corpus, "x", [str(task)], chat))
+    assert err["param"] == "spec.evaluation.generation.set"
+    assert "no assistant turn" in err["message"]
 
 
 def test_teacher_scores_once_retained_and_leaderboard(api, team, other, corpus, tmp_path) -> None:
@@ -280,16 +286,21 @@ def test_leaderboard_page_shows_the_api_numbers(api, team, live_server, page) ->
 
 
 def test_sweep_selects_on_a_harness_score(api, team, corpus, tmp_path, live_server, page) -> None:  # noqa: F811
-    """Two learning rates of kd, chosen on the harness's accuracy: the report compares on it,
-    its values are the jobs' own harness metric, the chosen configuration is the best one,
-    and the report's cells carry the leaderboard's columns."""
+    """Two learning rates of kd and one of rkl, chosen on the harness's accuracy: the report
+    compares on it, its values are the jobs' own harness metric, the chosen configuration is
+    the best one, the report's cells carry the leaderboard's columns, and rkl's gap closed
+    against the baseline (kd) is on the report and the sweep page."""
     task, _ = write_eval_files(tmp_path / "files")
     base = spec(corpus, "sw", [str(task)], steps=3)
     base["dataset"]["max_eval_blocks"] = 4
     body = {
         "name": "by-acc",
         "base": base,
-        "tune": {"trials": 2, "search": "grid", "space": {"kd": {"training.lr": [1e-4, 3e-2]}}},
+        "tune": {
+            "trials": 2,
+            "search": "grid",
+            "space": {"kd": {"training.lr": [1e-4, 3e-2]}, "rkl": {"training.lr": [3e-2]}},
+        },
         "selection_metric": "harness/evalh_mc/acc",
     }
     bad = api.post(
@@ -319,7 +330,22 @@ def test_sweep_selects_on_a_harness_score(api, team, corpus, tmp_path, live_serv
     for key, value in acc.items():
         assert configs[key]["mean"] == pytest.approx(value)
     chosen = report["tune"]["best"]["kd"]
-    assert acc[chosen] == max(acc.values())
+    assert acc[chosen] == max(v for k, v in acc.items() if k.startswith("kd-"))
+
+    # gap closed against the baseline student (kd, the reference): rkl's accuracy from the
+    # jobs' own metrics and the teacher's scores from its job's events
+    rkl_job = next(c["job_id"] for c in report["cells"] if c["method"] == "rkl")
+    t_acc = next(d for k, d in events(api, team, rkl_job) if k == "teacher_scores")["scores"][
+        "harness/evalh_mc/acc"
+    ]
+    gaps = report["tune"]["gap_closed"]
+    assert gaps["baseline"] == "kd" and gaps["baseline_config"] == chosen
+    rkl_acc = acc[report["tune"]["best"]["rkl"]]
+    got = gaps["methods"]["rkl"]["gap_closed"]["harness/evalh_mc/acc"]
+    if t_acc == acc[chosen]:
+        assert got is None  # no gap between the baseline and the teacher
+    else:
+        assert got == pytest.approx((rkl_acc - acc[chosen]) / (t_acc - acc[chosen]), abs=1e-12)
 
     # the sweep page's downstream table shows the report's numbers
     sign_in(page, live_server, team, f"/ui/sweeps/{sweep_id}")
@@ -330,6 +356,10 @@ def test_sweep_selects_on_a_harness_score(api, team, corpus, tmp_path, live_serv
             "td[data-col='harness/evalh_mc/acc']"
         )
         assert float(str(td.get_attribute("data-value"))) == cell["scores"]["harness/evalh_mc/acc"]
+    td = page.locator("#gaps-body tr[data-method='rkl'] td[data-col='harness/evalh_mc/acc']")
+    shown = td.get_attribute("data-value")
+    assert (float(shown) if shown else None) == got
+    assert page.text_content("#gaps-stage") == f"(tune · baseline kd, {chosen})"
 
 
 def test_evaluation_job_scores_a_finished_checkpoint(api, team, live_server, tmp_path) -> None:

@@ -24,7 +24,7 @@ from sqlalchemy import text
 
 from service.db import Database
 from service.lifecycle import JobStatus, admit, claim, finish
-from service.models import utcnow
+from service.models import Job, utcnow
 from service.repositories import JobRepository, MetricRepository
 from service.sweeps import advance_one
 from sharp_core.study.compare import compare
@@ -360,6 +360,30 @@ def test_report_final_stage_failed_cell_and_webhook(
     assert d["p_holm"] == pytest.approx(want["methods"]["kd"]["delta"]["p"])
     assert report["final"]["methods"]["sft"]["mean"] == pytest.approx(
         (math.exp(2.4) + math.exp(2.6)) / 2
+    )
+
+    assert report["tune"]["gap_closed"] is None  # no downstream scores: no column
+
+    # downstream scores on the final cells and their teacher's (as the worker writes them): the
+    # report gives each method's gap closed between the baseline student (sft) and the teacher
+    accs = {6: 0.40, 7: 0.50, 8: 0.60, 9: 0.70}
+    with db.session() as s:
+        for c in final:
+            job = s.get(Job, c["job_id"])
+            assert job is not None
+            job.latest_metrics = {**(job.latest_metrics or {}), "harness/t/acc": accs[c["index"]]}
+            JobRepository(s).add_event(
+                c["job_id"],
+                10_000,
+                "teacher_scores",
+                {"reused": True, "scores": {"harness/t/acc": 0.8}},
+            )
+    gaps = get(client, team, sweep["id"], "/report")["final"]["gap_closed"]
+    assert gaps["baseline"] == "sft" and gaps["baseline_config"] == sft_best
+    assert gaps["baseline_scores"]["harness/t/acc"] == pytest.approx(0.45)
+    assert list(gaps["methods"]) == ["kd"]
+    assert gaps["methods"]["kd"]["gap_closed"]["harness/t/acc"] == pytest.approx(
+        (0.65 - 0.45) / (0.8 - 0.45)
     )
 
     # curves: one series per cell, from the metrics table

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sharp_core.errors import SpecError
+from sharp_core.data.formats import detect_format, template_of, validate_chat_rows, validate_pairs
+from sharp_core.errors import DataError, SpecError
 from sharp_core.spec import GenerationSpec
 
 if TYPE_CHECKING:
@@ -32,15 +33,55 @@ class GenerationResult:
     samples: list[dict[str, Any]] = field(default_factory=list)
 
 
+#: A prompt: text, or a conversation (rendered with the tokenizer's chat template when the
+#: answers are generated: the service checks a set without loading a tokenizer).
+Prompt = str | list[dict[str, str]]
+
+
+def _set_format(row: dict[str, Any], spec: GenerationSpec) -> str:
+    """'reference' (the set's `prompt_field`/`reference_field`), or the data issue's 'chat'
+    (`messages`) and 'prompt_completion' (`prompt` + `completion`), told apart as
+    `sharp_core.data.formats.detect_format` tells training data (docs/data.md)."""
+    if spec.reference_field in row:
+        return "reference"
+    fields = {"messages": "messages", "prompt": spec.prompt_field, "completion": "completion"}
+    fmt = detect_format(list(row), "auto", fields)
+    return "reference" if fmt == "text" else fmt
+
+
+def _chat_row(conv: Any, where: str, param: str, row: int) -> tuple[Prompt, str]:
+    """A conversation → (the turns before its last assistant turn, that turn's content)."""
+    try:
+        validate_chat_rows([conv], where, param, first_row=row)
+    except DataError as e:
+        raise SpecError(e.message, param=param) from None
+    last = max((j for j, m in enumerate(conv) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise SpecError(
+            f"{where}: row {row}: no assistant turn: the reference is the conversation's last "
+            "assistant turn, and answer quality needs one per prompt",
+            param=param,
+        )
+    if last == 0:
+        raise SpecError(f"{where}: row {row}: no turn before the assistant's", param=param)
+    prompt = [{"role": m["role"], "content": m["content"]} for m in conv[:last]]
+    return prompt, str(conv[last]["content"])
+
+
 def read_prompt_set(
     path: str | Path, spec: GenerationSpec, param: str = "evaluation.generation.set"
-) -> list[tuple[str, str]]:
-    """(prompt, reference) pairs of a jsonl file, the first `spec.limit`; SpecError naming
-    `param` when the file is missing, a line does not parse, or a line has no reference."""
+) -> list[tuple[Prompt, str]]:
+    """(prompt, reference) pairs of a jsonl file, the first `spec.limit`: `prompt_field` /
+    `reference_field` rows, `prompt` / `completion` rows (reference = completion) or
+    `messages` rows (prompt = the conversation up to its last assistant turn, reference = that
+    turn). One format per file. SpecError naming `param` when the file is missing, a line does
+    not parse, or a line has no reference."""
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"{param}: no prompt set at '{path}'", param=param)
-    pairs: list[tuple[str, str]] = []
+    where = f"{param}: '{path}'"
+    pairs: list[tuple[Prompt, str]] = []
+    fmt: str | None = None
     with p.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -53,23 +94,61 @@ def read_prompt_set(
                 ) from None
             if not isinstance(row, dict):
                 raise SpecError(f"{param}: line {n} of '{path}' is not an object", param=param)
-            prompt, ref = row.get(spec.prompt_field), row.get(spec.reference_field)
-            if not isinstance(prompt, str) or not prompt:
-                raise SpecError(
-                    f"{param}: line {n} of '{path}' has no '{spec.prompt_field}' text", param=param
-                )
-            if not isinstance(ref, str) or not ref.strip():
-                raise SpecError(
-                    f"{param}: line {n} of '{path}' has no reference ('{spec.reference_field}'): "
-                    "answer quality needs one per prompt",
-                    param=param,
-                )
-            pairs.append((prompt, ref))
+            fmt = fmt or _set_format(row, spec)
+            if fmt == "chat":
+                pairs.append(_chat_row(row.get("messages"), where, param, n))
+            else:
+                ref_field = spec.reference_field if fmt == "reference" else "completion"
+                prompt, ref = row.get(spec.prompt_field), row.get(ref_field)
+                if not isinstance(prompt, str) or not prompt:
+                    raise SpecError(
+                        f"{param}: line {n} of '{path}' has no '{spec.prompt_field}' text",
+                        param=param,
+                    )
+                if not isinstance(ref, str) or not ref.strip():
+                    raise SpecError(
+                        f"{param}: line {n} of '{path}' has no reference ('{ref_field}'): "
+                        "answer quality needs one per prompt",
+                        param=param,
+                    )
+                if fmt == "prompt_completion":
+                    try:
+                        validate_pairs([prompt], [ref], where, param, first_row=n)
+                    except DataError as e:
+                        raise SpecError(e.message, param=param) from None
+                pairs.append((prompt, ref))
             if len(pairs) >= spec.limit:
                 break
     if not pairs:
         raise SpecError(f"{param}: '{path}' holds no prompt", param=param)
     return pairs
+
+
+def render_prompts(
+    tokenizer: Any, prompts: list[Prompt], chat_template: str | None, param: str
+) -> tuple[list[str], bool]:
+    """The prompts as text, and whether that text already holds the special tokens (chat:
+    each conversation through the chat template with its generation prompt, as a chat model
+    is asked; the template's BOS is not added twice)."""
+    if not any(isinstance(p, list) for p in prompts):
+        return [str(p) for p in prompts], False
+    try:
+        template = template_of(tokenizer, chat_template)
+    except DataError:
+        raise SpecError(
+            f"{param}: the set is chat but the tokenizer has no chat template: give one in "
+            "spec.dataset.chat_template",
+            param=param,
+        ) from None
+    out = [
+        str(
+            tokenizer.apply_chat_template(
+                p, chat_template=template, tokenize=False, add_generation_prompt=True
+            )
+        )
+        for p in prompts
+    ]
+    return out, True
 
 
 def normalize(text: str) -> str:
@@ -110,9 +189,11 @@ def generate_answers(
     device: torch.device | str,
     seed: int = 0,
     batch_size: int = 8,
+    add_special_tokens: bool = True,
 ) -> list[str]:
     """Continuations of each prompt (left-padded batches; the prompt cut from the left to
-    leave room for the answer in the model's context)."""
+    leave room for the answer in the model's context). `add_special_tokens` False for text
+    that holds them already (a rendered chat template)."""
     import torch  # late: the service validates prompt sets without loading torch
 
     cfg = getattr(model, "config", None)
@@ -135,7 +216,10 @@ def generate_answers(
     try:
         with torch.no_grad():
             for i in range(0, len(prompts), batch_size):
-                ids = [tokenizer(p)["input_ids"][-keep:] for p in prompts[i : i + batch_size]]
+                ids = [
+                    tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"][-keep:]
+                    for p in prompts[i : i + batch_size]
+                ]
                 width = max(len(x) for x in ids)
                 x = torch.full((len(ids), width), pad, dtype=torch.long)
                 mask = torch.zeros_like(x)
@@ -167,13 +251,15 @@ def answer_quality(
     device: torch.device | str,
     resolve: Callable[[str, str], Path] | None = None,
     seed: int = 0,
+    chat_template: str | None = None,
 ) -> GenerationResult:
     """Generate and score the answers of the prompt set `spec.set` (`resolve` maps the path
-    to a real one, refusing paths outside the roots, in the service)."""
+    to a real one, refusing paths outside the roots, in the service; `chat_template` the
+    job's ``dataset.chat_template``, for a chat set and a tokenizer without one)."""
     param = "spec.evaluation.generation.set"
     path = resolve(spec.set, param) if resolve is not None else Path(spec.set)
     pairs = read_prompt_set(path, spec, param)
-    prompts = [p for p, _ in pairs]
+    prompts, special = render_prompts(tokenizer, [p for p, _ in pairs], chat_template, param)
     refs = [r for _, r in pairs]
     answers = generate_answers(
         model,
@@ -183,6 +269,7 @@ def answer_quality(
         decoding=spec.decoding,
         device=device,
         seed=seed,
+        add_special_tokens=not special,
     )
     metrics = score_answers(answers, refs, spec.short_reference_words)
     from rouge_score import rouge_scorer

@@ -22,6 +22,8 @@ __all__ = [
     "metric_for",
     "metric_named",
     "choose_best",
+    "gap_closed",
+    "gaps_closed",
 ]
 
 #: cell dict: {"method", "config", "seed", "status", "value" (float | None), "overrides"}
@@ -204,4 +206,69 @@ def compare(
             | {"values": {str(s): v for s, v in sorted(g["values"].items())}}
             for k, g in configs.items()
         },
+    }
+
+
+def gap_closed(student: float, baseline: float, teacher: float) -> float | None:
+    """The share of the baseline→teacher gap a student closed: (student − baseline) /
+    (teacher − baseline); 1 = the teacher's score, 0 = no better than the baseline, negative =
+    worse. None when the teacher equals the baseline (no gap) or a value is not finite."""
+    gap = teacher - baseline
+    if gap == 0 or not all(math.isfinite(x) for x in (student, baseline, teacher)):
+        return None
+    return (student - baseline) / gap
+
+
+def _mean_scores(cells: Iterable[CellResult], key: str) -> dict[str, float]:
+    """Each score's mean over the cells that have it (a score's name → mean)."""
+    acc: dict[str, list[float]] = {}
+    for c in cells:
+        for name, v in (c.get(key) or {}).items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                acc.setdefault(name, []).append(float(v))
+    return {n: statistics.fmean(vs) for n, vs in sorted(acc.items())}
+
+
+def gaps_closed(
+    cells: Sequence[CellResult], *, best: dict[str, str], reference: str | None
+) -> dict[str, Any] | None:
+    """Gap closed per method against the baseline student (the reference method's chosen
+    configuration, the same baseline the paired Δ uses), for every downstream score the
+    teacher has: means over each configuration's completed cells. `cells` carry
+    ``scores`` (the student's, by metric name) and ``teacher`` (its teacher's scores, same
+    names). None when there is no baseline, no other method, or no teacher score."""
+    ref_cfg = best.get(reference) if reference else None
+    if ref_cfg is None:
+        return None
+
+    def of(method: str, config: str) -> list[CellResult]:
+        return [
+            c
+            for c in cells
+            if c["method"] == method and c["config"] == config and c["status"] == "completed"
+        ]
+
+    base_cells = of(str(reference), ref_cfg)
+    baseline = _mean_scores(base_cells, "scores")
+    methods: dict[str, Any] = {}
+    for m, cfg in best.items():
+        if m == reference:
+            continue
+        mine = of(m, cfg)
+        student, teacher = _mean_scores(mine, "scores"), _mean_scores(mine, "teacher")
+        gaps: dict[str, float | None] = {}
+        for name, t in teacher.items():
+            if name.endswith("_stderr") or name not in student or name not in baseline:
+                continue
+            gaps[name] = gap_closed(student[name], baseline[name], t)
+        if gaps:
+            methods[m] = {"config": cfg, "n": len(mine), "teacher": teacher, "gap_closed": gaps}
+    if not methods:
+        return None
+    return {
+        "baseline": reference,
+        "baseline_config": ref_cfg,
+        "baseline_n": len(base_cells),
+        "baseline_scores": {k: v for k, v in baseline.items() if not k.endswith("_stderr")},
+        "methods": methods,
     }

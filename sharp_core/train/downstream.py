@@ -90,6 +90,8 @@ class Downstream:
         self.store, self.on_event, self.confine = store, on_event, confine
         self.teacher_scores: dict[str, float] | None = None
         self.evals = 0
+        # a chat prompt set is rendered with the job's chat template when it gives one
+        self.chat_template = getattr(getattr(spec, "dataset", None), "chat_template", None)
 
     @property
     def enabled(self) -> bool:
@@ -145,6 +147,7 @@ class Downstream:
                 device=self.device,
                 resolve=self._resolve_one if self.confine is not None else None,
                 seed=self.seed,
+                chat_template=self.chat_template,
             )
             metrics.update(res.metrics)
             self.on_event("answers", {"step": step, "metrics": res.metrics, "samples": res.samples})

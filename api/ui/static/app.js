@@ -470,12 +470,49 @@
       $('pruned-panel').hidden = false;
     }
 
+    // "Evaluation": the job's `evaluation` (GET /v1/jobs/{id}): each harness score beside the
+    // teacher's with retained %, answer quality, sample answers, and the failure if any.
+    function renderEvaluation() {
+      const ev = job.evaluation;
+      $('evaluation-panel').hidden = !ev;
+      if (!ev) return;
+      const teacher = ev.teacher_scores || {};
+      $('eval-teacher').textContent = ev.teacher_digest
+        ? `teacher ${ev.teacher_digest.slice(0, 12)}` + (ev.teacher_scores_reused === null || ev.teacher_scores_reused === undefined ? ''
+          : ev.teacher_scores_reused ? ' · its scores reused from an earlier job' : ' · its scores computed by this job')
+        : '';
+      const err = $('eval-error');
+      err.hidden = !ev.error;
+      err.textContent = ev.error ? `evaluation failed: ${ev.error.code}: ${ev.error.message}` : '';
+      const names = Object.keys(ev.scores || {}).filter((k) => !k.endsWith('_stderr')).sort();
+      $('eval-scores').hidden = !names.length;
+      const num = (v) => typeof v === 'number';
+      $('eval-scores-body').replaceChildren(...names.map((k) => {
+        const v = ev.scores[k], se = ev.scores[k + '_stderr'], t = teacher[k];
+        const r = (ev.retained || {})['retained/' + k.slice('harness/'.length)];
+        return el('tr', { 'data-metric': k },
+          el('td', {}, k.slice('harness/'.length)),
+          el('td', { 'data-col': 'student', 'data-value': String(v) }, fmt(v) + (num(se) ? ` ± ${fmt(se)}` : '')),
+          el('td', { 'data-col': 'teacher', 'data-value': num(t) ? String(t) : '' }, num(t) ? fmt(t) : '–'),
+          el('td', { 'data-col': 'retained', 'data-value': num(r) ? String(r) : '' }, num(r) ? `${(100 * r).toFixed(1)} %` : '–'));
+      }));
+      const quality = Object.entries(ev.answer_quality || {}).sort();
+      $('eval-quality-title').hidden = !quality.length;
+      $('eval-quality').replaceChildren(...quality.flatMap(([k, v]) => [el('dt', {}, k.replace(/^gen\//, '')), el('dd', { 'data-quality': k, 'data-value': String(v) }, fmt(v))]));
+      const samples = ev.answer_samples || [];
+      $('eval-samples').hidden = !samples.length;
+      $('eval-samples-body').replaceChildren(...samples.map((s) => el('tr', {},
+        el('td', { class: 'sample' }, s.prompt), el('td', { class: 'sample' }, s.reference),
+        el('td', { class: 'sample' }, s.answer), el('td', {}, num(s.rougeL) ? fmt(s.rougeL) : '–'))));
+    }
+
     async function refreshJob() {
       try {
         job = await api('/v1/jobs/' + encodeURIComponent(jobId));
         renderJob();
         takePruning(job.pruning);
         renderPruning();
+        renderEvaluation();
       } catch (e) { showPageError(e.message); }
     }
 
@@ -552,6 +589,7 @@
 
     renderJob();
     renderPruning();
+    renderEvaluation();
     loadCheckpoints().catch((e) => showPageError(e.message));
     await followEvents(jobId, (kind, data) => {
       logEvent(kind, data);
@@ -818,6 +856,28 @@
         }))));
     }
 
+    // The report's gap closed (final stage when it has one, else tune): one row per method,
+    // one column per score the teacher has; absent when the sweep has no baseline to close from.
+    function renderGaps(report) {
+      const part = report && report.final && report.final.gap_closed ? report.final : report && report.tune;
+      const g = part ? part.gap_closed : null;
+      $('gaps-block').hidden = !g;
+      if (!g) return;
+      $('gaps-stage').textContent = `(${part === report.final ? 'final' : 'tune'} · baseline ${g.baseline}, ${g.baseline_config})`;
+      const names = new Set();
+      for (const m of Object.values(g.methods)) for (const k of Object.keys(m.gap_closed)) names.add(k);
+      const cols = [...names].sort();
+      $('gaps-head').replaceChildren(...['Method', 'Config', ...cols.map((k) => k.replace(/^(harness|gen)\//, ''))]
+        .map((h, i) => el('th', { 'data-col': i < 2 ? h.toLowerCase() : cols[i - 2] }, h)));
+      $('gaps-body').replaceChildren(...Object.entries(g.methods).map(([m, e]) => el('tr', { 'data-method': m },
+        el('td', {}, m), el('td', {}, e.config),
+        ...cols.map((k) => {
+          const v = e.gap_closed[k];
+          const has = v !== undefined && v !== null;
+          return el('td', { 'data-col': k, 'data-value': has ? String(v) : '' }, has ? `${(100 * v).toFixed(1)} %` : '–');
+        }))));
+    }
+
     function renderLegend() {
       $('curves-legend').replaceChildren(...[...colors.entries()].map(([m, color]) =>
         el('li', { 'data-method': m, 'data-color': color }, swatch(color, 'chosen'), m)));
@@ -839,6 +899,7 @@
       }
       const best = report && report.tune ? report.tune.best : null;
       renderCellScores(report ? report.cells || [] : []);
+      renderGaps(report);
       const notes = report ? [report.selection_metric_note, report.final ? report.final_metric_note : null].filter(Boolean) : [];
       $('report-notes').replaceChildren(...notes.map((n) => el('li', {}, n)));
       $('report-notes').hidden = !notes.length;
