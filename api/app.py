@@ -13,6 +13,7 @@ the offending field the way a client wrote it (``spec.training.lr``, ``limit``).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -43,6 +44,7 @@ from api.routes import (
 )
 from api.ui import router as ui_router
 from api.ui import static_files as ui_static
+from service import plans
 from service.db import Database
 from service.dispatch import Dispatch, make_delivery_dispatch, make_dispatch
 from service.errors import SharpError
@@ -194,6 +196,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
         app.state.aredis = aioredis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=5, health_check_interval=30
         )
+        threading.Thread(target=plans.warm_up, name="plan-warm-up", daemon=True).start()
         try:
             yield
         finally:

@@ -79,7 +79,14 @@ BODY_LINKS: dict[str, list[tuple[str, str, dict[str, Any], str]]] = {
             "Use the upload as a job's training data: its `id` goes to "
             "`spec.dataset.upload_id` with `spec.dataset.source: upload`; the rest of the "
             "spec is yours.",
-        )
+        ),
+        (
+            "PlanOnUpload",
+            "planJob",
+            {"spec": {"dataset": {"source": "upload", "upload_id": "$response.body#/id"}}},
+            "Plan a job on the upload before queueing it (memory per GPU, strategy, cost): "
+            "the same body as `createJob`.",
+        ),
     ],
 }
 

@@ -126,8 +126,17 @@ async def client_loop(base: str, key: str, corpus: str, deadline: float, stats: 
 
 
 # ----------------------------------------------------------------------------- live feed
-def live_latency(base: str, key: str, settings: Any, corpus: str, stop: threading.Event) -> list:
-    """Write metric batches as a worker does and time their arrival over SSE (seconds)."""
+def live_latency(
+    base: str,
+    key: str,
+    settings: Any,
+    corpus: str,
+    stop: threading.Event,
+    listening: threading.Event | None = None,
+) -> list:
+    """Write metric batches as a worker does and time their arrival over SSE (seconds).
+    ``listening`` is set once the stream is open, so the load can wait for it (the first
+    submission of a fresh API process may still be importing the job plan's libraries)."""
     from httpx_sse import connect_sse
 
     from service.db import Database
@@ -176,6 +185,8 @@ def live_latency(base: str, key: str, settings: Any, corpus: str, stop: threadin
         listener = threading.Thread(target=listen, daemon=True)
         listener.start()
         ready.wait(30)
+        if listening is not None:
+            listening.set()
         step = 0
         while not stop.is_set():
             step += 1
@@ -440,12 +451,15 @@ def measure(
 
         def feed_loop() -> None:
             try:
-                feed.extend(live_latency(base, key, settings, str(corpus), stop))
+                feed.extend(live_latency(base, key, settings, str(corpus), stop, listening))
             except Exception as e:  # noqa: BLE001 - reported as an error of the run
                 feed_errors.append(f"live feed: {type(e).__name__}: {e}")
+                listening.set()
 
+        listening = threading.Event()
         feeder = threading.Thread(target=feed_loop, daemon=True)
         feeder.start()
+        listening.wait(120)  # the load starts once the live feed listens
     server_cpu0 = process_cpu(server_pid) if server_pid else 0.0
     client_cpu0 = time.process_time()
     t0 = time.perf_counter()

@@ -289,3 +289,11 @@ def usage(job: Job) -> dict[str, Any] | None:
         },
         "tokens_per_s": {"planned": tp.get("tokens_per_s"), "measured": job.tokens_per_s},
     }
+
+
+def warm_up() -> None:
+    """Import what a plan needs (torch, transformers: seconds) ahead of the first submission,
+    which would otherwise pay it inside its request (the API calls this on a thread at start;
+    a request that arrives meanwhile waits on the import lock for the rest only)."""
+    import sharp_core.models.compat  # noqa: F401
+    import sharp_core.train.plan  # noqa: F401

@@ -44,7 +44,7 @@ def _trained_state(corpus: Path):
     S = setup(_spec(corpus))
     params = [p for p in S.student.parameters() if p.requires_grad]
     st = TrainState.start(S, params, [], Context(), None)
-    x = S.data.train[:2]
+    x = S.data.train[:2].long()  # memory-mapped rows are int32
     S.student(input_ids=x, labels=x).loss.backward()
     st.optimizer.step()
     st.optimizer.zero_grad(set_to_none=True)

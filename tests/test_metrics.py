@@ -66,6 +66,7 @@ def test_jobs_by_state_and_queue_depth_follow_a_job(
         f"{live_server}/v1/jobs",
         json={"spec": tiny_spec(corpus, name="metrics-queued")},
         headers=team.headers,
+        timeout=60,  # a fresh API may still be importing the plan's torch/transformers
     )
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]

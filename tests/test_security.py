@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from service.admin import create_key, revoke_key
 from service.db import Database
+from service.models import Job
 from service.repositories import CheckpointRepository
 from service.settings import Settings
 from sharp_core.train.checkpoint import write_checkpoint
@@ -65,6 +66,9 @@ def intruder(make_team) -> TeamKey:
     return make_team("intruder")
 
 
+TEACHER_DIGEST = "ab" * 32
+
+
 @pytest.fixture(scope="module")
 def owned(
     client: TestClient, owner: TeamKey, corpus: Path, settings: Settings, db: Database
@@ -85,6 +89,8 @@ def owned(
         CheckpointRepository(s).upsert(
             job_id=job_id, step=10, path=str(path), manifest=manifest, metrics={}, attempt=1
         )
+        # the teacher the training process would record: the owner's leaderboard exists
+        s.get(Job, job_id).teacher_digest = TEACHER_DIGEST
     (out / "secret.txt").write_text("TOP SECRET")
     (Path(settings.artifact_root) / "secret.txt").write_text("TOP SECRET")
     up = client.post(
@@ -110,6 +116,7 @@ def owned(
         "name": "config.json",
         "upload_id": up.json()["id"],
         "webhook_id": hook.json()["id"],
+        "digest": TEACHER_DIGEST,
     }
 
 

@@ -300,6 +300,7 @@ def test_jobs_list_filters_by_status_and_pages(
             # the newest is long, so it is still queued or running when cancelled below
             json={"spec": tiny_spec(corpus, name=f"page-{i}", max_steps=20 if i < 2 else 20_000)},
             headers=team.headers,
+            timeout=60,  # a fresh API may still be importing the plan's torch/transformers
         )
         ids.append(r.json()["id"])
     # the newest stays queued (no worker listens in the fast tests; if one does, it may run:
