@@ -232,6 +232,12 @@ def migrated_template(pg_admin_url: str) -> Iterator[str]:
     """One database per test process built by ``alembic upgrade head``, which each module's
     database copies (``CREATE DATABASE … TEMPLATE``: a file copy, about 0.3 s, where the
     upgrade costs 1–2 s per module on a busy 2-core machine)."""
+    yield from template_database(pg_admin_url)
+
+
+def template_database(pg_admin_url: str) -> Iterator[str]:
+    """The template's life on the server at `pg_admin_url` (a module with its own Postgres
+    overrides `migrated_template` with this)."""
     name = f"sharp_test_tmpl_{secrets.token_hex(6)}"
     with psycopg.connect(libpq_url(pg_admin_url), autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')

@@ -35,6 +35,7 @@ from tests.conftest import (
     free_port,
     libpq_url,
     stop_process,
+    template_database,
     tiny_spec,
     wait_for,
 )
@@ -65,6 +66,13 @@ def private_pg() -> Iterator[_EmbeddedPostgres]:
 @pytest.fixture(scope="module")
 def pg_admin_url(private_pg: _EmbeddedPostgres) -> str:
     return private_pg.url  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def migrated_template(pg_admin_url: str) -> Iterator[str]:
+    """The migrated template on this module's own Postgres (conftest's is per session, on
+    the shared one)."""
+    yield from template_database(pg_admin_url)
 
 
 def restart_pg(server: _EmbeddedPostgres) -> None:
