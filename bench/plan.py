@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from bench.step.memory import resident_bytes
+
 MB = 2**20
 
 
@@ -110,37 +112,6 @@ def _spec(sh: Shape):
     )
 
 
-def _local_bytes(*objs: Any) -> int:
-    """`bench.step.memory.resident_bytes` with DTensor shards counted by their local part."""
-    from torch import nn
-
-    seen: set[int] = set()
-    total = 0
-
-    def add(t: Any) -> None:
-        nonlocal total
-        if t is None or not isinstance(t, torch.Tensor):
-            return
-        if hasattr(t, "to_local"):
-            t = t.to_local()
-        st = t.untyped_storage()
-        if st.data_ptr() in seen or st.nbytes() == 0:
-            return
-        seen.add(st.data_ptr())
-        total += st.nbytes()
-
-    for o in objs:
-        if isinstance(o, nn.Module):
-            for t in [*o.parameters(), *o.buffers()]:
-                add(t)
-                add(t.grad)
-        elif isinstance(o, torch.optim.Optimizer):
-            for state in o.state.values():
-                for v in state.values():
-                    add(v)
-    return total
-
-
 def _measure_rank(sh: Shape, rank: int, device: str = "cpu") -> dict[str, float]:
     """One rank's measured peak (bytes) and the plan's estimate for it."""
     from bench.step.memory import cpu_step_peak_bytes
@@ -197,7 +168,7 @@ def _measure_rank(sh: Shape, rank: int, device: str = "cpu") -> dict[str, float]
         dt = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(dev)
     else:
-        resident = _local_bytes(model, teacher, opt)
+        resident = resident_bytes(model, teacher, opt)
         peak = resident + cpu_step_peak_bytes(r)
     e = strategy_estimate(spec, s_sizes, t_sizes, sh.mode, "replicate", cuda)
     total = e.total - e.components.get("reserve", 0)

@@ -16,7 +16,8 @@ from bench.step.timing import Steppable
 
 
 def resident_bytes(*objs: Any) -> int:
-    """Bytes of the distinct storages of the given modules' tensors and optimizers' state."""
+    """Bytes of the distinct storages of the given modules' tensors and optimizers' state
+    (a sharded DTensor counts its local shard)."""
     seen: set[tuple[int, str]] = set()
     total = 0
 
@@ -24,6 +25,8 @@ def resident_bytes(*objs: Any) -> int:
         nonlocal total
         if t is None or not isinstance(t, Tensor):
             return
+        if hasattr(t, "to_local"):  # an FSDP2 DTensor: this rank's shard only
+            t = t.to_local()
         st = t.untyped_storage()
         key = (st.data_ptr(), str(t.device))
         if key in seen or st.nbytes() == 0:
