@@ -44,7 +44,7 @@ from api.routes import (
 )
 from api.ui import router as ui_router
 from api.ui import static_files as ui_static
-from service import plans
+from service import plans, redact
 from service.db import Database
 from service.dispatch import Dispatch, make_delivery_dispatch, make_dispatch
 from service.errors import SharpError
@@ -190,6 +190,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     `dispatch` replaces the Celery sender (for embedding in a process that already has one).
     """
     settings = settings or get_settings()
+    redact.register_settings(settings)  # what this process stores is scrubbed of the token
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -17,6 +17,7 @@ import base64
 import binascii
 import hashlib
 import json
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import lifecycle, pools, scheduler
+from service.data_sources import check_s3_source
 from service.dispatch import DeliveryDispatch, Dispatch
 from service.errors import (
     IdempotencyConflictError,
@@ -53,6 +55,7 @@ from service.repositories import (
 from service.settings import Settings
 from service.store import get_store
 from service.txn import after_commit
+from sharp_core.data.sources import is_s3, saved_dataset_kind
 from sharp_core.errors import ModelNotFoundError
 from sharp_core.evaluate.generation import read_prompt_set
 from sharp_core.evaluate.harness import check_tasks
@@ -117,8 +120,29 @@ def confine_dataset_files(
                 param=f"{param}.{i}",
                 code="file_not_allowed",
             )
+        if real.is_dir():
+            _confine_tree(real, real_roots, f, f"{param}.{i}")
         out.append(real)
     return out
+
+
+def _confine_tree(folder: Path, roots: Sequence[Path], entry: str, param: str) -> None:
+    """Every file and folder under `folder` (a ``save_to_disk`` folder), links followed,
+    lies under a root too: a link inside it may point anywhere."""
+    seen = {folder}
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        for name in [*dirs, *names]:
+            inner = (Path(top) / name).resolve()
+            if not any(inner.is_relative_to(r) for r in roots):
+                raise InvalidRequestError(
+                    f"'{entry}' holds '{Path(top, name).relative_to(folder)}', which is really "
+                    f"'{inner}', outside the directories this deployment reads from",
+                    param=param,
+                    code="file_not_allowed",
+                )
+        keep = [d for d in dirs if (Path(top) / d).resolve() not in seen]  # no link loops
+        seen.update((Path(top) / d).resolve() for d in keep)
+        dirs[:] = keep
 
 
 def confine_eval_files(files: Sequence[str], roots: Sequence[Path], param: str) -> list[Path]:
@@ -361,8 +385,12 @@ class JobService:
                             code="unknown_upload",
                         )
                 if ds.source == "files":
-                    roots = self.settings.dataset_file_roots
-                    confine_dataset_files(ds.files, roots, f"{where}.files")
+                    self._check_files(ds.files, f"{where}.files")
+            if ds.source == "files":
+                for i, f in enumerate(ds.files):
+                    if is_s3(f):
+                        with collect():
+                            check_s3_source(f, self.settings, f"{where}.files.{i}")
         if spec.student.init == "prune":
             with collect():
                 self._check_prune_target(team, spec)
@@ -370,6 +398,30 @@ class JobService:
             self._check_evaluation(spec.evaluation)
         if found:
             raise SharpError.combined(found)
+
+    def _check_files(self, files: Sequence[str], param: str) -> None:
+        """The local entries of a ``files`` list: under the roots (`confine_dataset_files`),
+        and a folder only if ``save_to_disk`` wrote it. Errors name the entry's place in
+        the list (``spec.dataset.files.N``); ``s3://`` entries are `check_s3_source`'s."""
+        local = [(i, f) for i, f in enumerate(files) if not is_s3(f)]
+        if not local:
+            return
+        try:
+            reals = confine_dataset_files(
+                [f for _, f in local], self.settings.dataset_file_roots, param
+            )
+        except InvalidRequestError as e:
+            if e.param and e.param != param:  # an entry of the local ones: its spec index
+                e.param = f"{param}.{local[int(e.param.rsplit('.', 1)[1])][0]}"
+            raise
+        for (i, f), real in zip(local, reals, strict=True):
+            if real.is_dir() and saved_dataset_kind(real) is None:
+                raise InvalidRequestError(
+                    f"'{f}' is a folder, but not one written by datasets' save_to_disk "
+                    "(no dataset_info.json and state.json, nor dataset_dict.json)",
+                    param=f"{param}.{i}",
+                    code="invalid_data_folder",
+                )
 
     @staticmethod
     def _check_local_model(source: str, param: str) -> None:

@@ -36,6 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from service import redact
 from service.lifecycle import ACTIVE_STATUSES, FAILED, QUEUED, RUNNING
 from service.live import LivePublisher
 from service.models import (
@@ -61,6 +62,8 @@ from service.models import (
 from service.txn import after_commit
 
 _QUEUED = QUEUED.value
+#: Job columns holding text a failure wrote (`service.redact` scrubs them when written).
+_TEXT_COLUMNS = frozenset({"error", "evaluation_error", "queue_reason"})
 #: What the scheduler reads of a waiting job (`SchedulerRepository.waiting` and
 #: `waiting_heads`), in the order `service.scheduler` unpacks.
 _WAITING_COLUMNS = (
@@ -313,6 +316,8 @@ class JobRepository:
         if enqueued_before is not None:
             conds.append(Job.enqueued_at < enqueued_before)
         vals: dict[str, Any] = {"updated_at": utcnow(), **(values or {})}
+        for column in _TEXT_COLUMNS.intersection(vals):  # what the API serves as written
+            vals[column] = redact.scrub_data(vals[column])
         if bump_attempt:
             vals["attempt"] = Job.attempt + 1
         if started_at is not None:
@@ -364,6 +369,7 @@ class JobRepository:
         return self.session.execute(stmt).scalar_one_or_none()
 
     def add_event(self, job_id: str, seq: int, kind: str, data: dict[str, Any]) -> JobEvent:
+        data = redact.scrub_data(data)  # no secret is stored, published or served
         ev = JobEvent(job_id=job_id, seq=seq, kind=kind, data=data, created_at=utcnow())
         self.session.add(ev)
         self.session.flush()

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -194,6 +194,20 @@ class Settings(BaseSettings):
         "resolved, must lie under one of these. Empty (the default) refuses 'files' jobs; "
         "`sharp up` uses <var>/data and docker-compose.yml /data/datasets unless this is set.",
     )
+    dataset_s3_roots: list[str] = Field(
+        default_factory=list,
+        description="`s3://bucket/prefix` under which dataset.files may name `s3://` objects "
+        "(read with the artifact store's endpoint, region and AWS credentials). Empty (the "
+        "default) refuses `s3://` data. The artifact store's own bucket prefix is refused "
+        "whatever this says: it holds every team's uploads and checkpoints.",
+    )
+    hf_token: SecretStr | None = Field(
+        default=None,
+        description="A Hugging Face token for gated hub models and data sets: the training "
+        "process gets it as HF_TOKEN (an HF_TOKEN in the worker's own environment reaches it "
+        "too). Never written to a log, an event, a job's error or an API answer: every text "
+        "the worker stores or logs is scrubbed of it (docs/operations.md).",
+    )
     worker_name: str | None = Field(
         default=None, description="Recorded on claimed jobs; default: host name and pid."
     )
@@ -254,6 +268,15 @@ class Settings(BaseSettings):
                 ) from None
         return keys
 
+    @field_validator("dataset_s3_roots")
+    @classmethod
+    def _s3_roots(cls, roots: list[str]) -> list[str]:
+        for i, root in enumerate(roots):
+            bucket, _, _ = root.removeprefix("s3://").partition("/")
+            if not root.startswith("s3://") or not bucket:
+                raise ValueError(f"entry {i} ({root!r}) is not s3://bucket or s3://bucket/prefix")
+        return roots
+
     @property
     def pool(self) -> str:
         """The pool this process serves as a worker."""
@@ -280,6 +303,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for name, value in settings.model_dump(mode="json").items():
         if value is None:
             continue
+        secret = getattr(settings, name)
+        if isinstance(secret, SecretStr):  # dumped as '**********': the value itself travels
+            value = secret.get_secret_value()
         key = f"{prefix}{name}".upper()
         env[key] = value if isinstance(value, str) else json.dumps(value)
     return env

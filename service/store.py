@@ -214,6 +214,33 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, parsed.path.strip("/")
 
 
+def s3_client(
+    endpoint_url: str | None, region: str | None, why: str, *, quick: bool = False
+) -> Any:
+    """A boto3 S3 client for the store's endpoint and region, with the standard AWS
+    credentials; StoreConfigError (`why` … no credentials) when there are none. `quick`:
+    one try with short timeouts, for a check a request waits on."""
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session()
+    if session.get_credentials() is None:
+        raise StoreConfigError(
+            f"{why} but no AWS credentials were found: "
+            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile / role)"
+        )
+    config = Config(
+        connect_timeout=2 if quick else 5,
+        read_timeout=5 if quick else 60,
+        retries={"max_attempts": 1 if quick else 3, "mode": "standard"},
+        # MinIO and most S3-compatible servers want path-style addressing
+        s3={"addressing_style": "path" if endpoint_url else "auto"},
+    )
+    return session.client(
+        "s3", endpoint_url=endpoint_url, region_name=region or "us-east-1", config=config
+    )
+
+
 class S3Store(ArtifactStore):
     remote = True
 
@@ -229,27 +256,9 @@ class S3Store(ArtifactStore):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url
-        if client is None:
-            import boto3
-            from botocore.config import Config
-
-            session = boto3.session.Session()
-            if session.get_credentials() is None:
-                raise StoreConfigError(
-                    "SHARP_ARTIFACT_URL is an S3 bucket but no AWS credentials were found: "
-                    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile / role)"
-                )
-            config = Config(
-                connect_timeout=5,
-                read_timeout=60,
-                retries={"max_attempts": 3, "mode": "standard"},
-                # MinIO and most S3-compatible servers want path-style addressing
-                s3={"addressing_style": "path" if endpoint_url else "auto"},
-            )
-            client = session.client(
-                "s3", endpoint_url=endpoint_url, region_name=region or "us-east-1", config=config
-            )
-        self.client = client
+        self.client = client or s3_client(
+            endpoint_url, region, "SHARP_ARTIFACT_URL is an S3 bucket"
+        )
 
     def describe(self) -> str:
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""

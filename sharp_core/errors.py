@@ -83,6 +83,14 @@ class DataError(SharpError):
     retryable = False
 
 
+class DataSourceUnavailableError(SharpError):
+    """A remote data source (an ``s3://`` object) did not answer: another attempt may read it."""
+
+    code = "data_source_unavailable"
+    status = 503
+    retryable = True
+
+
 class UnsafeModelError(SharpError):
     """Refused for safety: remote code, pickled weights from an untrusted source."""
 

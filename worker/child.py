@@ -48,8 +48,10 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
+from service import redact
+from service.data_sources import fetch_s3_source
 from service.db import Database
-from service.jobs import confine_dataset_files, confine_eval_files
+from service.jobs import confine_eval_files
 from service.lifecycle import ACTIVE_STATUSES, RUNNING
 from service.live import LivePublisher
 from service.models import Job
@@ -77,7 +79,7 @@ from service.store import (
 )
 from service.teacher_caches import record as record_teacher_cache
 from service.teacher_caches import store_for as teacher_cache_store
-from sharp_core.data.sources import expand_files
+from sharp_core.data.sources import expand_entry, is_s3
 from sharp_core.errors import (
     ArtifactWriteError,
     CheckpointError,
@@ -117,7 +119,7 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
     """Atomically: the supervisor must never read half a result."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
+    tmp.write_text(json.dumps(redact.scrub_data(result)))
     os.replace(tmp, path)
 
 
@@ -692,20 +694,28 @@ _Src = TypeVar("_Src", DatasetSpec, EvalSetSpec)
 
 def confine_spec_files(spec: JobSpec, settings: Settings) -> JobSpec:
     """The spec with the real path of every dataset file, the training data's and each
-    evaluation set's, refusing any outside the roots. Checked at submission too; again here,
-    where the files are read (a link swapped in since then, another root list)."""
+    evaluation set's, refusing any outside the roots; ``s3://`` entries fetched into this
+    host's cache (`service.data_sources.fetch_s3_source`) and replaced by their local copies.
+    Checked at submission too; again here, where the files are read (a link swapped in
+    since then, another root list, an object gone). Errors name the entry
+    (``spec.dataset.files.N``)."""
 
     def confined(src: _Src, param: str) -> _Src:
         if src.source != "files":
             return src
-        # globs are expanded here, so every file they match is confined (a link inside a
-        # root matched by a pattern may point anywhere)
-        real = confine_dataset_files(
-            expand_files(src.files, param.removesuffix(".files")),
-            settings.dataset_file_roots,
-            param,
-        )
-        return src.model_copy(update={"files": [str(p) for p in real]})
+        out: list[str] = []
+        for i, entry in enumerate(src.files):
+            where = f"{param}.{i}"
+            if is_s3(entry):
+                out += fetch_s3_source(entry, settings, cache_dir(settings) / "data", where)
+                continue
+            # globs are expanded here, so every file they match is confined (a link inside
+            # a root matched by a pattern may point anywhere)
+            real = confine_eval_files(
+                expand_entry(entry, where), settings.dataset_file_roots, where
+            )
+            out += [str(p) for p in real]
+        return src.model_copy(update={"files": out})
 
     ds = confined(spec.dataset, "spec.dataset.files")
     sets = {n: confined(es, f"spec.dataset.eval.{n}.files") for n, es in ds.eval.named()}
@@ -873,6 +883,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # HF_TOKEN (from the supervisor, `worker.supervisor.child_env`) never reaches the log
+    # file, the result or the database as text (`service.redact`)
+    redact.register_settings(get_settings())
+    redact.install()
+    redact.redact_std_streams()
     if not under_torchrun():
         settings = get_settings()
         n = ranks_needed(args[0], int(args[1]), settings)

@@ -221,7 +221,7 @@ class Supervisor:
         with self.db.session() as s:
             job = JobRepository(s).get(claim.job_id)
             spec = dict(job.spec) if job is not None else {}
-        env = {**os.environ, **settings_env(self.settings), "PYTHONUNBUFFERED": "1"}
+        env = child_env(self.settings)
         handle = self.backend.launch(
             Launch(claim.job_id, claim.team_id, claim.attempt, spec, logfile, env)
         )
@@ -448,6 +448,17 @@ class Supervisor:
                     "param": None,
                 }
             return requeue_or_fail("crash", error)
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """The training process's environment: this worker's, its settings as ``SHARP_*``, and
+    ``SHARP_HF_TOKEN`` as ``HF_TOKEN`` (what transformers, datasets and huggingface_hub read
+    for gated models and data sets); without the setting an ``HF_TOKEN`` of the worker's own
+    environment passes through."""
+    env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"}
+    if settings.hf_token is not None:
+        env["HF_TOKEN"] = settings.hf_token.get_secret_value()
+    return env
 
 
 def _describe(code: int | None) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 
 from celery import signals
 
-from service import scheduler
+from service import redact, scheduler
 from service.caches import evict
 from service.db import Database
 from service.dispatch import REAP_TASK, RUN_JOB_TASK, send_delivery, send_job
@@ -35,6 +35,7 @@ from worker.reaper import reap as reap_once
 from worker.supervisor import PREEMPT, Supervisor, backend_for, default_worker_name
 
 log = logging.getLogger(__name__)
+redact.register_settings(app.conf.sharp_settings)  # what this process stores is scrubbed
 
 _runtime: dict[str, Any] = {}
 _runtime_lock = threading.Lock()
@@ -174,6 +175,14 @@ def _deregister() -> None:
 
 
 _reaper_stop = threading.Event()
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _redact_logs(logger: logging.Logger, **_: Any) -> None:
+    """The worker's log never shows the HF token (its handlers scrub every record)."""
+    redact.register_settings(_settings())
+    redact.install(logger)
 
 
 @signals.worker_ready.connect

@@ -33,6 +33,8 @@ def columns_of(ds: DatasetSpec, files: list[str]) -> list[str] | None:
     if not files:
         return None
     f = Path(files[0])
+    if f.is_dir():
+        return None  # a save_to_disk folder: the (memory-mapped) table tells
     ext = f.suffix.lower()
     if ext in (".txt", ".text", ".md"):
         return ["text"]

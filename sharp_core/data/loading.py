@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-from sharp_core.data.sources import expand_files
+from sharp_core.data.sources import (
+    default_cache_dir,
+    default_s3_client,
+    expand_entry,
+    fetch_s3_entry,
+    is_s3,
+    saved_dataset_kind,
+)
 from sharp_core.errors import DataError
 from sharp_core.spec import DatasetSpec
 
@@ -36,22 +43,57 @@ TRAIN_PARAM = "spec.dataset"
 
 
 def _files(ds: DatasetSpec, resolver: Any, where: str = TRAIN_PARAM) -> list[str]:
+    """Local paths of the source's files (and ``save_to_disk`` folders), in order: globs
+    expanded, ``s3://`` entries fetched (the service's worker fetched them already; a library
+    run uses boto3's defaults). Errors name the entry (``spec.dataset.files.N``)."""
     if ds.source == "upload":
         assert ds.upload_id is not None
         return [str(resolver.upload_path(ds.upload_id, param=f"{where}.upload_id"))]
     out = []
-    for i, f in enumerate(expand_files(ds.files, where)):
-        p = Path(f).expanduser()
-        if not p.is_file():
-            raise DataError(f"data file not found: {f}", param=f"{where}.files.{i}")
-        out.append(str(p))
+    client = None
+    for i, entry in enumerate(ds.files):
+        param = f"{where}.files.{i}"
+        if is_s3(entry):
+            client = client or default_s3_client()
+            out += fetch_s3_entry(client, entry, default_cache_dir(), param)
+            continue
+        for f in expand_entry(entry, param):
+            p = Path(f).expanduser()
+            if p.is_dir() and saved_dataset_kind(p) is None:
+                raise DataError(
+                    f"{f} is a folder but not one written by datasets' save_to_disk "
+                    "(no dataset_info.json and state.json, nor dataset_dict.json)",
+                    param=param,
+                )
+            if not p.is_file() and not p.is_dir():
+                raise DataError(f"data file not found: {f}", param=param)
+            out.append(str(p))
     return out
+
+
+def _load_saved(folders: list[str], split: str, where: str) -> Any:
+    """Folders written by ``save_to_disk``, memory-mapped and concatenated in order; of a
+    ``DatasetDict`` the `split` (``spec.dataset.split``)."""
+    import datasets
+
+    tables = []
+    for f in folders:
+        d = datasets.load_from_disk(f)
+        if isinstance(d, datasets.DatasetDict):
+            if split not in d:
+                raise DataError(
+                    f"{f} holds the splits {sorted(d)}, not '{split}'", param=f"{where}.split"
+                )
+            d = d[split]
+        tables.append(d)
+    return tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables)
 
 
 def load_table(
     ds: DatasetSpec, resolver: Any = None, *, by_paragraph: bool = True, where: str = TRAIN_PARAM
 ) -> Any:
-    """The data set as a `datasets.Dataset`, from the hub or local txt/jsonl/parquet files.
+    """The data set as a `datasets.Dataset`, from the hub, local txt/jsonl/parquet files
+    (or ``s3://`` objects, fetched) or ``save_to_disk`` folders.
 
     txt files become one row per paragraph (blank-line separated) for language modelling,
     which keeps documents reasonably sized without cutting sentences, or one row per line
@@ -65,6 +107,14 @@ def load_table(
         if ds.source == "hub":
             return datasets.load_dataset(ds.name, ds.config_name, split=ds.split)
         files = _files(ds, resolver, where)
+        folders = [f for f in files if Path(f).is_dir()]
+        if folders:
+            if len(folders) != len(files):
+                raise DataError(
+                    "save_to_disk folders and data files cannot be mixed in one source",
+                    param=f"{where}.files",
+                )
+            return _load_saved(folders, ds.split, where)
         exts = {Path(f).suffix.lower() for f in files}
         if len(exts) != 1 or next(iter(exts)) not in _BUILDERS:
             raise DataError(

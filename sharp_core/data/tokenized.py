@@ -27,6 +27,7 @@ import json
 import mmap
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -101,12 +102,22 @@ def _sha256_file(path: Path, h: Any = None) -> str:
 
 
 def source_digest(files: list[str], ds: DatasetSpec, fingerprint: str | None = None) -> str:
-    """sha256 of the data as read: each file's bytes in order, or the hub coordinates."""
+    """sha256 of the data as read: each file's bytes in order (a ``save_to_disk`` folder's
+    files and the split), or the hub coordinates."""
     h = hashlib.sha256()
     if files:
         for f in files:
-            h.update(b"\0file\0")
-            h.update(_sha256_file(Path(f)).encode())
+            p = Path(f)
+            if not p.is_dir():
+                h.update(b"\0file\0")
+                h.update(_sha256_file(p).encode())
+                continue
+            # a save_to_disk folder: every file in it by relative path, and the split read
+            # from a DatasetDict
+            h.update(b"\0dir\0" + ds.split.encode())
+            for sub in sorted(x for x in p.rglob("*") if x.is_file()):
+                h.update(b"\0" + sub.relative_to(p).as_posix().encode() + b"\0")
+                h.update(_sha256_file(sub).encode())
     else:
         h.update(json.dumps([ds.name, ds.config_name, ds.split, fingerprint]).encode())
     return h.hexdigest()
@@ -153,7 +164,32 @@ def build(
     first_rows: list[int] | None = None,
 ) -> TokenizedData:
     """Tokenise ``table`` (a `datasets.Dataset`) and pack it into ``out_dir`` (memory maps,
-    manifest last) or, with ``out_dir`` None, into memory. Returns the entry."""
+    manifest last) or, with ``out_dir`` None, into memory. Returns the entry.
+
+    A table backed by files (a ``save_to_disk`` folder) gets its map output in a scratch
+    folder removed afterwards: ``datasets`` would write it beside the source's own files,
+    into the data roots, and change the folder the key hashes."""
+    scratch = None
+    if out_dir is not None and getattr(table, "cache_files", None):
+        scratch = Path(tempfile.mkdtemp(prefix="sharp-map-"))
+    try:
+        return _build(table, tokenizer, parts=parts, key=key, out_dir=out_dir,
+                      num_proc=num_proc, map_cache=scratch)  # fmt: skip
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _build(
+    table: Any,
+    tokenizer: Any,
+    *,
+    parts: dict[str, Any],
+    key: str,
+    out_dir: Path | None,
+    num_proc: int,
+    map_cache: Path | None,
+) -> TokenizedData:
     started = time.perf_counter()
     fmt, packing, N = parts["data_format"], parts["packing"], parts["seq_len"]
     template = None
@@ -175,6 +211,7 @@ def build(
         },
         keep_in_memory=out_dir is None,
         load_from_cache_file=False,
+        cache_file_name=str(map_cache / "map.arrow") if map_cache is not None else None,
         desc=None,
     )
     tokenize_s = time.perf_counter() - started
