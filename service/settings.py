@@ -268,6 +268,12 @@ class Settings(BaseSettings):
                 ) from None
         return keys
 
+    @field_validator("hf_token")
+    @classmethod
+    def _no_empty_token(cls, token: SecretStr | None) -> SecretStr | None:
+        # an empty variable (compose's ${SHARP_HF_TOKEN:-}) is no token
+        return token if token is not None and token.get_secret_value().strip() else None
+
     @field_validator("dataset_s3_roots")
     @classmethod
     def _s3_roots(cls, roots: list[str]) -> list[str]:

@@ -196,13 +196,20 @@ class _TextSource(_Strict):
     source: Literal["hub", "files", "upload"] = "files"
     name: str | None = Field(default=None, max_length=256, description="Hub data set name.")
     config_name: str | None = Field(default=None, max_length=128)
-    split: str = Field(default="train", max_length=64)
+    split: str = Field(
+        default="train",
+        max_length=64,
+        description="The hub split, or the split of a DatasetDict folder in `files`.",
+    )
     files: list[str] = Field(
         default_factory=list,
         max_length=1024,
-        description="txt/jsonl/parquet paths or globs of shards, read in sorted order "
-        "(source 'files'). In the service they are paths "
-        "on the server, accepted only under its SHARP_DATASET_FILE_ROOTS (symlinks resolved).",
+        description="txt/jsonl/parquet paths or globs of shards, read in sorted order; "
+        "folders written by datasets' save_to_disk (of a DatasetDict, `split`); s3://bucket/key "
+        "objects or globs over keys (s3://bucket/prefix/*.parquet), fetched with the service's "
+        "S3 credentials (source 'files'). In the service, paths on the server are accepted "
+        "only under its SHARP_DATASET_FILE_ROOTS (symlinks resolved), s3:// URLs only under "
+        "its SHARP_DATASET_S3_ROOTS. docs/data.md, 'Sources'.",
     )
     upload_id: str | None = Field(default=None, max_length=128)
 
@@ -227,7 +234,11 @@ class EvalSetSpec(_TextSource):
     `val_f1`). It is read with the training data's `text_field`, `text_pair_field` and
     `label_field`, tokenised and packed (or padded) exactly as the training data."""
 
-    split: str = Field(default="validation", max_length=64, description="Hub split (source 'hub').")
+    split: str = Field(
+        default="validation",
+        max_length=64,
+        description="The hub split, or the split of a DatasetDict folder in `files`.",
+    )
     max_blocks: int = Field(
         default=64,
         ge=1,

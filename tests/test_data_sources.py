@@ -390,5 +390,7 @@ def test_hf_token_reaches_the_job_and_none_of_its_text(
     attempt_log = Path(settings.artifact_root, team.team_id, job["id"], "logs", "attempt_1.log")
     child_log = attempt_log.read_text(errors="replace")
     assert redact.MARK in child_log and "training failed" in child_log
-    for text in [*answers, error, events, child_log, worker.read_text(errors="replace")]:
+    worker_log = worker.read_text(errors="replace")
+    assert f"{job['id']} attempt 1: failed (data_error [spec.dataset.files.0]" in worker_log
+    for text in [*answers, error, events, child_log, worker_log]:
         assert TOKEN not in text

@@ -156,6 +156,16 @@ class Supervisor:
         watch = self._watch(handle, claim)
         result = self._read_result(claim)
         outcome = self._finish(claim, watch, result, end=handle.end())
+        if result is not None and result.get("status") == "error":  # the operator's line
+            log.info(
+                "job %s attempt %d: %s (%s [%s]: %s)",
+                claim.job_id,
+                claim.attempt,
+                outcome,
+                result.get("code"),
+                result.get("param"),
+                result.get("message"),
+            )
         self.schedule()
         return outcome
 
