@@ -147,6 +147,51 @@ def test_s3_globs_list_in_key_order_and_fetch_once(s3, tmp_path: Path) -> None:
         assert e.value.param == "spec.dataset.files.3" and says in e.value.message, entry
 
 
+class _Counting:
+    """The real client, counting the downloads it starts."""
+
+    def __init__(self, client) -> None:  # noqa: ANN001
+        self.client, self.gets = client, 0
+
+    def get_object(self, **kw):  # noqa: ANN003, ANN201
+        self.gets += 1
+        return self.client.get_object(**kw)
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.client, name)
+
+
+def test_ranks_fetching_at_once_download_each_object_once(s3, tmp_path: Path) -> None:
+    """Ranks (here threads) that ask for the same objects together wait on one download."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for i in range(3):
+        _put(s3, f"corpora/many/part-{i}.jsonl", _jsonl([f"part {i} " * 2000]))
+    counting = _Counting(s3)
+    entry = f"s3://{DATA}/corpora/many/part-*.jsonl"
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: fetch_s3_entry(counting, entry, tmp_path, "p"), range(4)))
+    assert all(g == got[0] for g in got) and len(got[0]) == 3
+    assert counting.gets == 3
+    assert [Path(p).read_bytes() for p in got[0]] == [
+        _jsonl([f"part {i} " * 2000]) for i in range(3)
+    ]
+
+
+def test_a_library_run_reads_s3_with_boto3s_defaults(
+    s3, moto: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside the service: AWS_ENDPOINT_URL and the credentials boto3 finds, a cache in
+    ~/.cache/sharp/data."""
+    _put(s3, "corpora/libmode/b.jsonl", _jsonl(["second"]))
+    _put(s3, "corpora/libmode/a.jsonl", _jsonl(["first"]))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    table = load_table(DatasetSpec(files=[f"s3://{DATA}/corpora/libmode/*.jsonl"]))
+    assert table["text"] == ["first", "second"]
+    assert len(list((tmp_path / ".cache" / "sharp" / "data" / "s3").rglob("*.jsonl"))) == 2
+
+
 def test_s3_roots_and_the_artifact_store_prefix(settings: Settings) -> None:
     ok = check_s3_allowed(f"s3://{DATA}/corpora/x/*.parquet", settings, "p")
     assert ok == (DATA, "corpora/x/*.parquet")
