@@ -67,8 +67,10 @@ def scrub_data(value: Any) -> Any:
         return scrub(value)
     if isinstance(value, dict):
         return {scrub_data(k): scrub_data(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(scrub_data(v) for v in value)
+    if isinstance(value, list):
+        return [scrub_data(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(scrub_data(v) for v in value)
     return value
 
 
@@ -78,7 +80,10 @@ class RedactFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not _secrets:
             return True
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is the handler's to report
+            return True
         clean = scrub(message)
         if clean != message:
             record.msg, record.args = clean, None
