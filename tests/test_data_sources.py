@@ -215,6 +215,40 @@ def test_s3_roots_and_the_artifact_store_prefix(settings: Settings) -> None:
         check_s3_allowed(f"s3://{DATA}/corpora/a.txt", Settings(), "p")
 
 
+def test_the_worker_fetches_s3_entries_and_names_a_missing_one(
+    settings: Settings, s3, corpus: Path
+) -> None:
+    """What the training process does before it reads (`confine_spec_files`): local entries
+    confined, s3:// ones fetched into the host's cache, the training data's and an
+    evaluation set's; an object gone since submission is a data error naming its entry."""
+    from sharp_core.spec import parse_spec
+    from worker.child import confine_spec_files
+
+    _put(s3, "corpora/w/a.jsonl", _jsonl(["alpha"]))
+    raw = tiny_spec(corpus)
+    raw["dataset"]["files"] = [str(corpus), f"s3://{DATA}/corpora/w/a.jsonl"]
+    raw["dataset"]["eval"] = {"val": {"files": [f"s3://{DATA}/corpora/w/*.jsonl"]}}
+    out = confine_spec_files(parse_spec(raw), settings)
+    local, fetched = out.dataset.files
+    assert local == str(corpus.resolve()) and Path(fetched).read_bytes() == _jsonl(["alpha"])
+    assert Path(fetched).is_relative_to(Path(settings.artifact_root) / ".cache" / "data")
+    assert out.dataset.eval.val is not None and out.dataset.eval.val.files == [fetched]
+
+    for where, entry, param in [
+        ("files", f"s3://{DATA}/corpora/w/gone.jsonl", "spec.dataset.files.1"),
+        ("eval", f"s3://{DATA}/corpora/w/*.parquet", "spec.dataset.eval.val.files.0"),
+    ]:
+        bad = json.loads(json.dumps(raw))
+        if where == "files":
+            bad["dataset"]["files"][1] = entry
+        else:
+            bad["dataset"]["eval"]["val"]["files"] = [entry]
+        with pytest.raises(DataError) as e:
+            confine_spec_files(parse_spec(bad), settings)
+        assert e.value.param == param and entry in e.value.message
+        assert e.value.retryable is False
+
+
 # --------------------------------------------------------------------------- save_to_disk
 def test_save_to_disk_folders(tmp_path: Path) -> None:
     """A Dataset folder, a DatasetDict's split (``split``), refusals naming the field, and

@@ -1,7 +1,8 @@
 """Where a data set's files are: globs expanded in a stable order, ``s3://`` objects fetched
 into a local cache, folders written by ``datasets`` ``save_to_disk`` recognised. No torch
-here: the worker's supervisor expands, confines and fetches before any training process
-reads a byte (docs/data.md, "Sources").
+here: in the service the training process expands, confines and fetches
+(`worker.child.confine_spec_files`) before the trainer reads a byte (docs/data.md,
+"Sources").
 
 S3: the caller passes the client (the service builds it from the artifact store's endpoint,
 region and credentials; a library run uses boto3's defaults, ``AWS_ENDPOINT_URL`` included).
