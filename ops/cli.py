@@ -23,6 +23,7 @@ from ops.demo import demo_command
 from ops.embedded import DB_FILE, admin_settings, up_command
 from ops.eval_cli import eval_app
 from ops.sweeps_cli import sweeps_app
+from ops.uploads_cli import uploads_app
 from ops.webhooks_cli import webhooks_app
 from service import admin as admin_fns
 from service.db import Database
@@ -44,6 +45,7 @@ app.add_typer(jobs_app, name="jobs")  # the HTTP client (ops/client_cli.py)
 app.add_typer(eval_app, name="eval")  # evaluation jobs, same client (ops/eval_cli.py)
 app.add_typer(sweeps_app, name="sweeps")  # sweeps, same client (ops/sweeps_cli.py)
 app.add_typer(webhooks_app, name="webhooks")  # signed webhooks, same client (ops/webhooks_cli.py)
+app.add_typer(uploads_app, name="uploads")  # corpora, resumable for big files (ops/uploads_cli.py)
 admin_app.add_typer(teams_app, name="teams")
 admin_app.add_typer(keys_app, name="keys")
 admin_app.add_typer(workers_app, name="workers")
