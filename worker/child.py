@@ -48,6 +48,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
+from service.caches import tracked_store
 from service.db import Database
 from service.jobs import confine_dataset_files, confine_eval_files
 from service.lifecycle import ACTIVE_STATUSES, RUNNING
@@ -76,7 +77,6 @@ from service.store import (
     with_retries,
 )
 from service.teacher_caches import record as record_teacher_cache
-from service.teacher_caches import store_for as teacher_cache_store
 from sharp_core.data.sources import expand_files
 from sharp_core.errors import (
     ArtifactWriteError,
@@ -556,7 +556,7 @@ def make_resolver(
 
     class ServiceResolver(base):  # type: ignore[misc, valid-type]
         def teacher_cache_store(self) -> Any:
-            return teacher_cache_store(settings, team_id)
+            return tracked_store(settings, db, team_id, "teacher-caches", job_id)
 
         def teacher_score_store(self) -> Any:
             return TeacherScoreStore(db, team_id, job_id)
@@ -566,7 +566,7 @@ def make_resolver(
             return confine_eval_files(files, settings.dataset_file_roots, param)
 
         def data_cache_store(self) -> Any:
-            return teacher_cache_store(settings, team_id, "data-caches")
+            return tracked_store(settings, db, team_id, "data-caches", job_id)
 
         def job_checkpoint(self, job_id: str) -> Path:
             return resolve_job_checkpoint(db, team_id, job_id, settings)
