@@ -404,13 +404,22 @@ def storage_prune(
 ) -> None:
     """Free space: per finished job keep the newest checkpoints and the best by eval; delete
     the rest and half-written step folders. Running jobs are left to their worker."""
+    from service import upload_sessions
+
     store = _store()
     db = _db()
+    expired: list[str] = []
     try:
         with db.session() as s:
             report = admin_fns.prune_storage(s, store, keep=keep, dry_run=dry_run)
             if dry_run:
                 s.rollback()
+        while not dry_run:  # expired upload sessions' bytes, 100 at a time
+            with db.session() as s:
+                batch = upload_sessions.sweep_expired(s, get_settings())
+            expired += batch
+            if len(batch) < 100:
+                break
     except OSError as e:
         err.print(f"[red]error[/red] the store did not answer: {escape(str(e))}")
         raise typer.Exit(1) from None
@@ -427,6 +436,8 @@ def storage_prune(
         f"{verb} {_mb(report.freed_bytes)}: {len(report.deleted)} checkpoints, "
         f"{len(report.orphans)} half-written folders"
     )
+    if expired:
+        console.print(f"expired upload sessions removed: {', '.join(expired)}")
 
 
 @keys_app.command("create")
