@@ -97,10 +97,13 @@ def _send_part(c: httpx.Client, s: dict[str, Any], f: Any) -> dict[str, Any]:
             )
             if r.status_code < 500 and r.status_code != 409:
                 return dict(check(r))
+            if r.status_code >= 500:
+                err.print(f"  part at {offset:,}: HTTP {r.status_code}; retrying")
+                time.sleep(min(2.0**attempt, 30.0))
         except httpx.TransportError as e:
             err.print(f"  part at {offset:,}: {type(e).__name__}; retrying")
-        time.sleep(min(2.0**attempt, 30.0))
-        s = dict(check(c.get(f"/v1/uploads/sessions/{s['id']}")))
+            time.sleep(min(2.0**attempt, 30.0))
+        s = dict(check(c.get(f"/v1/uploads/sessions/{s['id']}")))  # where the server is
     raise CliExit(
         EXIT_FAILED,
         f"the part at byte {s['offset']:,} did not go through after {PART_TRIES} tries; "

@@ -206,7 +206,8 @@ def _open(session: Session, team_id: str, session_id: str, *, lock: bool = False
 @dataclass(frozen=True)
 class PartPlan:
     """What one ``PUT …/parts?offset=`` does: write ``length`` bytes at ``offset`` (part
-    ``number`` in S3), or, ``duplicate``, acknowledge a part the server already holds."""
+    ``number`` in S3), or, ``duplicate``, acknowledge a part the server already holds (its
+    body is read and dropped, whatever it is: a retry after a lost answer)."""
 
     session_id: str
     offset: int
@@ -221,17 +222,14 @@ def plan_part(
     session: Session, team_id: str, session_id: str, offset: int, length: int | None
 ) -> PartPlan:
     s = _open(session, team_id, session_id)
-    if s.status == "completed":
-        raise InvalidStateError(
-            f"upload session '{session_id}' is completed (upload {s.upload_id})", param="offset"
-        )
     if offset < 0 or offset >= s.size or offset % s.part_size:
         raise InvalidRequestError(
             f"offset must be a multiple of part_size ({s.part_size}) below size ({s.size})",
             param="offset",
         )
     expected = min(s.part_size, s.size - offset)
-    if length is not None and length != expected:
+    duplicate = offset < s.received or s.status == "completed"
+    if length is not None and length != expected and not duplicate:
         raise InvalidRequestError(
             f"the part at offset {offset} is {expected} bytes, not {length}",
             param="Content-Length",
@@ -247,7 +245,7 @@ def plan_part(
         offset=offset,
         length=expected,
         number=offset // s.part_size + 1,
-        duplicate=offset < s.received,
+        duplicate=duplicate,
         store_key=s.store_key,
         multipart_id=s.multipart_id,
     )
@@ -452,14 +450,10 @@ def _discard(settings: Settings, s: UploadSession) -> None:
 
 
 def abort(session: Session, settings: Settings, team_id: str, session_id: str) -> UploadSession:
-    """Give up a session: its bytes are deleted (idempotent)."""
+    """Give up a session: its bytes are deleted (idempotent; a completed session is left as
+    it is, its bytes being an upload)."""
     s = get(session, team_id, session_id, lock=True)
-    if s.status == "completed":
-        raise InvalidStateError(
-            f"upload session '{session_id}' is completed: it is upload {s.upload_id}",
-            param="session_id",
-        )
-    if s.status == "aborted":
+    if s.status in ("completed", "aborted"):  # a completed session's bytes are its upload now
         return s
     try:
         _discard(settings, s)

@@ -115,6 +115,11 @@ def test_parts_restart_out_of_order_bad_digest_then_an_upload(
         assert c.get(f"/v1/uploads/{upload['id']}", headers=h).json() == upload
         twice = c.post(f"/v1/uploads/sessions/{sid}/complete", headers=h)
         assert twice.json()["upload"]["id"] == upload["id"]  # idempotent
+        late = _put(c, h, sid, data, len(data) - len(data) % PART)  # a retried last part
+        assert (late.status_code, late.json()["status"]) == (200, "completed")
+        kept = c.delete(f"/v1/uploads/sessions/{sid}", headers=h)  # nothing to abort now
+        assert (kept.status_code, kept.json()["status"]) == (200, "completed")
+        assert c.get(f"/v1/uploads/{upload['id']}", headers=h).status_code == 200
         known = c.post("/v1/uploads/sessions", json=body, headers=h)  # nothing left to send
         assert known.status_code == 200 and known.json()["upload"]["id"] == upload["id"]
 

@@ -16,7 +16,7 @@ from api.schemas import (
     UploadSessionPublic,
 )
 from service import upload_sessions, uploads
-from service.errors import NotFoundError
+from service.errors import InvalidRequestError, NotFoundError
 from service.repositories import UploadRepository
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
@@ -193,7 +193,7 @@ def get_upload_session(
         409: {
             "model": ErrorResponse,
             "description": "`offset` is beyond the bytes the server holds (the message says "
-            "where to resume), or the session is completed.",
+            "where to resume).",
         },
         422: {"model": ErrorResponse, "description": "Offset not a part boundary, wrong length."},
         503: {"model": ErrorResponse, "description": "The artifact store did not answer."},
@@ -215,8 +215,14 @@ async def put_upload_part(
     )
     etag = None
     if plan.duplicate:
-        async for _ in request.stream():  # read and dropped: the server has these bytes
-            pass
+        seen = 0
+        async for chunk in request.stream():  # read and dropped: the server has these bytes
+            seen += len(chunk)
+            if seen > plan.length:
+                raise InvalidRequestError(
+                    f"the part at offset {offset} is {plan.length} bytes; more were sent",
+                    param="Content-Length",
+                )
     else:
         writer = await run_in_threadpool(upload_sessions.PartWriter, settings, plan)
         try:
@@ -269,7 +275,6 @@ def complete_upload_session(
     response_model=UploadSessionPublic,
     responses={
         404: _SESSION_ERRORS[404],
-        409: {"model": ErrorResponse, "description": "The session is completed."},
         401: _SESSION_ERRORS[401],
         422: {"model": ErrorResponse},
     },
@@ -277,5 +282,5 @@ def complete_upload_session(
 def abort_upload_session(
     session_id: SessionId, team: TeamDep, session: SessionDep, settings: SettingsDep
 ) -> UploadSessionPublic:
-    """Give up a session and delete its bytes (idempotent)."""
+    """Give up a session and delete its bytes (idempotent; a completed one stays an upload)."""
     return _session_public(upload_sessions.abort(session, settings, team.id, session_id))
