@@ -76,7 +76,17 @@ def _session(c: httpx.Client, path: Path, fmt: str | None, part_size: int | None
             s = _send_part(c, s, f)
             err.print(f"  {s['offset']:,} / {size:,} bytes", end="\r")
     err.print("")
-    done = dict(check(c.post(f"/v1/uploads/sessions/{s['id']}/complete", json={})))
+    err.print("verifying the sha256 on the server…")
+    # the server reads the whole file back: minutes for tens of GB
+    done = dict(
+        check(
+            c.post(
+                f"/v1/uploads/sessions/{s['id']}/complete",
+                json={},
+                timeout=httpx.Timeout(None, connect=10.0),
+            )
+        )
+    )
     return dict(done["upload"])
 
 

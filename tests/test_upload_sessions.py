@@ -239,3 +239,13 @@ def test_cli_resumes_a_session_after_a_cut_connection(
     upload_id = done.stdout.strip()
     got = httpx.get(f"{live_server}/v1/uploads/{upload_id}", headers=team.headers).json()
     assert (got["sha256"], got["size"]) == (sha, len(data))
+
+    # below the threshold (default 256 MiB): one request, POST /v1/uploads
+    small = tmp_path / "small.txt"
+    small.write_text("a small corpus\n")
+    one = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "uploads", "put", str(small)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    assert "session" not in one.stderr and one.stdout.strip().startswith("upl_")
