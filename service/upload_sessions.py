@@ -400,6 +400,8 @@ def complete(
         session.refresh(s)
         if s.status == "completed":  # another request completed it meanwhile
             return s
+        if s.status == "aborted":
+            raise GoneError(f"upload session '{s.id}' was aborted", param="session_id") from None
         raise StoreUnavailableError(
             f"the staged bytes of upload session '{s.id}' are missing from the store"
         ) from None
