@@ -120,6 +120,14 @@ async def _unhandled_handler(_: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "internal error")
 
 
+def _streamed_upload(path: str) -> bool:
+    """The routes that stream a file and enforce their own limit: a one-request upload and an
+    upload session's part. (Creating or completing a session is a small JSON body.)"""
+    return path == "/v1/uploads" or (
+        path.startswith("/v1/uploads/sessions/") and path.endswith("/parts")
+    )
+
+
 class BodySizeLimit:
     """Refuse JSON bodies over ``max_request_bytes`` without reading more than that (uploads
     have their own limit, enforced while streaming).
@@ -130,10 +138,10 @@ class BodySizeLimit:
     app buffer an unbounded body by simply not declaring its size.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, exempt_prefixes: tuple[str, ...]):
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt: Callable[[str], bool]):
         self.app = app
         self.max_bytes = max_bytes
-        self.exempt = exempt_prefixes
+        self.exempt = exempt
 
     def _too_large(self) -> JSONResponse:
         return error_response(
@@ -144,7 +152,7 @@ class BodySizeLimit:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(self.exempt):
+        if scope["type"] != "http" or self.exempt(scope["path"]):
             await self.app(scope, receive, send)
             return
         length = None
@@ -236,9 +244,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     app.add_exception_handler(SharpError, _sharp_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
     app.add_exception_handler(Exception, _unhandled_handler)
-    app.add_middleware(
-        BodySizeLimit, max_bytes=settings.max_request_bytes, exempt_prefixes=("/v1/uploads",)
-    )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, exempt=_streamed_upload)
 
     app.include_router(health.router)
     app.include_router(jobs.router)

@@ -54,6 +54,7 @@ RESOURCES: dict[str, tuple[str, dict[str, str]]] = {
     "JobPublic": ("job_id", {"job_id": "$response.body#/id"}),
     "JobsPublic": ("job_id", {"job_id": "$response.body#/data/0/id"}),
     "UploadPublic": ("upload_id", {"upload_id": "$response.body#/id"}),
+    "UploadSessionPublic": ("session_id", {"session_id": "$response.body#/id"}),
     "SweepPublic": ("sweep_id", {"sweep_id": "$response.body#/id"}),
     "SweepsPublic": ("sweep_id", {"sweep_id": "$response.body#/data/0/id"}),
     "WebhookCreated": ("webhook_id", {"webhook_id": "$response.body#/id"}),

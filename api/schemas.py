@@ -465,6 +465,79 @@ class UploadPublic(BaseModel):
     created_at: dt.datetime
 
 
+_SHA_EXAMPLE = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+
+
+class UploadSessionCreate(BaseModel):
+    """A resumable upload: the file's name, size and the sha256 it must have at the end."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"filename": "corpus.jsonl", "size": 53687091200, "sha256": _SHA_EXAMPLE}]
+        },
+    )
+
+    filename: str = Field(
+        min_length=1, max_length=1000, description="Its extension tells the format."
+    )
+    size: int = Field(ge=1, description="The file's length in bytes.")
+    sha256: str = Field(min_length=64, max_length=64, description="Checked at completion.")
+    format: Literal["txt", "jsonl", "parquet"] | None = Field(
+        default=None, description="Overrides the file name's extension."
+    )
+    part_size: int | None = Field(
+        default=None, ge=1, description="Bytes per part (default: the server's upload_part_bytes)."
+    )
+
+
+class UploadSessionComplete(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{}]})
+
+    sha256: str | None = Field(
+        default=None,
+        min_length=64,
+        max_length=64,
+        description="Replaces the sha256 declared at creation (after a 422 on sha256).",
+    )
+
+
+class UploadSessionPublic(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "ups_01J8Z3Q4W5E6R7T8Y9U0I1O2P3",
+                    "status": "open",
+                    "filename": "corpus.jsonl",
+                    "format": "jsonl",
+                    "size": 53687091200,
+                    "sha256": _SHA_EXAMPLE,
+                    "part_size": 67108864,
+                    "offset": 134217728,
+                    "created_at": "2026-05-20T10:00:00Z",
+                    "expires_at": "2026-05-27T10:00:00Z",
+                    "upload": None,
+                }
+            ]
+        }
+    )
+
+    id: str
+    status: Literal["open", "completed", "aborted", "expired"]
+    filename: str
+    format: Literal["txt", "jsonl", "parquet"]
+    size: int
+    sha256: str
+    part_size: int
+    offset: int = Field(description="Bytes the server holds: the next part starts here.")
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    upload: UploadPublic | None = Field(
+        default=None, description="The upload it became (status completed)."
+    )
+
+
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)

@@ -23,6 +23,7 @@ from ops.demo import demo_command
 from ops.embedded import DB_FILE, admin_settings, up_command
 from ops.eval_cli import eval_app
 from ops.sweeps_cli import sweeps_app
+from ops.uploads_cli import uploads_app
 from ops.webhooks_cli import webhooks_app
 from service import admin as admin_fns
 from service.db import Database
@@ -44,6 +45,7 @@ app.add_typer(jobs_app, name="jobs")  # the HTTP client (ops/client_cli.py)
 app.add_typer(eval_app, name="eval")  # evaluation jobs, same client (ops/eval_cli.py)
 app.add_typer(sweeps_app, name="sweeps")  # sweeps, same client (ops/sweeps_cli.py)
 app.add_typer(webhooks_app, name="webhooks")  # signed webhooks, same client (ops/webhooks_cli.py)
+app.add_typer(uploads_app, name="uploads")  # corpora, resumable for big files (ops/uploads_cli.py)
 admin_app.add_typer(teams_app, name="teams")
 admin_app.add_typer(keys_app, name="keys")
 admin_app.add_typer(workers_app, name="workers")
@@ -142,7 +144,15 @@ def teams_list() -> None:
     try:
         with db.session() as s:
             teams = admin_fns.list_teams(s)
-        table = Table("id", "name", "weight", "max running GPUs", "max queued jobs", "created")
+        table = Table(
+            "id",
+            "name",
+            "weight",
+            "max running GPUs",
+            "max queued jobs",
+            "cache budget",
+            "created",
+        )
         for t in teams:
             table.add_row(
                 t.id,
@@ -150,6 +160,7 @@ def teams_list() -> None:
                 f"{t.weight:g}",
                 _limit(t.max_running_gpus),
                 _limit(t.max_queued_jobs),
+                "default" if t.cache_budget_bytes is None else _mb(t.cache_budget_bytes),
                 t.created_at.isoformat(timespec="seconds"),
             )
         print_table(table, console)
@@ -203,6 +214,29 @@ def teams_quota(
                 f"team {t.name}: weight {t.weight:g}, max running GPUs "
                 f"{_limit(t.max_running_gpus)}, max queued jobs {_limit(t.max_queued_jobs)}"
             )
+    except SharpError as e:
+        _fail(e)
+    finally:
+        db.dispose()
+
+
+@teams_app.command("set-budget")
+@_database_errors
+def teams_set_budget(
+    team: str,
+    size: str = typer.Argument(
+        ..., metavar="BYTES", help="e.g. 500GB, 1TiB, 2000000000; 'none': the default."
+    ),
+) -> None:
+    """Set TEAM's (name or id) budget for tokenized and teacher-logit caches. Over it, the
+    least recently used entries not in use by a job are evicted after each of its jobs."""
+    db = _db()
+    try:
+        budget = admin_fns.parse_bytes(size)
+        with db.session() as s:
+            t = admin_fns.set_cache_budget(s, team, budget)
+            shown = "the default" if budget is None else f"{_mb(budget)} ({budget} bytes)"
+            console.print(f"team {t.name}: cache budget {shown}")
     except SharpError as e:
         _fail(e)
     finally:
@@ -296,44 +330,68 @@ def storage_usage() -> None:
 
 
 @storage_app.command("caches")
+@_database_errors
 def storage_caches(
-    team: str | None = typer.Option(None, help="Only this team's (its id)."),
+    team: str | None = typer.Option(None, help="Only this team's (name or id)."),
     rm: list[str] = typer.Option(
         [], "--rm", help="Remove an entry: KIND/TEAM/KEY (kind: data-caches, teacher-caches)."
     ),
     evict: bool = typer.Option(
-        False, "--evict", help="Apply the per-team budget now (least recently used first)."
+        False, "--evict", help="Apply each team's budget now (least recently used first)."
     ),
 ) -> None:
-    """Tokenized data sets and teacher-logit caches per team: size, last use, the budget."""
+    """Tokenized data sets and teacher-logit caches per team: usage against the team's
+    budget, and the entries in eviction order (least recently used first), with the jobs
+    that keep an entry from being evicted."""
     import datetime as dt
 
     from service import caches
 
     settings = get_settings()
-    for target in rm:
-        kind, _, rest = target.partition("/")
-        team_id, _, key = rest.partition("/")
-        if not caches.remove_cache(settings, kind, team_id, key):
-            err.print(f"[red]error[/red] no cache {escape(target)}")
-            raise typer.Exit(1)
-        console.print(f"removed {escape(target)}")
-    if evict:
-        teams = {e.team_id for e in caches.list_caches(settings, team)}
-        for t in sorted(teams):
-            for e in caches.evict(settings, t):
-                console.print(f"evicted {e.kind}/{e.team_id}/{e.key} ({_mb(e.bytes)})")
-    rows = caches.list_caches(settings, team)
-    table = Table("team", "kind", "key", "size", "last used")
-    for e in rows:
-        used = dt.datetime.fromtimestamp(e.last_used, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(e.team_id, e.kind, e.key[:16], _mb(e.bytes), used)
-    console.print(table)
-    budget = settings.cache_budget_bytes
-    for t in sorted({e.team_id for e in rows}):
-        used_b = sum(e.bytes for e in rows if e.team_id == t)
-        limit = _mb(budget) if budget is not None else "no budget"
-        console.print(f"team {t}: {_mb(used_b)} of {limit}")
+    db = _db()
+    try:
+        with db.session() as s:
+            names = {t.id: t.name for t in admin_fns.list_teams(s)}
+            budgets = {t.id: t.cache_budget_bytes for t in admin_fns.list_teams(s)}
+            team_id = admin_fns.find_team(s, team).id if team else None
+        for target in rm:
+            kind, _, rest = target.partition("/")
+            owner, _, key = rest.partition("/")
+            if not caches.remove_cache(settings, kind, owner, key):
+                err.print(f"[red]error[/red] no cache {escape(target)}")
+                raise typer.Exit(1)
+            console.print(f"removed {escape(target)}")
+        if evict:
+            for t in sorted({e.team_id for e in caches.list_caches(settings, team_id)}):
+                for e in caches.evict(settings, t, db=db):
+                    console.print(f"evicted {e.kind}/{e.team_id}/{e.key} ({_mb(e.bytes)})")
+        rows = caches.list_caches(settings, team_id, db)
+        for t in sorted({e.team_id for e in rows}):
+            mine = [e for e in rows if e.team_id == t]
+            own = budgets.get(t)
+            budget = own if own is not None else settings.cache_budget_bytes
+            limit = "no budget" if budget is None else _mb(budget)
+            source = "" if own is not None or budget is None else " (default)"
+            used_b = sum(e.bytes for e in mine)
+            console.print(
+                f"team {escape(names.get(t, t))} ({t}): {_mb(used_b)} of {limit}{source}, "
+                f"{len(mine)} entries"
+            )
+            table = Table("kind", "key", "size", "last used", "in use by")
+            for e in mine:  # least recently used first: the order eviction takes
+                used = dt.datetime.fromtimestamp(e.last_used, dt.UTC)
+                table.add_row(
+                    e.kind,
+                    e.key[:16],
+                    _mb(e.bytes),
+                    used.strftime("%Y-%m-%d %H:%M:%S"),
+                    ", ".join(e.in_use) or "-",
+                )
+            print_table(table, console)
+    except SharpError as e:
+        _fail(e)
+    finally:
+        db.dispose()
 
 
 @storage_app.command("prune")
@@ -346,13 +404,22 @@ def storage_prune(
 ) -> None:
     """Free space: per finished job keep the newest checkpoints and the best by eval; delete
     the rest and half-written step folders. Running jobs are left to their worker."""
+    from service import upload_sessions
+
     store = _store()
     db = _db()
+    expired: list[str] = []
     try:
         with db.session() as s:
             report = admin_fns.prune_storage(s, store, keep=keep, dry_run=dry_run)
             if dry_run:
                 s.rollback()
+        while not dry_run:  # expired upload sessions' bytes, 100 at a time
+            with db.session() as s:
+                batch = upload_sessions.sweep_expired(s, get_settings())
+            expired += batch
+            if len(batch) < 100:
+                break
     except OSError as e:
         err.print(f"[red]error[/red] the store did not answer: {escape(str(e))}")
         raise typer.Exit(1) from None
@@ -369,6 +436,8 @@ def storage_prune(
         f"{verb} {_mb(report.freed_bytes)}: {len(report.deleted)} checkpoints, "
         f"{len(report.orphans)} half-written folders"
     )
+    if expired:
+        console.print(f"expired upload sessions removed: {', '.join(expired)}")
 
 
 @keys_app.command("create")

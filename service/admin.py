@@ -60,6 +60,11 @@ def _team(session: Session, team: str) -> Team:
     return found
 
 
+def find_team(session: Session, team: str) -> Team:
+    """A team by name or id; NotFoundError (param 'team') if neither."""
+    return _team(session, team)
+
+
 def create_key(session: Session, team: str, name: str | None = None) -> NewKey:
     """A new key for `team` (name or id). The returned `NewKey.key` is not stored anywhere."""
     t = _team(session, team)
@@ -117,6 +122,40 @@ def set_quota(
         if not weight > 0 or weight > 1e6:
             raise InvalidRequestError("weight must be > 0 (1 is an equal share)", param="weight")
         t.weight = float(weight)
+    session.flush()
+    return t
+
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_UNITS.update({f"{u}i": 1024 ** (i + 1) for i, u in enumerate("kmgt")})
+
+
+def parse_bytes(value: str, param: str = "bytes") -> int | None:
+    """``50G``, ``500GB``, ``1.5TiB``, ``1000000`` → bytes; ``none`` → None. Decimal units
+    (G = 10⁹) unless written binary (GiB = 2³⁰)."""
+    v = value.strip().lower().replace(" ", "")
+    if v in ("none", "default"):
+        return None
+    num = v.rstrip("kmgtib")
+    unit = v[len(num) :].removesuffix("b")
+    try:
+        n = float(num) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise InvalidRequestError(
+            f"a size in bytes (e.g. 500GB, 1TiB, 1000000) or 'none', not {value!r}", param=param
+        ) from None
+    if not n >= 0 or n > 2**63 - 1:
+        raise InvalidRequestError(f"{value!r} is not a size >= 0", param=param)
+    return int(n)
+
+
+def set_cache_budget(session: Session, team: str, budget: int | None) -> Team:
+    """TEAM's cache budget in bytes (None: the deployment's default, SHARP_CACHE_BUDGET_BYTES).
+    Applied at the next eviction: after the team's next job, or ``storage caches --evict``."""
+    t = _team(session, team)
+    if budget is not None and budget < 0:
+        raise InvalidRequestError("a cache budget is a number of bytes >= 0", param="bytes")
+    t.cache_budget_bytes = budget
     session.flush()
     return t
 

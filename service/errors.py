@@ -22,6 +22,8 @@ __all__ = [
     "RangeNotSatisfiableError",
     "NotReadyError",
     "QuotaExceededError",
+    "OffsetMismatchError",
+    "GoneError",
 ]
 
 
@@ -99,3 +101,20 @@ class StoreUnavailableError(SharpError):
     code = "store_unavailable"
     status = 503
     retryable = True
+
+
+class OffsetMismatchError(SharpError):
+    """An upload session's part was sent at an offset the server has not reached yet; the
+    message says where it is (``GET /v1/uploads/sessions/{id}`` too)."""
+
+    code = "offset_mismatch"
+    status = 409
+    retryable = False
+
+
+class GoneError(SharpError):
+    """Something that existed and no longer does (an expired or aborted upload session)."""
+
+    code = "gone"
+    status = 410
+    retryable = False

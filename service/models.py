@@ -101,6 +101,9 @@ class Team(Base):
     weight: Mapped[float] = mapped_column(Double, default=1.0, server_default="1")
     max_running_gpus: Mapped[int | None] = mapped_column(Integer)
     max_queued_jobs: Mapped[int | None] = mapped_column(Integer)
+    # Bytes of tokenized and teacher-logit caches the team may keep (`service.caches`);
+    # None: the deployment's default (SHARP_CACHE_BUDGET_BYTES).
+    cache_budget_bytes: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class ApiKey(Base):
@@ -268,6 +271,44 @@ class Upload(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+#: ``upload_sessions.status``: taking parts, an ordinary upload now, or given up.
+UPLOAD_SESSION_STATUSES = ("open", "completed", "aborted")
+
+
+class UploadSession(Base):
+    """A resumable upload (`service.upload_sessions`): parts sent by offset into a staging
+    object (a local file, or an S3 multipart upload), verified against ``sha256`` at the end
+    and then an `Upload`. ``received`` is the byte count the server holds, where a client
+    resumes; ``parts`` the S3 parts' ETags by number (empty for the local store)."""
+
+    __tablename__ = "upload_sessions"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ({})".format(", ".join(f"'{s}'" for s in UPLOAD_SESSION_STATUSES)),
+            name="status",
+        ),
+        CheckConstraint("received >= 0 AND received <= size", name="received_in_size"),
+        Index("ix_upload_sessions_team_id_sha256", "team_id", "sha256"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    filename: Mapped[str] = mapped_column(String(255))
+    format: Mapped[str] = mapped_column(String(16))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    part_size: Mapped[int] = mapped_column(BigInteger)
+    received: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    status: Mapped[str] = mapped_column(String(16), default="open", server_default="open")
+    store_key: Mapped[str] = mapped_column(Text)
+    multipart_id: Mapped[str | None] = mapped_column(Text)
+    parts: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    upload_id: Mapped[str | None] = mapped_column(ForeignKey("uploads.id", ondelete="SET NULL"))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
 class Worker(Base):
     """A registered Celery worker: one slot that runs one job at a time on ``gpus`` GPUs.
 
@@ -402,6 +443,40 @@ class TeacherCacheUse(Base):
     role: Mapped[str] = mapped_column(String(16), primary_key=True)
     attempt: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class CacheRecord(Base):
+    """A cache entry in the artifact store (`service.caches`): a tokenized data set
+    (``kind`` 'data-caches') or a teacher-logit cache ('teacher-caches'). The files are the
+    truth of what exists; this row holds when a job last read it (least recently used goes
+    first when the team is over its budget) and is the lock eviction and readers share."""
+
+    __tablename__ = "cache_entries"
+    __table_args__ = (
+        UniqueConstraint("team_id", "kind", "key"),
+        Index("ix_cache_entries_team_id_last_used_at", "team_id", "last_used_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))
+    key: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class CacheRecordUse(Base):
+    """A job that read or built a cache entry: while that job is active the entry is not
+    evicted."""
+
+    __tablename__ = "cache_entry_uses"
+
+    entry_id: Mapped[int] = mapped_column(
+        ForeignKey("cache_entries.id", ondelete="CASCADE"), primary_key=True
+    )
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    used_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 #: ``sweep_cells.stage``: tuning (selection on val) or the final re-training on fresh seeds.

@@ -37,10 +37,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from service import redact
-from service.lifecycle import ACTIVE_STATUSES, FAILED, QUEUED, RUNNING
+from service.lifecycle import ACTIVE_STATUSES, FAILED, QUEUED, RUNNING, TERMINAL_STATUSES
 from service.live import LivePublisher
 from service.models import (
     ApiKey,
+    CacheRecord,
+    CacheRecordUse,
     Checkpoint,
     Job,
     JobEvent,
@@ -53,6 +55,7 @@ from service.models import (
     TeacherScore,
     Team,
     Upload,
+    UploadSession,
     WebhookAttempt,
     WebhookDelivery,
     WebhookEndpoint,
@@ -577,6 +580,119 @@ class UploadRepository:
         self.session.add(upload)
         self.session.flush()
         return upload
+
+
+class UploadSessionRepository:
+    """Resumable upload sessions (`service.upload_sessions`). Progress (``received``) is
+    changed under the row lock `get_for_team(lock=True)` takes."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def add(self, s: UploadSession) -> UploadSession:
+        self.session.add(s)
+        self.session.flush()
+        return s
+
+    def get_for_team(
+        self, team_id: str, session_id: str, *, lock: bool = False
+    ) -> UploadSession | None:
+        q = select(UploadSession).where(
+            UploadSession.id == session_id, UploadSession.team_id == team_id
+        )
+        return self.session.scalar(q.with_for_update() if lock else q)
+
+    def open_for_sha256(self, team_id: str, sha256: str) -> Sequence[UploadSession]:
+        return self.session.scalars(
+            select(UploadSession)
+            .where(
+                UploadSession.team_id == team_id,
+                UploadSession.sha256 == sha256,
+                UploadSession.status == "open",
+            )
+            .order_by(UploadSession.created_at.desc())
+        ).all()
+
+    def expired(
+        self, team_id: str | None, now: dt.datetime, limit: int = 100
+    ) -> Sequence[UploadSession]:
+        q = select(UploadSession).where(
+            UploadSession.status == "open", UploadSession.expires_at <= now
+        )
+        if team_id is not None:
+            q = q.where(UploadSession.team_id == team_id)
+        return self.session.scalars(q.order_by(UploadSession.expires_at).limit(limit)).all()
+
+    def set_state(self, s: UploadSession, status: str, **values: Any) -> None:
+        """The one writer of a session's status (open → completed | aborted)."""
+        s.status = status
+        for name, value in values.items():
+            setattr(s, name, value)
+        s.updated_at = utcnow()
+        self.session.flush()
+
+
+class CacheRecordRepository:
+    """The caches' rows (`service.caches`): last use per entry, the jobs that used each, the
+    row lock that readers and eviction share, and the teams' budgets."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def ensure(self, team_id: str, kind: str, key: str, *, nbytes: int, used: dt.datetime) -> None:
+        """The entry's row, created if missing (an entry from before rows were kept)."""
+        stmt = _insert(self.session, CacheRecord).values(
+            team_id=team_id, kind=kind, key=key, bytes=nbytes, created_at=used, last_used_at=used
+        )
+        self.session.execute(stmt.on_conflict_do_nothing(index_elements=["team_id", "kind", "key"]))
+
+    def lock(self, team_id: str, kind: str, key: str) -> CacheRecord | None:
+        """The row, locked until the transaction ends (SELECT … FOR UPDATE on Postgres)."""
+        return self.session.scalar(
+            select(CacheRecord)
+            .where(CacheRecord.team_id == team_id, CacheRecord.kind == kind, CacheRecord.key == key)
+            .with_for_update()
+        )
+
+    def use(self, record: CacheRecord, job_id: str, now: dt.datetime) -> None:
+        record.last_used_at = now
+        stmt = _insert(self.session, CacheRecordUse).values(
+            entry_id=record.id, job_id=job_id, used_at=now
+        )
+        self.session.execute(
+            stmt.on_conflict_do_update(index_elements=["entry_id", "job_id"], set_={"used_at": now})
+        )
+        self.session.flush()
+
+    def for_team(self, team_id: str | None = None) -> Sequence[CacheRecord]:
+        q = select(CacheRecord).order_by(CacheRecord.last_used_at, CacheRecord.id)
+        if team_id is not None:
+            q = q.where(CacheRecord.team_id == team_id)
+        return self.session.scalars(q).all()
+
+    def users(self, record_ids: Iterable[int]) -> dict[int, list[str]]:
+        """Per entry, the jobs that used it and have not ended (queued again, running,
+        cancelling): they are reading it or will when they resume."""
+        ids = list(record_ids)
+        if not ids:
+            return {}
+        rows = self.session.execute(
+            select(CacheRecordUse.entry_id, Job.id)
+            .join(Job, Job.id == CacheRecordUse.job_id)
+            .where(CacheRecordUse.entry_id.in_(ids), Job.status.not_in(TERMINAL_STATUSES))
+            .order_by(Job.id)
+        ).all()
+        out: dict[int, list[str]] = {}
+        for entry_id, job_id in rows:
+            out.setdefault(entry_id, []).append(job_id)
+        return out
+
+    def remove(self, record: CacheRecord) -> None:
+        self.session.delete(record)
+        self.session.flush()
+
+    def budget(self, team_id: str) -> int | None:
+        return self.session.scalar(select(Team.cache_budget_bytes).where(Team.id == team_id))
 
 
 class WebhookRepository:

@@ -53,7 +53,33 @@ class Settings(BaseSettings):
         "the job fails with artifact_write_failed.",
     )
     upload_root: Path = Field(default=Path("var/uploads"), description="Uploaded corpora.")
-    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    max_upload_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        ge=1,
+        description="One-request uploads (POST /v1/uploads); larger files use upload sessions.",
+    )
+    max_upload_session_bytes: int = Field(
+        default=1024**4,
+        ge=1,
+        description="The largest file an upload session takes (POST /v1/uploads/sessions).",
+    )
+    upload_part_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1,
+        description="An upload session's part size when the client does not choose one.",
+    )
+    upload_min_part_bytes: int = Field(
+        default=5 * 1024 * 1024,
+        ge=1,
+        description="The smallest part size a client may choose (S3's minimum is 5 MiB; "
+        "an S3 store never goes below it).",
+    )
+    upload_session_ttl_s: int = Field(
+        default=7 * 24 * 3600,
+        ge=60,
+        description="An upload session expires this long after its last part (its bytes are "
+        "then deleted).",
+    )
     cache_budget_bytes: int | None = Field(
         default=None,
         ge=0,

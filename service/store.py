@@ -21,6 +21,7 @@ for corpora (the local backend keeps corpora under ``upload_root``). A database 
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import os
 import shutil
@@ -284,7 +285,7 @@ class S3Store(ArtifactStore):
             return fn(*args, **kw)
         except ClientError as e:
             code = str(e.response.get("Error", {}).get("Code", ""))
-            if code in ("404", "NoSuchKey", "NotFound"):
+            if code in ("404", "NoSuchKey", "NotFound", "NoSuchUpload"):
                 raise FileNotFoundError(str(kw.get("Key", ""))) from None
             raise StoreError(f"{self.describe()}: {e}") from e
         except BotoCoreError as e:
@@ -353,6 +354,55 @@ class S3Store(ArtifactStore):
 
     def ping(self) -> None:
         self._call(self.client.head_bucket, Bucket=self.bucket)
+
+    # -- multipart (resumable uploads, `service.upload_sessions`) ------------------------
+    def multipart_start(self, key: str) -> str:
+        """Begin an S3 multipart upload to `key`; returns its UploadId."""
+        r = self._call(self.client.create_multipart_upload, Bucket=self.bucket, Key=self._k(key))
+        return str(r["UploadId"])
+
+    def multipart_put(self, key: str, upload_id: str, number: int, src: Path) -> str:
+        """Part `number` (1-based) from a local file; returns its ETag. Sending a number again
+        replaces that part, so a retried part is harmless."""
+        with Path(src).open("rb") as f:
+            r = self._call(
+                self.client.upload_part,
+                Bucket=self.bucket,
+                Key=self._k(key),
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=f,
+            )
+        return str(r["ETag"])
+
+    def multipart_complete(self, key: str, upload_id: str, etags: dict[int, str]) -> None:
+        parts = [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
+        self._call(
+            self.client.complete_multipart_upload,
+            Bucket=self.bucket,
+            Key=self._k(key),
+            UploadId=upload_id,
+            MultipartUpload={"Parts": parts},
+        )
+
+    def multipart_abort(self, key: str, upload_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._call(
+                self.client.abort_multipart_upload,
+                Bucket=self.bucket,
+                Key=self._k(key),
+                UploadId=upload_id,
+            )
+
+    def copy(self, src: str, dest: str) -> None:
+        """A server-side copy (boto3's managed copy: multipart above 5 GB); no byte comes
+        through this process."""
+        self._call(
+            self.client.copy,
+            {"Bucket": self.bucket, "Key": self._k(src)},
+            self.bucket,
+            self._k(dest),
+        )
 
     def presign(self, key: str, filename: str, expires_s: int) -> str | None:
         params = {

@@ -49,6 +49,11 @@ _EXTENSIONS = {
 _MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file
 
 
+def format_of(filename: str) -> str:
+    """The format a file name's extension says ('' when it says none)."""
+    return _EXTENSIONS.get(Path(filename).suffix.lower(), "")
+
+
 def _invalid(message: str, param: str = "file") -> InvalidRequestError:
     return InvalidRequestError(message, param=param, code="invalid_upload")
 
@@ -220,27 +225,76 @@ async def receive(request: Request, settings: Settings) -> ReceivedFile:
 
 def _check_jsonl(path: Path) -> None:
     with path.open("rb") as f:
-        rows = 0
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise _invalid(f"line {lineno} is not JSON: {e}") from None
-            if not isinstance(obj, dict):
-                raise _invalid(f"line {lineno} is not a JSON object")
-            if "messages" in obj:  # a conversation: refused now, not when a job starts
+        check = Validator("jsonl")
+        while chunk := f.read(1 << 22):
+            check.feed(chunk)
+        check.finish()
+
+
+class Validator:
+    """The txt / jsonl checks over a stream of chunks (an upload session's bytes as they are
+    read back for the sha256, never held whole): UTF-8 without NUL for txt, one JSON object
+    per line (conversations checked) for jsonl. `finish` raises the first problem."""
+
+    def __init__(self, fmt: str):
+        self.fmt = fmt
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("strict")
+        self.ok = True
+        self.nul = False
+        self.tail = b""
+        self.lineno = 0
+        self.rows = 0
+
+    def feed(self, chunk: bytes) -> None:
+        if self.fmt == "txt":
+            if self.ok:
                 try:
-                    validate_chat_rows([obj["messages"]], f"line {lineno}", "file", rows)
-                except DataError as e:
-                    raise _invalid(e.message) from None
-            rows += 1
-    if rows == 0:
-        raise _invalid("no JSON objects in the file")
+                    self.utf8.decode(chunk)
+                except UnicodeDecodeError:
+                    self.ok = False
+            self.nul = self.nul or b"\0" in chunk
+        elif self.fmt == "jsonl":
+            lines = (self.tail + chunk).split(b"\n")
+            self.tail = lines.pop()
+            for line in lines:
+                self._line(line)
+
+    def _line(self, line: bytes) -> None:
+        self.lineno += 1
+        if not line.strip():
+            return
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _invalid(f"line {self.lineno} is not JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise _invalid(f"line {self.lineno} is not a JSON object")
+        if "messages" in obj:  # a conversation: refused now, not when a job starts
+            try:
+                validate_chat_rows([obj["messages"]], f"line {self.lineno}", "file", self.rows)
+            except DataError as e:
+                raise _invalid(e.message) from None
+        self.rows += 1
+
+    def finish(self) -> None:
+        if self.fmt == "txt":
+            try:
+                self.utf8.decode(b"", final=True)
+            except UnicodeDecodeError:
+                self.ok = False
+            if not self.ok or self.nul:
+                raise _invalid("a txt corpus must be UTF-8 text")
+        elif self.fmt == "jsonl":
+            if self.tail:
+                self._line(self.tail)
+                self.tail = b""
+            if self.rows == 0:
+                raise _invalid("no JSON objects in the file")
 
 
-def _check_parquet(path: Path) -> None:
+def _check_parquet(path: Path | Any) -> None:
+    """A readable Parquet file with rows: only its footer is read (`path` may be a file
+    object that seeks, an upload session's object in S3)."""
     import pyarrow.parquet as pq  # heavy; only uploads need it
 
     try:
@@ -267,21 +321,41 @@ def store(
         raise StoreUnavailableError(f"the artifact store did not take the upload: {e}") from None
     if existing is not None:
         return existing, False
-    upload = Upload(
-        id=new_id("upl"),
-        team_id=team.id,
+    return record(
+        session,
+        team.id,
         sha256=received.sha256,
         size=received.size,
         filename=received.filename,
-        format=received.format,
-        path=ustore.location(key),
+        fmt=received.format,
+        location=ustore.location(key),
+    )
+
+
+def record(
+    session: Session, team_id: str, *, sha256: str, size: int, filename: str, fmt: str,
+    location: str,
+) -> tuple[Upload, bool]:  # fmt: skip
+    """The team's upload row for content already at its address: (upload, created)."""
+    repo = UploadRepository(session)
+    existing = repo.get_by_sha256(team_id, sha256)
+    if existing is not None:
+        return existing, False
+    upload = Upload(
+        id=new_id("upl"),
+        team_id=team_id,
+        sha256=sha256,
+        size=size,
+        filename=filename,
+        format=fmt,
+        path=location,
         created_at=utcnow(),
     )
     try:
         with session.begin_nested():
             repo.add(upload)
     except IntegrityError:  # the same team uploaded the same bytes concurrently
-        existing = repo.get_by_sha256(team.id, received.sha256)
+        existing = repo.get_by_sha256(team_id, sha256)
         if existing is None:
             raise
         return existing, False

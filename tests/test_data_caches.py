@@ -25,7 +25,9 @@ def _entry(settings: Settings, kind: str, team: str, key: str, size: int, used: 
     os.utime(folder / "manifest.json", (used, used))
 
 
-def test_listed_removed_and_evicted_least_recently_used_first(tmp_path: Path, monkeypatch):
+def test_listed_removed_and_evicted_least_recently_used_first(
+    tmp_path: Path, monkeypatch, db_url: str
+):
     s = Settings(artifact_root=tmp_path / "artifacts", cache_budget_bytes=15_000)
     _entry(s, "data-caches", "t1", "d-old", 10_000, 1_000)
     _entry(s, "teacher-caches", "t1", "t-mid", 10_000, 2_000)
@@ -40,6 +42,7 @@ def test_listed_removed_and_evicted_least_recently_used_first(tmp_path: Path, mo
     assert [e.key for e in caches.list_caches(s, "t2")] == ["other"]  # t2 untouched
 
     monkeypatch.setenv("SHARP_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("SHARP_DATABASE_URL", db_url)  # budgets and last uses live there
     get_settings.cache_clear()
     try:
         from ops.cli import app

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import select
 
+from service.models import CacheRecordUse
+from service.repositories import CacheRecordRepository
 from tests.conftest import TeamKey, wait_for
 from tests.helpers import CHAT_TEMPLATE, chat_rows
 
@@ -96,7 +99,7 @@ def _spec(name: str, upload_id: str, method: str, teacher: str | None) -> dict:
     return d
 
 
-def test_chat_jobs_through_the_service(api, team, tmp_path) -> None:
+def test_chat_jobs_through_the_service(api, team, tmp_path, db) -> None:
     bad = [{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}]
     r = api.post(
         "/v1/uploads",
@@ -126,6 +129,19 @@ def test_chat_jobs_through_the_service(api, team, tmp_path) -> None:
     for job in jobs.values():  # the same tokenizer (the teacher's) and data: the same key
         (ev,) = _events(api, team, job["id"], "tokenized_data")
         assert ev["role"] == "read" and ev["key"] == built["key"]
+    # each job recorded its use of the entry in the database before reading it (the cache
+    # budget's LRU order and its "in use" guard, tests/test_cache_budgets.py)
+    with db.session() as s:
+        (row,) = [
+            r
+            for r in CacheRecordRepository(s).for_team(team.team_id)
+            if (r.kind, r.key) == ("data-caches", built["key"])
+        ]
+        users = set(
+            s.scalars(select(CacheRecordUse.job_id).where(CacheRecordUse.entry_id == row.id))
+        )
+    assert users == {teacher["id"], *(j["id"] for j in jobs.values())}
+    assert row.bytes > 0
 
     # download the sharp student with its tokenizer; render every conversation with the
     # template's own assistant offsets and compare with what the jobs trained on

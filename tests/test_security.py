@@ -109,7 +109,21 @@ def owned(
         headers=owner.headers,
     )
     assert sweep.status_code == 201, sweep.text
+    # an upload session, completed: every session route answers its owner (parts and complete
+    # are acknowledged again, DELETE leaves the upload it became)
+    data = b"more text for training\n"
+    ups = client.post(
+        "/v1/uploads/sessions",
+        json={"filename": "s.txt", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()},
+        headers=owner.headers,
+    ).json()
+    client.put(
+        f"/v1/uploads/sessions/{ups['id']}/parts?offset=0", content=data, headers=owner.headers
+    )
+    done = client.post(f"/v1/uploads/sessions/{ups['id']}/complete", headers=owner.headers)
+    assert done.status_code == 200, done.text
     return {
+        "session_id": ups["id"],
         "sweep_id": sweep.json()["id"],
         "job_id": job_id,
         "step": "10",
@@ -140,6 +154,8 @@ def _operations(app) -> list[tuple[str, str]]:
 
 def _fill(template: str, values: dict[str, str]) -> str:
     url = re.sub(r"\{(\w+)(?::path)?\}", lambda m: values[m.group(1)], template)
+    if url.endswith("/parts"):  # an upload session's part names its offset
+        return f"{url}?offset=0"
     # the event stream of a queued job would follow it for ever
     return f"{url}?follow=false" if url.endswith("/events") else url
 

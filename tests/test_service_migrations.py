@@ -42,6 +42,9 @@ TABLES = {
     "sweep_cells",
     "step_costs",
     "teacher_scores",
+    "upload_sessions",
+    "cache_entries",
+    "cache_entry_uses",
 }
 
 
@@ -83,6 +86,37 @@ def test_postgres_downgrade_to_base_and_back(db_url: str) -> None:
     check(db_url)
 
 
+def _revision_0011_round_trip(url: str) -> None:
+    """0011 down and up again with rows in place: a team's budget and a session survive the
+    way up, the new tables and the column go on the way down."""
+    engine = create_engine(url)
+    try:
+        with engine.begin() as c:
+            c.exec_driver_sql(
+                "INSERT INTO teams (id, name, created_at, weight, cache_budget_bytes) "
+                "VALUES ('team_m11', 'm11', '2026-12-04 00:00:00+00', 1, 12345)"
+            )
+        downgrade(url, "0010")
+        assert {"upload_sessions", "cache_entries", "cache_entry_uses"}.isdisjoint(_tables(url))
+        cols = {c["name"] for c in inspect(engine).get_columns("teams")}
+        assert "cache_budget_bytes" not in cols and "max_queued_jobs" in cols
+        upgrade(url)
+        with engine.begin() as c:
+            row = c.exec_driver_sql(
+                "SELECT name, cache_budget_bytes FROM teams WHERE id = 'team_m11'"
+            ).one()
+            assert tuple(row) == ("m11", None)  # the team stays; its budget is the default
+            c.exec_driver_sql("DELETE FROM teams WHERE id = 'team_m11'")
+        check(url)
+    finally:
+        engine.dispose()
+
+
+def test_postgres_0011_down_and_up_with_rows(db_url: str) -> None:
+    _revision_0011_round_trip(db_url)
+    assert _tables(db_url) == TABLES
+
+
 def test_sqlite_migrate_check_smoke_and_downgrade(
     tmp_path: Path, settings: Settings, corpus: Path, queue_length
 ) -> None:
@@ -121,6 +155,7 @@ def test_sqlite_migrate_check_smoke_and_downgrade(
         assert client.get("/readyz").status_code == 200
     assert queue_length() == before  # nothing admitted, so no message
 
+    _revision_0011_round_trip(url)
     downgrade(url, "base")
     assert _tables(url) == set()
 

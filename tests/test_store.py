@@ -630,3 +630,73 @@ def test_teacher_cache_lives_in_the_bucket(settings: Settings, s3, tmp_path: Pat
     assert other.list() == [key] and store_for(local, "team_y").list() == []
     other.discard(key)
     assert _keys(s3, f"teacher-caches/team_x/{key}/") == {}
+
+
+def test_upload_session_is_an_s3_multipart_upload(
+    client: TestClient, settings: Settings, team: TeamKey, s3
+) -> None:
+    """An upload session on the S3 store (issue 23): one S3 part per session part, resumed by
+    a new client, a wrong sha256 refused with the assembled object kept, then a server-side
+    copy to the content address; abort leaves no multipart upload behind."""
+    part = 5 * 1024 * 1024  # S3's smallest part
+    line = b"the quick brown fox jumps over the lazy dog\n"
+    data = line * (2 * part // len(line) + 30_000)  # parts of 5, 5 and ~1.3 MiB
+    sha = hashlib.sha256(data).hexdigest()
+    h = team.headers
+    body = {"filename": "big.txt", "size": len(data), "sha256": sha, "part_size": part}
+    small = client.post("/v1/uploads/sessions", json={**body, "part_size": part - 1}, headers=h)
+    assert (small.status_code, small.json()["error"]["param"]) == (422, "part_size")
+    r = client.post("/v1/uploads/sessions", json=body, headers=h)
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    key = f"{PREFIX}/uploads/.sessions/{sid}"
+
+    def put(c: TestClient, offset: int) -> httpx.Response:
+        return c.put(
+            f"/v1/uploads/sessions/{sid}/parts",
+            params={"offset": offset},
+            content=data[offset : offset + part],
+            headers={**h, "Content-Type": "application/octet-stream"},
+        )
+
+    (mpu,) = s3.list_multipart_uploads(Bucket=BUCKET, Prefix=key)["Uploads"]
+    assert put(client, 0).json()["offset"] == part
+    assert put(client, 0).json()["offset"] == part  # sent again: harmless
+    ahead = put(client, 2 * part)
+    assert (ahead.status_code, ahead.json()["error"]["code"]) == (409, "offset_mismatch")
+    parts = s3.list_parts(Bucket=BUCKET, Key=key, UploadId=mpu["UploadId"])["Parts"]
+    assert [(p["PartNumber"], p["Size"]) for p in parts] == [(1, part)]
+
+    with TestClient(create_app(settings)) as fresh:  # a client that restarted
+        again = fresh.post("/v1/uploads/sessions", json=body, headers=h).json()
+        assert (again["id"], again["offset"]) == (sid, part)
+        offset = part
+        while offset < len(data):
+            offset = put(fresh, offset).json()["offset"]
+        bad = fresh.post(
+            f"/v1/uploads/sessions/{sid}/complete", json={"sha256": "f" * 64}, headers=h
+        )
+        assert (bad.status_code, bad.json()["error"]["param"]) == (422, "sha256")
+        assert _keys(s3, f"uploads/.sessions/{sid}") == {f"uploads/.sessions/{sid}": len(data)}
+        done = fresh.post(f"/v1/uploads/sessions/{sid}/complete", headers=h)
+        assert done.status_code == 200, done.text
+        assert done.json()["upload"]["sha256"] == sha
+    objects = _keys(s3, "uploads/")
+    assert objects[f"uploads/{sha[:2]}/{sha}.txt"] == len(data)
+    assert not [k for k in objects if k.startswith("uploads/.sessions/")]
+    assert "Uploads" not in s3.list_multipart_uploads(Bucket=BUCKET, Prefix=key)
+
+    other = data[: part + 10]
+    s2 = client.post(
+        "/v1/uploads/sessions",
+        json={**body, "size": len(other), "sha256": hashlib.sha256(other).hexdigest()},
+        headers=h,
+    ).json()
+    assert s3.list_multipart_uploads(Bucket=BUCKET, Prefix=f"{PREFIX}/uploads/.sessions/")[
+        "Uploads"
+    ]
+    aborted = client.delete(f"/v1/uploads/sessions/{s2['id']}", headers=h)
+    assert aborted.json()["status"] == "aborted"
+    assert "Uploads" not in s3.list_multipart_uploads(
+        Bucket=BUCKET, Prefix=f"{PREFIX}/uploads/.sessions/"
+    )

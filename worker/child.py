@@ -49,6 +49,7 @@ from sqlalchemy.pool import NullPool
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from service import redact
+from service.caches import tracked_store
 from service.data_sources import fetch_s3_source
 from service.db import Database
 from service.jobs import confine_eval_files
@@ -78,7 +79,6 @@ from service.store import (
     with_retries,
 )
 from service.teacher_caches import record as record_teacher_cache
-from service.teacher_caches import store_for as teacher_cache_store
 from sharp_core.data.sources import expand_entry, is_s3
 from sharp_core.errors import (
     ArtifactWriteError,
@@ -558,7 +558,7 @@ def make_resolver(
 
     class ServiceResolver(base):  # type: ignore[misc, valid-type]
         def teacher_cache_store(self) -> Any:
-            return teacher_cache_store(settings, team_id)
+            return tracked_store(settings, db, team_id, "teacher-caches", job_id)
 
         def teacher_score_store(self) -> Any:
             return TeacherScoreStore(db, team_id, job_id)
@@ -568,7 +568,7 @@ def make_resolver(
             return confine_eval_files(files, settings.dataset_file_roots, param)
 
         def data_cache_store(self) -> Any:
-            return teacher_cache_store(settings, team_id, "data-caches")
+            return tracked_store(settings, db, team_id, "data-caches", job_id)
 
         def job_checkpoint(self, job_id: str) -> Path:
             return resolve_job_checkpoint(db, team_id, job_id, settings)

@@ -80,16 +80,15 @@ def run_job(job_id: str) -> str:
 
 
 def _evict_caches(db: Database, job_id: str) -> None:
-    """After a job, its team's caches are brought back under the budget (LRU), if one is set."""
+    """After a job, its team's caches are brought back under its budget (LRU; the team's own
+    or the deployment's default), if it has one."""
     settings = _settings()
-    if settings.cache_budget_bytes is None:
-        return
     try:
         with db.session() as s:
             job = JobRepository(s).get(job_id)
             team = job.team_id if job is not None else None
         if team is not None:
-            for e in evict(settings, team):
+            for e in evict(settings, team, db=db):
                 log.info("cache evicted (team budget): %s %s %d bytes", e.kind, e.key, e.bytes)
     except Exception:  # noqa: BLE001 - eviction is housekeeping; the next job tries again
         log.exception("cache eviction after job %s failed", job_id)
