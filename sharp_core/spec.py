@@ -310,6 +310,12 @@ class DatasetSpec(_TextSource):
     num_proc: int = Field(
         default=1, ge=1, le=256, description="Processes that tokenise a cache build."
     )
+    streaming: bool = Field(
+        default=False,
+        description="Read a hub data set as a stream (source 'hub', causal_lm): the cache "
+        "build tokenises it as it downloads, never materialising it. Files and uploads are "
+        "always read as a stream by the build.",
+    )
     eval: EvalSets = Field(
         default_factory=EvalSets,
         description="Separate evaluation sets (`val`, `test`), each evaluated at every eval "
@@ -321,7 +327,7 @@ class DatasetSpec(_TextSource):
         so `sharp_core.data.loading` loads it exactly as the training data."""
         es: EvalSetSpec = getattr(self.eval, split)
         src = es.model_dump(include=set(_TextSource.model_fields))
-        return self.model_copy(update={**src, "eval": EvalSets()})
+        return self.model_copy(update={**src, "eval": EvalSets(), "streaming": False})
 
 
 class Granularities(_Strict):
@@ -922,6 +928,7 @@ def parse_spec(data: dict[str, Any], *, prefix: str = "spec") -> JobSpec:
         _check_batch_split,
         _check_cross_tokenizer,
         _check_evaluation_task,
+        _check_streaming,
     ):
         try:
             check(spec, prefix)
@@ -930,6 +937,15 @@ def parse_spec(data: dict[str, Any], *, prefix: str = "spec") -> JobSpec:
     if found:
         raise SpecError.combined(found)
     return spec
+
+
+def _check_streaming(spec: JobSpec, prefix: str) -> None:
+    if spec.dataset.streaming and spec.dataset.source != "hub":
+        raise SpecError(
+            "dataset.streaming applies to hub data sets (source 'hub'); files and uploads are "
+            "always read as a stream by the cache build",
+            param=f"{prefix}.dataset.streaming" if prefix else "dataset.streaming",
+        )
 
 
 def _check_evaluation_task(spec: JobSpec, prefix: str) -> None:

@@ -8,21 +8,24 @@ checks and tokenises only when no entry verifies (`sharp_core.data.tokenized.pre
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from sharp_core.data import formats, tokenized
-from sharp_core.data.loading import TRAIN_PARAM, PackedData, _files, load_table
+from sharp_core.data.loading import TRAIN_PARAM, PackedData, _files, load_table, stream_table
 from sharp_core.errors import DataError
 from sharp_core.ranks import ONE, Ranks
 from sharp_core.spec import DatasetSpec
 
 __all__ = [
     "LMSource",
+    "check_rows",
     "columns_of",
     "load_checked",
     "prepare_lm",
     "resolve_packing",
+    "stream_checked",
     "training_texts",
 ]
 
@@ -79,6 +82,40 @@ def _param_of(ds: DatasetSpec, i: int) -> str:
     return f"{TRAIN_PARAM}.files.{i}"
 
 
+def _need(fmt: str, fields: dict[str, str]) -> list[str]:
+    return {
+        "text": [fields["text"]],
+        "chat": [fields["messages"]],
+        "prompt_completion": [fields["prompt"], fields["completion"]],
+    }[fmt]
+
+
+def check_rows(
+    batch: dict[str, list[Any]],
+    fmt: str,
+    fields: dict[str, str],
+    where: str,
+    param: str,
+    first_row: int = 0,
+) -> None:
+    """A batch of rows (column → values) of the file `where`, starting at row `first_row`:
+    its format's columns are there, and every conversation or pair is well formed (an
+    unknown role, a non-string content, an empty answer); errors name the file and row."""
+    for col in _need(fmt, fields):
+        if col not in batch:
+            raise DataError(
+                f"{where}: column '{col}' not in the data set (columns: {list(batch)}); "
+                f"format is {fmt}",
+                param=param if fmt != "text" else f"{TRAIN_PARAM}.text_field",
+            )
+    if fmt == "chat":
+        formats.validate_chat_rows(batch[fields["messages"]], where, param, first_row)
+    elif fmt == "prompt_completion":
+        formats.validate_pairs(
+            batch[fields["prompt"]], batch[fields["completion"]], where, param, first_row
+        )
+
+
 def load_checked(
     ds: DatasetSpec, resolver: Any, fmt: str, fields: dict[str, str], files: list[str]
 ) -> Any:
@@ -95,24 +132,43 @@ def load_checked(
             one = ds.model_copy(update={"source": "files", "files": [f]})
             parts.append((Path(f).name, _param_of(ds, i), load_table(one, resolver)))
     for where, param, t in parts:
-        need = {
-            "text": [fields["text"]],
-            "chat": [fields["messages"]],
-            "prompt_completion": [fields["prompt"], fields["completion"]],
-        }[fmt]
-        for col in need:
-            if col not in t.column_names:
-                raise DataError(
-                    f"{where}: column '{col}' not in the data set (columns: {t.column_names}); "
-                    f"format is {fmt}",
-                    param=param if fmt != "text" else f"{TRAIN_PARAM}.text_field",
-                )
-        if fmt == "chat":
-            formats.validate_chat_rows(t[fields["messages"]], where, param)
-        elif fmt == "prompt_completion":
-            formats.validate_pairs(t[fields["prompt"]], t[fields["completion"]], where, param)
+        need = _need(fmt, fields) if fmt != "text" else []
+        check_rows({c: t[c] if c in need else [] for c in t.column_names}, fmt, fields, where,
+                   param)  # fmt: skip
     tables = [t for _, _, t in parts]
     return tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables)
+
+
+def stream_checked(
+    ds: DatasetSpec, fmt: str, fields: dict[str, str], files: list[str], batch_rows: int
+) -> Iterator[dict[str, list[Any]]]:
+    """The rows a batch at a time, file after file (or the hub data set, streamed with
+    ``dataset.streaming``), each batch checked as it is read (`check_rows`: errors name the
+    file and its row), nothing held beyond the batch: what the cache build reads."""
+    if ds.source == "hub":
+        parts: list[tuple[str, str, Any]] = [(str(ds.name), _param_of(ds, 0), None)]
+    else:
+        parts = [(Path(f).name, _param_of(ds, i), [f]) for i, f in enumerate(files)]
+    for where, param, one in parts:
+        try:
+            rows = stream_table(ds, one).iter(batch_size=batch_rows)
+        except DataError:
+            raise
+        except Exception as e:  # datasets raises many types for unreadable input
+            raise DataError(f"{where}: cannot read the data set: {type(e).__name__}: {e}",
+                            param=param) from None  # fmt: skip
+        first = 0
+        while True:
+            try:
+                batch = next(rows, None)
+            except Exception as e:  # a bad line or chunk, met while streaming
+                raise DataError(f"{where}: cannot read the data set after row {first}: "
+                                f"{type(e).__name__}: {e}", param=param) from None  # fmt: skip
+            if batch is None:
+                break
+            check_rows(batch, fmt, fields, where, param, first)
+            first += len(next(iter(batch.values()), []))
+            yield batch
 
 
 def training_texts(table: Any, fmt: str, fields: dict[str, str]) -> list[str]:
@@ -133,6 +189,8 @@ class LMSource:
         self.files = _files(ds, resolver) if ds.source != "hub" else []
         self._table: Any = None
         cols = columns_of(ds, self.files)
+        if cols is None and ds.streaming:  # the first rows tell, without reading the rest
+            cols = list(self.head(1))
         if cols is None:  # hub data (or an unreadable first row): the table tells
             cols = list(self.table_unchecked().column_names)
         self.columns = cols
@@ -147,11 +205,38 @@ class LMSource:
         return self._table
 
     def table(self) -> Any:
-        """Loaded and checked (every row of a chat or pair data set)."""
+        """Loaded whole and checked (every row of a chat or pair data set): what a tokenizer
+        trained on the data reads."""
         return load_checked(self.ds, self.resolver, self.format, self.fields, self.files)
 
+    def batches(self, batch_rows: int = tokenized.BATCH_ROWS) -> Iterator[dict[str, list[Any]]]:
+        """Streamed and checked a batch at a time (`stream_checked`): what the cache reads."""
+        return stream_checked(self.ds, self.format, self.fields, self.files, batch_rows)
+
+    def head(self, n: int) -> dict[str, list[Any]]:
+        """The first ``n`` rows (at most), read from the start of the stream."""
+        if self.ds.source == "hub" and not self.ds.streaming:
+            rows = self.table_unchecked()
+        else:
+            rows = stream_table(self.ds, self.files[:1] or None)
+        return next(iter(rows.iter(batch_size=n)), {})
+
     def fingerprint(self) -> str | None:
-        return getattr(self.table_unchecked(), "_fingerprint", None) if not self.files else None
+        """What names a hub data set's content: the prepared table's fingerprint, or for a
+        streaming one its builder's hash (the revision it resolves to). None for files,
+        which are hashed byte by byte."""
+        if self.files:
+            return None
+        if self.ds.streaming:
+            import datasets
+
+            try:
+                builder = datasets.load_dataset_builder(self.ds.name, self.ds.config_name)
+            except Exception as e:  # noqa: BLE001 - datasets raises many types
+                raise DataError(f"cannot read the data set: {type(e).__name__}: {e}",
+                                param=f"{TRAIN_PARAM}.name") from None  # fmt: skip
+            return f"streaming:{builder.hash}"
+        return getattr(self.table_unchecked(), "_fingerprint", None)
 
 
 def prepare_lm(
@@ -182,7 +267,7 @@ def prepare_lm(
     parts["_template_text"] = ds.chat_template
     entry = tokenized.prepare(
         parts,
-        source.table,
+        source.batches,
         tokenizer,
         store=store if ds.cache else None,
         num_proc=ds.num_proc,

@@ -414,5 +414,5 @@ def _check_chat_rendering(spec: JobSpec, resolver: Resolver, source: LMSource, t
     other = load_model_tokenizer(spec, resolver, "student")
     if other is None:
         return
-    convs = source.table_unchecked()[source.fields["messages"]][:16]
+    convs = source.head(16).get(source.fields["messages"], [])
     check_render_identity(tok, other, convs, spec.dataset.chat_template)
