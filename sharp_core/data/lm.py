@@ -22,6 +22,7 @@ __all__ = [
     "LMSource",
     "check_rows",
     "columns_of",
+    "eval_data",
     "load_checked",
     "prepare_lm",
     "resolve_packing",
@@ -74,12 +75,12 @@ def _fields(ds: DatasetSpec, columns: list[str] | None, source: str) -> dict[str
     }
 
 
-def _param_of(ds: DatasetSpec, i: int) -> str:
+def _param_of(ds: DatasetSpec, i: int, where: str = TRAIN_PARAM) -> str:
     if ds.source == "upload":
-        return f"{TRAIN_PARAM}.upload_id"
+        return f"{where}.upload_id"
     if ds.source == "hub":
-        return f"{TRAIN_PARAM}.name"
-    return f"{TRAIN_PARAM}.files.{i}"
+        return f"{where}.name"
+    return f"{where}.files.{i}"
 
 
 def _need(fmt: str, fields: dict[str, str]) -> list[str]:
@@ -97,16 +98,19 @@ def check_rows(
     where: str,
     param: str,
     first_row: int = 0,
+    text_param: str = f"{TRAIN_PARAM}.text_field",
 ) -> None:
     """A batch of rows (column → values) of the file `where`, starting at row `first_row`:
     its format's columns are there, and every conversation or pair is well formed (an
-    unknown role, a non-string content, an empty answer); errors name the file and row."""
+    unknown role, a non-string content, an empty answer); errors name the file and row
+    (`param`; a missing text column: `text_param`)."""
     for col in _need(fmt, fields):
         if col not in batch:
+            field = next(k for k, v in fields.items() if v == col)
             raise DataError(
-                f"{where}: column '{col}' not in the data set (columns: {list(batch)}); "
-                f"format is {fmt}",
-                param=param if fmt != "text" else f"{TRAIN_PARAM}.text_field",
+                f"{where}: column '{col}' (spec.dataset.{field}_field) not in the data set "
+                f"(columns: {list(batch)}); format is {fmt}",
+                param=param if fmt != "text" else text_param,
             )
     if fmt == "chat":
         formats.validate_chat_rows(batch[fields["messages"]], where, param, first_row)
@@ -140,33 +144,40 @@ def load_checked(
 
 
 def stream_checked(
-    ds: DatasetSpec, fmt: str, fields: dict[str, str], files: list[str], batch_rows: int
+    ds: DatasetSpec,
+    fmt: str,
+    fields: dict[str, str],
+    files: list[str],
+    batch_rows: int,
+    where: str = TRAIN_PARAM,
 ) -> Iterator[dict[str, list[Any]]]:
     """The rows a batch at a time, file after file (or the hub data set, streamed with
     ``dataset.streaming``), each batch checked as it is read (`check_rows`: errors name the
-    file and its row), nothing held beyond the batch: what the cache build reads."""
+    file and its row), nothing held beyond the batch: what the cache build reads. `where`:
+    the spec block the source is (an evaluation set's, ``spec.dataset.eval.val``)."""
+    text_param = f"{TRAIN_PARAM}.text_field" if where == TRAIN_PARAM else where
     if ds.source == "hub":
-        parts: list[tuple[str, str, Any]] = [(str(ds.name), _param_of(ds, 0), None)]
+        parts: list[tuple[str, str, Any]] = [(str(ds.name), _param_of(ds, 0, where), None)]
     else:
-        parts = [(Path(f).name, _param_of(ds, i), [f]) for i, f in enumerate(files)]
-    for where, param, one in parts:
+        parts = [(Path(f).name, _param_of(ds, i, where), [f]) for i, f in enumerate(files)]
+    for name, param, one in parts:
         try:
             rows = stream_table(ds, one).iter(batch_size=batch_rows)
         except DataError:
             raise
         except Exception as e:  # datasets raises many types for unreadable input
-            raise DataError(f"{where}: cannot read the data set: {type(e).__name__}: {e}",
+            raise DataError(f"{name}: cannot read the data set: {type(e).__name__}: {e}",
                             param=param) from None  # fmt: skip
         first = 0
         while True:
             try:
                 batch = next(rows, None)
             except Exception as e:  # a bad line or chunk, met while streaming
-                raise DataError(f"{where}: cannot read the data set after row {first}: "
+                raise DataError(f"{name}: cannot read the data set after row {first}: "
                                 f"{type(e).__name__}: {e}", param=param) from None  # fmt: skip
             if batch is None:
                 break
-            check_rows(batch, fmt, fields, where, param, first)
+            check_rows(batch, fmt, fields, name, param, first, text_param)
             first += len(next(iter(batch.values()), []))
             yield batch
 
@@ -293,4 +304,69 @@ def prepare_lm(
         masked=bool(entry.manifest["masked"]),
         key=entry.key,
         info=entry.info,
+    )
+
+
+def eval_data(
+    es: DatasetSpec,
+    source: LMSource,
+    tokenizer: Any,
+    seq_len: int,
+    max_blocks: int,
+    where: str,
+    resolver: Any = None,
+) -> PackedData:
+    """An evaluation set packed as the training data is: the training data's format, field
+    names, chat template, loss mask (``loss_on``) and packing, so its perplexity counts the
+    tokens training is scored on (a chat set: the answers). Its first `max_blocks` rows, in
+    `eval` (`train` is empty); the source is read a batch at a time until they are full.
+    `es`: the set's source with the training data's fields (`DatasetSpec.eval_source`);
+    errors name `where` (``spec.dataset.eval.val``)."""
+    import numpy as np
+    import torch
+
+    from sharp_core.data.packing import LOSS, RowPacker
+
+    files = _files(es, resolver, where) if es.source != "hub" else []
+    fmt, fields = source.format, dict(source.fields)
+    if fmt == "text" and es.source != "hub" and columns_of(es, files) == ["text"]:
+        fields["text"] = "text"  # a txt file's one column, whatever text_field says
+    template = formats.template_of(tokenizer, es.chat_template) if fmt == "chat" else None
+    kw = {"tokenizer": tokenizer, "fmt": fmt, "loss_on": source.loss_on,
+          "packing": source.packing, "fields": fields, "template": template}  # fmt: skip
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    packer = RowPacker(seq_len, source.packing, int(pad or 0))
+    got: list[tuple[Any, Any]] = []
+    rows = 0
+    for batch in stream_checked(es, fmt, fields, files, 256, where):
+        t, f = packer.add(*tokenized.encode_batch(batch, **kw))
+        got.append((t, f))
+        rows += len(t)
+        if rows >= max_blocks:
+            break
+    else:
+        got.append(packer.finish())
+    tokens = np.concatenate([t for t, _ in got])[:max_blocks]  # (M, N)
+    flags = np.concatenate([f for _, f in got])[:max_blocks]
+    if tokens.shape[0] == 0:
+        raise DataError(
+            f"the evaluation set has {packer.tokens} tokens: fewer than one block of {seq_len}",
+            param=where,
+        )
+    if not (flags[:, 1:] & LOSS).any():
+        raise DataError(
+            f"no token of the evaluation set is a target (loss_on={source.loss_on!r})",
+            param=where,
+        )
+    masked = bool(((flags[:, 1:] & LOSS) == 0).any()) if source.packing == "concat" else True
+    plain = source.packing == "concat" and not masked
+    x = torch.from_numpy(tokens.astype(np.int64))
+    fl = None if plain else torch.from_numpy(flags)
+    return PackedData(
+        train=x[:0],
+        eval=x,
+        train_flags=None if fl is None else fl[:0],
+        eval_flags=fl,
+        packing=source.packing,
+        masked=masked,
     )

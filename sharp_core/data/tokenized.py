@@ -55,6 +55,7 @@ __all__ = [
     "build",
     "commit",
     "data_key",
+    "encode_batch",
     "key_parts",
     "open_entry",
     "prepare",
@@ -195,8 +196,11 @@ def _batches(rows: Any, batch_size: int) -> Iterator[dict[str, list[Any]]]:
         yield from rows
 
 
-def _encode(batch: dict[str, list[Any]], **kw: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One batch of rows → (flat token ids int32, flat loss mask uint8, lengths int64)."""
+def encode_batch(
+    batch: dict[str, list[Any]], **kw: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One batch of rows → (flat token ids int32, flat loss mask uint8, lengths int64): the
+    format's `formats.encode_rows` (``kw``: its keyword arguments), as `RowPacker` takes it."""
     enc = formats.encode_rows(batch, **kw)
     ids, masks = enc["input_ids"], enc["loss_mask"]
     lengths = np.fromiter((len(d) for d in ids), dtype=np.int64, count=len(ids))
@@ -214,10 +218,10 @@ def _worker_init(kw: dict[str, Any]) -> None:
 
 
 def _worker_encode(batch: dict[str, list[Any]]) -> Any:
-    """`_encode` in a pool process; a `DataError` comes back as its parts (an exception
+    """`encode_batch` in a pool process; a `DataError` comes back as its parts (an exception
     with keyword arguments does not survive pickling whole)."""
     try:
-        return _encode(batch, **_WORKER)
+        return encode_batch(batch, **_WORKER)
     except DataError as e:
         return ("error", e.message, e.param)
 
@@ -230,7 +234,7 @@ def _encoded(
     the packing (a bounded pipeline; ``Pool.imap`` would read the whole source ahead)."""
     if num_proc <= 1:
         for b in batches:
-            yield _encode(b, **kw)
+            yield encode_batch(b, **kw)
         return
     import multiprocessing as mp
 
