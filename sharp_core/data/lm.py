@@ -7,20 +7,19 @@ checks and tokenises only when no entry verifies (`sharp_core.data.tokenized.pre
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from sharp_core.data import formats, tokenized
 from sharp_core.data.loading import TRAIN_PARAM, PackedData, _files, load_table, stream_table
+from sharp_core.data.scan import columns_of_file
 from sharp_core.errors import DataError
 from sharp_core.ranks import ONE, Ranks
 from sharp_core.spec import DatasetSpec
 
 __all__ = [
     "LMSource",
-    "check_rows",
     "columns_of",
     "eval_data",
     "load_checked",
@@ -34,26 +33,7 @@ __all__ = [
 def columns_of(ds: DatasetSpec, files: list[str]) -> list[str] | None:
     """The columns of local files, read from their first row or schema (None: hub, or a
     format whose columns need the whole table)."""
-    if not files:
-        return None
-    f = Path(files[0])
-    ext = f.suffix.lower()
-    if ext in (".txt", ".text", ".md"):
-        return ["text"]
-    if ext == ".parquet":
-        import pyarrow.parquet as pq
-
-        return list(pq.read_schema(f).names)
-    if ext in (".jsonl", ".json"):
-        with open(f, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except ValueError:
-                        return None
-                    return list(row) if isinstance(row, dict) else None
-    return None
+    return columns_of_file(Path(files[0])) if files else None
 
 
 def resolve_packing(fmt: str, packing: str) -> str:
@@ -83,43 +63,6 @@ def _param_of(ds: DatasetSpec, i: int, where: str = TRAIN_PARAM) -> str:
     return f"{where}.files.{i}"
 
 
-def _need(fmt: str, fields: dict[str, str]) -> list[str]:
-    return {
-        "text": [fields["text"]],
-        "chat": [fields["messages"]],
-        "prompt_completion": [fields["prompt"], fields["completion"]],
-    }[fmt]
-
-
-def check_rows(
-    batch: dict[str, list[Any]],
-    fmt: str,
-    fields: dict[str, str],
-    where: str,
-    param: str,
-    first_row: int = 0,
-    text_param: str = f"{TRAIN_PARAM}.text_field",
-) -> None:
-    """A batch of rows (column → values) of the file `where`, starting at row `first_row`:
-    its format's columns are there, and every conversation or pair is well formed (an
-    unknown role, a non-string content, an empty answer); errors name the file and row
-    (`param`; a missing text column: `text_param`)."""
-    for col in _need(fmt, fields):
-        if col not in batch:
-            field = next(k for k, v in fields.items() if v == col)
-            raise DataError(
-                f"{where}: column '{col}' (spec.dataset.{field}_field) not in the data set "
-                f"(columns: {list(batch)}); format is {fmt}",
-                param=param if fmt != "text" else text_param,
-            )
-    if fmt == "chat":
-        formats.validate_chat_rows(batch[fields["messages"]], where, param, first_row)
-    elif fmt == "prompt_completion":
-        formats.validate_pairs(
-            batch[fields["prompt"]], batch[fields["completion"]], where, param, first_row
-        )
-
-
 def load_checked(
     ds: DatasetSpec, resolver: Any, fmt: str, fields: dict[str, str], files: list[str]
 ) -> Any:
@@ -136,9 +79,9 @@ def load_checked(
             one = ds.model_copy(update={"source": "files", "files": [f]})
             parts.append((Path(f).name, _param_of(ds, i), load_table(one, resolver)))
     for where, param, t in parts:
-        need = _need(fmt, fields) if fmt != "text" else []
-        check_rows({c: t[c] if c in need else [] for c in t.column_names}, fmt, fields, where,
-                   param)  # fmt: skip
+        need = formats.needed_columns(fmt, fields) if fmt != "text" else []
+        batch = {c: t[c] if c in need else [] for c in t.column_names}
+        formats.check_rows(batch, fmt, fields, where, param)
     tables = [t for _, _, t in parts]
     return tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables)
 
@@ -177,7 +120,7 @@ def stream_checked(
                                 f"{type(e).__name__}: {e}", param=param) from None  # fmt: skip
             if batch is None:
                 break
-            check_rows(batch, fmt, fields, name, param, first, text_param)
+            formats.check_rows(batch, fmt, fields, name, param, first, text_param)
             first += len(next(iter(batch.values()), []))
             yield batch
 
