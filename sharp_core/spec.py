@@ -224,8 +224,10 @@ EVAL_SPLITS = ("val", "test")
 class EvalSetSpec(_TextSource):
     """A held-out set evaluated at every eval point and at the end, reported as metrics named
     after its split (`val_loss`, `val_ppl`; classification `val_loss`, `val_accuracy`,
-    `val_f1`). It is read with the training data's `text_field`, `text_pair_field` and
-    `label_field`, tokenised and packed (or padded) exactly as the training data."""
+    `val_f1`). It is read with the training data's field names, tokenised and packed (or
+    padded) exactly as the training data: for a causal LM, the same format (text, chat,
+    prompt_completion), chat template, loss mask (`loss_on`) and packing, so a chat set's
+    perplexity counts the answers only."""
 
     split: str = Field(default="validation", max_length=64, description="Hub split (source 'hub').")
     max_blocks: int = Field(
