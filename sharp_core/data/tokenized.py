@@ -427,8 +427,10 @@ def prepare(
     ranks: Ranks = ONE,
 ) -> TokenizedData:
     """The job's tokenized data: read from ``store`` when an entry for the key verifies,
-    else built (by rank 0 under torchrun, the others waiting) and committed. ``info`` says
-    which: {role: built | read | memory, key, rows, tokens, seconds}."""
+    else built (by rank 0 under torchrun, the others waiting) and committed. ``load_table``
+    gives the rows `build` reads (a table, a streaming data set or batches); it is called
+    only to build. ``info`` says which: {role: built | read | memory, key, rows, tokens,
+    seconds}."""
     key = data_key({k: v for k, v in parts.items() if not k.startswith("_")})
     started = time.perf_counter()
     if store is None:
