@@ -271,9 +271,8 @@ def eval_data(
     from sharp_core.data.packing import LOSS, RowPacker
 
     files = _files(es, resolver, where) if es.source != "hub" else []
-    fmt, fields = source.format, dict(source.fields)
-    if fmt == "text" and es.source != "hub" and columns_of(es, files) == ["text"]:
-        fields["text"] = "text"  # a txt file's one column, whatever text_field says
+    fmt = source.format
+    fields = _fields(es, columns_of(es, files), es.source)  # the training data's names
     template = formats.template_of(tokenizer, es.chat_template) if fmt == "chat" else None
     kw = {"tokenizer": tokenizer, "fmt": fmt, "loss_on": source.loss_on,
           "packing": source.packing, "fields": fields, "template": template}  # fmt: skip
