@@ -61,9 +61,8 @@ def _count_dispatch(pool: str) -> None:
 
 
 def error_response(status: int, code: str, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(
-        status_code=status, content={"error": {"code": code, "message": message, "param": param}}
-    )
+    body = {"error": {"code": code, "message": message, "param": param}}
+    return JSONResponse(status_code=status, content=redact.scrub_data(body))
 
 
 def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
@@ -95,7 +94,8 @@ async def _sharp_handler(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, SharpError)
     if exc.status >= 500:
         log.error("request failed: %s", exc)
-    return JSONResponse(status_code=exc.status, content={"error": exc.to_dict()})
+    # An error may quote the user's data (a bad row), and with it a token pasted there.
+    return JSONResponse(status_code=exc.status, content=redact.scrub_data({"error": exc.to_dict()}))
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}

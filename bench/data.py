@@ -1,14 +1,21 @@
 """Tokenisation throughput and the memory of reading a tokenized data set.
 
-    python -m bench.data [--mb 200] [--num-proc 2] [--vocab 8192] [--read 10,30,100] [--json]
+    python -m bench.data [--mb 200] [--scale 10,100] [--num-proc 2] [--vocab 8192]
+                         [--read 10,30,100] [--json]
 
 1. **Build**: the same ``--mb`` MB of text (tiny Shakespeare repeated, one document per
-   paragraph) through today's in-memory path (`load_texts` + `build_data`: one tokenizer
+   paragraph) through the in-memory path (`load_texts` + `build_data`: one tokenizer
    call into Python lists, then packing) and through the tokenized cache's build
-   (`sharp_core.data.tokenized.build`: `datasets.map(batched=True, num_proc)` into Arrow,
-   streamed into memory-mapped arrays, manifest last), side by side: wall seconds, tokens/s
-   and the peak resident memory of each, each in its own process (so one's peak is not the
-   other's).
+   (`sharp_core.data.tokenized.build`: the files streamed a batch at a time, encoded by
+   ``num_proc`` processes, packed and appended to the ``.npy`` files, manifest last), side
+   by side: wall seconds, tokens/s and the peak resident memory of each, each in its own
+   process (so one's peak is not the other's).
+1b. **Build memory against size** (``--scale``, millions of tokens): text of about that many
+   tokens through the former cache build (the whole file loaded into memory,
+   `datasets.map(batched, num_proc)` into an in-memory Arrow table, then packed into
+   memory maps sized from every length: reproduced here from the library's public pieces)
+   and through today's streaming build, each in a fresh process: the former's peak grows
+   with the data, the streaming one's should stay flat.
 2. **Read**: cached entries of 10M … 100M tokens (``--read``, millions; synthetic tokens
    written with the library's own `commit`), each opened and verified in a fresh process
    as a job does (`tokenized.prepare` finds the entry, `BatchStream` draws 500 batches of
@@ -97,7 +104,7 @@ def _child_build(work: Path, mode: str, num_proc: int, vocab: int) -> dict[str, 
         parts["fields"] = src.fields
         out = work / f"built-{os.getpid()}"
         out.mkdir()
-        entry = tokenized.build(src.table_unchecked(), tok, parts=parts, key="bench",
+        entry = tokenized.build(src.batches(), tok, parts=parts, key="bench",
                                 out_dir=out, num_proc=num_proc)  # fmt: skip
         n_tokens = int(entry.manifest["rows"]) * 1024
     seconds = time.perf_counter() - t0
@@ -106,6 +113,86 @@ def _child_build(work: Path, mode: str, num_proc: int, vocab: int) -> dict[str, 
         "seconds": round(seconds, 2),
         "tokens": n_tokens,
         "tokens_per_s": round(n_tokens / seconds),
+        "peak_rss_mb": round(_peak_mb()),
+    }
+
+
+def _former_cache_build(src: Any, tok: Any, parts: dict[str, Any], out: Path, num_proc: int) -> int:
+    """The cache build before it streamed (issue 23's first version), for the comparison:
+    the files loaded whole (`load_table`, kept in memory), `datasets.map(batched,
+    num_proc)` into an in-memory Arrow table, every length read to size the memory maps,
+    then `Packer` fills them. Returns the rows."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from sharp_core.data import formats
+    from sharp_core.data.packing import Packer, rows_needed
+
+    table = src.table_unchecked()
+    N = parts["seq_len"]
+    enc = table.map(
+        formats.encode_rows,
+        batched=True,
+        batch_size=1000,
+        num_proc=num_proc if num_proc > 1 and len(table) > num_proc else None,
+        remove_columns=table.column_names,
+        fn_kwargs={
+            "tokenizer": tok,
+            "fmt": "text",
+            "loss_on": "all",
+            "packing": "concat",
+            "fields": parts["fields"],
+            "template": None,
+        },  # fmt: skip
+        load_from_cache_file=False,
+    )
+    lengths = np.asarray(
+        pc.list_value_length(enc.data.column("input_ids")).to_numpy(zero_copy_only=False)
+    )
+    n = rows_needed(lengths, N, "concat")
+    tokens = np.lib.format.open_memmap(out / "tokens.npy", "w+", np.int32, (n, N))
+    flags = np.lib.format.open_memmap(out / "flags.npy", "w+", np.uint8, (n, N))
+    packer = Packer(tokens, flags, "concat", int(tok.eos_token_id))
+    for start in range(0, len(enc), 10_000):
+        chunk = enc[start : start + 10_000]
+        packer.add(chunk["input_ids"], chunk["loss_mask"])
+    packer.finish()
+    tokens.flush()
+    flags.flush()
+    return int(n)
+
+
+def _child_scale(work: Path, mode: str, num_proc: int, vocab: int, corpus: Path) -> dict[str, Any]:
+    """One build of ``corpus`` by the former (``former``) or streaming (``stream``) build."""
+    from sharp_core.data import tokenized
+    from sharp_core.data.lm import LMSource
+    from sharp_core.spec import DatasetSpec
+
+    tok = _tokenizer(work / "tok", vocab)
+    ds = DatasetSpec(files=[str(corpus)])
+    src = LMSource(ds, None)
+    parts = tokenized.key_parts(ds, tokenizer="bench", data="bench", fmt="text",
+                                loss_on="all", packing="concat", seq_len=1024,
+                                template=None)  # fmt: skip
+    parts["fields"] = src.fields
+    out = work / f"built-{os.getpid()}"
+    out.mkdir()
+    t0 = time.perf_counter()
+    if mode == "former":
+        rows = _former_cache_build(src, tok, parts, out, num_proc)
+    else:
+        entry = tokenized.build(src.batches(), tok, parts=parts, key="bench", out_dir=out,
+                                num_proc=num_proc)  # fmt: skip
+        rows = int(entry.manifest["rows"])
+    seconds = time.perf_counter() - t0
+    import shutil
+
+    shutil.rmtree(out)
+    return {
+        "path": mode,
+        "seconds": round(seconds, 1),
+        "tokens": rows * 1024,
+        "tokens_per_s": round(rows * 1024 / seconds),
         "peak_rss_mb": round(_peak_mb()),
     }
 
@@ -190,11 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-proc", type=int, default=2)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--read", default="10,30,100", help="cached sizes to read, M tokens")
+    p.add_argument("--scale", default="10,100", help="build memory at these M tokens ('': none)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--child", choices=["today", "cache", "read"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["today", "cache", "read", "former", "stream"],
+                   help=argparse.SUPPRESS)  # fmt: skip
     p.add_argument("--key", help=argparse.SUPPRESS)
+    p.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.child in ("former", "stream"):
+        print(json.dumps(_child_scale(a.work, a.child, a.num_proc, a.vocab, a.corpus)))
+        return 0
     if a.child in ("today", "cache"):
         print(json.dumps(_child_build(a.work, a.child, a.num_proc, a.vocab)))
         return 0
@@ -218,6 +311,21 @@ def main(argv: list[str] | None = None) -> int:
         _tokenizer(work / "tok", a.vocab)
         common = ["--work", str(work), "--num-proc", str(a.num_proc), "--vocab", str(a.vocab)]
         build = [_run_child([*common, "--child", m]) for m in ("today", "cache") if a.mb > 0]
+        scale = []
+        if a.scale:
+            tok = _tokenizer(work / "tok", a.vocab)
+            per_byte = len(tok(text)["input_ids"]) / len(text.encode())
+            for m in (int(x) for x in a.scale.split(",") if x):
+                corpus = work / f"scale-{m}M.txt"
+                with open(corpus, "w", encoding="utf-8") as f:
+                    for _ in range(max(1, round(m * 1e6 / per_byte / len(text.encode())))):
+                        f.write(text)
+                        f.write("\n\n")
+                mb = corpus.stat().st_size / 1e6
+                for mode in ("former", "stream"):
+                    r = _run_child([*common, "--child", mode, "--corpus", str(corpus)])
+                    scale.append({"millions": m, "text_mb": round(mb, 1), **r})
+                corpus.unlink()
         reads = []
         root = work / "store"
         for m in (int(x) for x in a.read.split(",") if x):
@@ -233,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "text_mb": round(size_mb, 1),
         "num_proc": a.num_proc,
         "build": build,
+        "scale": scale,
         "read": reads,
         "machine": machine_info(torch.device("cpu")),
     }
@@ -244,6 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     for b in build:
         print(f"  {b['path']:<8}{b['seconds']:>10}{b['tokens']:>14}{b['tokens_per_s']:>12}"
               f"{b['peak_rss_mb']:>14}")  # fmt: skip
+    if scale:
+        print("build memory against size (former: whole table in memory; stream: today):")
+        print(f"  {'M tokens':>9}{'text MB':>9}  {'path':<8}{'seconds':>9}{'tokens':>12}"
+              f"{'tokens/s':>10}{'peak RSS MB':>13}")  # fmt: skip
+        for r in scale:
+            print(f"  {r['millions']:>9}{r['text_mb']:>9}  {r['path']:<8}{r['seconds']:>9}"
+                  f"{r['tokens']:>12}{r['tokens_per_s']:>10}{r['peak_rss_mb']:>13}")  # fmt: skip
     print("read (open + verify + 500 batches of 8×1024):")
     print(f"  {'tokens':>12}{'open+verify s':>15}{'peak RSS MB':>13}{'anon RSS MB':>13}")
     for r in reads:

@@ -55,6 +55,7 @@ from service.repositories import (
 from service.settings import Settings
 from service.store import get_store
 from service.txn import after_commit
+from sharp_core.data.scan import ScanBudget, scan_files
 from sharp_core.data.sources import is_s3, saved_dataset_kind
 from sharp_core.errors import ModelNotFoundError
 from sharp_core.evaluate.generation import read_prompt_set
@@ -386,6 +387,8 @@ class JobService:
                         )
                 if ds.source == "files":
                     self._check_files(ds.files, f"{where}.files")
+                    if spec.task == "causal_lm":
+                        self._scan_rows(spec.dataset, ds, f"{where}.files")
             if ds.source == "files":
                 for i, f in enumerate(ds.files):
                     if is_s3(f):
@@ -422,6 +425,17 @@ class JobService:
                     param=f"{param}.{i}",
                     code="invalid_data_folder",
                 )
+
+    def _scan_rows(self, train: DatasetSpec, ds: DatasetSpec | EvalSetSpec, param: str) -> None:
+        """Read the first rows of a files source (within the settings' budget) and refuse a
+        bad conversation or pair now, naming ``{param}.N``, the file, the row and the field
+        (`sharp_core.data.scan`); the job checks every row again when it starts. An
+        evaluation set is read with the training data's format and field names."""
+        fields = {"text": train.text_field, "messages": train.messages_field,
+                  "prompt": train.prompt_field, "completion": train.completion_field}  # fmt: skip
+        budget = ScanBudget(self.settings.dataset_scan_rows, self.settings.dataset_scan_bytes)
+        if budget.rows and budget.bytes:
+            scan_files(list(ds.files), train.format, fields, param, budget)
 
     @staticmethod
     def _check_local_model(source: str, param: str) -> None:

@@ -234,6 +234,16 @@ class Settings(BaseSettings):
         "too). Never written to a log, an event, a job's error or an API answer: every text "
         "the worker stores or logs is scrubbed of it (docs/operations.md).",
     )
+    dataset_scan_rows: int = Field(
+        default=100_000,
+        ge=0,
+        description="At submission, chat and prompt/completion rows of dataset files read "
+        "and checked per source (0: none); past this (or dataset_scan_bytes) the rest is "
+        "checked when the job starts.",
+    )
+    dataset_scan_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=0, description="Bytes of that scan per source."
+    )
     worker_name: str | None = Field(
         default=None, description="Recorded on claimed jobs; default: host name and pid."
     )

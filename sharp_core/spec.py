@@ -231,8 +231,10 @@ EVAL_SPLITS = ("val", "test")
 class EvalSetSpec(_TextSource):
     """A held-out set evaluated at every eval point and at the end, reported as metrics named
     after its split (`val_loss`, `val_ppl`; classification `val_loss`, `val_accuracy`,
-    `val_f1`). It is read with the training data's `text_field`, `text_pair_field` and
-    `label_field`, tokenised and packed (or padded) exactly as the training data."""
+    `val_f1`). It is read with the training data's field names, tokenised and packed (or
+    padded) exactly as the training data: for a causal LM, the same format (text, chat,
+    prompt_completion), chat template, loss mask (`loss_on`) and packing, so a chat set's
+    perplexity counts the answers only."""
 
     split: str = Field(
         default="validation",
@@ -321,6 +323,12 @@ class DatasetSpec(_TextSource):
     num_proc: int = Field(
         default=1, ge=1, le=256, description="Processes that tokenise a cache build."
     )
+    streaming: bool = Field(
+        default=False,
+        description="Read a hub data set as a stream (source 'hub', causal_lm): the cache "
+        "build tokenises it as it downloads, never materialising it. Files and uploads are "
+        "always read as a stream by the build.",
+    )
     eval: EvalSets = Field(
         default_factory=EvalSets,
         description="Separate evaluation sets (`val`, `test`), each evaluated at every eval "
@@ -332,7 +340,7 @@ class DatasetSpec(_TextSource):
         so `sharp_core.data.loading` loads it exactly as the training data."""
         es: EvalSetSpec = getattr(self.eval, split)
         src = es.model_dump(include=set(_TextSource.model_fields))
-        return self.model_copy(update={**src, "eval": EvalSets()})
+        return self.model_copy(update={**src, "eval": EvalSets(), "streaming": False})
 
 
 class Granularities(_Strict):
@@ -933,6 +941,7 @@ def parse_spec(data: dict[str, Any], *, prefix: str = "spec") -> JobSpec:
         _check_batch_split,
         _check_cross_tokenizer,
         _check_evaluation_task,
+        _check_streaming,
     ):
         try:
             check(spec, prefix)
@@ -941,6 +950,15 @@ def parse_spec(data: dict[str, Any], *, prefix: str = "spec") -> JobSpec:
     if found:
         raise SpecError.combined(found)
     return spec
+
+
+def _check_streaming(spec: JobSpec, prefix: str) -> None:
+    if spec.dataset.streaming and spec.dataset.source != "hub":
+        raise SpecError(
+            "dataset.streaming applies to hub data sets (source 'hub'); files and uploads are "
+            "always read as a stream by the cache build",
+            param=f"{prefix}.dataset.streaming" if prefix else "dataset.streaming",
+        )
 
 
 def _check_evaluation_task(spec: JobSpec, prefix: str) -> None:

@@ -89,6 +89,8 @@ def settings(settings: Settings, moto: str, s3) -> Settings:
             "artifact_retry_s": 3.0,
             "dataset_s3_roots": [f"s3://{DATA}/corpora"],
             "hf_token": SecretStr(TOKEN),
+            # the submission reads only a file's first row, so a bad second row reaches a job
+            "dataset_scan_rows": 1,
         }
     )
 
@@ -449,6 +451,15 @@ def test_hf_token_reaches_the_job_and_none_of_its_text(
     data.write_text("".join(json.dumps(x) + "\n" for x in rows))
     spec = tiny_spec(data, max_steps=2)
     spec["dataset"]["chat_template"] = CHAT_TEMPLATE
+    first_bad = corpus.parent / "token-chat-first.jsonl"
+    first_bad.write_text("".join(json.dumps(x) + "\n" for x in reversed(rows)))
+    refused = client.post(
+        "/v1/jobs",
+        json={"spec": {**spec, "dataset": {**spec["dataset"], "files": [str(first_bad)]}}},
+        headers=team.headers,
+    )  # the submission's scan finds the bad row first: its answer is scrubbed too
+    assert refused.status_code == 422 and f"role '{redact.MARK}'" in refused.text, refused.text
+    assert TOKEN not in refused.text
     r = client.post("/v1/jobs", json={"spec": spec}, headers=team.headers)
     assert r.status_code == 201, r.text
     job = _wait_end(client, team, r.json()["id"])

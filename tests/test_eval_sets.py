@@ -396,3 +396,73 @@ def test_service_job_with_an_uploaded_val_set_records_val_ppl(
         assert values["test_ppl"] > 1.0
     assert points[6]["val_loss"] < points[0]["val_loss"]
     assert job["metrics"]["val_ppl"] == pytest.approx(points[6]["val_ppl"])
+
+
+# -- chat evaluation sets -----------------------------------------------------------------------
+
+
+def test_chat_eval_perplexity_counts_only_the_answers(tmp_path) -> None:
+    """A chat evaluation set is read with the training data's format, template, loss mask and
+    packing. Reference, by hand: each conversation alone through the model, the mean of
+    -log p over its answer tokens (the template's mask, `render_chat`)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sharp_core.data import formats
+    from sharp_core.data.lm import LMSource, eval_data
+    from sharp_core.data.packing import LOSS
+    from sharp_core.evaluate.perplexity import evaluate
+    from sharp_core.models.loading import train_bpe_tokenizer
+    from sharp_core.spec import DatasetSpec
+    from tests.helpers import CHAT_TEMPLATE, chat_rows, write_chat_jsonl
+
+    train_f = write_chat_jsonl(tmp_path / "train.jsonl", 20, seed=0)
+    val_f = write_chat_jsonl(tmp_path / "val.jsonl", 6, seed=9)
+    tok = train_bpe_tokenizer(
+        [m["content"] for r in chat_rows(40) for m in r["messages"]] + [CHAT_TEMPLATE], 300
+    )
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_positions=512,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )  # fmt: skip
+    ).eval()
+    convs = [json.loads(line)["messages"] for line in val_f.read_text().splitlines()]
+    rendered = [
+        formats.render_chat(tok, c, formats.Rendering.of(tok, CHAT_TEMPLATE)) for c in convs
+    ]
+
+    def ds(**over) -> DatasetSpec:
+        return DatasetSpec(files=[str(train_f)], chat_template=CHAT_TEMPLATE,
+                           eval={"val": {"files": [str(val_f)]}}, **over)  # fmt: skip
+
+    def val(spec: DatasetSpec, seq_len: int = 512):
+        data = eval_data(spec.eval_source("val"), LMSource(spec, None), tok, seq_len, 100,
+                         "spec.dataset.eval.val")  # fmt: skip
+        return data, evaluate(model, data, vocab=len(tok), batch_size=4, device=torch.device("cpu"))
+
+    # packing none: one conversation per row, so the reference is each conversation alone
+    data, got = val(ds(packing="none"))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in rendered:
+            x = torch.tensor([ids])
+            logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].double(), -1)
+            y = x[0, 1:]
+            keep = torch.tensor(mask[1:]).bool()  # (L-1,) the answers' tokens and end markers
+            total -= float(logp[torch.arange(len(y)), y][keep].sum())
+            count += int(keep.sum())
+    assert count == sum(sum(m) for _, m in rendered) > 0
+    assert got["eval_loss"] == pytest.approx(total / count, abs=1e-5)
+    # the default packing (documents): every answer token is flagged, nothing else
+    data, _ = val(ds(), seq_len=96)
+    assert int((data.eval_flags & LOSS).bool().sum()) == count
+    assert data.packing == "documents" and data.eval.shape[0] > len(convs) // 2
+    # loss_on all: every token counts, and the loss differs
+    _, every = val(ds(packing="none", loss_on="all"))
+    assert abs(every["eval_loss"] - got["eval_loss"]) > 1e-3

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +27,10 @@ __all__ = [
     "ROLES",
     "Rendering",
     "check_render_identity",
+    "check_rows",
     "detect_format",
     "encode_rows",
+    "needed_columns",
     "render_chat",
     "resolve_loss_on",
     "special_ids",
@@ -131,6 +133,45 @@ def validate_pairs(
                 )
         if not c.strip():
             raise DataError(f"{where}: row {first_row + i}: empty completion", param=param)
+
+
+def needed_columns(fmt: str, fields: dict[str, str]) -> list[str]:
+    """The columns a format reads (``fields``: the spec's field names, resolved)."""
+    return {
+        "text": [fields["text"]],
+        "chat": [fields["messages"]],
+        "prompt_completion": [fields["prompt"], fields["completion"]],
+    }[fmt]
+
+
+def check_rows(
+    batch: Mapping[str, Sequence[Any]],
+    fmt: str,
+    fields: dict[str, str],
+    where: str,
+    param: str,
+    first_row: int = 0,
+    text_param: str = "spec.dataset.text_field",
+) -> None:
+    """A batch of rows (column → values) of the file `where`, starting at row `first_row`:
+    its format's columns are there, and every conversation or pair is well formed (an
+    unknown role, a non-string content, an empty answer); errors name the file and row
+    (`param`; a missing text column: `text_param`). The job's loader and the submission's
+    scan (`sharp_core.data.scan`) both check with this."""
+    for col in needed_columns(fmt, fields):
+        if col not in batch:
+            field = next(k for k, v in fields.items() if v == col)
+            raise DataError(
+                f"{where}: column '{col}' (spec.dataset.{field}_field) not in the data set "
+                f"(columns: {list(batch)}); format is {fmt}",
+                param=param if fmt != "text" else text_param,
+            )
+    if fmt == "chat":
+        validate_chat_rows(batch[fields["messages"]], where, param, first_row)
+    elif fmt == "prompt_completion":
+        validate_pairs(
+            batch[fields["prompt"]], batch[fields["completion"]], where, param, first_row
+        )
 
 
 # ------------------------------------------------------------------------- chat

@@ -7,12 +7,13 @@ checks and tokenises only when no entry verifies (`sharp_core.data.tokenized.pre
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from sharp_core.data import formats, tokenized
-from sharp_core.data.loading import TRAIN_PARAM, PackedData, _files, load_table
+from sharp_core.data.loading import TRAIN_PARAM, PackedData, _files, load_table, stream_table
+from sharp_core.data.scan import columns_of_file
 from sharp_core.errors import DataError
 from sharp_core.ranks import ONE, Ranks
 from sharp_core.spec import DatasetSpec
@@ -20,9 +21,11 @@ from sharp_core.spec import DatasetSpec
 __all__ = [
     "LMSource",
     "columns_of",
+    "eval_data",
     "load_checked",
     "prepare_lm",
     "resolve_packing",
+    "stream_checked",
     "training_texts",
 ]
 
@@ -33,25 +36,7 @@ def columns_of(ds: DatasetSpec, files: list[str]) -> list[str] | None:
     if not files:
         return None
     f = Path(files[0])
-    if f.is_dir():
-        return None  # a save_to_disk folder: the (memory-mapped) table tells
-    ext = f.suffix.lower()
-    if ext in (".txt", ".text", ".md"):
-        return ["text"]
-    if ext == ".parquet":
-        import pyarrow.parquet as pq
-
-        return list(pq.read_schema(f).names)
-    if ext in (".jsonl", ".json"):
-        with open(f, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except ValueError:
-                        return None
-                    return list(row) if isinstance(row, dict) else None
-    return None
+    return None if f.is_dir() else columns_of_file(f)  # a save_to_disk folder: its table tells
 
 
 def resolve_packing(fmt: str, packing: str) -> str:
@@ -73,12 +58,12 @@ def _fields(ds: DatasetSpec, columns: list[str] | None, source: str) -> dict[str
     }
 
 
-def _param_of(ds: DatasetSpec, i: int) -> str:
+def _param_of(ds: DatasetSpec, i: int, where: str = TRAIN_PARAM) -> str:
     if ds.source == "upload":
-        return f"{TRAIN_PARAM}.upload_id"
+        return f"{where}.upload_id"
     if ds.source == "hub":
-        return f"{TRAIN_PARAM}.name"
-    return f"{TRAIN_PARAM}.files.{i}"
+        return f"{where}.name"
+    return f"{where}.files.{i}"
 
 
 def load_checked(
@@ -97,24 +82,50 @@ def load_checked(
             one = ds.model_copy(update={"source": "files", "files": [f]})
             parts.append((Path(f).name, _param_of(ds, i), load_table(one, resolver)))
     for where, param, t in parts:
-        need = {
-            "text": [fields["text"]],
-            "chat": [fields["messages"]],
-            "prompt_completion": [fields["prompt"], fields["completion"]],
-        }[fmt]
-        for col in need:
-            if col not in t.column_names:
-                raise DataError(
-                    f"{where}: column '{col}' not in the data set (columns: {t.column_names}); "
-                    f"format is {fmt}",
-                    param=param if fmt != "text" else f"{TRAIN_PARAM}.text_field",
-                )
-        if fmt == "chat":
-            formats.validate_chat_rows(t[fields["messages"]], where, param)
-        elif fmt == "prompt_completion":
-            formats.validate_pairs(t[fields["prompt"]], t[fields["completion"]], where, param)
+        need = formats.needed_columns(fmt, fields) if fmt != "text" else []
+        batch = {c: t[c] if c in need else [] for c in t.column_names}
+        formats.check_rows(batch, fmt, fields, where, param)
     tables = [t for _, _, t in parts]
     return tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables)
+
+
+def stream_checked(
+    ds: DatasetSpec,
+    fmt: str,
+    fields: dict[str, str],
+    files: list[str],
+    batch_rows: int,
+    where: str = TRAIN_PARAM,
+) -> Iterator[dict[str, list[Any]]]:
+    """The rows a batch at a time, file after file (or the hub data set, streamed with
+    ``dataset.streaming``), each batch checked as it is read (`check_rows`: errors name the
+    file and its row), nothing held beyond the batch: what the cache build reads. `where`:
+    the spec block the source is (an evaluation set's, ``spec.dataset.eval.val``)."""
+    text_param = f"{TRAIN_PARAM}.text_field" if where == TRAIN_PARAM else where
+    if ds.source == "hub":
+        parts: list[tuple[str, str, Any]] = [(str(ds.name), _param_of(ds, 0, where), None)]
+    else:
+        parts = [(Path(f).name, _param_of(ds, i, where), [f]) for i, f in enumerate(files)]
+    for name, param, one in parts:
+        try:
+            rows = stream_table(ds, one, where).iter(batch_size=batch_rows)
+        except DataError:
+            raise
+        except Exception as e:  # datasets raises many types for unreadable input
+            raise DataError(f"{name}: cannot read the data set: {type(e).__name__}: {e}",
+                            param=param) from None  # fmt: skip
+        first = 0
+        while True:
+            try:
+                batch = next(rows, None)
+            except Exception as e:  # a bad line or chunk, met while streaming
+                raise DataError(f"{name}: cannot read the data set after row {first}: "
+                                f"{type(e).__name__}: {e}", param=param) from None  # fmt: skip
+            if batch is None:
+                break
+            formats.check_rows(batch, fmt, fields, name, param, first, text_param)
+            first += len(next(iter(batch.values()), []))
+            yield batch
 
 
 def training_texts(table: Any, fmt: str, fields: dict[str, str]) -> list[str]:
@@ -135,6 +146,8 @@ class LMSource:
         self.files = _files(ds, resolver) if ds.source != "hub" else []
         self._table: Any = None
         cols = columns_of(ds, self.files)
+        if cols is None and ds.streaming:  # the first rows tell, without reading the rest
+            cols = list(self.head(1))
         if cols is None:  # hub data (or an unreadable first row): the table tells
             cols = list(self.table_unchecked().column_names)
         self.columns = cols
@@ -149,11 +162,38 @@ class LMSource:
         return self._table
 
     def table(self) -> Any:
-        """Loaded and checked (every row of a chat or pair data set)."""
+        """Loaded whole and checked (every row of a chat or pair data set): what a tokenizer
+        trained on the data reads."""
         return load_checked(self.ds, self.resolver, self.format, self.fields, self.files)
 
+    def batches(self, batch_rows: int = tokenized.BATCH_ROWS) -> Iterator[dict[str, list[Any]]]:
+        """Streamed and checked a batch at a time (`stream_checked`): what the cache reads."""
+        return stream_checked(self.ds, self.format, self.fields, self.files, batch_rows)
+
+    def head(self, n: int) -> dict[str, list[Any]]:
+        """The first ``n`` rows (at most), read from the start of the stream."""
+        if self.ds.source == "hub" and not self.ds.streaming:
+            rows = self.table_unchecked()
+        else:
+            rows = stream_table(self.ds, self.files[:1] or None)
+        return next(iter(rows.iter(batch_size=n)), {})
+
     def fingerprint(self) -> str | None:
-        return getattr(self.table_unchecked(), "_fingerprint", None) if not self.files else None
+        """What names a hub data set's content: the prepared table's fingerprint, or for a
+        streaming one its builder's hash (the revision it resolves to). None for files,
+        which are hashed byte by byte."""
+        if self.files:
+            return None
+        if self.ds.streaming:
+            import datasets
+
+            try:
+                builder = datasets.load_dataset_builder(self.ds.name, self.ds.config_name)
+            except Exception as e:  # noqa: BLE001 - datasets raises many types
+                raise DataError(f"cannot read the data set: {type(e).__name__}: {e}",
+                                param=f"{TRAIN_PARAM}.name") from None  # fmt: skip
+            return f"streaming:{builder.hash}"
+        return getattr(self.table_unchecked(), "_fingerprint", None)
 
 
 def prepare_lm(
@@ -184,7 +224,7 @@ def prepare_lm(
     parts["_template_text"] = ds.chat_template
     entry = tokenized.prepare(
         parts,
-        source.table,
+        source.batches,
         tokenizer,
         store=store if ds.cache else None,
         num_proc=ds.num_proc,
@@ -210,4 +250,68 @@ def prepare_lm(
         masked=bool(entry.manifest["masked"]),
         key=entry.key,
         info=entry.info,
+    )
+
+
+def eval_data(
+    es: DatasetSpec,
+    source: LMSource,
+    tokenizer: Any,
+    seq_len: int,
+    max_blocks: int,
+    where: str,
+    resolver: Any = None,
+) -> PackedData:
+    """An evaluation set packed as the training data is: the training data's format, field
+    names, chat template, loss mask (``loss_on``) and packing, so its perplexity counts the
+    tokens training is scored on (a chat set: the answers). Its first `max_blocks` rows, in
+    `eval` (`train` is empty); the source is read a batch at a time until they are full.
+    `es`: the set's source with the training data's fields (`DatasetSpec.eval_source`);
+    errors name `where` (``spec.dataset.eval.val``)."""
+    import numpy as np
+    import torch
+
+    from sharp_core.data.packing import LOSS, RowPacker
+
+    files = _files(es, resolver, where) if es.source != "hub" else []
+    fmt = source.format
+    fields = _fields(es, columns_of(es, files), es.source)  # the training data's names
+    template = formats.template_of(tokenizer, es.chat_template) if fmt == "chat" else None
+    kw = {"tokenizer": tokenizer, "fmt": fmt, "loss_on": source.loss_on,
+          "packing": source.packing, "fields": fields, "template": template}  # fmt: skip
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    packer = RowPacker(seq_len, source.packing, int(pad or 0))
+    got: list[tuple[Any, Any]] = []
+    rows = 0
+    for batch in stream_checked(es, fmt, fields, files, 256, where):
+        t, f = packer.add(*tokenized.encode_batch(batch, **kw))
+        got.append((t, f))
+        rows += len(t)
+        if rows >= max_blocks:
+            break
+    else:
+        got.append(packer.finish())
+    tokens = np.concatenate([t for t, _ in got])[:max_blocks]  # (M, N)
+    flags = np.concatenate([f for _, f in got])[:max_blocks]
+    if tokens.shape[0] == 0:
+        raise DataError(
+            f"the evaluation set has {packer.tokens} tokens: fewer than one block of {seq_len}",
+            param=where,
+        )
+    if not (flags[:, 1:] & LOSS).any():
+        raise DataError(
+            f"no token of the evaluation set is a target (loss_on={source.loss_on!r})",
+            param=where,
+        )
+    masked = bool(((flags[:, 1:] & LOSS) == 0).any()) if source.packing == "concat" else True
+    plain = source.packing == "concat" and not masked
+    x = torch.from_numpy(tokens.astype(np.int64))
+    fl = None if plain else torch.from_numpy(flags)
+    return PackedData(
+        train=x[:0],
+        eval=x,
+        train_flags=None if fl is None else fl[:0],
+        eval_flags=fl,
+        packing=source.packing,
+        masked=masked,
     )

@@ -136,6 +136,40 @@ def load_table(
         raise DataError(f"cannot read the data set: {type(e).__name__}: {e}", param=where) from None
 
 
+def stream_table(ds: DatasetSpec, files: list[str] | None = None, where: str = TRAIN_PARAM) -> Any:
+    """The data set as a `datasets.IterableDataset` read as it is iterated (a streaming hub
+    data set, or local files through the same builders `load_table` uses, so the rows are
+    the same), or for a hub data set without ``streaming`` the prepared `datasets.Dataset`
+    (memory-mapped from the hub cache). ``files``: the local files to read (default: the
+    spec's, unexpanded); ``save_to_disk`` folders come back as their memory-mapped tables,
+    which are read a batch at a time as well. Reading errors surface while iterating."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if ds.source == "hub":
+        return datasets.load_dataset(
+            ds.name, ds.config_name, split=ds.split, streaming=ds.streaming
+        )
+    files = files if files is not None else list(ds.files)
+    folders = [f for f in files if Path(f).is_dir()]
+    if folders:
+        if len(folders) != len(files):
+            raise DataError(
+                "save_to_disk folders and data files cannot be mixed in one source",
+                param=f"{where}.files",
+            )
+        return _load_saved(folders, ds.split, where)
+    exts = {Path(f).suffix.lower() for f in files}
+    if len(exts) != 1 or next(iter(exts)) not in _BUILDERS:
+        raise DataError(
+            f"data files must all be one of {sorted(_BUILDERS)}; got {sorted(exts)}",
+            param=f"{TRAIN_PARAM}.files",
+        )
+    builder = _BUILDERS[next(iter(exts))]
+    kw: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
+    return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kw)
+
+
 def _column(d: Any, name: str, field: str, where: str) -> list[Any]:
     """Column `name` (the value of ``spec.dataset.<field>``); a missing one is an error naming
     that field, or the evaluation set `where` whose table lacks it."""

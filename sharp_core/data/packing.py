@@ -18,6 +18,11 @@ Three ways (``dataset.packing``):
 
 Each row's token facts are one byte of bit flags (`LOSS`, `START`, `PAD`), so a cached data
 set is tokens (int32) + flags (uint8) per token, memory-mapped (`sharp_core.data.tokenized`).
+
+Two packers give the same rows: `RowPacker` takes documents chunk by chunk and hands back the
+rows completed so far, without knowing how many rows there will be (the cache build streams
+them to disk); `Packer` fills arrays sized beforehand from every document's length
+(`rows_needed`), the simple form the tests take as the reference.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ __all__ = [
     "PAD",
     "START",
     "Packer",
+    "RowPacker",
     "document_mask",
     "forward_kwargs",
     "model_inputs",
@@ -111,6 +117,71 @@ class Packer:
         f = self.flags.reshape(-1)
         f[self.pos :] = PAD
         f[self.pos] = PAD | START
+
+
+class RowPacker:
+    """Documents in, finished (k, N) rows out, chunk by chunk: what `Packer` writes for the
+    same documents, but without knowing the row count beforehand. Holds at most the one
+    partial row between chunks, so a build never has more than a chunk in memory.
+
+    ``add`` takes a chunk as flat token ids (int), flat loss masks (0/1) and each document's
+    length; it returns the (tokens int32, flags uint8) rows it completed. ``finish`` returns
+    the last, padded row (documents) or nothing (concat drops the partial row; none has
+    none)."""
+
+    def __init__(self, seq_len: int, packing: str, pad_id: int):
+        self.N, self.packing, self.pad = seq_len, packing, pad_id
+        self.documents = 0  # documents seen (the number an error names)
+        self.tokens = 0  # tokens seen
+        self._t = np.zeros(0, np.int32)  # the partial row carried to the next chunk
+        self._f = np.zeros(0, np.uint8)
+
+    def add(
+        self, ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        N, k = self.N, len(lengths)
+        first = self.documents
+        self.documents += k
+        self.tokens += int(lengths.sum())
+        fl = np.asarray(mask, np.uint8) & LOSS  # (T,)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)  # (k,)
+        if self.packing == "none":
+            long = np.flatnonzero(lengths > N)
+            if len(long):
+                i = int(long[0])
+                raise DataError(
+                    f"document {first + i} has {int(lengths[i])} tokens, more than "
+                    f"training.seq_len={N}, and packing is 'none': raise seq_len, "
+                    "shorten it, or pack ('documents' splits it)",
+                    param="spec.dataset.packing",
+                )
+            tokens = np.full((k, N), self.pad, np.int32)
+            flags = np.full((k, N), PAD, np.uint8)
+            row = np.repeat(np.arange(k), lengths)  # (T,) each token's row
+            col = np.arange(len(ids)) - np.repeat(starts, lengths)  # (T,) its column
+            fl[starts[lengths > 0]] |= START
+            tokens[row, col] = ids
+            flags[row, col] = fl
+            return tokens, flags
+        if self.packing == "documents":
+            fl[starts[lengths > 0]] = START  # a document's first token: a start, never a target
+        t = np.concatenate([self._t, np.asarray(ids, np.int32)])
+        f = np.concatenate([self._f, fl])
+        full = len(t) // N * N
+        self._t, self._f = t[full:], f[full:]
+        return t[:full].reshape(-1, N), f[:full].reshape(-1, N)
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """The last row, padded as its own segment with no target (documents), else none."""
+        rest = len(self._t)
+        if self.packing != "documents" or rest == 0:
+            return np.zeros((0, self.N), np.int32), np.zeros((0, self.N), np.uint8)
+        tokens = np.full((1, self.N), self.pad, np.int32)
+        flags = np.full((1, self.N), PAD, np.uint8)
+        tokens[0, :rest], flags[0, :rest] = self._t, self._f
+        flags[0, rest] = PAD | START
+        self._t, self._f = self._t[:0], self._f[:0]
+        return tokens, flags
 
 
 def positions(flags: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,13 @@ S3, listed by ``sharp admin storage``)::
     <key>/flags.npy      (n, N) uint8          LOSS | START | PAD bits (`sharp_core.data.packing`)
     <key>/manifest.json  written last: key, its parts, shapes, counts, every file's sha256
 
-Built by `datasets.map(batched=True, num_proc=…)` (the format's `encode_rows`), streamed
-through the `Packer` into ``np.lib.format.open_memmap`` arrays, so neither the build nor a
-reader holds the corpus in Python lists. A folder without a manifest (a crash mid-build) or
-whose files do not match it is rebuilt. Under torchrun rank 0 builds, the others wait at a
+Built as a stream (`build`): the source is read a batch of rows at a time (local files and
+streaming hub data sets through `datasets`' streaming readers, never loaded whole), each
+batch encoded by the format's `encode_rows` in one of ``num_proc`` processes (in order, a
+bounded number in flight), packed by `RowPacker` and appended to the ``.npy`` files, whose
+row count is known and written into their headers at the end. The build's memory is a few
+batches and one partial row, whatever the size of the data (docs/performance.md). A folder
+without a manifest (a crash mid-build) or whose files do not match it is rebuilt. Under torchrun rank 0 builds, the others wait at a
 barrier and then map the committed entry (`prepare`).
 """
 
@@ -27,10 +30,10 @@ import json
 import mmap
 import os
 import shutil
-import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,7 +42,7 @@ import numpy as np
 import torch
 
 from sharp_core.data import formats
-from sharp_core.data.packing import LOSS, START, Packer, rows_needed
+from sharp_core.data.packing import LOSS, START, RowPacker
 from sharp_core.errors import DataError
 from sharp_core.ranks import ONE, Ranks
 from sharp_core.spec import DatasetSpec
@@ -52,6 +55,7 @@ __all__ = [
     "build",
     "commit",
     "data_key",
+    "encode_batch",
     "key_parts",
     "open_entry",
     "prepare",
@@ -152,125 +156,206 @@ def key_parts(
 
 # ------------------------------------------------------------------------------ build
 
+#: Rows of the source per tokenising task: big enough that the fast tokenizer batches well,
+#: small enough that a few in flight per process stay a few MB.
+BATCH_ROWS = 1000
+
+
+class _NpyAppender:
+    """A (rows, N) ``.npy`` file written a chunk of rows at a time with plain writes (no
+    memory map, so the build's resident memory does not grow with the file). The header is
+    numpy's own: it reserves room for any row count (128 bytes), so it is written first for
+    0 rows and rewritten in place for the final count; the file is byte for byte what
+    ``np.save`` writes for the whole array."""
+
+    def __init__(self, path: Path, dtype: Any, seq_len: int):
+        self.path, self.dtype, self.N, self.rows = path, np.dtype(dtype), seq_len, 0
+        self.f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.data_at = self._header()
+
+    def _header(self) -> int:
+        self.f.seek(0)
+        d = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+             "shape": (self.rows, self.N)}  # fmt: skip
+        np.lib.format.write_array_header_1_0(self.f, d)
+        return self.f.tell()
+
+    def write(self, rows: np.ndarray) -> None:
+        assert rows.dtype == self.dtype and rows.ndim == 2 and rows.shape[1] == self.N
+        self.f.write(np.ascontiguousarray(rows).data)
+        self.rows += rows.shape[0]
+
+    def close(self) -> None:
+        if self._header() != self.data_at:  # cannot happen below 10^21 rows
+            raise RuntimeError(f"{self.path}: the .npy header changed size")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+    def abort(self) -> None:
+        self.f.close()
+
+
+def _batches(rows: Any, batch_size: int) -> Iterator[dict[str, list[Any]]]:
+    """Batches (column → values) of a `datasets.Dataset` or `IterableDataset` (their
+    ``iter``), or ``rows`` itself when it already yields batches."""
+    it = getattr(rows, "iter", None)
+    if callable(it):
+        yield from it(batch_size=batch_size)
+    else:
+        yield from rows
+
+
+def encode_batch(
+    batch: dict[str, list[Any]], **kw: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One batch of rows → (flat token ids int32, flat loss mask uint8, lengths int64): the
+    format's `formats.encode_rows` (``kw``: its keyword arguments), as `RowPacker` takes it."""
+    enc = formats.encode_rows(batch, **kw)
+    ids, masks = enc["input_ids"], enc["loss_mask"]
+    lengths = np.fromiter((len(d) for d in ids), dtype=np.int64, count=len(ids))
+    total = int(lengths.sum())
+    flat = np.fromiter((t for d in ids for t in d), dtype=np.int32, count=total)
+    mask = np.fromiter((v for m in masks for v in m), dtype=np.uint8, count=total)
+    return flat, mask, lengths
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(kw: dict[str, Any]) -> None:
+    _WORKER.update(kw)
+
+
+def _worker_encode(batch: dict[str, list[Any]]) -> Any:
+    """`encode_batch` in a pool process; a `DataError` comes back as its parts (an exception
+    with keyword arguments does not survive pickling whole)."""
+    try:
+        return encode_batch(batch, **_WORKER)
+    except DataError as e:
+        return ("error", e.message, e.param)
+
+
+def _encoded(
+    batches: Iterator[dict[str, list[Any]]], kw: dict[str, Any], num_proc: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Encoded batches in the source's order. With ``num_proc`` > 1 a process pool encodes
+    them, at most two per process in flight, so reading the source never runs ahead of
+    the packing (a bounded pipeline; ``Pool.imap`` would read the whole source ahead)."""
+    if num_proc <= 1:
+        for b in batches:
+            yield encode_batch(b, **kw)
+        return
+    import multiprocessing as mp
+
+    # fork, as datasets.map(num_proc) does: the tokenizer is inherited, not pickled
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pending: deque[Any] = deque()
+
+    def take() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out = pending.popleft().get()
+        if isinstance(out, tuple) and len(out) == 3 and isinstance(out[0], str):
+            raise DataError(out[1], param=out[2])
+        return out  # type: ignore[no-any-return]
+
+    with ctx.Pool(num_proc, initializer=_worker_init, initargs=(kw,)) as pool:
+        for b in batches:
+            pending.append(pool.apply_async(_worker_encode, (b,)))
+            if len(pending) >= 2 * num_proc:
+                yield take()
+        while pending:
+            yield take()
+
 
 def build(
-    table: Any,
+    rows: Any,
     tokenizer: Any,
     *,
     parts: dict[str, Any],
     key: str,
     out_dir: Path | None,
     num_proc: int = 1,
-    first_rows: list[int] | None = None,
+    batch_rows: int = BATCH_ROWS,
 ) -> TokenizedData:
-    """Tokenise ``table`` (a `datasets.Dataset`) and pack it into ``out_dir`` (memory maps,
-    manifest last) or, with ``out_dir`` None, into memory. Returns the entry.
+    """Tokenise ``rows`` and pack them into ``out_dir`` (``.npy`` files appended a chunk at
+    a time, manifest last) or, with ``out_dir`` None, into memory. Returns the entry.
 
-    A table backed by files (a ``save_to_disk`` folder) gets its map output in a scratch
-    folder removed afterwards: ``datasets`` would write it beside the source's own files,
-    into the data roots, and change the folder the key hashes."""
-    scratch = None
-    if out_dir is not None and getattr(table, "cache_files", None):
-        scratch = Path(tempfile.mkdtemp(prefix="sharp-map-"))
-    try:
-        return _build(table, tokenizer, parts=parts, key=key, out_dir=out_dir,
-                      num_proc=num_proc, map_cache=scratch)  # fmt: skip
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _build(
-    table: Any,
-    tokenizer: Any,
-    *,
-    parts: dict[str, Any],
-    key: str,
-    out_dir: Path | None,
-    num_proc: int,
-    map_cache: Path | None,
-) -> TokenizedData:
+    ``rows``: a `datasets.Dataset`, a streaming `IterableDataset`, or an iterable of batches
+    (column → values). They are read a batch at a time, encoded (by ``num_proc`` processes),
+    packed (`RowPacker`) and written as they come, so the build holds a few batches and one
+    partial row whatever the size of the data; the row count is known at the end."""
     started = time.perf_counter()
     fmt, packing, N = parts["data_format"], parts["packing"], parts["seq_len"]
     template = None
     if fmt == "chat":
         template = formats.template_of(tokenizer, parts.get("_template_text"))
-    enc = table.map(
-        formats.encode_rows,
-        batched=True,
-        batch_size=1000,
-        num_proc=num_proc if num_proc > 1 and len(table) > num_proc else None,
-        remove_columns=table.column_names,
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "fmt": fmt,
-            "loss_on": parts["loss_on"],
-            "packing": packing,
-            "fields": parts["fields"],
-            "template": template,
-        },
-        keep_in_memory=out_dir is None,
-        load_from_cache_file=False,
-        cache_file_name=str(map_cache / "map.arrow") if map_cache is not None else None,
-        desc=None,
-    )
-    tokenize_s = time.perf_counter() - started
-    import pyarrow.compute as pc
-
-    ids_col = enc.data.column("input_ids")
-    lengths = np.asarray(pc.list_value_length(ids_col).to_numpy(zero_copy_only=False), np.int64)
-    n = rows_needed(lengths, N, packing)
-    if n == 0:
-        raise DataError(
-            f"the data set gives {int(lengths.sum())} tokens: fewer than one row of {N}",
-            param="spec.dataset",
-        )
-    tokens: np.ndarray
-    flags: np.ndarray
-    if out_dir is not None:
-        tokens = np.lib.format.open_memmap(
-            out_dir / "tokens.npy", mode="w+", dtype=np.int32, shape=(n, N)
-        )
-        flags = np.lib.format.open_memmap(
-            out_dir / "flags.npy", mode="w+", dtype=np.uint8, shape=(n, N)
-        )
-    else:
-        tokens, flags = np.zeros((n, N), np.int32), np.zeros((n, N), np.uint8)
+    kw = {"tokenizer": tokenizer, "fmt": fmt, "loss_on": parts["loss_on"], "packing": packing,
+          "fields": parts["fields"], "template": template}  # fmt: skip
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    packer = Packer(tokens, flags, packing, int(pad or 0))
-    for start in range(0, len(enc), 10_000):
-        chunk = enc[start : start + 10_000]
-        packer.add(chunk["input_ids"], chunk["loss_mask"])
-    packer.finish()
-    targets = int(_count_targets(flags))
-    if targets == 0:
-        raise DataError(
-            "no token of the data set is a training target (loss_on="
-            f"{parts['loss_on']!r}): nothing to learn from",
-            param="spec.dataset.loss_on",
-        )
+    packer = RowPacker(N, packing, int(pad or 0))
+    sinks: list[Any] = []
+    chunks: list[tuple[np.ndarray, np.ndarray]] = []  # in memory (out_dir None)
+    if out_dir is not None:
+        sinks = [_NpyAppender(out_dir / "tokens.npy", np.int32, N),
+                 _NpyAppender(out_dir / "flags.npy", np.uint8, N)]  # fmt: skip
+    n = targets = 0
+    unmasked = True  # concat: every position past a row's first is a target so far
+
+    def emit(t: np.ndarray, f: np.ndarray) -> None:
+        nonlocal n, targets, unmasked
+        if not len(t):
+            return
+        n += len(t)
+        targets += int(np.count_nonzero(f[:, 1:] & LOSS))  # labels are x[:, 1:]
+        unmasked = unmasked and bool((f[:, 1:] & LOSS).all())
+        if sinks:
+            sinks[0].write(t)
+            sinks[1].write(f)
+        else:
+            chunks.append((t, f))
+
+    try:
+        for ids, mask, lengths in _encoded(_batches(rows, batch_rows), kw, num_proc):
+            emit(*packer.add(ids, mask, lengths))
+        emit(*packer.finish())
+        if n == 0:
+            raise DataError(
+                f"the data set gives {packer.tokens} tokens: fewer than one row of {N}",
+                param="spec.dataset",
+            )
+        if targets == 0:
+            raise DataError(
+                "no token of the data set is a training target (loss_on="
+                f"{parts['loss_on']!r}): nothing to learn from",
+                param="spec.dataset.loss_on",
+            )
+        for s in sinks:
+            s.close()
+    except BaseException:
+        for s in sinks:
+            s.abort()
+        raise
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "key": key,
         "parts": {k: v for k, v in parts.items() if not k.startswith("_")},
         "rows": n,
         "seq_len": N,
-        "documents": len(lengths),
-        "tokens": int(lengths.sum()),
+        "documents": packer.documents,
+        "tokens": packer.tokens,
         "targets": targets,
-        "masked": bool(targets < n * (N - 1)) if packing == "concat" else True,
-        "tokenize_s": round(tokenize_s, 3),
+        # concat: masked only when some target is off (chat in concat rows)
+        "masked": not unmasked if packing == "concat" else True,
         "build_s": round(time.perf_counter() - started, 3),
         "created_at": time.time(),
     }
-    if packing == "concat":  # masked only when some target is off (chat in concat rows)
-        manifest["masked"] = bool(((flags[:, 1:] & LOSS) == 0).any())
     if out_dir is not None:
-        for a in (tokens, flags):
-            if isinstance(a, np.memmap):
-                a.flush()
-        del tokens, flags
         return commit(out_dir, manifest)
+    if len(chunks) == 1:
+        tokens, flags = chunks[0]
+    else:
+        tokens = np.concatenate([t for t, _ in chunks])
+        flags = np.concatenate([f for _, f in chunks])
     return TokenizedData(tokens, flags, manifest)
 
 
@@ -286,14 +371,6 @@ def commit(out_dir: Path, manifest: dict[str, Any]) -> TokenizedData:
     entry = open_entry(out_dir, str(manifest["key"]))
     assert entry is not None
     return entry
-
-
-def _count_targets(flags: np.ndarray) -> int:
-    """Target tokens: flagged LOSS, not a row's first position (labels are x[:, 1:])."""
-    total = 0
-    for s in range(0, flags.shape[0], 4096):
-        total += int(np.count_nonzero(flags[s : s + 4096, 1:] & LOSS))
-    return total
 
 
 def _file_entry(path: Path) -> dict[str, Any]:
@@ -360,8 +437,10 @@ def prepare(
     ranks: Ranks = ONE,
 ) -> TokenizedData:
     """The job's tokenized data: read from ``store`` when an entry for the key verifies,
-    else built (by rank 0 under torchrun, the others waiting) and committed. ``info`` says
-    which: {role: built | read | memory, key, rows, tokens, seconds}."""
+    else built (by rank 0 under torchrun, the others waiting) and committed. ``load_table``
+    gives the rows `build` reads (a table, a streaming data set or batches); it is called
+    only to build. ``info`` says which: {role: built | read | memory, key, rows, tokens,
+    seconds}."""
     key = data_key({k: v for k, v in parts.items() if not k.startswith("_")})
     started = time.perf_counter()
     if store is None:

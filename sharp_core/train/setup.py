@@ -15,15 +15,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from sharp_core.data.lm import LMSource, prepare_lm, training_texts
+from sharp_core.data.lm import LMSource, eval_data, prepare_lm, training_texts
 from sharp_core.data.loading import (
     ClassificationData,
     PackedData,
     build_classification_data,
     build_classification_eval,
-    build_eval_blocks,
     load_classification,
-    load_texts,
 )
 from sharp_core.models.loading import (
     LocalResolver,
@@ -196,7 +194,7 @@ def setup(
             _check_chat_rendering(spec, resolver, source, toks.tokenizer)
         vocab = toks.vocab_size
         n_labels = None
-        eval_sets = load_eval_sets(spec, resolver, toks.tokenizer, None)
+        eval_sets = load_eval_sets(spec, resolver, toks.tokenizer, None, source)
     tok = toks.tokenizer
     kw = {
         "resolver": resolver,
@@ -313,11 +311,17 @@ def _check_positions(spec: JobSpec, student: Any, teacher: Any) -> None:
 
 
 def load_eval_sets(
-    spec: JobSpec, resolver: Resolver, tokenizer: Any, train: ClassificationData | None
+    spec: JobSpec,
+    resolver: Resolver,
+    tokenizer: Any,
+    train: ClassificationData | None,
+    source: LMSource | None = None,
 ) -> dict[str, PackedData | ClassificationData]:
     """Load, tokenise and pack (or pad) each evaluation set the spec names, once, as the
-    training data is: same loader, tokenizer, seq_len and packing; a classifier's with the
-    training data's classes (`train`). Before any model is loaded, so a bad set fails fast."""
+    training data is: same loader, tokenizer, seq_len, and a language model's with the
+    training data's format, chat template, loss mask and packing (`source`, `eval_data`);
+    a classifier's with the training data's classes (`train`). Before any model is loaded,
+    so a bad set fails fast."""
     out: dict[str, PackedData | ClassificationData] = {}
     seq_len = spec.training.seq_len
     for split, es in spec.dataset.eval.named():
@@ -328,8 +332,8 @@ def load_eval_sets(
                 rows, train, tokenizer, seq_len, es.max_blocks, where
             )
         else:
-            texts = load_texts(ds, resolver, where=where)
-            out[split] = build_eval_blocks(texts, tokenizer, seq_len, es.max_blocks, where)
+            src = source if source is not None else LMSource(spec.dataset, resolver)
+            out[split] = eval_data(ds, src, tokenizer, seq_len, es.max_blocks, where, resolver)
     return out
 
 
@@ -414,5 +418,5 @@ def _check_chat_rendering(spec: JobSpec, resolver: Resolver, source: LMSource, t
     other = load_model_tokenizer(spec, resolver, "student")
     if other is None:
         return
-    convs = source.table_unchecked()[source.fields["messages"]][:16]
+    convs = source.head(16).get(source.fields["messages"], [])
     check_render_identity(tok, other, convs, spec.dataset.chat_template)
