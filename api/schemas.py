@@ -316,7 +316,8 @@ class JobPublic(BaseModel):
         default=None,
         description="The plan made at submission (docs/planning.md): memory per GPU by "
         "component, strategy, expected tokens/s and cost, the levers it pulled, preflight "
-        "findings and what is unknown. Null for jobs from before plans (or sweep cells).",
+        "findings and what is unknown (a sweep's cells are planned as jobs are). Null for jobs "
+        "from before plans.",
     )
     usage: PlanUsage | None = Field(
         default=None,
@@ -676,6 +677,11 @@ class SweepCellPublic(BaseModel):
         "test metric (final); see the report's selection_metric / final_metric.",
     )
     error: ErrorBody | None = None
+    levers: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="The levers the plan pulled for this cell at submission (its job's "
+        "plan.levers, e.g. resources.student_parallel 'fsdp'); the job's spec has them applied.",
+    )
 
 
 class SweepPublic(BaseModel):
@@ -780,6 +786,7 @@ def sweep_view_public(view: SweepView) -> SweepPublic:
             progress=Progress(**progress(j.status, j.step, j.max_steps, j.tokens_per_s, j.spec)),
             value=view.values.get(j.id),
             error=ErrorBody(**j.error) if j.error else None,
+            levers=list((j.plan or {}).get("levers") or []),
         )
         for c, j in view.cells
     ]

@@ -44,6 +44,7 @@ from service.jobs import JobService, decode_cursor, encode_cursor, request_hash
 from service.lifecycle import TERMINAL_STATUSES
 from service.live import LivePublisher
 from service.models import Job, Sweep, SweepCell, Team, utcnow
+from service.plans import Planner
 from service.repositories import (
     JobRepository,
     SweepRepository,
@@ -223,7 +224,7 @@ class SweepService:
                 param="sweep.reference",
             )
         name_cells(spec.name, cells)
-        specs = self._validate(team, spec, cells)
+        admitted = self._validate(team, spec, cells)
         self.jobs.check_queued_quota(team, adding=len(cells))
         sweep = Sweep(
             id=new_id("swp"),
@@ -249,7 +250,7 @@ class SweepService:
             if existing is None:
                 raise
             return self._replay(existing, digest), False
-        self.repo.add_cells(self._insert_cells(team, sweep.id, cells, specs, start=0))
+        self.repo.add_cells(self._insert_cells(team, sweep.id, cells, admitted, start=0))
         self.jobs.schedule_after_commit()
         return self.view(sweep), True
 
@@ -261,10 +262,20 @@ class SweepService:
             )
         return self.view(existing)
 
-    def _validate(self, team: Team, spec: SweepSpec, cells: list[Cell]) -> list[Any]:
-        """Every cell's spec as a job submission checks it; 422 listing the first few
-        invalid ones. The final stage's variant of each configuration (the test set kept,
-        a final seed) is checked too, so the stage created later cannot be refused."""
+    def _admit(self, team: Team, raw: Any) -> tuple[Any, dict[str, Any]]:
+        """One cell as ``POST /v1/jobs`` admits it: validated, then planned (a cell that
+        cannot fit, or with an error finding, is a 422 naming the field); the spec with the
+        levers the plan pulled, and the plan to store on the cell's job."""
+        job_spec = self.jobs.validate(team, raw)
+        return Planner(self.session, self.settings).admit(team, job_spec)
+
+    def _validate(
+        self, team: Team, spec: SweepSpec, cells: list[Cell]
+    ) -> list[tuple[Any, dict[str, Any]]]:
+        """Every cell admitted as a job submission is (`_admit`: validation and the plan);
+        422 listing the first few refused ones. The final stage's variant of each
+        configuration (the test set kept, a final seed) is checked too, so the stage created
+        later cannot be refused. Returns (spec with levers, plan) per cell."""
         checks = list(cells)
         if spec.final is not None:
             one_seed = spec.model_copy(update={"final": FinalSpec(seeds=spec.final.seeds[:1])})
@@ -273,7 +284,7 @@ class SweepService:
                 seen.setdefault(c.config, c.overrides)
             checks += final_cells(one_seed, seen)
         parsed, count, bad = check_cells(
-            checks, lambda raw: self.jobs.validate(team, raw), limit=INVALID_CELLS_SHOWN
+            checks, lambda raw: self._admit(team, raw), limit=INVALID_CELLS_SHOWN
         )
         for b in bad:  # a final-stage variant is not a cell of the request
             if b["cell"] >= len(cells):
@@ -281,9 +292,9 @@ class SweepService:
         if count:
             first = bad[0]
             raise InvalidCellsError(
-                f"{count} cell(s) of this sweep have an invalid spec; nothing was created. "
-                f"First: cell {first['cell']} ({first['config']}, seed {first['seed']}): "
-                f"{first['message']}",
+                f"{count} cell(s) of this sweep have an invalid spec or cannot run; nothing "
+                f"was created. First: cell {first['cell']} ({first['config']}, seed "
+                f"{first['seed']}): {first['message']}",
                 param=first["param"],
                 cells=bad,
                 count=count,
@@ -295,14 +306,14 @@ class SweepService:
         team: Team,
         sweep_id: str,
         cells: list[Cell],
-        specs: list[Any],
+        admitted: Sequence[tuple[Any, dict[str, Any] | None]],
         *,
         start: int,
         schedule: bool = False,
     ) -> list[SweepCell]:
         rows = []
-        for i, (c, job_spec) in enumerate(zip(cells, specs, strict=True)):
-            job = self.jobs.enqueue(team, job_spec, schedule=schedule)
+        for i, (c, (job_spec, plan)) in enumerate(zip(cells, admitted, strict=True)):
+            job = self.jobs.enqueue(team, job_spec, schedule=schedule, plan=plan)
             rows.append(
                 SweepCell(
                     sweep_id=sweep_id,
@@ -438,14 +449,25 @@ class SweepService:
         cells = name_cells(spec.name, final_cells(spec, {m: overrides[k] for m, k in best.items()}))
         team = TeamRepository(self.session).get(sweep.team_id)
         assert team is not None
-        specs = [parse_spec(c.spec, prefix="spec") for c in cells]  # checked at creation
+        admitted = [self._final_admit(team, c) for c in cells]  # checked at creation
         self.repo.add_cells(
-            self._insert_cells(team, sweep.id, cells, specs, start=start, schedule=False)
+            self._insert_cells(team, sweep.id, cells, admitted, start=start, schedule=False)
         )
         if cells and schedule:
             self.jobs.schedule_after_commit()
         log.info("sweep %s: final stage created (%d cells) with %s", sweep.id, len(cells), best)
         return True
+
+    def _final_admit(self, team: Team, cell: Cell) -> tuple[Any, dict[str, Any] | None]:
+        """A final cell planned as at creation (its variant was admitted then). Should the
+        plan refuse it now (a pool that shrank since), the cell is still created, unplanned,
+        and its job start says why: the final stage is created once and never half."""
+        job_spec = parse_spec(cell.spec, prefix="spec")
+        try:
+            return Planner(self.session, self.settings).admit(team, job_spec)
+        except SharpError as e:
+            log.warning("final cell %s not planned: %s", cell.spec.get("name"), e)
+            return job_spec, None
 
     # -- report and curves -----------------------------------------------------------------
     def report(self, team: Team, sweep_id: str) -> dict[str, Any]:

@@ -77,6 +77,22 @@ class TokenizerMismatchError(SharpError):
     retryable = False
 
 
+class PreflightError(SpecError):
+    """A fatal finding of the preflight at job start (docs/planning.md, "Preflight"): its
+    code and field are the finding's; ``findings`` is every finding made up to it (as dicts),
+    so the job's event log shows them all beside the error."""
+
+    def __init__(
+        self, message: str, *, param: str | None, code: str, findings: list[dict[str, Any]]
+    ):
+        super().__init__(message, param=param, code=code)
+        self.findings = findings
+
+
+class TokenizerPreflightError(PreflightError, TokenizerMismatchError):
+    """A fatal tokenizer finding at job start: still a `TokenizerMismatchError`."""
+
+
 class DataError(SharpError):
     code = "data_error"
     status = 422

@@ -172,3 +172,66 @@ def test_a_short_run_across_tokenizers(corpus: Path, tmp_path: Path, mode: str) 
         assert math.isfinite(m["kd"]) and (m["kd"] > 0 or mode == "gold")
         assert 0.3 < m["aligned_fraction"] <= 1.0
         assert m["loss"] == pytest.approx(0.1 * m["ce"] + 0.9 * m["kd"], rel=1e-5)
+
+
+def test_a_teacher_identical_to_the_student_is_at_distance_zero(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """The training step's indexing, end to end: with the student a copy of the teacher (one
+    tokenizer), every position aligns, and the teacher's row picked for each student
+    position is the same prediction after the same text, so GOLD (here forward KL) is 0 at
+    the first step; an off-by-one between the two sides would compare different rows. (GOLD
+    rather than ULD: ULD is blind to a permutation, KL is not; both share the indexing.)"""
+    from sharp_core.train.loop import train
+
+    text = corpus.read_text(encoding="utf-8")
+    folder = save_model(tmp_path / "teacher", train_bpe_tokenizer([text], 300), 0)
+    d = spec_dict(
+        corpus,
+        teacher={"model": str(folder)},
+        student={"model": str(folder), "init": "pretrained", "config": None},
+        method={"name": "kd", "cross_tokenizer": "gold"},
+        training={"max_steps": 1, "eval_every": 0, "checkpoint_every": 0},
+    )
+    d.pop("tokenizer")
+    rec = Recorder()
+    train(parse_spec(d), tmp_path / "run", callbacks=rec)
+    m = rec.metrics[1]
+    assert m["aligned_fraction"] == 1.0
+    assert m["kd"] == pytest.approx(0.0, abs=1e-6) and m["ce"] > 1.0
+    [(_, pre)] = [e for e in rec.events if e[0] == "preflight"]
+    assert [f["code"] for f in pre["findings"]][:2] == [
+        "tokenizers_identical",
+        "cross_tokenizer_unneeded",
+    ]
+
+
+@pytest.mark.parametrize("mode", ["uld", "gold"])
+def test_the_chunked_divergence_equals_the_dense_one(mode: str) -> None:
+    """`CrossTokenizer.total` a few rows at a time against the dense sum over the gathered
+    rows: same value and same gradient on the student's logits, padded columns included
+    (cut per chunk, their gradient 0), for chunks of 1, 3 and all rows."""
+    from sharp_core.objectives.cross_tokenizer import Aligned, CrossTokenizer
+
+    g = torch.Generator().manual_seed(0)
+    B, N, T, Vs, Vt = 2, 7, 9, 11, 13
+    teacher = type("Tok", (), {"__len__": lambda self: Vt})()
+    ct = CrossTokenizer(mode, None, teacher, torch.tensor([0, 2, 5]), torch.tensor([1, 0, 4]))
+    rows = [Aligned([], [0, 2, 3, 6], [1, 2, 5, 8]), Aligned([], [1, 4], [0, 7])]
+    t_logits = torch.randn(B, T, Vt + 3, generator=g)  # 3 padded rows past the tokenizer
+    base = torch.randn(B, N, Vs + 2, generator=g)
+    b_idx = [0, 0, 0, 0, 1, 1]
+    s_pos, t_pos = [0, 2, 3, 6, 1, 4], [1, 2, 5, 8, 0, 7]
+    s = base.clone().requires_grad_(True)
+    dense = ct.divergence(s[b_idx, s_pos][:, :Vs], t_logits[b_idx, t_pos][:, :Vt], 2.0).sum()
+    dense.backward()
+    assert s.grad is not None
+    for chunk in (1, 3, None):
+        s2 = base.clone().requires_grad_(True)
+        total, n = ct.total(s2, t_logits, rows, Vs, 2.0, chunk)
+        assert n == 6
+        torch.testing.assert_close(total, dense.detach(), rtol=1e-6, atol=1e-6)
+        (0.5 * total).backward()
+        assert s2.grad is not None
+        torch.testing.assert_close(s2.grad, 0.5 * s.grad, rtol=1e-6, atol=1e-7)
+        assert s2.grad[:, :, Vs:].abs().sum() == 0

@@ -397,13 +397,166 @@ def test_planned_memory_within_25_percent_of_a_measured_step(ac: bool) -> None:
 
 
 def test_the_job_start_refuses_seq_len_past_a_learned_position_table(corpus, tmp_path) -> None:
-    """A hub model's config is read only at job start: the same finding refuses it there."""
+    """A hub model's config is read only at job start: the same finding refuses it there,
+    with the finding's code, and the trainer reports the findings as a 'preflight' event."""
     from sharp_core.train.loop import train
-    from tests.helpers import GPT2_TINY, spec_dict
+    from tests.helpers import GPT2_TINY, Recorder, spec_dict
 
     d = spec_dict(corpus, training={"seq_len": 128, "max_steps": 1})
     assert GPT2_TINY["n_positions"] == 64
+    rec = Recorder()
     with pytest.raises(SpecError) as e:
-        train(parse_spec(d), tmp_path / "run")
+        train(parse_spec(d), tmp_path / "run", callbacks=rec)
     assert e.value.param == "spec.training.seq_len" and "64 positions" in str(e.value)
+    assert e.value.code == "seq_len_exceeds_positions"
     assert not (tmp_path / "run").exists()
+    [(kind, data)] = [ev for ev in rec.events if ev[0] == "preflight"]
+    assert data["fatal"] == "seq_len_exceeds_positions"
+    assert [f["code"] for f in data["findings"]] == ["seq_len_exceeds_positions"]
+
+
+def test_preflight_at_start_on_loaded_models(tmp_path) -> None:
+    """`preflight_models` with what only the worker knows: the embeddings' rows beside the
+    tokenizers (padded: info), a rotary model past its positions (warning), a CUDA card
+    without bf16 (fatal, naming training.precision), and nothing to say off CUDA."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sharp_core.errors import PreflightError
+    from sharp_core.models.loading import train_bpe_tokenizer
+    from sharp_core.train.setup import OwnTokenizers, preflight_models
+
+    tok = train_bpe_tokenizer(["some text to learn a few merges from " * 20], 270)
+
+    def llama(rows: int):
+        cfg = AutoConfig.for_model(**{**LLAMA_TINY, "vocab_size": rows})
+        return AutoModelForCausalLM.from_config(cfg)
+
+    spec = parse_spec(
+        {
+            "teacher": {"model": "org/teacher"},
+            "student": {"model": "org/student"},
+            "dataset": {"files": ["x.txt"]},
+            "method": {"name": "kd"},
+            "training": {"seq_len": 128},
+        }
+    )
+    own = OwnTokenizers(tok, tok, ("org/teacher", "org/student"))
+    teacher, student = llama(len(tok) + 30), llama(len(tok))
+    got = preflight_models(spec, student, teacher, own, device_name=None, bf16=None)
+    assert [(f["code"], f["severity"]) for f in got] == [
+        ("vocab_padded", "info"),
+        ("seq_len_exceeds_positions", "warning"),
+        ("seq_len_exceeds_positions", "warning"),
+    ]
+    assert f"embeddings padded to {len(tok) + 30} (teacher)" in got[0]["message"]
+    with pytest.raises(PreflightError) as e:
+        preflight_models(spec, student, teacher, own, device_name="Tesla V100", bf16=False)
+    assert (e.value.code, e.value.param) == ("bf16_unsupported", "spec.training.precision")
+    assert "this worker's Tesla V100 has no bfloat16" in e.value.message
+    assert [f["code"] for f in e.value.findings][-1] == "bf16_unsupported"
+    fp32 = spec.model_copy(
+        update={"training": spec.training.model_copy(update={"precision": "fp32"})}
+    )
+    assert preflight_models(fp32, student, teacher, None, device_name="V100", bf16=False) == [
+        f for f in got if f["code"] == "seq_len_exceeds_positions"
+    ]
+
+
+def hub_model(hf_home, repo_id: str, model, tok) -> None:
+    """`repo_id` in the Hugging Face cache layout under ``hf_home`` (what a download leaves:
+    a snapshot folder named by its commit, refs/main pointing at it), so that with
+    ``HF_HOME=hf_home HF_HUB_OFFLINE=1`` only a process started with that environment
+    resolves it, as a worker with a warm cache does, while the API cannot read it."""
+    import hashlib
+
+    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    snap = repo / "snapshots" / commit
+    model.save_pretrained(snap)
+    tok.save_pretrained(snap)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+@pytest.mark.service
+@pytest.mark.slow
+def test_a_hub_model_is_checked_when_the_worker_starts_the_job(
+    settings, db, make_team, corpus, tmp_path, monkeypatch
+):
+    """Hub teacher and student, resolvable only in the training process (a hub cache under
+    its HF_HOME, offline): the submission cannot compare them (tokenizers_unchecked) and
+    admits the job; at job start the tokenizers, chat templates and positions are checked,
+    the teacher's learned table of 32 positions is fatal at seq_len 64, the job fails with
+    that finding's code and field, and every finding is in its events and on its plan."""
+    import threading
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from api.app import create_app
+    from service.live import LivePublisher
+    from service.models import JobEvent, utcnow
+    from service.repositories import JobRepository
+    from sharp_core.models.loading import train_bpe_tokenizer
+    from tests.helpers import spec_dict
+    from tests.test_service_worker import Sent
+    from worker.supervisor import Supervisor
+
+    tok = train_bpe_tokenizer([corpus.read_text(encoding="utf-8")], 300)
+    hf_home = tmp_path / "hf"
+    for repo_id, positions, template in (
+        (
+            "sharp-test/teacher",
+            32,
+            "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}",
+        ),
+        ("sharp-test/student", 128, "{% for m in messages %}{{ m.content }}\n{% endfor %}"),
+    ):
+        tok.chat_template = template
+        cfg = GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=positions, vocab_size=len(tok))
+        hub_model(hf_home, repo_id, GPT2LMHeadModel(cfg), tok)
+    spec = spec_dict(
+        corpus,
+        teacher={"model": "sharp-test/teacher"},
+        student={"model": "sharp-test/student", "init": "pretrained", "config": None},
+        method={"name": "kd"},
+        training={"max_steps": 2, "seq_len": 64, "eval_every": 0, "checkpoint_every": 0},
+    )
+    spec.pop("tokenizer")
+    team = make_team("hub-preflight")
+    live = LivePublisher(settings)
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/v1/jobs", json={"spec": spec}, headers=team.headers)
+        assert r.status_code == 201, r.text
+        job = r.json()
+        assert "tokenizers_unchecked" in [f["code"] for f in job["plan"]["findings"]]
+        job_id = job["id"]
+        with db.session() as s:
+            JobRepository(s).update_fenced(job_id, values={"admitted_at": utcnow()})
+        # the training process inherits this environment; this process's hub client does not
+        monkeypatch.setenv("HF_HOME", str(hf_home))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+        out: list[str] = []
+        sup = Supervisor(settings, db, live, Sent())
+        th = threading.Thread(target=lambda: out.append(sup.run(job_id)))
+        th.start()
+        th.join(300)
+        assert out == ["failed"]
+        got = client.get(f"/v1/jobs/{job_id}", headers=team.headers).json()
+    live.close()
+    err = got["error"]
+    assert (err["code"], err["param"]) == ("seq_len_exceeds_positions", "spec.training.seq_len")
+    assert "exceeds the teacher's 32 positions" in err["message"]
+    at_start = got["plan"]["preflight_at_start"]
+    assert at_start["fatal"] == "seq_len_exceeds_positions" and at_start["attempt"] == 1
+    assert [f["code"] for f in at_start["findings"]] == [
+        "tokenizers_identical",
+        "chat_template_differs",
+        "seq_len_exceeds_positions",
+    ]
+    assert "tokenizers_unchecked" in [f["code"] for f in got["plan"]["findings"]]
+    with db.session() as s:
+        events = s.scalars(
+            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == "preflight")
+        ).all()
+    assert [e.data["findings"] for e in events] == [at_start["findings"]]

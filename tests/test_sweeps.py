@@ -221,6 +221,47 @@ def test_invalid_cells_are_listed_and_nothing_is_created(
     assert counts_in_db(db, team.team_id) == before
 
 
+def test_each_cell_is_planned_a_cell_that_cannot_fit_is_named_and_levers_are_applied(
+    client: TestClient, make_team: Callable[[str], TeamKey], corpus: Path, db: Database
+) -> None:
+    """The plan runs for every cell at submission, as for a job: on a declared 8×H100 pool,
+    an 8B → 3B cell at batch 256 cannot fit (422 naming the cell and the field, nothing
+    created); at batch 8 it fits only with the student sharded, which the cell's job runs
+    with and the sweep reports."""
+    from service import scheduler
+    from tests.test_plan import big_spec
+
+    team = make_team("sweep-plans")
+    with db.session() as s:
+        scheduler.register_worker(
+            s, name="w-h100-sweeps", pool="h100-sweeps", gpus=8, hostname="h", gpu_type="h100"
+        )
+    spec = {
+        **big_spec(),
+        "dataset": {"files": [str(corpus)]},
+        "resources": {"gpus": 8, "queue": "h100-sweeps"},
+    }
+    r = post(client, team, {"base": spec, "axes": {"training.batch_size": [8, 256]}})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_sweep_cells" and err["invalid_cells"] == 1
+    assert err["param"] == "spec.training.batch_size"
+    [bad] = err["cells"]
+    assert (bad["cell"], bad["overrides"]) == (1, {"training.batch_size": 256})
+    assert "the h100-sweeps pool has 80 (92% usable: 74); batch" in bad["message"]
+    assert "First: cell 1 " in err["message"]
+    assert counts_in_db(db, team.team_id) == (0, 0, 0)
+
+    r = post(client, team, {"base": spec, "axes": {"training.batch_size": [8]}})
+    assert r.status_code == 201, r.text
+    [cell] = r.json()["cells"]
+    assert [lv["field"] for lv in cell["levers"]] == ["resources.student_parallel"]
+    job = client.get(f"/v1/jobs/{cell['job_id']}", headers=team.headers).json()
+    assert job["spec"]["resources"]["student_parallel"] == "fsdp"
+    assert job["plan"]["strategy"]["student_parallel"] == "fsdp"
+    assert job["plan"]["levers"] == cell["levers"]
+
+
 def test_the_queued_jobs_quota_refuses_a_sweep_that_does_not_fit(
     client: TestClient, team: TeamKey, corpus: Path, db: Database
 ) -> None:

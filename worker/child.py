@@ -417,13 +417,28 @@ class Reporter:
     def add_event(self, kind: str, data: dict[str, Any]) -> bool:
         """A one-off fact about the run for the job's event log (the trainer's 'pruned' report),
         fenced by attempt like every write; False if fenced off (nothing written). A
-        'teacher_cache' event also records the cache and this job's use of it."""
+        'teacher_cache' event also records the cache and this job's use of it; a 'preflight'
+        one (the findings at job start) goes on the job's plan too, as
+        ``preflight_at_start``."""
         write: Callable[[Session], None] | None = None
         if kind == "teacher_cache":
 
             def write(s: Session) -> None:
                 record_teacher_cache(
                     s, team_id=self.team_id, job_id=self.job_id, attempt=self.attempt, data=data
+                )
+
+        elif kind == "preflight":  # the plan made at submission, completed at job start
+
+            def write(s: Session) -> None:
+                job = s.get(Job, self.job_id)
+                plan = dict((job.plan if job is not None else None) or {})
+                plan["preflight_at_start"] = {**data, "attempt": self.attempt}
+                JobRepository(s).update_fenced(
+                    self.job_id,
+                    statuses=ACTIVE_STATUSES,
+                    attempt=self.attempt,
+                    values={"plan": plan},
                 )
 
         elif kind in ("teacher", "evaluation_failed"):  # columns the leaderboard and API read

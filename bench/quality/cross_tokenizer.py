@@ -1,20 +1,33 @@
 """Distillation across tokenizers, on the CPU: ULD and GOLD students against a student trained
-without a teacher (sft), equal budget, paired over seeds (docs/results.md)::
+without a teacher (sft), an equal tuning budget per method, chosen on validation, reported on a
+separate test text over fresh seeds, paired (docs/results.md)::
 
-    python -m bench.quality.cross_tokenizer --out docs/results/cross_tokenizer.json
+    python -m bench.quality.cross_tokenizer --out docs/results/cross_tokenizer_tuned.json
 
 The teacher: a Llama (hidden 64, 2 layers) trained on the corpus with its own byte-level BPE
 (vocabulary `--teacher-vocab`). The students: a smaller Llama (hidden 32, 2 layers) with
 another BPE trained on the same text (`--student-vocab`), from the same random start per
 seed, for the same steps, batch and data order; only the objective differs (sft: CE only;
-uld / gold: 0.1·CE + 0.9·D across tokenizers). Compared on the held-out tail's perplexity in
-the student's own tokens (all three students share that tokenizer, so it is one scale).
+uld / gold: (1 − a)·CE + a·D across tokenizers at temperature τ).
+
+Protocol. Text: Python's pydoc topics, joined in key order. Training corpus: its first
+`--corpus-chars` characters; validation: the job's own held-out tail of that corpus
+(`eval_fraction` 0.1, the job's `eval_ppl`); test: the next `--test-chars` characters, never
+seen in training nor in tuning. Tuning (seed `--tune-seed`, one run per trial, chosen on the
+validation perplexity): sft gets its trials on the learning rate; uld and gold the same number
+of trials on their own knobs (a, τ) at the learning rate sft chose. Test: the chosen
+configuration of each method on `--seeds` fresh seeds, its test perplexity in the student's
+tokens (one tokenizer for every student, so one scale), bits per byte, and the student's mean
+predictive entropy and top-1 probability against its top-1 accuracy (calibration). Every
+cell is written to `--out` as it finishes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,8 +43,16 @@ TEACHER = {
 }
 STUDENT = {**TEACHER, "hidden_size": 32, "intermediate_size": 64}
 
+#: Each method's trials (the same number each). sft's only knob is the learning rate; uld and
+#: gold tune (kd_weight a, temperature τ) at the learning rate sft chose.
+GRIDS: dict[str, list[dict[str, float]]] = {
+    "sft": [{"lr": 3e-3}, {"lr": 6e-3}, {"lr": 1e-2}, {"lr": 1.5e-2}],
+    "uld": [{"kd_weight": a, "temperature": 1.0} for a in (0.01, 0.03, 0.1, 0.3)],
+    "gold": [{"kd_weight": a, "temperature": 1.0} for a in (0.3, 0.5, 0.7, 0.9)],
+}
 
-def _spec(corpus: Path, method: dict[str, Any], seed: int, steps: int, **over: Any) -> dict:
+
+def _spec(corpus: Path, method: dict[str, Any], seed: int, steps: int, lr: float, **over: Any):
     d = {
         "name": "xtok",
         "student": {"init": "config", "config": dict(STUDENT)},
@@ -41,7 +62,7 @@ def _spec(corpus: Path, method: dict[str, Any], seed: int, steps: int, **over: A
             "max_steps": steps,
             "batch_size": 8,
             "seq_len": 64,
-            "lr": 3e-3,
+            "lr": lr,
             "warmup_steps": 10,
             "eval_every": 0,
             "checkpoint_every": 0,
@@ -52,7 +73,7 @@ def _spec(corpus: Path, method: dict[str, Any], seed: int, steps: int, **over: A
     return d
 
 
-def _run(spec: dict, out: Path) -> dict[str, float]:
+def _train(spec: dict, out: Path) -> tuple[dict[str, float], Path]:
     from sharp_core.spec import parse_spec
     from sharp_core.train.loop import train
 
@@ -73,106 +94,261 @@ def _run(spec: dict, out: Path) -> dict[str, float]:
     last = max(s for s in rec.metrics if "eval_ppl" in rec.metrics[s])
     m = rec.metrics[last]
     fractions = [v["aligned_fraction"] for v in rec.metrics.values() if "aligned_fraction" in v]
+    assert res.checkpoint is not None
     return {
-        "eval_ppl": m["eval_ppl"],
-        "eval_loss": m["eval_loss"],
+        "val_ppl": m["eval_ppl"],
+        "val_loss": m["eval_loss"],
         "steps": float(res.step),
         "aligned_fraction": sum(fractions) / len(fractions) if fractions else float("nan"),
+    }, Path(res.checkpoint)
+
+
+def test_metrics(folder: Path, text: str, seq_len: int = 64) -> dict[str, float]:
+    """The model in ``folder`` on ``text`` cut into blocks of ``seq_len`` of its own tokens:
+    perplexity, bits per byte (comparable across tokenizers), mean predictive entropy (nats),
+    mean top-1 probability and top-1 accuracy (a calibrated model has the two close)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sharp_core.objectives.cross_tokenizer import token_bytes
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    n = len(ids) // seq_len * seq_len
+    blocks = torch.tensor(ids[:n]).view(-1, seq_len)  # (B, N)
+    nbytes = [len(b) for b in token_bytes(tok, ids[:n])]
+    pred_bytes = sum(nb for k, nb in enumerate(nbytes) if k % seq_len != 0)
+    nll = ent = top1 = acc = 0.0
+    count = 0
+    with torch.no_grad():
+        for chunk in blocks.split(32):
+            logits = model(input_ids=chunk).logits[:, :-1, : len(tok)].float()  # (b, N-1, V)
+            logp = torch.log_softmax(logits, -1)
+            y = chunk[:, 1:]
+            nll += float(-logp.gather(-1, y[..., None]).sum())
+            ent += float(-(logp.exp() * logp).sum())
+            p1, a1 = logp.max(-1)
+            top1 += float(p1.exp().sum())
+            acc += float((a1 == y).sum())
+            count += y.numel()
+    return {
+        "test_ppl": math.exp(nll / count),
+        "test_bpb": nll / (pred_bytes * math.log(2)),
+        "test_entropy": ent / count,
+        "test_top1_prob": top1 / count,
+        "test_top1_acc": acc / count,
+        "test_tokens": float(count),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", type=Path, default=None, help="text file (default: pydoc topics)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/xtok"))
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--teacher-steps", type=int, default=600)
+    ap.add_argument("--seeds", type=int, default=5, help="how many test seeds")
+    ap.add_argument("--first-seed", type=int, default=10, help="the first test seed")
+    ap.add_argument("--tune-seed", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--teacher-steps", type=int, default=800)
     ap.add_argument("--teacher-vocab", type=int, default=512)
     ap.add_argument("--student-vocab", type=int, default=384)
-    ap.add_argument("--kd-weight", type=float, default=None, help="a (default: the spec's)")
+    ap.add_argument("--corpus-chars", type=int, default=200_000)
+    ap.add_argument("--test-chars", type=int, default=50_000)
     ap.add_argument("--teacher", type=Path, default=None, help="reuse a trained teacher folder")
-    ap.add_argument("--arms", default="sft,uld,gold", help="comma list of sft, uld, gold")
+    ap.add_argument("--methods", default="sft,uld,gold", help="uld / gold need sft")
+    ap.add_argument(
+        "--control",
+        action="store_true",
+        help="also the same-tokenizer control on the test seeds: students with the teacher's "
+        "tokenizer, sft against uld (its chosen knobs) and kd (forward KL, gold's chosen a)",
+    )
+    ap.add_argument(
+        "--reuse-tuning",
+        type=Path,
+        default=None,
+        help="take the tuning and the chosen configurations from this earlier --out file "
+        "(same teacher, grids and tuning seed) instead of tuning again: more test seeds",
+    )
+    ap.add_argument(
+        "--finish",
+        type=Path,
+        default=None,
+        help="only add the missing test metrics of an --out file from the checkpoints under "
+        "--work, and its comparisons",
+    )
     a = ap.parse_args(argv)
     import torch
 
-    from sharp_core.study.compare import paired
-
     torch.set_num_threads(1)
+    if a.finish is not None:
+        finish(a.finish, a.work, a.test_chars)
+        return 0
     a.work.mkdir(parents=True, exist_ok=True)
-    corpus = a.corpus
-    if corpus is None:
-        from pydoc_data.topics import topics
+    from pydoc_data.topics import topics
 
-        corpus = a.work / "corpus.txt"
-        corpus.write_text("\n\n".join(topics[k] for k in sorted(topics))[:200_000], "utf-8")
+    full = "\n\n".join(topics[k] for k in sorted(topics))
+    corpus = a.work / "corpus.txt"
+    corpus.write_text(full[: a.corpus_chars], "utf-8")
+    test_text = full[a.corpus_chars : a.corpus_chars + a.test_chars]
+    assert len(test_text) == a.test_chars, "the pydoc topics are shorter than asked"
     t0 = time.time()
+    doc: dict[str, Any] = {
+        "command": "python -m bench.quality.cross_tokenizer "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+        "teacher_config": TEACHER,
+        "student_config": STUDENT,
+        "grids": GRIDS,
+        "tuning": {},
+        "chosen": {},
+        "test": {},
+    }
+
+    def save() -> None:
+        doc["wall_s"] = time.time() - t0
+        if a.out:
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps(doc, indent=1, default=str))
+
     teacher = a.teacher
     if teacher is None:
-        teacher_spec = _spec(
+        spec = _spec(
             corpus,
             {"name": "sft"},
             0,
             a.teacher_steps,
+            3e-3,
             student={"init": "config", "config": dict(TEACHER)},
             tokenizer={"train": {"vocab_size": a.teacher_vocab}},
         )
         from sharp_core.spec import parse_spec
         from sharp_core.train.loop import train
 
-        teacher = train(parse_spec(teacher_spec), a.work / "teacher").checkpoint
+        teacher = train(parse_spec(spec), a.work / "teacher").checkpoint
     assert teacher is not None
-    print(f"teacher {teacher} ready after {time.time() - t0:.0f} s", flush=True)
-    arms = {
-        "sft": {"name": "sft"},
-        "uld": {"name": "kd", "cross_tokenizer": "uld"},
-        "gold": {"name": "kd", "cross_tokenizer": "gold"},
+    doc["teacher"] = {"folder": str(teacher), **test_metrics(Path(teacher), test_text)}
+    print(f"teacher {teacher}: {doc['teacher']} after {time.time() - t0:.0f} s", flush=True)
+    save()
+
+    def cell(
+        method: str, knobs: dict[str, float], lr: float, seed: int, tag: str, same: bool = False
+    ) -> dict:
+        """One student: ``same`` gives it the teacher's tokenizer (the control); method 'kd'
+        is forward KL over that one vocabulary."""
+        m: dict[str, Any] = {"name": "sft"}
+        tokenizer = {"name": str(teacher)} if same else {"train": {"vocab_size": a.student_vocab}}
+        over: dict[str, Any] = {"tokenizer": tokenizer}
+        if method != "sft":
+            m = {"name": "kd", **knobs}
+            if method != "kd":
+                m["cross_tokenizer"] = method
+            over["teacher"] = {"model": str(teacher)}
+        t1 = time.time()
+        r, ckpt = _train(_spec(corpus, m, seed, a.steps, lr, **over), a.work / tag)
+        r |= test_metrics(ckpt, test_text) if not tag.startswith("tune") else {}
+        r |= {"knobs": knobs, "lr": lr, "seed": seed, "wall_s": time.time() - t1}
+        print(f"{tag}: {r}", flush=True)
+        return r
+
+    methods = a.methods.split(",")
+    if a.reuse_tuning is not None:
+        earlier = json.loads(a.reuse_tuning.read_text())
+        doc["tuning"], doc["chosen"] = earlier["tuning"], earlier["chosen"]
+        doc["tuning_from"] = str(a.reuse_tuning)
+        methods = [m for m in methods if m in doc["chosen"]]
+    for method in [m for m in methods if m not in doc["chosen"]]:
+        lr = 3e-3 if method == "sft" else doc["chosen"]["sft"]["lr"]
+        trials = []
+        for k, knobs in enumerate(GRIDS[method]):
+            lr_k = knobs["lr"] if method == "sft" else lr
+            trials.append(cell(method, knobs, lr_k, a.tune_seed, f"tune-{method}-{k}"))
+            doc["tuning"][method] = trials
+            save()
+        best = min(trials, key=lambda r: r["val_ppl"])
+        doc["chosen"][method] = {"knobs": best["knobs"], "lr": best["lr"]}
+        save()
+    seeds = range(a.first_seed, a.first_seed + a.seeds)
+    for seed in seeds:
+        for method in methods:
+            c = doc["chosen"][method]
+            r = cell(method, c["knobs"], c["lr"], seed, f"test-{method}-{seed}")
+            doc["test"].setdefault(method, {})[str(seed)] = r
+            save()
+    if a.control:  # the same-tokenizer control: is it the loss or the alignment?
+        ch = doc["chosen"]
+        arms = {
+            "sft": ({}, ch["sft"]["lr"]),
+            "uld": (ch["uld"]["knobs"], ch["sft"]["lr"]),
+            "kd": (ch["gold"]["knobs"], ch["sft"]["lr"]),
+        }
+        doc["control"] = {}
+        for seed in seeds:
+            for method, (knobs, lr) in arms.items():
+                r = cell(method, knobs, lr, seed, f"control-{method}-{seed}", same=True)
+                doc["control"].setdefault(method, {})[str(seed)] = r
+                save()
+
+    summarise(doc)
+    save()
+    return 0
+
+
+def summarise(doc: dict[str, Any]) -> None:
+    """The paired comparisons of the test cells' perplexities (and of the control's), and
+    each arm's mean ± std of the test metrics, into ``doc``; printed."""
+    from sharp_core.study.compare import mean_std, paired
+
+    def compare(table: dict[str, dict[str, dict]], pairs: list[tuple[str, str]]) -> dict:
+        ppl = {m: {int(s): r["test_ppl"] for s, r in rs.items()} for m, rs in table.items()}
+        return {
+            f"{x}_vs_{y}": paired(ppl[x], ppl[y], relative=True)
+            for x, y in pairs
+            if x in ppl and y in ppl
+        }
+
+    keys = ("test_ppl", "test_bpb", "test_entropy", "test_top1_prob", "test_top1_acc")
+    doc["paired_test_ppl_percent"] = compare(
+        doc["test"], [("uld", "sft"), ("gold", "sft"), ("gold", "uld")]
+    )
+    doc["summary"] = {
+        m: {k: mean_std([r[k] for r in rs.values()]) for k in keys} for m, rs in doc["test"].items()
     }
-    arms = {k: v for k, v in arms.items() if k in a.arms.split(",")}
-    if a.kd_weight is not None:
-        for arm in [k for k in arms if k != "sft"]:
-            arms[arm]["kd_weight"] = a.kd_weight  # type: ignore[assignment]
-    results: dict[str, dict[int, dict[str, float]]] = {k: {} for k in arms}
-    for seed in range(a.seeds):
-        for arm, method in arms.items():
-            over: dict[str, Any] = {"tokenizer": {"train": {"vocab_size": a.student_vocab}}}
-            if arm != "sft":
-                over["teacher"] = {"model": str(teacher)}
-            t1 = time.time()
-            r = _run(_spec(corpus, method, seed, a.steps, **over), a.work / f"{arm}-{seed}")
-            results[arm][seed] = r
-            print(
-                f"seed {seed} {arm:<4} eval_ppl {r['eval_ppl']:.3f} "
-                f"(aligned {r['aligned_fraction']:.2f}) {time.time() - t1:.0f} s",
-                flush=True,
-            )
-    ppl = {arm: {s: r["eval_ppl"] for s, r in rs.items()} for arm, rs in results.items()}
-    cmp = {
-        arm: paired(ppl[arm], ppl["sft"], relative=True) for arm in ("uld", "gold") if arm in ppl
-    }
-    if "uld" in ppl and "gold" in ppl:
-        cmp["gold_vs_uld"] = paired(ppl["gold"], ppl["uld"], relative=True)
-    for k, c in cmp.items():
-        assert c is not None
+    if doc.get("control"):
+        doc["control_paired_test_ppl_percent"] = compare(
+            doc["control"], [("uld", "sft"), ("kd", "sft")]
+        )
+        doc["control_summary"] = {
+            m: {k: mean_std([r[k] for r in rs.values()]) for k in keys}
+            for m, rs in doc["control"].items()
+        }
+    both = {**doc["paired_test_ppl_percent"], **doc.get("control_paired_test_ppl_percent", {})}
+    for k, c in both.items():
         ci = c["ci"] or [float("nan")] * 2
         print(
-            f"{k:<12} Δ eval_ppl {c['mean']:+.2f} % (95% CI {ci[0]:+.2f}, {ci[1]:+.2f}; p {c['p']})"
+            f"{k:<12} Δ test ppl {c['mean']:+.2f} % (95% CI {ci[0]:+.2f}, {ci[1]:+.2f}; p {c['p']})"
         )
-    doc = {
-        "command": "python -m bench.quality.cross_tokenizer " + " ".join(argv or []),
-        "settings": vars(a)
-        | {"work": str(a.work), "out": str(a.out), "corpus": str(corpus), "teacher": str(teacher)},
-        "teacher": TEACHER,
-        "student": STUDENT,
-        "results": {arm: {str(s): r for s, r in rs.items()} for arm, rs in results.items()},
-        "paired_vs_sft_percent": cmp,
-        "wall_s": time.time() - t0,
-    }
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(doc, indent=1, default=str))
-    return 0
+
+
+def finish(path: Path, work: Path, test_chars: int = 50_000) -> None:
+    """A results file whose cells lack their test metrics (the control cells of a run made
+    before they were computed for every non-tuning cell): each one's saved final checkpoint
+    under ``work`` evaluated on the same test text, then `summarise`; written back."""
+    from pydoc_data.topics import topics
+
+    doc = json.loads(path.read_text())
+    full = "\n\n".join(topics[k] for k in sorted(topics))
+    chars = int(doc["settings"]["corpus_chars"])
+    test_text = full[chars : chars + test_chars]
+    for stage in ("test", "control"):
+        for m, rs in (doc.get(stage) or {}).items():
+            for seed, r in rs.items():
+                if "test_ppl" not in r:
+                    [ckpt] = sorted((work / f"{stage}-{m}-{seed}").glob("step_*"))[-1:]
+                    r |= test_metrics(ckpt, test_text)
+                    r["test_metrics_added_after_the_run"] = True
+    summarise(doc)
+    path.write_text(json.dumps(doc, indent=1, default=str))
 
 
 if __name__ == "__main__":

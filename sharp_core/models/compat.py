@@ -75,13 +75,17 @@ def check_positions(seq_len: int, role: str, config: dict[str, Any] | None) -> l
     ]
 
 
-def check_dtype(precision: str, gpu_type: str | None, bf16: bool | None) -> list[Finding]:
+def check_dtype(
+    precision: str, gpu_type: str | None, bf16: bool | None, where: str = "the pool's"
+) -> list[Finding]:
+    """bf16 asked on a card without it (``bf16`` False; None: not known). ``where``: whose
+    card, in the message ("the pool's" at submission, "this worker's" at job start)."""
     if precision == "bf16" and bf16 is False:
         return [
             Finding(
                 "bf16_unsupported",
                 "error",
-                f"the pool's {gpu_type} has no bfloat16: use training.precision 'fp16' or "
+                f"{where} {gpu_type} has no bfloat16: use training.precision 'fp16' or "
                 "'fp32', or another pool",
                 "spec.training.precision",
             )

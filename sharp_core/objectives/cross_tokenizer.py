@@ -21,6 +21,7 @@ same text". Positions where the tokenisations disagree are left to the CE term.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "CrossTokenizer",
     "Aligned",
     "align",
+    "chunked_divergence",
     "gold_loss",
     "shared_vocabulary",
     "token_bytes",
@@ -94,6 +96,71 @@ def gold_loss(
     s_rest[student_ids] = False
     unmatched = _sorted_l1(p[:, t_rest], logq.exp()[:, s_rest])
     return w * matched + (1 - w) * unmatched
+
+
+class _Chunked(torch.autograd.Function):
+    """Σ over aligned positions of a per-row divergence, a chunk of rows at a time: each
+    chunk's float32 work (softmaxes, sorts, their indices) and its gradient are computed and
+    freed before the next, the gradient written into one buffer shaped as the student's
+    logits (the design of `sharp_core.objectives.losses`). Differentiable once."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        s_flat: torch.Tensor,
+        t_flat: torch.Tensor,
+        s_idx: torch.Tensor,
+        t_idx: torch.Tensor,
+        cols: tuple[int, int],
+        fn: Any,
+        chunk: int,
+    ) -> torch.Tensor:
+        needs = ctx.needs_input_grad[0]
+        grad = torch.zeros_like(s_flat) if needs else None  # (B·N, V_S')
+        total = torch.zeros((), dtype=torch.float32, device=s_flat.device)
+        for i in range(0, s_idx.numel(), chunk):
+            si, ti = s_idx[i : i + chunk], t_idx[i : i + chunk]
+            rows = s_flat.index_select(0, si)[:, : cols[0]].float()  # (C, V_S)
+            t_rows = t_flat.index_select(0, ti)[:, : cols[1]].float()  # (C, V_T)
+            with torch.enable_grad():
+                rows.requires_grad_(needs)
+                d = fn(rows, t_rows).sum()
+            if grad is not None:
+                (g,) = torch.autograd.grad(d, rows)
+                grad[si, : cols[0]] = g.to(grad.dtype)  # each student position aligns once
+            total += d.detach()
+        ctx.save_for_backward(grad if grad is not None else s_flat.new_zeros(0))
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, go: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return (grad * go.to(grad.dtype) if grad.numel() else None,) + (None,) * 6
+
+
+def chunked_divergence(
+    fn: Any,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_pos: torch.Tensor,
+    teacher_pos: torch.Tensor,
+    vocab: tuple[int, int],
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Σ_m fn(student row s_m, teacher row t_m) over the aligned positions, without the
+    (M, V) float32 copies of every aligned row that the dense form holds (several of them,
+    kept for the backward pass: at a 128k vocabulary, tens of GB; docs/planning.md).
+
+    student_logits (B, N, V_S'), teacher_logits (B, T, V_T'): the models' logits (rows past
+    the tokenizers, ``vocab`` = (V_S, V_T), are cut per chunk, never copied whole);
+    student_pos / teacher_pos (M,): flat positions b·N + i and b·T + j. ``chunk``: rows per
+    chunk (default: a float32 chunk of the larger vocabulary within 256 MiB). Same value
+    and gradient as ``fn(s[student_pos], t[teacher_pos]).sum()``."""
+    V = max(vocab)
+    step = chunk if chunk is not None else max(1, 2**28 // (4 * V))
+    s_flat = student_logits.reshape(-1, student_logits.shape[-1])
+    t_flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    return _Chunked.apply(s_flat, t_flat, student_pos, teacher_pos, vocab, fn, step)
 
 
 # ------------------------------------------------------------------------- vocabularies
@@ -268,3 +335,30 @@ class CrossTokenizer:
         return gold_loss(
             s_rows, t_rows, self.teacher_ids.to(dev), self.student_ids.to(dev), temperature
         )
+
+    def total(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        rows: list[Aligned],
+        vocab: int,
+        temperature: float,
+        chunk: int | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """(Σ of ULD or GOLD over the aligned positions of a micro-batch, how many), chunked
+        (`chunked_divergence`). student_logits (B, N, V_S'), teacher_logits (B, T, V_T')."""
+        N, T = student_logits.shape[1], teacher_logits.shape[1]
+        s_pos = [b * N + i for b, r in enumerate(rows) for i in r.student_pos]
+        t_pos = [b * T + j for b, r in enumerate(rows) for j in r.teacher_pos]
+        dev = student_logits.device
+        fn = functools.partial(self.divergence, temperature=temperature)
+        total = chunked_divergence(
+            fn,
+            student_logits,
+            teacher_logits,
+            torch.tensor(s_pos, dtype=torch.long, device=dev),
+            torch.tensor(t_pos, dtype=torch.long, device=dev),
+            (vocab, len(self.teacher)),
+            chunk,
+        )
+        return total, len(s_pos)

@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from sharp_core.cache import teacher_cache
 from sharp_core.data.loading import ClassificationData, PackedData
-from sharp_core.errors import DataError, OutOfMemoryError
+from sharp_core.errors import DataError, OutOfMemoryError, PreflightError
 from sharp_core.evaluate.perplexity import evaluate, evaluate_sets
 from sharp_core.models.loading import LocalResolver, Resolver
 from sharp_core.spec import JobSpec
@@ -178,9 +178,15 @@ def train(
     t, m = spec.training, spec.method
     torch.manual_seed(t.seed)
     random.seed(t.seed)
-    S = prepared or setup(
-        spec, resolver=resolver, device=device, data_store=data_cache_store(resolver, out_dir)
-    )
+    try:
+        S = prepared or setup(
+            spec, resolver=resolver, device=device, data_store=data_cache_store(resolver, out_dir)
+        )
+    except PreflightError as e:  # the findings beside the error, in the job's events
+        cb.on_event("preflight", {"findings": e.findings, "fatal": e.code})
+        raise
+    if S.preflight:
+        cb.on_event("preflight", {"findings": S.preflight, "fatal": None})
     if m.teacher_cache.mode != "off" and S.teacher_cache is None:  # build or read it first
         S = teacher_cache.attach(S, cache_store(resolver, out_dir), cb.on_event, ctx)
     if isinstance(S.data, PackedData) and S.data.info:  # built, read from the cache, in memory

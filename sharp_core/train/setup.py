@@ -88,6 +88,9 @@ class Setup:
     with its examples in ``eval``; empty when it names none."""
     cross: CrossTokenizer | None = None
     """Teacher and student tokenizers when they differ (``method.cross_tokenizer``)."""
+    preflight: list[dict[str, Any]] = field(default_factory=list)
+    """The compatibility findings made at job start (`preflight_models`), as dicts: the
+    trainer reports them as a 'preflight' event."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,9 @@ def setup(
     dev = pick_device(device)
     hf_logging.disable_progress_bar()
     classify = spec.task == "sequence_classification"
+    # the models' own tokenizers compared before anything heavy is loaded (a hub model's are
+    # readable only here, not at submission)
+    own = preflight_tokenizers(spec, resolver)
     data: PackedData | ClassificationData
     if classify:
         rows = load_classification(spec.dataset, resolver)
@@ -249,8 +255,9 @@ def setup(
         if not pruning:
             data = prepare_lm(spec.dataset, source, tok, spec.training.seq_len, **data_kw)
 
-    if not classify:
-        _check_positions(spec, student, teacher)
+    findings = preflight_models(
+        spec, student, teacher, own, device_name=_device_name(dev), bf16=_bf16_supported(dev)
+    )
     objective = s_cap = t_cap = None
     if spec.method.uses_attention:
         from sharp_core.models.capture import AttentionCapture
@@ -289,25 +296,127 @@ def setup(
         dataset_sha256=digest,
         eval_sets=eval_sets,
         cross=cross,
+        preflight=findings,
     )
 
 
-def _check_positions(spec: JobSpec, student: Any, teacher: Any) -> None:
-    """Packed blocks of ``training.seq_len`` past a learned position table would fail in the
-    first forward with an index error: refused here naming the field (the submission's
-    preflight does the same where configs are readable; docs/planning.md)."""
-    from sharp_core.errors import SpecError
-    from sharp_core.models.compat import check_positions
+@dataclass(frozen=True)
+class OwnTokenizers:
+    """The teacher's and the student's own tokenizers, when a distillation job has both."""
 
-    models = [("student", student)] + (
-        [("teacher", teacher)]
-        if teacher is not None and spec.method.cross_tokenizer is None
-        else []
+    teacher: Any
+    student: Any
+    sources: tuple[str, str]
+
+
+def preflight_tokenizers(spec: JobSpec, resolver: Resolver) -> OwnTokenizers | None:
+    """At job start, before any model is loaded: the two models' own tokenizers compared
+    (identical, same vocabulary, overlapping, disjoint) and their chat templates, as at
+    submission where they were readable (docs/planning.md, "Preflight"). A fatal finding
+    raises `TokenizerPreflightError` naming both sources. None: one tokenizer for both."""
+    from sharp_core.errors import TokenizerPreflightError
+    from sharp_core.models.compat import compare_chat_templates, compare_tokenizers
+    from sharp_core.models.loading import load_model_tokenizer, model_source
+
+    distils = spec.teacher is not None and spec.method.name != "sft"
+    if not distils or spec.tokenizer.name or spec.tokenizer.train:
+        return None
+    if spec.student.init != "pretrained":
+        return None
+    t_tok = load_model_tokenizer(spec, resolver, "teacher")
+    s_tok = load_model_tokenizer(spec, resolver, "student")
+    if t_tok is None or s_tok is None:
+        return None
+    assert spec.teacher is not None
+    srcs = (
+        model_source(spec.teacher, resolver, "spec.teacher.model") or "?",
+        model_source(spec.student, resolver, "spec.student.model") or "?",
     )
-    for role, model in models:
-        for f in check_positions(spec.training.seq_len, role, model.config.to_dict()):
-            if f.severity == "error":
-                raise SpecError(f"{f.param}: {f.message}", param=f.param)
+    found = compare_tokenizers(
+        t_tok,
+        s_tok,
+        teacher_rows=None,
+        student_rows=None,
+        cross_tokenizer=spec.method.cross_tokenizer,
+    ) + compare_chat_templates(t_tok, s_tok)
+    for f in found:
+        if f.severity == "error":
+            raise TokenizerPreflightError(
+                f"{f.param}: teacher '{srcs[0]}' and student '{srcs[1]}': {f.message}",
+                param=f.param,
+                code=f.code,
+                findings=[_as_dict(x) for x in found],
+            )
+    return OwnTokenizers(t_tok, s_tok, srcs)
+
+
+def preflight_models(
+    spec: JobSpec,
+    student: Any,
+    teacher: Any,
+    own: OwnTokenizers | None,
+    *,
+    device_name: str | None,
+    bf16: bool | None,
+) -> list[dict[str, Any]]:
+    """The preflight at job start, with the models loaded (docs/planning.md, "Preflight"):
+    the tokenizers (with the embeddings' rows), the chat templates, ``training.seq_len``
+    against each model's positions, and bf16 on this device (``bf16`` None: not a CUDA
+    device, nothing to check). Why here too: a hub model's config and tokenizer are readable
+    only once the worker has them, so the submission could not say. Returns every finding
+    (dicts with code, severity, message, param); raises `PreflightError` at the first fatal
+    one, carrying them all."""
+    from sharp_core.errors import PreflightError
+    from sharp_core.models.compat import (
+        check_dtype,
+        check_positions,
+        compare_chat_templates,
+        compare_tokenizers,
+    )
+
+    def rows(model: Any) -> int | None:
+        emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return int(emb.weight.shape[0]) if emb is not None else None
+
+    found = []
+    if own is not None and teacher is not None:
+        found += compare_tokenizers(
+            own.teacher,
+            own.student,
+            teacher_rows=rows(teacher),
+            student_rows=rows(student),
+            cross_tokenizer=spec.method.cross_tokenizer,
+        )
+        found += compare_chat_templates(own.teacher, own.student)
+    if spec.task == "causal_lm":
+        # the teacher of a cross-tokenizer job reads its own tokens, cut to its positions
+        roles = [("student", student)]
+        if teacher is not None and spec.method.cross_tokenizer is None:
+            roles.append(("teacher", teacher))
+        for role, model in roles:
+            found += check_positions(spec.training.seq_len, role, model.config.to_dict())
+    if bf16 is not None:
+        found += check_dtype(spec.training.precision, device_name, bf16, "this worker's")
+    out = [_as_dict(f) for f in found]
+    for f in found:
+        if f.severity == "error":
+            raise PreflightError(
+                f"{f.param}: {f.message}", param=f.param, code=f.code, findings=out
+            )
+    return out
+
+
+def _as_dict(f: Any) -> dict[str, Any]:
+    return {"code": f.code, "severity": f.severity, "message": f.message, "param": f.param}
+
+
+def _device_name(dev: torch.device) -> str | None:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+
+
+def _bf16_supported(dev: torch.device) -> bool | None:
+    """Whether this CUDA device computes in bfloat16; None off CUDA (the CPU trains fp32)."""
+    return bool(torch.cuda.is_bf16_supported()) if dev.type == "cuda" else None
 
 
 def load_eval_sets(

@@ -275,7 +275,9 @@ def _cross_step(
     (`sharp_core.objectives.cross_tokenizer`): the teacher reads the student block's text in
     its own tokens; D (ULD or GOLD) is averaged over the aligned positions of the micro-batch
     and weighted by the micro-batch's share of the step's tokens (so accumulation weighs
-    micro-batches as CE does). Dense logits: meant for the models it was tested at."""
+    micro-batches as CE does). Both models' logits are whole (B×N×V_S', B×T×V_T'); the
+    divergence runs a chunk of aligned rows at a time (`chunked_divergence`), so its float32
+    work is one chunk's, not M×V several times over (docs/planning.md, "Memory")."""
     assert S.cross is not None and S.teacher is not None
     m = S.spec.method
     labels = x[:, 1:]  # (B, N-1)
@@ -284,21 +286,19 @@ def _cross_step(
     with torch.autocast(S.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         with torch.inference_mode():
             t_logits = S.teacher(input_ids=t_ids, attention_mask=t_mask).logits  # (B, T, V_T')
-        s_logits = S.student(input_ids=x).logits[..., : S.vocab]  # (B, N, V_S)
+        out = S.student(input_ids=x).logits  # (B, N, V_S')
     ce = losses.cross_entropy(
-        s_logits[:, :-1], labels, num_valid=n_tokens, chunk_size=m.logit_chunk
+        out[:, :-1, : S.vocab], labels, num_valid=n_tokens, chunk_size=m.logit_chunk
     )
     terms: dict[str, torch.Tensor] = {"ce": ce}
     logit_term = (1 - a) * ce
-    b_idx = [b for b, r in enumerate(rows) for _ in r.student_pos]
-    if a > 0 and b_idx:
-        s_pos = [i for r in rows for i in r.student_pos]
-        t_pos = [j for r in rows for j in r.teacher_pos]
-        t_rows = t_logits[b_idx, t_pos][..., : len(S.cross.teacher)].float().clone()  # (M, V_T)
-        d = S.cross.divergence(s_logits[b_idx, s_pos], t_rows, m.temperature)  # (M,)
-        kd = d.mean() * (labels.numel() / n_tokens)
+    n_aligned = sum(len(r.student_pos) for r in rows)
+    if a > 0 and n_aligned:
+        # Σ over the aligned positions, a chunk of rows at a time (no (M, V) float32 copies)
+        total, n_aligned = S.cross.total(out, t_logits, rows, S.vocab, m.temperature, m.logit_chunk)
+        kd = total / n_aligned * (labels.numel() / n_tokens)
         terms["kd"] = kd
-        terms["aligned_fraction"] = torch.tensor(len(b_idx) / labels.numel())
+        terms["aligned_fraction"] = torch.tensor(n_aligned / labels.numel())
         logit_term = logit_term + a * kd
     terms["logit"] = logit_term
     terms["loss"] = logit_term
