@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast lint format demo up bench clean
+.PHONY: venv test test-e2e test-all lint format demo up bench clean
 
 venv: $(STAMP)
 
@@ -14,17 +14,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-## make test: the whole suite (starts embedded Postgres/Redis when none is reachable), its
-## files spread over TEST_WORKERS processes (each module keeps its fixtures in one process),
-## handed out longest first (tests/conftest.py's SLOW_FIRST; --no-loadscope-reorder keeps
-## that order, which xdist would otherwise replace by the number of tests per file)
+## make test: every test but the end-to-end runs (marked slow: real training jobs through
+## workers, several processes, the CLI's subprocesses), about 6 minutes on 2 cores; its files
+## spread over TEST_WORKERS processes (each module keeps its fixtures in one process), handed
+## out longest first (tests/conftest.py's SLOW_FIRST; --no-loadscope-reorder keeps that order,
+## which xdist would otherwise replace by the number of tests per file)
 TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PYTEST) -m "not slow"
 
-## make test-fast: skip the end-to-end runs marked slow
-test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+## make test-e2e: the end-to-end runs `make test` leaves out; CI (.ci/run) runs both
+test-e2e: $(STAMP)
+	$(PYTEST) -m slow
+
+## make test-all: both tiers, one after the other
+test-all: test test-e2e
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

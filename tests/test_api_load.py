@@ -15,6 +15,7 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.service
 
 
+@pytest.mark.slow
 def test_api_load_script_reports_sane_numbers(pg_admin_url: str, redis_url: str) -> None:
     env = {
         **os.environ,

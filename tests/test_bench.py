@@ -42,6 +42,7 @@ def one_thread():
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_micro_preset_runs_every_step_and_reports_checks(capsys, one_thread) -> None:
     # all but the compiled steps, whose compilation takes minutes on a loaded CPU (their
     # runners are checked without running them below)
@@ -155,6 +156,7 @@ def test_micro_preset_runs_every_step_and_reports_checks(capsys, one_thread) -> 
 
 
 @pytest.mark.skipif(not CPU_ONLY, reason="checks the refusal on a CPU-only machine")
+@pytest.mark.slow
 def test_gpu_preset_refuses_cpu_with_a_clear_message() -> None:
     r = subprocess.run(
         [sys.executable, "-m", "bench.step", "--preset", "opt-1.3b-125m"],

@@ -414,6 +414,7 @@ train(spec, out)
 """
 
 
+@pytest.mark.slow
 def test_killed_during_a_background_save_resumes_from_the_previous_checkpoint(corpus, tmp_path):
     """The process dies (os._exit, no clean-up) while the second checkpoint's shards are
     being written: no step folder of it exists, the first still verifies, and a new run

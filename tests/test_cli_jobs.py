@@ -69,6 +69,16 @@ def test_make_test_hands_out_the_longest_files_first() -> None:
     assert all((ROOT / "tests" / name).is_file() for name in SLOW_FIRST)
 
 
+def test_the_two_tiers_cover_the_suite_and_ci_runs_both() -> None:
+    """`make test` leaves the end-to-end runs (marked slow) to `make test-e2e`; the two
+    select complementary halves of the suite, and CI runs both, so nothing goes untested."""
+    make = (ROOT / "Makefile").read_text(encoding="utf-8")
+    recipes = dict(re.findall(r"^([a-z0-9-]+): \$\(STAMP\)\n\t(.*)$", make, flags=re.M))
+    assert recipes["test"].endswith('-m "not slow"') and recipes["test-e2e"].endswith("-m slow")
+    ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert "make test" in ci and "make test-e2e" in ci, ci
+
+
 def test_readme_names_only_real_settings() -> None:
     """Every ``SHARP_*`` variable the README names is a setting (or a CLI/test variable)."""
     from service.settings import Settings

@@ -308,6 +308,7 @@ def test_answer_quality_from_chat_and_prompt_completion_sets(lm, tmp_path: Path)
         assert e.value.param == "spec.evaluation.generation.set"
 
 
+@pytest.mark.slow
 def test_trainer_runs_tasks_every_n_evals_and_the_teacher_once(tmp_path: Path) -> None:
     """The library path: harness scores at every `every`-th evaluation point and at the end
     (into the last checkpoint's manifest); the teacher's scores computed by the first run and

@@ -63,6 +63,7 @@ def llama_spec(corpus: Path, teacher: Path, method: str = "kd", **over) -> dict:
 # ----------------------------------------------------------------------------- 2 processes
 
 
+@pytest.mark.slow
 def test_fsdp_student_matches_one_process_shards_and_resumes(corpus, teacher_dir, tmp_path):
     """Two gloo ranks with the student sharded by FSDP2 (and its blocks checkpointed) follow
     the one-process trajectory for 20 steps; each rank holds exactly its Shard(0) half of
@@ -185,6 +186,7 @@ class _OomAt:
         return self.inner(*a, **kw)
 
 
+@pytest.mark.slow
 def test_out_of_memory_mid_run_keeps_the_last_checkpoint(corpus, teacher_dir, tmp_path):
     """An OOM in step 3's forward ends the run as `oom` naming the step and the peak memory;
     step 2's checkpoint is intact and the next attempt resumes from it."""
@@ -445,6 +447,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_clip_combines_sharded_and_plain_gradients(tmp_path) -> None:
     """A sharded student's DTensor gradients beside the objective's plain ones (a learned
     basis): one global norm and one clipping coefficient, as clip_grad_norm_ gives for the

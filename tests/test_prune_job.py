@@ -73,6 +73,7 @@ def test_spec_maps_override_the_pruned_ones(corpus, teacher_dir):
     assert S.objective.w_h[1].argmax(1).tolist() == [1, 2]
 
 
+@pytest.mark.slow
 def test_pruned_job_records_what_it_kept_and_starts_near_the_teacher(corpus, teacher_dir, tmp_path):
     target = {"layers": 2, "heads": 2, "ffn": 64, "calibration": {"samples": 50_000}}
     d = _pruned(
@@ -99,6 +100,7 @@ def test_pruned_sft_job_does_not_keep_the_teacher(corpus, teacher_dir):
     assert S.teacher is None and S.pruned is not None and S.objective is None
 
 
+@pytest.mark.slow
 def test_pruned_job_resumes_on_the_same_trajectory(corpus, teacher_dir, tmp_path):
     d = _pruned(
         corpus,
