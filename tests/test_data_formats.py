@@ -234,7 +234,6 @@ class _GlooRanks:
         dist.barrier()
 
 
-@pytest.mark.slow
 def test_two_ranks_tokenise_once(tmp_path) -> None:
     import socket
 

@@ -24,6 +24,7 @@ Cases sent and 2xx answers per operation are printed (``-s``) and recorded in do
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from collections import Counter
@@ -262,6 +263,22 @@ def _walk(api_schema, doc: dict, base: str, team: TeamKey, seeded: dict) -> None
         media_type="multipart/form-data",
     )
     queue.append((upload, _send(upload, base, team, "links")))
+    # A resumable upload sent as a client would (create, its one part, complete), each answer
+    # checked; then its links are followed like the others' (GET, complete again, abort).
+    part = seeded["corpus"].encode()[:4096]
+    created = ops["createUploadSession"].Case(
+        body={"filename": "part.txt", "size": len(part), "sha256": hashlib.sha256(part).hexdigest()}
+    )
+    made = _send(created, base, team, "links")
+    assert made.status_code in (200, 201), made.text
+    where = {"session_id": made.json()["id"]}
+    sent = ops["putUploadPart"].Case(
+        path_parameters=where, query={"offset": 0}, body=part, media_type="application/octet-stream"
+    )
+    assert _send(sent, base, team, "links").status_code == 200
+    done = ops["completeUploadSession"].Case(path_parameters=where)
+    assert _send(done, base, team, "links").status_code == 200
+    queue.append((created, made))
     listed = ops["listJobs"].Case(query={"status": "succeeded", "limit": 5})
     queue.append((listed, _send(listed, base, team, "links")))
     sweeps = ops["listSweeps"].Case(query={"limit": 5})

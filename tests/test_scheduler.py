@@ -444,7 +444,6 @@ def test_queued_jobs_quota_and_teams_me(
     assert newest["queue_position"] == 0
 
 
-@pytest.mark.slow
 def test_admin_cli_sets_and_lists_quotas(db_url: str, db: Database) -> None:
     env = {**os.environ, "SHARP_DATABASE_URL": db_url}
     team = _team(db, "cli")

@@ -160,7 +160,6 @@ def test_sqlite_migrate_check_smoke_and_downgrade(
     assert _tables(url) == set()
 
 
-@pytest.mark.slow
 def test_admin_cli_creates_lists_and_revokes_keys(tmp_path: Path) -> None:
     """``sharp admin …`` end to end, as an operator runs it (a fresh process per command)."""
     env = {**os.environ, "SHARP_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}"}
@@ -188,7 +187,6 @@ def test_admin_cli_creates_lists_and_revokes_keys(tmp_path: Path) -> None:
     assert sharp("admin", "keys", "create", "nope").returncode == 1
 
 
-@pytest.mark.slow
 def test_admin_cli_uses_the_sharp_up_database_beside_it(tmp_path: Path) -> None:
     """Beside a `sharp up` var dir (``var/sharp.db``) and with no SHARP_DATABASE_URL, ``sharp
     admin`` talks to that database; a database without tables is one line naming its URL and

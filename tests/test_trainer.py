@@ -221,7 +221,6 @@ def test_micro_step_uses_the_logit_loss_it_is_given(corpus, teacher_dir):
         torch.testing.assert_close(g_got[n], g_ref[n], rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.slow
 def test_resume_gives_same_trajectory(corpus, teacher_dir, tmp_path):
     """Stop at step 4, resume to 8: the same per-step losses as an uninterrupted run (dropout on)."""
     d = _distil(
@@ -245,7 +244,6 @@ def test_resume_gives_same_trajectory(corpus, teacher_dir, tmp_path):
     assert rest.metrics[8]["eval_loss"] == pytest.approx(full.metrics[8]["eval_loss"], rel=1e-5)
 
 
-@pytest.mark.slow
 def test_checkpoint_layout_and_manifest(corpus, tmp_path):
     spec = parse_spec(spec_dict(corpus, training={"keep_checkpoints": 2}))
     rec = Recorder()
@@ -536,7 +534,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     ],
     ids=["unknown-field", "negative-lr", "remote-code", "missing-data", "missing-model"],
 )
-@pytest.mark.slow
 def test_cli_bad_input_exit_2_nothing_written(corpus, tmp_path, mutate, needle):
     d = spec_dict(corpus)
     mutate(d)
