@@ -89,6 +89,27 @@ def _load_saved(folders: list[str], split: str, where: str) -> Any:
     return tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables)
 
 
+def _saved_or_builder(files: list[str], split: str, where: str) -> tuple[Any, str]:
+    """(the memory-mapped table, "") when ``files`` are ``save_to_disk`` folders, else (None,
+    the `datasets` builder their one extension names); a mix, or extensions that differ or
+    are unknown, is an error naming ``{where}.files``."""
+    folders = [f for f in files if Path(f).is_dir()]
+    if folders:
+        if len(folders) != len(files):
+            raise DataError(
+                "save_to_disk folders and data files cannot be mixed in one source",
+                param=f"{where}.files",
+            )
+        return _load_saved(folders, split, where), ""
+    exts = {Path(f).suffix.lower() for f in files}
+    if len(exts) != 1 or next(iter(exts)) not in _BUILDERS:
+        raise DataError(
+            f"data files must all be one of {sorted(_BUILDERS)}; got {sorted(exts)}",
+            param=f"{where}.files",
+        )
+    return None, _BUILDERS[next(iter(exts))]
+
+
 def load_table(
     ds: DatasetSpec, resolver: Any = None, *, by_paragraph: bool = True, where: str = TRAIN_PARAM
 ) -> Any:
@@ -107,21 +128,9 @@ def load_table(
         if ds.source == "hub":
             return datasets.load_dataset(ds.name, ds.config_name, split=ds.split)
         files = _files(ds, resolver, where)
-        folders = [f for f in files if Path(f).is_dir()]
-        if folders:
-            if len(folders) != len(files):
-                raise DataError(
-                    "save_to_disk folders and data files cannot be mixed in one source",
-                    param=f"{where}.files",
-                )
-            return _load_saved(folders, ds.split, where)
-        exts = {Path(f).suffix.lower() for f in files}
-        if len(exts) != 1 or next(iter(exts)) not in _BUILDERS:
-            raise DataError(
-                f"data files must all be one of {sorted(_BUILDERS)}; got {sorted(exts)}",
-                param=f"{where}.files",
-            )
-        builder = _BUILDERS[next(iter(exts))]
+        saved, builder = _saved_or_builder(files, ds.split, where)
+        if saved is not None:
+            return saved
         kw: dict[str, Any] = (
             {"sample_by": "paragraph" if by_paragraph else "line"} if builder == "text" else {}
         )
@@ -151,21 +160,9 @@ def stream_table(ds: DatasetSpec, files: list[str] | None = None, where: str = T
             ds.name, ds.config_name, split=ds.split, streaming=ds.streaming
         )
     files = files if files is not None else list(ds.files)
-    folders = [f for f in files if Path(f).is_dir()]
-    if folders:
-        if len(folders) != len(files):
-            raise DataError(
-                "save_to_disk folders and data files cannot be mixed in one source",
-                param=f"{where}.files",
-            )
-        return _load_saved(folders, ds.split, where)
-    exts = {Path(f).suffix.lower() for f in files}
-    if len(exts) != 1 or next(iter(exts)) not in _BUILDERS:
-        raise DataError(
-            f"data files must all be one of {sorted(_BUILDERS)}; got {sorted(exts)}",
-            param=f"{TRAIN_PARAM}.files",
-        )
-    builder = _BUILDERS[next(iter(exts))]
+    saved, builder = _saved_or_builder(files, ds.split, where)
+    if saved is not None:
+        return saved
     kw: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
     return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kw)
 
