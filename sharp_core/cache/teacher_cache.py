@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from sharp_core.cache.store import MANIFEST, CacheStore, LocalCacheStore
+from sharp_core.data.formats import tokenizer_digest
 from sharp_core.data.packing import forward_kwargs
 from sharp_core.errors import ArtifactWriteError, SpecError, TeacherCacheCorruptError
 from sharp_core.files import sha256_file
@@ -118,19 +119,6 @@ def teacher_digest(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(tensor_digest(t).encode())
     return h.hexdigest()
-
-
-def tokenizer_digest(tokenizer: Any) -> str:
-    """sha256 of the tokenizer's full serialisation (vocab, merges, normaliser) when it has
-    one (fast tokenizers), else of its vocabulary and special tokens."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        text = backend.to_str()
-    else:
-        text = json.dumps(
-            [sorted(tokenizer.get_vocab().items()), tokenizer.special_tokens_map], default=str
-        )
-    return hashlib.sha256(f"{type(tokenizer).__name__}\n{text}".encode()).hexdigest()
 
 
 def texts_digest(texts: list[str]) -> str:
