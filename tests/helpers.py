@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +177,35 @@ def write_chat_jsonl(path: Path, n: int = 200, seed: int = 0) -> Path:
 
     path.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(n, seed)), encoding="utf-8")
     return path
+
+
+#: Credentials boto3 needs to talk to moto, and no instance-metadata lookups.
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[int]:
+    """A real S3-compatible HTTP server (moto) on a free loopback port, with `AWS_ENV` set in
+    this process (and so in the workers it starts) while it runs; yields the port."""
+    from moto.server import ThreadedMotoServer
+
+    saved = {k: os.environ.get(k) for k in AWS_ENV}
+    os.environ.update(AWS_ENV)
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

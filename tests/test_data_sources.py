@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import secrets
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,41 +34,19 @@ from sharp_core.data.sources import fetch_s3_entry, list_s3
 from sharp_core.errors import DataError
 from sharp_core.spec import DatasetSpec
 from tests.conftest import TeamKey, tiny_spec, wait_for
-from tests.helpers import CHAT_TEMPLATE
+from tests.helpers import CHAT_TEMPLATE, moto_server
 from worker.supervisor import child_env
 
 ARTIFACTS, PREFIX, DATA = "sharp-artifacts", "deploy", "sharp-data"
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
 #: This module's HF token: the worker has it as SHARP_HF_TOKEN.
 TOKEN = "hf_" + secrets.token_hex(16)
 
 
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def aws_env() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in AWS_ENV.items():
-            mp.setenv(k, v)
-        yield
-
-
-@pytest.fixture(scope="module")
-def moto(aws_env: None) -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
+def moto() -> Iterator[str]:
+    with moto_server() as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -53,18 +53,13 @@ from service.store import (
 from sharp_core.errors import CheckpointError
 from sharp_core.train.checkpoint import retained_steps, verify_manifest, write_checkpoint
 from tests.conftest import ROOT, TeamKey, tiny_spec, wait_for
+from tests.helpers import moto_server
 from worker.child import job_dir, resolve_job_checkpoint
 
 pytestmark = pytest.mark.service
 
 BUCKET = "sharp-test"
 PREFIX = "deploy/artifacts"
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
 TIMEOUT = 240
 
 
@@ -148,25 +143,9 @@ def _close(s: socket.socket) -> None:
 
 
 @pytest.fixture(scope="module")
-def aws_env() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in AWS_ENV.items():
-            mp.setenv(k, v)
-        yield
-
-
-@pytest.fixture(scope="module")
-def moto(aws_env: None) -> Iterator[tuple[str, int]]:
-    from moto.server import ThreadedMotoServer
-
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
+def moto() -> Iterator[tuple[str, int]]:
+    with moto_server() as port:
         yield ("127.0.0.1", port)
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
