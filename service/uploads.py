@@ -88,9 +88,7 @@ class _Receiver:
         self.filename: str | None = None
         self.seen_file = False
         self.format_value = b""
-        self.utf8 = codecs.getincrementaldecoder("utf-8")("strict")
-        self.utf8_ok = True
-        self.has_nul = False
+        self.text = Validator("txt")  # the format may be named after the file: check as text
 
     def callbacks(self) -> Any:
         return {
@@ -137,13 +135,7 @@ class _Receiver:
                     param="file",
                 )
             self.hasher.update(chunk)
-            if self.utf8_ok:
-                try:
-                    self.utf8.decode(chunk)
-                except UnicodeDecodeError:
-                    self.utf8_ok = False
-            if b"\0" in chunk:
-                self.has_nul = True
+            self.text.feed(chunk)
             self.pending.append(chunk)
         elif self.part.name == "format":
             self.format_value += chunk
@@ -201,12 +193,7 @@ async def receive(request: Request, settings: Settings) -> ReceivedFile:
         if receiver.size == 0:
             raise _invalid("the file is empty")
         if fmt == "txt":
-            try:
-                receiver.utf8.decode(b"", final=True)
-            except UnicodeDecodeError:
-                receiver.utf8_ok = False
-            if not receiver.utf8_ok or receiver.has_nul:
-                raise _invalid("a txt corpus must be UTF-8 text")
+            receiver.text.finish()
         elif fmt == "jsonl":
             await anyio.to_thread.run_sync(_check_jsonl, tmp_path)
         else:
