@@ -64,7 +64,11 @@ def rows_needed(lengths: np.ndarray, seq_len: int, packing: str) -> int:
 
 class Packer:
     """Writes documents, chunk by chunk, into preallocated (n, N) ``tokens`` and ``flags``
-    (numpy arrays or memory maps), so packing never holds more than one chunk in Python."""
+    (numpy arrays or memory maps), so packing never holds more than one chunk in Python.
+
+    No job path uses it any more (the cache build streams through `RowPacker`): it stays as
+    the plain reference `RowPacker` is tested equal to, and as the former build `bench.data`
+    measures against."""
 
     def __init__(
         self, tokens: np.ndarray, flags: np.ndarray, packing: str, pad_id: int, first_row: int = 0
