@@ -77,6 +77,11 @@ def test_the_two_tiers_cover_the_suite_and_ci_runs_both() -> None:
     assert recipes["test"].endswith('-m "not slow"') and recipes["test-e2e"].endswith("-m slow")
     ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert "make test" in ci and "make test-e2e" in ci, ci
+    # bash runs a script line by line, so a syntax error below `make test` still passed it
+    # once: the whole file must parse, and the runs must come after `set -e`
+    parsed = subprocess.run(["bash", "-n", str(ROOT / ".ci" / "run")], capture_output=True)
+    assert parsed.returncode == 0, parsed.stderr.decode()
+    assert ci.index("set -euo pipefail") < ci.index("make test") < ci.index("make test-e2e")
 
 
 def test_readme_names_only_real_settings() -> None:
