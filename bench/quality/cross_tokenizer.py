@@ -20,6 +20,18 @@ configuration of each method on `--seeds` fresh seeds, its test perplexity in th
 tokens (one tokenizer for every student, so one scale), bits per byte, and the student's mean
 predictive entropy and top-1 probability against its top-1 accuracy (calibration). Every
 cell is written to `--out` as it finishes.
+
+``--teacher-text N_CHARS`` is the ULD paper's setting (Boizard et al. 2024 distil on answers
+the teacher generated): after the teacher is trained, it samples N_CHARS of text
+(`teacher_samples`: temperature 1, prompts of 16 teacher tokens cut from the training corpus)
+and every arm trains on that text instead of the corpus; the student tokenizer is still the
+one trained on the corpus (`real_corpus_tokenizer`), so the student is the same model as in
+the main study. Validation is the held-out tail of the sampled text; the test cells are
+measured on the real test text and on ``--gen-test-chars`` of held-out teacher samples
+(prompts cut from the test text), both paired::
+
+    python -m bench.quality.cross_tokenizer --teacher-text 200000 --control \\
+        --out docs/results/cross_tokenizer_teacher_text.json
 """
 
 from __future__ import annotations
