@@ -235,3 +235,90 @@ def test_the_chunked_divergence_equals_the_dense_one(mode: str) -> None:
         assert s2.grad is not None
         torch.testing.assert_close(s2.grad, 0.5 * s.grad, rtol=1e-6, atol=1e-7)
         assert s2.grad[:, :, Vs:].abs().sum() == 0
+
+
+def test_teacher_samples_are_the_teachers_own_text(corpus: Path, tmp_path: Path) -> None:
+    """The bench's sequence-level data (`--teacher-text`): text of the asked length made of
+    whole samples of the asked number of tokens, not a copy of the prompts' text, the same
+    for a seed and different for another."""
+    from bench.quality.cross_tokenizer import teacher_samples
+
+    text = corpus.read_text(encoding="utf-8")
+    t_tok = train_bpe_tokenizer([text], 300)
+    folder = save_model(tmp_path / "teacher", t_tok, 0)
+    kw = {"prompt_tokens": 8, "new_tokens": 16, "batch": 16}
+    got, stats = teacher_samples(folder, text, 300, 1, **kw)
+    assert len(got) == stats["chars"] == 300
+    assert stats["tokens_drawn"] == stats["samples"] * 16 and stats["samples"] % 16 == 0
+    assert got.strip() and got[:60] not in text
+    again, _ = teacher_samples(folder, text, 300, 1, **kw)
+    other, _ = teacher_samples(folder, text, 300, 2, **kw)
+    assert again == got and other != got
+
+
+@pytest.mark.slow
+def test_the_bench_trains_every_arm_on_teacher_text(tmp_path: Path) -> None:
+    """`bench.quality.cross_tokenizer --teacher-text` at a tiny size: the students of every
+    arm (sft, uld, gold) train on the teacher's samples with the student tokenizer trained
+    on the real corpus (not on the samples), and are tested on both test texts, paired."""
+    import json
+
+    from bench.quality import cross_tokenizer as bench
+
+    work, out = tmp_path / "w", tmp_path / "out.json"
+    args = "--teacher-steps 20 --steps 3 --seeds 2 --corpus-chars 20000 --test-chars 4000"
+    args += " --teacher-text 3000 --gen-test-chars 1500"
+    assert bench.main([*args.split(), "--work", str(work), "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    samples = (work / "teacher_text.txt").read_text(encoding="utf-8")
+    real = (work / "corpus.txt").read_text(encoding="utf-8")
+    assert len(samples) == 3000 and samples[:60] not in real
+    assert doc["teacher_text"]["train"]["chars"] == 3000
+    # the students' tokenizer is the one a job's tokenizer.train makes of the real corpus
+    from transformers import AutoTokenizer
+
+    used = AutoTokenizer.from_pretrained(work / "student_tok")
+    tok_spec = {"train": {"vocab_size": 384}}
+    bench._train(
+        bench._spec(work / "corpus.txt", {"name": "sft"}, 0, 1, 1e-3, tokenizer=tok_spec),
+        tmp_path / "job",
+    )
+    [job_ckpt] = sorted((tmp_path / "job").glob("step_*"))
+    assert used.get_vocab() == AutoTokenizer.from_pretrained(job_ckpt).get_vocab()
+    assert used.get_vocab() != train_bpe_tokenizer([samples], 384).get_vocab()
+    for method in ("sft", "uld", "gold"):
+        assert set(doc["test"][method]) == {"10", "11"}
+        for seed, r in doc["test"][method].items():
+            assert r["gen_test_ppl"] > 1 and r["test_ppl"] > 1
+            [ckpt] = sorted((work / f"test-{method}-{seed}").glob("step_*"))
+            spec = json.loads((ckpt / "spec.json").read_text())
+            assert spec["dataset"]["files"] == [str(work / "teacher_text.txt")]
+            assert spec["tokenizer"]["name"] == str(work / "student_tok")
+    assert set(doc["paired_gen_test_ppl_percent"]) == {"uld_vs_sft", "gold_vs_sft", "gold_vs_uld"}
+
+
+def test_committed_teacher_text_results_recompute_into_docs() -> None:
+    """docs/results/cross_tokenizer_teacher_text.json: its stored paired statistics are what
+    `sharp_core.study.compare.paired` computes from its per-seed test perplexities (both test
+    texts), and docs/results.md quotes them."""
+    import json
+
+    from sharp_core.study.compare import paired
+
+    root = Path(__file__).resolve().parents[1]
+    data = json.loads((root / "docs/results/cross_tokenizer_teacher_text.json").read_text())
+    doc = (root / "docs/results.md").read_text()
+    assert data["settings"]["teacher_text"] == 200_000
+    for stored, key in (("paired_test_ppl_percent", "test_ppl"), ("paired_gen_test_ppl_percent", "gen_test_ppl")):  # fmt: skip
+        for x, y in (("uld", "sft"), ("gold", "sft"), ("gold", "uld")):
+            got = paired(
+                {int(s): r[key] for s, r in data["test"][x].items()},
+                {int(s): r[key] for s, r in data["test"][y].items()},
+                relative=True,
+            )
+            want = data[stored][f"{x}_vs_{y}"]
+            assert got["n"] == 5 and got["mean"] == pytest.approx(want["mean"], abs=1e-12)
+            assert got["ci"] == pytest.approx(want["ci"], abs=1e-12)
+            m, (lo, hi) = got["mean"], got["ci"]
+            text = f"{m:+.1f} % ({lo:+.1f}, {hi:+.1f})".replace("-", "−")
+            assert text in doc, text

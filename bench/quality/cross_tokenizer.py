@@ -20,6 +20,18 @@ configuration of each method on `--seeds` fresh seeds, its test perplexity in th
 tokens (one tokenizer for every student, so one scale), bits per byte, and the student's mean
 predictive entropy and top-1 probability against its top-1 accuracy (calibration). Every
 cell is written to `--out` as it finishes.
+
+``--teacher-text N_CHARS`` is the ULD paper's setting (Boizard et al. 2024 distil on answers
+the teacher generated): after the teacher is trained, it samples N_CHARS of text
+(`teacher_samples`: temperature 1, prompts of 16 teacher tokens cut from the training corpus)
+and every arm trains on that text instead of the corpus; the student tokenizer is still the
+one trained on the corpus (`real_corpus_tokenizer`), so the student is the same model as in
+the main study. Validation is the held-out tail of the sampled text; the test cells are
+measured on the real test text and on ``--gen-test-chars`` of held-out teacher samples
+(prompts cut from the test text), both paired::
+
+    python -m bench.quality.cross_tokenizer --teacher-text 200000 --control \\
+        --out docs/results/cross_tokenizer_teacher_text.json
 """
 
 from __future__ import annotations
@@ -142,6 +154,81 @@ def test_metrics(folder: Path, text: str, seq_len: int = 64) -> dict[str, float]
     }
 
 
+def teacher_samples(
+    folder: Path,
+    prompts_from: str,
+    n_chars: int,
+    seed: int,
+    prompt_tokens: int = 16,
+    new_tokens: int = 160,
+    window: int = 64,
+    batch: int = 64,
+) -> tuple[str, dict[str, Any]]:
+    """Text sampled from the model in ``folder`` (sequence-level distillation data, as in
+    Boizard et al. 2024, whose students learn from the teacher's answers): each sample starts
+    from ``prompt_tokens`` of the model's own tokens cut at a random place of ``prompts_from``
+    and continues for ``new_tokens`` drawn at temperature 1 from the whole vocabulary (no
+    top-k / top-p), each one conditioned on the last ``window`` − 1 tokens (the teacher's
+    training length: it never saw longer contexts). Only the continuations are kept, decoded
+    by the model's tokenizer (its special tokens dropped) and joined by blank lines, until
+    ``n_chars`` characters; the text is cut there. Returns the text and its statistics."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = tok(prompts_from, add_special_tokens=False)["input_ids"]
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    special = set(tok.all_special_ids)
+    samples: list[str] = []
+    total = drawn = n_special = 0
+    with torch.no_grad():
+        while total < n_chars:
+            starts = [rng.randrange(len(ids) - prompt_tokens) for _ in range(batch)]
+            seqs = torch.tensor([ids[s : s + prompt_tokens] for s in starts])  # (b, P)
+            for _ in range(new_tokens):
+                ctx = seqs[:, -(window - 1) :]
+                logits = model(input_ids=ctx).logits[:, -1, : len(tok)].float()  # (b, V)
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
+                seqs = torch.cat([seqs, nxt], 1)
+            for row in seqs[:, prompt_tokens:].tolist():
+                n_special += sum(t in special for t in row)
+                drawn += len(row)
+                text = tok.decode(row, skip_special_tokens=True)
+                samples.append(text)
+                total += len(text) + 2
+    text = "\n\n".join(samples)[:n_chars]
+    return text, {
+        "samples": len(samples),
+        "tokens_drawn": drawn,
+        "special_tokens_drawn": n_special,
+        "replacement_chars": text.count("\ufffd"),
+        "chars": len(text),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "window": window,
+        "seed": seed,
+    }
+
+
+def real_corpus_tokenizer(corpus: Path, vocab: int, out: Path) -> Path:
+    """The student's BPE trained on the real corpus exactly as a job's ``tokenizer.train``
+    does (the same rows, the same trainer), saved to ``out``: with ``--teacher-text`` the
+    students train on generated text but keep the tokenizer of the main study."""
+    from sharp_core.data.lm import LMSource, training_texts
+    from sharp_core.models.loading import LocalResolver, train_bpe_tokenizer
+    from sharp_core.spec import parse_spec
+
+    ds = parse_spec(_spec(corpus, {"name": "sft"}, 0, 1, 1e-3)).dataset
+    src = LMSource(ds, LocalResolver())
+    tok = train_bpe_tokenizer(iter(training_texts(src.table(), src.format, src.fields)), vocab)
+    tok.save_pretrained(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/xtok"))
@@ -157,6 +244,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-chars", type=int, default=50_000)
     ap.add_argument("--teacher", type=Path, default=None, help="reuse a trained teacher folder")
     ap.add_argument("--methods", default="sft,uld,gold", help="uld / gold need sft")
+    ap.add_argument(
+        "--teacher-text",
+        type=int,
+        default=0,
+        metavar="N_CHARS",
+        help="the paper's setting: every student trains on N_CHARS of text sampled from the "
+        "teacher (temperature 1, prompts cut from the training corpus; `teacher_samples`) "
+        "instead of the corpus, with the student tokenizer still trained on the corpus; the "
+        "students are also tested on --gen-test-chars of held-out teacher samples (prompts "
+        "cut from the test text)",
+    )
+    ap.add_argument("--gen-test-chars", type=int, default=50_000)
     ap.add_argument(
         "--control",
         action="store_true",
@@ -193,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     test_text = full[a.corpus_chars : a.corpus_chars + a.test_chars]
     assert len(test_text) == a.test_chars, "the pydoc topics are shorter than asked"
     t0 = time.time()
+    train_corpus = corpus
     doc: dict[str, Any] = {
         "command": "python -m bench.quality.cross_tokenizer "
         + " ".join(sys.argv[1:] if argv is None else argv),
@@ -228,6 +328,23 @@ def main(argv: list[str] | None = None) -> int:
         teacher = train(parse_spec(spec), a.work / "teacher").checkpoint
     assert teacher is not None
     doc["teacher"] = {"folder": str(teacher), **test_metrics(Path(teacher), test_text)}
+    student_tok: Path | None = None
+    gen_test = ""
+    if a.teacher_text:
+        text, stats = teacher_samples(Path(teacher), full[: a.corpus_chars], a.teacher_text, 1)
+        gen_test, test_stats = teacher_samples(Path(teacher), test_text, a.gen_test_chars, 2)
+        train_corpus = a.work / "teacher_text.txt"
+        train_corpus.write_text(text, "utf-8")
+        (a.work / "teacher_text_test.txt").write_text(gen_test, "utf-8")
+        student_tok = real_corpus_tokenizer(corpus, a.student_vocab, a.work / "student_tok")
+        doc["teacher_text"] = {
+            "train": stats,
+            "gen_test": test_stats,
+            "train_head": text[:600],
+            "student_tokenizer": str(student_tok),
+            "wall_s": time.time() - t0,
+        }
+        doc["teacher"] |= _prefixed(test_metrics(Path(teacher), gen_test), "gen_")
     print(f"teacher {teacher}: {doc['teacher']} after {time.time() - t0:.0f} s", flush=True)
     save()
 
@@ -238,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         is forward KL over that one vocabulary."""
         m: dict[str, Any] = {"name": "sft"}
         tokenizer = {"name": str(teacher)} if same else {"train": {"vocab_size": a.student_vocab}}
+        if student_tok is not None and not same:
+            tokenizer = {"name": str(student_tok)}
         over: dict[str, Any] = {"tokenizer": tokenizer}
         if method != "sft":
             m = {"name": "kd", **knobs}
@@ -245,8 +364,10 @@ def main(argv: list[str] | None = None) -> int:
                 m["cross_tokenizer"] = method
             over["teacher"] = {"model": str(teacher)}
         t1 = time.time()
-        r, ckpt = _train(_spec(corpus, m, seed, a.steps, lr, **over), a.work / tag)
-        r |= test_metrics(ckpt, test_text) if not tag.startswith("tune") else {}
+        r, ckpt = _train(_spec(train_corpus, m, seed, a.steps, lr, **over), a.work / tag)
+        if not tag.startswith("tune"):
+            r |= test_metrics(ckpt, test_text)
+            r |= _prefixed(test_metrics(ckpt, gen_test), "gen_") if gen_test else {}
         r |= {"knobs": knobs, "lr": lr, "seed": seed, "wall_s": time.time() - t1}
         print(f"{tag}: {r}", flush=True)
         return r
@@ -294,13 +415,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _prefixed(d: dict[str, float], prefix: str) -> dict[str, float]:
+    return {prefix + k: v for k, v in d.items()}
+
+
 def summarise(doc: dict[str, Any]) -> None:
     """The paired comparisons of the test cells' perplexities (and of the control's), and
     each arm's mean ± std of the test metrics, into ``doc``; printed."""
     from sharp_core.study.compare import mean_std, paired
 
-    def compare(table: dict[str, dict[str, dict]], pairs: list[tuple[str, str]]) -> dict:
-        ppl = {m: {int(s): r["test_ppl"] for s, r in rs.items()} for m, rs in table.items()}
+    def compare(
+        table: dict[str, dict[str, dict]], pairs: list[tuple[str, str]], key: str = "test_ppl"
+    ) -> dict:
+        ppl = {m: {int(s): r[key] for s, r in rs.items()} for m, rs in table.items()}
         return {
             f"{x}_vs_{y}": paired(ppl[x], ppl[y], relative=True)
             for x, y in pairs
@@ -308,9 +435,12 @@ def summarise(doc: dict[str, Any]) -> None:
         }
 
     keys = ("test_ppl", "test_bpb", "test_entropy", "test_top1_prob", "test_top1_acc")
-    doc["paired_test_ppl_percent"] = compare(
-        doc["test"], [("uld", "sft"), ("gold", "sft"), ("gold", "uld")]
-    )
+    pairs = [("uld", "sft"), ("gold", "sft"), ("gold", "uld")]
+    doc["paired_test_ppl_percent"] = compare(doc["test"], pairs)
+    gen = all("gen_test_ppl" in r for rs in doc["test"].values() for r in rs.values())
+    if gen:  # --teacher-text: also on held-out teacher samples
+        doc["paired_gen_test_ppl_percent"] = compare(doc["test"], pairs, "gen_test_ppl")
+        keys += tuple("gen_" + k for k in keys)
     doc["summary"] = {
         m: {k: mean_std([r[k] for r in rs.values()]) for k in keys} for m, rs in doc["test"].items()
     }
@@ -322,12 +452,18 @@ def summarise(doc: dict[str, Any]) -> None:
             m: {k: mean_std([r[k] for r in rs.values()]) for k in keys}
             for m, rs in doc["control"].items()
         }
-    both = {**doc["paired_test_ppl_percent"], **doc.get("control_paired_test_ppl_percent", {})}
-    for k, c in both.items():
-        ci = c["ci"] or [float("nan")] * 2
-        print(
-            f"{k:<12} Δ test ppl {c['mean']:+.2f} % (95% CI {ci[0]:+.2f}, {ci[1]:+.2f}; p {c['p']})"
-        )
+    shown = {
+        "test ppl": doc["paired_test_ppl_percent"],
+        "gen test ppl": doc.get("paired_gen_test_ppl_percent", {}),
+        "control test ppl": doc.get("control_paired_test_ppl_percent", {}),
+    }
+    for what, table in shown.items():
+        for k, c in table.items():
+            ci = c["ci"] or [float("nan")] * 2
+            print(
+                f"{k:<12} Δ {what} {c['mean']:+.2f} % "
+                f"(95% CI {ci[0]:+.2f}, {ci[1]:+.2f}; p {c['p']})"
+            )
 
 
 def finish(path: Path, work: Path, test_chars: int = 50_000) -> None:
