@@ -605,6 +605,7 @@ def test_a_128k_cross_tokenizer_job_is_planned_with_its_whole_logits() -> None:
     assert "teacher_tokens" in p.unknown
     ct = p.strategy["cross_tokenizer"]
     assert ct["teacher_token_ratio"] == 1.0 and ct["teacher_tokens_per_row"] == 4096
+    assert ct["divergence_chunk_rows"] == 523
     assert ct["source"].startswith("assumed")
     assert p.fits is True
     assert [lv["field"] for lv in p.levers] == ["training.activation_checkpointing"]

@@ -641,6 +641,9 @@ def make_plan(
             if t is not None
             else None,
             "shared_tokens": cross.shared,
+            # rows of one divergence chunk (`chunked_divergence`'s default, or logit_chunk)
+            "divergence_chunk_rows": spec.method.logit_chunk
+            or max(1, 2**28 // (4 * max(s.vocab, t.vocab if t is not None else 0, 1))),
             "source": cross.source,
         }
     mem = _memory_dict(e, pool.memory)
