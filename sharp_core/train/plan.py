@@ -626,7 +626,7 @@ def make_plan(
     chunk = spec.method.logit_chunk or default_chunk_tokens(max(1, V))
     flops = step_flops_per_token(run_spec, s, t) if not (needs_teacher and t is None) else 0.0
     tp = throughput(run_spec, flops, pool, costs, student_params=s.params)
-    strategy = {
+    strategy: dict[str, Any] = {
         "student_parallel": mode,
         "teacher_parallel": t_mode if needs_teacher else None,
         "activation_checkpointing": run_spec.training.activation_checkpointing,
