@@ -9,6 +9,15 @@ the step + the step's high-water mark from the profiler's allocation events, as
 `bench.memory_estimate`), for one process and for DDP and FSDP2 on 2 gloo processes (each
 rank measures itself; the larger rank is reported). Target: within ±25 %.
 
+Cross-tokenizer shapes (``--shapes cross``, ``cross-narrow``): a ULD or GOLD step
+(`sharp_core.train.step._cross_step`) with two byte-level BPE tokenizers trained on Python's
+pydoc topics (different sizes, so different tokenisations of the same text) and padded with
+added tokens to the shape's vocabularies (a real-size vocabulary's logits and chunk work
+without a real-size corpus); the rows are the student's tokens of that text, which the
+teacher re-reads in its own. The plan's teacher token ratio comes from the tokenizers on its
+built-in sample (`sharp_core.train.plan.cross_tokens_of`), not from the measured rows: the
+measured teacher length is reported beside it.
+
 Throughput: the tiny-cpu preset's ce, kd and sharp steps are timed by `bench.step` (its own
 subprocess); each step's tokens/s is then predicted by `sharp_core.train.plan.throughput`
 from a step-cost table holding only the *other* steps' measurements (leave-one-out: the
@@ -57,6 +66,10 @@ class Shape:
     ac: bool = False
     world: int = 1
     mode: str = "ddp"
+    cross: str | None = None  # "uld" | "gold": a cross-tokenizer step
+    #: (student, teacher) tokenizer sizes of a cross shape: BPE trained to the first of
+    #: `CROSS_BPE` (student, teacher), padded with added tokens to the configs' vocab_size
+    cross_bpe: tuple[int, int] = (1000, 3000)
 
 
 SMALL_S, SMALL_T = _llama(256, 4, 2048, 8, 2), _llama(256, 2, 2048, 8, 2)
@@ -70,6 +83,45 @@ SHAPES = {
         Shape("llama-256x4 V2k B4 N512 FSDP x2", SMALL_S, SMALL_T, 4, 512, world=2, mode="fsdp"),
     ],
     "narrow": [Shape("narrow llama V128256 B1 N4096", NARROW_S, NARROW_T, 1, 4096)],
+    # cross-tokenizer steps: student and teacher vocabularies differ (both padded tokenizers)
+    "cross": [
+        Shape(
+            "cross uld 128x2 Vs4k Vt8k B2 N512",
+            _llama(128, 2, 4096, 4, 2),
+            _llama(128, 1, 8192, 4, 2),
+            2,
+            512,
+            cross="uld",
+        ),
+        Shape(
+            "cross gold 128x2 Vs4k Vt8k B2 N512",
+            _llama(128, 2, 4096, 4, 2),
+            _llama(128, 1, 8192, 4, 2),
+            2,
+            512,
+            cross="gold",
+        ),
+    ],
+    "cross-narrow": [
+        Shape(
+            "cross uld narrow Vs32000 Vt128256 B1 N2048",
+            _llama(256, 1, 32000, 4, 2),
+            _llama(256, 2, 128256, 4, 2),
+            1,
+            2048,
+            cross="uld",
+            cross_bpe=(2000, 8000),
+        ),
+        Shape(
+            "cross gold narrow Vs49152 Vt128256 B2 N1024",
+            _llama(256, 1, 49152, 4, 2),
+            _llama(256, 2, 128256, 4, 2),
+            2,
+            1024,
+            cross="gold",
+            cross_bpe=(2000, 8000),
+        ),
+    ],
     # CUDA only (--device cuda): the scale issue's 8B → 3B Llama shapes on one GPU, bf16
     "gpu-8b-3b": [
         Shape(
@@ -106,10 +158,40 @@ def _spec(sh: Shape):
         teacher=ModelSpec(init="config", config=sh.teacher),
         student=ModelSpec(init="config", config=sh.student),
         dataset=DatasetSpec(source="files", files=["<random ids>"]),
-        method=MethodSpec(name="kd"),
+        method=MethodSpec(name="kd", cross_tokenizer=sh.cross),
         training=TrainingSpec(batch_size=sh.batch, seq_len=sh.seq, activation_checkpointing=sh.ac),
         resources=ResourcesSpec(gpus=sh.world, student_parallel=sh.mode, queue="cpu"),
     )
+
+
+def _text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def cross_tokenizers(sh: Shape) -> tuple[Any, Any]:
+    """(student, teacher) byte-level BPE tokenizers of a cross shape, trained on the pydoc
+    text to ``sh.cross_bpe`` tokens and padded with added tokens ("<s…>", "<t…>": never in
+    the text, never shared) to the configs' vocabularies."""
+    from sharp_core.models.loading import train_bpe_tokenizer
+
+    out = []
+    for n, cfg, tag in zip(sh.cross_bpe, (sh.student, sh.teacher), "st", strict=True):
+        tok = train_bpe_tokenizer([_text()], n)
+        tok.add_tokens([f"<{tag}{i}>" for i in range(cfg["vocab_size"] - len(tok))])
+        assert len(tok) == cfg["vocab_size"], (len(tok), cfg["vocab_size"])
+        out.append(tok)
+    return out[0], out[1]
+
+
+def _cross_rows(sh: Shape, s_tok: Any, b: int, rank: int) -> torch.Tensor:
+    """b rows of ``sh.seq`` consecutive student tokens of the pydoc text, from spread-out
+    starts (different text per row and rank)."""
+    ids = s_tok(_text(), add_special_tokens=False)["input_ids"]
+    n = sh.seq
+    starts = [((rank * b + i) * 7919 * n) % max(1, len(ids) - n) for i in range(b)]
+    return torch.tensor([ids[a : a + n] for a in starts], dtype=torch.long)
 
 
 def _measure_rank(sh: Shape, rank: int, device: str = "cpu") -> dict[str, float]:
@@ -141,10 +223,21 @@ def _measure_rank(sh: Shape, rank: int, device: str = "cpu") -> dict[str, float]
 
         model = DDP(student)
     V = sh.student["vocab_size"]
-    S = Setup(spec, dev, None, V, teacher, model, None, None, None, None)  # type: ignore[arg-type]
-    opt = adamw(list(model.parameters()), [], spec.training, dev)
     b = sh.batch // sh.world
-    x = torch.randint(0, V, (b, sh.seq), generator=torch.Generator().manual_seed(rank)).to(dev)
+    ct = cross = None
+    if sh.cross:
+        from sharp_core.objectives.cross_tokenizer import CrossTokenizer
+        from sharp_core.train.plan import cross_tokens_of
+
+        s_tok, t_tok = cross_tokenizers(sh)
+        ct = CrossTokenizer.build(sh.cross, s_tok, t_tok, sh.teacher["max_position_embeddings"])
+        cross = cross_tokens_of(s_tok, t_tok)
+        x = _cross_rows(sh, s_tok, b, rank).to(dev)
+    else:
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randint(0, V, (b, sh.seq), generator=g).to(dev)
+    S = Setup(spec, dev, None, V, teacher, model, None, None, None, None, cross=ct)  # type: ignore[arg-type]
+    opt = adamw(list(model.parameters()), [], spec.training, dev)
     amp = torch.bfloat16 if cuda else None
     n_tokens = x[:, 1:].numel() * sh.world
 
@@ -170,9 +263,18 @@ def _measure_rank(sh: Shape, rank: int, device: str = "cpu") -> dict[str, float]
     else:
         resident = resident_bytes(model, teacher, opt)
         peak = resident + cpu_step_peak_bytes(r)
-    e = strategy_estimate(spec, s_sizes, t_sizes, sh.mode, "replicate", cuda)
+    e = strategy_estimate(spec, s_sizes, t_sizes, sh.mode, "replicate", cuda, cross)
     total = e.total - e.components.get("reserve", 0)
     out = {"measured": peak, "estimate": total, **{f"c_{k}": v for k, v in e.components.items()}}
+    if ct is not None and cross is not None:
+        from sharp_core.train.memory import teacher_tokens
+
+        t_ids, _, _ = ct.teacher_batch(x, 0)
+        out |= {
+            "teacher_tokens_measured": t_ids.shape[1],
+            "teacher_tokens_planned": teacher_tokens(sh.seq, t_sizes, cross),
+            "shared_tokens": cross.shared,
+        }
     if cuda:
         from sharp_core.train.plan import step_flops_per_token, throughput
 
@@ -279,7 +381,11 @@ def throughput_rows(repeats: int) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default="small,narrow", help="comma list of: small, narrow")
+    ap.add_argument(
+        "--shapes",
+        default="small,narrow,cross,cross-narrow",
+        help="comma list of: small, narrow, cross, cross-narrow (gpu-8b-3b with --device cuda)",
+    )
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--repeats", type=int, default=5, help="bench.step timed rounds")
     ap.add_argument("--json", action="store_true", help="print a JSON document at the end")
@@ -302,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             doc["memory"].append({"shape": sh.name, **r, "ratio": ratio})
+            if "teacher_tokens_measured" in r:
+                print(
+                    f"{'':<36} teacher tokens per row: planned {r['teacher_tokens_planned']}, "
+                    f"measured {r['teacher_tokens_measured']}",
+                    flush=True,
+                )
             if "tokens_per_s" in r:
                 print(
                     f"{'':<36} tokens/s measured {r['tokens_per_s']:.0f}, plan "

@@ -167,6 +167,7 @@ class Planner:
         findings = preflight(spec, student_config=s_cfg, teacher_config=t_cfg, pool=pool)
         vocab = None
         t_tok = self.tokenizer(team, spec.teacher) if spec.teacher is not None else None
+        named = None
         if spec.tokenizer.train is not None:
             vocab = spec.tokenizer.train.vocab_size
         elif spec.tokenizer.name is not None:
@@ -176,6 +177,7 @@ class Planner:
             vocab = len(t_tok)  # the job's tokenizer is the teacher's
         distils = spec.teacher is not None and spec.method.name != "sft"
         own_tokenizers = spec.tokenizer.name is None and spec.tokenizer.train is None
+        s_tok = None
         if distils and own_tokenizers and spec.student.init == "pretrained":
             s_tok = self.tokenizer(team, spec.student)
             if t_tok is not None and s_tok is not None:
@@ -195,6 +197,13 @@ class Planner:
                         "tokenizers compared at job start (not readable at submission)",
                     )
                 )
+        cross = None
+        job_tok = named if spec.tokenizer.name is not None else s_tok
+        if distils and spec.method.cross_tokenizer and t_tok is not None and job_tok is not None:
+            # the teacher's tokens per student token: its logits are (B, T, V_T), whole
+            from sharp_core.train.plan import cross_tokens_of
+
+            cross = cross_tokens_of(job_tok, t_tok)
         p = make_plan(
             spec,
             student_config=s_cfg,
@@ -203,6 +212,7 @@ class Planner:
             costs=self.costs(pool.gpu_type),
             findings=findings,
             vocab=vocab,
+            cross=cross,
         )
         return p
 

@@ -12,6 +12,8 @@ import torch
 from sharp_core.errors import SpecError
 from sharp_core.models.loading import train_bpe_tokenizer
 from sharp_core.objectives.cross_tokenizer import (
+    Aligned,
+    CrossTokenizer,
     align,
     gold_loss,
     shared_vocabulary,
@@ -322,3 +324,47 @@ def test_committed_teacher_text_results_recompute_into_docs() -> None:
             m, (lo, hi) = got["mean"], got["ci"]
             text = f"{m:+.1f} % ({lo:+.1f}, {hi:+.1f})".replace("-", "−")
             assert text in doc, text
+
+
+@pytest.mark.parametrize(
+    ("mode", "vs", "vt", "shared"),
+    [
+        ("uld", 3000, 12000, 0),
+        ("uld", 12000, 3000, 0),
+        ("gold", 3000, 12000, 1500),
+        ("gold", 6000, 8000, 4000),
+        ("gold", 8000, 6000, 1),
+    ],
+)
+def test_one_chunks_float32_work_is_what_the_plan_counts(mode, vs, vt, shared) -> None:
+    """The plan's per-row count of a divergence chunk's float32 work
+    (`sharp_core.train.memory.cross_chunk_elements`) against the profiler's high-water mark
+    of one chunk's forward and backward (fp32 logits, as on the CPU), beyond the gradient
+    buffer and the logits' .grad: within 2 %."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sharp_core.train.memory import cross_chunk_elements
+
+    torch.manual_seed(0)
+    C = 64  # rows, one chunk
+    t_ids = torch.randperm(vt)[:shared].sort().values
+    s_ids = torch.randperm(vs)[:shared]
+    teacher = type("Tok", (), {"__len__": lambda self: vt})()
+    ct = CrossTokenizer(mode, None, teacher, t_ids, s_ids)
+    s = torch.randn(1, C, vs, requires_grad=True)
+    t = torch.randn(1, C, vt)
+    rows = [Aligned([], list(range(C)), list(range(C)))]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        total, _ = ct.total(s, t, rows, vs, 1.0, C)
+        total.backward()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    work = peak - 2 * C * vs * 4  # the divergence's gradient buffer and s.grad
+    planned = C * cross_chunk_elements(mode, vs, vt, shared) * 4
+    assert planned == pytest.approx(work, rel=0.02), (planned, work)

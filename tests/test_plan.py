@@ -5,6 +5,8 @@ from the step-cost table or FLOPs, preflight findings, and admission through the
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -560,3 +562,173 @@ def test_a_hub_model_is_checked_when_the_worker_starts_the_job(
             select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == "preflight")
         ).all()
     assert [e.data["findings"] for e in events] == [at_start["findings"]]
+
+
+# ------------------------------------------------------------------- across tokenizers
+S1B_32K = llama(2048, 16, 8192, 32, 8, vocab=32000)
+
+
+def cross_spec(mode: str = "uld", teacher: dict = L8B, **training) -> dict:
+    return {
+        "teacher": {"init": "config", "config": teacher},
+        "student": {"init": "config", "config": S1B_32K},
+        "tokenizer": {"name": "student-tok"},
+        "dataset": {"files": ["x.txt"]},
+        "method": {"name": "kd", "cross_tokenizer": mode},
+        "training": {"batch_size": 4, "seq_len": 4096, "max_steps": 10, **training},
+        "resources": {"gpus": 1, "queue": "h100"},
+    }
+
+
+def test_a_128k_cross_tokenizer_job_is_planned_with_its_whole_logits() -> None:
+    """8B teacher (V_T 128256) → 1B student (V_S 32000), ULD, B4 × N4096 on an 80 GB H100,
+    bf16 (2-byte logits), tokenizers not readable (ratio 1.0: T = 4096, listed as unknown).
+    By hand:
+      student_logits = (B·N + B·(N−1))·V_S·2 + B·N·h·2·2
+                     = (16384 + 16380)·32000·2 + 16384·2048·4 = 2_096_896_000 + 134_217_728
+                     = 2_231_113_728
+      teacher_logits = B·T·V_T·2 = 4·4096·128256·2 = 4_202_692_608
+      cross_divergence: chunk = 2^28 // (4·128256) = 523 rows; ULD's per-row float32 work
+                     3·32000 + 2·128256 + 4·128256 = 865_536 elements;
+                     gradient buffer 16384·32000·2 = 1_048_576_000 + 523·865_536·4
+                     = 1_810_701_312 → 2_859_277_312 (the CE's phase, 16380·32000·2 +
+                     2097·32000·5·4 = 2_390_400_000, is smaller)
+    About 9.3 GB of logits the fused path would not hold: without checkpointing the job needs
+    76.6 GB (> 92 % of 80 GB), so the plan turns activation checkpointing on."""
+    p = make_plan(parse_spec(cross_spec()), student_config=S1B_32K, teacher_config=L8B, pool=H100)
+    c = p.memory["components"]
+    assert "logits" not in c
+    assert c["student_logits"] == 2_231_113_728
+    assert c["teacher_logits"] == 4_202_692_608
+    assert c["cross_divergence"] == 2_859_277_312
+    assert p.memory["per_gpu_bytes"] == sum(c.values())
+    assert "teacher_tokens" in p.unknown
+    ct = p.strategy["cross_tokenizer"]
+    assert ct["teacher_token_ratio"] == 1.0 and ct["teacher_tokens_per_row"] == 4096
+    assert ct["divergence_chunk_rows"] == 523
+    assert ct["source"].startswith("assumed")
+    assert p.fits is True
+    assert [lv["field"] for lv in p.levers] == ["training.activation_checkpointing"]
+
+
+def test_cross_tokenizer_components_scale_as_the_formula_says() -> None:
+    from sharp_core.train.memory import CrossTokens, cross_chunk_elements
+
+    def comps(teacher: dict = L8B, cross: CrossTokens | None = None, **kw) -> dict:
+        spec = parse_spec(cross_spec(teacher=teacher, **kw))
+        pool = PoolInfo("big", "h200", int(1e15))  # nothing is refused: the components only
+        p = make_plan(spec, student_config=S1B_32K, teacher_config=teacher, pool=pool, cross=cross)
+        return p.memory["components"]
+
+    base = comps()
+    # the teacher's vocabulary doubled: its logits double; the student's do not move
+    wide = comps(teacher={**L8B, "vocab_size": 2 * 128256})
+    assert wide["teacher_logits"] == 2 * base["teacher_logits"]
+    assert wide["student_logits"] == base["student_logits"]
+    # half the teacher tokens per student token: half its logits (and its activations)
+    half = comps(cross=CrossTokens(ratio=0.5, shared=0, source="test"))
+    assert half["teacher_logits"] * 2 == base["teacher_logits"]
+    assert half["teacher"] < base["teacher"]
+    # twice the rows: every whole-logit term doubles; the chunk's work (523 rows) does not
+    twice = comps(batch_size=8)
+    assert twice["teacher_logits"] == 2 * base["teacher_logits"]
+    chunk_work = 523 * cross_chunk_elements("uld", 32000, 128256) * 4
+    assert twice["cross_divergence"] - chunk_work == 2 * (base["cross_divergence"] - chunk_work)
+    # the teacher's positions cap T: a 2048-position teacher reads at most 2048 tokens a row
+    short = comps(teacher={**L8B, "max_position_embeddings": 2048})
+    assert short["teacher_logits"] * 2 == base["teacher_logits"]
+    # GOLD holds more float32 per row than ULD, less the more tokens are shared
+    gold = comps(mode="gold")
+    gold_shared = comps(mode="gold", cross=CrossTokens(ratio=1.0, shared=20000, source="t"))
+    assert base["cross_divergence"] < gold["cross_divergence"]
+    assert gold["cross_divergence"] - gold_shared["cross_divergence"] == 523 * 7 * 20000 * 4
+    # a job without cross_tokenizer keeps the fused logit term
+    plain = {**cross_spec(), "method": {"name": "kd"}, "tokenizer": {}}
+    p = make_plan(parse_spec(plain), student_config=S1B_32K, teacher_config=L8B, pool=H100)
+    assert "logits" in p.memory["components"] and "teacher_logits" not in p.memory["components"]
+
+
+def test_the_teacher_token_ratio_is_read_from_the_tokenizers() -> None:
+    """`cross_tokens_of` counts both tokenizers' tokens on the built-in sample; a teacher
+    whose BPE has more merges reads the same text in fewer tokens."""
+    from sharp_core.models.loading import train_bpe_tokenizer
+    from sharp_core.objectives.cross_tokenizer import shared_vocabulary
+    from sharp_core.train.plan import RATIO_SAMPLE, cross_tokens_of
+
+    text = [RATIO_SAMPLE * 3]
+    s_tok, t_tok = train_bpe_tokenizer(text, 300), train_bpe_tokenizer(text, 600)
+    ct = cross_tokens_of(s_tok, t_tok)
+    n_s = len(s_tok(RATIO_SAMPLE, add_special_tokens=False)["input_ids"])
+    n_t = len(t_tok(RATIO_SAMPLE, add_special_tokens=False)["input_ids"])
+    assert n_t < n_s and ct.ratio == pytest.approx(n_t / n_s)
+    assert ct.shared == shared_vocabulary(t_tok, s_tok)[0].numel() > 256
+    assert str(n_t) in ct.source and str(n_s) in ct.source
+
+
+@pytest.mark.service
+def test_the_service_plans_a_cross_tokenizer_job_from_both_tokenizers(
+    settings, db, make_team, corpus, tmp_path
+) -> None:
+    """Teacher and student in local folders, each with its own BPE: POST /v1/jobs/plan reads
+    both tokenizers and plans the teacher's logits over its own tokens (the ratio from the
+    tokenizers, not assumed); the same spec with the teacher's tokenizer unreadable plans
+    with ratio 1.0 and says so."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from api.app import create_app
+    from sharp_core.models.loading import train_bpe_tokenizer
+    from sharp_core.train.plan import cross_tokens_of
+
+    text = corpus.read_text(encoding="utf-8")
+    toks = {
+        "teacher": train_bpe_tokenizer([text], 600),
+        "student": train_bpe_tokenizer([text], 300),
+    }
+    folders = {}
+    for role, tok in toks.items():
+        cfg = AutoConfig.for_model(**{**LLAMA_TINY, "vocab_size": len(tok)})
+        folders[role] = tmp_path / role
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(folders[role])
+        tok.save_pretrained(folders[role])
+    team = make_team("xplan")
+    spec = {
+        "teacher": {"model": str(folders["teacher"])},
+        "student": {"model": str(folders["student"])},
+        "dataset": {"files": [str(corpus)]},
+        "method": {"name": "kd", "cross_tokenizer": "uld"},
+        "training": {"batch_size": 2, "seq_len": 64, "max_steps": 2},
+    }
+    want = cross_tokens_of(toks["student"], toks["teacher"])
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/v1/jobs/plan", json={"spec": spec}, headers=team.headers)
+        assert r.status_code == 200, r.text
+        plan = r.json()["plan"]
+        ct = plan["strategy"]["cross_tokenizer"]
+        assert ct["teacher_token_ratio"] == round(want.ratio, 4) < 1.0
+        assert ct["teacher_tokens_per_row"] == math.ceil(want.ratio * 64)
+        assert ct["shared_tokens"] == want.shared and ct["source"].startswith("tokenizers:")
+        assert "teacher_tokens" not in plan["unknown"]
+        comps = plan["memory"]["components"]
+        # an undeclared pool is planned as a GPU (bf16 logits): B·T·V_T·2
+        assert comps["teacher_logits"] == 2 * ct["teacher_tokens_per_row"] * 600 * 2
+        (folders["teacher"] / "tokenizer.json").unlink()
+        (folders["teacher"] / "tokenizer_config.json").unlink()
+        r = client.post("/v1/jobs/plan", json={"spec": spec}, headers=team.headers)
+        assert r.status_code == 200, r.text
+        plan = r.json()["plan"]
+        assert plan["strategy"]["cross_tokenizer"]["teacher_tokens_per_row"] == 64
+        assert plan["strategy"]["cross_tokenizer"]["source"].startswith("assumed")
+        assert "teacher_tokens" in plan["unknown"]
+
+
+@pytest.mark.parametrize("mode", ["uld", "gold"])
+def test_planned_cross_tokenizer_memory_within_25_percent_of_a_measured_step(mode) -> None:
+    """`bench/plan.py`'s small cross-tokenizer shape (V_S 4096, V_T 8192, B2 × N512): the
+    plan's bytes against one ULD / GOLD step's measured tensor peak, CPU, fp32; the plan's
+    teacher length from the tokenizers' ratio on its sample, the step's from the real rows."""
+    from bench.plan import SHAPES, measure
+
+    [sh] = [s for s in SHAPES["cross"] if s.cross == mode]
+    r = measure(sh)
+    assert 0.75 <= r["estimate"] / r["measured"] <= 1.25, r
+    assert 0.75 <= r["teacher_tokens_planned"] / r["teacher_tokens_measured"] <= 1.25, r

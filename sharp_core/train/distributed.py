@@ -199,9 +199,19 @@ class Context:
         gpu_bytes = (
             torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
         )
+        cross = None
+        if S.cross is not None:  # the teacher's logits are over its own tokens, whole
+            from sharp_core.train.plan import cross_tokens_of
+
+            cross = cross_tokens_of(S.cross.student, S.cross.teacher)
         if not self.enabled:
             plan(
-                spec, ModelSizes.of(S.student), _sizes(S.teacher), world_size=1, gpu_bytes=gpu_bytes
+                spec,
+                ModelSizes.of(S.student),
+                _sizes(S.teacher),
+                world_size=1,
+                gpu_bytes=gpu_bytes,
+                cross=cross,
             )
             return S
         self.check(spec)
@@ -228,6 +238,7 @@ class Context:
             world_size=self.world_size,
             gpu_bytes=gpu_bytes,
             teacher_parallel=t_mode,
+            cross=cross,
         )
         if self.is_main:
             print(

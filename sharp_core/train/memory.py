@@ -21,6 +21,11 @@ docs/performance.md the calibration against measured peaks):
   only each block's input (``h``) is kept, plus one block's full set while it is recomputed;
 - logits: the fused logit loss works on ``logit_chunk`` rows at a time: ``4 · chunk · V`` fp32
   (student and teacher rows, their softmaxes / gradient), plus the final hidden states;
+- logits across tokenizers (``method.cross_tokenizer``, `CrossTokens`): that step holds whole
+  logits, not chunks: the student's ``B·N·V_S`` and the CE's gradient buffer of the same
+  size (``student_logits``); the teacher's ``B·T·V_T`` over its own ``T`` tokens per row
+  (``teacher_logits``); and the divergence's gradient buffer shaped as the student's logits
+  plus one chunk of its float32 work (``cross_divergence``, or the CE's chunk if larger);
 - attention terms (SHARP and the attention baselines): one ``query_chunk × N`` fp32 block of
   probabilities per head, twice (student and teacher) per mapped layer kept for backward, plus
   the teacher's captured q/k;
@@ -31,6 +36,7 @@ docs/performance.md the calibration against measured peaks):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -47,12 +53,16 @@ __all__ = [
     "COMFORT",
     "FIT",
     "GB",
+    "CE_CHUNK_ELEMENTS",
     "RESERVE_BYTES",
+    "CrossTokens",
     "Estimate",
     "ModelSizes",
     "Plan",
+    "cross_chunk_elements",
     "estimate",
     "plan",
+    "teacher_tokens",
 ]
 
 GB = 1e9
@@ -80,6 +90,7 @@ class ModelSizes:
     head_dim: int
     vocab: int
     block_params: int  # the largest transformer block (one FSDP unit)
+    positions: int | None = None  # max_position_embeddings (None: not in the config)
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelSizes:
@@ -116,6 +127,7 @@ class ModelSizes:
             block_params=max(
                 (sum(_local_numel(p) for p in b.parameters()) for b in blocks), default=0
             ),
+            positions=_int_or_none(get("max_position_embeddings", "n_positions")),
         )
 
     @classmethod
@@ -129,9 +141,87 @@ class ModelSizes:
         return cls.of(model)
 
 
+def _int_or_none(v: Any) -> int | None:
+    return int(v) if isinstance(v, int | float) and v > 0 else None
+
+
 def _local_numel(p: torch.Tensor) -> int:
     """The whole tensor's numel, also for a DTensor shard (DTensor.numel is the global one)."""
     return p.numel()
+
+
+@dataclass(frozen=True)
+class CrossTokens:
+    """What the memory of a cross-tokenizer step depends on beyond the models' shapes.
+
+    ``ratio``: the teacher's tokens per student token on the same text (its ``T`` per row is
+    ``ratio·N``, capped by its positions); ``shared``: tokens both vocabularies have (GOLD's
+    matched set; 0 bounds GOLD's work from above); ``source``: where the ratio came from
+    (`sharp_core.train.plan.cross_tokens_of`, or an assumption when no tokenizer is readable).
+    """
+
+    ratio: float = 1.0
+    shared: int = 0
+    source: str = "assumed: teacher tokens = student tokens (tokenizers not readable)"
+
+
+#: Float32 elements per aligned row of one chunk of the cross-tokenizer divergence, measured
+#: with the profiler on one chunk's forward + backward (`tests/test_cross_tokenizer.py`
+#: checks them): ULD holds 3·V_S + 2·V_T + 4·max(V_S, V_T) (the rows, softmaxes, sorts with
+#: their int64 indices, the zero-padded sorted vectors and their difference); GOLD's hybrid
+#: 5·V_S + 4·V_T + 4·max − 7·K with K the shared tokens (log-softmaxes, the matched gathers,
+#: and ULD on the unmatched rest).
+def cross_chunk_elements(mode: str, vs: int, vt: int, shared: int = 0) -> int:
+    vmax = max(vs, vt)
+    if mode == "gold":
+        return max(0, 5 * vs + 4 * vt + 4 * vmax - 7 * min(shared, vs, vt))
+    return 3 * vs + 2 * vt + 4 * vmax
+
+
+#: Float32 elements per row of one CE chunk beyond its gradient buffer (the row's float copy,
+#: log-softmax and its gradient; `sharp_core.objectives.losses._run_chunks`), measured.
+CE_CHUNK_ELEMENTS = 5
+
+
+def teacher_tokens(N: int, teacher: ModelSizes, cross: CrossTokens) -> int:
+    """The teacher's tokens per row for a student row of N tokens: ratio·N, capped by the
+    teacher's positions (`CrossTokenizer.teacher_batch` cuts the text there)."""
+    T = max(1, math.ceil(cross.ratio * N))
+    return min(T, teacher.positions) if teacher.positions else T
+
+
+def _cross_logits(
+    spec: JobSpec,
+    s: ModelSizes,
+    teacher: ModelSizes,
+    cross: CrossTokens,
+    b: int,
+    act: int,
+) -> dict[str, int]:
+    """The logit components of `sharp_core.train.step._cross_step` (module docstring)."""
+    m, N = spec.method, spec.training.seq_len
+    Vs, Vt = s.vocab, teacher.vocab
+    rows, T = b * N, teacher_tokens(N, teacher, cross)
+    ce_rows = b * (N - 1)
+    # whole student logits + the CE's gradient buffer (same shape, cut by one row per
+    # sequence) + the final hidden states, as the fused path counts them
+    student = (rows + ce_rows) * Vs * act + rows * s.hidden * act * 2
+    # the divergence: its gradient buffer (B·N, V_S) + one chunk of aligned rows' float32
+    # work (`chunked_divergence`: default a 256 MiB float32 chunk of the larger vocabulary);
+    # a row aligns at most min(N, T) − 1 positions (each aligned pair is one of each side's)
+    aligned = b * max(1, min(N, T) - 1)
+    chunk = min(m.logit_chunk or max(1, 2**28 // (4 * max(Vs, Vt, 1))), aligned)
+    mode = m.cross_tokenizer or "uld"
+    div = rows * Vs * act + chunk * cross_chunk_elements(mode, Vs, Vt, cross.shared) * 4
+    # the CE before it: a flattened copy of the cut logits when B > 1 (not a view) and one
+    # chunk's float32 work; the two phases do not overlap, the larger one counts
+    ce_chunk = min(m.logit_chunk or max(1, 2**28 // (4 * max(Vs, 1))), ce_rows)
+    ce = (ce_rows * Vs * act if b > 1 else 0) + ce_chunk * Vs * CE_CHUNK_ELEMENTS * 4
+    return {
+        "student_logits": student,
+        "teacher_logits": b * T * Vt * act,
+        "cross_divergence": max(div, ce),
+    }
 
 
 @dataclass(frozen=True)
@@ -161,11 +251,14 @@ def estimate(
     student_parallel: StudentParallel,
     teacher_parallel: str = "replicate",
     cuda: bool = True,
+    cross: CrossTokens | None = None,
 ) -> Estimate:
     """Per-rank GPU bytes of one training step of `spec` (see the module docstring).
 
     ``cuda``: the autocast dtype applies (bf16/fp16 activations, bf16 FSDP compute copies);
-    False estimates a CPU run, all fp32 (what the calibration measures).
+    False estimates a CPU run, all fp32 (what the calibration measures). ``cross``: the
+    teacher's token ratio and shared vocabulary of a cross-tokenizer job (None there: ratio
+    1.0, no shared tokens, as `CrossTokens` says); ignored for other jobs.
     """
     t, m, r = spec.training, spec.method, spec.resources
     W = max(1, world_size)
@@ -204,9 +297,17 @@ def estimate(
         c["activations"] = (s.layers * s.hidden + per_block) * tokens * act
     else:
         c["activations"] = s.layers * per_block * tokens * act
-    V = s.vocab or (teacher.vocab if teacher else 0)
-    chunk = min(m.logit_chunk or default_chunk_tokens(max(V, 1)), tokens)
-    c["logits"] = 4 * chunk * V * 4 + tokens * s.hidden * act * 2
+    crossing = m.cross_tokenizer is not None and teacher is not None and m.name != "sft"
+    t_tokens = tokens  # the teacher's tokens per rank and micro-step
+    if crossing:
+        assert teacher is not None
+        cross = cross or CrossTokens()
+        c.update(_cross_logits(spec, s, teacher, cross, b, act))
+        t_tokens = b * teacher_tokens(N, teacher, cross)
+    else:
+        V = s.vocab or (teacher.vocab if teacher else 0)
+        chunk = min(m.logit_chunk or default_chunk_tokens(max(V, 1)), tokens)
+        c["logits"] = 4 * chunk * V * 4 + tokens * s.hidden * act * 2
     if m.uses_attention and teacher is not None:
         qc = min(m.query_chunk, N)
         probs = 2 * s.layers * b * s.heads * qc * N * 4
@@ -225,7 +326,7 @@ def estimate(
             + 4 * teacher.heads * teacher.head_dim
             + 3 * teacher.kv_heads * teacher.head_dim
         )
-        c["teacher"] = w + t_block * tokens * act
+        c["teacher"] = w + t_block * t_tokens * act
     c["reserve"] = RESERVE_BYTES if cuda else 0
     return Estimate(student_parallel if W > 1 else "ddp", teacher_parallel, c, host)
 
@@ -244,6 +345,7 @@ def plan(
     world_size: int,
     gpu_bytes: int | None,
     teacher_parallel: str = "replicate",
+    cross: CrossTokens | None = None,
 ) -> Plan:
     """DDP or FSDP2 for the student, and a SpecError when even the chosen plan cannot fit.
 
@@ -268,6 +370,7 @@ def plan(
             student_parallel=mode,
             teacher_parallel=teacher_parallel,
             cuda=cuda,
+            cross=cross,
         )
 
     if W <= 1:

@@ -24,7 +24,16 @@ from typing import Any
 from sharp_core.errors import SpecError
 from sharp_core.models.compat import Finding, check_dtype, check_positions
 from sharp_core.spec import JobSpec, per_term_field
-from sharp_core.train.memory import COMFORT, FIT, GB, Estimate, ModelSizes, estimate
+from sharp_core.train.memory import (
+    COMFORT,
+    FIT,
+    GB,
+    CrossTokens,
+    Estimate,
+    ModelSizes,
+    estimate,
+    teacher_tokens,
+)
 
 __all__ = [
     "GPU_TYPES",
@@ -33,7 +42,9 @@ __all__ = [
     "JobPlan",
     "PoolInfo",
     "StepCost",
+    "RATIO_SAMPLE",
     "check_fits",
+    "cross_tokens_of",
     "make_plan",
     "preflight",
     "sizes_of_config",
@@ -322,11 +333,60 @@ def _teacher_mode(spec: JobSpec, s: ModelSizes, t: ModelSizes | None, gpu: int |
     )
 
 
+#: The text a cross-tokenizer plan measures the teacher's tokens per student token on, when
+#: both tokenizers are readable: fixed, so one pair of tokenizers always gets one ratio.
+#: English prose, numbers, punctuation and a little code, the mix most training text has.
+RATIO_SAMPLE = """\
+The committee met on Tuesday, 14 March, to review the quarterly figures. Revenue rose by
+3.2 percent against the previous quarter, while operating costs fell slightly; the board
+asked why the northern region had lagged behind, and whether the new warehouse would open
+before the summer. "We expect delays," the director said, "but nothing we cannot absorb."
+Rain had fallen all night. By morning the river had risen over its banks, and the old
+bridge, which had stood for two hundred years, was closed to carts and travellers alike.
+Children gathered on the hill to watch the water carry branches, barrels and a drowned sheep
+towards the sea, and their parents argued about who should pay for the repairs.
+
+def mean(values: list[float]) -> float:
+    \"\"\"The arithmetic mean; raises ValueError on an empty list.\"\"\"
+    if not values:
+        raise ValueError("mean of nothing")
+    return sum(values) / len(values)
+
+for i in range(10):
+    print(f"{i:>3}: {mean([i, i * 2, i ** 2]):.2f}")
+
+Questions? Write to the address below, or call +1 (555) 010-7788 between 9:00 and 17:30.
+"""
+
+
+def cross_tokens_of(student_tok: Any, teacher_tok: Any, text: str = RATIO_SAMPLE) -> CrossTokens:
+    """The teacher's tokens per student token on `text` (`RATIO_SAMPLE`), and how many tokens
+    both vocabularies share (GOLD's matched set): what a cross-tokenizer step's memory needs
+    beyond the models' shapes (`sharp_core.train.memory.CrossTokens`)."""
+    from sharp_core.objectives.cross_tokenizer import shared_vocabulary
+
+    n_s = len(student_tok(text, add_special_tokens=False)["input_ids"])
+    n_t = len(teacher_tok(text, add_special_tokens=False)["input_ids"])
+    shared = int(shared_vocabulary(teacher_tok, student_tok)[0].numel())
+    return CrossTokens(
+        ratio=n_t / max(1, n_s),
+        shared=shared,
+        source=f"tokenizers: {n_t} teacher / {n_s} student tokens on the built-in sample",
+    )
+
+
 def strategy_estimate(
-    spec: JobSpec, s: ModelSizes, t: ModelSizes | None, mode: str, t_mode: str, cuda: bool
+    spec: JobSpec,
+    s: ModelSizes,
+    t: ModelSizes | None,
+    mode: str,
+    t_mode: str,
+    cuda: bool,
+    cross: CrossTokens | None = None,
 ) -> Estimate:
     """Per-rank bytes of `spec` with the student as `mode` ('ddp'/'fsdp') and the teacher as
-    `t_mode`, plus the teacher-cache reads (`sharp_core.train.memory.estimate` underneath)."""
+    `t_mode`, plus the teacher-cache reads (`sharp_core.train.memory.estimate` underneath).
+    ``cross``: a cross-tokenizer job's teacher token ratio (`CrossTokens`)."""
     e = estimate(
         spec,
         s,
@@ -335,6 +395,7 @@ def strategy_estimate(
         student_parallel=mode,  # type: ignore[arg-type]
         teacher_parallel=t_mode,
         cuda=cuda,
+        cross=cross,
     )
     cache = _cache_read_bytes(spec)
     if cache:
@@ -362,7 +423,11 @@ def _gb(x: float) -> str:
 
 
 def check_fits(
-    spec: JobSpec, s: ModelSizes, t: ModelSizes | None, pool: PoolInfo
+    spec: JobSpec,
+    s: ModelSizes,
+    t: ModelSizes | None,
+    pool: PoolInfo,
+    cross: CrossTokens | None = None,
 ) -> tuple[JobSpec, str, Estimate, list[dict[str, Any]], bool | None]:
     """The strategy: (spec with levers applied, teacher mode, estimate, levers, fits).
 
@@ -386,14 +451,14 @@ def check_fits(
         mode = "fsdp"
     else:
         mode = "ddp"
-    e = strategy_estimate(spec, s, t, mode, t_mode, cuda)
+    e = strategy_estimate(spec, s, t, mode, t_mode, cuda, cross)
     if gpu is None:
         return spec, t_mode, e, levers, None
     limit = FIT * gpu
     per_term = per_term_field(spec)
     can_shard = W > 1 and r.student_parallel == "auto" and not per_term
     if mode == "ddp" and can_shard and e.total > COMFORT * gpu:
-        f = strategy_estimate(spec, s, t, "fsdp", t_mode, cuda)
+        f = strategy_estimate(spec, s, t, "fsdp", t_mode, cuda, cross)
         spec = _with(spec, "resources", student_parallel="fsdp")
         levers.append(
             {
@@ -406,7 +471,7 @@ def check_fits(
         mode, e = "fsdp", f
     if e.total > limit and not spec.training.activation_checkpointing:
         ac_spec = _with(spec, "training", activation_checkpointing=True)
-        ac = strategy_estimate(ac_spec, s, t, mode, t_mode, cuda)
+        ac = strategy_estimate(ac_spec, s, t, mode, t_mode, cuda, cross)
         if ac.total < e.total:
             levers.append(
                 {
@@ -430,7 +495,9 @@ def check_fits(
     b = t_.batch_size - W
     while b >= W:
         if (
-            strategy_estimate(_with(spec, "training", batch_size=b), s, t, mode, t_mode, cuda).total
+            strategy_estimate(
+                _with(spec, "training", batch_size=b), s, t, mode, t_mode, cuda, cross
+            ).total
             <= limit
         ):
             fits_at = b
@@ -438,19 +505,19 @@ def check_fits(
         b -= W
     if fits_at is not None:
         one = strategy_estimate(
-            _with(spec, "training", batch_size=fits_at), s, t, mode, t_mode, cuda
+            _with(spec, "training", batch_size=fits_at), s, t, mode, t_mode, cuda, cross
         )
         raise SpecError(
             f"spec.training.batch_size: {head}; batch {fits_at} needs {_gb(one.total / GB)} "
             f"(raise training.grad_accum to keep the tokens per step)",
             param="spec.training.batch_size",
         )
-    one = strategy_estimate(_with(spec, "training", batch_size=W), s, t, mode, t_mode, cuda)
+    one = strategy_estimate(_with(spec, "training", batch_size=W), s, t, mode, t_mode, cuda, cross)
     if t_.seq_len > 512 and one.total > limit:
         n = t_.seq_len // 2
         while n >= 256:
             sh = _with(spec, "training", batch_size=W, seq_len=n)
-            if strategy_estimate(sh, s, t, mode, t_mode, cuda).total <= limit:
+            if strategy_estimate(sh, s, t, mode, t_mode, cuda, cross).total <= limit:
                 raise SpecError(
                     f"spec.training.seq_len: {head}; even one sequence per GPU needs "
                     f"{_gb(one.total / GB)}; seq_len {n} at batch {W} fits",
@@ -482,12 +549,21 @@ def make_plan(
     costs: Sequence[StepCost] = (),
     findings: Sequence[Finding] = (),
     vocab: int | None = None,
+    cross: CrossTokens | None = None,
 ) -> JobPlan:
     """The plan of `spec` on `pool` (see the module docstring). Raises SpecError when the job
     cannot fit even with the levers (`check_fits`); error findings are returned, not raised
-    (the caller decides: the API refuses them at submission)."""
+    (the caller decides: the API refuses them at submission).
+
+    ``cross``: for a ``method.cross_tokenizer`` job, the teacher's tokens per student token
+    and the shared vocabulary (`cross_tokens_of`, when both tokenizers are readable); None
+    there plans with a ratio of 1.0 and lists ``teacher_tokens`` as unknown."""
     cuda = not pool.is_cpu
     unknown: list[str] = []
+    crossing = spec.method.cross_tokenizer is not None and spec.method.name != "sft"
+    if crossing and spec.teacher is not None and cross is None:
+        cross = CrossTokens()
+        unknown.append("teacher_tokens")
     s_cfg = dict(student_config) if student_config else None
     overridden = "vocab_size" in spec.student.config_overrides
     if s_cfg is not None and vocab and not overridden and spec.student.init == "config":
@@ -499,14 +575,14 @@ def make_plan(
         assert spec.teacher is not None
         t = sizes_of_config(teacher_config, _weights_dtype(spec.teacher.dtype, "teacher", cuda))
         if t is None:
-            unknown += ["teacher"]
+            unknown += ["teacher"] + (["teacher_logits", "cross_divergence"] if crossing else [])
     if s is None:
         unknown += [
             "student_weights",
             "student_grads",
             "optimizer",
             "activations",
-            "logits",
+            *(["student_logits", "teacher_logits", "cross_divergence"] if crossing else ["logits"]),
             *(["attention"] if spec.method.uses_attention else []),
         ]
     pool_d = {
@@ -536,7 +612,7 @@ def make_plan(
         fits: bool | None = None
         run_spec, t_mode = spec, "unknown"
     else:
-        run_spec, t_mode, e, levers, fits = check_fits(spec, s, t, pool)
+        run_spec, t_mode, e, levers, fits = check_fits(spec, s, t, pool, cross)
     W = max(1, spec.resources.gpus)
     mode = "ddp"
     if W > 1:
@@ -550,7 +626,7 @@ def make_plan(
     chunk = spec.method.logit_chunk or default_chunk_tokens(max(1, V))
     flops = step_flops_per_token(run_spec, s, t) if not (needs_teacher and t is None) else 0.0
     tp = throughput(run_spec, flops, pool, costs, student_params=s.params)
-    strategy = {
+    strategy: dict[str, Any] = {
         "student_parallel": mode,
         "teacher_parallel": t_mode if needs_teacher else None,
         "activation_checkpointing": run_spec.training.activation_checkpointing,
@@ -558,6 +634,18 @@ def make_plan(
         "query_chunk": spec.method.query_chunk if spec.method.uses_attention else None,
         "rows_per_gpu": max(1, spec.training.batch_size // W),
     }
+    if crossing and cross is not None:
+        strategy["cross_tokenizer"] = {
+            "teacher_token_ratio": round(cross.ratio, 4),
+            "teacher_tokens_per_row": teacher_tokens(run_spec.training.seq_len, t, cross)
+            if t is not None
+            else None,
+            "shared_tokens": cross.shared,
+            # rows of one divergence chunk (`chunked_divergence`'s default, or logit_chunk)
+            "divergence_chunk_rows": spec.method.logit_chunk
+            or max(1, 2**28 // (4 * max(s.vocab, t.vocab if t is not None else 0, 1))),
+            "source": cross.source,
+        }
     mem = _memory_dict(e, pool.memory)
     mem["partial"] = bool(needs_teacher and t is None)
     return JobPlan(

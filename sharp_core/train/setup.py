@@ -225,7 +225,8 @@ def setup(
             from sharp_core.models.loading import teacher_tokenizer
             from sharp_core.objectives.cross_tokenizer import CrossTokenizer
 
-            t_tok = teacher_tokenizer(spec, resolver)
+            # preflight_tokenizers loaded the same one (same source and revision)
+            t_tok = own.teacher if own is not None else teacher_tokenizer(spec, resolver)
             check_vocab(teacher, len(t_tok), "teacher")
             positions = getattr(teacher.config, "max_position_embeddings", None)
             cross = CrossTokenizer.build(spec.method.cross_tokenizer, tok, t_tok, positions)
