@@ -213,6 +213,10 @@ def _cross_logits(
     chunk = min(m.logit_chunk or max(1, 2**28 // (4 * max(Vs, Vt, 1))), aligned)
     mode = m.cross_tokenizer or "uld"
     div = rows * Vs * act + chunk * cross_chunk_elements(mode, Vs, Vt, cross.shared) * 4
+    if act < 4:  # bf16/fp16 logits: each chunk's gathered rows exist in that dtype before
+        # `.float()` copies them (fp32 logits make `.float()` a no-op; read from the code,
+        # not yet measured on a GPU)
+        div += chunk * (Vs + Vt) * act
     # the CE before it: a flattened copy of the cut logits when B > 1 (not a view) and one
     # chunk's float32 work; the two phases do not overlap, the larger one counts
     ce_chunk = min(m.logit_chunk or max(1, 2**28 // (4 * max(Vs, 1))), ce_rows)
