@@ -26,6 +26,7 @@ from sharp_core.data.loading import (
 from sharp_core.models.loading import (
     LocalResolver,
     Resolver,
+    Tokenizers,
     autocast_dtype,
     check_vocab,
     load_model,
@@ -183,7 +184,7 @@ def setup(
     data: PackedData | ClassificationData
     if classify:
         rows = load_classification(spec.dataset, resolver)
-        toks = resolve_tokenizer(spec, resolver, None)
+        toks = _job_tokenizer(spec, resolver, None, own)
         data = build_classification_data(
             spec.dataset, rows, toks.tokenizer, spec.training.seq_len, spec.training.seed
         )
@@ -195,7 +196,7 @@ def setup(
         corpus = None
         if spec.tokenizer.train:  # the tokenizer is trained on the rows' strings
             corpus = iter(training_texts(source.table(), source.format, source.fields))
-        toks = resolve_tokenizer(spec, resolver, corpus)
+        toks = _job_tokenizer(spec, resolver, corpus, own)
         if source.format == "chat" and spec.teacher is not None:
             _check_chat_rendering(spec, resolver, source, toks.tokenizer)
         vocab = toks.vocab_size
@@ -299,6 +300,18 @@ def setup(
         cross=cross,
         preflight=findings,
     )
+
+
+def _job_tokenizer(
+    spec: JobSpec, resolver: Resolver, corpus: Any, own: OwnTokenizers | None
+) -> Tokenizers:
+    """The job's tokenizer, taken from the two the preflight already loaded when it did
+    (the student's across tokenizers, else the teacher's, which the preflight found to be the
+    same vocabulary) rather than loading them again; `resolve_tokenizer` otherwise."""
+    if own is None:
+        return resolve_tokenizer(spec, resolver, corpus)
+    cross = spec.method.cross_tokenizer is not None
+    return Tokenizers(own.student if cross else own.teacher, own.sources[1 if cross else 0])
 
 
 @dataclass(frozen=True)
