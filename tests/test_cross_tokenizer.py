@@ -368,3 +368,80 @@ def test_one_chunks_float32_work_is_what_the_plan_counts(mode, vs, vt, shared) -
     work = peak - 2 * C * vs * 4  # the divergence's gradient buffer and s.grad
     planned = C * cross_chunk_elements(mode, vs, vt, shared) * 4
     assert planned == pytest.approx(work, rel=0.02), (planned, work)
+
+
+# --------------------------------------------------- chat rows, packed documents, padding
+def test_segments_split_at_documents_and_drop_padding() -> None:
+    from sharp_core.objectives.cross_tokenizer import _segments
+
+    assert _segments(5, None, None) == [(0, 5)]
+    assert _segments(6, [0, 1, 2, 0, 1, 0], None) == [(0, 3), (3, 5), (5, 6)]
+    assert _segments(6, [3, 4, 0, 1, 2, 3], None) == [(0, 2), (2, 6)]  # a continued document
+    assert _segments(5, None, [True, True, True, False, False]) == [(0, 3)]
+    assert _segments(6, [0, 1, 0, 1, 0, 0], [True, True, True, True, False, False]) == [
+        (0, 2),
+        (2, 4),
+    ]
+
+
+def test_packed_documents_are_re_tokenised_one_at_a_time(toks) -> None:
+    """With one tokenizer on both sides, a row of two packed documents gives the teacher the
+    same tokens, positions restarting where the student's do, and pairs every position but
+    the one across the boundary (the first document's last token predicts the second's
+    first, which no teacher position of a document alone does)."""
+    a, _ = toks
+    one = a("the quick brown fox", add_special_tokens=False)["input_ids"]
+    two = a("jumps over the lazy dog", add_special_tokens=False)["input_ids"]
+    x = torch.tensor([one + two])
+    pos = torch.tensor([list(range(len(one))) + list(range(len(two)))])
+    ct = CrossTokenizer.build("gold", a, a, None)
+    t_ids, mask, t_pos, [row] = ct.teacher_batch(x, 0, position_ids=pos)
+    assert t_ids.tolist() == x.tolist() and mask.all()
+    assert t_pos is not None and t_pos.tolist() == pos.tolist()
+    n = len(one) + len(two)
+    assert row.student_pos == row.teacher_pos == [i for i in range(n - 1) if i != len(one) - 1]
+    # padding (a 'none' packing row) is left out of the text
+    keep = torch.tensor([[True] * len(one) + [False] * len(two)])
+    t_ids, mask, t_pos, [row] = ct.teacher_batch(x, 0, keep=keep)
+    assert t_ids.tolist() == [one] and t_pos is None
+    assert row.student_pos == list(range(len(one) - 1))
+
+
+@pytest.mark.parametrize("packing", ["documents", "none"])
+def test_a_chat_job_across_tokenizers_masks_and_keeps_documents_apart(
+    tmp_path: Path, packing: str
+) -> None:
+    """Chat rows (loss on the answers) packed as documents or padded one per row: with the
+    student a copy of the teacher (one tokenizer), the cross-tokenizer step's CE equals the
+    plain KD step's (the same targets: the answers only) and GOLD (= forward KL here) is 0,
+    which holds only when the teacher reads each document alone, with its own positions, and
+    never the padding, as the student does."""
+    from sharp_core.train.loop import train
+    from tests.helpers import CHAT_TEMPLATE, chat_rows, write_chat_jsonl
+
+    texts = [m["content"] for r in chat_rows(50) for m in r["messages"]]
+    tok = train_bpe_tokenizer([*texts, CHAT_TEMPLATE], 400)
+    folder = save_model(tmp_path / "model", tok, 0)
+    data = write_chat_jsonl(tmp_path / "chat.jsonl", 80)
+    metrics = {}
+    for arm, method in (
+        ("kd", {"name": "kd"}),
+        ("gold", {"name": "kd", "cross_tokenizer": "gold"}),
+    ):
+        d = spec_dict(
+            data,
+            teacher={"model": str(folder)},
+            student={"model": str(folder), "init": "pretrained", "config": None},
+            dataset={"files": [str(data)], "chat_template": CHAT_TEMPLATE, "packing": packing},
+            method=method,
+            training={"max_steps": 1, "eval_every": 0, "checkpoint_every": 0, "seq_len": 256},
+        )
+        d.pop("tokenizer")
+        rec = Recorder()
+        train(parse_spec(d), tmp_path / arm, callbacks=rec)
+        metrics[arm] = rec.metrics[1]
+    kd, gold = metrics["kd"], metrics["gold"]
+    assert kd["kd"] == pytest.approx(0.0, abs=1e-6)  # the reference: one model, one KL
+    assert gold["ce"] == pytest.approx(kd["ce"], rel=1e-5), (gold, kd)
+    assert gold["kd"] == pytest.approx(0.0, abs=1e-5), gold
+    assert 0.9 <= gold["aligned_fraction"] <= 1.0

@@ -228,6 +228,13 @@ class Aligned:
     student_pos: list[int]
     teacher_pos: list[int]
 
+    def where(self, target: list[bool]) -> Aligned:
+        """The pairs whose student prediction is of a target: ``target`` (N-1 flags), True
+        where the student's position i predicts a token that carries loss."""
+        pairs = [(i, j) for i, j in zip(self.student_pos, self.teacher_pos, strict=True)]
+        kept = [(i, j) for i, j in pairs if target[i]]
+        return Aligned(self.teacher_ids, [i for i, _ in kept], [j for _, j in kept])
+
 
 def _complete_utf8(data: bytes) -> tuple[int, int]:
     """(start, end) of the longest slice of `data` that starts and ends on character
@@ -295,6 +302,24 @@ def align(
     return Aligned(t_ids, sp, tp)
 
 
+def _segments(
+    n: int, positions: list[int] | None, keep: list[bool] | None
+) -> list[tuple[int, int]]:
+    """[start, end) of each run of kept tokens of a row, cut again where a document starts
+    (position 0): the pieces of text that are re-tokenised alone."""
+    out: list[tuple[int, int]] = []
+    start = None
+    for i in range(n + 1):
+        kept = i < n and (keep is None or keep[i])
+        new_doc = kept and positions is not None and positions[i] == 0
+        if start is not None and (not kept or new_doc):
+            out.append((start, i))
+            start = None
+        if kept and start is None:
+            start = i
+    return out
+
+
 @dataclass
 class CrossTokenizer:
     """What a cross-tokenizer step needs: both tokenizers and the shared vocabulary."""
@@ -312,18 +337,53 @@ class CrossTokenizer:
         return cls(mode, student, teacher, t, s, max_len)
 
     def teacher_batch(
-        self, x: torch.Tensor, pad_id: int
-    ) -> tuple[torch.Tensor, torch.Tensor, list[Aligned]]:
-        """Teacher input ids (B, T) right-padded, their attention mask, and each row's
-        alignment, for student blocks x (B, N)."""
-        rows = [align(r.tolist(), self.student, self.teacher, self.teacher_max_len) for r in x]
+        self,
+        x: torch.Tensor,
+        pad_id: int,
+        *,
+        position_ids: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[Aligned]]:
+        """Teacher input ids (B, T) right-padded, their attention mask, their positions
+        (None without ``position_ids``) and each row's alignment (row-level positions), for
+        student blocks x (B, N).
+
+        A row's documents (``position_ids`` (B, N) restarting at 0: packed documents) and its
+        kept tokens (``keep`` (B, N) False on padding) are re-tokenised one document at a
+        time, and the teacher gets its own positions restarting with each (the caller builds
+        the block-diagonal mask from them, as for the student): neither model reads across a
+        document. Without them a row is one text, as before."""
+        pos = position_ids.cpu() if position_ids is not None else None
+        kept = keep.cpu().bool() if keep is not None else None
+        rows, t_pos = [], []
+        for b in range(x.shape[0]):
+            ids = x[b].tolist()
+            ids_b, pos_b, sp, tp = [], [], [], []
+            for s, e in _segments(
+                len(ids),
+                None if pos is None else pos[b].tolist(),
+                None if kept is None else kept[b].tolist(),
+            ):
+                a = align(ids[s:e], self.student, self.teacher, self.teacher_max_len)
+                off = len(ids_b)
+                sp += [s + i for i in a.student_pos]
+                tp += [off + j for j in a.teacher_pos]
+                ids_b += a.teacher_ids
+                pos_b += list(range(len(a.teacher_ids)))
+            rows.append(Aligned(ids_b, sp, tp))
+            t_pos.append(pos_b)
         T = max(1, max(len(a.teacher_ids) for a in rows))
-        ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+        t_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), T), dtype=torch.long)
+        positions = torch.zeros((len(rows), T), dtype=torch.long)  # padding: a 0-length doc each
         for b, a in enumerate(rows):
-            ids[b, : len(a.teacher_ids)] = torch.tensor(a.teacher_ids, dtype=torch.long)
-            mask[b, : len(a.teacher_ids)] = 1
-        return ids.to(x.device), mask.to(x.device), rows
+            n = len(a.teacher_ids)
+            t_ids[b, :n] = torch.tensor(a.teacher_ids, dtype=torch.long)
+            mask[b, :n] = 1
+            positions[b, :n] = torch.tensor(t_pos[b], dtype=torch.long)
+        dev = x.device
+        t_positions = None if pos is None else positions.to(dev)
+        return t_ids.to(dev), mask.to(dev), t_positions, rows
 
     def divergence(
         self, s_rows: torch.Tensor, t_rows: torch.Tensor, temperature: float

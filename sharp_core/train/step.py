@@ -146,7 +146,7 @@ def micro_step(
     if batch["input_ids"].dtype != torch.long:  # memory-mapped rows are int32
         batch = {**batch, "input_ids": batch["input_ids"].long()}
     if S.cross is not None:
-        return _cross_step(S, batch["input_ids"], n_tokens=n_tokens, a=a, amp_dtype=amp_dtype)
+        return _cross_step(S, batch, n_tokens=n_tokens, a=a, amp_dtype=amp_dtype)
     classify = S.spec.task == "sequence_classification"
     x = batch["input_ids"]  # (B, N)
     # packed LM blocks: every position attends (causally); classification: padding masked
@@ -269,36 +269,61 @@ def micro_step(
 
 
 def _cross_step(
-    S: Setup, x: torch.Tensor, *, n_tokens: int, a: float, amp_dtype: torch.dtype | None
+    S: Setup,
+    batch: dict[str, torch.Tensor],
+    *,
+    n_tokens: int,
+    a: float,
+    amp_dtype: torch.dtype | None,
 ) -> StepLosses:
     """(1 − a)·CE + a·D_cross with teacher and student on different tokenizers
     (`sharp_core.objectives.cross_tokenizer`): the teacher reads the student block's text in
-    its own tokens; D (ULD or GOLD) is averaged over the aligned positions of the micro-batch
-    and weighted by the micro-batch's share of the step's tokens (so accumulation weighs
-    micro-batches as CE does). Both models' logits are whole (B×N×V_S', B×T×V_T'); the
-    divergence runs a chunk of aligned rows at a time (`chunked_divergence`), so its float32
-    work is one chunk's, not M×V several times over (docs/planning.md, "Memory")."""
+    its own tokens, a document at a time where the block packs several (its own restarting
+    positions and block-diagonal mask, as the student's), without the padding. Both terms
+    cover the targets only (a chat row's ``loss_mask``): CE over them, D averaged over the
+    aligned positions among them and weighted by the micro-batch's share of the step's
+    targets (so accumulation weighs micro-batches as CE does). Both models' logits are whole
+    (B×N×V_S', B×T×V_T'); the divergence runs a chunk of aligned rows at a time
+    (`chunked_divergence`), so its float32 work is one chunk's, not M×V several times over
+    (docs/planning.md, "Memory")."""
     assert S.cross is not None and S.teacher is not None
     m = S.spec.method
+    x = batch["input_ids"]  # (B, N)
+    fwd = {"attention_mask": batch.get("attention_mask"), **forward_kwargs(batch)}
     labels = x[:, 1:]  # (B, N-1)
+    loss_mask = batch.get("loss_mask")  # (B, N) bool: chat answers, no padding
+    if loss_mask is not None:
+        labels = labels.masked_fill(~loss_mask[:, 1:], losses.IGNORE_INDEX)
     pad = S.cross.teacher.pad_token_id or 0
-    t_ids, t_mask, rows = S.cross.teacher_batch(x, pad)
+    keep = batch.get("attention_mask")
+    t_ids, t_mask, t_pos, rows = S.cross.teacher_batch(
+        x, pad, position_ids=batch.get("position_ids"), keep=keep
+    )
+    t_fwd: dict[str, Any] = (
+        {"attention_mask": t_mask} if t_pos is None else forward_kwargs({"position_ids": t_pos})
+    )
     with torch.autocast(S.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         with torch.inference_mode():
-            t_logits = S.teacher(input_ids=t_ids, attention_mask=t_mask).logits  # (B, T, V_T')
-        out = S.student(input_ids=x).logits  # (B, N, V_S')
+            t_logits = S.teacher(input_ids=t_ids, **t_fwd).logits  # (B, T, V_T')
+        out = S.student(input_ids=x, **fwd).logits  # (B, N, V_S')
     ce = losses.cross_entropy(
         out[:, :-1, : S.vocab], labels, num_valid=n_tokens, chunk_size=m.logit_chunk
     )
     terms: dict[str, torch.Tensor] = {"ce": ce}
     logit_term = (1 - a) * ce
+    if loss_mask is not None:  # only predictions of a target are compared
+        target = loss_mask[:, 1:].cpu()
+        rows = [r.where(target[b].tolist()) for b, r in enumerate(rows)]
+        targets = int(target.sum())
+    else:
+        targets = labels.numel()
     n_aligned = sum(len(r.student_pos) for r in rows)
     if a > 0 and n_aligned:
         # Σ over the aligned positions, a chunk of rows at a time (no (M, V) float32 copies)
         total, n_aligned = S.cross.total(out, t_logits, rows, S.vocab, m.temperature, m.logit_chunk)
-        kd = total / n_aligned * (labels.numel() / n_tokens)
+        kd = total / n_aligned * (targets / n_tokens)
         terms["kd"] = kd
-        terms["aligned_fraction"] = torch.tensor(n_aligned / labels.numel())
+        terms["aligned_fraction"] = torch.tensor(n_aligned / max(1, targets))
         logit_term = logit_term + a * kd
     terms["logit"] = logit_term
     terms["loss"] = logit_term
