@@ -326,6 +326,32 @@ def test_committed_teacher_text_results_recompute_into_docs() -> None:
             assert text in doc, text
 
 
+def test_the_declared_confirmation_run_recomputes_into_docs() -> None:
+    """docs/results/cross_tokenizer_confirm.json (seeds 20-29, declared before the run): its
+    seeds are the declared ones, its choices the tuned study's, and docs/results.md quotes the
+    paired statistics recomputed from its per-seed test perplexities."""
+    import json
+
+    from sharp_core.study.compare import paired
+
+    root = Path(__file__).resolve().parents[1]
+    data = json.loads((root / "docs/results/cross_tokenizer_confirm.json").read_text())
+    tuned = json.loads((root / "docs/results/cross_tokenizer_tuned.json").read_text())
+    doc = (root / "docs/results.md").read_text()
+    assert data["chosen"] == tuned["chosen"]
+    for arm in ("sft", "uld", "gold"):
+        assert sorted(map(int, data["test"][arm])) == list(range(20, 30))
+    for x, y in (("uld", "sft"), ("gold", "sft"), ("gold", "uld")):
+        got = paired(
+            {int(s): r["test_ppl"] for s, r in data["test"][x].items()},
+            {int(s): r["test_ppl"] for s, r in data["test"][y].items()},
+            relative=True,
+        )
+        m, (lo, hi) = got["mean"], got["ci"]
+        text = f"{m:+.1f} % ({lo:+.1f}, {hi:+.1f})".replace("-", "−")
+        assert text in doc, text
+
+
 @pytest.mark.parametrize(
     ("mode", "vs", "vt", "shared"),
     [
