@@ -198,7 +198,7 @@ def setup(
             corpus = iter(training_texts(source.table(), source.format, source.fields))
         toks = _job_tokenizer(spec, resolver, corpus, own)
         if source.format == "chat" and spec.teacher is not None:
-            _check_chat_rendering(spec, resolver, source, toks.tokenizer)
+            _check_chat_rendering(spec, resolver, source, toks.tokenizer, own)
         vocab = toks.vocab_size
         n_labels = None
         eval_sets = load_eval_sets(spec, resolver, toks.tokenizer, None, source)
@@ -529,16 +529,21 @@ def _prune_student(
     return student, report
 
 
-def _check_chat_rendering(spec: JobSpec, resolver: Resolver, source: LMSource, tok: Any) -> None:
+def _check_chat_rendering(
+    spec: JobSpec, resolver: Resolver, source: LMSource, tok: Any, own: OwnTokenizers | None
+) -> None:
     """Teacher and student must render conversations to the same tokens: when both models
     bring their own tokenizer (and chat template), the first conversations are rendered by
-    each and compared (`formats.check_render_identity`)."""
+    each and compared (`formats.check_render_identity`). Across tokenizers the data is the
+    student's rendering and the teacher reads its text: nothing to compare."""
     from sharp_core.data.formats import check_render_identity
     from sharp_core.models.loading import load_model_tokenizer
 
     if spec.tokenizer.name or spec.tokenizer.train or spec.student.init != "pretrained":
         return  # one tokenizer for both
-    other = load_model_tokenizer(spec, resolver, "student")
+    if spec.method.cross_tokenizer is not None:
+        return
+    other = own.student if own is not None else load_model_tokenizer(spec, resolver, "student")
     if other is None:
         return
     convs = source.head(16).get(source.fields["messages"], [])
