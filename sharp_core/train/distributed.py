@@ -201,7 +201,7 @@ class Context:
         )
         cross = None
         if S.cross is not None:  # the teacher's logits are over its own tokens, whole
-            from sharp_core.train.plan import cross_tokens_of
+            from sharp_core.train.memory import cross_tokens_of
 
             cross = cross_tokens_of(S.cross.student, S.cross.teacher)
         if not self.enabled:

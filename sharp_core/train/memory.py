@@ -55,11 +55,13 @@ __all__ = [
     "GB",
     "CE_CHUNK_ELEMENTS",
     "RESERVE_BYTES",
+    "RATIO_SAMPLE",
     "CrossTokens",
     "Estimate",
     "ModelSizes",
     "Plan",
     "cross_chunk_elements",
+    "cross_tokens_of",
     "estimate",
     "plan",
     "teacher_tokens",
@@ -157,7 +159,7 @@ class CrossTokens:
     ``ratio``: the teacher's tokens per student token on the same text (its ``T`` per row is
     ``ratio·N``, capped by its positions); ``shared``: tokens both vocabularies have (GOLD's
     matched set; 0 bounds GOLD's work from above); ``source``: where the ratio came from
-    (`sharp_core.train.plan.cross_tokens_of`, or an assumption when no tokenizer is readable).
+    (`cross_tokens_of`, or an assumption when no tokenizer is readable).
     """
 
     ratio: float = 1.0
@@ -432,4 +434,46 @@ def plan(
         f"{mode.upper()} over {W} process(es), more than {FIT:.0%} of the GPU's "
         f"{gpu_bytes / GB:.1f} GB; {hint}",
         param=param,
+    )
+
+
+#: The text a cross-tokenizer plan measures the teacher's tokens per student token on, when
+#: both tokenizers are readable: fixed, so one pair of tokenizers always gets one ratio.
+#: English prose, numbers, punctuation and a little code, the mix most training text has.
+RATIO_SAMPLE = """\
+The committee met on Tuesday, 14 March, to review the quarterly figures. Revenue rose by
+3.2 percent against the previous quarter, while operating costs fell slightly; the board
+asked why the northern region had lagged behind, and whether the new warehouse would open
+before the summer. "We expect delays," the director said, "but nothing we cannot absorb."
+Rain had fallen all night. By morning the river had risen over its banks, and the old
+bridge, which had stood for two hundred years, was closed to carts and travellers alike.
+Children gathered on the hill to watch the water carry branches, barrels and a drowned sheep
+towards the sea, and their parents argued about who should pay for the repairs.
+
+def mean(values: list[float]) -> float:
+    \"\"\"The arithmetic mean; raises ValueError on an empty list.\"\"\"
+    if not values:
+        raise ValueError("mean of nothing")
+    return sum(values) / len(values)
+
+for i in range(10):
+    print(f"{i:>3}: {mean([i, i * 2, i ** 2]):.2f}")
+
+Questions? Write to the address below, or call +1 (555) 010-7788 between 9:00 and 17:30.
+"""
+
+
+def cross_tokens_of(student_tok: Any, teacher_tok: Any, text: str = RATIO_SAMPLE) -> CrossTokens:
+    """The teacher's tokens per student token on `text` (`RATIO_SAMPLE`), and how many tokens
+    both vocabularies share (GOLD's matched set): what a cross-tokenizer step's memory needs
+    beyond the models' shapes (`sharp_core.train.memory.CrossTokens`)."""
+    from sharp_core.objectives.cross_tokenizer import shared_vocabulary
+
+    n_s = len(student_tok(text, add_special_tokens=False)["input_ids"])
+    n_t = len(teacher_tok(text, add_special_tokens=False)["input_ids"])
+    shared = int(shared_vocabulary(teacher_tok, student_tok)[0].numel())
+    return CrossTokens(
+        ratio=n_t / max(1, n_s),
+        shared=shared,
+        source=f"tokenizers: {n_t} teacher / {n_s} student tokens on the built-in sample",
     )

@@ -28,9 +28,11 @@ from sharp_core.train.memory import (
     COMFORT,
     FIT,
     GB,
+    RATIO_SAMPLE,
     CrossTokens,
     Estimate,
     ModelSizes,
+    cross_tokens_of,
     estimate,
     teacher_tokens,
 )
@@ -330,48 +332,6 @@ def _teacher_mode(spec: JobSpec, s: ModelSizes, t: ModelSizes | None, gpu: int |
         student_params=s.params,
         gpu_bytes=gpu,
         world_size=max(1, spec.resources.gpus),
-    )
-
-
-#: The text a cross-tokenizer plan measures the teacher's tokens per student token on, when
-#: both tokenizers are readable: fixed, so one pair of tokenizers always gets one ratio.
-#: English prose, numbers, punctuation and a little code, the mix most training text has.
-RATIO_SAMPLE = """\
-The committee met on Tuesday, 14 March, to review the quarterly figures. Revenue rose by
-3.2 percent against the previous quarter, while operating costs fell slightly; the board
-asked why the northern region had lagged behind, and whether the new warehouse would open
-before the summer. "We expect delays," the director said, "but nothing we cannot absorb."
-Rain had fallen all night. By morning the river had risen over its banks, and the old
-bridge, which had stood for two hundred years, was closed to carts and travellers alike.
-Children gathered on the hill to watch the water carry branches, barrels and a drowned sheep
-towards the sea, and their parents argued about who should pay for the repairs.
-
-def mean(values: list[float]) -> float:
-    \"\"\"The arithmetic mean; raises ValueError on an empty list.\"\"\"
-    if not values:
-        raise ValueError("mean of nothing")
-    return sum(values) / len(values)
-
-for i in range(10):
-    print(f"{i:>3}: {mean([i, i * 2, i ** 2]):.2f}")
-
-Questions? Write to the address below, or call +1 (555) 010-7788 between 9:00 and 17:30.
-"""
-
-
-def cross_tokens_of(student_tok: Any, teacher_tok: Any, text: str = RATIO_SAMPLE) -> CrossTokens:
-    """The teacher's tokens per student token on `text` (`RATIO_SAMPLE`), and how many tokens
-    both vocabularies share (GOLD's matched set): what a cross-tokenizer step's memory needs
-    beyond the models' shapes (`sharp_core.train.memory.CrossTokens`)."""
-    from sharp_core.objectives.cross_tokenizer import shared_vocabulary
-
-    n_s = len(student_tok(text, add_special_tokens=False)["input_ids"])
-    n_t = len(teacher_tok(text, add_special_tokens=False)["input_ids"])
-    shared = int(shared_vocabulary(teacher_tok, student_tok)[0].numel())
-    return CrossTokens(
-        ratio=n_t / max(1, n_s),
-        shared=shared,
-        source=f"tokenizers: {n_t} teacher / {n_s} student tokens on the built-in sample",
     )
 
 
