@@ -384,3 +384,81 @@ def test_classification_pipeline_through_the_service(api, team, tmp_path, worker
     folder = next(p.parent for p in out.rglob("config.json"))
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     assert model.config.num_hidden_layers == 2 and model.config.num_labels == 2
+
+
+def test_a_chat_job_across_tokenizers_through_the_service(api, team, tmp_path, worker) -> None:
+    """Issue 26 end to end: teacher and student in local folders, each with its own BPE of a
+    different size, chat rows (loss on the answers), `cross_tokenizer: gold`. The plan at
+    submission reads both tokenizers; the job runs on the real worker; its metrics carry the
+    divergence over the aligned positions; the job shows planned beside measured memory; the
+    finished student downloads with the student's own tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from sharp_core.models.loading import train_bpe_tokenizer
+    from tests.helpers import CHAT_TEMPLATE, chat_rows, write_chat_jsonl
+
+    texts = [m["content"] for r in chat_rows(60) for m in r["messages"]] + [CHAT_TEMPLATE]
+    llama = {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+    }
+    folders = {}
+    for role, size, seed in (("teacher", 420, 0), ("student", 300, 1)):
+        tok = train_bpe_tokenizer(texts, size)
+        tok.chat_template = CHAT_TEMPLATE
+        torch.manual_seed(seed)
+        cfg = AutoConfig.for_model(
+            **{**llama, "vocab_size": len(tok)},
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        folders[role] = tmp_path / role
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(folders[role])
+        tok.save_pretrained(folders[role])
+    data = write_chat_jsonl(tmp_path / "chat.jsonl", 80)
+    spec = {
+        "name": "xtok-chat",
+        "teacher": {"model": str(folders["teacher"])},
+        "student": {"model": str(folders["student"])},
+        "dataset": {"files": [str(data)], "eval_fraction": 0.1},
+        "method": {"name": "kd", "cross_tokenizer": "gold"},
+        "training": {
+            "max_steps": 6,
+            "batch_size": 4,
+            "seq_len": 128,
+            "warmup_steps": 1,
+            "eval_every": 3,
+            "checkpoint_every": 3,
+        },
+    }
+    created = api.post("/v1/jobs", json={"spec": spec}, headers=team.headers)
+    assert created.status_code == 201, created.text
+    plan = created.json()["plan"]
+    assert plan["strategy"]["cross_tokenizer"]["source"].startswith("tokenizers:")
+    assert "tokenizers_overlap" in [f["code"] for f in plan["findings"]]
+    job = _wait_status(
+        api, team, created.json()["id"], {"succeeded", "failed", "cancelled"}, worker_log=worker
+    )
+    assert job["status"] == "succeeded", job
+    steps = [m for m in _all_metrics(api, team, job["id"]) if "kd" in m["values"]]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]
+    for m in steps:
+        v = m["values"]
+        assert v["ce"] > 0 and abs(v["kd"]) < 10 and 0.3 < v["aligned_fraction"] <= 1.0, v
+        assert v["loss"] == pytest.approx(0.1 * v["ce"] + 0.9 * v["kd"], rel=1e-4)
+    usage = job["usage"]["peak_memory_gb"]
+    assert usage["planned"] > 0 and usage["measured"] > 0
+    r = api.get(f"/v1/jobs/{job['id']}/checkpoints/6/archive", headers=team.headers)
+    assert r.status_code == 200
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+        tar.extractall(tmp_path / "out", filter="data")
+    got = tmp_path / "out" / "step_000006"
+    student_tok = AutoTokenizer.from_pretrained(folders["student"])
+    assert AutoTokenizer.from_pretrained(got).get_vocab() == student_tok.get_vocab()
+    assert AutoModelForCausalLM.from_pretrained(got).config.vocab_size == len(student_tok)
