@@ -31,6 +31,7 @@ from sharp_core.train.memory import (
     CrossTokens,
     Estimate,
     ModelSizes,
+    cross_chunk_rows,
     estimate,
     teacher_tokens,
 )
@@ -363,14 +364,17 @@ def cross_tokens_of(student_tok: Any, teacher_tok: Any, text: str = RATIO_SAMPLE
     """The teacher's tokens per student token on `text` (`RATIO_SAMPLE`), and how many tokens
     both vocabularies share (GOLD's matched set): what a cross-tokenizer step's memory needs
     beyond the models' shapes (`sharp_core.train.memory.CrossTokens`)."""
-    from sharp_core.objectives.cross_tokenizer import shared_vocabulary
+    from sharp_core.objectives.cross_tokenizer import align, shared_vocabulary
 
-    n_s = len(student_tok(text, add_special_tokens=False)["input_ids"])
+    s_ids = student_tok(text, add_special_tokens=False)["input_ids"]
+    n_s = len(s_ids)
     n_t = len(teacher_tok(text, add_special_tokens=False)["input_ids"])
     shared = int(shared_vocabulary(teacher_tok, student_tok)[0].numel())
+    paired = len(align(s_ids, student_tok, teacher_tok).student_pos)
     return CrossTokens(
         ratio=n_t / max(1, n_s),
         shared=shared,
+        aligned=paired / max(1, n_s - 1),
         source=f"tokenizers: {n_t} teacher / {n_s} student tokens on the built-in sample",
     )
 
@@ -575,14 +579,14 @@ def make_plan(
         assert spec.teacher is not None
         t = sizes_of_config(teacher_config, _weights_dtype(spec.teacher.dtype, "teacher", cuda))
         if t is None:
-            unknown += ["teacher"] + (["teacher_logits", "cross_divergence"] if crossing else [])
+            unknown += ["teacher"] + (["cross_hidden", "cross_chunk"] if crossing else [])
     if s is None:
         unknown += [
             "student_weights",
             "student_grads",
             "optimizer",
             "activations",
-            *(["student_logits", "teacher_logits", "cross_divergence"] if crossing else ["logits"]),
+            *(["cross_hidden", "head_grad", "cross_chunk"] if crossing else ["logits"]),
             *(["attention"] if spec.method.uses_attention else []),
         ]
     pool_d = {
@@ -641,9 +645,10 @@ def make_plan(
             if t is not None
             else None,
             "shared_tokens": cross.shared,
-            # rows of one divergence chunk (`chunked_divergence`'s default, or logit_chunk)
-            "divergence_chunk_rows": spec.method.logit_chunk
-            or max(1, 2**28 // (4 * max(s.vocab, t.vocab if t is not None else 0, 1))),
+            "aligned_fraction": round(cross.aligned, 4),
+            # target rows of one chunk of the fused term (`fused_cross_objective`'s default,
+            # or logit_chunk)
+            "divergence_chunk_rows": cross_chunk_rows(spec, s.vocab, t.vocab if t else 0),
             "source": cross.source,
         }
     mem = _memory_dict(e, pool.memory)
