@@ -616,3 +616,24 @@ def test_the_fused_cross_step_holds_far_less_than_the_dense_one() -> None:
     ratio = peaks[None] / peaks["dense"]
     print(f"fused {peaks[None] / 1e6:.1f} MB, dense {peaks['dense'] / 1e6:.1f} MB, {ratio:.3f}")
     assert ratio < 0.35, peaks
+
+
+def test_a_head_that_is_not_plain_keeps_the_dense_cross_step(toks, caplog) -> None:
+    """A teacher whose config says its logits are soft-capped (`fused.head_of` refuses it):
+    the step takes the dense path, says why once in the log, and remembers it."""
+    import logging
+
+    from sharp_core.train.step import micro_step
+
+    s_tok, t_tok = toks
+    S, _ = _cross_setup("uld", s_tok, t_tok, tie=False, pad=0)
+    S.teacher.config.final_logit_softcapping = 30.0  # type: ignore[union-attr]
+    batch = _packed_chat_batch(s_tok)
+    n_tokens = int(batch["loss_mask"][:, 1:].sum())
+    with caplog.at_level(logging.WARNING, logger="sharp_core.train.step"):
+        terms, _ = micro_step(S, batch, n_tokens=n_tokens, n_seqs=2)
+        micro_step(S, batch, n_tokens=n_tokens, n_seqs=2)
+    assert S.logit_path == "dense"
+    said = [r.getMessage() for r in caplog.records if "dense path" in r.getMessage()]
+    assert len(said) == 1 and "teacher: " in said[0] and "final_logit_softcapping" in said[0]
+    assert math.isfinite(terms["kd"].item()) and terms["kd"].item() > 0
