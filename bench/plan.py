@@ -269,7 +269,7 @@ def _measure_rank(sh: Shape, rank: int, device: str = "cpu") -> dict[str, float]
     if ct is not None and cross is not None:
         from sharp_core.train.memory import teacher_tokens
 
-        t_ids, _, _, _ = ct.teacher_batch(x, 0)
+        t_ids, *_ = ct.teacher_batch(x, 0)
         out |= {
             "teacher_tokens_measured": t_ids.shape[1],
             "teacher_tokens_planned": teacher_tokens(sh.seq, t_sizes, cross),

@@ -580,36 +580,37 @@ def cross_spec(mode: str = "uld", teacher: dict = L8B, **training) -> dict:
     }
 
 
-def test_a_128k_cross_tokenizer_job_is_planned_with_its_whole_logits() -> None:
-    """8B teacher (V_T 128256) → 1B student (V_S 32000), ULD, B4 × N4096 on an 80 GB H100,
-    bf16 (2-byte logits), tokenizers not readable (ratio 1.0: T = 4096, listed as unknown).
-    By hand:
-      student_logits = (B·N + B·(N−1))·V_S·2 + B·N·h·2·2
-                     = (16384 + 16380)·32000·2 + 16384·2048·4 = 2_096_896_000 + 134_217_728
-                     = 2_231_113_728
-      teacher_logits = B·T·V_T·2 = 4·4096·128256·2 = 4_202_692_608
-      cross_divergence: chunk = 2^28 // (4·128256) = 523 rows; ULD's per-row float32 work
-                     3·32000 + 2·128256 + 4·128256 = 865_536 elements;
-                     gradient buffer 16384·32000·2 = 1_048_576_000 + 523·865_536·4
-                     = 1_810_701_312, + the chunk's rows gathered in bf16 before
-                     `.float()`, 523·(32000 + 128256)·2 = 167_627_776 → 3_026_905_088 (the
-                     CE's phase, 16380·32000·2 + 2097·32000·5·4 = 2_390_400_000, is smaller)
-    About 9.3 GB of logits the fused path would not hold: without checkpointing the job needs
-    76.6 GB (> 92 % of 80 GB), so the plan turns activation checkpointing on."""
+def test_a_128k_cross_tokenizer_job_is_planned_without_whole_logits() -> None:
+    """8B teacher (V_T 128256, h 4096) → 1B student (V_S 32000, h 2048), ULD, B4 × N4096 on an
+    80 GB H100, bf16 (2-byte activations), tokenizers not readable (ratio 1.0: T = 4096,
+    every position aligned, listed as unknown). The fused step (`fused_cross_objective`)
+    holds no logits of either model. By hand, R = B·(N−1) = 16380 target rows:
+      cross_hidden = R·h_S·2·2 + B·T·h_T·2 = 16380·2048·4 + 4·4096·4096·2
+                   = 134_184_960 + 134_217_728 = 268_402_688
+      head_grad    = V_S·h_S·4 = 32000·2048·4 = 262_144_000
+      cross_chunk: chunk = 2^28 // (4·128256) = 523 rows; per row the student's logits and
+                   their CE gradient 2·32000 and ULD's work 3·32000 + 2·128256 + 4·128256
+                   = 865_536 float32 elements: 523·(64000 + 865_536)·4 = 1_944_589_312, + the
+                   chunk's bf16 logits before `.float()`, 523·(32000 + 128256)·2
+                   = 167_627_776 → 2_112_217_088
+    2.64 GB where the dense path held 9.46 GB (student_logits 2_231_113_728, teacher_logits
+    4_202_692_608, cross_divergence 3_026_905_088): the job needs 69.9 GB (76.6 GB before),
+    under 92 % of 80 GB without activation checkpointing, so no lever is needed."""
     p = make_plan(parse_spec(cross_spec()), student_config=S1B_32K, teacher_config=L8B, pool=H100)
     c = p.memory["components"]
-    assert "logits" not in c
-    assert c["student_logits"] == 2_231_113_728
-    assert c["teacher_logits"] == 4_202_692_608
-    assert c["cross_divergence"] == 3_026_905_088
+    for whole in ("logits", "student_logits", "teacher_logits", "cross_divergence"):
+        assert whole not in c
+    assert c["cross_hidden"] == 268_402_688
+    assert c["head_grad"] == 262_144_000
+    assert c["cross_chunk"] == 2_112_217_088
     assert p.memory["per_gpu_bytes"] == sum(c.values())
     assert "teacher_tokens" in p.unknown
     ct = p.strategy["cross_tokenizer"]
     assert ct["teacher_token_ratio"] == 1.0 and ct["teacher_tokens_per_row"] == 4096
-    assert ct["divergence_chunk_rows"] == 523
+    assert ct["divergence_chunk_rows"] == 523 and ct["aligned_fraction"] == 1.0
     assert ct["source"].startswith("assumed")
     assert p.fits is True
-    assert [lv["field"] for lv in p.levers] == ["training.activation_checkpointing"]
+    assert p.strategy["activation_checkpointing"] is False and p.levers == []
 
 
 def test_cross_tokenizer_components_scale_as_the_formula_says() -> None:
@@ -622,33 +623,41 @@ def test_cross_tokenizer_components_scale_as_the_formula_says() -> None:
         return p.memory["components"]
 
     base = comps()
-    # the teacher's vocabulary doubled: its logits double; the student's do not move
+    # the teacher's vocabulary doubled: only the chunk's work grows (no teacher logits);
+    # its rows halve (the chunk is a 256 MiB float32 row of the larger vocabulary)
     wide = comps(teacher={**L8B, "vocab_size": 2 * 128256})
-    assert wide["teacher_logits"] == 2 * base["teacher_logits"]
-    assert wide["student_logits"] == base["student_logits"]
-    # half the teacher tokens per student token: half its logits (and its activations)
+    assert wide["cross_hidden"] == base["cross_hidden"]
+    assert wide["head_grad"] == base["head_grad"]
+    rows = 2**28 // (4 * 2 * 128256)
+    assert wide["cross_chunk"] == rows * (2 * 32000 + cross_chunk_elements(
+        "uld", 32000, 2 * 128256)) * 4 + rows * (32000 + 2 * 128256) * 2  # fmt: skip
+    # half the teacher tokens per student token: half its hidden states (and activations)
     half = comps(cross=CrossTokens(ratio=0.5, shared=0, source="test"))
-    assert half["teacher_logits"] * 2 == base["teacher_logits"]
+    assert base["cross_hidden"] - half["cross_hidden"] == 4 * 2048 * 4096 * 2
     assert half["teacher"] < base["teacher"]
-    # twice the rows: every whole-logit term doubles; the chunk's work (523 rows) does not
+    assert half["cross_chunk"] == base["cross_chunk"]
+    # twice the rows: the hidden states double; the chunk's work (523 rows) and the head's
+    # gradient do not
     twice = comps(batch_size=8)
-    assert twice["teacher_logits"] == 2 * base["teacher_logits"]
-    # (float32 work, and under CUDA the rows gathered in bf16 before `.float()`)
-    chunk_work = 523 * cross_chunk_elements("uld", 32000, 128256) * 4
-    chunk_work += 523 * (32000 + 128256) * 2
-    assert twice["cross_divergence"] - chunk_work == 2 * (base["cross_divergence"] - chunk_work)
+    assert twice["cross_hidden"] == 2 * base["cross_hidden"]
+    assert twice["cross_chunk"] == base["cross_chunk"]
+    assert twice["head_grad"] == base["head_grad"]
+    # half the positions aligned: half the chunk's divergence rows (the CE rows stay)
+    part = comps(cross=CrossTokens(ratio=1.0, aligned=0.5, source="t"))
+    div = 523 * cross_chunk_elements("uld", 32000, 128256) * 4
+    assert base["cross_chunk"] - part["cross_chunk"] == div - 262 * (div // 523)
     # the teacher's positions cap T: a 2048-position teacher reads at most 2048 tokens a row
     short = comps(teacher={**L8B, "max_position_embeddings": 2048})
-    assert short["teacher_logits"] * 2 == base["teacher_logits"]
+    assert base["cross_hidden"] - short["cross_hidden"] == 4 * 2048 * 4096 * 2
     # GOLD holds more float32 per row than ULD, less the more tokens are shared
     gold = comps(mode="gold")
     gold_shared = comps(mode="gold", cross=CrossTokens(ratio=1.0, shared=20000, source="t"))
-    assert base["cross_divergence"] < gold["cross_divergence"]
-    assert gold["cross_divergence"] - gold_shared["cross_divergence"] == 523 * 7 * 20000 * 4
+    assert base["cross_chunk"] < gold["cross_chunk"]
+    assert gold["cross_chunk"] - gold_shared["cross_chunk"] == 523 * 7 * 20000 * 4
     # a job without cross_tokenizer keeps the fused logit term
     plain = {**cross_spec(), "method": {"name": "kd"}, "tokenizer": {}}
     p = make_plan(parse_spec(plain), student_config=S1B_32K, teacher_config=L8B, pool=H100)
-    assert "logits" in p.memory["components"] and "teacher_logits" not in p.memory["components"]
+    assert "logits" in p.memory["components"] and "cross_chunk" not in p.memory["components"]
 
 
 def test_the_teacher_token_ratio_is_read_from_the_tokenizers() -> None:
@@ -665,6 +674,7 @@ def test_the_teacher_token_ratio_is_read_from_the_tokenizers() -> None:
     n_t = len(t_tok(RATIO_SAMPLE, add_special_tokens=False)["input_ids"])
     assert n_t < n_s and ct.ratio == pytest.approx(n_t / n_s)
     assert ct.shared == shared_vocabulary(t_tok, s_tok)[0].numel() > 256
+    assert 0.3 < ct.aligned < 1.0  # most positions pair up on the same text, not all
     assert str(n_t) in ct.source and str(n_s) in ct.source
 
 
@@ -712,8 +722,10 @@ def test_the_service_plans_a_cross_tokenizer_job_from_both_tokenizers(
         assert ct["shared_tokens"] == want.shared and ct["source"].startswith("tokenizers:")
         assert "teacher_tokens" not in plan["unknown"]
         comps = plan["memory"]["components"]
-        # an undeclared pool is planned as a GPU (bf16 logits): B·T·V_T·2
-        assert comps["teacher_logits"] == 2 * ct["teacher_tokens_per_row"] * 600 * 2
+        # an undeclared pool is planned as a GPU (bf16): the teacher's hidden states B·T·h·2
+        # beside the student's target rows and their gradient, B·(N−1)·h·2·2
+        h = LLAMA_TINY["hidden_size"]
+        assert comps["cross_hidden"] == 2 * ct["teacher_tokens_per_row"] * h * 2 + 2 * 63 * h * 4
         (folders["teacher"] / "tokenizer.json").unlink()
         (folders["teacher"] / "tokenizer_config.json").unlink()
         r = client.post("/v1/jobs/plan", json={"spec": spec}, headers=team.headers)

@@ -21,6 +21,7 @@ same text". Positions where the tokenisations disagree are left to the CE term.
 
 from __future__ import annotations
 
+import bisect
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "Aligned",
     "align",
     "chunked_divergence",
+    "fused_cross_objective",
     "gold_loss",
     "shared_vocabulary",
     "token_bytes",
@@ -422,3 +424,105 @@ class CrossTokenizer:
             chunk,
         )
         return total, len(s_pos)
+
+
+# ------------------------------------------------------------------ fused (no whole logits)
+def fused_cross_objective(
+    ct: CrossTokenizer,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor,
+    aligned: list[Aligned],
+    *,
+    kd_weight: float,
+    temperature: float,
+    targets: int,
+    n_tokens: int,
+    vocab: int,
+    chunk: int | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(loss, ce, kd, aligned positions): the dense cross-tokenizer term of
+    `sharp_core.train.step._cross_step` from the models' last hidden states and heads, a
+    chunk of target rows at a time (`sharp_core.objectives.fused.linear_chunked`), so neither
+    model's (B, N, V) logits nor a (B·N, V) gradient buffer ever exist.
+
+    Shapes: ``student_hidden`` (B, N-1, D_S) aligned with ``labels`` (B, N-1) (masked
+    targets -100), ``teacher_hidden`` (B, T, D_T) (the teacher's whole rows), weights
+    (V_S', D_S) and (V_T', D_T), sliced to ``vocab`` and the teacher tokenizer's length.
+    ``aligned``: each row's aligned pairs, already limited to the targets. Per chunk: CE per
+    row with its closed-form gradient; for the chunk's aligned rows the teacher's logits of
+    those rows only and ULD / GOLD with its gradient by autograd on the (k, V_S) slice. D is
+    scaled per row by targets / n_aligned so that, divided by ``n_tokens``, it is the dense
+    kd = Σ D / n_aligned · (targets / n_tokens). ``chunk``: target rows per chunk (default
+    the dense divergence's, a float32 chunk of the larger vocabulary within 256 MiB)."""
+    from sharp_core.objectives import fused, losses
+
+    a = float(kd_weight)
+    V_S, V_T = vocab, len(ct.teacher)
+    B, N1 = labels.shape
+    T = teacher_hidden.shape[1]
+    y = labels.reshape(-1)
+    rows = (y != losses.IGNORE_INDEX).nonzero().squeeze(1)  # (R,), one host sync
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, rows)  # (R, D_S)
+    yv = y.index_select(0, rows)  # (R,)
+    ws = student_weight[:V_S]
+    bs = None if student_bias is None else student_bias[:V_S]
+    # aligned pairs as (row index among the targets, teacher flat position), by row index
+    where = {r: k for k, r in enumerate(rows.tolist())}
+    pairs = sorted(
+        (where[b * N1 + i], b * T + j)
+        for b, r in enumerate(aligned)
+        for i, j in zip(r.student_pos, r.teacher_pos, strict=True)
+    )  # KeyError here: an aligned position that is not a target (the caller filters them)
+    n_aligned = len(pairs)
+    use_kd = a > 0 and n_aligned > 0
+    scale = targets / max(1, n_aligned)
+    dev = hs.device
+    a_rows = [p[0] for p in pairs]  # host, for the chunks
+    a_dev = torch.tensor(a_rows, dtype=torch.long, device=dev)
+    t_pos = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=dev)
+    wt = teacher_weight.detach()[:V_T]
+    bt = None if teacher_bias is None else teacher_bias.detach()[:V_T]
+    ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])  # (B·T, D_T)
+    step = chunk if chunk is not None else max(1, 2**28 // (4 * max(V_S, V_T)))
+    div = functools.partial(ct.divergence, temperature=temperature)
+
+    def chunk_fn(s: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # CE rows: g = (1 − a)·(softmax(s) − e_y), closed form, no graph
+        ce, d, g = losses.objective_rows(
+            s, None, yv[sl], divergence_rows=None, closed_form=True, kd_weight=a,
+            temperature=1.0,
+        )  # fmt: skip
+        if not use_kd:
+            return ce, d, g
+        lo, hi = bisect.bisect_left(a_rows, sl.start), bisect.bisect_left(a_rows, sl.stop)
+        if hi == lo:
+            return ce, d, g
+        local = a_dev[lo:hi] - sl.start  # (k,) the chunk's aligned rows
+        # the teacher's logits of those rows only, in its dtype (as its lm_head), then float32
+        ti = ht.index_select(0, t_pos[lo:hi])
+        t_rows = F.linear(ti.to(wt.dtype), wt, bt).float()  # (k, V_T)
+        with torch.enable_grad():
+            x = s.index_select(0, local).detach().requires_grad_(True)  # (k, V_S)
+            dk = div(x, t_rows)  # (k,)
+            (gd,) = torch.autograd.grad(dk.sum(), x)
+        d = d.index_add(0, local, dk.detach() * scale)
+        g.index_add_(0, local, gd.mul_(a * scale))
+        return ce, d, g
+
+    if not torch.is_grad_enabled():
+        hs, ws = hs.detach(), ws.detach()
+        bs = None if bs is None else bs.detach()
+    lp = fused._autocast_dtype(hs)
+    if lp is not None:  # the head's matmuls as autocast runs F.linear (gradients flow back)
+        hs, ws = hs.to(lp), ws.to(lp)
+        bs = None if bs is None else bs.to(lp)
+    loss, ce, kd = fused.linear_chunked(
+        hs, ws, bs, chunk_fn, kd_weight=a, denom=float(max(n_tokens, 1)),
+        chunk=step,
+    )  # fmt: skip
+    return loss, ce, kd, n_aligned

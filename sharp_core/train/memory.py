@@ -21,11 +21,12 @@ docs/performance.md the calibration against measured peaks):
   only each block's input (``h``) is kept, plus one block's full set while it is recomputed;
 - logits: the fused logit loss works on ``logit_chunk`` rows at a time: ``4 · chunk · V`` fp32
   (student and teacher rows, their softmaxes / gradient), plus the final hidden states;
-- logits across tokenizers (``method.cross_tokenizer``, `CrossTokens`): that step holds whole
-  logits, not chunks: the student's ``B·N·V_S`` and the CE's gradient buffer of the same
-  size (``student_logits``); the teacher's ``B·T·V_T`` over its own ``T`` tokens per row
-  (``teacher_logits``); and the divergence's gradient buffer shaped as the student's logits
-  plus one chunk of its float32 work (``cross_divergence``, or the CE's chunk if larger);
+- logits across tokenizers (``method.cross_tokenizer``, `CrossTokens`): the fused step holds no
+  whole logits either: the target rows' hidden states and their gradient, the teacher's last
+  hidden states over its own ``T`` tokens per row (``cross_hidden``), the head's float32
+  gradient ``V_S·D`` (``head_grad``) and one chunk of rows' float32 work: the student's
+  logits, their CE gradient, the teacher's logits of the aligned rows and ULD's / GOLD's
+  work (``cross_chunk``);
 - attention terms (SHARP and the attention baselines): one ``query_chunk × N`` fp32 block of
   probabilities per head, twice (student and teacher) per mapped layer kept for backward, plus
   the teacher's captured q/k;
@@ -61,6 +62,7 @@ __all__ = [
     "ModelSizes",
     "Plan",
     "cross_chunk_elements",
+    "cross_chunk_rows",
     "cross_tokens_of",
     "estimate",
     "plan",
@@ -158,12 +160,15 @@ class CrossTokens:
 
     ``ratio``: the teacher's tokens per student token on the same text (its ``T`` per row is
     ``ratio·N``, capped by its positions); ``shared``: tokens both vocabularies have (GOLD's
-    matched set; 0 bounds GOLD's work from above); ``source``: where the ratio came from
+    matched set; 0 bounds GOLD's work from above); ``aligned``: the share of the student's
+    positions that align with a teacher position on the same text (the rows of a chunk that
+    run the divergence; 1.0 bounds it from above); ``source``: where the ratio came from
     (`cross_tokens_of`, or an assumption when no tokenizer is readable).
     """
 
     ratio: float = 1.0
     shared: int = 0
+    aligned: float = 1.0
     source: str = "assumed: teacher tokens = student tokens (tokenizers not readable)"
 
 
@@ -192,6 +197,12 @@ def teacher_tokens(N: int, teacher: ModelSizes, cross: CrossTokens) -> int:
     return min(T, teacher.positions) if teacher.positions else T
 
 
+def cross_chunk_rows(spec: JobSpec, vs: int, vt: int) -> int:
+    """Target rows of one chunk of the fused cross-tokenizer term: ``method.logit_chunk``, else
+    a 256 MiB float32 chunk of the larger vocabulary (`fused_cross_objective`'s default)."""
+    return spec.method.logit_chunk or max(1, 2**28 // (4 * max(vs, vt, 1)))
+
+
 def _cross_logits(
     spec: JobSpec,
     s: ModelSizes,
@@ -200,33 +211,32 @@ def _cross_logits(
     b: int,
     act: int,
 ) -> dict[str, int]:
-    """The logit components of `sharp_core.train.step._cross_step` (module docstring)."""
-    m, N = spec.method, spec.training.seq_len
+    """The logit components of `sharp_core.train.step._cross_step`'s fused path
+    (`sharp_core.objectives.cross_tokenizer.fused_cross_objective`; the plan assumes plain
+    heads, as the same-vocabulary plan assumes its fused loss): no whole logits of either
+    model, but
+
+    - ``cross_hidden``: the student's hidden states of the target rows gathered and their
+      gradient (R·D_S each, R = B·(N−1)) and the teacher's last hidden states (B·T·D_T);
+    - ``head_grad``: the student head's float32 gradient accumulator (V_S·D_S);
+    - ``cross_chunk``: one chunk of rows' float32 work: the student's logits and their CE
+      gradient (2·V_S a row) and, for its aligned rows (``CrossTokens.aligned`` of them), the
+      teacher's logits of those rows and ULD's / GOLD's work (`cross_chunk_elements`); under autocast
+      the logits exist in bf16 before ``.float()`` (V_S + V_T a row, read from the code)."""
+    N = spec.training.seq_len
     Vs, Vt = s.vocab, teacher.vocab
-    rows, T = b * N, teacher_tokens(N, teacher, cross)
-    ce_rows = b * (N - 1)
-    # whole student logits + the CE's gradient buffer (same shape, cut by one row per
-    # sequence) + the final hidden states, as the fused path counts them
-    student = (rows + ce_rows) * Vs * act + rows * s.hidden * act * 2
-    # the divergence: its gradient buffer (B·N, V_S) + one chunk of aligned rows' float32
-    # work (`chunked_divergence`: default a 256 MiB float32 chunk of the larger vocabulary);
-    # a row aligns at most min(N, T) − 1 positions (each aligned pair is one of each side's)
-    aligned = b * max(1, min(N, T) - 1)
-    chunk = min(m.logit_chunk or max(1, 2**28 // (4 * max(Vs, Vt, 1))), aligned)
-    mode = m.cross_tokenizer or "uld"
-    div = rows * Vs * act + chunk * cross_chunk_elements(mode, Vs, Vt, cross.shared) * 4
-    if act < 4:  # bf16/fp16 logits: each chunk's gathered rows exist in that dtype before
-        # `.float()` copies them (fp32 logits make `.float()` a no-op; read from the code,
-        # not yet measured on a GPU)
-        div += chunk * (Vs + Vt) * act
-    # the CE before it: a flattened copy of the cut logits when B > 1 (not a view) and one
-    # chunk's float32 work; the two phases do not overlap, the larger one counts
-    ce_chunk = min(m.logit_chunk or max(1, 2**28 // (4 * max(Vs, 1))), ce_rows)
-    ce = (ce_rows * Vs * act if b > 1 else 0) + ce_chunk * Vs * CE_CHUNK_ELEMENTS * 4
+    T = teacher_tokens(N, teacher, cross)
+    rows = b * max(1, N - 1)
+    chunk = min(cross_chunk_rows(spec, Vs, Vt), rows)
+    mode = spec.method.cross_tokenizer or "uld"
+    div_rows = math.ceil(chunk * min(1.0, max(0.0, cross.aligned)))
+    work = (chunk * 2 * Vs + div_rows * cross_chunk_elements(mode, Vs, Vt, cross.shared)) * 4
+    if act < 4:
+        work += chunk * (Vs + Vt) * act
     return {
-        "student_logits": student,
-        "teacher_logits": b * T * Vt * act,
-        "cross_divergence": max(div, ce),
+        "cross_hidden": rows * s.hidden * act * 2 + b * T * teacher.hidden * act,
+        "head_grad": Vs * s.hidden * 4,
+        "cross_chunk": work,
     }
 
 
@@ -464,16 +474,19 @@ Questions? Write to the address below, or call +1 (555) 010-7788 between 9:00 an
 
 
 def cross_tokens_of(student_tok: Any, teacher_tok: Any, text: str = RATIO_SAMPLE) -> CrossTokens:
-    """The teacher's tokens per student token on `text` (`RATIO_SAMPLE`), and how many tokens
-    both vocabularies share (GOLD's matched set): what a cross-tokenizer step's memory needs
-    beyond the models' shapes (`sharp_core.train.memory.CrossTokens`)."""
-    from sharp_core.objectives.cross_tokenizer import shared_vocabulary
+    """The teacher's tokens per student token on `text` (`RATIO_SAMPLE`), how many tokens
+    both vocabularies share (GOLD's matched set) and the share of positions that align: what
+    a cross-tokenizer step's memory needs beyond the models' shapes (`CrossTokens`)."""
+    from sharp_core.objectives.cross_tokenizer import align, shared_vocabulary
 
-    n_s = len(student_tok(text, add_special_tokens=False)["input_ids"])
+    s_ids = student_tok(text, add_special_tokens=False)["input_ids"]
+    n_s = len(s_ids)
     n_t = len(teacher_tok(text, add_special_tokens=False)["input_ids"])
     shared = int(shared_vocabulary(teacher_tok, student_tok)[0].numel())
+    paired = len(align(s_ids, student_tok, teacher_tok).student_pos)
     return CrossTokens(
         ratio=n_t / max(1, n_s),
         shared=shared,
+        aligned=paired / max(1, n_s - 1),
         source=f"tokenizers: {n_t} teacher / {n_s} student tokens on the built-in sample",
     )

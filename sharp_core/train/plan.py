@@ -32,6 +32,7 @@ from sharp_core.train.memory import (
     CrossTokens,
     Estimate,
     ModelSizes,
+    cross_chunk_rows,
     cross_tokens_of,
     estimate,
     teacher_tokens,
@@ -535,14 +536,14 @@ def make_plan(
         assert spec.teacher is not None
         t = sizes_of_config(teacher_config, _weights_dtype(spec.teacher.dtype, "teacher", cuda))
         if t is None:
-            unknown += ["teacher"] + (["teacher_logits", "cross_divergence"] if crossing else [])
+            unknown += ["teacher"] + (["cross_hidden", "cross_chunk"] if crossing else [])
     if s is None:
         unknown += [
             "student_weights",
             "student_grads",
             "optimizer",
             "activations",
-            *(["student_logits", "teacher_logits", "cross_divergence"] if crossing else ["logits"]),
+            *(["cross_hidden", "head_grad", "cross_chunk"] if crossing else ["logits"]),
             *(["attention"] if spec.method.uses_attention else []),
         ]
     pool_d = {
@@ -601,9 +602,10 @@ def make_plan(
             if t is not None
             else None,
             "shared_tokens": cross.shared,
-            # rows of one divergence chunk (`chunked_divergence`'s default, or logit_chunk)
-            "divergence_chunk_rows": spec.method.logit_chunk
-            or max(1, 2**28 // (4 * max(s.vocab, t.vocab if t is not None else 0, 1))),
+            "aligned_fraction": round(cross.aligned, 4),
+            # target rows of one chunk of the fused term (`fused_cross_objective`'s default,
+            # or logit_chunk)
+            "divergence_chunk_rows": cross_chunk_rows(spec, s.vocab, t.vocab if t else 0),
             "source": cross.source,
         }
     mem = _memory_dict(e, pool.memory)

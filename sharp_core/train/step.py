@@ -25,6 +25,7 @@ from sharp_core.cache import teacher_cache
 from sharp_core.data.loading import BatchStream, ClassificationData
 from sharp_core.data.packing import forward_kwargs
 from sharp_core.objectives import fused, losses
+from sharp_core.objectives.cross_tokenizer import fused_cross_objective
 from sharp_core.train.setup import Setup
 
 _log = logging.getLogger(__name__)
@@ -282,10 +283,14 @@ def _cross_step(
     positions and block-diagonal mask, as the student's), without the padding. Both terms
     cover the targets only (a chat row's ``loss_mask``): CE over them, D averaged over the
     aligned positions among them and weighted by the micro-batch's share of the step's
-    targets (so accumulation weighs micro-batches as CE does). Both models' logits are whole
-    (B×N×V_S', B×T×V_T'); the divergence runs a chunk of aligned rows at a time
-    (`chunked_divergence`), so its float32 work is one chunk's, not M×V several times over
-    (docs/planning.md, "Memory")."""
+    targets (so accumulation weighs micro-batches as CE does). With plain heads (the default)
+    neither model builds logits: both run with `fused.capture_hidden` and
+    `fused_cross_objective` projects a chunk of target rows at a time (the teacher's only
+    for the chunk's aligned rows), its gradients pushed through the student's head at once.
+    Otherwise (``S.logit_path == "dense"``, or a head that is not a plain lm_head) both
+    models' logits are whole (B×N×V_S', B×T×V_T') and the divergence runs a chunk of aligned
+    rows at a time (`chunked_divergence`); same value and gradients (docs/planning.md,
+    "Memory at 128k vocabularies")."""
     assert S.cross is not None and S.teacher is not None
     m = S.spec.method
     x = batch["input_ids"]  # (B, N)
@@ -302,15 +307,12 @@ def _cross_step(
     t_fwd: dict[str, Any] = (
         {"attention_mask": t_mask} if t_pos is None else forward_kwargs({"position_ids": t_pos})
     )
+    s_head, t_head = _cross_heads(S)
     with torch.autocast(S.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        with torch.inference_mode():
-            t_logits = S.teacher(input_ids=t_ids, **t_fwd).logits  # (B, T, V_T')
-        out = S.student(input_ids=x, **fwd).logits  # (B, N, V_S')
-    ce = losses.cross_entropy(
-        out[:, :-1, : S.vocab], labels, num_valid=n_tokens, chunk_size=m.logit_chunk
-    )
-    terms: dict[str, torch.Tensor] = {"ce": ce}
-    logit_term = (1 - a) * ce
+        with torch.inference_mode(), _hidden_of(t_head) as t_seen:
+            t_logits = S.teacher(input_ids=t_ids, **t_fwd).logits  # (B, T, V_T') or (B, T, 0)
+        with _hidden_of(s_head) as s_seen:
+            out = S.student(input_ids=x, **fwd).logits  # (B, N, V_S') or (B, N, 0)
     if loss_mask is not None:  # only predictions of a target are compared
         target = loss_mask[:, 1:].cpu()
         rows = [r.where(target[b].tolist()) for b, r in enumerate(rows)]
@@ -318,6 +320,27 @@ def _cross_step(
     else:
         targets = labels.numel()
     n_aligned = sum(len(r.student_pos) for r in rows)
+    terms: dict[str, torch.Tensor] = {}
+    if s_head is not None and t_head is not None:
+        # the fused path: neither model's logits, one chunk of target rows at a time
+        with torch.autocast(S.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logit_term, terms["ce"], kd, n_aligned = fused_cross_objective(
+                S.cross, s_seen[0][:, :-1], s_head.weight, t_seen[0], t_head.weight, labels,
+                rows, kd_weight=a, temperature=m.temperature, targets=targets,
+                n_tokens=n_tokens, vocab=S.vocab, chunk=m.logit_chunk,
+                student_bias=s_head.bias, teacher_bias=t_head.bias,
+            )  # fmt: skip
+        if a > 0 and n_aligned:
+            terms["kd"] = kd
+            terms["aligned_fraction"] = torch.tensor(n_aligned / max(1, targets))
+        terms["logit"] = logit_term
+        terms["loss"] = logit_term
+        return StepLosses(terms, {"logit": logit_term})
+    ce = losses.cross_entropy(
+        out[:, :-1, : S.vocab], labels, num_valid=n_tokens, chunk_size=m.logit_chunk
+    )
+    terms["ce"] = ce
+    logit_term = (1 - a) * ce
     if a > 0 and n_aligned:
         # Σ over the aligned positions, a chunk of rows at a time (no (M, V) float32 copies)
         total, n_aligned = S.cross.total(out, t_logits, rows, S.vocab, m.temperature, m.logit_chunk)
@@ -328,6 +351,27 @@ def _cross_step(
     terms["logit"] = logit_term
     terms["loss"] = logit_term
     return StepLosses(terms, {"logit": logit_term})
+
+
+def _cross_heads(S: Setup) -> tuple[fused.Head | None, fused.Head | None]:
+    """(student head, teacher head) of the fused cross-tokenizer term, or Nones for the dense
+    one: ``S.logit_path == "dense"`` (forced), or a head that is not a plain lm_head (said
+    once in the log, as `_fused_heads` does)."""
+    if S.logit_path == "dense":
+        return None, None
+    assert S.teacher is not None
+    s_head, why = fused.head_of(S.student)
+    why = why and f"student: {why}"
+    t_head = None
+    if s_head is not None:
+        t_head, why = fused.head_of(S.teacher)
+        why = why and f"teacher: {why}"
+    if s_head is None or t_head is None:
+        _log.warning("cross-tokenizer term: dense path (B×N×V logits), no fused loss: %s", why)
+        S.logit_path = "dense"
+        return None, None
+    S.logit_path = "fused:cross"
+    return s_head, t_head
 
 
 def backward_per_term(
