@@ -75,6 +75,10 @@ class Shape:
 SMALL_S, SMALL_T = _llama(256, 4, 2048, 8, 2), _llama(256, 2, 2048, 8, 2)
 NARROW_S, NARROW_T = _llama(256, 1, 128256, 4, 2), _llama(256, 2, 128256, 4, 2)
 
+def _dense(*configs: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    return tuple({**c, "logit_scale": 2.0} for c in configs)
+
+
 SHAPES = {
     "small": [
         Shape("llama-256x4 V2k B2 N1024", SMALL_S, SMALL_T, 2, 1024),
@@ -83,6 +87,13 @@ SHAPES = {
         Shape("llama-256x4 V2k B4 N512 FSDP x2", SMALL_S, SMALL_T, 4, 512, world=2, mode="fsdp"),
     ],
     "narrow": [Shape("narrow llama V128256 B1 N4096", NARROW_S, NARROW_T, 1, 4096)],
+    # the dense logit path: a config attribute the fused loss does not apply (`fused.head_of`
+    # refuses `logit_scale`; Llama's forward ignores it) makes the step build whole logits
+    "dense": [
+        Shape("dense llama-256x4 V2k B2 N1024", *_dense(SMALL_S, SMALL_T), 2, 1024),
+        Shape("dense narrow V128256 B1 N1024", *_dense(NARROW_S, NARROW_T), 1, 1024),
+        Shape("dense narrow V128256 B2 N512", *_dense(NARROW_S, NARROW_T), 2, 512),
+    ],
     # cross-tokenizer steps: student and teacher vocabularies differ (both padded tokenizers)
     "cross": [
         Shape(
@@ -266,6 +277,7 @@ def _measure_rank(sh: Shape, rank: int, device: str = "cpu") -> dict[str, float]
     e = strategy_estimate(spec, s_sizes, t_sizes, sh.mode, "replicate", cuda, cross)
     total = e.total - e.components.get("reserve", 0)
     out = {"measured": peak, "estimate": total, **{f"c_{k}": v for k, v in e.components.items()}}
+    out["logit_path"] = S.logit_path  # type: ignore[assignment]  # 'fused:…' or 'dense'
     if ct is not None and cross is not None:
         from sharp_core.train.memory import teacher_tokens
 
@@ -384,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--shapes",
         default="small,narrow,cross,cross-narrow",
-        help="comma list of: small, narrow, cross, cross-narrow (gpu-8b-3b with --device cuda)",
+        help="comma list of: small, narrow, dense, cross, cross-narrow (gpu-8b-3b with --device cuda)",
     )
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--repeats", type=int, default=5, help="bench.step timed rounds")

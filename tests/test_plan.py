@@ -747,3 +747,43 @@ def test_planned_cross_tokenizer_memory_within_25_percent_of_a_measured_step(mod
     r = measure(sh)
     assert 0.75 <= r["estimate"] / r["measured"] <= 1.25, r
     assert 0.75 <= r["teacher_tokens_planned"] / r["teacher_tokens_measured"] <= 1.25, r
+
+
+# --------------------------------------------------------------- the dense logit path
+def test_a_head_the_fused_loss_cannot_run_is_planned_with_its_whole_logits() -> None:
+    """A logit transform the fused loss does not apply (here `logit_scale`, which
+    `fused.head_of` refuses) sends the step down the dense path (`step._fused_heads`), which
+    holds whole B×N×V logits: the plan counts them (`dense_logits`) instead of the fused
+    chunk. 8B → 3B at V 128256, B1 × N4096, bf16 (2 bytes) on an H100, by hand:
+      3 whole tensors (student and teacher logits, the gradient buffer; B = 1: no flattened
+      copies) 3·4096·128256·2 = 3_152_019_456, + one chunk of 2^28 // (4·128256) = 523 rows'
+      float32 work 523·128256·5·4 = 1_341_557_760, + the final hidden states 4096·3072·2·2
+      = 50_331_648 → 4_543_908_864; the fused plan's `logits` term is far smaller."""
+    scaled = {**big_spec(batch_size=8), "method": {"name": "kd"}}
+    scaled["teacher"] = {"init": "config", "config": {**L8B, "logit_scale": 2.0}}
+    fused_plan = make_plan(parse_spec(big_spec(batch_size=8)), student_config=L3B,
+                           teacher_config=L8B, pool=H100)  # fmt: skip
+    p = make_plan(
+        parse_spec(scaled), student_config=L3B, teacher_config=scaled["teacher"]["config"],
+        pool=H100,
+    )  # fmt: skip
+    c, f = p.memory["components"], fused_plan.memory["components"]
+    assert "logits" not in c and c["dense_logits"] == 4_543_908_864
+    assert (p.strategy["logit_path"], fused_plan.strategy["logit_path"]) == ("dense", "fused")
+    assert "dense_logits" not in f and f["logits"] < c["dense_logits"] / 10
+    # sft reads no teacher logits: the student's plain head keeps the fused term
+    sft = {**scaled, "method": {"name": "sft"}}
+    p = make_plan(parse_spec(sft), student_config=L3B, teacher_config=L8B, pool=H100)
+    assert "logits" in p.memory["components"]
+
+
+def test_planned_dense_logit_memory_within_25_percent_of_a_measured_step() -> None:
+    """`bench/plan.py`'s dense narrow shape (V 128256, B1 × N1024, a `logit_scale` config
+    the fused loss refuses): the plan's bytes against the step's measured tensor peak, and
+    the step did take the dense path."""
+    from bench.plan import SHAPES, measure
+
+    sh = SHAPES["dense"][1]
+    r = measure(sh)
+    assert r["logit_path"] == "dense", r
+    assert 0.75 <= r["estimate"] / r["measured"] <= 1.25, r

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from sharp_core.errors import SpecError
-from sharp_core.objectives.fused import default_chunk_tokens
+from sharp_core.objectives.fused import default_chunk_tokens, head_of
 from sharp_core.spec import per_term_field
 
 if TYPE_CHECKING:
@@ -95,6 +95,10 @@ class ModelSizes:
     vocab: int
     block_params: int  # the largest transformer block (one FSDP unit)
     positions: int | None = None  # max_position_embeddings (None: not in the config)
+    plain_head: bool = True
+    """The logits are a plain ``lm_head`` of the last hidden state (`fused.head_of`): the
+    trainer's fused logit loss can run; False (a logit transform the fused path does not
+    apply): the dense path, whose whole B×N×V logits the estimate then counts."""
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelSizes:
@@ -132,6 +136,7 @@ class ModelSizes:
                 (sum(_local_numel(p) for p in b.parameters()) for b in blocks), default=0
             ),
             positions=_int_or_none(get("max_position_embeddings", "n_positions")),
+            plain_head=head_of(inner)[0] is not None,
         )
 
     @classmethod
@@ -201,6 +206,64 @@ def cross_chunk_rows(spec: JobSpec, vs: int, vt: int) -> int:
     """Target rows of one chunk of the fused cross-tokenizer term: ``method.logit_chunk``, else
     a 256 MiB float32 chunk of the larger vocabulary (`fused_cross_objective`'s default)."""
     return spec.method.logit_chunk or max(1, 2**28 // (4 * max(vs, vt, 1)))
+
+
+def _cross_logits_dense(
+    spec: JobSpec,
+    s: ModelSizes,
+    teacher: ModelSizes,
+    cross: CrossTokens,
+    b: int,
+    act: int,
+) -> dict[str, int]:
+    """The logit components of `sharp_core.train.step._cross_step`'s dense path, taken when
+    a head is not plain (`ModelSizes.plain_head`): both models' whole logits, the CE's and
+    the divergence's gradient buffers, one chunk's float32 work (measured at the shapes of
+    docs/performance.md before the fused path existed: plan/measured 0.97–1.11)."""
+    m, N = spec.method, spec.training.seq_len
+    Vs, Vt = s.vocab, teacher.vocab
+    rows, T = b * N, teacher_tokens(N, teacher, cross)
+    ce_rows = b * (N - 1)
+    # whole student logits + the CE's gradient buffer + the final hidden states
+    student = (rows + ce_rows) * Vs * act + rows * s.hidden * act * 2
+    # the divergence's gradient buffer (B·N, V_S) + one chunk of aligned rows' float32 work
+    aligned = b * max(1, min(N, T) - 1)
+    chunk = min(m.logit_chunk or max(1, 2**28 // (4 * max(Vs, Vt, 1))), aligned)
+    mode = m.cross_tokenizer or "uld"
+    div = rows * Vs * act + chunk * cross_chunk_elements(mode, Vs, Vt, cross.shared) * 4
+    if act < 4:  # bf16 logits: a chunk's gathered rows exist in bf16 before `.float()`
+        div += chunk * (Vs + Vt) * act
+    # the CE before it (a flattened copy when B > 1, one chunk's work): the larger phase counts
+    ce_chunk = min(m.logit_chunk or max(1, 2**28 // (4 * max(Vs, 1))), ce_rows)
+    ce = (ce_rows * Vs * act if b > 1 else 0) + ce_chunk * Vs * CE_CHUNK_ELEMENTS * 4
+    return {
+        "student_logits": student,
+        "teacher_logits": b * T * Vt * act,
+        "cross_divergence": max(div, ce),
+    }
+
+
+#: Whole (B·N, V) tensors the dense same-vocabulary logit term holds at its peak, in the
+#: logits' dtype, besides the flattened copies of the cut logits when B > 1: the student's
+#: and the teacher's logits and the loss's gradient buffer (`losses.logit_objective`; with
+#: one chunk of 256 MiB-of-logits rows' float32 work, measured by `bench.plan --shapes dense`
+#: within 1 % at V 128256).
+DENSE_LOGIT_TENSORS = 3
+
+
+def _dense_logits(spec: JobSpec, s: ModelSizes, V: int, b: int, act: int, teacher: bool) -> int:
+    """The dense same-vocabulary logit term (`losses.logit_objective` on whole logits), taken
+    when a head is not plain: its whole B×N×V tensors plus one chunk's float32 work."""
+    N = spec.training.seq_len
+    rows = b * N
+    whole = DENSE_LOGIT_TENSORS - (0 if teacher else 1)
+    copies = (2 if teacher else 1) if b > 1 else 0
+    chunk = min(spec.method.logit_chunk or max(1, 2**28 // (4 * max(V, 1))), rows)
+    return (
+        (whole + copies) * rows * V * act
+        + chunk * V * CE_CHUNK_ELEMENTS * 4
+        + rows * s.hidden * act * 2
+    )
 
 
 def _cross_logits(
@@ -318,12 +381,18 @@ def estimate(
     if crossing:
         assert teacher is not None
         cross = cross or CrossTokens()
-        c.update(_cross_logits(spec, s, teacher, cross, b, act))
+        logits = _cross_logits if s.plain_head and teacher.plain_head else _cross_logits_dense
+        c.update(logits(spec, s, teacher, cross, b, act))
         t_tokens = b * teacher_tokens(N, teacher, cross)
     else:
         V = s.vocab or (teacher.vocab if teacher else 0)
-        chunk = min(m.logit_chunk or default_chunk_tokens(max(V, 1)), tokens)
-        c["logits"] = 4 * chunk * V * 4 + tokens * s.hidden * act * 2
+        # the teacher's head matters only where it computes the logit term (not sft, no cache)
+        t_logits = teacher is not None and m.name != "sft" and m.teacher_cache.mode == "off"
+        if s.plain_head and (not t_logits or teacher is None or teacher.plain_head):
+            chunk = min(m.logit_chunk or default_chunk_tokens(max(V, 1)), tokens)
+            c["logits"] = 4 * chunk * V * 4 + tokens * s.hidden * act * 2
+        else:  # the dense path: whole logits (`sharp_core.train.step._fused_heads`)
+            c["dense_logits"] = _dense_logits(spec, s, V, b, act, t_logits)
     if m.uses_attention and teacher is not None:
         qc = min(m.query_chunk, N)
         probs = 2 * s.layers * b * s.heads * qc * N * 4

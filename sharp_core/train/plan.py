@@ -594,6 +594,11 @@ def make_plan(
         "logit_chunk_tokens": chunk,
         "query_chunk": spec.method.query_chunk if spec.method.uses_attention else None,
         "rows_per_gpu": max(1, spec.training.batch_size // W),
+        # fused (chunks of hidden states, no B×N×V logits) unless a head is not a plain
+        # lm_head (`fused.head_of`): then the step builds whole logits and the plan counts them
+        "logit_path": "dense"
+        if {"dense_logits", "student_logits"} & set(e.components)
+        else "fused",
     }
     if crossing and cross is not None:
         strategy["cross_tokenizer"] = {
