@@ -637,3 +637,133 @@ def test_a_head_that_is_not_plain_keeps_the_dense_cross_step(toks, caplog) -> No
     said = [r.getMessage() for r in caplog.records if "dense path" in r.getMessage()]
     assert len(said) == 1 and "teacher: " in said[0] and "final_logit_softcapping" in said[0]
     assert math.isfinite(terms["kd"].item()) and terms["kd"].item() > 0
+
+
+def test_the_pretraining_text_falls_back_to_the_standard_library(monkeypatch, tmp_path) -> None:
+    """`--pretrain-text` names a file; without it the shared tinyshakespeare when present,
+    else the source of five standard library modules (real text every CPython has)."""
+    import inspect
+    import os
+
+    from bench.quality import cross_tokenizer as bench
+
+    mine = tmp_path / "t.txt"
+    mine.write_text("to be or not to be", "utf-8")
+    assert bench.pretrain_text(mine) == ("to be or not to be", str(mine))
+    monkeypatch.setattr(bench, "SHARED_TEXT", tmp_path / "absent.txt")
+    text, source = bench.pretrain_text(None)
+    assert source == "stdlib:os,argparse,logging,subprocess,inspect"
+    assert text.startswith(inspect.getsource(os)) and len(text) > 200_000
+
+
+@pytest.mark.slow
+def test_the_bench_starts_every_arm_from_the_pretrained_student(tmp_path: Path) -> None:
+    """`bench.quality.cross_tokenizer --pretrain-student` at a tiny size: one student is
+    trained with sft on the pretraining text with the study's student tokenizer, and every
+    cell of every arm (sft, uld, gold; tuning and test) starts from it, with that tokenizer:
+    its spec says so, and its weights after a few steps are near the pretrained ones, not a
+    random init's. `--control` (the teacher's tokenizer) is refused with it."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from bench.quality import cross_tokenizer as bench
+
+    work, out = tmp_path / "w", tmp_path / "out.json"
+    args = "--teacher-steps 20 --steps 3 --seeds 2 --corpus-chars 20000 --test-chars 4000"
+    args += " --pretrain-student 30"
+    with pytest.raises(SystemExit):
+        bench.main([*args.split(), "--control", "--work", str(work)])
+    assert bench.main([*args.split(), "--work", str(work), "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    pre = doc["pretrained_student"]
+    [pre_ckpt] = sorted((work / "pretrain").glob("step_*"))
+    assert pre["folder"] == str(pre_ckpt) and pre["steps"] == 30 and pre["test_ppl"] > 1
+    pre_spec = json.loads((pre_ckpt / "spec.json").read_text())
+    assert pre_spec["student"]["init"] == "config"
+    assert pre_spec["dataset"]["files"] == [str(work / "pretrain.txt")]
+    assert pre_spec["tokenizer"]["name"] == str(work / "student_tok")
+    assert pre_spec["method"]["name"] == "sft" and pre_spec["training"]["max_steps"] == 30
+    pre_w = AutoModelForCausalLM.from_pretrained(pre_ckpt).state_dict()
+    cells = [f"tune-{m}-{k}" for m in ("sft", "uld", "gold") for k in range(4)]
+    cells += [f"test-{m}-{s}" for m in ("sft", "uld", "gold") for s in (10, 11)]
+    for tag in cells:
+        [ckpt] = sorted((work / tag).glob("step_*"))
+        spec = json.loads((ckpt / "spec.json").read_text())
+        assert spec["student"]["model"] == str(pre_ckpt), tag
+        assert spec["student"]["init"] == "pretrained", tag
+        assert spec["tokenizer"]["name"] == str(work / "student_tok"), tag
+        assert spec["dataset"]["files"] == [str(work / "corpus.txt")], tag
+        w = AutoModelForCausalLM.from_pretrained(ckpt).state_dict()
+        moved = sum(float((w[k] - pre_w[k]).norm() ** 2) for k in pre_w) ** 0.5
+        size = sum(float(pre_w[k].norm() ** 2) for k in pre_w) ** 0.5
+        assert moved < 0.3 * size, (tag, moved, size)
+    for method in ("sft", "uld", "gold"):
+        assert set(doc["test"][method]) == {"10", "11"}
+    assert set(doc["paired_test_ppl_percent"]) == {"uld_vs_sft", "gold_vs_sft", "gold_vs_uld"}
+
+
+def test_committed_pretrained_student_results_recompute_into_docs() -> None:
+    """docs/results/cross_tokenizer_pretrained_student.json (declared: seeds 10-14, every
+    arm from one pretrained student): its stored paired perplexity statistics are what
+    `sharp_core.study.compare.paired` computes from its cells, and docs/results.md quotes
+    them, with the calibration gaps |top-1 probability − top-1 accuracy| and their paired
+    differences computed from the same cells."""
+    import json
+
+    from sharp_core.study.compare import mean_std, paired
+
+    root = Path(__file__).resolve().parents[1]
+    data = json.loads((root / "docs/results/cross_tokenizer_pretrained_student.json").read_text())
+    doc = (root / "docs/results.md").read_text()
+    doc = doc[doc.index("# ULD with a pretrained student fine-tuned on a new domain") :]
+    assert data["settings"]["pretrain_student"] == 4000 and data["settings"]["teacher_text"] == 0
+    assert data["grids"] == {
+        "sft": [{"lr": lr} for lr in (3e-3, 6e-3, 1e-2, 1.5e-2)],
+        "uld": [{"kd_weight": a, "temperature": 1.0} for a in (0.01, 0.03, 0.1, 0.3)],
+        "gold": [{"kd_weight": a, "temperature": 1.0} for a in (0.3, 0.5, 0.7, 0.9)],
+    }
+    pre = data["pretrained_student"]
+    for arm in ("sft", "uld", "gold"):
+        assert sorted(map(int, data["test"][arm])) == list(range(10, 15))
+        assert len(data["tuning"][arm]) == 4
+        for r in [*data["tuning"][arm], *data["test"][arm].values()]:
+            assert r["steps"] == 300
+    assert f"perplexity **{pre['test_ppl']:.1f}**" in doc
+    gap0 = abs(pre["test_top1_prob"] - pre["test_top1_acc"])
+    assert f"calibration gap {gap0:.3f}**" in doc
+
+    def fmt(m: float, ci: list[float], spec: str, unit: str = "") -> str:
+        return f"{m:{spec}}{unit} ({ci[0]:{spec}}, {ci[1]:{spec}})".replace("-", "−")
+
+    def cells(arm: str, key: str) -> dict[int, float]:
+        return {int(s): r[key] for s, r in data["test"][arm].items()}
+
+    gap = {
+        arm: {
+            int(s): abs(r["test_top1_prob"] - r["test_top1_acc"])
+            for s, r in data["test"][arm].items()
+        }
+        for arm in ("sft", "uld", "gold")
+    }
+    for x, y in (("uld", "sft"), ("gold", "sft"), ("gold", "uld")):
+        got = paired(cells(x, "test_ppl"), cells(y, "test_ppl"), relative=True)
+        want = data["paired_test_ppl_percent"][f"{x}_vs_{y}"]
+        assert got["n"] == 5 and got["mean"] == pytest.approx(want["mean"], abs=1e-12)
+        assert got["ci"] == pytest.approx(want["ci"], abs=1e-12)
+        assert fmt(got["mean"], got["ci"], "+.1f", " %") in doc
+        if y == "sft":
+            g = paired(gap[x], gap[y], relative=False)
+            assert g is not None and fmt(g["mean"], g["ci"], "+.3f") in doc
+            for key in ("test_top1_prob", "test_top1_acc"):
+                d = paired(cells(x, key), cells(y, key), relative=False)
+                assert d is not None and fmt(d["mean"], d["ci"], "+.3f") in doc
+    for arm in ("sft", "uld", "gold"):
+        per_seed = " / ".join(f"{gap[arm][s]:.3f}" for s in range(10, 15))
+        mean, _ = mean_std(list(gap[arm].values()))
+        assert f"| {per_seed} | {mean:.3f} |" in doc, arm
+        ppl = " / ".join(f"{cells(arm, 'test_ppl')[s]:.2f}" for s in range(10, 15))
+        assert ppl in doc, arm
+    # the primary comparison's plain answer is the one the numbers give
+    primary = data["paired_test_ppl_percent"]["uld_vs_sft"]
+    assert primary["ci"][0] < 0 < primary["ci"][1] and "**ULD does not beat sft.**" in doc

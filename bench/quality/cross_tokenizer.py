@@ -32,6 +32,17 @@ measured on the real test text and on ``--gen-test-chars`` of held-out teacher s
 
     python -m bench.quality.cross_tokenizer --teacher-text 200000 --control \\
         --out docs/results/cross_tokenizer_teacher_text.json
+
+``--pretrain-student STEPS`` tests ULD where calibration could be the student's problem: a
+*pretrained* student fine-tuned on a new domain, as the paper's students are. Before tuning,
+one student (the same model, the student tokenizer of `real_corpus_tokenizer`) is trained with
+sft for STEPS steps on ``--pretrain-text`` (default: tinyshakespeare from the shared data when
+present, else the standard library's own source, `pretrain_text`), tested on the test text
+(its perplexity before fine-tuning), and every arm, tuning and test cells alike, starts from
+that checkpoint (``student: {model: <it>, init: pretrained}``) instead of a random init::
+
+    python -m bench.quality.cross_tokenizer --pretrain-student 2000 \\
+        --out docs/results/cross_tokenizer_pretrained_student.json
 """
 
 from __future__ import annotations
@@ -214,6 +225,30 @@ def teacher_samples(
     }
 
 
+#: ../shared/data beside the repository, as tests/helpers.SHARED_CORPUS
+SHARED_TEXT = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def pretrain_text(path: Path | None) -> tuple[str, str]:
+    """The pretraining text of ``--pretrain-student`` and where it came from: ``path``, else
+    tinyshakespeare from the shared data when present, else the source code of five standard
+    library modules (a second real text every CPython has; tests/test_nlu.py's fallback)."""
+    if path is None and SHARED_TEXT.is_file():
+        path = SHARED_TEXT
+    if path is not None:
+        return path.read_text(encoding="utf-8"), str(path)
+    import argparse as m1
+    import inspect
+    import logging as m2
+    import os as m3
+    import subprocess as m4
+
+    mods = (m3, m1, m2, m4, inspect)
+    return "\n\n".join(inspect.getsource(m) for m in mods), "stdlib:" + ",".join(
+        m.__name__ for m in mods
+    )
+
+
 def real_corpus_tokenizer(corpus: Path, vocab: int, out: Path) -> Path:
     """The student's BPE trained on the real corpus exactly as a job's ``tokenizer.train``
     does (the same rows, the same trainer), saved to ``out``: with ``--teacher-text`` the
@@ -257,6 +292,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--gen-test-chars", type=int, default=50_000)
     ap.add_argument(
+        "--pretrain-student",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="first train one student (sft, STEPS steps) on --pretrain-text with the student "
+        "tokenizer of the real corpus, and start every arm from it instead of a random init",
+    )
+    ap.add_argument(
+        "--pretrain-text",
+        type=Path,
+        default=None,
+        help="default: the shared tinyshakespeare when present, else standard library source",
+    )
+    ap.add_argument("--pretrain-lr", type=float, default=6e-3)
+    ap.add_argument(
         "--control",
         action="store_true",
         help="also the same-tokenizer control on the test seeds: students with the teacher's "
@@ -277,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         "--work, and its comparisons",
     )
     a = ap.parse_args(argv)
+    if a.pretrain_student and a.control:
+        ap.error("--control gives students the teacher's tokenizer: not with --pretrain-student")
     import torch
 
     torch.set_num_threads(1)
@@ -345,6 +397,37 @@ def main(argv: list[str] | None = None) -> int:
             "wall_s": time.time() - t0,
         }
         doc["teacher"] |= _prefixed(test_metrics(Path(teacher), gen_test), "gen_")
+    pretrained: Path | None = None
+    if a.pretrain_student:
+        if student_tok is None:
+            student_tok = real_corpus_tokenizer(corpus, a.student_vocab, a.work / "student_tok")
+        text, source = pretrain_text(a.pretrain_text)
+        pre_file = a.work / "pretrain.txt"
+        pre_file.write_text(text, "utf-8")
+        t1 = time.time()
+        spec = _spec(
+            pre_file,
+            {"name": "sft"},
+            0,
+            a.pretrain_student,
+            a.pretrain_lr,
+            tokenizer={"name": str(student_tok)},
+        )
+        r, pretrained = _train(spec, a.work / "pretrain")
+        doc["pretrained_student"] = {
+            "folder": str(pretrained),
+            "text": source,
+            "chars": len(text),
+            "steps": a.pretrain_student,
+            "lr": a.pretrain_lr,
+            "val_ppl_on_pretrain_text": r["val_ppl"],
+            "train_wall_s": time.time() - t1,
+            "student_tokenizer": str(student_tok),
+            **test_metrics(pretrained, test_text),
+        }
+        if gen_test:
+            doc["pretrained_student"] |= _prefixed(test_metrics(pretrained, gen_test), "gen_")
+        print(f"pretrained student: {doc['pretrained_student']}", flush=True)
     print(f"teacher {teacher}: {doc['teacher']} after {time.time() - t0:.0f} s", flush=True)
     save()
 
@@ -358,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         if student_tok is not None and not same:
             tokenizer = {"name": str(student_tok)}
         over: dict[str, Any] = {"tokenizer": tokenizer}
+        if pretrained is not None and not same:
+            over["student"] = {"model": str(pretrained), "init": "pretrained"}
         if method != "sft":
             m = {"name": "kd", **knobs}
             if method != "kd":
