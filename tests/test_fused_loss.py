@@ -7,11 +7,11 @@ Tolerance: 1e-5 relative (float32, both sides accumulate the same sums in anothe
 
 from __future__ import annotations
 
+from dataclasses import replace as _replace
+
 import pytest
 import torch
 import torch.nn.functional as F
-
-from dataclasses import replace as _replace
 
 from sharp_core.objectives import fused, losses
 
