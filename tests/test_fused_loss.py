@@ -629,3 +629,19 @@ def test_sparse_linear_with_a_softcapped_student(name, estimator, extra) -> None
     _close(d, ref_d)
     for g, r in zip(_grads(got, hs, ws, bs), _grads(ref, hs, ws, bs), strict=True):
         _close(g, r)
+
+
+def test_a_capped_step_says_once_that_it_runs_on_the_torch_kernel(tmp_path, caplog) -> None:
+    """With soft-capped heads and logit_kernel 'auto' / 'liger' the step logs, once, that
+    the fused loss runs capped on our kernel (Liger's cannot soft-cap)."""
+    import logging
+
+    S = _tiny_setup("gemma2", {"name": "kd", "logit_kernel": "auto"}, tmp_path)
+    x = torch.randint(0, 33, (2, 12), generator=torch.Generator().manual_seed(3))
+    with caplog.at_level(logging.INFO, logger="sharp_core.train.step"):
+        _run_step(S, {"input_ids": x}, 22)
+        _run_step(S, {"input_ids": x}, 22)
+    said = [r.getMessage() for r in caplog.records if "soft-capped" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "student cap 5.0, teacher cap 5.0" in said[0] and "cannot soft-cap" in said[0]
+    assert S.logit_path == "fused:fused_linear_objective"

@@ -390,15 +390,18 @@ def softcap_logits(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
 def softcapped(chunk_fn: ChunkFn, cap: float | None) -> ChunkFn:
     """``chunk_fn`` on soft-capped logits: it sees c·tanh(s/c) of the raw chunk logits s and
     its gradient g w.r.t. the capped logits is returned w.r.t. s: g·(1 − tanh²(s/c)) (the
-    formula of autograd's tanh backward, so the dense path's gradient to rounding). The raw
-    logits are overwritten (the fused kernels drop them after the call)."""
+    formula of autograd's tanh backward, so the dense path's gradient to rounding). Done in
+    place of s, so a capped chunk holds no more (r, V) tensors than a plain one (the memory
+    plan's count): the raw logits are overwritten (the fused kernels drop them after the
+    call) and ``chunk_fn`` must only read its logits (every chunk function here does)."""
     if cap is None:
         return chunk_fn
 
     def fn(s: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        th = s.div_(cap).tanh_()  # (r, V), in place of s
-        ce, d, g = chunk_fn(th * cap, sl)
-        return ce, d, g.mul_(th.square_().neg_().add_(1.0))
+        capped = s.div_(cap).tanh_().mul_(cap)  # (r, V), in place of s
+        ce, d, g = chunk_fn(capped, sl)
+        # 1 − tanh² from the capped logits, in their place (the chunk function is done)
+        return ce, d, g.mul_(capped.div_(cap).square_().neg_().add_(1.0))
 
     return fn
 
