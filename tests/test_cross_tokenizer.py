@@ -481,7 +481,7 @@ def _cross_setup(
     """A hand-built Setup of a cross-tokenizer KD step: two tiny Llamas whose heads are
     ``pad`` rows wider than their tokenizers (the loss must cut them). ``capped``: (teacher,
     student) a tiny Gemma-2 instead, its logits soft-capped at 5 by its forward and its head
-    scaled up so the raw logits (std ≈ 4) reach the cap."""
+    scaled up so the raw logits (std ≈ 6) reach the cap."""
     from dataclasses import replace as _replace
 
     from transformers import AutoConfig, AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM

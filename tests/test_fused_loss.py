@@ -228,7 +228,7 @@ def test_capture_hidden_gives_the_heads_input() -> None:
 
 def _gemma2(vocab: int, hidden: int, layers: int, tie: bool, cap: float | None = 5.0):
     """A tiny Gemma-2 (transformers caps its logits: cap·tanh(lm_head(h)/cap)) whose head is
-    scaled up so its raw logits (std ≈ 4) reach the cap: the cap bites."""
+    scaled up so its raw logits (std ≈ 6, max ≈ 27 at cap 5) reach the cap: the cap bites."""
     import transformers
 
     cfg = transformers.Gemma2Config(
