@@ -645,3 +645,25 @@ def test_a_capped_step_says_once_that_it_runs_on_the_torch_kernel(tmp_path, capl
     assert len(said) == 1, said
     assert "student cap 5.0, teacher cap 5.0" in said[0] and "cannot soft-cap" in said[0]
     assert S.logit_path == "fused:fused_linear_objective"
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "jsd"])
+def test_softcap_under_autocast_matches_dense_to_bf16_rounding(name: str) -> None:
+    """Under bf16 autocast the dense path caps bf16 logits (the model's forward), the fused
+    kernel caps its float32 upcast of the same bf16 GEMM: equal to bf16 rounding (2e-2)."""
+    hs, ws, bs, ht, wt, bt, y = _inputs(8, bias=True, Ds=64, Dt=48, V=500, Vt=512, N=9)
+    V = ws.shape[0]
+    kw = dict(kd_weight=0.7, temperature=1.0, alpha=0.2, beta=0.3, num_valid=16)
+    caps = dict(student_softcap=3.0, teacher_softcap=4.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, _ = fused.fused_linear_objective(
+            name, hs, ws, ht, wt, y, chunk_size=4, vocab=V, student_bias=bs, teacher_bias=bt,
+            **kw, **caps,
+        )  # fmt: skip
+        s = _cap(F.linear(hs, ws, bs), 3.0).float()
+        t = _cap(F.linear(ht, wt, bt), 4.0).float()[..., :V]
+    ref, _, _ = losses.logit_objective(name, s, t, y, **kw)
+    _close(loss, ref, rtol=2e-2)
+    for g, r in zip(_grads(loss, hs, ws, bs), _grads(ref, hs, ws, bs), strict=True):
+        assert g.dtype == torch.float32
+        _close(g, r, rtol=2e-2)
