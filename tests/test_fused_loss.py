@@ -667,3 +667,27 @@ def test_softcap_under_autocast_matches_dense_to_bf16_rounding(name: str) -> Non
     for g, r in zip(_grads(loss, hs, ws, bs), _grads(ref, hs, ws, bs), strict=True):
         assert g.dtype == torch.float32
         _close(g, r, rtol=2e-2)
+
+
+def test_micro_step_on_a_cache_with_a_softcapped_student(tmp_path) -> None:
+    """The teacher-cache step (targets from a Gemma-2 teacher's own capped forward logits)
+    with a capped Gemma-2 student: the fused sparse loss equals the dense one on the
+    student's capped logits, terms and every gradient, rel 1e-5."""
+    from sharp_core.cache.teacher_cache import as_batch, teacher_targets
+
+    method = {"name": "kd", "temperature": 2.0, "teacher_cache": {"k": 6}}
+    S = _tiny_setup("gemma2", method, tmp_path)
+    x = torch.randint(0, 33, (2, 12), generator=torch.Generator().manual_seed(4))
+    assert S.teacher is not None
+    with torch.no_grad():
+        t = S.teacher(input_ids=x).logits[:, :-1, :33]  # capped by the teacher's forward
+    cfg = S.spec.method.teacher_cache
+    batch = {"input_ids": x, **as_batch(teacher_targets(t, cfg, 2.0, [0, 1]), S.device)}
+    ref, g_ref = _run_step(_replace(S, logit_path="dense"), batch, 22)
+    got, g_got = _run_step(S, batch, 22)
+    assert S.logit_path is None  # the cache's fused loss (no parity check there)
+    assert set(got) == set(ref) and "kd" in got
+    for k in ref:
+        assert got[k] == pytest.approx(ref[k], rel=RTOL, abs=1e-9), k
+    for n in g_ref:
+        _close(g_got[n], g_ref[n], rtol=1e-5)
