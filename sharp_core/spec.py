@@ -582,6 +582,8 @@ class MethodSpec(_Strict):
         description="Fused linear loss of the logit term (no B×N×V logits): 'torch' "
         "(sharp_core.objectives.fused), 'liger' (Liger-Kernel, CUDA, optional 'gpu' extra), "
         "'auto': liger on CUDA when installed and it implements the divergence, else torch. "
+        "Soft-capped heads (Gemma 2/3's final_logit_softcapping) always run on torch: "
+        "Liger's kernels cannot soft-cap. "
         "Checked against the dense loss on the first micro-batch (error code loss_parity).",
     )
     on_policy: OnPolicySpec | None = Field(

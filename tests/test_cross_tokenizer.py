@@ -474,18 +474,35 @@ def test_a_chat_job_across_tokenizers_masks_and_keeps_documents_apart(
 
 
 # ------------------------------------------------- the fused path (no whole logits)
-def _cross_setup(mode: str, s_tok, t_tok, *, tie: bool, pad: int, **method):
+def _cross_setup(
+    mode: str, s_tok, t_tok, *, tie: bool, pad: int, capped: tuple[bool, bool] = (False, False),
+    **method,
+):  # fmt: skip
     """A hand-built Setup of a cross-tokenizer KD step: two tiny Llamas whose heads are
-    ``pad`` rows wider than their tokenizers (the loss must cut them)."""
+    ``pad`` rows wider than their tokenizers (the loss must cut them). ``capped``: (teacher,
+    student) a tiny Gemma-2 instead, its logits soft-capped at 5 by its forward and its head
+    scaled up so the raw logits (std ≈ 6) reach the cap."""
     from dataclasses import replace as _replace
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
     from sharp_core.train.setup import Setup
 
     models = []
-    for seed, tok in ((0, t_tok), (1, s_tok)):
+    for seed, tok, cap in ((0, t_tok, capped[0]), (1, s_tok, capped[1])):
         torch.manual_seed(seed)
+        if cap:
+            g2 = Gemma2Config(
+                vocab_size=len(tok) + pad, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                max_position_embeddings=LLAMA["max_position_embeddings"],
+                tie_word_embeddings=tie, final_logit_softcapping=5.0,
+            )  # fmt: skip
+            model = Gemma2ForCausalLM(g2)
+            with torch.no_grad():
+                model.lm_head.weight.mul_(40.0)
+            models.append(model)
+            continue
         cfg = AutoConfig.for_model(
             **{**LLAMA, "vocab_size": len(tok) + pad}, tie_word_embeddings=tie
         )
@@ -533,25 +550,29 @@ def _packed_chat_batch(tok) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("mode", "tie", "masked", "method"),
+    ("mode", "tie", "masked", "method", "capped"),
     [
-        ("uld", False, True, {}),
-        ("gold", False, True, {}),
-        ("uld", True, False, {"temperature": 2.0, "logit_chunk": 7}),
-        ("gold", True, True, {"temperature": 2.0, "logit_chunk": 5}),
-        ("gold", False, False, {"logit_chunk": 16}),
+        ("uld", False, True, {}, (False, False)),
+        ("gold", False, True, {}, (False, False)),
+        ("uld", True, False, {"temperature": 2.0, "logit_chunk": 7}, (False, False)),
+        ("gold", True, True, {"temperature": 2.0, "logit_chunk": 5}, (False, False)),
+        ("gold", False, False, {"logit_chunk": 16}, (False, False)),
+        ("uld", True, True, {"logit_chunk": 7}, (True, True)),
+        ("gold", False, True, {"temperature": 2.0}, (True, False)),
+        ("gold", True, False, {"logit_chunk": 5}, (False, True)),
     ],
 )
-def test_the_fused_cross_step_equals_the_dense_one(toks, mode, tie, masked, method) -> None:
+def test_the_fused_cross_step_equals_the_dense_one(toks, mode, tie, masked, method, capped) -> None:
     """`_cross_step` from the hidden states and heads (no whole logits) against the dense
     path (``logit_path="dense"``): loss, ce, kd, aligned_fraction and every student
     parameter's gradient, float32, within rel 1e-5 (gradients: 1e-5 of their largest entry
     as the absolute floor), with packed documents and a chat loss mask, untied and tied
-    heads padded past the tokenizers, τ 1 and 2, chunks that split the aligned rows."""
+    heads padded past the tokenizers, τ 1 and 2, chunks that split the aligned rows, and
+    Gemma-2 heads whose forwards soft-cap the logits (teacher, student, both)."""
     from sharp_core.train.step import micro_step
 
     s_tok, t_tok = toks
-    S, replace = _cross_setup(mode, s_tok, t_tok, tie=tie, pad=5, **method)
+    S, replace = _cross_setup(mode, s_tok, t_tok, tie=tie, pad=5, capped=capped, **method)
     batch = _packed_chat_batch(s_tok)
     if not masked:
         batch.pop("loss_mask")
@@ -619,8 +640,9 @@ def test_the_fused_cross_step_holds_far_less_than_the_dense_one() -> None:
 
 
 def test_a_head_that_is_not_plain_keeps_the_dense_cross_step(toks, caplog) -> None:
-    """A teacher whose config says its logits are soft-capped (`fused.head_of` refuses it):
-    the step takes the dense path, says why once in the log, and remembers it."""
+    """A teacher whose config says its logits are soft-capped on a model class not checked
+    for where it caps (a Llama; `fused.head_of` refuses it): the step takes the dense path,
+    says why once in the log, and remembers it."""
     import logging
 
     from sharp_core.train.step import micro_step

@@ -151,13 +151,21 @@ def test_classifier_counts_give_accuracy_and_macro_f1_by_hand() -> None:
     assert got["eval_loss"] == pytest.approx(ce, rel=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
 def test_chunked_head_loss_equals_the_full_logits(arch: str) -> None:
     """The eval loss with the head run 7 positions at a time inside the forward (never the
     whole (B, N-1, V) logits) equals the cross-entropy of the model's full logits (fp32,
-    1e-6 relative), tied (GPT-2) and untied (Llama) heads; the head is left unhooked and the
+    1e-6 relative), tied (GPT-2, Gemma-2) and untied (Llama) heads, Gemma-2's soft-capped
+    logits (cap 5, its head scaled so the cap bites); the head is left unhooked and the
     model still returns full logits afterwards."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     from sharp_core.evaluate.perplexity import _lm_head, lm_loss
 
@@ -174,12 +182,30 @@ def test_chunked_head_loss_equals_the_full_logits(arch: str) -> None:
                 max_position_embeddings=32,
             )
         )
+    elif arch == "gemma2":
+        model = Gemma2ForCausalLM(
+            Gemma2Config(
+                vocab_size=70,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+                max_position_embeddings=32,
+                final_logit_softcapping=5.0,
+            )
+        )
+        with torch.no_grad():
+            model.lm_head.weight.mul_(40.0)  # raw logits well beyond the cap
     else:
         model = GPT2LMHeadModel(
             GPT2Config(vocab_size=70, n_embd=32, n_layer=2, n_head=4, n_positions=32)
         )
     model.eval()
-    assert _lm_head(model) is not None  # the chunked path is the one under test
+    head = _lm_head(model)
+    assert head is not None  # the chunked path is the one under test
+    assert head.softcap == (5.0 if arch == "gemma2" else None)
     blocks = torch.randint(0, 64, (5, 16))
     vocab = 64  # a padded embedding: rows 64..69 never count
     with torch.no_grad():
@@ -198,3 +224,35 @@ def test_chunked_head_loss_equals_the_full_logits(arch: str) -> None:
         assert model(input_ids=blocks).logits.shape == (5, 16, 70)
     assert n == 5 * 15
     assert got == pytest.approx(ref, rel=1e-6)
+    if arch == "gemma2":  # without the cap the chunked loss would be another number
+        assert abs(got - _uncapped_loss(model, blocks, vocab)) > 1e-2 * got
+
+
+def _uncapped_loss(model, blocks, vocab) -> float:
+    from sharp_core.objectives import fused
+
+    head = fused.head_of(model)[0]
+    assert head is not None
+    with torch.no_grad(), fused.capture_hidden(head) as seen:
+        model(input_ids=blocks)
+    raw = (seen[0] @ head.weight.T)[:, :-1, :vocab]
+    return torch.nn.functional.cross_entropy(
+        raw.reshape(-1, vocab), blocks[:, 1:].reshape(-1)
+    ).item()
+
+
+def test_eval_keeps_the_models_logits_for_other_head_transforms() -> None:
+    """A head followed by a logit transform other than Gemma's cap (a config's logit_scale)
+    is not chunked: the model's own logits are used."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sharp_core.evaluate.perplexity import _lm_head
+
+    cfg = LlamaConfig(
+        vocab_size=70, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    assert _lm_head(model) is not None
+    model.config.logit_scale = 0.5
+    assert _lm_head(model) is None

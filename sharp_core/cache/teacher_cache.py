@@ -650,9 +650,13 @@ def sparse_linear_objective(
     chunk_size: int | None = None,
     vocab: int | None = None,
     student_bias: torch.Tensor | None = None,
+    student_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`sparse_logit_objective` on the logits student_hidden·Wᵀ (+ b), chunk by chunk of
     tokens (`sharp_core.objectives.fused.linear_chunked`): no (B, N, V) student logits.
+    ``student_softcap``: the head's soft-cap c (logits c·tanh(h·Wᵀ/c), `fused.Head.softcap`).
+    The cache's teacher side needs none here: it was built from the teacher's own forward
+    logits (`build_cache`), which its model already capped.
 
     Shapes: ``student_hidden`` (B, N-1, D), ``student_weight`` (V_s, D) sliced to ``vocab``
     (default V_s), ``targets`` and ``labels`` as `sparse_logit_objective`'s. Same value and
@@ -681,7 +685,13 @@ def sparse_linear_objective(
     bs = None if student_bias is None else student_bias[:V]
     chunk = chunk_size or fused.default_chunk_tokens(V)
     return fused.linear_chunked(
-        h, ws, bs, chunk_fn, kd_weight=a, denom=float(max(num_valid, 1)), chunk=chunk
+        h,
+        ws,
+        bs,
+        fused.softcapped(chunk_fn, student_softcap),
+        kd_weight=a,
+        denom=float(max(num_valid, 1)),
+        chunk=chunk,
     )
 
 

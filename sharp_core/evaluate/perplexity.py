@@ -15,7 +15,7 @@ from sharp_core.data.loading import ClassificationData, PackedData, load_texts, 
 from sharp_core.data.packing import forward_kwargs
 from sharp_core.errors import DataError
 from sharp_core.models.loading import load_model, resolve_tokenizer
-from sharp_core.objectives import losses
+from sharp_core.objectives import fused, losses
 from sharp_core.ranks import ONE, Ranks
 from sharp_core.spec import DatasetSpec, parse_spec
 
@@ -62,23 +62,19 @@ def _sums(ranks: Ranks, values: list[float], device: torch.device) -> list[float
 EVAL_LOGIT_ROWS = 512
 
 
-def _lm_head(model: torch.nn.Module) -> torch.nn.Linear | None:
-    """The output projection the chunked loss can run itself, or None (then the model's own
-    logits are used): absent, not a plain Linear (or its own FSDP unit), compiled (hooks
-    added after compiling are not traced in), or followed by a transform of the logits
-    (Gemma's soft-capping). Inside an FSDP root unit it works: the root's weights stay
+def _lm_head(model: torch.nn.Module) -> fused.Head | None:
+    """The output projection the chunked loss can run itself, with the soft-cap the model's
+    forward applies after it (Gemma 2 / 3), or None (then the model's own logits are used):
+    absent, not a plain Linear (or its own FSDP unit), compiled (hooks added after compiling
+    are not traced in), or followed by another transform of the logits (`fused.head_of`
+    decides, as for training). Inside an FSDP root unit it works: the root's weights stay
     gathered until the whole forward returns."""
     inner = getattr(model, "module", model)  # DDP
     if hasattr(inner, "_orig_mod"):
         return None
-    cfg = getattr(inner, "config", None)
-    if cfg is None or getattr(cfg, "final_logit_softcapping", None):
-        return None
-    get = getattr(inner, "get_output_embeddings", None)
-    head = get() if callable(get) else None
     # a plain Linear only: a head sharded as its own FSDP unit (its class is then an FSDP
     # subclass) is resharded by FSDP's post-forward hook before ours could use its weight
-    return head if type(head) is torch.nn.Linear else None
+    return fused.head_of(inner)[0]
 
 
 class _ChunkedHead:
@@ -86,8 +82,8 @@ class _ChunkedHead:
     forward (where an FSDP root has its head gathered), summing the cross-entropy of the
     next tokens, and lets the model's head project only the last position."""
 
-    def __init__(self, head: torch.nn.Linear, vocab: int, rows: int):
-        self.head, self.vocab, self.rows = head, vocab, rows
+    def __init__(self, head: torch.nn.Linear, vocab: int, rows: int, softcap: float | None = None):
+        self.head, self.vocab, self.rows, self.softcap = head, vocab, rows, softcap
         self.targets: torch.Tensor | None = None  # (B, N-1) set before each forward
         self.total = 0.0
         self.hidden: torch.Tensor | None = None
@@ -108,6 +104,7 @@ class _ChunkedHead:
         total = 0.0
         for i in range(0, h.shape[0], self.rows):
             logits = torch.nn.functional.linear(h[i : i + self.rows], m.weight, m.bias)  # type: ignore[arg-type]
+            logits = fused.softcap_logits(logits, self.softcap)  # as the model's forward caps
             logits = logits[None, :, : self.vocab]  # (1, R, V)
             part = y[None, i : i + self.rows]
             r = int((part != losses.IGNORE_INDEX).sum())  # masked targets do not count
@@ -145,7 +142,11 @@ def lm_loss(
     under the caller's grad / autocast mode.
     """
     head = _lm_head(model) if rows is not None else None
-    chunked = _ChunkedHead(head, vocab, rows) if head is not None and rows is not None else None
+    chunked = (
+        _ChunkedHead(head.module, vocab, rows, head.softcap)
+        if head is not None and rows is not None
+        else None
+    )
     total, count = 0.0, 0
     try:
         for sel in rank_rows(blocks.shape[0], batch_size, ranks.rank, ranks.world_size):

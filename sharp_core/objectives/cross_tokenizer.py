@@ -444,6 +444,8 @@ def fused_cross_objective(
     chunk: int | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(loss, ce, kd, aligned positions): the dense cross-tokenizer term of
     `sharp_core.train.step._cross_step` from the models' last hidden states and heads, a
@@ -458,7 +460,9 @@ def fused_cross_objective(
     those rows only and ULD / GOLD with its gradient by autograd on the (k, V_S) slice. D is
     scaled per row by targets / n_aligned so that, divided by ``n_tokens``, it is the dense
     kd = Σ D / n_aligned · (targets / n_tokens). ``chunk``: target rows per chunk (default
-    the dense divergence's, a float32 chunk of the larger vocabulary within 256 MiB)."""
+    the dense divergence's, a float32 chunk of the larger vocabulary within 256 MiB).
+    ``student_softcap`` / ``teacher_softcap``: the heads' logit soft-caps (`fused.Head.softcap`),
+    applied as the models' forwards apply them (`fused.softcapped`, `fused.softcap_logits`)."""
     from sharp_core.objectives import fused, losses
 
     a = float(kd_weight)
@@ -505,7 +509,7 @@ def fused_cross_objective(
         local = a_dev[lo:hi] - sl.start  # (k,) the chunk's aligned rows
         # the teacher's logits of those rows only, in its dtype (as its lm_head), then float32
         ti = ht.index_select(0, t_pos[lo:hi])
-        t_rows = F.linear(ti.to(wt.dtype), wt, bt).float()  # (k, V_T)
+        t_rows = fused.softcap_logits(F.linear(ti.to(wt.dtype), wt, bt), teacher_softcap).float()
         with torch.enable_grad():
             x = s.index_select(0, local).detach().requires_grad_(True)  # (k, V_S)
             dk = div(x, t_rows)  # (k,)
@@ -522,7 +526,7 @@ def fused_cross_objective(
         hs, ws = hs.to(lp), ws.to(lp)
         bs = None if bs is None else bs.to(lp)
     loss, ce, kd = fused.linear_chunked(
-        hs, ws, bs, chunk_fn, kd_weight=a, denom=float(max(n_tokens, 1)),
+        hs, ws, bs, fused.softcapped(chunk_fn, student_softcap), kd_weight=a, denom=float(max(n_tokens, 1)),
         chunk=step,
     )  # fmt: skip
     return loss, ce, kd, n_aligned

@@ -16,8 +16,12 @@ and weight's dtypes), the teacher's in the teacher weight's dtype and then upcas
 dense path does. In float32 the value and gradients equal the dense path's to rounding
 (tests/test_fused_loss.py: ≤ 1e-5 relative).
 
-Where the head is not a plain linear map of the last hidden state (logit soft-capping,
-logit scaling), `head_of` refuses the model and the trainer keeps the dense path.
+Logit soft-capping (Gemma 2 / 3's ``final_logit_softcapping``: logits = c·tanh(lm_head(h)/c),
+as transformers applies it) is fused too: `Head.softcap` carries c, the teacher's chunk
+logits are capped in its own dtype as its forward caps them, and the student's chunk function
+sees the capped logits and returns its gradient times 1 − tanh²(s/c) (`softcapped`). Where
+the head is otherwise not a plain linear map of the last hidden state (logit scaling, ...),
+`head_of` refuses the model and the trainer keeps the dense path.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ __all__ = [
     "liger_linear_objective",
     "linear_chunked",
     "select_kernel",
+    "softcap_kwargs",
+    "softcap_logits",
+    "softcapped",
 ]
 
 FUSED_CHUNK_BYTES = 2**26
@@ -189,6 +196,8 @@ def fused_linear_objective(
     vocab: int | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, ce, d): `losses.logit_objective` on the logits hidden·Wᵀ (+ b), never built whole.
 
@@ -198,8 +207,10 @@ def fused_linear_objective(
     ``vocab``: the logit columns the loss sees (the tokenizer's size; default V_s): both
     weights are sliced to it, so a teacher padded beyond the tokenizer is handled. The teacher
     side may be None when ``kd_weight`` is 0 (CE alone, ``sft``). ``chunk_size``: tokens per
-    chunk (default `default_chunk_tokens`). Same value and gradients as the dense
-    ``logit_objective(name, h_s·W_sᵀ, h_t·W_tᵀ, labels, ...)``; d is 0 without a teacher.
+    chunk (default `default_chunk_tokens`). ``student_softcap`` / ``teacher_softcap``: each
+    head's logit soft-cap c (logits = c·tanh(h·Wᵀ/c), `Head.softcap`) or None. Same value and
+    gradients as the dense ``logit_objective(name, h_s·W_sᵀ, h_t·W_tᵀ, labels, ...)`` (capped
+    where a cap is given); d is 0 without a teacher.
     """
     a = losses._check_unit("kd_weight", kd_weight)
     tau = losses._check_temperature(temperature)
@@ -239,7 +250,7 @@ def fused_linear_objective(
     def chunk_fn(s: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = None
         if use_teacher:  # the teacher's logits in its own dtype, as its lm_head computes them
-            t = F.linear(ht[sl].to(wt.dtype), wt, bt)  # (r, V)
+            t = softcap_logits(F.linear(ht[sl].to(wt.dtype), wt, bt), teacher_softcap)  # (r, V)
         return losses.objective_rows(
             s,
             t,
@@ -259,7 +270,8 @@ def fused_linear_objective(
     if lp is not None:  # the head's matmuls as autocast runs F.linear (gradients flow back)
         hs, ws = hs.to(lp), ws.to(lp)
         bs = None if bs is None else bs.to(lp)
-    loss, ce, d = linear_chunked(hs, ws, bs, chunk_fn, kd_weight=a, denom=denom, chunk=chunk)
+    fn = softcapped(chunk_fn, student_softcap)
+    loss, ce, d = linear_chunked(hs, ws, bs, fn, kd_weight=a, denom=denom, chunk=chunk)
     return loss, ce, d
 
 
@@ -289,29 +301,38 @@ class FusedLinearLoss(Protocol):
         vocab: int | None = ...,
         student_bias: torch.Tensor | None = ...,
         teacher_bias: torch.Tensor | None = ...,
+        student_softcap: float | None = ...,
+        teacher_softcap: float | None = ...,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
 # ------------------------------------------------------------------ models' heads
 
 
-# config attributes of heads that are not a plain linear map (Gemma 2's soft-capping,
-# Cohere's logit_scale, Granite's logits_scaling, ...): the fused path would be wrong
+# config attributes of heads that are not a plain linear map (Cohere's logit_scale, Granite's
+# logits_scaling, ...): the fused path would be wrong. Gemma 2 / 3's final_logit_softcapping
+# is applied by the fused paths (`SOFTCAP_ATTR`); attn_logit_softcapping is the attention's,
+# not the head's, and is left to the model's own forward.
+SOFTCAP_ATTR = "final_logit_softcapping"
 _HEAD_TRANSFORMS = (
-    "final_logit_softcapping",
     "logit_softcapping",
     "logit_scale",
     "logits_scaling",
     "output_logits_scale",
     "mup_width_multiplier",
 )
+# model classes whose forward is checked (transformers' modeling code) to be exactly
+# logits = c·tanh(lm_head(h)/c) with c = config.final_logit_softcapping, in the logits' dtype
+_SOFTCAP_MODELS = frozenset({"Gemma2ForCausalLM", "Gemma3ForCausalLM"})
 
 
 @dataclass
 class Head:
-    """A causal LM's output head: the module its forward calls on the last hidden state."""
+    """A causal LM's output head: the module its forward calls on the last hidden state, and
+    the soft-cap c its forward applies after it (logits = c·tanh(lm_head(h)/c); None: none)."""
 
     module: torch.nn.Linear
+    softcap: float | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -338,10 +359,51 @@ def head_of(model: torch.nn.Module) -> tuple[Head | None, str]:
         v = getattr(cfg, attr, None)
         if v is not None and v is not False and v != 1.0 and v != 1:
             return None, f"its config sets {attr}={v!r} (logits are not a plain lm_head)"
+    cap = getattr(cfg, SOFTCAP_ATTR, None)
+    if cap is not None and not isinstance(cap, (int, float)):
+        return None, f"its config sets {SOFTCAP_ATTR}={cap!r} (not a number)"
+    if cap is not None and type(m).__name__ not in _SOFTCAP_MODELS:
+        # a model class not checked against transformers' code: its cap may sit elsewhere
+        return None, f"its config sets {SOFTCAP_ATTR}={cap!r} on an unchecked {type(m).__name__}"
     head = m.get_output_embeddings()  # type: ignore[operator]  # a transformers model
     if type(head) is not torch.nn.Linear:
         return None, f"its output head is a {type(head).__name__}, not a plain nn.Linear"
-    return Head(head), ""
+    # transformers tests `is not None` (a cap of 0 would divide by zero there as well)
+    return Head(head, None if cap is None else float(cap)), ""
+
+
+def softcap_kwargs(student: float | None, teacher: float | None) -> dict[str, float]:
+    """The kernels' soft-cap keywords, only those set: a kernel handed in through
+    ``Setup.fused_loss`` that predates soft-capping still serves uncapped heads."""
+    out = {"student_softcap": student, "teacher_softcap": teacher}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def softcap_logits(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """c·tanh(logits/c) in the logits' dtype, the very ops of transformers'
+    Gemma2ForCausalLM.forward (divide, tanh, multiply); ``logits`` unchanged for None."""
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
+def softcapped(chunk_fn: ChunkFn, cap: float | None) -> ChunkFn:
+    """``chunk_fn`` on soft-capped logits: it sees c·tanh(s/c) of the raw chunk logits s and
+    its gradient g w.r.t. the capped logits is returned w.r.t. s: g·(1 − tanh²(s/c)) (the
+    formula of autograd's tanh backward, so the dense path's gradient to rounding). Done in
+    place of s, so a capped chunk holds no more (r, V) tensors than a plain one (the memory
+    plan's count): the raw logits are overwritten (the fused kernels drop them after the
+    call) and ``chunk_fn`` must only read its logits (every chunk function here does)."""
+    if cap is None:
+        return chunk_fn
+
+    def fn(s: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        capped = s.div_(cap).tanh_().mul_(cap)  # (r, V), in place of s
+        ce, d, g = chunk_fn(capped, sl)
+        # 1 − tanh² from the capped logits, in their place (the chunk function is done)
+        return ce, d, g.mul_(capped.div_(cap).square_().neg_().add_(1.0))
+
+    return fn
 
 
 @contextlib.contextmanager
@@ -398,16 +460,21 @@ def liger_linear_objective(
     vocab: int | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`fused_linear_objective` through Liger-Kernel (CUDA only): fused linear CE (summed)
     and fused linear JSD (β; 0 and 1 are forward and reverse KL), rescaled to the global
-    ``num_valid`` and τ². Biases are not supported by Liger's JSD: refused (ValueError).
+    ``num_valid`` and τ². Biases and logit soft-caps are not supported by Liger's fused JSD:
+    refused (ValueError; `select_kernel` never picks Liger for a capped head).
     Liger's conventions have changed between releases; the trainer's first-micro-batch parity
     check (`check_parity`) is what vouches for this adapter."""
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD
-
     if student_bias is not None or teacher_bias is not None:
         raise ValueError("the liger kernel does not take lm_head biases")
+    if student_softcap is not None or teacher_softcap is not None:
+        raise ValueError("the liger kernel does not soft-cap logits")
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD
+
     b = {"forward_kl": 0.0, "reverse_kl": 1.0}.get(name, beta)
     V = vocab if vocab is not None else student_weight.shape[0]
     a = float(kd_weight)
@@ -431,12 +498,15 @@ def liger_linear_objective(
 
 
 def select_kernel(
-    logit_kernel: str, divergence: str, device: torch.device
+    logit_kernel: str, divergence: str, device: torch.device, softcap: bool = False
 ) -> tuple[FusedLinearLoss, str]:
     """(kernel, its name) for the spec's ``method.logit_kernel``; 'liger' without Liger or off
-    CUDA is a SpecError naming the field."""
+    CUDA is a SpecError naming the field. ``softcap``: a head soft-caps its logits, which
+    Liger's kernels cannot apply: our kernel then, even for 'liger' (the caller says so)."""
     from sharp_core.errors import SpecError
 
+    if softcap and logit_kernel in ("liger", "auto"):
+        return fused_linear_objective, "torch"
     liger_ok = device.type == "cuda" and liger_available()
     if logit_kernel == "liger":
         if not liger_ok:
@@ -487,11 +557,15 @@ def check_parity(
     vocab: int,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
     tokens: int = PARITY_TOKENS,
     rtol: float | None = None,
 ) -> dict[str, float]:
     """Compare ``kernel`` with the dense `losses.logit_objective` on the first ``tokens``
     positions: the loss and its gradients w.r.t. the student's hidden states and head weight.
+    The soft-caps (`Head.softcap`) are applied to the dense reference's logits as the models'
+    forwards apply them, and handed to the kernel only when set.
 
     Shapes as `fused_linear_objective`'s. Raises `sharp_core.errors.LossParityError` (code
     ``loss_parity``, both values in the message) beyond ``rtol`` (default `PARITY_RTOL` by
@@ -516,15 +590,17 @@ def check_parity(
     kw: dict[str, Any] = dict(
         kd_weight=kd_weight, temperature=temperature, alpha=alpha, beta=beta, num_valid=nv
     )
+    caps = softcap_kwargs(student_softcap, teacher_softcap)
     with torch.enable_grad():
         got, _, _ = kernel(
-            name, hs, ws, ht, wt, y, vocab=vocab, student_bias=bs, teacher_bias=bt, **kw
+            name, hs, ws, ht, wt, y, vocab=vocab, student_bias=bs, teacher_bias=bt, **kw, **caps
         )
         g_h, g_w = torch.autograd.grad(got, (hs, ws), allow_unused=True)
         with torch.autocast(hs.device.type, enabled=False):
             s = F.linear(hs.float(), ws[:vocab].float(), None if bs is None else bs.float())
+            s = softcap_logits(s, student_softcap)
             if ht is not None and wt is not None and kd_weight > 0:
-                t = F.linear(ht.to(wt.dtype), wt, bt).float()  # (B, n, V)
+                t = softcap_logits(F.linear(ht.to(wt.dtype), wt, bt), teacher_softcap).float()
                 want, _, _ = losses.logit_objective(name, s, t, y, **kw)
             else:
                 want = (1 - kd_weight) * losses.cross_entropy(s, y, num_valid=nv)

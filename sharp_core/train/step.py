@@ -115,10 +115,18 @@ def _fused_heads(
         t_head = fused.head_of(S.teacher)[0]
     # looked up each step (cheap), not kept: a profiler or a test that wraps the module's
     # function sees every call; a kernel handed in through Setup.fused_loss wins
-    kernel = (
-        S.fused_loss
-        or fused.select_kernel(S.spec.method.logit_kernel, S.spec.method.divergence, S.device)[0]
-    )
+    capped = s_head.softcap is not None or (t_head is not None and t_head.softcap is not None)
+    m = S.spec.method
+    kernel = S.fused_loss or fused.select_kernel(m.logit_kernel, m.divergence, S.device, capped)[0]
+    if S.logit_path is None and capped:  # the first micro-batch: said once
+        _log.info(
+            "logit term: fused with soft-capped logits (student cap %s, teacher cap %s)%s",
+            s_head.softcap,
+            None if t_head is None else t_head.softcap,
+            " on the torch kernel: Liger's kernels cannot soft-cap"
+            if S.fused_loss is None and m.logit_kernel in ("liger", "auto")
+            else "",
+        )
     return kernel, s_head, t_head
 
 
@@ -210,17 +218,19 @@ def micro_step(
             estimator=m.teacher_cache.loss_estimator,
             vocab=V,
             student_bias=s_head.bias,
+            student_softcap=s_head.softcap,
             **div,
         )
         if a > 0:
             terms["kd"] = kd
     elif s_hidden is not None:
         assert kernel is not None and s_head is not None
-        t_w = t_b = None
+        t_w = t_b = t_cap = None
         if t_head is not None and a > 0:
-            t_w, t_b = t_head.weight, t_head.bias
+            t_w, t_b, t_cap = t_head.weight, t_head.bias, t_head.softcap
         else:
             t_hidden = None
+        caps = fused.softcap_kwargs(s_head.softcap, t_cap)  # none for plain heads
         # the head's matmuls in the forwards' autocast dtype, as the dense path's F.linear ran
         # them (float32 head GEMMs were half of an H200 KD step); the losses stay float32
         with torch.autocast(S.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -228,12 +238,12 @@ def micro_step(
                 fused.check_parity(
                     kernel, m.divergence, s_hidden, s_head.weight, t_hidden, t_w, labels,
                     kd_weight=a, temperature=m.temperature, alpha=m.skew_alpha,
-                    beta=m.jsd_beta, vocab=V, student_bias=s_head.bias, teacher_bias=t_b,
+                    beta=m.jsd_beta, vocab=V, student_bias=s_head.bias, teacher_bias=t_b, **caps,
                 )  # fmt: skip
                 S.logit_path = f"fused:{getattr(kernel, '__name__', type(kernel).__name__)}"
             logit_term, terms["ce"], kd = kernel(
                 m.divergence, s_hidden, s_head.weight, t_hidden, t_w, labels,
-                vocab=V, student_bias=s_head.bias, teacher_bias=t_b, **div,
+                vocab=V, student_bias=s_head.bias, teacher_bias=t_b, **div, **caps,
             )  # fmt: skip
         if t_hidden is not None:
             terms["kd"] = kd
@@ -329,6 +339,7 @@ def _cross_step(
                 rows, kd_weight=a, temperature=m.temperature, targets=targets,
                 n_tokens=n_tokens, vocab=S.vocab, chunk=m.logit_chunk,
                 student_bias=s_head.bias, teacher_bias=t_head.bias,
+                student_softcap=s_head.softcap, teacher_softcap=t_head.softcap,
             )  # fmt: skip
         if a > 0 and n_aligned:
             terms["kd"] = kd
