@@ -75,6 +75,7 @@ class Shape:
 SMALL_S, SMALL_T = _llama(256, 4, 2048, 8, 2), _llama(256, 2, 2048, 8, 2)
 NARROW_S, NARROW_T = _llama(256, 1, 128256, 4, 2), _llama(256, 2, 128256, 4, 2)
 
+
 def _dense(*configs: dict[str, Any]) -> tuple[dict[str, Any], ...]:
     return tuple({**c, "logit_scale": 2.0} for c in configs)
 
