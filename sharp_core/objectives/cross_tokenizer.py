@@ -360,7 +360,10 @@ class CrossTokenizer:
         rows, t_pos = [], []
         for b in range(x.shape[0]):
             ids = x[b].tolist()
-            ids_b, pos_b, sp, tp = [], [], [], []
+            ids_b: list[int] = []
+            pos_b: list[int] = []
+            sp: list[int] = []
+            tp: list[int] = []
             for s, e in _segments(
                 len(ids),
                 None if pos is None else pos[b].tolist(),

@@ -270,8 +270,8 @@ def fused_linear_objective(
     if lp is not None:  # the head's matmuls as autocast runs F.linear (gradients flow back)
         hs, ws = hs.to(lp), ws.to(lp)
         bs = None if bs is None else bs.to(lp)
-    fn = softcapped(chunk_fn, student_softcap)
-    loss, ce, d = linear_chunked(hs, ws, bs, fn, kd_weight=a, denom=denom, chunk=chunk)
+    capped = softcapped(chunk_fn, student_softcap)
+    loss, ce, d = linear_chunked(hs, ws, bs, capped, kd_weight=a, denom=denom, chunk=chunk)
     return loss, ce, d
 
 
@@ -372,7 +372,7 @@ def head_of(model: torch.nn.Module) -> tuple[Head | None, str]:
     return Head(head, None if cap is None else float(cap)), ""
 
 
-def softcap_kwargs(student: float | None, teacher: float | None) -> dict[str, float]:
+def softcap_kwargs(student: float | None, teacher: float | None) -> dict[str, Any]:
     """The kernels' soft-cap keywords, only those set: a kernel handed in through
     ``Setup.fused_loss`` that predates soft-capping still serves uncapped heads."""
     out = {"student_softcap": student, "teacher_softcap": teacher}
