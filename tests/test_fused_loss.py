@@ -407,6 +407,14 @@ def test_liger_kernel_passes_the_parity_check(name) -> None:
 )
 def test_sparse_linear_equals_sparse_on_logits(name, estimator, extra) -> None:
     """The cache's loss chunked over the student's head == the same loss on whole logits."""
+    _sparse_linear_against_logits(name, extra, seed=6, cap=None)
+
+
+def _sparse_linear_against_logits(name: str, extra: dict, *, seed: int, cap: float | None) -> None:
+    """`sparse_linear_objective` (the student's head chunked, capped at ``cap``) against
+    `sparse_logit_objective` on the whole, capped, logits: loss, ce, d and the gradients.
+    The cache's targets come from the teacher's logits capped the same way, as a capped
+    teacher's forward builds them."""
     from sharp_core.cache.teacher_cache import (
         SparseTargets,
         sparse_linear_objective,
@@ -415,19 +423,21 @@ def test_sparse_linear_equals_sparse_on_logits(name, estimator, extra) -> None:
     )
     from sharp_core.spec import TeacherCacheSpec
 
-    hs, ws, bs, ht, wt, _, y = _inputs(6, bias=True)
+    hs, ws, bs, ht, wt, _, y = _inputs(seed, bias=True)
     V = ws.shape[0]
     cfg = TeacherCacheSpec(**extra)
-    t = (ht @ wt.T)[..., :V]
+    t_cap = None if cap is None else 2.5
+    t = _cap(ht @ wt.T, t_cap)[..., :V]
     out = teacher_targets(t, cfg, 2.0, list(range(t.shape[0])))
     tgt = SparseTargets(
         out["ids"].long(), out["logp"], out.get("tail"),
         None if "tids" not in out else out["tids"].long(), out.get("tlogp"),
     )  # fmt: skip
     kw = dict(estimator=cfg.loss_estimator, kd_weight=0.7, temperature=2.0, num_valid=14)
-    ref, ref_ce, ref_d = sparse_logit_objective(name, hs @ ws.T + bs, tgt, y, **kw)
+    ref, ref_ce, ref_d = sparse_logit_objective(name, _cap(hs @ ws.T + bs, cap), tgt, y, **kw)
+    caps = {} if cap is None else {"student_softcap": cap}
     got, ce, d = sparse_linear_objective(
-        name, hs, ws, tgt, y, student_bias=bs, chunk_size=4, vocab=V, **kw
+        name, hs, ws, tgt, y, student_bias=bs, chunk_size=4, vocab=V, **caps, **kw
     )
     _close(got, ref)
     _close(ce, ref_ce)
@@ -602,33 +612,7 @@ def test_select_kernel_never_picks_liger_for_a_capped_head() -> None:
 )  # fmt: skip
 def test_sparse_linear_with_a_softcapped_student(name, estimator, extra) -> None:
     """The cache's chunked loss with the student's cap == the sparse loss on capped logits."""
-    from sharp_core.cache.teacher_cache import (
-        SparseTargets,
-        sparse_linear_objective,
-        sparse_logit_objective,
-        teacher_targets,
-    )
-    from sharp_core.spec import TeacherCacheSpec
-
-    hs, ws, bs, ht, wt, _, y = _inputs(7, bias=True)
-    V = ws.shape[0]
-    cfg = TeacherCacheSpec(**extra)
-    t = _cap(ht @ wt.T, 2.5)[..., :V]  # the cache is built from the teacher's capped logits
-    out = teacher_targets(t, cfg, 2.0, list(range(t.shape[0])))
-    tgt = SparseTargets(
-        out["ids"].long(), out["logp"], out.get("tail"),
-        None if "tids" not in out else out["tids"].long(), out.get("tlogp"),
-    )  # fmt: skip
-    kw = dict(estimator=cfg.loss_estimator, kd_weight=0.7, temperature=2.0, num_valid=14)
-    ref, ref_ce, ref_d = sparse_logit_objective(name, _cap(hs @ ws.T + bs, 2.0), tgt, y, **kw)
-    got, ce, d = sparse_linear_objective(
-        name, hs, ws, tgt, y, student_bias=bs, chunk_size=4, vocab=V, student_softcap=2.0, **kw
-    )
-    _close(got, ref)
-    _close(ce, ref_ce)
-    _close(d, ref_d)
-    for g, r in zip(_grads(got, hs, ws, bs), _grads(ref, hs, ws, bs), strict=True):
-        _close(g, r)
+    _sparse_linear_against_logits(name, extra, seed=7, cap=2.0)
 
 
 def test_a_capped_step_says_once_that_it_runs_on_the_torch_kernel(tmp_path, caplog) -> None:
