@@ -206,6 +206,27 @@ def _cross_rows(sh: Shape, s_tok: Any, b: int, rank: int) -> torch.Tensor:
     return torch.tensor([ids[a : a + n] for a in starts], dtype=torch.long)
 
 
+class _Runner:
+    """One training step, as `cpu_step_peak_bytes` wants it. At module level, not inside
+    `_measure_rank`: a class made in a function is a reference cycle, so its closure kept
+    the shape's models and optimizer alive until a garbage collection; on CUDA the next
+    shape measured in the same process then counted them (the 8B → 3B B2 × N2048 row read
+    132 GB against B1 × N4096's 76 GB)."""
+
+    def __init__(self, micro_step: Any, S: Any, x: torch.Tensor, opt: Any, n_tokens: int,
+                 n_seqs: int, amp: torch.dtype | None) -> None:  # fmt: skip
+        self.micro_step, self.S, self.x, self.opt = micro_step, S, x, opt
+        self.n_tokens, self.n_seqs, self.amp = n_tokens, n_seqs, amp
+
+    def step(self) -> None:
+        terms, _ = self.micro_step(
+            self.S, self.x, n_tokens=self.n_tokens, n_seqs=self.n_seqs, amp_dtype=self.amp
+        )
+        terms["loss"].backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
 def _measure_rank(sh: Shape, rank: int, device: str = "cpu") -> dict[str, float]:
     """One rank's measured peak (bytes) and the plan's estimate for it."""
     from bench.step.memory import cpu_step_peak_bytes
@@ -220,6 +241,17 @@ def _measure_rank(sh: Shape, rank: int, device: str = "cpu") -> dict[str, float]
     spec = _spec(sh)
     dev = torch.device(device)
     cuda = dev.type == "cuda"
+    if cuda:  # CUDA's counters are the process's: nothing of an earlier shape may be left
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        left = torch.cuda.memory_allocated(dev)
+        if left > 64 * MB:
+            raise RuntimeError(
+                f"{left / MB:.0f} MiB still allocated on {dev} before {sh.name!r}: an earlier "
+                "shape's tensors are alive and would be counted in this one's peak"
+            )
     torch.manual_seed(0)
     kw = {"resolver": LocalResolver(), "device": dev}
     teacher = load_model(spec.teacher, role="teacher", **kw).eval().requires_grad_(False)  # type: ignore[arg-type]
@@ -253,14 +285,7 @@ def _measure_rank(sh: Shape, rank: int, device: str = "cpu") -> dict[str, float]
     amp = torch.bfloat16 if cuda else None
     n_tokens = x[:, 1:].numel() * sh.world
 
-    class Runner:
-        def step(self) -> None:
-            terms, _ = micro_step(S, x, n_tokens=n_tokens, n_seqs=b * sh.world, amp_dtype=amp)
-            terms["loss"].backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-    r = Runner()
+    r = _Runner(micro_step, S, x, opt, n_tokens, b * sh.world, amp)
     r.step()  # AdamW's state exists from here on
     if cuda:  # CUDA's own high-water mark of the next step (the reserve is not allocated)
         import time

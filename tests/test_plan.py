@@ -398,6 +398,41 @@ def test_planned_memory_within_25_percent_of_a_measured_step(ac: bool) -> None:
     assert 0.75 <= r["estimate"] / r["measured"] <= 1.25, r
 
 
+def test_a_measured_shape_frees_its_models_without_a_garbage_collection(monkeypatch) -> None:
+    """`bench/plan.py` measures its shapes one after another in one process; on CUDA the
+    peak is the process's allocated bytes, so a shape whose models outlive it is counted in
+    the next one. A step runner defined inside the function (a class, hence a reference
+    cycle) kept the teacher, the student and AdamW's state alive until a collection: the
+    H200's B2 × N2048 row read 56 597 MiB above B1 × N4096, the 8B → 3B shape's bf16
+    teacher + fp32 student + AdamW state (56 593 MiB). With automatic collection off, both
+    models must be gone when `_measure_rank` returns."""
+    import gc
+    import weakref
+
+    import bench.plan as bp
+    from sharp_core.models import loading
+
+    built: list[weakref.ref] = []
+    load = loading.load_model
+
+    def spy(*a, **k):
+        m = load(*a, **k)
+        built.append(weakref.ref(m))
+        return m
+
+    monkeypatch.setattr(loading, "load_model", spy)
+    sh = bp.Shape("t", bp._llama(64, 1, 512, 4, 2), bp._llama(64, 1, 512, 4, 2), 1, 64, ac=True)
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        bp._measure_rank(sh, 0)
+        alive = [type(w()).__name__ for w in built if w() is not None]
+    finally:
+        if was:
+            gc.enable()
+    assert len(built) == 2 and alive == [], alive
+
+
 def test_the_job_start_refuses_seq_len_past_a_learned_position_table(corpus, tmp_path) -> None:
     """A hub model's config is read only at job start: the same finding refuses it there,
     with the finding's code, and the trainer reports the findings as a 'preflight' event."""
