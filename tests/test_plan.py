@@ -823,3 +823,93 @@ def test_planned_dense_logit_memory_within_25_percent_of_a_measured_step() -> No
     r = measure(sh)
     assert r["logit_path"] == "dense", r
     assert 0.75 <= r["estimate"] / r["measured"] <= 1.25, r
+
+
+# ------------------------------------------------------------- SHARP's projection, 'auto'
+OPT125 = llama(768, 12, 3072, 12, 12, vocab=50272)
+OPT13B = llama(2048, 24, 8192, 32, 32, vocab=50272)
+
+
+def _sharp(student: dict, teacher: dict, batch: int, seq: int, gpus: int, **method) -> dict:
+    d = big_spec(batch_size=batch, seq_len=seq)
+    d["student"]["config"], d["teacher"]["config"] = student, teacher
+    d["method"] = {"name": "sharp", **method}
+    d["resources"] = {"gpus": gpus, "queue": "h200"}
+    return d
+
+
+def test_sdpa_worst_case_maps_are_counted_by_hand() -> None:
+    """`sdpa_map_bytes`: the math kernel's saved (rows, H_s, N, N) float32 map per student
+    layer, plus one layer's scores and softmax at the larger side's heads, three maps' worth.
+    125M-shaped student (12 layers × 12 heads), 1.3B-shaped teacher (32 heads), 8 rows of
+    512: 12·12·8·512²·4 + 3·32·8·512²·4 = 1_207_959_552 + 805_306_368."""
+    from sharp_core.train.memory import sdpa_map_bytes
+
+    spec = parse_spec(_sharp(OPT125, OPT13B, 8, 512, 1))
+    s, t = sizes_of_config(OPT125), sizes_of_config(OPT13B)
+    assert s is not None and t is not None
+    assert sdpa_map_bytes(spec, s, t, 8) == 1_207_959_552 + 805_306_368
+
+
+def test_auto_projection_takes_sdpa_where_its_maps_are_small_and_chunked_at_4k() -> None:
+    """'auto' (the default): SDPA on a card where the worst-case maps are ≤ 10 % of it (the
+    H200 measured SHARP 1.8× faster so), chunked where they are not (the 8B → 3B job at 4k:
+    28·24·4096²·4 ≈ 45 GB per row) and on the CPU; an explicit choice is kept. The plan
+    reports it, counts its memory, and leaves the stored spec as asked."""
+    from sharp_core.train.memory import resolve_projection, sdpa_map_bytes
+
+    h200 = PoolInfo("h200", "h200")
+    small = parse_spec(_sharp(OPT125, OPT13B, 8, 512, 1))
+    assert small.method.projection == "auto"
+    p = make_plan(small, student_config=OPT125, teacher_config=OPT13B, pool=h200)
+    assert p.strategy["projection"] == "sdpa" and p.spec is not None
+    assert p.spec.method.projection == "auto"
+    s, t = sizes_of_config(OPT125), sizes_of_config(OPT13B)
+    assert s is not None and t is not None
+    chunked = make_plan(
+        parse_spec(_sharp(OPT125, OPT13B, 8, 512, 1, projection="chunked")),
+        student_config=OPT125, teacher_config=OPT13B, pool=h200,
+    )  # fmt: skip
+    assert chunked.strategy["projection"] == "chunked"
+    extra = p.memory["components"]["attention"] - chunked.memory["components"]["attention"]
+    probs = 2 * 12 * 8 * 12 * 64 * 512 * 4  # the chunked path's blocks
+    assert extra == sdpa_map_bytes(small, s, t, 8) - probs
+    big = parse_spec(_sharp(L3B, L8B, 8, 4096, 8))
+    q = make_plan(big, student_config=L3B, teacher_config=L8B, pool=h200)
+    assert q.strategy["projection"] == "chunked"
+    # the CPU: chunked whatever the size; an explicit sdpa stays
+    s3, t8 = sizes_of_config(L3B), sizes_of_config(L8B)
+    assert s3 is not None and t8 is not None
+    assert resolve_projection(small, s, t, world_size=1, gpu_bytes=None) == "chunked"
+    sdpa = parse_spec(_sharp(L3B, L8B, 8, 4096, 8, projection="sdpa"))
+    assert resolve_projection(sdpa, s3, t8, world_size=8, gpu_bytes=int(141e9)) == "sdpa"
+    kd = parse_spec(big_spec(batch_size=8, seq_len=512))
+    assert make_plan(kd, student_config=L3B, teacher_config=L8B, pool=h200).strategy[
+        "projection"
+    ] is None
+
+
+def test_the_trainer_runs_sharp_with_the_projection_its_device_resolves() -> None:
+    """The objective is built before the device is known, as 'chunked' for 'auto'; the
+    trainer's plan (`memory.plan`, `Context.prepare`) resolves 'auto' on the card and sets
+    it: SDPA for a small job on an 80 GB GPU, chunked on the CPU (no GPU bytes)."""
+    from types import SimpleNamespace
+
+    from sharp_core.objectives.sharp import make_attention_objective
+    from sharp_core.train.distributed import _use_projection
+    from sharp_core.train.memory import plan
+
+    tiny = llama(64, 2, 128, 4, 2, vocab=256)
+    spec = parse_spec(_sharp(tiny, tiny, 2, 64, 1))
+    obj = make_attention_objective(spec.method, student_shape=(2, 4), teacher_shape=(2, 4),
+                                   seq_len=64)  # fmt: skip
+    assert obj.projection == "chunked"
+    s = sizes_of_config(tiny)
+    assert s is not None
+    S = SimpleNamespace(objective=obj, spec=spec)
+    on_cpu = plan(spec, s, s, world_size=1, gpu_bytes=None)
+    _use_projection(S, on_cpu.projection)
+    assert obj.projection == "chunked"
+    on_gpu = plan(spec, s, s, world_size=1, gpu_bytes=int(80e9))
+    _use_projection(S, on_gpu.projection)
+    assert (on_gpu.projection, obj.projection) == ("sdpa", "sdpa")

@@ -930,7 +930,7 @@ def test_sharp_recomputed_equals_dense_maps_value_and_gradient(variant, kind):
     equals autograd through the dense (B, H, N, N) maps: values and gradients w.r.t. the
     student's q and k (and a learned basis) within 1e-5 relative, float32."""
     method = spec(name="sharp", rank=6, query_chunk=5, **SHARP_VARIANTS[variant])
-    assert method.projection == "chunked"
+    assert method.projection == "auto"  # chunked until a GPU's plan resolves it
     (got, g_got), (want, g_want) = _against_dense(method, kind)
     assert set(got) == set(want) and got
     for name in want:

@@ -1229,7 +1229,9 @@ class SharpObjective(AttentionObjective):
     def _configure(self, method: MethodSpec) -> None:
         self.decomposition = method.decomposition
         self.normalization = method.normalization
-        self.projection = method.projection
+        # 'auto' is the memory-safe path until the trainer resolves it for its device
+        # (`sharp_core.train.memory.resolve_projection`, `Context.prepare`)
+        self.projection = "chunked" if method.projection == "auto" else method.projection
         self.layer_distance = method.layer_distance
         self.rank = min(int(method.rank), self.seq_len)
         self.basis: LearnedBasis | None = None

@@ -205,7 +205,7 @@ class Context:
 
             cross = cross_tokens_of(S.cross.student, S.cross.teacher)
         if not self.enabled:
-            plan(
+            p = plan(
                 spec,
                 ModelSizes.of(S.student),
                 _sizes(S.teacher),
@@ -213,6 +213,7 @@ class Context:
                 gpu_bytes=gpu_bytes,
                 cross=cross,
             )
+            _use_projection(S, p.projection)
             return S
         self.check(spec)
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -240,6 +241,7 @@ class Context:
             teacher_parallel=t_mode,
             cross=cross,
         )
+        _use_projection(S, p.projection)
         if self.is_main:
             print(
                 f"teacher: {t_mode} over {self.world_size} processes; student: "
@@ -491,6 +493,17 @@ def checkpoint_blocks(model: torch.nn.Module) -> int:
         b.forward = run  # type: ignore[method-assign]
         b._sharp_checkpointed = True  # type: ignore[assignment]
     return len(blocks)
+
+
+def _use_projection(S: Any, projection: str) -> None:
+    """SHARP's P·Q path as the plan resolved it for this device (``projection: auto``); the
+    objective was built with the memory-safe 'chunked' before the device was known."""
+    obj = S.objective
+    if obj is not None and hasattr(obj, "projection") and obj.projection != projection:
+        log.info(
+            "SHARP projection: %s (method.projection %s)", projection, S.spec.method.projection
+        )
+        obj.projection = projection
 
 
 def _sizes(model: torch.nn.Module | None) -> Any:

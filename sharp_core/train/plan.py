@@ -35,6 +35,7 @@ from sharp_core.train.memory import (
     cross_chunk_rows,
     cross_tokens_of,
     estimate,
+    resolve_projection,
     teacher_tokens,
 )
 
@@ -403,6 +404,13 @@ def check_fits(
     gpu = pool.memory
     cuda = not pool.is_cpu
     W = max(1, spec.resources.gpus)
+    # memory counted with SHARP's projection as the worker resolves 'auto' on this card; the
+    # returned spec keeps what was asked (the strategy reports the choice)
+    asked = spec.method.projection
+    gpu_known = gpu if cuda else None
+    proj = resolve_projection(spec, s, t, world_size=W, gpu_bytes=gpu_known)
+    spec = _with(spec, "method", projection=proj)
+    kept = _with(spec, "method", projection=asked)
     t_mode = _teacher_mode(spec, s, t, gpu)
     r = spec.resources
     levers: list[dict[str, Any]] = []
@@ -416,7 +424,7 @@ def check_fits(
         mode = "ddp"
     e = strategy_estimate(spec, s, t, mode, t_mode, cuda, cross)
     if gpu is None:
-        return spec, t_mode, e, levers, None
+        return kept, t_mode, e, levers, None
     limit = FIT * gpu
     per_term = per_term_field(spec)
     can_shard = W > 1 and r.student_parallel == "auto" and not per_term
@@ -446,7 +454,7 @@ def check_fits(
             )
             spec, e = ac_spec, ac
     if e.total <= limit:
-        return spec, t_mode, e, levers, True
+        return _with(spec, "method", projection=asked), t_mode, e, levers, True
     # even with the levers it does not fit: the field to change, with numbers
     need, have = e.total / GB, gpu / GB
     head = (
@@ -595,6 +603,12 @@ def make_plan(
         "activation_checkpointing": run_spec.training.activation_checkpointing,
         "logit_chunk_tokens": chunk,
         "query_chunk": spec.method.query_chunk if spec.method.uses_attention else None,
+        # SHARP's P·Q path, 'auto' resolved as the worker will on this card
+        "projection": resolve_projection(
+            spec, s, t, world_size=W, gpu_bytes=pool.memory if cuda else None
+        )
+        if spec.method.name == "sharp" and t is not None
+        else None,
         "rows_per_gpu": max(1, spec.training.batch_size // W),
         # fused (chunks of hidden states, no B×N×V logits) unless a head is not a plain
         # lm_head (`fused.head_of`): then the step builds whole logits and the plan counts them
