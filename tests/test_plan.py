@@ -884,9 +884,10 @@ def test_auto_projection_takes_sdpa_where_its_maps_are_small_and_chunked_at_4k()
     sdpa = parse_spec(_sharp(L3B, L8B, 8, 4096, 8, projection="sdpa"))
     assert resolve_projection(sdpa, s3, t8, world_size=8, gpu_bytes=int(141e9)) == "sdpa"
     kd = parse_spec(big_spec(batch_size=8, seq_len=512))
-    assert make_plan(kd, student_config=L3B, teacher_config=L8B, pool=h200).strategy[
-        "projection"
-    ] is None
+    assert (
+        make_plan(kd, student_config=L3B, teacher_config=L8B, pool=h200).strategy["projection"]
+        is None
+    )
 
 
 def test_the_trainer_runs_sharp_with_the_projection_its_device_resolves() -> None:
