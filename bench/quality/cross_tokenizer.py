@@ -43,6 +43,15 @@ that checkpoint (``student: {model: <it>, init: pretrained}``) instead of a rand
 
     python -m bench.quality.cross_tokenizer --pretrain-student 2000 \\
         --out docs/results/cross_tokenizer_pretrained_student.json
+
+``--student-chars N`` tests ULD where the student overfits: the teacher still trains on the
+whole corpus, but every student arm trains on its first N characters only (validation: the
+held-out tail of those N), for the same steps, so sft sees each token many times; the student
+tokenizer is the one trained on the whole corpus (`real_corpus_tokenizer`), the same model and
+vocabulary as the main study, and the test text is unchanged::
+
+    python -m bench.quality.cross_tokenizer --student-chars 20000 --first-seed 30 \\
+        --out docs/results/cross_tokenizer_low_data.json
 """
 
 from __future__ import annotations
@@ -117,10 +126,13 @@ def _train(spec: dict, out: Path) -> tuple[dict[str, float], Path]:
     last = max(s for s in rec.metrics if "eval_ppl" in rec.metrics[s])
     m = rec.metrics[last]
     fractions = [v["aligned_fraction"] for v in rec.metrics.values() if "aligned_fraction" in v]
+    # the training CE of the last 20 steps, beside the validation loss: the overfitting gap
+    ces = [rec.metrics[s]["ce"] for s in sorted(rec.metrics) if "ce" in rec.metrics[s]][-20:]
     assert res.checkpoint is not None
     return {
         "val_ppl": m["eval_ppl"],
         "val_loss": m["eval_loss"],
+        "train_ce_last20": sum(ces) / len(ces) if ces else float("nan"),
         "steps": float(res.step),
         "aligned_fraction": sum(fractions) / len(fractions) if fractions else float("nan"),
     }, Path(res.checkpoint)
@@ -307,6 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--pretrain-lr", type=float, default=6e-3)
     ap.add_argument(
+        "--student-chars",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the students (not the teacher) train on the first N characters of the corpus "
+        "only, with the student tokenizer trained on the whole corpus (0: the whole corpus)",
+    )
+    ap.add_argument(
         "--control",
         action="store_true",
         help="also the same-tokenizer control on the test seeds: students with the teacher's "
@@ -397,6 +417,13 @@ def main(argv: list[str] | None = None) -> int:
             "wall_s": time.time() - t0,
         }
         doc["teacher"] |= _prefixed(test_metrics(Path(teacher), gen_test), "gen_")
+    if a.student_chars:
+        if a.teacher_text:
+            ap.error("--student-chars cuts the corpus: not with --teacher-text")
+        student_tok = real_corpus_tokenizer(corpus, a.student_vocab, a.work / "student_tok")
+        train_corpus = a.work / "student_corpus.txt"
+        train_corpus.write_text(full[: a.student_chars], "utf-8")
+        doc["student_corpus"] = {"chars": a.student_chars, "student_tokenizer": str(student_tok)}
     pretrained: Path | None = None
     if a.pretrain_student:
         if student_tok is None:
