@@ -725,6 +725,38 @@ def test_the_bench_starts_every_arm_from_the_pretrained_student(tmp_path: Path) 
     assert set(doc["paired_test_ppl_percent"]) == {"uld_vs_sft", "gold_vs_sft", "gold_vs_uld"}
 
 
+def test_the_bench_trains_students_on_the_cut_text_and_the_teacher_on_all(tmp_path: Path) -> None:
+    """`bench.quality.cross_tokenizer --student-chars` at a tiny size: the teacher trains on
+    the whole corpus; every student cell (tuning and test, every arm) on its first N
+    characters only, with the student tokenizer trained on the whole corpus; the test text
+    is the one after the whole corpus, as without the option."""
+    import json
+
+    from bench.quality import cross_tokenizer as bench
+
+    work, out = tmp_path / "w", tmp_path / "out.json"
+    args = "--teacher-steps 10 --steps 2 --seeds 1 --corpus-chars 20000 --test-chars 4000"
+    args += " --student-chars 5000 --methods sft,uld"
+    assert bench.main([*args.split(), "--work", str(work), "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    from pydoc_data.topics import topics
+
+    full = "\n\n".join(topics[k] for k in sorted(topics))
+    assert (work / "corpus.txt").read_text() == full[:20000]
+    assert (work / "student_corpus.txt").read_text() == full[:5000]
+    [t_ckpt] = sorted((work / "teacher").glob("step_*"))
+    t_spec = json.loads((t_ckpt / "spec.json").read_text())
+    assert t_spec["dataset"]["files"] == [str(work / "corpus.txt")]
+    assert doc["student_corpus"]["chars"] == 5000
+    for tag in [*(f"tune-{m}-{k}" for m in ("sft", "uld") for k in range(4)), "test-uld-10"]:
+        [ckpt] = sorted((work / tag).glob("step_*"))
+        spec = json.loads((ckpt / "spec.json").read_text())
+        assert spec["dataset"]["files"] == [str(work / "student_corpus.txt")], tag
+        assert spec["tokenizer"]["name"] == str(work / "student_tok"), tag
+    r = doc["test"]["sft"]["10"]
+    assert r["test_tokens"] > 0 and r["train_ce_last20"] > 0
+
+
 def test_committed_pretrained_student_results_recompute_into_docs() -> None:
     """docs/results/cross_tokenizer_pretrained_student.json (declared: seeds 10-14, every
     arm from one pretrained student): its stored paired perplexity statistics are what
