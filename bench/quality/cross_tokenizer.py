@@ -319,6 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--pretrain-lr", type=float, default=6e-3)
     ap.add_argument(
+        "--grids",
+        type=Path,
+        default=None,
+        help="a JSON file of the tuning grids instead of GRIDS ({method: [knobs, ...]}); "
+        "every method must get as many trials as the others (an equal budget)",
+    )
+    ap.add_argument(
         "--student-chars",
         type=int,
         default=0,
@@ -347,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         "--work, and its comparisons",
     )
     a = ap.parse_args(argv)
+    grids = GRIDS if a.grids is None else json.loads(a.grids.read_text())
+    if len({len(v) for v in grids.values()}) != 1:
+        ap.error(f"--grids: every method needs the same number of trials, not {grids}")
     if a.pretrain_student and a.control:
         ap.error("--control gives students the teacher's tokenizer: not with --pretrain-student")
     import torch
@@ -371,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
         "teacher_config": TEACHER,
         "student_config": STUDENT,
-        "grids": GRIDS,
+        "grids": grids,
         "tuning": {},
         "chosen": {},
         "test": {},
@@ -493,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     for method in [m for m in methods if m not in doc["chosen"]]:
         lr = 3e-3 if method == "sft" else doc["chosen"]["sft"]["lr"]
         trials = []
-        for k, knobs in enumerate(GRIDS[method]):
+        for k, knobs in enumerate(grids[method]):
             lr_k = knobs["lr"] if method == "sft" else lr
             trials.append(cell(method, knobs, lr_k, a.tune_seed, f"tune-{method}-{k}"))
             doc["tuning"][method] = trials
