@@ -821,3 +821,87 @@ def test_committed_pretrained_student_results_recompute_into_docs() -> None:
     # the primary comparison's plain answer is the one the numbers give
     primary = data["paired_test_ppl_percent"]["uld_vs_sft"]
     assert primary["ci"][0] < 0 < primary["ci"][1] and "**ULD does not beat sft.**" in doc
+
+
+def _low_data_section() -> str:
+    doc = (Path(__file__).resolve().parents[1] / "docs/results.md").read_text()
+    return doc[doc.index("# ULD where the student overfits") :]
+
+
+def _fmt(m: float, ci: list[float], spec: str, unit: str = "") -> str:
+    return f"{m:{spec}}{unit} ({ci[0]:{spec}}, {ci[1]:{spec}})".replace("-", "−")
+
+
+@pytest.mark.parametrize(
+    "name, seeds, trials",
+    [
+        ("cross_tokenizer_low_data", range(30, 35), 4),
+        ("cross_tokenizer_low_data_wide", range(35, 40), 7),
+    ],
+)
+def test_committed_low_data_results_recompute_into_docs(name, seeds, trials) -> None:
+    """docs/results/cross_tokenizer_low_data*.json (declared: students on 20 000 characters,
+    the teacher on the whole corpus): the stored paired statistics are what
+    `sharp_core.study.compare.paired` computes from the cells, every trial count is equal
+    across methods, and docs/results.md quotes the per-seed perplexities, the calibration and
+    overfitting gaps (validation loss − last-20-step training CE) and their paired
+    differences from the same cells; the plain answer is the one the primary interval gives."""
+    import json
+
+    from sharp_core.study.compare import mean_std, paired
+
+    root = Path(__file__).resolve().parents[1]
+    data = json.loads((root / f"docs/results/{name}.json").read_text())
+    doc = _low_data_section()
+    if name.endswith("wide"):
+        doc = doc[doc.index("## Past the grid edges") :]
+    else:
+        doc = doc[: doc.index("## Past the grid edges")]
+    assert data["settings"]["student_chars"] == 20000 and data["settings"]["corpus_chars"] == 200000
+    arms = ("sft", "uld", "gold")
+    for arm in arms:
+        assert sorted(map(int, data["test"][arm])) == list(seeds)
+        assert len(data["tuning"][arm]) == len(data["grids"][arm]) == trials
+        for r in [*data["tuning"][arm], *data["test"][arm].values()]:
+            assert r["steps"] == 300
+    chosen = {arm: data["chosen"][arm] for arm in arms}
+    for arm in arms:  # the chosen trial is the best on validation
+        best = min(data["tuning"][arm], key=lambda r: r["val_ppl"])
+        assert chosen[arm]["knobs"] == best["knobs"]
+
+    def cells(arm: str, key: str) -> dict[int, float]:
+        return {int(s): r[key] for s, r in data["test"][arm].items()}
+
+    def gap(arm: str) -> dict[int, float]:
+        return {
+            int(s): abs(r["test_top1_prob"] - r["test_top1_acc"])
+            for s, r in data["test"][arm].items()
+        }
+
+    def overfit(arm: str) -> dict[int, float]:
+        return {int(s): r["val_loss"] - r["train_ce_last20"] for s, r in data["test"][arm].items()}
+
+    for x, y in (("uld", "sft"), ("gold", "sft"), ("gold", "uld")):
+        got = paired(cells(x, "test_ppl"), cells(y, "test_ppl"), relative=True)
+        want = data["paired_test_ppl_percent"][f"{x}_vs_{y}"]
+        assert got["n"] == 5 and got["mean"] == pytest.approx(want["mean"], abs=1e-12)
+        assert got["ci"] == pytest.approx(want["ci"], abs=1e-12)
+        assert _fmt(got["mean"], got["ci"], "+.1f", " %") in doc
+        if y == "sft":
+            for f in (gap, overfit):
+                g = paired(f(x), f(y), relative=False)
+                assert g is not None and _fmt(g["mean"], g["ci"], "+.3f") in doc, (x, f)
+    for arm in arms:
+        ppl = cells(arm, "test_ppl")
+        assert " / ".join(f"{ppl[s]:.2f}" for s in seeds) in doc, arm
+        m, sd = mean_std(list(ppl.values()))
+        assert f"{m:.2f} ± {sd:.2f}" in doc, arm
+        g = gap(arm)
+        assert " / ".join(f"{g[s]:.3f}" for s in seeds) in doc, arm
+        o_m, o_sd = mean_std(list(overfit(arm).values()))
+        assert f"{o_m:.3f} ± {o_sd:.3f}" in doc, arm
+    primary = data["paired_test_ppl_percent"]["uld_vs_sft"]
+    if primary["ci"][1] < 0:
+        assert "**ULD beats sft" in doc
+    else:
+        assert "**ULD does not beat sft.**" in doc
