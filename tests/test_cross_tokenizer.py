@@ -939,3 +939,40 @@ def test_the_cross_parity_check_leaves_the_step_unchanged(toks, mode) -> None:
     assert set(g_checked) == set(g_plain)
     for k, g in g_plain.items():
         assert torch.equal(g_checked[k], g), k
+
+
+@pytest.mark.parametrize(("mode", "capped"), [("uld", (True, True)), ("uld", (False, False)), ("gold", (False, True))])  # fmt: skip
+def test_the_cross_parity_check_passes_a_bf16_autocast_step(toks, mode, capped) -> None:
+    """The step under CPU bf16 autocast (the head's matmuls in bf16, as on a GPU): the right
+    kernel passes its first-micro-batch check, a teacher off by one position does not.
+    (Against a float32 reference ULD's sign-of-differences gradient refused the right
+    kernel here: grads 3.5e-2 plain, 1.2e-1 capped, tolerance 3e-2; the reference now rounds
+    the student's logits as the kernel and the dense forward do.)"""
+    from sharp_core.errors import LossParityError
+    from sharp_core.train.step import micro_step
+
+    s_tok, t_tok = toks
+    S, replace = _cross_setup(mode, s_tok, t_tok, tie=False, pad=5, capped=capped)
+    batch = _packed_chat_batch(s_tok)
+    n_tokens = int(batch["loss_mask"][:, 1:].sum())
+    amp = torch.bfloat16
+    with pytest.raises(LossParityError):
+        micro_step(replace(S, fused_cross=_shifted_teacher), batch, n_tokens=n_tokens, n_seqs=2, amp_dtype=amp)  # fmt: skip
+    terms, _ = micro_step(S, batch, n_tokens=n_tokens, n_seqs=2, amp_dtype=amp)
+    assert S.logit_path == "fused:cross" and math.isfinite(terms["loss"].item())
+
+
+def test_the_cross_parity_check_of_a_micro_batch_without_targets_is_zero(toks) -> None:
+    """Every label masked (a micro-batch of prompts): nothing to compare, both sides 0, no
+    error (an empty row list is not a 0/0)."""
+    from sharp_core.objectives.cross_tokenizer import check_cross_parity, fused_cross_objective
+
+    s_tok, t_tok = toks
+    S, replace = _cross_setup("gold", s_tok, t_tok, tie=False, pad=0)
+    args, kw = _fused_cross_inputs(S, replace, _packed_chat_batch(s_tok), n_tokens=100)
+    ct, hs, ws, ht, wt, labels, _ = args
+    none = [Aligned(r.teacher_ids, [], []) for r in args[6]]
+    errs = check_cross_parity(
+        fused_cross_objective, ct, hs, ws, ht, wt, torch.full_like(labels, -100), none, **kw
+    )
+    assert errs == {"loss": 0.0, "grad_hidden": 0.0, "grad_weight": 0.0}

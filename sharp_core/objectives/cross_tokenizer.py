@@ -102,6 +102,11 @@ def gold_loss(
     return w * matched + (1 - w) * unmatched
 
 
+def _rows_per_chunk(chunk: int | None, vocab: int) -> int:
+    """``chunk``, or the rows of a float32 chunk of ``vocab`` columns within 256 MiB."""
+    return chunk if chunk is not None else max(1, 2**28 // (4 * vocab))
+
+
 class _Chunked(torch.autograd.Function):
     """Σ over aligned positions of a per-row divergence, a chunk of rows at a time: each
     chunk's float32 work (softmaxes, sorts, their indices) and its gradient are computed and
@@ -161,7 +166,7 @@ def chunked_divergence(
     chunk (default: a float32 chunk of the larger vocabulary within 256 MiB). Same value
     and gradient as ``fn(s[student_pos], t[teacher_pos]).sum()``."""
     V = max(vocab)
-    step = chunk if chunk is not None else max(1, 2**28 // (4 * V))
+    step = _rows_per_chunk(chunk, V)
     s_flat = student_logits.reshape(-1, student_logits.shape[-1])
     t_flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     return _Chunked.apply(s_flat, t_flat, student_pos, teacher_pos, vocab, fn, step)
@@ -497,7 +502,7 @@ def fused_cross_objective(
     wt = teacher_weight.detach()[:V_T]
     bt = None if teacher_bias is None else teacher_bias.detach()[:V_T]
     ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])  # (B·T, D_T)
-    step = chunk if chunk is not None else max(1, 2**28 // (4 * max(V_S, V_T)))
+    step = _rows_per_chunk(chunk, max(V_S, V_T))
     div = functools.partial(ct.divergence, temperature=temperature)
 
     def chunk_fn(s: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -566,10 +571,11 @@ class FusedCrossLoss(Protocol):
 
 
 def _rel_or_zero(got: torch.Tensor | None, want: torch.Tensor | None, like: torch.Tensor) -> float:
-    """`fused._rel` where a side gave no gradient (None: zero, e.g. no target rows)."""
+    """`fused._rel` where a side gave no gradient (None: zero) or there is none to compare
+    (no target rows: an empty one)."""
     from sharp_core.objectives import fused
 
-    if got is None and want is None:
+    if (got is None and want is None) or like.numel() == 0:
         return 0.0
     return fused._rel(
         torch.zeros_like(like) if got is None else got,
@@ -603,8 +609,10 @@ def check_cross_parity(
     `fused.PARITY_BYTES` of float32 logits of the larger vocabulary: 65 rows at a 128k
     teacher) and their aligned pairs: the loss and its gradients w.r.t. the student's hidden
     states and head weight. The dense reference projects the same detached rows through both
-    heads whole (soft-capped as the models' forwards cap them, biases included) and takes
-    `losses.cross_entropy` and `CrossTokenizer.total`, as `_cross_step`'s dense path does.
+    heads whole (soft-capped as the models' forwards cap them, biases included; the student's
+    matmul in the kernel's dtype, autocast's as the dense forward's lm_head, and row chunks)
+    and takes `losses.cross_entropy` and `CrossTokenizer.total`, as `_cross_step`'s dense
+    path does. No target rows: both sides are 0 (errors 0).
 
     Shapes and arguments as `fused_cross_objective`'s; the rows are gathered into one row of
     targets (and the paired teacher rows into one teacher row), which both sides see as a
@@ -651,10 +659,19 @@ def check_cross_parity(
             student_softcap=student_softcap, teacher_softcap=teacher_softcap,
         )  # fmt: skip
         g_h, g_w = torch.autograd.grad(got, (hs, ws), allow_unused=True)
-        with torch.autocast(dev.type, enabled=False):  # the reference in float32
-            b32 = None if bs is None else bs[:V_S].float()
-            s = F.linear(hs.float(), ws[:V_S].float(), b32)  # (R, V_S)
-            s = fused.softcap_logits(s, student_softcap)[None]  # (1, R, V_S)
+        # the student's head in the dtype the kernel's and the dense path's matmuls run in
+        # (autocast's, as the dense forward's lm_head), over the kernel's row chunks (the
+        # same GEMM shapes), then float32, capped there as the kernel caps: ULD's gradient is
+        # a sign of sorted differences, so logits rounded otherwise (a float32 reference
+        # against bf16 autocast) flip signs and refuse a right kernel (measured on CPU bf16:
+        # grads 3.5e-2 plain, 1.2e-1 capped, against 3e-2)
+        cd = fused._autocast_dtype(hs) or torch.promote_types(hs.dtype, ws.dtype)
+        step = _rows_per_chunk(chunk, max(V_S, V_T))
+        with torch.autocast(dev.type, enabled=False):
+            wc, bc = ws[:V_S].to(cd), None if bs is None else bs[:V_S].to(cd)
+            hc = hs.to(cd)
+            s = torch.cat([F.linear(hc[i : i + step], wc, bc) for i in range(0, max(R, 1), step)])
+            s = fused.softcap_logits(s.float(), student_softcap)[None]  # (1, R, V_S)
             want = (1 - a) * losses.cross_entropy(s, yc, num_valid=nv)
             if a > 0 and k:
                 t = fused.softcap_logits(F.linear(ht.to(wt.dtype), wt, bt), teacher_softcap)
