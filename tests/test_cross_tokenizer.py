@@ -905,3 +905,190 @@ def test_committed_low_data_results_recompute_into_docs(name, seeds, trials) -> 
         assert "**ULD beats sft" in doc
     else:
         assert "**ULD does not beat sft.**" in doc
+
+
+# ------------------------------------- the fused path's parity check (first micro-batch)
+def _fused_cross_inputs(S, replace, batch, n_tokens):
+    """The fused term's arguments on ``batch`` exactly as `_cross_step` passes them, recorded
+    by a kernel handed in through ``Setup.fused_cross`` (the parity check skipped)."""
+    from sharp_core.objectives.cross_tokenizer import fused_cross_objective
+    from sharp_core.train.step import micro_step
+
+    seen = []
+
+    def record(*args, **kw):
+        seen.append((args, kw))
+        return fused_cross_objective(*args, **kw)
+
+    micro_step(replace(S, fused_cross=record, logit_path="fused:cross"), batch, n_tokens=n_tokens, n_seqs=2)  # fmt: skip
+    [(args, kw)] = seen
+    kw = {k: v for k, v in kw.items() if k not in ("targets", "n_tokens")}
+    return args, kw
+
+
+def _shifted_teacher(*args, **kw):
+    """A kernel off by one teacher position (the indexing bug the alignment could have)."""
+    from sharp_core.objectives.cross_tokenizer import fused_cross_objective
+
+    ct, hs, ws, ht, *rest = args
+    return fused_cross_objective(ct, hs, ws, ht.roll(1, dims=1), *rest, **kw)
+
+
+def _gradient_off(*args, **kw):
+    """The right value, its gradient 1% too large."""
+    from sharp_core.objectives.cross_tokenizer import fused_cross_objective
+
+    loss, ce, kd, n = fused_cross_objective(*args, **kw)
+    return loss + 0.01 * (loss - loss.detach()), ce, kd, n
+
+
+def _no_student_cap(*args, student_softcap=None, **kw):
+    from sharp_core.objectives.cross_tokenizer import fused_cross_objective
+
+    return fused_cross_objective(*args, **kw)
+
+
+def _no_student_bias(*args, student_bias=None, **kw):
+    from sharp_core.objectives.cross_tokenizer import fused_cross_objective
+
+    return fused_cross_objective(*args, **kw)
+
+
+@pytest.mark.parametrize(
+    ("mode", "capped", "bias", "masked", "tokens"),
+    [
+        ("uld", (False, False), False, True, None),
+        ("gold", (False, False), True, False, None),
+        ("gold", (True, True), False, True, 16),
+        ("uld", (False, True), True, False, 16),
+    ],
+)
+def test_the_cross_parity_check_passes_the_fused_term_and_catches_wrong_ones(
+    toks, mode, capped, bias, masked, tokens
+) -> None:
+    """`check_cross_parity` on the step's real first micro-batch (two BPE tokenizers, packed
+    documents, with and without a chat mask, soft-capped Gemma-2 heads, lm_head biases, all
+    targets or the first 16): the fused term agrees with the dense one within rel 1e-5
+    (float32), and no parameter gets a ``.grad``. Kernels wrong in one place each fail it:
+    the teacher's rows off by one position (the divergence part is compared), the gradient
+    1% too large at the right value, the student's cap or bias ignored."""
+    from sharp_core.errors import LossParityError
+    from sharp_core.objectives.cross_tokenizer import check_cross_parity, fused_cross_objective
+
+    s_tok, t_tok = toks
+    S, replace = _cross_setup(mode, s_tok, t_tok, tie=False, pad=5, capped=capped)
+    batch = _packed_chat_batch(s_tok)
+    if not masked:
+        batch.pop("loss_mask")
+    args, kw = _fused_cross_inputs(S, replace, batch, n_tokens=100)
+    if bias:
+        g = torch.Generator().manual_seed(3)
+        kw["student_bias"] = torch.randn(args[2].shape[0], generator=g)
+        kw["teacher_bias"] = torch.randn(args[4].shape[0], generator=g)
+    S.student.zero_grad(set_to_none=True)
+    errs = check_cross_parity(fused_cross_objective, *args, **kw, tokens=tokens)
+    assert set(errs) == {"loss", "grad_hidden", "grad_weight"}
+    assert max(errs.values()) <= 1e-5, errs
+    assert all(p.grad is None for p in S.student.parameters())
+    wrong = [_shifted_teacher, _gradient_off]
+    wrong += [_no_student_cap] if capped[1] else []
+    wrong += [_no_student_bias] if bias else []
+    for kernel in wrong:
+        with pytest.raises(LossParityError) as e:
+            check_cross_parity(kernel, *args, **kw, tokens=tokens)
+        assert e.value.code == "loss_parity", kernel
+        rows = 16 if tokens else int((args[5] != -100).sum())
+        assert f"({rows} target rows, " in e.value.message
+
+
+def test_a_wrong_cross_kernel_fails_the_first_micro_batch(toks) -> None:
+    """Through the trainer's step: a fused cross kernel 1% off (``Setup.fused_cross``) is
+    refused on the first micro-batch with loss_parity, both values named, and the path is
+    not set; the right kernel passes and sets 'fused:cross'; from then on the check does
+    not run (a wrong kernel is no longer compared)."""
+    from sharp_core.errors import LossParityError
+    from sharp_core.objectives.cross_tokenizer import fused_cross_objective
+    from sharp_core.train.step import micro_step
+
+    def off(*args, **kw):
+        loss, ce, kd, n = fused_cross_objective(*args, **kw)
+        return loss * 1.01, ce, kd, n
+
+    s_tok, t_tok = toks
+    S, replace = _cross_setup("uld", s_tok, t_tok, tie=True, pad=0)
+    batch = _packed_chat_batch(s_tok)
+    n_tokens = int(batch["loss_mask"][:, 1:].sum())
+    bad = replace(S, fused_cross=off)
+    with pytest.raises(LossParityError) as e:
+        micro_step(bad, batch, n_tokens=n_tokens, n_seqs=2)
+    assert e.value.code == "loss_parity" and e.value.param == "spec.method.cross_tokenizer"
+    assert "fused loss" in e.value.message and "dense loss" in e.value.message
+    assert bad.logit_path is None
+    micro_step(S, batch, n_tokens=n_tokens, n_seqs=2)
+    assert S.logit_path == "fused:cross"
+    bad.logit_path = "fused:cross"
+    terms, _ = micro_step(bad, batch, n_tokens=n_tokens, n_seqs=2)
+    assert math.isfinite(terms["loss"].item())
+
+
+@pytest.mark.parametrize("mode", ["uld", "gold"])
+def test_the_cross_parity_check_leaves_the_step_unchanged(toks, mode) -> None:
+    """The first micro-batch (the check runs, on copies) against the same micro-batch with
+    the check skipped: the same terms and the same student gradients, bit for bit."""
+    from sharp_core.train.step import micro_step
+
+    s_tok, t_tok = toks
+    S, replace = _cross_setup(mode, s_tok, t_tok, tie=False, pad=5, capped=(False, True))
+    batch = _packed_chat_batch(s_tok)
+    n_tokens = int(batch["loss_mask"][:, 1:].sum())
+    results = {}
+    for path in (None, "fused:cross"):
+        S2 = replace(S, logit_path=path)
+        S2.student.zero_grad(set_to_none=True)
+        terms, _ = micro_step(S2, batch, n_tokens=n_tokens, n_seqs=2)
+        terms["loss"].backward()
+        assert S2.logit_path == "fused:cross"
+        grads = {k: p.grad.clone() for k, p in S2.student.named_parameters()}
+        results[path] = ({k: v.item() for k, v in terms.items()}, grads)
+    (checked, g_checked), (plain, g_plain) = results[None], results["fused:cross"]
+    assert checked == plain and checked["kd"] != 0
+    assert set(g_checked) == set(g_plain)
+    for k, g in g_plain.items():
+        assert torch.equal(g_checked[k], g), k
+
+
+@pytest.mark.parametrize(("mode", "capped"), [("uld", (True, True)), ("uld", (False, False)), ("gold", (False, True))])  # fmt: skip
+def test_the_cross_parity_check_passes_a_bf16_autocast_step(toks, mode, capped) -> None:
+    """The step under CPU bf16 autocast (the head's matmuls in bf16, as on a GPU): the right
+    kernel passes its first-micro-batch check, a teacher off by one position does not.
+    (Against a float32 reference ULD's sign-of-differences gradient refused the right
+    kernel here: grads 3.5e-2 plain, 1.2e-1 capped, tolerance 3e-2; the reference now rounds
+    the student's logits as the kernel and the dense forward do.)"""
+    from sharp_core.errors import LossParityError
+    from sharp_core.train.step import micro_step
+
+    s_tok, t_tok = toks
+    S, replace = _cross_setup(mode, s_tok, t_tok, tie=False, pad=5, capped=capped)
+    batch = _packed_chat_batch(s_tok)
+    n_tokens = int(batch["loss_mask"][:, 1:].sum())
+    amp = torch.bfloat16
+    with pytest.raises(LossParityError):
+        micro_step(replace(S, fused_cross=_shifted_teacher), batch, n_tokens=n_tokens, n_seqs=2, amp_dtype=amp)  # fmt: skip
+    terms, _ = micro_step(S, batch, n_tokens=n_tokens, n_seqs=2, amp_dtype=amp)
+    assert S.logit_path == "fused:cross" and math.isfinite(terms["loss"].item())
+
+
+def test_the_cross_parity_check_of_a_micro_batch_without_targets_is_zero(toks) -> None:
+    """Every label masked (a micro-batch of prompts): nothing to compare, both sides 0, no
+    error (an empty row list is not a 0/0)."""
+    from sharp_core.objectives.cross_tokenizer import check_cross_parity, fused_cross_objective
+
+    s_tok, t_tok = toks
+    S, replace = _cross_setup("gold", s_tok, t_tok, tie=False, pad=0)
+    args, kw = _fused_cross_inputs(S, replace, _packed_chat_batch(s_tok), n_tokens=100)
+    ct, hs, ws, ht, wt, labels, _ = args
+    none = [Aligned(r.teacher_ids, [], []) for r in args[6]]
+    errs = check_cross_parity(
+        fused_cross_objective, ct, hs, ws, ht, wt, torch.full_like(labels, -100), none, **kw
+    )
+    assert errs == {"loss": 0.0, "grad_hidden": 0.0, "grad_weight": 0.0}

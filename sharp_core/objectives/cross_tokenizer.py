@@ -24,7 +24,7 @@ from __future__ import annotations
 import bisect
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,9 @@ import torch.nn.functional as F
 __all__ = [
     "CrossTokenizer",
     "Aligned",
+    "FusedCrossLoss",
     "align",
+    "check_cross_parity",
     "chunked_divergence",
     "fused_cross_objective",
     "gold_loss",
@@ -100,6 +102,11 @@ def gold_loss(
     return w * matched + (1 - w) * unmatched
 
 
+def _rows_per_chunk(chunk: int | None, vocab: int) -> int:
+    """``chunk``, or the rows of a float32 chunk of ``vocab`` columns within 256 MiB."""
+    return chunk if chunk is not None else max(1, 2**28 // (4 * vocab))
+
+
 class _Chunked(torch.autograd.Function):
     """Σ over aligned positions of a per-row divergence, a chunk of rows at a time: each
     chunk's float32 work (softmaxes, sorts, their indices) and its gradient are computed and
@@ -159,7 +166,7 @@ def chunked_divergence(
     chunk (default: a float32 chunk of the larger vocabulary within 256 MiB). Same value
     and gradient as ``fn(s[student_pos], t[teacher_pos]).sum()``."""
     V = max(vocab)
-    step = chunk if chunk is not None else max(1, 2**28 // (4 * V))
+    step = _rows_per_chunk(chunk, V)
     s_flat = student_logits.reshape(-1, student_logits.shape[-1])
     t_flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     return _Chunked.apply(s_flat, t_flat, student_pos, teacher_pos, vocab, fn, step)
@@ -495,7 +502,7 @@ def fused_cross_objective(
     wt = teacher_weight.detach()[:V_T]
     bt = None if teacher_bias is None else teacher_bias.detach()[:V_T]
     ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])  # (B·T, D_T)
-    step = chunk if chunk is not None else max(1, 2**28 // (4 * max(V_S, V_T)))
+    step = _rows_per_chunk(chunk, max(V_S, V_T))
     div = functools.partial(ct.divergence, temperature=temperature)
 
     def chunk_fn(s: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -533,3 +540,158 @@ def fused_cross_objective(
         chunk=step,
     )  # fmt: skip
     return loss, ce, kd, n_aligned
+
+
+class FusedCrossLoss(Protocol):
+    """The fused cross-tokenizer term as the trainer calls it: `fused_cross_objective`'s
+    signature. `sharp_core.train.setup.Setup.fused_cross` holds one (None: that function), so
+    a test can hand the step a wrong one to see `check_cross_parity` fail."""
+
+    def __call__(
+        self,
+        ct: CrossTokenizer,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        labels: torch.Tensor,
+        aligned: list[Aligned],
+        *,
+        kd_weight: float,
+        temperature: float,
+        targets: int,
+        n_tokens: int,
+        vocab: int,
+        chunk: int | None = ...,
+        student_bias: torch.Tensor | None = ...,
+        teacher_bias: torch.Tensor | None = ...,
+        student_softcap: float | None = ...,
+        teacher_softcap: float | None = ...,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]: ...
+
+
+def _rel_or_zero(got: torch.Tensor | None, want: torch.Tensor | None, like: torch.Tensor) -> float:
+    """`fused._rel` where a side gave no gradient (None: zero) or there is none to compare
+    (no target rows: an empty one)."""
+    from sharp_core.objectives import fused
+
+    if (got is None and want is None) or like.numel() == 0:
+        return 0.0
+    return fused._rel(
+        torch.zeros_like(like) if got is None else got,
+        torch.zeros_like(like) if want is None else want,
+    )
+
+
+def check_cross_parity(
+    kernel: FusedCrossLoss,
+    ct: CrossTokenizer,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor,
+    aligned: list[Aligned],
+    *,
+    kd_weight: float,
+    temperature: float,
+    vocab: int,
+    chunk: int | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    tokens: int | None = None,
+    rtol: float | None = None,
+) -> dict[str, float]:
+    """Compare the fused cross-tokenizer ``kernel`` with the dense form on the micro-batch's
+    first target rows (row-major, at most ``tokens``, default `fused.PARITY_TOKENS` within
+    `fused.PARITY_BYTES` of float32 logits of the larger vocabulary: 65 rows at a 128k
+    teacher) and their aligned pairs: the loss and its gradients w.r.t. the student's hidden
+    states and head weight. The dense reference projects the same detached rows through both
+    heads whole (soft-capped as the models' forwards cap them, biases included; the student's
+    matmul in the kernel's dtype, autocast's as the dense forward's lm_head, and row chunks)
+    and takes `losses.cross_entropy` and `CrossTokenizer.total`, as `_cross_step`'s dense
+    path does. No target rows: both sides are 0 (errors 0).
+
+    Shapes and arguments as `fused_cross_objective`'s; the rows are gathered into one row of
+    targets (and the paired teacher rows into one teacher row), which both sides see as a
+    micro-batch of their own (kd over its aligned pairs, CE over its targets). Raises
+    `sharp_core.errors.LossParityError` (code ``loss_parity``, both values in the message)
+    beyond ``rtol`` (default `fused.parity_rtol`); returns the relative errors otherwise.
+    Works on detached copies: the training graph and the parameters' ``.grad`` are not
+    touched."""
+    from sharp_core.errors import LossParityError
+    from sharp_core.objectives import fused, losses
+
+    V_S, V_T = vocab, len(ct.teacher)
+    budget = fused.PARITY_BYTES // (4 * max(V_S, V_T))
+    n_max = max(16, min(fused.PARITY_TOKENS if tokens is None else tokens, budget))
+    N1, T = labels.shape[1], teacher_hidden.shape[1]
+    y = labels.reshape(-1)
+    flat = (y != losses.IGNORE_INDEX).nonzero().squeeze(1)[:n_max]  # (R,) the first targets
+    R = flat.numel()
+    where = {p: k for k, p in enumerate(flat.tolist())}
+    pairs = sorted(
+        (where[b * N1 + i], b * T + j)
+        for b, r in enumerate(aligned)
+        for i, j in zip(r.student_pos, r.teacher_pos, strict=True)
+        if b * N1 + i in where
+    )  # (target row among the R, teacher flat position)
+    k = len(pairs)
+    rows = [Aligned([], [p[0] for p in pairs], list(range(k)))]
+    dev = student_hidden.device
+    t_idx = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=dev)
+    hs = student_hidden.detach().reshape(-1, student_hidden.shape[-1]).index_select(0, flat)
+    hs.requires_grad_(True)  # (R, D_S), a copy
+    ws = student_weight.detach().requires_grad_(True)  # a new leaf on the head's storage
+    bs = None if student_bias is None else student_bias.detach()
+    ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, t_idx)
+    wt = teacher_weight.detach()[:V_T]
+    bt = None if teacher_bias is None else teacher_bias.detach()[:V_T]
+    yc = y.index_select(0, flat)[None]  # (1, R)
+    nv = max(1, R)
+    a = float(kd_weight)
+    with torch.enable_grad():
+        got, _, _, _ = kernel(
+            ct, hs[None], ws, ht[None], wt, yc, rows, kd_weight=a, temperature=temperature,
+            targets=R, n_tokens=nv, vocab=V_S, chunk=chunk, student_bias=bs, teacher_bias=bt,
+            student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+        )  # fmt: skip
+        g_h, g_w = torch.autograd.grad(got, (hs, ws), allow_unused=True)
+        # the student's head in the dtype the kernel's and the dense path's matmuls run in
+        # (autocast's, as the dense forward's lm_head), over the kernel's row chunks (the
+        # same GEMM shapes), then float32, capped there as the kernel caps: ULD's gradient is
+        # a sign of sorted differences, so logits rounded otherwise (a float32 reference
+        # against bf16 autocast) flip signs and refuse a right kernel (measured on CPU bf16:
+        # grads 3.5e-2 plain, 1.2e-1 capped, against 3e-2)
+        cd = fused._autocast_dtype(hs) or torch.promote_types(hs.dtype, ws.dtype)
+        step = _rows_per_chunk(chunk, max(V_S, V_T))
+        with torch.autocast(dev.type, enabled=False):
+            wc, bc = ws[:V_S].to(cd), None if bs is None else bs[:V_S].to(cd)
+            hc = hs.to(cd)
+            s = torch.cat([F.linear(hc[i : i + step], wc, bc) for i in range(0, max(R, 1), step)])
+            s = fused.softcap_logits(s.float(), student_softcap)[None]  # (1, R, V_S)
+            want = (1 - a) * losses.cross_entropy(s, yc, num_valid=nv)
+            if a > 0 and k:
+                t = fused.softcap_logits(F.linear(ht.to(wt.dtype), wt, bt), teacher_softcap)
+                total, _ = ct.total(s, t.float()[None], rows, V_S, temperature, chunk)
+                want = want + a * total / k  # kd = Σ D / aligned · (targets / n_tokens = 1)
+        r_h, r_w = torch.autograd.grad(want, (hs, ws), allow_unused=True)
+    tol = fused.parity_rtol(student_hidden, teacher_weight, a) if rtol is None else rtol
+    errs = {
+        "loss": abs(got.item() - want.item()) / max(abs(want.item()), 1e-12),
+        "grad_hidden": _rel_or_zero(g_h, r_h, hs),
+        "grad_weight": _rel_or_zero(g_w, r_w, ws),
+    }
+    bad = {n: v for n, v in errs.items() if not v <= tol}
+    if bad:
+        raise LossParityError(
+            f"the fused cross-tokenizer logit term disagrees with the dense one on the first "
+            f"micro-batch ({R} target rows, {k} aligned): fused loss {got.item():.8g}, dense "
+            f"loss {want.item():.8g}; relative errors "
+            + ", ".join(f"{n} {v:.3g}" for n, v in errs.items())
+            + f" (tolerance {tol:g})",
+            param="spec.method.cross_tokenizer",
+        )
+    return errs

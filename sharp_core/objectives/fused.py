@@ -46,6 +46,7 @@ __all__ = [
     "PARITY_TOKENS",
     "capture_hidden",
     "check_parity",
+    "parity_rtol",
     "default_chunk_tokens",
     "fused_linear_objective",
     "head_of",
@@ -536,6 +537,20 @@ with the dense loss to ~1e-6; 1e-4 leaves room for another summation order. bf16
 at 3 significant digits."""
 
 
+def parity_rtol(
+    student_hidden: torch.Tensor, teacher_weight: torch.Tensor | None, kd_weight: float
+) -> float:
+    """`PARITY_RTOL` of the looser of the student's compute dtype (autocast's where it casts
+    the head, so call it under the step's autocast) and the teacher head's, when its logits
+    count (a > 0): a bf16 teacher's logits round to bf16 differently under another GEMM
+    tiling (seen on an H200 with a float32 student: loss 7e-6, grads 3e-4 against the dense
+    reference). Shared by `check_parity` and the cross-tokenizer check."""
+    dtypes = [_autocast_dtype(student_hidden) or student_hidden.dtype]
+    if teacher_weight is not None and kd_weight > 0:
+        dtypes.append(teacher_weight.dtype)
+    return max(PARITY_RTOL.get(d, 3e-2) for d in dtypes)
+
+
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     err = (got.float() - want.float()).abs().max().item()
     return err / max(want.float().abs().max().item(), 1e-12)
@@ -607,17 +622,7 @@ def check_parity(
         r_h, r_w = torch.autograd.grad(want, (hs, ws))
     g_h = torch.zeros_like(hs) if g_h is None else g_h
     g_w = torch.zeros_like(ws) if g_w is None else g_w
-    if rtol is None:
-        # the looser of the student's compute dtype and the teacher's: a bf16 teacher's logits
-        # round to bf16 differently under another GEMM tiling (seen on an H200 with a float32
-        # student: loss 7e-6, grads 3e-4 against the dense reference)
-        # the dtype the kernel's matmuls ran in (autocast's, where it casts the head)
-        dtypes = [_autocast_dtype(student_hidden) or student_hidden.dtype]
-        if teacher_weight is not None and kd_weight > 0:
-            dtypes.append(teacher_weight.dtype)
-        tol = max(PARITY_RTOL.get(d, 3e-2) for d in dtypes)
-    else:
-        tol = rtol
+    tol = parity_rtol(student_hidden, teacher_weight, kd_weight) if rtol is None else rtol
     errs = {
         "loss": abs(got.item() - want.item()) / max(abs(want.item()), 1e-12),
         "grad_hidden": _rel(g_h, r_h),

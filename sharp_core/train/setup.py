@@ -41,7 +41,7 @@ from sharp_core.train import distributed
 if TYPE_CHECKING:
     from sharp_core.cache.teacher_cache import TeacherCache
     from sharp_core.models.capture import AttentionCapture
-    from sharp_core.objectives.cross_tokenizer import CrossTokenizer
+    from sharp_core.objectives.cross_tokenizer import CrossTokenizer, FusedCrossLoss
     from sharp_core.objectives.sharp import AttentionObjective
 
 __all__ = ["Setup", "autocast_dtype", "load_eval_sets", "pick_device", "setup"]
@@ -71,8 +71,12 @@ class Setup:
     """The fused logit term (hidden states and heads, no B×N×V logits); None: chosen from
     ``method.logit_kernel`` (`fused.select_kernel`) at the first micro-step. A test can pass a
     wrong one here to see the parity check fail."""
+    fused_cross: FusedCrossLoss | None = None
+    """The fused cross-tokenizer logit term; None: `fused_cross_objective`. As ``fused_loss``,
+    a test can pass a wrong one to see the parity check (`check_cross_parity`) fail."""
     logit_path: str | None = None
-    """'fused:<kernel>' or 'dense' once the first micro-step chose, after its parity check."""
+    """'fused:<kernel>' ('fused:cross' across tokenizers) or 'dense' once the first micro-step
+    chose, after its parity check."""
     pruned: PruneReport | None = None
     """What pruning kept, when the student was pruned from the teacher (init='prune')."""
     build_seconds: dict[str, float] = field(default_factory=dict)

@@ -25,7 +25,7 @@ from sharp_core.cache import teacher_cache
 from sharp_core.data.loading import BatchStream, ClassificationData
 from sharp_core.data.packing import forward_kwargs
 from sharp_core.objectives import fused, losses
-from sharp_core.objectives.cross_tokenizer import fused_cross_objective
+from sharp_core.objectives.cross_tokenizer import check_cross_parity, fused_cross_objective
 from sharp_core.train.setup import Setup
 
 _log = logging.getLogger(__name__)
@@ -333,13 +333,23 @@ def _cross_step(
     terms: dict[str, torch.Tensor] = {}
     if s_head is not None and t_head is not None:
         # the fused path: neither model's logits, one chunk of target rows at a time
+        kernel = S.fused_cross or fused_cross_objective
+        s_hidden, t_hidden = s_seen[0][:, :-1], t_seen[0]  # (B, N-1, D_S), (B, T, D_T)
+        kw: dict[str, Any] = dict(
+            kd_weight=a, temperature=m.temperature, vocab=S.vocab, chunk=m.logit_chunk,
+            student_bias=s_head.bias, teacher_bias=t_head.bias,
+            student_softcap=s_head.softcap, teacher_softcap=t_head.softcap,
+        )  # fmt: skip
         with torch.autocast(S.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logit_term, terms["ce"], kd, n_aligned = fused_cross_objective(
-                S.cross, s_seen[0][:, :-1], s_head.weight, t_seen[0], t_head.weight, labels,
-                rows, kd_weight=a, temperature=m.temperature, targets=targets,
-                n_tokens=n_tokens, vocab=S.vocab, chunk=m.logit_chunk,
-                student_bias=s_head.bias, teacher_bias=t_head.bias,
-                student_softcap=s_head.softcap, teacher_softcap=t_head.softcap,
+            if S.logit_path is None:  # the first micro-batch: the kernel against dense
+                check_cross_parity(
+                    kernel, S.cross, s_hidden, s_head.weight, t_hidden, t_head.weight, labels,
+                    rows, **kw,
+                )  # fmt: skip
+                S.logit_path = "fused:cross"
+            logit_term, terms["ce"], kd, n_aligned = kernel(
+                S.cross, s_hidden, s_head.weight, t_hidden, t_head.weight, labels, rows,
+                targets=targets, n_tokens=n_tokens, **kw,
             )  # fmt: skip
         if a > 0 and n_aligned:
             terms["kd"] = kd
@@ -367,7 +377,8 @@ def _cross_step(
 def _cross_heads(S: Setup) -> tuple[fused.Head | None, fused.Head | None]:
     """(student head, teacher head) of the fused cross-tokenizer term, or Nones for the dense
     one: ``S.logit_path == "dense"`` (forced), or a head that is not a plain lm_head (said
-    once in the log, as `_fused_heads` does)."""
+    once in the log, as `_fused_heads` does). ``S.logit_path`` becomes 'fused:cross' in
+    `_cross_step`, after the first micro-batch's parity check (`check_cross_parity`)."""
     if S.logit_path == "dense":
         return None, None
     assert S.teacher is not None
@@ -381,7 +392,6 @@ def _cross_heads(S: Setup) -> tuple[fused.Head | None, fused.Head | None]:
         _log.warning("cross-tokenizer term: dense path (B×N×V logits), no fused loss: %s", why)
         S.logit_path = "dense"
         return None, None
-    S.logit_path = "fused:cross"
     return s_head, t_head
 
 
