@@ -606,13 +606,19 @@ def check_parity(
         kd_weight=kd_weight, temperature=temperature, alpha=alpha, beta=beta, num_valid=nv
     )
     caps = softcap_kwargs(student_softcap, teacher_softcap)
+    # under autocast the dense path's lm_head (F.linear) rounds the student's logits to
+    # autocast's dtype, and so does the kernel: the reference does the same, so that the check
+    # measures the kernel and not bf16's rounding of large logits (a float32 reference refused
+    # a correct kernel at logits of std 12, max 59: grads 4.4e-2 against 3e-2)
+    s_dt = _autocast_dtype(student_hidden) or torch.float32
     with torch.enable_grad():
         got, _, _ = kernel(
             name, hs, ws, ht, wt, y, vocab=vocab, student_bias=bs, teacher_bias=bt, **kw, **caps
         )
         g_h, g_w = torch.autograd.grad(got, (hs, ws), allow_unused=True)
         with torch.autocast(hs.device.type, enabled=False):
-            s = F.linear(hs.float(), ws[:vocab].float(), None if bs is None else bs.float())
+            bs_ = None if bs is None else bs.to(s_dt)
+            s = F.linear(hs.to(s_dt), ws[:vocab].to(s_dt), bs_).float()  # (B, n, V)
             s = softcap_logits(s, student_softcap)
             if ht is not None and wt is not None and kd_weight > 0:
                 t = softcap_logits(F.linear(ht.to(wt.dtype), wt, bt), teacher_softcap).float()
