@@ -552,6 +552,24 @@ SLOW_FIRST = (
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist, one share of the cores per test process (2 cores, 2 processes: 1 thread).
+
+    torch's default is a thread per core in every process; two processes each running two
+    OpenMP threads on two cores wait on each other's barriers, and an in-process training
+    run (test_nlu, test_e2e_library) then took 3-6 times as long (docs/performance.md, "The
+    test suite"). The CLI, torchrun and worker processes a test starts inherit the setting
+    through OMP_NUM_THREADS; an OMP_NUM_THREADS already set is left alone."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2 or "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda it: rank.get(it.path.name, len(SLOW_FIRST)))  # stable: order kept
