@@ -552,6 +552,42 @@ SLOW_FIRST = (
 )
 
 
+#: The same for `make test-e2e` (`-m slow`), whose files take other times than their fast
+#: tests do: each end-to-end module's setup, calls and teardown summed, from one `make
+#: test-e2e`-equivalent run (2026-12-04, 2-vCPU VM shared with other work, 13 min 38 s).
+#: Modules under 20 s follow in collection order.
+E2E_SLOW_FIRST = (
+    "test_slurm.py",  # 160 s: ten tests on the private two-node cluster
+    "test_cli_sweeps.py",  # 97 s
+    "test_eval_service.py",  # 87 s
+    "test_service_e2e.py",  # 77 s
+    "test_ui_sweeps.py",  # 75 s
+    "test_fsdp.py",  # 71 s
+    "test_sweeps.py",  # 62 s
+    "test_embedded_supervision.py",  # 62 s
+    "test_service_recovery.py",  # 59 s
+    "test_cli_jobs.py",  # 54 s
+    "test_reliability.py",  # 46 s
+    "test_teacher_cache_service.py",  # 45 s
+    "test_scheduler_e2e.py",  # 42 s
+    "test_distributed.py",  # 40 s
+    "test_ui.py",  # 39 s
+    "test_nlu.py",  # 39 s (224 s before one thread per process and 20 teacher steps)
+    "test_store.py",  # 36 s
+    "test_fuzz.py",  # 35 s
+    "test_data_service.py",  # 32 s
+    "test_e2e_library.py",  # 27 s (83-165 s before one thread per process)
+    "test_distributed_worker.py",  # 27 s
+    "test_teacher_cache_ranks.py",  # 27 s
+    "test_plan.py",  # 26 s
+    "test_eval_sets.py",  # 25 s
+    "test_reliability_restarts.py",  # 25 s
+    "test_prune_ranks.py",  # 24 s
+    "test_reliability_artifacts.py",  # 24 s
+    "test_deploy.py",  # 21 s
+)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Under xdist, one share of the cores per test process (2 cores, 2 processes: 1 thread).
 
@@ -571,5 +607,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda it: rank.get(it.path.name, len(SLOW_FIRST)))  # stable: order kept
+    order = E2E_SLOW_FIRST if config.option.markexpr == "slow" else SLOW_FIRST
+    rank = {name: i for i, name in enumerate(order)}
+    items.sort(key=lambda it: rank.get(it.path.name, len(order)))  # stable: order kept
