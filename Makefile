@@ -17,14 +17,16 @@ $(STAMP): pyproject.toml
 ## make test: every test but the end-to-end runs (marked slow: real training jobs through
 ## workers, several processes, the CLI's subprocesses), about 6 minutes on 2 cores; its files
 ## spread over TEST_WORKERS processes (each module keeps its fixtures in one process), handed
-## out longest first (tests/conftest.py's SLOW_FIRST; --no-loadscope-reorder keeps that order,
-## which xdist would otherwise replace by the number of tests per file)
+## out longest first (tests/conftest.py's SLOW_FIRST, and E2E_SLOW_FIRST under -m slow;
+## --no-loadscope-reorder keeps that order, which xdist would otherwise replace by the number
+## of tests per file)
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
 	$(PYTEST) -m "not slow"
 
-## make test-e2e: the end-to-end runs `make test` leaves out; CI (.ci/run) runs both
+## make test-e2e: the end-to-end runs `make test` leaves out, about 14 minutes on 2 cores
+## (docs/performance.md, "The test suite"); CI (.ci/run) runs both
 test-e2e: $(STAMP)
 	$(PYTEST) -m slow
 

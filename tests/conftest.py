@@ -552,6 +552,61 @@ SLOW_FIRST = (
 )
 
 
+#: The same for `make test-e2e` (`-m slow`), whose files take other times than their fast
+#: tests do: each end-to-end module's setup, calls and teardown summed, from one `make
+#: test-e2e`-equivalent run (2026-12-04, 2-vCPU VM shared with other work, 13 min 38 s).
+#: Modules under 20 s follow in collection order.
+E2E_SLOW_FIRST = (
+    "test_slurm.py",  # 160 s: ten tests on the private two-node cluster
+    "test_cli_sweeps.py",  # 97 s
+    "test_eval_service.py",  # 87 s
+    "test_service_e2e.py",  # 77 s
+    "test_ui_sweeps.py",  # 75 s
+    "test_fsdp.py",  # 71 s
+    "test_sweeps.py",  # 62 s
+    "test_embedded_supervision.py",  # 62 s
+    "test_service_recovery.py",  # 59 s
+    "test_cli_jobs.py",  # 54 s
+    "test_reliability.py",  # 46 s
+    "test_teacher_cache_service.py",  # 45 s
+    "test_scheduler_e2e.py",  # 42 s
+    "test_distributed.py",  # 40 s
+    "test_ui.py",  # 39 s
+    "test_nlu.py",  # 39 s (224 s before one thread per process and 20 teacher steps)
+    "test_store.py",  # 36 s
+    "test_fuzz.py",  # 35 s
+    "test_data_service.py",  # 32 s
+    "test_e2e_library.py",  # 27 s (83-165 s before one thread per process)
+    "test_distributed_worker.py",  # 27 s
+    "test_teacher_cache_ranks.py",  # 27 s
+    "test_plan.py",  # 26 s
+    "test_eval_sets.py",  # 25 s
+    "test_reliability_restarts.py",  # 25 s
+    "test_prune_ranks.py",  # 24 s
+    "test_reliability_artifacts.py",  # 24 s
+    "test_deploy.py",  # 21 s
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist, one share of the cores per test process (2 cores, 2 processes: 1 thread).
+
+    torch's default is a thread per core in every process; two processes each running two
+    OpenMP threads on two cores wait on each other's barriers, and an in-process training
+    run (test_nlu, test_e2e_library) then took 3-6 times as long (docs/performance.md, "The
+    test suite"). The CLI, torchrun and worker processes a test starts inherit the setting
+    through OMP_NUM_THREADS; an OMP_NUM_THREADS already set is left alone."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2 or "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda it: rank.get(it.path.name, len(SLOW_FIRST)))  # stable: order kept
+    order = E2E_SLOW_FIRST if config.option.markexpr == "slow" else SLOW_FIRST
+    rank = {name: i for i, name in enumerate(order)}
+    items.sort(key=lambda it: rank.get(it.path.name, len(order)))  # stable: order kept

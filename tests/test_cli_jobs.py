@@ -61,12 +61,12 @@ def readme_blocks(marker: str) -> list[str]:
 def test_make_test_hands_out_the_longest_files_first() -> None:
     """xdist's loadfile re-sorts files by their number of tests unless told not to, which
     put the one-test end-to-end modules last, alone on one process (issue 27)."""
-    from tests.conftest import SLOW_FIRST
+    from tests.conftest import E2E_SLOW_FIRST, SLOW_FIRST
 
     make = (ROOT / "Makefile").read_text(encoding="utf-8")
     line = next(ln for ln in make.splitlines() if "-m pytest -n" in ln)
     assert "--dist loadfile" in line and "--no-loadscope-reorder" in line, line
-    assert all((ROOT / "tests" / name).is_file() for name in SLOW_FIRST)
+    assert all((ROOT / "tests" / name).is_file() for name in SLOW_FIRST + E2E_SLOW_FIRST)
 
 
 def test_the_two_tiers_cover_the_suite_and_ci_runs_both() -> None:
