@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 ## make test: every test but the end-to-end runs (marked slow: real training jobs through
-## workers, several processes, the CLI's subprocesses), about 6 minutes on 2 cores; its files
+## workers, several processes, the CLI's subprocesses), about 3 minutes on 2 cores; its files
 ## spread over TEST_WORKERS processes (each module keeps its fixtures in one process), handed
 ## out longest first (tests/conftest.py's SLOW_FIRST, and E2E_SLOW_FIRST under -m slow;
 ## --no-loadscope-reorder keeps that order, which xdist would otherwise replace by the number
@@ -25,7 +25,7 @@ PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reor
 test: $(STAMP)
 	$(PYTEST) -m "not slow"
 
-## make test-e2e: the end-to-end runs `make test` leaves out, about 14 minutes on 2 cores
+## make test-e2e: the end-to-end runs `make test` leaves out, about 13 minutes on 2 cores
 ## (docs/performance.md, "The test suite"); CI (.ci/run) runs both
 test-e2e: $(STAMP)
 	$(PYTEST) -m slow

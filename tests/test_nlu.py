@@ -93,12 +93,12 @@ def data(tmp_path_factory) -> Path:
 def test_minilm_teacher_then_sharp_and_kd_students(data, tmp_path):
     mp = str(minilm.get_model_path())
     ev = Last()
-    # 20 steps: the fine-tuned teacher is at 1.0 from step 10 on (at 60 steps it stayed there
-    # for 50 steps of nothing new; docs/performance.md, "The test suite")
+    # 60 steps: 20 reached 1.0 in one run and 0.84 in a fresh clone's (under one torch
+    # thread per test process), below the check's 0.85
     t = train(
-        parse_spec(_spec(data, {"model": mp}, "sft", 20, lr=1e-4)), tmp_path / "t", callbacks=ev
+        parse_spec(_spec(data, {"model": mp}, "sft", 60, lr=1e-4)), tmp_path / "t", callbacks=ev
     )
-    t_acc = ev.evals[20]["eval_accuracy"]
+    t_acc = ev.evals[60]["eval_accuracy"]
     assert t_acc > 0.85, ev.evals  # chance is 0.5
     student = {
         "model": mp,
