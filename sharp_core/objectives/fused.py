@@ -47,6 +47,7 @@ __all__ = [
     "capture_hidden",
     "check_parity",
     "parity_rtol",
+    "parity_verdict",
     "default_chunk_tokens",
     "fused_linear_objective",
     "head_of",
@@ -587,8 +588,6 @@ def check_parity(
     dtype); returns the relative errors otherwise. Works on detached copies: the training
     graph is not touched.
     """
-    from sharp_core.errors import LossParityError
-
     # the dense reference holds a few float32 (tokens, V) rows and two (V, D) weight gradients:
     # at a 128k vocabulary keep its rows near 32 MiB, so the check stays a small part of a step
     tokens = max(16, min(tokens, PARITY_BYTES // (4 * vocab)))
@@ -634,14 +633,23 @@ def check_parity(
         "grad_hidden": _rel(g_h, r_h),
         "grad_weight": _rel(g_w, r_w),
     }
-    bad = {k: v for k, v in errs.items() if not v <= tol}
-    if bad:
-        raise LossParityError(
-            f"the logit-loss kernel disagrees with the dense loss on the first micro-batch "
-            f"({n} positions × {labels.shape[0]}): kernel loss {got.item():.8g}, dense loss "
-            f"{want.item():.8g}; relative errors "
-            + ", ".join(f"{k} {v:.3g}" for k, v in errs.items())
-            + f" (tolerance {tol:g})",
-            param="spec.method.logit_kernel",
-        )
-    return errs
+    return parity_verdict(
+        errs, tol, f"the logit-loss kernel disagrees with the dense loss on the first "
+        f"micro-batch ({n} positions × {labels.shape[0]}): kernel loss {got.item():.8g}, dense "
+        f"loss {want.item():.8g}", "spec.method.logit_kernel",
+    )  # fmt: skip
+
+
+def parity_verdict(errs: dict[str, float], tol: float, said: str, param: str) -> dict[str, float]:
+    """The parity checks' one rule: every relative error within ``tol`` (NaN is not), or
+    LossParityError saying ``said`` (what disagreed, with both values) and the errors."""
+    from sharp_core.errors import LossParityError
+
+    if all(v <= tol for v in errs.values()):
+        return errs
+    raise LossParityError(
+        f"{said}; relative errors "
+        + ", ".join(f"{k} {v:.3g}" for k, v in errs.items())
+        + f" (tolerance {tol:g})",
+        param=param,
+    )
