@@ -787,9 +787,6 @@ def test_committed_pretrained_student_results_recompute_into_docs() -> None:
     gap0 = abs(pre["test_top1_prob"] - pre["test_top1_acc"])
     assert f"calibration gap {gap0:.3f}**" in doc
 
-    def fmt(m: float, ci: list[float], spec: str, unit: str = "") -> str:
-        return f"{m:{spec}}{unit} ({ci[0]:{spec}}, {ci[1]:{spec}})".replace("-", "−")
-
     def cells(arm: str, key: str) -> dict[int, float]:
         return {int(s): r[key] for s, r in data["test"][arm].items()}
 
@@ -801,17 +798,13 @@ def test_committed_pretrained_student_results_recompute_into_docs() -> None:
         for arm in ("sft", "uld", "gold")
     }
     for x, y in (("uld", "sft"), ("gold", "sft"), ("gold", "uld")):
-        got = paired(cells(x, "test_ppl"), cells(y, "test_ppl"), relative=True)
-        want = data["paired_test_ppl_percent"][f"{x}_vs_{y}"]
-        assert got["n"] == 5 and got["mean"] == pytest.approx(want["mean"], abs=1e-12)
-        assert got["ci"] == pytest.approx(want["ci"], abs=1e-12)
-        assert fmt(got["mean"], got["ci"], "+.1f", " %") in doc
+        _paired_ppl_is_stored_and_quoted(data, x, y, doc)
         if y == "sft":
             g = paired(gap[x], gap[y], relative=False)
-            assert g is not None and fmt(g["mean"], g["ci"], "+.3f") in doc
+            assert g is not None and _fmt(g["mean"], g["ci"], "+.3f") in doc
             for key in ("test_top1_prob", "test_top1_acc"):
                 d = paired(cells(x, key), cells(y, key), relative=False)
-                assert d is not None and fmt(d["mean"], d["ci"], "+.3f") in doc
+                assert d is not None and _fmt(d["mean"], d["ci"], "+.3f") in doc
     for arm in ("sft", "uld", "gold"):
         per_seed = " / ".join(f"{gap[arm][s]:.3f}" for s in range(10, 15))
         mean, _ = mean_std(list(gap[arm].values()))
@@ -830,6 +823,21 @@ def _low_data_section() -> str:
 
 def _fmt(m: float, ci: list[float], spec: str, unit: str = "") -> str:
     return f"{m:{spec}}{unit} ({ci[0]:{spec}}, {ci[1]:{spec}})".replace("-", "−")
+
+
+def _paired_ppl_is_stored_and_quoted(data: dict, x: str, y: str, doc: str) -> None:
+    """A study file's stored ``x_vs_y`` test-perplexity statistics are what `paired`
+    computes from its five seeds' cells, and the docs quote them."""
+    from sharp_core.study.compare import paired
+
+    def ppl(arm: str) -> dict[int, float]:
+        return {int(s): r["test_ppl"] for s, r in data["test"][arm].items()}
+
+    got = paired(ppl(x), ppl(y), relative=True)
+    want = data["paired_test_ppl_percent"][f"{x}_vs_{y}"]
+    assert got["n"] == 5 and got["mean"] == pytest.approx(want["mean"], abs=1e-12)
+    assert got["ci"] == pytest.approx(want["ci"], abs=1e-12)
+    assert _fmt(got["mean"], got["ci"], "+.1f", " %") in doc
 
 
 @pytest.mark.parametrize(
@@ -882,11 +890,7 @@ def test_committed_low_data_results_recompute_into_docs(name, seeds, trials) -> 
         return {int(s): r["val_loss"] - r["train_ce_last20"] for s, r in data["test"][arm].items()}
 
     for x, y in (("uld", "sft"), ("gold", "sft"), ("gold", "uld")):
-        got = paired(cells(x, "test_ppl"), cells(y, "test_ppl"), relative=True)
-        want = data["paired_test_ppl_percent"][f"{x}_vs_{y}"]
-        assert got["n"] == 5 and got["mean"] == pytest.approx(want["mean"], abs=1e-12)
-        assert got["ci"] == pytest.approx(want["ci"], abs=1e-12)
-        assert _fmt(got["mean"], got["ci"], "+.1f", " %") in doc
+        _paired_ppl_is_stored_and_quoted(data, x, y, doc)
         if y == "sft":
             for f in (gap, overfit):
                 g = paired(f(x), f(y), relative=False)

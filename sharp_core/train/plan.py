@@ -410,7 +410,6 @@ def check_fits(
     gpu_known = gpu if cuda else None
     proj = resolve_projection(spec, s, t, world_size=W, gpu_bytes=gpu_known)
     spec = _with(spec, "method", projection=proj)
-    kept = _with(spec, "method", projection=asked)
     t_mode = _teacher_mode(spec, s, t, gpu)
     r = spec.resources
     levers: list[dict[str, Any]] = []
@@ -424,7 +423,7 @@ def check_fits(
         mode = "ddp"
     e = strategy_estimate(spec, s, t, mode, t_mode, cuda, cross)
     if gpu is None:
-        return kept, t_mode, e, levers, None
+        return _with(spec, "method", projection=asked), t_mode, e, levers, None
     limit = FIT * gpu
     per_term = per_term_field(spec)
     can_shard = W > 1 and r.student_parallel == "auto" and not per_term
